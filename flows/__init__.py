@@ -1,0 +1,1 @@
+"""The flows named in prefect.yaml."""

@@ -1,0 +1,113 @@
+"""`nemotron-sdg`: run the flow in-process, serve the local NeMo-compatible server, build a tiny
+model, render Slurm scripts. Every command has --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from infra.errors import SdgError
+
+SAMPLING_FLAGS = {
+    "tokens_to_generate": int, "temperature": float, "top_k": int, "top_p": float,
+    "min_tokens_to_generate": int, "random_seed": int,
+}
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the generate flow in this process",
+                       description="Run the generate flow in-process. Flags override --params FILE.json.")
+    p.add_argument("--params", type=Path, help="JSON file of flow parameters (same names as the flags, sampling as an object)")
+    p.add_argument("--input-uri", help="prompts: JSONL or .txt, local path, file:// or s3://, optionally .gz")
+    p.add_argument("--output-uri", help="local path, file:// or s3://bucket/prefix (default NSDG_OUTPUT_URI or ./output)")
+    p.add_argument("--run-id", help="reuse to resume a run")
+    p.add_argument("--profile", help="h100x16, a100x16, h200x8, local, attach, or a custom one")
+    p.add_argument("--batch-size", type=int, help="prompts per request, at most 128")
+    p.add_argument("--shard-size", type=int, help="records per output part")
+    p.add_argument("--prompt-field", help="JSONL field holding the prompt (default: prompt)")
+    p.add_argument("--on-bad-input", choices=["fail", "skip"])
+    for name, typ in SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"sampling.{name}")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="sampling.greedy")
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None, help="sampling.add_BOS")
+    p.add_argument("--end-string", action="append", help="sampling.end_strings (repeat for several)")
+    p.set_defaults(func=_run)
+
+
+def run_parameters(args: argparse.Namespace) -> dict:
+    params = json.loads(args.params.read_text()) if args.params else {}
+    for name in ("input_uri", "output_uri", "run_id", "profile", "batch_size", "shard_size", "prompt_field", "on_bad_input"):
+        if (value := getattr(args, name)) is not None:
+            params[name] = value
+    sampling = dict(params.get("sampling") or {})
+    for name in SAMPLING_FLAGS:
+        if (value := getattr(args, name)) is not None:
+            sampling[name] = value
+    if args.greedy is not None:
+        sampling["greedy"] = args.greedy
+    if args.add_bos is not None:
+        sampling["add_BOS"] = args.add_bos
+    if args.end_string:
+        sampling["end_strings"] = args.end_string
+    if sampling:
+        params["sampling"] = sampling
+    return params
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flows.generate import generate
+
+    result = generate(**run_parameters(args))
+    print(result["manifest"])
+    return 0
+
+
+def _add_render(sub) -> None:
+    p = sub.add_parser("render", help="print the sbatch script and node launcher without submitting",
+                       description="Dry run: render the Slurm scripts for a profile and print them.")
+    p.add_argument("--profile", default="h100x16")
+    p.add_argument("--model-path", help="gpt_model_file on the cluster (default NSDG_MODEL__PATH)")
+    p.add_argument("--account")
+    p.add_argument("--partition")
+    p.add_argument("--run-id", default="dry-run")
+    p.set_defaults(func=_render)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from infra.slurm.backend import render_for_profile
+
+    for title, text in render_for_profile(args.profile, model_path=args.model_path, account=args.account,
+                                          partition=args.partition, run_id=args.run_id):
+        print(f"# ===== {title} =====")
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from infra.local_server.cli import register as register_local_server
+
+    parser = argparse.ArgumentParser(prog="nemotron-sdg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_render(sub)
+    register_local_server(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except SdgError as exc:
+        print(f"nemotron-sdg {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

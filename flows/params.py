@@ -1,0 +1,53 @@
+"""The flow's parameters as one pydantic model: validated before anything else happens."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from infra.errors import ConfigError
+from infra.planning import RunConfig
+from infra.sampling import MAX_BATCH, SamplingParams
+from infra.storage import validate_key_component
+
+
+class RunParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_uri: str = Field(min_length=1)
+    output_uri: str = Field(min_length=1)
+    run_id: str
+    profile: str = "local"
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    shard_size: int = Field(1000, ge=1, le=1_000_000)
+    prompt_field: str = Field("prompt", min_length=1)
+    id_field: str = Field("id", min_length=1)
+    on_bad_input: Literal["fail", "skip"] = "fail"
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        return validate_key_component(v, "run_id")
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
+
+    def to_run_config(self) -> RunConfig:
+        return RunConfig(**{name: getattr(self, name) for name in RunConfig.__dataclass_fields__})
+
+
+def resolve_run_id(flow_run) -> str:
+    """A run id stable across `prefect flow-run retry` (same flow-run id and creation time)."""
+    if flow_run is None:
+        import uuid
+        from datetime import datetime, timezone
+
+        return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    created = flow_run.created or flow_run.expected_start_time
+    return f"{created:%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"

@@ -1,0 +1,1 @@
+"""Side effects and the pure code beside them. No Prefect import anywhere under infra/."""

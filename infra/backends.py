@@ -1,0 +1,176 @@
+"""Where the server runs: `local` (a child process group on this machine), `slurm` (a batch
+job; see infra/slurm), or `attach` (a server someone else runs: no allocation, no teardown).
+
+Every backend answers the same four questions: start it, where is it (`url`), is it still
+alive (`dead_reason`), and release it (idempotent, safe from any exit path).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from infra.commands import tail
+from infra.deadline import Deadline, poll_until
+from infra.errors import ConfigError, ServerNotReady
+from infra.nemo_client import NemoClient
+from infra.process import start_process_group, stop_process_group, stop_process_group_by_pid
+from infra.settings import Profile, Settings
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    name: str
+    job_ids: list[str]
+
+    def start(self) -> None: ...
+    def url(self) -> str | None: ...
+    def dead_reason(self) -> str | None: ...
+    def release(self) -> None: ...
+    def ready_timeout(self) -> float: ...
+
+
+def read_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return tail(path.read_text(errors="replace"), lines)
+    except FileNotFoundError:
+        return "(no log yet)"
+
+
+class LocalBackend:
+    """The NeMo-compatible server as a child process group on this machine."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings, run_id: str, *, extra_args: list[str] | None = None):
+        self.settings = settings
+        self.dir = settings.work_path("servers", run_id).resolve()
+        self.log_path = self.dir / "server.log"
+        self.port_file = self.dir / "port"
+        self.extra_args = extra_args or []
+        self.proc = None
+        self.job_ids: list[str] = []
+
+    def argv(self) -> list[str]:
+        local = self.settings.local
+        engine = ["--engine", "simulated"] if local.engine == "simulated" else ["--model-dir", str(Path(local.model_dir).resolve())]
+        return [sys.executable, "-m", "infra.local_server", "serve-local", *engine,
+                "--host", local.host, "--port", "0", "--port-file", str(self.port_file), *self.extra_args]
+
+    def start(self) -> None:
+        local = self.settings.local
+        if local.engine == "transformers" and not Path(local.model_dir).is_dir():
+            raise ConfigError(
+                f"Local model directory {local.model_dir!r} does not exist. Build one with "
+                f"`nemotron-sdg make-tiny-model {local.model_dir}` or set NSDG_LOCAL__MODEL_DIR."
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port_file.unlink(missing_ok=True)
+        self.proc = start_process_group(self.argv(), log_path=self.log_path)
+        (self.dir / "pgid").write_text(str(self.proc.pid))
+        log.info("started local server (pid %d), log %s", self.proc.pid, self.log_path)
+
+    def url(self) -> str | None:
+        try:
+            port = int(self.port_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return f"http://{self.settings.local.host}:{port}"
+
+    def dead_reason(self) -> str | None:
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"local server exited with code {self.proc.returncode}; log tail ({self.log_path}):\n{read_tail(self.log_path)}"
+
+    def release(self) -> None:
+        if self.proc is not None:
+            code = stop_process_group(self.proc, grace=10.0)
+            log.info("local server stopped (exit code %s)", code)
+        else:
+            release_local_by_run(self.dir)
+
+    def ready_timeout(self) -> float:
+        return self.settings.local.ready_timeout_s
+
+
+def release_local_by_run(server_dir: Path) -> None:
+    """Stop a local server found from its run directory alone (crash hooks run in another process)."""
+    try:
+        pgid = int((server_dir / "pgid").read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    stop_process_group_by_pid(pgid, grace=10.0)
+
+
+class AttachBackend:
+    """A server someone else runs: nothing to allocate, nothing to release."""
+
+    name = "attach"
+
+    def __init__(self, settings: Settings):
+        if not settings.server.url:
+            raise ConfigError("The attach profile needs the server's URL: set NSDG_SERVER__URL=http://host:port")
+        self._url = settings.server.url
+        self.settings = settings
+        self.job_ids: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def url(self) -> str | None:
+        return self._url
+
+    def dead_reason(self) -> str | None:
+        return None
+
+    def release(self) -> None:
+        pass
+
+    def ready_timeout(self) -> float:
+        return self.settings.server.ready_timeout_s
+
+
+def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None) -> Backend:
+    if profile.backend == "local":
+        return LocalBackend(settings, run_id)
+    if profile.backend == "attach":
+        return AttachBackend(settings)
+    from infra.slurm.backend import SlurmBackend
+
+    return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id)
+
+
+def make_client(settings: Settings, url: str) -> NemoClient:
+    s = settings.server
+    return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
+                      context_length=settings.model.context_length)
+
+
+def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None) -> NemoClient:
+    """Poll the backend and the server in one loop under one deadline: a dead job/process ends
+    the wait at once with its log tail; a listening port is followed by one real 1-token PUT."""
+    deadline = Deadline(timeout if timeout is not None else backend.ready_timeout())
+    seen = {"last": "nothing yet"}
+
+    def check() -> NemoClient | None:
+        if (reason := backend.dead_reason()) is not None:
+            raise ServerNotReady(f"The {backend.name} server died before it was ready: {reason}")
+        url = backend.url()
+        if url is None:
+            seen["last"] = "no server address yet"
+            return None
+        client = make_client(settings, url)
+        if not client.port_open():
+            seen["last"] = f"{url} refuses connections (model still loading)"
+            return None
+        if not client.ready(timeout=max(1.0, deadline.cap(settings.server.read_timeout_s))):
+            seen["last"] = f"{url} listens but a 1-token generation did not answer"
+            return None
+        return client
+
+    return poll_until(check, deadline=deadline, interval=settings.server.ready_poll_s,
+                      what=f"the {backend.name} server to answer a 1-token generation",
+                      describe_last=lambda: seen["last"])

@@ -1,0 +1,139 @@
+"""The prompt dataset: streamed line by line, never loaded whole.
+
+JSONL (one object a line, the prompt under `prompt_field`, other fields passed through) or plain
+text (one prompt a line). Each record gets an id that is stable across reruns of the same input:
+the input's own `id` field when it has one, else one derived from the line number and prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal
+
+Format = Literal["jsonl", "text"]
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above 4096 tokens; a longer line is a mistake, not a prompt
+RESERVED_FIELDS = ("id", "prompt", "completion", "generation")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    prompt: str
+    line: int
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+    raw: str  # at most 200 characters of the line, for the rejects file
+
+    def as_reject(self, source: str) -> dict:
+        return {"source": source, "line": self.line, "reason": self.reason, "raw": self.raw}
+
+
+def detect_format(uri: str) -> Format:
+    name = uri.lower().removesuffix(".gz")
+    return "text" if name.endswith(".txt") else "jsonl"
+
+
+def derived_id(line: int, prompt: str) -> str:
+    return f"L{line:09d}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
+def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str, id_field: str = "id") -> Record | BadLine | None:
+    """A record, a bad line with its reason, or None for a blank line."""
+    shown = raw[:200].decode("utf-8", errors="replace")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadLine(line, f"not valid UTF-8 at byte {exc.start}", shown)
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        return None
+    if fmt == "text":
+        return Record(derived_id(line, text), text, line)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return BadLine(line, f"invalid JSON: {exc.msg} at column {exc.colno}", shown)
+    if not isinstance(obj, dict):
+        return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
+    prompt = obj.get(prompt_field)
+    if prompt is None:
+        return BadLine(line, f"missing prompt field {prompt_field!r}", shown)
+    if not isinstance(prompt, str):
+        return BadLine(line, f"prompt field {prompt_field!r} is a {type(prompt).__name__}, not a string", shown)
+    if not prompt.strip():
+        return BadLine(line, f"prompt field {prompt_field!r} is empty", shown)
+    rid = obj.get(id_field)
+    if rid is not None and not isinstance(rid, (str, int)):
+        return BadLine(line, f"id field {id_field!r} must be a string or integer", shown)
+    passthrough = {k: v for k, v in obj.items() if k not in (prompt_field, id_field)}
+    return Record(str(rid) if rid is not None else derived_id(line, prompt), prompt, line, passthrough)
+
+
+def iter_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) pairs; bytes is None for a line longer than `max_line_bytes`, whose
+    rest is skipped without holding it in memory."""
+    lineno = 0
+    while True:
+        chunk = stream.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        lineno += 1
+        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+            while (more := stream.readline(1 << 20)) and not more.endswith(b"\n"):
+                pass
+            yield lineno, None
+            continue
+        yield lineno, chunk
+
+
+def iter_input(stream: BinaryIO, fmt: Format, prompt_field: str, id_field: str = "id",
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Record | BadLine]:
+    for lineno, raw in iter_lines(stream, max_line_bytes):
+        if raw is None:
+            yield BadLine(lineno, f"line longer than {max_line_bytes} bytes", "")
+            continue
+        item = parse_line(raw, lineno, fmt, prompt_field, id_field)
+        if item is not None:
+            yield item
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    records: list[Record]
+
+    @property
+    def name(self) -> str:
+        return part_name(self.index)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.jsonl"
+
+
+def iter_shards(records: Iterable[Record], shard_size: int, skip: frozenset[int] = frozenset()) -> Iterator[Shard]:
+    """Cut records into fixed-size shards in input order. Shards in `skip` (already published)
+    are read past but not built, so memory holds one shard at a time."""
+    index, count, batch = 0, 0, []
+    for rec in records:
+        if index not in skip:
+            batch.append(rec)
+        count += 1
+        if count == shard_size:
+            if index not in skip:
+                yield Shard(index, batch)
+            index, count, batch = index + 1, 0, []
+    if count and index not in skip:
+        yield Shard(index, batch)
+
+
+def shard_count(records: int, shard_size: int) -> int:
+    return -(-records // shard_size)

@@ -1,0 +1,93 @@
+"""Errors raised by nemotron-sdg.
+
+Every message names the object, what was seen, and what to do next.
+
+    SdgError
+    ├── ConfigError            bad settings, parameters or input; raised before any GPU is asked for
+    │   └── InputError         the prompt dataset cannot be used (file, line numbers, problem)
+    ├── CommandError           an external command failed or timed out (argv, exit code, stderr tail)
+    ├── DeadlineExceeded       a wait ran out of time (what was awaited, last thing seen)
+    ├── SlurmJobError          a Slurm job ended or never started (job id, state, exit code, log tail)
+    ├── ServerError            the NeMo server could not be used
+    │   ├── ServerNotReady     the server did not become ready (process exit, log tail)
+    │   ├── RequestRejected    the server refused a request: never retried
+    │   │   ├── ValidationRejected   HTTP 200 whose body is not an object with `sentences`
+    │   │   ├── BadRequest           HTTP 400 (e.g. more than 128 sentences)
+    │   │   └── ServerFailure        HTTP 500 (missing key or an exception inside generation)
+    │   └── TransientServerError     connection refused/reset, timeout, other 5xx: may be retried
+    └── StorageError           reading input or publishing output failed (bucket/key/path, cause)
+"""
+
+from __future__ import annotations
+
+
+class SdgError(Exception):
+    """Base of every error nemotron-sdg raises on purpose."""
+
+
+class ConfigError(SdgError, ValueError):
+    """A setting, flow parameter or request field is invalid."""
+
+
+class InputError(ConfigError):
+    """The prompt dataset has lines that cannot be used."""
+
+
+class CommandError(SdgError):
+    """An external command exited non-zero or ran past its timeout."""
+
+    def __init__(self, message: str, *, argv: list[str], returncode: int | None, stderr: str = ""):
+        super().__init__(message)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class DeadlineExceeded(SdgError, TimeoutError):
+    """A wait ran past its deadline."""
+
+
+class SlurmJobError(SdgError):
+    """A Slurm job ended before it should have, or never started."""
+
+    def __init__(self, message: str, *, job_id: str | None = None, state: str | None = None):
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+
+
+class ServerError(SdgError):
+    """The NeMo server could not be used."""
+
+
+class ServerNotReady(ServerError):
+    """The server did not become ready."""
+
+
+class RequestRejected(ServerError):
+    """The server refused the request. Sending it again gives the same answer: never retry."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: object = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class ValidationRejected(RequestRejected):
+    """HTTP 200 with a JSON string body: NeMo's way of reporting a validation error."""
+
+
+class BadRequest(RequestRejected):
+    """HTTP 400 from the server."""
+
+
+class ServerFailure(RequestRejected):
+    """HTTP 500 from the server: a missing key or an exception inside generation."""
+
+
+class TransientServerError(ServerError):
+    """Connection refused or reset, a timeout, or a 5xx other than 500: worth another try."""
+
+
+class StorageError(SdgError):
+    """Reading input or publishing output failed."""

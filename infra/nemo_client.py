@@ -1,0 +1,173 @@
+"""Client for NeMo 24.05's PUT /generate.
+
+Everything is validated before sending, because a malformed request can hang all ranks of the
+server (an empty list or a non-string item raises inside generation after the ranks have
+synchronised). The transport is a `requests.Session` passed in, with explicit connect and read
+timeouts on every call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import requests
+
+from infra.completion import Completion, extract_completion
+from infra.errors import (
+    BadRequest,
+    ConfigError,
+    RequestRejected,
+    ServerFailure,
+    TransientServerError,
+    ValidationRejected,
+)
+from infra.sampling import MAX_BATCH, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count when no tokenizer is at hand: every token of a byte-fallback
+    BPE/SentencePiece vocabulary covers at least one UTF-8 byte, so bytes >= tokens."""
+    return len(text.encode("utf-8"))
+
+
+def check_fits_context(
+    prompt: str, sampling: SamplingParams, context_length: int, count_tokens: Callable[[str], int] = estimate_tokens
+) -> str | None:
+    """None when prompt + generation fits the context, else the reason (the server never checks)."""
+    n = count_tokens(prompt)
+    if n + sampling.tokens_to_generate > context_length:
+        return (
+            f"prompt has {n} tokens (upper bound) + tokens_to_generate {sampling.tokens_to_generate} "
+            f"> context length {context_length}"
+        )
+    return None
+
+
+def validate_batch(prompts: Sequence[object], sampling: SamplingParams, context_length: int,
+                   count_tokens: Callable[[str], int] = estimate_tokens) -> None:
+    """Raise ConfigError unless `prompts` is 1–128 non-empty strings that fit the context."""
+    if not isinstance(prompts, (list, tuple)):
+        raise ConfigError(f"sentences must be a list of strings, got {type(prompts).__name__}")
+    if not 1 <= len(prompts) <= MAX_BATCH:
+        raise ConfigError(f"a request carries 1–{MAX_BATCH} prompts, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"prompt {i} must be a non-empty string, got {p!r:.60}")
+        if (reason := check_fits_context(p, sampling, context_length, count_tokens)) is not None:
+            raise ConfigError(f"prompt {i}: {reason}; shorten it or lower tokens_to_generate")
+    if sampling.tokens_to_generate >= context_length:
+        raise ConfigError(f"tokens_to_generate {sampling.tokens_to_generate} must be < context length {context_length}")
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    prompt: str
+    completion: Completion
+    generated_tokens: int
+
+
+def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
+    offsets = reply.get("offsets")
+    if isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list):
+        return sum(1 for o in offsets[i] if isinstance(o, int) and o >= start)
+    return 0
+
+
+class NemoClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: requests.Session | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 1800.0,
+        context_length: int = 4096,
+        count_tokens: Callable[[str], int] = estimate_tokens,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.context_length = context_length
+        self.count_tokens = count_tokens
+
+    @property
+    def generate_url(self) -> str:
+        return f"{self.base_url}/generate"
+
+    def port_open(self) -> bool:
+        """True once anything answers HTTP on the port (NeMo answers 404 on `/` once it listens;
+        before the model has loaded on every rank the connection is refused)."""
+        try:
+            self.session.put(self.base_url + "/", timeout=(self.connect_timeout, self.connect_timeout))
+        except requests.RequestException:
+            return False
+        return True
+
+    def generate_raw(self, prompts: list[str], sampling: SamplingParams, *, read_timeout: float | None = None) -> dict:
+        validate_batch(prompts, sampling, self.context_length, self.count_tokens)
+        body = {"sentences": list(prompts), **sampling.request_fields()}
+        timeout = (self.connect_timeout, read_timeout if read_timeout is not None else self.read_timeout)
+        try:
+            resp = self.session.put(self.generate_url, json=body, timeout=timeout)
+        except requests.Timeout as exc:
+            raise TransientServerError(
+                f"No reply from {self.generate_url} within {timeout[1]:.0f} s for a batch of {len(prompts)}: "
+                "the server may be hung (a hung NeMo server never answers); release and restart it."
+            ) from exc
+        except requests.ConnectionError as exc:
+            raise TransientServerError(
+                f"Could not reach {self.generate_url}: {exc.__class__.__name__}. "
+                "Check that the server job is still running."
+            ) from exc
+        return self._parse(resp, len(prompts))
+
+    def _parse(self, resp: requests.Response, n: int) -> dict:
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = resp.text[:500]
+        where = f"PUT {self.generate_url} ({n} prompts)"
+        if resp.status_code == 200:
+            if isinstance(payload, dict) and isinstance(payload.get("sentences"), list) and len(payload["sentences"]) == n:
+                return payload
+            raise ValidationRejected(
+                f"{where} was rejected by the server: {payload!r:.300}. Fix the request; it is not retried.",
+                status=200, body=payload,
+            )
+        if resp.status_code == 400:
+            raise BadRequest(f"{where} got HTTP 400: {payload!r:.300}", status=400, body=payload)
+        if resp.status_code == 500:
+            raise ServerFailure(
+                f"{where} got HTTP 500 {payload!r:.200}: a key was missing or generation raised "
+                "(the server may now be hung; check its log).",
+                status=500, body=payload,
+            )
+        if resp.status_code >= 500:
+            raise TransientServerError(f"{where} got HTTP {resp.status_code}: {payload!r:.200}")
+        raise RequestRejected(f"{where} got HTTP {resp.status_code}: {payload!r:.300}", status=resp.status_code, body=payload)
+
+    def generate(self, prompts: list[str], sampling: SamplingParams, **kw) -> list[GeneratedText]:
+        reply = self.generate_raw(prompts, sampling, **kw)
+        out = []
+        for i, (prompt, sentence) in enumerate(zip(prompts, reply["sentences"])):
+            if not isinstance(sentence, str):
+                raise ValidationRejected(f"reply sentence {i} is not a string: {sentence!r:.100}", status=200, body=None)
+            completion = extract_completion(prompt, sentence, sampling.end_strings)
+            if completion.prompt_match != "exact":
+                log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
+            out.append(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)))
+        return out
+
+    def ready(self, timeout: float | None = None) -> bool:
+        """One real 1-token generation: proves every rank answers, not only the port."""
+        probe = SamplingParams(tokens_to_generate=1, greedy=True)
+        try:
+            self.generate_raw(["Hello"], probe, read_timeout=timeout)
+        except TransientServerError:
+            return False
+        return True

@@ -1,0 +1,196 @@
+"""The plan step: everything that can be checked before a GPU is asked for.
+
+Validates the input (every line), the output location, and the resume state: which shards are
+already published under the same config hash. A rerun whose config differs is refused with the
+differing fields named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.dataset import BadLine, Format, Record, detect_format, iter_input, part_name, shard_count
+from infra.errors import ConfigError, InputError
+from infra.manifest import REJECTS, PartInfo, config_hash, diff_config, state_name
+from infra.nemo_client import check_fits_context
+from infra.sampling import SamplingParams
+from infra.settings import Settings
+from infra.storage import OutputStore, check_input, open_input
+
+log = logging.getLogger(__name__)
+RUN_CONFIG = "run.json"
+SHOWN_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated flow parameters, resolved against the settings."""
+
+    input_uri: str
+    output_uri: str
+    run_id: str
+    profile: str
+    sampling: SamplingParams
+    batch_size: int
+    shard_size: int
+    prompt_field: str
+    id_field: str
+    on_bad_input: str
+
+    def fingerprint(self, input_sha256: str, fmt: Format, settings: Settings) -> dict:
+        """What changes the content of a part (not where or how fast it is made)."""
+        return {
+            "input_sha256": input_sha256,
+            "format": fmt,
+            "prompt_field": self.prompt_field,
+            "id_field": self.id_field,
+            "shard_size": self.shard_size,
+            "sampling": self.sampling.model_dump(mode="json"),
+            "model": settings.model.name,
+            "context_length": settings.model.context_length,
+        }
+
+
+@dataclass
+class Plan:
+    run_id: str
+    input_uri: str
+    format: Format
+    records_in: int
+    rejected: int
+    shards_total: int
+    config: dict
+    config_hash: str
+    done: dict[int, PartInfo] = field(default_factory=dict)
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i in range(self.shards_total) if i not in self.done]
+
+
+class _HashingReader:
+    """Hashes the bytes as the scan reads them, so the input is read once."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+
+    def readline(self, limit: int = -1) -> bytes:
+        chunk = self.raw.readline(limit)
+        self.sha.update(chunk)
+        return chunk
+
+
+def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> tuple[int, int, list[BadLine], str, Format]:
+    """Read every line once: count usable records, collect problems (first few shown, all
+    written to `rejects_file`), and hash the bytes."""
+    fmt = detect_format(cfg.input_uri)
+    records, bad_count, shown, check = 0, 0, [], RecordCheck(cfg, settings)
+    with open_input(cfg.input_uri, settings) as stream:
+        reader = _HashingReader(stream)
+        for item in iter_input(reader, fmt, cfg.prompt_field, cfg.id_field):
+            if isinstance(item, Record):
+                item = check(item)
+            if isinstance(item, BadLine):
+                bad_count += 1
+                if len(shown) < SHOWN_PROBLEMS:
+                    shown.append(item)
+                rejects_file.write(json.dumps(item.as_reject(cfg.input_uri)) + "\n")
+            else:
+                records += 1
+    return records, bad_count, shown, reader.sha.hexdigest(), fmt
+
+
+class RecordCheck:
+    """The checks on a parsed record beyond its line: fits the context, id not seen before.
+    The plan and the generation pass both use it, so shards hold exactly what the plan counted."""
+
+    def __init__(self, cfg: RunConfig, settings: Settings):
+        self.sampling, self.context = cfg.sampling, settings.model.context_length
+        self.seen: set[int] = set()
+
+    def __call__(self, rec: Record) -> Record | BadLine:
+        if (reason := check_fits_context(rec.prompt, self.sampling, self.context)) is not None:
+            return BadLine(rec.line, reason, rec.prompt[:200])
+        key = hash(rec.id)  # an int per record, not the id string: memory stays small at 1M records
+        if key in self.seen:
+            return BadLine(rec.line, f"duplicate id {rec.id!r}", rec.prompt[:200])
+        self.seen.add(key)
+        return rec
+
+
+def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format) -> Iterator[Record]:
+    check = RecordCheck(cfg, settings)
+    for item in iter_input(stream, fmt, cfg.prompt_field, cfg.id_field):
+        if isinstance(item, Record) and isinstance(rec := check(item), Record):
+            yield rec
+
+
+def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine]) -> str:
+    lines = "\n".join(f"  line {b.line}: {b.reason}" for b in shown)
+    more = f"\n  … and {bad_count - len(shown)} more" if bad_count > len(shown) else ""
+    return (
+        f"Input {cfg.input_uri} has {bad_count} unusable line(s):\n{lines}{more}\n"
+        "Fix these lines, or run with on_bad_input='skip' to write them to rejects.jsonl and go on."
+    )
+
+
+def load_published(store: OutputStore, chash: str) -> dict[int, PartInfo]:
+    done: dict[int, PartInfo] = {}
+    names = set(store.list_names())
+    for name in names:
+        if not name.endswith(".state.json"):
+            continue
+        data = store.read_bytes(name)
+        if data is None:
+            continue
+        part = PartInfo.from_json(data)
+        if part.config_hash == chash and part.name in names and state_name(part_name(part.shard)) == name:
+            done[part.shard] = part
+    return done
+
+
+def check_run_config(store: OutputStore, config: dict, chash: str) -> None:
+    data = store.read_bytes(RUN_CONFIG)
+    if data is None:
+        store.write_bytes(RUN_CONFIG, json.dumps({"config_hash": chash, "config": config}, indent=2, sort_keys=True).encode())
+        return
+    old = json.loads(data)
+    if old.get("config_hash") != chash:
+        diffs = "\n  ".join(diff_config(old.get("config", {}), config)) or "(fields unknown)"
+        raise ConfigError(
+            f"Run {store.location} was started with a different configuration:\n  {diffs}\n"
+            "Rerun with the original parameters and input to resume, or start a new run (new run_id)."
+        )
+
+
+def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
+    check_input(cfg.input_uri, settings)
+    store.preflight()
+    with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
+        records, bad, shown, input_sha, fmt = scan_input(cfg, settings, rejects)
+    rejects_path = Path(rejects.name)
+    try:
+        if bad and cfg.on_bad_input == "fail":
+            raise InputError(_problems_message(cfg, bad, shown))
+        if records == 0:
+            raise InputError(f"Input {cfg.input_uri} has no usable prompt ({bad} unusable line(s)). Check input_uri and prompt_field={cfg.prompt_field!r}.")
+        config = cfg.fingerprint(input_sha, fmt, settings)
+        chash = config_hash(config)
+        check_run_config(store, config, chash)
+        if bad:
+            log.warning("%d unusable input line(s) written to %s", bad, store.uri(REJECTS))
+            store.write_bytes(REJECTS, rejects_path.read_bytes())
+    finally:
+        rejects_path.unlink(missing_ok=True)
+    plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
+                load_published(store, chash))
+    log.info("plan: %d records in %d shards, %d already published, %d rejected",
+             records, plan.shards_total, len(plan.done), bad)
+    return plan

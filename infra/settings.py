@@ -1,0 +1,187 @@
+"""The one settings object: built once at flow start from the environment (prefix NSDG_,
+nested sections joined with __) and `.env`, then passed down. No other module reads os.environ.
+
+    NSDG_SERVER__PORT=1424  NSDG_SLURM__ACCOUNT=my-acct  NSDG_S3__ENDPOINT_URL=http://minio:9000
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.errors import ConfigError
+
+ENV_PREFIX = "NSDG_"
+# Characters allowed in anything that becomes a Slurm name, a path component or a storage key.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Profile(_Section):
+    """Where and how the server runs. Built-ins below; add your own with NSDG_EXTRA_PROFILES (JSON)."""
+
+    backend: Literal["local", "slurm", "attach"]
+    nodes: int = Field(1, ge=1, le=64)
+    gpus_per_node: int = Field(0, ge=0, le=16)
+    tensor_parallel: int = Field(1, ge=1, le=64)
+    pipeline_parallel: int = Field(1, ge=1, le=64)
+    description: str = ""
+
+    @property
+    def tasks_per_node(self) -> int:
+        """One rank per GPU, as NeMo expects (srun --ntasks-per-node, no torchrun)."""
+        return max(self.gpus_per_node, 1)
+
+    @model_validator(mode="after")
+    def _topology(self) -> "Profile":
+        if self.backend == "slurm":
+            ranks = self.nodes * self.tasks_per_node
+            needed = self.tensor_parallel * self.pipeline_parallel
+            if ranks != needed:
+                raise ValueError(
+                    f"devices x nodes = {self.tasks_per_node} x {self.nodes} = {ranks} must equal "
+                    f"tensor_parallel x pipeline_parallel = {self.tensor_parallel} x "
+                    f"{self.pipeline_parallel} = {needed}"
+                )
+        return self
+
+
+BUILTIN_PROFILES: dict[str, Profile] = {
+    "h100x16": Profile(backend="slurm", nodes=2, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2,
+                       description="2 nodes x 8 H100 80GB, TP8 PP2 (the model card's layout)"),
+    "a100x16": Profile(backend="slurm", nodes=2, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2,
+                       description="2 nodes x 8 A100 80GB, TP8 PP2"),
+    "h200x8": Profile(backend="slurm", nodes=1, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=1,
+                      description="1 node x 8 H200, TP8 PP1"),
+    "local": Profile(backend="local", description="the NeMo-compatible local server on this machine, no GPU"),
+    "attach": Profile(backend="attach", description="a server someone else runs, at server.url"),
+}
+
+
+class ModelSettings(_Section):
+    path: str = Field("/models/Nemotron-4-340B-Base", description="gpt_model_file on the cluster: an extracted .nemo directory")
+    name: str = "nemotron-4-340b-base"
+    context_length: int = Field(4096, ge=16, le=1_048_576)
+
+
+class ServerSettings(_Section):
+    port: int = Field(1424, ge=1024, le=65535)
+    url: str | None = Field(None, description="attach backend: the server's base URL")
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    read_timeout_s: float = Field(1800.0, gt=0, le=86_400)
+    ready_timeout_s: float = Field(2700.0, gt=0, le=86_400, description="one deadline for the whole wait (45 min for 340B)")
+    ready_poll_s: float = Field(0.5, gt=0, le=60)
+    max_in_flight: int = Field(2, ge=1, le=8, description="requests kept in flight: one computing, one queued")
+    command: list[str] | None = Field(None, description="replaces megatron_gpt_eval.py in the node launcher")
+    eval_script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+
+
+class LocalSettings(_Section):
+    model_dir: str = ".cache/tiny-model"
+    engine: Literal["transformers", "simulated"] = "transformers"
+    host: str = "127.0.0.1"
+    ready_timeout_s: float = Field(180.0, gt=0, le=3600)
+
+
+class SlurmSettings(_Section):
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    reservation: str | None = None
+    time_limit: str = Field("04:00:00", description="sbatch --time: the last net against a leaked allocation")
+    exclusive: bool = True
+    job_root: str = Field("~/.nemotron-sdg/jobs", description="per-job directories; must be on a filesystem the nodes share")
+    container_runtime: Literal["pyxis", "apptainer", "none"] = "pyxis"
+    container_image: str = "nvcr.io/nvidia/nemo:24.05"
+    container_mounts: list[str] = Field(default_factory=list)
+    extra_directives: list[str] = Field(default_factory=list)
+    heartbeat_timeout_s: float = Field(600.0, ge=10, le=86_400)
+    heartbeat_interval_s: float = Field(15.0, gt=0, le=3600)
+    command_timeout_s: float = Field(30.0, gt=0, le=600)
+    unknown_grace_s: float = Field(60.0, ge=0, le=3600)
+    poll_s: float = Field(1.0, gt=0, le=60)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", v):
+            raise ValueError("must be a Slurm time like 04:00:00 or 1-00:00:00")
+        return v
+
+    @field_validator("account", "partition", "qos", "reservation")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not SAFE_NAME.match(v):
+            raise ValueError(f"{v!r} is not a Slurm name: use letters, digits, '.', '_' or '-'")
+        return v
+
+
+class S3Settings(_Section):
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    multipart_threshold_mb: int = Field(64, ge=5, le=5120)
+    max_attempts: int = Field(8, ge=1, le=20)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="forbid",
+        frozen=True,
+    )
+
+    output_uri: str = "output"
+    work_dir: str = Field(".nemotron-sdg", description="local state: logs of local servers, temp parts")
+    extra_profiles: dict[str, Profile] = Field(default_factory=dict)
+    model: ModelSettings = ModelSettings()
+    server: ServerSettings = ServerSettings()
+    local: LocalSettings = LocalSettings()
+    slurm: SlurmSettings = SlurmSettings()
+    s3: S3Settings = S3Settings()
+
+    def profile(self, name: str) -> Profile:
+        profiles = {**BUILTIN_PROFILES, **self.extra_profiles}
+        try:
+            return profiles[name]
+        except KeyError:
+            raise ConfigError(
+                f"Unknown profile {name!r}. Valid profiles: {', '.join(sorted(profiles))}. "
+                f"Add one with {ENV_PREFIX}EXTRA_PROFILES."
+            ) from None
+
+    def work_path(self, *parts: str) -> Path:
+        return Path(self.work_dir).expanduser().joinpath(*parts)
+
+
+def env_name(loc: tuple) -> str:
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+
+
+def _shown_input(error: dict) -> str:
+    # Never echo what was given for a secret.
+    if any(word in str(part).lower() for part in error["loc"] for word in ("secret", "key", "token", "password")):
+        return ""
+    return f" (got {error.get('input')!r})"
+
+
+def load_settings(**overrides) -> Settings:
+    """Build the settings once, turning pydantic's errors into one ConfigError that names each
+    environment variable, what was wrong and the allowed range."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [f"  {env_name(e['loc'])}: {e['msg']}{_shown_input(e)}" for e in exc.errors()]
+        raise ConfigError("Invalid settings:\n" + "\n".join(problems) + "\nFix them in the environment or .env.") from None

@@ -1,0 +1,54 @@
+"""One task per retryable step. Logic lives in infra/; these add the retry policy and the name
+shown in the Prefect UI. No caching: the output location is the record of what is done."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from infra.backends import Backend, wait_until_ready
+from infra.dataset import Shard
+from infra.errors import StorageError, TransientServerError
+from infra.generation import ShardJob, ShardResult, run_shard
+from infra.nemo_client import NemoClient
+from infra.planning import Plan, RunConfig, make_plan
+from infra.settings import Settings
+from infra.storage import OutputStore
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may succeed a second time: a server hiccup or a storage error."""
+    try:
+        state.result()
+    except (TransientServerError, StorageError):
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
+    return make_plan(cfg, settings, store)
+
+
+@task(name="allocate", cache_policy=NO_CACHE)
+def allocate(backend: Backend) -> list[str]:
+    backend.start()
+    return list(backend.job_ids)
+
+
+@task(name="wait-until-ready", cache_policy=NO_CACHE)
+def wait_ready(backend: Backend, settings: Settings) -> NemoClient:
+    return wait_until_ready(backend, settings)
+
+
+@task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_transient, task_run_name="generate-shard-{shard.index}")
+def generate_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore) -> ShardResult:
+    return run_shard(client, shard, job, store)
+
+
+@task(name="release", cache_policy=NO_CACHE)
+def release(backend: Backend) -> None:
+    backend.release()

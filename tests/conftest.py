@@ -1,0 +1,60 @@
+"""Shared fixtures. Real local stand-ins only: the local server as a subprocess, the local Slurm
+cluster (tests/fixtures_slurm.py), moto's S3 server (tests/fixtures_s3.py), a Prefect server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.fixtures_slurm", "tests.fixtures_s3"]
+
+# Tests never read the developer's .env or NSDG_ settings by accident.
+for _name in [n for n in os.environ if n.startswith("NSDG_") and n != "NSDG_LOCAL__MODEL_DIR"]:
+    del os.environ[_name]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny random-weight model `make test` builds (or one built here, offline)."""
+    configured = Path(os.environ.get("NSDG_LOCAL__MODEL_DIR", REPO / ".cache" / "tiny-model"))
+    if not (configured / "config.json").exists():
+        from infra.local_server.tiny_model import make_tiny_model
+
+        configured = tmp_path_factory.mktemp("tiny-model") / "model"
+        make_tiny_model(configured)
+    return configured.resolve()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API server (SQLite) for every in-process flow test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a temp dir so relative paths (output/, .nemotron-sdg/) land there; no .env read."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from infra.errors import ConfigError, InputError
+from infra.manifest import PartInfo, config_hash, diff_config
+from infra.planning import RunConfig, make_plan
+from infra.sampling import SamplingParams
+from infra.settings import Settings
+from infra.storage import LocalOutputStore, validate_key_component
+
+
+def cfg(path, **kw) -> RunConfig:
+    base = dict(input_uri=str(path), output_uri="out", run_id="r1", profile="local",
+                sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=2,
+                prompt_field="prompt", id_field="id", on_bad_input="fail")
+    return RunConfig(**{**base, **kw})
+
+
+def write(path, *objs):
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
+    return path
+
+
+def test_plan_counts_shards_and_writes_run_config(workdir):
+    src = write(workdir / "in.jsonl", *({"prompt": f"p{i}"} for i in range(5)))
+    store = LocalOutputStore(workdir / "out" / "r1")
+    plan = make_plan(cfg(src), Settings(), store)
+    assert (plan.records_in, plan.shards_total, plan.todo) == (5, 3, [0, 1, 2])
+    assert json.loads((workdir / "out" / "r1" / "run.json").read_text())["config_hash"] == plan.config_hash
+
+
+def test_bad_input_fails_with_lines_and_count(workdir):
+    src = write(workdir / "in.jsonl", *(["{bad"] * 12), {"prompt": "fine"})
+    with pytest.raises(InputError) as exc:
+        make_plan(cfg(src), Settings(), LocalOutputStore(workdir / "o"))
+    msg = str(exc.value)
+    assert "12 unusable" in msg and "line 1:" in msg and "line 10:" in msg and "line 11:" not in msg
+    assert "and 2 more" in msg and "on_bad_input='skip'" in msg
+
+
+def test_skip_writes_rejects(workdir):
+    src = write(workdir / "in.jsonl", {"prompt": "ok"}, "{bad", {"id": "ok-2", "prompt": "x"}, {"id": "ok-2", "prompt": "dup"})
+    store = LocalOutputStore(workdir / "o")
+    plan = make_plan(cfg(src, on_bad_input="skip"), Settings(), store)
+    assert (plan.records_in, plan.rejected) == (2, 2)
+    rejects = [json.loads(line) for line in (workdir / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [2, 4] and "duplicate id" in rejects[1]["reason"]
+
+
+def test_too_long_prompt_rejected_before_allocation(workdir):
+    src = write(workdir / "in.jsonl", {"prompt": "x" * 5000})
+    with pytest.raises(InputError, match="context length"):
+        make_plan(cfg(src), Settings(), LocalOutputStore(workdir / "o"))
+
+
+def test_empty_and_missing_input(workdir):
+    with pytest.raises(InputError, match="no usable prompt"):
+        make_plan(cfg(write(workdir / "e.jsonl")), Settings(), LocalOutputStore(workdir / "o"))
+    with pytest.raises(ConfigError, match="not found"):
+        make_plan(cfg(workdir / "missing.jsonl"), Settings(), LocalOutputStore(workdir / "o"))
+
+
+def test_published_parts_are_skipped_and_changed_config_refused(workdir):
+    src = write(workdir / "in.jsonl", *({"prompt": f"p{i}"} for i in range(4)))
+    store = LocalOutputStore(workdir / "o")
+    plan = make_plan(cfg(src), Settings(), store)
+    part = PartInfo("part-00000.jsonl", 0, 2, "0" * 64, 10, plan.config_hash, 1, 2)
+    store.write_bytes("part-00000.jsonl", b"x")
+    store.write_bytes(part.state_name(), part.to_json())
+    assert make_plan(cfg(src), Settings(), store).todo == [1]
+    with pytest.raises(ConfigError, match="tokens_to_generate|sampling"):
+        make_plan(cfg(src, sampling=SamplingParams(tokens_to_generate=9)), Settings(), store)
+
+
+def test_config_hash_and_diff():
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert diff_config({"a": 1}, {"a": 2}) == ["a: 1 -> 2"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/../b", "a b", "", ".hidden", "a;rm", "x" * 200, "a\nb"])
+def test_hostile_run_ids_rejected(bad):
+    with pytest.raises(ConfigError):
+        validate_key_component(bad, "run_id")
