@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -37,15 +37,15 @@ log = logging.getLogger(__name__)
     on_crashed=[release_on_hook],
 )
 def generate(
-    input_uri: str = Field("examples/prompts.jsonl", description="prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz"),
-    output_uri: str | None = Field(None, description="where results go (local path, file:// or s3://bucket/prefix); default NSDG_OUTPUT_URI"),
-    run_id: str | None = Field(None, description="reuse a run id to resume it; default: derived from the flow run"),
-    profile: str = Field("local", description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES"),
-    sampling: SamplingParams = Field(default_factory=SamplingParams, description="sampling parameters sent to /generate"),
-    batch_size: int = Field(32, ge=1, le=128, description="prompts per PUT /generate (the server allows at most 128)"),
-    shard_size: int = Field(1000, ge=1, le=1_000_000, description="records per output part: the unit of retry, resume and upload"),
-    prompt_field: str = Field("prompt", description="JSONL field holding the prompt"),
-    on_bad_input: Literal["fail", "skip"] = Field("fail", description="fail on unusable lines, or skip them into rejects.jsonl"),
+    input_uri: Annotated[str, Field(description="prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz")] = "examples/prompts.jsonl",
+    output_uri: Annotated[str | None, Field(description="where results go (local path, file:// or s3://bucket/prefix); default NSDG_OUTPUT_URI")] = None,
+    run_id: Annotated[str | None, Field(description="reuse a run id to resume it; default: derived from the flow run")] = None,
+    profile: Annotated[str, Field(description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")] = "local",
+    sampling: Annotated[SamplingParams, Field(description="sampling parameters sent to /generate")] = SamplingParams(),
+    batch_size: Annotated[int, Field(ge=1, le=128, description="prompts per PUT /generate (the server allows at most 128)")] = 32,
+    shard_size: Annotated[int, Field(ge=1, le=1_000_000, description="records per output part: the unit of retry, resume and upload")] = 1000,
+    prompt_field: Annotated[str, Field(description="JSONL field holding the prompt")] = "prompt",
+    on_bad_input: Annotated[Literal["fail", "skip"], Field(description="fail on unusable lines, or skip them into rejects.jsonl")] = "fail",
 ) -> dict:
     """Generate completions for every prompt and publish them with a manifest."""
     logger = get_run_logger()
@@ -75,7 +75,7 @@ def generate(
         client = wait_ready(backend, settings)
         timings["queue_and_load"] = time.monotonic() - t
         t = time.monotonic()
-        results = generate_all(client, cfg, the_plan, store, settings, logger)
+        results = generate_all(client, backend, cfg, the_plan, store, settings)
         timings["generation"] = time.monotonic() - t
     finally:
         t = time.monotonic()
@@ -84,7 +84,7 @@ def generate(
     return finish(store, cfg, the_plan, results, timings, settings, backend.job_ids, logger)
 
 
-def generate_all(client, cfg: RunConfig, the_plan, store, settings, logger) -> list[ShardResult]:
+def generate_all(client, backend, cfg: RunConfig, the_plan, store, settings) -> list[ShardResult]:
     """Keep `max_in_flight` shard tasks running: each sends its batches one after another, so
     the server always has one request computing and one queued, across shard boundaries."""
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size)
@@ -98,7 +98,7 @@ def generate_all(client, cfg: RunConfig, the_plan, store, settings, logger) -> l
             if len(window) >= settings.server.max_in_flight:
                 results.append(window.popleft().result())
                 update_progress_artifact(progress, 100.0 * len(results) / todo)
-            window.append(generate_shard.submit(client, shard, job, store))
+            window.append(generate_shard.submit(client, shard, job, store, backend))
         while window:
             results.append(window.popleft().result())
             update_progress_artifact(progress, 100.0 * len(results) / todo)

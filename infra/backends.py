@@ -31,6 +31,7 @@ class Backend(Protocol):
     def dead_reason(self) -> str | None: ...
     def release(self) -> None: ...
     def ready_timeout(self) -> float: ...
+    def status(self) -> str: ...
 
 
 def read_tail(path: Path, lines: int = 40) -> str:
@@ -95,6 +96,11 @@ class LocalBackend:
     def ready_timeout(self) -> float:
         return self.settings.local.ready_timeout_s
 
+    def status(self) -> str:
+        if self.proc is None:
+            return "local server not started"
+        return f"local server pid {self.proc.pid} " + ("running" if self.proc.poll() is None else f"exited {self.proc.returncode}")
+
 
 def release_local_by_run(server_dir: Path) -> None:
     """Stop a local server found from its run directory alone (crash hooks run in another process)."""
@@ -131,6 +137,9 @@ class AttachBackend:
 
     def ready_timeout(self) -> float:
         return self.settings.server.ready_timeout_s
+
+    def status(self) -> str:
+        return f"attached to {self._url}"
 
 
 def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None) -> Backend:
@@ -173,4 +182,4 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
 
     return poll_until(check, deadline=deadline, interval=settings.server.ready_poll_s,
                       what=f"the {backend.name} server to answer a 1-token generation",
-                      describe_last=lambda: seen["last"])
+                      describe_last=lambda: f"{seen['last']}; {backend.status()}")

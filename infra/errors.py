@@ -14,7 +14,8 @@ Every message names the object, what was seen, and what to do next.
     │   │   ├── ValidationRejected   HTTP 200 whose body is not an object with `sentences`
     │   │   ├── BadRequest           HTTP 400 (e.g. more than 128 sentences)
     │   │   └── ServerFailure        HTTP 500 (missing key or an exception inside generation)
-    │   └── TransientServerError     connection refused/reset, timeout, other 5xx: may be retried
+    │   ├── TransientServerError     connection refused/reset, timeout, other 5xx: may be retried
+    │   └── ServerLost               the server's process or job is gone: retrying the request is useless
     └── StorageError           reading input or publishing output failed (bucket/key/path, cause)
 """
 
@@ -87,6 +88,10 @@ class ServerFailure(RequestRejected):
 
 class TransientServerError(ServerError):
     """Connection refused or reset, a timeout, or a 5xx other than 500: worth another try."""
+
+
+class ServerLost(ServerError):
+    """The server's process or Slurm job ended while requests were in flight."""
 
 
 class StorageError(SdgError):

@@ -9,11 +9,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from infra.dataset import RESERVED_FIELDS, Record, Shard
+from infra.errors import ServerLost, TransientServerError
 from infra.manifest import PartInfo
 from infra.nemo_client import GeneratedText, NemoClient
 from infra.sampling import SamplingParams
@@ -94,9 +95,17 @@ def write_part(lines: Iterator[tuple[dict, int]], staging: Path, name: str) -> t
     return Path(tmp), sha.hexdigest(), count, size, tokens
 
 
-def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore) -> ShardResult:
+def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore,
+              dead_reason: Callable[[], str | None] = lambda: None) -> ShardResult:
+    """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
+    process or job is gone becomes ServerLost, which no retry can fix."""
     started = time.monotonic()
-    path, sha, count, size, tokens = write_part(generate_records(client, shard, job), store.staging_dir(), shard.name)
+    try:
+        path, sha, count, size, tokens = write_part(generate_records(client, shard, job), store.staging_dir(), shard.name)
+    except TransientServerError as exc:
+        if (reason := dead_reason()) is not None:
+            raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
+        raise
     generated = time.monotonic()
     try:
         store.publish_file(shard.name, path, sha)

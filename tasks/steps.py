@@ -45,8 +45,8 @@ def wait_ready(backend: Backend, settings: Settings) -> NemoClient:
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_transient, task_run_name="generate-shard-{shard.index}")
-def generate_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore) -> ShardResult:
-    return run_shard(client, shard, job, store)
+def generate_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend) -> ShardResult:
+    return run_shard(client, shard, job, store, dead_reason=backend.dead_reason)
 
 
 @task(name="release", cache_policy=NO_CACHE)

@@ -1,0 +1,536 @@
+"""A NeMo-compatible `/generate` server: the 24.05 contract, quirks included.
+
+It stands in for `megatron_gpt_eval.py server=True` (NeMo's text_generation_server.py on
+Flask/flask_restful/Werkzeug) so the orchestrator can be tested against real processes:
+
+- PUT `/generate` only. Other methods on `/generate` -> 405 with flask_restful's JSON body;
+  any other path (`/` included) -> Flask's HTML 404.
+- Validation runs in TGS `put()` order with its exact messages. A failure is HTTP 200 whose
+  body is a JSON *string*; more than 128 sentences -> 400 (JSON string); a missing
+  `sentences`, a body that is not an object, or any exception in generation -> 500
+  `{"message": "Internal Server Error"}`. A body that is not JSON -> 400 and a Content-Type
+  that is not JSON -> 415 (newer Werkzeug). Unknown keys are only logged.
+- One generation at a time behind a FIFO lock: later requests wait, sockets open, in
+  arrival order. Validation happens before the lock, as in TGS.
+- The socket is bound only after the engine has loaded, so the port refuses connections
+  until then; then ` * Running on http://HOST:PORT` goes to stderr (Werkzeug's banner).
+- Under Slurm only rank 0 serves; other ranks idle until SIGTERM/SIGINT (NeMo's non-zero
+  ranks wait in a broadcast). SIGTERM/SIGINT -> clean shutdown, exit 0.
+
+Fault switches (for the fault suite) and a stats file (for benchmarks) are in `FaultPlan`
+and `ServeConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socketserver
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from infra.local_server.engines import Engine, GenerateParams, build_reply
+
+log = logging.getLogger(__name__)
+
+GENERATE_PATH = "/generate"
+MAX_SENTENCES = 128
+
+# Bodies exactly as Flask / flask_restful / Werkzeug write them.
+NOT_FOUND_HTML = (
+    "<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n"
+    "<p>The requested URL was not found on the server. If you entered the URL manually please "
+    "check your spelling and try again.</p>\n"
+)
+METHOD_NOT_ALLOWED = {"message": "The method is not allowed for the requested URL."}
+INTERNAL_ERROR = {"message": "Internal Server Error"}
+BAD_JSON = {"message": "The browser (or proxy) sent a request that this server could not understand."}
+NOT_JSON_TYPE = {
+    "message": "Did not attempt to load JSON data because the request Content-Type was not 'application/json'."
+}
+
+TASK_IDS_MESSAGE = (
+    "Input at 'sentences' must by a tuple of two tensors like:"
+    "                    (context_tokens_tensor, context_length_tensor) if task ids are given"
+)
+ALLOWED_KEYS = frozenset({
+    "all_probs", "sentences", "task_ids", "tokens_to_generate", "temperature", "add_BOS", "greedy",
+    "top_k", "top_p", "neighbors", "repetition_penalty", "min_tokens_to_generate", "end_strings",
+    "compute_logprob", "random_seed",
+})
+FAULT_REJECT_MESSAGE = "request rejected by --fault-reject-on (fault injection)"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A validation failure, answered the way TGS answers it (default: 200 + JSON string)."""
+
+    message: str
+    status: int = 200
+
+
+def _is_number(value: object) -> bool:
+    # TGS uses `type(x) == int or type(x) == float`, so booleans are not numbers here.
+    return type(value) in (int, float)
+
+
+def validate_request(body: dict) -> tuple[list, GenerateParams] | Rejection:
+    """TGS `put()`'s checks, in its order, with its messages. Raises where TGS raises (-> 500)."""
+    for key in body.keys():
+        if key not in ALLOWED_KEYS:
+            log.warning("The request key %s is not allowed", key)
+    sentences = body["sentences"]  # KeyError -> 500, as in TGS
+    if len(sentences) > MAX_SENTENCES:  # TypeError for a non-sized value -> 500
+        return Rejection(f"Maximum number of sentences is {MAX_SENTENCES}", 400)
+    if "task_ids" in body:
+        return Rejection(TASK_IDS_MESSAGE)  # JSON cannot carry the tuple TGS wants
+    fields = {}
+    for check in _CHECKS:
+        outcome = check(body)
+        if isinstance(outcome, Rejection):
+            return outcome
+        fields.update(outcome)
+    if isinstance(sentences, str):
+        sentences = list(sentences)  # TGS iterates a string: every character is a prompt
+    elif not isinstance(sentences, list):
+        raise TypeError(f"sentences must be a list, got {type(sentences).__name__}")
+    return sentences, GenerateParams(**fields)
+
+
+def _int_at_least(key: str, minimum: int, message: str):
+    def check(body: dict) -> dict | Rejection:
+        if key not in body:
+            return {}
+        value = body[key]
+        if not isinstance(value, int) or value < minimum:  # isinstance: True passes, as in TGS
+            return Rejection(message)
+        return {key: value}
+    return check
+
+
+def _boolean(key: str):
+    def check(body: dict) -> dict | Rejection:
+        if key not in body:
+            return {}
+        if not isinstance(body[key], bool):
+            return Rejection(f"{key} must be a boolean value")
+        return {key: body[key]}
+    return check
+
+
+def _number(key: str, accept: Callable[[float], bool], message: str):
+    def check(body: dict) -> dict | Rejection:
+        if key not in body:
+            return {}
+        value = body[key]
+        if not _is_number(value) or not accept(value):
+            return Rejection(message)
+        return {key: value}
+    return check
+
+
+def _end_strings(body: dict) -> dict | Rejection:
+    if "end_strings" not in body:
+        return {}
+    value = body["end_strings"]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        return Rejection("expect end_strings to be a list of strings")
+    return {"end_strings": tuple(value)}
+
+
+def _neighbors(body: dict) -> dict | Rejection:
+    # RETRO only: validated, then ignored for GPT.
+    outcome = _int_at_least("neighbors", 0, "num of neighbors must be an integer no less than 0")(body)
+    return outcome if isinstance(outcome, Rejection) else {}
+
+
+def _random_seed(body: dict) -> dict | Rejection:
+    if "random_seed" not in body:
+        return {}
+    value = body["random_seed"]
+    if value is not None and (not isinstance(value, int) or value < 0):
+        return Rejection("random_seed must be a positive integer number or None")
+    return {"random_seed": value}
+
+
+_CHECKS = (
+    _int_at_least("tokens_to_generate", 1, "tokens_to_generate must be an integer greater than 0"),
+    _boolean("all_probs"),
+    _number("temperature", lambda t: 0.0 < t <= 100.0, "temperature must be a positive number less than or equal to 100.0"),
+    _boolean("add_BOS"),
+    _boolean("greedy"),
+    _number("top_k", lambda k: 0 <= k, "top_k must be a positive integer number"),
+    _number("top_p", lambda p: 0.0 <= p <= 1.0, "top_p must be a positive number less than or equal to 1.0"),
+    _number("repetition_penalty", lambda r: 1.0 <= r, "repetition_penalty must be a positive number no less than 1.0"),
+    _end_strings,
+    _int_at_least("min_tokens_to_generate", 0, "min_tokens_to_generate must be an integer no less than 0"),
+    _neighbors,
+    _boolean("compute_logprob"),
+    _random_seed,
+)
+
+
+# --------------------------------------------------------------------------- generation service
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Failures to inject. Request numbers count every PUT /generate on arrival, from 1."""
+
+    crash_after: int | None = None  # request crash_after+1 kills the process (os._exit(1))
+    hang_after: int | None = None  # request hang_after+1 takes the lock and never answers
+    fail_on: str | None = None  # a prompt containing this -> 500, as an exception in generation
+    reject_on: str | None = None  # a prompt containing this -> 200 + JSON string
+
+
+class InjectedFailure(RuntimeError):
+    """Raised inside generation by --fault-500-on."""
+
+
+class FifoLock:
+    """A lock granted in arrival order (a ticket lock), so queued requests are served FIFO."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._tickets = itertools.count()
+        self._serving = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._cond:
+            ticket = next(self._tickets)
+            self._cond.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
+class GenerateService:
+    """PUT /generate without HTTP: validation, the lock, faults, stats."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        faults: FaultPlan = FaultPlan(),
+        extra_latency_s: float = 0.0,
+        stats_file: Path | None = None,
+    ):
+        self.engine = engine
+        self.faults = faults
+        self.extra_latency_s = extra_latency_s
+        self.stats_file = stats_file
+        self._lock = FifoLock()
+        self._arrivals = itertools.count(1)
+        self._never = threading.Event()
+
+    def arrive(self) -> int:
+        """Count a request as it arrives; the crash fault fires here, before any work."""
+        number = next(self._arrivals)
+        crash_after = self.faults.crash_after
+        if crash_after is not None and number > crash_after:
+            log.error("fault injection: crashing on request %d (--fault-crash-after %d)", number, crash_after)
+            os._exit(1)  # no cleanup, no reply: as abrupt as a killed rank
+        return number
+
+    def handle(self, number: int, body: object) -> tuple[int, object]:
+        """Return (status, JSON payload). Exceptions mean 500, as flask_restful makes them."""
+        outcome = validate_request(body)  # type: ignore[arg-type]  # a non-dict raises -> 500
+        if isinstance(outcome, Rejection):
+            log.info("request %d rejected (%d): %s", number, outcome.status, outcome.message)
+            return outcome.status, outcome.message
+        sentences, params = outcome
+        if self.faults.reject_on is not None and _mentions(sentences, self.faults.reject_on):
+            return 200, FAULT_REJECT_MESSAGE
+        with self._lock.held():
+            return 200, self._generate(number, sentences, params)
+
+    def _generate(self, number: int, sentences: list, params: GenerateParams) -> dict:
+        hang_after = self.faults.hang_after
+        if hang_after is not None and number > hang_after:
+            log.error("fault injection: request %d holds the lock forever (--fault-hang-after %d)", number, hang_after)
+            self._never.wait()
+        started = time.time()
+        if self.extra_latency_s:
+            time.sleep(self.extra_latency_s)
+        if self.faults.fail_on is not None and _mentions(sentences, self.faults.fail_on):
+            raise InjectedFailure(f"--fault-500-on {self.faults.fail_on!r} matched request {number}")
+        if params.all_probs and not params.compute_logprob:
+            # NeMo fills full_logprob only inside the compute_logprob branch and fails without it.
+            raise ValueError("all_probs needs compute_logprob")
+        generation = self.engine.generate(sentences, params)
+        reply = build_reply(self.engine, generation, params)
+        self._record(started, time.time(), generation)
+        log.info("request %d: %d sentences, %d tokens generated", number, len(sentences), sum(generation.generated_lengths))
+        return reply
+
+    def _record(self, started: float, ended: float, generation) -> None:
+        if self.stats_file is None:
+            return
+        line = {
+            "start": started,
+            "end": ended,
+            "batch": len(generation.rows),
+            "prompt_tokens": sum(generation.prompt_lengths),
+            "generated_tokens": sum(generation.generated_lengths),
+        }
+        # Called under the generation lock, so lines never interleave.
+        with open(self.stats_file, "a", encoding="utf-8") as out:
+            out.write(json.dumps(line) + "\n")
+
+
+def _mentions(sentences: list, needle: str) -> bool:
+    return any(isinstance(s, str) and needle in s for s in sentences)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _flask_jsonify(obj: object) -> bytes:
+    # Flask's jsonify outside debug mode: compact, sorted keys, trailing newline.
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def _restful_json(obj: object) -> bytes:
+    # flask_restful's output_json for returned strings and error bodies.
+    return (json.dumps(obj) + "\n").encode()
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    mimetype = (content_type or "").split(";", 1)[0].strip().lower()
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+class GenerateHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like Werkzeug's threaded server
+    server_version = "nemotron-sdg-local/0.1"
+    server: "LocalHTTPServer"
+
+    def parse_request(self) -> bool:
+        # One handler serves every request of a keep-alive connection: reset per-request state.
+        self._body_read = False
+        return super().parse_request()
+
+    def do_PUT(self) -> None:
+        if not self._on_generate():
+            return self._not_found()
+        service = self.server.service
+        number = service.arrive()
+        body = self._read_body()
+        if not _is_json_type(self.headers.get("Content-Type")):
+            return self._send(415, _restful_json(NOT_JSON_TYPE))
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return self._send(400, _restful_json(BAD_JSON))
+        try:
+            status, result = service.handle(number, payload)
+        except Exception:
+            log.exception("request %d failed; answering 500 as flask_restful does", number)
+            return self._send(500, _restful_json(INTERNAL_ERROR))
+        encode = _flask_jsonify if isinstance(result, dict) else _restful_json
+        self._send(status, encode(result))
+
+    def do_OPTIONS(self) -> None:
+        self._read_body()
+        if not self._on_generate():
+            return self._not_found()
+        self._send(200, b"", content_type="text/html; charset=utf-8", allow=True)
+
+    def _method_not_allowed(self) -> None:
+        self._read_body()
+        if not self._on_generate():
+            return self._not_found()
+        self._send(405, _restful_json(METHOD_NOT_ALLOWED), allow=True)
+
+    do_GET = do_POST = do_DELETE = do_PATCH = do_HEAD = _method_not_allowed
+
+    def _on_generate(self) -> bool:
+        return self.path.split("?", 1)[0] == GENERATE_PATH
+
+    def _not_found(self) -> None:
+        self._read_body()
+        self._send(404, NOT_FOUND_HTML.encode(), content_type="text/html; charset=utf-8")
+
+    def _read_body(self) -> bytes:
+        if getattr(self, "_body_read", False):
+            return b""
+        self._body_read = True
+        length = self.headers.get("Content-Length")
+        if length is None:
+            # Chunked or unframed bodies are not supported; closing keeps the stream in sync.
+            self.close_connection = True
+            return b""
+        return self.rfile.read(int(length))
+
+    def _send(self, status: int, body: bytes, *, content_type: str = "application/json", allow: bool = False) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if allow:
+                self.send_header("Allow", "OPTIONS, PUT")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away before the reply was sent")
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.info("%s - %s", self.address_string(), format % args)
+
+
+class LocalHTTPServer(ThreadingHTTPServer):
+    """One thread per connection (Werkzeug's `threaded=True`)."""
+
+    daemon_threads = True  # a hung request must not keep the process alive at shutdown
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], service: GenerateService):
+        self.service = service
+        super().__init__(address, GenerateHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup that can stall offline.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+# --------------------------------------------------------------------------- process lifecycle
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 1424
+    port_file: Path | None = None
+    stats_file: Path | None = None
+    load_delay_s: float = 0.0
+    extra_latency_s: float = 0.0
+    faults: FaultPlan = field(default_factory=FaultPlan)
+
+
+class _Interrupted(BaseException):
+    """SIGTERM/SIGINT while loading: unwinds the load, then the process exits 0."""
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; while `interruptible`, they also abort what is running.
+
+    The handler touches no lock: it runs in the main thread, which may itself hold the very
+    lock an Event would need at that moment. The main thread polls the flag instead.
+    """
+
+    POLL_S = 0.1
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._interrupt = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self._interrupt:
+            raise _Interrupted()
+
+    def wait(self) -> None:
+        while not self.requested:
+            time.sleep(self.POLL_S)
+        log.info("stop requested (SIGTERM/SIGINT); shutting down")
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._interrupt = True
+        try:
+            if self.requested:
+                raise _Interrupted()
+            yield
+        finally:
+            self._interrupt = False
+
+
+def serve(config: ServeConfig, load_engine: Callable[[], Engine], *, rank: str | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT. Returns the process exit code."""
+    stop = _StopSignal()
+    if rank not in (None, "", "0"):
+        log.info("rank %s does not serve HTTP (only rank 0 does); idling until SIGTERM", rank)
+        stop.wait()
+        return 0
+    try:
+        with stop.interruptible():
+            engine = _load(config, load_engine, stop)
+    except _Interrupted:
+        log.info("stopped before the engine had loaded")
+        return 0
+    except Exception as exc:
+        log.error("could not load the engine: %s", exc, exc_info=not isinstance(exc, ValueError))
+        return 1
+    service = GenerateService(
+        engine, faults=config.faults, extra_latency_s=config.extra_latency_s, stats_file=config.stats_file
+    )
+    try:
+        httpd = LocalHTTPServer((config.host, config.port), service)
+    except OSError as exc:
+        log.error("could not listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    return _run_until_stopped(httpd, config, stop)
+
+
+def _load(config: ServeConfig, load_engine: Callable[[], Engine], stop: _StopSignal) -> Engine:
+    if config.load_delay_s:
+        log.info("simulating model load: %.1f s before binding", config.load_delay_s)
+        time.sleep(config.load_delay_s)  # a signal raises _Interrupted out of the sleep
+    started = time.monotonic()
+    engine = load_engine()
+    log.info("engine %s ready after %.1f s", engine.name, time.monotonic() - started)
+    return engine
+
+
+def _run_until_stopped(httpd: LocalHTTPServer, config: ServeConfig, stop: _StopSignal) -> int:
+    host, port = httpd.server_address[:2]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
+    thread.start()
+    if config.port_file is not None:
+        write_atomically(config.port_file, f"{port}\n")
+    if host in ("0.0.0.0", ""):
+        print(" * Running on all addresses (0.0.0.0)", file=sys.stderr, flush=True)
+    print(f" * Running on http://{host}:{port}", file=sys.stderr, flush=True)
+    stop.wait()
+    httpd.shutdown()
+    httpd.server_close()
+    log.info("server on port %d stopped", port)
+    return 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see either no file or the whole text (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,181 @@
+"""The `slurm` backend: submit the rendered job, find its first node, watch it, keep the
+dead-man switch's heartbeat fresh, and cancel it.
+
+Every job is named `nsdg-<flow-run id>` (or `nsdg-<run id>` outside Prefect), so a hook in
+another process, or the reaper, finds it from the flow-run id alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from infra.deadline import Deadline, poll_until
+from infra.errors import SlurmJobError
+from infra.settings import Profile, Settings
+from infra.slurm.client import SlurmClient, log_tail
+from infra.slurm.spec import HEARTBEAT_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
+
+log = logging.getLogger(__name__)
+JOB_PREFIX = "nsdg-"
+GONE_WITHIN_S = 5.0
+
+
+def job_name_for(flow_run_id: str | None, run_id: str) -> str:
+    return f"{JOB_PREFIX}{flow_run_id or run_id}"[:128]
+
+
+def job_comment(run_id: str, flow_run_id: str | None) -> str:
+    return f"nsdg run={run_id} flow_run={flow_run_id or 'none'}"
+
+
+class Heartbeat:
+    """Touches the heartbeat file the job's dead-man switch watches, from a daemon thread."""
+
+    def __init__(self, path: Path, interval: float):
+        self.path, self.interval = path, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{path.parent.name}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.path.write_text(f"{datetime.now(timezone.utc).isoformat()}\n")
+            except OSError as exc:
+                log.warning("could not refresh heartbeat %s: %s", self.path, exc)
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self, settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None,
+                 client: SlurmClient | None = None):
+        self.settings, self.profile = settings, profile
+        self.client = client or SlurmClient(command_timeout=settings.slurm.command_timeout_s)
+        self.job_name = job_name_for(flow_run_id, run_id)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        self.job_dir = Path(settings.slurm.job_root).expanduser().resolve() / run_id / stamp
+        self.spec = SbatchSpec.from_settings(settings, profile, job_name=self.job_name,
+                                             comment=job_comment(run_id, flow_run_id), job_dir=self.job_dir)
+        self.job_ids: list[str] = []
+        self._url: str | None = None
+        self._last_state = None
+        self._last_poll = 0.0
+        self._unknown_since: float | None = None
+        self._heartbeat: Heartbeat | None = None
+
+    @property
+    def job_id(self) -> str | None:
+        return self.job_ids[-1] if self.job_ids else None
+
+    def start(self) -> None:
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        script = write_job_files(self.spec)
+        self._heartbeat = Heartbeat(self.job_dir / HEARTBEAT_NAME, self.settings.slurm.heartbeat_interval_s)
+        self._heartbeat.start()  # before submit: the switch counts from the job's start
+        job_id = self.client.submit(script)
+        self.job_ids.append(job_id)
+        log.info("submitted Slurm job %s (%s), job dir %s", job_id, self.job_name, self.job_dir)
+
+    def state(self):
+        """The job's state, polled at most every slurm.poll_s (every wait loop calls this)."""
+        now = time.monotonic()
+        if self._last_state is None or now - self._last_poll >= self.settings.slurm.poll_s:
+            self._last_state = self.client.state(self.job_id)
+            self._last_poll = now
+        return self._last_state
+
+    def url(self) -> str | None:
+        if self._url is None and self.job_id and self.state().state == "RUNNING":
+            self._url = f"http://{self.client.first_node_addr(self.job_id)}:{self.settings.server.port}"
+        return self._url
+
+    def logs(self) -> str:
+        parts = []
+        for pattern in (STDOUT_PATTERN, STDERR_PATTERN):
+            path = self.job_dir / pattern.replace("%x", self.job_name).replace("%j", self.job_id or "")
+            parts.append(f"--- {path.name} ---\n{log_tail(path)}")
+        return "\n".join(parts)
+
+    def dead_reason(self) -> str | None:
+        if not self.job_id:
+            return None
+        st = self.state()
+        if st.state == "UNKNOWN":
+            # Slurm can forget a job briefly between squeue and its other sources: give it a grace.
+            self._unknown_since = self._unknown_since or time.monotonic()
+            if time.monotonic() - self._unknown_since < self.settings.slurm.unknown_grace_s:
+                return None
+            return f"Slurm job {self.job_id} is unknown to squeue, sacct and scontrol; log tails:\n{self.logs()}"
+        self._unknown_since = None
+        if st.terminal:
+            return (f"Slurm job {self.job_id} ended {st.state} (exit code {st.exit_code}); "
+                    f"job dir {self.job_dir}; log tails:\n{self.logs()}")
+        return None
+
+    def status(self) -> str:
+        if not self.job_id:
+            return "not submitted"
+        st = self.state()
+        reason = f", reason {st.reason}" if st.reason and st.reason != "None" else ""
+        return f"Slurm job {self.job_id} {st.state}{reason}"
+
+    def release(self) -> None:
+        """scancel the whole job (never pkill), then wait until squeue no longer lists it."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        for job_id in self.job_ids:
+            self.client.cancel(job_id)
+        if self.job_ids:
+            wait_gone(self.client, self.job_ids, GONE_WITHIN_S)
+
+    def ready_timeout(self) -> float:
+        return self.settings.server.ready_timeout_s
+
+
+def wait_gone(client: SlurmClient, job_ids: list[str], seconds: float) -> None:
+    pending = set(job_ids)
+
+    def gone():
+        active = {j.job_id for j in client.active_jobs()}
+        return True if not (pending & active) else None
+
+    try:
+        poll_until(gone, deadline=Deadline(seconds), interval=0.2, what=f"Slurm jobs {sorted(pending)} to leave squeue")
+    except Exception as exc:
+        raise SlurmJobError(f"{exc} Check `squeue -j {','.join(sorted(pending))}` and cancel by hand if needed.") from exc
+
+
+def release_jobs_of_flow_run(settings: Settings, flow_run_id: str) -> list[str]:
+    client = SlurmClient(command_timeout=settings.slurm.command_timeout_s)
+    cancelled = client.cancel_by_name(job_name_for(flow_run_id, ""))
+    return [f"Slurm job {j}" for j in cancelled]
+
+
+def render_for_profile(profile: str, *, model_path: str | None = None, account: str | None = None,
+                       partition: str | None = None, run_id: str = "dry-run") -> list[tuple[str, str]]:
+    """The scripts `nemotron-sdg render` prints: nothing is written or submitted."""
+    from infra.settings import load_settings
+
+    overrides = {}
+    base = load_settings()
+    if model_path:
+        overrides["model"] = base.model.model_copy(update={"path": model_path})
+    if account or partition:
+        overrides["slurm"] = base.slurm.model_copy(update={k: v for k, v in (("account", account), ("partition", partition)) if v})
+    settings = base.model_copy(update=overrides)
+    # model_copy skips validation: build the spec, which validates every value it renders.
+    spec = SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id),
+                                    comment=job_comment(run_id, None),
+                                    job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
+    return [("sbatch.sh", render_sbatch(spec)), ("node-launcher.sh", render_node_launcher(spec))]

@@ -1,0 +1,456 @@
+"""A typed Slurm job spec for the NeMo server, and the two scripts rendered from it.
+
+`SbatchSpec` holds every value the scripts need and validates all of them when it is built,
+so nothing bad is found after a GPU has been asked for. `render_sbatch` and
+`render_node_launcher` are pure: `string.Template` over `infra/templates/*.sh.tmpl`, with
+every value written once as a shell-quoted variable assignment and used only as "$VAR".
+
+Values that land in `#SBATCH` lines are parsed by sbatch, not by the shell (quotes group
+words, an unquoted `#` ends the line, `packjob`/`hetjob` anywhere splits the job), so they are
+held to a charset instead of being quoted. That includes `job_dir` (it appears in `-o`, `-e`
+and `--chdir`): it must be an absolute path of letters, digits and `. _ + / -`.
+
+The job directory (the caller creates it on a filesystem every node shares):
+
+    <job_dir>/sbatch.sh            the batch script: submit this
+    <job_dir>/node-launcher.sh     srun runs it once per rank
+    <job_dir>/heartbeat            the orchestrator writes or touches it; the dead-man switch watches it
+    <job_dir>/job-info             written by the batch script: job_id, batch_host, nodelist, first_node, started_at
+    <job_dir>/rank0-host           `hostname` of global rank 0, the only rank that serves HTTP
+    <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
+    <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
+    <job_dir>/<job_name>-<id>.out  the job's stdout (batch script and every rank); `.err` for stderr
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from infra.errors import ConfigError
+from infra.settings import SAFE_NAME, Profile, Settings
+
+SBATCH_NAME = "sbatch.sh"
+LAUNCHER_NAME = "node-launcher.sh"
+HEARTBEAT_NAME = "heartbeat"
+JOB_INFO_NAME = "job-info"
+RANK0_HOST_NAME = "rank0-host"
+RANK0_NODE_NAME = "rank0-node"
+CANCEL_REASON_NAME = "cancel-reason"
+STDOUT_PATTERN = "%x-%j.out"
+STDERR_PATTERN = "%x-%j.err"
+
+ContainerRuntime = Literal["pyxis", "apptainer", "none"]
+CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
+
+# Lightning's SLURMEnvironment switches itself off for these job names, and NeMo then starts
+# one process per GPU on every rank.
+FORBIDDEN_JOB_NAMES = frozenset({"bash", "interactive"})
+
+# Options a user may add to the #SBATCH header. Everything the spec sets itself (nodes, tasks,
+# GPUs, time, output files, name, comment...) is missing on purpose: two values for one option
+# would make the rendered script lie about what it asks for.
+VALUE_DIRECTIVES = frozenset({
+    "--begin", "--constraint", "--cpus-per-gpu", "--cpus-per-task", "--exclude", "--export",
+    "--gpu-bind", "--gres", "--gres-flags", "--hint", "--licenses", "--mail-type", "--mail-user",
+    "--mem", "--mem-per-cpu", "--mem-per-gpu", "--network", "--nice", "--nodelist", "--signal",
+    "--switches", "--wckey",
+})
+FLAG_DIRECTIVES = frozenset({"--no-requeue"})
+ALLOWED_DIRECTIVES = tuple(sorted(VALUE_DIRECTIVES | FLAG_DIRECTIVES))
+
+# What may appear in an #SBATCH value: no whitespace, quotes, backslash or '#'.
+_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9._:=/@+,%|&\[\]*!-]+")
+_DIRECTIVE = re.compile(r"(--[a-z][a-z-]*)(?:=(.*))?", re.DOTALL)
+_COMMENT = re.compile(r"[A-Za-z0-9._:=/@+,-]+( [A-Za-z0-9._:=/@+,-]+)*")
+_SBATCH_PATH = re.compile(r"/[A-Za-z0-9._+/-]*")
+_TIME_LIMIT = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
+# Hydra's override parser reads `gpt_model_file=<path>`: quotes, spaces, brackets, braces,
+# commas, '=' and '$' mean something to it, so the model path keeps to plain path characters.
+_HYDRA_PATH = re.compile(r"/[A-Za-z0-9._+/@%:-]*")
+_SLURM_SPLITTERS = ("packjob", "hetjob")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:24.05"
+DEFAULT_EVAL_SCRIPT = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+
+
+def _fail(field: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"Slurm job spec: {field}={value!r} is not valid: {allowed}.")
+
+
+def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: str) -> None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise _fail(field, value, allowed)
+
+
+def _check_sbatch_value(field: str, value: str) -> None:
+    """sbatch rewrites 'packjob' and splits a job at 'hetjob' wherever they appear in a directive line."""
+    if any(word in value.lower() for word in _SLURM_SPLITTERS):
+        raise _fail(field, value, "it must not contain 'packjob' or 'hetjob' (sbatch splits the job there)")
+
+
+def _check_int(field: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(field, value, f"use a whole number from {low} to {high}")
+
+
+def _check_slurm_name(field: str, value: str | None) -> None:
+    if value is not None:
+        _check_pattern(field, value, SAFE_NAME,
+                       "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        _check_sbatch_value(field, value)
+
+
+def check_directive(directive: str) -> None:
+    """One extra #SBATCH option: an allowed name, written `--name=value` (or a bare allowed flag)."""
+    allowed = f"allowed options are {', '.join(ALLOWED_DIRECTIVES)}; write each as --name=value"
+    match = _DIRECTIVE.fullmatch(directive) if isinstance(directive, str) else None
+    if match is None or match.group(1) not in VALUE_DIRECTIVES | FLAG_DIRECTIVES:
+        raise _fail("slurm.extra_directives", directive, allowed)
+    name, value = match.groups()
+    if name in FLAG_DIRECTIVES:
+        if value is not None:
+            raise _fail("slurm.extra_directives", directive, f"{name} takes no value")
+        return
+    if value is None or not _DIRECTIVE_VALUE.fullmatch(value):
+        raise _fail(
+            "slurm.extra_directives", directive,
+            f"{name} needs =value made of letters, digits and . _ : = / @ + , % | & [ ] * ! - "
+            "(no spaces, quotes, '\\' or '#': sbatch parses these lines itself)",
+        )
+    _check_sbatch_value("slurm.extra_directives", directive)
+
+
+def check_mount(runtime: str, mount: str) -> None:
+    """A container mount `SRC[:DST[:FLAGS]]`. Pyxis and Apptainer both split their mount lists
+    at commas, so a comma would silently become two mounts."""
+    if not isinstance(mount, str) or not mount or "," in mount or _CONTROL_CHARS.search(mount):
+        raise _fail(
+            "slurm.container_mounts", mount,
+            "write each mount as SRC:DST[:FLAGS], without commas or control characters",
+        )
+    if runtime == "none":
+        raise _fail("slurm.container_mounts", mount, "mounts need container_runtime 'pyxis' or 'apptainer', not 'none'")
+
+
+@dataclass(frozen=True)
+class SbatchSpec:
+    """Everything the batch script and the node launcher need, validated on construction.
+
+    `server_command`, when set, replaces NeMo's `megatron_gpt_eval.py` command line verbatim
+    (tests, the NeMo-compatible local server); otherwise `nemo_command()` builds the seed's.
+    """
+
+    job_name: str
+    job_dir: str
+    comment: str
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    time_limit: str = "04:00:00"
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    reservation: str | None = None
+    exclusive: bool = True
+    extra_directives: tuple[str, ...] = ()
+    container_runtime: ContainerRuntime = "pyxis"
+    container_image: str = DEFAULT_IMAGE
+    container_mounts: tuple[str, ...] = ()
+    model_path: str = "/models/Nemotron-4-340B-Base"
+    eval_script: str = DEFAULT_EVAL_SCRIPT
+    port: int = 1424
+    server_command: tuple[str, ...] | None = None
+    heartbeat_timeout_s: float = 600.0
+    heartbeat_interval_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        # Lists given by callers become tuples, so the spec stays immutable and hashable.
+        for name in ("extra_directives", "container_mounts", "server_command"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                if isinstance(value, str) or not isinstance(value, Iterable):
+                    raise _fail(name, value, "give a list of strings")
+                object.__setattr__(self, name, tuple(value))
+        self._validate_header()
+        self._validate_topology()
+        self._validate_container()
+        self._validate_server()
+        self._validate_heartbeat()
+
+    # --- validation, one concern per method ---------------------------------------------------
+
+    def _validate_header(self) -> None:
+        _check_slurm_name("job_name", self.job_name)
+        if self.job_name.lower() in FORBIDDEN_JOB_NAMES:
+            raise _fail("job_name", self.job_name,
+                        "'bash' and 'interactive' make Lightning ignore Slurm; pick another name")
+        for field in ("account", "partition", "qos", "reservation"):
+            _check_slurm_name(f"slurm.{field}", getattr(self, field))
+        _check_pattern(
+            "job_dir", self.job_dir, _SBATCH_PATH,
+            "use an absolute path of letters, digits and . _ + / - (it lands in #SBATCH -o/-e/--chdir lines)",
+        )
+        _check_sbatch_value("job_dir", self.job_dir)
+        _check_pattern("comment", self.comment, _COMMENT,
+                       "use words of letters, digits and . _ : = / @ + , - separated by single spaces, e.g. "
+                       "'nsdg run=<run_id> flow_run=<id>'")
+        _check_sbatch_value("comment", self.comment)
+        if len(self.comment) > 512:
+            raise _fail("comment", self.comment, "keep it under 512 characters")
+        _check_pattern("slurm.time_limit", self.time_limit, _TIME_LIMIT, "use a Slurm time like 04:00:00 or 1-00:00:00")
+        if not isinstance(self.exclusive, bool):
+            raise _fail("slurm.exclusive", self.exclusive, "use true or false")
+        for directive in self.extra_directives:
+            check_directive(directive)
+
+    def _validate_topology(self) -> None:
+        _check_int("profile.nodes", self.nodes, 1, 64)
+        _check_int("profile.tasks_per_node", self.tasks_per_node, 1, 64)
+        _check_int("profile.gpus_per_node", self.gpus_per_node, 0, 16)
+        _check_int("profile.tensor_parallel", self.tensor_parallel, 1, 64)
+        _check_int("profile.pipeline_parallel", self.pipeline_parallel, 1, 64)
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise ConfigError(
+                f"Slurm job spec: tasks_per_node={self.tasks_per_node} must equal gpus_per_node={self.gpus_per_node}: "
+                "NeMo runs one rank per GPU, started by srun."
+            )
+        ranks = self.tasks_per_node * self.nodes
+        needed = self.tensor_parallel * self.pipeline_parallel
+        if ranks != needed:
+            raise ConfigError(
+                f"Slurm job spec: devices x nodes = {self.tasks_per_node} x {self.nodes} = {ranks} must equal "
+                f"tensor_parallel x pipeline_parallel = {self.tensor_parallel} x {self.pipeline_parallel} = {needed}. "
+                "Fix the profile's nodes, gpus_per_node, tensor_parallel or pipeline_parallel."
+            )
+
+    def _validate_container(self) -> None:
+        if self.container_runtime not in CONTAINER_RUNTIMES:
+            raise _fail("slurm.container_runtime", self.container_runtime,
+                        f"use one of {', '.join(CONTAINER_RUNTIMES)}")
+        image = self.container_image
+        if self.container_runtime != "none" and (
+            not isinstance(image, str) or not image or image.startswith("-") or re.search(r"[\s,]", image)
+        ):
+            raise _fail("slurm.container_image", image,
+                        "give an image reference or file path without spaces or commas, e.g. nvcr.io/nvidia/nemo:24.05")
+        for mount in self.container_mounts:
+            check_mount(self.container_runtime, mount)
+
+    def _validate_server(self) -> None:
+        _check_int("server.port", self.port, 1024, 65535)
+        if self.server_command is not None:
+            if not self.server_command or not all(isinstance(a, str) for a in self.server_command):
+                raise _fail("server.command", self.server_command, "give a non-empty list of strings")
+            if any("\x00" in arg for arg in self.server_command):
+                raise _fail("server.command", self.server_command, "arguments cannot contain NUL bytes")
+            return
+        _check_pattern(
+            "model.path", self.model_path, _HYDRA_PATH,
+            "use an absolute path of letters, digits and . _ + / @ % : - (Hydra parses gpt_model_file=<path> and "
+            "treats quotes, spaces, brackets, commas, '=' and '$' specially); mount the model under a plainer path",
+        )
+        _check_pattern("server.eval_script", self.eval_script, _HYDRA_PATH,
+                       "use an absolute path of letters, digits and . _ + / @ % : -")
+
+    def _validate_heartbeat(self) -> None:
+        for field in ("heartbeat_timeout_s", "heartbeat_interval_s"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86_400:
+                raise _fail(f"slurm.{field}", value, "use a number of seconds above 0 and at most 86400")
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ConfigError(
+                f"Slurm job spec: slurm.heartbeat_timeout_s={self.heartbeat_timeout_s} must be at least twice "
+                f"slurm.heartbeat_interval_s={self.heartbeat_interval_s}, or one late check cancels a healthy job."
+            )
+
+    # --- derived values ------------------------------------------------------------------------
+
+    @property
+    def heartbeat_file(self) -> str:
+        return f"{self.job_dir}/{HEARTBEAT_NAME}"
+
+    def job_path(self, name: str) -> Path:
+        return Path(self.job_dir) / name
+
+    def nemo_command(self) -> tuple[str, ...]:
+        """The seed's megatron_gpt_eval.py command, with this spec's topology and port."""
+        return (
+            "python3", self.eval_script,
+            f"gpt_model_file={self.model_path}",
+            f"tensor_model_parallel_size={self.tensor_parallel}",
+            f"pipeline_model_parallel_size={self.pipeline_parallel}",
+            "pipeline_model_parallel_split_rank=0",
+            f"trainer.devices={self.tasks_per_node}",
+            f"trainer.num_nodes={self.nodes}",
+            "trainer.precision=bf16",
+            "megatron_amp_O2=True",
+            "server=True",
+            "web_server=False",
+            f"port={self.port}",
+        )
+
+    def command(self) -> tuple[str, ...]:
+        return self.server_command if self.server_command is not None else self.nemo_command()
+
+    # --- construction from settings ------------------------------------------------------------
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        profile: Profile | str,
+        *,
+        job_name: str,
+        comment: str,
+        job_dir: str | os.PathLike[str],
+    ) -> "SbatchSpec":
+        """The spec for one run: `profile` (a Profile or a profile name) gives the topology,
+        `settings.slurm`, `.server` and `.model` the rest. `job_dir` may start with `~`."""
+        if isinstance(profile, str):
+            profile = settings.profile(profile)
+        if profile.backend != "slurm":
+            raise _fail("profile.backend", profile.backend, "an sbatch script needs a profile with backend 'slurm'")
+        slurm, server = settings.slurm, settings.server
+        return cls(
+            job_name=job_name,
+            job_dir=os.path.expanduser(os.fspath(job_dir)),
+            comment=comment,
+            nodes=profile.nodes,
+            tasks_per_node=profile.tasks_per_node,
+            gpus_per_node=profile.gpus_per_node,
+            tensor_parallel=profile.tensor_parallel,
+            pipeline_parallel=profile.pipeline_parallel,
+            time_limit=slurm.time_limit,
+            account=slurm.account,
+            partition=slurm.partition,
+            qos=slurm.qos,
+            reservation=slurm.reservation,
+            exclusive=slurm.exclusive,
+            extra_directives=tuple(slurm.extra_directives),
+            container_runtime=slurm.container_runtime,
+            container_image=slurm.container_image,
+            container_mounts=tuple(slurm.container_mounts),
+            model_path=settings.model.path,
+            eval_script=server.eval_script,
+            port=server.port,
+            server_command=tuple(server.command) if server.command is not None else None,
+            heartbeat_timeout_s=slurm.heartbeat_timeout_s,
+            heartbeat_interval_s=slurm.heartbeat_interval_s,
+        )
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+class _ScriptTemplate(string.Template):
+    # '$' belongs to the shell; placeholders are written @@{name}, which no shell code uses.
+    delimiter = "@@"
+
+
+def _template(name: str) -> _ScriptTemplate:
+    return _ScriptTemplate(resources.files("infra").joinpath("templates", name).read_text(encoding="utf-8"))
+
+
+def _assign(name: str, value: str | int) -> str:
+    return f"{name}={shlex.quote(str(value))}"
+
+
+def _assign_array(name: str, values: Sequence[str]) -> str:
+    return f"{name}=(" + " ".join(shlex.quote(v) for v in values) + ")"
+
+
+def _seconds(value: float) -> str:
+    """A number `sleep` accepts, without float noise: 15.0 -> '15', 0.25 -> '0.25'."""
+    return format(value, "g")
+
+
+def sbatch_directives(spec: SbatchSpec) -> list[str]:
+    """The #SBATCH lines. Values were held to safe charsets by the spec; the comment, which has
+    spaces, is double-quoted (sbatch groups quoted words itself)."""
+    lines = [f"-J {spec.job_name}"]
+    lines += [f"{flag} {value}" for flag, value in (("-A", spec.account), ("-p", spec.partition)) if value]
+    lines += [f"--qos={spec.qos}"] if spec.qos else []
+    lines += [f"--reservation={spec.reservation}"] if spec.reservation else []
+    lines += [f"-N {spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
+    lines += [f"--gpus-per-node={spec.gpus_per_node}"] if spec.gpus_per_node else []
+    lines += [f"--time={spec.time_limit}"]
+    lines += ["--exclusive"] if spec.exclusive else []
+    lines += [
+        f"--chdir={spec.job_dir}",
+        f"-o {spec.job_dir}/{STDOUT_PATTERN}",
+        f"-e {spec.job_dir}/{STDERR_PATTERN}",
+        f'--comment="{spec.comment}"',
+    ]
+    lines += list(spec.extra_directives)
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def srun_container_args(spec: SbatchSpec) -> list[str]:
+    """Pyxis flags for srun. The job dir is mounted at its own path, because the launcher and
+    the files ranks write live there."""
+    if spec.container_runtime != "pyxis":
+        return []
+    mounts = [*spec.container_mounts, f"{spec.job_dir}:{spec.job_dir}"]
+    return [f"--container-image={spec.container_image}", f"--container-mounts={','.join(mounts)}"]
+
+
+def launch_prefix(spec: SbatchSpec) -> list[str]:
+    """What runs the launcher inside an Apptainer container; nothing for pyxis or bare."""
+    if spec.container_runtime != "apptainer":
+        return []
+    gpu_flags = ["--nv"] if spec.gpus_per_node else []
+    binds = [f"--bind={mount}" for mount in (*spec.container_mounts, spec.job_dir)]
+    return ["apptainer", "exec", *gpu_flags, *binds, spec.container_image]
+
+
+def render_sbatch(spec: SbatchSpec) -> str:
+    """The batch script: job info, dead-man switch, srun of the launcher, srun's exit code."""
+    assignments = [
+        _assign("JOB_DIR", spec.job_dir),
+        _assign("HEARTBEAT_FILE", spec.heartbeat_file),
+        # Integer seconds: the switch does its arithmetic in bash.
+        _assign("HEARTBEAT_TIMEOUT_S", math.ceil(spec.heartbeat_timeout_s)),
+        _assign("HEARTBEAT_INTERVAL_S", _seconds(spec.heartbeat_interval_s)),
+        _assign("TASKS_PER_NODE", spec.tasks_per_node),
+        _assign_array("SRUN_CONTAINER_ARGS", srun_container_args(spec)),
+        _assign_array("LAUNCH_PREFIX", launch_prefix(spec)),
+    ]
+    return _template("sbatch.sh.tmpl").substitute(
+        directives="\n".join(sbatch_directives(spec)),
+        assignments="\n".join(assignments),
+    )
+
+
+def render_node_launcher(spec: SbatchSpec) -> str:
+    """The per-rank script: rank info, rank 0's host file, the server in its own process group."""
+    assignments = [
+        _assign("JOB_DIR", spec.job_dir),
+        _assign_array("SERVER_CMD", spec.command()),
+    ]
+    return _template("node-launcher.sh.tmpl").substitute(assignments="\n".join(assignments))
+
+
+def write_job_files(spec: SbatchSpec) -> Path:
+    """Write sbatch.sh and node-launcher.sh (mode 0755) into the existing job dir; return the
+    sbatch path. Each file is written to a temp name and renamed, so a reader never sees half."""
+    job_dir = Path(spec.job_dir)
+    if not job_dir.is_dir():
+        raise ConfigError(f"Job directory {job_dir} does not exist: create it (on a filesystem the nodes share) first.")
+    for name, text in ((LAUNCHER_NAME, render_node_launcher(spec)), (SBATCH_NAME, render_sbatch(spec))):
+        tmp = job_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o755)
+        tmp.replace(job_dir / name)
+    return job_dir / SBATCH_NAME

@@ -1,0 +1,62 @@
+"""The whole generate flow on the local backend: real server subprocess, real Prefect API."""
+
+import json
+import hashlib
+
+import psutil
+import pytest
+
+from flows.generate import generate
+from infra.sampling import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+
+def write_prompts(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"Prompt number {i}: tell me something.", "extra": i}) + "\n")
+    return path
+
+
+def server_children():
+    return [p for p in psutil.process_iter(["cmdline"]) if "serve-local" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_flow_end_to_end_with_tiny_model(prefect_harness, workdir, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("NSDG_LOCAL__MODEL_DIR", str(tiny_model_dir))
+    src = write_prompts(workdir / "in.jsonl", 11)
+    result = generate(input_uri=str(src), output_uri=str(workdir / "out"), run_id="t1",
+                      sampling=SamplingParams(tokens_to_generate=6, greedy=True), batch_size=4, shard_size=5)
+    run_dir = workdir / "out" / "t1"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert result["manifest"] == str(run_dir / "manifest.json")
+    assert [p["name"] for p in manifest["parts"]] == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+    records = []
+    for part in manifest["parts"]:
+        data = (run_dir / part["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == part["sha256"]
+        lines = [json.loads(line) for line in data.decode().splitlines()]
+        assert len(lines) == part["records"]
+        records += lines
+    inputs = [json.loads(line) for line in src.read_text().splitlines()]
+    assert [r["id"] for r in records] == [i["id"] for i in inputs]  # every record once, in order
+    for rec, inp in zip(records, inputs):
+        assert rec["prompt"] == inp["prompt"] and rec["extra"] == inp["extra"]
+        assert rec["completion"] and rec["generation"]["prompt_match"] == "exact"
+    assert manifest["records_in"] == manifest["records_written"] == 11
+    assert manifest["config_hash"] and manifest["model"] and manifest["profile"] == "local"
+    assert not server_children()  # released: no server process left
+
+
+def test_rerun_is_free_and_bad_sampling_fails_before_allocation(prefect_harness, workdir, monkeypatch):
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    src = write_prompts(workdir / "in.jsonl", 4)
+    generate(input_uri=str(src), output_uri="out", run_id="t2", shard_size=2)
+    before = (workdir / "out" / "t2" / "part-00000.jsonl").stat().st_mtime_ns
+    generate(input_uri=str(src), output_uri="out", run_id="t2", shard_size=2)
+    assert (workdir / "out" / "t2" / "part-00000.jsonl").stat().st_mtime_ns == before
+    assert not (workdir / ".nemotron-sdg" / "servers" / "t2" / "server.log").read_text().count("Running on") > 1
+    with pytest.raises(Exception, match="temperature"):
+        generate(input_uri=str(src), output_uri="out", run_id="t3", sampling={"temperature": 0})
+    assert not (workdir / ".nemotron-sdg" / "servers" / "t3").exists()

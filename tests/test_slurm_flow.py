@@ -1,0 +1,108 @@
+"""The generate flow on the real local Slurm cluster: the seed's job shape (-N 2,
+--ntasks-per-node=8, --gpus-per-node=8, 16 ranks), runtime `none`, the server command replaced
+by the project's NeMo-compatible server (rank 0 serves, the other ranks idle as NeMo's do)."""
+
+import json
+import sys
+import threading
+import time
+
+import pytest
+
+from flows.generate import generate
+from infra.deadline import Deadline, poll_until
+from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady
+from infra.slurm.client import SlurmClient
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+TEST_PROFILES = {
+    "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
+    "test3x8": {"backend": "slurm", "nodes": 3, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 3},
+}
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, workdir, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps(TEST_PROFILES))
+    monkeypatch.setenv("NSDG_SLURM__CONTAINER_RUNTIME", "none")
+    monkeypatch.setenv("NSDG_SLURM__JOB_ROOT", str(workdir / "jobs"))
+    monkeypatch.setenv("NSDG_SLURM__TIME_LIMIT", "00:10:00")
+    monkeypatch.setenv("NSDG_SERVER__PORT", str(port))
+    monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "120")
+
+    def server_command(*extra):
+        cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated",
+               "--host", "0.0.0.0", "--port", str(port), *extra]
+        monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(cmd))
+
+    server_command()
+    return server_command
+
+
+def prompts(path, n):
+    path.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"slurm prompt {i}"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def our_jobs() -> list:
+    return [j for j in SlurmClient().active_jobs() if j.name.startswith("nsdg-")]
+
+
+def test_full_flow_on_two_nodes(slurm_env, workdir):
+    src = prompts(workdir / "in.jsonl", 30)
+    result = generate(input_uri=src, output_uri="out", run_id="slurm-ok", profile="test2x8", shard_size=10, batch_size=8)
+    manifest = json.loads((workdir / "out" / "slurm-ok" / "manifest.json").read_text())
+    assert manifest["records_written"] == 30 and len(manifest["slurm_job_ids"]) == 1
+    ids = [json.loads(l)["id"] for p in manifest["parts"] for l in (workdir / "out" / "slurm-ok" / p["name"]).read_text().splitlines()]
+    assert ids == [f"s{i}" for i in range(30)]
+    assert result["records_written"] == 30
+    job_dir = next((workdir / "jobs" / "slurm-ok").iterdir())
+    out = next(job_dir.glob("*.out")).read_text()
+    assert out.count("SLURM_PROCID=") == 16 or len(list(job_dir.glob("*.out"))) == 1
+    assert not our_jobs()
+
+
+def test_server_that_fails_at_start(slurm_env, workdir, monkeypatch):
+    monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(["python3", "-c", "import sys; print('model load failed: bad checkpoint', file=sys.stderr); sys.exit(3)"]))
+    with pytest.raises(ServerNotReady) as exc:
+        generate(input_uri=prompts(workdir / "in.jsonl", 3), output_uri="out", run_id="slurm-fail", profile="test2x8")
+    msg = str(exc.value)
+    assert "FAILED" in msg and "bad checkpoint" in msg
+    assert not our_jobs()
+
+
+def test_job_that_never_starts_times_out_with_reason(slurm_env, workdir, monkeypatch):
+    monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "6")
+    with pytest.raises(DeadlineExceeded) as exc:
+        generate(input_uri=prompts(workdir / "in.jsonl", 3), output_uri="out", run_id="slurm-pending", profile="test3x8")
+    assert "PENDING" in str(exc.value) and "reason" in str(exc.value)
+    assert not our_jobs()
+
+
+def test_scancel_from_outside_mid_generation(slurm_env, workdir):
+    slurm_env("--extra-latency", "0.3")
+    run_dir = workdir / "out" / "slurm-cut"
+    src = prompts(workdir / "in.jsonl", 200)
+
+    def cancel_after_first_part():
+        poll_until(lambda: True if list(run_dir.glob("part-*.state.json")) else None,
+                   deadline=Deadline(120), interval=0.2, what="the first published part")
+        for job in our_jobs():
+            SlurmClient().cancel(job.job_id)
+
+    killer = threading.Thread(target=cancel_after_first_part, daemon=True)
+    killer.start()
+    with pytest.raises(ServerLost) as exc:
+        generate(input_uri=src, output_uri="out", run_id="slurm-cut", profile="test2x8", shard_size=10, batch_size=5)
+    killer.join(timeout=5)
+    assert "CANCELLED" in str(exc.value)
+    import hashlib
+    states = list(run_dir.glob("part-*.state.json"))
+    assert states
+    for state in states:
+        info = json.loads(state.read_text())
+        assert hashlib.sha256((run_dir / info["name"]).read_bytes()).hexdigest() == info["sha256"]
+    assert not (run_dir / "manifest.json").exists()
+    assert not our_jobs()
