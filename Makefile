@@ -48,11 +48,19 @@ slurm-down:
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(STAMP) $(MODEL_DIR)/config.json slurm-up
+test: $(STAMP) $(MODEL_DIR)/config.json slurm-up browser-deps
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP) $(MODEL_DIR)/config.json
 	$(PY) -m pytest -q -ra -m "not slurm and not prefect_server and not browser"
+
+# Every benchmark in one go; writes benchmarks/results.md.
+bench: $(STAMP) slurm-up
+	$(PY) -m benchmarks.run --out benchmarks/results.md
+
+# The fault suite: each fault against the real stand-ins, then a table of what was lost.
+faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up
+	$(PY) -m benchmarks.faults
 
 clean:
 	rm -rf output .nemotron-sdg .prefect

@@ -61,8 +61,26 @@ def _run(args: argparse.Namespace) -> int:
     from flows.generate import generate
 
     result = generate(**run_parameters(args))
-    print(result["manifest"])
+    _stop_temporary_api_server()
+    print(result["manifest"], flush=True)  # the last line, for scripts: `... | tail -n 1`
     return 0
+
+
+def _stop_temporary_api_server() -> None:
+    """Without PREFECT_API_URL, Prefect runs a temporary API server and stops it at exit, logging
+    after our last line. Stop it now so the manifest path is the last thing printed."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    # Send what is queued first: the log and event workers would otherwise find no server.
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
+    for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
+        server.stop()
 
 
 def _add_render(sub) -> None:
@@ -102,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args) or 0
     except SdgError as exc:

@@ -25,6 +25,8 @@ class RunParams(BaseModel):
     prompt_field: str = Field("prompt", min_length=1)
     id_field: str = Field("id", min_length=1)
     on_bad_input: Literal["fail", "skip"] = "fail"
+    overlong_prompts: Literal["reject", "truncate_left"] = "reject"
+    tokenizer: str | None = None
 
     @field_validator("run_id")
     @classmethod

@@ -18,6 +18,7 @@ from infra.errors import ConfigError, ServerNotReady
 from infra.nemo_client import NemoClient
 from infra.process import start_process_group, stop_process_group, stop_process_group_by_pid
 from infra.settings import Profile, Settings
+from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class LocalBackend:
         local = self.settings.local
         engine = ["--engine", "simulated"] if local.engine == "simulated" else ["--model-dir", str(Path(local.model_dir).resolve())]
         return [sys.executable, "-m", "infra.local_server", "serve-local", *engine,
-                "--host", local.host, "--port", "0", "--port-file", str(self.port_file), *self.extra_args]
+                "--host", local.host, "--port", "0", "--port-file", str(self.port_file), "--exit-with-parent",
+                *local.extra_args, *self.extra_args]
 
     def start(self) -> None:
         local = self.settings.local
@@ -152,13 +154,16 @@ def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_
     return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id)
 
 
-def make_client(settings: Settings, url: str) -> NemoClient:
+def make_client(settings: Settings, url: str, tokenizer: str | None = None) -> NemoClient:
+    """`tokenizer` must be the one the plan counted with, or the client could refuse what the
+    plan accepted."""
     s = settings.server
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
-                      context_length=settings.model.context_length)
+                      context_length=settings.model.context_length, count_tokens=token_counter(tokenizer).count)
 
 
-def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None) -> NemoClient:
+def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None,
+                     tokenizer: str | None = None) -> NemoClient:
     """Poll the backend and the server in one loop under one deadline: a dead job/process ends
     the wait at once with its log tail; a listening port is followed by one real 1-token PUT."""
     deadline = Deadline(timeout if timeout is not None else backend.ready_timeout())
@@ -171,7 +176,7 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
         if url is None:
             seen["last"] = "no server address yet"
             return None
-        client = make_client(settings, url)
+        client = make_client(settings, url, tokenizer)
         if not client.port_open():
             seen["last"] = f"{url} refuses connections (model still loading)"
             return None

@@ -16,6 +16,8 @@ Every message names the object, what was seen, and what to do next.
     │   │   └── ServerFailure        HTTP 500 (missing key or an exception inside generation)
     │   ├── TransientServerError     connection refused/reset, timeout, other 5xx: may be retried
     │   └── ServerLost               the server's process or job is gone: retrying the request is useless
+    │       └── ServerHung           no reply within the read timeout: a hung NeMo server never answers
+    ├── CircuitOpen            too many records failed in a window: stop before burning GPU hours
     └── StorageError           reading input or publishing output failed (bucket/key/path, cause)
 """
 
@@ -92,6 +94,14 @@ class TransientServerError(ServerError):
 
 class ServerLost(ServerError):
     """The server's process or Slurm job ended while requests were in flight."""
+
+
+class ServerHung(ServerLost):
+    """A request outlived its read timeout. NeMo never recovers from a hang: restart the job."""
+
+
+class CircuitOpen(SdgError):
+    """More than the allowed share of recent records failed."""
 
 
 class StorageError(SdgError):

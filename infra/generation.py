@@ -1,5 +1,10 @@
 """One shard: batches of prompts through the server, records written to a part file, the part
-published atomically with its checksum and a state object that marks the shard done."""
+published atomically with its checksum and a state object that marks the shard done.
+
+A batch the server rejects is bisected until the prompts at fault are isolated: the rest are
+generated, the bad ones become rejects with the server's message. A circuit breaker stops the
+run when too many recent records fail.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.batching import plan_batches
 from infra.dataset import RESERVED_FIELDS, Record, Shard
-from infra.errors import ServerLost, TransientServerError
-from infra.manifest import PartInfo
+from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
+from infra.manifest import PartInfo, rejects_name
 from infra.nemo_client import GeneratedText, NemoClient
 from infra.sampling import SamplingParams
 from infra.storage import OutputStore
@@ -32,6 +40,7 @@ class ShardJob:
     config_hash: str
     sampling: SamplingParams
     batch_size: int
+    length_window: int = 8  # batches' worth of records sorted by length together
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,29 @@ class ShardResult:
     upload_seconds: float
 
 
-def batches(records: list[Record], size: int) -> Iterator[list[Record]]:
-    for i in range(0, len(records), size):
-        yield records[i:i + size]
+class Breaker:
+    """Trips when more than `max_share` of the last `window` records failed. Shared by the
+    shards running at once, hence the lock."""
+
+    def __init__(self, window: int = 500, max_share: float = 0.10):
+        self.window, self.max_share = window, max_share
+        self._outcomes: deque[bool] = deque(maxlen=window)
+        self._reasons: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def record(self, ok: bool, reason: str | None = None) -> None:
+        with self._lock:
+            self._outcomes.append(ok)
+            if not ok:
+                self._reasons[(reason or "unknown")[:120]] += 1
+            failed = self._outcomes.count(False)
+            if failed > self.max_share * self.window:
+                top = "; ".join(f"{n}× {r}" for r, n in self._reasons.most_common(3))
+                raise CircuitOpen(
+                    f"{failed} of the last {len(self._outcomes)} records failed (limit {self.max_share:.0%} of "
+                    f"{self.window}). Most common: {top}. Fix the prompts or sampling parameters and rerun "
+                    "with the same run_id: published shards are kept."
+                )
 
 
 def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int) -> dict:
@@ -67,53 +96,90 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int) ->
     }
 
 
-def generate_records(client: NemoClient, shard: Shard, job: ShardJob) -> Iterator[tuple[dict, int]]:
-    for batch in batches(shard.records, job.batch_size):
-        results = client.generate([r.prompt for r in batch], job.sampling)
-        for rec, gen in zip(batch, results):
-            yield output_record(rec, gen, job, shard.index), gen.generated_tokens
+def reject_record(rec: Record, exc: RequestRejected, shard: int) -> dict:
+    return {"id": rec.id, "line": rec.line, "shard": shard, "stage": "generation",
+            "status": exc.status, "reason": str(exc.body if exc.body is not None else exc)[:500]}
 
 
-def write_part(lines: Iterator[tuple[dict, int]], staging: Path, name: str) -> tuple[Path, str, int, int, int]:
-    """Write records to a temp file in `staging`; return (path, sha256, records, bytes, tokens).
+def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingParams) -> list[GeneratedText | RequestRejected]:
+    """Results in batch order. A rejected batch is split in halves until the prompts at fault
+    stand alone; validation errors are never retried as they are."""
+    try:
+        return client.generate([r.prompt for r in batch], sampling)
+    except RequestRejected as exc:
+        if len(batch) == 1:
+            log.warning("prompt at input line %d rejected by the server: %s", batch[0].line, exc)
+            return [exc]
+        mid = len(batch) // 2
+        log.info("batch of %d rejected (%s); bisecting", len(batch), type(exc).__name__)
+        return generate_batch(client, batch[:mid], sampling) + generate_batch(client, batch[mid:], sampling)
+
+
+def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
+                           ) -> list[GeneratedText | RequestRejected]:
+    """One result per record, in input order, whatever order the batches were sent in."""
+    results: list[GeneratedText | RequestRejected | None] = [None] * len(shard.records)
+    for indices in plan_batches([r.prompt for r in shard.records], job.batch_size, job.length_window):
+        batch = [shard.records[i] for i in indices]
+        for i, result in zip(indices, generate_batch(client, batch, job.sampling)):
+            results[i] = result
+            if breaker is not None:
+                breaker.record(isinstance(result, GeneratedText), None if isinstance(result, GeneratedText) else str(result.body))
+    return results  # type: ignore[return-value]
+
+
+def write_lines(lines, staging: Path, name: str) -> tuple[Path, str, int, int]:
+    """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes).
     A half-written file never has the part's name, so it is never mistaken for a part."""
     staging.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{name}.", suffix=".tmp")
-    sha, count, size, tokens = hashlib.sha256(), 0, 0, 0
+    sha, count, size = hashlib.sha256(), 0, 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for obj, n_tokens in lines:
+            for obj in lines:
                 data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
                 f.write(data)
                 sha.update(data)
-                count, size, tokens = count + 1, size + len(data), tokens + n_tokens
+                count, size = count + 1, size + len(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return Path(tmp), sha.hexdigest(), count, size, tokens
+    return Path(tmp), sha.hexdigest(), count, size
+
+
+def publish(store: OutputStore, name: str, lines) -> tuple[str, int, int]:
+    path, sha, count, size = write_lines(lines, store.staging_dir(), name)
+    try:
+        store.publish_file(name, path, sha)
+    finally:
+        path.unlink(missing_ok=True)
+    return sha, count, size
 
 
 def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore,
-              dead_reason: Callable[[], str | None] = lambda: None) -> ShardResult:
+              dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None) -> ShardResult:
     """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
     process or job is gone becomes ServerLost, which no retry can fix."""
     started = time.monotonic()
     try:
-        path, sha, count, size, tokens = write_part(generate_records(client, shard, job), store.staging_dir(), shard.name)
+        results = generate_shard_results(client, shard, job, breaker)
     except TransientServerError as exc:
         if (reason := dead_reason()) is not None:
             raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
         raise
     generated = time.monotonic()
-    try:
-        store.publish_file(shard.name, path, sha)
-    finally:
-        path.unlink(missing_ok=True)
+    pairs = list(zip(shard.records, results))
+    ok = [(r, g) for r, g in pairs if isinstance(g, GeneratedText)]
+    rejected = [reject_record(r, g, shard.index) for r, g in pairs if not isinstance(g, GeneratedText)]
+    if rejected:  # before the part and its state: a published state implies both
+        publish(store, rejects_name(shard.name), rejected)
+    sha, count, size = publish(store, shard.name, (output_record(r, g, job, shard.index) for r, g in ok))
     part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
-                    shard.records[0].line, shard.records[-1].line)
-    store.write_bytes(part.state_name(), part.to_json())  # after the part: state implies the part
+                    shard.records[0].line, shard.records[-1].line, rejected=len(rejected))
+    store.write_bytes(part.state_name(), part.to_json())
     done = time.monotonic()
-    log.info("shard %d: %d records, %d tokens, published %s", shard.index, count, tokens, store.uri(shard.name))
+    tokens = sum(g.generated_tokens for _, g in ok)
+    log.info("shard %d: %d records, %d rejected, %d tokens, published %s", shard.index, count, len(rejected), tokens, store.uri(shard.name))
     return ShardResult(part, tokens, done - started, done - generated)

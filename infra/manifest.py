@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
+INPUT_REJECTS = "input-rejects.jsonl"  # the plan's; merged into rejects.jsonl at the end
 FORMAT_VERSION = 1
 
 
@@ -37,6 +38,7 @@ class PartInfo:
     config_hash: str
     first_line: int
     last_line: int
+    rejected: int = 0  # records the server refused; listed in part-NNNNN.jsonl.rejects.jsonl
 
     def state_name(self) -> str:
         return state_name(self.name)
@@ -51,6 +53,10 @@ class PartInfo:
 
 def state_name(part: str) -> str:
     return f"{part}.state.json"
+
+
+def rejects_name(part: str) -> str:
+    return f"{part}.rejects.jsonl"
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Manifest:
     timings_s: dict = field(default_factory=dict)
     throughput: dict = field(default_factory=dict)
     rejects: str | None = None
+    server_restarts: int = 0
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:

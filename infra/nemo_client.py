@@ -20,6 +20,7 @@ from infra.errors import (
     ConfigError,
     RequestRejected,
     ServerFailure,
+    ServerHung,
     TransientServerError,
     ValidationRejected,
 )
@@ -41,7 +42,7 @@ def check_fits_context(
     n = count_tokens(prompt)
     if n + sampling.tokens_to_generate > context_length:
         return (
-            f"prompt has {n} tokens (upper bound) + tokens_to_generate {sampling.tokens_to_generate} "
+            f"prompt has {n} tokens + tokens_to_generate {sampling.tokens_to_generate} "
             f"> context length {context_length}"
         )
     return None
@@ -114,8 +115,10 @@ class NemoClient:
         timeout = (self.connect_timeout, read_timeout if read_timeout is not None else self.read_timeout)
         try:
             resp = self.session.put(self.generate_url, json=body, timeout=timeout)
+        except requests.ConnectTimeout as exc:
+            raise TransientServerError(f"Connecting to {self.generate_url} timed out after {timeout[0]:.0f} s.") from exc
         except requests.Timeout as exc:
-            raise TransientServerError(
+            raise ServerHung(
                 f"No reply from {self.generate_url} within {timeout[1]:.0f} s for a batch of {len(prompts)}: "
                 "the server may be hung (a hung NeMo server never answers); release and restart it."
             ) from exc

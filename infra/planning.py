@@ -12,16 +12,17 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from infra.dataset import BadLine, Format, Record, detect_format, iter_input, part_name, shard_count
 from infra.errors import ConfigError, InputError
-from infra.manifest import REJECTS, PartInfo, config_hash, diff_config, state_name
+from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
 from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import OutputStore, check_input, open_input
+from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "run.json"
@@ -42,6 +43,8 @@ class RunConfig:
     prompt_field: str
     id_field: str
     on_bad_input: str
+    overlong_prompts: str = "reject"
+    tokenizer: str | None = None
 
     def fingerprint(self, input_sha256: str, fmt: Format, settings: Settings) -> dict:
         """What changes the content of a part (not where or how fast it is made)."""
@@ -54,6 +57,7 @@ class RunConfig:
             "sampling": self.sampling.model_dump(mode="json"),
             "model": settings.model.name,
             "context_length": settings.model.context_length,
+            "overlong_prompts": self.overlong_prompts,
         }
 
 
@@ -113,11 +117,20 @@ class RecordCheck:
 
     def __init__(self, cfg: RunConfig, settings: Settings):
         self.sampling, self.context = cfg.sampling, settings.model.context_length
+        self.counter = token_counter(cfg.tokenizer)
+        self.truncate = cfg.overlong_prompts == "truncate_left"
         self.seen: set[int] = set()
 
     def __call__(self, rec: Record) -> Record | BadLine:
-        if (reason := check_fits_context(rec.prompt, self.sampling, self.context)) is not None:
-            return BadLine(rec.line, reason, rec.prompt[:200])
+        reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
+        if reason is not None and self.truncate:
+            # Keep the prompt's end, where a completion continues from.
+            kept = self.counter.keep_last(rec.prompt, self.context - self.sampling.tokens_to_generate)
+            if kept.strip():
+                rec = replace(rec, prompt=kept, fields={**rec.fields, "prompt_truncated_left": True})
+                reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
+        if reason is not None:
+            return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
         key = hash(rec.id)  # an int per record, not the id string: memory stays small at 1M records
         if key in self.seen:
             return BadLine(rec.line, f"duplicate id {rec.id!r}", rec.prompt[:200])
@@ -185,8 +198,8 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
         chash = config_hash(config)
         check_run_config(store, config, chash)
         if bad:
-            log.warning("%d unusable input line(s) written to %s", bad, store.uri(REJECTS))
-            store.write_bytes(REJECTS, rejects_path.read_bytes())
+            log.warning("%d unusable input line(s) skipped; they will be listed in rejects.jsonl", bad)
+            store.write_bytes(INPUT_REJECTS, rejects_path.read_bytes())
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,

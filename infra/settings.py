@@ -69,6 +69,7 @@ class ModelSettings(_Section):
     path: str = Field("/models/Nemotron-4-340B-Base", description="gpt_model_file on the cluster: an extracted .nemo directory")
     name: str = "nemotron-4-340b-base"
     context_length: int = Field(4096, ge=16, le=1_048_576)
+    tokenizer: str | None = Field(None, description="a tokenizer.json (or its directory) for exact prompt token counts; else a byte estimate")
 
 
 class ServerSettings(_Section):
@@ -79,6 +80,9 @@ class ServerSettings(_Section):
     ready_timeout_s: float = Field(2700.0, gt=0, le=86_400, description="one deadline for the whole wait (45 min for 340B)")
     ready_poll_s: float = Field(0.5, gt=0, le=60)
     max_in_flight: int = Field(2, ge=1, le=8, description="requests kept in flight: one computing, one queued")
+    max_server_restarts: int = Field(2, ge=0, le=20, description="new servers started after one dies or hangs mid-run")
+    breaker_window: int = Field(500, ge=10, le=1_000_000, description="records the circuit breaker looks back over")
+    breaker_max_share: float = Field(0.10, gt=0, le=1, description="share of failed records in the window that stops the run")
     command: list[str] | None = Field(None, description="replaces megatron_gpt_eval.py in the node launcher")
     eval_script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
 
@@ -88,6 +92,7 @@ class LocalSettings(_Section):
     engine: Literal["transformers", "simulated"] = "transformers"
     host: str = "127.0.0.1"
     ready_timeout_s: float = Field(180.0, gt=0, le=3600)
+    extra_args: list[str] = Field(default_factory=list, description="more serve-local flags, e.g. the simulated engine's cost model or fault switches")
 
 
 class SlurmSettings(_Section):
@@ -161,6 +166,15 @@ class Settings(BaseSettings):
                 f"Unknown profile {name!r}. Valid profiles: {', '.join(sorted(profiles))}. "
                 f"Add one with {ENV_PREFIX}EXTRA_PROFILES."
             ) from None
+
+    def tokenizer_path(self, profile: Profile) -> str | None:
+        """The tokenizer to count prompt tokens with: the configured one, or the local model's."""
+        if self.model.tokenizer:
+            return self.model.tokenizer
+        if profile.backend == "local" and self.local.engine == "transformers":
+            candidate = Path(self.local.model_dir).expanduser() / "tokenizer.json"
+            return str(candidate) if candidate.is_file() else None
+        return None
 
     def work_path(self, *parts: str) -> Path:
         return Path(self.work_dir).expanduser().joinpath(*parts)

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from infra.backends import Backend, wait_until_ready
 from infra.dataset import Shard
 from infra.errors import StorageError, TransientServerError
-from infra.generation import ShardJob, ShardResult, run_shard
+from infra.generation import Breaker, ShardJob, ShardResult, run_shard
 from infra.nemo_client import NemoClient
 from infra.planning import Plan, RunConfig, make_plan
 from infra.settings import Settings
@@ -39,14 +39,15 @@ def allocate(backend: Backend) -> list[str]:
 
 
 @task(name="wait-until-ready", cache_policy=NO_CACHE)
-def wait_ready(backend: Backend, settings: Settings) -> NemoClient:
-    return wait_until_ready(backend, settings)
+def wait_ready(backend: Backend, settings: Settings, tokenizer: str | None = None) -> NemoClient:
+    return wait_until_ready(backend, settings, tokenizer=tokenizer)
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_transient, task_run_name="generate-shard-{shard.index}")
-def generate_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend) -> ShardResult:
-    return run_shard(client, shard, job, store, dead_reason=backend.dead_reason)
+def generate_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
+                   breaker: Breaker) -> ShardResult:
+    return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker)
 
 
 @task(name="release", cache_policy=NO_CACHE)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fixtures_slurm", "tests.fixtures_s3"]
 
 # Tests never read the developer's .env or NSDG_ settings by accident.
-for _name in [n for n in os.environ if n.startswith("NSDG_") and n != "NSDG_LOCAL__MODEL_DIR"]:
+for _name in [n for n in os.environ if n.startswith("NSDG_") and n not in ("NSDG_LOCAL__MODEL_DIR", "NSDG_UPDATE_GOLDEN")]:
     del os.environ[_name]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from infra.errors import BadRequest, ServerFailure, TransientServerError, ValidationRejected
+from infra.errors import BadRequest, ServerFailure, ServerHung, TransientServerError, ValidationRejected
 from infra.nemo_client import NemoClient
 from infra.sampling import SamplingParams
 from tests.localserver import running_server
@@ -46,9 +46,9 @@ def test_400_above_128_is_bad_request(tmp_path):
             client._parse(resp, 129)
 
 
-def test_hung_server_is_a_transient_timeout(tmp_path):
+def test_hung_server_is_lost_not_retried(tmp_path):
     with running_server(tmp_path, *SIM, "--fault-hang-after", "0") as (url, _):
-        with pytest.raises(TransientServerError, match="hung"):
+        with pytest.raises(ServerHung, match="hung"):
             NemoClient(url, read_timeout=1.0).generate(["hi"], GREEDY)
 
 

@@ -19,8 +19,10 @@ def write_prompts(path, n):
     return path
 
 
-def server_children():
-    return [p for p in psutil.process_iter(["cmdline"]) if "serve-local" in " ".join(p.info["cmdline"] or [])]
+def server_children(workdir):
+    """serve-local processes of this test (their port file lives under its workdir)."""
+    cmdlines = (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    return [c for c in cmdlines if "serve-local" in c and str(workdir) in c]
 
 
 def test_flow_end_to_end_with_tiny_model(prefect_harness, workdir, tiny_model_dir, monkeypatch):
@@ -46,7 +48,7 @@ def test_flow_end_to_end_with_tiny_model(prefect_harness, workdir, tiny_model_di
         assert rec["completion"] and rec["generation"]["prompt_match"] == "exact"
     assert manifest["records_in"] == manifest["records_written"] == 11
     assert manifest["config_hash"] and manifest["model"] and manifest["profile"] == "local"
-    assert not server_children()  # released: no server process left
+    assert not server_children(workdir)  # released: no server process left
 
 
 def test_rerun_is_free_and_bad_sampling_fails_before_allocation(prefect_harness, workdir, monkeypatch):

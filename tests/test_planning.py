@@ -44,7 +44,7 @@ def test_skip_writes_rejects(workdir):
     store = LocalOutputStore(workdir / "o")
     plan = make_plan(cfg(src, on_bad_input="skip"), Settings(), store)
     assert (plan.records_in, plan.rejected) == (2, 2)
-    rejects = [json.loads(line) for line in (workdir / "o" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (workdir / "o" / "input-rejects.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejects] == [2, 4] and "duplicate id" in rejects[1]["reason"]
 
 

@@ -81,21 +81,26 @@ def test_job_that_never_starts_times_out_with_reason(slurm_env, workdir, monkeyp
     assert not our_jobs()
 
 
-def test_scancel_from_outside_mid_generation(slurm_env, workdir):
-    slurm_env("--extra-latency", "0.3")
-    run_dir = workdir / "out" / "slurm-cut"
-    src = prompts(workdir / "in.jsonl", 200)
-
-    def cancel_after_first_part():
+def cancel_after_first_part(run_dir) -> threading.Thread:
+    def cancel():
         poll_until(lambda: True if list(run_dir.glob("part-*.state.json")) else None,
                    deadline=Deadline(120), interval=0.2, what="the first published part")
         for job in our_jobs():
             SlurmClient().cancel(job.job_id)
 
-    killer = threading.Thread(target=cancel_after_first_part, daemon=True)
+    killer = threading.Thread(target=cancel, daemon=True)
     killer.start()
+    return killer
+
+
+def test_scancel_from_outside_mid_generation(slurm_env, workdir):
+    slurm_env("--extra-latency", "0.3")
+    run_dir = workdir / "out" / "slurm-cut"
+    src = prompts(workdir / "in.jsonl", 200)
+    killer = cancel_after_first_part(run_dir)
     with pytest.raises(ServerLost) as exc:
-        generate(input_uri=src, output_uri="out", run_id="slurm-cut", profile="test2x8", shard_size=10, batch_size=5)
+        generate(input_uri=src, output_uri="out", run_id="slurm-cut", profile="test2x8", shard_size=10, batch_size=5,
+                 max_server_restarts=0)
     killer.join(timeout=5)
     assert "CANCELLED" in str(exc.value)
     import hashlib
@@ -105,4 +110,19 @@ def test_scancel_from_outside_mid_generation(slurm_env, workdir):
         info = json.loads(state.read_text())
         assert hashlib.sha256((run_dir / info["name"]).read_bytes()).hexdigest() == info["sha256"]
     assert not (run_dir / "manifest.json").exists()
+    assert not our_jobs()
+
+
+@pytest.mark.faults
+def test_scancel_from_outside_is_recovered_with_a_new_job(slurm_env, workdir):
+    slurm_env("--extra-latency", "0.2")
+    run_dir = workdir / "out" / "slurm-heal"
+    killer = cancel_after_first_part(run_dir)
+    generate(input_uri=prompts(workdir / "in.jsonl", 120), output_uri="out", run_id="slurm-heal", profile="test2x8",
+             shard_size=10, batch_size=5)
+    killer.join(timeout=5)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest["slurm_job_ids"]) == 2  # the cancelled job and its replacement
+    ids = [json.loads(l)["id"] for p in manifest["parts"] for l in (run_dir / p["name"]).read_text().splitlines()]
+    assert ids == [f"s{i}" for i in range(120)]  # every record exactly once, in order
     assert not our_jobs()

@@ -2,7 +2,9 @@
 the rendered scripts run for real with bash (Slurm's commands replaced by small stubs that
 record their argv; the run on the real local cluster is the `slurm` test at the end).
 
-Regenerate the golden files with `NSDG_UPDATE_GOLDEN=1 pytest tests/test_slurm_render.py`.
+Regenerate the golden files with `NSDG_UPDATE_GOLDEN=1 pytest tests/test_slurm_render.py`, then
+review the diff. (tests/conftest.py drops NSDG_* variables at import; while it does not spare
+this one, add `--noconftest -m "not slurm"`.)
 """
 
 from __future__ import annotations

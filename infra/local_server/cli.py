@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request with a prompt containing SUBSTRING fails with 500")
     faults.add_argument("--fault-reject-on", metavar="SUBSTRING",
                         help="a request with a prompt containing SUBSTRING gets 200 + a JSON error string")
+    net.add_argument("--exit-with-parent", action="store_true",
+                     help="stop (as on SIGTERM) when the process that started this one dies: a killed "
+                          "orchestrator cannot leave the server running (the local dead-man switch)")
+    faults.add_argument("--fault-once-marker", type=Path, metavar="PATH",
+                        help="crash/hang faults fire once: the first creates PATH; a server started while PATH exists injects neither")
 
 
 def run_serve_local(args: argparse.Namespace) -> int:
@@ -124,11 +130,30 @@ def run_serve_local(args: argparse.Namespace) -> int:
             hang_after=args.fault_hang_after,
             fail_on=args.fault_500_on,
             reject_on=args.fault_reject_on,
-        ),
+            once_marker=args.fault_once_marker,
+        ).armed(),
     )
+    if args.exit_with_parent:
+        _exit_with_parent()
     # The server process plays a NeMo rank, and NeMo keys its rank on SLURM_PROCID.
     rank = os.environ.get("SLURM_PROCID")
     return serve(config, lambda: _load_engine(args), rank=rank)
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """Send ourselves SIGTERM once our parent is gone (we are then reparented)."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.error("parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _load_engine(args: argparse.Namespace):

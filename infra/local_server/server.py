@@ -194,6 +194,18 @@ class FaultPlan:
     hang_after: int | None = None  # request hang_after+1 takes the lock and never answers
     fail_on: str | None = None  # a prompt containing this -> 500, as an exception in generation
     reject_on: str | None = None  # a prompt containing this -> 200 + JSON string
+    # With a marker, the crash and hang faults fire once across restarts: the first to fire
+    # creates the file, and a server started while it exists injects neither.
+    once_marker: Path | None = None
+
+    def armed(self) -> "FaultPlan":
+        if self.once_marker is not None and self.once_marker.exists():
+            return FaultPlan(fail_on=self.fail_on, reject_on=self.reject_on)
+        return self
+
+    def fired(self, what: str) -> None:
+        if self.once_marker is not None:
+            self.once_marker.write_text(f"{what} at {time.time()}\n")
 
 
 class InjectedFailure(RuntimeError):
@@ -246,6 +258,7 @@ class GenerateService:
         crash_after = self.faults.crash_after
         if crash_after is not None and number > crash_after:
             log.error("fault injection: crashing on request %d (--fault-crash-after %d)", number, crash_after)
+            self.faults.fired("crash")
             os._exit(1)  # no cleanup, no reply: as abrupt as a killed rank
         return number
 
@@ -265,6 +278,7 @@ class GenerateService:
         hang_after = self.faults.hang_after
         if hang_after is not None and number > hang_after:
             log.error("fault injection: request %d holds the lock forever (--fault-hang-after %d)", number, hang_after)
+            self.faults.fired("hang")
             self._never.wait()
         started = time.time()
         if self.extra_latency_s:

@@ -51,8 +51,8 @@ STDERR_PATTERN = "%x-%j.err"
 ContainerRuntime = Literal["pyxis", "apptainer", "none"]
 CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
 
-# Lightning's SLURMEnvironment switches itself off for these job names, and NeMo then starts
-# one process per GPU on every rank.
+# Lightning's SLURMEnvironment switches itself off for these job names: the srun tasks would
+# then not learn their ranks from Slurm and never form one 16-rank world.
 FORBIDDEN_JOB_NAMES = frozenset({"bash", "interactive"})
 
 # Options a user may add to the #SBATCH header. Everything the spec sets itself (nodes, tasks,

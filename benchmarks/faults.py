@@ -1,0 +1,392 @@
+"""The fault suite: every fault we can name, injected into a real run against the real local
+stand-ins (the NeMo-compatible server with its fault switches, the local Slurm cluster, moto's S3
+server behind a fault proxy), then the output checked record by record.
+
+`make faults` prints the table; tests/test_faults.py (marker `faults`) runs the same cases and
+asserts 0 lost, 0 duplicated, 0 leaked for every row.
+
+    python -m benchmarks.faults [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_PROFILES = {"fault2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2}}
+
+
+@dataclass
+class Row:
+    fault: str
+    injected: int = 0
+    detected: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    leaked: int = 0
+    recovery_s: float | None = None
+    note: str = ""
+
+    def cells(self) -> list[str]:
+        rec = "-" if self.recovery_s is None else f"{self.recovery_s:.1f}"
+        return [self.fault, str(self.injected), str(self.detected), str(self.lost), str(self.duplicated),
+                str(self.leaked), rec, self.note]
+
+
+HEADER = ["fault", "times injected", "detected", "records lost", "records duplicated", "jobs leaked", "recovery s", "note"]
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- running a flow under a set of settings -----------------------------------------------------
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """The settings are read from the environment at flow start: set them for one run."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def write_prompts(path: Path, n: int, poison: set[int] = frozenset(), word: str = "POISON") -> list[str]:
+    ids = []
+    with open(path, "w") as f:
+        for i in range(n):
+            text = f"Prompt {i}: {'a ' + word + ' pill' if i in poison else 'write one line about the sea'}."
+            f.write(json.dumps({"id": f"f{i:04d}", "prompt": text}) + "\n")
+            ids.append(f"f{i:04d}")
+    return ids
+
+
+def local_env(tmp: Path, *server_args: str, **settings: str) -> dict[str, str]:
+    return {"NSDG_LOCAL__ENGINE": "simulated", "NSDG_WORK_DIR": str(tmp / "work"),
+            "NSDG_LOCAL__EXTRA_ARGS": json.dumps(list(server_args)), **settings}
+
+
+def count_outcomes(expected: list[str], written: list[str], rejected: list[str]) -> tuple[int, int]:
+    """(lost, duplicated): every valid input must be written or rejected exactly once."""
+    seen = Counter(written) + Counter(rejected)
+    lost = sum(1 for i in expected if seen[i] == 0)
+    duplicated = sum(n - 1 for n in seen.values() if n > 1) + sum(n for i, n in seen.items() if i not in set(expected))
+    return lost, duplicated
+
+
+def read_local_run(run_dir: Path) -> tuple[list[str], list[str], dict]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    written = [json.loads(line)["id"] for p in manifest["parts"] for line in (run_dir / p["name"]).read_text().splitlines()]
+    rejects = run_dir / "rejects.jsonl"
+    rejected = [json.loads(line)["id"] for line in rejects.read_text().splitlines()] if rejects.exists() else []
+    return written, rejected, manifest
+
+
+def local_servers(tmp: Path) -> int:
+    """serve-local processes still alive that belong to this case (their work dir is under tmp)."""
+    import psutil
+
+    alive = 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "serve-local" in cmd and str(tmp) in cmd:
+            alive += 1
+    return alive
+
+
+def recovery_after(marker: Path, run_dir: Path) -> float | None:
+    """Seconds from the fault (its marker's mtime) to the first part published after it."""
+    if not marker.exists():
+        return None
+    t = marker.stat().st_mtime
+    after = [p.stat().st_mtime for p in run_dir.glob("part-*.state.json") if p.stat().st_mtime >= t]
+    return round(min(after) - t, 2) if after else None
+
+
+# --- the cases ---------------------------------------------------------------------------------
+
+
+def _server_dies(tmp: Path, name: str, switch: list[str], **settings: str) -> Row:
+    from flows.generate import generate
+
+    marker = tmp / "fault-fired"
+    expected = write_prompts(tmp / "in.jsonl", 80)
+    env = local_env(tmp, *switch, "--fault-once-marker", str(marker), "--extra-latency", "0.05", **settings)
+    with environment(env):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=10, batch_size=5)
+    written, rejected, manifest = read_local_run(tmp / "out" / "r")
+    lost, dup = count_outcomes(expected, written, rejected)
+    return Row(name, injected=int(marker.exists()), detected=manifest["server_restarts"], lost=lost, duplicated=dup,
+               leaked=local_servers(tmp), recovery_s=recovery_after(marker, tmp / "out" / "r"))
+
+
+def case_server_crash(tmp: Path) -> Row:
+    return _server_dies(tmp, "server crashes mid-run (rank 0 killed)", ["--fault-crash-after", "4"])
+
+
+def case_server_hang(tmp: Path) -> Row:
+    return _server_dies(tmp, "server hangs (no reply within read timeout)", ["--fault-hang-after", "4"],
+                        NSDG_SERVER__READ_TIMEOUT_S="2")
+
+
+def _poison(tmp: Path, name: str, switch: str, status: int) -> Row:
+    from flows.generate import generate
+
+    poison = {7, 33}
+    expected = write_prompts(tmp / "in.jsonl", 60, poison)
+    with environment(local_env(tmp, switch, "POISON")):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=20, batch_size=8)
+    written, rejected, _ = read_local_run(tmp / "out" / "r")
+    lost, dup = count_outcomes(expected, written, rejected)
+    statuses = [json.loads(l)["status"] for l in (tmp / "out" / "r" / "rejects.jsonl").read_text().splitlines()]
+    right = sorted(rejected) == sorted(f"f{i:04d}" for i in poison) and statuses == [status] * len(poison)
+    return Row(name, injected=len(poison), detected=len(rejected) if right else 0, lost=lost, duplicated=dup,
+               leaked=local_servers(tmp), note="bisected; the rest generated")
+
+
+def case_poison_500(tmp: Path) -> Row:
+    return _poison(tmp, "poison prompt: HTTP 500", "--fault-500-on", 500)
+
+
+def case_poison_rejected(tmp: Path) -> Row:
+    return _poison(tmp, "poison prompt: 200 + validation string", "--fault-reject-on", 200)
+
+
+def case_slow_replies(tmp: Path) -> Row:
+    from flows.generate import generate
+
+    expected = write_prompts(tmp / "in.jsonl", 30)
+    with environment(local_env(tmp, "--extra-latency", "0.4")):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=10, batch_size=5)
+    written, rejected, manifest = read_local_run(tmp / "out" / "r")
+    lost, dup = count_outcomes(expected, written, rejected)
+    return Row("slow replies (0.4 s extra per request)", injected=6, detected=6 if manifest["server_restarts"] == 0 else 0,
+               lost=lost, duplicated=dup, leaked=local_servers(tmp), note="no restart, nothing retried")
+
+
+def case_flow_killed(tmp: Path) -> Row:
+    """SIGKILL the flow process mid-run (no finally, no hooks), then rerun with the same run_id."""
+    from flows.generate import generate
+
+    expected = write_prompts(tmp / "in.jsonl", 80)
+    env = {**os.environ, **local_env(tmp, "--extra-latency", "0.1"), "PREFECT_HOME": str(tmp / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    run_dir = tmp / "out" / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--input-uri", str(tmp / "in.jsonl"),
+                             "--output-uri", str(tmp / "out"), "--run-id", "r", "--shard-size", "10", "--batch-size", "5"],
+                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "killed-run.log", "wb"))
+    try:
+        _wait(lambda: any(run_dir.glob("part-*.state.json")), 180, "the first part of the run to be killed")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    killed_at = time.time()
+    published_before = len(list(run_dir.glob("part-*.state.json")))
+    # The orphaned server notices its parent is gone (the local dead-man switch).
+    _wait(lambda: local_servers(tmp) == 0, 15, "the orphaned local server to stop")
+    with environment(local_env(tmp)):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=10, batch_size=5)
+    written, rejected, _ = read_local_run(run_dir)
+    lost, dup = count_outcomes(expected, written, rejected)
+    return Row("flow process SIGKILLed mid-shard, rerun", injected=1, detected=int(published_before > 0), lost=lost,
+               duplicated=dup, leaked=local_servers(tmp), recovery_s=round(time.time() - killed_at, 1),
+               note=f"{published_before} parts kept, the rest generated on rerun")
+
+
+def case_slurm_job_cancelled(tmp: Path) -> Row:
+    """scancel the server's Slurm job from outside mid-run: a new job takes over."""
+    from flows.generate import generate
+    from infra.slurm.client import SlurmClient
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated", "--host", "0.0.0.0",
+           "--port", str(port), "--extra-latency", "0.2"]
+    env = {"NSDG_EXTRA_PROFILES": json.dumps(TEST_PROFILES), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
+           "NSDG_SLURM__JOB_ROOT": str(tmp / "jobs"), "NSDG_SLURM__TIME_LIMIT": "00:10:00",
+           "NSDG_SERVER__PORT": str(port), "NSDG_SERVER__COMMAND": json.dumps(cmd), "NSDG_WORK_DIR": str(tmp / "work")}
+    expected = write_prompts(tmp / "in.jsonl", 100)
+    run_dir = tmp / "out" / "r"
+    client = SlurmClient()
+    cancelled: list[float] = []
+
+    def cancel_first_job() -> None:
+        _wait(lambda: any(run_dir.glob("part-*.state.json")), 120, "the first part on Slurm")
+        for job in client.active_jobs():
+            if job.name.startswith("nsdg-") and "run=r " in (job.comment or "") + " ":
+                client.cancel(job.job_id)
+                cancelled.append(time.time())
+
+    killer = threading.Thread(target=cancel_first_job, daemon=True)
+    killer.start()
+    with environment(env):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", profile="fault2x8",
+                 shard_size=10, batch_size=5)
+    killer.join(timeout=10)
+    written, rejected, manifest = read_local_run(run_dir)
+    lost, dup = count_outcomes(expected, written, rejected)
+    leaked = [j for j in client.active_jobs() if j.name.startswith("nsdg-") and "run=r " in (j.comment or "") + " "]
+    marker = tmp / "cancelled-at"
+    if cancelled:
+        marker.write_text("")
+        os.utime(marker, (cancelled[0], cancelled[0]))
+    return Row("Slurm job cancelled from outside", injected=len(cancelled), detected=manifest["server_restarts"],
+               lost=lost, duplicated=dup, leaked=len(leaked), recovery_s=recovery_after(marker, run_dir),
+               note=f"jobs {', '.join(manifest['slurm_job_ids'])}")
+
+
+def case_s3_outage(tmp: Path) -> Row:
+    """S3 answers 500/503/SlowDown or drops the connection for 30% of requests."""
+    import boto3
+
+    from flows.generate import generate
+    from tests.fixtures_s3 import FaultProxy
+
+    expected = write_prompts(tmp / "in.jsonl", 60)
+    with moto_server() as endpoint, FaultProxy(endpoint, fault_rate=0.3, seed=7) as proxy:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="faults")
+        env = {**local_env(tmp), "NSDG_S3__ENDPOINT_URL": proxy.url, "NSDG_S3__ADDRESSING_STYLE": "path"}
+        with environment(env):
+            generate(input_uri=str(tmp / "in.jsonl"), output_uri="s3://faults/runs", run_id="r", shard_size=10, batch_size=5)
+        manifest = json.loads(s3.get_object(Bucket="faults", Key="runs/r/manifest.json")["Body"].read())
+        written = [json.loads(line)["id"] for p in manifest["parts"]
+                   for line in s3.get_object(Bucket="faults", Key=f"runs/r/{p['name']}")["Body"].read().decode().splitlines()]
+        injected = proxy.injected
+    lost, dup = count_outcomes(expected, written, [])
+    return Row("S3 outage (30% of requests fail)", injected=injected, detected=injected, lost=lost, duplicated=dup,
+               leaked=local_servers(tmp), note="botocore retries + upload re-tries")
+
+
+BAD_INPUTS: dict[str, tuple[bytes | None, dict]] = {
+    "invalid JSON": (b'{"prompt": "ok"}\n{"prompt": \n', {}),
+    "missing prompt": (b'{"text": "x"}\n', {}),
+    "empty prompt": (b'{"prompt": ""}\n', {}),
+    "non-string prompt": (b'{"prompt": 42}\n', {}),
+    "undecodable bytes": (b'{"prompt": "\xff\xfe"}\n', {}),
+    "10 MB line": (b'{"prompt": "' + b"x" * (10 << 20) + b'"}\n', {}),
+    "duplicate ids": (b'{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', {}),
+    "empty file": (b"", {}),
+    "missing file": (None, {}),
+    "temperature=0 without greedy": (b'{"prompt": "a"}\n', {"sampling": {"temperature": 0}}),
+    "top_p outside [0, 1]": (b'{"prompt": "a"}\n', {"sampling": {"top_p": 1.5}}),
+    "tokens_to_generate <= 0": (b'{"prompt": "a"}\n', {"sampling": {"tokens_to_generate": 0}}),
+    "tokens_to_generate >= context": (b'{"prompt": "a"}\n', {"sampling": {"tokens_to_generate": 4096}}),
+    "batch_size > 128": (b'{"prompt": "a"}\n', {"batch_size": 129}),
+    "random_seed >= 2^24": (b'{"prompt": "a"}\n', {"sampling": {"random_seed": 1 << 24}}),
+    "hostile run_id": (b'{"prompt": "a"}\n', {"run_id": "../../etc"}),
+    "unknown profile": (b'{"prompt": "a"}\n', {"profile": "h100x99"}),
+    "missing bucket": (b'{"prompt": "a"}\n', {"output_uri": "s3://no-such-bucket-nsdg/x"}),
+}
+
+
+def case_bad_input(tmp: Path) -> Row:
+    """Each kind of bad input fails before any server starts, and nothing is written."""
+    from flows.generate import generate
+
+    detected, started = 0, 0
+    with moto_server() as endpoint, environment({**local_env(tmp), "NSDG_S3__ENDPOINT_URL": endpoint}):
+        for i, (kind, (data, params)) in enumerate(BAD_INPUTS.items()):
+            src = tmp / f"bad-{i}.jsonl"
+            if data is not None:
+                src.write_bytes(data)
+            try:
+                generate(**{"input_uri": str(src), "output_uri": str(tmp / "out"), "run_id": f"bad-{i}", **params})
+            except Exception:
+                detected += 1
+            started += local_servers(tmp) + int((tmp / "work" / "servers").exists())
+    return Row(f"bad input ({len(BAD_INPUTS)} kinds)", injected=len(BAD_INPUTS), detected=detected, leaked=started,
+               note="each fails in the plan: no server started")
+
+
+CASES: dict[str, Callable[[Path], Row]] = {
+    "server_crash": case_server_crash,
+    "server_hang": case_server_hang,
+    "poison_500": case_poison_500,
+    "poison_rejected": case_poison_rejected,
+    "slow_replies": case_slow_replies,
+    "flow_killed": case_flow_killed,
+    "slurm_job_cancelled": case_slurm_job_cancelled,
+    "s3_outage": case_s3_outage,
+    "bad_input": case_bad_input,
+}
+SLURM_CASES = {"slurm_job_cancelled"}
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _wait(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    from infra.deadline import Deadline, poll_until
+
+    poll_until(lambda: True if predicate() else None, deadline=Deadline(seconds), interval=0.2, what=what)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    with environment({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}):
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="run only these cases")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    rows = []
+    with prefect_test_harness(server_startup_timeout=90), tempfile.TemporaryDirectory(prefix="nsdg-faults-") as tmp:
+        for name in args.only or list(CASES):
+            case_dir = Path(tmp) / name
+            case_dir.mkdir()
+            print(f"running {name} …", file=sys.stderr, flush=True)
+            try:
+                rows.append(CASES[name](case_dir))
+            except Exception as exc:  # a case that cannot finish is a failed row, not a crash of the suite
+                rows.append(Row(name, lost=-1, note=f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"))
+    print(table(rows))
+    bad = [r for r in rows if (r.lost, r.duplicated, r.leaked) != (0, 0, 0)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Run the `generate` flow once in this process and write what happened as JSON.
+
+    python -m benchmarks.flow_child --params '{"input_uri": ...}' --out result.json
+
+The process is started fresh by benchmarks.common.run_flow, so `maxrss_mb` (getrusage
+RUSAGE_SELF at the end) is the peak resident set of the process that ran the flow: Python,
+Prefect's client and task runner, our code and the records it held. It excludes the NeMo server
+and the Prefect API server, which are other processes. Nothing is subtracted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import threading
+import time
+import traceback
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rss-sample-s", type=float, default=0.0, help="also sample RSS with psutil every N s")
+    args = ap.parse_args()
+    params = json.loads(args.params)
+
+    from flows.generate import generate  # imported before the clock starts
+
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+    if args.rss_sample_s:
+        import psutil
+
+        me = psutil.Process()
+
+        def sample() -> None:
+            while not done.wait(args.rss_sample_s):
+                samples.append((time.time(), me.memory_info().rss / 2**20))
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    started = time.monotonic()
+    ok, result, error = True, None, None
+    try:
+        result = generate(**params)
+    except BaseException as exc:  # reported, not raised: the parent decides what it means
+        ok, error = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+    t_return = time.time()
+    seconds = time.monotonic() - started
+    done.set()
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    out = {"ok": ok, "seconds": seconds, "result": result, "error": error, "maxrss_mb": maxrss_mb,
+           "t_return": t_return, "extra": {"rss_samples": samples[-400:]}}
+    with open(args.out, "w") as f:
+        json.dump(out, f, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

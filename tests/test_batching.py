@@ -1,0 +1,115 @@
+"""infra.batching: length-aware batch plans and putting results back in input order."""
+
+import random
+
+import pytest
+
+from infra.batching import in_input_order, padded_cost, plan_batches
+
+
+def mixed_lengths(n: int, seed: int = 7) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.choice((rng.randint(5, 40), rng.randint(300, 2000))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 255, 256, 257, 1000])
+@pytest.mark.parametrize("batch_size,window_batches", [(1, 1), (4, 1), (32, 8), (7, 3), (128, 2)])
+def test_every_index_exactly_once_and_batches_bounded(n, batch_size, window_batches):
+    lengths = mixed_lengths(n)
+    plan = plan_batches(lengths, batch_size, window_batches, length=lambda x: x)
+    flat = [i for batch in plan for i in batch]
+    assert sorted(flat) == list(range(n))
+    assert all(1 <= len(batch) <= batch_size for batch in plan)
+
+
+@pytest.mark.parametrize("batch_size,window_batches", [(4, 1), (32, 8), (7, 3)])
+def test_no_index_leaves_its_window_and_only_a_windows_last_batch_is_short(batch_size, window_batches):
+    n, window = 1000, batch_size * window_batches
+    plan = plan_batches(mixed_lengths(n), batch_size, window_batches, length=lambda x: x)
+    windows_seen = []
+    for batch in plan:
+        windows = {i // window for i in batch}
+        assert len(windows) == 1, "a batch mixes two windows"
+        windows_seen.append(windows.pop())
+    assert windows_seen == sorted(windows_seen), "windows must follow each other in input order"
+    for w in set(windows_seen):
+        sizes = [len(b) for b, ww in zip(plan, windows_seen) if ww == w]
+        assert all(s == batch_size for s in sizes[:-1])
+
+
+def test_window_of_one_batch_is_arrival_order():
+    plan = plan_batches(mixed_lengths(100), 8, 1, length=lambda x: x)
+    assert [i for batch in plan for i in batch] == list(range(100))
+    assert all(batch == list(range(batch[0], batch[0] + len(batch))) for batch in plan)
+
+
+def test_similar_lengths_are_grouped():
+    # Alternating short and long prompts: arrival order puts a long one in every batch.
+    lengths = [10 if i % 2 == 0 else 1000 for i in range(256)]
+    plan = plan_batches(lengths, 32, 8, length=lambda x: x)
+    for batch in plan:
+        assert len({lengths[i] for i in batch}) == 1
+    arrival = plan_batches(lengths, 32, 1, length=lambda x: x)
+    assert padded_cost(lengths, plan) < 0.6 * padded_cost(lengths, arrival)
+
+
+def test_inside_a_window_batches_are_sorted_by_length_and_ties_keep_input_order():
+    lengths = [5, 1, 5, 3, 1, 3, 5, 1]
+    plan = plan_batches(lengths, 3, 4, length=lambda x: x)
+    assert plan == [[1, 4, 7], [3, 5, 0], [2, 6]]
+
+
+def test_length_function_is_applied_to_items():
+    prompts = ["a" * 50, "b", "c" * 49, "d" * 2]
+    assert plan_batches(prompts, 2, 2) == [[1, 3], [2, 0]]  # default length=len
+
+
+@pytest.mark.parametrize("batch_size,window_batches", [(0, 1), (1, 0), (-3, 2)])
+def test_bad_sizes_are_refused(batch_size, window_batches):
+    with pytest.raises(ValueError):
+        plan_batches([1, 2, 3], batch_size, window_batches, length=lambda x: x)
+
+
+def test_results_come_back_in_input_order():
+    prompts = [f"p{i}" + "x" * (i * 37 % 11) for i in range(100)]
+    plan = plan_batches(prompts, 8, 4)
+    sent = []
+
+    def run(batch):
+        sent.append(list(batch))
+        return [prompts[i].upper() for i in batch]
+
+    out = list(in_input_order(plan, run))
+    assert [i for i, _ in out] == list(range(100))
+    assert [r for _, r in out] == [p.upper() for p in prompts]
+    assert sent == plan  # batches run in plan order, one after another
+
+
+def test_results_are_released_window_by_window():
+    # With windows of 2 batches of 4, indices 0..7 must be out before batch 3 runs.
+    plan = plan_batches(list(range(16, 0, -1)), 4, 2, length=lambda x: x)
+    yielded, ran = [], []
+
+    def run(batch):
+        ran.append(len(yielded))
+        return list(batch)
+
+    for i, _ in in_input_order(plan, run):
+        yielded.append(i)
+    assert ran == [0, 0, 8, 8]
+
+
+def test_plan_that_misses_or_repeats_an_index_is_refused():
+    with pytest.raises(ValueError):
+        list(in_input_order([[0, 1], [1, 2]], lambda b: list(b)))
+    with pytest.raises(ValueError):
+        list(in_input_order([[0, 2]], lambda b: list(b)))
+
+
+def test_batch_returning_wrong_count_is_refused():
+    with pytest.raises(ValueError):
+        list(in_input_order([[0, 1]], lambda b: [1]))
+
+
+def test_padded_cost():
+    assert padded_cost([1, 10, 2, 3], [[0, 1], [2, 3]]) == 2 * 10 + 2 * 3

@@ -1,0 +1,335 @@
+"""The repo's prefect.yaml against a real Prefect server and `process` worker
+(tests/fixtures_prefect.py), and teardown on every exit path of a worker-run deployment on
+the local Slurm cluster: `prefect flow-run cancel`, SIGKILL of the flow process (on_crashed),
+the worker and the flow both killed (the job's dead-man switch), and the reaper.
+
+Timings are measured and printed (run with -s to see them); the asserts are generous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import psutil
+import pytest
+
+from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of_flow_runs, judge, parse_work_dirs
+from infra.commands import run_command
+from infra.deadline import Deadline, poll_until
+from infra.slurm.client import JobSummary, SlurmClient
+from prefect.client.schemas.objects import StateType
+from tests.fixtures_prefect import (
+    HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, POOL, REPO, flow_run_processes, run_deployment, run_dir_of,
+    start_deployment,
+)
+
+MID_RUN_S = 180.0  # queue + readiness + the first published shard, on a 2-core machine
+
+
+# --- the reaper's rules (pure) ---------------------------------------------------------------
+
+
+def _job(name: str, job_id: str = "7") -> JobSummary:
+    return JobSummary(job_id=job_id, name=name, state="RUNNING", comment=None)
+
+
+def test_reaper_reads_flow_run_ids_only_from_nsdg_uuid_names():
+    run = uuid.uuid4()
+    assert flow_run_id_of(f"nsdg-{run}") == run
+    for name in ("nsdg-20260101-000000-abcd1234", "nsdg-", f"other-{run}", f"xnsdg-{run}", str(run)):
+        assert flow_run_id_of(name) is None
+
+
+def test_reaper_cancels_only_over_or_unknown_runs():
+    job = _job(f"nsdg-{uuid.uuid4()}")
+    for state in (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED, UNKNOWN_RUN):
+        assert judge(job, state).cancel, state
+    for state in (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.CANCELLING,
+                  StateType.PAUSED, NO_ANSWER):
+        assert not judge(job, state).cancel, state
+
+
+def test_reaper_scope_is_nsdg_jobs_under_the_job_root(tmp_path):
+    root = (tmp_path / "jobs").resolve()
+    a, b, c, d = (str(uuid.uuid4()) for _ in range(4))
+    jobs = [_job(f"nsdg-{a}", "1"), _job(f"nsdg-{b}", "2"), _job("nsdg-run-7", "3"), _job(f"slurm-{c}", "4"),
+            _job(f"nsdg-{d}", "5")]
+    dirs = parse_work_dirs(f"1|{root}/r/1\n2|{tmp_path}/elsewhere\n3|{root}/r/3\n4|{root}/r/4\n5|{root}/../jobs/r/5\n")
+    assert [j.job_id for j in jobs_of_flow_runs(jobs, dirs, root)] == ["1", "5"]
+    assert not is_under(f"{root}-other/x", root)
+
+
+# --- deploy ------------------------------------------------------------------------------------
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_deploy_all_from_the_repo(deployed):
+    for name, dep in deployed.items():
+        assert dep["work_pool_name"] == POOL, name
+        assert dep["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO.resolve())}}], name
+    nightly = deployed["nightly"]
+    assert nightly["entrypoint"] == "flows/generate.py:generate"
+    [schedule] = nightly["schedules"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]
+    ZoneInfo(schedule["schedule"]["timezone"])  # set, and a real IANA name
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert nightly["parameters"]["profile"] == "h100x16"
+    assert nightly["parameters"]["input_uri"].startswith("s3://") and nightly["parameters"]["output_uri"].startswith("s3://")
+    assert deployed["on-demand"]["schedules"] == [] and deployed["on-demand"]["parameters"]["profile"] == "h100x16"
+    smoke = deployed["local-smoke"]
+    assert smoke["schedules"] == []
+    assert smoke["parameters"]["profile"] == "local" and smoke["parameters"]["input_uri"] == "examples/prompts.jsonl"
+    reap = deployed["reap"]
+    assert reap["entrypoint"] == "flows/reap.py:reap"
+    [schedule] = reap["schedules"]
+    assert schedule["schedule"]["cron"] == "*/10 * * * *" and schedule["schedule"]["timezone"]
+    assert reap["global_concurrency_limit"]["limit"] == 1
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_parameter_form_shows_every_description(deployed):
+    """The UI's run form is built from parameter_openapi_schema: every field needs its text."""
+    for name in ("on-demand", "reap"):
+        properties = deployed[name]["parameter_openapi_schema"]["properties"]
+        missing = sorted(p for p, spec in properties.items() if not spec.get("description"))
+        assert not missing, f"{name}: parameters without a description in the UI form: {missing}"
+    sampling = deployed["on-demand"]["parameter_openapi_schema"]["definitions"]["SamplingParams"]["properties"]
+    assert sampling["tokens_to_generate"]["description"]
+
+
+# --- a deployment run end to end ------------------------------------------------------------
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_local_smoke_run_publishes_and_shows_artifacts(smoke_run, prefect_server, prefect_worker, deployed):
+    run = prefect_server.flow_run(smoke_run.flow_run_id)
+    assert run["state"]["type"] == "COMPLETED" and run["deployment_id"] == deployed["local-smoke"]["id"]
+    run_dir = run_dir_of(prefect_worker, smoke_run.flow_run_id)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    inputs = [json.loads(line) for line in (REPO / "examples" / "prompts.jsonl").read_text().splitlines()]
+    assert manifest["records_in"] == manifest["records_written"] == len(inputs)
+    assert manifest["profile"] == "local" and manifest["run_id"] == run_dir.name
+    records = []
+    for part in manifest["parts"]:
+        data = (run_dir / part["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == part["sha256"]
+        lines = [json.loads(line) for line in data.decode().splitlines()]
+        assert len(lines) == part["records"]
+        records += lines
+    assert [r["id"] for r in records] == [i["id"] for i in inputs]
+    assert all(r["completion"] for r in records)
+
+    key = "".join(c if c.isalnum() else "-" for c in run_dir.name.lower())[:60]
+    artifacts = {a["key"]: a for a in prefect_server.artifacts(smoke_run.flow_run_id)}
+    assert {f"progress-{key}", f"summary-{key}"} <= set(artifacts), sorted(artifacts)
+    assert artifacts[f"progress-{key}"]["type"] == "progress" and float(artifacts[f"progress-{key}"]["data"]) == 100.0
+    table = artifacts[f"summary-{key}"]
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert table["type"] == "table" and rows[0]["manifest"] == str(run_dir / "manifest.json")
+    assert rows[0]["written"] == len(inputs)
+    print(f"\nlocal-smoke: `prefect deployment run --watch` took {smoke_run.seconds:.1f} s")
+
+
+# --- teardown of a Slurm-backed deployment run -------------------------------------------------
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"deployment prompt {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def jobs_named(name: str) -> list[str]:
+    return SlurmClient().find_jobs(name)
+
+
+class ExitWatch(threading.Thread):
+    """Notes (monotonic clock) when the flow process exits and when its job leaves squeue."""
+
+    def __init__(self, proc: psutil.Process, job_name: str):
+        super().__init__(daemon=True)
+        self.proc, self.job_name = proc, job_name
+        self.exit_at: float | None = None
+        self.gone_at: float | None = None
+        self.stop = threading.Event()
+
+    def exited(self) -> bool:
+        try:
+            return self.proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def run(self) -> None:
+        deadline = Deadline(240)
+        while not self.stop.is_set() and not deadline.expired() and (self.exit_at is None or self.gone_at is None):
+            if self.exit_at is None and self.exited():
+                self.exit_at = time.monotonic()
+            if self.gone_at is None and not jobs_named(self.job_name):
+                self.gone_at = time.monotonic()
+            time.sleep(0.1)
+
+    def wait(self, seconds: float) -> None:
+        poll_until(lambda: True if self.exit_at is not None and self.gone_at is not None else None,
+                   deadline=Deadline(seconds), interval=0.2,
+                   what=f"the flow process to exit and job {self.job_name} to leave squeue",
+                   describe_last=lambda: f"exit_at={self.exit_at} gone_at={self.gone_at}")
+
+
+def start_slurm_run(server, worker, tmp_path: Path, n: int = 400) -> tuple[str, Path]:
+    src = write_prompts(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out"
+    run_id = start_deployment(server, "generate/on-demand", "--param", f"input_uri={src}",
+                              "--param", f"output_uri={out}", "--param", "profile=test2x8",
+                              "--param", "shard_size=10", "--param", "batch_size=5")
+    return run_id, out
+
+
+def wait_mid_generation(server, worker, run_id: str, out: Path) -> psutil.Process:
+    """Until the run has a running job and a published shard; returns the flow process."""
+    name = f"nsdg-{run_id}"
+
+    def mid_run():
+        state = server.state_type(run_id)
+        if state not in ("SCHEDULED", "PENDING", "RUNNING"):
+            raise AssertionError(f"flow run {run_id} ended {state} before mid-generation:\n{worker.log_tail()}")
+        if not list(run_dir_of(worker, run_id, out).glob("part-*.state.json")) or not jobs_named(name):
+            return None
+        return next((proc for proc, fr in flow_run_processes(server.api_url) if fr == run_id), None)
+
+    return poll_until(mid_run, deadline=Deadline(MID_RUN_S), interval=0.3,
+                      what=f"flow run {run_id} to publish its first shard",
+                      describe_last=lambda: f"state {server.state_type(run_id)}; worker log:\n{worker.log_tail(20)}")
+
+
+def assert_published_shards_intact(run_dir: Path) -> int:
+    states = list(run_dir.glob("part-*.state.json"))
+    assert states, f"no shard was published under {run_dir}"
+    for state in states:
+        info = json.loads(state.read_text())
+        assert hashlib.sha256((run_dir / info["name"]).read_bytes()).hexdigest() == info["sha256"], info["name"]
+    assert not (run_dir / "manifest.json").exists()
+    return len(states)
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.slurm
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_cancel_mid_generation_releases_the_job(prefect_server, prefect_worker, deployed, tmp_path):
+    run_id, out = start_slurm_run(prefect_server, prefect_worker, tmp_path)
+    proc = wait_mid_generation(prefect_server, prefect_worker, run_id, out)
+    watch = ExitWatch(proc, f"nsdg-{run_id}")
+    watch.start()
+    t_cancel = time.monotonic()
+    prefect_server.cli("flow-run", "cancel", run_id)
+    t_cli = time.monotonic()
+    prefect_server.wait_state(run_id, {"CANCELLED"}, 120)
+    watch.wait(60)
+    # The worker runs on_cancellation in a helper process after the flow process exits.
+    prefect_server.wait_log(run_id, "teardown after Cancelling", 60)
+    shards = assert_published_shards_intact(run_dir_of(prefect_worker, run_id, out))
+    after_exit = watch.gone_at - watch.exit_at
+    print(f"\ncancel: CLI returned after {t_cli - t_cancel:.1f} s; job gone {watch.gone_at - t_cancel:.1f} s after "
+          f"the CLI call, {after_exit:+.1f} s after the flow process exited ({watch.exit_at - t_cancel:.1f} s "
+          f"after the call); {shards} shards published and intact")
+    assert after_exit <= 10.0
+    assert not jobs_named(f"nsdg-{run_id}")
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.slurm
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_sigkill_of_the_flow_process_runs_on_crashed(prefect_server, prefect_worker, deployed, tmp_path):
+    run_id, out = start_slurm_run(prefect_server, prefect_worker, tmp_path)
+    proc = wait_mid_generation(prefect_server, prefect_worker, run_id, out)
+    watch = ExitWatch(proc, f"nsdg-{run_id}")
+    watch.start()
+    t_kill = time.monotonic()
+    proc.send_signal(signal.SIGKILL)
+    prefect_server.wait_state(run_id, {"CRASHED"}, 60)
+    watch.wait(60)
+    line = prefect_server.wait_log(run_id, "teardown after Crashed", 60)
+    assert "released Slurm job" in line, line  # the hook cancelled it, not the dead-man switch
+    shards = assert_published_shards_intact(run_dir_of(prefect_worker, run_id, out))
+    print(f"\nSIGKILL: job gone {watch.gone_at - t_kill:.1f} s after the kill "
+          f"({watch.gone_at - watch.exit_at:+.1f} s after exit); {shards} shards intact; hook said: {line!r}")
+    assert watch.gone_at - t_kill < HEARTBEAT_TIMEOUT_S
+    assert not list(prefect_worker.jobs_dir.glob(f"*-{run_id[:8]}/*/cancel-reason"))
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.slurm
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_worker_and_flow_killed_dead_man_switch_ends_the_job(prefect_server, prefect_worker, deployed, tmp_path):
+    run_id, out = start_slurm_run(prefect_server, prefect_worker, tmp_path)
+    proc = wait_mid_generation(prefect_server, prefect_worker, run_id, out)
+    name = f"nsdg-{run_id}"
+    try:
+        prefect_worker.kill()  # no worker left to notice the crash or to run on_crashed
+        proc.send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        limit = HEARTBEAT_TIMEOUT_S + 4 * HEARTBEAT_INTERVAL_S + 30
+        poll_until(lambda: True if not jobs_named(name) else None, deadline=Deadline(limit), interval=0.2,
+                   what=f"the dead-man switch to end job {name}")
+        gone_after = time.monotonic() - t_kill
+    finally:
+        prefect_worker.start()
+    [reason_file] = prefect_worker.jobs_dir.glob(f"*-{run_id[:8]}/*/cancel-reason")
+    reason = reason_file.read_text()
+    assert "heartbeat" in reason
+    print(f"\ndead-man switch: job gone {gone_after:.1f} s after worker and flow were killed "
+          f"(timeout {HEARTBEAT_TIMEOUT_S} s, check every {HEARTBEAT_INTERVAL_S} s): {reason.strip()}; "
+          f"the flow run is left {prefect_server.state_type(run_id)} in the API")
+    assert HEARTBEAT_TIMEOUT_S - HEARTBEAT_INTERVAL_S <= gone_after <= limit
+    assert_published_shards_intact(run_dir_of(prefect_worker, run_id, out))
+
+
+def submit_sleeper(name: str, chdir: Path) -> str:
+    chdir.mkdir(parents=True, exist_ok=True)
+    result = run_command(["sbatch", "--parsable", "-J", name, f"--chdir={chdir}", "-N", "1", "-n", "1",
+                          "--time=5", "-o", "/dev/null", "--wrap", "sleep 600"], timeout=30)
+    return result.stdout.strip().split(";")[0]
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.slurm
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_reap_cancels_jobs_of_runs_that_are_over(prefect_server, prefect_worker, deployed, smoke_run, tmp_path):
+    root = prefect_worker.jobs_dir / "left-behind"
+    flow = prefect_server.post("/flows/", {"name": "reap-test-owner"})
+    running = prefect_server.post("/flow_runs/", {"flow_id": flow["id"], "state": {"type": "RUNNING"}})["id"]
+    jobs = {
+        "over": submit_sleeper(f"nsdg-{smoke_run.flow_run_id}", root / "over"),  # its run Completed
+        "unknown": submit_sleeper(f"nsdg-{uuid.uuid4()}", root / "unknown"),
+        "running": submit_sleeper(f"nsdg-{running}", root / "running"),
+        "not-a-flow-run": submit_sleeper("nsdg-cli-run-20260101", root / "cli"),
+        "other-name": submit_sleeper(f"other-{uuid.uuid4()}", root / "other"),
+        "outside-root": submit_sleeper(f"nsdg-{uuid.uuid4()}", tmp_path / "another-installation"),
+    }
+    try:
+        run = run_deployment(prefect_server, "reap/reap", timeout=120)
+        assert run.returncode == 0, f"{run.output[-3000:]}\n--- worker ---\n{prefect_worker.log_tail()}"
+        active = {job.job_id for job in SlurmClient().active_jobs()}
+        logs = "\n".join(prefect_server.logs(run.flow_run_id))
+        assert jobs["over"] not in active and f"cancelled job {jobs['over']}" in logs, logs
+        assert jobs["unknown"] not in active and f"cancelled job {jobs['unknown']}" in logs, logs
+        assert f"job {jobs['running']} " in logs and "RUNNING; kept" in logs, logs
+        kept = {k: jobs[k] for k in ("running", "not-a-flow-run", "other-name", "outside-root")}
+        assert set(kept.values()) <= active, f"kept jobs missing from squeue: {kept}; active {sorted(active)}"
+        print(f"\nreap: run took {run.seconds:.1f} s; cancelled {jobs['over']} and {jobs['unknown']}, kept {kept}")
+    finally:
+        run_command(["scancel", *jobs.values()], timeout=30, check=False)
