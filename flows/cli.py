@@ -24,6 +24,8 @@ def _add_run(sub) -> None:
     p.add_argument("--input-uri", help="prompts: JSONL or .txt, local path, file:// or s3://, optionally .gz")
     p.add_argument("--output-uri", help="local path, file:// or s3://bucket/prefix (default NSDG_OUTPUT_URI or ./output)")
     p.add_argument("--run-id", help="reuse to resume a run")
+    p.add_argument("--new-run", action="store_true",
+                   help="start over under a new run id (e.g. after changing parameters of a published run)")
     p.add_argument("--profile", help="h100x16, a100x16, h200x8, local, attach, or a custom one")
     p.add_argument("--batch-size", type=int, help="prompts per request, at most 128")
     p.add_argument("--shard-size", type=int, help="records per output part")
@@ -54,6 +56,10 @@ def run_parameters(args: argparse.Namespace) -> dict:
         sampling["end_strings"] = args.end_string
     if sampling:
         params["sampling"] = sampling
+    if args.new_run:
+        from flows.params import resolve_run_id
+
+        params["run_id"] = resolve_run_id(None)
     return params
 
 

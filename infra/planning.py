@@ -179,13 +179,22 @@ def check_run_config(store: OutputStore, config: dict, chash: str) -> None:
         diffs = "\n  ".join(diff_config(old.get("config", {}), config)) or "(fields unknown)"
         raise ConfigError(
             f"Run {store.location} was started with a different configuration:\n  {diffs}\n"
-            "Rerun with the original parameters and input to resume, or start a new run (new run_id)."
+            "Rerun with the original parameters and input to resume, or start over under a new id "
+            "(`nemotron-sdg run --new-run`, or another run_id)."
         )
+
+
+def discard_partials(store: OutputStore) -> None:
+    """A run killed mid-shard leaves a temp file behind; it is never appended to, only removed."""
+    for tmp in store.staging_dir().glob(".part-*.tmp"):
+        log.info("discarding half-written %s", tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     check_input(cfg.input_uri, settings)
     store.preflight()
+    discard_partials(store)
     with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
         records, bad, shown, input_sha, fmt = scan_input(cfg, settings, rejects)
     rejects_path = Path(rejects.name)

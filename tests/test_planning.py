@@ -82,3 +82,21 @@ def test_config_hash_and_diff():
 def test_hostile_run_ids_rejected(bad):
     with pytest.raises(ConfigError):
         validate_key_component(bad, "run_id")
+
+
+def test_half_written_part_is_discarded(workdir):
+    src = write(workdir / "in.jsonl", {"prompt": "a"})
+    store = LocalOutputStore(workdir / "o")
+    store.root.mkdir(parents=True)
+    stale = store.root / ".part-00000.jsonl.abc123.tmp"
+    stale.write_text('{"id": "half')
+    make_plan(cfg(src), Settings(), store)
+    assert not stale.exists()
+
+
+def test_truncate_left_keeps_the_end_of_long_prompts(workdir):
+    src = write(workdir / "in.jsonl", {"prompt": "start " + "x" * 5000 + " the end"})
+    store = LocalOutputStore(workdir / "o")
+    plan = make_plan(cfg(src, overlong_prompts="truncate_left"), Settings(), store)
+    assert plan.records_in == 1 and plan.rejected == 0
+    assert plan.config["overlong_prompts"] == "truncate_left"
