@@ -7,21 +7,19 @@ goes on from the shards not yet published."""
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
-from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.params import RunParams, resolve_run_id
+from flows.replicas import Pool
 from flows.teardown import release_on_hook
 from infra.backends import Backend, make_backend
 from infra.dataset import iter_shards
-from infra.errors import ServerLost, TransientServerError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.manifest import INPUT_REJECTS, MANIFEST, REJECTS, Manifest, rejects_name
 from infra.planning import Plan, RunConfig, load_published, usable_records
@@ -30,8 +28,6 @@ from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
 from tasks.steps import allocate, generate_shard, plan, release, wait_ready
 
-# A server that was serving and then died or hung: worth a new allocation.
-RESTARTABLE = (ServerLost, TransientServerError)
 
 
 @flow(
@@ -51,6 +47,7 @@ def generate(
     prompt_field: Annotated[str, Field(description="JSONL field holding the prompt")] = "prompt",
     on_bad_input: Annotated[Literal["fail", "skip"], Field(description="fail on unusable lines, or skip them into rejects.jsonl")] = "fail",
     overlong_prompts: Annotated[Literal["reject", "truncate_left"], Field(description="prompts too long for the context: reject them, or keep their end")] = "reject",
+    replicas: Annotated[int | None, Field(ge=1, le=64, description="server replicas sharing the work, each its own allocation; default NSDG_SERVER__REPLICAS (1)")] = None,
     max_server_restarts: Annotated[int | None, Field(ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")] = None,
 ) -> dict:
     """Generate completions for every prompt and publish them with a manifest."""
@@ -73,74 +70,66 @@ def generate(
     timings["plan"] = time.monotonic() - t0
     if not the_plan.todo:
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
-        return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0)
+        return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[])
 
-    job_ids: list[str] = []
-    results: list[ShardResult] = []
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     progress = create_progress_artifact(100.0 * len(the_plan.done) / the_plan.shards_total,
                                         key=f"progress-{_artifact_key(cfg.run_id)}", description=f"shards of run {cfg.run_id}")
-    for attempt in range(restarts_allowed + 1):
-        backend = make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id))
+    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size)
+    published = [len(the_plan.done)]
+
+    def on_result(result: ShardResult) -> None:
+        published[0] += 1
+        update_progress_artifact(progress, 100.0 * published[0] / the_plan.shards_total)
+
+    def start(backend: Backend):
+        allocate(backend)
+        return wait_ready.submit(backend, settings, cfg.tokenizer)
+
+    def timed_release(backend: Backend) -> None:
+        t = time.monotonic()
         try:
-            t = time.monotonic()
-            allocate(backend)
-            client = wait_ready(backend, settings, cfg.tokenizer)
-            _add(timings, "queue_and_load", time.monotonic() - t)
-            t = time.monotonic()
-            try:
-                results += generate_all(client, backend, cfg, the_plan, store, settings, breaker, progress)
-            finally:
-                _add(timings, "generation", time.monotonic() - t)
-            break
-        except RESTARTABLE as exc:
-            if attempt == restarts_allowed:
-                raise
-            logger.warning("server lost mid-run (%s); releasing it and starting server %d of %d",
-                           exc, attempt + 2, restarts_allowed + 1)
-            the_plan.done = load_published(store, the_plan.config_hash)  # what is published is what is done
+            release(backend)  # as soon as its work ends, before the manifest; also on any error
         finally:
-            t = time.monotonic()
-            release(backend)  # as soon as generation ends, before the manifest; also on any error
             _add(timings, "release", time.monotonic() - t)
-            job_ids += backend.job_ids
-    return finish(store, cfg, the_plan, results, timings, settings, job_ids, restarts=attempt)
+
+    t_wall = time.time()
+    with open_input(cfg.input_uri, settings) as stream:
+        pool = Pool(
+            make_backend=lambda i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id), replica=i),
+            start=start,
+            submit=lambda client, shard, backend: generate_shard.submit(client, shard, job, store, backend, breaker),
+            release=timed_release,
+            shards=iter_shards(usable_records(stream, cfg, settings, the_plan.format), cfg.shard_size,
+                               skip=frozenset(the_plan.done)),
+            replicas=replica_count(settings, prof, replicas),
+            max_in_flight=settings.server.max_in_flight,
+            restarts_allowed=restarts_allowed,
+            on_result=on_result,
+        )
+        try:
+            results = pool.run()
+        finally:
+            ready = pool.first_ready
+            timings["queue_and_load"] = (ready or time.time()) - t_wall
+            if ready:
+                timings["generation"] = time.time() - ready
+    gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
+    return finish(store, cfg, the_plan, results, timings, settings,
+                  [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
+                  replicas=[rep.summary(gpus) for rep in pool.members])
+
+
+def replica_count(settings: Settings, profile, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    if profile.backend == "attach" and settings.server.urls:
+        return len(settings.server.urls)
+    return settings.server.replicas
 
 
 def _add(timings: dict, key: str, seconds: float) -> None:
     timings[key] = timings.get(key, 0.0) + seconds
-
-
-def generate_all(client, backend: Backend, cfg: RunConfig, the_plan: Plan, store: OutputStore, settings: Settings,
-                 breaker: Breaker, progress) -> list[ShardResult]:
-    """Keep `max_in_flight` shard tasks running: each sends its batches one after another, so
-    the server always has one request computing and one queued, across shard boundaries.
-    On any failure the server is released first (so the other shards stop at once) and every
-    shard task is waited for, so none is still publishing when a new server takes over."""
-    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size)
-    window, results = deque(), []
-    published = len(the_plan.done)
-
-    def collect() -> None:
-        nonlocal published
-        results.append(window.popleft().result())
-        published += 1
-        update_progress_artifact(progress, 100.0 * published / the_plan.shards_total)
-
-    try:
-        with open_input(cfg.input_uri, settings) as stream:
-            records = usable_records(stream, cfg, settings, the_plan.format)
-            for shard in iter_shards(records, cfg.shard_size, skip=frozenset(the_plan.done)):
-                if len(window) >= settings.server.max_in_flight:
-                    collect()
-                window.append(generate_shard.submit(client, shard, job, store, backend, breaker))
-            while window:
-                collect()
-    except BaseException:
-        backend.release()
-        wait(list(window))
-        raise
-    return results
 
 
 def _artifact_key(run_id: str) -> str:
@@ -159,7 +148,7 @@ def merge_rejects(store: OutputStore, parts, input_rejected: int) -> int:
 
 
 def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[ShardResult], timings, settings: Settings,
-           job_ids, *, restarts: int) -> dict:
+           job_ids, *, restarts: int, replicas: list[dict]) -> dict:
     logger = get_run_logger()
     parts = sorted(load_published(store, the_plan.config_hash).values(), key=lambda p: p.shard)
     written = sum(p.records for p in parts)
@@ -178,13 +167,14 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
         records_rejected=the_plan.rejected + refused, parts=parts, slurm_job_ids=list(job_ids),
         timings_s={k: round(v, 3) for k, v in timings.items()},
         throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s else None, "generated_tokens": tokens},
-        rejects=REJECTS if (the_plan.rejected or refused) else None, server_restarts=restarts,
+        rejects=REJECTS if (the_plan.rejected or refused) else None, server_restarts=restarts, replicas=replicas,
     )
     store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)
     create_table_artifact(
         [{"records in": the_plan.records_in, "written": written, "rejected": the_plan.rejected + refused,
-          "tokens generated": tokens, "server restarts": restarts,
+          "tokens generated": tokens, "server restarts": restarts, "replicas": len({r["replica"] for r in replicas}),
+          "GPU-hours held": round(sum(r["gpu_hours"] for r in replicas), 3),
           **{f"{k} s": round(v, 2) for k, v in timings.items()},
           "records/s": manifest.throughput["records_per_s"], "manifest": manifest_uri}],
         key=f"summary-{_artifact_key(cfg.run_id)}", description=f"run {cfg.run_id}: manifest at {manifest_uri}",

@@ -47,9 +47,9 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, settings: Settings, run_id: str, *, extra_args: list[str] | None = None):
+    def __init__(self, settings: Settings, run_id: str, *, replica: int = 0, extra_args: list[str] | None = None):
         self.settings = settings
-        self.dir = settings.work_path("servers", run_id).resolve()
+        self.dir = settings.work_path("servers", run_id, f"replica-{replica}").resolve()
         self.log_path = self.dir / "server.log"
         self.port_file = self.dir / "port"
         self.extra_args = extra_args or []
@@ -105,12 +105,14 @@ class LocalBackend:
 
 
 def release_local_by_run(server_dir: Path) -> None:
-    """Stop a local server found from its run directory alone (crash hooks run in another process)."""
-    try:
-        pgid = int((server_dir / "pgid").read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    stop_process_group_by_pid(pgid, grace=10.0)
+    """Stop the local servers (every replica) found from the run's directory alone: crash hooks
+    run in another process."""
+    for pgid_file in sorted(server_dir.glob("**/pgid")):
+        try:
+            pgid = int(pgid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        stop_process_group_by_pid(pgid, grace=10.0)
 
 
 class AttachBackend:
@@ -118,10 +120,14 @@ class AttachBackend:
 
     name = "attach"
 
-    def __init__(self, settings: Settings):
-        if not settings.server.url:
-            raise ConfigError("The attach profile needs the server's URL: set NSDG_SERVER__URL=http://host:port")
-        self._url = settings.server.url
+    def __init__(self, settings: Settings, replica: int = 0):
+        urls = attach_urls(settings)
+        if not urls:
+            raise ConfigError("The attach profile needs the server's URL: set NSDG_SERVER__URL=http://host:port "
+                              "or NSDG_SERVER__URLS='[\"http://a:1424\", \"http://b:1424\"]'")
+        if replica >= len(urls):
+            raise ConfigError(f"replica {replica} has no URL: NSDG_SERVER__URLS lists {len(urls)}; ask for at most that many replicas")
+        self._url = urls[replica]
         self.settings = settings
         self.job_ids: list[str] = []
 
@@ -144,14 +150,19 @@ class AttachBackend:
         return f"attached to {self._url}"
 
 
-def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None) -> Backend:
+def attach_urls(settings: Settings) -> list[str]:
+    return list(settings.server.urls) or ([settings.server.url] if settings.server.url else [])
+
+
+def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None,
+                 replica: int = 0) -> Backend:
     if profile.backend == "local":
-        return LocalBackend(settings, run_id)
+        return LocalBackend(settings, run_id, replica=replica)
     if profile.backend == "attach":
-        return AttachBackend(settings)
+        return AttachBackend(settings, replica)
     from infra.slurm.backend import SlurmBackend
 
-    return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id)
+    return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id, replica=replica)
 
 
 def make_client(settings: Settings, url: str, tokenizer: str | None = None) -> NemoClient:

@@ -49,6 +49,8 @@ class ShardResult:
     generated_tokens: int
     seconds: float
     upload_seconds: float
+    started_at: float  # wall clock, for busy intervals across shards
+    finished_at: float
 
 
 class Breaker:
@@ -162,7 +164,7 @@ def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStor
               dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None) -> ShardResult:
     """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
     process or job is gone becomes ServerLost, which no retry can fix."""
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     try:
         results = generate_shard_results(client, shard, job, breaker)
     except TransientServerError as exc:
@@ -182,4 +184,4 @@ def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStor
     done = time.monotonic()
     tokens = sum(g.generated_tokens for _, g in ok)
     log.info("shard %d: %d records, %d rejected, %d tokens, published %s", shard.index, count, len(rejected), tokens, store.uri(shard.name))
-    return ShardResult(part, tokens, done - started, done - generated)
+    return ShardResult(part, tokens, done - started, done - generated, started_at, time.time())

@@ -76,6 +76,7 @@ class Manifest:
     throughput: dict = field(default_factory=dict)
     rejects: str | None = None
     server_restarts: int = 0
+    replicas: list[dict] = field(default_factory=list)  # per replica: records, busy fraction, GPU-hours
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:

@@ -127,6 +127,11 @@ class NemoClient:
                 f"Could not reach {self.generate_url}: {exc.__class__.__name__}. "
                 "Check that the server job is still running."
             ) from exc
+        except requests.RequestException as exc:  # e.g. the reply cut off mid-body: the server died
+            raise TransientServerError(
+                f"The reply from {self.generate_url} broke off: {exc.__class__.__name__}: {exc}. "
+                "Check that the server job is still running."
+            ) from exc
         return self._parse(resp, len(prompts))
 
     def _parse(self, resp: requests.Response, n: int) -> dict:

@@ -75,6 +75,8 @@ class ModelSettings(_Section):
 class ServerSettings(_Section):
     port: int = Field(1424, ge=1024, le=65535)
     url: str | None = Field(None, description="attach backend: the server's base URL")
+    urls: list[str] = Field(default_factory=list, description="attach backend with several replicas: one base URL each")
+    replicas: int = Field(1, ge=1, le=64, description="server replicas working through one run, each its own job")
     connect_timeout_s: float = Field(5.0, gt=0, le=300)
     read_timeout_s: float = Field(1800.0, gt=0, le=86_400)
     ready_timeout_s: float = Field(2700.0, gt=0, le=86_400, description="one deadline for the whole wait (45 min for 340B)")

@@ -58,7 +58,7 @@ def test_rerun_is_free_and_bad_sampling_fails_before_allocation(prefect_harness,
     before = (workdir / "out" / "t2" / "part-00000.jsonl").stat().st_mtime_ns
     generate(input_uri=str(src), output_uri="out", run_id="t2", shard_size=2)
     assert (workdir / "out" / "t2" / "part-00000.jsonl").stat().st_mtime_ns == before
-    assert not (workdir / ".nemotron-sdg" / "servers" / "t2" / "server.log").read_text().count("Running on") > 1
+    assert (workdir / ".nemotron-sdg" / "servers" / "t2" / "replica-0" / "server.log").read_text().count("Running on") == 1
     with pytest.raises(Exception, match="temperature"):
         generate(input_uri=str(src), output_uri="out", run_id="t3", sampling={"temperature": 0})
     assert not (workdir / ".nemotron-sdg" / "servers" / "t3").exists()

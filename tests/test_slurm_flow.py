@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 TEST_PROFILES = {
     "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
     "test3x8": {"backend": "slurm", "nodes": 3, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 3},
+    "test1x8": {"backend": "slurm", "nodes": 1, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 1},
 }
 
 
@@ -34,7 +35,7 @@ def slurm_env(slurm_cluster, workdir, monkeypatch):
 
     def server_command(*extra):
         cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated",
-               "--host", "0.0.0.0", "--port", str(port), *extra]
+               "--host", "0.0.0.0", "--port", "{port}", *extra]  # each replica's port
         monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(cmd))
 
     server_command()
@@ -46,8 +47,9 @@ def prompts(path, n):
     return str(path)
 
 
-def our_jobs() -> list:
-    return [j for j in SlurmClient().active_jobs() if j.name.startswith("nsdg-")]
+def our_jobs(run_id: str) -> list:
+    """Jobs of this test's run (other runs may share the cluster)."""
+    return [j for j in SlurmClient().active_jobs() if j.name.startswith("nsdg-") and f"run={run_id} " in (j.comment or "")]
 
 
 def test_full_flow_on_two_nodes(slurm_env, workdir):
@@ -61,7 +63,7 @@ def test_full_flow_on_two_nodes(slurm_env, workdir):
     job_dir = next((workdir / "jobs" / "slurm-ok").iterdir())
     out = next(job_dir.glob("*.out")).read_text()
     assert out.count("SLURM_PROCID=") == 16 or len(list(job_dir.glob("*.out"))) == 1
-    assert not our_jobs()
+    assert not our_jobs("slurm-ok")
 
 
 def test_server_that_fails_at_start(slurm_env, workdir, monkeypatch):
@@ -70,7 +72,7 @@ def test_server_that_fails_at_start(slurm_env, workdir, monkeypatch):
         generate(input_uri=prompts(workdir / "in.jsonl", 3), output_uri="out", run_id="slurm-fail", profile="test2x8")
     msg = str(exc.value)
     assert "FAILED" in msg and "bad checkpoint" in msg
-    assert not our_jobs()
+    assert not our_jobs("slurm-fail")
 
 
 def test_job_that_never_starts_times_out_with_reason(slurm_env, workdir, monkeypatch):
@@ -78,14 +80,16 @@ def test_job_that_never_starts_times_out_with_reason(slurm_env, workdir, monkeyp
     with pytest.raises(DeadlineExceeded) as exc:
         generate(input_uri=prompts(workdir / "in.jsonl", 3), output_uri="out", run_id="slurm-pending", profile="test3x8")
     assert "PENDING" in str(exc.value) and "reason" in str(exc.value)
-    assert not our_jobs()
+    assert not our_jobs("slurm-pending")
 
 
-def cancel_after_first_part(run_dir) -> threading.Thread:
+def cancel_after_first_part(run_dir, only_one: bool = False) -> threading.Thread:
+    run_id = run_dir.name
+
     def cancel():
         poll_until(lambda: True if list(run_dir.glob("part-*.state.json")) else None,
                    deadline=Deadline(120), interval=0.2, what="the first published part")
-        for job in our_jobs():
+        for job in our_jobs(run_id)[:1] if only_one else our_jobs(run_id):
             SlurmClient().cancel(job.job_id)
 
     killer = threading.Thread(target=cancel, daemon=True)
@@ -110,7 +114,7 @@ def test_scancel_from_outside_mid_generation(slurm_env, workdir):
         info = json.loads(state.read_text())
         assert hashlib.sha256((run_dir / info["name"]).read_bytes()).hexdigest() == info["sha256"]
     assert not (run_dir / "manifest.json").exists()
-    assert not our_jobs()
+    assert not our_jobs("slurm-cut")
 
 
 @pytest.mark.faults
@@ -125,4 +129,21 @@ def test_scancel_from_outside_is_recovered_with_a_new_job(slurm_env, workdir):
     assert len(manifest["slurm_job_ids"]) == 2  # the cancelled job and its replacement
     ids = [json.loads(l)["id"] for p in manifest["parts"] for l in (run_dir / p["name"]).read_text().splitlines()]
     assert ids == [f"s{i}" for i in range(120)]  # every record exactly once, in order
-    assert not our_jobs()
+    assert not our_jobs("slurm-heal")
+
+
+def test_two_replicas_one_cancelled_from_outside(slurm_env, workdir):
+    """K = 2 one-node replicas (one per node); one job is cancelled mid-run: its shards go back to
+    the queue, a replacement joins, every record lands exactly once and no job is left."""
+    slurm_env("--extra-latency", "0.2")
+    run_dir = workdir / "out" / "slurm-rep"
+    killer = cancel_after_first_part(run_dir, only_one=True)
+    generate(input_uri=prompts(workdir / "in.jsonl", 120), output_uri="out", run_id="slurm-rep", profile="test1x8",
+             shard_size=10, batch_size=5, replicas=2)
+    killer.join(timeout=5)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    ids = [json.loads(l)["id"] for p in manifest["parts"] for l in (run_dir / p["name"]).read_text().splitlines()]
+    assert ids == [f"s{i}" for i in range(120)]
+    assert manifest["server_restarts"] == 1 and len(manifest["slurm_job_ids"]) == 3
+    assert all(r["gpu_hours"] > 0 for r in manifest["replicas"])
+    assert not our_jobs("slurm-rep")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,8 +29,8 @@ def job_name_for(flow_run_id: str | None, run_id: str) -> str:
     return f"{JOB_PREFIX}{flow_run_id or run_id}"[:128]
 
 
-def job_comment(run_id: str, flow_run_id: str | None) -> str:
-    return f"nsdg run={run_id} flow_run={flow_run_id or 'none'}"
+def job_comment(run_id: str, flow_run_id: str | None, replica: int = 0) -> str:
+    return f"nsdg run={run_id} flow_run={flow_run_id or 'none'} replica={replica}"
 
 
 class Heartbeat:
@@ -59,14 +60,16 @@ class SlurmBackend:
     name = "slurm"
 
     def __init__(self, settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None,
-                 client: SlurmClient | None = None):
+                 client: SlurmClient | None = None, replica: int = 0):
         self.settings, self.profile = settings, profile
         self.client = client or SlurmClient(command_timeout=settings.slurm.command_timeout_s)
         self.job_name = job_name_for(flow_run_id, run_id)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         self.job_dir = Path(settings.slurm.job_root).expanduser().resolve() / run_id / stamp
-        self.spec = SbatchSpec.from_settings(settings, profile, job_name=self.job_name,
-                                             comment=job_comment(run_id, flow_run_id), job_dir=self.job_dir)
+        spec = SbatchSpec.from_settings(settings, profile, job_name=self.job_name,
+                                        comment=job_comment(run_id, flow_run_id, replica), job_dir=self.job_dir)
+        # Replicas on nodes that share an address (the local test cluster) must not share a port.
+        self.spec = replace(spec, port=settings.server.port + replica)
         self.job_ids: list[str] = []
         self._url: str | None = None
         self._last_state = None
@@ -97,7 +100,7 @@ class SlurmBackend:
 
     def url(self) -> str | None:
         if self._url is None and self.job_id and self.state().state == "RUNNING":
-            self._url = f"http://{self.client.first_node_addr(self.job_id)}:{self.settings.server.port}"
+            self._url = f"http://{self.client.first_node_addr(self.job_id)}:{self.spec.port}"
         return self._url
 
     def logs(self) -> str:

@@ -302,7 +302,11 @@ class SbatchSpec:
         )
 
     def command(self) -> tuple[str, ...]:
-        return self.server_command if self.server_command is not None else self.nemo_command()
+        """NeMo's command, or the replacement with `{port}` standing for this job's port (each
+        replica of a run listens on server.port + its index)."""
+        if self.server_command is None:
+            return self.nemo_command()
+        return tuple(arg.replace("{port}", str(self.port)) for arg in self.server_command)
 
     # --- construction from settings ------------------------------------------------------------
 

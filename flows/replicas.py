@@ -1,0 +1,242 @@
+"""K server replicas working through one queue of shards.
+
+Every replica is its own allocation (a Slurm job, a local process, an attached URL). They are
+started together and waited on independently; generation starts on the first one ready and each
+other joins as it becomes ready. Each ready replica keeps `max_in_flight` shard tasks running
+(the server serves one request at a time: one computing, one queued). A replica that dies or
+hangs is released, its unfinished shards go back to the queue, and it is replaced while the run's
+`max_server_restarts` allows. A replica is released as soon as the queue is empty and its last
+shard is done, not when the slowest replica finishes; every replica is released on every exit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prefect.futures import PrefectFuture
+
+from infra.backends import Backend
+from infra.dataset import Shard
+from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, TransientServerError
+from infra.generation import ShardResult
+
+log = logging.getLogger(__name__)
+
+# A replica that was serving and then died or hung: its shards go back to the queue.
+LOST = (ServerLost, TransientServerError)
+# A replica that never became ready: fatal only when no other replica can do the work.
+NEVER_READY = (ServerNotReady, DeadlineExceeded)
+
+
+@dataclass
+class Replica:
+    index: int
+    backend: Backend
+    started: float = field(default_factory=time.time)
+    ready_future: PrefectFuture | None = None
+    client: object | None = None
+    ready_at: float | None = None
+    released_at: float | None = None
+    in_flight: dict[PrefectFuture, Shard] = field(default_factory=dict)
+    intervals: list[tuple[float, float]] = field(default_factory=list)
+    records: int = 0
+    shards: int = 0
+
+    @property
+    def state(self) -> str:
+        if self.released_at is not None:
+            return "released"
+        return "ready" if self.client is not None else "starting"
+
+    def busy_seconds(self) -> float:
+        """Union of the intervals its shards ran: two overlapping shards count once."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+    def summary(self, gpus: int) -> dict:
+        held = (self.released_at or time.time()) - self.started
+        serving = (self.released_at or time.time()) - self.ready_at if self.ready_at else 0.0
+        return {
+            "replica": self.index, "job_ids": list(self.backend.job_ids), "records": self.records, "shards": self.shards,
+            "busy_fraction": round(self.busy_seconds() / serving, 4) if serving > 0 else None,
+            "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
+            "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
+            if self.intervals and self.released_at else None,
+        }
+
+
+@dataclass
+class Pool:
+    """The replicas of one run and the shard queue they share."""
+
+    make_backend: Callable[[int], Backend]  # launch number -> backend
+    start: Callable[[Backend], PrefectFuture]        # allocate, then submit the readiness wait
+    submit: Callable[[object, Shard, Backend], PrefectFuture]
+    release: Callable[[Backend], None]
+    shards: Iterator[Shard]
+    replicas: int
+    max_in_flight: int
+    restarts_allowed: int
+    on_result: Callable[[ShardResult], None] = lambda r: None
+    members: list[Replica] = field(default_factory=list)
+    retired: list[Replica] = field(default_factory=list)
+    requeued: deque = field(default_factory=deque)
+    results: list[ShardResult] = field(default_factory=list)
+    restarts: int = 0
+    first_ready: float | None = None
+    _exhausted: bool = False
+
+    def run(self) -> list[ShardResult]:
+        try:
+            for i in range(self.replicas):
+                self._launch(i)
+            while not self._finished():
+                self._step()
+            return self.results
+        except BaseException:
+            self.release_all()
+            raise
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        for rep in self._active():
+            if rep.state == "starting" and rep.ready_future.wrapped_future.done():
+                self._became_ready(rep)
+        for rep in self._active():
+            if rep.state == "ready":
+                self._fill(rep)
+        starting = [r.ready_future for r in self._active() if r.state == "starting"]
+        # Shards of released replicas are still collected: they come back to the queue.
+        running = [f for rep in self.members for f in rep.in_flight]
+        if not any(f.wrapped_future.done() for f in running):
+            pending = [f.wrapped_future for f in [*running, *starting] if not f.wrapped_future.done()]
+            if pending:
+                concurrent.futures.wait(pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+            else:
+                time.sleep(0.05)
+        for rep in list(self.members):
+            for fut in [f for f in rep.in_flight if f.wrapped_future.done()]:
+                self._collect(rep, fut)
+        for rep in list(self._active()):
+            if rep.state == "ready" and not rep.in_flight and self._no_work_left():
+                self._retire(rep, "queue empty")
+
+    def _launch(self, index: int) -> None:
+        # The backend gets the launch number: a replacement must not reuse the port (or the job
+        # directory) of the server it replaces, which may still be shutting down.
+        rep = Replica(index, self.make_backend(len(self.members)))
+        self.members.append(rep)
+        rep.ready_future = self.start(rep.backend)
+
+    def _became_ready(self, rep: Replica) -> None:
+        try:
+            rep.client = rep.ready_future.result()
+        except NEVER_READY as exc:
+            self._retire(rep, f"never became ready: {exc}")
+            if not self._active():
+                raise
+            log.warning("replica %d never became ready (%s); going on with the others", rep.index, exc)
+            return
+        rep.ready_at = time.time()
+        self.first_ready = self.first_ready or rep.ready_at
+        log.info("replica %d ready at %s", rep.index, rep.backend.url())
+
+    def _fill(self, rep: Replica) -> None:
+        while len(rep.in_flight) < self.max_in_flight and (shard := self._next_shard()) is not None:
+            rep.in_flight[self.submit(rep.client, shard, rep.backend)] = shard
+
+    def _collect(self, rep: Replica, fut: PrefectFuture) -> None:
+        shard = rep.in_flight.pop(fut)
+        try:
+            result = fut.result()
+        except LOST as exc:
+            self.requeued.append(shard)
+            if rep.state != "released":
+                self._lose(rep, exc)
+            return
+        rep.records += result.part.records
+        rep.shards += 1
+        rep.intervals.append((result.started_at, result.finished_at))
+        self.results.append(result)
+        self.on_result(result)
+
+    def _lose(self, rep: Replica, exc: BaseException) -> None:
+        """Release the replica (its other shards then fail fast and are requeued) and replace it."""
+        self._retire(rep, f"lost: {exc}")
+        if self.restarts >= self.restarts_allowed:
+            if not any(r.state != "released" for r in self.members):
+                raise exc
+            log.warning("replica %d lost and no restart left (%d used); the others go on", rep.index, self.restarts)
+            return
+        self.restarts += 1
+        log.warning("replica %d lost (%s); starting a replacement (restart %d of %d)",
+                    rep.index, exc, self.restarts, self.restarts_allowed)
+        self._launch(rep.index)
+
+    def _retire(self, rep: Replica, why: str) -> None:
+        if rep.state == "released":
+            return
+        log.info("releasing replica %d: %s", rep.index, why)
+        try:
+            self.release(rep.backend)
+        finally:
+            rep.released_at = time.time()
+            # Its shards, if any, fail fast now; they are requeued as they are collected.
+            self.retired.append(rep)
+
+    def release_all(self) -> None:
+        """Every replica, on every exit; then wait for every shard task so none still publishes."""
+        for rep in self.members:
+            try:
+                self._retire(rep, "run ending")
+            except Exception as exc:  # release the others before reporting
+                log.error("releasing replica %d failed: %s", rep.index, exc)
+        concurrent.futures.wait([f.wrapped_future for rep in self.members for f in rep.in_flight])
+
+    # --- the queue ---------------------------------------------------------------------------
+
+    def _next_shard(self) -> Shard | None:
+        if self.requeued:
+            return self.requeued.popleft()
+        if self._exhausted:
+            return None
+        shard = next(self.shards, None)
+        self._exhausted = shard is None
+        return shard
+
+    def _no_work_left(self) -> bool:
+        if self.requeued:
+            return False
+        if not self._exhausted:
+            # Peek: pull the next shard into the requeue so "no work" is exact.
+            shard = next(self.shards, None)
+            if shard is None:
+                self._exhausted = True
+            else:
+                self.requeued.append(shard)
+                return False
+        return not any(rep.in_flight for rep in self.members)
+
+    def _active(self) -> list[Replica]:
+        return [r for r in self.members if r.state != "released"]
+
+    def _finished(self) -> bool:
+        if any(rep.in_flight for rep in self.members):
+            return False
+        if self._no_work_left():
+            for rep in self._active():
+                self._retire(rep, "queue empty")
+            return True
+        if not self._active():
+            raise ServerLost("every replica is gone and work remains; rerun with the same run_id to finish")
+        return False
