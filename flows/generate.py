@@ -15,7 +15,7 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.params import RunParams, resolve_run_id
+from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
 from flows.teardown import release_on_hook
 from infra.backends import Backend, make_backend
@@ -36,6 +36,7 @@ from tasks.steps import allocate, generate_shard, plan, release, wait_ready
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
 )
+@document_parameters
 def generate(
     input_uri: Annotated[str, Field(description="prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz")] = "examples/prompts.jsonl",
     output_uri: Annotated[str | None, Field(description="where results go (local path, file:// or s3://bucket/prefix); default NSDG_OUTPUT_URI")] = None,

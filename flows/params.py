@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from infra.errors import ConfigError
 from infra.planning import RunConfig
@@ -53,3 +56,15 @@ def resolve_run_id(flow_run) -> str:
         return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
     created = flow_run.created or flow_run.expected_start_time
     return f"{created:%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"
+
+
+def document_parameters(fn):
+    """Prefect 3.9 leaves Annotated Field descriptions out of the deployment's parameter schema
+    (the UI form) but reads a Google-style `Args:` section: append one built from the annotations.
+    Apply it under @flow, so the flow sees the finished docstring."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    lines = [f"    {name}: {meta.description}" for name, hint in hints.items() if name != "return"
+             for meta in getattr(hint, "__metadata__", ()) if isinstance(meta, FieldInfo) and meta.description]
+    if lines:
+        fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines)
+    return fn

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import threading
 import time
@@ -304,32 +305,47 @@ def submit_sleeper(name: str, chdir: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-@pytest.mark.usefixtures("slurm_cluster")
-@pytest.mark.slurm
-@pytest.mark.prefect_server
-@pytest.mark.integration
-def test_reap_cancels_jobs_of_runs_that_are_over(prefect_server, prefect_worker, deployed, smoke_run, tmp_path):
-    root = prefect_worker.jobs_dir / "left-behind"
-    flow = prefect_server.post("/flows/", {"name": "reap-test-owner"})
-    running = prefect_server.post("/flow_runs/", {"flow_id": flow["id"], "state": {"type": "RUNNING"}})["id"]
+def reap_attempt(server, worker, smoke_run, tmp_path: Path, attempt: int) -> tuple[dict, set, str, float]:
+    """Leave six jobs behind, run the reap deployment; returns the jobs, the ids squeue lists
+    right after, the reap run's log and how long it took."""
+    root = worker.jobs_dir / f"left-behind-{attempt}"
+    flow = server.post("/flows/", {"name": "reap-test-owner"})
+    running = server.post("/flow_runs/", {"flow_id": flow["id"], "state": {"type": "RUNNING"}})["id"]
     jobs = {
         "over": submit_sleeper(f"nsdg-{smoke_run.flow_run_id}", root / "over"),  # its run Completed
         "unknown": submit_sleeper(f"nsdg-{uuid.uuid4()}", root / "unknown"),
         "running": submit_sleeper(f"nsdg-{running}", root / "running"),
         "not-a-flow-run": submit_sleeper("nsdg-cli-run-20260101", root / "cli"),
         "other-name": submit_sleeper(f"other-{uuid.uuid4()}", root / "other"),
-        "outside-root": submit_sleeper(f"nsdg-{uuid.uuid4()}", tmp_path / "another-installation"),
+        "outside-root": submit_sleeper(f"nsdg-{uuid.uuid4()}", tmp_path / f"another-installation-{attempt}"),
     }
     try:
-        run = run_deployment(prefect_server, "reap/reap", timeout=120)
-        assert run.returncode == 0, f"{run.output[-3000:]}\n--- worker ---\n{prefect_worker.log_tail()}"
+        run = run_deployment(server, "reap/reap", timeout=120)
+        assert run.returncode == 0, f"{run.output[-3000:]}\n--- worker ---\n{worker.log_tail()}"
         active = {job.job_id for job in SlurmClient().active_jobs()}
-        logs = "\n".join(prefect_server.logs(run.flow_run_id))
-        assert jobs["over"] not in active and f"cancelled job {jobs['over']}" in logs, logs
-        assert jobs["unknown"] not in active and f"cancelled job {jobs['unknown']}" in logs, logs
-        assert f"job {jobs['running']} " in logs and "RUNNING; kept" in logs, logs
-        kept = {k: jobs[k] for k in ("running", "not-a-flow-run", "other-name", "outside-root")}
-        assert set(kept.values()) <= active, f"kept jobs missing from squeue: {kept}; active {sorted(active)}"
-        print(f"\nreap: run took {run.seconds:.1f} s; cancelled {jobs['over']} and {jobs['unknown']}, kept {kept}")
+        return jobs, active, "\n".join(server.logs(run.flow_run_id)), run.seconds
     finally:
         run_command(["scancel", *jobs.values()], timeout=30, check=False)
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.slurm
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_reap_cancels_jobs_of_runs_that_are_over(prefect_server, prefect_worker, deployed, smoke_run, tmp_path):
+    # Another test session on the same cluster may cancel every nsdg-* job as it ends (its
+    # slurm_cluster fixture does): if the reaper found none of ours, that happened; try again.
+    for attempt in range(3):
+        jobs, active, logs, seconds = reap_attempt(prefect_server, prefect_worker, smoke_run, tmp_path, attempt)
+        if f"job {jobs['over']} " in logs:
+            break
+    assert f"cancelled job {jobs['over']} " in logs and "is COMPLETED" in logs, logs
+    assert f"cancelled job {jobs['unknown']} " in logs and "is unknown to the API" in logs, logs
+    assert re.search(rf"job {jobs['running']} \(nsdg-[0-9a-f-]+\): flow run \S+ is RUNNING; kept", logs), logs
+    for name in ("not-a-flow-run", "other-name", "outside-root"):  # never even looked at
+        assert f"job {jobs[name]} " not in logs, (name, logs)
+    assert "2 cancelled" in logs, logs
+    assert jobs["over"] not in active and jobs["unknown"] not in active
+    assert jobs["other-name"] in active  # (the nsdg-* ones may fall to another session's cleanup)
+    print(f"\nreap: the run took {seconds:.1f} s (attempt {attempt + 1}); cancelled the jobs of a Completed run "
+          f"and of an unknown run, kept the Running run's job and the jobs out of its scope")
