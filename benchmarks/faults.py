@@ -222,10 +222,11 @@ def case_slurm_job_cancelled(tmp: Path) -> Row:
 
     port = _free_port()
     cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated", "--host", "0.0.0.0",
-           "--port", str(port), "--extra-latency", "0.2"]
+           "--port", "{port}", "--extra-latency", "0.2"]  # each launch gets its own port
     env = {"NSDG_EXTRA_PROFILES": json.dumps(TEST_PROFILES), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
            "NSDG_SLURM__JOB_ROOT": str(tmp / "jobs"), "NSDG_SLURM__TIME_LIMIT": "00:10:00",
-           "NSDG_SERVER__PORT": str(port), "NSDG_SERVER__COMMAND": json.dumps(cmd), "NSDG_WORK_DIR": str(tmp / "work")}
+           "NSDG_SERVER__PORT": str(port), "NSDG_SERVER__COMMAND": json.dumps(cmd), "NSDG_WORK_DIR": str(tmp / "work"),
+           "NSDG_SERVER__READY_TIMEOUT_S": "180"}
     expected = write_prompts(tmp / "in.jsonl", 100)
     run_dir = tmp / "out" / "r"
     client = SlurmClient()

@@ -172,12 +172,14 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
     )
     store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)
+    summary = {"records in": the_plan.records_in, "written": written, "rejected": the_plan.rejected + refused,
+               "tokens generated": tokens, "records/s": manifest.throughput["records_per_s"],
+               **{f"{phase} (s)": round(v, 2) for phase, v in timings.items()},
+               "server restarts": restarts, "replicas": len({r["replica"] for r in replicas}),
+               "GPU-hours held": round(sum(r["gpu_hours"] for r in replicas), 3), "manifest": manifest_uri}
+    # One row per figure: a wide one-row table is cut off in the UI.
     create_table_artifact(
-        [{"records in": the_plan.records_in, "written": written, "rejected": the_plan.rejected + refused,
-          "tokens generated": tokens, "server restarts": restarts, "replicas": len({r["replica"] for r in replicas}),
-          "GPU-hours held": round(sum(r["gpu_hours"] for r in replicas), 3),
-          **{f"{k} s": round(v, 2) for k, v in timings.items()},
-          "records/s": manifest.throughput["records_per_s"], "manifest": manifest_uri}],
+        [{"figure": k, "value": str(v)} for k, v in summary.items()],
         key=f"summary-{_artifact_key(cfg.run_id)}", description=f"run {cfg.run_id}: manifest at {manifest_uri}",
     )
     logger.info("run %s complete: %d records in %d parts; manifest %s", cfg.run_id, written, len(parts), manifest_uri)
