@@ -138,8 +138,9 @@ def test_local_smoke_run_publishes_and_shows_artifacts(smoke_run, prefect_server
     assert artifacts[f"progress-{key}"]["type"] == "progress" and float(artifacts[f"progress-{key}"]["data"]) == 100.0
     table = artifacts[f"summary-{key}"]
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
-    assert table["type"] == "table" and rows[0]["manifest"] == str(run_dir / "manifest.json")
-    assert rows[0]["written"] == len(inputs)
+    figures = {row["figure"]: row["value"] for row in rows}  # one row per figure
+    assert table["type"] == "table" and figures["manifest"] == str(run_dir / "manifest.json")
+    assert figures["written"] == str(len(inputs)) and "generation (s)" in figures and "GPU-hours held" in figures
     print(f"\nlocal-smoke: `prefect deployment run --watch` took {smoke_run.seconds:.1f} s")
 
 

@@ -564,7 +564,9 @@ def test_dead_man_switch_waits_while_the_heartbeat_moves(tmp_path, job_dir, stub
         stop.set()
         stopped = time.monotonic()
         wait_for_file(stubs / "scancel.args", 10)
-        assert time.monotonic() - stopped > 1.0
+        # The switch counts whole seconds on the node's clock and the last beat may be 0.3 s old:
+        # with a 2 s timeout it may fire from ~0.7 s after the beats stop.
+        assert time.monotonic() - stopped > 0.5
         assert "unchanged for" in (job_dir / "cancel-reason").read_text()
         os.kill(proc.pid, signal.SIGTERM)
         rc, out = finish(proc, timeout=15)
