@@ -24,6 +24,7 @@ class Record:
     prompt: str
     line: int
     fields: dict = field(default_factory=dict)
+    given_id: bool = False  # the input named it; derived ids are unique by construction
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str, id_field: 
     if rid is not None and not isinstance(rid, (str, int)):
         return BadLine(line, f"id field {id_field!r} must be a string or integer", shown)
     passthrough = {k: v for k, v in obj.items() if k not in (prompt_field, id_field)}
-    return Record(str(rid) if rid is not None else derived_id(line, prompt), prompt, line, passthrough)
+    if rid is None:
+        return Record(derived_id(line, prompt), prompt, line, passthrough)
+    return Record(str(rid), prompt, line, passthrough, given_id=True)
 
 
 def iter_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:

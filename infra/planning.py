@@ -131,6 +131,8 @@ class RecordCheck:
                 reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
         if reason is not None:
             return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
+        if not rec.given_id:
+            return rec  # derived from the line number: unique, and no memory spent on it
         key = hash(rec.id)  # an int per record, not the id string: memory stays small at 1M records
         if key in self.seen:
             return BadLine(rec.line, f"duplicate id {rec.id!r}", rec.prompt[:200])

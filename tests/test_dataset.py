@@ -11,7 +11,7 @@ def lines(*objs) -> io.BytesIO:
 
 def test_records_ids_and_passthrough():
     items = list(iter_input(lines({"id": "a", "prompt": "p1", "topic": "x"}, {"prompt": "p2"}), "jsonl", "prompt"))
-    assert items[0] == Record("a", "p1", 1, {"topic": "x"})
+    assert items[0] == Record("a", "p1", 1, {"topic": "x"}, given_id=True)
     assert items[1].id == derived_id(2, "p2") and items[1].line == 2
 
 

@@ -333,6 +333,9 @@ def _is_json_type(content_type: str | None) -> bool:
 
 class GenerateHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like Werkzeug's threaded server
+    # Headers and body go out in two send() calls: without TCP_NODELAY, Nagle's algorithm holds
+    # the body until the client's delayed ACK (~40 ms a reply), a stall no real server has.
+    disable_nagle_algorithm = True
     server_version = "nemotron-sdg-local/0.1"
     server: "LocalHTTPServer"
 
