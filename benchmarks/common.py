@@ -25,6 +25,12 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# Every process a benchmark starts, as (tag, env settings, argv), for results.md.
+COMMANDS: list[tuple[str, dict[str, str], list[str]]] = []
+
+
+def note_command(tag: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    COMMANDS.append((tag, dict(env or {}), list(argv)))
 
 
 def free_port() -> int:
@@ -186,6 +192,7 @@ def local_server(workdir: Path, name: str, cost: Cost = Cost(), extra: Sequence[
     port_file.unlink(missing_ok=True)
     stats_file.unlink(missing_ok=True)
     log = open(d / "server.log", "wb")
+    note_command(f"server {name}", server_argv(port_file, stats_file, cost, extra=extra, stock=stock))
     proc = subprocess.Popen(server_argv(port_file, stats_file, cost, extra=extra, stock=stock), env=base_env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -241,12 +248,13 @@ def busy_window(stats: list[dict], *, drop_probe: bool = True) -> BusyWindow:
 # --------------------------------------------------------------------------- inputs
 
 
-def write_prompts(path: Path, n: int, *, prompt=lambda i: f"Prompt number {i}: write one sentence about data.") -> Path:
-    """JSONL with ids r0..r{n-1}, written in chunks (1M lines in about a second)."""
+def write_prompts(path: Path, n: int, *, prompt=lambda i: f"Prompt number {i}: write one sentence about data.",
+                  ids: bool = True) -> Path:
+    """JSONL with ids r0..r{n-1} (or no id field: the flow derives ids), written in chunks."""
     with open(path, "w", encoding="utf-8") as f:
         chunk = []
         for i in range(n):
-            chunk.append(json.dumps({"id": f"r{i}", "prompt": prompt(i)}))
+            chunk.append(json.dumps({"id": f"r{i}", "prompt": prompt(i)} if ids else {"prompt": prompt(i)}))
             if len(chunk) == 10_000:
                 f.write("\n".join(chunk) + "\n")
                 chunk = []
@@ -279,6 +287,7 @@ def run_flow(workdir: Path, api: PrefectAPI, params: dict, *, settings_env: dict
     argv = [PY, "-m", "benchmarks.flow_child", "--params", json.dumps(params), "--out", str(out)]
     if rss_sample_s:
         argv += ["--rss-sample-s", str(rss_sample_s)]
+    note_command(tag, argv, settings_env)
     with open(workdir / f"{tag}.stderr", "wb") as err:
         proc = subprocess.run(argv, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout)
     stderr = (workdir / f"{tag}.stderr").read_text(errors="replace")

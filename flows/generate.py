@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from flows.params import RunParams, document_parameters, resolve_run_id
@@ -99,7 +100,8 @@ def generate(
         pool = Pool(
             make_backend=lambda i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id), replica=i),
             start=start,
-            submit=lambda client, shard, backend: generate_shard.submit(client, shard, job, store, backend, breaker),
+            # quote(): Prefect would otherwise walk every record of the shard twice per task run.
+            submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), job, store, backend, breaker),
             release=timed_release,
             shards=iter_shards(usable_records(stream, cfg, settings, the_plan.format), cfg.shard_size,
                                skip=frozenset(the_plan.done)),

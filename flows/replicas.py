@@ -94,6 +94,7 @@ class Pool:
     restarts: int = 0
     first_ready: float | None = None
     _exhausted: bool = False
+    _unreported: deque = field(default_factory=deque)
 
     def run(self) -> list[ShardResult]:
         try:
@@ -127,6 +128,12 @@ class Pool:
         for rep in list(self.members):
             for fut in [f for f in rep.in_flight if f.wrapped_future.done()]:
                 self._collect(rep, fut)
+        # Refill before reporting: a slow progress update must not leave a server idle.
+        for rep in self._active():
+            if rep.state == "ready":
+                self._fill(rep)
+        while self._unreported:
+            self.on_result(self._unreported.popleft())
         for rep in list(self._active()):
             if rep.state == "ready" and not rep.in_flight and self._no_work_left():
                 self._retire(rep, "queue empty")
@@ -168,7 +175,7 @@ class Pool:
         rep.shards += 1
         rep.intervals.append((result.started_at, result.finished_at))
         self.results.append(result)
-        self.on_result(result)
+        self._unreported.append(result)
 
     def _lose(self, rep: Replica, exc: BaseException) -> None:
         """Release the replica (its other shards then fail fast and are requeued) and replace it."""

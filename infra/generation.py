@@ -60,15 +60,19 @@ class Breaker:
     def __init__(self, window: int = 500, max_share: float = 0.10):
         self.window, self.max_share = window, max_share
         self._outcomes: deque[bool] = deque(maxlen=window)
+        self._failed = 0  # failures now in the window, kept as outcomes enter and leave
         self._reasons: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def record(self, ok: bool, reason: str | None = None) -> None:
         with self._lock:
+            if len(self._outcomes) == self.window and not self._outcomes[0]:
+                self._failed -= 1
             self._outcomes.append(ok)
             if not ok:
+                self._failed += 1
                 self._reasons[(reason or "unknown")[:120]] += 1
-            failed = self._outcomes.count(False)
+            failed = self._failed
             if failed > self.max_share * self.window:
                 top = "; ".join(f"{n}× {r}" for r, n in self._reasons.most_common(3))
                 raise CircuitOpen(

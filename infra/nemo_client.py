@@ -90,7 +90,11 @@ class NemoClient:
         count_tokens: Callable[[str], int] = estimate_tokens,
     ):
         self.base_url = base_url.rstrip("/")
-        self.session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            # The server is cluster-internal: skip requests' per-call proxy/.netrc lookups.
+            session.trust_env = False
+        self.session = session
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.context_length = context_length

@@ -100,3 +100,15 @@ def test_truncate_left_keeps_the_end_of_long_prompts(workdir):
     plan = make_plan(cfg(src, overlong_prompts="truncate_left"), Settings(), store)
     assert plan.records_in == 1 and plan.rejected == 0
     assert plan.config["overlong_prompts"] == "truncate_left"
+
+
+def test_breaker_trips_on_the_share_of_the_window():
+    from infra.errors import CircuitOpen
+    from infra.generation import Breaker
+
+    b = Breaker(window=20, max_share=0.1)
+    for i in range(200):  # 1 failure in 10: at the limit, never above it
+        b.record(i % 10 != 0, "bad")
+    with pytest.raises(CircuitOpen, match="3 of the last 20"):
+        b.record(False, "boom")
+        b.record(False, "boom")
