@@ -57,6 +57,7 @@ test-fast: $(STAMP) $(MODEL_DIR)/config.json
 # Every benchmark in one go; writes benchmarks/results.md.
 bench: $(STAMP) slurm-up
 	$(PY) -m benchmarks.run --out benchmarks/results.md
+	$(PY) -m benchmarks.replicas --out benchmarks/results.md --append
 
 # The fault suite: each fault against the real stand-ins, then a table of what was lost.
 faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up

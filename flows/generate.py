@@ -115,8 +115,8 @@ def generate(
         finally:
             ready = pool.first_ready
             timings["queue_and_load"] = (ready or time.time()) - t_wall
-            if ready:
-                timings["generation"] = time.time() - ready
+            if ready:  # first replica ready -> last shard published (releases are timed apart)
+                timings["generation"] = (pool.last_result_at or time.time()) - ready
     gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,

@@ -93,6 +93,7 @@ class Pool:
     results: list[ShardResult] = field(default_factory=list)
     restarts: int = 0
     first_ready: float | None = None
+    last_result_at: float | None = None
     _exhausted: bool = False
     _unreported: deque = field(default_factory=deque)
 
@@ -135,8 +136,10 @@ class Pool:
         while self._unreported:
             self.on_result(self._unreported.popleft())
         for rep in list(self._active()):
-            if rep.state == "ready" and not rep.in_flight and self._no_work_left():
-                self._retire(rep, "queue empty")
+            # As soon as the queue is empty and its own last shard is done: not when the slowest
+            # replica finishes. (A replica lost later is replaced within max_server_restarts.)
+            if not rep.in_flight and self._queue_empty():
+                self._retire(rep, "queue empty" if rep.state == "ready" else "queue empty before it was ready")
 
     def _launch(self, index: int) -> None:
         # The backend gets the launch number: a replacement must not reuse the port (or the job
@@ -174,6 +177,7 @@ class Pool:
         rep.records += result.part.records
         rep.shards += 1
         rep.intervals.append((result.started_at, result.finished_at))
+        self.last_result_at = max(self.last_result_at or 0.0, result.finished_at)
         self.results.append(result)
         self._unreported.append(result)
 
@@ -221,18 +225,23 @@ class Pool:
         self._exhausted = shard is None
         return shard
 
-    def _no_work_left(self) -> bool:
-        if self.requeued:
+    def _queue_empty(self) -> bool:
+        """No shard left to hand out, now or later: shards still running on a released replica
+        will come back to the queue."""
+        if self.requeued or any(rep.in_flight for rep in self.members if rep.state == "released"):
             return False
         if not self._exhausted:
-            # Peek: pull the next shard into the requeue so "no work" is exact.
+            # Peek: pull the next shard into the requeue so "empty" is exact.
             shard = next(self.shards, None)
             if shard is None:
                 self._exhausted = True
             else:
                 self.requeued.append(shard)
                 return False
-        return not any(rep.in_flight for rep in self.members)
+        return True
+
+    def _no_work_left(self) -> bool:
+        return self._queue_empty() and not any(rep.in_flight for rep in self.members)
 
     def _active(self) -> list[Replica]:
         return [r for r in self.members if r.state != "released"]
@@ -245,5 +254,9 @@ class Pool:
                 self._retire(rep, "queue empty")
             return True
         if not self._active():
-            raise ServerLost("every replica is gone and work remains; rerun with the same run_id to finish")
+            if self.restarts >= self.restarts_allowed:
+                raise ServerLost("every replica is gone and work remains; rerun with the same run_id to finish")
+            self.restarts += 1
+            log.warning("no replica left and work remains; starting one (restart %d of %d)", self.restarts, self.restarts_allowed)
+            self._launch(len(self.members))
         return False

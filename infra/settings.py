@@ -80,7 +80,7 @@ class ServerSettings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0, le=300)
     read_timeout_s: float = Field(1800.0, gt=0, le=86_400)
     ready_timeout_s: float = Field(2700.0, gt=0, le=86_400, description="one deadline for the whole wait (45 min for 340B)")
-    ready_poll_s: float = Field(0.5, gt=0, le=60)
+    ready_poll_s: float = Field(0.25, gt=0, le=60)
     max_in_flight: int = Field(2, ge=1, le=8, description="requests kept in flight: one computing, one queued")
     max_server_restarts: int = Field(2, ge=0, le=20, description="new servers started after one dies or hangs mid-run")
     breaker_window: int = Field(500, ge=10, le=1_000_000, description="records the circuit breaker looks back over")

@@ -1,0 +1,93 @@
+"""Replica scaling (issue 8): records/s of the real `generate` flow with K = 1, 2, 4 simulated
+server replicas (local backend, one server process each, ≈0.4 s per batch), and the seconds each
+replica stayed allocated after its last shard ended (released as soon as the queue is empty).
+
+    python -m benchmarks.replicas --out benchmarks/results.md --append
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.faults import environment
+
+RECORDS, BATCH, SHARD, LATENCY = 2048, 16, 16, 0.4
+TARGETS = {2: 1.9, 4: 3.7}
+
+
+def run_once(tmp: Path, k: int) -> dict:
+    from flows.generate import generate
+
+    src = tmp / "in.jsonl"
+    if not src.exists():
+        src.write_text("".join(json.dumps({"prompt": f"replica benchmark prompt {i}"}) + "\n" for i in range(RECORDS)))
+    env = {"NSDG_LOCAL__ENGINE": "simulated", "NSDG_WORK_DIR": str(tmp / "work"),
+           "NSDG_LOCAL__EXTRA_ARGS": json.dumps(["--extra-latency", str(LATENCY)])}
+    with environment(env):
+        result = generate(input_uri=str(src), output_uri=str(tmp / "out"), run_id=f"k{k}-{time.time_ns()}",
+                          shard_size=SHARD, batch_size=BATCH, replicas=k,
+                          sampling={"tokens_to_generate": 8, "greedy": True})
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    gen_s = manifest["timings_s"]["generation"]
+    idle = [r["idle_after_last_shard_s"] for r in manifest["replicas"] if r["idle_after_last_shard_s"] is not None]
+    return {"k": k, "records_per_s": RECORDS / gen_s, "generation_s": gen_s, "idle_max_s": max(idle),
+            "busy": [r["busy_fraction"] for r in manifest["replicas"]], "records": [r["records"] for r in manifest["replicas"]]}
+
+
+def measure(repeats: int = 2) -> list[dict]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    rows = []
+    with prefect_test_harness(server_startup_timeout=90), tempfile.TemporaryDirectory(prefix="nsdg-replicas-") as tmp:
+        for k in (1, 2, 4):
+            runs = [run_once(Path(tmp), k) for _ in range(repeats)]
+            rows.append({"k": k, "records_per_s": statistics.median(r["records_per_s"] for r in runs),
+                         "idle_max_s": max(r["idle_max_s"] for r in runs), "runs": runs})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    base = rows[0]["records_per_s"]
+    lines = [
+        "", "## Replicas (`benchmarks/replicas.py`)", "",
+        f"The real `generate` flow, local backend, K simulated servers (one process each, `--extra-latency {LATENCY}` s "
+        f"per request), {RECORDS} records, batches of {BATCH}, shards of {SHARD}, 2 requests in flight per replica; "
+        "records/s over the generation phase (first replica ready → last shard done), median of 2 runs; idle = seconds a "
+        "replica stayed allocated after its own last shard ended (max over replicas and runs).", "",
+        "| replicas | records/s | speed-up vs K = 1 | target | idle after queue empty (max) | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        k, speed = row["k"], row["records_per_s"] / base
+        target = TARGETS.get(k)
+        met = "" if target is None else f"≥ ×{target}: {'met' if speed >= target else '**missed**'}"
+        idle_met = "met" if row["idle_max_s"] <= 5 else "**missed**"
+        lines.append(f"| {k} | {row['records_per_s']:.1f} | ×{speed:.2f} | {met} | {row['idle_max_s']:.2f} s | ≤ 5 s: {idle_met} |")
+    lines += ["", "Command: `python -m benchmarks.replicas --out benchmarks/results.md --append` (part of `make bench`).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.replicas", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="markdown file to write (or append to)")
+    parser.add_argument("--append", action="store_true", help="append the section instead of replacing the file")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    text = markdown(measure())
+    print(text)
+    if args.out:
+        with open(args.out, "a" if args.append else "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
