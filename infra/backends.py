@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from infra.commands import tail
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError, ServerNotReady
 from infra.nemo_client import NemoClient
 from infra.process import start_process_group, stop_process_group, stop_process_group_by_pid
 from infra.settings import Profile, Settings
+from infra.slurm.client import log_tail
 from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,6 @@ class Backend(Protocol):
     def release(self) -> None: ...
     def ready_timeout(self) -> float: ...
     def status(self) -> str: ...
-
-
-def read_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return tail(path.read_text(errors="replace"), lines)
-    except FileNotFoundError:
-        return "(no log yet)"
 
 
 class LocalBackend:
@@ -86,7 +79,7 @@ class LocalBackend:
     def dead_reason(self) -> str | None:
         if self.proc is None or self.proc.poll() is None:
             return None
-        return f"local server exited with code {self.proc.returncode}; log tail ({self.log_path}):\n{read_tail(self.log_path)}"
+        return f"local server exited with code {self.proc.returncode}; log tail ({self.log_path}):\n{log_tail(self.log_path) or '(no log yet)'}"
 
     def release(self) -> None:
         if self.proc is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.errors import ConfigError
+from infra.nemo_client import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class ByteEstimate:
     description: str = "UTF-8 byte count (an upper bound on tokens)"
 
     def count(self, text: str) -> int:
-        return len(text.encode("utf-8"))
+        return estimate_tokens(text)
 
     def keep_last(self, text: str, tokens: int) -> str:
         return text.encode("utf-8")[-tokens:].decode("utf-8", errors="ignore") if tokens > 0 else ""
