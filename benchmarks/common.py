@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import requests
 
+from tests.ports import free_port  # noqa: F401  (used here and by the other benchmarks)
+
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # Every process a benchmark starts, as (tag, env settings, argv), for results.md.
@@ -31,12 +32,6 @@ COMMANDS: list[tuple[str, dict[str, str], list[str]]] = []
 
 def note_command(tag: str, argv: list[str], env: dict[str, str] | None = None) -> None:
     COMMANDS.append((tag, dict(env or {}), list(argv)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def median(values: Sequence[float]) -> float:

@@ -219,8 +219,9 @@ def case_slurm_job_cancelled(tmp: Path) -> Row:
     """scancel the server's Slurm job from outside mid-run: a new job takes over."""
     from flows.generate import generate
     from infra.slurm.client import SlurmClient
+    from tests.ports import free_port
 
-    port = _free_port()
+    port = free_port(span=8)
     cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated", "--host", "0.0.0.0",
            "--port", "{port}", "--extra-latency", "0.2"]  # each launch gets its own port
     env = {"NSDG_EXTRA_PROFILES": json.dumps(TEST_PROFILES), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
@@ -342,14 +343,6 @@ def _wait(predicate: Callable[[], bool], seconds: float, what: str) -> None:
     from infra.deadline import Deadline, poll_until
 
     poll_until(lambda: True if predicate() else None, deadline=Deadline(seconds), interval=0.2, what=what)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -124,7 +124,7 @@ def one_run(workdir: Path, api: PrefectAPI, scenario: str, rep: int, cost: Cost,
     tag = f"slurm-{scenario}-{rep}"
     d = workdir / tag
     d.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port(span=8)  # launch k (replicas, then restarts) listens on port + k
     port_file, stats_file, marker = d / "port", d / "stats.jsonl", d / "crash-marker"
     extra = ["--load-delay", str(load_delay)]
     if scenario == "crash":

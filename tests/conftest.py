@@ -4,11 +4,12 @@ cluster (tests/fixtures_slurm.py), moto's S3 server (tests/fixtures_s3.py), a Pr
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port  # noqa: F401  (re-exported for the fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fixtures_slurm", "tests.fixtures_s3", "tests.fixtures_prefect"]
@@ -19,12 +20,6 @@ for _name in [n for n in os.environ if n.startswith("NSDG_") and n not in ("NSDG
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from infra.deadline import Deadline, poll_until
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -107,12 +108,6 @@ def sim_finishing(tmp_path_factory):
     server = ServerProcess(workdir, "--engine", "simulated", "--sim-finish-fraction", "1").wait_listening()
     yield server
     assert server.stop() == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_refuses(port: int) -> bool:

@@ -17,6 +17,7 @@ from infra.slurm.client import (
     JobState,
     SlurmClient,
     expand_hostlist,
+    first_error_lines,
     is_terminal,
     log_tail,
     normalize_state,
@@ -175,6 +176,20 @@ def test_log_tail(tmp_path):
     path.write_text("".join(f"line {i}\n" for i in range(100)))
     assert log_tail(path, lines=3) == "line 97\nline 98\nline 99"
     assert log_tail(path, lines=3, max_bytes=16).endswith("line 99")
+
+
+def test_first_error_lines(tmp_path):
+    assert first_error_lines(tmp_path / "missing.log") == []
+    path = tmp_path / "job.err"
+    path.write_text("loading\n2026 ERROR server: could not listen on 0.0.0.0:1424: Address already in use\n"
+                    + "".join(f"rank {i}: shutting down\n" for i in range(100))
+                    + "srun: error: node1: task 0: Exited with exit code 1\nTraceback (most recent call last):\n")
+    assert first_error_lines(path) == ["2026 ERROR server: could not listen on 0.0.0.0:1424: Address already in use",
+                                       "srun: error: node1: task 0: Exited with exit code 1",
+                                       "Traceback (most recent call last):"]
+    assert first_error_lines(path, limit=1) == ["2026 ERROR server: could not listen on 0.0.0.0:1424: Address already in use"]
+    assert first_error_lines(path, max_bytes=8) == []
+    assert "errors" not in " ".join(first_error_lines(path)) and first_error_lines(tmp_path) == []
 
 
 def test_job_state_describe():

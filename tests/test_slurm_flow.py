@@ -25,7 +25,7 @@ TEST_PROFILES = {
 
 @pytest.fixture
 def slurm_env(slurm_cluster, workdir, monkeypatch):
-    port = free_port()
+    port = free_port(span=8)  # launch k (replicas, then restarts) listens on port + k
     monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps(TEST_PROFILES))
     monkeypatch.setenv("NSDG_SLURM__CONTAINER_RUNTIME", "none")
     monkeypatch.setenv("NSDG_SLURM__JOB_ROOT", str(workdir / "jobs"))
@@ -73,6 +73,30 @@ def test_server_that_fails_at_start(slurm_env, workdir, monkeypatch):
     msg = str(exc.value)
     assert "FAILED" in msg and "bad checkpoint" in msg
     assert not our_jobs("slurm-fail")
+
+
+RANK0_FAILS_OTHERS_CHATTER = """
+import os, signal, sys, time
+if os.environ["SLURM_PROCID"] == "0":
+    print("ERROR could not listen on 0.0.0.0:1424: [Errno 98] Address already in use", file=sys.stderr, flush=True)
+    time.sleep(0.5)
+    sys.exit(1)
+def chatter(*_):
+    for i in range(10):
+        print(f"rank {os.environ['SLURM_PROCID']}: shutting down step {i}", file=sys.stderr, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, chatter)
+time.sleep(120)
+"""
+
+
+def test_first_failing_rank_is_named_although_the_others_log_after_it(slurm_env, workdir, monkeypatch):
+    """Rank 0 fails; srun stops the other 15, which log 150 lines after it: the error still shows."""
+    monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps([sys.executable, "-c", RANK0_FAILS_OTHERS_CHATTER]))
+    with pytest.raises(ServerNotReady) as exc:
+        generate(input_uri=prompts(workdir / "in.jsonl", 3), output_uri="out", run_id="slurm-rank0", profile="test2x8")
+    assert "Address already in use" in str(exc.value) and "first error lines" in str(exc.value)
+    assert not our_jobs("slurm-rank0")
 
 
 def test_job_that_never_starts_times_out_with_reason(slurm_env, workdir, monkeypatch):

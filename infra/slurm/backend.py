@@ -17,7 +17,7 @@ from pathlib import Path
 from infra.deadline import Deadline, poll_until
 from infra.errors import SlurmJobError
 from infra.settings import Profile, Settings
-from infra.slurm.client import SlurmClient, log_tail
+from infra.slurm.client import SlurmClient, first_error_lines, log_tail
 from infra.slurm.spec import HEARTBEAT_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ class SlurmBackend:
         parts = []
         for pattern in (STDOUT_PATTERN, STDERR_PATTERN):
             path = self.job_dir / pattern.replace("%x", self.job_name).replace("%j", self.job_id or "")
-            parts.append(f"--- {path.name} ---\n{log_tail(path)}")
+            tail = log_tail(path)
+            parts.append(f"--- {path.name} ---\n{tail}")
+            if earlier := [line for line in first_error_lines(path) if line not in tail]:
+                parts.append(f"--- first error lines of {path.name} ---\n" + "\n".join(earlier))
         return "\n".join(parts)
 
     def dead_reason(self) -> str | None:

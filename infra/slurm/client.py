@@ -278,6 +278,30 @@ def log_tail(path: str | os.PathLike[str], lines: int = 40, *, max_bytes: int = 
     return "\n".join(text.rstrip("\n").splitlines()[-lines:]) if lines > 0 else ""
 
 
+# The words a failing rank's first report carries: Python tracebacks and logging levels, srun's
+# and slurmstepd's "error:", NeMo's and CUDA's "Error"/"FATAL".
+_ERROR_LINE = re.compile(r"\b(error|exception|traceback|fatal)\b", re.IGNORECASE)
+
+
+def first_error_lines(path: str | os.PathLike[str], limit: int = 6, *, max_bytes: int = 16 * 1024 * 1024) -> list[str]:
+    """The first `limit` lines of a job's log that look like an error, from its first `max_bytes`.
+
+    With 16 ranks writing to one log, the rank that failed first reports once and then the other
+    fifteen log their shutdown: the cause is near the top, the tail is noise."""
+    found: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh.read(max_bytes).splitlines():
+                line = raw.decode("utf-8", errors="replace").rstrip()
+                if _ERROR_LINE.search(line):
+                    found.append(line)
+                    if len(found) >= limit:
+                        break
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
+    return found
+
+
 # --- the client ----------------------------------------------------------------------------------
 
 
