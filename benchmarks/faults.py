@@ -196,11 +196,14 @@ def case_flow_killed(tmp: Path) -> Row:
     run_dir = tmp / "out" / "r"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--input-uri", str(tmp / "in.jsonl"),
                              "--output-uri", str(tmp / "out"), "--run-id", "r", "--shard-size", "10", "--batch-size", "5"],
-                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "killed-run.log", "wb"))
+                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "killed-run.log", "wb"),
+                            start_new_session=True)
     try:
         _wait(lambda: any(run_dir.glob("part-*.state.json")), 180, "the first part of the run to be killed")
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        # The whole group: the flow and the temporary Prefect server it started (no API URL set),
+        # which would otherwise outlive the test. The local server runs in its own session.
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     killed_at = time.time()
     published_before = len(list(run_dir.glob("part-*.state.json")))

@@ -39,13 +39,10 @@ def slurm_up() -> bool:
 def our_jobs(run_id: str | None = None) -> dict[str, str]:
     """{job id: name} of queued/running jobs named nsdg-*; with `run_id`, only that run's (the
     flow puts `run=<run id>` in the job's comment). Other people's jobs on the cluster are not ours."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i|%j|%k"], capture_output=True, text=True, timeout=30).stdout
-    jobs = {}
-    for line in out.splitlines():
-        job_id, name, comment = (line.split("|", 2) + ["", ""])[:3]
-        if name.startswith(JOB_PREFIX) and (run_id is None or f"run={run_id} " in comment + " "):
-            jobs[job_id.strip()] = name
-    return jobs
+    from infra.slurm.client import SlurmClient
+
+    return {job.job_id: job.name for job in SlurmClient().active_jobs()
+            if job.name.startswith(JOB_PREFIX) and (run_id is None or f"run={run_id} " in (job.comment or "") + " ")}
 
 
 @dataclass

@@ -38,7 +38,6 @@ from infra.slurm.client import JobSummary, SlurmClient
 
 UNKNOWN_RUN = "unknown to the API"
 NO_ANSWER = "no answer from the API"
-SQUEUE_WORK_DIRS = "%i|%Z"
 
 
 @dataclass(frozen=True)
@@ -60,27 +59,18 @@ def flow_run_id_of(job_name: str) -> UUID | None:
         return None
 
 
-def parse_work_dirs(stdout: str) -> dict[str, str]:
-    """Output of `squeue -h -o '%i|%Z'` -> {job id: working directory}."""
-    dirs = {}
-    for line in stdout.splitlines():
-        job_id, sep, work_dir = line.strip().partition("|")
-        if sep and job_id:
-            dirs[job_id] = work_dir
-    return dirs
-
-
-def is_under(path: str, root: Path) -> bool:
+def is_under(path: str | None, root: Path) -> bool:
+    if not path:  # Path("") would resolve to the current directory
+        return False
     try:
         return Path(path).resolve().is_relative_to(root)
     except (OSError, ValueError):
         return False
 
 
-def jobs_of_flow_runs(jobs: list[JobSummary], work_dirs: dict[str, str], job_root: Path) -> list[JobSummary]:
+def jobs_of_flow_runs(jobs: list[JobSummary], job_root: Path) -> list[JobSummary]:
     """Only `nsdg-<flow-run id>` jobs running in a directory under `job_root`."""
-    return [job for job in jobs
-            if flow_run_id_of(job.name) is not None and is_under(work_dirs.get(job.job_id, ""), job_root)]
+    return [job for job in jobs if flow_run_id_of(job.name) is not None and is_under(job.work_dir, job_root)]
 
 
 def judge(job: JobSummary, run_state: StateType | str) -> Verdict:
@@ -113,11 +103,6 @@ def run_states(run_ids: set[UUID], logger) -> dict[UUID, StateType | str]:
     return states
 
 
-def work_dirs(slurm: SlurmClient) -> dict[str, str]:
-    result = slurm.runner(["squeue", "-h", "-o", SQUEUE_WORK_DIRS], timeout=slurm.command_timeout, check=True)
-    return parse_work_dirs(result.stdout)
-
-
 @flow(name="reap")
 def reap(
     dry_run: Annotated[bool, Field(description="only report which jobs would be cancelled")] = False,
@@ -131,7 +116,7 @@ def reap(
     settings = load_settings()
     slurm = SlurmClient(command_timeout=settings.slurm.command_timeout_s)
     job_root = Path(settings.slurm.job_root).expanduser().resolve()
-    ours = jobs_of_flow_runs(slurm.active_jobs(), work_dirs(slurm), job_root)
+    ours = jobs_of_flow_runs(slurm.active_jobs(), job_root)
     states = run_states({flow_run_id_of(job.name) for job in ours}, logger)
     verdicts = [judge(job, states[flow_run_id_of(job.name)]) for job in ours]
     cancelled, failed = [], []

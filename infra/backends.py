@@ -15,7 +15,7 @@ from typing import Protocol
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError, ServerNotReady
 from infra.nemo_client import NemoClient
-from infra.process import start_process_group, stop_process_group, stop_process_group_by_pid
+from infra.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
 from infra.settings import Profile, Settings
 from infra.slurm.client import log_tail
 from infra.tokens import token_counter
@@ -66,7 +66,7 @@ class LocalBackend:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         self.proc = start_process_group(self.argv(), log_path=self.log_path)
-        (self.dir / "pgid").write_text(str(self.proc.pid))
+        (self.dir / "pgid").write_text(group_identity(self.proc))
         log.info("started local server (pid %d), log %s", self.proc.pid, self.log_path)
 
     def url(self) -> str | None:
@@ -102,10 +102,9 @@ def release_local_by_run(server_dir: Path) -> None:
     run in another process."""
     for pgid_file in sorted(server_dir.glob("**/pgid")):
         try:
-            pgid = int(pgid_file.read_text())
+            stop_process_group_by_identity(pgid_file.read_text(), grace=10.0)
         except (FileNotFoundError, ValueError):
             continue
-        stop_process_group_by_pid(pgid, grace=10.0)
 
 
 class AttachBackend:

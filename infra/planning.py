@@ -17,6 +17,7 @@ from pathlib import Path
 
 from infra.dataset import BadLine, Format, Record, detect_format, iter_input, part_name, shard_count
 from infra.errors import ConfigError, InputError
+from infra.idset import IdSet
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
 from infra.sampling import SamplingParams
@@ -119,7 +120,7 @@ class RecordCheck:
         self.sampling, self.context = cfg.sampling, settings.model.context_length
         self.counter = token_counter(cfg.tokenizer)
         self.truncate = cfg.overlong_prompts == "truncate_left"
-        self.seen: set[int] = set()
+        self.seen = IdSet()
 
     def __call__(self, rec: Record) -> Record | BadLine:
         reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
@@ -133,10 +134,8 @@ class RecordCheck:
             return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
         if not rec.given_id:
             return rec  # derived from the line number: unique, and no memory spent on it
-        key = hash(rec.id)  # an int per record, not the id string: memory stays small at 1M records
-        if key in self.seen:
+        if not self.seen.add(rec.id):
             return BadLine(rec.line, f"duplicate id {rec.id!r}", rec.prompt[:200])
-        self.seen.add(key)
         return rec
 
 

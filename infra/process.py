@@ -47,17 +47,44 @@ def stop_process_group(proc: subprocess.Popen, *, grace: float = 10.0) -> int | 
         _signal_group(proc.pid, signal.SIGKILL)
 
 
-def stop_process_group_by_pid(pgid: int, *, grace: float = 10.0) -> None:
-    """The same stop for a group we did not start in this process (found through a pid file)."""
-    import time
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (/proc/PID/stat field 22), or None if it is
+    gone. A pid and its start time name one process: the kernel reuses pids, not both."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count fields after the last ")".
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
-    from infra.deadline import Deadline
 
+def group_identity(proc: subprocess.Popen) -> str:
+    """What a pid file holds for a group we started: "PGID START_TICKS"."""
+    return f"{proc.pid} {start_ticks(proc.pid)}"
+
+
+def stop_process_group_by_identity(identity: str, *, grace: float = 10.0) -> None:
+    """The same stop for a group we did not start in this process, found through its pid file
+    (crash hooks run in another process).
+
+    The group is signalled only while it is still ours: its leader alive with the recorded start
+    time, or the leader gone and members left (the kernel does not reuse a pid that still names a
+    group). A leader alive with another start time is a stranger that got the pid: left alone."""
+    from infra.deadline import Deadline, poll_until
+    from infra.errors import DeadlineExceeded
+
+    pgid_text, _, ticks_text = identity.strip().partition(" ")
+    pgid = int(pgid_text)
+    recorded = int(ticks_text) if ticks_text.strip().isdigit() else None
+    now = start_ticks(pgid)
+    if recorded is not None and now is not None and now != recorded:
+        log.info("pid %d was reused by another process since our server had it; not signalling it", pgid)
+        return
     if not _signal_group(pgid, signal.SIGTERM):
         return
-    deadline = Deadline(grace)
-    while not deadline.expired():
-        if not _signal_group(pgid, 0):
-            return
-        time.sleep(0.1)
-    _signal_group(pgid, signal.SIGKILL)
+    try:
+        poll_until(lambda: None if _signal_group(pgid, 0) else True, deadline=Deadline(grace), interval=0.1,
+                   what=f"process group {pgid} to exit after SIGTERM")
+    except DeadlineExceeded:
+        log.warning("process group %d ignored SIGTERM for %.0f s; sending SIGKILL", pgid, grace)
+        _signal_group(pgid, signal.SIGKILL)

@@ -259,11 +259,11 @@ def cancel_jobs_under(root: Path) -> list[str]:
     """Cancel every Slurm job whose working directory is under `root` (this session's jobs)."""
     if shutil.which("squeue") is None:
         return []
-    from flows.reap import parse_work_dirs, is_under
+    from flows.reap import is_under
+    from infra.slurm.client import SlurmClient
 
     try:
-        dirs = parse_work_dirs(run_command(["squeue", "-h", "-o", "%i|%Z"], timeout=30).stdout)
-        ids = [job_id for job_id, work_dir in dirs.items() if is_under(work_dir, root.resolve())]
+        ids = [job.job_id for job in SlurmClient().active_jobs() if is_under(job.work_dir, root.resolve())]
         if ids:
             run_command(["scancel", *ids], timeout=30, check=False)
         return ids

@@ -2,7 +2,8 @@
 
 `slurm_cluster` (session scope) runs infra/cluster/start-local-slurm.sh, which is idempotent
 and quick when the cluster is already up, and yields where it lives. At the end of the session
-it cancels the jobs still queued whose name starts with `nsdg-`; the daemons keep running,
+it cancels this session's jobs still queued (named `nsdg-...`, running under its temporary
+directories or the directory it runs in); the daemons keep running,
 because starting them again is slow. Tests name their jobs `nsdg-...` so nothing leaks.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.reap import is_under
 from infra.commands import run_command
 from infra.errors import CommandError
 from infra.slurm.client import SlurmClient
@@ -48,15 +50,19 @@ def _controller_answers() -> bool:
         return False
 
 
-def cancel_test_jobs(client: SlurmClient, prefix: str = JOB_PREFIX) -> list[str]:
-    ids = [job.job_id for job in client.active_jobs() if job.name.startswith(prefix)]
+def cancel_test_jobs(client: SlurmClient, roots: list[Path], prefix: str = JOB_PREFIX) -> list[str]:
+    """Cancel this session's leftover jobs: named `nsdg-...` and running under one of `roots` (its
+    temporary directories, the directory it runs in), so a second session's jobs are left alone."""
+    roots = [root.resolve() for root in roots]
+    ids = [job.job_id for job in client.active_jobs()
+           if job.name.startswith(prefix) and any(is_under(job.work_dir, root) for root in roots)]
     for job_id in ids:
         client.cancel(job_id)
     return ids
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[LocalSlurmCluster]:
+def slurm_cluster(tmp_path_factory) -> Iterator[LocalSlurmCluster]:
     state_dir = Path(os.environ.get("NSDG_SLURM_STATE_DIR", "/var/lib/nsdg-slurm"))
     if os.geteuid() == 0:
         try:
@@ -68,6 +74,6 @@ def slurm_cluster() -> Iterator[LocalSlurmCluster]:
     cluster = LocalSlurmCluster(state_dir=state_dir)
     yield cluster
     try:
-        cancel_test_jobs(cluster.client)
+        cancel_test_jobs(cluster.client, [tmp_path_factory.getbasetemp(), Path.cwd()])
     except CommandError as exc:  # cleanup must not hide the tests' own result
         print(f"fixtures_slurm: could not cancel leftover {JOB_PREFIX}* jobs: {exc}")

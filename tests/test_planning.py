@@ -112,3 +112,17 @@ def test_breaker_trips_on_the_share_of_the_window():
     with pytest.raises(CircuitOpen, match="3 of the last 20"):
         b.record(False, "boom")
         b.record(False, "boom")
+
+
+def test_idset_remembers_every_id_across_growth():
+    from infra.idset import IdSet, digest
+
+    ids = IdSet()
+    assert all(ids.add(f"rec-{i}") for i in range(5000))  # grows 1024 -> 16384 slots on the way
+    assert len(ids) == 5000
+    assert not any(ids.add(f"rec-{i}") for i in range(5000))
+    assert ids.add("rec-5000") and not ids.add("rec-5000")
+    assert ids.add("") and not ids.add("")
+    assert ids.add("\udcff") and ids.add("é") and not ids.add("é")  # lone surrogates from the reader too
+    assert digest("rec-1") == digest("rec-1") != digest("rec-2")
+    assert digest("rec-1") == 0xF4898645B3C0932D  # the same in every process: BLAKE2b, not the salted hash()

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import psutil
 import pytest
 
-from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of_flow_runs, judge, parse_work_dirs
+from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of_flow_runs, judge
 from infra.commands import run_command
 from infra.deadline import Deadline, poll_until
 from infra.slurm.client import JobSummary, SlurmClient
@@ -37,8 +37,8 @@ MID_RUN_S = 180.0  # queue + readiness + the first published shard, on a 2-core 
 # --- the reaper's rules (pure) ---------------------------------------------------------------
 
 
-def _job(name: str, job_id: str = "7") -> JobSummary:
-    return JobSummary(job_id=job_id, name=name, state="RUNNING", comment=None)
+def _job(name: str, job_id: str = "7", work_dir: str | None = None) -> JobSummary:
+    return JobSummary(job_id=job_id, name=name, state="RUNNING", comment=None, work_dir=work_dir)
 
 
 def test_reaper_reads_flow_run_ids_only_from_nsdg_uuid_names():
@@ -60,11 +60,11 @@ def test_reaper_cancels_only_over_or_unknown_runs():
 def test_reaper_scope_is_nsdg_jobs_under_the_job_root(tmp_path):
     root = (tmp_path / "jobs").resolve()
     a, b, c, d = (str(uuid.uuid4()) for _ in range(4))
-    jobs = [_job(f"nsdg-{a}", "1"), _job(f"nsdg-{b}", "2"), _job("nsdg-run-7", "3"), _job(f"slurm-{c}", "4"),
-            _job(f"nsdg-{d}", "5")]
-    dirs = parse_work_dirs(f"1|{root}/r/1\n2|{tmp_path}/elsewhere\n3|{root}/r/3\n4|{root}/r/4\n5|{root}/../jobs/r/5\n")
-    assert [j.job_id for j in jobs_of_flow_runs(jobs, dirs, root)] == ["1", "5"]
-    assert not is_under(f"{root}-other/x", root)
+    jobs = [_job(f"nsdg-{a}", "1", f"{root}/r/1"), _job(f"nsdg-{b}", "2", f"{tmp_path}/elsewhere"),
+            _job("nsdg-run-7", "3", f"{root}/r/3"), _job(f"slurm-{c}", "4", f"{root}/r/4"),
+            _job(f"nsdg-{d}", "5", f"{root}/../jobs/r/5"), _job(f"nsdg-{a}", "6", None)]
+    assert [j.job_id for j in jobs_of_flow_runs(jobs, root)] == ["1", "5"]
+    assert not is_under(f"{root}-other/x", root) and not is_under("", Path.cwd()) and not is_under(None, root)
 
 
 # --- deploy ------------------------------------------------------------------------------------

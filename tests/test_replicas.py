@@ -51,7 +51,7 @@ def test_a_replica_that_dies_is_replaced(prefect_harness, workdir, monkeypatch):
     def kill_replica_0():  # rank 0 of one replica killed mid-run
         poll_until(lambda: True if serving() else None, deadline=Deadline(60), interval=0.05,
                    what="replica 0 to serve a batch")
-        os.killpg(int((server_dir / "pgid").read_text()), signal.SIGKILL)
+        os.killpg(int((server_dir / "pgid").read_text().split()[0]), signal.SIGKILL)
 
     killer = threading.Thread(target=kill_replica_0, daemon=True)
     killer.start()

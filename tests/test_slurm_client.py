@@ -163,10 +163,10 @@ def test_parse_scontrol_job():
 
 
 def test_parse_squeue_list_keeps_pipes_in_comments():
-    jobs = parse_squeue_list("5|PENDING|nsdg-p|(null)\n6|PENDING|nsdg-q|flow a|b\n")
-    assert [(j.job_id, j.name, j.state, j.comment) for j in jobs] == [
-        ("5", "nsdg-p", "PENDING", None),
-        ("6", "nsdg-q", "PENDING", "flow a|b"),
+    jobs = parse_squeue_list("5|PENDING|nsdg-p|/jobs/p|(null)\n6|PENDING|nsdg-q|/jobs/q|flow a|b\n7|RUNNING|x\n")
+    assert [(j.job_id, j.name, j.state, j.work_dir, j.comment) for j in jobs] == [
+        ("5", "nsdg-p", "PENDING", "/jobs/p", None),
+        ("6", "nsdg-q", "PENDING", "/jobs/q", "flow a|b"),
     ]
 
 

@@ -117,6 +117,7 @@ class JobSummary:
     name: str
     state: str
     comment: str | None
+    work_dir: str | None = None  # %Z: where the job runs (SlurmBackend: its job directory)
 
 
 # --- pure parsers --------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ _JOB_ID = re.compile(r"^\d+(_\d+|\+\d+)?$")
 _NO_VALUE = {"", "(null)", "none", "n/a", "none assigned"}
 _SEP = "|"
 SQUEUE_STATE_FORMAT = _SEP.join(["%i", "%T", "%r", "%N"])
-SQUEUE_LIST_FORMAT = _SEP.join(["%i", "%T", "%j", "%k"])
+SQUEUE_LIST_FORMAT = _SEP.join(["%i", "%T", "%j", "%Z", "%k"])
 SACCT_FIELDS = "JobID,State,ExitCode,Reason,NodeList"
 
 
@@ -241,12 +242,14 @@ def parse_scontrol_job(job_id: str, stdout: str) -> JobState | None:
 
 
 def parse_squeue_list(stdout: str) -> list[JobSummary]:
-    """Output of `squeue -h -o '%i|%T|%j|%k'`. The comment is last, so it may hold `|`."""
+    """Output of `squeue -h -o '%i|%T|%j|%Z|%k'`. The comment is last, so it may hold `|`; job
+    names and job directories we create never do (both are validated)."""
     jobs = []
     for line in stdout.splitlines():
-        fields = line.rstrip("\n").split(_SEP, 3)
-        if len(fields) == 4 and fields[0].strip():
-            jobs.append(JobSummary(fields[0].strip(), fields[2], normalize_state(fields[1]), _value(fields[3])))
+        fields = line.rstrip("\n").split(_SEP, 4)
+        if len(fields) == 5 and fields[0].strip():
+            jobs.append(JobSummary(fields[0].strip(), fields[2], normalize_state(fields[1]), _value(fields[4]),
+                                   _value(fields[3])))
     return jobs
 
 
