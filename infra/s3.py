@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 120.0  # a stalled connection is cut and retried, not waited on forever
 MAX_POOL_CONNECTIONS = 16
 PUBLISH_ATTEMPTS = 3  # whole uploads, each already retried request by request by botocore
 READER_BUFFER = 256 * 1024
@@ -87,8 +85,8 @@ def make_s3_client(settings: "Settings") -> Any:
     config = Config(
         s3={"addressing_style": s3.addressing_style},
         retries={"mode": "standard", "max_attempts": s3.max_attempts},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
+        connect_timeout=s3.connect_timeout_s,
+        read_timeout=s3.read_timeout_s,
         max_pool_connections=MAX_POOL_CONNECTIONS,
         tcp_keepalive=True,
     )

@@ -139,6 +139,9 @@ class S3Settings(_Section):
     session_token: SecretStr | None = None
     multipart_threshold_mb: int = Field(64, ge=5, le=5120)
     max_attempts: int = Field(8, ge=1, le=20)
+    connect_timeout_s: float = Field(10.0, gt=0, le=300)
+    # A stalled connection is cut and retried, not waited on forever.
+    read_timeout_s: float = Field(120.0, gt=0, le=3600)
 
 
 class Settings(BaseSettings):

@@ -81,6 +81,7 @@ def s3_bucket(s3_client) -> str:
 # ---------------------------------------------------------------- fault proxy
 
 FAULT_KINDS = ("500", "503", "slowdown", "drop", "drop_after")
+STALL_S = 60.0
 _ERRORS = {
     "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "Service Unavailable", "ServiceUnavailable", "Service is unable to handle request."),
@@ -94,7 +95,8 @@ class FaultProxy:
     kinds: which faults to draw from — "500", "503", "slowdown" (S3 error replies, the request
     never reaches the server), "drop" (close without forwarding), "drop_after" (forward, then
     close without replying: the server acted, the client never learns it), "truncate" (forward,
-    relay the head and half the body, close).
+    relay the head and half the body, close), "stall" (take the request, never answer: the client's
+    read timeout must end it).
     only: if given, faults are drawn only for requests where only(method, target) is true,
     e.g. `lambda m, t: m == "POST" and "uploadId=" in t` for CompleteMultipartUpload.
     """
@@ -127,6 +129,8 @@ class FaultProxy:
         proxy = self
 
         class Handler(socketserver.StreamRequestHandler):
+            timeout = STALL_S  # no connection, stalled or idle, holds a thread for longer
+
             def handle(self) -> None:
                 try:
                     proxy._serve_connection(self.rfile, self.wfile)
@@ -178,6 +182,9 @@ class FaultProxy:
             request = head + _read_body(rfile, headers)
             kind = self._draw(method, target)
             if kind == "drop":
+                return
+            if kind == "stall":
+                rfile.read(1)  # until the client gives up and closes, or the socket timeout
                 return
             if kind in _ERRORS:
                 wfile.write(_error_reply(*_ERRORS[kind], head_request=method == "HEAD"))

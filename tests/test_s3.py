@@ -322,6 +322,20 @@ def test_an_upload_that_keeps_failing_names_key_and_cause(s3_settings, s3_bucket
 
 
 @pytest.mark.faults
+def test_a_stalled_upload_is_cut_by_the_read_timeout(s3_settings, s3_bucket):
+    """A store that takes the PUT and never answers: each attempt ends at NSDG_S3__READ_TIMEOUT_S,
+    and the error says so instead of the run hanging."""
+    with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("stall",), only=lambda m, t: m == "PUT") as proxy:
+        settings = variant(s3_settings, endpoint_url=proxy.url, max_attempts=1, read_timeout_s=0.5)
+        store = open_output_store(f"s3://{s3_bucket}", "run-stall", settings)
+        path, sha = stage(store, "part-00003.jsonl", b"x\n")
+        with pytest.raises(StorageError) as err:
+            store.publish_file("part-00003.jsonl", path, sha)
+    assert "part-00003.jsonl failed 3 times" in str(err.value) and "timeout" in str(err.value).lower()
+    assert proxy.faults["stall"] >= 3  # every upload attempt stalled and was cut
+
+
+@pytest.mark.faults
 def test_input_streams_through_faults(s3_settings, s3_bucket, s3_client):
     data = jsonl(500)
     s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl.gz", Body=gzip.compress(data))
