@@ -12,52 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import threading
 import time
 import traceback
-
-
-def apply_what_if(spec: str) -> list[str]:
-    """Diagnostics only (BENCH_WHAT_IF=quote,trust_env): try a proposed change to code this
-    package does not own, in this process, to measure what it would buy. Never used for the
-    headline figures; results.md labels the rows that used it.
-
-    quote:     submit each shard wrapped in prefect.utilities.annotations.quote, so Prefect does
-               not walk its records to look for upstream futures (twice per task run).
-    trust_env: NemoClient's requests.Session with trust_env=False (no proxy/netrc lookups
-               from the environment on every request).
-    """
-    applied = []
-    wanted = {w.strip() for w in spec.split(",") if w.strip()}
-    if "quote" in wanted:
-        import flows.generate as fg
-        from prefect.utilities.annotations import quote
-
-        real = getattr(fg, "generate_shard", None)
-        if real is not None:
-            class Quoted:
-                def __getattr__(self, name):
-                    return getattr(real, name)
-
-                def submit(self, client, shard, *args, **kwargs):
-                    return real.submit(client, quote(shard), *args, **kwargs)
-
-            fg.generate_shard = Quoted()
-            applied.append("quote")
-    if "trust_env" in wanted:
-        import infra.nemo_client as nc
-
-        original = nc.NemoClient.__init__
-
-        def init(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            self.session.trust_env = False
-
-        nc.NemoClient.__init__ = init
-        applied.append("trust_env")
-    return applied
 
 
 def main() -> int:
@@ -69,8 +27,6 @@ def main() -> int:
     params = json.loads(args.params)
 
     from flows.generate import generate  # imported before the clock starts
-
-    applied = apply_what_if(os.environ.get("BENCH_WHAT_IF", ""))
 
     samples: list[tuple[float, float]] = []
     done = threading.Event()
@@ -96,7 +52,7 @@ def main() -> int:
     done.set()
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     out = {"ok": ok, "seconds": seconds, "result": result, "error": error, "maxrss_mb": maxrss_mb,
-           "t_return": t_return, "extra": {"rss_samples": samples[-400:], "what_if": applied}}
+           "t_return": t_return, "extra": {"rss_samples": samples[-400:]}}
     with open(args.out, "w") as f:
         json.dump(out, f, default=str)
     return 0

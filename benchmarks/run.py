@@ -315,14 +315,8 @@ def _details(r: dict) -> list[str]:
             v = sc["no_id"]
             L.append(f"| {v['records']:,} without `id` | {v['seconds']:.1f} s | {v['records_per_s']:,.0f} | "
                      f"{v['generation_records_per_s']:,.0f} | {v['maxrss_mb']:.0f} MB | {v['shards']} |")
-        wi = sc["what_if"]
         L += ["", f"Ceiling runs at 100 k (whole flow): {', '.join(f'{x:,.0f}' for x in sc['ceiling_runs'])} rec/s, "
-              f"median {sc['ceiling_median']:,.0f}; generation phase median {sc['ceiling_generation_median']:,.0f} rec/s.", "",
-              f"Diagnostic, not a headline figure: the same 100 k run with two proposed changes tried in the child "
-              f"process (`BENCH_WHAT_IF={wi['patches']}`, see `benchmarks/flow_child.py`: the shard passed to its task "
-              f"as `prefect.utilities.annotations.quote(shard)`, and the client's `requests.Session.trust_env = False`): "
-              f"**{wi['records_per_s']:,.0f} rec/s** whole flow, {wi['generation_records_per_s']:,.0f} rec/s generation "
-              f"phase, peak RSS {wi['maxrss_mb']:.0f} MB.", ""]
+              f"median {sc['ceiling_median']:,.0f}; generation phase median {sc['ceiling_generation_median']:,.0f} rec/s.", ""]
         rr = sc["rerun"]
         L += [f"Rerun of the finished 100 k-record run (same run_id and input, profile `{rr['profile']}`): "
               f"{rr['seconds']:.2f} s in `generate()` ({rr['child_process_s']:.1f} s including interpreter start-up "
@@ -335,21 +329,12 @@ def _details(r: dict) -> list[str]:
 def _findings(r: dict) -> list[str]:
     L = ["## Findings", ""]
     sc = r.get("scale")
-    if sc and 5000 <= sc["ceiling_median"] < 6000:
-        L += [f"- **Orchestrator ceiling only just above 5,000 rec/s** (median {sc['ceiling_median']:,.0f}; runs "
-              f"{', '.join(f'{x:,.0f}' for x in sc['ceiling_runs'])}): on 2 cores the flow process, the server and the "
-              "Prefect API server share the CPU, and runs spread by ±15 %. Prefect walks every task parameter twice "
-              "per task run (`collect_task_run_inputs_sync` at submit, `resolve_inputs_sync` in the worker) and a "
-              "Shard holds 4,000 Record dataclasses: 23 µs per record per walk. With the shard quoted and "
-              f"`trust_env` off (diagnostic above) the same run does {sc['what_if']['records_per_s']:,.0f} rec/s."]
-    if sc and sc["ceiling_median"] < 5000:
-        L += [f"- **Orchestrator ceiling below 5,000 rec/s** ({sc['ceiling_median']:,.0f}). cProfile of the flow "
-              "process: Prefect walks every task parameter twice per task run looking for upstream futures "
-              "(`collect_task_run_inputs_sync` at submit, `resolve_inputs_sync` in the worker), and a Shard is a "
-              "dataclass holding 4,000 Record dataclasses: measured 23 µs per record per walk, ≈ 47 µs of the "
-              "≈ 150 µs CPU each record costs in the flow process. The next biggest item is requests' per-request "
-              "environment work (`merge_environment_settings` → proxy and .netrc lookups, `os.environ` scans). "
-              f"With both removed (diagnostic above) the same run does {sc['what_if']['records_per_s']:,.0f} rec/s."]
+    if sc and sc["ceiling_median"] < 6000:
+        L += [f"- **Orchestrator ceiling {'below' if sc['ceiling_median'] < 5000 else 'only just above'} 5,000 rec/s** "
+              f"(median {sc['ceiling_median']:,.0f}; runs {', '.join(f'{x:,.0f}' for x in sc['ceiling_runs'])}): on 2 "
+              "cores the flow process, the server and the Prefect API server share the CPU. Profile the flow process "
+              "(cProfile) before tuning: Prefect's walk of task parameters and requests' per-request work were the "
+              "biggest items last time (shards are now passed quoted, and the client's session ignores the environment)."]
     sizes = sc["sizes"] if sc else {}
     big, mid = sizes.get(1_000_000), sizes.get(100_000)
     if big and mid and big["maxrss_mb"] - mid["maxrss_mb"] > 0.1 * mid["maxrss_mb"]:

@@ -38,10 +38,8 @@ def flow_params(src: Path, out: Path, run_id: str) -> dict:
             "sampling": {"tokens_to_generate": TOKENS, "greedy": True}, "shard_size": SHARD}
 
 
-def one(workdir: Path, api: PrefectAPI, srv, src: Path, n: int, tag: str, log, what_if: str = "") -> dict:
+def one(workdir: Path, api: PrefectAPI, srv, src: Path, n: int, tag: str, log) -> dict:
     env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}
-    if what_if:
-        env["BENCH_WHAT_IF"] = what_if
     run = run_flow(workdir, api, flow_params(src, workdir / "out", tag), settings_env=env, tag=tag, rss_sample_s=0.5,
                    timeout=1200)
     if not run.ok:
@@ -101,9 +99,6 @@ def run(workdir: Path, api: PrefectAPI, log, sizes=(10_000, 100_000, 1_000_000),
         out["ceiling_runs"] = [x["records_per_s"] for x in runs]
         out["ceiling_median"] = median(out["ceiling_runs"])
         out["ceiling_generation_median"] = median([x["generation_records_per_s"] for x in runs])
-        what_if = one(workdir, api, srv, inputs[mid], mid, f"scale-{mid}-whatif", log, what_if="quote,trust_env")
-        out["what_if"] = {"records_per_s": what_if["records_per_s"], "generation_records_per_s": what_if["generation_records_per_s"],
-                          "maxrss_mb": what_if["maxrss_mb"], "patches": "quote,trust_env"}
 
         # Rerun of the finished run: on the slurm profile when the cluster is up, so an
         # allocation would be a real sbatch that squeue shows.

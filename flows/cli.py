@@ -110,6 +110,41 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_install_automations(sub) -> None:
+    from flows import zombies
+
+    p = sub.add_parser(
+        "install-automations", help="install the Prefect automation that marks runs with a dead flow process Crashed",
+        description="Create (or update) the automation on the Prefect server at PREFECT_API_URL that sets a "
+                    f"run tagged {zombies.TAG!r} to Crashed when its flow process stops sending heartbeats. "
+                    "Run once after `prefect deploy --all`; running it again updates it in place.")
+    p.add_argument("--heartbeat-s", type=float,
+                   help="the PREFECT_FLOWS_HEARTBEAT_FREQUENCY the worker gives flow runs (default: its value "
+                        "here, Prefect's default 180 when unset)")
+    p.add_argument("--within-s", type=float,
+                   help=f"seconds without a heartbeat before a run counts as dead (default and minimum: "
+                        f"{zombies.MISSED_HEARTBEATS} heartbeats)")
+    p.set_defaults(func=_install_automations)
+
+
+def _install_automations(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import zombies
+    from infra.errors import ConfigError
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise ConfigError("PREFECT_API_URL is not set: the automation would go to a temporary server that stops "
+                          "with this command. Set it to your server's API (http://HOST:4200/api) and run again.")
+    heartbeat_s = args.heartbeat_s or zombies.heartbeat_frequency()
+    within_s = args.within_s or zombies.MISSED_HEARTBEATS * heartbeat_s
+    automation_id, what = zombies.install(within_s, heartbeat_s)
+    print(f"{what} automation {zombies.NAME!r} ({automation_id}) on {api}: runs tagged {zombies.TAG!r} with no "
+          f"heartbeat for {within_s:g} s are set to Crashed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from infra.local_server.cli import register as register_local_server
 
@@ -118,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_render(sub)
+    _add_install_automations(sub)
     register_local_server(sub)
     return parser
 

@@ -9,7 +9,8 @@
                      cwd = the repo root and NSDG_* settings pointing into a tmp dir; the flow
                      runs (its children) inherit them. `kill()` / `start()` for the fault tests
     deployed         (session) `prefect --no-prompt deploy --all` from the repo's prefect.yaml,
-                     unedited; yields the deployments as the API returns them
+                     unedited, then `nemotron-sdg install-automations`; yields the deployments
+                     as the API returns them
     smoke_run        (session) one `prefect deployment run 'generate/local-smoke' --watch`
 
 The local-smoke run serves the tiny model (`tiny_model_dir`, the transformers engine), so
@@ -58,6 +59,7 @@ WORKER_START_S = 60.0
 SMOKE_RUN_S = 300.0
 HEARTBEAT_TIMEOUT_S = 15
 HEARTBEAT_INTERVAL_S = 2
+FLOW_HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY for the flow runs (Prefect's minimum)
 TEST_PROFILES = {
     "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
 }
@@ -302,6 +304,7 @@ def prefect_worker(prefect_server, work_pool, tiny_model_dir, tmp_path_factory) 
                       "--host", "0.0.0.0", "--port", str(port), "--extra-latency", "0.3"]
     env = prefect_server.env(
         PREFECT_WORKER_QUERY_SECONDS="2",  # pick scheduled runs up within 2 s, not 10
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(FLOW_HEARTBEAT_S),
         NSDG_OUTPUT_URI=str(root / "out"),
         NSDG_WORK_DIR=str(root / "work"),
         NSDG_LOCAL__MODEL_DIR=str(tiny_model_dir),
@@ -335,6 +338,9 @@ def deployed(prefect_server, work_pool) -> dict[str, dict]:
     result = prefect_server.cli("--no-prompt", "deploy", "--all", timeout=180, check=False)
     assert result.returncode == 0, f"`prefect deploy --all` failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
     names = {"generate": ["nightly", "on-demand", "local-smoke"], "reap": ["reap"]}
+    # Then the zombie-run automation, as docs/operators.md says, for the worker's heartbeat.
+    run_command([sys.executable, "-m", "flows.cli", "install-automations", "--heartbeat-s", str(FLOW_HEARTBEAT_S)],
+                timeout=120, env=prefect_server.env(), cwd=str(REPO))
     try:
         return {name: prefect_server.deployment(flow, name) for flow, group in names.items() for name in group}
     except requests.HTTPError as exc:

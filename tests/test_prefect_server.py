@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -21,13 +22,15 @@ from zoneinfo import ZoneInfo
 import psutil
 import pytest
 
+from flows import zombies
 from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of_flow_runs, judge
 from infra.commands import run_command
 from infra.deadline import Deadline, poll_until
+from infra.errors import ConfigError
 from infra.slurm.client import JobSummary, SlurmClient
 from prefect.client.schemas.objects import StateType
 from tests.fixtures_prefect import (
-    HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, POOL, REPO, flow_run_processes, run_deployment, run_dir_of,
+    FLOW_HEARTBEAT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, POOL, REPO, flow_run_processes, run_deployment, run_dir_of,
     start_deployment,
 )
 
@@ -65,6 +68,35 @@ def test_reaper_scope_is_nsdg_jobs_under_the_job_root(tmp_path):
             _job(f"nsdg-{d}", "5", f"{root}/../jobs/r/5"), _job(f"nsdg-{a}", "6", None)]
     assert [j.job_id for j in jobs_of_flow_runs(jobs, root)] == ["1", "5"]
     assert not is_under(f"{root}-other/x", root) and not is_under("", Path.cwd()) and not is_under(None, root)
+
+
+# --- the zombie-run automation ------------------------------------------------------------------
+
+
+def test_zombie_automation_is_scoped_to_our_tag_and_never_shorter_than_three_heartbeats():
+    automation = zombies.zombie_automation(90, 30)
+    trigger = automation.trigger
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.expect >= {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"}
+    assert trigger.match_related.root == {"prefect.resource.id": "prefect.tag.nemotron-sdg"}
+    assert trigger.within.total_seconds() == 90 and automation.actions[0].state == StateType.CRASHED
+    with pytest.raises(ConfigError, match="shorter than 3 heartbeats of 30 s"):
+        zombies.zombie_automation(89, 30)
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_install_automations_twice_leaves_one(prefect_server, deployed):
+    body: dict = {}
+    cmd = [sys.executable, "-m", "flows.cli", "install-automations", "--heartbeat-s", str(FLOW_HEARTBEAT_S)]
+    again = run_command(cmd, timeout=120, env=prefect_server.env(), cwd=str(REPO))
+    assert again.stdout.startswith("updated automation")  # the `deployed` fixture created it
+    ours = [a for a in prefect_server.post("/automations/filter", body) if a["name"] == zombies.NAME]
+    assert len(ours) == 1 and ours[0]["enabled"]
+    assert ours[0]["trigger"]["within"] == 3 * FLOW_HEARTBEAT_S
+    no_api = run_command(cmd, timeout=60, env={k: v for k, v in prefect_server.env().items() if k != "PREFECT_API_URL"},
+                         cwd=str(REPO), check=False)
+    assert no_api.returncode == 2 and "PREFECT_API_URL is not set" in no_api.stderr
 
 
 # --- deploy ------------------------------------------------------------------------------------
@@ -292,11 +324,19 @@ def test_worker_and_flow_killed_dead_man_switch_ends_the_job(prefect_server, pre
     [reason_file] = prefect_worker.jobs_dir.glob(f"*-{run_id[:8]}/*/cancel-reason")
     reason = reason_file.read_text()
     assert "heartbeat" in reason
-    print(f"\ndead-man switch: job gone {gone_after:.1f} s after worker and flow were killed "
-          f"(timeout {HEARTBEAT_TIMEOUT_S} s, check every {HEARTBEAT_INTERVAL_S} s): {reason.strip()}; "
-          f"the flow run is left {prefect_server.state_type(run_id)} in the API")
     assert HEARTBEAT_TIMEOUT_S - HEARTBEAT_INTERVAL_S <= gone_after <= limit
     assert_published_shards_intact(run_dir_of(prefect_worker, run_id, out))
+    # Nobody is left to report the run; the zombie automation sets it Crashed once three flow
+    # heartbeats are missed (plus one heartbeat of phase and the server's trigger evaluation).
+    assert prefect_server.state_type(run_id) == "RUNNING"
+    within = zombies.MISSED_HEARTBEATS * FLOW_HEARTBEAT_S
+    run = prefect_server.wait_state(run_id, {"CRASHED"}, within + FLOW_HEARTBEAT_S + 60)
+    crashed_after = time.monotonic() - t_kill
+    assert "No heartbeat" in run["state"]["message"], run["state"]
+    print(f"\ndead-man switch: job gone {gone_after:.1f} s after worker and flow were killed "
+          f"(timeout {HEARTBEAT_TIMEOUT_S} s, check every {HEARTBEAT_INTERVAL_S} s): {reason.strip()}; "
+          f"the run was set Crashed by the automation {crashed_after:.0f} s after the kill (no heartbeat for {within} s)")
+    assert crashed_after >= within - FLOW_HEARTBEAT_S  # not before the heartbeats were really missed
 
 
 def submit_sleeper(name: str, chdir: Path) -> str:
