@@ -342,9 +342,9 @@ def _findings(r: dict) -> list[str]:
         per_m = sc.get("id_set_mb_per_million")
         L += [f"- **Peak RSS not flat**: {mid['maxrss_mb']:.0f} MB at 100 k, {big['maxrss_mb']:.0f} MB at 1 M "
               f"(+{growth:.0f} MB); the psutil samples grow steadily through generation, with steps where a hash "
-              "table doubles. The duplicate-id check (`RecordCheck.seen` in infra/planning.py: an `IdSet` of one "
-              "64-bit digest per record whose input gives an id, built in the plan and again in the generation "
-              "pass) costs "
+              "table doubles. The duplicate-id check (`RecordCheck.seen` in infra/planning.py: an `IdSet`, one "
+              "64-bit digest per record whose input gives an id in a scratch SQLite file with an 8 MB page cache, "
+              "built in the plan only) costs "
               + (f"{per_m:.0f} MB per million records (measured in this run: a set of 1 M such ints), so "
                  f"≈ {per_m * 0.9:.0f} MB of the +{growth:.0f} MB; the remaining ≈ {growth - per_m * 0.9:.0f} MB "
                  "is not attributed." if per_m else "memory linear in the record count.")

@@ -103,7 +103,7 @@ def generate(
             # quote(): Prefect would otherwise walk every record of the shard twice per task run.
             submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), job, store, backend, breaker),
             release=timed_release,
-            shards=iter_shards(usable_records(stream, cfg, settings, the_plan.format), cfg.shard_size,
+            shards=iter_shards(usable_records(stream, cfg, settings, the_plan.format, the_plan.duplicate_lines), cfg.shard_size,
                                skip=frozenset(the_plan.done)),
             replicas=replica_count(settings, prof, replicas),
             max_in_flight=settings.server.max_in_flight,

@@ -73,6 +73,9 @@ class Plan:
     config: dict
     config_hash: str
     done: dict[int, PartInfo] = field(default_factory=dict)
+    # Lines whose id an earlier line already had: the generation pass skips them by number
+    # instead of remembering every id a second time.
+    duplicate_lines: frozenset[int] = frozenset()
 
     @property
     def todo(self) -> list[int]:
@@ -92,12 +95,22 @@ class _HashingReader:
         return chunk
 
 
-def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> tuple[int, int, list[BadLine], str, Format]:
+@dataclass
+class Scan:
+    records: int
+    bad: int
+    shown: list[BadLine]
+    input_sha256: str
+    format: Format
+    duplicate_lines: frozenset[int]
+
+
+def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     """Read every line once: count usable records, collect problems (first few shown, all
     written to `rejects_file`), and hash the bytes."""
     fmt = detect_format(cfg.input_uri)
-    records, bad_count, shown, check = 0, 0, [], RecordCheck(cfg, settings)
-    with open_input(cfg.input_uri, settings) as stream:
+    records, bad_count, shown = 0, 0, []
+    with RecordCheck(cfg, settings) as check, open_input(cfg.input_uri, settings) as stream:
         reader = _HashingReader(stream)
         for item in iter_input(reader, fmt, cfg.prompt_field, cfg.id_field):
             if isinstance(item, Record):
@@ -109,18 +122,34 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> tuple[int, i
                 rejects_file.write(json.dumps(item.as_reject(cfg.input_uri)) + "\n")
             else:
                 records += 1
-    return records, bad_count, shown, reader.sha.hexdigest(), fmt
+        duplicates = frozenset(check.duplicate_lines)
+    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates)
 
 
 class RecordCheck:
     """The checks on a parsed record beyond its line: fits the context, id not seen before.
-    The plan and the generation pass both use it, so shards hold exactly what the plan counted."""
+    The plan and the generation pass both use it, so shards hold exactly what the plan counted.
 
-    def __init__(self, cfg: RunConfig, settings: Settings):
+    The plan finds duplicate ids with an IdSet (on disk: memory stays flat) and notes their
+    lines; the generation pass is given those lines (`known_duplicates`) and keeps no ids."""
+
+    def __init__(self, cfg: RunConfig, settings: Settings, known_duplicates: frozenset[int] | None = None):
         self.sampling, self.context = cfg.sampling, settings.model.context_length
         self.counter = token_counter(cfg.tokenizer)
         self.truncate = cfg.overlong_prompts == "truncate_left"
-        self.seen = IdSet()
+        self.known_duplicates = known_duplicates
+        self.seen = IdSet() if known_duplicates is None else None
+        self.duplicate_lines: list[int] = []
+
+    def __enter__(self) -> "RecordCheck":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.seen is not None:
+            self.seen.close()
 
     def __call__(self, rec: Record) -> Record | BadLine:
         reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
@@ -134,13 +163,17 @@ class RecordCheck:
             return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
         if not rec.given_id:
             return rec  # derived from the line number: unique, and no memory spent on it
-        if not self.seen.add(rec.id):
-            return BadLine(rec.line, f"duplicate id {rec.id!r}", rec.prompt[:200])
-        return rec
+        if self.seen is not None and not self.seen.add(rec.id):
+            self.duplicate_lines.append(rec.line)
+        elif self.known_duplicates is None or rec.line not in self.known_duplicates:
+            return rec
+        return BadLine(rec.line, f"duplicate id {rec.id!r}", rec.prompt[:200])
 
 
-def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format) -> Iterator[Record]:
-    check = RecordCheck(cfg, settings)
+def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format,
+                   duplicate_lines: frozenset[int] = frozenset()) -> Iterator[Record]:
+    """The records the plan counted, in input order; `duplicate_lines` comes from the plan."""
+    check = RecordCheck(cfg, settings, known_duplicates=duplicate_lines)
     for item in iter_input(stream, fmt, cfg.prompt_field, cfg.id_field):
         if isinstance(item, Record) and isinstance(rec := check(item), Record):
             yield rec
@@ -197,7 +230,8 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     store.preflight()
     discard_partials(store)
     with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
-        records, bad, shown, input_sha, fmt = scan_input(cfg, settings, rejects)
+        scan = scan_input(cfg, settings, rejects)
+        records, bad, shown, input_sha, fmt = scan.records, scan.bad, scan.shown, scan.input_sha256, scan.format
     rejects_path = Path(rejects.name)
     try:
         if bad and cfg.on_bad_input == "fail":
@@ -213,7 +247,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
-                load_published(store, chash))
+                load_published(store, chash), scan.duplicate_lines)
     log.info("plan: %d records in %d shards, %d already published, %d rejected",
              records, plan.shards_total, len(plan.done), bad)
     return plan

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from infra.errors import ConfigError, InputError
 from infra.manifest import PartInfo, config_hash, diff_config
-from infra.planning import RunConfig, make_plan
+from infra.planning import RunConfig, make_plan, usable_records
 from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import LocalOutputStore, validate_key_component
@@ -114,15 +115,30 @@ def test_breaker_trips_on_the_share_of_the_window():
         b.record(False, "boom")
 
 
-def test_idset_remembers_every_id_across_growth():
+def test_idset_remembers_every_id_on_disk():
     from infra.idset import IdSet, digest
 
-    ids = IdSet()
-    assert all(ids.add(f"rec-{i}") for i in range(5000))  # grows 1024 -> 16384 slots on the way
-    assert len(ids) == 5000
-    assert not any(ids.add(f"rec-{i}") for i in range(5000))
-    assert ids.add("rec-5000") and not ids.add("rec-5000")
-    assert ids.add("") and not ids.add("")
-    assert ids.add("\udcff") and ids.add("é") and not ids.add("é")  # lone surrogates from the reader too
-    assert digest("rec-1") == digest("rec-1") != digest("rec-2")
-    assert digest("rec-1") == 0xF4898645B3C0932D  # the same in every process: BLAKE2b, not the salted hash()
+    with IdSet(cache_mb=1) as ids:
+        folder = Path(ids._dir.name)
+        assert all(ids.add(f"rec-{i}") for i in range(5000))
+        assert len(ids) == 5000
+        assert not any(ids.add(f"rec-{i}") for i in range(5000))
+        assert ids.add("rec-5000") and not ids.add("rec-5000")
+        assert ids.add("") and not ids.add("")
+        assert ids.add("\udcff") and ids.add("é") and not ids.add("é")  # lone surrogates from the reader too
+        assert len(ids) == 5004
+    assert not folder.exists()  # the scratch file goes with it
+    ids.close()  # idempotent
+    assert digest("rec-1") == -0xB7679BA4C3F6CD3  # the same in every process: BLAKE2b, not the salted hash()
+
+
+def test_generation_pass_skips_the_lines_the_plan_found_duplicate(workdir):
+    rows = [{"id": "a", "prompt": "1"}, {"id": "b", "prompt": "2"}, {"id": "a", "prompt": "3"},
+            {"prompt": "4"}, {"id": "b", "prompt": "5"}, {"id": "c", "prompt": "6"}]
+    src = write(workdir / "in.jsonl", *rows)
+    run = cfg(src, on_bad_input="skip")
+    plan = make_plan(run, Settings(), LocalOutputStore(workdir / "o"))
+    assert plan.duplicate_lines == frozenset({3, 5}) and (plan.records_in, plan.rejected) == (4, 2)
+    with open(src, "rb") as stream:
+        kept = [r.prompt for r in usable_records(stream, run, Settings(), plan.format, plan.duplicate_lines)]
+    assert kept == ["1", "2", "4", "6"]  # the first of each id, as the plan counted
