@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from tests.ports import free_port  # noqa: F401  (used here and by the other benchmarks)
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

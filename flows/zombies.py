@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # Prefect is imported when used: `nemotron-sdg --help` stays 
 NAME = "nemotron-sdg: crash runs whose flow process stopped sending heartbeats"
 TAG = "nemotron-sdg"  # every deployment in prefect.yaml carries it
 MISSED_HEARTBEATS = 3
+PREFECT_MIN_HEARTBEAT_S = 30  # flows heartbeat at least this far apart, whatever the setting asks
 TERMINAL_EVENTS = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
 
 
@@ -42,7 +43,7 @@ def heartbeat_frequency() -> int:
         raise ConfigError("PREFECT_FLOWS_HEARTBEAT_FREQUENCY is unset here, so flow runs send no heartbeats and "
                           "no run could ever be told dead from alive. Set it (e.g. 60) in the worker's environment "
                           "and here, then run again.")
-    return max(int(value), 30)  # Prefect's floor
+    return int(value)
 
 
 def zombie_automation(within_s: float, heartbeat_s: float) -> "Automation":
@@ -52,6 +53,7 @@ def zombie_automation(within_s: float, heartbeat_s: float) -> "Automation":
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
+    heartbeat_s = max(heartbeat_s, PREFECT_MIN_HEARTBEAT_S)
     if within_s < MISSED_HEARTBEATS * heartbeat_s:
         raise ConfigError(
             f"within_s={within_s:g} is shorter than {MISSED_HEARTBEATS} heartbeats of {heartbeat_s:g} s: a live run "

@@ -10,6 +10,9 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+from infra.deadline import Deadline, poll_until
+from infra.errors import DeadlineExceeded
+
 log = logging.getLogger(__name__)
 
 
@@ -70,9 +73,6 @@ def stop_process_group_by_identity(identity: str, *, grace: float = 10.0) -> Non
     The group is signalled only while it is still ours: its leader alive with the recorded start
     time, or the leader gone and members left (the kernel does not reuse a pid that still names a
     group). A leader alive with another start time is a stranger that got the pid: left alone."""
-    from infra.deadline import Deadline, poll_until
-    from infra.errors import DeadlineExceeded
-
     pgid_text, _, ticks_text = identity.strip().partition(" ")
     pgid = int(pgid_text)
     recorded = int(ticks_text) if ticks_text.strip().isdigit() else None

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port  # noqa: F401  (re-exported for the fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fixtures_slurm", "tests.fixtures_s3", "tests.fixtures_prefect"]

@@ -276,7 +276,7 @@ def cancel_jobs_under(root: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
-    from tests.conftest import free_port
+    from tests.ports import free_port
 
     home = tmp_path_factory.mktemp("prefect-home")
     server = start_server(home, free_port())
@@ -296,7 +296,7 @@ def work_pool(prefect_server) -> str:
 
 @pytest.fixture(scope="session")
 def prefect_worker(prefect_server, work_pool, tiny_model_dir, tmp_path_factory) -> Iterator[PrefectWorker]:
-    from tests.conftest import free_port
+    from tests.ports import free_port
 
     root = tmp_path_factory.mktemp("prefect-runs")
     port = free_port()

@@ -82,16 +82,17 @@ def test_zombie_automation_is_scoped_to_our_tag_and_never_shorter_than_three_hea
     assert trigger.within.total_seconds() == 90 and automation.actions[0].state == StateType.CRASHED
     with pytest.raises(ConfigError, match="shorter than 3 heartbeats of 30 s"):
         zombies.zombie_automation(89, 30)
+    with pytest.raises(ConfigError, match="shorter than 3 heartbeats of 30 s"):
+        zombies.zombie_automation(60, 10)  # Prefect heartbeats every 30 s at the least
 
 
 @pytest.mark.prefect_server
 @pytest.mark.integration
 def test_install_automations_twice_leaves_one(prefect_server, deployed):
-    body: dict = {}
     cmd = [sys.executable, "-m", "flows.cli", "install-automations", "--heartbeat-s", str(FLOW_HEARTBEAT_S)]
     again = run_command(cmd, timeout=120, env=prefect_server.env(), cwd=str(REPO))
     assert again.stdout.startswith("updated automation")  # the `deployed` fixture created it
-    ours = [a for a in prefect_server.post("/automations/filter", body) if a["name"] == zombies.NAME]
+    ours = [a for a in prefect_server.post("/automations/filter") if a["name"] == zombies.NAME]
     assert len(ours) == 1 and ours[0]["enabled"]
     assert ours[0]["trigger"]["within"] == 3 * FLOW_HEARTBEAT_S
     no_api = run_command(cmd, timeout=60, env={k: v for k, v in prefect_server.env().items() if k != "PREFECT_API_URL"},

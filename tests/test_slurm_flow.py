@@ -13,7 +13,7 @@ from flows.generate import generate
 from infra.deadline import Deadline, poll_until
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady
 from infra.slurm.client import SlurmClient
-from tests.conftest import free_port
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 TEST_PROFILES = {
