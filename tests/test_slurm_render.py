@@ -708,7 +708,7 @@ def test_real_sbatch_reads_the_header(slurm_cluster, job_dir):
     comment = "nsdg-render-test run=r-1 flow_run=f-1"
     spec = simple_spec(job_dir, job_name="nsdg-render-parse", comment=comment, nodes=2, tasks_per_node=8,
                        gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2, time_limit="00:07:00",
-                       extra_directives=["--no-requeue", "--signal=B:USR1@60"])
+                       extra_directives=["--signal=B:USR1@60"])
     sbatch = write_job_files(spec)
     job_id = run_command(["sbatch", "--hold", "--parsable", str(sbatch)], timeout=30).stdout.strip().split(";")[0]
     try:
@@ -720,3 +720,59 @@ def test_real_sbatch_reads_the_header(slurm_cluster, job_dir):
     assert fields["StdOut"] == f"{job_dir}/nsdg-render-parse-{job_id}.out"
     assert fields["WorkDir"] == str(job_dir) and fields["TimeLimit"] == "00:07:00" and fields["Requeue"] == "0"
     assert f"Comment={comment} " in shown
+
+
+# --- the site's environment and setup, through the stubs -------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer", "none"])
+def test_site_env_reaches_the_rank_over_the_orchestrators(tmp_path, job_dir, stubs, runtime):
+    """slurm.env is exported for srun (pyxis keeps the keys named in --container-env, which the
+    stub checks are in its environment) and again in the launcher; the orchestrator's Python is not."""
+    image = tmp_path / "img.sif"
+    image.write_text("")
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("")
+    site = {"NCCL_IB_HCA": "mlx5_0,mlx5_1", "ODD": DESTRUCTIVE, "PYTHONPATH": "/site/lib"}
+    spec = simple_spec(job_dir, container_runtime=runtime, env=tuple(site.items()), server_command=("env",),
+                       setup=("export FROM_SETUP=yes",),
+                       container_image="registry.example/img:1" if runtime == "pyxis" else str(image))
+    env = {**stub_env(stubs), "PATH": f"{venv_bin}:{stubs}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv_bin.parent),
+           "PYTHONPATH": "/orchestrator/src", "NCCL_IB_HCA": "from-the-worker"}
+    proc = subprocess.Popen(["bash", str(write_job_files(spec))], cwd=tmp_path, start_new_session=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    seen = dict(line.split("=", 1) for line in out.splitlines() if re.match(r"[A-Za-z_][A-Za-z0-9_]*=", line))
+    assert {k: seen.get(k) for k in site} == site
+    assert "VIRTUAL_ENV" not in seen and str(venv_bin) not in seen["PATH"]
+    assert seen["FROM_SETUP"] == "yes" and seen["PYTHONNOUSERSITE"] == "1" and seen["HYDRA_FULL_ERROR"] == "1"
+    if runtime == "pyxis":
+        assert "--container-env=NCCL_IB_HCA,ODD,PYTHONPATH" in recorded(stubs, "srun")
+    if runtime == "apptainer":
+        assert seen["APPTAINERENV_ODD"] == DESTRUCTIVE
+
+
+def test_a_failing_setup_line_ends_the_rank(tmp_path, job_dir, stubs):
+    spec = simple_spec(job_dir, setup=("false",), server_command=("touch", str(tmp_path / "server-ran")))
+    rc, out = finish(start_batch(spec, stubs, tmp_path))
+    assert rc == 1, out
+    assert "setup line failed (exit 1): false" in out and not (tmp_path / "server-ran").exists()
+
+
+def test_usr1_to_the_batch_script_is_noted_not_fatal(tmp_path, job_dir, stubs):
+    pid_file = tmp_path / "server.pids"
+    proc = start_batch(simple_spec(job_dir, server_command=server_that_records_pids(pid_file)), stubs, tmp_path)
+    try:
+        wait_for_file(pid_file, 15)
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for_file(job_dir / "signal-received", 10)
+        assert "signal=USR1" in (job_dir / "signal-received").read_text()
+        assert proc.poll() is None, "USR1 ended the batch script"
+        os.kill(proc.pid, signal.SIGTERM)
+        rc, out = finish(proc, timeout=15)
+    finally:
+        if proc.poll() is None:
+            finish(proc, timeout=0.1)
+    assert rc == 143 and "received SIGUSR1; noted" in out, out

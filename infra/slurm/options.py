@@ -117,6 +117,10 @@ def check_directive(directive: str, *, gpu_request: str = "gpus-per-node") -> No
     _check_option("slurm.extra_directives", directive, VALUE_DIRECTIVES, FLAG_DIRECTIVES, REFUSED_OPTIONS,
                   ALLOWED_DIRECTIVES)
     name, _, value = directive.partition("=")
+    if name == "--signal" and not value.startswith("B:"):
+        raise fail("slurm.extra_directives", directive,
+                   "Slurm sends it to every process of the step, the server included, and Python dies of "
+                   "SIGUSR1/SIGUSR2: write --signal=B:<sig>@<s>, which the batch script notes in the job dir")
     if name == "--gres" and (any(item.split(":")[0] == "gpu" for item in value.split(",")) or gpu_request == "gres"):
         raise fail("slurm.extra_directives", directive,
                    "the GPUs are requested once, by the profile and NSDG_SLURM__GPU_REQUEST "
@@ -231,6 +235,8 @@ def check_image(runtime: str, image: str) -> None:
     if not isinstance(image, str) or not image or image.startswith("-") or re.search(r"[\s,]", image):
         raise fail("slurm.container_image", image,
                    "give an image reference or file path without spaces or commas, e.g. nvcr.io#nvidia/nemo:24.05")
+    if runtime == "apptainer" and image.endswith((".sif", ".sqsh", ".img")) and not image.startswith("/"):
+        raise fail("slurm.container_image", image, "give the image file's absolute path (the ranks start in the job dir)")
     if runtime == "apptainer" and not image.startswith("/"):
         source = image if "://" in image else f"docker://{image.replace('#', '/')}"
         raise fail("slurm.container_image", image,

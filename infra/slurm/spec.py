@@ -20,7 +20,7 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
     <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
     <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
-                                   signal=USR1, received_at=<epoch s>, by=batch|rank0; the job goes on
+                                   signal=USR1, received_at=<epoch s>, by=batch; the job goes on
     <job_dir>/<job_name>-<id>.out  the job's stdout (batch script and every rank); `.err` for stderr
 """
 

@@ -41,13 +41,10 @@ stop_server() {
 }
 
 note_signal() {
-    # `--signal=USR1@<s>` or `scancel --signal=USR1`: a warning for the flow, never passed to the
-    # server (Python dies of SIGUSR1). Rank 0 writes the marker once for all ranks.
-    log "received SIG$1; the server goes on"
-    if [ "$RANK" = "0" ]; then
-        local tmp="$JOB_DIR/.signal-received.$$"
-        printf 'signal=%s\nreceived_at=%(%s)T\nby=rank0\n' "$1" -1 > "$tmp" && mv -f "$tmp" "$JOB_DIR/signal-received"
-    fi
+    # Slurm sends a step's signal to every process of the step, the server too, so a USR1 for the
+    # ranks cannot be a mere warning (slurm.extra_directives refuses --signal without B:). The
+    # trap keeps this launcher alive to report how the server ended.
+    log "received SIG$1 (the server gets it from Slurm as well)"
 }
 
 run_setup() {
