@@ -248,7 +248,7 @@ def recorded_backend(tmp_path, states) -> tuple[SlurmBackend, RecordedSlurm]:
     return backend, runner
 
 
-def step(backend: SlurmBackend, runner: RecordedSlurm) -> None:
+def step(runner: RecordedSlurm) -> None:
     runner.now += 1
     time.sleep(0.002)
 
@@ -256,7 +256,7 @@ def step(backend: SlurmBackend, runner: RecordedSlurm) -> None:
 def test_a_requeued_job_is_a_lost_server_and_its_url_is_looked_up_again(tmp_path):
     backend, runner = recorded_backend(tmp_path, [("RUNNING", "node1"), ("RUNNING", "node2")])
     assert backend.url() == "http://10.0.0.1:1424" and backend.dead_reason() is None
-    step(backend, runner)
+    step(runner)
     assert backend.url() == "http://10.0.0.2:1424"
     assert "was requeued: it ran on node1 and now runs on node2" in backend.dead_reason()
 
@@ -265,9 +265,9 @@ def test_a_requeued_job_is_a_lost_server_and_its_url_is_looked_up_again(tmp_path
 def test_a_job_back_in_the_queue_after_running_was_requeued(tmp_path, after):
     backend, runner = recorded_backend(tmp_path, [("PENDING", ""), ("RUNNING", "node1"), (after, "")])
     assert backend.dead_reason() is None  # pending before it ever ran: just waiting
-    step(backend, runner)
+    step(runner)
     assert backend.dead_reason() is None
-    step(backend, runner)
+    step(runner)
     assert "was requeued" in backend.dead_reason()
 
 

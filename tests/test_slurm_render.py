@@ -159,13 +159,14 @@ def job_dir(tmp_path_factory) -> Path:
 # Stand-ins for srun (with pyxis' --container-* flags) and apptainer that read their argv the way
 # the real ones do, refuse what the real ones would refuse (exit 97 with the reason), record the
 # argv and run the launcher as rank 0 of one node.
-SRUN_STUB = r"""#!PYTHON
+STUB_PRELUDE = r"""#!PYTHON
 import os, sys
-log = os.environ["STUB_LOG"]
-open(os.path.join(log, "srun.args"), "wb").write(b"".join(a.encode() + b"\0" for a in sys.argv[1:]))
+open(os.path.join(os.environ["STUB_LOG"], "NAME.args"), "wb").write(b"".join(a.encode() + b"\0" for a in sys.argv[1:]))
 def refuse(why):
-    print(f"srun stub: {why}", file=sys.stderr)
+    print(f"NAME stub: {why}", file=sys.stderr)
     sys.exit(97)
+"""
+SRUN_STUB = r"""
 args, env = sys.argv[1:], dict(os.environ)
 PYXIS_FLAGS = {"--no-container-mount-home", "--container-writable", "--container-remap-root"}
 while args and args[0].startswith("-"):
@@ -192,13 +193,7 @@ while args and args[0].startswith("-"):
 env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURMD_NODENAME="node1")
 os.execvpe(args[0], args, env)
 """
-APPTAINER_STUB = r"""#!PYTHON
-import os, sys
-log = os.environ["STUB_LOG"]
-open(os.path.join(log, "apptainer.args"), "wb").write(b"".join(a.encode() + b"\0" for a in sys.argv[1:]))
-def refuse(why):
-    print(f"apptainer stub: {why}", file=sys.stderr)
-    sys.exit(97)
+APPTAINER_STUB = r"""
 args = sys.argv[1:]
 if args.pop(0) != "exec":
     refuse("only exec is stubbed")
@@ -216,8 +211,8 @@ if "://" not in image and not os.path.isfile(image):
 os.execvp(args[0], args)
 """
 STUBS = {
-    "srun": SRUN_STUB.replace("PYTHON", sys.executable),
-    "apptainer": APPTAINER_STUB.replace("PYTHON", sys.executable),
+    **{name: STUB_PRELUDE.replace("PYTHON", sys.executable).replace("NAME", name) + body
+       for name, body in (("srun", SRUN_STUB), ("apptainer", APPTAINER_STUB))},
     "scancel": """#!/bin/bash
 printf '%s\\0' "$@" >> "$STUB_LOG/scancel.args"
 """,

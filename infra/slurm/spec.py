@@ -40,7 +40,8 @@ from typing import Literal
 from infra.errors import ConfigError
 from infra.settings import SAFE_NAME, Profile, Settings
 from infra.slurm import options
-from infra.slurm.options import ALLOWED_DIRECTIVES, check_directive, check_mount, fail as _fail
+# ALLOWED_DIRECTIVES and check_directive are imported from here too.
+from infra.slurm.options import ALLOWED_DIRECTIVES, check_directive, check_mount, fail as _fail  # noqa: F401
 
 SBATCH_NAME = "sbatch.sh"
 LAUNCHER_NAME = "node-launcher.sh"
@@ -60,9 +61,6 @@ GPU_REQUESTS = ("gpus-per-node", "gres")
 # Lightning's SLURMEnvironment switches itself off for these job names: the srun tasks would
 # then not learn their ranks from Slurm and never form one 16-rank world.
 FORBIDDEN_JOB_NAMES = frozenset({"bash", "interactive"})
-
-__all__ = ["ALLOWED_DIRECTIVES", "SbatchSpec", "check_directive", "check_mount", "render_node_launcher",
-           "render_sbatch", "write_job_files"]
 
 _COMMENT = re.compile(r"[A-Za-z0-9._:=/@+,-]+( [A-Za-z0-9._:=/@+,-]+)*")
 _SBATCH_PATH = re.compile(r"/[A-Za-z0-9._+/-]*")
