@@ -87,7 +87,8 @@ class ServerSettings(_Section):
     breaker_window: int = Field(500, ge=10, le=1_000_000, description="records the circuit breaker looks back over")
     breaker_max_share: float = Field(0.10, gt=0, le=1, description="share of failed records in the window that stops the run")
     command: list[str] | None = Field(None, description="replaces megatron_gpt_eval.py in the node launcher")
-    eval_script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+    eval_script: str = Field("/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py",
+                             description="megatron_gpt_eval.py as the ranks see it (bare metal: in your NeMo checkout)")
 
 
 class LocalSettings(_Section):
