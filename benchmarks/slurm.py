@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import PY, Cost, PrefectAPI, free_port, is_probe, median, read_stats, run_flow, server_argv, wait_for, write_prompts
+from benchmarks.common import PY, REPO, Cost, PrefectAPI, free_port, is_probe, median, read_stats, run_flow, server_argv, wait_for, write_prompts
 
 PROFILE = {"bench2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2}}
 JOB_PREFIX = "nsdg-"
@@ -87,6 +87,8 @@ def settings_env(workdir: Path, tag: str, server_cmd: list[str], port: int) -> d
         "NSDG_SLURM__CONTAINER_RUNTIME": "none",
         "NSDG_SLURM__JOB_ROOT": str(workdir / "jobs"),
         "NSDG_SLURM__TIME_LIMIT": "00:10:00",
+        # The job inherits none of this process's PYTHONPATH: name this checkout for the ranks' Python.
+        "NSDG_SLURM__ENV": json.dumps({"PYTHONPATH": str(REPO)}),
         "NSDG_SERVER__PORT": str(port),
         "NSDG_SERVER__READY_TIMEOUT_S": "120",
         "NSDG_SERVER__MAX_SERVER_RESTARTS": "0",

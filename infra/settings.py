@@ -32,6 +32,7 @@ class Profile(_Section):
     gpus_per_node: int = Field(0, ge=0, le=16)
     tensor_parallel: int = Field(1, ge=1, le=64)
     pipeline_parallel: int = Field(1, ge=1, le=64)
+    gpu_type: str | None = Field(None, description="GRES type of the GPUs (e.g. h100): --gpus-per-node=h100:8")
     description: str = ""
 
     @property
@@ -86,7 +87,8 @@ class ServerSettings(_Section):
     breaker_window: int = Field(500, ge=10, le=1_000_000, description="records the circuit breaker looks back over")
     breaker_max_share: float = Field(0.10, gt=0, le=1, description="share of failed records in the window that stops the run")
     command: list[str] | None = Field(None, description="replaces megatron_gpt_eval.py in the node launcher")
-    eval_script: str = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+    eval_script: str = Field("/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py",
+                             description="megatron_gpt_eval.py as the ranks see it (bare metal: in your NeMo checkout)")
 
 
 class LocalSettings(_Section):
@@ -106,9 +108,26 @@ class SlurmSettings(_Section):
     exclusive: bool = True
     job_root: str = Field("~/.nemotron-sdg/jobs", description="per-job directories; must be on a filesystem the nodes share")
     container_runtime: Literal["pyxis", "apptainer", "none"] = "pyxis"
-    container_image: str = "nvcr.io/nvidia/nemo:24.05"
+    container_image: str = Field("nvcr.io/nvidia/nemo:24.05", description="pyxis: a registry image (rendered "
+                                 "nvcr.io#nvidia/nemo:24.05) or, better, a .sqsh path; apptainer: a .sif path")
     container_mounts: list[str] = Field(default_factory=list)
+    mount_model: bool = Field(True, description="mount model.path read-only at its own path unless a mount covers it; "
+                              "false: refuse a model path no mount covers")
     extra_directives: list[str] = Field(default_factory=list)
+    mem: str | None = Field("0", description="sbatch --mem; 0 = all of each node's memory (--exclusive alone gives "
+                            "only the default); empty to leave it out")
+    propagate: str | None = Field("NONE", description="sbatch --propagate: the worker's rlimits the ranks get; "
+                                  "empty to leave it out")
+    requeue: bool = Field(False, description="let Slurm requeue the job (the flow treats a requeue as a lost server)")
+    cpus_per_task: int | None = Field(None, ge=1, le=1024, description="CPUs per rank; default: the node's CPUs / ranks")
+    gpu_request: Literal["gpus-per-node", "gres"] = Field("gpus-per-node",
+                                                         description="how GPUs are asked for: --gpus-per-node or --gres=gpu")
+    export: list[str] = Field(default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ"],
+                              description="variables sbatch copies from the worker; the job starts from the login environment")
+    env: dict[str, str] = Field(default_factory=dict, description="variables for every rank, e.g. NCCL_SOCKET_IFNAME")
+    setup: list[str] = Field(default_factory=list, description="shell lines each rank runs before the server "
+                             "(module load ..., source .../activate)")
+    srun_args: list[str] = Field(default_factory=list, description="more srun flags from an allowlist (--mpi=pmix, ...)")
     heartbeat_timeout_s: float = Field(600.0, ge=10, le=86_400)
     heartbeat_interval_s: float = Field(15.0, gt=0, le=3600)
     command_timeout_s: float = Field(30.0, gt=0, le=600)

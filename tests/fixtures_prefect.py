@@ -312,6 +312,7 @@ def prefect_worker(prefect_server, work_pool, tiny_model_dir, tmp_path_factory) 
         NSDG_SLURM__CONTAINER_RUNTIME="none",
         NSDG_SLURM__JOB_ROOT=str(root / "jobs"),
         NSDG_SLURM__TIME_LIMIT="00:10:00",
+        NSDG_SLURM__ENV=json.dumps({"PYTHONPATH": str(Path(__file__).resolve().parents[1])}),  # none is inherited
         NSDG_SLURM__HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT_S),
         NSDG_SLURM__HEARTBEAT_INTERVAL_S=str(HEARTBEAT_INTERVAL_S),
         NSDG_SERVER__PORT=str(port),

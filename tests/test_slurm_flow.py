@@ -6,6 +6,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from infra.slurm.client import SlurmClient
 from tests.ports import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+REPO = Path(__file__).resolve().parents[1]
 TEST_PROFILES = {
     "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
     "test3x8": {"backend": "slurm", "nodes": 3, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 3},
@@ -30,6 +32,8 @@ def slurm_env(slurm_cluster, workdir, monkeypatch):
     monkeypatch.setenv("NSDG_SLURM__CONTAINER_RUNTIME", "none")
     monkeypatch.setenv("NSDG_SLURM__JOB_ROOT", str(workdir / "jobs"))
     monkeypatch.setenv("NSDG_SLURM__TIME_LIMIT", "00:10:00")
+    # The job gets none of this process's PYTHONPATH: name this checkout for the ranks' Python.
+    monkeypatch.setenv("NSDG_SLURM__ENV", json.dumps({"PYTHONPATH": str(REPO)}))
     monkeypatch.setenv("NSDG_SERVER__PORT", str(port))
     monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "120")
 

@@ -69,27 +69,47 @@ DESTRUCTIVE = "a'; rm -rf /"
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def make_settings(runtime: str = "pyxis", **slurm) -> Settings:
+MODEL = "/lustre/models/Nemotron-4-340B-Base"
+SIF = "/shared/images/nemo-24.05.sif"
+SQSH = "/shared/images/nemo-24.05.sqsh"
+
+
+def make_settings(runtime: str = "pyxis", model_path: str = MODEL, **slurm) -> Settings:
     slurm.setdefault("account", "my-acct")
     slurm.setdefault("partition", "batch")
-    slurm.setdefault("container_mounts", [] if runtime == "none" else ["/shared/models:/models"])
-    return Settings(_env_file=None, slurm=SlurmSettings(container_runtime=runtime, **slurm))
+    if runtime == "apptainer":
+        slurm.setdefault("container_image", SIF)
+    return Settings(_env_file=None, model={"path": model_path}, slurm=SlurmSettings(container_runtime=runtime, **slurm))
+
+
+# a100x16 keeps the model under a mount of the site's own; the others get it mounted read-only.
+GOLDEN_MOUNTS = {"a100x16": ["/lustre/models:/lustre/models:ro"]}
 
 
 def golden_spec(profile: str, runtime: str) -> SbatchSpec:
+    mounts = [] if runtime == "none" else GOLDEN_MOUNTS.get(profile, [])
     return SbatchSpec.from_settings(
-        make_settings(runtime), profile, job_name=GOLDEN_NAME, comment=GOLDEN_COMMENT, job_dir=GOLDEN_JOB_DIR
+        make_settings(runtime, container_mounts=mounts), profile, job_name=GOLDEN_NAME, comment=GOLDEN_COMMENT,
+        job_dir=GOLDEN_JOB_DIR,
     )
 
 
+SITE_ENV = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_DEBUG": "INFO", "ODD": DESTRUCTIVE}
+
+
 def custom_spec() -> SbatchSpec:
-    """Every optional header line and a replacement server command with awkward arguments."""
+    """Every optional header line and setting, and a replacement server command with awkward arguments."""
     settings = Settings(
         _env_file=None,
+        extra_profiles={"h100x16": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8,
+                                    "pipeline_parallel": 2, "gpu_type": "h100"}},
         slurm=SlurmSettings(
             account="my-acct", partition="batch", qos="high", reservation="resv-1", exclusive=False,
             time_limit="1-00:00:00", container_mounts=["/shared/models:/models:ro", "/scratch"],
-            extra_directives=["--mem=0", "--constraint=h100&ib", "--signal=B:USR1@120", "--no-requeue"],
+            container_image=SQSH, mem="800G", propagate="ALL", requeue=True, cpus_per_task=12, gpu_request="gres",
+            extra_directives=["--constraint=h100&ib", "--signal=B:USR1@120"],
+            srun_args=["--mpi=pmix", "--container-writable"], env=SITE_ENV,
+            setup=["module load nccl/2.21", "source /opt/site/env.sh"], export=["PATH", "http_proxy"],
             heartbeat_timeout_s=300, heartbeat_interval_s=10,
         ),
         server=ServerSettings(port=5555, command=["python3", "-m", "infra.local_server", DESTRUCTIVE, "two words"]),
@@ -136,22 +156,63 @@ def job_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("job")
 
 
+# Stand-ins for srun (with pyxis' --container-* flags) and apptainer that read their argv the way
+# the real ones do, refuse what the real ones would refuse (exit 97 with the reason), record the
+# argv and run the launcher as rank 0 of one node.
+STUB_PRELUDE = r"""#!PYTHON
+import os, sys
+open(os.path.join(os.environ["STUB_LOG"], "NAME.args"), "wb").write(b"".join(a.encode() + b"\0" for a in sys.argv[1:]))
+def refuse(why):
+    print(f"NAME stub: {why}", file=sys.stderr)
+    sys.exit(97)
+"""
+SRUN_STUB = r"""
+args, env = sys.argv[1:], dict(os.environ)
+PYXIS_FLAGS = {"--no-container-mount-home", "--container-writable", "--container-remap-root"}
+while args and args[0].startswith("-"):
+    name, _, value = args.pop(0).partition("=")
+    if name == "--container-image":
+        first = value.split("/", 1)[0]
+        if not value.startswith("/") and "#" not in value and "/" in value and ("." in first or ":" in first):
+            refuse(f"enroot < 4.0 looks {value} up on Docker Hub: 401 Unauthorized (write {first}#...)")
+    elif name == "--container-mounts":
+        for mount in value.split(","):
+            parts = mount.split(":")
+            if len(parts) > 3 or not parts[0] or (len(parts) == 3 and not set(parts[2].split("+")) <= {"ro", "rw", "private", "rprivate", "slave", "rslave", "rbind", "nosuid", "nodev", "noexec"}):
+                refuse(f"bad mount {mount!r}")
+    elif name == "--container-env":
+        missing = [k for k in value.split(",") if k not in env]
+        if missing:
+            refuse(f"--container-env names {missing}, which are not in the environment")
+    elif name == "--container-workdir":
+        env["STUB_CONTAINER_WORKDIR"] = value
+    elif name == "--cpus-per-task":
+        env["SLURM_CPUS_PER_TASK"] = value
+    elif name.startswith("--container-") and name not in PYXIS_FLAGS:
+        refuse(f"pyxis has no option {name}")
+env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURMD_NODENAME="node1")
+os.execvpe(args[0], args, env)
+"""
+APPTAINER_STUB = r"""
+args = sys.argv[1:]
+if args.pop(0) != "exec":
+    refuse("only exec is stubbed")
+while args and args[0].startswith("-"):
+    name, _, value = args.pop(0).partition("=")
+    if name == "--bind":
+        parts = value.split(":")
+        if len(parts) > 3 or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            refuse(f"bad bind {value!r}")
+    elif name not in ("--nv", "--no-home"):
+        refuse(f"unknown flag {name}")
+image = args.pop(0)
+if "://" not in image and not os.path.isfile(image):
+    refuse(f"could not open image {image}: failed to retrieve path for {image}: no such file or directory")
+os.execvp(args[0], args)
+"""
 STUBS = {
-    # Records its argv, drops srun's own --options, and runs the rest as rank 0 of one node.
-    "srun": """#!/bin/bash
-printf '%s\\0' "$@" > "$STUB_LOG/srun.args"
-while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
-export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURMD_NODENAME=node1
-exec "$@"
-""",
-    # `apptainer exec [--opts] IMAGE CMD...` -> CMD...
-    "apptainer": """#!/bin/bash
-printf '%s\\0' "$@" > "$STUB_LOG/apptainer.args"
-shift
-while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
-shift
-exec "$@"
-""",
+    **{name: STUB_PRELUDE.replace("PYTHON", sys.executable).replace("NAME", name) + body
+       for name, body in (("srun", SRUN_STUB), ("apptainer", APPTAINER_STUB))},
     "scancel": """#!/bin/bash
 printf '%s\\0' "$@" >> "$STUB_LOG/scancel.args"
 """,
@@ -226,10 +287,7 @@ def gone(pid: int, timeout: float = 5.0) -> bool:
 
 # --- golden files --------------------------------------------------------------------------------
 
-COMBOS = [
-    ("h100x16", "pyxis"), ("h100x16", "apptainer"), ("h100x16", "none"),
-    ("a100x16", "pyxis"), ("h200x8", "pyxis"),
-]
+COMBOS = [(profile, runtime) for profile in ("h100x16", "a100x16", "h200x8") for runtime in ("pyxis", "apptainer", "none")]
 RENDERED = {f"{p}-{r}": (lambda p=p, r=r: golden_spec(p, r)) for p, r in COMBOS}
 RENDERED["h100x16-custom"] = custom_spec
 
@@ -275,13 +333,16 @@ def test_h100x16_carries_the_seed_layout(tmp_path):
                      f'--comment="{GOLDEN_COMMENT}"'):
         assert expected in lines, expected
     assert assigned_array(sbatch, "SRUN_CONTAINER_ARGS", tmp_path) == [
-        "--container-image=nvcr.io/nvidia/nemo:24.05",
-        f"--container-mounts=/shared/models:/models,{GOLDEN_JOB_DIR}:{GOLDEN_JOB_DIR}",
+        "--container-image=nvcr.io#nvidia/nemo:24.05",
+        f"--container-mounts={MODEL}:{MODEL}:ro,{GOLDEN_JOB_DIR}:{GOLDEN_JOB_DIR}",
+        f"--container-workdir={GOLDEN_JOB_DIR}", "--no-container-mount-home",
     ]
-    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=\"$TASKS_PER_NODE\"" in sbatch
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=\"$TASKS_PER_NODE\" --cpus-per-task=\"$CPUS_PER_TASK\"" in sbatch
+    assert {"--mem=0", "--propagate=NONE", "--no-requeue", "--export=PATH,LANG,LC_ALL,TZ"} <= set(lines)
+    assert f"# Model: {MODEL} is mounted read-only at its own path (slurm.mount_model)." in sbatch
     assert assigned_array(launcher, "SERVER_CMD", tmp_path) == [
         "python3", "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py",
-        "gpt_model_file=/models/Nemotron-4-340B-Base",
+        f"gpt_model_file={MODEL}",
         "tensor_model_parallel_size=8", "pipeline_model_parallel_size=2", "pipeline_model_parallel_split_rank=0",
         "trainer.devices=8", "trainer.num_nodes=2", "trainer.precision=bf16", "megatron_amp_O2=True",
         "server=True", "web_server=False", "port=1424",
@@ -304,20 +365,25 @@ def test_all_directives_precede_the_first_command():
 
 def test_optional_header_lines():
     lines = sbatch_lines(render_sbatch(custom_spec()))
-    assert {"--qos=high", "--reservation=resv-1", "--time=1-00:00:00", "--mem=0", "--constraint=h100&ib",
-            "--signal=B:USR1@120", "--no-requeue"} <= set(lines)
-    assert "--exclusive" not in lines
+    assert {"--qos=high", "--reservation=resv-1", "--time=1-00:00:00", "--mem=800G", "--constraint=h100&ib",
+            "--signal=B:USR1@120", "--requeue", "--open-mode=append", "--propagate=ALL", "--gres=gpu:h100:8",
+            "--cpus-per-task=12", "--export=PATH,http_proxy"} <= set(lines)
+    assert not [line for line in lines if line.startswith(("--exclusive", "--gpus-per-node", "--no-requeue"))]
     bare = sbatch_lines(render_sbatch(replace(golden_spec("h100x16", "pyxis"), account=None, partition=None,
-                                              gpus_per_node=0, tasks_per_node=8)))
-    assert not [line for line in bare if line.startswith(("-A", "-p", "--gpus-per-node"))]
+                                              gpus_per_node=0, tasks_per_node=8, mem=None, propagate=None,
+                                              export=())))
+    assert not [line for line in bare if line.startswith(("-A", "-p", "--gpus-per-node", "--mem", "--propagate"))]
+    assert "--export=NONE" in bare
+    typed = replace(golden_spec("h100x16", "pyxis"), gpu_type="h100")
+    assert "--gpus-per-node=h100:8" in sbatch_lines(render_sbatch(typed))
 
 
 def test_runtimes_wrap_the_launcher_differently(tmp_path):
     apptainer = render_sbatch(golden_spec("h100x16", "apptainer"))
     assert assigned_array(apptainer, "SRUN_CONTAINER_ARGS", tmp_path) == []
     assert assigned_array(apptainer, "LAUNCH_PREFIX", tmp_path) == [
-        "apptainer", "exec", "--nv", "--bind=/shared/models:/models", f"--bind={GOLDEN_JOB_DIR}",
-        "nvcr.io/nvidia/nemo:24.05",
+        "apptainer", "exec", "--nv", "--no-home", f"--bind={MODEL}:{MODEL}:ro",
+        f"--bind={GOLDEN_JOB_DIR}:{GOLDEN_JOB_DIR}", SIF,
     ]
     bare = render_sbatch(golden_spec("h100x16", "none"))
     assert assigned_array(bare, "SRUN_CONTAINER_ARGS", tmp_path) == []
@@ -380,8 +446,8 @@ def test_malformed_directives_are_rejected(job_dir, directive):
 
 
 def test_allowed_directives_pass(job_dir):
-    spec = simple_spec(job_dir, extra_directives=["--mem=0", "--mail-type=END,FAIL", "--mail-user=ml@example.com",
-                                                  "--export=NONE", "--cpus-per-task=4", "--signal=B:USR1@60"])
+    spec = simple_spec(job_dir, extra_directives=["--mail-type=END,FAIL", "--mail-user=ml@example.com",
+                                                  "--gres=nvme:1", "--signal=B:USR1@60"])
     assert spec.extra_directives[-1] == "--signal=B:USR1@60"
 
 
@@ -474,19 +540,22 @@ def test_launcher_passes_hostile_arguments_through(tmp_path, job_dir):
 
 @pytest.mark.parametrize("runtime", ["pyxis", "apptainer"])
 def test_batch_script_passes_hostile_mounts_through(tmp_path, job_dir, stubs, runtime):
-    mounts = [m for m in HOSTILE if m and "\n" not in m and "\t" not in m and "," not in m]
-    spec = simple_spec(job_dir, container_runtime=runtime, container_image="registry.example/img:1",
-                       container_mounts=mounts)
+    mounts = [m for m in HOSTILE if m and "\n" not in m and "\t" not in m and "," not in m and m.count(":") < 3]
+    image = tmp_path / "img.sif"
+    image.write_text("")
+    spec = simple_spec(job_dir, container_runtime=runtime, container_mounts=mounts,
+                       container_image="registry.example/img:1" if runtime == "pyxis" else str(image))
     rc, out = finish(start_batch(spec, stubs, tmp_path))
     assert rc == 0, out
     launcher = ["bash", f"{job_dir}/node-launcher.sh"]
+    srun = ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--export=ALL", "--label"]
     if runtime == "pyxis":
         mount_arg = "--container-mounts=" + ",".join([*mounts, f"{job_dir}:{job_dir}"])
-        assert recorded(stubs, "srun") == ["--kill-on-bad-exit=1", "--ntasks-per-node=1",
-                                           "--container-image=registry.example/img:1", mount_arg, *launcher]
+        assert recorded(stubs, "srun") == [*srun, "--container-image=registry.example#img:1", mount_arg,
+                                           f"--container-workdir={job_dir}", "--no-container-mount-home", *launcher]
     else:
-        binds = [f"--bind={m}" for m in [*mounts, str(job_dir)]]
-        assert recorded(stubs, "apptainer") == ["exec", *binds, "registry.example/img:1", *launcher]
+        binds = [f"--bind={m}" for m in [*mounts, f"{job_dir}:{job_dir}"]]
+        assert recorded(stubs, "apptainer") == ["exec", "--no-home", *binds, str(image), *launcher]
     assert not list(tmp_path.rglob("PWNED")) and not list(job_dir.rglob("PWNED"))
 
 
@@ -634,7 +703,7 @@ def test_real_sbatch_reads_the_header(slurm_cluster, job_dir):
     comment = "nsdg-render-test run=r-1 flow_run=f-1"
     spec = simple_spec(job_dir, job_name="nsdg-render-parse", comment=comment, nodes=2, tasks_per_node=8,
                        gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2, time_limit="00:07:00",
-                       extra_directives=["--no-requeue", "--signal=B:USR1@60"])
+                       extra_directives=["--signal=B:USR1@60"])
     sbatch = write_job_files(spec)
     job_id = run_command(["sbatch", "--hold", "--parsable", str(sbatch)], timeout=30).stdout.strip().split(";")[0]
     try:
@@ -646,3 +715,59 @@ def test_real_sbatch_reads_the_header(slurm_cluster, job_dir):
     assert fields["StdOut"] == f"{job_dir}/nsdg-render-parse-{job_id}.out"
     assert fields["WorkDir"] == str(job_dir) and fields["TimeLimit"] == "00:07:00" and fields["Requeue"] == "0"
     assert f"Comment={comment} " in shown
+
+
+# --- the site's environment and setup, through the stubs -------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer", "none"])
+def test_site_env_reaches_the_rank_over_the_orchestrators(tmp_path, job_dir, stubs, runtime):
+    """slurm.env is exported for srun (pyxis keeps the keys named in --container-env, which the
+    stub checks are in its environment) and again in the launcher; the orchestrator's Python is not."""
+    image = tmp_path / "img.sif"
+    image.write_text("")
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("")
+    site = {"NCCL_IB_HCA": "mlx5_0,mlx5_1", "ODD": DESTRUCTIVE, "PYTHONPATH": "/site/lib"}
+    spec = simple_spec(job_dir, container_runtime=runtime, env=tuple(site.items()), server_command=("env",),
+                       setup=("export FROM_SETUP=yes",),
+                       container_image="registry.example/img:1" if runtime == "pyxis" else str(image))
+    env = {**stub_env(stubs), "PATH": f"{venv_bin}:{stubs}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv_bin.parent),
+           "PYTHONPATH": "/orchestrator/src", "NCCL_IB_HCA": "from-the-worker"}
+    proc = subprocess.Popen(["bash", str(write_job_files(spec))], cwd=tmp_path, start_new_session=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    seen = dict(line.split("=", 1) for line in out.splitlines() if re.match(r"[A-Za-z_][A-Za-z0-9_]*=", line))
+    assert {k: seen.get(k) for k in site} == site
+    assert "VIRTUAL_ENV" not in seen and str(venv_bin) not in seen["PATH"]
+    assert seen["FROM_SETUP"] == "yes" and seen["PYTHONNOUSERSITE"] == "1" and seen["HYDRA_FULL_ERROR"] == "1"
+    if runtime == "pyxis":
+        assert "--container-env=NCCL_IB_HCA,ODD,PYTHONPATH" in recorded(stubs, "srun")
+    if runtime == "apptainer":
+        assert seen["APPTAINERENV_ODD"] == DESTRUCTIVE
+
+
+def test_a_failing_setup_line_ends_the_rank(tmp_path, job_dir, stubs):
+    spec = simple_spec(job_dir, setup=("false",), server_command=("touch", str(tmp_path / "server-ran")))
+    rc, out = finish(start_batch(spec, stubs, tmp_path))
+    assert rc == 1, out
+    assert "setup line failed (exit 1): false" in out and not (tmp_path / "server-ran").exists()
+
+
+def test_usr1_to_the_batch_script_is_noted_not_fatal(tmp_path, job_dir, stubs):
+    pid_file = tmp_path / "server.pids"
+    proc = start_batch(simple_spec(job_dir, server_command=server_that_records_pids(pid_file)), stubs, tmp_path)
+    try:
+        wait_for_file(pid_file, 15)
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for_file(job_dir / "signal-received", 10)
+        assert "signal=USR1" in (job_dir / "signal-received").read_text()
+        assert proc.poll() is None, "USR1 ended the batch script"
+        os.kill(proc.pid, signal.SIGTERM)
+        rc, out = finish(proc, timeout=15)
+    finally:
+        if proc.poll() is None:
+            finish(proc, timeout=0.1)
+    assert rc == 143 and "received SIGUSR1; noted" in out, out

@@ -72,6 +72,8 @@ class SlurmBackend:
         self.spec = replace(spec, port=settings.server.port + replica)
         self.job_ids: list[str] = []
         self._url: str | None = None
+        self._url_nodes: list[str] = []
+        self._running_nodes: list[str] | None = None  # where the job first ran
         self._last_state = None
         self._last_poll = 0.0
         self._unknown_since: float | None = None
@@ -96,12 +98,34 @@ class SlurmBackend:
         if self._last_state is None or now - self._last_poll >= self.settings.slurm.poll_s:
             self._last_state = self.client.state(self.job_id)
             self._last_poll = now
+            if self._last_state.state == "RUNNING" and self._running_nodes is None:
+                self._running_nodes = list(self._last_state.nodes)
         return self._last_state
 
     def url(self) -> str | None:
-        if self._url is None and self.job_id and self.state().state == "RUNNING":
+        """Rank 0's address, looked up again whenever the job runs on other nodes than before."""
+        if not self.job_id:
+            return None
+        st = self.state()
+        if st.state == "RUNNING" and (self._url is None or st.nodes != self._url_nodes):
             self._url = f"http://{self.client.first_node_addr(self.job_id)}:{self.spec.port}"
+            self._url_nodes = list(st.nodes)
         return self._url
+
+    def requeued(self, st) -> str | None:
+        """A job that ran and is back in the queue, or runs again elsewhere, was requeued (a node
+        failure or preemption with slurm.requeue, or `scontrol requeue`). It keeps its id, but its
+        server is gone: the flow treats it as lost, cancels it and starts a new job."""
+        if st.state == "REQUEUED":
+            return "was requeued"
+        if self._running_nodes is None:
+            return None
+        if st.state in ("PENDING", "CONFIGURING"):
+            return f"was requeued: it ran on {','.join(self._running_nodes) or '?'} and is {st.state} again"
+        if st.state == "RUNNING" and st.nodes and self._running_nodes and st.nodes != self._running_nodes:
+            return (f"was requeued: it ran on {','.join(self._running_nodes)} and now runs on {','.join(st.nodes)}, "
+                    "where its server starts from scratch")
+        return None
 
     def logs(self) -> str:
         parts = []
@@ -124,6 +148,9 @@ class SlurmBackend:
                 return None
             return f"Slurm job {self.job_id} is unknown to squeue, sacct and scontrol; log tails:\n{self.logs()}"
         self._unknown_since = None
+        if requeued := self.requeued(st):
+            return (f"Slurm job {self.job_id} {requeued} ({st.describe()}); the flow cancels it and starts another; "
+                    f"job dir {self.job_dir}; log tails:\n{self.logs()}")
         if st.terminal:
             return (f"Slurm job {self.job_id} ended {st.state} (exit code {st.exit_code}); "
                     f"job dir {self.job_dir}; log tails:\n{self.logs()}")

@@ -19,6 +19,8 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/rank0-host           `hostname` of global rank 0, the only rank that serves HTTP
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
     <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
+    <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
+                                   signal=USR1, received_at=<epoch s>, by=batch; the job goes on
     <job_dir>/<job_name>-<id>.out  the job's stdout (batch script and every rank); `.err` for stderr
 """
 
@@ -29,7 +31,7 @@ import os
 import re
 import shlex
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,6 +39,9 @@ from typing import Literal
 
 from infra.errors import ConfigError
 from infra.settings import SAFE_NAME, Profile, Settings
+from infra.slurm import options
+# ALLOWED_DIRECTIVES and check_directive are imported from here too.
+from infra.slurm.options import ALLOWED_DIRECTIVES, check_directive, check_mount, fail as _fail  # noqa: F401
 
 SBATCH_NAME = "sbatch.sh"
 LAUNCHER_NAME = "node-launcher.sh"
@@ -45,46 +50,29 @@ JOB_INFO_NAME = "job-info"
 RANK0_HOST_NAME = "rank0-host"
 RANK0_NODE_NAME = "rank0-node"
 CANCEL_REASON_NAME = "cancel-reason"
+SIGNAL_MARKER_NAME = "signal-received"
 STDOUT_PATTERN = "%x-%j.out"
 STDERR_PATTERN = "%x-%j.err"
 
 ContainerRuntime = Literal["pyxis", "apptainer", "none"]
 CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
+GPU_REQUESTS = ("gpus-per-node", "gres")
 
 # Lightning's SLURMEnvironment switches itself off for these job names: the srun tasks would
 # then not learn their ranks from Slurm and never form one 16-rank world.
 FORBIDDEN_JOB_NAMES = frozenset({"bash", "interactive"})
 
-# Options a user may add to the #SBATCH header. Everything the spec sets itself (nodes, tasks,
-# GPUs, time, output files, name, comment...) is missing on purpose: two values for one option
-# would make the rendered script lie about what it asks for.
-VALUE_DIRECTIVES = frozenset({
-    "--begin", "--constraint", "--cpus-per-gpu", "--cpus-per-task", "--exclude", "--export",
-    "--gpu-bind", "--gres", "--gres-flags", "--hint", "--licenses", "--mail-type", "--mail-user",
-    "--mem", "--mem-per-cpu", "--mem-per-gpu", "--network", "--nice", "--nodelist", "--signal",
-    "--switches", "--wckey",
-})
-FLAG_DIRECTIVES = frozenset({"--no-requeue"})
-ALLOWED_DIRECTIVES = tuple(sorted(VALUE_DIRECTIVES | FLAG_DIRECTIVES))
-
-# What may appear in an #SBATCH value: no whitespace, quotes, backslash or '#'.
-_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9._:=/@+,%|&\[\]*!-]+")
-_DIRECTIVE = re.compile(r"(--[a-z][a-z-]*)(?:=(.*))?", re.DOTALL)
 _COMMENT = re.compile(r"[A-Za-z0-9._:=/@+,-]+( [A-Za-z0-9._:=/@+,-]+)*")
 _SBATCH_PATH = re.compile(r"/[A-Za-z0-9._+/-]*")
 _TIME_LIMIT = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
 # Hydra's override parser reads `gpt_model_file=<path>`: quotes, spaces, brackets, braces,
 # commas, '=' and '$' mean something to it, so the model path keeps to plain path characters.
 _HYDRA_PATH = re.compile(r"/[A-Za-z0-9._+/@%:-]*")
-_SLURM_SPLITTERS = ("packjob", "hetjob")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:24.05"
 DEFAULT_EVAL_SCRIPT = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
-
-
-def _fail(field: str, value: object, allowed: str) -> ConfigError:
-    return ConfigError(f"Slurm job spec: {field}={value!r} is not valid: {allowed}.")
+DEFAULT_EXPORT = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
 def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: str) -> None:
@@ -92,10 +80,7 @@ def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: st
         raise _fail(field, value, allowed)
 
 
-def _check_sbatch_value(field: str, value: str) -> None:
-    """sbatch rewrites 'packjob' and splits a job at 'hetjob' wherever they appear in a directive line."""
-    if any(word in value.lower() for word in _SLURM_SPLITTERS):
-        raise _fail(field, value, "it must not contain 'packjob' or 'hetjob' (sbatch splits the job there)")
+_check_sbatch_value = options.check_sbatch_value
 
 
 def _check_int(field: str, value: object, low: int, high: int) -> None:
@@ -108,38 +93,6 @@ def _check_slurm_name(field: str, value: str | None) -> None:
         _check_pattern(field, value, SAFE_NAME,
                        "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
         _check_sbatch_value(field, value)
-
-
-def check_directive(directive: str) -> None:
-    """One extra #SBATCH option: an allowed name, written `--name=value` (or a bare allowed flag)."""
-    allowed = f"allowed options are {', '.join(ALLOWED_DIRECTIVES)}; write each as --name=value"
-    match = _DIRECTIVE.fullmatch(directive) if isinstance(directive, str) else None
-    if match is None or match.group(1) not in VALUE_DIRECTIVES | FLAG_DIRECTIVES:
-        raise _fail("slurm.extra_directives", directive, allowed)
-    name, value = match.groups()
-    if name in FLAG_DIRECTIVES:
-        if value is not None:
-            raise _fail("slurm.extra_directives", directive, f"{name} takes no value")
-        return
-    if value is None or not _DIRECTIVE_VALUE.fullmatch(value):
-        raise _fail(
-            "slurm.extra_directives", directive,
-            f"{name} needs =value made of letters, digits and . _ : = / @ + , % | & [ ] * ! - "
-            "(no spaces, quotes, '\\' or '#': sbatch parses these lines itself)",
-        )
-    _check_sbatch_value("slurm.extra_directives", directive)
-
-
-def check_mount(runtime: str, mount: str) -> None:
-    """A container mount `SRC[:DST[:FLAGS]]`. Pyxis and Apptainer both split their mount lists
-    at commas, so a comma would silently become two mounts."""
-    if not isinstance(mount, str) or not mount or "," in mount or _CONTROL_CHARS.search(mount):
-        raise _fail(
-            "slurm.container_mounts", mount,
-            "write each mount as SRC:DST[:FLAGS], without commas or control characters",
-        )
-    if runtime == "none":
-        raise _fail("slurm.container_mounts", mount, "mounts need container_runtime 'pyxis' or 'apptainer', not 'none'")
 
 
 @dataclass(frozen=True)
@@ -164,10 +117,21 @@ class SbatchSpec:
     qos: str | None = None
     reservation: str | None = None
     exclusive: bool = True
+    mem: str | None = "0"
+    propagate: str | None = "NONE"
+    requeue: bool = False
+    cpus_per_task: int | None = None
+    gpu_type: str | None = None
+    gpu_request: str = "gpus-per-node"
     extra_directives: tuple[str, ...] = ()
+    srun_args: tuple[str, ...] = ()
+    export: tuple[str, ...] = DEFAULT_EXPORT
+    env: tuple[tuple[str, str], ...] = ()
+    setup: tuple[str, ...] = ()
     container_runtime: ContainerRuntime = "pyxis"
     container_image: str = DEFAULT_IMAGE
     container_mounts: tuple[str, ...] = ()
+    mount_model: bool = True
     model_path: str = "/models/Nemotron-4-340B-Base"
     eval_script: str = DEFAULT_EVAL_SCRIPT
     port: int = 1424
@@ -177,7 +141,9 @@ class SbatchSpec:
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
-        for name in ("extra_directives", "container_mounts", "server_command"):
+        if isinstance(self.env, Mapping):
+            object.__setattr__(self, "env", tuple(self.env.items()))
+        for name in ("extra_directives", "srun_args", "export", "env", "setup", "container_mounts", "server_command"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 if isinstance(value, str) or not isinstance(value, Iterable):
@@ -185,6 +151,7 @@ class SbatchSpec:
                 object.__setattr__(self, name, tuple(value))
         self._validate_header()
         self._validate_topology()
+        self._validate_launch()
         self._validate_container()
         self._validate_server()
         self._validate_heartbeat()
@@ -210,10 +177,21 @@ class SbatchSpec:
         if len(self.comment) > 512:
             raise _fail("comment", self.comment, "keep it under 512 characters")
         _check_pattern("slurm.time_limit", self.time_limit, _TIME_LIMIT, "use a Slurm time like 04:00:00 or 1-00:00:00")
-        if not isinstance(self.exclusive, bool):
-            raise _fail("slurm.exclusive", self.exclusive, "use true or false")
+        for field in ("exclusive", "requeue", "mount_model"):
+            if not isinstance(getattr(self, field), bool):
+                raise _fail(f"slurm.{field}", getattr(self, field), "use true or false")
+        options.check_mem(self.mem)
+        options.check_propagate(self.propagate)
+        if self.gpu_request not in GPU_REQUESTS:
+            raise _fail("slurm.gpu_request", self.gpu_request, f"use one of {', '.join(GPU_REQUESTS)}")
+        if self.gpu_type is not None:
+            _check_pattern("profile.gpu_type", self.gpu_type, _GPU_TYPE,
+                           "use the GRES type name your site gives the GPUs, e.g. h100 (letters, digits, . _ -)")
         for directive in self.extra_directives:
-            check_directive(directive)
+            check_directive(directive, gpu_request=self.gpu_request)
+        if self.mem is not None and (clash := [d for d in self.extra_directives if d.startswith("--mem-per-")]):
+            raise _fail("slurm.extra_directives", clash[0],
+                        f"sbatch refuses it next to --mem={self.mem}; set NSDG_SLURM__MEM= (empty) to use it")
 
     def _validate_topology(self) -> None:
         _check_int("profile.nodes", self.nodes, 1, 64)
@@ -235,16 +213,22 @@ class SbatchSpec:
                 "Fix the profile's nodes, gpus_per_node, tensor_parallel or pipeline_parallel."
             )
 
+    def _validate_launch(self) -> None:
+        if self.cpus_per_task is not None:
+            _check_int("slurm.cpus_per_task", self.cpus_per_task, 1, 1024)
+        for arg in self.srun_args:
+            options.check_srun_arg(arg, self.container_runtime)
+        for name in self.export:
+            options.check_export_name(name)
+        options.check_env(dict(self.env))
+        for line in self.setup:
+            options.check_setup_line(line)
+
     def _validate_container(self) -> None:
         if self.container_runtime not in CONTAINER_RUNTIMES:
             raise _fail("slurm.container_runtime", self.container_runtime,
                         f"use one of {', '.join(CONTAINER_RUNTIMES)}")
-        image = self.container_image
-        if self.container_runtime != "none" and (
-            not isinstance(image, str) or not image or image.startswith("-") or re.search(r"[\s,]", image)
-        ):
-            raise _fail("slurm.container_image", image,
-                        "give an image reference or file path without spaces or commas, e.g. nvcr.io/nvidia/nemo:24.05")
+        options.check_image(self.container_runtime, self.container_image)
         for mount in self.container_mounts:
             check_mount(self.container_runtime, mount)
 
@@ -263,6 +247,14 @@ class SbatchSpec:
         )
         _check_pattern("server.eval_script", self.eval_script, _HYDRA_PATH,
                        "use an absolute path of letters, digits and . _ + / @ % : -")
+        if self.container_runtime == "none" or options.covering_mount(self.container_mounts, self.model_path):
+            return
+        if not self.mount_model:
+            raise _fail("model.path", self.model_path,
+                        "no container mount covers it, so the ranks would not find it: add one to "
+                        "NSDG_SLURM__CONTAINER_MOUNTS (e.g. /lustre/models:/lustre/models:ro) or set "
+                        "NSDG_SLURM__MOUNT_MODEL=true to mount it read-only at its own path")
+        options.check_model_mountable(self.model_path)
 
     def _validate_heartbeat(self) -> None:
         for field in ("heartbeat_timeout_s", "heartbeat_interval_s"):
@@ -283,6 +275,30 @@ class SbatchSpec:
 
     def job_path(self, name: str) -> Path:
         return Path(self.job_dir) / name
+
+    def model_mount(self) -> tuple[str | None, str]:
+        """The mount that makes the model visible in the container (None: none is added), and the
+        sentence the batch script says about it."""
+        if self.server_command is not None:
+            return None, "the server command is replaced (server.command); no model is mounted for it."
+        if self.container_runtime == "none":
+            return None, f"{self.model_path} is read from each node's own filesystem (container_runtime none)."
+        if mount := options.covering_mount(self.container_mounts, self.model_path):
+            return None, f"{self.model_path} is inside the mount {mount} (slurm.container_mounts)."
+        return (f"{self.model_path}:{self.model_path}:ro",
+                f"{self.model_path} is mounted read-only at its own path (slurm.mount_model).")
+
+    def mounts(self) -> list[str]:
+        """Every container mount: the site's, the model's (when added), the job dir at its own path."""
+        model, _ = self.model_mount()
+        return [*self.container_mounts, *([model] if model else []), f"{self.job_dir}:{self.job_dir}"]
+
+    def check_paths_seen_here(self) -> None:
+        """Refuse a model file or a missing image that this host can see (see options.check_paths_seen_here)."""
+        options.check_paths_seen_here(
+            model_path=self.model_path if self.server_command is None else None,
+            image=self.container_image if self.container_runtime != "none" else None,
+        )
 
     def nemo_command(self) -> tuple[str, ...]:
         """The seed's megatron_gpt_eval.py command, with this spec's topology and port."""
@@ -327,7 +343,7 @@ class SbatchSpec:
         if profile.backend != "slurm":
             raise _fail("profile.backend", profile.backend, "an sbatch script needs a profile with backend 'slurm'")
         slurm, server = settings.slurm, settings.server
-        return cls(
+        spec = cls(
             job_name=job_name,
             job_dir=os.path.expanduser(os.fspath(job_dir)),
             comment=comment,
@@ -342,10 +358,21 @@ class SbatchSpec:
             qos=slurm.qos,
             reservation=slurm.reservation,
             exclusive=slurm.exclusive,
+            mem=slurm.mem or None,
+            propagate=slurm.propagate or None,
+            requeue=slurm.requeue,
+            cpus_per_task=slurm.cpus_per_task,
+            gpu_type=profile.gpu_type,
+            gpu_request=slurm.gpu_request,
             extra_directives=tuple(slurm.extra_directives),
+            srun_args=tuple(slurm.srun_args),
+            export=tuple(slurm.export),
+            env=tuple(slurm.env.items()),
+            setup=tuple(slurm.setup),
             container_runtime=slurm.container_runtime,
             container_image=slurm.container_image,
             container_mounts=tuple(slurm.container_mounts),
+            mount_model=slurm.mount_model,
             model_path=settings.model.path,
             eval_script=server.eval_script,
             port=server.port,
@@ -353,6 +380,8 @@ class SbatchSpec:
             heartbeat_timeout_s=slurm.heartbeat_timeout_s,
             heartbeat_interval_s=slurm.heartbeat_interval_s,
         )
+        spec.check_paths_seen_here()
+        return spec
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -380,6 +409,16 @@ def _seconds(value: float) -> str:
     return format(value, "g")
 
 
+def gpu_directive(spec: SbatchSpec) -> list[str]:
+    """One GPU request, in the form the site wants: `--gpus-per-node=[type:]N` or `--gres=gpu[:type]:N`."""
+    if not spec.gpus_per_node:
+        return []
+    typed = f"{spec.gpu_type}:" if spec.gpu_type else ""
+    if spec.gpu_request == "gres":
+        return [f"--gres=gpu:{typed}{spec.gpus_per_node}"]
+    return [f"--gpus-per-node={typed}{spec.gpus_per_node}"]
+
+
 def sbatch_directives(spec: SbatchSpec) -> list[str]:
     """The #SBATCH lines. Values were held to safe charsets by the spec; the comment, which has
     spaces, is double-quoted (sbatch groups quoted words itself)."""
@@ -388,9 +427,20 @@ def sbatch_directives(spec: SbatchSpec) -> list[str]:
     lines += [f"--qos={spec.qos}"] if spec.qos else []
     lines += [f"--reservation={spec.reservation}"] if spec.reservation else []
     lines += [f"-N {spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
-    lines += [f"--gpus-per-node={spec.gpus_per_node}"] if spec.gpus_per_node else []
+    lines += gpu_directive(spec)
+    lines += [f"--cpus-per-task={spec.cpus_per_task}"] if spec.cpus_per_task else []
     lines += [f"--time={spec.time_limit}"]
     lines += ["--exclusive"] if spec.exclusive else []
+    # --exclusive gives every CPU and GPU of a node but only the default memory.
+    lines += [f"--mem={spec.mem}"] if spec.mem is not None else []
+    # The worker's rlimits (a systemd unit's small LIMIT_MEMLOCK breaks NCCL over InfiniBand).
+    lines += [f"--propagate={spec.propagate}"] if spec.propagate is not None else []
+    # A requeued job keeps its id on other nodes: the flow restarts lost servers itself instead.
+    # (--open-mode=append: a requeued job's second start would truncate the first one's logs.)
+    lines += ["--requeue", "--open-mode=append"] if spec.requeue else ["--no-requeue"]
+    # Only these variables come from the worker (plus SLURM_*); the job starts from the user's
+    # login environment on the node, as with --export=NONE.
+    lines += [f"--export={','.join(spec.export)}"] if spec.export else ["--export=NONE"]
     lines += [
         f"--chdir={spec.job_dir}",
         f"-o {spec.job_dir}/{STDOUT_PATTERN}",
@@ -403,11 +453,17 @@ def sbatch_directives(spec: SbatchSpec) -> list[str]:
 
 def srun_container_args(spec: SbatchSpec) -> list[str]:
     """Pyxis flags for srun. The job dir is mounted at its own path, because the launcher and
-    the files ranks write live there."""
+    the files ranks write live there; the home directory is not (its pip --user packages would
+    shadow the container's); slurm.env keys keep the host's values over the image's."""
     if spec.container_runtime != "pyxis":
         return []
-    mounts = [*spec.container_mounts, f"{spec.job_dir}:{spec.job_dir}"]
-    return [f"--container-image={spec.container_image}", f"--container-mounts={','.join(mounts)}"]
+    args = [f"--container-image={options.pyxis_image(spec.container_image)}",
+            f"--container-mounts={','.join(spec.mounts())}",
+            f"--container-workdir={spec.job_dir}",
+            "--no-container-mount-home"]
+    if spec.env:
+        args.append(f"--container-env={','.join(name for name, _ in spec.env)}")
+    return args
 
 
 def launch_prefix(spec: SbatchSpec) -> list[str]:
@@ -415,12 +471,17 @@ def launch_prefix(spec: SbatchSpec) -> list[str]:
     if spec.container_runtime != "apptainer":
         return []
     gpu_flags = ["--nv"] if spec.gpus_per_node else []
-    binds = [f"--bind={mount}" for mount in (*spec.container_mounts, spec.job_dir)]
-    return ["apptainer", "exec", *gpu_flags, *binds, spec.container_image]
+    binds = [f"--bind={mount}" for mount in spec.mounts()]
+    return ["apptainer", "exec", *gpu_flags, "--no-home", *binds, spec.container_image]
+
+
+def _exports(spec: SbatchSpec, prefix: str = "") -> list[str]:
+    return [f"export {prefix}{name}={shlex.quote(value)}" for name, value in spec.env]
 
 
 def render_sbatch(spec: SbatchSpec) -> str:
     """The batch script: job info, dead-man switch, srun of the launcher, srun's exit code."""
+    _, model_note = spec.model_mount()
     assignments = [
         _assign("JOB_DIR", spec.job_dir),
         _assign("HEARTBEAT_FILE", spec.heartbeat_file),
@@ -428,22 +489,36 @@ def render_sbatch(spec: SbatchSpec) -> str:
         _assign("HEARTBEAT_TIMEOUT_S", math.ceil(spec.heartbeat_timeout_s)),
         _assign("HEARTBEAT_INTERVAL_S", _seconds(spec.heartbeat_interval_s)),
         _assign("TASKS_PER_NODE", spec.tasks_per_node),
+        # Empty: every CPU of the node shared by its ranks (SLURM_CPUS_ON_NODE / TASKS_PER_NODE).
+        _assign("CPUS_PER_TASK", spec.cpus_per_task or ""),
+        _assign_array("SRUN_ARGS", spec.srun_args),
+        f"# Model: {model_note}",
         _assign_array("SRUN_CONTAINER_ARGS", srun_container_args(spec)),
         _assign_array("LAUNCH_PREFIX", launch_prefix(spec)),
     ]
+    env = ["# slurm.env, for srun and the container runtime (the launcher sets it again inside)."] if spec.env else []
+    env += _exports(spec)
+    if spec.container_runtime == "apptainer":
+        env += _exports(spec, "APPTAINERENV_")  # apptainer's way to win over the image's values
     return _template("sbatch.sh.tmpl").substitute(
         directives="\n".join(sbatch_directives(spec)),
         assignments="\n".join(assignments),
+        site_env="\n".join(env) or "# slurm.env is empty.",
     )
 
 
 def render_node_launcher(spec: SbatchSpec) -> str:
-    """The per-rank script: rank info, rank 0's host file, the server in its own process group."""
+    """The per-rank script: rank info, rank 0's host file, the site's setup, the server in its own
+    process group."""
     assignments = [
         _assign("JOB_DIR", spec.job_dir),
+        _assign_array("SETUP_LINES", spec.setup),
         _assign_array("SERVER_CMD", spec.command()),
     ]
-    return _template("node-launcher.sh.tmpl").substitute(assignments="\n".join(assignments))
+    return _template("node-launcher.sh.tmpl").substitute(
+        assignments="\n".join(assignments),
+        site_env="\n".join(_exports(spec)) or "# slurm.env is empty.",
+    )
 
 
 def write_job_files(spec: SbatchSpec) -> Path:

@@ -4,7 +4,18 @@
 # infra/templates/node-launcher.sh.tmpl; edit the template, not this file.
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
 JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001
+SETUP_LINES=('module load nccl/2.21' 'source /opt/site/env.sh')
 SERVER_CMD=(python3 -m infra.local_server 'a'"'"'; rm -rf /' 'two words')
+
+# Not the orchestrator's Python; not the home directory's pip --user packages either. Whole
+# Hydra errors and unbuffered output, so 16 ranks' logs can be read.
+unset VIRTUAL_ENV PYTHONPATH PYTHONHOME
+export PYTHONNOUSERSITE=1 HYDRA_FULL_ERROR=1 PYTHONUNBUFFERED=1
+# slurm.env, set again here: inside a container it wins over the image's own values.
+export NCCL_SOCKET_IFNAME=ib0
+export NCCL_IB_HCA=mlx5_0,mlx5_1
+export NCCL_DEBUG=INFO
+export ODD='a'"'"'; rm -rf /'
 
 RANK="${SLURM_PROCID:-0}"
 # Taken before any trap is set, and never `$HOSTNAME`, which may be the submit host's
@@ -32,6 +43,23 @@ stop_server() {
     kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null
 }
 
+note_signal() {
+    # Slurm sends a step's signal to every process of the step, the server too, so a USR1 for the
+    # ranks cannot be a mere warning (slurm.extra_directives refuses --signal without B:). The
+    # trap keeps this launcher alive to report how the server ended.
+    log "received SIG$1 (the server gets it from Slurm as well)"
+}
+
+run_setup() {
+    # slurm.setup: the site's own lines (module load ..., source .../activate), in this shell, so
+    # what they set reaches the server. A line that fails ends the rank: the server would not run.
+    local line
+    for line in "${SETUP_LINES[@]}"; do
+        log "setup: $line"
+        eval "$line" || { log "setup line failed (exit $?): $line"; exit 1; }
+    done
+}
+
 wait_for() {
     # `wait` returns early (>128) when a trapped signal arrives; keep waiting until the server
     # has really exited, so its own exit code is the one reported.
@@ -43,8 +71,13 @@ wait_for() {
     done
 }
 
+# Before the traps: setup lines (Lmod's `module`, for one) run command substitutions.
+run_setup
+
 trap 'stop_server TERM' TERM
 trap 'stop_server INT' INT
+trap 'note_signal USR1' USR1
+trap 'note_signal USR2' USR2
 
 log "local_rank=${SLURM_LOCALID:-?} node_rank=${SLURM_NODEID:-?} host=$HOST job=${SLURM_JOB_ID:-?}"
 

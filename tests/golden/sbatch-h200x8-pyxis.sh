@@ -7,6 +7,10 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --time=04:00:00
 #SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --propagate=NONE
+#SBATCH --no-requeue
+#SBATCH --export=PATH,LANG,LC_ALL,TZ
 #SBATCH --chdir=/shared/nsdg/jobs/nsdg-golden-0001
 #SBATCH -o /shared/nsdg/jobs/nsdg-golden-0001/%x-%j.out
 #SBATCH -e /shared/nsdg/jobs/nsdg-golden-0001/%x-%j.err
@@ -21,7 +25,10 @@ HEARTBEAT_FILE=/shared/nsdg/jobs/nsdg-golden-0001/heartbeat
 HEARTBEAT_TIMEOUT_S=600
 HEARTBEAT_INTERVAL_S=15
 TASKS_PER_NODE=8
-SRUN_CONTAINER_ARGS=(--container-image=nvcr.io/nvidia/nemo:24.05 --container-mounts=/shared/models:/models,/shared/nsdg/jobs/nsdg-golden-0001:/shared/nsdg/jobs/nsdg-golden-0001)
+CPUS_PER_TASK=''
+SRUN_ARGS=()
+# Model: /lustre/models/Nemotron-4-340B-Base is mounted read-only at its own path (slurm.mount_model).
+SRUN_CONTAINER_ARGS=('--container-image=nvcr.io#nvidia/nemo:24.05' --container-mounts=/lustre/models/Nemotron-4-340B-Base:/lustre/models/Nemotron-4-340B-Base:ro,/shared/nsdg/jobs/nsdg-golden-0001:/shared/nsdg/jobs/nsdg-golden-0001 --container-workdir=/shared/nsdg/jobs/nsdg-golden-0001 --no-container-mount-home)
 LAUNCH_PREFIX=()
 
 BATCH_PID=$$
@@ -32,13 +39,33 @@ log() {
     printf '%(%Y-%m-%dT%H:%M:%S%z)T sbatch job %s: %s\n' -1 "${SLURM_JOB_ID:-?}" "$*" >&2
 }
 
-# The server needs none of the orchestrator's credentials: keep them off the compute nodes.
+# The server needs none of the orchestrator's credentials, nor its Python: keep them off the
+# compute nodes (sbatch --export passes only the names in the header; this also covers a login
+# environment that sets them).
 for _name in $(compgen -e); do
     case "$_name" in
         NSDG_S3__*|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|PREFECT_API_KEY) unset "$_name" ;;
+        VIRTUAL_ENV|PYTHONPATH|PYTHONHOME) unset "$_name" ;;
     esac
 done
 unset _name
+
+drop_virtualenvs_from_path() {
+    # A virtualenv's bin directory (the worker's .venv) would make `python3` the orchestrator's.
+    local dir kept="" dirs
+    IFS=: read -r -a dirs <<< "$PATH"
+    for dir in "${dirs[@]}"; do
+        [ -n "$dir" ] || continue
+        [ -e "$dir/../pyvenv.cfg" ] && continue
+        kept="${kept:+$kept:}$dir"
+    done
+    PATH=$kept
+}
+drop_virtualenvs_from_path
+
+# slurm.env is empty.
+# srun relays every rank's output unbuffered, so 16 ranks' lines stay whole and in order.
+export SLURM_UNBUFFEREDIO=1
 
 write_job_info() {
     # Where the job landed, for the orchestrator and for whoever reads the job dir later.
@@ -74,6 +101,7 @@ dead_man_switch() {
     # skew between the orchestrator's host and this node cannot fire it. A heartbeat that never
     # appears counts from the moment the job started. Ends with the batch script.
     local seen="" current now last_change age pause state
+    trap '' USR1 USR2  # the batch script notes these; they must not end the switch
     # Waits with `read -t` on a pipe nobody writes: a sleep with no child process, so stopping
     # this subshell leaves nothing behind holding the job's output open.
     exec {pause}<> <(:)
@@ -113,6 +141,14 @@ forward_signal() {
     stop_watchdog
 }
 
+note_signal() {
+    # `--signal=B:USR1@<s>` or `scancel --signal=USR1 --batch`: a warning, not an order to stop.
+    # Written for the flow to read (temp + rename); srun and the ranks are not told.
+    log "received SIG$1; noted in $JOB_DIR/signal-received, the job goes on"
+    local tmp="$JOB_DIR/.signal-received.$$"
+    printf 'signal=%s\nreceived_at=%(%s)T\nby=batch\n' "$1" -1 > "$tmp" && mv -f "$tmp" "$JOB_DIR/signal-received"
+}
+
 wait_for() {
     # `wait` returns early (>128) when a trapped signal arrives; keep waiting until the child
     # has really exited, so its own exit code is the one reported.
@@ -133,8 +169,17 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     FIRST_NODE=$(timeout 30 scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
 fi
 
+if [ -z "$CPUS_PER_TASK" ]; then
+    # srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): without it each rank may
+    # be pinned to one CPU. Share the node's CPUs among its ranks.
+    CPUS_PER_TASK=$(( ${SLURM_CPUS_ON_NODE:-$TASKS_PER_NODE} / TASKS_PER_NODE ))
+    [ "$CPUS_PER_TASK" -ge 1 ] || CPUS_PER_TASK=1
+fi
+
 trap 'forward_signal TERM' TERM
 trap 'forward_signal INT' INT
+trap 'note_signal USR1' USR1
+trap 'note_signal USR2' USR2
 trap stop_watchdog EXIT
 
 write_job_info
@@ -143,9 +188,12 @@ log "running on $HOST, nodes ${SLURM_JOB_NODELIST:-?}; heartbeat $HEARTBEAT_FILE
 dead_man_switch &
 WATCHDOG_PID=$!
 
-# One task per GPU, no torchrun; a rank that exits non-zero ends the whole step (and the job
-# then ends FAILED with that exit code).
-srun --kill-on-bad-exit=1 --ntasks-per-node="$TASKS_PER_NODE" \
+# One task per GPU, no torchrun, each seeing every GPU of its node; a rank that exits non-zero
+# ends the whole step (and the job then ends FAILED with that exit code). --export=ALL: the
+# ranks get this script's environment (sbatch's --export list would otherwise narrow it again);
+# --label prefixes each line with its rank.
+srun --kill-on-bad-exit=1 --ntasks-per-node="$TASKS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" \
+    --export=ALL --label "${SRUN_ARGS[@]}" \
     "${SRUN_CONTAINER_ARGS[@]}" "${LAUNCH_PREFIX[@]}" bash "$JOB_DIR/node-launcher.sh" </dev/null &
 SRUN_PID=$!
 
