@@ -33,6 +33,8 @@ class Profile(_Section):
     tensor_parallel: int = Field(1, ge=1, le=64)
     pipeline_parallel: int = Field(1, ge=1, le=64)
     description: str = ""
+    # How prompts are wrapped (infra/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
+    prompt_format: Literal["raw", "nemotron-instruct", "chat"] | None = None
 
     @property
     def tasks_per_node(self) -> int:
@@ -90,7 +92,7 @@ class ServerSettings(_Section):
 
 
 class LocalSettings(_Section):
-    model_dir: str = ".cache/tiny-model"
+    model_dir: str = ".cache/smollm2-135m-instruct"  # make-local-model; the tests set the tiny one
     engine: Literal["transformers", "simulated"] = "transformers"
     host: str = "127.0.0.1"
     ready_timeout_s: float = Field(180.0, gt=0, le=3600)

@@ -24,6 +24,9 @@ class TokenCounter(Protocol):
 
     def count(self, text: str) -> int: ...
     def keep_last(self, text: str, tokens: int) -> str: ...
+    def round_trip(self, text: str) -> str:
+        """What the server echoes for `text`: decode(encode(text)), special tokens dropped."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class ByteEstimate:
 
     def keep_last(self, text: str, tokens: int) -> str:
         return text.encode("utf-8")[-tokens:].decode("utf-8", errors="ignore") if tokens > 0 else ""
+
+    def round_trip(self, text: str) -> str:
+        return text  # no tokenizer to ask: expect the prompt back as it was sent
 
 
 class TokenizerFile:
@@ -54,6 +60,10 @@ class TokenizerFile:
         if len(enc.ids) <= tokens:
             return text
         return text[enc.offsets[-tokens][0]:]
+
+    def round_trip(self, text: str) -> str:
+        # A chat template's markup (<|im_start|> …) is special tokens, which the echo drops.
+        return self._tok.decode(self._tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=True)
 
 
 @functools.lru_cache(maxsize=8)
