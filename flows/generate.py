@@ -60,6 +60,10 @@ def generate(
     flow_run = get_run_context().flow_run
     prof = settings.profile(profile)  # an unknown profile fails here, before anything is read
     tokenizer = settings.tokenizer_path(prof)
+    if tokenizer is None and prof.backend == "slurm":
+        logger.warning("no tokenizer for %s: prompts are counted as UTF-8 bytes, which over-counts English 3-4x and "
+                       "can under-count where normalization expands text; set NSDG_MODEL__TOKENIZER to the model's "
+                       "tokenizer (.model, tokenizer.json or the extracted .nemo directory)", settings.model.path)
     params = RunParams(
         input_uri=input_uri, output_uri=output_uri or settings.output_uri,
         run_id=run_id or resolve_run_id(flow_run), profile=profile, sampling=sampling,

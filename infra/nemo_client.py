@@ -39,7 +39,7 @@ def check_fits_context(
     prompt: str, sampling: SamplingParams, context_length: int, count_tokens: Callable[[str], int] = estimate_tokens
 ) -> str | None:
     """None when prompt + generation fits the context, else the reason (the server never checks)."""
-    n = count_tokens(prompt)
+    n = count_tokens(prompt) + (1 if sampling.add_BOS else 0)  # NeMo prepends BOS to the ids
     if n + sampling.tokens_to_generate > context_length:
         return (
             f"prompt has {n} tokens + tokens_to_generate {sampling.tokens_to_generate} "

@@ -255,6 +255,6 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
                 load_published(store, chash), scan.duplicate_lines)
-    log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s",
-             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name)
+    log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
+             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
     return plan

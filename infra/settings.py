@@ -175,13 +175,17 @@ class Settings(BaseSettings):
             ) from None
 
     def tokenizer_path(self, profile: Profile) -> str | None:
-        """The tokenizer to count prompt tokens with: the configured one, or the local model's."""
+        """The tokenizer to count prompt tokens with: the configured one, the local model's, or
+        the model directory itself when this host can read it (login nodes usually mount the
+        same filesystem as the compute nodes); None means the byte estimate."""
         if self.model.tokenizer:
             return self.model.tokenizer
-        if profile.backend == "local" and self.local.engine == "transformers":
+        if profile.backend == "local":
             candidate = Path(self.local.model_dir).expanduser() / "tokenizer.json"
-            return str(candidate) if candidate.is_file() else None
-        return None
+            return str(candidate) if self.local.engine == "transformers" and candidate.is_file() else None
+        model_dir = Path(self.model.path).expanduser()
+        readable = model_dir.is_dir() and any((model_dir / name).is_file() for name in ("model_config.yaml", "tokenizer.json"))
+        return str(model_dir) if readable else None
 
     def work_path(self, *parts: str) -> Path:
         return Path(self.work_dir).expanduser().joinpath(*parts)
