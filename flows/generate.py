@@ -24,6 +24,7 @@ from infra.dataset import iter_shards
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.manifest import INPUT_REJECTS, MANIFEST, REJECTS, Manifest, rejects_name
 from infra.planning import Plan, RunConfig, load_published, usable_records
+from infra.prompt_format import default_format
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
@@ -49,6 +50,7 @@ def generate(
     prompt_field: Annotated[str, Field(description="JSONL field holding the prompt")] = "prompt",
     on_bad_input: Annotated[Literal["fail", "skip"], Field(description="fail on unusable lines, or skip them into rejects.jsonl")] = "fail",
     overlong_prompts: Annotated[Literal["reject", "truncate_left"], Field(description="prompts too long for the context: reject them, or keep their end")] = "reject",
+    prompt_format: Annotated[Literal["raw", "nemotron-instruct", "chat"] | None, Field(description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat template); default: the profile's (local: chat when its model has a template, else raw)")] = None,
     replicas: Annotated[int | None, Field(ge=1, le=64, description="server replicas sharing the work, each its own allocation; default NSDG_SERVER__REPLICAS (1)")] = None,
     max_server_restarts: Annotated[int | None, Field(ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")] = None,
 ) -> dict:
@@ -57,11 +59,17 @@ def generate(
     settings = load_settings()
     flow_run = get_run_context().flow_run
     prof = settings.profile(profile)  # an unknown profile fails here, before anything is read
+    tokenizer = settings.tokenizer_path(prof)
+    if tokenizer is None and prof.backend == "slurm":
+        logger.warning("no tokenizer for %s: prompts are counted as UTF-8 bytes, which over-counts English 3-4x and "
+                       "can under-count where normalization expands text; set NSDG_MODEL__TOKENIZER to the model's "
+                       "tokenizer (.model, tokenizer.json or the extracted .nemo directory)", settings.model.path)
     params = RunParams(
         input_uri=input_uri, output_uri=output_uri or settings.output_uri,
         run_id=run_id or resolve_run_id(flow_run), profile=profile, sampling=sampling,
         batch_size=batch_size, shard_size=shard_size, prompt_field=prompt_field, on_bad_input=on_bad_input,
-        overlong_prompts=overlong_prompts, tokenizer=settings.tokenizer_path(prof),
+        overlong_prompts=overlong_prompts, tokenizer=tokenizer,
+        prompt_format=default_format(prompt_format, prof.prompt_format, prof.backend, tokenizer),
     )
     cfg = params.to_run_config()
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
@@ -77,7 +85,8 @@ def generate(
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     progress = create_progress_artifact(100.0 * len(the_plan.done) / the_plan.shards_total,
                                         key=f"progress-{_artifact_key(cfg.run_id)}", description=f"shards of run {cfg.run_id}")
-    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size)
+    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
+                   prompt_format=cfg.prompt_format)
     published = [len(the_plan.done)]
 
     def on_result(result: ShardResult) -> None:

@@ -11,6 +11,7 @@ from pydantic.fields import FieldInfo
 
 from infra.errors import ConfigError
 from infra.planning import RunConfig
+from infra.prompt_format import load_prompt_format
 from infra.sampling import MAX_BATCH, SamplingParams
 from infra.storage import validate_key_component
 
@@ -30,6 +31,7 @@ class RunParams(BaseModel):
     on_bad_input: Literal["fail", "skip"] = "fail"
     overlong_prompts: Literal["reject", "truncate_left"] = "reject"
     tokenizer: str | None = None
+    prompt_format: Literal["raw", "nemotron-instruct", "chat"] = "raw"
 
     @field_validator("run_id")
     @classmethod
@@ -44,7 +46,12 @@ class RunParams(BaseModel):
             raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
 
     def to_run_config(self) -> RunConfig:
-        return RunConfig(**{name: getattr(self, name) for name in RunConfig.__dataclass_fields__})
+        fmt = load_prompt_format(self.prompt_format, self.tokenizer)
+        # The format's own end strings (a chat model's end-of-turn token) stop generation too.
+        ends = [*self.sampling.end_strings, *(e for e in fmt.end_strings if e not in self.sampling.end_strings)]
+        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name != "prompt_format"}
+        fields["sampling"] = self.sampling.model_copy(update={"end_strings": ends})
+        return RunConfig(**fields, prompt_format=fmt)
 
 
 def resolve_run_id(flow_run) -> str:

@@ -162,7 +162,8 @@ def make_client(settings: Settings, url: str, tokenizer: str | None = None) -> N
     plan accepted."""
     s = settings.server
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
-                      context_length=settings.model.context_length, count_tokens=token_counter(tokenizer).count)
+                      context_length=settings.model.context_length, count_tokens=token_counter(tokenizer).count,
+                      echo=token_counter(tokenizer).round_trip)
 
 
 def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None,

@@ -25,6 +25,7 @@ from infra.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
 from infra.manifest import PartInfo, rejects_name
 from infra.nemo_client import GeneratedText, NemoClient
+from infra.prompt_format import RAW, PromptFormat
 from infra.sampling import SamplingParams
 from infra.storage import OutputStore
 
@@ -41,6 +42,7 @@ class ShardJob:
     sampling: SamplingParams
     batch_size: int
     length_window: int = 8  # batches' worth of records sorted by length together
+    prompt_format: PromptFormat = RAW
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int) ->
             "input_line": rec.line,
             "finish_reason": gen.completion.finish_reason,
             "prompt_match": gen.completion.prompt_match,
+            "prompt_format": job.prompt_format.name,
             "generated_tokens": gen.generated_tokens,
         },
     }
@@ -107,18 +110,19 @@ def reject_record(rec: Record, exc: RequestRejected, shard: int) -> dict:
             "status": exc.status, "reason": str(exc.body if exc.body is not None else exc)[:500]}
 
 
-def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingParams) -> list[GeneratedText | RequestRejected]:
+def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingParams,
+                   fmt: PromptFormat = RAW) -> list[GeneratedText | RequestRejected]:
     """Results in batch order. A rejected batch is split in halves until the prompts at fault
     stand alone; validation errors are never retried as they are."""
     try:
-        return client.generate([r.prompt for r in batch], sampling)
+        return client.generate([fmt.wrap(r.prompt) for r in batch], sampling)
     except RequestRejected as exc:
         if len(batch) == 1:
             log.warning("prompt at input line %d rejected by the server: %s", batch[0].line, exc)
             return [exc]
         mid = len(batch) // 2
         log.info("batch of %d rejected (%s); bisecting", len(batch), type(exc).__name__)
-        return generate_batch(client, batch[:mid], sampling) + generate_batch(client, batch[mid:], sampling)
+        return generate_batch(client, batch[:mid], sampling, fmt) + generate_batch(client, batch[mid:], sampling, fmt)
 
 
 def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
@@ -127,7 +131,7 @@ def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, brea
     results: list[GeneratedText | RequestRejected | None] = [None] * len(shard.records)
     for indices in plan_batches([r.prompt for r in shard.records], job.batch_size, job.length_window):
         batch = [shard.records[i] for i in indices]
-        for i, result in zip(indices, generate_batch(client, batch, job.sampling)):
+        for i, result in zip(indices, generate_batch(client, batch, job.sampling, job.prompt_format)):
             results[i] = result
             if breaker is not None:
                 breaker.record(isinstance(result, GeneratedText), None if isinstance(result, GeneratedText) else str(result.body))

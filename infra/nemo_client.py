@@ -39,7 +39,7 @@ def check_fits_context(
     prompt: str, sampling: SamplingParams, context_length: int, count_tokens: Callable[[str], int] = estimate_tokens
 ) -> str | None:
     """None when prompt + generation fits the context, else the reason (the server never checks)."""
-    n = count_tokens(prompt)
+    n = count_tokens(prompt) + (1 if sampling.add_BOS else 0)  # NeMo prepends BOS to the ids
     if n + sampling.tokens_to_generate > context_length:
         return (
             f"prompt has {n} tokens + tokens_to_generate {sampling.tokens_to_generate} "
@@ -88,6 +88,7 @@ class NemoClient:
         read_timeout: float = 1800.0,
         context_length: int = 4096,
         count_tokens: Callable[[str], int] = estimate_tokens,
+        echo: Callable[[str], str] = lambda text: text,
     ):
         self.base_url = base_url.rstrip("/")
         if session is None:
@@ -99,6 +100,7 @@ class NemoClient:
         self.read_timeout = read_timeout
         self.context_length = context_length
         self.count_tokens = count_tokens
+        self.echo = echo
 
     @property
     def generate_url(self) -> str:
@@ -169,7 +171,8 @@ class NemoClient:
         for i, (prompt, sentence) in enumerate(zip(prompts, reply["sentences"])):
             if not isinstance(sentence, str):
                 raise ValidationRejected(f"reply sentence {i} is not a string: {sentence!r:.100}", status=200, body=None)
-            completion = extract_completion(prompt, sentence, sampling.end_strings)
+            # The server echoes the prompt as its tokenizer round-trips it; strip exactly that.
+            completion = extract_completion(self.echo(prompt), sentence, sampling.end_strings)
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
             out.append(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)))

@@ -20,6 +20,7 @@ from infra.errors import ConfigError, InputError
 from infra.idset import IdSet
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
+from infra.prompt_format import RAW, PromptFormat
 from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import OutputStore, check_input, open_input
@@ -46,6 +47,7 @@ class RunConfig:
     on_bad_input: str
     overlong_prompts: str = "reject"
     tokenizer: str | None = None
+    prompt_format: PromptFormat = RAW
 
     def fingerprint(self, input_sha256: str, fmt: Format, settings: Settings) -> dict:
         """What changes the content of a part (not where or how fast it is made)."""
@@ -59,6 +61,8 @@ class RunConfig:
             "model": settings.model.name,
             "context_length": settings.model.context_length,
             "overlong_prompts": self.overlong_prompts,
+            # Only when not raw, so runs made before prompt formats existed keep their hash.
+            **({"prompt_format": self.prompt_format.identity()} if self.prompt_format != RAW else {}),
         }
 
 
@@ -137,6 +141,8 @@ class RecordCheck:
         self.sampling, self.context = cfg.sampling, settings.model.context_length
         self.counter = token_counter(cfg.tokenizer)
         self.truncate = cfg.overlong_prompts == "truncate_left"
+        self.wrap = cfg.prompt_format.wrap  # the wrapped text is what the server sees and counts
+        self.wrapper_tokens = self.counter.count(self.wrap("")) if cfg.prompt_format != RAW else 0
         self.known_duplicates = known_duplicates
         self.seen = IdSet() if known_duplicates is None else None
         self.duplicate_lines: list[int] = []
@@ -152,13 +158,14 @@ class RecordCheck:
             self.seen.close()
 
     def __call__(self, rec: Record) -> Record | BadLine:
-        reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
+        reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, self.counter.count)
         if reason is not None and self.truncate:
             # Keep the prompt's end, where a completion continues from.
-            kept = self.counter.keep_last(rec.prompt, self.context - self.sampling.tokens_to_generate)
+            room = self.context - self.sampling.tokens_to_generate - self.wrapper_tokens
+            kept = self.counter.keep_last(rec.prompt, room)
             if kept.strip():
                 rec = replace(rec, prompt=kept, fields={**rec.fields, "prompt_truncated_left": True})
-                reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
+                reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, self.counter.count)
         if reason is not None:
             return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
         if not rec.given_id:
@@ -248,6 +255,6 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
                 load_published(store, chash), scan.duplicate_lines)
-    log.info("plan: %d records in %d shards, %d already published, %d rejected",
-             records, plan.shards_total, len(plan.done), bad)
+    log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
+             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
     return plan

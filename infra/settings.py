@@ -34,6 +34,8 @@ class Profile(_Section):
     pipeline_parallel: int = Field(1, ge=1, le=64)
     gpu_type: str | None = Field(None, description="GRES type of the GPUs (e.g. h100): --gpus-per-node=h100:8")
     description: str = ""
+    # How prompts are wrapped (infra/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
+    prompt_format: Literal["raw", "nemotron-instruct", "chat"] | None = None
 
     @property
     def tasks_per_node(self) -> int:
@@ -92,7 +94,7 @@ class ServerSettings(_Section):
 
 
 class LocalSettings(_Section):
-    model_dir: str = ".cache/tiny-model"
+    model_dir: str = ".cache/smollm2-135m-instruct"  # make-local-model; the tests set the tiny one
     engine: Literal["transformers", "simulated"] = "transformers"
     host: str = "127.0.0.1"
     ready_timeout_s: float = Field(180.0, gt=0, le=3600)
@@ -192,13 +194,17 @@ class Settings(BaseSettings):
             ) from None
 
     def tokenizer_path(self, profile: Profile) -> str | None:
-        """The tokenizer to count prompt tokens with: the configured one, or the local model's."""
+        """The tokenizer to count prompt tokens with: the configured one, the local model's, or
+        the model directory itself when this host can read it (login nodes usually mount the
+        same filesystem as the compute nodes); None means the byte estimate."""
         if self.model.tokenizer:
             return self.model.tokenizer
-        if profile.backend == "local" and self.local.engine == "transformers":
+        if profile.backend == "local":
             candidate = Path(self.local.model_dir).expanduser() / "tokenizer.json"
-            return str(candidate) if candidate.is_file() else None
-        return None
+            return str(candidate) if self.local.engine == "transformers" and candidate.is_file() else None
+        model_dir = Path(self.model.path).expanduser()
+        readable = model_dir.is_dir() and any((model_dir / name).is_file() for name in ("model_config.yaml", "tokenizer.json"))
+        return str(model_dir) if readable else None
 
     def work_path(self, *parts: str) -> Path:
         return Path(self.work_dir).expanduser().joinpath(*parts)

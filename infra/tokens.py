@@ -1,12 +1,22 @@
-"""Token counts for the context-length check: the model's own tokenizer when one is reachable
-(a `tokenizer.json`, as Hugging Face checkpoints and the local tiny model ship), otherwise a
-conservative estimate: UTF-8 bytes, since every token of a byte-fallback BPE or SentencePiece
-vocabulary covers at least one byte. The estimate never lets a too-long prompt through, but
-can refuse one that would have fit: point NSDG_MODEL__TOKENIZER at the tokenizer to avoid that.
+"""Token counts for the context-length check, with the model's own tokenizer.
+
+NSDG_MODEL__TOKENIZER (or, unset, the model directory when this host can read it) may name:
+- a `tokenizer.json` (Hugging Face checkpoints, the local models), read with `tokenizers`;
+- a SentencePiece `.model` (Nemotron-4-340B's NeMo checkpoint), read with `sentencepiece`, the way
+  NeMo 24.05's server encodes: `encode_as_ids(text)`, no BOS unless the request asks for one;
+- a GGUF file (its embedded tokenizer, through transformers);
+- a directory: an HF model directory (its `tokenizer.json`), or an extracted `.nemo` directory, whose
+  `model_config.yaml` names the tokenizer as `nemo:<hash>_<name>.model` (the name differs between
+  Base and Instruct, so it is read, never assumed; infra/tokenizer_files.py).
+
+Without one, the count is an estimate, UTF-8 bytes. It is no bound either way: it over-counts English
+3–4× (valid long prompts are refused or cut), and SentencePiece's NFKC normalization can turn one
+3-byte character into dozens of tokens, which the estimate lets through.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 from dataclasses import dataclass
@@ -15,6 +25,7 @@ from typing import Protocol
 
 from infra.errors import ConfigError
 from infra.nemo_client import estimate_tokens
+from infra.tokenizer_files import TokenizerSource, locate_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +35,16 @@ class TokenCounter(Protocol):
 
     def count(self, text: str) -> int: ...
     def keep_last(self, text: str, tokens: int) -> str: ...
+    def round_trip(self, text: str) -> str:
+        """What the server echoes for `text`: decode(encode(text)), special tokens dropped."""
+        ...
 
 
 @dataclass(frozen=True)
 class ByteEstimate:
-    description: str = "UTF-8 byte count (an upper bound on tokens)"
+    description: str = ("UTF-8 byte estimate (no tokenizer: over-counts English 3-4x, and is not an upper bound "
+                        "where the tokenizer's normalization expands text)")
+    exact: bool = False
 
     def count(self, text: str) -> int:
         return estimate_tokens(text)
@@ -36,13 +52,30 @@ class ByteEstimate:
     def keep_last(self, text: str, tokens: int) -> str:
         return text.encode("utf-8")[-tokens:].decode("utf-8", errors="ignore") if tokens > 0 else ""
 
+    def round_trip(self, text: str) -> str:
+        return text  # no tokenizer to ask: expect the prompt back as it was sent
+
 
 class TokenizerFile:
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer  # in the `local` extra; a missing module falls back
+    """A `tokenizers.Tokenizer` (from a tokenizer.json, or a GGUF's embedded tokenizer)."""
 
-        self._tok = Tokenizer.from_file(str(path))
-        self.description = f"tokenizer {path}"
+    exact = True
+
+    def __init__(self, tok, description: str):
+        self._tok, self.description = tok, description
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TokenizerFile":
+        from tokenizers import Tokenizer  # in the `local` extra
+
+        return cls(Tokenizer.from_file(str(path)), f"tokenizer {path}")
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> "TokenizerFile":
+        from transformers import AutoTokenizer  # reads the GGUF's vocabulary with the `gguf` package
+
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        return cls(tok.backend_tokenizer, f"GGUF tokenizer {path}")
 
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
@@ -55,19 +88,60 @@ class TokenizerFile:
             return text
         return text[enc.offsets[-tokens][0]:]
 
+    def round_trip(self, text: str) -> str:
+        # A chat template's markup (<|im_start|> …) is special tokens, which the echo drops.
+        return self._tok.decode(self._tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=True)
+
+
+class SentencePieceFile:
+    """A SentencePiece `.model`, used as NeMo's SentencePieceTokenizer (non-legacy) uses it."""
+
+    exact = True
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.description = f"SentencePiece {path}"
+
+    def count(self, text: str) -> int:
+        return len(self._sp.encode(text))
+
+    def keep_last(self, text: str, tokens: int) -> str:
+        """The longest suffix of `text` (cut at a character) whose own count fits. Normalization
+        means a piece's text need not be the input's, so search on the input itself."""
+        if tokens <= 0:
+            return ""
+        if self.count(text) <= tokens:
+            return text
+        # Counts of suffixes shrink as the cut moves right; find the first cut that fits.
+        cut = bisect.bisect_left(range(len(text) + 1), True, key=lambda i: self.count(text[i:]) <= tokens)
+        return text[cut:]
+
+    def round_trip(self, text: str) -> str:
+        return self._sp.decode(self._sp.encode(text))
+
+
+def _load(source: TokenizerSource) -> TokenCounter:
+    if source.kind == "sentencepiece":
+        return SentencePieceFile(source.path)
+    if source.kind == "gguf":
+        return TokenizerFile.from_gguf(source.path)
+    return TokenizerFile.from_file(source.path)
+
 
 @functools.lru_cache(maxsize=8)
 def token_counter(tokenizer: str | None) -> TokenCounter:
-    """The counter for a tokenizer path (a tokenizer.json or a directory holding one)."""
+    """The counter for a tokenizer path (see the module docstring for what it may name)."""
     if not tokenizer:
         return ByteEstimate()
-    path = Path(tokenizer).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise ConfigError(f"Tokenizer {path} not found: set NSDG_MODEL__TOKENIZER to a tokenizer.json (or its directory), or unset it to use the byte estimate.")
+    source = locate_tokenizer(Path(tokenizer).expanduser())
     try:
-        return TokenizerFile(path)
-    except ImportError:
-        log.warning("the `tokenizers` package is not installed; counting prompt tokens as UTF-8 bytes")
-        return ByteEstimate()
+        counter = _load(source)
+    except ImportError as exc:
+        raise ConfigError(
+            f"Cannot read the {source.kind} tokenizer {source.path}: {exc}. Install the project "
+            "(pip install -e '.[local]'), or unset NSDG_MODEL__TOKENIZER to count with the byte estimate."
+        ) from exc
+    log.info("counting prompt tokens with %s", counter.description)
+    return counter

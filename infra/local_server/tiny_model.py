@@ -13,7 +13,7 @@ Choices, and why:
   so `decode(encode(text)) == text` for ordinary text (the echo contract depends on it).
 - `<|endoftext|>` is bos, eos and pad at once (id 0), as NeMo's GPT tokenizers do with EOD.
 - Deterministic: a fixed torch seed and a fixed corpus give the same files every time.
-- Idempotent and atomic: built in a temp dir next to the target, then renamed into place;
+- Idempotent and atomic (infra/local_server/model_dir.py): built in a temp dir next to the target, then renamed into place;
   a directory that already holds a model is left alone.
 """
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from infra.local_server.model_dir import build_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 1024
 SEED = 1234
 # Files whose presence means "a model is already here".
-_MARKERS = ("config.json", "tokenizer.json")
 
 # A few paragraphs of plain English: enough for BPE merges of common words and punctuation.
 CORPUS = """\
@@ -61,52 +60,9 @@ bad examples, and reviewers check a sample of the good ones by hand before the d
 """
 
 
-def has_model(model_dir: str | os.PathLike[str]) -> bool:
-    path = Path(model_dir)
-    return all((path / name).is_file() for name in _MARKERS)
-
-
 def make_tiny_model(model_dir: str | os.PathLike[str], *, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """Write a tiny model + tokenizer to `model_dir` unless one is already there. Returns the path."""
-    target = Path(model_dir)
-    if has_model(target):
-        log.info("a model is already in %s; leaving it as it is", target)
-        return target
-    if target.exists() and any(target.iterdir()):
-        from infra.errors import ConfigError
-
-        raise ConfigError(
-            f"{target} exists, is not empty and holds no model (no {' / '.join(_MARKERS)}). "
-            "Choose an empty or missing directory for the tiny model."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        _build(staging, vocab_size)
-        # mkdtemp makes the folder private; a model on a shared filesystem must be readable.
-        staging.chmod(0o755)
-        for item in staging.iterdir():
-            item.chmod(0o644)
-        _move_into_place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("tiny model written to %s", target)
-    return target
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    if target.exists():
-        # An empty directory (checked above) is in the way; rename() cannot replace it on every OS.
-        try:
-            target.rmdir()
-        except OSError:
-            pass
-    try:
-        os.rename(staging, target)
-    except OSError:
-        # Another process won the race; its model is as good as ours.
-        if not has_model(target):
-            raise
+    return build_model_dir(model_dir, lambda out: _build(out, vocab_size), what="tiny model")
 
 
 def _build(out: Path, vocab_size: int) -> None:
