@@ -6,10 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from infra.errors import SdgError
+# What the Makefile sets, so a plain `nemotron-sdg run` behaves the same: no telemetry from
+# Prefect's temporary server (there is no network to send it to), no hub lookups, infra/ logs shown,
+# and more than Prefect's 20 s for that server to start on a busy login node.
+# Before any Prefect import: Prefect reads its settings from the environment when first used.
+for _name, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "infra",
+                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                      "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+    os.environ.setdefault(_name, _value)
+
+from infra.errors import ConfigError, SdgError  # noqa: E402
 
 SAMPLING_FLAGS = {
     "tokens_to_generate": int, "temperature": float, "top_k": int, "top_p": float,
@@ -67,12 +77,43 @@ def run_parameters(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows import progress
     from flows.generate import generate
 
-    result = generate(**run_parameters(args))
+    params = run_parameters(args)
+    try:  # the checks Prefect makes before the flow starts, here, without its error log
+        generate.validate_parameters(params)
+    except ParameterTypeError as exc:
+        raise ConfigError(f"Invalid flow parameters: {exc}") from None
+    _quiet_user_errors()
+    with progress.listening(progress.for_stream(sys.stderr)):
+        result = generate(**params)
     _stop_temporary_api_server()
     print(result["manifest"], flush=True)  # the last line, for scripts: `... | tail -n 1`
     return 0
+
+
+class _UserErrorFilter(logging.Filter):
+    """Prefect logs a failed flow's exception with its traceback. For a user's mistake (a
+    ConfigError) the CLI prints one line itself: drop Prefect's copies. A bug keeps its traceback."""
+
+    names = tuple(cls.__name__ for cls in (ConfigError, *ConfigError.__subclasses__()))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError):
+            return False
+        return not (record.name.startswith("prefect") and any(f"{n}(" in record.getMessage() or f"{n}:" in record.getMessage()
+                                                              for n in self.names))
+
+
+def _quiet_user_errors() -> None:
+    """Put the filter on every handler Prefect's logging configuration created."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(isinstance(f, _UserErrorFilter) for f in handler.filters):
+            handler.addFilter(_UserErrorFilter())
 
 
 def _stop_temporary_api_server() -> None:
@@ -169,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args) or 0
-    except SdgError as exc:
+    except ConfigError as exc:  # the user's to fix: one message, exit 2
         print(f"nemotron-sdg {args.command}: {exc}", file=sys.stderr)
         return 2
+    except SdgError as exc:  # a run that failed for a reason outside the user's input (server, Slurm, storage)
+        print(f"nemotron-sdg {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
+from flows import progress as console_progress
 from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
 from flows.teardown import release_on_hook
 from infra.backends import Backend, make_backend
+from infra.errors import ConfigError
 from infra.dataset import iter_shards
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.manifest import INPUT_REJECTS, MANIFEST, REJECTS, Manifest, rejects_name
@@ -71,6 +73,10 @@ def generate(
         overlong_prompts=overlong_prompts, tokenizer=tokenizer,
         prompt_format=default_format(prompt_format, prof.prompt_format, prof.backend, tokenizer),
     )
+    if sampling.tokens_to_generate >= settings.model.context_length:  # once, not once per line
+        raise ConfigError(
+            f"sampling.tokens_to_generate={sampling.tokens_to_generate} leaves no room for a prompt in the context "
+            f"length {settings.model.context_length} (NSDG_MODEL__CONTEXT_LENGTH): lower tokens_to_generate.")
     cfg = params.to_run_config()
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
@@ -78,6 +84,7 @@ def generate(
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)
     timings["plan"] = time.monotonic() - t0
+    console_progress.planned(the_plan.records_in, sum(p.records + p.rejected for p in the_plan.done.values()))
     if not the_plan.todo:
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
         return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[])
@@ -91,6 +98,7 @@ def generate(
 
     def on_result(result: ShardResult) -> None:
         published[0] += 1
+        console_progress.advanced(result.part.records + result.part.rejected, pool.restarts)
         update_progress_artifact(progress, 100.0 * published[0] / the_plan.shards_total)
 
     def start(backend: Backend):
