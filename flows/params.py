@@ -12,7 +12,7 @@ from pydantic.fields import FieldInfo
 from infra.errors import ConfigError
 from infra.planning import RunConfig
 from infra.sampling import MAX_BATCH, SamplingParams
-from infra.storage import validate_key_component
+from infra.keys import validate_key_component
 
 
 class RunParams(BaseModel):

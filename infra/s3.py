@@ -45,7 +45,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from infra.errors import ConfigError, StorageError
-from infra.storage import validate_key_component
+from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings

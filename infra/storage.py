@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import os
-import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,22 +18,10 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
 from urllib.parse import urlparse
 
 from infra.errors import ConfigError, StorageError
+from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings
-
-# Run ids and object names: letters, digits, '.', '_', '-'; no leading dot, no '..'.
-KEY_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def validate_key_component(value: str, what: str) -> str:
-    if not isinstance(value, str) or not KEY_COMPONENT.match(value) or ".." in value:
-        raise ConfigError(
-            f"{what} {value!r} is not allowed: use 1–128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, with no '..'"
-        )
-    return value
-
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

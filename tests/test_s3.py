@@ -21,7 +21,8 @@ from infra.dataset import BadLine, Record, iter_input
 from infra.errors import ConfigError, StorageError
 from infra.s3 import S3OutputStore, check_s3_input, make_s3_client, open_s3_input, parse_s3_uri
 from infra.settings import Settings
-from infra.storage import check_input, open_input, open_output_store, validate_key_component
+from infra.keys import validate_key_component
+from infra.storage import check_input, open_input, open_output_store
 from tests.fixtures_s3 import FaultProxy
 
 pytestmark = pytest.mark.s3
