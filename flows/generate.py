@@ -144,7 +144,7 @@ def merge_rejects(store: OutputStore, parts, input_rejected: int) -> int:
     records the server refused."""
     refused = sum(p.rejected for p in parts)
     if refused or input_rejected:
-        chunks = [store.read_bytes(INPUT_REJECTS) or b""]
+        chunks = [store.read_bytes(INPUT_REJECTS) or b""] if input_rejected else []
         chunks += [store.read_bytes(rejects_name(p.name)) or b"" for p in parts if p.rejected]
         store.write_bytes(REJECTS, b"".join(chunks))
     return refused

@@ -59,6 +59,8 @@ class RunConfig:
             "model": settings.model.name,
             "context_length": settings.model.context_length,
             "overlong_prompts": self.overlong_prompts,
+            # Which prompts fit, and so which records exist and where shards begin.
+            "token_counter": token_counter(self.tokenizer).identity,
         }
 
 
@@ -130,13 +132,15 @@ class RecordCheck:
     """The checks on a parsed record beyond its line: fits the context, id not seen before.
     The plan and the generation pass both use it, so shards hold exactly what the plan counted.
 
-    The plan finds duplicate ids with an IdSet (on disk: memory stays flat) and notes their
-    lines; the generation pass is given those lines (`known_duplicates`) and keeps no ids."""
+    The plan finds duplicate ids, given or derived, with an IdSet (on disk: memory stays flat)
+    and notes their lines; the generation pass is given those lines (`known_duplicates`) and
+    keeps no ids. The later of two lines with one id is the duplicate."""
 
     def __init__(self, cfg: RunConfig, settings: Settings, known_duplicates: frozenset[int] | None = None):
         self.sampling, self.context = cfg.sampling, settings.model.context_length
         self.counter = token_counter(cfg.tokenizer)
         self.truncate = cfg.overlong_prompts == "truncate_left"
+        self.derived_only = detect_format(cfg.input_uri) == "text"  # a text line cannot name its id
         self.known_duplicates = known_duplicates
         self.seen = IdSet() if known_duplicates is None else None
         self.duplicate_lines: list[int] = []
@@ -161,8 +165,10 @@ class RecordCheck:
                 reason = check_fits_context(rec.prompt, self.sampling, self.context, self.counter.count)
         if reason is not None:
             return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
-        if not rec.given_id:
-            return rec  # derived from the line number: unique, and no memory spent on it
+        if not rec.given_id and self.derived_only:
+            return rec  # every id derived from its line number: unique by construction
+        # Given and derived ids share one namespace: a given id may equal another line's derived
+        # id (earlier output mixed back into the input), so both go through the one IdSet.
         if self.seen is not None and not self.seen.add(rec.id):
             self.duplicate_lines.append(rec.line)
         elif self.known_duplicates is None or rec.line not in self.known_duplicates:
@@ -244,6 +250,8 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
         if bad:
             log.warning("%d unusable input line(s) skipped; they will be listed in rejects.jsonl", bad)
             store.write_bytes(INPUT_REJECTS, rejects_path.read_bytes())
+        elif store.read_bytes(INPUT_REJECTS):
+            store.write_bytes(INPUT_REJECTS, b"")  # an earlier plan's list is not this plan's
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,

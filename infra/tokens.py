@@ -3,6 +3,10 @@
 conservative estimate: UTF-8 bytes, since every token of a byte-fallback BPE or SentencePiece
 vocabulary covers at least one byte. The estimate never lets a too-long prompt through, but
 can refuse one that would have fit: point NSDG_MODEL__TOKENIZER at the tokenizer to avoid that.
+
+The counter decides which prompts fit, how `truncate_left` cuts them, and so which records exist
+and where shards begin: its `identity` (the kind, and for a tokenizer the sha256 of its file, not
+its path) is part of the run's config hash, so a run is never resumed under another counter.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from typing import Protocol
 
 from infra.errors import ConfigError
 from infra.nemo_client import estimate_tokens
+from infra.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
 
 class TokenCounter(Protocol):
-    description: str
+    description: str  # for messages: what counted, where
+    identity: str  # for the config hash: what decides the counts
 
     def count(self, text: str) -> int: ...
     def keep_last(self, text: str, tokens: int) -> str: ...
@@ -29,6 +35,7 @@ class TokenCounter(Protocol):
 @dataclass(frozen=True)
 class ByteEstimate:
     description: str = "UTF-8 byte count (an upper bound on tokens)"
+    identity: str = "utf-8 byte estimate"
 
     def count(self, text: str) -> int:
         return estimate_tokens(text)
@@ -43,6 +50,7 @@ class TokenizerFile:
 
         self._tok = Tokenizer.from_file(str(path))
         self.description = f"tokenizer {path}"
+        self.identity = f"tokenizer.json sha256:{sha256_file(path)[:16]}"
 
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
