@@ -235,6 +235,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     check_input(cfg.input_uri, settings)
     store.preflight()
     discard_partials(store)
+    store.abort_incomplete_uploads()  # uploads an earlier, killed attempt left open
     with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
         scan = scan_input(cfg, settings, rejects)
         records, bad, shown, input_sha, fmt = scan.records, scan.bad, scan.shown, scan.input_sha256, scan.format

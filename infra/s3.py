@@ -451,6 +451,10 @@ class S3OutputStore:
                 last = exc
             except (BotoCoreError, *STREAM_ERRORS) as exc:
                 last = exc
+            if last is not None and multipart:
+                # s3transfer aborts a failed multipart upload, but that abort can fail too; an
+                # upload left open keeps its parts billed and out of every listing.
+                self.abort_incomplete_uploads(key)
             # Even after an error the object may have landed (the reply was lost): look.
             seen = self._landed(key, size, sha256, checksum)
             if seen is None:
@@ -462,6 +466,32 @@ class S3OutputStore:
             f"Publishing {name} to s3://{self.bucket}/{key} failed {PUBLISH_ATTEMPTS} times; last error: {_cause(last)}. "  # type: ignore[arg-type]
             "The run can be resumed: published parts are kept."
         ) from last
+
+    def abort_incomplete_uploads(self, key: str | None = None) -> list[str]:
+        """Abort this run's multipart uploads that were started and never completed (a killed
+        flow, a failed attempt): all under the run's prefix, or those of one key. Best effort:
+        what cannot be listed or aborted now is logged and left to the next plan, or to the
+        bucket's AbortIncompleteMultipartUpload lifecycle rule. Returns the keys aborted."""
+        aborted: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=key or self._run_prefix)
+            uploads = [u for page in pages for u in page.get("Uploads", [])
+                       if (u["Key"] == key if key else "/" not in u["Key"][len(self._run_prefix):])]
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not list incomplete uploads under s3://%s/%s (%s); they stay until a later plan or the bucket's lifecycle rule aborts them",
+                        self.bucket, key or self._run_prefix, _cause(exc))
+            return aborted
+        for upload in uploads:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("could not abort the incomplete upload of s3://%s/%s (%s)", self.bucket, upload["Key"], _cause(exc))
+                continue
+            log.info("aborted an incomplete multipart upload of s3://%s/%s (started %s)",
+                     self.bucket, upload["Key"], upload.get("Initiated"))
+            aborted.append(upload["Key"])
+        return aborted
 
     def _landed(self, key: str, size: int, sha256: str, checksum: str) -> str | None:
         """None when the object is there with the expected size and checksum; else what was seen."""

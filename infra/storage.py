@@ -56,6 +56,7 @@ class OutputStore(Protocol):
     def list_names(self) -> list[str]: ...
     def uri(self, name: str) -> str: ...
     def staging_dir(self) -> Path: ...
+    def abort_incomplete_uploads(self) -> list[str]: ...
 
 
 class LocalOutputStore:
@@ -105,6 +106,9 @@ class LocalOutputStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def abort_incomplete_uploads(self) -> list[str]:
+        return []  # a local part is renamed into place: there is no upload to leave open
 
     def staging_dir(self) -> Path:
         """Parts are written here and renamed into place, so a half-written part never shows."""

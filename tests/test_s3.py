@@ -283,6 +283,7 @@ def test_every_object_lands_once_through_faults(s3_settings, s3_bucket, s3_clien
 
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="faulty/")["Contents"]]
     assert sorted(keys) == sorted(f"faulty/run-f/{n}" for n in [*parts, "manifest.json"])  # once each, nothing else
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []  # no upload left open
     for name, data in parts.items():
         body, reply = fetch_verified(s3_client, s3_bucket, f"faulty/run-f/{name}")
         assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
