@@ -20,10 +20,9 @@ from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
 from flows.teardown import release_on_hook
 from infra.backends import Backend, make_backend
-from infra.dataset import iter_shards
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.manifest import INPUT_REJECTS, MANIFEST, REJECTS, Manifest, rejects_name
-from infra.planning import Plan, RunConfig, load_published, usable_records
+from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
@@ -96,15 +95,16 @@ def generate(
             _add(timings, "release", time.monotonic() - t)
 
     t_wall = time.time()
-    with open_input(cfg.input_uri, settings) as stream:
+    # The second read of the input, pinned to what the plan read: a change stops the run.
+    source = open_input(cfg.input_uri, settings, pin=the_plan.input_pin)
+    with source as stream:
         pool = Pool(
             make_backend=lambda i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id), replica=i),
             start=start,
             # quote(): Prefect would otherwise walk every record of the shard twice per task run.
             submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), job, store, backend, breaker),
             release=timed_release,
-            shards=iter_shards(usable_records(stream, cfg, settings, the_plan.format, the_plan.duplicate_lines), cfg.shard_size,
-                               skip=frozenset(the_plan.done)),
+            shards=planned_shards(stream, cfg, settings, the_plan, source.verify),
             replicas=replica_count(settings, prof, replicas),
             max_in_flight=settings.server.max_in_flight,
             restarts_allowed=restarts_allowed,

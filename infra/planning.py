@@ -11,13 +11,14 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from infra.dataset import BadLine, Format, Record, detect_format, iter_input, part_name, shard_count
+from infra.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, part_name, shard_count
 from infra.errors import ConfigError, InputError
 from infra.idset import IdSet
+from infra.input_pin import InputPin
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
 from infra.sampling import SamplingParams
@@ -78,6 +79,7 @@ class Plan:
     # Lines whose id an earlier line already had: the generation pass skips them by number
     # instead of remembering every id a second time.
     duplicate_lines: frozenset[int] = frozenset()
+    input_pin: InputPin | None = None  # what the plan read: the generation pass must read the same
 
     @property
     def todo(self) -> list[int]:
@@ -105,6 +107,7 @@ class Scan:
     input_sha256: str
     format: Format
     duplicate_lines: frozenset[int]
+    pin: InputPin
 
 
 def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
@@ -112,7 +115,8 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     written to `rejects_file`), and hash the bytes."""
     fmt = detect_format(cfg.input_uri)
     records, bad_count, shown = 0, 0, []
-    with RecordCheck(cfg, settings) as check, open_input(cfg.input_uri, settings) as stream:
+    source = open_input(cfg.input_uri, settings)
+    with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
         for item in iter_input(reader, fmt, cfg.prompt_field, cfg.id_field):
             if isinstance(item, Record):
@@ -125,7 +129,9 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
             else:
                 records += 1
         duplicates = frozenset(check.duplicate_lines)
-    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates)
+        source.verify()  # the bytes hashed are the bytes the pin describes
+        pin = replace(source.pin, sha256=reader.sha.hexdigest())
+    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates, pin)
 
 
 class RecordCheck:
@@ -183,6 +189,25 @@ def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format,
     for item in iter_input(stream, fmt, cfg.prompt_field, cfg.id_field):
         if isinstance(item, Record) and isinstance(rec := check(item), Record):
             yield rec
+
+
+def planned_shards(stream, cfg: RunConfig, settings: Settings, plan: Plan, verify: Callable[[], None]) -> Iterator[Shard]:
+    """The shards the plan counted, not yet published, from a second read of its input: never
+    more records than the plan counted, and `verify()` (is the input still what the plan read?)
+    passes before the last one is handed out."""
+    records = usable_records(stream, cfg, settings, plan.format, plan.duplicate_lines)
+    return iter_shards(_at_most(records, plan.records_in, verify), cfg.shard_size, skip=frozenset(plan.done))
+
+
+def _at_most(records: Iterator[Record], count: int, verify: Callable[[], None]) -> Iterator[Record]:
+    n = 0
+    for n, rec in enumerate(records, 1):
+        if n == count:
+            verify()
+        yield rec
+        if n == count:
+            return
+    verify()  # fewer than planned: the input shrank, which the check names
 
 
 def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine]) -> str:
@@ -256,7 +281,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
-                load_published(store, chash), scan.duplicate_lines)
+                load_published(store, chash), scan.duplicate_lines, scan.pin)
     log.info("plan: %d records in %d shards, %d already published, %d rejected",
              records, plan.shards_total, len(plan.done), bad)
     return plan

@@ -45,6 +45,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from infra.errors import ConfigError, StorageError
+from infra.input_pin import InputPin, input_changed
 from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
@@ -221,8 +222,6 @@ def _input_error(client: Any, exc: ClientError, bucket: str, key: str, settings:
         )
     if code in BAD_CREDENTIALS:
         return _credentials_error(exc, f"reading {where}")
-    if code == "PreconditionFailed":
-        return StorageError(f"Input {where} changed while it was being read. Rerun once it is no longer being written.")
     return StorageError(f"Reading input {where} failed: {_cause(exc)}.")
 
 
@@ -237,26 +236,47 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
 
 class _S3ObjectReader(io.RawIOBase):
     """The object's body as a raw stream. A connection that breaks mid-body is reopened with a
-    ranged GET from the current offset, pinned to the same ETag so a changed object is noticed."""
+    ranged GET from the current offset. Every GET is pinned: to `pin` when one is given (the
+    plan's), else to what the first GET found; by VersionId when the bucket keeps versions (the
+    pinned version is read even after an overwrite), else by IfMatch on the ETag (a changed
+    object is refused: InputChanged)."""
 
-    def __init__(self, client: Any, bucket: str, key: str, attempts: int):
+    def __init__(self, client: Any, bucket: str, key: str, attempts: int, pin: InputPin | None = None):
         super().__init__()
         self._client, self._bucket, self._key, self._attempts = client, bucket, key, attempts
         self._pos = 0
-        self._etag: str | None = None
-        self._size: int | None = None
+        self.pin = pin
         self._body: Any = None
         self.reopened = 0
         self._open()
 
+    @property
+    def _size(self) -> int | None:
+        return self.pin.size if self.pin else None
+
     def _open(self) -> None:
         args: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
-        if self._etag is not None:
-            args.update(Range=f"bytes={self._pos}-", IfMatch=self._etag)
-        reply = self._client.get_object(**args)
-        if self._etag is None:
-            self._etag, self._size = reply.get("ETag"), reply.get("ContentLength")
+        if self.pin is not None:
+            if self.pin.version_id:
+                args["VersionId"] = self.pin.version_id
+            elif self.pin.etag:  # a store that reports no ETag cannot be pinned
+                args["IfMatch"] = self.pin.etag
+        if self._pos:
+            args["Range"] = f"bytes={self._pos}-"
+        try:
+            reply = self._client.get_object(**args)
+        except ClientError as exc:
+            if _code(exc) == "PreconditionFailed" and self.pin is not None:
+                raise input_changed(self.pin, f"the object's ETag is no longer {self.pin.etag}") from exc
+            raise
+        if self.pin is None:
+            version = reply.get("VersionId")
+            self.pin = InputPin(f"s3://{self._bucket}/{self._key}", reply.get("ContentLength"), etag=reply.get("ETag"),
+                                version_id=version if version not in (None, "null") else None)
         self._body = reply["Body"]
+
+    def verify(self) -> None:
+        """Nothing to do: every GET carries the pin."""
 
     def readable(self) -> bool:
         return True
@@ -289,8 +309,6 @@ class _S3ObjectReader(io.RawIOBase):
         try:
             self._open()
         except ClientError as exc:
-            if _code(exc) == "PreconditionFailed":
-                raise StorageError(f"Input s3://{self._bucket}/{self._key} changed while it was being read. Rerun once it is no longer being written.") from exc
             raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {_cause(exc)}.") from exc
         except BotoCoreError as exc:
             raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {_cause(exc)}. Check the network to the S3 endpoint.") from exc
@@ -308,21 +326,25 @@ class _S3ObjectReader(io.RawIOBase):
         super().close()
 
 
-@contextmanager
-def open_s3_input(uri: str, settings: "Settings", client: Any = None) -> Iterator[BinaryIO]:
-    """A buffered, line-readable binary stream over the object, read as it is consumed (memory
-    stays flat in the object's size). `infra.storage.open_input` adds gzip decoding for .gz."""
+def open_s3_raw(uri: str, settings: "Settings", client: Any = None, pin: InputPin | None = None) -> _S3ObjectReader:
+    """The object as a raw stream, pinned (see `_S3ObjectReader`); errors say what to fix."""
     bucket, key = _input_location(uri)
     client = client or make_s3_client(settings)
     try:
-        raw = _S3ObjectReader(client, bucket, key, settings.s3.max_attempts)
+        return _S3ObjectReader(client, bucket, key, settings.s3.max_attempts, pin)
     except ClientError as exc:
         raise _input_error(client, exc, bucket, key, settings) from exc
     except NoCredentialsError as exc:
         raise _no_credentials(f"reading s3://{bucket}/{key}") from exc
     except BotoCoreError as exc:
         raise StorageError(f"Cannot read s3://{bucket}/{key}{_where(settings)}: {_cause(exc)}. Check the endpoint and network.") from exc
-    with io.BufferedReader(raw, buffer_size=READER_BUFFER) as stream:
+
+
+@contextmanager
+def open_s3_input(uri: str, settings: "Settings", client: Any = None) -> Iterator[BinaryIO]:
+    """A buffered, line-readable binary stream over the object, read as it is consumed (memory
+    stays flat in the object's size). `infra.storage.open_input` adds the pin and gzip decoding."""
+    with io.BufferedReader(open_s3_raw(uri, settings, client), buffer_size=READER_BUFFER) as stream:
         yield stream  # type: ignore[misc]
 
 

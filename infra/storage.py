@@ -12,12 +12,13 @@ import hashlib
 import io
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlparse
 
-from infra.errors import ConfigError, StorageError
+from infra.errors import ConfigError, InputChanged, StorageError
+from infra.input_pin import InputPin
 from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
@@ -139,18 +140,75 @@ def check_input(input_uri: str, settings: "Settings") -> None:
         raise ConfigError(f"Input {path} is not readable. Fix its permissions.")
 
 
-@contextmanager
-def open_input(input_uri: str, settings: "Settings") -> Iterator[BinaryIO]:
-    """A binary stream over the input, gunzipped when the name ends in .gz."""
-    if is_s3(input_uri):
-        from infra.s3 import open_s3_input
+READER_BUFFER = 256 * 1024
 
-        raw_cm = open_s3_input(input_uri, settings)
-    else:
-        raw_cm = open(local_path(input_uri), "rb")
-    with raw_cm as raw:
-        if input_uri.endswith(".gz"):
-            with gzip.GzipFile(fileobj=raw) as gz:
-                yield io.BufferedReader(gz)  # type: ignore[arg-type]
+
+class _LocalInput(io.RawIOBase):
+    """A local input file as a raw stream, checked against its pin after every read: a rewrite
+    in place or an append is seen before any byte read after it is used."""
+
+    def __init__(self, uri: str, pin: InputPin | None):
+        super().__init__()
+        self._file = open(local_path(uri), "rb", buffering=0)
+        self._uri = uri
+        self.pin = InputPin.of_file(uri, os.fstat(self._file.fileno()))
+        self._expected = pin or self.pin
+        try:
+            self.verify()
+        except InputChanged:
+            self._file.close()
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._file.readinto(buffer)
+        self.verify()
+        return n
+
+    def verify(self) -> None:
+        self._expected.check(InputPin.of_file(self._uri, os.fstat(self._file.fileno())))
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class InputSource:
+    """`with open_input(uri, settings, pin) as stream:` a binary stream over the input, gunzipped
+    when the name ends in .gz. `pin` is what the opened input is (what the plan records);
+    given a pin, the input must still be that one (else InputChanged), and `verify()` checks it
+    again (local files: S3 reads are pinned by the GET itself)."""
+
+    def __init__(self, input_uri: str, settings: "Settings", pin: InputPin | None = None):
+        self.uri, self._settings, self._expected = input_uri, settings, pin
+        self._raw = None
+        self._stack = ExitStack()
+
+    @property
+    def pin(self) -> InputPin:
+        return self._raw.pin
+
+    def verify(self) -> None:
+        self._raw.verify()
+
+    def __enter__(self) -> BinaryIO:
+        if is_s3(self.uri):
+            from infra.s3 import open_s3_raw  # boto3 is imported only when S3 is used
+
+            self._raw = open_s3_raw(self.uri, self._settings, pin=self._expected)
         else:
-            yield raw
+            self._raw = _LocalInput(self.uri, self._expected)
+        stream = self._stack.enter_context(io.BufferedReader(self._raw, buffer_size=READER_BUFFER))
+        if self.uri.endswith(".gz"):
+            gz = self._stack.enter_context(gzip.GzipFile(fileobj=stream))
+            stream = self._stack.enter_context(io.BufferedReader(gz))  # type: ignore[arg-type]
+        return stream  # type: ignore[return-value]
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def open_input(input_uri: str, settings: "Settings", pin: InputPin | None = None) -> InputSource:
+    return InputSource(input_uri, settings, pin)
