@@ -457,6 +457,8 @@ class S3OutputStore:
         if not multipart:
             extra["ChecksumSHA256"] = checksum  # S3 refuses the PUT unless the bytes match it
         last: BaseException | None = None
+        if multipart:
+            self.abort_incomplete_uploads(key)  # one a killed attempt left open
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
                 self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
@@ -473,12 +475,13 @@ class S3OutputStore:
                 last = exc
             except (BotoCoreError, *STREAM_ERRORS) as exc:
                 last = exc
-            if last is not None and multipart:
-                # s3transfer aborts a failed multipart upload, but that abort can fail too; an
-                # upload left open keeps its parts billed and out of every listing.
-                self.abort_incomplete_uploads(key)
             # Even after an error the object may have landed (the reply was lost): look.
             seen = self._landed(key, size, sha256, checksum)
+            if multipart:
+                # An upload left open keeps its parts billed and out of every listing: s3transfer's
+                # abort of a failed one can fail too, and a CreateMultipartUpload whose reply was
+                # lost is retried by botocore, leaving the first upload behind even on success.
+                self.abort_incomplete_uploads(key)
             if seen is None:
                 log.debug("published %s (%d bytes, sha256 %s)", self.uri(name), size, sha256)
                 return

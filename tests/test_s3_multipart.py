@@ -60,11 +60,12 @@ def test_a_failed_attempt_leaves_no_upload_open(s3_settings, s3_bucket, s3_clien
     def fail(method: str, target: str) -> bool:
         upload = m.group(1) if (m := re.search(r"uploadId=([^&\s]+)", target)) else None
         first.extend([upload] if upload and not first else [])
-        if method == "GET" and target.endswith("?uploads") or "?uploads&" in target:  # ListMultipartUploads
-            seen["list"] += 1
-        if method == "POST" and upload:  # CompleteMultipartUpload: every try of the first upload
-            return upload == first[0]
-        if method == "DELETE" and upload:  # AbortMultipartUpload: every try before publish_file lists
+        if method == "GET" and (target.endswith("?uploads") or "?uploads&" in target) and seen["complete"]:
+            seen["list"] += 1  # ListMultipartUploads after the failed attempt: publish_file's
+        if method == "POST" and upload and upload == first[0]:  # CompleteMultipartUpload: every try of the first upload
+            seen["complete"] += 1
+            return True
+        if method == "DELETE" and upload:  # AbortMultipartUpload: every try until publish_file lists
             seen["abort"] += 1
             return not seen["list"]
         return False
@@ -79,3 +80,27 @@ def test_a_failed_attempt_leaves_no_upload_open(s3_settings, s3_bucket, s3_clien
     assert open_uploads(s3_client, s3_bucket) == []
     assert proxy.faults["500"] > seen["abort"] - 1 >= 1 and seen["list"], (seen, proxy.faults)  # s3transfer's aborts failed
     assert s3_client.get_object(Bucket=s3_bucket, Key="run-mp/part-00000.jsonl")["Body"].read() == data
+
+
+@pytest.mark.faults
+def test_a_lost_create_reply_leaves_no_upload_open(s3_settings, s3_bucket, s3_client):
+    """S3 creates the upload but the reply is lost: botocore asks again and completes the second
+    one; the first would stay open, billed, though the part is published."""
+    creates: Counter[str] = Counter()
+
+    def first_create(method: str, target: str) -> bool:
+        if method == "POST" and target.endswith("?uploads"):
+            creates["n"] += 1
+            return creates["n"] == 1
+        return False
+
+    data = os.urandom(6 * MIB)
+    with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("drop_after",), only=first_create) as proxy:
+        settings = variant(s3_settings, endpoint_url=proxy.url, multipart_threshold_mb=5)
+        store = open_output_store(f"s3://{s3_bucket}", "run-create", settings)
+        path = store.staging_dir() / ".part-00000.jsonl.tmp"
+        path.write_bytes(data)
+        store.publish_file("part-00000.jsonl", path, hashlib.sha256(data).hexdigest())
+    assert proxy.faults["drop_after"] == 1 and creates["n"] >= 2
+    assert open_uploads(s3_client, s3_bucket) == []
+    assert s3_client.get_object(Bucket=s3_bucket, Key="run-create/part-00000.jsonl")["Body"].read() == data
