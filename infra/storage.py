@@ -129,7 +129,7 @@ def open_output_store(output_uri: str, run_id: str, settings: "Settings") -> Out
 def check_input(input_uri: str, settings: "Settings") -> None:
     """Fail before any allocation when the input cannot be read."""
     if is_s3(input_uri):
-        from infra.s3 import check_s3_input
+        from infra.s3_input import check_s3_input
 
         check_s3_input(input_uri, settings)
         return
@@ -195,7 +195,7 @@ class InputSource:
 
     def __enter__(self) -> BinaryIO:
         if is_s3(self.uri):
-            from infra.s3 import open_s3_raw  # boto3 is imported only when S3 is used
+            from infra.s3_input import open_s3_raw  # boto3 is imported only when S3 is used
 
             self._raw = open_s3_raw(self.uri, self._settings, pin=self._expected)
         else:

@@ -8,24 +8,16 @@ import pytest
 from infra.dataset import derived_id
 from infra.errors import ConfigError
 from infra.planning import RunConfig, make_plan, usable_records
-from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import LocalOutputStore, open_input
 from infra.tokens import token_counter
+from tests.test_planning import cfg as planning_cfg, write
 
 LONG = "Describe, in one sentence, the long history of the lighthouse keepers who watched over the northern sea."
 
 
 def cfg(path, **kw) -> RunConfig:
-    base = dict(input_uri=str(path), output_uri="out", run_id="r1", profile="local",
-                sampling=SamplingParams(tokens_to_generate=8), batch_size=3, shard_size=3,
-                prompt_field="prompt", id_field="id", on_bad_input="skip")
-    return RunConfig(**{**base, **kw})
-
-
-def write(path, *objs):
-    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
-    return path
+    return planning_cfg(path, **{"batch_size": 3, "shard_size": 3, "on_bad_input": "skip", **kw})
 
 
 @pytest.fixture

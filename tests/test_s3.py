@@ -19,7 +19,8 @@ import pytest
 
 from infra.dataset import BadLine, Record, iter_input
 from infra.errors import ConfigError, StorageError
-from infra.s3 import S3OutputStore, check_s3_input, make_s3_client, open_s3_input, parse_s3_uri
+from infra.s3 import S3OutputStore, make_s3_client, parse_s3_uri
+from infra.s3_input import check_s3_input, open_s3_input
 from infra.settings import Settings
 from infra.keys import validate_key_component
 from infra.storage import check_input, open_input, open_output_store
