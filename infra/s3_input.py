@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -31,10 +31,15 @@ READER_BUFFER = 256 * 1024
 
 def check_s3_input(uri: str, settings: "Settings", client: Any = None) -> None:
     """HEAD the input object; fail with what to fix before any GPU is asked for."""
+    _reading(uri, settings, client, lambda c, bucket, key: c.head_object(Bucket=bucket, Key=key))
+
+
+def _reading(uri: str, settings: "Settings", client: Any, call: Callable[[Any, str, str], Any]) -> Any:
+    """`call(client, bucket, key)`, its errors turned into what to fix."""
     bucket, key = _input_location(uri)
     client = client or make_s3_client(settings)
     try:
-        client.head_object(Bucket=bucket, Key=key)
+        return call(client, bucket, key)
     except ClientError as exc:
         raise _input_error(client, exc, bucket, key, settings) from exc
     except NoCredentialsError as exc:
@@ -161,16 +166,7 @@ class _S3ObjectReader(io.RawIOBase):
 
 def open_s3_raw(uri: str, settings: "Settings", client: Any = None, pin: InputPin | None = None) -> _S3ObjectReader:
     """The object as a raw stream, pinned (see `_S3ObjectReader`); errors say what to fix."""
-    bucket, key = _input_location(uri)
-    client = client or make_s3_client(settings)
-    try:
-        return _S3ObjectReader(client, bucket, key, settings.s3.max_attempts, pin)
-    except ClientError as exc:
-        raise _input_error(client, exc, bucket, key, settings) from exc
-    except NoCredentialsError as exc:
-        raise _no_credentials(f"reading s3://{bucket}/{key}") from exc
-    except BotoCoreError as exc:
-        raise StorageError(f"Cannot read s3://{bucket}/{key}{_where(settings)}: {_cause(exc)}. Check the endpoint and network.") from exc
+    return _reading(uri, settings, client, lambda c, bucket, key: _S3ObjectReader(c, bucket, key, settings.s3.max_attempts, pin))
 
 
 @contextmanager
