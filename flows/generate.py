@@ -7,6 +7,7 @@ goes on from the shards not yet published."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -22,10 +23,10 @@ from flows.replicas import Pool
 from flows.teardown import release_on_hook
 from infra.backends import Backend, make_backend
 from infra.errors import ConfigError
-from infra.dataset import iter_shards
 from infra.generation import Breaker, ShardJob, ShardResult
-from infra.manifest import INPUT_REJECTS, MANIFEST, REJECTS, Manifest, rejects_name
-from infra.planning import Plan, RunConfig, load_published, usable_records
+from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generated_tokens, rejects_name, run_job_ids,
+                            run_replicas)
+from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
@@ -87,13 +88,18 @@ def generate(
     console_progress.planned(the_plan.records_in, sum(p.records + p.rejected for p in the_plan.done.values()))
     if not the_plan.todo:
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
-        return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[])
+        return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id))
 
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     progress = create_progress_artifact(100.0 * len(the_plan.done) / the_plan.shards_total,
                                         key=f"progress-{_artifact_key(cfg.run_id)}", description=f"shards of run {cfg.run_id}")
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
-                   prompt_format=cfg.prompt_format)
+                   prompt_format=cfg.prompt_format, invocation=str(flow_run.id))
+
+    def shard_job(backend: Backend) -> ShardJob:
+        """The run's ShardJob with who makes this shard, for its state object."""
+        replica = next((rep.index for rep in pool.members if rep.backend is backend), None)
+        return replace(job, replica=replica, job_ids=tuple(backend.job_ids))
     published = [len(the_plan.done)]
 
     def on_result(result: ShardResult) -> None:
@@ -113,15 +119,16 @@ def generate(
             _add(timings, "release", time.monotonic() - t)
 
     t_wall = time.time()
-    with open_input(cfg.input_uri, settings) as stream:
+    # The second read of the input, pinned to what the plan read: a change stops the run.
+    source = open_input(cfg.input_uri, settings, pin=the_plan.input_pin)
+    with source as stream:
         pool = Pool(
             make_backend=lambda i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id), replica=i),
             start=start,
             # quote(): Prefect would otherwise walk every record of the shard twice per task run.
-            submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), job, store, backend, breaker),
+            submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), shard_job(backend), store, backend, breaker),
             release=timed_release,
-            shards=iter_shards(usable_records(stream, cfg, settings, the_plan.format, the_plan.duplicate_lines), cfg.shard_size,
-                               skip=frozenset(the_plan.done)),
+            shards=planned_shards(stream, cfg, settings, the_plan, source.verify),
             replicas=replica_count(settings, prof, replicas),
             max_in_flight=settings.server.max_in_flight,
             restarts_allowed=restarts_allowed,
@@ -137,7 +144,7 @@ def generate(
     gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
-                  replicas=[rep.summary(gpus) for rep in pool.members])
+                  replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id))
 
 
 def replica_count(settings: Settings, profile, requested: int | None) -> int:
@@ -161,19 +168,32 @@ def merge_rejects(store: OutputStore, parts, input_rejected: int) -> int:
     records the server refused."""
     refused = sum(p.rejected for p in parts)
     if refused or input_rejected:
-        chunks = [store.read_bytes(INPUT_REJECTS) or b""]
+        chunks = [store.read_bytes(INPUT_REJECTS) or b""] if input_rejected else []
         chunks += [store.read_bytes(rejects_name(p.name)) or b"" for p in parts if p.rejected]
         store.write_bytes(REJECTS, b"".join(chunks))
     return refused
 
 
+def earlier_manifest(store: OutputStore, chash: str) -> Manifest | None:
+    """The manifest an earlier invocation of this run published under the same config, if any."""
+    data = store.read_bytes(MANIFEST)
+    if data is None:
+        return None
+    try:
+        manifest = Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError):  # unreadable: rebuilt from the states
+        return None
+    return manifest if manifest.config_hash == chash else None
+
+
 def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[ShardResult], timings, settings: Settings,
-           job_ids, *, restarts: int, replicas: list[dict]) -> dict:
+           job_ids, *, restarts: int, replicas: list[dict], invocation: str) -> dict:
+    """The manifest of the whole run, from every part's state object; an invocation that generated
+    nothing leaves a complete manifest as it is."""
     logger = get_run_logger()
     parts = sorted(load_published(store, the_plan.config_hash).values(), key=lambda p: p.shard)
     written = sum(p.records for p in parts)
     refused = merge_rejects(store, parts, the_plan.rejected)
-    tokens = sum(r.generated_tokens for r in results)
     gen_s = timings.get("generation", 0.0)
     new_records = sum(r.part.records for r in results)
     if len(parts) != the_plan.shards_total or written + refused != the_plan.records_in:
@@ -181,21 +201,32 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
             f"run {cfg.run_id}: {len(parts)} of {the_plan.shards_total} parts with {written} records written and "
             f"{refused} refused, but {the_plan.records_in} planned; no manifest published. Rerun with the same run_id."
         )
-    manifest = Manifest(
-        run_id=cfg.run_id, config_hash=the_plan.config_hash, config=the_plan.config, model=settings.model.name,
-        profile=cfg.profile, input_uri=cfg.input_uri, records_in=the_plan.records_in, records_written=written,
-        records_rejected=the_plan.rejected + refused, parts=parts, slurm_job_ids=list(job_ids),
-        timings_s={k: round(v, 3) for k, v in timings.items()},
-        throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s else None, "generated_tokens": tokens},
-        rejects=REJECTS if (the_plan.rejected or refused) else None, server_restarts=restarts, replicas=replicas,
-    )
-    store.write_bytes(MANIFEST, manifest.to_json())
+    store.abort_incomplete_uploads()  # every part is in: nothing of this run may still be uploading
+    earlier = earlier_manifest(store, the_plan.config_hash)
+    if not results and earlier is not None and earlier.parts == parts:
+        logger.info("run %s: its manifest is complete and describes these parts; left as it is", cfg.run_id)
+        manifest = earlier
+    else:
+        manifest = Manifest(
+            run_id=cfg.run_id, config_hash=the_plan.config_hash, config=the_plan.config, model=settings.model.name,
+            profile=cfg.profile, input_uri=cfg.input_uri, records_in=the_plan.records_in, records_written=written,
+            records_rejected=the_plan.rejected + refused, parts=parts,
+            slurm_job_ids=run_job_ids(earlier, parts, list(job_ids)),
+            timings_s={k: round(v, 3) for k, v in timings.items()},
+            throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s else None,
+                        "generated_tokens": generated_tokens(parts)},
+            rejects=REJECTS if (the_plan.rejected or refused) else None,
+            server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
+            replicas=run_replicas(earlier, parts, replicas, invocation),
+        )
+        store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)
     summary = {"records in": the_plan.records_in, "written": written, "rejected": the_plan.rejected + refused,
-               "tokens generated": tokens, "records/s": manifest.throughput["records_per_s"],
+               "tokens generated": manifest.throughput["generated_tokens"], "records/s": manifest.throughput["records_per_s"],
                **{f"{phase} (s)": round(v, 2) for phase, v in timings.items()},
-               "server restarts": restarts, "replicas": len({r["replica"] for r in replicas}),
-               "GPU-hours held": round(sum(r["gpu_hours"] for r in replicas), 3), "manifest": manifest_uri}
+               "server restarts": manifest.server_restarts,
+               "replicas": len({(r.get("invocation"), r["replica"]) for r in manifest.replicas}),
+               "GPU-hours held": round(sum(r.get("gpu_hours") or 0 for r in manifest.replicas), 3), "manifest": manifest_uri}
     # One row per figure: a wide one-row table is cut off in the UI.
     create_table_artifact(
         [{"figure": k, "value": str(v)} for k, v in summary.items()],

@@ -13,7 +13,7 @@ from infra.errors import ConfigError
 from infra.planning import RunConfig
 from infra.prompt_format import load_prompt_format
 from infra.sampling import MAX_BATCH, SamplingParams
-from infra.storage import validate_key_component
+from infra.keys import validate_key_component
 
 
 class RunParams(BaseModel):

@@ -24,7 +24,7 @@ class Record:
     prompt: str
     line: int
     fields: dict = field(default_factory=dict)
-    given_id: bool = False  # the input named it; derived ids are unique by construction
+    given_id: bool = False  # the input named it; else derived from the line number and prompt
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Every message names the object, what was seen, and what to do next.
     SdgError
     ├── ConfigError            bad settings, parameters or input; raised before any GPU is asked for
     │   └── InputError         the prompt dataset cannot be used (file, line numbers, problem)
+    │       └── InputChanged   the input changed between the plan and the generation pass
     ├── CommandError           an external command failed or timed out (argv, exit code, stderr tail)
     ├── DeadlineExceeded       a wait ran out of time (what was awaited, last thing seen)
     ├── SlurmJobError          a Slurm job ended or never started (job id, state, exit code, log tail)
@@ -34,6 +35,10 @@ class ConfigError(SdgError, ValueError):
 
 class InputError(ConfigError):
     """The prompt dataset has lines that cannot be used."""
+
+
+class InputChanged(InputError):
+    """The input is no longer what the plan read (rewritten, appended to, replaced)."""
 
 
 class CommandError(SdgError):

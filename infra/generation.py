@@ -43,6 +43,10 @@ class ShardJob:
     batch_size: int
     length_window: int = 8  # batches' worth of records sorted by length together
     prompt_format: PromptFormat = RAW
+    # Who makes the shard, recorded in its state: the replica, its Slurm job(s), the flow run.
+    replica: int | None = None
+    job_ids: tuple[str, ...] = ()
+    invocation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,10 +190,12 @@ def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStor
     if rejected:  # before the part and its state: a published state implies both
         publish(store, rejects_name(shard.name), rejected)
     sha, count, size = publish(store, shard.name, (output_record(r, g, job, shard.index) for r, g in ok))
+    tokens = sum(g.generated_tokens for _, g in ok)
     part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
-                    shard.records[0].line, shard.records[-1].line, rejected=len(rejected))
+                    shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
+                    generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
+                    finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids), invocation=job.invocation)
     store.write_bytes(part.state_name(), part.to_json())
     done = time.monotonic()
-    tokens = sum(g.generated_tokens for _, g in ok)
     log.info("shard %d: %d records, %d rejected, %d tokens, published %s", shard.index, count, len(rejected), tokens, store.uri(shard.name))
     return ShardResult(part, tokens, done - started, done - generated, started_at, time.time())

@@ -1,6 +1,6 @@
 """The record ids a run's plan has seen, kept on disk so memory stays flat in the input's size.
 
-The duplicate-id check must remember every id the input gives. In memory that grows with the
+The duplicate-id check must remember every id of the input, given or derived. In memory that grows with the
 input: a Python `set` of one int per id cost 76 MB per million ids (`make bench`), a packed
 hash table 16–24 MB. Here each id's 64-bit digest is the primary key of a table in a
 throw-away SQLite file (the standard library's), with a page cache of `cache_mb`: the process

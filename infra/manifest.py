@@ -3,13 +3,16 @@
 `manifest.json` is written last and names every part with its record count and sha256. Each
 published part also gets a small state object (`part-NNNNN.jsonl.state.json`) written right
 after it, so a rerun knows which shards are done even when the run never reached its manifest.
+The state also holds the shard's own facts (tokens generated, seconds, the replica, Slurm job
+and flow run that made it), so the manifest of a run finished over several invocations is
+built from all of them, not from the last invocation alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -39,6 +42,14 @@ class PartInfo:
     first_line: int
     last_line: int
     rejected: int = 0  # records the server refused; listed in part-NNNNN.jsonl.rejects.jsonl
+    # The shard's own facts; None (or empty) in states written before they were kept.
+    generated_tokens: int | None = None
+    seconds: float | None = None  # from its first request to its part published
+    started_at: float | None = None  # wall clock
+    finished_at: float | None = None
+    replica: int | None = None
+    job_ids: list[str] = field(default_factory=list)  # the replica's Slurm job(s)
+    invocation: str | None = None  # the flow run that made it
 
     def state_name(self) -> str:
         return state_name(self.name)
@@ -47,8 +58,13 @@ class PartInfo:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
+    def from_dict(cls, data: dict) -> "PartInfo":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
     def from_json(cls, data: bytes) -> "PartInfo":
-        return cls(**json.loads(data))
+        return cls.from_dict(json.loads(data))
 
 
 def state_name(part: str) -> str:
@@ -81,3 +97,41 @@ class Manifest:
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in raw.items() if k in known}, "parts": [PartInfo.from_dict(p) for p in raw["parts"]]})
+
+
+def _unique(items) -> list:
+    return list(dict.fromkeys(items))
+
+
+def run_job_ids(earlier: Manifest | None, parts: list[PartInfo], now: list[str]) -> list[str]:
+    """Every Slurm job of the run, first seen first: the earlier manifest's, the parts', this invocation's."""
+    return _unique([*(earlier.slurm_job_ids if earlier else []), *(j for p in parts for j in p.job_ids), *now])
+
+
+def run_replicas(earlier: Manifest | None, parts: list[PartInfo], now: list[dict], invocation: str) -> list[dict]:
+    """One entry per replica of every invocation: the earlier manifest's, then replicas known only
+    from the parts they made (an invocation that never reached its manifest: no busy fraction or
+    GPU-hours, which only the invocation itself measured), then this invocation's."""
+    before = list(earlier.replicas) if earlier else []
+    current = [{**r, "invocation": invocation} for r in now]
+    known = {(e.get("invocation"), e.get("replica")) for e in before + current}
+    made: dict[tuple, list[PartInfo]] = {}
+    for p in parts:
+        if p.invocation is not None and (p.invocation, p.replica) not in known:
+            made.setdefault((p.invocation, p.replica), []).append(p)
+    recovered = [{"invocation": inv, "replica": rep, "job_ids": _unique(j for p in ps for j in p.job_ids),
+                  "records": sum(p.records for p in ps), "shards": len(ps),
+                  "busy_fraction": None, "gpu_hours": None, "held_s": None, "idle_after_last_shard_s": None}
+                 for (inv, rep), ps in made.items()]
+    return before + recovered + current
+
+
+def generated_tokens(parts: list[PartInfo]) -> int:
+    """Tokens generated for the run's parts (a part from before states kept them counts 0)."""
+    return sum(p.generated_tokens or 0 for p in parts)

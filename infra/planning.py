@@ -11,13 +11,14 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from infra.dataset import BadLine, Format, Record, detect_format, iter_input, part_name, shard_count
+from infra.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, part_name, shard_count
 from infra.errors import ConfigError, InputError
 from infra.idset import IdSet
+from infra.input_pin import InputPin
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
 from infra.prompt_format import RAW, PromptFormat
@@ -61,8 +62,9 @@ class RunConfig:
             "model": settings.model.name,
             "context_length": settings.model.context_length,
             "overlong_prompts": self.overlong_prompts,
-            # Only when not raw, so runs made before prompt formats existed keep their hash.
-            **({"prompt_format": self.prompt_format.identity()} if self.prompt_format != RAW else {}),
+            # Which prompts fit, and so which records exist and where shards begin.
+            "token_counter": token_counter(self.tokenizer).identity,
+            "prompt_format": self.prompt_format.identity(),  # what is sent, hence what comes back
         }
 
 
@@ -80,6 +82,7 @@ class Plan:
     # Lines whose id an earlier line already had: the generation pass skips them by number
     # instead of remembering every id a second time.
     duplicate_lines: frozenset[int] = frozenset()
+    input_pin: InputPin | None = None  # what the plan read: the generation pass must read the same
 
     @property
     def todo(self) -> list[int]:
@@ -107,6 +110,7 @@ class Scan:
     input_sha256: str
     format: Format
     duplicate_lines: frozenset[int]
+    pin: InputPin
 
 
 def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
@@ -114,7 +118,8 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     written to `rejects_file`), and hash the bytes."""
     fmt = detect_format(cfg.input_uri)
     records, bad_count, shown = 0, 0, []
-    with RecordCheck(cfg, settings) as check, open_input(cfg.input_uri, settings) as stream:
+    source = open_input(cfg.input_uri, settings)
+    with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
         for item in iter_input(reader, fmt, cfg.prompt_field, cfg.id_field):
             if isinstance(item, Record):
@@ -127,15 +132,18 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
             else:
                 records += 1
         duplicates = frozenset(check.duplicate_lines)
-    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates)
+        source.verify()  # the bytes hashed are the bytes the pin describes
+        pin = replace(source.pin, sha256=reader.sha.hexdigest())
+    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates, pin)
 
 
 class RecordCheck:
     """The checks on a parsed record beyond its line: fits the context, id not seen before.
     The plan and the generation pass both use it, so shards hold exactly what the plan counted.
 
-    The plan finds duplicate ids with an IdSet (on disk: memory stays flat) and notes their
-    lines; the generation pass is given those lines (`known_duplicates`) and keeps no ids."""
+    The plan finds duplicate ids, given or derived, with an IdSet (on disk: memory stays flat)
+    and notes their lines; the generation pass is given those lines (`known_duplicates`) and
+    keeps no ids. The later of two lines with one id is the duplicate."""
 
     def __init__(self, cfg: RunConfig, settings: Settings, known_duplicates: frozenset[int] | None = None):
         self.sampling, self.context = cfg.sampling, settings.model.context_length
@@ -143,6 +151,7 @@ class RecordCheck:
         self.truncate = cfg.overlong_prompts == "truncate_left"
         self.wrap = cfg.prompt_format.wrap  # the wrapped text is what the server sees and counts
         self.wrapper_tokens = self.counter.count(self.wrap("")) if cfg.prompt_format != RAW else 0
+        self.derived_only = detect_format(cfg.input_uri) == "text"  # a text line cannot name its id
         self.known_duplicates = known_duplicates
         self.seen = IdSet() if known_duplicates is None else None
         self.duplicate_lines: list[int] = []
@@ -168,8 +177,10 @@ class RecordCheck:
                 reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, self.counter.count)
         if reason is not None:
             return BadLine(rec.line, f"{reason} (counted with {self.counter.description})", rec.prompt[:200])
-        if not rec.given_id:
-            return rec  # derived from the line number: unique, and no memory spent on it
+        if not rec.given_id and self.derived_only:
+            return rec  # every id derived from its line number: unique by construction
+        # Given and derived ids share one namespace: a given id may equal another line's derived
+        # id (earlier output mixed back into the input), so both go through the one IdSet.
         if self.seen is not None and not self.seen.add(rec.id):
             self.duplicate_lines.append(rec.line)
         elif self.known_duplicates is None or rec.line not in self.known_duplicates:
@@ -184,6 +195,25 @@ def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format,
     for item in iter_input(stream, fmt, cfg.prompt_field, cfg.id_field):
         if isinstance(item, Record) and isinstance(rec := check(item), Record):
             yield rec
+
+
+def planned_shards(stream, cfg: RunConfig, settings: Settings, plan: Plan, verify: Callable[[], None]) -> Iterator[Shard]:
+    """The shards the plan counted, not yet published, from a second read of its input: never
+    more records than the plan counted, and `verify()` (is the input still what the plan read?)
+    passes before the last one is handed out."""
+    records = usable_records(stream, cfg, settings, plan.format, plan.duplicate_lines)
+    return iter_shards(_at_most(records, plan.records_in, verify), cfg.shard_size, skip=frozenset(plan.done))
+
+
+def _at_most(records: Iterator[Record], count: int, verify: Callable[[], None]) -> Iterator[Record]:
+    n = 0
+    for n, rec in enumerate(records, 1):
+        if n == count:
+            verify()
+        yield rec
+        if n == count:
+            return
+    verify()  # fewer than planned: the input shrank, which the check names
 
 
 def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine]) -> str:
@@ -236,6 +266,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     check_input(cfg.input_uri, settings)
     store.preflight()
     discard_partials(store)
+    store.abort_incomplete_uploads()  # uploads an earlier, killed attempt left open
     with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
         scan = scan_input(cfg, settings, rejects)
         records, bad, shown, input_sha, fmt = scan.records, scan.bad, scan.shown, scan.input_sha256, scan.format
@@ -251,10 +282,12 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
         if bad:
             log.warning("%d unusable input line(s) skipped; they will be listed in rejects.jsonl", bad)
             store.write_bytes(INPUT_REJECTS, rejects_path.read_bytes())
+        elif store.read_bytes(INPUT_REJECTS):
+            store.write_bytes(INPUT_REJECTS, b"")  # an earlier plan's list is not this plan's
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
-                load_published(store, chash), scan.duplicate_lines)
+                load_published(store, chash), scan.duplicate_lines, scan.pin)
     log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
              records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
     return plan

@@ -1,4 +1,5 @@
-"""S3 (or any S3-compatible store): stream the input from it, publish a run's output to it.
+"""S3 (or any S3-compatible store): the client, URIs, and publishing a run's output; the input
+is streamed by `infra.s3_input`.
 
 Every S3 call goes through one boto3 client built by `make_s3_client`, with the standard retry
 mode (5xx, SlowDown, dropped connections are retried with backoff) and bounded timeouts.
@@ -19,14 +20,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import re
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -45,7 +43,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from infra.errors import ConfigError, StorageError
-from infra.storage import validate_key_component
+from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -55,7 +53,6 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 MAX_POOL_CONNECTIONS = 16
 PUBLISH_ATTEMPTS = 3  # whole uploads, each already retried request by request by botocore
-READER_BUFFER = 256 * 1024
 MAX_KEY_BYTES = 1024
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -183,49 +180,6 @@ def _no_credentials(what: str) -> ConfigError:
     )
 
 
-# ---------------------------------------------------------------- input
-
-
-def check_s3_input(uri: str, settings: "Settings", client: Any = None) -> None:
-    """HEAD the input object; fail with what to fix before any GPU is asked for."""
-    bucket, key = _input_location(uri)
-    client = client or make_s3_client(settings)
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        raise _input_error(client, exc, bucket, key, settings) from exc
-    except NoCredentialsError as exc:
-        raise _no_credentials(f"reading s3://{bucket}/{key}") from exc
-    except BotoCoreError as exc:
-        raise StorageError(f"Cannot reach S3{_where(settings)} to read s3://{bucket}/{key}: {_cause(exc)}. Check the endpoint and network.") from exc
-
-
-def _input_location(uri: str) -> tuple[str, str]:
-    bucket, key = parse_s3_uri(uri)
-    if not key:
-        raise ConfigError(f"Input {uri!r} names a bucket but no object. Use s3://{bucket}/path/to/prompts.jsonl.")
-    return bucket, key
-
-
-def _input_error(client: Any, exc: ClientError, bucket: str, key: str, settings: "Settings") -> Exception:
-    code, where = _code(exc), f"s3://{bucket}/{key}"
-    if code in NO_BUCKET or (code in NOT_FOUND and not _bucket_exists(client, bucket)):
-        return ConfigError(f"Input bucket {bucket!r} does not exist{_where(settings)} (reading {where}). Check the bucket name in input_uri, and the endpoint/region.")
-    if code in NOT_FOUND:
-        return ConfigError(f"Input object {where} not found: bucket {bucket!r} exists but has no key {key!r}. Check the key in input_uri.")
-    if code in DENIED:
-        return ConfigError(
-            f"Access denied reading input {where} (bucket {bucket!r}, key {key!r}): the credentials in use lack "
-            "s3:GetObject on it (or the key does not exist and they lack s3:ListBucket, for which S3 also answers 403). "
-            "Grant read access in the bucket or IAM policy, or use other credentials."
-        )
-    if code in BAD_CREDENTIALS:
-        return _credentials_error(exc, f"reading {where}")
-    if code == "PreconditionFailed":
-        return StorageError(f"Input {where} changed while it was being read. Rerun once it is no longer being written.")
-    return StorageError(f"Reading input {where} failed: {_cause(exc)}.")
-
-
 def _bucket_exists(client: Any, bucket: str) -> bool:
     """A HEAD on a missing key and on a missing bucket both answer a bare 404; ask the bucket."""
     try:
@@ -234,96 +188,6 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
         return _code(exc) not in NOT_FOUND | NO_BUCKET
     return True
 
-
-class _S3ObjectReader(io.RawIOBase):
-    """The object's body as a raw stream. A connection that breaks mid-body is reopened with a
-    ranged GET from the current offset, pinned to the same ETag so a changed object is noticed."""
-
-    def __init__(self, client: Any, bucket: str, key: str, attempts: int):
-        super().__init__()
-        self._client, self._bucket, self._key, self._attempts = client, bucket, key, attempts
-        self._pos = 0
-        self._etag: str | None = None
-        self._size: int | None = None
-        self._body: Any = None
-        self.reopened = 0
-        self._open()
-
-    def _open(self) -> None:
-        args: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
-        if self._etag is not None:
-            args.update(Range=f"bytes={self._pos}-", IfMatch=self._etag)
-        reply = self._client.get_object(**args)
-        if self._etag is None:
-            self._etag, self._size = reply.get("ETag"), reply.get("ContentLength")
-        self._body = reply["Body"]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._size is not None and self._pos >= self._size:
-            return 0
-        for attempt in range(1, self._attempts + 1):
-            try:
-                data = self._body.read(len(buffer))
-                if not data and self._size is not None and self._pos < self._size:
-                    raise IncompleteReadError(actual_bytes=self._pos, expected_bytes=self._size)
-            except STREAM_ERRORS as exc:
-                if attempt == self._attempts:
-                    raise StorageError(
-                        f"Reading s3://{self._bucket}/{self._key} broke at byte {self._pos} {attempt} times in a row: {_cause(exc)}. "
-                        "Check the network to the S3 endpoint."
-                    ) from exc
-                log.warning("s3://%s/%s: stream broke at byte %d (%s); reopening", self._bucket, self._key, self._pos, type(exc).__name__)
-                self._reopen()
-                continue
-            buffer[: len(data)] = data
-            self._pos += len(data)
-            return len(data)
-        return 0  # not reached: the last attempt returns or raises
-
-    def _reopen(self) -> None:
-        self._close_body()
-        self.reopened += 1
-        try:
-            self._open()
-        except ClientError as exc:
-            if _code(exc) == "PreconditionFailed":
-                raise StorageError(f"Input s3://{self._bucket}/{self._key} changed while it was being read. Rerun once it is no longer being written.") from exc
-            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {_cause(exc)}.") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {_cause(exc)}. Check the network to the S3 endpoint.") from exc
-
-    def _close_body(self) -> None:
-        if self._body is not None:
-            try:
-                self._body.close()
-            except Exception:  # a broken connection may fail to close; it is dropped either way
-                pass
-            self._body = None
-
-    def close(self) -> None:
-        self._close_body()
-        super().close()
-
-
-@contextmanager
-def open_s3_input(uri: str, settings: "Settings", client: Any = None) -> Iterator[BinaryIO]:
-    """A buffered, line-readable binary stream over the object, read as it is consumed (memory
-    stays flat in the object's size). `infra.storage.open_input` adds gzip decoding for .gz."""
-    bucket, key = _input_location(uri)
-    client = client or make_s3_client(settings)
-    try:
-        raw = _S3ObjectReader(client, bucket, key, settings.s3.max_attempts)
-    except ClientError as exc:
-        raise _input_error(client, exc, bucket, key, settings) from exc
-    except NoCredentialsError as exc:
-        raise _no_credentials(f"reading s3://{bucket}/{key}") from exc
-    except BotoCoreError as exc:
-        raise StorageError(f"Cannot read s3://{bucket}/{key}{_where(settings)}: {_cause(exc)}. Check the endpoint and network.") from exc
-    with io.BufferedReader(raw, buffer_size=READER_BUFFER) as stream:
-        yield stream  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------- output
@@ -435,6 +299,8 @@ class S3OutputStore:
         if not multipart:
             extra["ChecksumSHA256"] = checksum  # S3 refuses the PUT unless the bytes match it
         last: BaseException | None = None
+        if multipart:
+            self.abort_incomplete_uploads(key)  # one a killed attempt left open
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
                 self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
@@ -453,6 +319,11 @@ class S3OutputStore:
                 last = exc
             # Even after an error the object may have landed (the reply was lost): look.
             seen = self._landed(key, size, sha256, checksum)
+            if multipart:
+                # An upload left open keeps its parts billed and out of every listing: s3transfer's
+                # abort of a failed one can fail too, and a CreateMultipartUpload whose reply was
+                # lost is retried by botocore, leaving the first upload behind even on success.
+                self.abort_incomplete_uploads(key)
             if seen is None:
                 log.debug("published %s (%d bytes, sha256 %s)", self.uri(name), size, sha256)
                 return
@@ -462,6 +333,32 @@ class S3OutputStore:
             f"Publishing {name} to s3://{self.bucket}/{key} failed {PUBLISH_ATTEMPTS} times; last error: {_cause(last)}. "  # type: ignore[arg-type]
             "The run can be resumed: published parts are kept."
         ) from last
+
+    def abort_incomplete_uploads(self, key: str | None = None) -> list[str]:
+        """Abort this run's multipart uploads that were started and never completed (a killed
+        flow, a failed attempt): all under the run's prefix, or those of one key. Best effort:
+        what cannot be listed or aborted now is logged and left to the next plan, or to the
+        bucket's AbortIncompleteMultipartUpload lifecycle rule. Returns the keys aborted."""
+        aborted: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=key or self._run_prefix)
+            uploads = [u for page in pages for u in page.get("Uploads", [])
+                       if (u["Key"] == key if key else "/" not in u["Key"][len(self._run_prefix):])]
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not list incomplete uploads under s3://%s/%s (%s); they stay until a later plan or the bucket's lifecycle rule aborts them",
+                        self.bucket, key or self._run_prefix, _cause(exc))
+            return aborted
+        for upload in uploads:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("could not abort the incomplete upload of s3://%s/%s (%s)", self.bucket, upload["Key"], _cause(exc))
+                continue
+            log.info("aborted an incomplete multipart upload of s3://%s/%s (started %s)",
+                     self.bucket, upload["Key"], upload.get("Initiated"))
+            aborted.append(upload["Key"])
+        return aborted
 
     def _landed(self, key: str, size: int, sha256: str, checksum: str) -> str | None:
         """None when the object is there with the expected size and checksum; else what was seen."""

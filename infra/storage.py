@@ -11,30 +11,18 @@ import gzip
 import hashlib
 import io
 import os
-import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlparse
 
-from infra.errors import ConfigError, StorageError
+from infra.errors import ConfigError, InputChanged, StorageError
+from infra.input_pin import InputPin
+from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings
-
-# Run ids and object names: letters, digits, '.', '_', '-'; no leading dot, no '..'.
-KEY_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def validate_key_component(value: str, what: str) -> str:
-    if not isinstance(value, str) or not KEY_COMPONENT.match(value) or ".." in value:
-        raise ConfigError(
-            f"{what} {value!r} is not allowed: use 1–128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, with no '..'"
-        )
-    return value
-
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -69,6 +57,7 @@ class OutputStore(Protocol):
     def list_names(self) -> list[str]: ...
     def uri(self, name: str) -> str: ...
     def staging_dir(self) -> Path: ...
+    def abort_incomplete_uploads(self) -> list[str]: ...
 
 
 class LocalOutputStore:
@@ -119,6 +108,9 @@ class LocalOutputStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
 
+    def abort_incomplete_uploads(self) -> list[str]:
+        return []  # a local part is renamed into place: there is no upload to leave open
+
     def staging_dir(self) -> Path:
         """Parts are written here and renamed into place, so a half-written part never shows."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +129,7 @@ def open_output_store(output_uri: str, run_id: str, settings: "Settings") -> Out
 def check_input(input_uri: str, settings: "Settings") -> None:
     """Fail before any allocation when the input cannot be read."""
     if is_s3(input_uri):
-        from infra.s3 import check_s3_input
+        from infra.s3_input import check_s3_input
 
         check_s3_input(input_uri, settings)
         return
@@ -148,18 +140,75 @@ def check_input(input_uri: str, settings: "Settings") -> None:
         raise ConfigError(f"Input {path} is not readable. Fix its permissions.")
 
 
-@contextmanager
-def open_input(input_uri: str, settings: "Settings") -> Iterator[BinaryIO]:
-    """A binary stream over the input, gunzipped when the name ends in .gz."""
-    if is_s3(input_uri):
-        from infra.s3 import open_s3_input
+READER_BUFFER = 256 * 1024
 
-        raw_cm = open_s3_input(input_uri, settings)
-    else:
-        raw_cm = open(local_path(input_uri), "rb")
-    with raw_cm as raw:
-        if input_uri.endswith(".gz"):
-            with gzip.GzipFile(fileobj=raw) as gz:
-                yield io.BufferedReader(gz)  # type: ignore[arg-type]
+
+class _LocalInput(io.RawIOBase):
+    """A local input file as a raw stream, checked against its pin after every read: a rewrite
+    in place or an append is seen before any byte read after it is used."""
+
+    def __init__(self, uri: str, pin: InputPin | None):
+        super().__init__()
+        self._file = open(local_path(uri), "rb", buffering=0)
+        self._uri = uri
+        self.pin = InputPin.of_file(uri, os.fstat(self._file.fileno()))
+        self._expected = pin or self.pin
+        try:
+            self.verify()
+        except InputChanged:
+            self._file.close()
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._file.readinto(buffer)
+        self.verify()
+        return n
+
+    def verify(self) -> None:
+        self._expected.check(InputPin.of_file(self._uri, os.fstat(self._file.fileno())))
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class InputSource:
+    """`with open_input(uri, settings, pin) as stream:` a binary stream over the input, gunzipped
+    when the name ends in .gz. `pin` is what the opened input is (what the plan records);
+    given a pin, the input must still be that one (else InputChanged), and `verify()` checks it
+    again (local files: S3 reads are pinned by the GET itself)."""
+
+    def __init__(self, input_uri: str, settings: "Settings", pin: InputPin | None = None):
+        self.uri, self._settings, self._expected = input_uri, settings, pin
+        self._raw = None
+        self._stack = ExitStack()
+
+    @property
+    def pin(self) -> InputPin:
+        return self._raw.pin
+
+    def verify(self) -> None:
+        self._raw.verify()
+
+    def __enter__(self) -> BinaryIO:
+        if is_s3(self.uri):
+            from infra.s3_input import open_s3_raw  # boto3 is imported only when S3 is used
+
+            self._raw = open_s3_raw(self.uri, self._settings, pin=self._expected)
         else:
-            yield raw
+            self._raw = _LocalInput(self.uri, self._expected)
+        stream = self._stack.enter_context(io.BufferedReader(self._raw, buffer_size=READER_BUFFER))
+        if self.uri.endswith(".gz"):
+            gz = self._stack.enter_context(gzip.GzipFile(fileobj=stream))
+            stream = self._stack.enter_context(io.BufferedReader(gz))  # type: ignore[arg-type]
+        return stream  # type: ignore[return-value]
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def open_input(input_uri: str, settings: "Settings", pin: InputPin | None = None) -> InputSource:
+    return InputSource(input_uri, settings, pin)

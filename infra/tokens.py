@@ -12,6 +12,10 @@ NSDG_MODEL__TOKENIZER (or, unset, the model directory when this host can read it
 Without one, the count is an estimate, UTF-8 bytes. It is no bound either way: it over-counts English
 3–4× (valid long prompts are refused or cut), and SentencePiece's NFKC normalization can turn one
 3-byte character into dozens of tokens, which the estimate lets through.
+
+The counter decides which prompts fit, how `truncate_left` cuts them, and so which records exist
+and where shards begin: its `identity` (the kind, and for a tokenizer the sha256 of its file, not
+its path) is part of the run's config hash, so a run is never resumed under another counter.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from typing import Protocol
 
 from infra.errors import ConfigError
 from infra.nemo_client import estimate_tokens
+from infra.storage import sha256_file
 from infra.tokenizer_files import TokenizerSource, locate_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 class TokenCounter(Protocol):
-    description: str
+    description: str  # for messages: what counted, where
+    identity: str  # for the config hash: what decides the counts
 
     def count(self, text: str) -> int: ...
     def keep_last(self, text: str, tokens: int) -> str: ...
@@ -44,6 +50,7 @@ class TokenCounter(Protocol):
 class ByteEstimate:
     description: str = ("UTF-8 byte estimate (no tokenizer: over-counts English 3-4x, and is not an upper bound "
                         "where the tokenizer's normalization expands text)")
+    identity: str = "utf-8 byte estimate"
     exact: bool = False
 
     def count(self, text: str) -> int:
@@ -61,21 +68,21 @@ class TokenizerFile:
 
     exact = True
 
-    def __init__(self, tok, description: str):
-        self._tok, self.description = tok, description
+    def __init__(self, tok, description: str, identity: str):
+        self._tok, self.description, self.identity = tok, description, identity
 
     @classmethod
     def from_file(cls, path: Path) -> "TokenizerFile":
-        from tokenizers import Tokenizer  # in the `local` extra
+        from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)), f"tokenizer {path}")
+        return cls(Tokenizer.from_file(str(path)), f"tokenizer {path}", f"tokenizer.json sha256:{sha256_file(path)[:16]}")
 
     @classmethod
     def from_gguf(cls, path: Path) -> "TokenizerFile":
         from transformers import AutoTokenizer  # reads the GGUF's vocabulary with the `gguf` package
 
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        return cls(tok.backend_tokenizer, f"GGUF tokenizer {path}")
+        return cls(tok.backend_tokenizer, f"GGUF tokenizer {path}", f"gguf sha256:{sha256_file(path)[:16]}")
 
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
@@ -103,6 +110,7 @@ class SentencePieceFile:
 
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
         self.description = f"SentencePiece {path}"
+        self.identity = f"sentencepiece sha256:{sha256_file(path)[:16]}"
 
     def count(self, text: str) -> int:
         return len(self._sp.encode(text))

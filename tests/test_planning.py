@@ -8,7 +8,8 @@ from infra.manifest import PartInfo, config_hash, diff_config
 from infra.planning import RunConfig, make_plan, usable_records
 from infra.sampling import SamplingParams
 from infra.settings import Settings
-from infra.storage import LocalOutputStore, validate_key_component
+from infra.keys import validate_key_component
+from infra.storage import LocalOutputStore
 
 
 def cfg(path, **kw) -> RunConfig:

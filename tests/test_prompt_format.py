@@ -62,10 +62,10 @@ def test_default_format_local_chats_only_when_the_model_has_a_template(local_mod
     assert default_format("raw", "chat", "local", str(local_model_dir / "tokenizer.json")) == "raw"
 
 
-def test_the_format_is_in_the_config_hash_but_raw_keeps_old_hashes():
+def test_the_format_is_in_the_config_hash():
     settings = Settings()
     raw = run_config().fingerprint("sha", "jsonl", settings)
-    assert "prompt_format" not in raw  # runs from before formats existed resume as they were
+    assert raw["prompt_format"]["name"] == "raw"
     instruct = run_config(prompt_format=load_prompt_format("nemotron-instruct", None)).fingerprint("sha", "jsonl", settings)
     assert instruct["prompt_format"]["name"] == "nemotron-instruct" and instruct != raw
 

@@ -19,9 +19,11 @@ import pytest
 
 from infra.dataset import BadLine, Record, iter_input
 from infra.errors import ConfigError, StorageError
-from infra.s3 import S3OutputStore, check_s3_input, make_s3_client, open_s3_input, parse_s3_uri
+from infra.s3 import S3OutputStore, make_s3_client, parse_s3_uri
+from infra.s3_input import check_s3_input, open_s3_input
 from infra.settings import Settings
-from infra.storage import check_input, open_input, open_output_store, validate_key_component
+from infra.keys import validate_key_component
+from infra.storage import check_input, open_input, open_output_store
 from tests.fixtures_s3 import FaultProxy
 
 pytestmark = pytest.mark.s3
@@ -282,6 +284,7 @@ def test_every_object_lands_once_through_faults(s3_settings, s3_bucket, s3_clien
 
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="faulty/")["Contents"]]
     assert sorted(keys) == sorted(f"faulty/run-f/{n}" for n in [*parts, "manifest.json"])  # once each, nothing else
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []  # no upload left open
     for name, data in parts.items():
         body, reply = fetch_verified(s3_client, s3_bucket, f"faulty/run-f/{name}")
         assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
