@@ -1,7 +1,7 @@
-"""The client's handling of each row of the server contract, against the real local server."""
+"""The client's handling of each row of the server contract, against the real local server and
+NeMo's own server code."""
 
 import pytest
-import requests
 
 from infra.errors import BadRequest, ServerFailure, ServerHung, TransientServerError, ValidationRejected
 from infra.nemo_client import NemoClient
@@ -13,15 +13,57 @@ SIM = ("--engine", "simulated")
 GREEDY = SamplingParams(tokens_to_generate=8, greedy=True, end_strings=["<|endoftext|>"])
 
 
-def test_generate_strips_prompt_and_end_string(tmp_path):
-    with running_server(tmp_path, *SIM) as (url, _):
-        client = NemoClient(url)
-        assert client.port_open() and client.ready()
-        out = client.generate(["Hello there", "Second prompt"], GREEDY)
-        assert [o.prompt for o in out] == ["Hello there", "Second prompt"]
-        for o in out:
-            assert o.completion.prompt_match == "exact"
-            assert o.completion.text and "<|endoftext|>" not in o.completion.text
+# Tests taking `contract_server` run against the local server and against NeMo's own
+# text_generation_server.py (tests/fixtures_nemo.py); both must pass.
+
+
+def test_generate_strips_prompt_and_end_string(contract_server):
+    client = NemoClient(contract_server.url)
+    assert client.port_open() and client.ready()
+    out = client.generate(["Hello there", "Second prompt"], GREEDY)
+    assert [o.prompt for o in out] == ["Hello there", "Second prompt"]
+    for o in out:
+        assert o.completion.prompt_match == "exact"
+        assert o.completion.text and "<|endoftext|>" not in o.completion.text
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(),
+    GREEDY,
+    SamplingParams(greedy=True, temperature=0, top_k=0, top_p=0.0, end_strings=["\n", "###"]),
+    SamplingParams(temperature=100, top_k=50, top_p=1.0, random_seed=2**24 - 1, add_BOS=True,
+                   min_tokens_to_generate=2, tokens_to_generate=3),
+], ids=["defaults", "greedy", "greedy-t0-text-ends", "extremes"])
+def test_request_fields_pass_nemo_validation(contract_server, sampling):
+    # Whatever the client's own checks let through, the server must accept: a rejection would
+    # be a batch lost at run time.
+    resp = contract_server.put({"sentences": ["Hello"], **sampling.request_fields()})
+    assert resp.status_code == 200 and isinstance(resp.json(), dict), resp.text
+
+
+def test_validation_string_from_the_server_is_rejected(contract_server):
+    client = NemoClient(contract_server.url)
+    resp = contract_server.put({"sentences": ["x"], **GREEDY.request_fields(), "top_p": 2})
+    with pytest.raises(ValidationRejected) as exc:
+        client._parse(resp, 1)
+    assert exc.value.status == 200 and exc.value.body == "top_p must be a positive number less than or equal to 1.0"
+
+
+def test_missing_sentences_is_server_failure(contract_server):
+    resp = contract_server.put(GREEDY.request_fields())
+    with pytest.raises(ServerFailure) as exc:
+        NemoClient(contract_server.url)._parse(resp, 1)
+    assert exc.value.status == 500 and exc.value.body == {"message": "Internal Server Error"}
+
+
+def test_400_above_128_is_bad_request(contract_server):
+    resp = contract_server.put({"sentences": ["x"] * 129, **GREEDY.request_fields()})
+    with pytest.raises(BadRequest) as exc:
+        NemoClient(contract_server.url)._parse(resp, 129)
+    assert exc.value.body == "Maximum number of sentences is 128"
+
+
+# The local server's fault switches: NeMo's code has none.
 
 
 def test_validation_string_is_rejected_not_retried(tmp_path):
@@ -36,14 +78,6 @@ def test_500_is_server_failure(tmp_path):
         with pytest.raises(ServerFailure) as exc:
             NemoClient(url).generate(["BOOM"], GREEDY)
         assert exc.value.status == 500
-
-
-def test_400_above_128_is_bad_request(tmp_path):
-    with running_server(tmp_path, *SIM) as (url, _):
-        client = NemoClient(url)
-        resp = requests.put(client.generate_url, json={"sentences": ["x"] * 129, **GREEDY.request_fields()}, timeout=10)
-        with pytest.raises(BadRequest):
-            client._parse(resp, 129)
 
 
 def test_hung_server_is_lost_not_retried(tmp_path):

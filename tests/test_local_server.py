@@ -2,7 +2,10 @@
 
 Every server here is `python -m infra.local_server serve-local ...` on a free port; nothing
 is mocked. The simulated engine (zero cost) covers the HTTP contract; the transformers engine
-runs on a tiny random-weight model built offline into a temp dir.
+runs on a tiny random-weight model built offline into a temp dir. The tests that describe the
+contract (routes, validation, status codes, the reply's shape and echo) take `contract_server`
+or `tiny`, and run against NeMo's own server code too (tests/nemo_reference.py); the rest
+(engine semantics, lock, startup, ranks, faults) are this server's own.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import pytest
 import requests
 
 from infra.deadline import Deadline, poll_until
+from tests.fixtures_nemo import ContractServer
+from tests.localserver import running_nemo_reference
 from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -125,29 +130,72 @@ def rows(reply: dict) -> list[tuple[str, list[str], list[int], list[int]]]:
 # --------------------------------------------------------------------------- routes and methods
 
 
-@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "PATCH"])
-def test_generate_answers_405_to_other_methods(sim, method):
-    resp = requests.request(method, f"{sim.url}/generate", json={"sentences": ["x"]}, timeout=TIMEOUT)
+# The contract tests take `contract_server` (tests/fixtures_nemo.py): each runs against this
+# server and against NeMo's own text_generation_server.py on the same engine, and both must pass.
+ALLOW_GENERATE = {"GET", "HEAD", "OPTIONS", "PUT"}  # the resource's PUT + Flask's static route
+ALLOW_STATIC = {"GET", "HEAD", "OPTIONS"}
+
+
+def allowed(resp: requests.Response) -> set[str]:
+    # Werkzeug writes the methods from a set: their order is not fixed.
+    return {m.strip() for m in resp.headers["Allow"].split(",")}
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "PATCH"])
+def test_generate_answers_405_to_other_methods(contract_server, method):
+    resp = requests.request(method, contract_server.generate_url, json={"sentences": ["x"]}, timeout=TIMEOUT)
     assert resp.status_code == 405
-    assert resp.json() == {"message": "The method is not allowed for the requested URL."}
-    assert "PUT" in resp.headers["Allow"]
+    # flask_restful's JSON, or Flask's HTML when Werkzeug lists a static-route method first
+    # (set order: it changes with PYTHONHASHSEED); see tests/test_nemo_reference.py.
+    if resp.headers["Content-Type"] == "application/json":
+        assert resp.json() == {"message": "The method is not allowed for the requested URL."}
+    else:
+        assert "<title>405 Method Not Allowed</title>" in resp.text
+    assert allowed(resp) == ALLOW_GENERATE
+    resp = requests.options(contract_server.generate_url, timeout=TIMEOUT)
+    assert resp.status_code == 200 and allowed(resp) == ALLOW_GENERATE
 
 
-@pytest.mark.parametrize("path", ["/", "/health", "/generate/", "/v1/completions"])
-@pytest.mark.parametrize("method", ["PUT", "GET", "POST"])
-def test_other_paths_answer_flask_html_404(sim, method, path):
-    resp = requests.request(method, sim.url + path, timeout=TIMEOUT)
+@pytest.mark.parametrize("path", ["/", "/generate", "/health", "/generate/", "/v1/completions"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_get_answers_flask_html_404_on_every_path(contract_server, method, path):
+    # Flask(static_url_path='') routes GET/HEAD on every path to a static folder that is not there.
+    resp = requests.request(method, contract_server.url + path, timeout=TIMEOUT)
+    assert resp.status_code == 404
+    assert resp.headers["Content-Type"].startswith("text/html")
+    assert method == "HEAD" or "<title>404 Not Found</title>" in resp.text
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "OPTIONS"])
+def test_root_answers_flask_html_404(contract_server, method):
+    resp = requests.request(method, contract_server.url + "/", timeout=TIMEOUT)
     assert resp.status_code == 404
     assert resp.headers["Content-Type"].startswith("text/html")
     assert "<title>404 Not Found</title>" in resp.text
 
 
-def test_body_that_is_not_json_is_400_and_wrong_content_type_is_415(sim):
-    resp = requests.put(f"{sim.url}/generate", data=b"{not json", headers={"Content-Type": "application/json"},
-                        timeout=TIMEOUT)
+@pytest.mark.parametrize("path", ["/health", "/generate/", "/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("method", ["PUT", "POST"])
+def test_other_paths_answer_html_405_from_the_static_route(contract_server, method, path):
+    resp = requests.request(method, contract_server.url + path, json={"sentences": ["x"]}, timeout=TIMEOUT)
+    assert resp.status_code == 405
+    assert resp.headers["Content-Type"].startswith("text/html")
+    assert "<title>405 Method Not Allowed</title>" in resp.text
+    assert allowed(resp) == ALLOW_STATIC
+
+
+def test_every_reply_closes_the_connection(contract_server):
+    # Werkzeug >= 2.1 never keeps a connection alive.
+    assert contract_server.put({"sentences": ["x"], "tokens_to_generate": 1}).headers["Connection"] == "close"
+    assert requests.get(contract_server.url + "/", timeout=TIMEOUT).headers["Connection"] == "close"
+
+
+def test_body_that_is_not_json_is_400_and_wrong_content_type_is_415(contract_server):
+    url = contract_server.generate_url
+    resp = requests.put(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
     assert resp.status_code == 400
     assert "message" in resp.json()
-    resp = requests.put(f"{sim.url}/generate", data=json.dumps({"sentences": ["x"]}),
+    resp = requests.put(url, data=json.dumps({"sentences": ["x"]}),
                         headers={"Content-Type": "text/plain"}, timeout=TIMEOUT)
     assert resp.status_code == 415
 
@@ -183,8 +231,8 @@ VALIDATION_CASES = [
 
 
 @pytest.mark.parametrize("fields,message", VALIDATION_CASES, ids=[str(f) for f, _ in VALIDATION_CASES])
-def test_validation_failure_is_http_200_with_a_json_string(sim, fields, message):
-    resp = sim.put({"sentences": ["Hello"], **fields})
+def test_validation_failure_is_http_200_with_a_json_string(contract_server, fields, message):
+    resp = contract_server.put({"sentences": ["Hello"], **fields})
     assert resp.status_code == 200
     assert resp.json() == message
 
@@ -195,15 +243,15 @@ def test_validation_failure_is_http_200_with_a_json_string(sim, fields, message)
     ({"random_seed": -1, "top_p": 2}, "top_p must be a positive number less than or equal to 1.0"),
     ({"end_strings": 3, "repetition_penalty": 0}, "repetition_penalty must be a positive number no less than 1.0"),
 ])
-def test_validation_runs_in_tgs_order(sim, fields, message):
-    assert sim.put({"sentences": ["Hello"], **fields}).json() == message
+def test_validation_runs_in_tgs_order(contract_server, fields, message):
+    assert contract_server.put({"sentences": ["Hello"], **fields}).json() == message
 
 
-def test_more_than_128_sentences_is_400_before_other_checks(sim):
-    resp = sim.put({"sentences": ["x"] * 129, "temperature": 0})
+def test_more_than_128_sentences_is_400_before_other_checks(contract_server):
+    resp = contract_server.put({"sentences": ["x"] * 129, "temperature": 0})
     assert resp.status_code == 400
     assert resp.json() == "Maximum number of sentences is 128"
-    resp = sim.put({"sentences": ["x"] * 128, "tokens_to_generate": 1})
+    resp = contract_server.put({"sentences": ["x"] * 128, "tokens_to_generate": 1})
     assert resp.status_code == 200
     assert len(resp.json()["sentences"]) == 128
 
@@ -216,14 +264,14 @@ def test_more_than_128_sentences_is_400_before_other_checks(sim):
     {"sentences": None},
     {"sentences": ["ok"], "all_probs": True},  # all_probs without compute_logprob
 ], ids=["missing-sentences", "list-body", "empty", "non-string", "null", "all-probs-alone"])
-def test_exceptions_are_500_internal_server_error(sim, body):
-    resp = sim.put(body)
+def test_exceptions_are_500_internal_server_error(contract_server, body):
+    resp = contract_server.put(body)
     assert resp.status_code == 500
     assert resp.json() == {"message": "Internal Server Error"}
 
 
-def test_unknown_keys_are_ignored(sim):
-    resp = sim.put({"sentences": ["Hello"], "tokens_to_generate": 2, "stream": True, "max_tokens": 9})
+def test_unknown_keys_are_ignored(contract_server):
+    resp = contract_server.put({"sentences": ["Hello"], "tokens_to_generate": 2, "stream": True, "max_tokens": 9})
     assert resp.status_code == 200
     assert resp.json()["sentences"][0].startswith("Hello")
 
@@ -231,9 +279,9 @@ def test_unknown_keys_are_ignored(sim):
 # --------------------------------------------------------------------------- the reply
 
 
-def test_reply_echoes_prompt_with_nemo_fields(sim):
+def test_reply_echoes_prompt_with_nemo_fields(contract_server):
     prompts = ["Hello world", "  A prompt with leading spaces,\nnewlines and café!"]
-    reply = sim.put({"sentences": prompts, "tokens_to_generate": 6}).json()
+    reply = contract_server.put({"sentences": prompts, "tokens_to_generate": 6}).json()
     assert set(reply) == {"sentences", "tokens", "token_ids", "offsets", "logprob"}
     assert reply["logprob"] is None
     widths = {len(ids) for ids in reply["token_ids"]}
@@ -244,8 +292,8 @@ def test_reply_echoes_prompt_with_nemo_fields(sim):
         assert offsets[0] == 0 and offsets == sorted(offsets)
 
 
-def test_defaults_generate_64_tokens(sim):
-    reply = sim.put({"sentences": ["Hello world"]}).json()  # 3 pseudo-tokens
+def test_defaults_generate_64_tokens(contract_server):
+    reply = contract_server.put({"sentences": ["Hello world"]}).json()  # 3 pseudo-tokens
     assert len(reply["token_ids"][0]) == 3 + 64
 
 
@@ -264,16 +312,16 @@ def test_same_request_same_reply_and_seed_changes_it(sim):
     assert sim.put({**body, "random_seed": 7}).json()["sentences"] != first
 
 
-def test_string_sentences_become_one_prompt_per_character(sim):
-    reply = sim.put({"sentences": "ab", "tokens_to_generate": 1}).json()
+def test_string_sentences_become_one_prompt_per_character(contract_server):
+    reply = contract_server.put({"sentences": "ab", "tokens_to_generate": 1}).json()
     assert [s[0] for s in reply["sentences"]] == ["a", "b"]
 
 
-def test_logprob_and_full_logprob_shapes(sim):
-    reply = sim.put({"sentences": ["Hello world"], "tokens_to_generate": 3, "compute_logprob": True}).json()
+def test_logprob_and_full_logprob_shapes(contract_server):
+    reply = contract_server.put({"sentences": ["Hello world"], "tokens_to_generate": 3, "compute_logprob": True}).json()
     assert len(reply["logprob"][0]) == len(reply["token_ids"][0]) - 1
     assert "full_logprob" not in reply
-    reply = sim.put({"sentences": ["Hello"], "tokens_to_generate": 2, "compute_logprob": True,
+    reply = contract_server.put({"sentences": ["Hello"], "tokens_to_generate": 2, "compute_logprob": True,
                      "all_probs": True}).json()
     assert len(reply["full_logprob"][0]) == len(reply["token_ids"][0]) - 1
 
@@ -420,10 +468,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny-server")
-    server = ServerProcess(workdir, "--model-dir", str(tiny_model_dir), "--torch-threads", "1").wait_listening()
+@pytest.fixture(scope="module", params=["local", "nemo"])
+def tiny(request, tiny_model_dir, tmp_path_factory):
+    """The tiny model behind this server, and behind NeMo's own server code (tests/nemo_reference.py)."""
+    workdir = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model = ("--model-dir", str(tiny_model_dir), "--torch-threads", "1")
+    if request.param == "nemo":
+        with running_nemo_reference(workdir, "--engine", "transformers", *model) as (url, _):
+            yield ContractServer("nemo", url)
+        return
+    server = ServerProcess(workdir, *model).wait_listening()
     yield server
     assert server.stop() == 0
 

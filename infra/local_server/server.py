@@ -3,13 +3,21 @@
 It stands in for `megatron_gpt_eval.py server=True` (NeMo's text_generation_server.py on
 Flask/flask_restful/Werkzeug) so the orchestrator can be tested against real processes:
 
-- PUT `/generate` only. Other methods on `/generate` -> 405 with flask_restful's JSON body;
-  any other path (`/` included) -> Flask's HTML 404.
+- Routing as NeMo's Flask app routes (checked against NeMo's own code: tests/nemo_reference.py).
+  `/generate` is a flask_restful resource with only `put()`; `Flask(__name__, static_url_path='')`
+  also registers a static route `/<path:filename>` (GET/HEAD/OPTIONS) over a folder that does
+  not exist. So: GET/HEAD on any path -> Flask's HTML 404 (no such static file); other methods
+  on `/generate` -> 405 with flask_restful's JSON body (NeMo answers that or Werkzeug's HTML 405,
+  depending on the set order of the allowed methods, i.e. on PYTHONHASHSEED); on any other
+  non-empty path -> Werkzeug's HTML 405 (the static route has the path, not the method); on
+  `/` -> HTML 404.
 - Validation runs in TGS `put()` order with its exact messages. A failure is HTTP 200 whose
   body is a JSON *string*; more than 128 sentences -> 400 (JSON string); a missing
   `sentences`, a body that is not an object, or any exception in generation -> 500
   `{"message": "Internal Server Error"}`. A body that is not JSON -> 400 and a Content-Type
   that is not JSON -> 415 (newer Werkzeug). Unknown keys are only logged.
+- Every reply closes the connection (`Connection: close`), as Werkzeug's development server
+  has done since 2.1: no keep-alive.
 - One generation at a time behind a FIFO lock: later requests wait, sockets open, in
   arrival order. Validation happens before the lock, as in TGS.
 - The socket is bound only after the engine has loaded, so the port refuses connections
@@ -34,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +61,13 @@ NOT_FOUND_HTML = (
     "<p>The requested URL was not found on the server. If you entered the URL manually please "
     "check your spelling and try again.</p>\n"
 )
+METHOD_NOT_ALLOWED_HTML = (
+    "<!doctype html>\n<html lang=en>\n<title>405 Method Not Allowed</title>\n<h1>Method Not Allowed</h1>\n"
+    "<p>The method is not allowed for the requested URL.</p>\n"
+)
+# The methods each route answers (Flask adds OPTIONS, and HEAD where there is GET).
+GENERATE_ALLOW = "GET, HEAD, OPTIONS, PUT"  # the resource's PUT plus the static route's methods
+STATIC_ALLOW = "GET, HEAD, OPTIONS"
 METHOD_NOT_ALLOWED = {"message": "The method is not allowed for the requested URL."}
 INTERNAL_ERROR = {"message": "Internal Server Error"}
 BAD_JSON = {"message": "The browser (or proxy) sent a request that this server could not understand."}
@@ -91,7 +107,7 @@ def validate_request(body: dict) -> tuple[list, GenerateParams] | Rejection:
     """TGS `put()`'s checks, in its order, with its messages. Raises where TGS raises (-> 500)."""
     for key in body.keys():
         if key not in ALLOWED_KEYS:
-            log.warning("The request key %s is not allowed", key)
+            log.error("The request key %s is not allowed", key)  # TGS logs it at ERROR, then goes on
     sentences = body["sentences"]  # KeyError -> 500, as in TGS
     if len(sentences) > MAX_SENTENCES:  # TypeError for a non-sized value -> 500
         return Rejection(f"Maximum number of sentences is {MAX_SENTENCES}", 400)
@@ -103,11 +119,9 @@ def validate_request(body: dict) -> tuple[list, GenerateParams] | Rejection:
         if isinstance(outcome, Rejection):
             return outcome
         fields.update(outcome)
-    if isinstance(sentences, str):
-        sentences = list(sentences)  # TGS iterates a string: every character is a prompt
-    elif not isinstance(sentences, list):
-        raise TypeError(f"sentences must be a list, got {type(sentences).__name__}")
-    return sentences, GenerateParams(**fields)
+    # NeMo's tokenize_batch iterates whatever passed len(): a string gives one prompt per
+    # character, an object its keys. Non-string items raise in the engine (-> 500).
+    return list(sentences), GenerateParams(**fields)
 
 
 def _int_at_least(key: str, minimum: int, message: str):
@@ -332,7 +346,7 @@ def _is_json_type(content_type: str | None) -> bool:
 
 
 class GenerateHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like Werkzeug's threaded server
+    protocol_version = "HTTP/1.1"  # as Werkzeug's threaded server, which closes every connection
     # Headers and body go out in two send() calls: without TCP_NODELAY, Nagle's algorithm holds
     # the body until the client's delayed ACK (~40 ms a reply), a stall no real server has.
     disable_nagle_algorithm = True
@@ -340,13 +354,13 @@ class GenerateHandler(BaseHTTPRequestHandler):
     server: "LocalHTTPServer"
 
     def parse_request(self) -> bool:
-        # One handler serves every request of a keep-alive connection: reset per-request state.
+        # Reset per-request state (a handler object could serve several requests).
         self._body_read = False
         return super().parse_request()
 
     def do_PUT(self) -> None:
         if not self._on_generate():
-            return self._not_found()
+            return self._no_route()
         service = self.server.service
         number = service.arrive()
         body = self._read_body()
@@ -364,22 +378,40 @@ class GenerateHandler(BaseHTTPRequestHandler):
         encode = _flask_jsonify if isinstance(result, dict) else _restful_json
         self._send(status, encode(result))
 
+    def do_GET(self) -> None:
+        # Every path goes to the static route, whose folder does not exist.
+        self._read_body()
+        self._not_found()
+
+    do_HEAD = do_GET
+
     def do_OPTIONS(self) -> None:
         self._read_body()
-        if not self._on_generate():
+        if self._route() == "/":
             return self._not_found()
-        self._send(200, b"", content_type="text/html; charset=utf-8", allow=True)
+        allow = GENERATE_ALLOW if self._on_generate() else STATIC_ALLOW
+        self._send(200, b"", content_type="text/html; charset=utf-8", allow=allow)
 
     def _method_not_allowed(self) -> None:
         self._read_body()
         if not self._on_generate():
-            return self._not_found()
-        self._send(405, _restful_json(METHOD_NOT_ALLOWED), allow=True)
+            return self._no_route()
+        self._send(405, _restful_json(METHOD_NOT_ALLOWED), allow=GENERATE_ALLOW)
 
-    do_GET = do_POST = do_DELETE = do_PATCH = do_HEAD = _method_not_allowed
+    do_POST = do_DELETE = do_PATCH = _method_not_allowed
+
+    def _route(self) -> str:
+        return urllib.parse.unquote(self.path.split("?", 1)[0])
 
     def _on_generate(self) -> bool:
-        return self.path.split("?", 1)[0] == GENERATE_PATH
+        return self._route() == GENERATE_PATH
+
+    def _no_route(self) -> None:
+        """A method other than GET/HEAD/OPTIONS on a path that is not `/generate`."""
+        self._read_body()  # closing on an unread body would reset the connection under the reply
+        if self._route() == "/":
+            return self._not_found()
+        self._send(405, METHOD_NOT_ALLOWED_HTML.encode(), content_type="text/html; charset=utf-8", allow=STATIC_ALLOW)
 
     def _not_found(self) -> None:
         self._read_body()
@@ -396,13 +428,15 @@ class GenerateHandler(BaseHTTPRequestHandler):
             return b""
         return self.rfile.read(int(length))
 
-    def _send(self, status: int, body: bytes, *, content_type: str = "application/json", allow: bool = False) -> None:
+    def _send(self, status: int, body: bytes, *, content_type: str = "application/json", allow: str | None = None) -> None:
+        self.close_connection = True  # Werkzeug >= 2.1 closes after every reply
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if allow:
-                self.send_header("Allow", "OPTIONS, PUT")
+                self.send_header("Allow", allow)
+            self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
