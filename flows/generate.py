@@ -22,6 +22,7 @@ from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
 from flows.teardown import release_on_hook
 from infra.backends import Backend, make_backend
+from infra.slurm.backend import check_launch
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generated_tokens, rejects_name, run_job_ids,
@@ -78,6 +79,8 @@ def generate(
         raise ConfigError(
             f"sampling.tokens_to_generate={sampling.tokens_to_generate} leaves no room for a prompt in the context "
             f"length {settings.model.context_length} (NSDG_MODEL__CONTEXT_LENGTH): lower tokens_to_generate.")
+    if prof.backend == "slurm":
+        check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
     cfg = params.to_run_config()
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)

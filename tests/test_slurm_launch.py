@@ -410,3 +410,17 @@ def test_a_requeued_job_is_replaced_and_nothing_is_lost(prefect_harness, slurm_c
     assert re.search(rf"Slurm job {requeued[0]} was requeued", caplog.text), caplog.text[-3000:]
     active = [j for j in SlurmClient().active_jobs() if "run=slurm-requeue " in (j.comment or "")]
     assert not active, f"left in squeue: {active}"
+
+
+@pytest.mark.integration
+def test_a_bad_launch_setting_fails_the_flow_before_the_input_is_read(prefect_harness, workdir, tmp_path, monkeypatch):
+    from flows.generate import generate
+
+    model = tmp_path / "Nemotron-4-340B-Base.nemo"
+    model.write_bytes(b"not a directory")
+    monkeypatch.setenv("NSDG_MODEL__PATH", str(model))
+    # The input does not exist: had the plan run first, this would be the error.
+    with pytest.raises(ConfigError, match=r"\.nemo") as exc:
+        generate(input_uri=str(tmp_path / "missing.jsonl"), output_uri=str(workdir / "out"), run_id="r1", profile="h200x8")
+    assert "missing.jsonl" not in str(exc.value)
+    assert not (workdir / "out" / "r1").exists()  # nothing was written either

@@ -195,6 +195,13 @@ def release_jobs_of_flow_run(settings: Settings, flow_run_id: str) -> list[str]:
     return [f"Slurm job {j}" for j in cancelled]
 
 
+def check_launch(settings: Settings, profile: Profile, *, run_id: str) -> None:
+    """The refusals building the job's spec makes (container image, model path, directives, srun
+    flags), made before the plan reads any input: a bad launch setting costs nothing."""
+    SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id), comment=job_comment(run_id, None),
+                             job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
+
+
 def render_for_profile(profile: str, *, model_path: str | None = None, account: str | None = None,
                        partition: str | None = None, run_id: str = "dry-run") -> list[tuple[str, str]]:
     """The scripts `nemotron-sdg render` prints: nothing is written or submitted."""
