@@ -25,10 +25,11 @@ from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
-from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generated_tokens, rejects_name, run_job_ids,
-                            run_replicas)
+from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generated_tokens, prompt_matches, rejects_name,
+                            run_job_ids, run_replicas)
 from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
+from infra.tokens import token_counter
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
@@ -221,6 +222,7 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
             rejects=REJECTS if (the_plan.rejected or refused) else None,
             server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
             replicas=run_replicas(earlier, parts, replicas, invocation),
+            token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts),
         )
         store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)
@@ -229,7 +231,9 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
                **{f"{phase} (s)": round(v, 2) for phase, v in timings.items()},
                "server restarts": manifest.server_restarts,
                "replicas": len({(r.get("invocation"), r["replica"]) for r in manifest.replicas}),
-               "GPU-hours held": round(sum(r.get("gpu_hours") or 0 for r in manifest.replicas), 3), "manifest": manifest_uri}
+               "GPU-hours held": round(sum(r.get("gpu_hours") or 0 for r in manifest.replicas), 3),
+               "prompt found in reply": ", ".join(f"{k} {v}" for k, v in manifest.prompt_match.items()) or "—",
+               "token counter": manifest.token_counter, "manifest": manifest_uri}
     # One row per figure: a wide one-row table is cut off in the UI.
     create_table_artifact(
         [{"figure": k, "value": str(v)} for k, v in summary.items()],

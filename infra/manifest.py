@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 MANIFEST = "manifest.json"
@@ -50,6 +51,7 @@ class PartInfo:
     replica: int | None = None
     job_ids: list[str] = field(default_factory=list)  # the replica's Slurm job(s)
     invocation: str | None = None  # the flow run that made it
+    prompt_match: dict[str, int] = field(default_factory=dict)  # records by how their echo was stripped
 
     def state_name(self) -> str:
         return state_name(self.name)
@@ -93,6 +95,8 @@ class Manifest:
     rejects: str | None = None
     server_restarts: int = 0
     replicas: list[dict] = field(default_factory=list)  # per replica: records, busy fraction, GPU-hours
+    token_counter: str | None = None  # what counted the prompts (its identity is in `config`)
+    prompt_match: dict[str, int] = field(default_factory=dict)  # written records by prompt_match, all parts
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
@@ -130,6 +134,14 @@ def run_replicas(earlier: Manifest | None, parts: list[PartInfo], now: list[dict
                   "busy_fraction": None, "gpu_hours": None, "held_s": None, "idle_after_last_shard_s": None}
                  for (inv, rep), ps in made.items()]
     return before + recovered + current
+
+
+def prompt_matches(parts: list[PartInfo]) -> dict[str, int]:
+    """Written records by how the prompt was found in the reply (exact, heuristic), over every part."""
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part.prompt_match)
+    return dict(sorted(total.items()))
 
 
 def generated_tokens(parts: list[PartInfo]) -> int:

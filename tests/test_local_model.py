@@ -61,6 +61,9 @@ def test_the_local_default_writes_english_and_the_tiny_model_does_not(prefect_ha
     assert {r["generation"]["prompt_format"] for r in real} == {"chat"}  # the local default for a model with a template
     assert {r["generation"]["prompt_format"] for r in tiny} == {"raw"}
     assert {r["generation"]["prompt_match"] for r in real} == {"exact"}
+    manifest = json.loads((workdir / "out" / "real" / "manifest.json").read_text())
+    assert manifest["prompt_match"] == {"exact": 6}  # counted by how the echo was stripped
+    assert manifest["token_counter"] == f"tokenizer {local_model_dir / 'tokenizer.json'}"
     assert [r["prompt"] for r in real] == [json.loads(line)["prompt"] for line in REPO_EXAMPLES.read_text().splitlines()[:6]]
     real_share = english_share([r["completion"] for r in real], english)
     tiny_share = english_share([r["completion"] for r in tiny], english)
