@@ -20,6 +20,28 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 log = logging.getLogger(__name__)
 FLUSH_S = 15.0  # how long the run's end waits for the last updates before giving up on them
 RETRY_S = 5.0  # pause between tries while the API is away (each try has the client's own retries)
+# When the current outage began (None: the API answers), shared by every sender of the process
+# so an outage is logged once, not once per artifact.
+_down_since: float | None = None
+_down_lock = threading.Lock()
+
+
+def _went_down(what: str) -> None:
+    global _down_since
+    with _down_lock:
+        if _down_since is not None:
+            return
+        _down_since = time.monotonic()
+    log.warning("Prefect API unreachable for the run's artifacts (%s); generation goes on and the UI's "
+                "progress/summary catch up when the API answers again", what)
+
+
+def _came_back() -> None:
+    global _down_since
+    with _down_lock:
+        since, _down_since = _down_since, None
+    if since is not None:
+        log.info("Prefect API answers again after %.0f s; artifacts updated", time.monotonic() - since)
 
 
 class Artifacts:
@@ -34,7 +56,6 @@ class Artifacts:
         self._progress_id = None
         self._closed = False
         self._sending = False
-        self._down_since: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"artifacts-{key}", daemon=True)
         self._thread.start()
 
@@ -55,8 +76,7 @@ class Artifacts:
             self._wake.notify()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("the Prefect API did not take the run's last artifact updates within %.0f s; "
-                        "the outputs and manifest are complete, only the UI's progress/summary may be stale", timeout)
+            _went_down(f"its last updates not taken within {timeout:.0f} s; dropped")
 
     # --- the sender thread ------------------------------------------------------------------
 
@@ -99,14 +119,9 @@ class Artifacts:
         try:
             self._context.run(call)
         except Exception as exc:  # the API is away: the run goes on without the UI
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                log.warning("Prefect API unreachable for the run's artifacts (%s: %s); generation goes on and the "
-                            "UI catches up when the API answers again", type(exc).__name__, str(exc)[:200])
+            _went_down(f"{type(exc).__name__}: {str(exc)[:200]}")
             return False
-        if self._down_since is not None:
-            log.info("Prefect API answers again after %.0f s; artifacts updated", time.monotonic() - self._down_since)
-            self._down_since = None
+        _came_back()
         return True
 
 

@@ -54,6 +54,7 @@ class Replica:
     last_active: float = field(default_factory=time.time)  # last request sent or answered
     keep_alive: concurrent.futures.Future | None = None
     release_error: str | None = None
+    lost: bool = False
 
     @property
     def state(self) -> str:
@@ -202,6 +203,7 @@ class Pool:
 
     def _lose(self, rep: Replica, exc: BaseException) -> None:
         """Release the replica (its other shards then fail fast and are requeued) and replace it."""
+        rep.lost = True
         self._retire(rep, f"lost: {exc}")
         if self.restarts >= self.restarts_allowed:
             if not any(r.state != "released" for r in self.members):
@@ -211,7 +213,17 @@ class Pool:
         self.restarts += 1
         log.warning("replica %d lost (%s); starting a replacement (restart %d of %d)",
                     rep.index, exc, self.restarts, self.restarts_allowed)
-        self._launch(rep.index)
+        self._launch(self._replacement_index(rep.index))
+
+    def _replacement_index(self, lost: int) -> int:
+        """The replica a replacement stands for: the lost one's, except for attached servers,
+        where one released healthy (queue empty, while another still ran) is known to answer
+        and costs nothing to attach again; the lost one's URL answers again only if its owner
+        restarts it."""
+        busy = {r.index for r in self._active()}
+        healthy = [r.index for r in reversed(self.retired) if r.backend.name == "attach" and r.ready_at is not None
+                   and not r.lost and r.index not in busy]
+        return healthy[0] if healthy else lost
 
     def _retire(self, rep: Replica, why: str) -> None:
         """Release it. A failed release is logged and kept, never raised: raising here would
@@ -297,5 +309,5 @@ class Pool:
                 raise ServerLost("every replica is gone and work remains; rerun with the same run_id to finish")
             self.restarts += 1
             log.warning("no replica left and work remains; starting one (restart %d of %d)", self.restarts, self.restarts_allowed)
-            self._launch(self.retired[-1].index if self.retired else 0)
+            self._launch(self._replacement_index(self.retired[-1].index if self.retired else 0))
         return False

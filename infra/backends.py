@@ -197,7 +197,7 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
             answered = client.ready(timeout=max(1.0, deadline.cap(min(settings.server.read_timeout_s, PROBE_TIMEOUT_S))))
         except RequestRejected as exc:  # an HTTP 500 or a validation reply to "Hello": waiting will not fix it
             raise ServerNotReady(f"The {backend.name} server at {url} refused the 1-token readiness probe: {exc} "
-                                 f"This replica counts as never ready; check its log. {backend.status()}") from exc
+                                 f"This replica counts as never ready ({backend.status()}).") from exc
         if not answered:
             seen["last"] = f"{url} listens but a 1-token generation did not answer"
             return None
