@@ -70,11 +70,12 @@ class Artifacts:
             self._wake.notify()
 
     def close(self, timeout: float = FLUSH_S) -> None:
-        """Wait (bounded) for what is queued to go out; what is left then is dropped, logged."""
+        """Wait (bounded) for what is queued to go out; what is left then is dropped, logged.
+        During a known outage there is no wait: the run's end is not held up once per artifact."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout)
+        self._thread.join(0.0 if _down_since is not None else timeout)
         if self._thread.is_alive():
             _went_down(f"its last updates not taken within {timeout:.0f} s; dropped")
 

@@ -7,26 +7,16 @@ import threading
 
 import pytest
 
+from benchmarks.faults import local_servers
 from flows.generate import generate
 from infra.backends import LocalBackend
 from infra.deadline import Deadline, poll_until
 from infra.errors import SlurmJobError
-from benchmarks.faults import local_servers
 from tests.localserver import running_server
 from tests.ports import free_port
+from tests.test_replicas import prompts, read_run
 
 pytestmark = pytest.mark.integration
-
-
-def prompts(path, n):
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"pool prompt {i}"}) + "\n" for i in range(n)))
-    return str(path)
-
-
-def read_run(run_dir):
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    ids = [json.loads(l)["id"] for p in manifest["parts"] for l in (run_dir / p["name"]).read_text().splitlines()]
-    return manifest, ids
 
 
 def test_a_failed_release_is_logged_and_the_run_finishes(prefect_harness, workdir, monkeypatch):
