@@ -1,5 +1,5 @@
-"""The replica pool under faults the fault table does not run: a release that fails, and an
-attached server that hiccups (F3, F5a). Real local servers; the failed release is injected at
+"""The replica pool under faults the fault table does not run: a release that fails, an attached
+server that hiccups, a refused readiness probe (F3, F5). Real local servers; the failed release is injected at
 the backend's release (reaching it for real needs a Slurm job stuck RUNNING after scancel)."""
 
 import json
@@ -9,9 +9,10 @@ import pytest
 
 from benchmarks.faults import local_servers
 from flows.generate import generate
-from infra.backends import LocalBackend
+from infra.backends import AttachBackend, LocalBackend, wait_until_ready
 from infra.deadline import Deadline, poll_until
-from infra.errors import SlurmJobError
+from infra.errors import ServerFailure, ServerNotReady, SlurmJobError
+from infra.settings import Settings
 from tests.localserver import running_server
 from tests.ports import free_port
 from tests.test_replicas import prompts, read_run
@@ -82,3 +83,13 @@ def test_a_lost_attached_server_is_attached_again_when_it_answers(prefect_harnes
     manifest, ids = read_run(workdir / "out" / "att-again")
     assert ids == [f"p{i}" for i in range(60)]
     assert manifest["server_restarts"] == 1 and [r["replica"] for r in manifest["replicas"]] == [0, 0]
+
+
+def test_a_refused_readiness_probe_is_never_ready_at_once(workdir):
+    """An HTTP 500 to the 1-token probe ends that replica's wait at once as ServerNotReady (which
+    the pool counts as never ready), instead of failing the run or polling for 45 min."""
+    with running_server(workdir, "--engine", "simulated", "--fault-500-on", "Hello") as (url, _):
+        settings = Settings(server={"url": url, "ready_timeout_s": 600})
+        with pytest.raises(ServerNotReady, match="refused the 1-token readiness probe.*HTTP 500") as exc:
+            wait_until_ready(AttachBackend(settings), settings)
+    assert isinstance(exc.value.__cause__, ServerFailure)
