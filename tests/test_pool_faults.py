@@ -54,22 +54,25 @@ def test_a_lost_attached_server_is_attached_again_when_it_answers(prefect_harnes
     monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "60")
     hung = running_server(workdir, *args, "--fault-hang-after", "6", "--fault-once-marker", str(marker))
     restarted = running_server(workdir, *args)
-    done = threading.Event()
+    done, hung_stopped = threading.Event(), threading.Event()
 
     def owner_restarts_it():  # the hung server is stopped and started again, as its owner would
-        poll_until(lambda: True if marker.exists() else None, deadline=Deadline(60), interval=0.1, what="the hang")
+        poll_until(lambda: True if marker.exists() or done.is_set() else None, deadline=Deadline(60), interval=0.1,
+                   what="the hang")
         # Once the run has given up on it: the replacement's readiness poll knocks on its port.
         log, seen = workdir / "server.log", (workdir / "server.log").stat().st_size
 
         def knocked():
             with open(log, "rb") as f:
                 f.seek(seen)
-                return True if b'"PUT / HTTP' in f.read() else None
+                return True if b'"PUT / HTTP' in f.read() or done.is_set() else None
 
         poll_until(knocked, deadline=Deadline(60), interval=0.1, what="the run to poll the hung server again")
         hung.__exit__(None, None, None)
-        with restarted:
-            done.wait(120)
+        hung_stopped.set()
+        if not done.is_set():
+            with restarted:
+                done.wait(120)
 
     hung.__enter__()
     owner = threading.Thread(target=owner_restarts_it, daemon=True)
@@ -80,6 +83,8 @@ def test_a_lost_attached_server_is_attached_again_when_it_answers(prefect_harnes
     finally:
         done.set()
         owner.join(timeout=30)
+        if not hung_stopped.is_set():  # the run failed before the owner's turn: stop it here
+            hung.__exit__(None, None, None)
     manifest, ids = read_run(workdir / "out" / "att-again")
     assert ids == [f"p{i}" for i in range(60)]
     assert manifest["server_restarts"] == 1 and [r["replica"] for r in manifest["replicas"]] == [0, 0]
