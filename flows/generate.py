@@ -11,13 +11,13 @@ from dataclasses import replace
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from flows import progress as console_progress
+from flows.artifacts import Artifacts, publish_table
 from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
 from flows.teardown import release_on_hook
@@ -95,8 +95,9 @@ def generate(
         return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id))
 
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
-    progress = create_progress_artifact(100.0 * len(the_plan.done) / the_plan.shards_total,
-                                        key=f"progress-{_artifact_key(cfg.run_id)}", description=f"shards of run {cfg.run_id}")
+    # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
+    progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
+    progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                    prompt_format=cfg.prompt_format, invocation=str(flow_run.id))
 
@@ -109,7 +110,7 @@ def generate(
     def on_result(result: ShardResult) -> None:
         published[0] += 1
         console_progress.advanced(result.part.records + result.part.rejected, pool.restarts)
-        update_progress_artifact(progress, 100.0 * published[0] / the_plan.shards_total)
+        progress.progress(100.0 * published[0] / the_plan.shards_total)
 
     def start(backend: Backend):
         allocate(backend)
@@ -127,7 +128,8 @@ def generate(
     source = open_input(cfg.input_uri, settings, pin=the_plan.input_pin)
     with source as stream:
         pool = Pool(
-            make_backend=lambda i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id), replica=i),
+            make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),
+                                                        replica=launch, url_index=i),
             start=start,
             # quote(): Prefect would otherwise walk every record of the shard twice per task run.
             submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), shard_job(backend), store, backend, breaker),
@@ -137,10 +139,12 @@ def generate(
             max_in_flight=settings.server.max_in_flight,
             restarts_allowed=restarts_allowed,
             on_result=on_result,
+            keep_alive_s=settings.server.keep_alive_s,
         )
         try:
             results = pool.run()
         finally:
+            progress.close()
             ready = pool.first_ready
             timings["queue_and_load"] = (ready or time.time()) - t_wall
             if ready:  # first replica ready -> last shard published (releases are timed apart)
@@ -235,10 +239,8 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
                "prompt found in reply": ", ".join(f"{k} {v}" for k, v in manifest.prompt_match.items()) or "—",
                "token counter": manifest.token_counter, "manifest": manifest_uri}
     # One row per figure: a wide one-row table is cut off in the UI.
-    create_table_artifact(
-        [{"figure": k, "value": str(v)} for k, v in summary.items()],
-        key=f"summary-{_artifact_key(cfg.run_id)}", description=f"run {cfg.run_id}: manifest at {manifest_uri}",
-    )
+    publish_table(_artifact_key(cfg.run_id), [{"figure": k, "value": str(v)} for k, v in summary.items()],
+                  description=f"run {cfg.run_id}: manifest at {manifest_uri}")
     logger.info("run %s complete: %d records in %d parts; manifest %s", cfg.run_id, written, len(parts), manifest_uri)
     return {"run_id": cfg.run_id, "manifest": manifest_uri, "records_written": written,
             "records_rejected": the_plan.rejected + refused}

@@ -7,6 +7,11 @@ other joins as it becomes ready. Each ready replica keeps `max_in_flight` shard 
 hangs is released, its unfinished shards go back to the queue, and it is replaced while the run's
 `max_server_restarts` allows. A replica is released as soon as the queue is empty and its last
 shard is done, not when the slowest replica finishes; every replica is released on every exit.
+
+A release that fails (a Slurm job still listed after KillWait, scancel refused) is logged and
+kept on the replica's summary, never raised: the others are still released, a lost replica is
+still replaced, and the run still finishes its manifest. A ready replica that has sent nothing
+for `keep_alive_s` gets a 1-token request, so its idle ranks never reach NCCL's timeout.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 
 from prefect.futures import PrefectFuture
 
-from infra.backends import Backend
+from infra.backends import PROBE_TIMEOUT_S, Backend
 from infra.dataset import Shard
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, TransientServerError
 from infra.generation import ShardResult
@@ -46,6 +51,10 @@ class Replica:
     intervals: list[tuple[float, float]] = field(default_factory=list)
     records: int = 0
     shards: int = 0
+    last_active: float = field(default_factory=time.time)  # last request sent or answered
+    keep_alive: concurrent.futures.Future | None = None
+    release_error: str | None = None
+    lost: bool = False
 
     @property
     def state(self) -> str:
@@ -71,6 +80,7 @@ class Replica:
             "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
             "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
             if self.intervals and self.released_at else None,
+            **({"release_error": self.release_error} if self.release_error else {}),
         }
 
 
@@ -78,7 +88,7 @@ class Replica:
 class Pool:
     """The replicas of one run and the shard queue they share."""
 
-    make_backend: Callable[[int], Backend]  # launch number -> backend
+    make_backend: Callable[[int, int], Backend]  # (launch number, replica index) -> backend
     start: Callable[[Backend], PrefectFuture]        # allocate, then submit the readiness wait
     submit: Callable[[object, Shard, Backend], PrefectFuture]
     release: Callable[[Backend], None]
@@ -87,6 +97,8 @@ class Pool:
     max_in_flight: int
     restarts_allowed: int
     on_result: Callable[[ShardResult], None] = lambda r: None
+    keep_alive_s: float = 3600.0
+    ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -96,6 +108,7 @@ class Pool:
     last_result_at: float | None = None
     _exhausted: bool = False
     _unreported: deque = field(default_factory=deque)
+    _pinger: concurrent.futures.ThreadPoolExecutor | None = None
 
     def run(self) -> list[ShardResult]:
         try:
@@ -107,6 +120,9 @@ class Pool:
         except BaseException:
             self.release_all()
             raise
+        finally:
+            if self._pinger is not None:
+                self._pinger.shutdown(wait=False)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -135,6 +151,7 @@ class Pool:
                 self._fill(rep)
         while self._unreported:
             self.on_result(self._unreported.popleft())
+        self._keep_idle_alive()
         for rep in list(self._active()):
             # As soon as the queue is empty and its own last shard is done: not when the slowest
             # replica finishes. (A replica lost later is replaced within max_server_restarts.)
@@ -143,8 +160,9 @@ class Pool:
 
     def _launch(self, index: int) -> None:
         # The backend gets the launch number: a replacement must not reuse the port (or the job
-        # directory) of the server it replaces, which may still be shutting down.
-        rep = Replica(index, self.make_backend(len(self.members)))
+        # directory) of the server it replaces, which may still be shutting down. The replica
+        # index picks an attached server's URL: a replacement re-attaches to the same one.
+        rep = Replica(index, self.make_backend(len(self.members), index))
         self.members.append(rep)
         rep.ready_future = self.start(rep.backend)
 
@@ -157,16 +175,18 @@ class Pool:
                 raise
             log.warning("replica %d never became ready (%s); going on with the others", rep.index, exc)
             return
-        rep.ready_at = time.time()
+        rep.ready_at = rep.last_active = time.time()
         self.first_ready = self.first_ready or rep.ready_at
         log.info("replica %d ready at %s", rep.index, rep.backend.url())
 
     def _fill(self, rep: Replica) -> None:
         while len(rep.in_flight) < self.max_in_flight and (shard := self._next_shard()) is not None:
             rep.in_flight[self.submit(rep.client, shard, rep.backend)] = shard
+            rep.last_active = time.time()
 
     def _collect(self, rep: Replica, fut: PrefectFuture) -> None:
         shard = rep.in_flight.pop(fut)
+        rep.last_active = time.time()
         try:
             result = fut.result()
         except LOST as exc:
@@ -183,6 +203,7 @@ class Pool:
 
     def _lose(self, rep: Replica, exc: BaseException) -> None:
         """Release the replica (its other shards then fail fast and are requeued) and replace it."""
+        rep.lost = True
         self._retire(rep, f"lost: {exc}")
         if self.restarts >= self.restarts_allowed:
             if not any(r.state != "released" for r in self.members):
@@ -192,26 +213,56 @@ class Pool:
         self.restarts += 1
         log.warning("replica %d lost (%s); starting a replacement (restart %d of %d)",
                     rep.index, exc, self.restarts, self.restarts_allowed)
-        self._launch(rep.index)
+        self._launch(self._replacement_index(rep.index))
+
+    def _replacement_index(self, lost: int) -> int:
+        """The replica a replacement stands for: the lost one's, except for attached servers,
+        where one released healthy (queue empty, while another still ran) is known to answer
+        and costs nothing to attach again; the lost one's URL answers again only if its owner
+        restarts it."""
+        busy = {r.index for r in self._active()}
+        healthy = [r.index for r in reversed(self.retired) if r.backend.name == "attach" and r.ready_at is not None
+                   and not r.lost and r.index not in busy]
+        return healthy[0] if healthy else lost
 
     def _retire(self, rep: Replica, why: str) -> None:
+        """Release it. A failed release is logged and kept, never raised: raising here would
+        abort the pool, kill the other replicas' work and lose the manifest of a finished run."""
         if rep.state == "released":
             return
         log.info("releasing replica %d: %s", rep.index, why)
         try:
             self.release(rep.backend)
+        except Exception as exc:
+            rep.release_error = f"{type(exc).__name__}: {exc}"
+            log.error("releasing replica %d (%s) failed: %s; the run goes on", rep.index, rep.backend.status(), exc)
         finally:
             rep.released_at = time.time()
             # Its shards, if any, fail fast now; they are requeued as they are collected.
             self.retired.append(rep)
 
+    def _keep_idle_alive(self) -> None:
+        """A 1-token request to each ready replica idle for keep_alive_s (off the loop's thread);
+        one that gets no answer is lost like a replica whose shard got none."""
+        for rep in self._active():
+            if rep.keep_alive is not None and rep.keep_alive.done():
+                fut, rep.keep_alive = rep.keep_alive, None
+                if (exc := fut.exception()) is not None:
+                    self._lose(rep, exc)
+                    continue
+                log.info("replica %d answered its keep-alive", rep.index)
+            if (rep.state == "ready" and not rep.in_flight and rep.keep_alive is None
+                    and time.time() - rep.last_active >= self.keep_alive_s):
+                log.info("replica %d idle for %.0f s: sending a 1-token keep-alive", rep.index, time.time() - rep.last_active)
+                if self._pinger is None:
+                    self._pinger = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="keep-alive")
+                rep.keep_alive = self._pinger.submit(self.ping, rep.client)
+                rep.last_active = time.time()
+
     def release_all(self) -> None:
         """Every replica, on every exit; then wait for every shard task so none still publishes."""
         for rep in self.members:
-            try:
-                self._retire(rep, "run ending")
-            except Exception as exc:  # release the others before reporting
-                log.error("releasing replica %d failed: %s", rep.index, exc)
+            self._retire(rep, "run ending")  # never raises: every replica gets its release
         concurrent.futures.wait([f.wrapped_future for rep in self.members for f in rep.in_flight])
 
     # --- the queue ---------------------------------------------------------------------------
@@ -258,5 +309,5 @@ class Pool:
                 raise ServerLost("every replica is gone and work remains; rerun with the same run_id to finish")
             self.restarts += 1
             log.warning("no replica left and work remains; starting one (restart %d of %d)", self.restarts, self.restarts_allowed)
-            self._launch(len(self.members))
+            self._launch(self._replacement_index(self.retired[-1].index if self.retired else 0))
         return False

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.deadline import Deadline, poll_until
-from infra.errors import ConfigError, ServerNotReady
+from infra.errors import ConfigError, RequestRejected, ServerNotReady
 from infra.nemo_client import NemoClient
 from infra.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
 from infra.settings import Profile, Settings
@@ -21,6 +21,9 @@ from infra.slurm.client import log_tail
 from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
+# The 1-token readiness probe's read timeout: a server that takes longer is probed again, and a
+# probe on a hung server (an attached one re-checked after a loss) never holds the run's end long.
+PROBE_TIMEOUT_S = 60.0
 
 
 class Backend(Protocol):
@@ -108,7 +111,10 @@ def release_local_by_run(server_dir: Path) -> None:
 
 
 class AttachBackend:
-    """A server someone else runs: nothing to allocate, nothing to release."""
+    """A server someone else runs: nothing to allocate, nothing to stop. `replica` picks its URL.
+
+    A replacement for a lost attached replica attaches to the same URL again and waits (under
+    the readiness deadline) until it answers: its owner may restart it, and there is no other."""
 
     name = "attach"
 
@@ -122,6 +128,7 @@ class AttachBackend:
         self._url = urls[replica]
         self.settings = settings
         self.job_ids: list[str] = []
+        self._released = False
 
     def start(self) -> None:
         pass
@@ -130,10 +137,11 @@ class AttachBackend:
         return self._url
 
     def dead_reason(self) -> str | None:
-        return None
+        # Released = the run no longer uses it: a readiness wait still polling it ends.
+        return f"the run detached from {self._url}" if self._released else None
 
     def release(self) -> None:
-        pass
+        self._released = True
 
     def ready_timeout(self) -> float:
         return self.settings.server.ready_timeout_s
@@ -147,11 +155,13 @@ def attach_urls(settings: Settings) -> list[str]:
 
 
 def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None,
-                 replica: int = 0) -> Backend:
+                 replica: int = 0, url_index: int | None = None) -> Backend:
+    """`replica` is the launch number (a replacement gets a new port and directory); `url_index`
+    the replica it stands for, which picks an attached server's URL (default: `replica`)."""
     if profile.backend == "local":
         return LocalBackend(settings, run_id, replica=replica)
     if profile.backend == "attach":
-        return AttachBackend(settings, replica)
+        return AttachBackend(settings, replica if url_index is None else url_index)
     from infra.slurm.backend import SlurmBackend
 
     return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id, replica=replica)
@@ -184,7 +194,12 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
         if not client.port_open():
             seen["last"] = f"{url} refuses connections (model still loading)"
             return None
-        if not client.ready(timeout=max(1.0, deadline.cap(settings.server.read_timeout_s))):
+        try:
+            answered = client.ready(timeout=max(1.0, deadline.cap(min(settings.server.read_timeout_s, PROBE_TIMEOUT_S))))
+        except RequestRejected as exc:  # an HTTP 500 or a validation reply to "Hello": waiting will not fix it
+            raise ServerNotReady(f"The {backend.name} server at {url} refused the 1-token readiness probe: {exc} "
+                                 f"This replica counts as never ready ({backend.status()}).") from exc
+        if not answered:
             seen["last"] = f"{url} listens but a 1-token generation did not answer"
             return None
         return client

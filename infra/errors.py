@@ -14,7 +14,8 @@ Every message names the object, what was seen, and what to do next.
     │   ├── RequestRejected    the server refused a request: never retried
     │   │   ├── ValidationRejected   HTTP 200 whose body is not an object with `sentences`
     │   │   ├── BadRequest           HTTP 400 (e.g. more than 128 sentences)
-    │   │   └── ServerFailure        HTTP 500 (missing key or an exception inside generation)
+    │   │   ├── ServerFailure        HTTP 500 (missing key or an exception inside generation)
+    │   │   └── ReplyMismatch        a reply sentence does not echo its own prompt (reordered, duplicated)
     │   ├── TransientServerError     connection refused/reset, timeout, other 5xx: may be retried
     │   └── ServerLost               the server's process or job is gone: retrying the request is useless
     │       └── ServerHung           no reply within the read timeout: a hung NeMo server never answers
@@ -91,6 +92,11 @@ class BadRequest(RequestRejected):
 
 class ServerFailure(RequestRejected):
     """HTTP 500 from the server: a missing key or an exception inside generation."""
+
+
+class ReplyMismatch(RequestRejected):
+    """A reply sentence echoes no prompt, or another prompt of its batch better than its own: the
+    server (or a proxy) reordered or duplicated the batch's sentences. Bisection isolates it."""
 
 
 class TransientServerError(ServerError):

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 
 import requests
 
-from infra.completion import Completion, extract_completion
+from infra.completion import Completion, extract_completion, pairing_error
 from infra.errors import (
     BadRequest,
     ConfigError,
+    ReplyMismatch,
     RequestRejected,
     ServerFailure,
     ServerHung,
+    ServerLost,
     TransientServerError,
     ValidationRejected,
 )
@@ -167,22 +169,37 @@ class NemoClient:
 
     def generate(self, prompts: list[str], sampling: SamplingParams, **kw) -> list[GeneratedText]:
         reply = self.generate_raw(prompts, sampling, **kw)
-        out = []
-        for i, (prompt, sentence) in enumerate(zip(prompts, reply["sentences"])):
+        sentences = reply["sentences"]
+        for i, sentence in enumerate(sentences):
             if not isinstance(sentence, str):
                 raise ValidationRejected(f"reply sentence {i} is not a string: {sentence!r:.100}", status=200, body=None)
-            # The server echoes the prompt as its tokenizer round-trips it; strip exactly that.
-            completion = extract_completion(self.echo(prompt), sentence, sampling.end_strings)
+        # The server echoes each prompt as its tokenizer round-trips it; strip exactly that.
+        echoes = [self.echo(p) for p in prompts]
+        completions = [extract_completion(e, s, sampling.end_strings) for e, s in zip(echoes, sentences)]
+        # Sentences are paired with prompts by position: check each echoes its own prompt, so a
+        # reordered or duplicated reply fails the batch (bisection then isolates it) instead of
+        # publishing another prompt's completion.
+        if (why := pairing_error(echoes, sentences, completions)) is not None:
+            raise ReplyMismatch(f"PUT {self.generate_url} ({len(prompts)} prompts): {why}. The batch is bisected; "
+                                "a prompt whose reply still does not match becomes a reject.", status=200, body=why)
+        out = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
             out.append(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)))
         return out
 
     def ready(self, timeout: float | None = None) -> bool:
-        """One real 1-token generation: proves every rank answers, not only the port."""
-        probe = SamplingParams(tokens_to_generate=1, greedy=True)
+        """One real 1-token generation: proves every rank answers, not only the port. False when
+        it gets no answer (not yet, or no longer); a refused probe (an HTTP 500, a validation
+        reply) raises RequestRejected: that server will not become ready by waiting."""
         try:
-            self.generate_raw(["Hello"], probe, read_timeout=timeout)
-        except TransientServerError:
+            self.keep_alive(timeout)
+        except (TransientServerError, ServerLost):
             return False
         return True
+
+    def keep_alive(self, timeout: float | None = None) -> None:
+        """The same 1-token generation, raising what it meets: also sent to an idle server so that
+        its ranks never sit in NCCL's collective longer than its timeout (5 h in megatron_gpt_eval.py)."""
+        self.generate_raw(["Hello"], SamplingParams(tokens_to_generate=1, greedy=True), read_timeout=timeout)

@@ -86,6 +86,8 @@ class ServerSettings(_Section):
     ready_poll_s: float = Field(0.25, gt=0, le=60)
     max_in_flight: int = Field(2, ge=1, le=8, description="requests kept in flight: one computing, one queued")
     max_server_restarts: int = Field(2, ge=0, le=20, description="new servers started after one dies or hangs mid-run")
+    keep_alive_s: float = Field(3600.0, ge=1, le=4 * 3600, description="a ready replica idle this long gets a 1-token "
+                                "request: megatron_gpt_eval.py's idle ranks die at NCCL's 5 h timeout")
     breaker_window: int = Field(500, ge=10, le=1_000_000, description="records the circuit breaker looks back over")
     breaker_max_share: float = Field(0.10, gt=0, le=1, description="share of failed records in the window that stops the run")
     command: list[str] | None = Field(None, description="replaces megatron_gpt_eval.py in the node launcher")
@@ -135,6 +137,8 @@ class SlurmSettings(_Section):
     command_timeout_s: float = Field(30.0, gt=0, le=600)
     unknown_grace_s: float = Field(60.0, ge=0, le=3600)
     poll_s: float = Field(1.0, gt=0, le=60)
+    release_margin_s: float = Field(60.0, ge=0, le=3600, description="a cancelled job may stay listed this long "
+                                    "past the cluster's KillWait (epilog, GPU release) before release gives up on it")
 
     @field_validator("time_limit")
     @classmethod

@@ -15,14 +15,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from infra.deadline import Deadline, poll_until
-from infra.errors import SlurmJobError
+from infra.errors import CommandError, DeadlineExceeded, SlurmJobError
 from infra.settings import Profile, Settings
-from infra.slurm.client import SlurmClient, first_error_lines, log_tail
+from infra.slurm.client import SlurmClient, first_error_lines, is_terminal, log_tail
 from infra.slurm.spec import HEARTBEAT_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
 
 log = logging.getLogger(__name__)
 JOB_PREFIX = "nsdg-"
-GONE_WITHIN_S = 5.0
+# A cancelled job stays in squeue (COMPLETING) while its ranks exit: Slurm sends SIGTERM, then
+# SIGKILL after the cluster's KillWait (30 s by default), then runs the epilog.
+DEFAULT_KILL_WAIT_S = 30.0
+_kill_wait_s: float | None = None
 
 
 def job_name_for(flow_run_id: str | None, run_id: str) -> str:
@@ -170,23 +173,70 @@ class SlurmBackend:
         for job_id in self.job_ids:
             self.client.cancel(job_id)
         if self.job_ids:
-            wait_gone(self.client, self.job_ids, GONE_WITHIN_S)
+            wait_gone(self.client, self.job_ids, kill_wait_s(self.client) + self.settings.slurm.release_margin_s)
 
     def ready_timeout(self) -> float:
         return self.settings.server.ready_timeout_s
 
 
-def wait_gone(client: SlurmClient, job_ids: list[str], seconds: float) -> None:
+def kill_wait_s(client: SlurmClient) -> float:
+    """The cluster's KillWait from `scontrol show config` (asked once per process; one quick
+    controller call), or Slurm's default when it cannot be read."""
+    global _kill_wait_s
+    if _kill_wait_s is None:
+        try:
+            out = client.runner(["scontrol", "show", "config"], timeout=client.command_timeout, check=False).stdout
+        except CommandError as exc:
+            log.debug("scontrol show config: %s", exc)
+            out = ""
+        _kill_wait_s = parse_kill_wait(out)
+    return _kill_wait_s
+
+
+def parse_kill_wait(config: str) -> float:
+    """`KillWait                = 30 sec` -> 30.0; DEFAULT_KILL_WAIT_S when absent."""
+    for line in config.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "KillWait" and (words := value.split()) and words[0].isdigit():
+            return float(words[0])
+    return DEFAULT_KILL_WAIT_S
+
+
+def wait_gone(client: SlurmClient, job_ids: list[str], seconds: float) -> list[str]:
+    """Wait until squeue no longer lists the cancelled jobs, at most `seconds` (KillWait + margin).
+
+    A job still listed then as COMPLETING (or an end state) has been cancelled and is being torn
+    down by Slurm: it counts as released, logged, and its id is returned. Only a job still in
+    another state (the cancel did not take) raises SlurmJobError."""
     pending = set(job_ids)
+    deadline = Deadline(seconds)
+    listed: dict[str, str] = {}
+    asked = [float("-inf")]
 
     def gone():
-        active = {j.job_id for j in client.active_jobs()}
-        return True if not (pending & active) else None
+        # Every 0.2 s for the usual quick exit, then once a second: no need to load slurmctld.
+        if deadline.elapsed() > 5.0 and time.monotonic() - asked[0] < 1.0:
+            return None
+        asked[0] = time.monotonic()
+        listed.clear()
+        listed.update({j.job_id: j.state for j in client.active_jobs() if j.job_id in pending})
+        return True if not listed else None
 
     try:
-        poll_until(gone, deadline=Deadline(seconds), interval=0.2, what=f"Slurm jobs {sorted(pending)} to leave squeue")
-    except Exception as exc:
-        raise SlurmJobError(f"{exc} Check `squeue -j {','.join(sorted(pending))}` and cancel by hand if needed.") from exc
+        poll_until(gone, deadline=deadline, interval=0.2, what=f"Slurm jobs {sorted(pending)} to leave squeue")
+        return []
+    except DeadlineExceeded as exc:
+        stuck = sorted(j for j, state in listed.items() if state != "COMPLETING" and not is_terminal(state))
+        if stuck:
+            states = ", ".join(f"{j} {listed[j]}" for j in stuck)
+            raise SlurmJobError(
+                f"Slurm jobs {states} still listed {seconds:.0f} s after scancel. "
+                f"Check `squeue -j {','.join(stuck)}` and cancel by hand if needed.", job_id=stuck[0], state=listed[stuck[0]],
+            ) from exc
+        done = sorted(listed)
+        log.warning("Slurm jobs %s cancelled and still completing after %.0f s (KillWait, epilog): counted as released; "
+                    "Slurm frees their nodes when they finish", ", ".join(done), seconds)
+        return done
 
 
 def release_jobs_of_flow_run(settings: Settings, flow_run_id: str) -> list[str]:

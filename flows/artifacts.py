@@ -1,0 +1,133 @@
+"""The run's Prefect UI artifacts (progress bar, summary table), sent best-effort.
+
+They are the only calls to the Prefect API in the pool's loop. Sent from that loop, an API
+outage blocked it for the client's retries (about 76 s, servers idle) and then failed the run.
+Here one daemon thread sends them: the loop only drops the latest value in a slot (latest value
+wins, so the queue is bounded at one progress value and one table), an API error is logged once
+per outage, and `close()` waits a bounded time at the end of the run and then gives up.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+log = logging.getLogger(__name__)
+FLUSH_S = 15.0  # how long the run's end waits for the last updates before giving up on them
+RETRY_S = 5.0  # pause between tries while the API is away (each try has the client's own retries)
+# When the current outage began (None: the API answers), shared by every sender of the process
+# so an outage is logged once, not once per artifact.
+_down_since: float | None = None
+_down_lock = threading.Lock()
+
+
+def _went_down(what: str) -> None:
+    global _down_since
+    with _down_lock:
+        if _down_since is not None:
+            return
+        _down_since = time.monotonic()
+    log.warning("Prefect API unreachable for the run's artifacts (%s); generation goes on and the UI's "
+                "progress/summary catch up when the API answers again", what)
+
+
+def _came_back() -> None:
+    global _down_since
+    with _down_lock:
+        since, _down_since = _down_since, None
+    if since is not None:
+        log.info("Prefect API answers again after %.0f s; artifacts updated", time.monotonic() - since)
+
+
+class Artifacts:
+    """`progress(pct)` and `table(rows, description)` never block and never raise."""
+
+    def __init__(self, key: str, description: str = ""):
+        self.key, self.description = key, description  # the run's key; the progress bar's description
+        self._context = contextvars.copy_context()  # the flow run's, so artifacts link to it
+        self._wake = threading.Condition()
+        self._progress: float | None = None
+        self._table: tuple[list[dict], str] | None = None
+        self._progress_id = None
+        self._closed = False
+        self._sending = False
+        self._thread = threading.Thread(target=self._run, name=f"artifacts-{key}", daemon=True)
+        self._thread.start()
+
+    def progress(self, percent: float) -> None:
+        with self._wake:
+            self._progress = percent
+            self._wake.notify()
+
+    def table(self, rows: list[dict], description: str) -> None:
+        with self._wake:
+            self._table = (rows, description)
+            self._wake.notify()
+
+    def close(self, timeout: float = FLUSH_S) -> None:
+        """Wait (bounded) for what is queued to go out; what is left then is dropped, logged.
+        During a known outage there is no wait: the run's end is not held up once per artifact."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(0.0 if _down_since is not None else timeout)
+        if self._thread.is_alive():
+            _went_down(f"its last updates not taken within {timeout:.0f} s; dropped")
+
+    # --- the sender thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._progress is None and self._table is None and not self._closed:
+                    self._wake.wait()
+                if self._progress is None and self._table is None:
+                    return  # closed and nothing left
+                progress, self._progress = self._progress, None
+                table, self._table = self._table, None
+            if progress is not None and not self._send(lambda: self._send_progress(progress)):
+                self._keep(progress=progress)
+            if table is not None and not self._send(lambda: self._send_table(*table)):
+                self._keep(table=table)
+
+    def _keep(self, progress: float | None = None, table=None) -> None:
+        """Put back what failed unless something newer came meanwhile, and pause before the next
+        try; once closed, what fails is dropped (close() has logged it)."""
+        with self._wake:
+            if self._closed:
+                return
+            if progress is not None and self._progress is None:
+                self._progress = progress
+            if table is not None and self._table is None:
+                self._table = table
+            self._wake.wait(RETRY_S)
+
+    def _send_progress(self, percent: float) -> None:
+        if self._progress_id is None:
+            self._progress_id = create_progress_artifact(percent, key=f"progress-{self.key}", description=self.description)
+        else:
+            update_progress_artifact(self._progress_id, percent)
+
+    def _send_table(self, rows: list[dict], description: str) -> None:
+        create_table_artifact(rows, key=f"summary-{self.key}", description=description)
+
+    def _send(self, call: Callable[[], object]) -> bool:
+        try:
+            self._context.run(call)
+        except Exception as exc:  # the API is away: the run goes on without the UI
+            _went_down(f"{type(exc).__name__}: {str(exc)[:200]}")
+            return False
+        _came_back()
+        return True
+
+
+def publish_table(key: str, rows: list[dict], description: str, timeout: float = FLUSH_S) -> None:
+    """The summary table at the end of a run: best-effort, waits at most `timeout`."""
+    sender = Artifacts(key)
+    sender.table(rows, description)
+    sender.close(timeout)
