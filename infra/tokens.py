@@ -12,6 +12,11 @@ NSDG_MODEL__TOKENIZER (or, unset, the model directory when this host can read it
 Without one, the count is an estimate, UTF-8 bytes. It is no bound either way: it over-counts English
 3–4× (valid long prompts are refused or cut), and SentencePiece's NFKC normalization can turn one
 3-byte character into dozens of tokens, which the estimate lets through.
+
+The plan counts in batches (`count_within`: `encode_batch`, or sentencepiece's multi-threaded list
+encode). With a SentencePiece model that does not normalize (`identity`, as the Nemotron notes infer
+for nemotron_2_256k), a prompt is at most its UTF-8 bytes (+1 dummy prefix) in tokens, so one whose
+bytes already fit is accepted without encoding it; only the others are encoded.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +41,10 @@ class TokenCounter(Protocol):
     description: str
 
     def count(self, text: str) -> int: ...
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        """For each text, a token count that is exact whenever it exceeds `cap` (at or below `cap` it
+        may be a proven upper bound instead): what a fits-the-context check needs, in one batch."""
+        ...
     def keep_last(self, text: str, tokens: int) -> str: ...
     def round_trip(self, text: str) -> str:
         """What the server echoes for `text`: decode(encode(text)), special tokens dropped."""
@@ -48,6 +59,9 @@ class ByteEstimate:
 
     def count(self, text: str) -> int:
         return estimate_tokens(text)
+
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        return [estimate_tokens(t) for t in texts]
 
     def keep_last(self, text: str, tokens: int) -> str:
         return text.encode("utf-8")[-tokens:].decode("utf-8", errors="ignore") if tokens > 0 else ""
@@ -80,6 +94,9 @@ class TokenizerFile:
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        return [len(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def keep_last(self, text: str, tokens: int) -> str:
         if tokens <= 0:
             return ""
@@ -103,9 +120,23 @@ class SentencePieceFile:
 
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
         self.description = f"SentencePiece {path}"
+        # Without normalization no piece is shorter than one character, and a byte-fallback
+        # character costs at most its bytes: tokens <= UTF-8 bytes (+1 for the dummy prefix).
+        # NFKC and custom rules expand text (U+FDFA: 3 bytes, 34 tokens), so no bound there.
+        name, charsmap, dummy_prefix = _normalizer_spec(self._sp.serialized_model_proto())
+        self._byte_slack = (1 if dummy_prefix else 0) if name == "identity" and not charsmap else None
 
     def count(self, text: str) -> int:
         return len(self._sp.encode(text))
+
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        """Encodes only what the byte bound cannot settle, in one multi-threaded batch."""
+        bounds = [len(t.encode("utf-8")) + self._byte_slack for t in texts] if self._byte_slack is not None else None
+        todo = [i for i in range(len(texts)) if bounds is None or bounds[i] > cap]
+        counts = bounds or [0] * len(texts)
+        for i, ids in zip(todo, self._sp.encode([texts[i] for i in todo], num_threads=_threads())):
+            counts[i] = len(ids)
+        return counts
 
     def keep_last(self, text: str, tokens: int) -> str:
         """The longest suffix of `text` (cut at a character) whose own count fits. Normalization
@@ -120,6 +151,47 @@ class SentencePieceFile:
 
     def round_trip(self, text: str) -> str:
         return self._sp.decode(self._sp.encode(text))
+
+
+def _threads() -> int:
+    """Encoding threads: the CPUs this process may use, at most 8 (a login node is shared)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _normalizer_spec(model: bytes) -> tuple[str, bytes, bool]:
+    """(name, precompiled_charsmap, add_dummy_prefix) of a serialized SentencePiece ModelProto,
+    read from the protobuf wire format: normalizer_spec is field 3, and in it name 1, charsmap 2,
+    add_dummy_prefix 3 (default true). The `protobuf` package is not a dependency."""
+
+    def fields(buf: bytes):
+        i = 0
+        while i < len(buf):
+            key, i = _varint(buf, i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = _varint(buf, i)
+            elif wire == 2:
+                size, i = _varint(buf, i)
+                value, i = buf[i:i + size], i + size
+            elif wire in (1, 5):
+                value, i = buf[i:i + (8 if wire == 1 else 4)], i + (8 if wire == 1 else 4)
+            else:
+                raise ValueError(f"unsupported protobuf wire type {wire}")
+            yield field, value
+
+    spec = next((v for f, v in fields(model) if f == 3), b"")
+    values = dict(fields(spec))
+    return values.get(1, b"").decode("utf-8", "replace"), values.get(2, b""), bool(values.get(3, 1))
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80:
+            return value, i
 
 
 def _load(source: TokenizerSource) -> TokenCounter:
