@@ -8,6 +8,7 @@ differing fields named.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -30,6 +31,7 @@ from infra.tokens import token_counter
 log = logging.getLogger(__name__)
 RUN_CONFIG = "run.json"
 SHOWN_PROBLEMS = 10
+COUNT_CHUNK = 1024  # input lines per tokenizer call in the plan's scan
 
 
 @dataclass(frozen=True)
@@ -121,16 +123,20 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     source = open_input(cfg.input_uri, settings)
     with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
-        for item in iter_input(reader, fmt, cfg.prompt_field, cfg.id_field):
-            if isinstance(item, Record):
-                item = check(item)
-            if isinstance(item, BadLine):
-                bad_count += 1
-                if len(shown) < SHOWN_PROBLEMS:
-                    shown.append(item)
-                rejects_file.write(json.dumps(item.as_reject(cfg.input_uri)) + "\n")
-            else:
-                records += 1
+        items = iter_input(reader, fmt, cfg.prompt_field, cfg.id_field)
+        # Counted a chunk at a time: one tokenizer call per chunk, not per prompt (input order kept).
+        for chunk in iter(lambda: list(itertools.islice(items, COUNT_CHUNK)), []):
+            tokens = iter(check.counts([x for x in chunk if isinstance(x, Record)]))
+            for item in chunk:
+                if isinstance(item, Record):
+                    item = check(item, next(tokens))
+                if isinstance(item, BadLine):
+                    bad_count += 1
+                    if len(shown) < SHOWN_PROBLEMS:
+                        shown.append(item)
+                    rejects_file.write(json.dumps(item.as_reject(cfg.input_uri)) + "\n")
+                else:
+                    records += 1
         duplicates = frozenset(check.duplicate_lines)
         source.verify()  # the bytes hashed are the bytes the pin describes
         pin = replace(source.pin, sha256=reader.sha.hexdigest())
@@ -166,8 +172,15 @@ class RecordCheck:
         if self.seen is not None:
             self.seen.close()
 
-    def __call__(self, rec: Record) -> Record | BadLine:
-        reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, self.counter.count)
+    def counts(self, recs: list[Record]) -> list[int]:
+        """The records' prompt tokens in one batch; exact wherever a prompt might not fit."""
+        fits = self.context - self.sampling.tokens_to_generate - (1 if self.sampling.add_BOS else 0)
+        return self.counter.count_within([self.wrap(r.prompt) for r in recs], fits)
+
+    def __call__(self, rec: Record, tokens: int | None = None) -> Record | BadLine:
+        """`tokens`: the record's count from `counts`, when the caller batched them."""
+        first = self.counter.count if tokens is None else (lambda _text: tokens)
+        reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, first)
         if reason is not None and self.truncate:
             # Keep the prompt's end, where a completion continues from.
             room = self.context - self.sampling.tokens_to_generate - self.wrapper_tokens

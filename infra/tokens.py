@@ -16,6 +16,11 @@ Without one, the count is an estimate, UTF-8 bytes. It is no bound either way: i
 The counter decides which prompts fit, how `truncate_left` cuts them, and so which records exist
 and where shards begin: its `identity` (the kind, and for a tokenizer the sha256 of its file, not
 its path) is part of the run's config hash, so a run is never resumed under another counter.
+
+The plan counts in batches (`count_within`: `encode_batch`, or sentencepiece's multi-threaded list
+encode). With a SentencePiece model that does not normalize (`identity`, as the Nemotron notes infer
+for nemotron_2_256k), a prompt is at most its UTF-8 bytes (+1 dummy prefix) in tokens, so one whose
+bytes already fit is accepted without encoding it; only the others are encoded.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +47,10 @@ class TokenCounter(Protocol):
     identity: str  # for the config hash: what decides the counts
 
     def count(self, text: str) -> int: ...
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        """For each text, a token count that is exact whenever it exceeds `cap` (at or below `cap` it
+        may be a proven upper bound instead): what a fits-the-context check needs, in one batch."""
+        ...
     def keep_last(self, text: str, tokens: int) -> str: ...
     def round_trip(self, text: str) -> str:
         """What the server echoes for `text`: decode(encode(text)), special tokens dropped."""
@@ -55,6 +66,9 @@ class ByteEstimate:
 
     def count(self, text: str) -> int:
         return estimate_tokens(text)
+
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        return [estimate_tokens(t) for t in texts]
 
     def keep_last(self, text: str, tokens: int) -> str:
         return text.encode("utf-8")[-tokens:].decode("utf-8", errors="ignore") if tokens > 0 else ""
@@ -87,6 +101,9 @@ class TokenizerFile:
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        return [len(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def keep_last(self, text: str, tokens: int) -> str:
         if tokens <= 0:
             return ""
@@ -111,9 +128,24 @@ class SentencePieceFile:
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
         self.description = f"SentencePiece {path}"
         self.identity = f"sentencepiece sha256:{sha256_file(path)[:16]}"
+        # Without normalization no piece is shorter than one character, and a byte-fallback
+        # character costs at most its bytes: tokens <= UTF-8 bytes (+1 for the dummy prefix).
+        # NFKC and custom rules expand text (U+FDFA: 3 bytes, 34 tokens), so no bound there.
+        spec = _normalizer_spec(self._sp.serialized_model_proto())
+        plain = spec.name == "identity" and not spec.precompiled_charsmap
+        self._byte_slack = (1 if spec.add_dummy_prefix else 0) if plain else None
 
     def count(self, text: str) -> int:
         return len(self._sp.encode(text))
+
+    def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
+        """Encodes only what the byte bound cannot settle, in one multi-threaded batch."""
+        bounds = [len(t.encode("utf-8")) + self._byte_slack for t in texts] if self._byte_slack is not None else None
+        todo = [i for i in range(len(texts)) if bounds is None or bounds[i] > cap]
+        counts = bounds or [0] * len(texts)
+        for i, ids in zip(todo, self._sp.encode([texts[i] for i in todo], num_threads=_threads())):
+            counts[i] = len(ids)
+        return counts
 
     def keep_last(self, text: str, tokens: int) -> str:
         """The longest suffix of `text` (cut at a character) whose own count fits. Normalization
@@ -128,6 +160,19 @@ class SentencePieceFile:
 
     def round_trip(self, text: str) -> str:
         return self._sp.decode(self._sp.encode(text))
+
+
+def _threads() -> int:
+    """Encoding threads: the CPUs this process may use, at most 8 (a login node is shared)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _normalizer_spec(model: bytes):
+    """The NormalizerSpec of a serialized SentencePiece ModelProto (sentencepiece's own protobuf
+    module; it needs the `protobuf` package)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto.FromString(model).normalizer_spec
 
 
 def _load(source: TokenizerSource) -> TokenCounter:

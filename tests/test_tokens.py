@@ -141,3 +141,50 @@ def test_gguf_and_tokenizer_json_counters_agree_with_transformers(local_model_di
     for text in varied_strings():
         expected = len(reference.encode(text, add_special_tokens=False))
         assert from_json.count(text) == expected == from_gguf.count(text), text
+
+
+@pytest.fixture(scope="module")
+def identity_model(tmp_path_factory):
+    """A SentencePiece BPE that does not normalize, as the Nemotron notes infer for nemotron_2_256k."""
+    path = tmp_path_factory.mktemp("identity") / "tok.model"
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([SENTENCE] * 100), model_writer=buf, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   unk_id=0, pad_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_count_within_is_exact_above_the_cap_and_never_under_counts(identity_model, nemo_dir, tiny_model_dir):
+    texts = varied_strings() + [SENTENCE * 4, "\ufdfa" * 3, ""]
+    nfkc = token_counter(str(nemo_dir))
+    for counter in (token_counter(str(identity_model)), nfkc, token_counter(str(tiny_model_dir)), ByteEstimate()):
+        exact = [counter.count(t) for t in texts]
+        for cap in (-1, 8, 40, 10**6):
+            got = counter.count_within(texts, cap)
+            assert all(g == e if g > cap else e <= g <= max(cap, e) for g, e in zip(got, exact)), (counter.description, cap)
+    bounded = token_counter(str(identity_model)).count_within([SENTENCE * 4], 10**6)
+    assert bounded == [len((SENTENCE * 4).encode()) + 1]  # settled by bytes + dummy prefix, not encoded
+    # NFKC expands U+FDFA past its bytes, so there every count is the encoder's own.
+    assert nfkc.count_within(texts, 10**6) == [nfkc.count(t) for t in texts]
+
+
+def test_the_plan_counts_in_chunks_and_keeps_the_input_order(workdir, identity_model):
+    from infra.planning import COUNT_CHUNK
+
+    settings = Settings(model={"context_length": 64})
+    n = 2 * COUNT_CHUNK + 50
+    overlong = {5, COUNT_CHUNK, COUNT_CHUNK + 1, n}  # at chunk edges too
+    lines = []
+    for i in range(1, n + 1):
+        prompt = SENTENCE * 8 if i in overlong else f"record {i} " + SENTENCE[:20]
+        lines.append("{not json" if i == 7 else json.dumps({"id": f"r{i}", "prompt": prompt}))
+    (workdir / "in.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = RunConfig(input_uri=str(workdir / "in.jsonl"), output_uri="out", run_id="r1", profile="h100x16",
+                    sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=500,
+                    prompt_field="prompt", id_field="id", on_bad_input="skip", tokenizer=str(identity_model))
+    plan = make_plan(cfg, settings, LocalOutputStore(workdir / "out" / "r1"))
+    rejects = [json.loads(x) for x in (workdir / "out" / "r1" / "input-rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == sorted(overlong | {7})
+    assert (plan.records_in, plan.rejected) == (n - 5, 5)
+    assert all("SentencePiece" in r["reason"] for r in rejects if r["line"] != 7)
