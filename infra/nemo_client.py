@@ -74,10 +74,18 @@ class GeneratedText:
 
 
 def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
-    offsets = reply.get("offsets")
-    if isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list):
-        return sum(1 for o in offsets[i] if isinstance(o, int) and o >= start)
-    return 0
+    """Tokens the row generated: those whose text starts at or after `start`, plus the token it
+    stopped on. Special tokens take no room in the text, so the stop token (an EOS or an end of
+    turn) and the EOS fill of rows that finished before the batch's longest all sit at the text's
+    end: count one of them, not the fill."""
+    offsets, sentences = reply.get("offsets"), reply.get("sentences")
+    if not (isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list)):
+        return 0
+    end = len(sentences[i]) if isinstance(sentences, list) and i < len(sentences) and isinstance(sentences[i], str) else None
+    row = [o for o in offsets[i] if isinstance(o, int) and o >= start]
+    if end is None:
+        return len(row)
+    return sum(1 for o in row if o < end) + (1 if any(o >= end for o in row) else 0)
 
 
 class NemoClient:

@@ -38,8 +38,13 @@ def test_greedy_chat_answers_the_capital_of_australia(tmp_path, local_model_dir)
     with running_server(tmp_path, "--model-dir", str(local_model_dir)) as (url, _):
         client = NemoClient(url, count_tokens=counter.count, echo=counter.round_trip)
         sampling = SamplingParams(tokens_to_generate=16, greedy=True, end_strings=["<|endoftext|>", *fmt.end_strings])
-        [result] = client.generate([fmt.wrap("What is the capital of Australia?")], sampling)
+        # A second, longer answer in the batch: the first row ends early and is filled with EOS.
+        result, longer = client.generate([fmt.wrap("What is the capital of Australia?"),
+                                          fmt.wrap("Write a long story about the sea.")], sampling)
     assert "Canberra" in result.completion.text
+    assert longer.completion.finish_reason == "length" and result.completion.finish_reason == "length"
+    # The answer's tokens and the <|im_end|> it stopped on; not the EOS fill after it.
+    assert result.generated_tokens == counter.count(result.completion.text) + 1 < longer.generated_tokens
     # The echo drops the template's special tokens; the client strips exactly that echo.
     assert result.completion.prompt_match == "exact" and "assistant" not in result.completion.text
 
