@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import requests
 
@@ -71,6 +71,16 @@ class GeneratedText:
     prompt: str
     completion: Completion
     generated_tokens: int
+
+
+def _stopped_on_special_token(reply: dict, i: int, start: int) -> bool:
+    """A generated token that takes no room at the text's end: the row stopped on an EOS or an
+    end-of-turn special token (the echo drops it, so the end string is not in the text)."""
+    offsets, sentences = reply.get("offsets"), reply.get("sentences")
+    if not (isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list)):
+        return False
+    end = len(sentences[i]) if isinstance(sentences, list) and i < len(sentences) and isinstance(sentences[i], str) else None
+    return end is not None and end > start and any(isinstance(o, int) and o >= end for o in offsets[i])
 
 
 def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
@@ -194,6 +204,8 @@ class NemoClient:
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
+            if completion.finish_reason == "length" and _stopped_on_special_token(reply, i, completion.generated_from):
+                completion = replace(completion, finish_reason="end_string")
             out.append(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)))
         return out
 
