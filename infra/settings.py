@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from infra.errors import ConfigError
 
@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     )
 
     output_uri: str = "output"
+    run_lease_ttl_s: float = Field(120.0, ge=3, le=3600, description="a run's lease on its output location "
+                                   "(infra/lease.py) expires this long after its last renewal (every third of it)")
+    allowed_uris: list[str] = Field(default_factory=list, description="local directories and s3://bucket/prefix "
+                                    "prefixes every input and output must lie in (infra/locations.py); empty: any")
     work_dir: str = Field(".nemotron-sdg", description="local state: logs of local servers, temp parts")
     extra_profiles: dict[str, Profile] = Field(default_factory=dict)
     model: ModelSettings = ModelSettings()
@@ -182,6 +186,13 @@ class Settings(BaseSettings):
     local: LocalSettings = LocalSettings()
     slurm: SlurmSettings = SlurmSettings()
     s3: S3Settings = S3Settings()
+
+    @field_validator("allowed_uris")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        from infra.locations import validate_allowed_entry
+
+        return [validate_allowed_entry(entry) for entry in v]
 
     def profile(self, name: str) -> Profile:
         profiles = {**BUILTIN_PROFILES, **self.extra_profiles}
@@ -229,3 +240,8 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as exc:
         problems = [f"  {env_name(e['loc'])}: {e['msg']}{_shown_input(e)}" for e in exc.errors()]
         raise ConfigError("Invalid settings:\n" + "\n".join(problems) + "\nFix them in the environment or .env.") from None
+    except SettingsError as exc:  # a list or object setting whose text is not JSON
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = env_name((field.group(1),)) if field else "a NSDG_ list or object setting"
+        raise ConfigError(f"Invalid settings:\n  {name}: not valid JSON (write a JSON list or object, e.g. "
+                          f"'[\"a\", \"b\"]' or '{{\"key\": \"value\"}}').\nFix it in the environment or .env.") from None
