@@ -19,11 +19,13 @@ from pydantic import Field
 from flows import progress as console_progress
 from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
-from flows.teardown import release_on_hook
+from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import Backend, make_backend
 from infra.errors import ConfigError
 from infra.dataset import iter_shards
 from infra.generation import Breaker, ShardJob, ShardResult
+from infra.lease import hold_run_lease
+from infra.locations import check_run_locations
 from infra.manifest import INPUT_REJECTS, MANIFEST, REJECTS, Manifest, rejects_name
 from infra.planning import Plan, RunConfig, load_published, usable_records
 from infra.prompt_format import default_format
@@ -39,6 +41,8 @@ from tasks.steps import allocate, generate_shard, plan, release, wait_ready
     task_runner=ThreadPoolTaskRunner(max_workers=8),
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
+    on_completion=[release_lease_on_hook],
+    on_failure=[release_lease_on_hook],
 )
 @document_parameters
 def generate(
@@ -78,8 +82,10 @@ def generate(
             f"sampling.tokens_to_generate={sampling.tokens_to_generate} leaves no room for a prompt in the context "
             f"length {settings.model.context_length} (NSDG_MODEL__CONTEXT_LENGTH): lower tokens_to_generate.")
     cfg = params.to_run_config()
+    check_run_locations(cfg.input_uri, cfg.output_uri, cfg.run_id, settings)  # NSDG_ALLOWED_URIS, before any read
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
+    hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)  # one run per run_id
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)

@@ -4,7 +4,8 @@ Every message names the object, what was seen, and what to do next.
 
     SdgError
     ├── ConfigError            bad settings, parameters or input; raised before any GPU is asked for
-    │   └── InputError         the prompt dataset cannot be used (file, line numbers, problem)
+    │   ├── InputError         the prompt dataset cannot be used (file, line numbers, problem)
+    │   └── RunLeaseHeld       another flow run holds this run id's lease (infra/lease.py)
     ├── CommandError           an external command failed or timed out (argv, exit code, stderr tail)
     ├── DeadlineExceeded       a wait ran out of time (what was awaited, last thing seen)
     ├── SlurmJobError          a Slurm job ended or never started (job id, state, exit code, log tail)
@@ -34,6 +35,10 @@ class ConfigError(SdgError, ValueError):
 
 class InputError(ConfigError):
     """The prompt dataset has lines that cannot be used."""
+
+
+class RunLeaseHeld(ConfigError):
+    """Another flow run is running this run id: one run at a time per output location."""
 
 
 class CommandError(SdgError):
