@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from infra.errors import ConfigError
 
@@ -165,6 +165,23 @@ class S3Settings(_Section):
     read_timeout_s: float = Field(120.0, gt=0, le=3600)
 
 
+class _OwnDotEnvKeys(PydanticBaseSettingsSource):
+    """`.env` is shared with Prefect, which reads it too (PREFECT_API_URL, PREFECT_API_AUTH_STRING):
+    only NSDG_ keys are ours. A misspelled NSDG_ key still fails; other keys are left to Prefect,
+    and never echoed in an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], dotenv: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self._dotenv = dotenv
+
+    def get_field_value(self, field, field_name: str):  # values come whole from __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict:
+        return {k: v for k, v in self._dotenv().items()
+                if k in self.settings_cls.model_fields or k.upper().startswith(ENV_PREFIX)}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -194,6 +211,10 @@ class Settings(BaseSettings):
 
         return [validate_allowed_entry(entry) for entry in v]
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _OwnDotEnvKeys(settings_cls, dotenv_settings), file_secret_settings
+
     def profile(self, name: str) -> Profile:
         profiles = {**BUILTIN_PROFILES, **self.extra_profiles}
         try:
@@ -222,12 +243,14 @@ class Settings(BaseSettings):
 
 
 def env_name(loc: tuple) -> str:
-    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+    name = "__".join(str(p).upper() for p in loc)
+    return name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name  # a misspelled key keeps its own name
 
 
 def _shown_input(error: dict) -> str:
     # Never echo what was given for a secret.
-    if any(word in str(part).lower() for part in error["loc"] for word in ("secret", "key", "token", "password")):
+    if any(word in str(part).lower() for part in error["loc"]
+           for word in ("secret", "key", "token", "passw", "auth", "credential")):
         return ""
     return f" (got {error.get('input')!r})"
 
