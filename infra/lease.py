@@ -5,10 +5,11 @@ third of its time to live. It is created atomically (link(2) locally, with O_EXC
 all-or-nothing; `PUT If-None-Match: *` on S3) and every later change is a compare-and-swap on the
 version the holder last saw (an flock'd compare-and-replace locally; `If-Match: <ETag>` on S3),
 so of two runs that start together exactly one holds it, and a second run is refused at plan
-time, before any allocation, with the holder's name. A holder that stops renewing (killed,
-its host gone) loses the lease once it expires: the next run takes it over, by the same
-compare-and-swap, so two late-comers cannot both take it. The same flow run (a
-`prefect flow-run retry`) takes its own lease back at once.
+time, before any allocation, with the holder's name. A holder that stops renewing (hung, its
+host gone) loses the lease once it expires: the next run takes it over, by the same
+compare-and-swap, so two late-comers cannot both take it. A holder whose process is gone from
+this host (kill -9, OOM) loses it at once, as does the same flow run (a `prefect flow-run
+retry`), which takes its own lease back.
 
 Expiry is judged on the holder's clock (`expires_at`, epoch seconds): the login node that runs
 the worker runs every holder, so the clocks agree.
@@ -56,6 +57,20 @@ class LeaseRecord:
 
     def describe(self) -> str:
         return f"flow run {self.holder_name!r} ({self.holder}) on {self.host}, pid {self.pid}"
+
+
+def _holder_gone(record: LeaseRecord) -> bool:
+    """The holder ran on this host and its process is gone (kill -9, OOM): no need to wait for the
+    expiry. A reused pid only makes us wait, the safe way round."""
+    if record.host != socket.gethostname():
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class RunLease:
@@ -106,7 +121,7 @@ class RunLease:
             data, seen_version = current
             other = LeaseRecord.from_json(data)
             now = time.time()
-            if other is None or other.expires_at <= now or other.holder == self.holder:
+            if other is None or other.expires_at <= now or other.holder == self.holder or _holder_gone(other):
                 version = self.store.replace_if_version(LEASE_NAME, record.to_json(), seen_version)
                 if version is not None:
                     if other is not None and other.holder != self.holder:
