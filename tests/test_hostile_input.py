@@ -22,8 +22,8 @@ from infra.slurm.options import check_directive, check_env
 from infra.slurm.spec import SbatchSpec, render_sbatch
 from infra.storage import KEY_COMPONENT, LocalOutputStore, local_path, open_output_store, validate_key_component
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # What a form field might carry: path syntax, shell syntax, escapes, controls, look-alikes.
 NASTY = "./\\-_~$`'\";&|<>(){}[]*?!#%= \t\n\r\x00\x7f:@,+\u2025\uff0e\uff0f\u2215\u200b\u00e9\u202e"
