@@ -132,16 +132,18 @@ def test_racing_creators_one_wins(store):
 # --- two real CLI runs on one output ---------------------------------------------------------------
 
 
-def cli_env(prefect_server, tmp_path: Path, name: str, ttl_s: int = 30) -> dict[str, str]:
+def cli_env(prefect_server, tmp_path: Path, name: str, ttl_s: int = 30, **extra: str) -> dict[str, str]:
     return {**os.environ, **prefect_server.client_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "ph"),
             "NSDG_LOCAL__ENGINE": "simulated", "NSDG_WORK_DIR": str(tmp_path / f"work-{name}"),
-            "NSDG_LOCAL__EXTRA_ARGS": json.dumps(["--extra-latency", "0.4"]), "NSDG_RUN_LEASE_TTL_S": str(ttl_s)}
+            "NSDG_LOCAL__EXTRA_ARGS": json.dumps(["--extra-latency", "0.4"]), "NSDG_RUN_LEASE_TTL_S": str(ttl_s), **extra}
 
 
-def start_cli(prefect_server, tmp_path: Path, name: str, src: Path, **kw) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "flows.cli", "run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"),
-            "--run-id", "shared", "--tokens-to-generate", "4", "--batch-size", "2", "--shard-size", "6"]
-    return subprocess.Popen(argv, cwd=tmp_path, env=cli_env(prefect_server, tmp_path, name, **kw), text=True,
+def start_cli(prefect_server, tmp_path: Path, name: str, src: Path, output_uri: str | None = None,
+              **env) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "flows.cli", "run", "--input-uri", str(src), "--output-uri",
+            output_uri or str(tmp_path / "out"), "--run-id", "shared", "--tokens-to-generate", "4", "--batch-size", "2",
+            "--shard-size", "6"]
+    return subprocess.Popen(argv, cwd=tmp_path, env=cli_env(prefect_server, tmp_path, name, **env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -149,10 +151,10 @@ def allocations(tmp_path: Path, name: str) -> int:
     return len(list((tmp_path / f"work-{name}").glob("servers/*/replica-*/server.log")))
 
 
-def published_ids(run_dir: Path) -> list[str]:
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+def published_ids(store) -> list[str]:
+    manifest = json.loads(store.read_bytes("manifest.json"))
     return [json.loads(line)["id"] for part in manifest["parts"]
-            for line in (run_dir / part["name"]).read_text().splitlines()]
+            for line in store.read_bytes(part["name"]).decode().splitlines()]
 
 
 def prompts(tmp_path: Path, n: int) -> Path:
@@ -163,9 +165,19 @@ def prompts(tmp_path: Path, n: int) -> Path:
 
 @pytest.mark.integration
 @pytest.mark.prefect_server
-def test_two_concurrent_cli_runs_one_allocation_one_refusal(prefect_server, tmp_path):
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_two_concurrent_cli_runs_one_allocation_one_refusal(where, prefect_server, tmp_path, request):
     src = prompts(tmp_path, 30)
-    procs = {name: start_cli(prefect_server, tmp_path, name, src) for name in ("a", "b")}
+    if where == "s3":
+        from infra.s3 import S3OutputStore
+
+        bucket, settings = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_settings")
+        output_uri, env = f"s3://{bucket}/out", {"NSDG_S3__ENDPOINT_URL": settings.s3.endpoint_url,
+                                                 "NSDG_S3__ADDRESSING_STYLE": "path"}
+        store = S3OutputStore.from_uri(output_uri, "shared", settings)
+    else:
+        output_uri, env, store = str(tmp_path / "out"), {}, LocalOutputStore(tmp_path / "out" / "shared")
+    procs = {name: start_cli(prefect_server, tmp_path, name, src, output_uri, **env) for name in ("a", "b")}
     outs = {name: proc.communicate(timeout=400) for name, proc in procs.items()}
     codes = {name: proc.returncode for name, proc in procs.items()}
     assert sorted(codes.values()) == [0, 2], {n: (codes[n], outs[n][1][-2000:]) for n in codes}
@@ -175,11 +187,11 @@ def test_two_concurrent_cli_runs_one_allocation_one_refusal(prefect_server, tmp_
     assert "is already running" in refusal and "holds its lease" in refusal and "Traceback" not in refusal, refusal
     holder = refusal.split("holds its lease")[0].rsplit("(", 1)[1].split(")")[0]
     run = prefect_server.get(f"/flow_runs/{holder}")  # the named holder is the winner's flow run
-    assert run["state"]["type"] == "COMPLETED" and run["parameters"].get("run_id") in ("shared", None), run
+    assert run["state"]["type"] == "COMPLETED", run
     assert allocations(tmp_path, winner) == 1 and allocations(tmp_path, loser) == 0
-    ids = published_ids(tmp_path / "out" / "shared")
+    ids = published_ids(store)
     assert sorted(ids) == sorted(f"r{i}" for i in range(30)) and len(ids) == len(set(ids))
-    assert not (tmp_path / "out" / "shared" / LEASE_NAME).exists()  # the winner gave it back
+    assert store.read_bytes(LEASE_NAME) is None  # the winner gave it back
 
 
 @pytest.mark.integration
@@ -204,7 +216,7 @@ def test_kill_9_of_the_holder_lets_a_retry_in(prefect_server, tmp_path):
     out, err = retry.communicate(timeout=400)
     assert retry.returncode == 0, err[-3000:]
     assert "stopped renewing" in err and "taken over" in err, err[-3000:]
-    ids = published_ids(tmp_path / "out" / "shared")
+    ids = published_ids(LocalOutputStore(tmp_path / "out" / "shared"))
     assert sorted(ids) == sorted(f"r{i}" for i in range(30)) and len(ids) == len(set(ids))
     assert not lease_file.exists()
 
