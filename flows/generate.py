@@ -20,11 +20,13 @@ from flows import progress as console_progress
 from flows.artifacts import Artifacts, publish_table
 from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
-from flows.teardown import release_on_hook
+from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
+from infra.lease import hold_run_lease
+from infra.locations import check_run_locations
 from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generated_tokens, prompt_matches, rejects_name,
                             run_job_ids, run_replicas)
 from infra.planning import Plan, RunConfig, load_published, planned_shards
@@ -42,6 +44,8 @@ from tasks.steps import allocate, generate_shard, plan, release, wait_ready
     task_runner=ThreadPoolTaskRunner(max_workers=8),
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
+    on_completion=[release_lease_on_hook],
+    on_failure=[release_lease_on_hook],
 )
 @document_parameters
 def generate(
@@ -83,8 +87,10 @@ def generate(
     if prof.backend == "slurm":
         check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
     cfg = params.to_run_config()
+    check_run_locations(cfg.input_uri, cfg.output_uri, cfg.run_id, settings)  # NSDG_ALLOWED_URIS, before any read
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
+    hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)  # one run per run_id
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)

@@ -7,6 +7,7 @@ from prefect.logging.loggers import flow_run_logger
 
 from flows.params import resolve_run_id
 from infra.backends import release_local_by_run
+from infra.lease import release_held
 from infra.settings import load_settings
 
 
@@ -28,8 +29,15 @@ def release_for_flow_run(flow_run) -> list[str]:
     return released
 
 
+def release_lease_on_hook(flow, flow_run, state) -> None:
+    """Completion and failure hooks run in the flow's own process: give the run's lease back now
+    (a killed run's lease expires instead)."""
+    release_held(str(flow_run.id))
+
+
 def release_on_hook(flow, flow_run, state) -> None:
     logger = flow_run_logger(flow_run, flow)
+    release_held(str(flow_run.id))  # in the flow's process (SIGTERM); elsewhere it holds none
     try:
         released = release_for_flow_run(flow_run)
     except Exception as exc:  # a hook that raises is only logged by Prefect; say what to do

@@ -4,8 +4,9 @@ Every message names the object, what was seen, and what to do next.
 
     SdgError
     ├── ConfigError            bad settings, parameters or input; raised before any GPU is asked for
-    │   └── InputError         the prompt dataset cannot be used (file, line numbers, problem)
-    │       └── InputChanged   the input changed between the plan and the generation pass
+    │   ├── InputError         the prompt dataset cannot be used (file, line numbers, problem)
+    │   │   └── InputChanged   the input changed between the plan and the generation pass
+    │   └── RunLeaseHeld       another flow run holds this run id's lease (infra/lease.py)
     ├── CommandError           an external command failed or timed out (argv, exit code, stderr tail)
     ├── DeadlineExceeded       a wait ran out of time (what was awaited, last thing seen)
     ├── SlurmJobError          a Slurm job ended or never started (job id, state, exit code, log tail)
@@ -40,6 +41,10 @@ class InputError(ConfigError):
 
 class InputChanged(InputError):
     """The input is no longer what the plan read (rewritten, appended to, replaced)."""
+
+
+class RunLeaseHeld(ConfigError):
+    """Another flow run is running this run id: one run at a time per output location."""
 
 
 class CommandError(SdgError):

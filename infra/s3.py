@@ -62,6 +62,7 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # botocore reports these codes for a HEAD (no body) or in the XML error of other calls.
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 NO_BUCKET = {"NoSuchBucket"}
+CONDITION_LOST = {"PreconditionFailed", "ConditionalRequestConflict"}
 DENIED = {"403", "AccessDenied", "AllAccessDisabled", "AccountProblem"}
 BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
 
@@ -398,18 +399,8 @@ class S3OutputStore:
 
     def read_bytes(self, name: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
-        key = self.key(name)
-        try:
-            reply = self._client.get_object(Bucket=self.bucket, Key=key)
-            return reply["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in NOT_FOUND:
-                return None
-            raise self._read_error(exc, key) from exc
-        except NoCredentialsError as exc:
-            raise _no_credentials(f"reading s3://{self.bucket}/{key}") from exc
-        except (BotoCoreError, *STREAM_ERRORS) as exc:
-            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+        found = self.read_versioned(name)
+        return found[0] if found else None
 
     def list_names(self) -> list[str]:
         """Names of the objects directly under the run's prefix, sorted."""
@@ -427,6 +418,51 @@ class S3OutputStore:
         except BotoCoreError as exc:
             raise StorageError(f"Listing {self.location} failed: {_cause(exc)}. Check the endpoint and network.") from exc
         return sorted(n for n in names if n and not n.startswith("."))
+
+    # -- conditional writes, for infra/lease.py: the version is the ETag; S3 compares and writes
+    # in one step (PUT If-None-Match: *, PUT/DELETE If-Match: <etag>).
+
+    def _conditional(self, call, name: str, what: str, **kwargs) -> dict | None:
+        """`call(Bucket, Key, **kwargs)`; None when S3 says the condition did not hold (412), a
+        concurrent conditional write won (409) or the object is gone (404)."""
+        key = self.key(name)
+        try:
+            return call(Bucket=self.bucket, Key=key, **kwargs)
+        except ClientError as exc:
+            if _code(exc) in CONDITION_LOST or _status(exc) in (409, 412) or _code(exc) in NOT_FOUND:
+                return None
+            raise self._write_error(exc, key, what) from exc
+        except NoCredentialsError as exc:
+            raise _no_credentials(f"{what} s3://{self.bucket}/{key}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{what} s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        """PUT only if no object has the key; returns its ETag, or None when one exists."""
+        reply = self._conditional(self._client.put_object, name, f"creating {name}", Body=data, IfNoneMatch="*")
+        return reply["ETag"] if reply else None
+
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None when it does not exist."""
+        key = self.key(name)
+        try:
+            reply = self._client.get_object(Bucket=self.bucket, Key=key)
+            return reply["Body"].read(), reply["ETag"]
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND:
+                return None
+            raise self._read_error(exc, key) from exc
+        except NoCredentialsError as exc:
+            raise _no_credentials(f"reading s3://{self.bucket}/{key}") from exc
+        except (BotoCoreError, *STREAM_ERRORS) as exc:
+            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+
+    def replace_if_version(self, name: str, data: bytes, version: str) -> str | None:
+        reply = self._conditional(self._client.put_object, name, f"replacing {name}", Body=data, IfMatch=version)
+        return reply["ETag"] if reply else None
+
+    def delete_if_version(self, name: str, version: str) -> bool:
+        return self._conditional(self._client.delete_object, name, f"deleting {name}", IfMatch=version) is not None
 
     def _read_error(self, exc: ClientError, key: str) -> Exception:
         code, where = _code(exc), f"s3://{self.bucket}/{key}"

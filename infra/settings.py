@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from infra.errors import ConfigError
 
@@ -169,6 +169,23 @@ class S3Settings(_Section):
     read_timeout_s: float = Field(120.0, gt=0, le=3600)
 
 
+class _OwnDotEnvKeys(PydanticBaseSettingsSource):
+    """`.env` is shared with Prefect, which reads it too (PREFECT_API_URL, PREFECT_API_AUTH_STRING):
+    only NSDG_ keys are ours. A misspelled NSDG_ key still fails; other keys are left to Prefect,
+    and never echoed in an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], dotenv: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self._dotenv = dotenv
+
+    def get_field_value(self, field, field_name: str):  # values come whole from __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict:
+        return {k: v for k, v in self._dotenv().items()
+                if k in self.settings_cls.model_fields or k.upper().startswith(ENV_PREFIX)}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -179,6 +196,10 @@ class Settings(BaseSettings):
     )
 
     output_uri: str = "output"
+    run_lease_ttl_s: float = Field(120.0, ge=3, le=3600, description="a run's lease on its output location "
+                                   "(infra/lease.py) expires this long after its last renewal (every third of it)")
+    allowed_uris: list[str] = Field(default_factory=list, description="local directories and s3://bucket/prefix "
+                                    "prefixes every input and output must lie in (infra/locations.py); empty: any")
     work_dir: str = Field(".nemotron-sdg", description="local state: logs of local servers, temp parts")
     extra_profiles: dict[str, Profile] = Field(default_factory=dict)
     model: ModelSettings = ModelSettings()
@@ -186,6 +207,17 @@ class Settings(BaseSettings):
     local: LocalSettings = LocalSettings()
     slurm: SlurmSettings = SlurmSettings()
     s3: S3Settings = S3Settings()
+
+    @field_validator("allowed_uris")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        from infra.locations import validate_allowed_entry
+
+        return [validate_allowed_entry(entry) for entry in v]
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _OwnDotEnvKeys(settings_cls, dotenv_settings), file_secret_settings
 
     def profile(self, name: str) -> Profile:
         profiles = {**BUILTIN_PROFILES, **self.extra_profiles}
@@ -215,12 +247,14 @@ class Settings(BaseSettings):
 
 
 def env_name(loc: tuple) -> str:
-    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+    name = "__".join(str(p).upper() for p in loc)
+    return name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name  # a misspelled key keeps its own name
 
 
 def _shown_input(error: dict) -> str:
     # Never echo what was given for a secret.
-    if any(word in str(part).lower() for part in error["loc"] for word in ("secret", "key", "token", "password")):
+    if any(word in str(part).lower() for part in error["loc"]
+           for word in ("secret", "key", "token", "passw", "auth", "credential")):
         return ""
     return f" (got {error.get('input')!r})"
 
@@ -233,3 +267,8 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as exc:
         problems = [f"  {env_name(e['loc'])}: {e['msg']}{_shown_input(e)}" for e in exc.errors()]
         raise ConfigError("Invalid settings:\n" + "\n".join(problems) + "\nFix them in the environment or .env.") from None
+    except SettingsError as exc:  # a list or object setting whose text is not JSON
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = env_name((field.group(1),)) if field else "a NSDG_ list or object setting"
+        raise ConfigError(f"Invalid settings:\n  {name}: not valid JSON (write a JSON list or object, e.g. "
+                          f"'[\"a\", \"b\"]' or '{{\"key\": \"value\"}}').\nFix it in the environment or .env.") from None

@@ -7,6 +7,7 @@ object or none (temp file + rename locally; one PUT or a completed multipart upl
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -83,15 +84,24 @@ class LocalOutputStore:
         else:
             self.write_bytes(name, Path(path).read_bytes())
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def _temp_copy(self, name: str, data: bytes) -> str:
+        """`data` in a synced temp file next to `name`, ready to be renamed or linked into place."""
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.root / validate_key_component(name, "object name")
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        target = self.root / validate_key_component(name, "object name")
+        tmp = self._temp_copy(name, data)
+        try:
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -99,7 +109,7 @@ class LocalOutputStore:
 
     def read_bytes(self, name: str) -> bytes | None:
         try:
-            return (self.root / name).read_bytes()
+            return (self.root / validate_key_component(name, "object name")).read_bytes()
         except FileNotFoundError:
             return None
 
@@ -115,6 +125,49 @@ class LocalOutputStore:
         """Parts are written here and renamed into place, so a half-written part never shows."""
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
+
+    # -- conditional writes, for infra/lease.py. A version is the content's sha256; replace and
+    # delete hold an flock on a sidecar file, so a compare and its write are one step.
+
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        """Create `name` with `data` unless it exists (O_EXCL semantics, through link(2), so the
+        object appears whole); returns its version, or None when it already exists."""
+        target = self.root / validate_key_component(name, "object name")
+        tmp = self._temp_copy(name, data)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None:
+        data = self.read_bytes(name)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        with open(self.root / f".{validate_key_component(name, 'object name')}.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def replace_if_version(self, name: str, data: bytes, version: str) -> str | None:
+        """Replace `name` only if it still holds `version`; returns the new version, or None."""
+        with self._locked(name):
+            current = self.read_versioned(name)
+            if current is None or current[1] != version:
+                return None
+            self.write_bytes(name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_if_version(self, name: str, version: str) -> bool:
+        with self._locked(name):
+            current = self.read_versioned(name)
+            if current is None or current[1] != version:
+                return False
+            (self.root / name).unlink()
+        return True
 
 
 def open_output_store(output_uri: str, run_id: str, settings: "Settings") -> OutputStore:

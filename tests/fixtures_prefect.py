@@ -3,7 +3,10 @@
 
     prefect_server   (session) `prefect server start` on a free port: SQLite in its own
                      PREFECT_HOME under a tmp dir, analytics off, PREFECT_SERVER_API_PORT set so
-                     the UI advertises the right api_url, the scheduler service off (see below)
+                     the UI advertises the right api_url, the scheduler service off (see below),
+                     basic authentication on (PREFECT_SERVER_API_AUTH_STRING, a fresh password
+                     per session); `env()` gives clients PREFECT_API_AUTH_STRING, `basic_auth`
+                     is for requests
     work_pool        (session) the `nemotron-sdg` process pool (`prefect work-pool create`)
     prefect_worker   (session) `prefect worker start --pool nemotron-sdg` with
                      cwd = the repo root and NSDG_* settings pointing into a tmp dir; the flow
@@ -33,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -64,6 +68,15 @@ TEST_PROFILES = {
     "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
 }
 FLOW_RUN_UUID = re.compile(r"UUID: ([0-9a-f-]{36})")
+AUTH_USER = "nsdg-test"
+# Credentials the worker (so every flow run) holds, set to markers tests/test_secrets.py looks for
+# everywhere a run leaves a trace. No worker run uses S3, so fake ones break nothing.
+SECRET_MARKERS = {
+    "AWS_SECRET_ACCESS_KEY": "MARKER-aws-secret-4b1d",
+    "AWS_SESSION_TOKEN": "MARKER-aws-session-9c2e",
+    "NSDG_S3__SECRET_ACCESS_KEY": "MARKER-nsdg-secret-77aa",
+    "NSDG_S3__SESSION_TOKEN": "MARKER-nsdg-session-31f0",
+}
 
 
 def clean_env() -> dict[str, str]:
@@ -81,9 +94,13 @@ def tail_of(path: Path, lines: int = 60) -> str:
 
 @dataclass
 class PrefectServer:
+    """A `prefect server start` with basic authentication on, as docs/operators.md runs it:
+    every client here (CLI, worker, flow runs, install-automations, requests) sends `auth_string`."""
+
     home: Path
     port: int
     log_path: Path
+    auth_string: str
     proc: subprocess.Popen | None = None
 
     @property
@@ -94,9 +111,19 @@ class PrefectServer:
     def api_url(self) -> str:
         return f"{self.url}/api"
 
+    @property
+    def basic_auth(self) -> tuple[str, str]:
+        """(user, password) for requests: the server compares base64-decoded `user:password` with its string."""
+        user, _, password = self.auth_string.partition(":")
+        return user, password
+
+    def client_env(self) -> dict[str, str]:
+        """What a Prefect client needs to reach this server."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_API_AUTH_STRING": self.auth_string}
+
     def env(self, **extra: str) -> dict[str, str]:
         """The environment for a Prefect client of this server (CLI, worker)."""
-        return {**clean_env(), "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
+        return {**clean_env(), "PREFECT_HOME": str(self.home), **self.client_env(),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
 
     def cli(self, *args: str, timeout: float = 120.0, check: bool = True) -> CommandResult:
@@ -105,12 +132,12 @@ class PrefectServer:
 
     # --- the REST API -------------------------------------------------------------------------
     def get(self, path: str):
-        reply = requests.get(f"{self.api_url}{path}", timeout=10)
+        reply = requests.get(f"{self.api_url}{path}", auth=self.basic_auth, timeout=10)
         reply.raise_for_status()
         return reply.json()
 
     def post(self, path: str, body: dict | None = None):
-        reply = requests.post(f"{self.api_url}{path}", json=body or {}, timeout=10)
+        reply = requests.post(f"{self.api_url}{path}", json=body or {}, auth=self.basic_auth, timeout=10)
         reply.raise_for_status()
         return reply.json() if reply.content else None
 
@@ -154,9 +181,11 @@ class PrefectServer:
 
 
 def start_server(home: Path, port: int) -> PrefectServer:
-    server = PrefectServer(home=home, port=port, log_path=home / "server.log")
+    server = PrefectServer(home=home, port=port, log_path=home / "server.log",
+                           auth_string=f"{AUTH_USER}:{secrets.token_urlsafe(18)}")
     env = {
         **server.env(),
+        "PREFECT_SERVER_API_AUTH_STRING": server.auth_string,  # in the environment, never on the command line
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),  # `--port` alone leaves the UI pointing at 4200
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
@@ -318,6 +347,7 @@ def prefect_worker(prefect_server, work_pool, tiny_model_dir, tmp_path_factory) 
         NSDG_SERVER__PORT=str(port),
         NSDG_SERVER__READY_TIMEOUT_S="120",
         NSDG_SERVER__COMMAND=json.dumps(server_command),
+        **SECRET_MARKERS,
     )
     worker = PrefectWorker(server=prefect_server, root=root, env=env, server_port=port)
     worker.start()

@@ -1,26 +1,31 @@
-"""The Prefect UI (the V2 React SPA under /v2) in headless Debian Chromium: the `nightly`
-deployment with its schedule, and the finished local-smoke run with its summary artifact.
+"""The Prefect UI (the V2 React SPA under /v2) in headless Debian Chromium, behind the
+server's basic authentication: the `nightly` deployment with its schedule, the finished
+local-smoke run with its summary artifact, and no data at all without the password.
 
-Chromium's own command line is enough, no driver: `--dump-dom` prints the DOM once the
-page's JavaScript has run, and `--virtual-time-budget` lets the SPA fetch from the API and
-render first (virtual time stands still while network fetches are pending). `--screenshot`
-saves what the page looks like under the test's tmp folder.
+Chromium is driven over the DevTools protocol (`--remote-debugging-port`, one websocket, no
+driver): the UI keeps the password its login form was given as base64 in localStorage
+(`prefect-password`) and sends it as `Authorization: Basic` on every API call, so a test that
+logs in puts it there before the page's own scripts run; one that does not, leaves it out.
+`--screenshot`-like PNGs of what the page looks like land under the test's tmp folder.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import itertools
+import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from websockets.sync.client import connect
 
-from infra.commands import run_command
 from infra.deadline import Deadline, poll_until
-from infra.errors import CommandError
+from infra.process import start_process_group, stop_process_group
 from tests.fixtures_prefect import run_dir_of
 
 pytestmark = [pytest.mark.browser, pytest.mark.prefect_server, pytest.mark.integration]
@@ -28,10 +33,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.prefect_server, pytest.mark.integ
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,1000",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,1000", "--remote-debugging-port=0",
 ]
-BUDGET_MS = 20_000
-PAGE_S = 150.0  # a few renders, if the first came too early on a busy machine
+PAGE_S = 150.0  # a slow first render on a busy machine
+START_S = 60.0
 _profiles = itertools.count()
 
 
@@ -48,76 +53,143 @@ def page_text(dom: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom))).strip()
 
 
-def chromium_run(chromium: str, tmp_path: Path, url: str, *action: str) -> str:
-    """One fresh headless Chromium (its own --user-data-dir) on `url`; returns stdout."""
-    profile = tmp_path / f"chromium-profile-{next(_profiles)}"
-    argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={BUDGET_MS}", *action, url]
-    try:
-        return run_command(argv, timeout=90).stdout
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+class Page:
+    """One headless Chromium (its own --user-data-dir) and its first tab, over DevTools."""
 
+    def __init__(self, chromium: str, tmp_path: Path):
+        self.profile = tmp_path / f"chromium-profile-{next(_profiles)}"
+        self.proc = start_process_group([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+                                        log_path=tmp_path / f"{self.profile.name}.log")
+        port_file = self.profile / "DevToolsActivePort"
 
-def render(chromium: str, tmp_path: Path, url: str, needles: list[str], patterns: tuple[str, ...] = ()) -> str:
-    """The page's text once every needle and regex pattern shows (a render is retried until
-    the deadline)."""
-    seen = {"text": ""}
+        def port():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chromium exited with code {self.proc.returncode}")
+            lines = port_file.read_text().split() if port_file.exists() else []
+            return lines[0] if lines else None
 
-    def rendered():
+        base = f"http://127.0.0.1:{poll_until(port, deadline=Deadline(START_S), interval=0.2, what='chromium DevTools')}"
+        tab = next(t for t in requests.get(f"{base}/json/list", timeout=10).json() if t["type"] == "page")
+        self.ws = connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self._ids = itertools.count(1)
+        self.call("Page.enable")  # without it, scripts added for new documents may not run
+
+    def call(self, method: str, **params) -> dict:
+        n = next(self._ids)
+        self.ws.send(json.dumps({"id": n, "method": method, "params": params}))
+        while True:  # events come in between; the reply carries our id
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == n:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def log_in(self, auth_string: str) -> None:
+        """What the UI's login form does with a password, before any page script runs."""
+        token = base64.b64encode(auth_string.encode()).decode()
+        self.call("Page.addScriptToEvaluateOnNewDocument",
+                  source=f"localStorage.setItem('prefect-password', {json.dumps(token)});")
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def text(self) -> str:
+        """The text of the DOM as rendered so far (tags, scripts and styles stripped)."""
+        value = self.call("Runtime.evaluate", expression="document.documentElement.outerHTML", returnByValue=True)
+        return page_text(value.get("result", {}).get("value") or "")
+
+    def render(self, url: str, needles: list[str], patterns: tuple[str, ...] = ()) -> str:
+        """Open `url`; the page's text once every needle and regex pattern shows."""
+        self.open(url)
+        seen = {"text": ""}
+
+        def rendered():
+            seen["text"] = text = self.text()
+            shown = all(n in text for n in needles) and all(re.search(p, text) for p in patterns)
+            return text if shown else None
+
+        return poll_until(rendered, deadline=Deadline(PAGE_S), interval=0.5, what=f"{url} to show {needles}",
+                          describe_last=lambda: f"page text: {seen['text'][:1500]}")
+
+    def screenshot(self, path: Path) -> Path:
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        assert data.startswith(b"\x89PNG") and len(data) > 20_000, f"{path}: {len(data)} bytes"
+        path.write_bytes(data)
+        return path
+
+    def close(self) -> None:
         try:
-            text = page_text(chromium_run(chromium, tmp_path, url, "--dump-dom"))
-        except CommandError as exc:  # a crashed or hung Chromium: try again until the deadline
-            seen["text"] = str(exc)
-            return None
-        seen["text"] = text
-        shown = all(n in text for n in needles) and all(re.search(p, text) for p in patterns)
-        return text if shown else None
-
-    return poll_until(rendered, deadline=Deadline(PAGE_S), interval=1.0, what=f"{url} to show {needles}",
-                      describe_last=lambda: f"page text: {seen['text'][:1500]}")
+            self.ws.close()
+        finally:
+            stop_process_group(self.proc, grace=5.0)
+            shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def screenshot(chromium: str, tmp_path: Path, url: str, name: str) -> Path:
-    path = tmp_path / name
-    chromium_run(chromium, tmp_path, url, f"--screenshot={path}")
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG") and len(data) > 20_000, f"{path}: {len(data)} bytes"
-    return path
+@pytest.fixture
+def page(chromium, prefect_server, tmp_path) -> Iterator[Page]:
+    """A browser logged in to the test server with its password."""
+    browser = Page(chromium, tmp_path)
+    browser.log_in(prefect_server.auth_string)
+    try:
+        yield browser
+    finally:
+        browser.close()
 
 
-def test_ui_talks_to_this_server(prefect_server):
-    """The UI sends every API call to /ui-settings' api_url: it must be this server's port."""
+@pytest.fixture
+def stranger(chromium, tmp_path) -> Iterator[Page]:
+    """A browser that reaches the server but has no password (or a wrong one)."""
+    browser = Page(chromium, tmp_path)
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+def test_ui_talks_to_this_server_and_asks_for_a_password(prefect_server):
+    """The UI sends every API call to /ui-settings' api_url: it must be this server's port. The
+    settings (public: the UI reads them before login) say BASIC, so the UI shows its login form."""
     settings = requests.get(f"{prefect_server.url}/ui-settings", timeout=10).json()
     assert settings["api_url"] == prefect_server.api_url
     assert settings.get("default_ui") == "v2"
+    assert settings["auth"] == "BASIC"
 
 
-def test_nightly_deployment_shows_its_schedule(chromium, prefect_server, prefect_worker, deployed, tmp_path):
-    listing = render(chromium, tmp_path, f"{prefect_server.url}/v2/deployments",
-                     ["nightly", "on-demand", "local-smoke", "reap"])
-    assert "generate" in listing
+def test_without_the_password_the_ui_shows_no_data(stranger, prefect_server, deployed, smoke_run):
+    """A browser without the password (then with a wrong one) gets the login prompt and nothing
+    from the API: no deployment, no run, no artifact."""
+    secrets_of_the_server = ["nightly", "on-demand", "local-smoke", smoke_run.flow_run_id[:8]]
+    for attempt in ("no password", "wrong password"):
+        if attempt == "wrong password":
+            stranger.log_in(f"{prefect_server.basic_auth[0]}:not-the-password")
+        for url in (f"{prefect_server.url}/v2/deployments", f"{prefect_server.url}/v2/runs/flow-run/{smoke_run.flow_run_id}"):
+            text = stranger.render(url, [], patterns=(r"(?i)password|log ?in|sign ?in",))
+            leaked = [s for s in secrets_of_the_server if s in text]
+            assert not leaked, (attempt, url, leaked, text[:1500])
+
+
+def test_nightly_deployment_shows_its_schedule(page, prefect_server, prefect_worker, deployed, tmp_path):
+    # Each page fills in as its API calls return: wait for every piece the test looks at.
+    page.render(f"{prefect_server.url}/v2/deployments", ["nightly", "on-demand", "local-smoke", "reap", "generate"])
     nightly = deployed["nightly"]
     url = f"{prefect_server.url}/v2/deployments/deployment/{nightly['id']}"
     # Status Ready: a worker polls the deployment's work pool.
-    text = render(chromium, tmp_path, url, ["nightly", "Schedules", "At 02:00 AM"],
-                  patterns=(r"Concurrency Limit\s*1\b", r"Status\s*Ready\b"))
-    assert "flows/generate.py:generate" in text and "nemotron-sdg" in text
-    shot = screenshot(chromium, tmp_path, url, "nightly-deployment.png")
+    page.render(url, ["nightly", "Schedules", "At 02:00 AM", "flows/generate.py:generate", "nemotron-sdg"],
+                patterns=(r"Concurrency Limit\s*1\b", r"Status\s*Ready\b"))
+    shot = page.screenshot(tmp_path / "nightly-deployment.png")
     print(f"\nscreenshot: {shot}")
 
 
-def test_finished_run_shows_its_summary_artifact(chromium, prefect_server, prefect_worker, smoke_run, tmp_path):
+def test_finished_run_shows_its_summary_artifact(page, prefect_server, prefect_worker, smoke_run, tmp_path):
     run_id = smoke_run.flow_run_id
     run_dir = run_dir_of(prefect_worker, run_id)
     key = "".join(c if c.isalnum() else "-" for c in run_dir.name.lower())[:60]
     run_url = f"{prefect_server.url}/v2/runs/flow-run/{run_id}?tab=Artifacts"
-    text = render(chromium, tmp_path, run_url, ["Completed", f"summary-{key}", f"progress-{key}"])
-    assert "local-smoke" in text
+    page.render(run_url, ["Completed", f"summary-{key}", f"progress-{key}", "local-smoke"])
+    shots = [page.screenshot(tmp_path / "run-artifacts.png")]
     summary = next(a for a in prefect_server.artifacts(run_id) if a["key"] == f"summary-{key}")
     artifact_url = f"{prefect_server.url}/v2/artifacts/artifact/{summary['id']}"
     manifest = str(run_dir / "manifest.json")
-    text = render(chromium, tmp_path, artifact_url, [f"summary-{key}", "records in", "manifest", manifest])
-    assert "written" in text
-    shots = [screenshot(chromium, tmp_path, run_url, "run-artifacts.png"),
-             screenshot(chromium, tmp_path, artifact_url, "summary-artifact.png")]
+    page.render(artifact_url, [f"summary-{key}", "records in", "manifest", manifest, "written"])
+    shots.append(page.screenshot(tmp_path / "summary-artifact.png"))
     print(f"\nscreenshots: {', '.join(map(str, shots))}")

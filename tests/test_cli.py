@@ -65,7 +65,7 @@ def user_error(out) -> str:
 @pytest.fixture
 def served(prefect_server, tmp_path):
     """The CLI against a running Prefect server (no temporary one per call), with the simulated engine."""
-    return {"PREFECT_API_URL": prefect_server.api_url, "NSDG_LOCAL__ENGINE": "simulated",
+    return {**prefect_server.client_env(), "NSDG_LOCAL__ENGINE": "simulated",
             "PREFECT_HOME": str(tmp_path / "ph"), "NSDG_WORK_DIR": str(tmp_path / "work")}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import psutil
+import requests
 import pytest
 
 from flows import zombies
@@ -98,6 +99,70 @@ def test_install_automations_twice_leaves_one(prefect_server, deployed):
     no_api = run_command(cmd, timeout=60, env={k: v for k, v in prefect_server.env().items() if k != "PREFECT_API_URL"},
                          cwd=str(REPO), check=False)
     assert no_api.returncode == 2 and "PREFECT_API_URL is not set" in no_api.stderr
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+OPEN_ROUTES = {("GET", "/health"), ("GET", "/ready")}  # Prefect leaves the probes open, exact paths only
+
+
+def api_routes(server) -> list[tuple[str, str]]:
+    """Every (method, path) of the server's own API, path parameters filled with a fresh uuid."""
+    spec = server.get("/openapi.json")
+    return [(method.upper(), re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path.removeprefix("/api")))
+            for path, ops in spec["paths"].items() for method in ops if method in ("get", "post", "put", "patch", "delete")]
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_api_refuses_every_route_without_the_password(prefect_server, deployed):
+    routes = [r for r in api_routes(prefect_server) if r not in OPEN_ROUTES]
+    assert len(routes) > 100 and ("POST", "/flow_runs/filter") in routes
+    nightly = deployed["nightly"]["id"]
+    ours = [("POST", f"/deployments/{nightly}/create_flow_run"), ("GET", f"/deployments/{nightly}"),
+            ("POST", "/flow_runs/filter"), ("POST", "/logs/filter"), ("POST", "/artifacts/filter"),
+            ("POST", "/automations/filter"), ("POST", f"/work_pools/{POOL}/get_scheduled_flow_runs"),
+            ("GET", "/csrf-token?client=x"), ("GET", "/openapi.json")]
+    user, password = prefect_server.basic_auth
+    knocks = {"no credentials": None, "a wrong password": (user, password + "x"), "another user": ("admin", password),
+              "an empty password": (user, "")}
+    runs_before = len(prefect_server.post("/flow_runs/filter", {"limit": 200}))
+    for what, auth in knocks.items():
+        let_in = []
+        for method, path in [*ours, *routes]:
+            reply = requests.request(method, f"{prefect_server.api_url}{path}", json={}, auth=auth, timeout=10)
+            if reply.status_code != 401:
+                let_in.append((method, path, reply.status_code))
+        assert not let_in, (what, let_in[:20])
+    garbled = requests.post(f"{prefect_server.api_url}/flow_runs/filter", json={}, timeout=10,
+                            headers={"Authorization": "Bearer " + password})
+    assert garbled.status_code == 401
+    assert len(prefect_server.post("/flow_runs/filter", {"limit": 200})) == runs_before  # nothing was started
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_clients_without_the_password_are_refused(prefect_server, deployed):
+    """The CLI with a wrong PREFECT_API_AUTH_STRING starts nothing; the events websocket (what the
+    worker watches cancellations on) closes on a wrong token."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    wrong = {**prefect_server.env(), "PREFECT_API_AUTH_STRING": prefect_server.basic_auth[0] + ":guess"}
+    runs_before = len(prefect_server.post("/flow_runs/filter", {"limit": 200}))
+    for argv in (["deployment", "run", "generate/nightly"], ["flow-run", "ls"], ["deployment", "ls"]):
+        out = run_command([sys.executable, "-m", "prefect", *argv], timeout=120, env=wrong, cwd=str(REPO), check=False)
+        assert out.returncode != 0 and "nightly" not in out.stdout, (argv, out.stdout[-2000:], out.stderr[-2000:])
+    assert len(prefect_server.post("/flow_runs/filter", {"limit": 200})) == runs_before
+    ws_url = prefect_server.api_url.replace("http://", "ws://") + "/events/out"
+    with pytest.raises(InvalidStatus):  # no 'prefect' subprotocol: no websocket at all while auth is on
+        connect(ws_url, open_timeout=10).close()
+    for token in (None, "", prefect_server.basic_auth[0] + ":guess"):
+        with connect(ws_url, open_timeout=10, subprotocols=["prefect"]) as ws:
+            ws.send(json.dumps({"type": "auth", "token": token}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008, token
 
 
 # --- deploy ------------------------------------------------------------------------------------

@@ -61,3 +61,25 @@ def test_slurm_names_validated(workdir, monkeypatch):
     monkeypatch.setenv("NSDG_SLURM__ACCOUNT", "a'; rm -rf /")
     with pytest.raises(ConfigError, match="NSDG_SLURM__ACCOUNT"):
         load_settings()
+
+
+def test_dotenv_shared_with_prefect_loads_and_never_echoes_its_password(workdir):
+    """docs/operators.md puts PREFECT_API_URL and PREFECT_API_AUTH_STRING in the clone's .env, which
+    the flow reads too: those keys are Prefect's; a misspelled NSDG_ key still fails, without echoing
+    an auth value."""
+    (workdir / ".env").write_text("PREFECT_API_URL=https://prefect.example/api\nPREFECT_API_AUTH_STRING=nsdg:hunter2-pw\n"
+                                  "NSDG_SLURM__ACCOUNT=acct-1\nNSDG_ALLOWED_URIS=[\"/lustre/nsdg\"]\n")
+    s = load_settings()
+    assert s.slurm.account == "acct-1" and s.allowed_uris == ["/lustre/nsdg"]
+    with open(workdir / ".env", "a") as env:
+        env.write("NSDG_SLURM_ACOUNT=typo\nNSDG_API_AUTH_STRING=nsdg:hunter2-pw\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert "NSDG_SLURM_ACOUNT" in str(exc.value) and "NSDG_NSDG_" not in str(exc.value)
+    assert "hunter2" not in str(exc.value)
+
+
+def test_a_json_setting_that_is_not_json_is_one_clear_error(workdir, monkeypatch):
+    monkeypatch.setenv("NSDG_EXTRA_PROFILES", "{not json")
+    with pytest.raises(ConfigError, match="NSDG_EXTRA_PROFILES: not valid JSON"):
+        load_settings()

@@ -310,6 +310,7 @@ def test_ranks_get_the_site_env_and_their_cpus_but_not_the_orchestrators_env(slu
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-s3cr3t-value")
     monkeypatch.setenv("NSDG_S3__SECRET_ACCESS_KEY", "nsdg-s3cr3t-value")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "nsdg:prefect-s3cr3t-value")
     site_env = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_DEBUG": "INFO"}
     backend = cluster_backend(tmp_path, "t2x8", ["bash", "-c", RANK_REPORT, "rank-report", str(out)], env=site_env)
     backend.start()

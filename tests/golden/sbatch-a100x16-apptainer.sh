@@ -44,7 +44,7 @@ log() {
 # environment that sets them).
 for _name in $(compgen -e); do
     case "$_name" in
-        NSDG_S3__*|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|PREFECT_API_KEY) unset "$_name" ;;
+        NSDG_S3__*|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|PREFECT_API_KEY|PREFECT_API_AUTH_STRING) unset "$_name" ;;
         VIRTUAL_ENV|PYTHONPATH|PYTHONHOME) unset "$_name" ;;
     esac
 done
