@@ -13,9 +13,9 @@ import hashlib
 import io
 import os
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
 from urllib.parse import urlparse
 
 from infra.errors import ConfigError, InputChanged, StorageError

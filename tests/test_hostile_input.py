@@ -20,7 +20,8 @@ from infra.s3 import parse_s3_uri
 from infra.settings import load_settings
 from infra.slurm.options import check_directive, check_env
 from infra.slurm.spec import SbatchSpec, render_sbatch
-from infra.storage import KEY_COMPONENT, LocalOutputStore, local_path, open_output_store, validate_key_component
+from infra.keys import KEY_COMPONENT, validate_key_component
+from infra.storage import LocalOutputStore, local_path, open_output_store
 
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

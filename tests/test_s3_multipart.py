@@ -4,7 +4,6 @@ and, for a run killed mid-upload, by the next plan. Against moto's S3 server ove
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re

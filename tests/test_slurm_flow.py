@@ -5,7 +5,6 @@ by the project's NeMo-compatible server (rank 0 serves, the other ranks idle as 
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
