@@ -22,6 +22,7 @@ from infra.input_pin import InputPin
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
 from infra.prompt_format import RAW, PromptFormat
+from infra.recipes import Recipe, RecipeParams
 from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import OutputStore, check_input, open_input
@@ -49,6 +50,12 @@ class RunConfig:
     overlong_prompts: str = "reject"
     tokenizer: str | None = None
     prompt_format: PromptFormat = RAW
+    recipe: Recipe = Recipe(RecipeParams())  # loaded once at flow start (infra.recipes.load_recipe)
+
+    @property
+    def input_prompt_field(self) -> str | None:
+        """None when the recipe's template builds the prompt: no line needs a prompt field."""
+        return None if self.recipe.templated else self.prompt_field
 
     def fingerprint(self, input_sha256: str, fmt: Format, settings: Settings) -> dict:
         """What changes the content of a part (not where or how fast it is made)."""
@@ -65,6 +72,9 @@ class RunConfig:
             # Which prompts fit, and so which records exist and where shards begin.
             "token_counter": token_counter(self.tokenizer).identity,
             "prompt_format": self.prompt_format.identity(),  # what is sent, hence what comes back
+            **self.recipe.fingerprint(),
+            # A seeded request's rows depend on their batch's make-up (infra.recipes.samples).
+            **({"batch_size": self.batch_size} if self.sampling.random_seed is not None else {}),
         }
 
 
@@ -83,6 +93,11 @@ class Plan:
     # instead of remembering every id a second time.
     duplicate_lines: frozenset[int] = frozenset()
     input_pin: InputPin | None = None  # what the plan read: the generation pass must read the same
+    samples: int = 1  # output rows per record (the recipe's samples_per_prompt)
+
+    @property
+    def rows_planned(self) -> int:
+        return self.records_in * self.samples
 
     @property
     def todo(self) -> list[int]:
@@ -121,7 +136,7 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     source = open_input(cfg.input_uri, settings)
     with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
-        for item in iter_input(reader, fmt, cfg.prompt_field, cfg.id_field):
+        for item in iter_input(reader, fmt, cfg.input_prompt_field, cfg.id_field):
             if isinstance(item, Record):
                 item = check(item)
             if isinstance(item, BadLine):
@@ -155,6 +170,7 @@ class RecordCheck:
         self.known_duplicates = known_duplicates
         self.seen = IdSet() if known_duplicates is None else None
         self.duplicate_lines: list[int] = []
+        self.render = cfg.recipe.renderer()  # the template, when the recipe has one
 
     def __enter__(self) -> "RecordCheck":
         return self
@@ -167,6 +183,8 @@ class RecordCheck:
             self.seen.close()
 
     def __call__(self, rec: Record) -> Record | BadLine:
+        if self.render is not None and isinstance(rec := self.render(rec), BadLine):
+            return rec
         reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, self.counter.count)
         if reason is not None and self.truncate:
             # Keep the prompt's end, where a completion continues from.
@@ -192,7 +210,7 @@ def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format,
                    duplicate_lines: frozenset[int] = frozenset()) -> Iterator[Record]:
     """The records the plan counted, in input order; `duplicate_lines` comes from the plan."""
     check = RecordCheck(cfg, settings, known_duplicates=duplicate_lines)
-    for item in iter_input(stream, fmt, cfg.prompt_field, cfg.id_field):
+    for item in iter_input(stream, fmt, cfg.input_prompt_field, cfg.id_field):
         if isinstance(item, Record) and isinstance(rec := check(item), Record):
             yield rec
 
@@ -287,7 +305,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
-                load_published(store, chash), scan.duplicate_lines, scan.pin)
+                load_published(store, chash), scan.duplicate_lines, scan.pin, cfg.recipe.samples)
     log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
              records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
     return plan
