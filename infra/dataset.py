@@ -15,7 +15,7 @@ from typing import BinaryIO, Literal
 
 Format = Literal["jsonl", "text"]
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above 4096 tokens; a longer line is a mistake, not a prompt
-RESERVED_FIELDS = ("id", "prompt", "completion", "generation")
+RESERVED_FIELDS = ("id", "sample", "prompt", "completion", "generation")
 
 
 @dataclass(frozen=True)
