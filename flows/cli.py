@@ -69,10 +69,7 @@ def run_parameters(args: argparse.Namespace) -> dict:
                  "prompt_format"):
         if (value := getattr(args, name)) is not None:
             params[name] = value
-    sampling = dict(params.get("sampling") or {})
-    for name in SAMPLING_FLAGS:
-        if (value := getattr(args, name)) is not None:
-            sampling[name] = value
+    sampling = _flags_into(args, SAMPLING_FLAGS, params.get("sampling"))
     if args.greedy is not None:
         sampling["greedy"] = args.greedy
     if args.add_bos is not None:
@@ -81,10 +78,7 @@ def run_parameters(args: argparse.Namespace) -> dict:
         sampling["end_strings"] = args.end_string
     if sampling:
         params["sampling"] = sampling
-    recipe = dict(params.get("recipe") or {})
-    for name in RECIPE_FLAGS:
-        if (value := getattr(args, name)) is not None:
-            recipe[name] = value
+    recipe = _flags_into(args, RECIPE_FLAGS, params.get("recipe"))
     if args.stop_at_separator is not None:
         recipe["stop_at_separator"] = args.stop_at_separator
     if recipe:
@@ -94,6 +88,15 @@ def run_parameters(args: argparse.Namespace) -> dict:
 
         params["run_id"] = resolve_run_id(None)
     return params
+
+
+def _flags_into(args: argparse.Namespace, names, group: dict | None) -> dict:
+    """A nested parameter group (sampling, recipe) from --params, with the flags given on top."""
+    group = dict(group or {})
+    for name in names:
+        if (value := getattr(args, name)) is not None:
+            group[name] = value
+    return group
 
 
 def _run(args: argparse.Namespace) -> int:

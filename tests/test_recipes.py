@@ -143,3 +143,27 @@ def test_recipe_params_refuse_examples_without_a_template_or_count():
         RecipeParams(prompt_template="x", examples_uri="e.jsonl")
     with pytest.raises(ValueError, match="need a prompt_template"):
         RecipeParams(examples_uri="e.jsonl", examples_per_prompt=1)
+
+
+def test_cli_flags_fill_the_recipe_group_over_a_params_file(tmp_path):
+    from flows.cli import build_parser, run_parameters
+
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"recipe": {"prompt_template": "T {{ topic }}", "samples_per_prompt": 2}}))
+    args = build_parser().parse_args(["run", "--params", str(params), "--samples-per-prompt", "3",
+                                      "--examples-uri", "ex.jsonl", "--examples-per-prompt", "2", "--no-stop-at-separator"])
+    assert run_parameters(args)["recipe"] == {"prompt_template": "T {{ topic }}", "samples_per_prompt": 3,
+                                              "examples_uri": "ex.jsonl", "examples_per_prompt": 2, "stop_at_separator": False}
+
+
+@pytest.mark.integration
+def test_cli_template_mistakes_are_one_line_and_exit_2(tmp_path):
+    from tests.test_cli import cli, user_error
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"topic": "tides"}\n')
+    env = {"NSDG_LOCAL__ENGINE": "simulated", "PREFECT_HOME": str(tmp_path / "ph"), "NSDG_WORK_DIR": str(tmp_path / "w")}
+    out = cli("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--prompt-template", "{{ topic }",
+              cwd=tmp_path, env=env)
+    assert out.returncode == 2 and "recipe.prompt_template (inline) line 1" in user_error(out)
+    assert not (tmp_path / "w" / "servers").exists()  # refused before any server
