@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import batching, busy, nagle, readiness, scale
+from benchmarks import batching, busy, nagle, readiness, recipes, scale
 from benchmarks import slurm as slurm_bench
 from benchmarks.common import COMMANDS, REPO, machine, prefect_api, stock_server_has_nodelay, tempdir
 
-ALL = ("nagle", "busy", "batching", "readiness", "slurm", "scale")
+ALL = ("nagle", "busy", "batching", "readiness", "slurm", "scale", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 "readiness": lambda: readiness.run(workdir, log),
                 "slurm": (lambda: slurm_bench.run(workdir, api, log)) if have_slurm else None,
                 "scale": lambda: scale.run(workdir, api, log, slurm_env=_slurm_env(workdir) if have_slurm else None),
+                "recipes": lambda: recipes.run(workdir, api, log),
             }
             for name in only:
                 fn = sections[name]
@@ -201,6 +202,8 @@ def _summary(r: dict) -> list[str]:
         rr = sc["rerun"]
         rows.append(("rerun of a finished 100 k-record run", f"{rr['seconds']:.2f} s, {rr['allocations']} allocations",
                      "seed: regenerates everything", "≤ 10 s, 0", _met(rr["seconds"] <= 10 and rr["allocations"] == 0)))
+    if r.get("recipes"):
+        rows += recipes.summary_rows(r["recipes"], _met)
     L = ["## Results", "", "| figure | ours | baseline | target | |", "|---|---|---|---|---|"]
     L += [f"| {' | '.join(row)} |" for row in rows]
     L += ["", "Medians of the repeated runs listed under each section; ratios come from runs measured side by side.", ""]
@@ -322,6 +325,8 @@ def _details(r: dict) -> list[str]:
               f"{rr['seconds']:.2f} s in `generate()` ({rr['child_process_s']:.1f} s including interpreter start-up "
               f"and imports); allocations: {rr['allocations']} (Slurm jobs in the rerun's manifest plus jobs of this "
               f"run seen in squeue).", ""]
+    if r.get("recipes"):
+        L += recipes.detail_lines(r["recipes"])
     L += _findings(r)
     return L
 

@@ -48,9 +48,13 @@ class RunParams(BaseModel):
             raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
 
     def to_run_config(self, recipe: Recipe | None = None) -> RunConfig:
-        """`recipe`: `self.recipe` loaded (infra.recipes.load_recipe); None for no template or examples."""
+        """`recipe`: `self.recipe` loaded (infra.recipes.load_recipe); may be None only when the recipe
+        reads no file (no template, no examples)."""
         fmt = load_prompt_format(self.prompt_format, self.tokenizer)
-        recipe = recipe or Recipe(self.recipe)
+        if recipe is None:
+            if self.recipe.prompt_template or self.recipe.uses_examples:
+                raise ValueError("to_run_config needs the loaded recipe (infra.recipes.load_recipe) for a template or examples")
+            recipe = Recipe(self.recipe)
         # The format's own end strings (a chat model's end-of-turn token) and the recipe's example
         # separator stop generation too.
         extra = [*fmt.end_strings, *recipe.end_strings()]
