@@ -66,18 +66,46 @@ def run(workdir: Path, api: PrefectAPI, log, mid: int = 100_000, big: int = 1_00
     sampling_recipe = {"tokens_to_generate": TOKENS, "temperature": 0.8, "random_seed": 1234}
     out: dict = {"samples": SAMPLES, "examples_per_prompt": K, "shard_size_plain": SHARD, "shard_size_recipe": SHARD // SAMPLES}
     with local_server(workdir, "recipes-server", Cost()) as srv:
-        plain_src = write_prompts(workdir / f"recipes-plain-{mid}.jsonl", mid)
-        out["plain"] = _one(workdir, api, srv, {"input_uri": str(plain_src), "profile": "attach", "shard_size": SHARD,
-                                                "sampling": {"tokens_to_generate": TOKENS, "greedy": True}},
-                            mid, f"recipes-plain-{mid}", log)
+        if mid:
+            plain_src = write_prompts(workdir / f"recipes-plain-{mid}.jsonl", mid)
+            out["plain"] = _one(workdir, api, srv, {"input_uri": str(plain_src), "profile": "attach", "shard_size": SHARD,
+                                                    "sampling": {"tokens_to_generate": TOKENS, "greedy": True}},
+                                mid, f"recipes-plain-{mid}", log)
         for n, key in ((mid, "recipe"), (big, "recipe_big")):
+            if not n:
+                continue
             src = write_topics(workdir / f"recipes-topics-{n}.jsonl", n)
             out[key] = _one(workdir, api, srv, {"input_uri": str(src), "profile": "attach", "shard_size": SHARD // SAMPLES,
                                                 "sampling": sampling_recipe, "prompt_format": "raw", "recipe": recipe},
                             n * SAMPLES, f"recipes-{n}x{SAMPLES}", log)
             src.unlink(missing_ok=True)
-    out["ratio_rows"] = out["recipe"]["rows_per_s"] / out["plain"]["rows_per_s"]
+    if mid:
+        out["ratio_rows"] = out["recipe"]["rows_per_s"] / out["plain"]["rows_per_s"]
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """This section alone: `python -m benchmarks.recipes [--mid N] [--big N]` (0 skips a size);
+    prints its JSON. `make bench` runs it with the defaults through benchmarks.run."""
+    import argparse
+    import time
+
+    from benchmarks.common import prefect_api, tempdir
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.recipes")
+    ap.add_argument("--mid", type=int, default=100_000)
+    ap.add_argument("--big", type=int, default=1_000_000)
+    args = ap.parse_args(argv)
+    workdir, started = tempdir("nsdg-bench-recipes-"), time.monotonic()
+    with prefect_api(workdir) as api:
+        res = run(workdir, api, lambda m: print(f"[{time.monotonic() - started:7.1f} s] {m}", flush=True), args.mid, args.big)
+    print(json.dumps(res, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def summary_rows(rc: dict, met) -> list[tuple]:

@@ -56,21 +56,24 @@ class Recipe:
             context = {**rec.fields, "id": rec.id, "separator": separator, "examples": []}
             if rec.prompt:  # a text line, or a JSONL record's prompt_field when it has one
                 context.setdefault("prompt", rec.prompt)
-            shown = json.dumps({"id": rec.id, **rec.fields}, ensure_ascii=False)[:200]
             if examples is not None:
                 picked = examples.pick(rec.id, rec.fields, k)
                 if picked is None:
-                    return BadLine(rec.line, f"fewer than {k} examples in {examples.uri} other than this record", shown)
+                    return _bad(rec, f"fewer than {k} examples in {examples.uri} other than this record")
                 context["examples"] = picked
             try:
                 text = render(compiled, context)
             except RenderError as exc:
-                return BadLine(rec.line, f"prompt_template cannot render this record: {exc}", shown)
+                return _bad(rec, f"prompt_template cannot render this record: {exc}")
             if not text.strip():
-                return BadLine(rec.line, "prompt_template rendered an empty prompt for this record", shown)
+                return _bad(rec, "prompt_template rendered an empty prompt for this record")
             return replace(rec, prompt=text)
 
         return render_record
+
+
+def _bad(rec: Record, reason: str) -> BadLine:
+    return BadLine(rec.line, reason, json.dumps({"id": rec.id, **rec.fields}, ensure_ascii=False)[:200])
 
 
 def load_recipe(params: RecipeParams, settings) -> Recipe:
