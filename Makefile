@@ -17,10 +17,11 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run test test-fast slurm-up slurm-down browser-deps bench faults clean help
+.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps bench faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
+	@echo "make recipe - the worked recipe example (few-shot template, 3 samples per topic) on the local real model"
 	@echo "make test   - install what the tests need (Slurm, Chromium), start it, run every test"
 
 $(PY):
@@ -50,6 +51,14 @@ $(LOCAL_MODEL_DIR)/config.json: | $(STAMP)
 run: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --input-uri examples/prompts.jsonl \
 		--profile local --output-uri output --greedy --tokens-to-generate 64
+
+# The worked recipe example (README "Recipes"): the same parameters as the recipe-example deployment.
+recipe: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
+	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --input-uri examples/recipe/topics.jsonl \
+		--profile local --output-uri output --run-id recipe-example --prompt-format raw \
+		--prompt-template examples/recipe/few-shot.j2 --examples-uri examples/recipe/examples.jsonl \
+		--examples-per-prompt 2 --example-separator $$'\n\n' --samples-per-prompt 3 \
+		--batch-size 12 --shard-size 6 --tokens-to-generate 40 --temperature 0.8 --top-p 0.95 --random-seed 1234
 
 slurm-up:
 	bash infra/cluster/start-local-slurm.sh

@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import batching, busy, nagle, readiness, scale
+from benchmarks import batching, busy, nagle, readiness, recipes, scale
 from benchmarks import slurm as slurm_bench
 from benchmarks import tokens as tokens_bench
 from benchmarks.common import COMMANDS, REPO, machine, prefect_api, stock_server_has_nodelay, tempdir
 
-ALL = ("nagle", "busy", "batching", "readiness", "slurm", "scale", "tokens")
+ALL = ("nagle", "busy", "batching", "readiness", "slurm", "scale", "tokens", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slurm": (lambda: slurm_bench.run(workdir, api, log)) if have_slurm else None,
                 "scale": lambda: scale.run(workdir, api, log, slurm_env=_slurm_env(workdir) if have_slurm else None),
                 "tokens": lambda: tokens_bench.run(workdir, log),
+                "recipes": lambda: recipes.run(workdir, api, log),
             }
             for name in only:
                 fn = sections[name]
@@ -204,6 +205,8 @@ def _summary(r: dict) -> list[str]:
         rows.append(("rerun of a finished 100 k-record run", f"{rr['seconds']:.2f} s, {rr['allocations']} allocations",
                      "seed: regenerates everything", "≤ 10 s, 0", _met(rr["seconds"] <= 10 and rr["allocations"] == 0)))
     rows += tokens_bench.summary_rows(r)
+    if r.get("recipes"):
+        rows += recipes.summary_rows(r["recipes"], _met)
     L = ["## Results", "", "| figure | ours | baseline | target | |", "|---|---|---|---|---|"]
     L += [f"| {' | '.join(row)} |" for row in rows]
     L += ["", "Medians of the repeated runs listed under each section; ratios come from runs measured side by side.", ""]
@@ -326,6 +329,8 @@ def _details(r: dict) -> list[str]:
               f"and imports); allocations: {rr['allocations']} (Slurm jobs in the rerun's manifest plus jobs of this "
               f"run seen in squeue).", ""]
     L += tokens_bench.markdown(r)
+    if r.get("recipes"):
+        L += recipes.detail_lines(r["recipes"])
     L += _findings(r)
     return L
 

@@ -26,6 +26,14 @@ SAMPLING_FLAGS = {
     "min_tokens_to_generate": int, "random_seed": int,
 }
 
+RECIPE_FLAGS = {
+    "prompt_template": (str, "Jinja2 template, inline or a .j2 path / file:// / s3:// URI"),
+    "examples_uri": (str, "few-shot examples, JSONL"),
+    "examples_per_prompt": (int, "examples per record"),
+    "example_separator": (str, "text between examples"),
+    "samples_per_prompt": (int, "samples per prompt"),
+}
+
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",
@@ -48,6 +56,10 @@ def _add_run(sub) -> None:
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="sampling.greedy")
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None, help="sampling.add_BOS")
     p.add_argument("--end-string", action="append", help="sampling.end_strings (repeat for several)")
+    for name, (typ, help_text) in RECIPE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"recipe.{name}: {help_text}")
+    p.add_argument("--stop-at-separator", action=argparse.BooleanOptionalAction, default=None,
+                   help="recipe.stop_at_separator: the example separator ends generation (default on)")
     p.set_defaults(func=_run)
 
 
@@ -57,10 +69,7 @@ def run_parameters(args: argparse.Namespace) -> dict:
                  "prompt_format"):
         if (value := getattr(args, name)) is not None:
             params[name] = value
-    sampling = dict(params.get("sampling") or {})
-    for name in SAMPLING_FLAGS:
-        if (value := getattr(args, name)) is not None:
-            sampling[name] = value
+    sampling = _flags_into(args, SAMPLING_FLAGS, params.get("sampling"))
     if args.greedy is not None:
         sampling["greedy"] = args.greedy
     if args.add_bos is not None:
@@ -69,11 +78,25 @@ def run_parameters(args: argparse.Namespace) -> dict:
         sampling["end_strings"] = args.end_string
     if sampling:
         params["sampling"] = sampling
+    recipe = _flags_into(args, RECIPE_FLAGS, params.get("recipe"))
+    if args.stop_at_separator is not None:
+        recipe["stop_at_separator"] = args.stop_at_separator
+    if recipe:
+        params["recipe"] = recipe
     if args.new_run:
         from flows.params import resolve_run_id
 
         params["run_id"] = resolve_run_id(None)
     return params
+
+
+def _flags_into(args: argparse.Namespace, names, group: dict | None) -> dict:
+    """A nested parameter group (sampling, recipe) from --params, with the flags given on top."""
+    group = dict(group or {})
+    for name in names:
+        if (value := getattr(args, name)) is not None:
+            group[name] = value
+    return group
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generate
                             run_job_ids, run_replicas)
 from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
+from infra.recipes import RecipeParams, load_recipe
 from infra.tokens import token_counter
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
@@ -62,6 +63,7 @@ def generate(
     prompt_format: Annotated[Literal["raw", "nemotron-instruct", "chat"] | None, Field(description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat template); default: the profile's (local: chat when its model has a template, else raw)")] = None,
     replicas: Annotated[int | None, Field(ge=1, le=64, description="server replicas sharing the work, each its own allocation; default NSDG_SERVER__REPLICAS (1)")] = None,
     max_server_restarts: Annotated[int | None, Field(ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")] = None,
+    recipe: Annotated[RecipeParams, Field(description="prompts from a template over each record, few-shot examples, several samples per prompt")] = RecipeParams(),
 ) -> dict:
     """Generate completions for every prompt and publish them with a manifest."""
     logger = get_run_logger()
@@ -78,7 +80,7 @@ def generate(
         run_id=run_id or resolve_run_id(flow_run), profile=profile, sampling=sampling,
         batch_size=batch_size, shard_size=shard_size, prompt_field=prompt_field, on_bad_input=on_bad_input,
         overlong_prompts=overlong_prompts, tokenizer=tokenizer,
-        prompt_format=default_format(prompt_format, prof.prompt_format, prof.backend, tokenizer),
+        prompt_format=default_format(prompt_format, prof.prompt_format, prof.backend, tokenizer), recipe=recipe,
     )
     if sampling.tokens_to_generate >= settings.model.context_length:  # once, not once per line
         raise ConfigError(
@@ -86,8 +88,9 @@ def generate(
             f"length {settings.model.context_length} (NSDG_MODEL__CONTEXT_LENGTH): lower tokens_to_generate.")
     if prof.backend == "slurm":
         check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
-    cfg = params.to_run_config()
-    check_run_locations(cfg.input_uri, cfg.output_uri, cfg.run_id, settings)  # NSDG_ALLOWED_URIS, before any read
+    # NSDG_ALLOWED_URIS: every location the run reads or writes, the recipe's files too, before any read.
+    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings, extra=params.recipe.locations())
+    cfg = params.to_run_config(load_recipe(params.recipe, settings))  # template and examples read once
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
     hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)  # one run per run_id
@@ -95,7 +98,7 @@ def generate(
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)
     timings["plan"] = time.monotonic() - t0
-    console_progress.planned(the_plan.records_in, sum(p.records + p.rejected for p in the_plan.done.values()))
+    console_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
     if not the_plan.todo:
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
         return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id))
@@ -105,7 +108,7 @@ def generate(
     progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
     progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
-                   prompt_format=cfg.prompt_format, invocation=str(flow_run.id))
+                   prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id))
 
     def shard_job(backend: Backend) -> ShardJob:
         """The run's ShardJob with who makes this shard, for its state object."""
@@ -210,10 +213,10 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
     refused = merge_rejects(store, parts, the_plan.rejected)
     gen_s = timings.get("generation", 0.0)
     new_records = sum(r.part.records for r in results)
-    if len(parts) != the_plan.shards_total or written + refused != the_plan.records_in:
+    if len(parts) != the_plan.shards_total or written + refused != the_plan.rows_planned:
         raise RuntimeError(
             f"run {cfg.run_id}: {len(parts)} of {the_plan.shards_total} parts with {written} records written and "
-            f"{refused} refused, but {the_plan.records_in} planned; no manifest published. Rerun with the same run_id."
+            f"{refused} refused, but {the_plan.rows_planned} planned; no manifest published. Rerun with the same run_id."
         )
     store.abort_incomplete_uploads()  # every part is in: nothing of this run may still be uploading
     earlier = earlier_manifest(store, the_plan.config_hash)

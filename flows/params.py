@@ -12,6 +12,7 @@ from pydantic.fields import FieldInfo
 from infra.errors import ConfigError
 from infra.planning import RunConfig
 from infra.prompt_format import load_prompt_format
+from infra.recipes import Recipe, RecipeParams
 from infra.sampling import MAX_BATCH, SamplingParams
 from infra.keys import validate_key_component
 
@@ -32,6 +33,7 @@ class RunParams(BaseModel):
     overlong_prompts: Literal["reject", "truncate_left"] = "reject"
     tokenizer: str | None = None
     prompt_format: Literal["raw", "nemotron-instruct", "chat"] = "raw"
+    recipe: RecipeParams = Field(default_factory=RecipeParams)
 
     @field_validator("run_id")
     @classmethod
@@ -45,13 +47,22 @@ class RunParams(BaseModel):
             problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
 
-    def to_run_config(self) -> RunConfig:
+    def to_run_config(self, recipe: Recipe | None = None) -> RunConfig:
+        """`recipe`: `self.recipe` loaded (infra.recipes.load_recipe); may be None only when the recipe
+        reads no file (no template, no examples)."""
         fmt = load_prompt_format(self.prompt_format, self.tokenizer)
-        # The format's own end strings (a chat model's end-of-turn token) stop generation too.
-        ends = [*self.sampling.end_strings, *(e for e in fmt.end_strings if e not in self.sampling.end_strings)]
-        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name != "prompt_format"}
+        if recipe is None:
+            if self.recipe.prompt_template or self.recipe.uses_examples:
+                raise ValueError("to_run_config needs the loaded recipe (infra.recipes.load_recipe) for a template or examples")
+            recipe = Recipe(self.recipe)
+        # The format's own end strings (a chat model's end-of-turn token) and the recipe's example
+        # separator stop generation too.
+        extra = [*fmt.end_strings, *recipe.end_strings()]
+        ends = [*self.sampling.end_strings]
+        ends += [e for i, e in enumerate(extra) if e not in ends and e not in extra[:i]]
+        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name not in ("prompt_format", "recipe")}
         fields["sampling"] = self.sampling.model_copy(update={"end_strings": ends})
-        return RunConfig(**fields, prompt_format=fmt)
+        return RunConfig(**fields, prompt_format=fmt, recipe=recipe)
 
 
 def resolve_run_id(flow_run) -> str:

@@ -15,7 +15,7 @@ from typing import BinaryIO, Literal
 
 Format = Literal["jsonl", "text"]
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above 4096 tokens; a longer line is a mistake, not a prompt
-RESERVED_FIELDS = ("id", "prompt", "completion", "generation")
+RESERVED_FIELDS = ("id", "sample", "prompt", "completion", "generation")
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ def derived_id(line: int, prompt: str) -> str:
     return f"L{line:09d}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
 
-def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str, id_field: str = "id") -> Record | BadLine | None:
-    """A record, a bad line with its reason, or None for a blank line."""
+def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str | None, id_field: str = "id") -> Record | BadLine | None:
+    """A record, a bad line with its reason, or None for a blank line. `prompt_field` None: a
+    template builds the prompt from the fields (infra.recipes), so none is required here."""
     shown = raw[:200].decode("utf-8", errors="replace")
     try:
         text = raw.decode("utf-8")
@@ -64,6 +65,8 @@ def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str, id_field: 
         return BadLine(line, f"invalid JSON: {exc.msg} at column {exc.colno}", shown)
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}", shown)
+    if prompt_field is None:
+        return _templated_record(obj, text, line, id_field, shown)
     prompt = obj.get(prompt_field)
     if prompt is None:
         return BadLine(line, f"missing prompt field {prompt_field!r}", shown)
@@ -78,6 +81,18 @@ def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str, id_field: 
     if rid is None:
         return Record(derived_id(line, prompt), prompt, line, passthrough)
     return Record(str(rid), prompt, line, passthrough, given_id=True)
+
+
+def _templated_record(obj: dict, text: str, line: int, id_field: str, shown: str) -> Record | BadLine:
+    """A record whose prompt the template renders: every field but the id passes through, and a
+    derived id hashes the whole line."""
+    rid = obj.get(id_field)
+    if rid is not None and not isinstance(rid, (str, int)):
+        return BadLine(line, f"id field {id_field!r} must be a string or integer", shown)
+    fields = {k: v for k, v in obj.items() if k != id_field}
+    if rid is None:
+        return Record(derived_id(line, text), "", line, fields)
+    return Record(str(rid), "", line, fields, given_id=True)
 
 
 def iter_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
@@ -97,7 +112,7 @@ def iter_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterat
         yield lineno, chunk
 
 
-def iter_input(stream: BinaryIO, fmt: Format, prompt_field: str, id_field: str = "id",
+def iter_input(stream: BinaryIO, fmt: Format, prompt_field: str | None, id_field: str = "id",
                max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Record | BadLine]:
     for lineno, raw in iter_lines(stream, max_line_bytes):
         if raw is None:

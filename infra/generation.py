@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.batching import plan_batches
 from infra.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
 from infra.manifest import PartInfo, rejects_name
 from infra.nemo_client import GeneratedText, NemoClient
 from infra.prompt_format import RAW, PromptFormat
+from infra.recipes.samples import sample_batches
 from infra.sampling import SamplingParams
 from infra.storage import OutputStore
 
@@ -43,6 +43,7 @@ class ShardJob:
     batch_size: int
     length_window: int = 8  # batches' worth of records sorted by length together
     prompt_format: PromptFormat = RAW
+    samples: int = 1  # rows per record: the recipe's samples_per_prompt
     # Who makes the shard, recorded in its state: the replica, its Slurm job(s), the flow run.
     replica: int | None = None
     job_ids: tuple[str, ...] = ()
@@ -88,12 +89,13 @@ class Breaker:
                 )
 
 
-def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int) -> dict:
+def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sample: int = 0) -> dict:
     # The input's own fields pass through; ours win a name clash and theirs keep an input_ prefix.
     passthrough = {(f"input_{k}" if k in RESERVED_FIELDS else k): v for k, v in rec.fields.items()}
     return {
         **passthrough,
         "id": rec.id,
+        "sample": sample,  # (id, sample) is the row's key, stable across reruns
         "prompt": rec.prompt,
         "completion": gen.completion.text,
         "generation": {
@@ -109,8 +111,8 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int) ->
     }
 
 
-def reject_record(rec: Record, exc: RequestRejected, shard: int) -> dict:
-    return {"id": rec.id, "line": rec.line, "shard": shard, "stage": "generation",
+def reject_record(rec: Record, exc: RequestRejected, shard: int, sample: int = 0) -> dict:
+    return {"id": rec.id, "sample": sample, "line": rec.line, "shard": shard, "stage": "generation",
             "status": exc.status, "reason": str(exc.body if exc.body is not None else exc)[:500]}
 
 
@@ -131,12 +133,15 @@ def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingPa
 
 def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
                            ) -> list[GeneratedText | RequestRejected]:
-    """One result per record, in input order, whatever order the batches were sent in."""
-    results: list[GeneratedText | RequestRejected | None] = [None] * len(shard.records)
-    for indices in plan_batches([r.prompt for r in shard.records], job.batch_size, job.length_window):
+    """One result per (record, sample), record-major (row i * samples + s), whatever order the
+    batches were sent in; each sample index is its own pass over one batch plan (infra.recipes.samples)."""
+    n = job.samples
+    results: list[GeneratedText | RequestRejected | None] = [None] * (len(shard.records) * n)
+    prompts = [r.prompt for r in shard.records]
+    for sample, indices, sampling in sample_batches(prompts, n, shard.index, job.sampling, job.batch_size, job.length_window):
         batch = [shard.records[i] for i in indices]
-        for i, result in zip(indices, generate_batch(client, batch, job.sampling, job.prompt_format)):
-            results[i] = result
+        for i, result in zip(indices, generate_batch(client, batch, sampling, job.prompt_format)):
+            results[i * n + sample] = result
             if breaker is not None:
                 breaker.record(isinstance(result, GeneratedText), None if isinstance(result, GeneratedText) else str(result.body))
     return results  # type: ignore[return-value]
@@ -184,13 +189,14 @@ def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStor
             raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
         raise
     generated = time.monotonic()
-    pairs = list(zip(shard.records, results))
-    ok = [(r, g) for r, g in pairs if isinstance(g, GeneratedText)]
-    rejected = [reject_record(r, g, shard.index) for r, g in pairs if not isinstance(g, GeneratedText)]
+    rows = [(rec, s) for rec in shard.records for s in range(job.samples)]  # the order of `results`
+    pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
+    ok = [(r, s, g) for r, s, g in pairs if isinstance(g, GeneratedText)]
+    rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
     if rejected:  # before the part and its state: a published state implies both
         publish(store, rejects_name(shard.name), rejected)
-    sha, count, size = publish(store, shard.name, (output_record(r, g, job, shard.index) for r, g in ok))
-    tokens = sum(g.generated_tokens for _, g in ok)
+    sha, count, size = publish(store, shard.name, (output_record(r, g, job, shard.index, s) for r, s, g in ok))
+    tokens = sum(g.generated_tokens for _, _, g in ok)
     part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
                     shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
                     generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,

@@ -115,8 +115,12 @@ def run_location(output_uri: str, run_id: str) -> str:
     return str(local_path(output_uri) / run_id)
 
 
-def check_run_locations(input_uri: str, output_uri: str, run_id: str, settings: "Settings") -> None:
-    """Every location a generate run touches, checked before anything is read."""
+def check_run_locations(input_uri: str, output_uri: str, run_id: str, settings: "Settings",
+                        extra: dict[str, str] | None = None) -> None:
+    """Every location a generate run touches, checked before anything is read; `extra`: more
+    locations it reads, by parameter name (a recipe's template and examples files)."""
     check_allowed(input_uri, settings, what="input_uri")
     check_allowed(output_uri, settings, what="output_uri")
     check_allowed(run_location(output_uri, run_id), settings, what="output_uri's run directory")
+    for what, uri in (extra or {}).items():
+        check_allowed(uri, settings, what=what)

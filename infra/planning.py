@@ -23,6 +23,7 @@ from infra.input_pin import InputPin
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.nemo_client import check_fits_context
 from infra.prompt_format import RAW, PromptFormat
+from infra.recipes import Recipe, RecipeParams
 from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import OutputStore, check_input, open_input
@@ -51,6 +52,12 @@ class RunConfig:
     overlong_prompts: str = "reject"
     tokenizer: str | None = None
     prompt_format: PromptFormat = RAW
+    recipe: Recipe = Recipe(RecipeParams())  # loaded once at flow start (infra.recipes.load_recipe)
+
+    @property
+    def input_prompt_field(self) -> str | None:
+        """None when the recipe's template builds the prompt: no line needs a prompt field."""
+        return None if self.recipe.templated else self.prompt_field
 
     def fingerprint(self, input_sha256: str, fmt: Format, settings: Settings) -> dict:
         """What changes the content of a part (not where or how fast it is made)."""
@@ -67,6 +74,9 @@ class RunConfig:
             # Which prompts fit, and so which records exist and where shards begin.
             "token_counter": token_counter(self.tokenizer).identity,
             "prompt_format": self.prompt_format.identity(),  # what is sent, hence what comes back
+            **self.recipe.fingerprint(),
+            # A seeded request's rows depend on their batch's make-up (infra.recipes.samples).
+            **({"batch_size": self.batch_size} if self.sampling.random_seed is not None else {}),
         }
 
 
@@ -85,6 +95,11 @@ class Plan:
     # instead of remembering every id a second time.
     duplicate_lines: frozenset[int] = frozenset()
     input_pin: InputPin | None = None  # what the plan read: the generation pass must read the same
+    samples: int = 1  # output rows per record (the recipe's samples_per_prompt)
+
+    @property
+    def rows_planned(self) -> int:
+        return self.records_in * self.samples
 
     @property
     def todo(self) -> list[int]:
@@ -123,13 +138,14 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     source = open_input(cfg.input_uri, settings)
     with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
-        items = iter_input(reader, fmt, cfg.prompt_field, cfg.id_field)
+        items = iter_input(reader, fmt, cfg.input_prompt_field, cfg.id_field)
         # Counted a chunk at a time: one tokenizer call per chunk, not per prompt (input order kept).
         for chunk in iter(lambda: list(itertools.islice(items, COUNT_CHUNK)), []):
+            chunk = [check.rendered(x) if isinstance(x, Record) else x for x in chunk]
             tokens = iter(check.counts([x for x in chunk if isinstance(x, Record)]))
             for item in chunk:
                 if isinstance(item, Record):
-                    item = check(item, next(tokens))
+                    item = check(item, next(tokens), rendered=True)
                 if isinstance(item, BadLine):
                     bad_count += 1
                     if len(shown) < SHOWN_PROBLEMS:
@@ -161,6 +177,7 @@ class RecordCheck:
         self.known_duplicates = known_duplicates
         self.seen = IdSet() if known_duplicates is None else None
         self.duplicate_lines: list[int] = []
+        self.render = cfg.recipe.renderer()  # the template, when the recipe has one
 
     def __enter__(self) -> "RecordCheck":
         return self
@@ -172,13 +189,20 @@ class RecordCheck:
         if self.seen is not None:
             self.seen.close()
 
+    def rendered(self, rec: Record) -> Record | BadLine:
+        """The record with its prompt rendered from the recipe's template (a BadLine if it cannot be)."""
+        return rec if self.render is None else self.render(rec)
+
     def counts(self, recs: list[Record]) -> list[int]:
-        """The records' prompt tokens in one batch; exact wherever a prompt might not fit."""
+        """The rendered records' prompt tokens in one batch; exact wherever a prompt might not fit."""
         fits = self.context - self.sampling.tokens_to_generate - (1 if self.sampling.add_BOS else 0)
         return self.counter.count_within([self.wrap(r.prompt) for r in recs], fits)
 
-    def __call__(self, rec: Record, tokens: int | None = None) -> Record | BadLine:
-        """`tokens`: the record's count from `counts`, when the caller batched them."""
+    def __call__(self, rec: Record, tokens: int | None = None, *, rendered: bool = False) -> Record | BadLine:
+        """`tokens`: the record's count from `counts`, when the caller batched them (and so
+        rendered the record first: `rendered=True`)."""
+        if not rendered and isinstance(rec := self.rendered(rec), BadLine):
+            return rec
         first = self.counter.count if tokens is None else (lambda _text: tokens)
         reason = check_fits_context(self.wrap(rec.prompt), self.sampling, self.context, first)
         if reason is not None and self.truncate:
@@ -205,7 +229,7 @@ def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format,
                    duplicate_lines: frozenset[int] = frozenset()) -> Iterator[Record]:
     """The records the plan counted, in input order; `duplicate_lines` comes from the plan."""
     check = RecordCheck(cfg, settings, known_duplicates=duplicate_lines)
-    for item in iter_input(stream, fmt, cfg.prompt_field, cfg.id_field):
+    for item in iter_input(stream, fmt, cfg.input_prompt_field, cfg.id_field):
         if isinstance(item, Record) and isinstance(rec := check(item), Record):
             yield rec
 
@@ -300,7 +324,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     finally:
         rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
-                load_published(store, chash), scan.duplicate_lines, scan.pin)
+                load_published(store, chash), scan.duplicate_lines, scan.pin, cfg.recipe.samples)
     log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
              records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
     return plan

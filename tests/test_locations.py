@@ -151,3 +151,21 @@ def test_the_flow_refuses_before_reading_or_allocating(prefect_harness, workdir,
             generate(input_uri=input_uri, output_uri=output_uri, run_id="r1")
     assert not (allowed / "out").exists() and not (outside / "out").exists()
     assert not (workdir / ".nemotron-sdg").exists()  # no local server was started
+
+
+def test_a_recipes_template_and_examples_files_are_confined_too(prefect_harness, workdir, tree, monkeypatch):
+    from flows.generate import generate
+    from infra.recipes import RecipeParams
+
+    allowed, outside = tree
+    (outside / "t.j2").write_text("{{ prompt }}")
+    os.mkfifo(outside / "examples.jsonl")  # reading it would block: the refusal must come first
+    monkeypatch.setenv("NSDG_ALLOWED_URIS", json.dumps([str(allowed)]))
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    recipes = {"recipe.prompt_template": RecipeParams(prompt_template=str(outside / "t.j2")),
+               "recipe.examples_uri": RecipeParams(prompt_template="{% for e in examples %}{{ e.prompt }}{% endfor %}",
+                                                   examples_uri=str(outside / "examples.jsonl"), examples_per_prompt=1)}
+    for what, recipe in recipes.items():
+        with pytest.raises(ConfigError, match=f"^{what} .*outside the locations this installation allows"):
+            generate(input_uri=str(allowed / "data.jsonl"), output_uri=str(allowed / "out"), run_id="r1", recipe=recipe)
+    assert not (allowed / "out").exists()

@@ -1,0 +1,166 @@
+"""Recipes at scale (issue 14): the orchestrator ceiling with a few-shot template and N = 4
+samples per record, side by side with today's plain run in the same bench run, and peak RSS at
+1 M records × 4.
+
+The setup of benchmarks/scale.py (the real flow in a fresh child, `attach` profile, the
+zero-cost simulated engine, batch_size 32, max_in_flight 2), with:
+- plain: records `{"id", "prompt"}`, shard_size 4000, greedy, as scale.py runs it;
+- recipe: records `{"id", "topic", "level"}` (no prompt field), an inline few-shot template, 3
+  examples per record from a 200-example file, 4 samples per record, a seed (so every request
+  gets its derived seed), shard_size 1000: a shard holds 4000 rows, as a plain one does.
+
+Rows/s = output rows ÷ the wall time of the whole `generate()` call; the recipe's records/s
+(input records) is rows/s ÷ 4. The target compares rows/s: each row is one generated completion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from benchmarks.common import Cost, PrefectAPI, local_server, run_flow, write_prompts
+from benchmarks.scale import SHARD, TOKENS
+
+SAMPLES, K = 4, 3
+TEMPLATE = ("Questions a curious reader asks, one per topic.\n\n{% for ex in examples %}Topic: {{ ex.topic }}\n"
+            "Question: {{ ex.question }}{{ separator }}{% endfor %}Topic: {{ topic }} (level {{ level }})\nQuestion:")
+
+
+def write_topics(path: Path, n: int) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for start in range(0, n, 10_000):
+            f.write("".join(json.dumps({"id": f"r{i}", "topic": f"topic number {i}", "level": i % 5}) + "\n"
+                            for i in range(start, min(n, start + 10_000))))
+    return path
+
+
+def write_examples(path: Path, n: int = 200) -> Path:
+    path.write_text("".join(json.dumps({"topic": f"example topic {i}", "question": f"What is special about {i}?"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def write_rendered(path: Path, n: int, examples: Path, recipe: dict) -> Path:
+    """The prompts the recipe renders for `n` topic records, as a plain `{id, prompt}` input: a plain
+    run over them pays for the longer prompts, not for the template or the samples."""
+    from infra.dataset import Record
+    from infra.recipes import RecipeParams, load_recipe
+    from infra.settings import Settings
+
+    render = load_recipe(RecipeParams(**recipe), Settings()).renderer()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            rec = render(Record(f"r{i}", "", i + 1, {"topic": f"topic number {i}", "level": i % 5}, given_id=True))
+            f.write(json.dumps({"id": f"r{i}", "prompt": rec.prompt}) + "\n")
+    return path
+
+
+def _one(workdir: Path, api: PrefectAPI, srv, params: dict, n_rows: int, tag: str, log) -> dict:
+    env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}
+    run = run_flow(workdir, api, {**params, "run_id": tag, "output_uri": str(workdir / "out")}, settings_env=env, tag=tag,
+                   rss_sample_s=0.5, timeout=3600)
+    if not run.ok:
+        raise RuntimeError(f"{tag} failed: {run.error}")
+    manifest = json.loads(Path(run.result["manifest"]).read_text())
+    if manifest["records_written"] != n_rows:
+        raise RuntimeError(f"{tag}: {manifest['records_written']} rows written, {n_rows} expected")
+    r = {"rows": n_rows, "seconds": run.seconds, "rows_per_s": n_rows / run.seconds, "maxrss_mb": run.maxrss_mb,
+         "shards": len(manifest["parts"]), "records_in": manifest["records_in"]}
+    r["records_per_s"] = r["records_in"] / run.seconds
+    log(f"recipes {tag}: {r['records_in']} records -> {n_rows} rows in {run.seconds:.1f} s = {r['rows_per_s']:.0f} rows/s, "
+        f"peak RSS {run.maxrss_mb:.0f} MB, {r['shards']} shards")
+    shutil.rmtree(workdir / "out" / tag, ignore_errors=True)
+    return r
+
+
+def run(workdir: Path, api: PrefectAPI, log, mid: int = 100_000, big: int = 1_000_000) -> dict:
+    examples = write_examples(workdir / "recipe-examples.jsonl")
+    recipe = {"prompt_template": TEMPLATE, "examples_uri": str(examples), "examples_per_prompt": K,
+              "example_separator": "\n\n", "samples_per_prompt": SAMPLES}
+    sampling_recipe = {"tokens_to_generate": TOKENS, "temperature": 0.8, "random_seed": 1234}
+    out: dict = {"samples": SAMPLES, "examples_per_prompt": K, "shard_size_plain": SHARD, "shard_size_recipe": SHARD // SAMPLES}
+    with local_server(workdir, "recipes-server", Cost()) as srv:
+        if mid:
+            plain_src = write_prompts(workdir / f"recipes-plain-{mid}.jsonl", mid)
+            out["plain"] = _one(workdir, api, srv, {"input_uri": str(plain_src), "profile": "attach", "shard_size": SHARD,
+                                                    "sampling": {"tokens_to_generate": TOKENS, "greedy": True}},
+                                mid, f"recipes-plain-{mid}", log)
+            long_src = write_rendered(workdir / f"recipes-rendered-{mid}.jsonl", mid, examples, recipe)
+            out["plain_rendered"] = _one(workdir, api, srv, {"input_uri": str(long_src), "profile": "attach",
+                                                             "shard_size": SHARD, "prompt_format": "raw",
+                                                             "sampling": {"tokens_to_generate": TOKENS, "greedy": True}},
+                                         mid, f"recipes-rendered-{mid}", log)
+        for n, key in ((mid, "recipe"), (big, "recipe_big")):
+            if not n:
+                continue
+            src = write_topics(workdir / f"recipes-topics-{n}.jsonl", n)
+            out[key] = _one(workdir, api, srv, {"input_uri": str(src), "profile": "attach", "shard_size": SHARD // SAMPLES,
+                                                "sampling": sampling_recipe, "prompt_format": "raw", "recipe": recipe},
+                            n * SAMPLES, f"recipes-{n}x{SAMPLES}", log)
+            src.unlink(missing_ok=True)
+    if mid:
+        out["ratio_rows"] = out["recipe"]["rows_per_s"] / out["plain"]["rows_per_s"]
+        out["ratio_rows_rendered"] = out["recipe"]["rows_per_s"] / out["plain_rendered"]["rows_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """This section alone: `python -m benchmarks.recipes [--mid N] [--big N]` (0 skips a size);
+    prints its JSON. `make bench` runs it with the defaults through benchmarks.run."""
+    import argparse
+    import time
+
+    from benchmarks.common import prefect_api, tempdir
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.recipes")
+    ap.add_argument("--mid", type=int, default=100_000)
+    ap.add_argument("--big", type=int, default=1_000_000)
+    args = ap.parse_args(argv)
+    workdir, started = tempdir("nsdg-bench-recipes-"), time.monotonic()
+    with prefect_api(workdir) as api:
+        res = run(workdir, api, lambda m: print(f"[{time.monotonic() - started:7.1f} s] {m}", flush=True), args.mid, args.big)
+    print(json.dumps(res, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def summary_rows(rc: dict, met) -> list[tuple]:
+    p, r, b = rc["plain"], rc["recipe"], rc["recipe_big"]
+    n = rc["samples"]
+    return [
+        (f"recipe ceiling, few-shot template (k={rc['examples_per_prompt']}) and N={n}, zero-cost engine (whole flow, "
+         f"{r['records_in'] // 1000:,} k records)",
+         f"{r['rows_per_s']:,.0f} rows/s ({r['records_per_s']:,.0f} records/s × {n}) = {rc['ratio_rows']:.2f}× plain",
+         f"plain, same bench run: {p['rows_per_s']:,.0f} rows/s"
+         + (f"; plain over the rendered prompts: {rc['plain_rendered']['rows_per_s']:,.0f} rows/s "
+            f"({rc['ratio_rows_rendered']:.2f}×)" if rc.get("plain_rendered") else ""),
+         "≥ 0.7× plain (rows/s)", met(rc["ratio_rows"] >= 0.7)),
+        (f"recipe peak RSS (flow process), {b['records_in'] // 1000:,} k records × {n}",
+         f"{b['maxrss_mb']:.0f} MB ({r['maxrss_mb']:.0f} MB at {r['records_in'] // 1000:,} k × {n})", "—",
+         "flat, ≤ 300 MB", f"≤ 300 MB: {met(b['maxrss_mb'] <= 300)}; flat: "
+         f"{met(b['maxrss_mb'] - r['maxrss_mb'] <= 0.1 * r['maxrss_mb'])} ({b['maxrss_mb'] - r['maxrss_mb']:+.0f} MB)"),
+    ]
+
+
+def detail_lines(rc: dict) -> list[str]:
+    L = ["### Recipes at scale (`benchmarks/recipes.py`)", "",
+         f"As the scale section (attach, zero-cost simulated engine, batch_size 32, max_in_flight 2). Plain: "
+         f"`{{id, prompt}}` records, shard_size {rc['shard_size_plain']}, greedy. Recipe: `{{id, topic, level}}` records, "
+         f"an inline few-shot template, {rc['examples_per_prompt']} examples per record from 200, "
+         f"samples_per_prompt {rc['samples']}, random_seed set (a derived seed per request), shard_size "
+         f"{rc['shard_size_recipe']} (so a shard holds {rc['shard_size_plain']} rows, as a plain one). Rows/s = output "
+         "rows ÷ the whole `generate()` wall time.", "",
+         "| run | records in | rows out | generate() wall | rows/s | records/s | peak RSS | shards |",
+         "|---|---|---|---|---|---|---|---|"]
+    for name, key in (("plain", "plain"), ("plain, the rendered few-shot prompts", "plain_rendered"),
+                      (f"recipe, N={rc['samples']}", "recipe"), (f"recipe, N={rc['samples']}", "recipe_big")):
+        if not (v := rc.get(key)):
+            continue
+        L.append(f"| {name} | {v['records_in']:,} | {v['rows']:,} | {v['seconds']:.1f} s | {v['rows_per_s']:,.0f} | "
+                 f"{v['records_per_s']:,.0f} | {v['maxrss_mb']:.0f} MB | {v['shards']} |")
+    return L + [""]

@@ -1,0 +1,86 @@
+"""The prompt template: Jinja2 in a sandbox, strict about missing fields.
+
+A template may come from a UI form, so it is rendered in Jinja2's `SandboxedEnvironment`: no
+attribute starting with `_` (`''.__class__`, `cycler.__init__.__globals__`), no unsafe method,
+`range` capped. `StrictUndefined` makes a missing field an error instead of an empty string,
+which the plan reports as a bad input line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
+from jinja2.sandbox import SandboxedEnvironment
+
+from infra.errors import ConfigError
+from infra.storage import check_input, open_input
+
+MAX_TEMPLATE_BYTES = 1 << 20
+_URI = re.compile(r"^(s3://|file://)\S+$|^[^\s{}]+\.(j2|jinja|jinja2|txt)$")
+
+
+def is_template_uri(value: str) -> bool:
+    """A URI (s3://, file://) or a one-line path ending in .j2/.jinja/.jinja2/.txt; anything else is inline."""
+    return bool(_URI.match(value.strip()))
+
+
+def read_text(uri: str, settings, what: str, limit: int) -> bytes:
+    """The bytes of a small local or s3 file, read whole (at most `limit` bytes)."""
+    check_input(uri, settings)
+    with open_input(uri, settings) as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{what} {uri} is larger than {limit} bytes: keep it small (it is held in memory).")
+    return data
+
+
+def _environment() -> SandboxedEnvironment:
+    # autoescape off: prompts are text, not HTML. keep_trailing_newline: the text is exactly the file.
+    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    source: str  # where it came from: "inline" or the URI
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def compiled(self):
+        try:
+            return _environment().from_string(self.text)
+        except TemplateSyntaxError as exc:
+            raise ConfigError(f"recipe.prompt_template ({self.source}) line {exc.lineno}: {exc.message}. "
+                              "Fix the template's Jinja2 syntax.") from None
+
+
+def load_template(value: str, settings) -> PromptTemplate:
+    if not is_template_uri(value):
+        template = PromptTemplate("inline", value)
+    else:
+        data = read_text(value.strip(), settings, "prompt template", MAX_TEMPLATE_BYTES)
+        try:
+            template = PromptTemplate(value.strip(), data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"prompt template {value} is not UTF-8 (byte {exc.start}).") from None
+    template.compiled()  # a syntax error is the user's to fix, before any line is read
+    return template
+
+
+def render(compiled, context: dict) -> str:
+    """The rendered text, or raises RenderError with Jinja2's reason."""
+    try:
+        return compiled.render(context)
+    except TemplateError as exc:  # UndefinedError, SecurityError (a sandbox refusal), ...
+        raise RenderError(f"{type(exc).__name__}: {exc}") from None
+    except (ArithmeticError, TypeError, ValueError, LookupError, OverflowError) as exc:
+        raise RenderError(f"{type(exc).__name__}: {exc}") from None
+
+
+class RenderError(Exception):
+    """A record the template cannot render; becomes a bad input line, never leaves infra/recipes."""
