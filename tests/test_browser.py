@@ -198,7 +198,7 @@ def test_finished_run_shows_its_summary_artifact(page, prefect_server, prefect_w
 # --- recipes (issue 14): the nested `recipe` group in the run form -------------------------------
 
 
-def test_run_form_shows_the_recipe_group(chromium, prefect_server, deployed, tmp_path):
+def test_run_form_shows_the_recipe_group(page, prefect_server, deployed, tmp_path):
     """The custom-run form of the recipe-example deployment shows the `recipe` group, its fields
     and their descriptions (from infra/recipes/params.py, through the flow's schema)."""
     recipe = prefect_server.deployment("generate", "recipe-example")
@@ -207,6 +207,6 @@ def test_run_form_shows_the_recipe_group(chromium, prefect_server, deployed, tmp
     assert all(f.get("description") for f in fields.values()), fields  # every field explained
     url = f"{prefect_server.url}/v2/deployments/deployment/{recipe['id']}/run"
     # Top-level parameters show by name, a nested model's fields by title.
-    text = render(chromium, tmp_path, url, ["recipe (Optional)", "Samples Per Prompt", "Examples Per Prompt",
-                                            fields["samples_per_prompt"]["description"][:40]])
+    text = page.render(url, ["recipe (Optional)", "Samples Per Prompt", "Examples Per Prompt",
+                             fields["samples_per_prompt"]["description"][:40]])
     assert "Prompt Template" in text and fields["examples_uri"]["description"][:30] in text

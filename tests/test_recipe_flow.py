@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.faults import _wait, environment, local_env, local_servers
+from benchmarks.faults import _wait, local_env, local_servers
 from flows.generate import generate
 from infra.recipes import RecipeParams
 from infra.sampling import SamplingParams
