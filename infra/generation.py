@@ -28,6 +28,7 @@ from infra.prompt_format import RAW, PromptFormat
 from infra.recipes.samples import sample_batches
 from infra.sampling import SamplingParams
 from infra.storage import OutputStore
+from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ShardJob:
     length_window: int = 8  # batches' worth of records sorted by length together
     prompt_format: PromptFormat = RAW
     samples: int = 1  # rows per record: the recipe's samples_per_prompt
+    tokenizer: str | None = None  # the run's token counter, for length-aware batching
     # Who makes the shard, recorded in its state: the replica, its Slurm job(s), the flow run.
     replica: int | None = None
     job_ids: tuple[str, ...] = ()
@@ -138,7 +140,9 @@ def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, brea
     n = job.samples
     results: list[GeneratedText | RequestRejected | None] = [None] * (len(shard.records) * n)
     prompts = [r.prompt for r in shard.records]
-    for sample, indices, sampling in sample_batches(prompts, n, shard.index, job.sampling, job.batch_size, job.length_window):
+    length = token_counter(job.tokenizer).count  # the one counter the plan used, for grouping by length
+    for sample, indices, sampling in sample_batches(prompts, n, shard.index, job.sampling, job.batch_size,
+                                                    job.length_window, length):
         batch = [shard.records[i] for i in indices]
         for i, result in zip(indices, generate_batch(client, batch, sampling, job.prompt_format)):
             results[i * n + sample] = result

@@ -113,3 +113,30 @@ def test_batch_returning_wrong_count_is_refused():
 
 def test_padded_cost():
     assert padded_cost([1, 10, 2, 3], [[0, 1], [2, 3]]) == 2 * 10 + 2 * 3
+
+
+@pytest.mark.integration
+def test_a_shard_is_batched_by_the_runs_token_counts_not_characters(tmp_path, tiny_model_dir):
+    """Characters order these prompts A < C < B < D, the tiny model's tokens A < B < C < D: the
+    batches the server receives are the token-count groups."""
+    import json
+
+    from infra.dataset import Record, Shard
+    from infra.generation import ShardJob, generate_shard_results
+    from infra.nemo_client import NemoClient
+    from infra.sampling import SamplingParams
+    from infra.tokens import token_counter
+    from tests.localserver import running_server
+
+    tokenizer = str(tiny_model_dir / "tokenizer.json")
+    counter = token_counter(tokenizer)
+    a, b, c, d = "the", "the the the the the", "@#$%^&*", "@#$%^&*" * 3
+    assert len(a) < len(c) < len(b) < len(d) and counter.count(a) < counter.count(b) < counter.count(c) < counter.count(d)
+    stats = tmp_path / "stats.jsonl"
+    records = [Record(f"r{i}", p, i + 1) for i, p in enumerate((d, b, c, a))]
+    job = ShardJob("r", "m", "h", SamplingParams(tokens_to_generate=2, greedy=True), batch_size=2, length_window=2,
+                   tokenizer=tokenizer)
+    with running_server(tmp_path, "--model-dir", str(tiny_model_dir), "--stats-file", str(stats)) as (url, _):
+        generate_shard_results(NemoClient(url, count_tokens=counter.count), Shard(0, records), job)
+    sent = sorted(json.loads(line)["prompt_tokens"] for line in stats.read_text().splitlines())
+    assert sent == sorted([counter.count(a) + counter.count(b), counter.count(c) + counter.count(d)])

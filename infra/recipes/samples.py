@@ -19,7 +19,7 @@ a different server build or GPU (kernels differ).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from infra.batching import plan_batches
 from infra.sampling import MAX_RANDOM_SEED, SamplingParams
@@ -31,10 +31,11 @@ def request_seed(seed: int, shard: int, batch: int, sample: int) -> int:
 
 
 def sample_batches(prompts: Sequence[str], samples: int, shard: int, sampling: SamplingParams, batch_size: int,
-                   window: int) -> Iterator[tuple[int, list[int], SamplingParams]]:
+                   window: int, length: Callable[[str], int] = len) -> Iterator[tuple[int, list[int], SamplingParams]]:
     """(sample, record indices, sampling for this request) for every request of a shard: for each
-    sample index, the shard's one batch plan; with a seed, each request its own derived seed."""
-    plan = plan_batches(prompts, batch_size, window)
+    sample index, the shard's one batch plan (prompts grouped by `length`, the run's token counter);
+    with a seed, each request its own derived seed."""
+    plan = plan_batches(prompts, batch_size, window, length=length)
     for sample in range(samples):
         for b, indices in enumerate(plan):
             if sampling.random_seed is None:
