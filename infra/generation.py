@@ -205,7 +205,7 @@ def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStor
                     shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
                     generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
                     finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids), invocation=job.invocation,
-                    prompt_match=dict(Counter(g.completion.prompt_match for _, g in ok)))
+                    prompt_match=dict(Counter(g.completion.prompt_match for _, _, g in ok)))
     store.write_bytes(part.state_name(), part.to_json())
     done = time.monotonic()
     log.info("shard %d: %d records, %d rejected, %d tokens, published %s", shard.index, count, len(rejected), tokens, store.uri(shard.name))
