@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) over every entry point that takes a string from a UI form or
 an operator's setting: run ids, object names, URIs, allowed locations, Slurm values, the job's
-environment, extra profiles JSON. For any input: nothing reaches a shell unquoted, nothing lands
+environment, extra profiles JSON, template text. For any input: nothing reaches a shell unquoted, nothing lands
 outside its directory or prefix, and a refusal is a ConfigError with a message, never a crash.
 Bounded examples, no network, no Slurm: pure code and bash on temp files."""
 
@@ -223,3 +223,40 @@ def test_the_strategies_reach_both_sides():
     validate_key_component("run-1", "run_id")
     check_directive("--constraint=h100")
     assert parse_s3_uri("s3://team-bucket/pre/a") == ("team-bucket", "pre/a")
+
+
+# --- template text (recipe.prompt_template): sandboxed, never the environment -----------------------
+
+SECRET = "nsdg-marker-7f3a9c"
+JINJA_PIECES = [
+    "{{ prompt }}", "{{ topic|upper }}", "{{ missing }}", "{% for e in examples %}{{ e }}{% endfor %}",
+    "{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__.os.environ }}", "{{ lipsum.__globals__ }}",
+    "{{ lipsum.__globals__['os'].environ['NSDG_HOSTILE_SECRET'] }}", "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__['os'].environ }}", "{{ self.__init__.__globals__ }}", "{{ config }}",
+    "{{ range.__self__ }}", "{{ prompt.__class__.__base__.__subclasses__() }}", "{% set x = prompt * 3 %}{{ x }}",
+    "{{ 1/0 }}", "{{", "}}", "{% if %}", "{% endfor %}", "{# c #}", "{{ examples[99] }}",
+]
+template_text = st.lists(st.sampled_from(JINJA_PIECES) | hostile, max_size=6).map("".join)
+
+
+@FAST
+@given(text=template_text)
+@example(text="{{ cycler.__init__.__globals__.os.environ['NSDG_HOSTILE_SECRET'] }}")
+@example(text="{{ lipsum.__globals__['os'].popen('echo pwned').read() }}")
+def test_templates_reach_no_python_object_or_environment_variable(text, monkeypatch):
+    from infra.recipes.templates import PromptTemplate, RenderError, render
+
+    monkeypatch.setenv("NSDG_HOSTILE_SECRET", SECRET)
+    try:
+        compiled = PromptTemplate("inline", text).compiled()
+    except ConfigError as exc:  # a syntax error: the user's to fix, one message
+        _refusal(exc)
+        return
+    context = {"prompt": "hello", "topic": "sea", "examples": [{"prompt": "q", "completion": "a"}], "separator": "\n"}
+    try:
+        out = render(compiled, context)
+    except RenderError as exc:  # a bad line for this record (sandbox refusal, missing field, ...)
+        assert str(exc)
+        return
+    assert SECRET not in out
+    assert "<function" not in out and "<class" not in out and "<module" not in out
