@@ -364,7 +364,8 @@ def case_tokenizer_changed(tmp: Path) -> Row:
     params = dict(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=3, batch_size=3,
                   on_bad_input="skip", sampling={"tokens_to_generate": 8}, max_server_restarts=0)
     tight = {"NSDG_MODEL__CONTEXT_LENGTH": "64", "NSDG_SERVER__MAX_IN_FLIGHT": "1"}
-    tokenizer = Path(os.environ.get("NSDG_LOCAL__MODEL_DIR", REPO / ".cache" / "tiny-model")) / "tokenizer.json"
+    # The Makefile's NSDG_LOCAL__MODEL_DIR is relative to the checkout, and this case runs elsewhere.
+    tokenizer = (REPO / os.environ.get("NSDG_LOCAL__MODEL_DIR", ".cache/tiny-model") / "tokenizer.json").resolve()
     refused = 0
     with environment(local_env(tmp, "--fault-crash-after", "2", **tight)):
         try:
@@ -488,7 +489,7 @@ def case_slurm_slow_release(tmp: Path) -> Row:
 def case_api_outage(tmp: Path) -> Row:
     """The Prefect API server is SIGKILLed after the first part (a restart or upgrade during a
     nightly run): generation goes on, the manifest is published."""
-    from tests.fixtures_prefect import clean_env, start_server, tail_of
+    from tests.fixtures_prefect import start_server, tail_of
     from tests.ports import free_port
 
     from infra.process import stop_process_group
@@ -497,8 +498,7 @@ def case_api_outage(tmp: Path) -> Row:
     server = start_server(tmp / "prefect", free_port())
     run_dir = tmp / "out" / "r"
     log_path = tmp / "flow.log"
-    env = {**clean_env(), **local_env(tmp, "--extra-latency", "0.1"), "PREFECT_HOME": str(server.home),
-           "PREFECT_API_URL": server.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env = {**server.env(), **local_env(tmp, "--extra-latency", "0.1"),  # its URL and password
            "PREFECT_LOGGING_EXTRA_LOGGERS": "flows,infra", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--input-uri", str(tmp / "in.jsonl"),
                              "--output-uri", str(tmp / "out"), "--run-id", "r", "--shard-size", "10", "--batch-size", "5"],
