@@ -167,7 +167,8 @@ def test_site_env_values_reach_bash_verbatim(value, tmp_path):
     except ConfigError as exc:
         _refusal(exc)
         return
-    [line] = [ln for ln in script.splitlines() if ln.startswith("export SITE_VALUE=")]
+    # split at "\n" only: bash does, while splitlines() also cuts at U+2028, U+0085 and the like
+    [line] = [ln for ln in script.split("\n") if ln.startswith("export SITE_VALUE=")]
     probe = tmp_path / "probe.sh"
     probe.write_text(f'{line}\nprintf "%s" "$SITE_VALUE"\n', encoding="utf-8")
     out = subprocess.run(["bash", str(probe)], capture_output=True, cwd=tmp_path, timeout=30,
