@@ -186,7 +186,7 @@ def test_slurm_names_from_settings_are_safe_or_refused(field, value):
     except ConfigError as exc:
         _refusal(exc)
         return
-    header = [ln for ln in script.splitlines() if ln.startswith("#SBATCH ")]
+    header = [ln for ln in script.split("\n") if ln.startswith("#SBATCH ")]
     assert any(value in ln for ln in header) or not value
     assert all(shlex.split(ln[len("#SBATCH "):]) for ln in header)  # each still one well-formed line
 
