@@ -20,11 +20,12 @@ def test_a_cancelled_job_still_completing_counts_as_released(slurm_cluster, tmp_
     assert kill_wait_s(client) == 5.0  # the local cluster's slurm.conf
     script = tmp_path / "slow.sbatch"
     script.write_text(f"#!/bin/bash\n#SBATCH --job-name=nsdg-test-{uuid.uuid4().hex[:8]}\n#SBATCH --output={tmp_path}/%j.log\n"
-                      "trap 'sleep 10; exit 0' TERM\nsleep 100 & wait\n")
+                      f"trap 'sleep 10; exit 0' TERM\ntouch {tmp_path}/trapped\nsleep 100 & wait\n")
     job_id = client.submit(script)
     try:
-        poll_until(lambda: True if client.state(job_id).state == "RUNNING" else None, deadline=Deadline(60),
-                   interval=0.2, what=f"job {job_id} to run")
+        # RUNNING in squeue can come before the script has set its trap: wait for the script itself.
+        poll_until(lambda: True if (tmp_path / "trapped").exists() else None, deadline=Deadline(60),
+                   interval=0.2, what=f"job {job_id}'s script to set its TERM trap")
         client.cancel(job_id)
         assert wait_gone(client, [job_id], 1.0) == [job_id]  # still COMPLETING: released, not an error
         assert wait_gone(client, [job_id], 30.0) == []  # and it does leave, after KillWait
