@@ -170,10 +170,10 @@ def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_
 def make_client(settings: Settings, url: str, tokenizer: str | None = None) -> NemoClient:
     """`tokenizer` must be the one the plan counted with, or the client could refuse what the
     plan accepted."""
-    s = settings.server
+    s, counter = settings.server, token_counter(tokenizer)
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
-                      context_length=settings.model.context_length, count_tokens=token_counter(tokenizer).count,
-                      echo=token_counter(tokenizer).round_trip)
+                      context_length=settings.model.context_length, count_tokens=counter.count,
+                      echo=counter.round_trip)
 
 
 def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None,

@@ -73,14 +73,20 @@ class GeneratedText:
     generated_tokens: int
 
 
+def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
+    """Row i's token start offsets (ints only) and its text's length, each None when the reply lacks it."""
+    offsets, sentences = reply.get("offsets"), reply.get("sentences")
+    if not (isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list)):
+        return None, None
+    end = len(sentences[i]) if isinstance(sentences, list) and i < len(sentences) and isinstance(sentences[i], str) else None
+    return [o for o in offsets[i] if isinstance(o, int)], end
+
+
 def _stopped_on_special_token(reply: dict, i: int, start: int) -> bool:
     """A generated token that takes no room at the text's end: the row stopped on an EOS or an
     end-of-turn special token (the echo drops it, so the end string is not in the text)."""
-    offsets, sentences = reply.get("offsets"), reply.get("sentences")
-    if not (isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list)):
-        return False
-    end = len(sentences[i]) if isinstance(sentences, list) and i < len(sentences) and isinstance(sentences[i], str) else None
-    return end is not None and end > start and any(isinstance(o, int) and o >= end for o in offsets[i])
+    offsets, end = _row_offsets(reply, i)
+    return offsets is not None and end is not None and end > start and any(o >= end for o in offsets)
 
 
 def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
@@ -88,11 +94,10 @@ def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
     stopped on. Special tokens take no room in the text, so the stop token (an EOS or an end of
     turn) and the EOS fill of rows that finished before the batch's longest all sit at the text's
     end: count one of them, not the fill."""
-    offsets, sentences = reply.get("offsets"), reply.get("sentences")
-    if not (isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list)):
+    offsets, end = _row_offsets(reply, i)
+    if offsets is None:
         return 0
-    end = len(sentences[i]) if isinstance(sentences, list) and i < len(sentences) and isinstance(sentences[i], str) else None
-    row = [o for o in offsets[i] if isinstance(o, int) and o >= start]
+    row = [o for o in offsets if o >= start]
     if end is None:
         return len(row)
     return sum(1 for o in row if o < end) + (1 if any(o >= end for o in row) else 0)
