@@ -145,7 +145,7 @@ def generate(
             release=timed_release,
             shards=planned_shards(stream, cfg, settings, the_plan, source.verify),
             replicas=replica_count(settings, prof, replicas),
-            max_in_flight=settings.server.max_in_flight,
+            max_in_flight=settings.in_flight(prof),
             restarts_allowed=restarts_allowed,
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,

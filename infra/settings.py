@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from infra.errors import ConfigError
+
+if TYPE_CHECKING:
+    from infra.engines import Engine
 
 ENV_PREFIX = "NSDG_"
 # Characters allowed in anything that becomes a Slurm name, a path component or a storage key.
@@ -36,6 +39,8 @@ class Profile(_Section):
     description: str = ""
     # How prompts are wrapped (infra/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
     prompt_format: Literal["raw", "nemotron-instruct", "chat"] | None = None
+    # The serving program (infra/engines): it fixes the HTTP API unless server.api overrides it.
+    engine: Literal["nemo", "vllm", "trtllm", "nemo-openai", "custom"] = "nemo"
 
     @property
     def tasks_per_node(self) -> int:
@@ -84,7 +89,10 @@ class ServerSettings(_Section):
     read_timeout_s: float = Field(1800.0, gt=0, le=86_400)
     ready_timeout_s: float = Field(2700.0, gt=0, le=86_400, description="one deadline for the whole wait (45 min for 340B)")
     ready_poll_s: float = Field(0.25, gt=0, le=60)
-    max_in_flight: int = Field(2, ge=1, le=8, description="requests kept in flight: one computing, one queued")
+    api: Literal["nemo-generate", "openai-completions"] | None = Field(
+        None, description="the HTTP API spoken to the server; default: the profile's engine's (nemo: nemo-generate)")
+    max_in_flight: int | None = Field(None, ge=1, le=4096, description="requests kept in flight per replica; default "
+                                      "per API: 2 for nemo-generate (one computing, one queued), 256 for openai-completions")
     max_server_restarts: int = Field(2, ge=0, le=20, description="new servers started after one dies or hangs mid-run")
     keep_alive_s: float = Field(3600.0, ge=1, le=4 * 3600, description="a ready replica idle this long gets a 1-token "
                                 "request: megatron_gpt_eval.py's idle ranks die at NCCL's 5 h timeout")
@@ -228,6 +236,19 @@ class Settings(BaseSettings):
                 f"Unknown profile {name!r}. Valid profiles: {', '.join(sorted(profiles))}. "
                 f"Add one with {ENV_PREFIX}EXTRA_PROFILES."
             ) from None
+
+    def engine(self, profile: Profile) -> "Engine":
+        from infra.engines import engine
+
+        return engine(profile.engine)
+
+    def api(self, profile: Profile) -> str:
+        return self.server.api or self.engine(profile).api
+
+    def in_flight(self, profile: Profile) -> int:
+        if self.server.max_in_flight is not None:
+            return self.server.max_in_flight
+        return 2 if self.api(profile) == "nemo-generate" else 256
 
     def tokenizer_path(self, profile: Profile) -> str | None:
         """The tokenizer to count prompt tokens with: the configured one, the local model's, or
