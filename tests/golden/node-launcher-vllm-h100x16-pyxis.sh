@@ -108,21 +108,31 @@ elapsed_since() {
 }
 
 ray_gpus_at_least() {
-    # `ray status` lists the cluster's resources, e.g. " 0.0/16.0 GPU": true once the total is at least $1.
-    ray status --address="$HEAD_ADDRESS" 2>/dev/null | awk -v need="$1" '
+    # 2: the head does not answer yet; 1: it answers with fewer GPUs than $1; 0: at least $1.
+    # `ray status` lists the cluster's resources, e.g. " 0.0/16.0 GPU".
+    ray status --address="$HEAD_ADDRESS" > "$JOB_DIR/.ray-status.$$" 2>&1 || return 2
+    awk -v need="$1" '
         match($0, /\/[0-9.]+ GPU/) { if (substr($0, RSTART + 1, RLENGTH - 5) + 0 >= need) ok = 1 }
-        END { exit !ok }'
+        END { exit !ok }' "$JOB_DIR/.ray-status.$$"
 }
 
 wait_for_ray_cluster() {
-    local started
+    # The head's address is published once its Ray answers, so the workers join a running head.
+    local started state published=""
     printf -v started '%(%s)T' -1
     while :; do
         if ! kill -0 "$RAY_PID" 2>/dev/null; then
             log "the Ray head exited before the cluster formed"
             return 1
         fi
-        if ray_gpus_at_least "$RAY_GPUS"; then
+        ray_gpus_at_least "$RAY_GPUS"
+        state=$?
+        if [ "$state" -ne 2 ] && [ -z "$published" ]; then
+            publish ray-head "$HEAD_TAG $HEAD_ADDRESS"
+            published=1
+            log "the Ray head answers at $HEAD_ADDRESS; waiting for $RAY_GPUS GPUs"
+        fi
+        if [ "$state" -eq 0 ]; then
             log "the Ray cluster shows $RAY_GPUS GPUs"
             return 0
         fi
@@ -169,8 +179,10 @@ if [ "$NODE_RANK" = "0" ]; then
     setsid ray start --head --node-ip-address="${RAY_HEAD_IP:-$HOST}" --port="$RAY_PORT" --block &
     RAY_PID=$!
     log "Ray head started at $HEAD_ADDRESS, pid and process group $RAY_PID"
-    publish ray-head "$HEAD_TAG $HEAD_ADDRESS"
-    if ! wait_for_ray_cluster; then
+    wait_for_ray_cluster
+    formed=$?
+    rm -f "$JOB_DIR/.ray-status.$$"
+    if [ "$formed" -ne 0 ]; then
         stop_ray
         exit 1
     fi
