@@ -1,4 +1,5 @@
-"""A typed Slurm job spec for the NeMo server, and the two scripts rendered from it.
+"""A typed Slurm job spec for the model server, and the two scripts rendered from it (what
+differs per serving engine is decided in infra/slurm/launch.py).
 
 `SbatchSpec` holds every value the scripts need and validates all of them when it is built,
 so nothing bad is found after a GPU has been asked for. `render_sbatch` and
@@ -18,6 +19,8 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/job-info             written by the batch script: job_id, batch_host, nodelist, first_node, started_at
     <job_dir>/rank0-host           `hostname` of global rank 0, the only rank that serves HTTP
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
+    <job_dir>/ray-head             engine vllm on 2+ nodes: "<job id>.<restart count> <address>:<port>" of
+                                   the Ray head, for the workers (infra/templates/launcher-ray.sh.tmpl)
     <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
     <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
                                    signal=USR1, received_at=<epoch s>, by=batch; the job goes on
