@@ -358,6 +358,7 @@ class SbatchSpec:
         if profile.backend != "slurm":
             raise _fail("profile.backend", profile.backend, "an sbatch script needs a profile with backend 'slurm'")
         slurm, server = settings.slurm, settings.server
+        engine = settings.engine(profile).name
         launch.check_images_map(slurm.images)
         spec = cls(
             job_name=job_name,
@@ -386,7 +387,7 @@ class SbatchSpec:
             env=tuple(slurm.env.items()),
             setup=tuple(slurm.setup),
             container_runtime=slurm.container_runtime,
-            container_image=launch.image_for(profile.engine, slurm.container_image, slurm.images),
+            container_image=launch.image_for(engine, slurm.container_image, slurm.images),
             container_mounts=tuple(slurm.container_mounts),
             mount_model=slurm.mount_model,
             model_path=settings.model.path,
@@ -395,7 +396,7 @@ class SbatchSpec:
             server_command=tuple(server.command) if server.command is not None else None,
             heartbeat_timeout_s=slurm.heartbeat_timeout_s,
             heartbeat_interval_s=slurm.heartbeat_interval_s,
-            engine=profile.engine,
+            engine=engine,
             served_model_name=settings.model.name,
             max_model_len=settings.model.context_length,
             ray_port=slurm.ray_port,
