@@ -19,7 +19,10 @@ for _name, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGG
                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(_name, _value)
 
+from infra.engines import ENGINES  # noqa: E402
 from infra.errors import ConfigError, SdgError  # noqa: E402
+
+ENGINE_NAMES = tuple(ENGINES)
 
 SAMPLING_FLAGS = {
     "tokens_to_generate": int, "temperature": float, "top_k": int, "top_p": float,
@@ -160,7 +163,10 @@ def _add_render(sub) -> None:
     p = sub.add_parser("render", help="print the sbatch script and node launcher without submitting",
                        description="Dry run: render the Slurm scripts for a profile and print them.")
     p.add_argument("--profile", default="h100x16")
-    p.add_argument("--model-path", help="gpt_model_file on the cluster (default NSDG_MODEL__PATH)")
+    p.add_argument("--engine", choices=ENGINE_NAMES,
+                   help="the serving engine to render the profile with (default: the profile's, nemo for the built-ins)")
+    p.add_argument("--model-path", help="the model on the cluster: NeMo's gpt_model_file, or the Hugging Face "
+                                        "checkpoint vllm/trtllm load (default NSDG_MODEL__PATH)")
     p.add_argument("--account")
     p.add_argument("--partition")
     p.add_argument("--run-id", default="dry-run")
@@ -171,7 +177,7 @@ def _render(args: argparse.Namespace) -> int:
     from infra.slurm.backend import render_for_profile
 
     for title, text in render_for_profile(args.profile, model_path=args.model_path, account=args.account,
-                                          partition=args.partition, run_id=args.run_id):
+                                          partition=args.partition, run_id=args.run_id, engine=args.engine):
         print(f"# ===== {title} =====")
         print(text)
     return 0

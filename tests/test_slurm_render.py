@@ -94,6 +94,22 @@ def golden_spec(profile: str, runtime: str) -> SbatchSpec:
     )
 
 
+HF_MODELS = {"h100x16": "/lustre/models/Nemotron-4-340B-Base-hf", "h200x8": "/lustre/models/Nemotron-4-340B-Base-hf-FP8"}
+CUSTOM_COMMAND = ["/opt/site/serve", "--model", "/lustre/models/n", "--listen", "0.0.0.0:{port}", DESTRUCTIVE]
+
+
+def engine_golden_spec(engine: str, profile: str, runtime: str) -> SbatchSpec:
+    """`profile` switched to `engine` and nothing else (an HF checkpoint path for vLLM/TRT-LLM;
+    apptainer gets each engine's .sif, which it cannot pull itself)."""
+    model = HF_MODELS[profile] if engine in ("vllm", "trtllm") else MODEL
+    images = {engine: f"/shared/images/{engine}.sif"} if runtime == "apptainer" else {}
+    settings = make_settings(runtime, model_path=model, images=images)
+    if engine == "custom":
+        settings = settings.model_copy(update={"server": ServerSettings(command=CUSTOM_COMMAND)})
+    return SbatchSpec.from_settings(settings, settings.profile(profile).model_copy(update={"engine": engine}),
+                                    job_name=GOLDEN_NAME, comment=GOLDEN_COMMENT, job_dir=GOLDEN_JOB_DIR)
+
+
 SITE_ENV = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_DEBUG": "INFO", "ODD": DESTRUCTIVE}
 
 
@@ -290,6 +306,12 @@ def gone(pid: int, timeout: float = 5.0) -> bool:
 COMBOS = [(profile, runtime) for profile in ("h100x16", "a100x16", "h200x8") for runtime in ("pyxis", "apptainer", "none")]
 RENDERED = {f"{p}-{r}": (lambda p=p, r=r: golden_spec(p, r)) for p, r in COMBOS}
 RENDERED["h100x16-custom"] = custom_spec
+# The other engines (infra/slurm/launch.py): vllm over 2 nodes (Ray) and on one H200 node (FP8),
+# trtllm as one MPI world, NeMo >= 2.1, and a command template.
+ENGINE_PROFILES = [("vllm", "h100x16"), ("vllm", "h200x8"), ("trtllm", "h100x16"), ("nemo-openai", "h100x16"),
+                   ("custom", "h100x16")]
+RENDERED.update({f"{e}-{p}-{r}": (lambda e=e, p=p, r=r: engine_golden_spec(e, p, r))
+                 for e, p in ENGINE_PROFILES for r in ("pyxis", "apptainer", "none")})
 
 
 @pytest.mark.parametrize("combo", sorted(RENDERED))

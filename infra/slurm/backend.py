@@ -253,8 +253,10 @@ def check_launch(settings: Settings, profile: Profile, *, run_id: str) -> None:
 
 
 def render_for_profile(profile: str, *, model_path: str | None = None, account: str | None = None,
-                       partition: str | None = None, run_id: str = "dry-run") -> list[tuple[str, str]]:
-    """The scripts `nemotron-sdg render` prints: nothing is written or submitted."""
+                       partition: str | None = None, run_id: str = "dry-run",
+                       engine: str | None = None) -> list[tuple[str, str]]:
+    """The scripts `nemotron-sdg render` prints: nothing is written or submitted. `engine`
+    switches the profile's serving engine (infra/engines) for this render."""
     from infra.settings import load_settings
 
     overrides = {}
@@ -264,8 +266,11 @@ def render_for_profile(profile: str, *, model_path: str | None = None, account: 
     if account or partition:
         overrides["slurm"] = base.slurm.model_copy(update={k: v for k, v in (("account", account), ("partition", partition)) if v})
     settings = base.model_copy(update=overrides)
+    chosen = settings.profile(profile)
+    if engine:
+        chosen = chosen.model_copy(update={"engine": engine})
     # model_copy skips validation: build the spec, which validates every value it renders.
-    spec = SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id),
+    spec = SbatchSpec.from_settings(settings, chosen, job_name=job_name_for(None, run_id),
                                     comment=job_comment(run_id, None),
                                     job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
     return [("sbatch.sh", render_sbatch(spec)), ("node-launcher.sh", render_node_launcher(spec))]

@@ -32,6 +32,11 @@ _OPTION = re.compile(r"(--[a-z][a-z-]*)(?:=(.*))?", re.DOTALL)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def check_int(field: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise fail(field, value, f"use a whole number from {low} to {high}")
+
+
 def check_sbatch_value(field: str, value: str) -> None:
     """sbatch rewrites 'packjob' and splits a job at 'hetjob' wherever they appear in a directive line."""
     if any(word in value.lower() for word in _SLURM_SPLITTERS):
@@ -229,7 +234,8 @@ def suggested_sif(image: str) -> str:
     return f"/shared/images/{name}.sif"
 
 
-def check_image(runtime: str, image: str) -> None:
+def check_image(runtime: str, image: str, *, setting: str = "NSDG_SLURM__CONTAINER_IMAGE") -> None:
+    """`setting` is the variable that sets this image, named in the refusals."""
     if runtime == "none":
         return
     if not isinstance(image, str) or not image or image.startswith("-") or re.search(r"[\s,]", image):
@@ -242,7 +248,7 @@ def check_image(runtime: str, image: str) -> None:
         raise fail("slurm.container_image", image,
                    f"apptainer needs a local image file (16 ranks would each convert a registry image, racing on "
                    f"one cache): run `apptainer pull {suggested_sif(image)} {source}` once and set "
-                   f"NSDG_SLURM__CONTAINER_IMAGE to that absolute path")
+                   f"{setting} to that absolute path")
     if runtime == "pyxis" and (image.startswith(("./", "../")) or "://" in image):
         raise fail("slurm.container_image", image,
                    "use nvcr.io#nvidia/nemo:24.05 or an absolute path to a .sqsh file "
@@ -256,10 +262,18 @@ def check_model_mountable(model_path: str) -> None:
                    "and mount a directory above it with NSDG_SLURM__CONTAINER_MOUNTS")
 
 
-def check_paths_seen_here(*, model_path: str | None, image: str | None) -> None:
+def check_paths_seen_here(*, model_path: str | None, image: str | None, hf_checkpoint: bool = False) -> None:
     """What the login node can see of the model and a local image (it usually mounts the same
-    shared filesystem as the nodes); paths it cannot see at all are left to the nodes."""
-    if model_path is not None:
+    shared filesystem as the nodes); paths it cannot see at all are left to the nodes.
+    `hf_checkpoint`: the engine (vLLM, TensorRT-LLM) loads a Hugging Face directory, not a .nemo one."""
+    if model_path is not None and hf_checkpoint:
+        model = Path(model_path)
+        if model.is_file() or (model.is_dir() and not (model / "config.json").is_file()):
+            raise fail("model.path", model_path,
+                       "vLLM and TensorRT-LLM load a Hugging Face checkpoint directory (config.json and weights), "
+                       "and this has no config.json: convert the .nemo with transformers' "
+                       "convert_nemotron_nemo_to_hf.py or use an HF conversion (docs/operators.md, engines)")
+    elif model_path is not None:
         model = Path(model_path)
         if model.is_file() or (model_path.endswith(".nemo") and not model.is_dir()):
             raise fail("model.path", model_path,

@@ -1,4 +1,5 @@
-"""A typed Slurm job spec for the NeMo server, and the two scripts rendered from it.
+"""A typed Slurm job spec for the model server, and the two scripts rendered from it (what
+differs per serving engine is decided in infra/slurm/launch.py).
 
 `SbatchSpec` holds every value the scripts need and validates all of them when it is built,
 so nothing bad is found after a GPU has been asked for. `render_sbatch` and
@@ -18,6 +19,8 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/job-info             written by the batch script: job_id, batch_host, nodelist, first_node, started_at
     <job_dir>/rank0-host           `hostname` of global rank 0, the only rank that serves HTTP
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
+    <job_dir>/ray-head             engine vllm on 2+ nodes: "<job id>.<restart count> <address>:<port>" of
+                                   the Ray head, for the workers (infra/templates/launcher-ray.sh.tmpl)
     <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
     <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
                                    signal=USR1, received_at=<epoch s>, by=batch; the job goes on
@@ -39,7 +42,7 @@ from typing import Literal
 
 from infra.errors import ConfigError
 from infra.settings import SAFE_NAME, Profile, Settings
-from infra.slurm import options
+from infra.slurm import launch, options
 # ALLOWED_DIRECTIVES and check_directive are imported from here too.
 from infra.slurm.options import ALLOWED_DIRECTIVES, check_directive, check_mount, fail as _fail  # noqa: F401
 
@@ -83,9 +86,7 @@ def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: st
 _check_sbatch_value = options.check_sbatch_value
 
 
-def _check_int(field: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _fail(field, value, f"use a whole number from {low} to {high}")
+_check_int = options.check_int
 
 
 def _check_slurm_name(field: str, value: str | None) -> None:
@@ -99,8 +100,9 @@ def _check_slurm_name(field: str, value: str | None) -> None:
 class SbatchSpec:
     """Everything the batch script and the node launcher need, validated on construction.
 
-    `server_command`, when set, replaces NeMo's `megatron_gpt_eval.py` command line verbatim
-    (tests, the NeMo-compatible local server); otherwise `nemo_command()` builds the seed's.
+    `server_command`, when set, replaces the engine's server command line verbatim (tests, the
+    NeMo-compatible local server); otherwise `command()` builds the engine's (infra/slurm/launch.py),
+    for `nemo` the seed's `megatron_gpt_eval.py`.
     """
 
     job_name: str
@@ -138,6 +140,12 @@ class SbatchSpec:
     server_command: tuple[str, ...] | None = None
     heartbeat_timeout_s: float = 600.0
     heartbeat_interval_s: float = 15.0
+    # The serving program (infra/engines) and what its launch needs beyond NeMo's.
+    engine: str = "nemo"
+    served_model_name: str = "nemotron-4-340b-base"
+    max_model_len: int = 4096
+    ray_port: int = launch.DEFAULT_RAY_PORT
+    launch_wait_s: int = 2700  # how long Ray's head and workers wait for each other
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
@@ -154,6 +162,7 @@ class SbatchSpec:
         self._validate_launch()
         self._validate_container()
         self._validate_server()
+        launch.check_engine(self)
         self._validate_heartbeat()
 
     # --- validation, one concern per method ---------------------------------------------------
@@ -228,7 +237,7 @@ class SbatchSpec:
         if self.container_runtime not in CONTAINER_RUNTIMES:
             raise _fail("slurm.container_runtime", self.container_runtime,
                         f"use one of {', '.join(CONTAINER_RUNTIMES)}")
-        options.check_image(self.container_runtime, self.container_image)
+        options.check_image(self.container_runtime, self.container_image, setting=launch.image_setting(self.engine))
         for mount in self.container_mounts:
             check_mount(self.container_runtime, mount)
 
@@ -240,13 +249,18 @@ class SbatchSpec:
             if any("\x00" in arg for arg in self.server_command):
                 raise _fail("server.command", self.server_command, "arguments cannot contain NUL bytes")
             return
-        _check_pattern(
-            "model.path", self.model_path, _HYDRA_PATH,
-            "use an absolute path of letters, digits and . _ + / @ % : - (Hydra parses gpt_model_file=<path> and "
-            "treats quotes, spaces, brackets, commas, '=' and '$' specially); mount the model under a plainer path",
-        )
-        _check_pattern("server.eval_script", self.eval_script, _HYDRA_PATH,
-                       "use an absolute path of letters, digits and . _ + / @ % : -")
+        if self.engine in launch.NEMO_SCRIPT_ENGINES:
+            _check_pattern(
+                "model.path", self.model_path, _HYDRA_PATH,
+                "use an absolute path of letters, digits and . _ + / @ % : - (Hydra parses gpt_model_file=<path> and "
+                "treats quotes, spaces, brackets, commas, '=' and '$' specially); mount the model under a plainer path",
+            )
+            _check_pattern("server.eval_script", self.eval_script, _HYDRA_PATH,
+                           "use an absolute path of letters, digits and . _ + / @ % : -")
+        else:
+            _check_pattern("model.path", self.model_path, _HYDRA_PATH,
+                           f"{self.engine} loads a Hugging Face checkpoint directory: use its absolute path, of "
+                           "letters, digits and . _ + / @ % : - (it is mounted as SRC:DST:ro)")
         if self.container_runtime == "none" or options.covering_mount(self.container_mounts, self.model_path):
             return
         if not self.mount_model:
@@ -298,6 +312,7 @@ class SbatchSpec:
         options.check_paths_seen_here(
             model_path=self.model_path if self.server_command is None else None,
             image=self.container_image if self.container_runtime != "none" else None,
+            hf_checkpoint=self.engine in ("vllm", "trtllm"),
         )
 
     def nemo_command(self) -> tuple[str, ...]:
@@ -318,10 +333,10 @@ class SbatchSpec:
         )
 
     def command(self) -> tuple[str, ...]:
-        """NeMo's command, or the replacement with `{port}` standing for this job's port (each
+        """The engine's command, or the replacement with `{port}` standing for this job's port (each
         replica of a run listens on server.port + its index)."""
         if self.server_command is None:
-            return self.nemo_command()
+            return launch.engine_command(self)
         return tuple(arg.replace("{port}", str(self.port)) for arg in self.server_command)
 
     # --- construction from settings ------------------------------------------------------------
@@ -343,6 +358,8 @@ class SbatchSpec:
         if profile.backend != "slurm":
             raise _fail("profile.backend", profile.backend, "an sbatch script needs a profile with backend 'slurm'")
         slurm, server = settings.slurm, settings.server
+        engine = settings.engine(profile).name
+        launch.check_images_map(slurm.images)
         spec = cls(
             job_name=job_name,
             job_dir=os.path.expanduser(os.fspath(job_dir)),
@@ -370,7 +387,7 @@ class SbatchSpec:
             env=tuple(slurm.env.items()),
             setup=tuple(slurm.setup),
             container_runtime=slurm.container_runtime,
-            container_image=slurm.container_image,
+            container_image=launch.image_for(engine, slurm.container_image, slurm.images),
             container_mounts=tuple(slurm.container_mounts),
             mount_model=slurm.mount_model,
             model_path=settings.model.path,
@@ -379,6 +396,11 @@ class SbatchSpec:
             server_command=tuple(server.command) if server.command is not None else None,
             heartbeat_timeout_s=slurm.heartbeat_timeout_s,
             heartbeat_interval_s=slurm.heartbeat_interval_s,
+            engine=engine,
+            served_model_name=settings.model.name,
+            max_model_len=settings.model.context_length,
+            ray_port=slurm.ray_port,
+            launch_wait_s=math.ceil(server.ready_timeout_s),
         )
         spec.check_paths_seen_here()
         return spec
@@ -426,7 +448,7 @@ def sbatch_directives(spec: SbatchSpec) -> list[str]:
     lines += [f"{flag} {value}" for flag, value in (("-A", spec.account), ("-p", spec.partition)) if value]
     lines += [f"--qos={spec.qos}"] if spec.qos else []
     lines += [f"--reservation={spec.reservation}"] if spec.reservation else []
-    lines += [f"-N {spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
+    lines += [f"-N {spec.nodes}", f"--ntasks-per-node={launch.srun_tasks_per_node(spec)}"]
     lines += gpu_directive(spec)
     lines += [f"--cpus-per-task={spec.cpus_per_task}"] if spec.cpus_per_task else []
     lines += [f"--time={spec.time_limit}"]
@@ -488,10 +510,10 @@ def render_sbatch(spec: SbatchSpec) -> str:
         # Integer seconds: the switch does its arithmetic in bash.
         _assign("HEARTBEAT_TIMEOUT_S", math.ceil(spec.heartbeat_timeout_s)),
         _assign("HEARTBEAT_INTERVAL_S", _seconds(spec.heartbeat_interval_s)),
-        _assign("TASKS_PER_NODE", spec.tasks_per_node),
+        _assign("TASKS_PER_NODE", launch.srun_tasks_per_node(spec)),
         # Empty: every CPU of the node shared by its ranks (SLURM_CPUS_ON_NODE / TASKS_PER_NODE).
         _assign("CPUS_PER_TASK", spec.cpus_per_task or ""),
-        _assign_array("SRUN_ARGS", spec.srun_args),
+        _assign_array("SRUN_ARGS", launch.srun_args(spec)),
         f"# Model: {model_note}",
         _assign_array("SRUN_CONTAINER_ARGS", srun_container_args(spec)),
         _assign_array("LAUNCH_PREFIX", launch_prefix(spec)),
@@ -501,6 +523,8 @@ def render_sbatch(spec: SbatchSpec) -> str:
     if spec.container_runtime == "apptainer":
         env += _exports(spec, "APPTAINERENV_")  # apptainer's way to win over the image's values
     return _template("sbatch.sh.tmpl").substitute(
+        what=launch.job_title(spec),
+        srun_comment=launch.srun_comment(spec),
         directives="\n".join(sbatch_directives(spec)),
         assignments="\n".join(assignments),
         site_env="\n".join(env) or "# slurm.env is empty.",
@@ -514,10 +538,13 @@ def render_node_launcher(spec: SbatchSpec) -> str:
         _assign("JOB_DIR", spec.job_dir),
         _assign_array("SETUP_LINES", spec.setup),
         _assign_array("SERVER_CMD", spec.command()),
+        *(_assign(name, value) for name, value in launch.ray_assignments(spec)),
     ]
     return _template("node-launcher.sh.tmpl").substitute(
         assignments="\n".join(assignments),
         site_env="\n".join(_exports(spec)) or "# slurm.env is empty.",
+        runs=launch.launcher_runs(spec),
+        server=_template(launch.launcher_tail(spec)).template,
     )
 
 

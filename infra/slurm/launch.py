@@ -1,0 +1,181 @@
+"""How each serving engine (infra/engines) is started inside the Slurm job: its image, how many
+srun tasks a node gets, the server's command line, which launcher tail runs it, and the launches
+that cannot work, refused with one ConfigError line before anything is submitted.
+
+| engine        | srun tasks per node | command (sources: docs/operators.md, reference/openai-engines.md)          |
+|---------------|---------------------|-----------------------------------------------------------------------------|
+| `nemo`        | one per GPU         | the seed's `megatron_gpt_eval.py ... server=True` (NeMo 24.05)               |
+| `nemo-openai` | one per GPU         | the same script in a NeMo >= 2.1 image, whose server adds /v1/completions    |
+| `trtllm`      | one per GPU         | `trtllm-llmapi-launch trtllm-serve`: one MPI world under `srun --mpi=pmix`   |
+| `vllm`        | one per node        | several nodes: Ray head on node 0 + Ray workers, then `vllm serve` on node 0 |
+|               |                     | (TP x PP, `--distributed-executor-backend ray`); one node: `vllm serve` only |
+| `custom`      | one per GPU         | `server.command`, verbatim                                                   |
+
+`server.command` replaces the engine's server command for every engine (for `vllm`, the
+`vllm serve` line on node 0; the Ray roles stay): tests and site wrappers use it.
+
+Pure: no I/O. `infra/slurm/spec.py` renders what this module decides.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from infra.slurm.options import check_int, fail
+
+if TYPE_CHECKING:
+    from infra.slurm.spec import SbatchSpec
+
+ENGINE_NAMES = ("nemo", "vllm", "trtllm", "nemo-openai", "custom")
+
+# Default images. nemo/custom: the model card's container. vllm: the first release with Ray
+# executor V2, which fixed multi-node PP > 1 (vllm #36836, v0.20.0). trtllm: NGC's release image
+# (its PyTorch backend lists NemotronForCausalLM). nemo-openai: 24.12, the first NeMo Framework
+# container after 24.09 (NeMo 2.0.0), i.e. NeMo 2.1 with the OpenAI routes. Pin what your site has.
+DEFAULT_IMAGES = {
+    "nemo": "nvcr.io/nvidia/nemo:24.05",
+    "custom": "nvcr.io/nvidia/nemo:24.05",
+    "vllm": "vllm/vllm-openai:v0.20.0",
+    "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.0.0",
+    "nemo-openai": "nvcr.io/nvidia/nemo:24.12",
+}
+# Engines whose image is slurm.container_image (the setting predates the others).
+CONTAINER_IMAGE_ENGINES = ("nemo", "custom")
+NEMO_SCRIPT_ENGINES = ("nemo", "nemo-openai")
+DEFAULT_RAY_PORT = 6379
+PMIX = "--mpi=pmix"
+
+
+def image_setting(engine: str) -> str:
+    """The environment variable that sets `engine`'s image, for error messages and docs."""
+    if engine in CONTAINER_IMAGE_ENGINES:
+        return "NSDG_SLURM__CONTAINER_IMAGE"
+    return f'NSDG_SLURM__IMAGES=\'{{"{engine}": "..."}}\''
+
+
+def image_for(engine: str, container_image: str, images: dict[str, str]) -> str:
+    """`slurm.images[engine]`, else `slurm.container_image` for nemo/custom, else the engine's default."""
+    if engine in images:
+        return images[engine]
+    return container_image if engine in CONTAINER_IMAGE_ENGINES else DEFAULT_IMAGES[engine]
+
+
+def check_images_map(images: dict[str, str]) -> None:
+    for name in images:
+        if name not in ENGINE_NAMES:
+            raise fail("slurm.images", name, f"keys are engine names: {', '.join(ENGINE_NAMES)}")
+
+
+def uses_ray(spec: "SbatchSpec") -> bool:
+    """vLLM across nodes: its workers are placed through a Ray cluster spanning the job."""
+    return spec.engine == "vllm" and spec.nodes > 1
+
+
+def srun_tasks_per_node(spec: "SbatchSpec") -> int:
+    """Tasks srun starts on each node: one launcher per node for vLLM (its engine spawns the GPU
+    workers itself), one per GPU for the rest (NeMo's ranks, TRT-LLM's MPI world)."""
+    return 1 if spec.engine == "vllm" else spec.tasks_per_node
+
+
+def srun_args(spec: "SbatchSpec") -> tuple[str, ...]:
+    """The site's srun flags, plus PMIx for TRT-LLM's MPI world when the site gave no --mpi."""
+    if spec.engine == "trtllm" and spec.server_command is None and not any(a.startswith("--mpi=") for a in spec.srun_args):
+        return (*spec.srun_args, PMIX)
+    return spec.srun_args
+
+
+def launcher_tail(spec: "SbatchSpec") -> str:
+    """The template that ends the node launcher: the Ray roles, or one server per task."""
+    return "launcher-ray.sh.tmpl" if uses_ray(spec) else "launcher-server.sh.tmpl"
+
+
+_TITLES = {"nemo": "the NeMo server job", "custom": "the NeMo server job", "vllm": "the vLLM server job",
+           "trtllm": "the TensorRT-LLM server job", "nemo-openai": "the NeMo >= 2.1 server job"}
+_SRUN_PER_GPU = """# One task per GPU, no torchrun, each seeing every GPU of its node; a rank that exits non-zero
+# ends the whole step (and the job then ends FAILED with that exit code). --export=ALL: the
+# ranks get this script's environment (sbatch's --export list would otherwise narrow it again);
+# --label prefixes each line with its rank."""
+_SRUN_PER_NODE = """# One task per node, seeing every GPU of its node (vLLM starts its GPU workers itself); a task
+# that exits non-zero ends the whole step (and the job then ends FAILED with that exit code).
+# --export=ALL: the tasks get this script's environment (sbatch's --export list would otherwise
+# narrow it again); --label prefixes each line with its task."""
+
+
+def job_title(spec: "SbatchSpec") -> str:
+    return _TITLES[spec.engine]
+
+
+def _task_per_node(spec: "SbatchSpec") -> bool:
+    return srun_tasks_per_node(spec) != spec.tasks_per_node
+
+
+def launcher_runs(spec: "SbatchSpec") -> str:
+    return "once per node (vLLM starts its GPU workers)" if _task_per_node(spec) else "once per rank (one rank per GPU)"
+
+
+def srun_comment(spec: "SbatchSpec") -> str:
+    return _SRUN_PER_NODE if _task_per_node(spec) else _SRUN_PER_GPU
+
+
+def vllm_command(spec: "SbatchSpec") -> tuple[str, ...]:
+    cmd = ["vllm", "serve", spec.model_path, "--served-model-name", spec.served_model_name,
+           "--tensor-parallel-size", str(spec.tensor_parallel)]
+    if spec.pipeline_parallel > 1:
+        cmd += ["--pipeline-parallel-size", str(spec.pipeline_parallel)]
+    if uses_ray(spec):
+        # Explicit: vLLM 0.11.x picked a backend that saw one node's GPUs (NVIDIA-NeMo/Skills#1059).
+        cmd += ["--distributed-executor-backend", "ray"]
+    return (*cmd, "--max-model-len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
+
+
+def trtllm_command(spec: "SbatchSpec") -> tuple[str, ...]:
+    # trtllm-llmapi-launch makes MPI rank 0 the server and the other ranks its workers.
+    return ("trtllm-llmapi-launch", "trtllm-serve", spec.model_path, "--backend", "pytorch",
+            "--tp_size", str(spec.tensor_parallel), "--pp_size", str(spec.pipeline_parallel),
+            "--max_seq_len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
+
+
+def engine_command(spec: "SbatchSpec") -> tuple[str, ...]:
+    """The server's command line when server.command does not replace it."""
+    if spec.engine == "vllm":
+        return vllm_command(spec)
+    if spec.engine == "trtllm":
+        return trtllm_command(spec)
+    return spec.nemo_command()
+
+
+def ray_assignments(spec: "SbatchSpec") -> list[tuple[str, str | int]]:
+    """The launcher's extra variables for the Ray roles (none for the other launches)."""
+    if not uses_ray(spec):
+        return []
+    return [("RAY_PORT", spec.ray_port), ("RAY_GPUS", spec.nodes * spec.gpus_per_node),
+            ("RAY_WAIT_S", spec.launch_wait_s)]
+
+
+def check_engine(spec: "SbatchSpec") -> None:
+    """The launches that cannot work, each refused with the reason and what to change."""
+    if spec.engine not in ENGINE_NAMES:
+        raise fail("profile.engine", spec.engine, f"use one of {', '.join(ENGINE_NAMES)}")
+    if spec.engine == "custom" and spec.server_command is None:
+        raise fail("profile.engine", spec.engine,
+                   "the custom engine runs NSDG_SERVER__COMMAND (a JSON list, {port} for the port): set it")
+    if spec.engine == "vllm":
+        if not spec.gpus_per_node:
+            raise fail("profile.gpus_per_node", spec.gpus_per_node,
+                       "vllm runs one task per node that sees all its GPUs: give the profile gpus_per_node")
+        if spec.nodes > 1 and spec.tensor_parallel > spec.gpus_per_node:
+            raise fail("profile.tensor_parallel", spec.tensor_parallel,
+                       f"vllm over {spec.nodes} nodes keeps tensor parallelism inside a node's NVLink: use "
+                       f"tensor_parallel={spec.gpus_per_node} and pipeline_parallel={spec.nodes} (vLLM's layout)")
+        check_int("slurm.ray_port", spec.ray_port, 1024, 65535)
+        if uses_ray(spec) and spec.ray_port == spec.port:
+            raise fail("slurm.ray_port", spec.ray_port, "the Ray head and the server would both listen on it")
+    if spec.engine == "trtllm" and spec.server_command is None:
+        mpi = [a for a in spec.srun_args if a.startswith("--mpi=")]
+        if mpi and not mpi[-1].startswith(PMIX):
+            raise fail("slurm.srun_args", mpi[-1],
+                       "trtllm-llmapi-launch needs the tasks started as one MPI world through PMIx: use --mpi=pmix "
+                       "(or drop the option: it is added for trtllm)")
+    if spec.engine not in NEMO_SCRIPT_ENGINES:
+        check_int("model.context_length", spec.max_model_len, 16, 1_048_576)
+

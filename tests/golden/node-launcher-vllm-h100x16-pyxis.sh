@@ -1,0 +1,208 @@
+#!/bin/bash
+# nemotron-sdg node launcher: srun runs it once per node (vLLM starts its GPU workers), inside the
+# container when there is one. Rendered by infra.slurm.spec.render_node_launcher from
+# infra/templates/node-launcher.sh.tmpl; edit the template, not this file.
+# Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
+JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001
+SETUP_LINES=()
+SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray --max-model-len 4096 --host 0.0.0.0 --port 1424)
+RAY_PORT=6379
+RAY_GPUS=16
+RAY_WAIT_S=2700
+
+# Not the orchestrator's Python; not the home directory's pip --user packages either. Whole
+# Hydra errors and unbuffered output, so 16 ranks' logs can be read.
+unset VIRTUAL_ENV PYTHONPATH PYTHONHOME
+export PYTHONNOUSERSITE=1 HYDRA_FULL_ERROR=1 PYTHONUNBUFFERED=1
+# slurm.env, set again here: inside a container it wins over the image's own values.
+# slurm.env is empty.
+
+RANK="${SLURM_PROCID:-0}"
+# Taken before any trap is set, and never `$HOSTNAME`, which may be the submit host's
+# (Slurm exports the caller's environment). After the traps below no command substitution
+# runs in this shell: bash 5.2 can fail to parse one that a signal interrupts.
+HOST=$(hostname)
+SERVER_PID=""
+
+log() {
+    printf '%(%Y-%m-%dT%H:%M:%S%z)T rank %s: %s\n' -1 "$RANK" "$*"
+}
+
+publish() {
+    # Temp name + rename: the orchestrator polls these files and must never read half of one.
+    local tmp="$JOB_DIR/.$1.$$"
+    printf '%s\n' "$2" > "$tmp" && mv -f "$tmp" "$JOB_DIR/$1"
+}
+
+stop_server() {
+    # Signal the server's own process group (it and whatever it forked) and nothing else.
+    log "received SIG$1; sending SIGTERM to the server's process group ${SERVER_PID:-none}"
+    if [ -z "$SERVER_PID" ]; then
+        exit 143
+    fi
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null
+}
+
+note_signal() {
+    # Slurm sends a step's signal to every process of the step, the server too, so a USR1 for the
+    # ranks cannot be a mere warning (slurm.extra_directives refuses --signal without B:). The
+    # trap keeps this launcher alive to report how the server ended.
+    log "received SIG$1 (the server gets it from Slurm as well)"
+}
+
+run_setup() {
+    # slurm.setup: the site's own lines (module load ..., source .../activate), in this shell, so
+    # what they set reaches the server. A line that fails ends the rank: the server would not run.
+    local line
+    for line in "${SETUP_LINES[@]}"; do
+        log "setup: $line"
+        eval "$line" || { log "setup line failed (exit $?): $line"; exit 1; }
+    done
+}
+
+wait_for() {
+    # `wait` returns early (>128) when a trapped signal arrives; keep waiting until the server
+    # has really exited, so its own exit code is the one reported.
+    local pid=$1 rc
+    while :; do
+        wait "$pid"
+        rc=$?
+        kill -0 "$pid" 2>/dev/null || return "$rc"
+    done
+}
+
+# Before the traps: setup lines (Lmod's `module`, for one) run command substitutions.
+run_setup
+
+trap 'stop_server TERM' TERM
+trap 'stop_server INT' INT
+trap 'note_signal USR1' USR1
+trap 'note_signal USR2' USR2
+
+log "local_rank=${SLURM_LOCALID:-?} node_rank=${SLURM_NODEID:-?} host=$HOST job=${SLURM_JOB_ID:-?}"
+
+# vLLM over Ray, one task per node (vLLM's and NeMo-Skills' layout): node 0 runs the Ray head,
+# waits until the cluster shows every GPU of the job, then runs `vllm serve`, which places its
+# TP x PP workers through Ray; every other node runs a Ray worker joined to the head. Each role
+# runs in its own process group. A worker whose Ray exits ends its task non-zero, so srun
+# --kill-on-bad-exit ends the whole step (the head's server cannot go on without it).
+NODE_RANK="${SLURM_NODEID:-0}"
+RAY_PID=""
+# Tagged with the job id and restart count: a requeued job must not join the last start's head.
+HEAD_TAG="${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"
+
+stop_ray() {
+    if [ -n "$RAY_PID" ]; then
+        kill -TERM -- "-$RAY_PID" 2>/dev/null || kill -TERM "$RAY_PID" 2>/dev/null
+    fi
+    return 0
+}
+
+trap 'stop_ray; stop_server TERM' TERM
+trap 'stop_ray; stop_server INT' INT
+
+elapsed_since() {
+    local now
+    printf -v now '%(%s)T' -1
+    ELAPSED=$((now - $1))
+}
+
+ray_gpus_at_least() {
+    # 2: the head does not answer yet; 1: it answers with fewer GPUs than $1; 0: at least $1.
+    # `ray status` lists the cluster's resources, e.g. " 0.0/16.0 GPU".
+    ray status --address="$HEAD_ADDRESS" > "$JOB_DIR/.ray-status.$$" 2>&1 || return 2
+    awk -v need="$1" '
+        match($0, /\/[0-9.]+ GPU/) { if (substr($0, RSTART + 1, RLENGTH - 5) + 0 >= need) ok = 1 }
+        END { exit !ok }' "$JOB_DIR/.ray-status.$$"
+}
+
+wait_for_ray_cluster() {
+    # The head's address is published once its Ray answers, so the workers join a running head.
+    local started state published=""
+    printf -v started '%(%s)T' -1
+    while :; do
+        if ! kill -0 "$RAY_PID" 2>/dev/null; then
+            log "the Ray head exited before the cluster formed"
+            return 1
+        fi
+        ray_gpus_at_least "$RAY_GPUS"
+        state=$?
+        if [ "$state" -ne 2 ] && [ -z "$published" ]; then
+            publish ray-head "$HEAD_TAG $HEAD_ADDRESS"
+            published=1
+            log "the Ray head answers at $HEAD_ADDRESS; waiting for $RAY_GPUS GPUs"
+        fi
+        if [ "$state" -eq 0 ]; then
+            log "the Ray cluster shows $RAY_GPUS GPUs"
+            return 0
+        fi
+        elapsed_since "$started"
+        if [ "$ELAPSED" -ge "$RAY_WAIT_S" ]; then
+            log "the Ray cluster did not show $RAY_GPUS GPUs within ${RAY_WAIT_S}s: see the workers' lines in this log"
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+wait_for_head() {
+    # The head publishes "<tag> <address>" in the job dir once its Ray is started.
+    local started tag address
+    printf -v started '%(%s)T' -1
+    while :; do
+        if [ -r "$JOB_DIR/ray-head" ] && read -r tag address < "$JOB_DIR/ray-head" && [ "$tag" = "$HEAD_TAG" ]; then
+            HEAD_ADDRESS=$address
+            return 0
+        fi
+        elapsed_since "$started"
+        if [ "$ELAPSED" -ge "$RAY_WAIT_S" ]; then
+            log "no Ray head published $JOB_DIR/ray-head within ${RAY_WAIT_S}s: see node 0's lines in this log"
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+if [ "$NODE_RANK" = "0" ]; then
+    # Only node 0 serves HTTP: the orchestrator reads these to find the server.
+    publish rank0-host "$HOST"
+    publish rank0-node "${SLURMD_NODENAME:-}"
+    # The head's address as the other nodes reach it: RAY_HEAD_IP from slurm.env, else the
+    # node's address as `hostname --ip-address` gives it (Ray's own Slurm recipe). Read through a
+    # file: no command substitution runs once the traps are set.
+    if [ -z "${RAY_HEAD_IP:-}" ]; then
+        hostname --ip-address > "$JOB_DIR/.head-ip.$$" 2>/dev/null
+        read -r RAY_HEAD_IP _ < "$JOB_DIR/.head-ip.$$"
+        rm -f "$JOB_DIR/.head-ip.$$"
+    fi
+    HEAD_ADDRESS="${RAY_HEAD_IP:-$HOST}:$RAY_PORT"
+    setsid ray start --head --node-ip-address="${RAY_HEAD_IP:-$HOST}" --port="$RAY_PORT" --block &
+    RAY_PID=$!
+    log "Ray head started at $HEAD_ADDRESS, pid and process group $RAY_PID"
+    wait_for_ray_cluster
+    formed=$?
+    rm -f "$JOB_DIR/.ray-status.$$"
+    if [ "$formed" -ne 0 ]; then
+        stop_ray
+        exit 1
+    fi
+    setsid "${SERVER_CMD[@]}" &
+    SERVER_PID=$!
+    log "server started, pid and process group $SERVER_PID"
+    wait_for "$SERVER_PID"
+    rc=$?
+    log "server exited with code $rc"
+    stop_ray
+    exit "$rc"
+fi
+
+wait_for_head || exit 1
+setsid ray start --address="$HEAD_ADDRESS" --block &
+SERVER_PID=$!
+log "Ray worker joined $HEAD_ADDRESS, pid and process group $SERVER_PID"
+wait_for "$SERVER_PID"
+rc=$?
+log "Ray worker exited with code $rc"
+# Exit 0 would leave srun's step running without this node's GPUs.
+[ "$rc" -ne 0 ] || rc=1
+exit "$rc"
