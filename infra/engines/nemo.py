@@ -1,4 +1,4 @@
-"""Client for NeMo 24.05's PUT /generate.
+"""Client for NeMo 24.05's PUT /generate (API `nemo-generate`).
 
 Everything is validated before sending, because a malformed request can hang all ranks of the
 server (an empty list or a non-string item raises inside generation after the ranks have
@@ -71,6 +71,7 @@ class GeneratedText:
     prompt: str
     completion: Completion
     generated_tokens: int
+    tokens_unit: str = "tokens"  # NeMo >= 2.1's /v1/completions counts whitespace-split "words"
 
 
 def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
@@ -104,6 +105,8 @@ def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
 
 
 class NemoClient:
+    api = "nemo-generate"
+
     def __init__(
         self,
         base_url: str,
