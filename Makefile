@@ -90,6 +90,7 @@ test-fast: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)
 bench: $(STAMP) slurm-up
 	$(PY) -m benchmarks.run --out benchmarks/results.md
 	$(PY) -m benchmarks.replicas --out benchmarks/results.md --append
+	$(PY) -m benchmarks.engines --out benchmarks/results.md --append
 
 # The fault suite: each fault against the real stand-ins, then a table of what was lost.
 faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up

@@ -34,11 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from infra.completion import Completion, trim_at_end_strings
-from infra.engines.nemo import GeneratedText, estimate_tokens
-from infra.errors import BadRequest, ConfigError, RequestRejected, ServerHung, ServerLost, TransientServerError, ValidationRejected
+from infra.engines.http import HttpClient
+from infra.engines.nemo import GeneratedText
+from infra.errors import BadRequest, ConfigError, RequestRejected, TransientServerError, ValidationRejected
 from infra.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -108,36 +108,12 @@ class Choice:
     finish_reason: str
 
 
-class OpenAIClient:
+class OpenAIClient(HttpClient):
     api = "openai-completions"
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        model: str,
-        session: requests.Session | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 1800.0,
-        context_length: int = 4096,
-        count_tokens: Callable[[str], int] = estimate_tokens,
-        max_in_flight: int = 256,
-        nemo_openai: bool = False,
-    ):
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str, *, model: str, max_in_flight: int = 256, nemo_openai: bool = False, **kw):
+        super().__init__(base_url, connections=max_in_flight, **kw)
         self.model = model
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # cluster-internal: no proxy/.netrc lookups per call
-            # One pooled connection per request in flight: no reconnect per request.
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_in_flight)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-        self.session = session
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.context_length = context_length
-        self.count_tokens = count_tokens
         self.max_in_flight = max_in_flight
         # NeMo >= 2.1 ignores `n` and `stop` and counts words as usage.
         self.nemo_openai = nemo_openai
@@ -175,21 +151,8 @@ class OpenAIClient:
                      read_timeout: float | None = None) -> dict:
         self.check_prompt(prompt, sampling)
         body = request_body(self.model, prompt, sampling, n=n, seed=seed, end_strings_field=self.nemo_openai)
-        timeout = (self.connect_timeout, read_timeout if read_timeout is not None else self.read_timeout)
-        url = self.completions_url
-        try:
-            resp = self.session.post(url, json=body, timeout=timeout)
-        except requests.ConnectTimeout as exc:
-            raise TransientServerError(f"Connecting to {url} timed out after {timeout[0]:.0f} s.") from exc
-        except requests.Timeout as exc:
-            raise ServerHung(
-                f"No reply from {url} within {timeout[1]:.0f} s for one prompt (n={n}): the engine may have died "
-                "while its HTTP side still answers (vllm#39863); release and restart it."
-            ) from exc
-        except requests.RequestException as exc:  # refused, reset, or the reply cut off mid-body
-            raise TransientServerError(
-                f"Could not complete POST {url}: {exc.__class__.__name__}. Check that the server job is still running."
-            ) from exc
+        resp = self.send("POST", self.completions_url, body, read_timeout=read_timeout, what=f"one prompt (n={n})",
+                         hung="the engine may have died while its HTTP side still answers (vllm#39863)")
         return self._parse(resp, n)
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
@@ -251,14 +214,6 @@ class OpenAIClient:
         try:
             self.get("/", self.connect_timeout)
         except requests.RequestException:
-            return False
-        return True
-
-    def ready(self, timeout: float | None = None) -> bool:
-        """One real 1-token completion. False when it gets no answer; a refusal raises RequestRejected."""
-        try:
-            self.keep_alive(timeout)
-        except (TransientServerError, ServerLost):
             return False
         return True
 

@@ -60,6 +60,8 @@ class ContinuousBatcher:
         self._waiting: deque[_Sequence] = deque()
         self._cond = threading.Condition()
         self.steps = self.busy_slot_steps = self.generated = self.sequences = 0
+        # Up to the last step a sequence joined at: "while work remains" (after it, the tail drains).
+        self.joined_steps = self.joined_busy = 0
         self.busy_s = 0.0
         threading.Thread(target=self._run, name="continuous-batcher", daemon=True).start()
 
@@ -89,6 +91,8 @@ class ContinuousBatcher:
                 self.busy_slot_steps += len(active)
                 self.generated += len(active)
                 self.busy_s += cost
+                if joining or self._waiting:
+                    self.joined_steps, self.joined_busy = self.steps, self.busy_slot_steps
             for seq in active:
                 seq.steps -= 1
             for seq in [s for s in active if s.steps <= 0]:
@@ -100,6 +104,8 @@ class ContinuousBatcher:
         with self._cond:
             return {"slots": self.slots, "steps": self.steps, "busy_slot_steps": self.busy_slot_steps,
                     "occupancy": round(self.busy_slot_steps / (self.slots * self.steps), 4) if self.steps else None,
+                    "occupancy_while_work_remains": round(self.joined_busy / (self.slots * self.joined_steps), 4)
+                    if self.joined_steps else None,
                     "generated_tokens": self.generated, "sequences": self.sequences, "busy_s": round(self.busy_s, 3),
                     "waiting": len(self._waiting)}
 
