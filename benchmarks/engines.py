@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--ceiling-n", type=int, default=20000)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind: every server started is stopped
     workdir = tempdir("nsdg-engines-")
     started = time.monotonic()
 

@@ -219,3 +219,18 @@ def test_flow_over_openai_api_publishes_every_record_once_with_samples_as_n(pref
              recipe={"samples_per_prompt": 2}, shard_size=4)
     rows2 = [json.loads(x) for p in manifest["parts"] for x in (again / "oai" / p["name"]).read_text().splitlines()]
     assert [r["completion"] for r in rows2] == [r["completion"] for r in rows]
+
+
+def test_continuous_batching_engine_fills_fixed_slots_and_reports_occupancy(tmp_path):
+    """The simulated engine with a cost model batches requests continuously: never more sequences
+    than slots in a step, every generated token one busy slot-step, sequences overlapping."""
+    with running_server(tmp_path, *SIM, "--sim-decode-step-s", "0.005", "--sim-slots", "4") as (url, _):
+        c = client(url, max_in_flight=12)
+        sampling = SamplingParams(tokens_to_generate=10, end_strings=[])
+        futures = [c.submit(c.complete, f"Prompt {i}", sampling, n=2) for i in range(6)]
+        tokens = sum(g.generated_tokens for f in futures for g in f.result())
+        stats = requests.get(url + "/sim/stats", timeout=10).json()
+    assert stats["sequences"] == 12 and stats["busy_slot_steps"] == stats["generated_tokens"] == tokens
+    assert stats["busy_slot_steps"] <= stats["slots"] * stats["steps"]  # 4 slots, never more
+    assert stats["steps"] < tokens  # sequences shared steps: one at a time would take one step per token
+    assert 0 < stats["occupancy"] <= 1 and 0 < stats["occupancy_while_work_remains"] <= 1

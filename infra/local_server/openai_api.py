@@ -79,9 +79,7 @@ class ContinuousBatcher:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: active or self._waiting)
-                joining = []
-                while self._waiting and len(active) < self.slots:
-                    joining.append(self._waiting.popleft())
+                joining = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.slots - len(active)))]
                 active.extend(joining)
             cost = self.cost.decode_step_s * (1 + self.cost.decode_batch_slope * len(active)) \
                 + self.cost.prefill_s_per_token * sum(s.prompt_tokens for s in joining)
