@@ -234,3 +234,14 @@ def test_continuous_batching_engine_fills_fixed_slots_and_reports_occupancy(tmp_
     assert stats["busy_slot_steps"] <= stats["slots"] * stats["steps"]  # 4 slots, never more
     assert stats["steps"] < tokens  # sequences shared steps: one at a time would take one step per token
     assert 0 < stats["occupancy"] <= 1 and 0 < stats["occupancy_while_work_remains"] <= 1
+
+
+def test_shard_tasks_per_replica_keep_the_request_pool_fed(monkeypatch, tmp_path):
+    from flows.generate import shard_tasks_per_replica
+
+    settings = local_settings(monkeypatch, tmp_path)
+    nemo, vllm = Profile(backend="local"), Profile(backend="local", engine="vllm")
+    assert shard_tasks_per_replica(settings, nemo, 4000, 1) == 2  # shard tasks = requests: one computing, one queued
+    assert shard_tasks_per_replica(settings, vllm, 4000, 1) == 2  # one shard fills 256; one more for its tail
+    assert shard_tasks_per_replica(settings, vllm, 100, 1) == 4  # 256 requests need 3 shards of 100, plus one
+    assert shard_tasks_per_replica(settings, vllm, 10, 2) == 6  # capped: the flow's task runner has 8 threads
