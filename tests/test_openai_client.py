@@ -245,3 +245,12 @@ def test_shard_tasks_per_replica_keep_the_request_pool_fed(monkeypatch, tmp_path
     assert shard_tasks_per_replica(settings, vllm, 4000, 1) == 2  # one shard fills 256; one more for its tail
     assert shard_tasks_per_replica(settings, vllm, 100, 1) == 4  # 256 requests need 3 shards of 100, plus one
     assert shard_tasks_per_replica(settings, vllm, 10, 2) == 6  # capped: the flow's task runner has 8 threads
+
+
+def test_the_real_model_serves_the_same_openai_endpoints(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, "--model-dir", str(tiny_model_dir), "--torch-threads", "1") as (url, _):
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        assert [m["id"] for m in requests.get(url + "/v1/models", timeout=10).json()["data"]] == [MODEL]
+        raw = client(url).complete_raw("Hello there", SamplingParams(tokens_to_generate=4, greedy=True, end_strings=[]), n=2)
+        assert len(raw["choices"]) == 2 and raw["usage"]["completion_tokens"] <= 8
+        assert all(c["finish_reason"] in ("stop", "length") for c in raw["choices"])
