@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps bench faults clean help
+.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps llama-server bench faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
@@ -40,7 +40,18 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip download -q --no-deps nemo_toolkit==2.0.0 -d .cache/wheels
 	touch $@
 
-install: $(STAMP)
+# NeMo >= 2.1's own POST /v1/completions (the nemo-openai engine's reference), read out of this wheel
+# the same way (tests/nemo_reference.py --nemo-version 2.1.0). A file target: existing installs get it too.
+NEMO_21_WHEEL := .cache/wheels/nemo_toolkit-2.1.0-py3-none-any.whl
+$(NEMO_21_WHEEL): | $(STAMP)
+	$(PY) -m pip download -q --no-deps nemo_toolkit==2.1.0 -d .cache/wheels
+
+install: $(STAMP) $(NEMO_21_WHEEL)
+
+# llama.cpp's llama-server, the real OpenAI-compatible server of the engine tests: built once per machine
+# into ~/.cache/nemotron-sdg/llama-server/<version>/ (about 11 min on 2 cores); a no-op when it is there.
+llama-server: | $(STAMP)
+	PYTHON=$(PY) bash tools/build-llama-server.sh >/dev/null
 
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(VENV)/bin/nemotron-sdg make-tiny-model $(MODEL_DIR)
@@ -69,16 +80,17 @@ slurm-down:
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(STAMP) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json slurm-up browser-deps
+test: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server slurm-up browser-deps
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json
+test-fast: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server
 	$(PY) -m pytest -q -ra -m "not slurm and not prefect_server and not browser"
 
 # Every benchmark in one go; writes benchmarks/results.md.
 bench: $(STAMP) slurm-up
 	$(PY) -m benchmarks.run --out benchmarks/results.md
 	$(PY) -m benchmarks.replicas --out benchmarks/results.md --append
+	$(PY) -m benchmarks.engines --out benchmarks/results.md --append
 
 # The fault suite: each fault against the real stand-ins, then a table of what was lost.
 faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up

@@ -123,7 +123,7 @@ def generate(
 
     def start(backend: Backend):
         allocate(backend)
-        return wait_ready.submit(backend, settings, cfg.tokenizer)
+        return wait_ready.submit(backend, settings, cfg.tokenizer, prof)
 
     def timed_release(backend: Backend) -> None:
         t = time.monotonic()
@@ -145,7 +145,7 @@ def generate(
             release=timed_release,
             shards=planned_shards(stream, cfg, settings, the_plan, source.verify),
             replicas=replica_count(settings, prof, replicas),
-            max_in_flight=settings.in_flight(prof),
+            max_in_flight=shard_tasks_per_replica(settings, prof, cfg.shard_size, the_plan.samples),
             restarts_allowed=restarts_allowed,
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,
@@ -162,6 +162,18 @@ def generate(
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
                   replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id))
+
+
+def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, samples: int) -> int:
+    """Shard tasks kept running per replica. nemo-generate: one request per shard task at a time, so
+    `in_flight` of them (one computing, one queued). openai-completions: `in_flight` counts requests,
+    which the replica's client pool keeps open across its shards (infra/engines/openai.py); enough
+    shards run to fill it, plus one so a shard's tail never leaves the engine short (capped: the
+    flow's task runner has 8 threads)."""
+    in_flight = settings.in_flight(profile)
+    if settings.api(profile) == "nemo-generate":
+        return in_flight
+    return max(2, min(6, -(-in_flight // max(1, shard_size * samples)) + 1))
 
 
 def replica_count(settings: Settings, profile, requested: int | None) -> int:

@@ -3,7 +3,9 @@
 Every replica is its own allocation (a Slurm job, a local process, an attached URL). They are
 started together and waited on independently; generation starts on the first one ready and each
 other joins as it becomes ready. Each ready replica keeps `max_in_flight` shard tasks running
-(the server serves one request at a time: one computing, one queued). A replica that dies or
+(nemo-generate: the server serves one request at a time, one computing, one queued; openai-completions:
+the requests in flight are the replica's client pool's, and these shard tasks only keep it fed:
+flows.generate.shard_tasks_per_replica). A replica that dies or
 hangs is released, its unfinished shards go back to the queue, and it is replaced while the run's
 `max_server_restarts` allows. A replica is released as soon as the queue is empty and its last
 shard is done, not when the slowest replica finishes; every replica is released on every exit.

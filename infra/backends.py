@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.deadline import Deadline, poll_until
-from infra.errors import ConfigError, RequestRejected, ServerNotReady
-from infra.nemo_client import NemoClient
+from infra.engines import readiness
+from infra.engines.nemo import NemoClient
+from infra.engines.openai import OpenAIClient
+from infra.errors import ConfigError, ServerNotReady
 from infra.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
 from infra.settings import Profile, Settings
 from infra.slurm.client import log_tail
@@ -57,6 +59,7 @@ class LocalBackend:
         engine = ["--engine", "simulated"] if local.engine == "simulated" else ["--model-dir", str(Path(local.model_dir).resolve())]
         return [sys.executable, "-m", "infra.local_server", "serve-local", *engine,
                 "--host", local.host, "--port", "0", "--port-file", str(self.port_file), "--exit-with-parent",
+                "--served-model-name", self.settings.model.name,
                 *local.extra_args, *self.extra_args]
 
     def start(self) -> None:
@@ -167,40 +170,44 @@ def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_
     return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id, replica=replica)
 
 
-def make_client(settings: Settings, url: str, tokenizer: str | None = None) -> NemoClient:
-    """`tokenizer` must be the one the plan counted with, or the client could refuse what the
-    plan accepted."""
+def make_client(settings: Settings, url: str, tokenizer: str | None = None, profile: Profile | None = None):
+    """The client for the API `settings.api(profile)` speaks (no profile: the default engine's).
+    `tokenizer` must be the one the plan counted with, or the client could refuse what the plan accepted."""
     s, counter = settings.server, token_counter(tokenizer)
+    profile = profile or Profile(backend="attach")
+    if settings.api(profile) == "openai-completions":
+        return OpenAIClient(url, model=settings.model.name, connect_timeout=s.connect_timeout_s,
+                            read_timeout=s.read_timeout_s, context_length=settings.model.context_length,
+                            count_tokens=counter.count, max_in_flight=settings.in_flight(profile),
+                            nemo_openai=profile.engine == "nemo-openai")
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
                       context_length=settings.model.context_length, count_tokens=counter.count,
                       echo=counter.round_trip)
 
 
 def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None,
-                     tokenizer: str | None = None) -> NemoClient:
+                     tokenizer: str | None = None, profile: Profile | None = None):
     """Poll the backend and the server in one loop under one deadline: a dead job/process ends
-    the wait at once with its log tail; a listening port is followed by one real 1-token PUT."""
+    the wait at once with its log tail; a listening server is judged ready the way its engine
+    kind says (infra/engines/readiness.py), ending in one real 1-token generation."""
     deadline = Deadline(timeout if timeout is not None else backend.ready_timeout())
+    kind = settings.engine(profile).readiness if profile is not None else "nemo-probe"
+    if profile is not None and settings.server.api is not None and settings.server.api != settings.engine(profile).api:
+        kind = "nemo-probe" if settings.server.api == "nemo-generate" else "probe"  # an override: the probe both APIs have
     seen = {"last": "nothing yet"}
 
-    def check() -> NemoClient | None:
+    def check():
         if (reason := backend.dead_reason()) is not None:
             raise ServerNotReady(f"The {backend.name} server died before it was ready: {reason}")
         url = backend.url()
         if url is None:
             seen["last"] = "no server address yet"
             return None
-        client = make_client(settings, url, tokenizer)
-        if not client.port_open():
-            seen["last"] = f"{url} refuses connections (model still loading)"
-            return None
-        try:
-            answered = client.ready(timeout=max(1.0, deadline.cap(min(settings.server.read_timeout_s, PROBE_TIMEOUT_S))))
-        except RequestRejected as exc:  # an HTTP 500 or a validation reply to "Hello": waiting will not fix it
-            raise ServerNotReady(f"The {backend.name} server at {url} refused the 1-token readiness probe: {exc} "
-                                 f"This replica counts as never ready ({backend.status()}).") from exc
-        if not answered:
-            seen["last"] = f"{url} listens but a 1-token generation did not answer"
+        client = make_client(settings, url, tokenizer, profile)
+        not_yet = readiness.step(client, kind, max(1.0, deadline.cap(min(settings.server.read_timeout_s, PROBE_TIMEOUT_S))),
+                                 f"This {backend.name} replica counts as never ready ({backend.status()}).")
+        if not_yet is not None:
+            seen["last"] = not_yet
             return None
         return client
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from infra.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
 from infra.manifest import PartInfo, rejects_name
-from infra.nemo_client import GeneratedText, NemoClient
+from infra.engines.nemo import GeneratedText, NemoClient
+from infra.engines.openai import OpenAIClient
 from infra.prompt_format import RAW, PromptFormat
-from infra.recipes.samples import sample_batches
+from infra.recipes.samples import request_seed, sample_batches
 from infra.sampling import SamplingParams
 from infra.storage import OutputStore
 from infra.tokens import token_counter
@@ -109,6 +110,8 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sa
             "prompt_match": gen.completion.prompt_match,
             "prompt_format": job.prompt_format.name,
             "generated_tokens": gen.generated_tokens,
+            # NeMo >= 2.1's /v1/completions reports whitespace-split words as its usage.
+            **({"generated_tokens_unit": gen.tokens_unit} if gen.tokens_unit != "tokens" else {}),
         },
     }
 
@@ -133,10 +136,12 @@ def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingPa
         return generate_batch(client, batch[:mid], sampling, fmt) + generate_batch(client, batch[mid:], sampling, fmt)
 
 
-def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
+def generate_shard_results(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
                            ) -> list[GeneratedText | RequestRejected]:
     """One result per (record, sample), record-major (row i * samples + s), whatever order the
     batches were sent in; each sample index is its own pass over one batch plan (infra.recipes.samples)."""
+    if isinstance(client, OpenAIClient):
+        return generate_shard_requests(client, shard, job, breaker)
     n = job.samples
     results: list[GeneratedText | RequestRejected | None] = [None] * (len(shard.records) * n)
     prompts = [r.prompt for r in shard.records]
@@ -149,6 +154,42 @@ def generate_shard_results(client: NemoClient, shard: Shard, job: ShardJob, brea
             if breaker is not None:
                 breaker.record(isinstance(result, GeneratedText), None if isinstance(result, GeneratedText) else str(result.body))
     return results  # type: ignore[return-value]
+
+
+def _samples_or_reject(client: OpenAIClient, prompt: str, sampling: SamplingParams, n: int,
+                       seeds: list[int | None], line: int) -> list[GeneratedText | RequestRejected]:
+    try:
+        return client.samples(prompt, sampling, n, seeds)
+    except RequestRejected as exc:
+        log.warning("prompt at input line %d rejected by the server: %s", line, exc)
+        return [exc] * n
+
+
+def generate_shard_requests(client: OpenAIClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
+                            ) -> list[GeneratedText | RequestRejected]:
+    """The OpenAI path: one request per record (its samples as `n`), all handed to the replica's
+    bounded client pool at once, so the engine's continuous batching always has work; results
+    in record order. A seeded run derives each record's seed from (seed, shard, record, sample):
+    one prompt per request makes the sample independent of what else is in flight."""
+    n, seed = job.samples, job.sampling.random_seed
+    futures = []
+    for i, rec in enumerate(shard.records):
+        seeds = [None if seed is None else request_seed(seed, shard.index, i, s) for s in range(n)]
+        futures.append(client.submit(_samples_or_reject, client, job.prompt_format.wrap(rec.prompt), job.sampling,
+                                     n, seeds, rec.line))
+    results: list[GeneratedText | RequestRejected] = []
+    try:
+        for fut in futures:
+            for result in fut.result():
+                results.append(result)
+                if breaker is not None:
+                    ok = isinstance(result, GeneratedText)
+                    breaker.record(ok, None if ok else str(result.body))
+    except BaseException:
+        for fut in futures:  # a lost server or an open breaker: the rest of this shard is not sent
+            fut.cancel()
+        raise
+    return results
 
 
 def write_lines(lines, staging: Path, name: str) -> tuple[Path, str, int, int]:
@@ -181,7 +222,7 @@ def publish(store: OutputStore, name: str, lines) -> tuple[str, int, int]:
     return sha, count, size
 
 
-def run_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore,
+def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, store: OutputStore,
               dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None) -> ShardResult:
     """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
     process or job is gone becomes ServerLost, which no retry can fix."""

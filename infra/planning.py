@@ -21,7 +21,7 @@ from infra.errors import ConfigError, InputError
 from infra.idset import IdSet
 from infra.input_pin import InputPin
 from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
-from infra.nemo_client import check_fits_context
+from infra.engines.nemo import check_fits_context
 from infra.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
 from infra.sampling import SamplingParams

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.errors import ConfigError
-from infra.nemo_client import estimate_tokens
+from infra.engines.nemo import estimate_tokens
 from infra.storage import sha256_file
 from infra.tokenizer_files import TokenizerSource, locate_tokenizer
 

@@ -10,9 +10,8 @@ from infra.backends import Backend, wait_until_ready
 from infra.dataset import Shard
 from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, ShardJob, ShardResult, run_shard
-from infra.nemo_client import NemoClient
 from infra.planning import Plan, RunConfig, make_plan
-from infra.settings import Settings
+from infra.settings import Profile, Settings
 from infra.storage import OutputStore
 
 
@@ -39,13 +38,13 @@ def allocate(backend: Backend) -> list[str]:
 
 
 @task(name="wait-until-ready", cache_policy=NO_CACHE)
-def wait_ready(backend: Backend, settings: Settings, tokenizer: str | None = None) -> NemoClient:
-    return wait_until_ready(backend, settings, tokenizer=tokenizer)
+def wait_ready(backend: Backend, settings: Settings, tokenizer: str | None = None, profile: Profile | None = None):
+    return wait_until_ready(backend, settings, tokenizer=tokenizer, profile=profile)
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_transient, task_run_name="generate-shard-{shard.index}")
-def generate_shard(client: NemoClient, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
+def generate_shard(client, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
                    breaker: Breaker) -> ShardResult:
     return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker)
 

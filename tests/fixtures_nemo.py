@@ -18,6 +18,7 @@ import requests
 from tests.localserver import running_nemo_reference, running_server
 
 SIM = ("--engine", "simulated")
+NEMO_ONLY = ("--no-openai",)  # NeMo 24.05's routes only: GET /health and POST /v1/completions as NeMo answers them
 TIMEOUT = (2, 30)  # (connect, read)
 
 
@@ -36,7 +37,7 @@ class ContractServer:
 
 @pytest.fixture(scope="session")
 def local_contract_server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("local-contract"), *SIM) as (url, _):
+    with running_server(tmp_path_factory.mktemp("local-contract"), *SIM, *NEMO_ONLY) as (url, _):
         yield ContractServer("local", url)
 
 

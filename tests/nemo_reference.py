@@ -47,6 +47,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 NEMO_VERSION = "2.0.0"
+# NeMo >= 2.1's own POST /v1/completions (the `nemo-openai` engine) is in the same file at 2.1.0
+# (identical at 2.2.0, 2.3.0 and later HEADs: reference/openai-engines.md §3): `--nemo-version 2.1.0`.
+NEMO_VERSIONS = ("2.0.0", "2.1.0")
 TGS_NAME = "nemo.collections.nlp.modules.common.text_generation_server"
 _COMMON = "nemo.collections.nlp.modules.common"
 GENERATE_NUM = 0  # TGS's "do generate" broadcast value
@@ -56,23 +59,23 @@ class ReferenceUnavailable(RuntimeError):
     """nemo_toolkit is missing or another version than the one the tests describe."""
 
 
-WHEEL_GLOB = f"nemo_toolkit-{NEMO_VERSION}-*.whl"
 WHEEL_DIR = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
 
 
-def tgs_path() -> Path:
+def tgs_path(version: str = NEMO_VERSION) -> Path:
     """The wheel's text_generation_server.py, taken out of the downloaded wheel once.
 
     The wheel is downloaded (`make install`: `pip download --no-deps`), never installed: it would
     put NeMo and a top-level `tests` package, which shadows ours, into site-packages."""
-    wheels = sorted(WHEEL_DIR.glob(WHEEL_GLOB))
+    glob = f"nemo_toolkit-{version}-*.whl"
+    wheels = sorted(WHEEL_DIR.glob(glob))
     if not wheels:
         raise ReferenceUnavailable(
-            f"nemo_toolkit=={NEMO_VERSION} is needed for NeMo's own server code and {WHEEL_DIR} has no {WHEEL_GLOB}: "
-            f"run `make install`, or `.venv/bin/pip download --no-deps nemo_toolkit=={NEMO_VERSION} -d {WHEEL_DIR}`."
+            f"nemo_toolkit=={version} is needed for NeMo's own server code and {WHEEL_DIR} has no {glob}: "
+            f"run `make install`, or `.venv/bin/pip download --no-deps nemo_toolkit=={version} -d {WHEEL_DIR}`."
         )
     member = "/".join(TGS_NAME.split(".")) + ".py"
-    target = WHEEL_DIR / f"nemo-{NEMO_VERSION}" / member
+    target = WHEEL_DIR / f"nemo-{version}" / member
     if not target.is_file():
         with zipfile.ZipFile(wheels[-1]) as wheel:
             try:
@@ -160,7 +163,17 @@ def _stand_ins(broadcasts: Broadcasts) -> dict[str, types.ModuleType]:
         f"{_COMMON}.text_generation_utils": _module(f"{_COMMON}.text_generation_utils",
                                                     generate=EngineGenerate(broadcasts)),
         "nemo.utils": _module("nemo.utils", logging=logging.getLogger("nemo")),
+        # 2.1.0's chat route only (a Base checkpoint has no chat prompt tokens: not modelled).
+        _SFT_CHAT: _module(_SFT_CHAT, _get_header_conversation_type_mask_role=_not_modelled,
+                           get_prompt_template_example=_not_modelled),
     }
+
+
+_SFT_CHAT = "nemo.collections.nlp.data.language_modeling.megatron.gpt_sft_chat_dataset"
+
+
+def _not_modelled(*args, **kwargs):
+    raise NotImplementedError("NeMo's chat prompt templates are not modelled (/v1/chat/completions)")
 
 
 @contextlib.contextmanager
@@ -177,13 +190,13 @@ def _modules_replaced(replacements: dict[str, types.ModuleType]) -> Iterator[Non
                 sys.modules[name] = previous
 
 
-def load_tgs() -> types.ModuleType:
+def load_tgs(version: str = NEMO_VERSION) -> types.ModuleType:
     """NeMo's text_generation_server module, its GPU-only imports replaced by the stand-ins.
 
     Registered in sys.modules under its real name: Flask(__name__) looks the module up there to
     find its root path (and so whether it has a static folder: it has none).
     """
-    path = tgs_path()
+    path = tgs_path(version)
     spec = importlib.util.spec_from_file_location(TGS_NAME, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -215,10 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--sim-finish-fraction", type=float, default=0.0)
+    parser.add_argument("--nemo-version", choices=NEMO_VERSIONS, default=NEMO_VERSION,
+                        help="2.1.0 adds NeMo's own POST /v1/completions (the nemo-openai engine)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        tgs = load_tgs()
+        tgs = load_tgs(args.nemo_version)
     except ReferenceUnavailable as exc:
         print(f"nemo_reference: {exc}", file=sys.stderr)
         return 2

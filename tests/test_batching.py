@@ -123,7 +123,7 @@ def test_a_shard_is_batched_by_the_runs_token_counts_not_characters(tmp_path, ti
 
     from infra.dataset import Record, Shard
     from infra.generation import ShardJob, generate_shard_results
-    from infra.nemo_client import NemoClient
+    from infra.engines.nemo import NemoClient
     from infra.sampling import SamplingParams
     from infra.tokens import token_counter
     from tests.localserver import running_server

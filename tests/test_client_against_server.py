@@ -4,7 +4,7 @@ NeMo's own server code."""
 import pytest
 
 from infra.errors import BadRequest, ServerFailure, ServerHung, TransientServerError, ValidationRejected
-from infra.nemo_client import NemoClient
+from infra.engines.nemo import NemoClient
 from infra.sampling import SamplingParams
 from tests.localserver import running_server
 

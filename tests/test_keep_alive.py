@@ -9,7 +9,7 @@ import pytest
 from flows.replicas import Pool, Replica
 from infra.backends import AttachBackend
 from infra.deadline import Deadline, poll_until
-from infra.nemo_client import NemoClient
+from infra.engines.nemo import NemoClient
 from infra.settings import Settings
 from tests.localserver import running_server
 

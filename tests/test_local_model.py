@@ -10,7 +10,7 @@ import pytest
 from english_words import get_english_words_set
 
 from flows.generate import generate
-from infra.nemo_client import NemoClient
+from infra.engines.nemo import NemoClient
 from infra.prompt_format import load_prompt_format
 from infra.sampling import SamplingParams
 from infra.tokens import token_counter

@@ -10,7 +10,7 @@ from infra.completion import extract_completion, generation_start, pairing_error
 from infra.dataset import Record, Shard
 from infra.errors import ReplyMismatch
 from infra.generation import ShardJob, run_shard
-from infra.nemo_client import NemoClient
+from infra.engines.nemo import NemoClient
 from infra.sampling import SamplingParams
 from infra.storage import LocalOutputStore
 from tests.localserver import running_server

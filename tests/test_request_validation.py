@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from infra.errors import ConfigError
-from infra.nemo_client import check_fits_context, estimate_tokens, validate_batch
+from infra.engines.nemo import check_fits_context, estimate_tokens, validate_batch
 from infra.sampling import SamplingParams
 
 OK = SamplingParams(tokens_to_generate=16)

@@ -1,11 +1,13 @@
-"""The NeMo-compatible local server: NeMo 24.05's `/generate` contract, quirks included,
-backed by a small transformers model or a timed simulation. No GPU, no internet.
+"""The NeMo-compatible local server: NeMo 24.05's `/generate` contract, quirks included, and on the
+same port OpenAI's `/v1/completions`, `/v1/models`, `/health` as vLLM answers them; backed by a small
+transformers model or a timed simulation (continuous batching behind /v1/completions). No GPU, no internet.
 
     python -m infra.local_server make-tiny-model .cache/tiny-model
     python -m infra.local_server serve-local --model-dir .cache/tiny-model --port 0 --port-file port.txt
     python -m infra.local_server serve-local --engine simulated --port 1424
 
-Modules: `server` (HTTP contract, lock, faults, lifecycle), `engines` (transformers and
+Modules: `server` (HTTP contract, lock, faults, lifecycle), `nemo_validation` (TGS's request
+checks), `openai_api` (the OpenAI routes and the continuous-batching scheduler), `engines` (transformers and
 simulated engines, NeMo's generation semantics), `tiny_model` (offline random-weight model),
 `cli` (argparse subcommands, `register(subparsers)` for the project's CLI).
 """

@@ -17,7 +17,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SERVE_DESCRIPTION = """\
-Serve NeMo 24.05's PUT /generate contract on this machine (no GPU needed).
+Serve NeMo 24.05's PUT /generate contract on this machine (no GPU needed), and on the same port
+OpenAI's POST /v1/completions, GET /v1/models and GET /health as vLLM answers them (--no-openai: off).
 
 The socket is bound only once the engine has loaded; then ' * Running on http://HOST:PORT'
 is printed to stderr and, with --port-file, the port is written there atomically.
@@ -109,7 +110,19 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--sim-finish-fraction", type=_fraction, default=0.0, metavar="F",
                      help="share of rows that emit their end string early (0..1, default 0)")
 
-    faults = parser.add_argument_group("fault injection (request numbers count PUT /generate arrivals)")
+    oai = parser.add_argument_group("OpenAI-compatible endpoints (on by default, on the same port)")
+    oai.add_argument("--no-openai", action="store_true",
+                     help="serve only NeMo's routes (GET /health, POST /v1/completions then answer as NeMo 24.05 does)")
+    oai.add_argument("--served-model-name", default="nemotron-4-340b-base",
+                     help="the model id /v1/models lists and /v1/completions accepts (default nemotron-4-340b-base)")
+    oai.add_argument("--max-model-len", type=_positive_int, default=4096,
+                     help="prompt + max_tokens above this -> HTTP 400, as vLLM (default 4096)")
+    oai.add_argument("--openai-error-shape", choices=("nested", "flat"), default="nested",
+                     help="vLLM's error body: nested under `error` (>= 0.10.1, default) or flat (older)")
+    oai.add_argument("--sim-slots", type=_positive_int, default=256,
+                     help="simulated engine with a cost model: sequence slots of its continuous batching (default 256)")
+
+    faults = parser.add_argument_group("fault injection (request numbers count PUT /generate and POST /v1/completions arrivals)")
     faults.add_argument("--fault-crash-after", type=_non_negative_int, metavar="N",
                         help="the (N+1)-th request kills the process at once (exit code 1)")
     faults.add_argument("--fault-hang-after", type=_non_negative_int, metavar="N",
@@ -147,6 +160,11 @@ def run_serve_local(args: argparse.Namespace) -> int:
             reject_on=args.fault_reject_on,
             once_marker=args.fault_once_marker,
         ).armed(),
+        openai=not args.no_openai,
+        served_model=args.served_model_name,
+        max_model_len=args.max_model_len,
+        openai_error_shape=args.openai_error_shape,
+        sim_slots=args.sim_slots,
     )
     if args.exit_with_parent:
         _exit_with_parent()

@@ -26,7 +26,8 @@ Flask/flask_restful/Werkzeug) so the orchestrator can be tested against real pro
   ranks wait in a broadcast). SIGTERM/SIGINT -> clean shutdown, exit 0.
 
 Fault switches (for the fault suite) and a stats file (for benchmarks) are in `FaultPlan`
-and `ServeConfig`.
+and `ServeConfig`. The same port also serves OpenAI's `/v1/completions`, `/v1/models` and `/health`
+(openai_api.py) unless `ServeConfig.openai` is off: then only NeMo's routes, exactly as above.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from infra.local_server.engines import Engine, GenerateParams, build_reply
+from infra.local_server.nemo_validation import Rejection, validate_request
+from infra.local_server.openai_api import CompletionsService, serve_openai
 
 log = logging.getLogger(__name__)
 
 GENERATE_PATH = "/generate"
-MAX_SENTENCES = 128
 
 # Bodies exactly as Flask / flask_restful / Werkzeug write them.
 NOT_FOUND_HTML = (
@@ -75,126 +77,9 @@ NOT_JSON_TYPE = {
     "message": "Did not attempt to load JSON data because the request Content-Type was not 'application/json'."
 }
 
-TASK_IDS_MESSAGE = (
-    "Input at 'sentences' must by a tuple of two tensors like:"
-    "                    (context_tokens_tensor, context_length_tensor) if task ids are given"
-)
-ALLOWED_KEYS = frozenset({
-    "all_probs", "sentences", "task_ids", "tokens_to_generate", "temperature", "add_BOS", "greedy",
-    "top_k", "top_p", "neighbors", "repetition_penalty", "min_tokens_to_generate", "end_strings",
-    "compute_logprob", "random_seed",
-})
 FAULT_REJECT_MESSAGE = "request rejected by --fault-reject-on (fault injection)"
 
 
-# --------------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A validation failure, answered the way TGS answers it (default: 200 + JSON string)."""
-
-    message: str
-    status: int = 200
-
-
-def _is_number(value: object) -> bool:
-    # TGS uses `type(x) == int or type(x) == float`, so booleans are not numbers here.
-    return type(value) in (int, float)
-
-
-def validate_request(body: dict) -> tuple[list, GenerateParams] | Rejection:
-    """TGS `put()`'s checks, in its order, with its messages. Raises where TGS raises (-> 500)."""
-    for key in body.keys():
-        if key not in ALLOWED_KEYS:
-            log.error("The request key %s is not allowed", key)  # TGS logs it at ERROR, then goes on
-    sentences = body["sentences"]  # KeyError -> 500, as in TGS
-    if len(sentences) > MAX_SENTENCES:  # TypeError for a non-sized value -> 500
-        return Rejection(f"Maximum number of sentences is {MAX_SENTENCES}", 400)
-    if "task_ids" in body:
-        return Rejection(TASK_IDS_MESSAGE)  # JSON cannot carry the tuple TGS wants
-    fields = {}
-    for check in _CHECKS:
-        outcome = check(body)
-        if isinstance(outcome, Rejection):
-            return outcome
-        fields.update(outcome)
-    # NeMo's tokenize_batch iterates whatever passed len(): a string gives one prompt per
-    # character, an object its keys. Non-string items raise in the engine (-> 500).
-    return list(sentences), GenerateParams(**fields)
-
-
-def _int_at_least(key: str, minimum: int, message: str):
-    def check(body: dict) -> dict | Rejection:
-        if key not in body:
-            return {}
-        value = body[key]
-        if not isinstance(value, int) or value < minimum:  # isinstance: True passes, as in TGS
-            return Rejection(message)
-        return {key: value}
-    return check
-
-
-def _boolean(key: str):
-    def check(body: dict) -> dict | Rejection:
-        if key not in body:
-            return {}
-        if not isinstance(body[key], bool):
-            return Rejection(f"{key} must be a boolean value")
-        return {key: body[key]}
-    return check
-
-
-def _number(key: str, accept: Callable[[float], bool], message: str):
-    def check(body: dict) -> dict | Rejection:
-        if key not in body:
-            return {}
-        value = body[key]
-        if not _is_number(value) or not accept(value):
-            return Rejection(message)
-        return {key: value}
-    return check
-
-
-def _end_strings(body: dict) -> dict | Rejection:
-    if "end_strings" not in body:
-        return {}
-    value = body["end_strings"]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        return Rejection("expect end_strings to be a list of strings")
-    return {"end_strings": tuple(value)}
-
-
-def _neighbors(body: dict) -> dict | Rejection:
-    # RETRO only: validated, then ignored for GPT.
-    outcome = _int_at_least("neighbors", 0, "num of neighbors must be an integer no less than 0")(body)
-    return outcome if isinstance(outcome, Rejection) else {}
-
-
-def _random_seed(body: dict) -> dict | Rejection:
-    if "random_seed" not in body:
-        return {}
-    value = body["random_seed"]
-    if value is not None and (not isinstance(value, int) or value < 0):
-        return Rejection("random_seed must be a positive integer number or None")
-    return {"random_seed": value}
-
-
-_CHECKS = (
-    _int_at_least("tokens_to_generate", 1, "tokens_to_generate must be an integer greater than 0"),
-    _boolean("all_probs"),
-    _number("temperature", lambda t: 0.0 < t <= 100.0, "temperature must be a positive number less than or equal to 100.0"),
-    _boolean("add_BOS"),
-    _boolean("greedy"),
-    _number("top_k", lambda k: 0 <= k, "top_k must be a positive integer number"),
-    _number("top_p", lambda p: 0.0 <= p <= 1.0, "top_p must be a positive number less than or equal to 1.0"),
-    _number("repetition_penalty", lambda r: 1.0 <= r, "repetition_penalty must be a positive number no less than 1.0"),
-    _end_strings,
-    _int_at_least("min_tokens_to_generate", 0, "min_tokens_to_generate must be an integer no less than 0"),
-    _neighbors,
-    _boolean("compute_logprob"),
-    _random_seed,
-)
 
 
 # --------------------------------------------------------------------------- generation service
@@ -379,6 +264,8 @@ class GenerateHandler(BaseHTTPRequestHandler):
         self._send(status, encode(result))
 
     def do_GET(self) -> None:
+        if serve_openai(self, self.command):
+            return
         # Every path goes to the static route, whose folder does not exist.
         self._read_body()
         self._not_found()
@@ -398,7 +285,11 @@ class GenerateHandler(BaseHTTPRequestHandler):
             return self._no_route()
         self._send(405, _restful_json(METHOD_NOT_ALLOWED), allow=GENERATE_ALLOW)
 
-    do_POST = do_DELETE = do_PATCH = _method_not_allowed
+    def do_POST(self) -> None:
+        if not serve_openai(self, "POST"):
+            self._method_not_allowed()
+
+    do_DELETE = do_PATCH = _method_not_allowed
 
     def _route(self) -> str:
         return urllib.parse.unquote(self.path.split("?", 1)[0])
@@ -428,15 +319,17 @@ class GenerateHandler(BaseHTTPRequestHandler):
             return b""
         return self.rfile.read(int(length))
 
-    def _send(self, status: int, body: bytes, *, content_type: str = "application/json", allow: str | None = None) -> None:
-        self.close_connection = True  # Werkzeug >= 2.1 closes after every reply
+    def _send(self, status: int, body: bytes, *, content_type: str = "application/json", allow: str | None = None,
+              keep_alive: bool = False) -> None:
+        self.close_connection = not keep_alive  # Werkzeug >= 2.1 closes after every reply; uvicorn does not
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if allow:
                 self.send_header("Allow", allow)
-            self.send_header("Connection", "close")
+            if not keep_alive:
+                self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
@@ -454,8 +347,9 @@ class LocalHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung request must not keep the process alive at shutdown
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], service: GenerateService):
+    def __init__(self, address: tuple[str, int], service: GenerateService, completions: CompletionsService | None = None):
         self.service = service
+        self.completions = completions
         super().__init__(address, GenerateHandler)
 
     def server_bind(self) -> None:
@@ -476,6 +370,11 @@ class ServeConfig:
     load_delay_s: float = 0.0
     extra_latency_s: float = 0.0
     faults: FaultPlan = field(default_factory=FaultPlan)
+    openai: bool = True  # also serve /v1/completions, /v1/models, /health
+    served_model: str = "nemotron-4-340b-base"
+    max_model_len: int = 4096
+    openai_error_shape: str = "nested"
+    sim_slots: int = 256
 
 
 class _Interrupted(BaseException):
@@ -538,8 +437,11 @@ def serve(config: ServeConfig, load_engine: Callable[[], Engine], *, rank: str |
     service = GenerateService(
         engine, faults=config.faults, extra_latency_s=config.extra_latency_s, stats_file=config.stats_file
     )
+    completions = CompletionsService(engine, served_model=config.served_model, max_model_len=config.max_model_len,
+                                     error_shape=config.openai_error_shape, slots=config.sim_slots,
+                                     lock=service._lock) if config.openai else None
     try:
-        httpd = LocalHTTPServer((config.host, config.port), service)
+        httpd = LocalHTTPServer((config.host, config.port), service, completions)
     except OSError as exc:
         log.error("could not listen on %s:%d: %s", config.host, config.port, exc)
         return 1

@@ -1,4 +1,4 @@
-"""Client for NeMo 24.05's PUT /generate.
+"""Client for NeMo 24.05's PUT /generate (API `nemo-generate`).
 
 Everything is validated before sending, because a malformed request can hang all ranks of the
 server (an empty list or a non-string item raises inside generation after the ranks have
@@ -21,20 +21,13 @@ from infra.errors import (
     ReplyMismatch,
     RequestRejected,
     ServerFailure,
-    ServerHung,
-    ServerLost,
     TransientServerError,
     ValidationRejected,
 )
+from infra.engines.http import HttpClient, estimate_tokens
 from infra.sampling import MAX_BATCH, SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-def estimate_tokens(text: str) -> int:
-    """A conservative token count when no tokenizer is at hand: every token of a byte-fallback
-    BPE/SentencePiece vocabulary covers at least one UTF-8 byte, so bytes >= tokens."""
-    return len(text.encode("utf-8"))
 
 
 def check_fits_context(
@@ -71,6 +64,7 @@ class GeneratedText:
     prompt: str
     completion: Completion
     generated_tokens: int
+    tokens_unit: str = "tokens"  # NeMo >= 2.1's /v1/completions counts whitespace-split "words"
 
 
 def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
@@ -103,28 +97,11 @@ def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
     return sum(1 for o in row if o < end) + (1 if any(o >= end for o in row) else 0)
 
 
-class NemoClient:
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        session: requests.Session | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 1800.0,
-        context_length: int = 4096,
-        count_tokens: Callable[[str], int] = estimate_tokens,
-        echo: Callable[[str], str] = lambda text: text,
-    ):
-        self.base_url = base_url.rstrip("/")
-        if session is None:
-            session = requests.Session()
-            # The server is cluster-internal: skip requests' per-call proxy/.netrc lookups.
-            session.trust_env = False
-        self.session = session
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.context_length = context_length
-        self.count_tokens = count_tokens
+class NemoClient(HttpClient):
+    api = "nemo-generate"
+
+    def __init__(self, base_url: str, *, echo: Callable[[str], str] = lambda text: text, **kw):
+        super().__init__(base_url, **kw)
         self.echo = echo
 
     @property
@@ -143,26 +120,8 @@ class NemoClient:
     def generate_raw(self, prompts: list[str], sampling: SamplingParams, *, read_timeout: float | None = None) -> dict:
         validate_batch(prompts, sampling, self.context_length, self.count_tokens)
         body = {"sentences": list(prompts), **sampling.request_fields()}
-        timeout = (self.connect_timeout, read_timeout if read_timeout is not None else self.read_timeout)
-        try:
-            resp = self.session.put(self.generate_url, json=body, timeout=timeout)
-        except requests.ConnectTimeout as exc:
-            raise TransientServerError(f"Connecting to {self.generate_url} timed out after {timeout[0]:.0f} s.") from exc
-        except requests.Timeout as exc:
-            raise ServerHung(
-                f"No reply from {self.generate_url} within {timeout[1]:.0f} s for a batch of {len(prompts)}: "
-                "the server may be hung (a hung NeMo server never answers); release and restart it."
-            ) from exc
-        except requests.ConnectionError as exc:
-            raise TransientServerError(
-                f"Could not reach {self.generate_url}: {exc.__class__.__name__}. "
-                "Check that the server job is still running."
-            ) from exc
-        except requests.RequestException as exc:  # e.g. the reply cut off mid-body: the server died
-            raise TransientServerError(
-                f"The reply from {self.generate_url} broke off: {exc.__class__.__name__}: {exc}. "
-                "Check that the server job is still running."
-            ) from exc
+        resp = self.send("PUT", self.generate_url, body, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
+                         hung="the server may be hung (a hung NeMo server never answers)")
         return self._parse(resp, len(prompts))
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
@@ -213,16 +172,6 @@ class NemoClient:
                 completion = replace(completion, finish_reason="end_string")
             out.append(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)))
         return out
-
-    def ready(self, timeout: float | None = None) -> bool:
-        """One real 1-token generation: proves every rank answers, not only the port. False when
-        it gets no answer (not yet, or no longer); a refused probe (an HTTP 500, a validation
-        reply) raises RequestRejected: that server will not become ready by waiting."""
-        try:
-            self.keep_alive(timeout)
-        except (TransientServerError, ServerLost):
-            return False
-        return True
 
     def keep_alive(self, timeout: float | None = None) -> None:
         """The same 1-token generation, raising what it meets: also sent to an idle server so that

@@ -1,0 +1,221 @@
+"""Client for OpenAI-compatible `POST /v1/completions` (vLLM, TensorRT-LLM's trtllm-serve, NeMo >= 2.1).
+
+One prompt per request, its samples as `n`: with a prompt list one failed prompt fails the whole
+request and the reply waits for the slowest, so the engine's continuous batching is fed by many
+requests in flight instead (`max_in_flight`, a bounded thread pool shared by every shard of a
+replica). Field mapping from the recipe's sampling parameters (reference/openai-engines.md §2, §3):
+
+- tokens_to_generate -> max_tokens, always sent (the completions default is 16);
+- greedy -> temperature 0; top_p outside (0, 1) -> 1.0 (off, as NeMo reads it); top_k > 0 and
+  min_tokens_to_generate > 0 go as vLLM's top-level extras `top_k` / `min_tokens`;
+- end_strings -> stop; for NeMo >= 2.1 also as `end_strings` (it reads only that one and ignores
+  `stop`, and ignores `n`: each sample is then its own request). vLLM removes the matched stop string from the text; NeMo >= 2.1 leaves it in. The
+  completion is trimmed at the first end string here too, so it never carries the end string:
+  the same as the /generate path;
+- the request's seed (infra.recipes.samples) -> seed;
+- finish_reason stop -> "end_string", length -> "length", abort -> "abort"; NeMo >= 2.1 always
+  answers "": "end_string" when an end string was found in the text, else "length" (as /generate);
+- usage.completion_tokens -> generated_tokens (summed over the n choices by the server: split
+  over the choices by their text's share). NeMo >= 2.1 counts whitespace-split words, not tokens:
+  its records say `generated_tokens_unit: words`;
+- HTTP 400 (context length and any other refusal) -> that record is rejected with the server's
+  message, read from both vLLM shapes (flat before 0.10.1, nested under `error` since) and
+  trtllm-serve's `{"error": str}`;
+- 5xx, 408, 429 and connection errors -> transient; no progress within the read timeout -> a hung
+  server (vLLM's engine can die while its HTTP side answers, vllm#39863).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+
+from infra.completion import Completion, trim_at_end_strings
+from infra.engines.http import HttpClient
+from infra.engines.nemo import GeneratedText
+from infra.errors import BadRequest, ConfigError, RequestRejected, TransientServerError, ValidationRejected
+from infra.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+COMPLETIONS_PATH = "/v1/completions"
+FINISH_REASONS = {"stop": "end_string", "length": "length", "abort": "abort"}
+TRANSIENT_STATUS = {408, 429}
+
+
+def request_body(model: str, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
+                 end_strings_field: bool = False) -> dict:
+    """The JSON body for one prompt; every sampling field explicit (server defaults differ).
+    `end_strings_field`: NeMo >= 2.1's own stop field (trtllm-serve refuses unknown fields)."""
+    body: dict = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": sampling.tokens_to_generate,
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
+        "top_p": sampling.top_p if 0.0 < sampling.top_p < 1.0 and not sampling.greedy else 1.0,
+        "n": n,
+        "stop": list(sampling.end_strings),
+    }
+    if end_strings_field:
+        body["end_strings"] = list(sampling.end_strings)
+    if sampling.top_k > 0 and not sampling.greedy:
+        body["top_k"] = sampling.top_k
+    if sampling.min_tokens_to_generate > 0:
+        body["min_tokens"] = sampling.min_tokens_to_generate
+    if seed is not None:
+        body["seed"] = seed
+    elif sampling.random_seed is not None:
+        body["seed"] = sampling.random_seed
+    return body
+
+
+def error_message(payload: object) -> str:
+    """The server's message from vLLM's flat (< 0.10.1) or nested (>= 0.10.1) shape, or trtllm's string."""
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+        if isinstance(payload.get("message"), str):
+            return payload["message"]
+        if isinstance(payload.get("detail"), str):  # FastAPI's own 4xx
+            return payload["detail"]
+    return str(payload)[:500]
+
+
+def split_usage(total: int | None, texts: list[str], count: Callable[[str], int]) -> list[int]:
+    """Per-choice generated tokens from the request's total (the server sums over n): exact for
+    n == 1; else shared out by each text's counted length, the remainder to the longest."""
+    if total is None:
+        return [count(t) for t in texts]
+    if len(texts) == 1:
+        return [total]
+    weights = [max(count(t), 1) for t in texts]
+    shares = [total * w // sum(weights) for w in weights]
+    shares[weights.index(max(weights))] += total - sum(shares)
+    return shares
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str
+    finish_reason: str
+
+
+class OpenAIClient(HttpClient):
+    api = "openai-completions"
+
+    def __init__(self, base_url: str, *, model: str, max_in_flight: int = 256, nemo_openai: bool = False, **kw):
+        super().__init__(base_url, connections=max_in_flight, **kw)
+        self.model = model
+        self.max_in_flight = max_in_flight
+        # NeMo >= 2.1 ignores `n` and `stop` and counts words as usage.
+        self.nemo_openai = nemo_openai
+        self.tokens_unit = "words" if nemo_openai else "tokens"
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def completions_url(self) -> str:
+        return self.base_url + COMPLETIONS_PATH
+
+    # --- the bounded pool every shard of this replica shares ---------------------------------
+
+    def submit(self, fn: Callable, *args, **kw) -> concurrent.futures.Future:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="completion")
+            return self._pool.submit(fn, *args, **kw)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    # --- one request -------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: object, sampling: SamplingParams) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"a prompt must be a non-empty string, got {prompt!r:.60}")
+        if sampling.tokens_to_generate >= self.context_length:
+            raise ConfigError(f"tokens_to_generate {sampling.tokens_to_generate} must be < context length {self.context_length}")
+
+    def complete_raw(self, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
+                     read_timeout: float | None = None) -> dict:
+        self.check_prompt(prompt, sampling)
+        body = request_body(self.model, prompt, sampling, n=n, seed=seed, end_strings_field=self.nemo_openai)
+        resp = self.send("POST", self.completions_url, body, read_timeout=read_timeout, what=f"one prompt (n={n})",
+                         hung="the engine may have died while its HTTP side still answers (vllm#39863)")
+        return self._parse(resp, n)
+
+    def _parse(self, resp: requests.Response, n: int) -> dict:
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = resp.text[:500]
+        where = f"POST {self.completions_url} (n={n})"
+        status = resp.status_code
+        if status == 200:
+            choices = payload.get("choices") if isinstance(payload, dict) else None
+            if isinstance(choices, list) and len(choices) == n and all(
+                    isinstance(c, dict) and isinstance(c.get("text"), str) for c in choices):
+                return payload
+            raise ValidationRejected(f"{where}: the reply is not {n} completion choice(s): {payload!r:.300}",
+                                     status=200, body=f"malformed reply: {payload!r:.300}")
+        message = error_message(payload)
+        if status >= 500 or status in TRANSIENT_STATUS:
+            raise TransientServerError(f"{where} got HTTP {status}: {message:.300}")
+        if status == 400:
+            raise BadRequest(f"{where} got HTTP 400: {message:.300}", status=400, body=message)
+        raise RequestRejected(f"{where} got HTTP {status}: {message:.300}. Check the served model name "
+                              f"({self.model!r}) and the engine's API.", status=status, body=message)
+
+    def complete(self, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
+                 read_timeout: float | None = None) -> list[GeneratedText]:
+        """n samples of one prompt, in choice-index order."""
+        reply = self.complete_raw(prompt, sampling, n=n, seed=seed, read_timeout=read_timeout)
+        choices = sorted(reply["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+        parsed = [self._choice(c, sampling.end_strings) for c in choices]
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        total = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+        tokens = split_usage(total, [c.text for c in parsed], self.count_tokens)
+        return [GeneratedText(prompt, Completion(c.text, "exact", c.finish_reason, 0), t, self.tokens_unit)
+                for c, t in zip(parsed, tokens)]
+
+    @staticmethod
+    def _choice(choice: dict, end_strings: list[str]) -> Choice:
+        text, ended = trim_at_end_strings(choice["text"], end_strings)
+        reason = choice.get("finish_reason")
+        if reason in FINISH_REASONS:
+            return Choice(text, FINISH_REASONS[reason])
+        if not reason:  # NeMo >= 2.1: always ""
+            return Choice(text, "end_string" if ended else "length")
+        return Choice(text, str(reason))  # newer vLLM: "error", "repetition": kept as the server said
+
+    def samples(self, prompt: str, sampling: SamplingParams, n: int, seeds: list[int | None]) -> list[GeneratedText]:
+        """n samples of one prompt: one request with `n` (seeds[0]), or n requests where the engine ignores n."""
+        if not self.nemo_openai or n == 1:
+            return self.complete(prompt, sampling, n=n, seed=seeds[0])
+        return [g for s in range(n) for g in self.complete(prompt, sampling, seed=seeds[s])]
+
+    # --- liveness ----------------------------------------------------------------------------
+
+    def get(self, path: str, timeout: float) -> requests.Response:
+        return self.session.get(self.base_url + path, timeout=(self.connect_timeout, timeout))
+
+    def port_open(self) -> bool:
+        try:
+            self.get("/", self.connect_timeout)
+        except requests.RequestException:
+            return False
+        return True
+
+    def keep_alive(self, timeout: float | None = None) -> None:
+        self.complete_raw("Hello", SamplingParams(tokens_to_generate=1, greedy=True, end_strings=[]), read_timeout=timeout)

@@ -1,0 +1,256 @@
+"""The OpenAI `/v1/completions` client: its field mapping, against the local server's OpenAI side
+(a real subprocess, vLLM's answers), readiness per engine kind, and a whole flow run over that API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from infra.backends import LocalBackend, make_client, wait_until_ready
+from infra.engines.openai import OpenAIClient, error_message, request_body, split_usage
+from infra.errors import BadRequest, DeadlineExceeded, RequestRejected, ServerHung, ServerNotReady, TransientServerError
+from infra.sampling import SamplingParams
+from infra.settings import Profile, load_settings
+from tests.localserver import running_server
+from tests.ports import free_port
+
+SIM = ("--engine", "simulated")
+MODEL = "nemotron-4-340b-base"
+
+
+@pytest.fixture(scope="module")
+def oai(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("oai"), *SIM, "--sim-finish-fraction", "0.5") as (url, _):
+        yield url
+
+
+def client(url: str, **kw) -> OpenAIClient:
+    return OpenAIClient(url, model=MODEL, read_timeout=kw.pop("read_timeout", 30), **kw)
+
+
+# --- the request body ---------------------------------------------------------------------------
+
+
+def test_body_always_sends_max_tokens_stop_and_seed():
+    body = request_body(MODEL, "Hi", SamplingParams(tokens_to_generate=16, end_strings=["\n\n"], random_seed=7), n=3)
+    assert body["max_tokens"] == 16 and body["stop"] == ["\n\n"] and body["seed"] == 7 and body["n"] == 3
+    assert body["model"] == MODEL and body["prompt"] == "Hi" and "end_strings" not in body  # trtllm refuses unknown keys
+    assert request_body(MODEL, "Hi", SamplingParams(random_seed=7), seed=99)["seed"] == 99  # the derived seed wins
+    assert "seed" not in request_body(MODEL, "Hi", SamplingParams())
+
+
+def test_body_greedy_top_p_top_k_and_nemo_end_strings():
+    greedy = request_body(MODEL, "Hi", SamplingParams(greedy=True, top_k=5))
+    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0 and "top_k" not in greedy
+    sampled = request_body(MODEL, "Hi", SamplingParams(temperature=0.7, top_p=0.0, top_k=5, min_tokens_to_generate=2))
+    assert sampled["temperature"] == 0.7 and sampled["top_p"] == 1.0 and sampled["top_k"] == 5 and sampled["min_tokens"] == 2
+    assert request_body(MODEL, "Hi", SamplingParams(end_strings=["X"]), end_strings_field=True)["end_strings"] == ["X"]
+
+
+def test_error_message_reads_both_vllm_shapes_and_trtllm():
+    msg = "This model's maximum context length is 4096 tokens."
+    assert error_message({"object": "error", "message": msg, "type": "BadRequestError", "code": 400}) == msg
+    assert error_message({"error": {"message": msg, "type": "BadRequestError", "code": 400}}) == msg
+    assert error_message({"error": msg}) == msg
+
+
+def test_finish_reasons_map_to_the_output_ones():
+    end = ["<|endoftext|>", "\n\n"]
+    assert OpenAIClient._choice({"text": "a", "finish_reason": "stop"}, end).finish_reason == "end_string"
+    assert OpenAIClient._choice({"text": "a", "finish_reason": "length"}, end).finish_reason == "length"
+    assert OpenAIClient._choice({"text": "a", "finish_reason": "abort"}, end).finish_reason == "abort"
+    # NeMo >= 2.1: always "", the end string left in the text: trimmed, and the reason inferred.
+    nemo = OpenAIClient._choice({"text": "an answer\n\nmore", "finish_reason": ""}, end)
+    assert (nemo.text, nemo.finish_reason) == ("an answer", "end_string")
+    assert OpenAIClient._choice({"text": "an answer", "finish_reason": ""}, end).finish_reason == "length"
+
+
+def test_usage_is_split_over_choices_and_sums_to_the_servers_total():
+    assert split_usage(7, ["abc"], len) == [7]
+    shares = split_usage(10, ["a", "abcd", "ab"], len)
+    assert sum(shares) == 10 and shares[1] == max(shares)
+    assert split_usage(None, ["abc", "a"], len) == [3, 1]
+
+
+# --- against the local server's OpenAI side -----------------------------------------------------
+
+
+def test_completion_maps_text_finish_reason_and_usage(oai):
+    c = client(oai)
+    sampling = SamplingParams(tokens_to_generate=12, end_strings=["."], random_seed=3)
+    raw = c.complete_raw("Say something short", sampling, n=4, seed=3)
+    gens = c.complete("Say something short", sampling, n=4, seed=3)
+    assert [g.completion.text for g in gens] == [ch["text"] for ch in raw["choices"]]  # same seed, same text
+    assert sum(g.generated_tokens for g in gens) == raw["usage"]["completion_tokens"]
+    reasons = set()
+    for prompt in [f"Say something short {i}" for i in range(8)]:
+        raw = c.complete_raw(prompt, sampling, n=2)
+        for g, ch in zip(c.complete(prompt, sampling, n=2), raw["choices"]):
+            assert "." not in g.completion.text  # vLLM drops the stop string; so does /generate's path
+            assert g.completion.finish_reason == {"stop": "end_string", "length": "length"}[ch["finish_reason"]]
+            reasons.add(g.completion.finish_reason)
+    assert reasons == {"end_string", "length"}
+    ones = [c.complete(f"Say more {i}", SamplingParams(tokens_to_generate=5, end_strings=[]), n=1)[0] for i in range(6)]
+    full = [g for g in ones if g.completion.finish_reason == "length"]
+    assert full and all(g.generated_tokens == 5 and g.tokens_unit == "tokens" for g in full)  # usage, exact for n=1
+    assert all(1 <= g.generated_tokens <= 5 for g in ones)  # the EOS it stopped on counts, as vLLM counts it
+
+
+@pytest.mark.parametrize("shape", ["nested", "flat"])
+def test_context_length_400_rejects_the_record_with_the_servers_message(tmp_path, shape):
+    with running_server(tmp_path, *SIM, "--max-model-len", "64", "--openai-error-shape", shape) as (url, _):
+        c = client(url, context_length=4096)  # the client's limit is larger: the server's 400 decides
+        with pytest.raises(BadRequest) as exc:
+            c.complete("word " * 40, SamplingParams(tokens_to_generate=32))
+        assert exc.value.status == 400 and exc.value.body.startswith("This model's maximum context length is 64 tokens")
+        body = requests.post(url + "/v1/completions", json={"prompt": "word " * 40, "max_tokens": 32}, timeout=10).json()
+        assert ("error" in body) == (shape == "nested")  # the server really answered that shape
+
+
+def test_5xx_and_refused_connections_are_transient_and_a_silent_server_is_hung(tmp_path):
+    with running_server(tmp_path, *SIM, "--fault-500-on", "BOOM", "--fault-hang-after", "1") as (url, _):
+        c = client(url, read_timeout=1.0)
+        with pytest.raises(TransientServerError, match="HTTP 500"):
+            c.complete("BOOM here", SamplingParams(tokens_to_generate=2))
+        with pytest.raises(ServerHung, match="No reply"):
+            c.complete("fine", SamplingParams(tokens_to_generate=2))
+    with pytest.raises(TransientServerError, match="Could not reach"):
+        client(f"http://127.0.0.1:{free_port()}").complete("Hi", SamplingParams(tokens_to_generate=2))
+
+
+def test_wrong_model_is_rejected_not_retried(oai):
+    with pytest.raises(RequestRejected, match="404.*does not exist") as exc:
+        OpenAIClient(oai, model="other").complete("Hi", SamplingParams(tokens_to_generate=2))
+    assert not isinstance(exc.value, TransientServerError)
+
+
+# --- readiness per engine kind ------------------------------------------------------------------
+
+
+def local_settings(monkeypatch, tmp_path, *extra: str, api: str | None = None):
+    monkeypatch.setenv("NSDG_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    monkeypatch.setenv("NSDG_LOCAL__EXTRA_ARGS", json.dumps(list(extra)))
+    if api:
+        monkeypatch.setenv("NSDG_SERVER__API", api)
+    return load_settings()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "nemo-openai"])
+def test_readiness_waits_through_loading_and_returns_an_openai_client(monkeypatch, tmp_path, engine):
+    settings = local_settings(monkeypatch, tmp_path, "--load-delay", "1.0")
+    profile = Profile(backend="local", engine=engine)
+    backend = LocalBackend(settings, "ready")
+    backend.start()
+    try:
+        c = wait_until_ready(backend, settings, timeout=60, profile=profile)
+        assert isinstance(c, OpenAIClient) and c.nemo_openai == (engine == "nemo-openai")
+        assert c.max_in_flight == 256
+        assert c.complete("Hello", SamplingParams(tokens_to_generate=3))[0].generated_tokens == 3
+    finally:
+        backend.release()
+
+
+def test_health_readiness_refuses_a_server_that_serves_another_model(monkeypatch, tmp_path):
+    settings = local_settings(monkeypatch, tmp_path)
+    monkeypatch.setenv("NSDG_MODEL__NAME", "some-other-model")
+    settings = load_settings()
+    backend = LocalBackend(settings, "wrong-model", extra_args=["--served-model-name", "nemotron-4-340b-base"])
+    backend.start()
+    try:
+        with pytest.raises(ServerNotReady, match=r"serves \['nemotron-4-340b-base'\], not 'some-other-model'"):
+            wait_until_ready(backend, settings, timeout=60, profile=Profile(backend="local", engine="vllm"))
+    finally:
+        backend.release()
+
+
+def test_health_readiness_on_a_nemo_only_server_times_out_with_what_it_saw(monkeypatch, tmp_path):
+    settings = local_settings(monkeypatch, tmp_path, "--no-openai")
+    backend = LocalBackend(settings, "nemo-only")
+    backend.start()
+    try:
+        with pytest.raises(DeadlineExceeded, match="health answered HTTP 404"):
+            wait_until_ready(backend, settings, timeout=4, profile=Profile(backend="local", engine="vllm"))
+    finally:
+        backend.release()
+
+
+def test_make_client_picks_the_client_by_api(monkeypatch, tmp_path):
+    settings = local_settings(monkeypatch, tmp_path)
+    assert make_client(settings, "http://x", profile=Profile(backend="local")).api == "nemo-generate"
+    assert make_client(settings, "http://x", profile=Profile(backend="local", engine="trtllm")).api == "openai-completions"
+    overridden = local_settings(monkeypatch, tmp_path, api="openai-completions")
+    assert make_client(overridden, "http://x", profile=Profile(backend="local")).api == "openai-completions"
+
+
+# --- the whole flow over the OpenAI API ---------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_flow_over_openai_api_publishes_every_record_once_with_samples_as_n(prefect_harness, workdir, monkeypatch):
+    from flows.generate import generate
+
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    monkeypatch.setenv("NSDG_LOCAL__EXTRA_ARGS", json.dumps(["--max-model-len", "60", "--sim-finish-fraction", "0.5"]))
+    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps({"local-vllm": {"backend": "local", "engine": "vllm"}}))
+    monkeypatch.setenv("NSDG_SERVER__MAX_IN_FLIGHT", "8")
+    src = workdir / "in.jsonl"
+    lines = [{"id": f"r{i}", "prompt": f"Prompt {i}: say something."} for i in range(9)]
+    lines[4]["prompt"] = "long " * 50  # over the server's 60-token context with 12 to generate: its 400
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    generate(input_uri=str(src), output_uri=str(workdir / "out"), run_id="oai", profile="local-vllm",
+             sampling=SamplingParams(tokens_to_generate=12, end_strings=["."], random_seed=5),
+             recipe={"samples_per_prompt": 2}, shard_size=4)
+    run = workdir / "out" / "oai"
+    manifest = json.loads((run / "manifest.json").read_text())
+    rows = [json.loads(x) for p in manifest["parts"] for x in (run / p["name"]).read_text().splitlines()]
+    assert [(r["id"], r["sample"]) for r in rows] == [(f"r{i}", s) for i in range(9) if i != 4 for s in (0, 1)]
+    assert all("." not in r["completion"] and r["generation"]["finish_reason"] in ("end_string", "length") for r in rows)
+    assert sum(r["generation"]["generated_tokens"] for r in rows) == sum(p["generated_tokens"] for p in manifest["parts"]) > 0
+    rejects = [json.loads(x) for f in run.glob("*reject*.jsonl") for x in f.read_text().splitlines()]
+    assert {(r["id"], r["sample"]) for r in rejects} == {("r4", 0), ("r4", 1)}
+    assert all(r["status"] == 400 and "maximum context length is 60" in r["reason"] for r in rejects)
+    # A rerun with the same seed republishes nothing and the seeded samples are reproducible.
+    again = workdir / "again"
+    generate(input_uri=str(src), output_uri=str(again), run_id="oai", profile="local-vllm",
+             sampling=SamplingParams(tokens_to_generate=12, end_strings=["."], random_seed=5),
+             recipe={"samples_per_prompt": 2}, shard_size=4)
+    rows2 = [json.loads(x) for p in manifest["parts"] for x in (again / "oai" / p["name"]).read_text().splitlines()]
+    assert [r["completion"] for r in rows2] == [r["completion"] for r in rows]
+
+
+def test_continuous_batching_engine_fills_fixed_slots_and_reports_occupancy(tmp_path):
+    """The simulated engine with a cost model batches requests continuously: never more sequences
+    than slots in a step, every generated token one busy slot-step, sequences overlapping."""
+    with running_server(tmp_path, *SIM, "--sim-decode-step-s", "0.005", "--sim-slots", "4") as (url, _):
+        c = client(url, max_in_flight=12)
+        sampling = SamplingParams(tokens_to_generate=10, end_strings=[])
+        futures = [c.submit(c.complete, f"Prompt {i}", sampling, n=2) for i in range(6)]
+        tokens = sum(g.generated_tokens for f in futures for g in f.result())
+        stats = requests.get(url + "/sim/stats", timeout=10).json()
+    assert stats["sequences"] == 12 and stats["busy_slot_steps"] == stats["generated_tokens"] == tokens
+    assert stats["busy_slot_steps"] <= stats["slots"] * stats["steps"]  # 4 slots, never more
+    assert stats["steps"] < tokens  # sequences shared steps: one at a time would take one step per token
+    assert 0 < stats["occupancy"] <= 1 and 0 < stats["occupancy_while_work_remains"] <= 1
+
+
+def test_shard_tasks_per_replica_keep_the_request_pool_fed(monkeypatch, tmp_path):
+    from flows.generate import shard_tasks_per_replica
+
+    settings = local_settings(monkeypatch, tmp_path)
+    nemo, vllm = Profile(backend="local"), Profile(backend="local", engine="vllm")
+    assert shard_tasks_per_replica(settings, nemo, 4000, 1) == 2  # shard tasks = requests: one computing, one queued
+    assert shard_tasks_per_replica(settings, vllm, 4000, 1) == 2  # one shard fills 256; one more for its tail
+    assert shard_tasks_per_replica(settings, vllm, 100, 1) == 4  # 256 requests need 3 shards of 100, plus one
+    assert shard_tasks_per_replica(settings, vllm, 10, 2) == 6  # capped: the flow's task runner has 8 threads
+
+
+def test_the_real_model_serves_the_same_openai_endpoints(tmp_path, tiny_model_dir):
+    with running_server(tmp_path, "--model-dir", str(tiny_model_dir), "--torch-threads", "1") as (url, _):
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        assert [m["id"] for m in requests.get(url + "/v1/models", timeout=10).json()["data"]] == [MODEL]
+        raw = client(url).complete_raw("Hello there", SamplingParams(tokens_to_generate=4, greedy=True, end_strings=[]), n=2)
+        assert len(raw["choices"]) == 2 and raw["usage"]["completion_tokens"] <= 8
+        assert all(c["finish_reason"] in ("stop", "length") for c in raw["choices"])
