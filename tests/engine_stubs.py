@@ -80,7 +80,8 @@ needed = int(opts.get("tensor-parallel-size", 1)) * int(opts.get("pipeline-paral
 if opts.get("distributed-executor-backend") == "ray" and cluster_gpus() < needed:
     refuse(f"the Ray cluster shows {cluster_gpus()} GPUs, fewer than TP x PP = {needed}", 3)
 cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated",
-       "--host", opts["host"], "--port", opts["port"], *json.loads(os.environ.get("STUB_VLLM_EXTRA") or "[]")]
+       "--host", opts["host"], "--port", opts["port"], "--served-model-name", opts.get("served-model-name", args[1]),
+       *json.loads(os.environ.get("STUB_VLLM_EXTRA") or "[]")]
 os.execvp(cmd[0], cmd)
 """
 

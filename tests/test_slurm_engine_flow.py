@@ -3,10 +3,8 @@ one task per node, the Ray head on the first node and a Ray worker on the second
 for every GPU, then `vllm serve` on the head, all as rendered (runtime `none`). `ray` and `vllm`
 are the stand-ins of tests/engine_stubs.py, put on the ranks' PATH by slurm.setup; the stand-in
 `vllm serve` runs the project's local server on the rendered --host/--port.
-
-Until the OpenAI client lands, the flow speaks to the stand-in through its NeMo endpoint
-(`NSDG_SERVER__API=nemo-generate`, in `vllm_env`): the launch's shape is what is under test. Once
-it lands, dropping that one line makes the flow use the engine's own API (openai-completions).
+The flow speaks the engine's own API to it (openai-completions, requests in flight per replica)
+and judges readiness as for vLLM: /health, the served model in /v1/models, a 1-token completion.
 """
 
 import json
@@ -31,7 +29,6 @@ def vllm_env(slurm_cluster, workdir, monkeypatch):
     server's extra serve-local flags."""
     stubs = write_engine_stubs(workdir / "engine-bin")
     monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps({PROFILE: {**TEST_PROFILES["test2x8"], "engine": "vllm"}}))
-    monkeypatch.setenv("NSDG_SERVER__API", "nemo-generate")  # drop once the OpenAI client lands (see above)
     monkeypatch.setenv("NSDG_SLURM__CONTAINER_RUNTIME", "none")
     monkeypatch.setenv("NSDG_SLURM__JOB_ROOT", str(workdir / "jobs"))
     monkeypatch.setenv("NSDG_SLURM__TIME_LIMIT", "00:10:00")
