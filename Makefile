@@ -79,6 +79,7 @@ test-fast: $(STAMP) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json
 bench: $(STAMP) slurm-up
 	$(PY) -m benchmarks.run --out benchmarks/results.md
 	$(PY) -m benchmarks.replicas --out benchmarks/results.md --append
+	$(PY) -m benchmarks.rollover --out benchmarks/results.md --append
 
 # The fault suite: each fault against the real stand-ins, then a table of what was lost.
 faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up

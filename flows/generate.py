@@ -2,7 +2,8 @@
 release → publish manifest. Release runs as soon as generation ends and again in `finally`;
 the crash and cancellation hooks find the allocation from the flow-run id alone. A server
 that dies or hangs mid-run is released and replaced (`max_server_restarts`), and generation
-goes on from the shards not yet published."""
+goes on from the shards not yet published. A Slurm job nearing its time limit rolls over to a
+planned successor (`slurm.max_rollovers`), which is not a failure."""
 
 from __future__ import annotations
 

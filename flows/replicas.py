@@ -91,6 +91,7 @@ class Replica:
         return {
             "replica": self.index, "job_ids": list(self.backend.job_ids), "records": self.records, "shards": self.shards,
             "busy_fraction": round(self.busy_seconds() / serving, 4) if serving > 0 else None,
+            "busy_s": round(self.busy_seconds(), 2),
             "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
             "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
             if self.intervals and self.released_at else None,

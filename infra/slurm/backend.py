@@ -152,7 +152,8 @@ class SlurmBackend:
 
     def scheduled_end(self) -> str | None:
         """Why the job ended, or is ending, by the cluster's schedule (its time limit, a
-        preemption, a requeue, the warning signal), not by a fault of its server; None otherwise."""
+        preemption, a requeue, the end its warning signal announced), not by a fault of its
+        server; None otherwise."""
         if not self.job_id:
             return None
         st = self.state()
@@ -162,10 +163,10 @@ class SlurmBackend:
             return f"Slurm job {self.job_id} ended {st.state}"
         if requeued := self.requeued(st):
             return f"Slurm job {self.job_id} {requeued}"
-        if self._end is not None and time.time() >= self._end - END_SLACK_S:
-            return f"Slurm job {self.job_id} reached its end ({datetime.fromtimestamp(self._end).isoformat()})"
-        if (warned := self.warned_at()) is not None:
-            return f"Slurm job {self.job_id} got Slurm's warning signal {time.time() - warned:.0f} s ago"
+        # The end as known (EndTime, or the warning signal's): a warning long before the end (a
+        # --signal lead longer than the limit) does not make every later fault a planned end.
+        if (end := self.ends_at()) is not None and time.time() >= end - END_SLACK_S:
+            return f"Slurm job {self.job_id} reached its end ({datetime.fromtimestamp(end).isoformat(timespec='seconds')})"
         return None
 
     def url(self) -> str | None:
