@@ -17,15 +17,13 @@ share the nodes); the simulated engine with a load delay of LOAD_S.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PY, free_port
+from benchmarks.common import PY, free_port, section_main
 from benchmarks.faults import environment
 from benchmarks.slurm import our_jobs, slurm_up
 
@@ -121,24 +119,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rollover", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="markdown file to write (or append to)")
-    parser.add_argument("--append", action="store_true", help="append the section instead of replacing the file")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+def section() -> str | None:
     if not slurm_up():
         print("rollover benchmark: no Slurm controller answers (make slurm-up); skipped", file=sys.stderr)
-        return 0
+        return None
     rows = measure()
-    text = markdown(rows)
-    print(text)
     print(json.dumps(rows, indent=1), file=sys.stderr)
-    if args.out:
-        with open(args.out, "a" if args.append else "w") as f:
-            f.write(text)
-    return 0
+    return markdown(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return section_main("benchmarks.rollover", __doc__, section, argv)
 
 
 if __name__ == "__main__":
