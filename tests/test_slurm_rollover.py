@@ -70,7 +70,7 @@ def test_a_limit_too_short_to_hand_over_loses_nothing_and_says_so(rollover_env, 
     end. The old job's shards go back to the queue, the successor finishes them, and the log says
     the limit is too short."""
     rollover_env("--load-delay", "35", "--extra-latency", "0.5")
-    caplog.set_level(logging.WARNING, logger="flows.replicas")
+    caplog.set_level(logging.WARNING, logger="flows.rollovers")
     _, roll = run_and_read(workdir, "roll-short", 400)
     assert roll["count"] >= 1 and roll["late"] >= 1
     assert any("raise NSDG_SLURM__TIME_LIMIT" in r.getMessage() for r in caplog.records)
