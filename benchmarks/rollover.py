@@ -6,9 +6,9 @@
             enough to finish);
 - rollover: planned rollover (the default): a successor job ahead of each end.
 
-Reported: wall time, GPU-hours held (each job from submission to release, as the manifest counts
-them), GPU-hours idle (held but not generating), idle per limit crossed (beyond the first job's
-start-up, which both pay), and the largest gap in generation (no shard running anywhere). Target:
+Reported: wall time, GPU-hours held (each job from its start to its release: a pending job holds
+no GPU), GPU-hours idle (held but not generating), idle per limit crossed (beyond the first job's
+load, which both pay), and the largest gap in generation (no shard running anywhere). Target:
 idle per rollover ≤ load time + 10 s. One-GPU jobs, non-exclusive (the old job and its successor
 share the nodes); the simulated engine with a load delay of LOAD_S.
 
@@ -71,10 +71,10 @@ def run_once(tmp: Path, name: str) -> dict:
         wall = time.time() - t0
     manifest = json.loads(Path(result["manifest"]).read_text())
     reps = manifest["replicas"]
-    held = sum(r["held_s"] for r in reps)
-    idle = sum(r["held_s"] - r["busy_s"] for r in reps)
+    held = sum(r["allocated_s"] for r in reps)
+    idle = sum(max(0.0, r["allocated_s"] - r["busy_s"]) for r in reps)
     crossings = len(reps) - 1
-    first_startup = reps[0]["held_s"] - reps[0]["busy_s"]  # the first job's queue + load (+ its drain)
+    first_startup = reps[0]["load_s"] or 0.0  # the first job's load, which both paths pay once
     roll = manifest.get("rollovers") or {}
     return {"scenario": name, "wall_s": wall, "jobs": len(manifest["slurm_job_ids"]), "crossings": crossings,
             "restarts": manifest["server_restarts"], "rollovers": roll.get("count", 0), "late": roll.get("late", 0),
@@ -100,9 +100,9 @@ def markdown(rows: list[dict]) -> str:
         f"{RECORDS} records in shards of {SHARD} (about 1 s each): a run spanning about 4 limits. `restart` is the "
         "behaviour before planned rollover (`NSDG_SLURM__MAX_ROLLOVERS=0`: each limit is a lost server, replaced "
         "within `max_server_restarts=20`); `rollover` is the default (`max_server_restarts=0`). Held = each job from "
-        "submission to release; idle = held but not generating; idle per limit = (idle − the first job's start-up) / "
+        "its start to its release (a pending job holds no GPU); idle = held but not generating; idle per limit = (idle − the first job's load) / "
         "limits crossed; gap = the longest time no shard ran.", "",
-        "| scenario | wall | jobs | restarts | rollovers (late) | GPU-h held | GPU-h idle | idle per limit | target | "
+        "| scenario | wall | jobs | restarts | rollovers (late: successor not ready by the old job's end) | GPU-h held | GPU-h idle | idle per limit | target | "
         "largest gap | left in squeue | records |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -93,6 +93,9 @@ class Replica:
             "busy_fraction": round(self.busy_seconds() / serving, 4) if serving > 0 else None,
             "busy_s": round(self.busy_seconds(), 2),
             "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
+            # From the job's start (not its submission) to its release: the GPUs it really held.
+            "allocated_s": round((self.released_at or time.time()) - running, 2) if (running := self.backend.running_at()) else 0.0,
+            "load_s": round(self.ready_at - running, 2) if running and self.ready_at else None,
             "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
             if self.intervals and self.released_at else None,
             **({"release_error": self.release_error} if self.release_error else {}),
