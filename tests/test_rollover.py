@@ -88,3 +88,17 @@ def test_the_job_asks_for_a_batch_level_warning_signal():
     assert [d for d in own if "--signal" in d] == ["#SBATCH --signal=B:USR2@600"]
     with pytest.raises(ConfigError, match="warn_signal_s"):
         spec(warn_signal_s="300; rm -rf /")
+
+
+def test_plain_progress_lines_name_the_rollovers():
+    import io
+
+    from flows.progress import PlainLines
+
+    out = io.StringIO()
+    lines = PlainLines(out, every_s=0.0)
+    lines.planned(40, 0)
+    lines.advanced(20, 0)
+    assert "rollovers" not in out.getvalue().splitlines()[-1]  # none yet: the line stays as it was
+    lines.advanced(20, 0, 2)
+    assert out.getvalue().splitlines()[-1].endswith("server restarts 0, rollovers 2")
