@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,3 +318,24 @@ def machine() -> dict[str, str]:
 
 def tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def section_main(module: str, doc: str | None, section: Callable[[], str | None], argv: list[str] | None = None) -> int:
+    """The command line of a benchmark that writes one section of results.md (`--out`, `--append`).
+    `section` measures and returns the markdown, or None when there is nothing to write."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="markdown file to write (or append to)")
+    parser.add_argument("--append", action="store_true", help="append the section instead of replacing the file")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    text = section()
+    if text is None:
+        return 0
+    print(text)
+    if args.out:
+        with open(args.out, "a" if args.append else "w") as f:
+            f.write(text)
+    return 0

@@ -7,15 +7,14 @@ replica stayed allocated after its last shard ended (released as soon as the que
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import section_main
 from benchmarks.faults import environment
 
 RECORDS, BATCH, SHARD, LATENCY = 2048, 16, 16, 0.4
@@ -75,18 +74,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.replicas", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="markdown file to write (or append to)")
-    parser.add_argument("--append", action="store_true", help="append the section instead of replacing the file")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    text = markdown(measure())
-    print(text)
-    if args.out:
-        with open(args.out, "a" if args.append else "w") as f:
-            f.write(text)
-    return 0
+    return section_main("benchmarks.replicas", __doc__, lambda: markdown(measure()), argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 release → publish manifest. Release runs as soon as generation ends and again in `finally`;
 the crash and cancellation hooks find the allocation from the flow-run id alone. A server
 that dies or hangs mid-run is released and replaced (`max_server_restarts`), and generation
-goes on from the shards not yet published."""
+goes on from the shards not yet published. A Slurm job nearing its time limit rolls over to a
+planned successor (`slurm.max_rollovers`), which is not a failure."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generate
 from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe
+from infra.rollover import RolloverPolicy
 from infra.tokens import token_counter
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
@@ -118,7 +120,7 @@ def generate(
 
     def on_result(result: ShardResult) -> None:
         published[0] += 1
-        console_progress.advanced(result.part.records + result.part.rejected, pool.restarts)
+        console_progress.advanced(result.part.records + result.part.rejected, pool.restarts, pool.rollovers)
         progress.progress(100.0 * published[0] / the_plan.shards_total)
 
     def start(backend: Backend):
@@ -149,6 +151,7 @@ def generate(
             restarts_allowed=restarts_allowed,
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,
+            rollover=rollover_policy(settings, prof),
         )
         try:
             results = pool.run()
@@ -161,7 +164,24 @@ def generate(
     gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
-                  replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id))
+                  replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id),
+                  rollovers=pool.rollover_report(gpus))
+
+
+def rollover_policy(settings: Settings, profile) -> RolloverPolicy:
+    """Planned successors for Slurm jobs (their time limit is known); none elsewhere."""
+    slurm = settings.slurm
+    return RolloverPolicy(factor=slurm.rollover_factor, margin_s=slurm.rollover_margin_s,
+                          max_rollovers=slurm.max_rollovers if profile.backend == "slurm" else 0)
+
+
+def rollover_figures(rollovers: dict) -> dict:
+    """The summary table's rows for planned rollovers (none when there were none)."""
+    if not rollovers.get("count"):
+        return {}
+    return {"rollovers (planned)": rollovers["count"], "rollovers late": rollovers["late"],
+            "rollover overlap GPU-hours": rollovers["overlap_gpu_hours"],
+            "largest rollover gap (s)": rollovers["largest_gap_s"]}
 
 
 def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, samples: int) -> int:
@@ -216,7 +236,7 @@ def earlier_manifest(store: OutputStore, chash: str) -> Manifest | None:
 
 
 def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[ShardResult], timings, settings: Settings,
-           job_ids, *, restarts: int, replicas: list[dict], invocation: str) -> dict:
+           job_ids, *, restarts: int, replicas: list[dict], invocation: str, rollovers: dict | None = None) -> dict:
     """The manifest of the whole run, from every part's state object; an invocation that generated
     nothing leaves a complete manifest as it is."""
     logger = get_run_logger()
@@ -246,7 +266,7 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
                         "generated_tokens": generated_tokens(parts)},
             rejects=REJECTS if (the_plan.rejected or refused) else None,
             server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
-            replicas=run_replicas(earlier, parts, replicas, invocation),
+            replicas=run_replicas(earlier, parts, replicas, invocation), rollovers=rollovers or {},
             token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts),
         )
         store.write_bytes(MANIFEST, manifest.to_json())
@@ -255,6 +275,7 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
                "tokens generated": manifest.throughput["generated_tokens"], "records/s": manifest.throughput["records_per_s"],
                **{f"{phase} (s)": round(v, 2) for phase, v in timings.items()},
                "server restarts": manifest.server_restarts,
+               **rollover_figures(manifest.rollovers),
                "replicas": len({(r.get("invocation"), r["replica"]) for r in manifest.replicas}),
                "GPU-hours held": round(sum(r.get("gpu_hours") or 0 for r in manifest.replicas), 3),
                "prompt found in reply": ", ".join(f"{k} {v}" for k, v in manifest.prompt_match.items()) or "—",

@@ -13,7 +13,7 @@ from typing import Protocol, TextIO
 
 class ProgressListener(Protocol):
     def planned(self, total: int, done: int) -> None: ...
-    def advanced(self, records: int, restarts: int) -> None: ...
+    def advanced(self, records: int, restarts: int, rollovers: int = 0) -> None: ...
     def close(self) -> None: ...
 
 
@@ -39,15 +39,16 @@ def planned(total: int, done: int) -> None:
         listener.planned(total, done)
 
 
-def advanced(records: int, restarts: int) -> None:
-    """A shard published `records` records (written + refused); `restarts` servers started anew so far."""
+def advanced(records: int, restarts: int, rollovers: int = 0) -> None:
+    """A shard published `records` records (written + refused); `restarts` servers started anew after a
+    failure so far, `rollovers` planned successor jobs (time limits)."""
     for listener in list(_listeners):
-        listener.advanced(records, restarts)
+        listener.advanced(records, restarts, rollovers)
 
 
 class _Counts:
     def __init__(self) -> None:
-        self.total = self.done = self.restarts = 0
+        self.total = self.done = self.restarts = self.rollovers = 0
         self.start_done, self.started = 0, time.monotonic()
 
     def rate(self) -> float:
@@ -70,8 +71,8 @@ class PlainLines(_Counts):
         self.total, self.done, self.start_done, self.started = total, done, done, time.monotonic()
         self._line()
 
-    def advanced(self, records: int, restarts: int) -> None:
-        self.done, self.restarts = self.done + records, restarts
+    def advanced(self, records: int, restarts: int, rollovers: int = 0) -> None:
+        self.done, self.restarts, self.rollovers = self.done + records, restarts, rollovers
         if self.done >= self.total or time.monotonic() - self._last >= self.every_s:
             self._line()
 
@@ -80,7 +81,8 @@ class PlainLines(_Counts):
         share = 100.0 * self.done / self.total if self.total else 100.0
         eta = self.eta_s()
         print(f"progress: {self.done}/{self.total} records ({share:.0f} %), {self.rate():.1f} records/s, "
-              f"ETA {'—' if eta is None else f'{eta:.0f} s'}, server restarts {self.restarts}",
+              f"ETA {'—' if eta is None else f'{eta:.0f} s'}, server restarts {self.restarts}"
+              + (f", rollovers {self.rollovers}" if self.rollovers else ""),
               file=self.stream, flush=True)
 
     def close(self) -> None:
@@ -98,7 +100,7 @@ class Bar(_Counts):
         self._progress = Progress(
             TextColumn("records"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:.1f} records/s"), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("restarts {task.fields[restarts]}"),
+            TextColumn("restarts {task.fields[restarts]}"), TextColumn("rollovers {task.fields[rollovers]}"),
             console=Console(file=stream, force_terminal=True), transient=False,
         )
         self._task = None
@@ -106,12 +108,13 @@ class Bar(_Counts):
     def planned(self, total: int, done: int) -> None:
         self.total, self.done, self.start_done, self.started = total, done, done, time.monotonic()
         self._progress.start()
-        self._task = self._progress.add_task("run", total=total, completed=done, rate=0.0, restarts=0)
+        self._task = self._progress.add_task("run", total=total, completed=done, rate=0.0, restarts=0, rollovers=0)
 
-    def advanced(self, records: int, restarts: int) -> None:
-        self.done, self.restarts = self.done + records, restarts
+    def advanced(self, records: int, restarts: int, rollovers: int = 0) -> None:
+        self.done, self.restarts, self.rollovers = self.done + records, restarts, rollovers
         if self._task is not None:
-            self._progress.update(self._task, completed=self.done, rate=self.rate(), restarts=restarts)
+            self._progress.update(self._task, completed=self.done, rate=self.rate(), restarts=restarts,
+                                  rollovers=rollovers)
 
     def close(self) -> None:
         if self._task is not None:

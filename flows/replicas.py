@@ -10,6 +10,12 @@ hangs is released, its unfinished shards go back to the queue, and it is replace
 `max_server_restarts` allows. A replica is released as soon as the queue is empty and its last
 shard is done, not when the slowest replica finishes; every replica is released on every exit.
 
+A replica whose allocation has an end (a Slurm time limit) rolls over (infra/rollover.py): ahead
+of the end a successor is started for it; the old one takes no shard it cannot finish in time,
+none once the successor is ready, and is released when its last shard is done. A job that ends
+first gives its shards back to the queue; either way it is planned, not a failure, and uses
+`max_rollovers`, never `max_server_restarts`.
+
 A release that fails (a Slurm job still listed after KillWait, scancel refused) is logged and
 kept on the replica's summary, never raised: the others are still released, a lost replica is
 still replaced, and the run still finishes its manifest. A ready replica that has sent nothing
@@ -27,10 +33,12 @@ from dataclasses import dataclass, field
 
 from prefect.futures import PrefectFuture
 
+from flows.rollovers import Rollovers
 from infra.backends import PROBE_TIMEOUT_S, Backend
 from infra.dataset import Shard
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, TransientServerError
 from infra.generation import ShardResult
+from infra.rollover import Handover, Measured, RolloverPolicy, admits_shard, mean_shard_s
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,12 @@ class Replica:
     keep_alive: concurrent.futures.Future | None = None
     release_error: str | None = None
     lost: bool = False
+    end: float | None = None  # when its allocation ends, as last read
+    predecessor: Replica | None = None  # the replica this one took over from (a planned rollover)
+    successor: Replica | None = None
+    handover: Handover | None = None  # on a successor: what its rollover cost
+    ended: str | None = None  # why its allocation ended by schedule, when it did
+    capped: bool = False  # told that max_rollovers allows it no successor
 
     @property
     def state(self) -> str:
@@ -79,15 +93,27 @@ class Replica:
         return {
             "replica": self.index, "job_ids": list(self.backend.job_ids), "records": self.records, "shards": self.shards,
             "busy_fraction": round(self.busy_seconds() / serving, 4) if serving > 0 else None,
+            "busy_s": round(self.busy_seconds(), 2),
             "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
+            # From the job's start (not its submission) to its release: the GPUs it really held.
+            "allocated_s": round((self.released_at or time.time()) - running, 2) if (running := self.backend.running_at()) else 0.0,
+            "load_s": round(self.ready_at - running, 2) if running and self.ready_at else None,
             "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
             if self.intervals and self.released_at else None,
             **({"release_error": self.release_error} if self.release_error else {}),
+            **({"successor_of": list(self.predecessor.backend.job_ids)} if self.predecessor else {}),
+            **({"ended": self.ended} if self.ended else {}),
         }
+
+    def first_start(self) -> float | None:
+        return min((a for a, _ in self.intervals), default=None)
+
+    def last_finish(self) -> float | None:
+        return max((b for _, b in self.intervals), default=None)
 
 
 @dataclass
-class Pool:
+class Pool(Rollovers):
     """The replicas of one run and the shard queue they share."""
 
     make_backend: Callable[[int, int], Backend]  # (launch number, replica index) -> backend
@@ -101,11 +127,14 @@ class Pool:
     on_result: Callable[[ShardResult], None] = lambda r: None
     keep_alive_s: float = 3600.0
     ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
+    rollover: RolloverPolicy = field(default_factory=lambda: RolloverPolicy(max_rollovers=0))
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
     results: list[ShardResult] = field(default_factory=list)
     restarts: int = 0
+    rollovers: int = 0
+    measured: Measured = field(default_factory=Measured)
     first_ready: float | None = None
     last_result_at: float | None = None
     _exhausted: bool = False
@@ -134,6 +163,7 @@ class Pool:
                 self._became_ready(rep)
         for rep in self._active():
             if rep.state == "ready":
+                self._plan_successor(rep)
                 self._fill(rep)
         starting = [r.ready_future for r in self._active() if r.state == "starting"]
         # Shards of released replicas are still collected: they come back to the queue.
@@ -159,30 +189,53 @@ class Pool:
             # replica finishes. (A replica lost later is replaced within max_server_restarts.)
             if not rep.in_flight and self._queue_empty():
                 self._retire(rep, "queue empty" if rep.state == "ready" else "queue empty before it was ready")
+            elif not rep.in_flight and rep.successor is not None and rep.successor.state == "ready":
+                self._retire(rep, f"rolled over: its successor ({rep.successor.backend.status()}) is ready")
+            elif rep.state == "ready" and not rep.in_flight and rep.end is not None and time.time() >= rep.end:
+                why = f"{rep.backend.status()} reached its end with no shard left to finish"
+                if not self._ended(rep, why):
+                    self._lose(rep, ServerLost(f"replica {rep.index}: {why}, and max_rollovers allows no successor"))
 
-    def _launch(self, index: int) -> None:
+    def _launch(self, index: int, predecessor: Replica | None = None) -> None:
         # The backend gets the launch number: a replacement must not reuse the port (or the job
         # directory) of the server it replaces, which may still be shutting down. The replica
         # index picks an attached server's URL: a replacement re-attaches to the same one.
-        rep = Replica(index, self.make_backend(len(self.members), index))
+        rep = Replica(index, self.make_backend(len(self.members), index), predecessor=predecessor)
+        if predecessor is not None:
+            predecessor.successor = rep
+            rep.handover = Handover(index, list(predecessor.backend.job_ids), [], predecessor.end)
         self.members.append(rep)
         rep.ready_future = self.start(rep.backend)
+        if rep.handover is not None:
+            rep.handover.new_jobs = list(rep.backend.job_ids)
 
     def _became_ready(self, rep: Replica) -> None:
         try:
             rep.client = rep.ready_future.result()
         except NEVER_READY as exc:
             self._retire(rep, f"never became ready: {exc}")
+            if rep.predecessor is not None and rep.predecessor.successor is rep:
+                rep.predecessor.successor = None  # another may be planned, within max_rollovers
             if not self._active():
                 raise
             log.warning("replica %d never became ready (%s); going on with the others", rep.index, exc)
             return
         rep.ready_at = rep.last_active = time.time()
         self.first_ready = self.first_ready or rep.ready_at
+        running = rep.backend.running_at()
+        self.measured.allocation(running - rep.started if running else None,
+                                 rep.ready_at - (running or rep.started))
+        if rep.handover is not None:
+            old_end = rep.predecessor.end or rep.handover.old_end
+            rep.handover.ready_in_time = rep.predecessor.state != "released" and (old_end is None or rep.ready_at <= old_end)
         log.info("replica %d ready at %s", rep.index, rep.backend.url())
 
     def _fill(self, rep: Replica) -> None:
-        while len(rep.in_flight) < self.max_in_flight and (shard := self._next_shard()) is not None:
+        if rep.successor is not None and rep.successor.state == "ready":
+            return  # draining: its successor takes the queue
+        while (len(rep.in_flight) < self.max_in_flight
+               and admits_shard(time.time(), rep.end, len(rep.in_flight), self.measured, self.rollover)
+               and (shard := self._next_shard()) is not None):
             rep.in_flight[self.submit(rep.client, shard, rep.backend)] = shard
             rep.last_active = time.time()
 
@@ -199,12 +252,16 @@ class Pool:
         rep.records += result.part.records
         rep.shards += 1
         rep.intervals.append((result.started_at, result.finished_at))
+        self.measured.shard_s = mean_shard_s(sum(r.busy_seconds() for r in self.members), sum(r.shards for r in self.members))
         self.last_result_at = max(self.last_result_at or 0.0, result.finished_at)
         self.results.append(result)
         self._unreported.append(result)
 
     def _lose(self, rep: Replica, exc: BaseException) -> None:
-        """Release the replica (its other shards then fail fast and are requeued) and replace it."""
+        """Release the replica (its other shards then fail fast and are requeued) and replace it.
+        One whose allocation ended by schedule (its time limit) is a planned rollover instead."""
+        if self.rollover.enabled and (why := rep.backend.scheduled_end()) is not None and self._ended(rep, why):
+            return
         rep.lost = True
         self._retire(rep, f"lost: {exc}")
         if self.restarts >= self.restarts_allowed:

@@ -2,13 +2,16 @@
 job; see infra/slurm), or `attach` (a server someone else runs: no allocation, no teardown).
 
 Every backend answers the same four questions: start it, where is it (`url`), is it still
-alive (`dead_reason`), and release it (idempotent, safe from any exit path).
+alive (`dead_reason`), and release it (idempotent, safe from any exit path). A backend with a
+scheduled end (a Slurm job's time limit) also says when it ends (`ends_at`) and whether it ended
+by that schedule (`scheduled_end`): the pool then plans a successor instead of counting a failure.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -38,9 +41,27 @@ class Backend(Protocol):
     def release(self) -> None: ...
     def ready_timeout(self) -> float: ...
     def status(self) -> str: ...
+    def running_at(self) -> float | None: ...  # when it got its resources (epoch s): the queue wait ends
+    def ends_at(self) -> float | None: ...  # when its allocation ends (epoch s); None: no end
+    def scheduled_end(self) -> str | None: ...  # why it ended by schedule (time limit, preemption), if it did
 
 
-class LocalBackend:
+class _NoScheduledEnd:
+    """Local processes and attached servers run until released."""
+
+    _started_at: float | None = None
+
+    def running_at(self) -> float | None:
+        return self._started_at
+
+    def ends_at(self) -> float | None:
+        return None
+
+    def scheduled_end(self) -> str | None:
+        return None
+
+
+class LocalBackend(_NoScheduledEnd):
     """The NeMo-compatible server as a child process group on this machine."""
 
     name = "local"
@@ -72,6 +93,7 @@ class LocalBackend:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         self.proc = start_process_group(self.argv(), log_path=self.log_path)
+        self._started_at = time.time()
         (self.dir / "pgid").write_text(group_identity(self.proc))
         log.info("started local server (pid %d), log %s", self.proc.pid, self.log_path)
 
@@ -113,7 +135,7 @@ def release_local_by_run(server_dir: Path) -> None:
             continue
 
 
-class AttachBackend:
+class AttachBackend(_NoScheduledEnd):
     """A server someone else runs: nothing to allocate, nothing to stop. `replica` picks its URL.
 
     A replacement for a lost attached replica attaches to the same URL again and waits (under
@@ -134,7 +156,7 @@ class AttachBackend:
         self._released = False
 
     def start(self) -> None:
-        pass
+        self._started_at = time.time()
 
     def url(self) -> str | None:
         return self._url

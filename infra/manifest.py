@@ -95,6 +95,8 @@ class Manifest:
     rejects: str | None = None
     server_restarts: int = 0
     replicas: list[dict] = field(default_factory=list)  # per replica: records, busy fraction, GPU-hours
+    # Planned successor jobs (time limits): count, late, overlap GPU-hours, largest gap, one entry each.
+    rollovers: dict = field(default_factory=dict)
     token_counter: str | None = None  # what counted the prompts (its identity is in `config`)
     prompt_match: dict[str, int] = field(default_factory=dict)  # written records by prompt_match, all parts
     format_version: int = FORMAT_VERSION

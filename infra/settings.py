@@ -151,6 +151,14 @@ class SlurmSettings(_Section):
     poll_s: float = Field(1.0, gt=0, le=60)
     release_margin_s: float = Field(60.0, ge=0, le=3600, description="a cancelled job may stay listed this long "
                                     "past the cluster's KillWait (epilog, GPU release) before release gives up on it")
+    # Planned rollover across time limits (infra/rollover.py): a successor job per replica ahead of its end.
+    max_rollovers: int = Field(50, ge=0, le=10_000, description="planned successor jobs per run (a job nearing "
+                               "its time limit); 0: none, a job that reaches its limit is then a lost server")
+    rollover_margin_s: float = Field(60.0, ge=0, le=86_400, description="added to the successor's lead (queue wait "
+                                     "+ load + one shard, measured) and kept free before a job's end")
+    rollover_factor: float = Field(1.25, ge=1.0, le=10.0, description="on the measured queue wait, load and shard time")
+    warn_signal_s: int = Field(300, ge=0, le=65_535, description="sbatch --signal=B:USR1@<s>: Slurm warns the job "
+                               "this long before its end (a shortened limit, a preemption); 0: no warning")
 
     @field_validator("time_limit")
     @classmethod

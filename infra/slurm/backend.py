@@ -18,7 +18,7 @@ from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError, DeadlineExceeded, SlurmJobError
 from infra.settings import Profile, Settings
 from infra.slurm.client import SlurmClient, first_error_lines, is_terminal, log_tail
-from infra.slurm.spec import HEARTBEAT_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
 
 log = logging.getLogger(__name__)
 JOB_PREFIX = "nsdg-"
@@ -26,6 +26,12 @@ JOB_PREFIX = "nsdg-"
 # SIGKILL after the cluster's KillWait (30 s by default), then runs the epilog.
 DEFAULT_KILL_WAIT_S = 30.0
 _kill_wait_s: float | None = None
+# A running job's EndTime is read again this often (and at once when its warning signal arrives):
+# a limit shortened with `scontrol update` is seen within this, at one squeue per replica.
+END_REFRESH_S = 10.0
+# A server lost this close to its job's end (or after it) was ended by the time limit: Slurm
+# enforces limits on a timer, and this host's clock and the controller's may differ a little.
+END_SLACK_S = 30.0
 
 
 def job_name_for(flow_run_id: str | None, run_id: str) -> str:
@@ -81,6 +87,10 @@ class SlurmBackend:
         self._last_poll = 0.0
         self._unknown_since: float | None = None
         self._heartbeat: Heartbeat | None = None
+        self._running_at: float | None = None
+        self._end: float | None = None  # EndTime while it runs
+        self._end_read = float("-inf")
+        self._warned: float | None = None
 
     @property
     def job_id(self) -> str | None:
@@ -99,11 +109,65 @@ class SlurmBackend:
         """The job's state, polled at most every slurm.poll_s (every wait loop calls this)."""
         now = time.monotonic()
         if self._last_state is None or now - self._last_poll >= self.settings.slurm.poll_s:
-            self._last_state = self.client.state(self.job_id)
-            self._last_poll = now
-            if self._last_state.state == "RUNNING" and self._running_nodes is None:
-                self._running_nodes = list(self._last_state.nodes)
+            self._poll()
         return self._last_state
+
+    def _poll(self) -> None:
+        self._last_state, self._last_poll = self.client.state(self.job_id), time.monotonic()
+        if self._last_state.state == "RUNNING":
+            if self._running_nodes is None:
+                self._running_nodes, self._running_at = list(self._last_state.nodes), time.time()
+            if self._last_state.end_time is not None:
+                self._end = self._last_state.end_time
+
+    def running_at(self) -> float | None:
+        return self._running_at
+
+    def warned_at(self) -> float | None:
+        """When the job's batch script noted Slurm's warning signal (`--signal=B:USR1@<s>`,
+        `scancel --signal=USR1 --batch`): a limit ahead, shortened, or a preemption."""
+        try:
+            text = (self.job_dir / SIGNAL_MARKER_NAME).read_text()
+        except (FileNotFoundError, OSError):
+            return None
+        fields = dict(line.partition("=")[::2] for line in text.splitlines())
+        try:
+            return float(fields.get("received_at", ""))
+        except ValueError:
+            return None
+
+    def ends_at(self) -> float | None:
+        """When the job ends: Slurm's EndTime, or sooner, when the warning signal came, that time
+        plus slurm.warn_signal_s (Slurm may send it early: the sooner end is the safe one)."""
+        if not self.job_id:
+            return None
+        warned = self.warned_at()
+        if warned != self._warned or time.monotonic() - self._end_read >= END_REFRESH_S:
+            self._warned, self._end_read = warned, time.monotonic()
+            self._poll()
+        ends = [self._end] if self._end is not None else []
+        if warned is not None and self.spec.warn_signal_s:
+            ends.append(warned + self.spec.warn_signal_s)
+        return min(ends) if ends else None
+
+    def scheduled_end(self) -> str | None:
+        """Why the job ended, or is ending, by the cluster's schedule (its time limit, a
+        preemption, a requeue, the end its warning signal announced), not by a fault of its
+        server; None otherwise."""
+        if not self.job_id:
+            return None
+        st = self.state()
+        if st.state == "TIMEOUT":
+            return f"Slurm job {self.job_id} reached its time limit ({self.spec.time_limit})"
+        if st.state in ("PREEMPTED", "DEADLINE"):
+            return f"Slurm job {self.job_id} ended {st.state}"
+        if requeued := self.requeued(st):
+            return f"Slurm job {self.job_id} {requeued}"
+        # The end as known (EndTime, or the warning signal's): a warning long before the end (a
+        # --signal lead longer than the limit) does not make every later fault a planned end.
+        if (end := self.ends_at()) is not None and time.time() >= end - END_SLACK_S:
+            return f"Slurm job {self.job_id} reached its end ({datetime.fromtimestamp(end).isoformat(timespec='seconds')})"
+        return None
 
     def url(self) -> str | None:
         """Rank 0's address, looked up again whenever the job runs on other nodes than before."""

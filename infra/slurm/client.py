@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from infra.commands import CommandResult, run_command
@@ -85,6 +86,7 @@ class JobState:
     reason: str | None = None
     nodes: list[str] = field(default_factory=list)
     source: str = "none"
+    end_time: float | None = None  # epoch s: EndTime of a running job (its time limit), when known
 
     @property
     def terminal(self) -> bool:
@@ -125,7 +127,7 @@ class JobSummary:
 _JOB_ID = re.compile(r"^\d+(_\d+|\+\d+)?$")
 _NO_VALUE = {"", "(null)", "none", "n/a", "none assigned"}
 _SEP = "|"
-SQUEUE_STATE_FORMAT = _SEP.join(["%i", "%T", "%r", "%N"])
+SQUEUE_STATE_FORMAT = _SEP.join(["%i", "%T", "%r", "%N", "%e"])
 SQUEUE_LIST_FORMAT = _SEP.join(["%i", "%T", "%j", "%Z", "%k"])
 SACCT_FIELDS = "JobID,State,ExitCode,Reason,NodeList"
 
@@ -135,6 +137,18 @@ def _value(text: str | None) -> str | None:
         return None
     text = text.strip()
     return None if text.lower() in _NO_VALUE else text
+
+
+def parse_slurm_time(text: str | None) -> float | None:
+    """`2026-12-02T05:30:00` (Slurm prints the controller's local time, no zone) -> epoch s;
+    `N/A`, `Unknown`, `None` -> None."""
+    text = _value(text)
+    if text is None or text.lower() == "unknown":
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:
+        return None
 
 
 def check_job_id(job_id: str) -> str:
@@ -181,16 +195,19 @@ def expand_hostlist(hostlist: str) -> list[str]:
 
 
 def parse_squeue_state(job_id: str, stdout: str) -> JobState | None:
-    """Output of `squeue -h -j ID -o '%i|%T|%r|%N'`; None when squeue does not list the job."""
+    """Output of `squeue -h -j ID -o '%i|%T|%r|%N|%e'`; None when squeue does not list the job.
+    The end time counts only while the job runs (a pending job's is Slurm's guess)."""
     for line in stdout.splitlines():
         fields = line.strip().split(_SEP)
         if len(fields) >= 4 and fields[0] == job_id:
+            state = normalize_state(fields[1])
             return JobState(
                 job_id=job_id,
-                state=normalize_state(fields[1]),
+                state=state,
                 reason=_value(fields[2]),
                 nodes=expand_hostlist(fields[3]),
                 source="squeue",
+                end_time=parse_slurm_time(fields[4]) if len(fields) > 4 and state == "RUNNING" else None,
             )
     return None
 
@@ -238,6 +255,7 @@ def parse_scontrol_job(job_id: str, stdout: str) -> JobState | None:
         reason=_value(record.get("Reason")),
         nodes=expand_hostlist(record.get("NodeList", "")),
         source="scontrol",
+        end_time=parse_slurm_time(record.get("EndTime")) if state == "RUNNING" else None,
     )
 
 

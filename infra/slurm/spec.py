@@ -146,6 +146,7 @@ class SbatchSpec:
     max_model_len: int = 4096
     ray_port: int = launch.DEFAULT_RAY_PORT
     launch_wait_s: int = 2700  # how long Ray's head and workers wait for each other
+    warn_signal_s: int = 300  # --signal=B:USR1@<s>: the batch script notes it in signal-received; 0: none
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
@@ -280,6 +281,8 @@ class SbatchSpec:
                 f"Slurm job spec: slurm.heartbeat_timeout_s={self.heartbeat_timeout_s} must be at least twice "
                 f"slurm.heartbeat_interval_s={self.heartbeat_interval_s}, or one late check cancels a healthy job."
             )
+        # Rendered into an #SBATCH line: an int, nothing else.
+        _check_int("slurm.warn_signal_s", self.warn_signal_s, 0, 65_535)
 
     # --- derived values ------------------------------------------------------------------------
 
@@ -395,6 +398,7 @@ class SbatchSpec:
             port=server.port,
             server_command=tuple(server.command) if server.command is not None else None,
             heartbeat_timeout_s=slurm.heartbeat_timeout_s,
+            warn_signal_s=slurm.warn_signal_s,
             heartbeat_interval_s=slurm.heartbeat_interval_s,
             engine=engine,
             served_model_name=settings.model.name,
@@ -452,6 +456,10 @@ def sbatch_directives(spec: SbatchSpec) -> list[str]:
     lines += gpu_directive(spec)
     lines += [f"--cpus-per-task={spec.cpus_per_task}"] if spec.cpus_per_task else []
     lines += [f"--time={spec.time_limit}"]
+    # Slurm's warning before the end (a time limit, a shortened one, a preemption): the batch script
+    # notes it for the flow, which then plans the replica's successor. A site's own --signal wins.
+    if spec.warn_signal_s and not any(d.startswith("--signal") for d in spec.extra_directives):
+        lines += [f"--signal=B:USR1@{spec.warn_signal_s}"]
     lines += ["--exclusive"] if spec.exclusive else []
     # --exclusive gives every CPU and GPU of a node but only the default memory.
     lines += [f"--mem={spec.mem}"] if spec.mem is not None else []

@@ -6,6 +6,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --time=04:00:00
+#SBATCH --signal=B:USR1@300
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --propagate=NONE

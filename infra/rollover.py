@@ -1,0 +1,116 @@
+"""Planned rollover across Slurm time limits: when to submit a replica's successor, which shards
+an ending job may still take, and what the rollovers cost. Pure: times in, decisions out.
+
+A job's end is known (Slurm's EndTime, or sooner when its warning signal arrived). From
+`end - lead` on, a successor allocation is submitted for the replica, where
+
+    lead = factor * (queue wait + load time + one shard) + margin
+
+measured on this run's own allocations (the largest queue wait and load seen, the run's mean
+shard service time). The old job keeps serving until its successor is ready, but never takes a
+shard it cannot finish before its end; then it drains and is released. A successor is planned
+work, not a failure: it never uses `max_server_restarts`, only `max_rollovers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RolloverPolicy:
+    factor: float = 1.25  # on the measured queue wait + load + shard: they vary from job to job
+    margin_s: float = 60.0  # added to the lead, and kept free before the end when admitting a shard
+    max_rollovers: int = 50  # planned successors per run: a misconfigured limit cannot submit jobs without end
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_rollovers > 0
+
+
+@dataclass
+class Measured:
+    """This run's allocations: how long they queued and loaded, how long a shard takes."""
+
+    queue_wait_s: float = 0.0
+    load_s: float = 0.0
+    shard_s: float | None = None  # mean service time of one shard; None until one is done
+
+    def allocation(self, queue_wait_s: float | None, load_s: float | None) -> None:
+        """One allocation that became ready: the largest seen is the one planned for."""
+        if queue_wait_s is not None:
+            self.queue_wait_s = max(self.queue_wait_s, queue_wait_s)
+        if load_s is not None:
+            self.load_s = max(self.load_s, load_s)
+
+
+def lead_s(measured: Measured, policy: RolloverPolicy) -> float:
+    """How long before a job's end its successor is submitted."""
+    one = measured.queue_wait_s + measured.load_s + (measured.shard_s or 0.0)
+    return policy.factor * one + policy.margin_s
+
+
+def successor_due(now: float, end: float | None, measured: Measured, policy: RolloverPolicy) -> bool:
+    return policy.enabled and end is not None and now >= end - lead_s(measured, policy)
+
+
+def admits_shard(now: float, end: float | None, in_flight: int, measured: Measured, policy: RolloverPolicy) -> bool:
+    """Whether a job ending at `end` can take one more shard. The server serves one request at a
+    time: a new shard finishes after the `in_flight` ones before it. Unknown end or shard time:
+    nothing to judge by, it takes the shard (a job that ends under it gives it back)."""
+    if end is None or measured.shard_s is None:
+        return True
+    finish = now + (in_flight + 1) * measured.shard_s * policy.factor
+    return finish + policy.margin_s <= end
+
+
+def mean_shard_s(busy_s: float, shards: int) -> float | None:
+    """Service time of one shard: the time the servers were busy (overlapping shards once) per shard."""
+    return busy_s / shards if shards else None
+
+
+@dataclass
+class Handover:
+    """One planned rollover: the old replica's job ends, its successor takes over."""
+
+    replica: int
+    old_jobs: list[str]
+    new_jobs: list[str]
+    old_end: float | None  # the old job's end as known when the successor was submitted
+    ready_in_time: bool | None = None  # successor ready before the old job's end; None: not ready yet
+    overlap_s: float = 0.0  # both allocations held at once (successor running, old not released)
+    gap_s: float | None = None  # old replica's last shard done -> successor's first shard started
+
+    def as_dict(self) -> dict:
+        return {"replica": self.replica, "old_jobs": self.old_jobs, "new_jobs": self.new_jobs,
+                "ready_in_time": self.ready_in_time, "overlap_s": round(self.overlap_s, 2),
+                "gap_s": None if self.gap_s is None else round(self.gap_s, 2)}
+
+
+def overlap_s(successor_running_at: float | None, old_released_at: float | None) -> float:
+    if successor_running_at is None or old_released_at is None:
+        return 0.0
+    return max(0.0, old_released_at - successor_running_at)
+
+
+def gap_s(old_last_finish: float | None, new_first_start: float | None) -> float | None:
+    """Idle time between the two replicas' shards; 0 when the successor started before the old one
+    finished (they overlapped)."""
+    if old_last_finish is None or new_first_start is None:
+        return None
+    return max(0.0, new_first_start - old_last_finish)
+
+
+@dataclass
+class RolloverReport:
+    handovers: list[Handover] = field(default_factory=list)
+
+    def summary(self, gpus: int) -> dict:
+        gaps = [h.gap_s for h in self.handovers if h.gap_s is not None]
+        return {
+            "count": len(self.handovers),
+            "late": sum(1 for h in self.handovers if h.ready_in_time is False),
+            "overlap_gpu_hours": round(gpus * sum(h.overlap_s for h in self.handovers) / 3600, 4),
+            "largest_gap_s": round(max(gaps), 2) if gaps else None,
+            "handovers": [h.as_dict() for h in self.handovers],
+        }

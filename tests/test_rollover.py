@@ -1,0 +1,104 @@
+"""Planned rollover's pure decisions (infra/rollover.py) and the Slurm facts they read: a job's
+EndTime from squeue/scontrol, the `--signal=B:USR1@<s>` directive."""
+
+from datetime import datetime
+
+import pytest
+
+from infra.errors import ConfigError
+from infra.rollover import (Handover, Measured, RolloverPolicy, RolloverReport, admits_shard, gap_s, lead_s,
+                            mean_shard_s, overlap_s, successor_due)
+from infra.slurm.client import parse_scontrol_job, parse_slurm_time, parse_squeue_state
+from infra.slurm.spec import SbatchSpec, sbatch_directives
+
+POLICY = RolloverPolicy(factor=1.5, margin_s=10.0, max_rollovers=3)
+
+
+def test_lead_is_queue_wait_plus_load_plus_one_shard_with_margins():
+    measured = Measured()
+    measured.allocation(20.0, 100.0)
+    measured.allocation(5.0, 140.0)  # the largest of each is planned for
+    measured.shard_s = 40.0
+    assert lead_s(measured, POLICY) == 1.5 * (20 + 140 + 40) + 10
+    assert lead_s(Measured(), POLICY) == 10.0  # nothing measured yet: the margin alone
+
+
+def test_successor_is_due_from_end_minus_lead():
+    measured = Measured(queue_wait_s=10, load_s=30, shard_s=20)  # lead 1.5 * 60 + 10 = 100
+    assert not successor_due(1000.0, 1101.0, measured, POLICY)
+    assert successor_due(1000.0, 1100.0, measured, POLICY)
+    assert not successor_due(1000.0, None, measured, POLICY)  # no end: never
+    assert not successor_due(1000.0, 1001.0, measured, RolloverPolicy(max_rollovers=0))  # switched off
+
+
+def test_an_ending_job_takes_only_shards_it_can_finish():
+    measured = Measured(shard_s=20.0)
+    # One shard in flight: a new one finishes after it, 2 * 20 * 1.5 = 60 s from now, + 10 s margin.
+    assert admits_shard(1000.0, 1070.0, 1, measured, POLICY)
+    assert not admits_shard(1000.0, 1069.0, 1, measured, POLICY)
+    assert admits_shard(1000.0, 1040.0, 0, measured, POLICY)
+    assert admits_shard(1000.0, None, 5, measured, POLICY)  # no end
+    assert admits_shard(1000.0, 1001.0, 1, Measured(), POLICY)  # no shard measured yet: nothing to judge by
+
+
+def test_shard_time_gap_and_overlap():
+    assert mean_shard_s(90.0, 3) == 30.0 and mean_shard_s(0.0, 0) is None
+    assert gap_s(100.0, 103.5) == 3.5
+    assert gap_s(100.0, 90.0) == 0.0  # the successor started before the old one finished
+    assert gap_s(None, 5.0) is None
+    assert overlap_s(50.0, 80.0) == 30.0 and overlap_s(80.0, 50.0) == 0.0 and overlap_s(None, 1.0) == 0.0
+
+
+def test_report_sums_overlap_gpu_hours_and_keeps_the_largest_gap():
+    report = RolloverReport([Handover(0, ["1"], ["2"], 100.0, True, overlap_s=1800.0, gap_s=2.0),
+                             Handover(0, ["2"], ["3"], 200.0, False, overlap_s=0.0, gap_s=40.0)])
+    summary = report.summary(gpus=8)
+    assert summary["count"] == 2 and summary["late"] == 1
+    assert summary["overlap_gpu_hours"] == 4.0 and summary["largest_gap_s"] == 40.0
+    assert [h["new_jobs"] for h in summary["handovers"]] == [["2"], ["3"]]
+    assert RolloverReport().summary(8) == {"count": 0, "late": 0, "overlap_gpu_hours": 0.0, "largest_gap_s": None,
+                                            "handovers": []}
+
+
+def test_end_time_of_a_running_job_from_squeue_and_scontrol():
+    end = datetime(2026, 12, 2, 5, 31, 7).timestamp()
+    assert parse_slurm_time("2026-12-02T05:31:07") == end
+    assert parse_slurm_time("N/A") is None and parse_slurm_time("Unknown") is None and parse_slurm_time("") is None
+    running = parse_squeue_state("3", "3|RUNNING|None|node1|2026-12-02T05:31:07\n")
+    assert running.end_time == end and running.nodes == ["node1"]
+    # A pending job's end is Slurm's guess, not its limit; an old 4-field line has none.
+    assert parse_squeue_state("3", "3|PENDING|Priority||2026-12-02T05:31:07\n").end_time is None
+    assert parse_squeue_state("3", "3|RUNNING|None|node1\n").end_time is None
+    line = ("JobId=7 JobName=nsdg-x JobState=RUNNING Reason=None TimeLimit=00:01:00 "
+            "StartTime=2026-12-02T05:30:07 EndTime=2026-12-02T05:31:07 NodeList=node1")
+    assert parse_scontrol_job("7", line).end_time == end
+
+
+def spec(**kw) -> SbatchSpec:
+    return SbatchSpec(job_name="nsdg-roll", job_dir="/shared/jobs/roll", comment="nsdg run=roll", nodes=1,
+                      tasks_per_node=8, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=1, **kw)
+
+
+def test_the_job_asks_for_a_batch_level_warning_signal():
+    assert "#SBATCH --signal=B:USR1@300" in sbatch_directives(spec())
+    assert "#SBATCH --signal=B:USR1@45" in sbatch_directives(spec(warn_signal_s=45))
+    assert not any("--signal" in d for d in sbatch_directives(spec(warn_signal_s=0)))
+    # A site's own --signal wins: one directive, never two.
+    own = sbatch_directives(spec(extra_directives=["--signal=B:USR2@600"]))
+    assert [d for d in own if "--signal" in d] == ["#SBATCH --signal=B:USR2@600"]
+    with pytest.raises(ConfigError, match="warn_signal_s"):
+        spec(warn_signal_s="300; rm -rf /")
+
+
+def test_plain_progress_lines_name_the_rollovers():
+    import io
+
+    from flows.progress import PlainLines
+
+    out = io.StringIO()
+    lines = PlainLines(out, every_s=0.0)
+    lines.planned(40, 0)
+    lines.advanced(20, 0)
+    assert "rollovers" not in out.getvalue().splitlines()[-1]  # none yet: the line stays as it was
+    lines.advanced(20, 0, 2)
+    assert out.getvalue().splitlines()[-1].endswith("server restarts 0, rollovers 2")
