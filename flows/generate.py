@@ -100,7 +100,7 @@ def generate(
     cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters))  # read once
     if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
-                                                                            cfg.sampling.add_BOS)))
+                                                                            cfg.sampling.add_BOS, cfg.tokenizer)))
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
     hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)  # one run per run_id

@@ -21,6 +21,7 @@ from infra.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, render
 from infra.sampling import SamplingParams
+from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Judge:
     sampling: SamplingParams
     prompt_format: PromptFormat = RAW
     context_length: int = 4096
+    tokenizer: str | None = None  # the run's token counter: a judging prompt must fit as a prompt must
 
     def identity(self, generation_hash: str) -> str:
         """What makes a judgement: the parts judged, the template, how the judge samples and what it is sent."""
@@ -51,13 +53,14 @@ class Judge:
     def prompts(self, rows: list[dict]) -> list[str | dict]:
         """Each row's judging prompt, or {"error": why} for a row it cannot be built for."""
         compiled, out = self.template.compiled(), []
+        count = token_counter(self.tokenizer).count
         for row in rows:
             try:
                 text = render(compiled, {**row, "id": row.get("id"), "sample": row.get("sample", 0)})
             except RenderError as exc:
                 out.append({"error": f"judge.template cannot render this record: {exc}"})
                 continue
-            if (too_long := check_fits_context(self.prompt_format.wrap(text), self.sampling, self.context_length)) is not None:
+            if (too_long := check_fits_context(self.prompt_format.wrap(text), self.sampling, self.context_length, count)) is not None:
                 out.append({"error": f"judge prompt: {too_long}"})
                 continue
             out.append(text)
@@ -83,13 +86,14 @@ class Judge:
         return out
 
 
-def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_bos: bool = False) -> Judge | None:
+def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_bos: bool = False,
+               tokenizer: str | None = None) -> Judge | None:
     if not params.enabled:
         return None
     template = load_template(params.template, settings)
     sampling = SamplingParams(tokens_to_generate=params.tokens_to_generate, greedy=True, end_strings=list(params.end_strings),
                               add_BOS=add_bos)
-    return Judge(params, template, sampling, prompt_format, settings.model.context_length)
+    return Judge(params, template, sampling, prompt_format, settings.model.context_length, tokenizer)
 
 
 def read_rows(data: bytes | None) -> list[dict]:
