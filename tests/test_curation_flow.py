@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks.faults import _wait, local_env
 from flows.generate import generate
+from tests.test_recipe_flow import cli_env, start_cli_run
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.sampling import SamplingParams
 
@@ -106,11 +107,8 @@ def test_dedup_keeps_the_same_set_after_kill_9_and_resume(prefect_harness, workd
     flags = ["--dedup-exact", "--dedup-near", "--samples-per-prompt", "2", "--tokens-to-generate", "8",
              "--shard-size", "4", "--batch-size", "4", "--output-uri", str(workdir / "out"), "--input-uri", str(src),
              "--prompt-format", "raw"]
-    env = {**os.environ, **local_env(workdir, "--extra-latency", "0.1"), "PREFECT_HOME": str(workdir / "prefect")}
-    env.pop("PREFECT_API_URL", None)
-    killed_dir = workdir / "out" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--run-id", "killed", *flags], cwd=workdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(workdir / "killed.log", "wb"), start_new_session=True)
+    env, killed_dir = cli_env(workdir), workdir / "out" / "killed"
+    proc = start_cli_run(workdir, env, "killed", flags)
     try:
         _wait(lambda: len(list(killed_dir.glob("part-*.state.json"))) >= 3, 180, "three parts of the run to be killed")
     finally:
@@ -126,3 +124,32 @@ def test_dedup_keeps_the_same_set_after_kill_9_and_resume(prefect_harness, workd
     assert kept(killed_dir) == kept(workdir / "out" / "one-go")
     # Unseeded, the simulated engine answers a prompt the same every time: at most one row per distinct prompt.
     assert 1 < len(kept(killed_dir)) <= 9 and all(sample == 0 for _, sample in kept(killed_dir))
+
+
+JUDGE = ("{% if id == 'q3' %}Write one word, the colour of grass, and nothing else.{% else %}"
+         "Rate the answer from 1 (bad) to 5 (good).\nQuestion: {{ prompt }}\nAnswer:{{ completion }}\n"
+         "Reply with a single digit from 1 to 5.{% endif %}")
+
+
+def test_the_judge_on_the_real_local_model_parses_scores_and_counts_a_reply_without_one(prefect_harness, workdir,
+                                                                                       local_model_dir, monkeypatch):
+    monkeypatch.setenv("NSDG_LOCAL__MODEL_DIR", str(local_model_dir))
+    monkeypatch.setenv("NSDG_WORK_DIR", str(workdir / "work"))
+    src = workdir / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(
+        ["What is the capital of France?", "What is 2 + 2?", "Name a colour of the sky.", "Say hello."])))
+    result = generate(input_uri=str(src), output_uri=str(workdir / "out"), run_id="real-judge", batch_size=4,
+                      sampling=SamplingParams(tokens_to_generate=8, greedy=True), prompt_format="chat",
+                      judge=JudgeParams(template=JUDGE, tokens_to_generate=3, min_score=1))
+    run_dir = workdir / "out" / "real-judge"
+    judged = {j["id"]: j["reply"] for j in map(json.loads, (run_dir / "part-00000.jsonl.judge.jsonl").read_text().splitlines())}
+    assert set(judged) == {"q0", "q1", "q2", "q3"}
+    scored = {i for i, reply in judged.items() if re.search(r"-?\d", reply)}
+    assert scored and "q3" not in scored, judged  # real scores from the judge; the colour word has none
+    kept_rows = [json.loads(x) for p in json.loads((run_dir / "manifest.json").read_text())["curation"]["kept_parts"]
+                 for x in (run_dir / p["name"]).read_text().splitlines()]
+    assert {r["id"] for r in kept_rows} == {i for i in scored if float(re.search(r"-?\d+(?:\.\d+)?", judged[i])[0]) >= 1}
+    for r in kept_rows:
+        assert isinstance(r["judge"]["score"], float) and r["judge"]["reply"] == judged[r["id"]]
+    assert result["filtered"].get("judge_unparsed") == 4 - len(scored)
+    assert result["records_kept"] + sum(result["filtered"].values()) == result["records_written"] == 4

@@ -22,7 +22,7 @@ from infra.errors import SdgError
 from infra.manifest import config_hash
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
-from infra.recipes.judge import Judge, judge_name, read_rows
+from infra.recipes.judge import Judge, judge_name, read_rows, read_state
 from infra.recipes.params import FilterParams, JudgeParams
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,7 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
 
 
 def _current(store, part, stage_hash: str) -> dict | None:
-    data = store.read_bytes(verdict_name(part.name))
-    if data is None:
-        return None
-    try:
-        state = json.loads(data)
-    except ValueError:
-        return None
+    state = read_state(store, verdict_name(part.name))
     if state.get("stage_hash") != stage_hash or state.get("part_sha256") != part.sha256:
         return None
     return state

@@ -14,7 +14,6 @@ import json
 import logging
 from dataclasses import dataclass
 
-from infra.errors import RequestRejected
 from infra.manifest import config_hash
 from infra.nemo_client import GeneratedText, check_fits_context
 from infra.prompt_format import RAW, PromptFormat
@@ -115,13 +114,17 @@ def judge_part(client, store, judge: Judge, part, batch_size: int, rows: list[di
     return state
 
 
+def read_state(store, name: str) -> dict:
+    """A stage's state object; {} when missing or unreadable (the stage is then redone)."""
+    data = store.read_bytes(name)
+    try:
+        state = json.loads(data) if data is not None else {}
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def judged_current(store, judge: Judge, part) -> bool:
     """Has this part a judgement by this judge, of these very rows?"""
-    data = store.read_bytes(judge_state_name(part.name))
-    if data is None:
-        return False
-    try:
-        state = json.loads(data)
-    except ValueError:
-        return False
+    state = read_state(store, judge_state_name(part.name))
     return state.get("judge_hash") == judge.identity(part.config_hash) and state.get("part_sha256") == part.sha256
