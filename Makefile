@@ -60,7 +60,7 @@ recipe: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 		--examples-per-prompt 2 --example-separator $$'\n\n' --samples-per-prompt 3 \
 		--batch-size 12 --shard-size 6 --tokens-to-generate 40 --temperature 0.8 --top-p 0.95 --random-seed 1234 \
 		--judge-template examples/recipe/judge.j2 --judge-tokens 3 --min-score 3 \
-		--min-completion-tokens 4 --must-match '\?' --max-repeated-ngram-share 0.3 --dedup-exact --dedup-near
+		--min-completion-tokens 4 --max-completion-tokens 15 --must-match '\?' --max-repeated-ngram-share 0.3 --dedup-exact --dedup-near
 
 slurm-up:
 	bash infra/cluster/start-local-slurm.sh

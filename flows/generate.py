@@ -257,8 +257,10 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
             profile=cfg.profile, input_uri=cfg.input_uri, records_in=the_plan.records_in, records_written=written,
             records_rejected=the_plan.rejected + refused, parts=parts,
             slurm_job_ids=run_job_ids(earlier, parts, list(job_ids)),
-            timings_s={k: round(v, 3) for k, v in timings.items()},
-            throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s else None,
+            # A rerun that generated nothing (a new filter, a new judge) keeps the generating invocation's figures.
+            timings_s={**(earlier.timings_s if earlier and not new_records else {}), **{k: round(v, 3) for k, v in timings.items()}},
+            throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s and new_records else
+                        (earlier.throughput.get("records_per_s") if earlier else None),
                         "generated_tokens": generated_tokens(parts)},
             rejects=REJECTS if (the_plan.rejected or refused) else None,
             server_restarts=(earlier.server_restarts if earlier else 0) + restarts,

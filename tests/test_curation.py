@@ -149,3 +149,16 @@ def test_a_bad_regex_is_a_clear_parameter_error():
         FilterParams(must_not_match=["("])
     with pytest.raises(ValueError, match="judge.score_pattern"):
         JudgeParams(template="x", score_pattern="[")
+
+
+def test_the_flow_form_has_judge_and_filters_groups_with_every_field_described():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.generate import generate
+
+    schema = parameter_schema(generate).model_dump_for_openapi()
+    assert schema["properties"]["judge"]["description"].startswith("score each generated record")
+    assert "filtered.jsonl" in schema["properties"]["filters"]["description"]
+    for model in ("JudgeParams", "FilterParams"):
+        fields = schema["definitions"][model]["properties"]
+        assert fields and all(f.get("description") for f in fields.values()), (model, fields)
