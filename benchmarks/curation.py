@@ -153,7 +153,7 @@ def summary_rows(c: dict, met) -> list[tuple]:
         ]
     if st := c.get("stage"):
         rows.append((f"curation stage alone, peak RSS over {st['rows'] // 1000:,} k rows, every filter and exact dedup",
-                     f"{st['maxrss_mb']:.0f} MB ({st['seconds']:.0f} s)", "in-memory MinHash LSH ≈ 1 GB at 1 M × 128",
+                     f"{st['maxrss_mb']:.0f} MB ({st['seconds']:.0f} s)", "in-memory MinHash LSH: ≈ 1 GB at 1 M × 128 (the issue's estimate)",
                      "flat, ≤ 300 MB", met(st["maxrss_mb"] <= 300)))
     return rows
 
