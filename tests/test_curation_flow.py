@@ -126,9 +126,9 @@ def test_dedup_keeps_the_same_set_after_kill_9_and_resume(prefect_harness, workd
     assert 1 < len(kept(killed_dir)) <= 9 and all(sample == 0 for _, sample in kept(killed_dir))
 
 
-JUDGE = ("{% if id == 'q3' %}Write one word, the colour of grass, and nothing else.{% else %}"
-         "Rate the answer from 1 (bad) to 5 (good).\nQuestion: {{ prompt }}\nAnswer:{{ completion }}\n"
-         "Reply with a single digit from 1 to 5.{% endif %}")
+JUDGE = ("{% if id == 'q3' %}Write the word green, in lower case, and nothing else.{% else %}"
+         "Here is a question and an answer.\nQuestion: {{ prompt }}\nAnswer:{{ completion }}\n"
+         "How good is the answer, from 1 (bad) to 5 (good)? Reply with the number only.{% endif %}")
 
 
 def test_the_judge_on_the_real_local_model_parses_scores_and_counts_a_reply_without_one(prefect_harness, workdir,
@@ -140,7 +140,7 @@ def test_the_judge_on_the_real_local_model_parses_scores_and_counts_a_reply_with
         ["What is the capital of France?", "What is 2 + 2?", "Name a colour of the sky.", "Say hello."])))
     result = generate(input_uri=str(src), output_uri=str(workdir / "out"), run_id="real-judge", batch_size=4,
                       sampling=SamplingParams(tokens_to_generate=8, greedy=True), prompt_format="chat",
-                      judge=JudgeParams(template=JUDGE, tokens_to_generate=3, min_score=1))
+                      judge=JudgeParams(template=JUDGE, tokens_to_generate=6, min_score=1))
     run_dir = workdir / "out" / "real-judge"
     judged = {j["id"]: j["reply"] for j in map(json.loads, (run_dir / "part-00000.jsonl.judge.jsonl").read_text().splitlines())}
     assert set(judged) == {"q0", "q1", "q2", "q3"}
