@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,3 +318,16 @@ def machine() -> dict[str, str]:
 
 def tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def run_alone(prefix: str, section: Callable[[Path, "PrefectAPI", Callable[[str], None]], dict]) -> int:
+    """One bench section by itself (`python -m benchmarks.<section>`): its own work dir and Prefect API,
+    timestamped log lines, its JSON printed at the end."""
+    import shutil
+
+    workdir, started = tempdir(prefix), time.monotonic()
+    with prefect_api(workdir) as api:
+        res = section(workdir, api, lambda m: print(f"[{time.monotonic() - started:7.1f} s] {m}", flush=True))
+    print(json.dumps(res, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0

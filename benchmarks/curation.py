@@ -113,9 +113,8 @@ def run(workdir: Path, api: PrefectAPI, log, n: int = 100_000, stage_rows: int =
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.curation [--records N] [--stage-rows N]` (0 skips a part); prints its JSON."""
     import argparse
-    import shutil
 
-    from benchmarks.common import prefect_api, tempdir
+    from benchmarks.common import run_alone
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--stage-child"]:
@@ -125,13 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--stage-rows", type=int, default=1_000_000)
     args = ap.parse_args(argv)
-    workdir, started = tempdir("nsdg-bench-curation-"), time.monotonic()
-    with prefect_api(workdir) as api:
-        res = run(workdir, api, lambda m: print(f"[{time.monotonic() - started:7.1f} s] {m}", flush=True),
-                  args.records, args.stage_rows)
-    print(json.dumps(res, indent=1))
-    shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return run_alone("nsdg-bench-curation-", lambda workdir, api, log: run(workdir, api, log, args.records, args.stage_rows))
 
 
 if __name__ == "__main__":
