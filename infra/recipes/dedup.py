@@ -17,11 +17,9 @@ kept rows of shards already done rebuilds exactly the state the first pass had.
 
 from __future__ import annotations
 
-import sqlite3
-import tempfile
 from hashlib import blake2b
-from pathlib import Path
 
+from infra.idset import scratch_db
 from infra.recipes.filters import Verdict, normalize, words
 from infra.recipes.params import FilterParams
 
@@ -34,12 +32,7 @@ class FirstSeen:
     """64-bit key -> the first record key stored under it, on disk."""
 
     def __init__(self, cache_mb: int = 8) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="nsdg-dedup-")
-        self._db = sqlite3.connect(Path(self._dir.name) / "seen.sqlite", isolation_level=None, check_same_thread=False)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mb * 1024}", "temp_store=FILE"):
-            self._db.execute(f"PRAGMA {pragma}")
-        self._db.execute("CREATE TABLE seen (k INTEGER PRIMARY KEY, first TEXT NOT NULL)")
-        self._db.execute("BEGIN")
+        self._dir, self._db = scratch_db("nsdg-dedup-", "seen (k INTEGER PRIMARY KEY, first TEXT NOT NULL)", cache_mb)
         self._cur = self._db.cursor()
 
     def first(self, keys: list[int]) -> str | None:
