@@ -96,7 +96,8 @@ def generate(
     if prof.backend == "slurm":
         check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
     # NSDG_ALLOWED_URIS: every location the run reads or writes, the recipe's files too, before any read.
-    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings, extra={**params.recipe.locations(), **params.judge.locations()})
+    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings,
+                        extra={**params.recipe.locations(), **params.judge.locations()})
     cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters))  # read once
     if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
@@ -159,7 +160,6 @@ def generate(
             make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),
                                                         replica=launch, url_index=i),
             start=start,
-            # quote(): Prefect would otherwise walk every record of the shard twice per task run.
             submit=lambda client, work, backend: submit_work(client, work, shard_job(backend), store, backend, breaker),
             release=timed_release,
             shards=itertools.chain(planned_shards(stream, cfg, settings, the_plan, source.verify), to_judge),

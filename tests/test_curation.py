@@ -162,3 +162,13 @@ def test_the_flow_form_has_judge_and_filters_groups_with_every_field_described()
     for model in ("JudgeParams", "FilterParams"):
         fields = schema["definitions"][model]["properties"]
         assert fields and all(f.get("description") for f in fields.values()), (model, fields)
+
+
+def test_a_judge_template_with_a_syntax_error_is_the_users_error_naming_judge_template():
+    from infra.errors import ConfigError
+    from infra.prompt_format import RAW
+    from infra.recipes.judge import load_judge
+    from infra.settings import Settings
+
+    with pytest.raises(ConfigError, match=r"^judge.template \(inline\) line 1: .*Fix the template"):
+        load_judge(JudgeParams(template="Rate {{ completion "), Settings(), RAW)

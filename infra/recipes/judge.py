@@ -89,7 +89,7 @@ def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_b
                tokenizer: str | None = None) -> Judge | None:
     if not params.enabled:
         return None
-    template = load_template(params.template, settings)
+    template = load_template(params.template, settings, "judge.template")
     sampling = SamplingParams(tokens_to_generate=params.tokens_to_generate, greedy=True, end_strings=list(params.end_strings),
                               add_BOS=add_bos)
     return Judge(params, template, sampling, prompt_format, settings.model.context_length, tokenizer)
