@@ -172,3 +172,15 @@ def test_a_judge_template_with_a_syntax_error_is_the_users_error_naming_judge_te
 
     with pytest.raises(ConfigError, match=r"^judge.template \(inline\) line 1: .*Fix the template"):
         load_judge(JudgeParams(template="Rate {{ completion "), Settings(), RAW)
+
+
+def test_the_stage_on_s3_over_http_writes_the_same_kept_and_filtered_parts(s3_settings, s3_bucket, store):
+    from infra.storage import open_output_store
+
+    s3 = open_output_store(f"s3://{s3_bucket}/out", "curate-s3", s3_settings)
+    shards = [[row("a", "Same text."), row("b", "same  TEXT.")], [row("c", "Other."), row("d", "short", tokens=1)]]
+    filters = Curation(filters=FilterParams(dedup_exact=True, min_completion_tokens=2))
+    on_s3, local = curate(s3, write_parts(s3, shards), filters, CHASH), curate(store, write_parts(store, shards), filters, CHASH)
+    assert on_s3.as_manifest() == local.as_manifest() and on_s3.filtered == {"exact_duplicate": 1, "min_completion_tokens": 1}
+    assert s3.read_bytes(FILTERED) == store.read_bytes(FILTERED)
+    assert curate(s3, write_parts(s3, shards), filters, CHASH).rewritten == 0  # verdicts current on S3 too
