@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from infra.recipes.params import FilterParams, JudgeParams
 
 _WORD = re.compile(r"\w+")
-_SPACE = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -34,11 +33,12 @@ Filter = Callable[[dict], Verdict | None]
 
 def normalize(text: str) -> str:
     """The text exact dedup compares: Unicode NFKC, case-folded, runs of spaces made one, stripped."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())  # split(): any Unicode space, faster than a regex
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(normalize(text))
+    """Case-folded word tokens, for n-grams and shingles (no NFKC: a word is a word in either form)."""
+    return _WORD.findall(text.casefold())
 
 
 def repeated_ngram_share(text: str, n: int) -> float:
