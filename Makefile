@@ -21,7 +21,7 @@ export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
-	@echo "make recipe - the worked recipe example (few-shot template, 3 samples per topic) on the local real model"
+	@echo "make recipe - the worked recipe example (few-shot template, 3 samples per topic, a judge, filters) on the local real model"
 	@echo "make test   - install what the tests need (Slurm, Chromium), start it, run every test"
 
 $(PY):
@@ -69,7 +69,9 @@ recipe: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 		--profile local --output-uri output --run-id recipe-example --prompt-format raw \
 		--prompt-template examples/recipe/few-shot.j2 --examples-uri examples/recipe/examples.jsonl \
 		--examples-per-prompt 2 --example-separator $$'\n\n' --samples-per-prompt 3 \
-		--batch-size 12 --shard-size 6 --tokens-to-generate 40 --temperature 0.8 --top-p 0.95 --random-seed 1234
+		--batch-size 12 --shard-size 6 --tokens-to-generate 40 --temperature 0.8 --top-p 0.95 --random-seed 1234 \
+		--judge-template examples/recipe/judge.j2 --judge-tokens 3 --min-score 3 \
+		--min-completion-tokens 4 --max-completion-tokens 15 --must-match '\?' --max-repeated-ngram-share 0.3 --dedup-exact --dedup-near
 
 slurm-up:
 	bash infra/cluster/start-local-slurm.sh

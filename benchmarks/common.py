@@ -339,3 +339,16 @@ def section_main(module: str, doc: str | None, section: Callable[[], str | None]
         with open(args.out, "a" if args.append else "w") as f:
             f.write(text)
     return 0
+
+
+def run_alone(prefix: str, section: Callable[[Path, "PrefectAPI", Callable[[str], None]], dict]) -> int:
+    """One bench section by itself (`python -m benchmarks.<section>`): its own work dir and Prefect API,
+    timestamped log lines, its JSON printed at the end."""
+    import shutil
+
+    workdir, started = tempdir(prefix), time.monotonic()
+    with prefect_api(workdir) as api:
+        res = section(workdir, api, lambda m: print(f"[{time.monotonic() - started:7.1f} s] {m}", flush=True))
+    print(json.dumps(res, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0

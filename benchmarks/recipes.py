@@ -109,20 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     """This section alone: `python -m benchmarks.recipes [--mid N] [--big N]` (0 skips a size);
     prints its JSON. `make bench` runs it with the defaults through benchmarks.run."""
     import argparse
-    import time
 
-    from benchmarks.common import prefect_api, tempdir
+    from benchmarks.common import run_alone
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.recipes")
     ap.add_argument("--mid", type=int, default=100_000)
     ap.add_argument("--big", type=int, default=1_000_000)
     args = ap.parse_args(argv)
-    workdir, started = tempdir("nsdg-bench-recipes-"), time.monotonic()
-    with prefect_api(workdir) as api:
-        res = run(workdir, api, lambda m: print(f"[{time.monotonic() - started:7.1f} s] {m}", flush=True), args.mid, args.big)
-    print(json.dumps(res, indent=1))
-    shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return run_alone("nsdg-bench-recipes-", lambda workdir, api, log: run(workdir, api, log, args.mid, args.big))
 
 
 if __name__ == "__main__":

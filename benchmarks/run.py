@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import batching, busy, nagle, readiness, recipes, scale
+from benchmarks import batching, busy, curation, nagle, readiness, recipes, scale
 from benchmarks import slurm as slurm_bench
 from benchmarks import tokens as tokens_bench
 from benchmarks.common import COMMANDS, REPO, machine, prefect_api, stock_server_has_nodelay, tempdir
 
-ALL = ("nagle", "busy", "batching", "readiness", "slurm", "scale", "tokens", "recipes")
+ALL = ("nagle", "busy", "batching", "readiness", "slurm", "scale", "tokens", "recipes", "curation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scale": lambda: scale.run(workdir, api, log, slurm_env=_slurm_env(workdir) if have_slurm else None),
                 "tokens": lambda: tokens_bench.run(workdir, log),
                 "recipes": lambda: recipes.run(workdir, api, log),
+                "curation": lambda: curation.run(workdir, api, log),
             }
             for name in only:
                 fn = sections[name]
@@ -207,6 +208,8 @@ def _summary(r: dict) -> list[str]:
     rows += tokens_bench.summary_rows(r)
     if r.get("recipes"):
         rows += recipes.summary_rows(r["recipes"], _met)
+    if r.get("curation"):
+        rows += curation.summary_rows(r["curation"], _met)
     L = ["## Results", "", "| figure | ours | baseline | target | |", "|---|---|---|---|---|"]
     L += [f"| {' | '.join(row)} |" for row in rows]
     L += ["", "Medians of the repeated runs listed under each section; ratios come from runs measured side by side.", ""]
@@ -331,6 +334,8 @@ def _details(r: dict) -> list[str]:
     L += tokens_bench.markdown(r)
     if r.get("recipes"):
         L += recipes.detail_lines(r["recipes"])
+    if r.get("curation"):
+        L += curation.detail_lines(r["curation"])
     L += _findings(r)
     return L
 

@@ -37,6 +37,24 @@ RECIPE_FLAGS = {
     "samples_per_prompt": (int, "samples per prompt"),
 }
 
+JUDGE_FLAGS = {  # flag name -> (judge field, type, help)
+    "judge_template": ("template", str, "Jinja2 judging prompt (fields, prompt, completion), inline or a .j2 path / URI"),
+    "score_pattern": ("score_pattern", str, "regex reading the score from the judge's reply (default: the first number)"),
+    "min_score": ("min_score", float, "keep records scored at least this"),
+    "judge_tokens": ("tokens_to_generate", int, "tokens the judge may answer with"),
+}
+
+FILTER_FLAGS = {
+    "min_completion_tokens": (int, "drop completions shorter than this (tokens)"),
+    "max_completion_tokens": (int, "drop completions longer than this (tokens)"),
+    "max_repeated_ngram_share": (float, "drop completions with more repeated word n-grams than this share"),
+    "ngram_size": (int, "n for max_repeated_ngram_share (default 3)"),
+    "near_threshold": (float, "Jaccard similarity for near-duplicates (default 0.8)"),
+}
+FILTER_SWITCHES = {"drop_truncated": "drop completions that hit the token limit",
+                   "dedup_exact": "drop exact duplicates of a normalized completion",
+                   "dedup_near": "drop near-duplicates (MinHash)"}
+
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",
@@ -63,6 +81,15 @@ def _add_run(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"recipe.{name}: {help_text}")
     p.add_argument("--stop-at-separator", action=argparse.BooleanOptionalAction, default=None,
                    help="recipe.stop_at_separator: the example separator ends generation (default on)")
+    for name, (_field, typ, help_text) in JUDGE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"judge.{_field}: {help_text}")
+    for name, (typ, help_text) in FILTER_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"filters.{name}: {help_text}")
+    for name, help_text in FILTER_SWITCHES.items():
+        p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
+                       help=f"filters.{name}: {help_text}")
+    p.add_argument("--must-match", action="append", help="filters.must_match: a regex the completion must match (repeat)")
+    p.add_argument("--must-not-match", action="append", help="filters.must_not_match: a regex it must not match (repeat)")
     p.set_defaults(func=_run)
 
 
@@ -86,6 +113,16 @@ def run_parameters(args: argparse.Namespace) -> dict:
         recipe["stop_at_separator"] = args.stop_at_separator
     if recipe:
         params["recipe"] = recipe
+    judge = dict(params.get("judge") or {})
+    judge.update({f: v for name, (f, _t, _h) in JUDGE_FLAGS.items() if (v := getattr(args, name)) is not None})
+    if judge:
+        params["judge"] = judge
+    filters = _flags_into(args, [*FILTER_FLAGS, *FILTER_SWITCHES], params.get("filters"))
+    for name in ("must_match", "must_not_match"):
+        if getattr(args, name):
+            filters[name] = getattr(args, name)
+    if filters:
+        params["filters"] = filters
     if args.new_run:
         from flows.params import resolve_run_id
 
@@ -117,6 +154,10 @@ def _run(args: argparse.Namespace) -> int:
     with progress.listening(progress.for_stream(sys.stderr)):
         result = generate(**params)
     _stop_temporary_api_server()
+    if "records_kept" in result:  # the counts that make the training set, just above the manifest's line
+        reasons = ", ".join(f"{reason} {n}" for reason, n in result["filtered"].items()) or "none"
+        print(f"run {result['run_id']}: {result['records_kept']} of {result['records_written']} records kept; "
+              f"filtered: {reasons}", file=sys.stderr, flush=True)
     print(result["manifest"], flush=True)  # the last line, for scripts: `... | tail -n 1`
     return 0
 

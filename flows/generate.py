@@ -7,6 +7,7 @@ planned successor (`slurm.max_rollovers`), which is not a failure."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import replace
 from typing import Annotated, Literal
@@ -28,17 +29,20 @@ from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.lease import hold_run_lease
 from infra.locations import check_run_locations
-from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, generated_tokens, prompt_matches, rejects_name,
-                            run_job_ids, run_replicas)
+from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, PartInfo, generated_tokens, prompt_matches,
+                            rejects_name, run_job_ids, run_replicas)
 from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe
 from infra.rollover import RolloverPolicy
+from infra.recipes.curate import Curation, CurationResult, curate
+from infra.recipes.judge import judged_current, load_judge
+from infra.recipes.params import FilterParams, JudgeParams
 from infra.tokens import token_counter
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
-from tasks.steps import allocate, generate_shard, plan, release, wait_ready
+from tasks.steps import allocate, generate_shard, judge_shard, plan, release, wait_ready
 
 
 
@@ -66,6 +70,8 @@ def generate(
     replicas: Annotated[int | None, Field(ge=1, le=64, description="server replicas sharing the work, each its own allocation; default NSDG_SERVER__REPLICAS (1)")] = None,
     max_server_restarts: Annotated[int | None, Field(ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")] = None,
     recipe: Annotated[RecipeParams, Field(description="prompts from a template over each record, few-shot examples, several samples per prompt")] = RecipeParams(),
+    judge: Annotated[JudgeParams, Field(description="score each generated record with the same server (same allocation): a judging template, the score's pattern, a minimum score")] = JudgeParams(),
+    filters: Annotated[FilterParams, Field(description="what is kept: truncation, length, repetition, regexes, exact and near duplicates; dropped records go to filtered.jsonl with their reason. Changing only these reruns no generation")] = FilterParams(),
 ) -> dict:
     """Generate completions for every prompt and publish them with a manifest."""
     logger = get_run_logger()
@@ -83,6 +89,7 @@ def generate(
         batch_size=batch_size, shard_size=shard_size, prompt_field=prompt_field, on_bad_input=on_bad_input,
         overlong_prompts=overlong_prompts, tokenizer=tokenizer,
         prompt_format=default_format(prompt_format, prof.prompt_format, prof.backend, tokenizer), recipe=recipe,
+        judge=judge, filters=filters,
     )
     if sampling.tokens_to_generate >= settings.model.context_length:  # once, not once per line
         raise ConfigError(
@@ -91,8 +98,12 @@ def generate(
     if prof.backend == "slurm":
         check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
     # NSDG_ALLOWED_URIS: every location the run reads or writes, the recipe's files too, before any read.
-    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings, extra=params.recipe.locations())
-    cfg = params.to_run_config(load_recipe(params.recipe, settings))  # template and examples read once
+    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings,
+                        extra={**params.recipe.locations(), **params.judge.locations()})
+    cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters))  # read once
+    if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
+        cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
+                                                                            cfg.sampling.add_BOS, cfg.tokenizer)))
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
     hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)  # one run per run_id
@@ -101,7 +112,10 @@ def generate(
     the_plan = plan(cfg, settings, store)
     timings["plan"] = time.monotonic() - t0
     console_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
-    if not the_plan.todo:
+    # Parts published but not judged by this judge (its template changed, or a kill came in between).
+    to_judge = [p for _, p in sorted(the_plan.done.items())
+                if cfg.curation.judge is not None and not judged_current(store, cfg.curation.judge, p)]
+    if not the_plan.todo and not to_judge:
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
         return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id))
 
@@ -110,7 +124,11 @@ def generate(
     progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
     progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size, tokenizer=cfg.tokenizer,
-                   prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id))
+                   prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
+                   judge=cfg.curation.judge)
+    if to_judge:
+        logger.info("run %s: %d published part(s) to judge (the judge changed or never ran on them); no regeneration",
+                    cfg.run_id, len(to_judge))
 
     def shard_job(backend: Backend) -> ShardJob:
         """The run's ShardJob with who makes this shard, for its state object."""
@@ -119,6 +137,8 @@ def generate(
     published = [len(the_plan.done)]
 
     def on_result(result: ShardResult) -> None:
+        if result.judged_only:
+            return
         published[0] += 1
         console_progress.advanced(result.part.records + result.part.rejected, pool.restarts, pool.rollovers)
         progress.progress(100.0 * published[0] / the_plan.shards_total)
@@ -142,10 +162,9 @@ def generate(
             make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),
                                                         replica=launch, url_index=i),
             start=start,
-            # quote(): Prefect would otherwise walk every record of the shard twice per task run.
-            submit=lambda client, shard, backend: generate_shard.submit(client, quote(shard), shard_job(backend), store, backend, breaker),
+            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend), store, backend, breaker),
             release=timed_release,
-            shards=planned_shards(stream, cfg, settings, the_plan, source.verify),
+            shards=itertools.chain(planned_shards(stream, cfg, settings, the_plan, source.verify), to_judge),
             replicas=replica_count(settings, prof, replicas),
             max_in_flight=shard_tasks_per_replica(settings, prof, cfg.shard_size, the_plan.samples),
             restarts_allowed=restarts_allowed,
@@ -196,6 +215,14 @@ def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, sample
     return max(2, min(6, -(-in_flight // max(1, shard_size * samples)) + 1))
 
 
+def submit_work(client, work, job: ShardJob, store: OutputStore, backend: Backend, breaker: Breaker):
+    """A shard to generate (and judge), or a published part (PartInfo) to judge only."""
+    if isinstance(work, PartInfo):
+        return judge_shard.submit(client, work, job, store, backend)
+    # quote(): Prefect would otherwise walk every record of the shard twice per task run.
+    return generate_shard.submit(client, quote(work), job, store, backend, breaker)
+
+
 def replica_count(settings: Settings, profile, requested: int | None) -> int:
     if requested is not None:
         return requested
@@ -244,15 +271,16 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
     written = sum(p.records for p in parts)
     refused = merge_rejects(store, parts, the_plan.rejected)
     gen_s = timings.get("generation", 0.0)
-    new_records = sum(r.part.records for r in results)
+    new_records = sum(r.part.records for r in results if not r.judged_only)
     if len(parts) != the_plan.shards_total or written + refused != the_plan.rows_planned:
         raise RuntimeError(
             f"run {cfg.run_id}: {len(parts)} of {the_plan.shards_total} parts with {written} records written and "
             f"{refused} refused, but {the_plan.rows_planned} planned; no manifest published. Rerun with the same run_id."
         )
     store.abort_incomplete_uploads()  # every part is in: nothing of this run may still be uploading
+    curated = curate_run(store, cfg, parts, the_plan.config_hash, timings)
     earlier = earlier_manifest(store, the_plan.config_hash)
-    if not results and earlier is not None and earlier.parts == parts:
+    if not results and earlier is not None and earlier.parts == parts and earlier.curation == curated:
         logger.info("run %s: its manifest is complete and describes these parts; left as it is", cfg.run_id)
         manifest = earlier
     else:
@@ -261,13 +289,15 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
             profile=cfg.profile, input_uri=cfg.input_uri, records_in=the_plan.records_in, records_written=written,
             records_rejected=the_plan.rejected + refused, parts=parts,
             slurm_job_ids=run_job_ids(earlier, parts, list(job_ids)),
-            timings_s={k: round(v, 3) for k, v in timings.items()},
-            throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s else None,
+            # A rerun that generated nothing (a new filter, a new judge) keeps the generating invocation's figures.
+            timings_s={**(earlier.timings_s if earlier and not new_records else {}), **{k: round(v, 3) for k, v in timings.items()}},
+            throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s and new_records else
+                        (earlier.throughput.get("records_per_s") if earlier else None),
                         "generated_tokens": generated_tokens(parts)},
             rejects=REJECTS if (the_plan.rejected or refused) else None,
             server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
             replicas=run_replicas(earlier, parts, replicas, invocation), rollovers=rollovers or {},
-            token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts),
+            token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts), curation=curated,
         )
         store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)
@@ -279,10 +309,31 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
                "replicas": len({(r.get("invocation"), r["replica"]) for r in manifest.replicas}),
                "GPU-hours held": round(sum(r.get("gpu_hours") or 0 for r in manifest.replicas), 3),
                "prompt found in reply": ", ".join(f"{k} {v}" for k, v in manifest.prompt_match.items()) or "—",
-               "token counter": manifest.token_counter, "manifest": manifest_uri}
+               "token counter": manifest.token_counter, **curation_figures(manifest.curation), "manifest": manifest_uri}
     # One row per figure: a wide one-row table is cut off in the UI.
     publish_table(_artifact_key(cfg.run_id), [{"figure": k, "value": str(v)} for k, v in summary.items()],
                   description=f"run {cfg.run_id}: manifest at {manifest_uri}")
     logger.info("run %s complete: %d records in %d parts; manifest %s", cfg.run_id, written, len(parts), manifest_uri)
-    return {"run_id": cfg.run_id, "manifest": manifest_uri, "records_written": written,
-            "records_rejected": the_plan.rejected + refused}
+    out = {"run_id": cfg.run_id, "manifest": manifest_uri, "records_written": written,
+           "records_rejected": the_plan.rejected + refused}
+    if manifest.curation:
+        out |= {"records_kept": manifest.curation["records_kept"], "filtered": manifest.curation["filtered"]}
+    return out
+
+
+def curate_run(store: OutputStore, cfg: RunConfig, parts: list[PartInfo], chash: str, timings: dict) -> dict | None:
+    """The judge's scores, the filters and dedup over every part (no server): the manifest's `curation`."""
+    if not cfg.curation.enabled:
+        return None
+    t = time.monotonic()
+    result: CurationResult = curate(store, parts, cfg.curation, chash)
+    timings["curation"] = time.monotonic() - t
+    return {**result.as_manifest(), "config": cfg.curation.fingerprint()}
+
+
+def curation_figures(curation: dict | None) -> dict:
+    """The summary's rows for the kept records and each reason a record was dropped."""
+    if not curation:
+        return {}
+    return {"kept": curation["records_kept"],
+            **{f"filtered: {reason}": n for reason, n in curation["filtered"].items()}}

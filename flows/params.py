@@ -13,6 +13,8 @@ from infra.errors import ConfigError
 from infra.planning import RunConfig
 from infra.prompt_format import load_prompt_format
 from infra.recipes import Recipe, RecipeParams
+from infra.recipes.curate import Curation
+from infra.recipes.params import FilterParams, JudgeParams
 from infra.sampling import MAX_BATCH, SamplingParams
 from infra.keys import validate_key_component
 
@@ -34,6 +36,8 @@ class RunParams(BaseModel):
     tokenizer: str | None = None
     prompt_format: Literal["raw", "nemotron-instruct", "chat"] = "raw"
     recipe: RecipeParams = Field(default_factory=RecipeParams)
+    judge: JudgeParams = Field(default_factory=JudgeParams)
+    filters: FilterParams = Field(default_factory=FilterParams)
 
     @field_validator("run_id")
     @classmethod
@@ -47,7 +51,7 @@ class RunParams(BaseModel):
             problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
 
-    def to_run_config(self, recipe: Recipe | None = None) -> RunConfig:
+    def to_run_config(self, recipe: Recipe | None = None, curation: Curation | None = None) -> RunConfig:
         """`recipe`: `self.recipe` loaded (infra.recipes.load_recipe); may be None only when the recipe
         reads no file (no template, no examples)."""
         fmt = load_prompt_format(self.prompt_format, self.tokenizer)
@@ -60,9 +64,13 @@ class RunParams(BaseModel):
         extra = [*fmt.end_strings, *recipe.end_strings()]
         ends = [*self.sampling.end_strings]
         ends += [e for i, e in enumerate(extra) if e not in ends and e not in extra[:i]]
-        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name not in ("prompt_format", "recipe")}
+        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name not in ("prompt_format", "recipe", "curation")}
         fields["sampling"] = self.sampling.model_copy(update={"end_strings": ends})
-        return RunConfig(**fields, prompt_format=fmt, recipe=recipe)
+        if curation is None:
+            if self.judge.enabled:
+                raise ValueError("to_run_config needs the loaded judge (infra.recipes.judge.load_judge) for a judge template")
+            curation = Curation(self.judge, self.filters)
+        return RunConfig(**fields, prompt_format=fmt, recipe=recipe, curation=curation)
 
 
 def resolve_run_id(flow_run) -> str:

@@ -26,6 +26,7 @@ from infra.manifest import PartInfo, rejects_name
 from infra.engines.nemo import GeneratedText, NemoClient
 from infra.engines.openai import OpenAIClient
 from infra.prompt_format import RAW, PromptFormat
+from infra.recipes.judge import Judge, judge_part
 from infra.recipes.samples import request_seed, sample_batches
 from infra.sampling import SamplingParams
 from infra.storage import OutputStore
@@ -51,6 +52,7 @@ class ShardJob:
     replica: int | None = None
     job_ids: tuple[str, ...] = ()
     invocation: str | None = None
+    judge: "Judge | None" = None  # the recipe's judge (infra.recipes.judge), on the same server
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ShardResult:
     upload_seconds: float
     started_at: float  # wall clock, for busy intervals across shards
     finished_at: float
+    judged_only: bool = False  # a published part judged anew: no generation in it
 
 
 class Breaker:
@@ -125,15 +128,28 @@ def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingPa
                    fmt: PromptFormat = RAW) -> list[GeneratedText | RequestRejected]:
     """Results in batch order. A rejected batch is split in halves until the prompts at fault
     stand alone; validation errors are never retried as they are."""
+    return generate_texts(client, [r.prompt for r in batch], sampling, fmt, [r.line for r in batch])
+
+
+def generate_texts(client: NemoClient, prompts: list[str], sampling: SamplingParams, fmt: PromptFormat = RAW,
+                   lines: list[int] | None = None) -> list[GeneratedText | RequestRejected]:
+    """`generate_batch` over prompt texts (the judge's too); `lines` name them in the log."""
+    if isinstance(client, OpenAIClient):  # one request per prompt through the replica's pool, as shards go
+        futures = [client.submit(_samples_or_reject, client, fmt.wrap(p), sampling, 1, [sampling.random_seed],
+                                 lines[i] if lines else None) for i, p in enumerate(prompts)]
+        return [fut.result()[0] for fut in futures]
     try:
-        return client.generate([fmt.wrap(r.prompt) for r in batch], sampling)
+        return client.generate([fmt.wrap(p) for p in prompts], sampling)
     except RequestRejected as exc:
-        if len(batch) == 1:
-            log.warning("prompt at input line %d rejected by the server: %s", batch[0].line, exc)
+        if len(prompts) == 1:
+            where = f"at input line {lines[0]}" if lines else "(judge)"
+            log.warning("prompt %s rejected by the server: %s", where, exc)
             return [exc]
-        mid = len(batch) // 2
-        log.info("batch of %d rejected (%s); bisecting", len(batch), type(exc).__name__)
-        return generate_batch(client, batch[:mid], sampling, fmt) + generate_batch(client, batch[mid:], sampling, fmt)
+        mid = len(prompts) // 2
+        log.info("batch of %d rejected (%s); bisecting", len(prompts), type(exc).__name__)
+        halves = (lines[:mid], lines[mid:]) if lines else (None, None)
+        return (generate_texts(client, prompts[:mid], sampling, fmt, halves[0])
+                + generate_texts(client, prompts[mid:], sampling, fmt, halves[1]))
 
 
 def generate_shard_results(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
@@ -157,11 +173,11 @@ def generate_shard_results(client: NemoClient | OpenAIClient, shard: Shard, job:
 
 
 def _samples_or_reject(client: OpenAIClient, prompt: str, sampling: SamplingParams, n: int,
-                       seeds: list[int | None], line: int) -> list[GeneratedText | RequestRejected]:
+                       seeds: list[int | None], line: int | None) -> list[GeneratedText | RequestRejected]:
     try:
         return client.samples(prompt, sampling, n, seeds)
     except RequestRejected as exc:
-        log.warning("prompt at input line %d rejected by the server: %s", line, exc)
+        log.warning("prompt %s rejected by the server: %s", "(judge)" if line is None else f"at input line {line}", exc)
         return [exc] * n
 
 
@@ -240,7 +256,8 @@ def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, st
     rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
     if rejected:  # before the part and its state: a published state implies both
         publish(store, rejects_name(shard.name), rejected)
-    sha, count, size = publish(store, shard.name, (output_record(r, g, job, shard.index, s) for r, s, g in ok))
+    out = [output_record(r, g, job, shard.index, s) for r, s, g in ok]  # one shard: the judge reads them too
+    sha, count, size = publish(store, shard.name, out)
     tokens = sum(g.generated_tokens for _, _, g in ok)
     part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
                     shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
@@ -248,6 +265,26 @@ def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, st
                     finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids), invocation=job.invocation,
                     prompt_match=dict(Counter(g.completion.prompt_match for _, _, g in ok)))
     store.write_bytes(part.state_name(), part.to_json())
+    if job.judge is not None:  # after the part's state: a kill here leaves a part to judge, not to regenerate
+        _judging(lambda: judge_part(client, store, job.judge, part, job.batch_size, rows=out), shard.index, dead_reason)
     done = time.monotonic()
     log.info("shard %d: %d records, %d rejected, %d tokens, published %s", shard.index, count, len(rejected), tokens, store.uri(shard.name))
     return ShardResult(part, tokens, done - started, done - generated, started_at, time.time())
+
+
+def _judging(step: Callable[[], object], shard: int, dead_reason: Callable[[], str | None]):
+    try:
+        return step()
+    except TransientServerError as exc:
+        if (reason := dead_reason()) is not None:
+            raise ServerLost(f"shard {shard}: the server is gone while judging: {reason}") from exc
+        raise
+
+
+def run_judge(client: NemoClient, part: PartInfo, job: ShardJob, store: OutputStore,
+              dead_reason: Callable[[], str | None] = lambda: None) -> ShardResult:
+    """Judge a part published earlier (its judge changed, or a kill came between part and judgement)."""
+    started, started_at = time.monotonic(), time.time()
+    _judging(lambda: judge_part(client, store, job.judge, part, job.batch_size), part.shard, dead_reason)
+    done = time.monotonic()
+    return ShardResult(part, 0, done - started, 0.0, started_at, time.time(), judged_only=True)

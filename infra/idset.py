@@ -27,15 +27,22 @@ def digest(record_id: str) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
+def scratch_db(prefix: str, table: str, cache_mb: int = 8,
+               directory: str | None = None) -> tuple[tempfile.TemporaryDirectory, sqlite3.Connection]:
+    """A throw-away SQLite file holding one table, with a page cache of `cache_mb`; in a transaction."""
+    tmp = tempfile.TemporaryDirectory(prefix=prefix, dir=directory)
+    db = sqlite3.connect(Path(tmp.name) / "scratch.sqlite", isolation_level=None, check_same_thread=False)
+    # A scratch file: no journal, no fsync; one transaction that is never committed to matter.
+    for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mb * 1024}", "temp_store=FILE"):
+        db.execute(f"PRAGMA {pragma}")
+    db.execute(f"CREATE TABLE {table}")
+    db.execute("BEGIN")
+    return tmp, db
+
+
 class IdSet:
     def __init__(self, cache_mb: int = 8, directory: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="nsdg-ids-", dir=directory)
-        self._db = sqlite3.connect(Path(self._dir.name) / "ids.sqlite", isolation_level=None, check_same_thread=False)
-        # A scratch file: no journal, no fsync; one transaction that is never committed to matter.
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mb * 1024}", "temp_store=FILE"):
-            self._db.execute(f"PRAGMA {pragma}")
-        self._db.execute("CREATE TABLE ids (digest INTEGER PRIMARY KEY)")
-        self._db.execute("BEGIN")
+        self._dir, self._db = scratch_db("nsdg-ids-", "ids (digest INTEGER PRIMARY KEY)", cache_mb, directory)
         self._cursor = self._db.cursor()
         self._count = 0
 

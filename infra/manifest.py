@@ -99,6 +99,8 @@ class Manifest:
     rollovers: dict = field(default_factory=dict)
     token_counter: str | None = None  # what counted the prompts (its identity is in `config`)
     prompt_match: dict[str, int] = field(default_factory=dict)  # written records by prompt_match, all parts
+    # The judge/filter stage (infra.recipes.curate): records kept, dropped per reason, the kept parts.
+    curation: dict | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:

@@ -24,6 +24,7 @@ from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, st
 from infra.engines.nemo import check_fits_context
 from infra.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
+from infra.recipes.curate import Curation
 from infra.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import OutputStore, check_input, open_input
@@ -53,6 +54,8 @@ class RunConfig:
     tokenizer: str | None = None
     prompt_format: PromptFormat = RAW
     recipe: Recipe = Recipe(RecipeParams())  # loaded once at flow start (infra.recipes.load_recipe)
+    # The judge and filters: later stages, kept out of `fingerprint` so changing them reruns only them.
+    curation: Curation = Curation()
 
     @property
     def input_prompt_field(self) -> str | None:

@@ -9,7 +9,8 @@ from prefect.cache_policies import NO_CACHE
 from infra.backends import Backend, wait_until_ready
 from infra.dataset import Shard
 from infra.errors import StorageError, TransientServerError
-from infra.generation import Breaker, ShardJob, ShardResult, run_shard
+from infra.generation import Breaker, ShardJob, ShardResult, run_judge, run_shard
+from infra.manifest import PartInfo
 from infra.planning import Plan, RunConfig, make_plan
 from infra.settings import Profile, Settings
 from infra.storage import OutputStore
@@ -47,6 +48,12 @@ def wait_ready(backend: Backend, settings: Settings, tokenizer: str | None = Non
 def generate_shard(client, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
                    breaker: Breaker) -> ShardResult:
     return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker)
+
+
+@task(name="judge-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_transient, task_run_name="judge-shard-{part.shard}")
+def judge_shard(client, part: PartInfo, job: ShardJob, store: OutputStore, backend: Backend) -> ShardResult:
+    return run_judge(client, part, job, store, dead_reason=backend.dead_reason)
 
 
 @task(name="release", cache_policy=NO_CACHE)

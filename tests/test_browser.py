@@ -210,3 +210,8 @@ def test_run_form_shows_the_recipe_group(page, prefect_server, deployed, tmp_pat
     text = page.render(url, ["recipe (Optional)", "Samples Per Prompt", "Examples Per Prompt",
                              fields["samples_per_prompt"]["description"][:40]])
     assert "Prompt Template" in text and fields["examples_uri"]["description"][:30] in text
+    # Recipes part 2: the judge and filters groups, every field explained, shown in the same form.
+    judge, filters = (schema["definitions"][m]["properties"] for m in ("JudgeParams", "FilterParams"))
+    assert all(f.get("description") for f in [*judge.values(), *filters.values()])
+    text = page.render(url, ["judge (Optional)", "filters (Optional)", "Score Pattern", "Dedup Exact"])
+    assert judge["min_score"]["description"][:30] in text and filters["dedup_near"]["description"][:30] in text

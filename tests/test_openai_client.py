@@ -254,3 +254,23 @@ def test_the_real_model_serves_the_same_openai_endpoints(tmp_path, tiny_model_di
         raw = client(url).complete_raw("Hello there", SamplingParams(tokens_to_generate=4, greedy=True, end_strings=[]), n=2)
         assert len(raw["choices"]) == 2 and raw["usage"]["completion_tokens"] <= 8
         assert all(c["finish_reason"] in ("stop", "length") for c in raw["choices"])
+
+
+def test_the_judge_speaks_the_openai_api_one_request_per_row(oai, monkeypatch):
+    """The judge runs on the run's own client: over openai-completions, one request per row
+    through the replica's pool (no `generate` batch call exists there), replies in row order."""
+    from infra.prompt_format import RAW
+    from infra.recipes.judge import load_judge
+    from infra.recipes.params import JudgeParams
+
+    monkeypatch.setenv("NSDG_MODEL__CONTEXT_LENGTH", "4096")
+    judge = load_judge(JudgeParams(template="Rate this answer 1-5: {{ completion }}\nRating:", tokens_to_generate=4),
+                       load_settings(), RAW)
+    rows = [{"id": f"r{i}", "sample": 0, "prompt": "q", "completion": f"answer {i}"} for i in range(5)]
+    c = client(oai, max_in_flight=3)
+    try:
+        judged = judge.judge_rows(c, rows, batch_size=2)
+    finally:
+        c.close()
+    assert [j["id"] for j in judged] == [r["id"] for r in rows]
+    assert all(isinstance(j.get("reply"), str) and "error" not in j for j in judged), judged

@@ -56,3 +56,88 @@ class RecipeParams(BaseModel):
         if self.examples_uri:
             found["recipe.examples_uri"] = self.examples_uri
         return found
+
+
+DEFAULT_SCORE_PATTERN = r"(-?\d+(?:\.\d+)?)"
+
+
+class JudgeParams(BaseModel):
+    """The judge: the same server scores each generated record, on the same allocation.
+    Shown in the Prefect UI form as one group with these descriptions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    template: str | None = Field(
+        None, description="Jinja2 judging prompt over the record's fields, `id`, `sample`, `prompt` and `completion` "
+                          "(few-shot judged examples may be written into it); inline text, or a .j2/.jinja/.txt path, "
+                          "file:// or s3:// URI. Empty: no judge")
+    score_pattern: str = Field(
+        DEFAULT_SCORE_PATTERN, min_length=1,
+        description="regex that finds the score in the judge's reply (its first group, else the whole match); "
+                    "default: the first number. A reply it does not match is dropped as judge_unparsed")
+    min_score: float | None = Field(None, description="keep records whose score is at least this; empty: keep every scored record")
+    tokens_to_generate: StrictInt = Field(8, ge=1, le=1024, description="tokens the judge may answer with")
+    end_strings: list[str] = Field(default_factory=lambda: ["\n"], description="the judge's reply stops at the first of these")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "JudgeParams":
+        compile_pattern(self.score_pattern, "judge.score_pattern")
+        if self.template is not None and not self.template.strip():
+            raise ValueError("judge.template is empty: leave it unset for no judge, or write the judging prompt")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.template)
+
+    def locations(self) -> dict[str, str]:
+        from infra.recipes.templates import is_template_uri
+
+        return {"judge.template": self.template.strip()} if self.template and is_template_uri(self.template) else {}
+
+
+class FilterParams(BaseModel):
+    """What is kept of the generated (and judged) records; each dropped record goes to filtered.jsonl
+    with the filter's name and the value it measured. Changing these reruns no generation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    drop_truncated: StrictBool = Field(False, description="drop completions that hit tokens_to_generate (finish_reason length)")
+    min_completion_tokens: StrictInt | None = Field(None, ge=0, description="drop completions shorter than this, in generated tokens")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="drop completions longer than this, in generated tokens")
+    max_repeated_ngram_share: float | None = Field(
+        None, gt=0.0, le=1.0, description="drop completions where more than this share of word n-grams are repeats")
+    ngram_size: StrictInt = Field(3, ge=1, le=32, description="n of the n-grams max_repeated_ngram_share counts")
+    must_match: list[str] = Field(default_factory=list, description="regexes the completion must all match (re.search)")
+    must_not_match: list[str] = Field(default_factory=list, description="regexes the completion must not match (re.search)")
+    dedup_exact: StrictBool = Field(
+        False, description="drop exact duplicates of a normalized completion (case, spacing, Unicode form) across the "
+                           "run; the first in input order is kept")
+    dedup_near: StrictBool = Field(False, description="drop near-duplicates (MinHash LSH over word shingles) across the run; the first in input order is kept")
+    near_threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard similarity from which two completions are near-duplicates")
+    shingle_size: StrictInt = Field(3, ge=1, le=16, description="words per shingle for near-duplicates")
+    num_perm: StrictInt = Field(128, ge=16, le=512, description="MinHash permutations for near-duplicates")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FilterParams":
+        for i, pattern in enumerate(self.must_match):
+            compile_pattern(pattern, f"filters.must_match[{i}]")
+        for i, pattern in enumerate(self.must_not_match):
+            compile_pattern(pattern, f"filters.must_not_match[{i}]")
+        if (self.min_completion_tokens is not None and self.max_completion_tokens is not None
+                and self.min_completion_tokens > self.max_completion_tokens):
+            raise ValueError("filters.min_completion_tokens is above filters.max_completion_tokens")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self != FilterParams()
+
+
+def compile_pattern(pattern: str, what: str):
+    import re
+
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {exc}") from None

@@ -46,6 +46,7 @@ def _environment() -> SandboxedEnvironment:
 class PromptTemplate:
     source: str  # where it came from: "inline" or the URI
     text: str
+    parameter: str = "recipe.prompt_template"  # named in a syntax error
 
     @property
     def sha256(self) -> str:
@@ -55,17 +56,17 @@ class PromptTemplate:
         try:
             return _environment().from_string(self.text)
         except TemplateSyntaxError as exc:
-            raise ConfigError(f"recipe.prompt_template ({self.source}) line {exc.lineno}: {exc.message}. "
+            raise ConfigError(f"{self.parameter} ({self.source}) line {exc.lineno}: {exc.message}. "
                               "Fix the template's Jinja2 syntax.") from None
 
 
-def load_template(value: str, settings) -> PromptTemplate:
+def load_template(value: str, settings, parameter: str = "recipe.prompt_template") -> PromptTemplate:
     if not is_template_uri(value):
-        template = PromptTemplate("inline", value)
+        template = PromptTemplate("inline", value, parameter)
     else:
         data = read_text(value.strip(), settings, "prompt template", MAX_TEMPLATE_BYTES)
         try:
-            template = PromptTemplate(value.strip(), data.decode("utf-8"))
+            template = PromptTemplate(value.strip(), data.decode("utf-8"), parameter)
         except UnicodeDecodeError as exc:
             raise ConfigError(f"prompt template {value} is not UTF-8 (byte {exc.start}).") from None
     template.compiled()  # a syntax error is the user's to fix, before any line is read

@@ -1,0 +1,153 @@
+"""The curation stage: judge scores read, filters applied, dedup run, over every part of a run in
+input order, after generation (and judging) and before the kept parts and the manifest are published.
+
+No server: it reads the published parts and their judgements and writes, per shard,
+`kept-NNNNN.jsonl` (the training set), `filtered-NNNNN.jsonl` (each dropped row's id, sample,
+shard and reason: the filter, the value it measured, its limit) and a verdict state naming the
+stage's hash; then `filtered.jsonl`, all shards' dropped rows. A rerun that changes only a
+threshold, a filter or dedup redoes this stage alone. A shard whose verdict is current is not
+rewritten: its kept rows seed the dedup tables, so a resumed pass keeps what one pass would.
+Memory is one shard's rows plus the dedup tables' page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from infra.errors import SdgError
+from infra.manifest import config_hash
+from infra.recipes.dedup import Dedup
+from infra.recipes.filters import build_filters, first_verdict
+from infra.recipes.judge import Judge, judge_name, read_rows, read_state
+from infra.recipes.params import FilterParams, JudgeParams
+
+log = logging.getLogger(__name__)
+FILTERED = "filtered.jsonl"
+
+
+def kept_name(part: str) -> str:
+    return "kept-" + part.removeprefix("part-")
+
+
+def filtered_name(part: str) -> str:
+    return "filtered-" + part.removeprefix("part-")
+
+
+def verdict_name(part: str) -> str:
+    return f"{kept_name(part)}.verdict.json"
+
+
+@dataclass(frozen=True)
+class Curation:
+    """The run's judge (loaded, or None) and filters: what the curation stage applies."""
+
+    judge_params: JudgeParams = JudgeParams()
+    filters: FilterParams = FilterParams()
+    judge: Judge | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.judge is not None or self.filters.enabled
+
+    def stage_hash(self, generation_hash: str) -> str:
+        return config_hash({"generation": generation_hash,
+                            "judge": self.judge.identity(generation_hash) if self.judge else None,
+                            "score_pattern": self.judge_params.score_pattern if self.judge else None,
+                            "min_score": self.judge_params.min_score if self.judge else None,
+                            "filters": self.filters.model_dump(mode="json")})
+
+    def fingerprint(self) -> dict:
+        """For the manifest: what this stage was run with."""
+        return {"judge": self.judge_params.model_dump(mode="json") | (
+                    {"template_sha256": self.judge.template.sha256} if self.judge else {}),
+                "filters": self.filters.model_dump(mode="json")}
+
+
+@dataclass
+class CurationResult:
+    stage_hash: str
+    kept: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    kept_parts: list[dict] = field(default_factory=list)  # name, shard, records, sha256, bytes
+    rewritten: int = 0  # shards whose verdicts this pass wrote (the rest were current)
+
+    def as_manifest(self) -> dict:
+        return {"stage_hash": self.stage_hash, "records_kept": self.kept, "filtered": dict(sorted(self.filtered.items())),
+                "filtered_file": FILTERED if self.filtered else None, "kept_parts": self.kept_parts}
+
+
+class CurationError(SdgError):
+    """A part's judgement is missing where the curation stage needs it."""
+
+
+def curate(store, parts, curation: Curation, generation_hash: str) -> CurationResult:
+    """Run the stage over `parts` (sorted by shard) and publish what it keeps and drops."""
+    from infra.generation import publish
+
+    result = CurationResult(curation.stage_hash(generation_hash))
+    filters = build_filters(curation.filters, curation.judge_params if curation.judge else None)
+    reasons: Counter[str] = Counter()
+    with Dedup(curation.filters) as dedup:
+        for part in parts:
+            state = _current(store, part, result.stage_hash)
+            if state is not None:
+                if dedup.enabled:
+                    for row in read_rows(store.read_bytes(state["kept"]["name"])):
+                        dedup.seed(row)
+            else:
+                state = _curate_part(store, part, curation, filters, dedup, result.stage_hash, publish)
+                result.rewritten += 1
+            result.kept_parts.append(state["kept"])
+            result.kept += state["kept"]["records"]
+            reasons.update(state["filtered"])
+    result.filtered = dict(reasons)
+    if reasons:
+        publish(store, FILTERED, _lines(store, [filtered_name(p.name) for p in parts]))
+    elif store.read_bytes(FILTERED):
+        store.write_bytes(FILTERED, b"")  # an earlier pass's list is not this pass's
+    log.info("curation: %d kept, %s filtered (%d of %d shards rewritten)", result.kept,
+             dict(reasons) or "none", result.rewritten, len(parts))
+    return result
+
+
+def _current(store, part, stage_hash: str) -> dict | None:
+    state = read_state(store, verdict_name(part.name))
+    if state.get("stage_hash") != stage_hash or state.get("part_sha256") != part.sha256:
+        return None
+    return state
+
+
+def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_hash: str, publish) -> dict:
+    rows = read_rows(store.read_bytes(part.name))
+    if curation.judge is not None:
+        judged = read_rows(store.read_bytes(judge_name(part.name)))
+        if len(judged) != len(rows):
+            raise CurationError(f"part {store.uri(part.name)} has {len(rows)} rows but {len(judged)} judgements: "
+                                "rerun with the same run_id to judge it again.")
+        for row, j in zip(rows, judged):
+            row["judge"] = {"score": None, "reply": j.get("reply"), **({"error": j["error"]} if "error" in j else {})}
+    kept, dropped, reasons = [], [], Counter()
+    for row in rows:
+        verdict = first_verdict(filters, row) or dedup.check(row)
+        if verdict is None:
+            kept.append(row)
+        else:
+            reasons[verdict.filter] += 1
+            dropped.append({"id": row.get("id"), "sample": row.get("sample", 0), "shard": part.shard, **verdict.as_dict()})
+    publish(store, filtered_name(part.name), dropped)
+    name = kept_name(part.name)
+    sha, count, size = publish(store, name, kept)
+    state = {"stage_hash": stage_hash, "part": part.name, "part_sha256": part.sha256, "shard": part.shard,
+             "kept": {"name": name, "shard": part.shard, "records": count, "sha256": sha, "bytes": size},
+             "filtered": dict(reasons)}
+    store.write_bytes(verdict_name(part.name), json.dumps(state, sort_keys=True).encode())
+    return state
+
+
+def _lines(store, names: list[str]) -> Iterator[dict]:
+    for name in names:
+        yield from read_rows(store.read_bytes(name))

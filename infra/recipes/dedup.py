@@ -1,0 +1,126 @@
+"""Run-level dedup of completions, first in input order kept, memory flat at any run size.
+
+Both kinds keep what they have seen in a throw-away SQLite file (as `infra.idset` keeps the plan's
+ids): a table from a 64-bit key to the first record that had it, with a small page cache; the
+rest stays on disk.
+
+- exact: the key is the BLAKE2b digest of the normalized completion (`filters.normalize`).
+- near: MinHash signatures from `datasketch` (word shingles, `num_perm` permutations), cut into
+  b bands of r rows with datasketch's own choice of (b, r) for the threshold; a record is a
+  near-duplicate of the first kept record it shares a band with (datasketch's LSH candidate
+  rule), looked up in SQLite instead of datasketch's in-memory index, which holds every
+  signature (about 1 GB at 1 M records x 128 permutations).
+
+Only kept records enter the tables (`add` after `check`), so seeding a resumed pass with the
+kept rows of shards already done rebuilds exactly the state the first pass had.
+"""
+
+from __future__ import annotations
+
+from hashlib import blake2b
+
+from infra.idset import scratch_db
+from infra.recipes.filters import Verdict, normalize, words
+from infra.recipes.params import FilterParams
+
+
+def _key(data: bytes) -> int:
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+class FirstSeen:
+    """64-bit key -> the first record key stored under it, on disk."""
+
+    def __init__(self, cache_mb: int = 8) -> None:
+        self._dir, self._db = scratch_db("nsdg-dedup-", "seen (k INTEGER PRIMARY KEY, first TEXT NOT NULL)", cache_mb)
+        self._cur = self._db.cursor()
+
+    def first(self, keys: list[int]) -> str | None:
+        for k in keys:
+            if (row := self._cur.execute("SELECT first FROM seen WHERE k = ?", (k,)).fetchone()) is not None:
+                return row[0]
+        return None
+
+    def add(self, keys: list[int], first: str) -> None:
+        self._cur.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", [(k, first) for k in keys])
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+            self._dir.cleanup()
+
+
+class NearKeys:
+    """A completion's LSH band keys from its datasketch MinHash."""
+
+    def __init__(self, params: FilterParams) -> None:
+        from datasketch import MinHash
+        from datasketch.lsh import _optimal_param
+
+        self.num_perm, self.shingle = params.num_perm, params.shingle_size
+        self.bands, self.rows = _optimal_param(params.near_threshold, params.num_perm, 0.5, 0.5)
+        self._MinHash = MinHash
+        first = MinHash(num_perm=params.num_perm, seed=1)
+        self._perms, self._scheme = first.permutations, first.scheme  # drawn once, not per record
+
+    def __call__(self, text: str) -> list[int]:
+        toks = words(text)
+        shingles = {" ".join(toks[i:i + self.shingle]) for i in range(max(1, len(toks) - self.shingle + 1))}
+        m = self._MinHash(num_perm=self.num_perm, permutations=self._perms, scheme=self._scheme)
+        m.update_batch([s.encode() for s in shingles])
+        hv = m.hashvalues
+        return [_key(b.to_bytes(2, "little") + hv[b * self.rows:(b + 1) * self.rows].tobytes()) for b in range(self.bands)]
+
+
+class Dedup:
+    """Exact and/or near dedup over rows in input order."""
+
+    def __init__(self, params: FilterParams) -> None:
+        self.exact = FirstSeen() if params.dedup_exact else None
+        self.near = FirstSeen() if params.dedup_near else None
+        self.near_keys = NearKeys(params) if params.dedup_near else None
+        self.threshold = params.near_threshold
+
+    @property
+    def enabled(self) -> bool:
+        return self.exact is not None or self.near is not None
+
+    def _keys(self, row: dict) -> tuple[list[int], list[int]]:
+        text = row.get("completion") or ""
+        exact = [_key(normalize(text).encode())] if self.exact is not None else []
+        near = self.near_keys(text) if self.near_keys is not None else []
+        return exact, near
+
+    def check(self, row: dict) -> Verdict | None:
+        """A verdict when an earlier kept row has this completion (exact) or a near one; else the row is
+        kept and remembered."""
+        exact, near = self._keys(row)
+        if self.exact is not None and (first := self.exact.first(exact)) is not None:
+            return Verdict("exact_duplicate", first)
+        if self.near is not None and (first := self.near.first(near)) is not None:
+            return Verdict("near_duplicate", first, self.threshold)
+        self._add(row, exact, near)
+        return None
+
+    def seed(self, row: dict) -> None:
+        """Remember a row kept by an earlier pass."""
+        self._add(row, *self._keys(row))
+
+    def _add(self, row: dict, exact: list[int], near: list[int]) -> None:
+        who = f"{row.get('id')}#{row.get('sample', 0)}"
+        if self.exact is not None:
+            self.exact.add(exact, who)
+        if self.near is not None:
+            self.near.add(near, who)
+
+    def close(self) -> None:
+        for table in (self.exact, self.near):
+            if table is not None:
+                table.close()
+
+    def __enter__(self) -> "Dedup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

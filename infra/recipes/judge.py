@@ -1,0 +1,130 @@
+"""The judge: the run's own server scores each generated row, on the same allocation.
+
+A row's judging prompt is `judge.template` (sandboxed Jinja2, as the prompt template) over the row's
+fields, `id`, `sample`, `prompt` and `completion`. The judge's replies are a checkpoint of their
+own, next to the part they judge (`part-NNNNN.jsonl.judge.jsonl`, one row per part row, in the
+part's order) with a state object naming the judge's hash: a new judge template re-judges
+without regenerating, and the score is read from the reply later (`filters`), so a new
+score_pattern or min_score needs no server at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from infra.manifest import config_hash
+from infra.engines.nemo import GeneratedText, check_fits_context
+from infra.prompt_format import RAW, PromptFormat
+from infra.recipes.params import JudgeParams
+from infra.recipes.templates import PromptTemplate, RenderError, load_template, render
+from infra.sampling import SamplingParams
+from infra.tokens import token_counter
+
+log = logging.getLogger(__name__)
+
+
+def judge_name(part: str) -> str:
+    return f"{part}.judge.jsonl"
+
+
+def judge_state_name(part: str) -> str:
+    return f"{part}.judge.json"  # not *.state.json: those are the parts' own states
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The loaded judge: its template read once at flow start."""
+
+    params: JudgeParams
+    template: PromptTemplate
+    sampling: SamplingParams
+    prompt_format: PromptFormat = RAW
+    context_length: int = 4096
+    tokenizer: str | None = None  # the run's token counter: a judging prompt must fit as a prompt must
+
+    def identity(self, generation_hash: str) -> str:
+        """What makes a judgement: the parts judged, the template, how the judge samples and what it is sent."""
+        return config_hash({"generation": generation_hash, "template_sha256": self.template.sha256,
+                            "sampling": self.sampling.model_dump(mode="json"), "prompt_format": self.prompt_format.identity()})
+
+    def prompts(self, rows: list[dict]) -> list[str | dict]:
+        """Each row's judging prompt, or {"error": why} for a row it cannot be built for."""
+        compiled, out = self.template.compiled(), []
+        count = token_counter(self.tokenizer).count
+        for row in rows:
+            try:
+                text = render(compiled, {**row, "id": row.get("id"), "sample": row.get("sample", 0)})
+            except RenderError as exc:
+                out.append({"error": f"judge.template cannot render this record: {exc}"})
+                continue
+            if (too_long := check_fits_context(self.prompt_format.wrap(text), self.sampling, self.context_length, count)) is not None:
+                out.append({"error": f"judge prompt: {too_long}"})
+                continue
+            out.append(text)
+        return out
+
+    def judge_rows(self, client, rows: list[dict], batch_size: int) -> list[dict]:
+        """One judgement per row, in row order: {"id", "sample", "reply"} or {"id", "sample", "error"}."""
+        from infra.generation import generate_texts
+
+        prompts = self.prompts(rows)
+        todo = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        out: list[dict] = [{"id": r.get("id"), "sample": r.get("sample", 0)} for r in rows]
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                out[i].update(p)
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            for i, result in zip(idx, generate_texts(client, [prompts[i] for i in idx], self.sampling, self.prompt_format)):
+                if isinstance(result, GeneratedText):
+                    out[i]["reply"] = result.completion.text
+                else:
+                    out[i]["error"] = f"server rejected the judge prompt: {str(result.body if result.body is not None else result)[:300]}"
+        return out
+
+
+def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_bos: bool = False,
+               tokenizer: str | None = None) -> Judge | None:
+    if not params.enabled:
+        return None
+    template = load_template(params.template, settings, "judge.template")
+    sampling = SamplingParams(tokens_to_generate=params.tokens_to_generate, greedy=True, end_strings=list(params.end_strings),
+                              add_BOS=add_bos)
+    return Judge(params, template, sampling, prompt_format, settings.model.context_length, tokenizer)
+
+
+def read_rows(data: bytes | None) -> list[dict]:
+    return [json.loads(line) for line in (data or b"").splitlines() if line.strip()]
+
+
+def judge_part(client, store, judge: Judge, part, batch_size: int, rows: list[dict] | None = None) -> dict:
+    """Judge a published part's rows and publish the judgement and its state; returns the state."""
+    from infra.generation import publish
+
+    if rows is None:
+        rows = read_rows(store.read_bytes(part.name))
+    judged = judge.judge_rows(client, rows, batch_size) if rows else []
+    sha, count, _size = publish(store, judge_name(part.name), judged)
+    state = {"part": part.name, "shard": part.shard, "part_sha256": part.sha256, "judge_hash": judge.identity(part.config_hash),
+             "records": count, "sha256": sha, "failed": sum(1 for j in judged if "error" in j)}
+    store.write_bytes(judge_state_name(part.name), json.dumps(state, sort_keys=True).encode())
+    log.info("shard %d: %d records judged (%d failed)", part.shard, count, state["failed"])
+    return state
+
+
+def read_state(store, name: str) -> dict:
+    """A stage's state object; {} when missing or unreadable (the stage is then redone)."""
+    data = store.read_bytes(name)
+    try:
+        state = json.loads(data) if data is not None else {}
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def judged_current(store, judge: Judge, part) -> bool:
+    """Has this part a judgement by this judge, of these very rows?"""
+    state = read_state(store, judge_state_name(part.name))
+    return state.get("judge_hash") == judge.identity(part.config_hash) and state.get("part_sha256") == part.sha256

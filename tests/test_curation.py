@@ -1,0 +1,186 @@
+"""The curation stage on crafted parts in a real local output store: each filter's reason and
+measured value, the judge's score read from its reply, exact and near dedup across shards
+(first in input order kept), and a pass resumed after a kill keeping what one pass keeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infra.generation import publish
+from infra.manifest import PartInfo
+from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
+from infra.recipes.filters import repeated_ngram_share
+from infra.recipes.judge import Judge, judge_name
+from infra.recipes.params import FilterParams, JudgeParams
+from infra.recipes.templates import PromptTemplate
+from infra.sampling import SamplingParams
+from infra.storage import LocalOutputStore
+
+CHASH = "gen0123456789abc"
+LONG = "the river bends past the old mill where the miller keeps his grain dry through the long wet winter months"
+
+
+def row(rid: str, completion: str, tokens: int = 10, finish: str = "end_string", sample: int = 0) -> dict:
+    return {"id": rid, "sample": sample, "prompt": "p", "completion": completion,
+            "generation": {"finish_reason": finish, "generated_tokens": tokens}}
+
+
+def write_parts(store, shards: list[list[dict]], replies: list[list[str | None]] | None = None) -> list[PartInfo]:
+    parts = []
+    for i, rows in enumerate(shards):
+        name = f"part-{i:05d}.jsonl"
+        sha, count, size = publish(store, name, rows)
+        parts.append(PartInfo(name, i, count, sha, size, CHASH, 1, 1))
+        if replies is not None:
+            publish(store, judge_name(name), [{"id": r["id"], "sample": r["sample"], **({"reply": t} if t is not None
+                                               else {"error": "server rejected the judge prompt: too long"})}
+                                              for r, t in zip(rows, replies[i])])
+    return parts
+
+
+def lines(store, name: str) -> list[dict]:
+    return [json.loads(x) for x in (store.read_bytes(name) or b"").splitlines()]
+
+
+def kept_ids(store, parts) -> list[str]:
+    return [f"{r['id']}#{r['sample']}" for p in parts for r in lines(store, kept_name(p.name))]
+
+
+def judge(params: JudgeParams) -> Judge:
+    return Judge(params, PromptTemplate("inline", params.template), SamplingParams(greedy=True, tokens_to_generate=4))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalOutputStore(tmp_path / "run")
+
+
+def test_each_filter_names_itself_and_records_what_it_measured(store):
+    parts = write_parts(store, [[
+        row("ok", "A fine answer about rivers."),
+        row("cut", "cut off mid", finish="length"),
+        row("short", "hi", tokens=1),
+        row("long", "far too long", tokens=99),
+        row("nomatch", "no capital letter here"),
+        row("banned", "As an AI model I cannot"),
+        row("loop", "Go go go go go go go go go go go go"),
+    ]])
+    filters = FilterParams(drop_truncated=True, min_completion_tokens=2, max_completion_tokens=50,
+                           must_match=[r"[A-Z]"], must_not_match=[r"(?i)as an ai"], max_repeated_ngram_share=0.5)
+    result = curate(store, parts, Curation(filters=filters), CHASH)
+    assert kept_ids(store, parts) == ["ok#0"]
+    dropped = {r["id"]: (r["filter"], r["value"], r["limit"]) for r in lines(store, FILTERED)}
+    assert dropped == {
+        "cut": ("truncated", "length", "finish_reason"),
+        "short": ("min_completion_tokens", 1, 2),
+        "long": ("max_completion_tokens", 99, 50),
+        "nomatch": ("must_match", False, "[A-Z]"),
+        "banned": ("must_not_match", "As an AI", "(?i)as an ai"),
+        "loop": ("repeated_ngrams", repeated_ngram_share("go " * 12, 3), 0.5),
+    }
+    assert result.kept == 1 and result.filtered == {"truncated": 1, "min_completion_tokens": 1, "max_completion_tokens": 1,
+                                                    "must_match": 1, "must_not_match": 1, "repeated_ngrams": 1}
+    assert repeated_ngram_share("go " * 12, 3) == pytest.approx(0.9)
+    assert repeated_ngram_share("one two three four", 3) == 0.0
+
+
+def test_judge_scores_are_read_from_replies_and_unparsed_or_failed_ones_are_reasons_of_their_own(store):
+    rows = [row("a", "x"), row("b", "y"), row("c", "z"), row("d", "w")]
+    parts = write_parts(store, [rows], [[" 4 - good", " Score: 2", " excellent!", None]])
+    params = JudgeParams(template="Rate: {{ completion }}\nScore:", min_score=3)
+    result = curate(store, parts, Curation(params, judge=judge(params)), CHASH)
+    kept = lines(store, kept_name(parts[0].name))
+    assert [(r["id"], r["judge"]) for r in kept] == [("a", {"score": 4.0, "reply": " 4 - good"})]
+    assert result.filtered == {"judge_min_score": 1, "judge_unparsed": 1, "judge_failed": 1}
+    dropped = {r["id"]: (r["filter"], r["value"]) for r in lines(store, FILTERED)}
+    assert dropped["b"] == ("judge_min_score", 2.0) and dropped["c"] == ("judge_unparsed", " excellent!")
+    assert dropped["d"][0] == "judge_failed" and "too long" in dropped["d"][1]
+    # A new score pattern or threshold reads the same replies again: no judge needed.
+    params2 = params.model_copy(update={"score_pattern": r"Score: (\d+)", "min_score": 1})
+    again = curate(store, parts, Curation(params2, judge=judge(params2)), CHASH)
+    assert [r["id"] for r in lines(store, kept_name(parts[0].name))] == ["b"]
+    assert again.filtered == {"judge_unparsed": 2, "judge_failed": 1}
+
+
+def test_exact_dedup_keeps_the_first_in_input_order_across_shards_and_ignores_case_and_spacing(store):
+    parts = write_parts(store, [
+        [row("a", "Paris is the capital."), row("b", "Lyon."), row("a", "paris  is the\tCAPITAL.", sample=1)],
+        [row("c", "PARIS IS THE CAPITAL."), row("d", "lyon."), row("e", "Marseille.")],
+    ])
+    result = curate(store, parts, Curation(filters=FilterParams(dedup_exact=True)), CHASH)
+    assert kept_ids(store, parts) == ["a#0", "b#0", "e#0"]
+    assert {r["id"] + "#" + str(r["sample"]): r["value"] for r in lines(store, FILTERED)} == {
+        "a#1": "a#0", "c#0": "a#0", "d#0": "b#0"}
+    assert result.filtered == {"exact_duplicate": 3}
+
+
+def test_near_dedup_drops_a_one_word_edit_and_keeps_distinct_text(store):
+    parts = write_parts(store, [
+        [row("a", LONG), row("b", "an entirely different sentence about mountains snow and goats climbing slowly upward")],
+        [row("c", LONG.replace("winter", "autumn")), row("d", "a third unrelated text on ships sailing south to warmer seas today")],
+    ])
+    result = curate(store, parts, Curation(filters=FilterParams(dedup_near=True, near_threshold=0.7)), CHASH)
+    assert kept_ids(store, parts) == ["a#0", "b#0", "d#0"]
+    assert result.filtered == {"near_duplicate": 1}
+    assert lines(store, FILTERED)[0]["value"] == "a#0"
+
+
+def test_a_pass_resumed_after_a_kill_keeps_what_one_pass_keeps(store, tmp_path):
+    shards = [[row(f"r{s}{i}", f"answer {(s * 3 + i) % 7}") for i in range(3)] for s in range(4)]
+    filters = FilterParams(dedup_exact=True, dedup_near=True)
+    parts = write_parts(store, shards)
+    one_go = curate(store, parts, Curation(filters=filters), CHASH)
+    expected = kept_ids(store, parts)
+    # Killed after shard 1's verdict: shards 2 and 3 have none; shard 0's is current and not rewritten.
+    for p in parts[2:]:
+        (tmp_path / "run" / verdict_name(p.name)).unlink()
+    before = (tmp_path / "run" / kept_name(parts[0].name)).stat().st_mtime_ns
+    resumed = curate(store, parts, Curation(filters=filters), CHASH)
+    assert kept_ids(store, parts) == expected and resumed.filtered == one_go.filtered and resumed.rewritten == 2
+    assert (tmp_path / "run" / kept_name(parts[0].name)).stat().st_mtime_ns == before
+    # A changed threshold is a new stage hash: every shard's verdict is redone.
+    assert curate(store, parts, Curation(filters=FilterParams(dedup_exact=True)), CHASH).rewritten == 4
+
+
+def test_a_bad_regex_is_a_clear_parameter_error():
+    with pytest.raises(ValueError, match=r"filters.must_not_match\[0\] '\(' is not a valid regex"):
+        FilterParams(must_not_match=["("])
+    with pytest.raises(ValueError, match="judge.score_pattern"):
+        JudgeParams(template="x", score_pattern="[")
+
+
+def test_the_flow_form_has_judge_and_filters_groups_with_every_field_described():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.generate import generate
+
+    schema = parameter_schema(generate).model_dump_for_openapi()
+    assert schema["properties"]["judge"]["description"].startswith("score each generated record")
+    assert "filtered.jsonl" in schema["properties"]["filters"]["description"]
+    for model in ("JudgeParams", "FilterParams"):
+        fields = schema["definitions"][model]["properties"]
+        assert fields and all(f.get("description") for f in fields.values()), (model, fields)
+
+
+def test_a_judge_template_with_a_syntax_error_is_the_users_error_naming_judge_template():
+    from infra.errors import ConfigError
+    from infra.prompt_format import RAW
+    from infra.recipes.judge import load_judge
+    from infra.settings import Settings
+
+    with pytest.raises(ConfigError, match=r"^judge.template \(inline\) line 1: .*Fix the template"):
+        load_judge(JudgeParams(template="Rate {{ completion "), Settings(), RAW)
+
+
+def test_the_stage_on_s3_over_http_writes_the_same_kept_and_filtered_parts(s3_settings, s3_bucket, store):
+    from infra.storage import open_output_store
+
+    s3 = open_output_store(f"s3://{s3_bucket}/out", "curate-s3", s3_settings)
+    shards = [[row("a", "Same text."), row("b", "same  TEXT.")], [row("c", "Other."), row("d", "short", tokens=1)]]
+    filters = Curation(filters=FilterParams(dedup_exact=True, min_completion_tokens=2))
+    on_s3, local = curate(s3, write_parts(s3, shards), filters, CHASH), curate(store, write_parts(store, shards), filters, CHASH)
+    assert on_s3.as_manifest() == local.as_manifest() and on_s3.filtered == {"exact_duplicate": 1, "min_completion_tokens": 1}
+    assert s3.read_bytes(FILTERED) == store.read_bytes(FILTERED)
+    assert curate(s3, write_parts(s3, shards), filters, CHASH).rewritten == 0  # verdicts current on S3 too
