@@ -284,3 +284,13 @@ def test_a_requeued_job_does_not_join_the_last_starts_head(ray_job):
     rc, out = finish(start_role(job_dir, 1, stubs), timeout=30)
     assert rc == 1 and "no Ray head published" in out, out
     assert not (job_dir / "ray-stub" / "argv-1").exists()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "trtllm"])
+def test_openai_only_engines_refuse_the_nemo_api(engine):
+    assert "NSDG_SERVER__API" in refused("serves only /v1/completions", engine, server={"api": "nemo-generate"})
+    settings, name = settings_for(engine)  # the engine's own API, or a command of one's own, is fine
+    own = settings.model_copy(update={"server": settings.server.model_copy(
+        update={"api": "nemo-generate", "command": ["serve", "--port", "{port}"]})})
+    for s in (settings, own):
+        SbatchSpec.from_settings(s, name, job_name="nsdg-engine-test", comment="nsdg run=engine-test", job_dir="/shared/jobs/e1")

@@ -152,6 +152,14 @@ def ray_assignments(spec: "SbatchSpec") -> list[tuple[str, str | int]]:
             ("RAY_WAIT_S", spec.launch_wait_s)]
 
 
+def check_api(engine: str, api: str, own_command: bool) -> None:
+    """`vllm serve` and `trtllm-serve` answer only OpenAI's routes: a NeMo client would wait out
+    the whole ready deadline on a server that is up. A command of one's own may speak either."""
+    if engine in ("vllm", "trtllm") and api != "openai-completions" and not own_command:
+        raise fail("server.api", api, f"{engine} serves only /v1/completions: unset NSDG_SERVER__API "
+                   f"(or set it to openai-completions)")
+
+
 def check_engine(spec: "SbatchSpec") -> None:
     """The launches that cannot work, each refused with the reason and what to change."""
     if spec.engine not in ENGINE_NAMES:

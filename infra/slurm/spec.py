@@ -407,6 +407,7 @@ class SbatchSpec:
             launch_wait_s=math.ceil(server.ready_timeout_s),
         )
         spec.check_paths_seen_here()
+        launch.check_api(engine, settings.api(profile), spec.server_command is not None)
         return spec
 
 
