@@ -297,7 +297,10 @@ class Pool(Rollovers):
             log.error("releasing replica %d (%s) failed: %s; the run goes on", rep.index, rep.backend.status(), exc)
         finally:
             rep.released_at = time.time()
-            # Its shards, if any, fail fast now; they are requeued as they are collected.
+            # Its shards, if any, fail fast now; they are requeued as they are collected. Requests still
+            # queued in its client's pool (openai-completions) are dropped, not sent to a released server.
+            if (close := getattr(rep.client, "close", None)) is not None:
+                close()
             self.retired.append(rep)
 
     def _keep_idle_alive(self) -> None:

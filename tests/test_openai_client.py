@@ -274,3 +274,28 @@ def test_the_judge_speaks_the_openai_api_one_request_per_row(oai, monkeypatch):
         c.close()
     assert [j["id"] for j in judged] == [r["id"] for r in rows]
     assert all(isinstance(j.get("reply"), str) and "error" not in j for j in judged), judged
+
+
+def test_a_retired_replica_drops_the_requests_still_queued_in_its_pool(oai):
+    """Releasing a replica closes its client's pool: what was queued behind the requests in
+    flight is cancelled, not sent to a server that is going away."""
+    import threading
+
+    from flows.replicas import Pool, Replica
+    from infra.backends import AttachBackend
+    from infra.settings import Settings
+
+    def never(*_):
+        raise AssertionError("no launch or shard expected")
+
+    p = Pool(make_backend=never, start=never, submit=never, release=lambda backend: None,
+             shards=iter(()), replicas=1, max_in_flight=1, restarts_allowed=0, keep_alive_s=3600.0)
+    rep = Replica(0, AttachBackend(Settings(server={"url": oai})))
+    rep.client = c = client(oai, max_in_flight=1)
+    gate = threading.Event()
+    busy = c.submit(gate.wait, 30)  # holds the pool's one worker
+    queued = [c.submit(c.complete, "q", SamplingParams(tokens_to_generate=1)) for _ in range(3)]
+    p._retire(rep, "test")
+    gate.set()
+    busy.result(timeout=30)
+    assert all(f.cancelled() for f in queued)
