@@ -113,10 +113,24 @@ def test_job_that_never_starts_times_out_with_reason(slurm_env, workdir, monkeyp
 def cancel_after_first_part(run_dir, only_one: bool = False) -> threading.Thread:
     run_id = run_dir.name
 
+    job_logs = run_dir.parent.parent / "jobs" / run_id  # slurm_env's NSDG_SLURM__JOB_ROOT
+
+    def serving_job() -> str | None:
+        # A job whose rank 0 has answered the readiness probe and a real batch: cancelling one that is
+        # still starting (the other replica published first) would test a never-ready replica instead.
+        for err in job_logs.glob("*/*.err"):
+            if err.read_text(errors="replace").count('"PUT /generate HTTP/1.1" 200') >= 2:
+                return err.stem.rsplit("-", 1)[-1]
+        return None
+
     def cancel():
         poll_until(lambda: True if list(run_dir.glob("part-*.state.json")) else None,
                    deadline=Deadline(120), interval=0.2, what="the first published part")
-        for job in our_jobs(run_id)[:1] if only_one else our_jobs(run_id):
+        if only_one:
+            job_id = poll_until(serving_job, deadline=Deadline(60), interval=0.1, what="a job serving batches")
+            SlurmClient().cancel(job_id)
+            return
+        for job in our_jobs(run_id):
             SlurmClient().cancel(job.job_id)
 
     killer = threading.Thread(target=cancel, daemon=True)
