@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from infra.engines import DEFAULT_IN_FLIGHT, Api, Engine, EngineName, engine
 from infra.errors import ConfigError
-
-if TYPE_CHECKING:
-    from infra.engines import Engine
 
 ENV_PREFIX = "NSDG_"
 # Characters allowed in anything that becomes a Slurm name, a path component or a storage key.
@@ -40,7 +38,7 @@ class Profile(_Section):
     # How prompts are wrapped (infra/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
     prompt_format: Literal["raw", "nemotron-instruct", "chat"] | None = None
     # The serving program (infra/engines): it fixes the HTTP API unless server.api overrides it.
-    engine: Literal["nemo", "vllm", "trtllm", "nemo-openai", "custom"] = "nemo"
+    engine: EngineName = "nemo"
 
     @property
     def tasks_per_node(self) -> int:
@@ -89,7 +87,7 @@ class ServerSettings(_Section):
     read_timeout_s: float = Field(1800.0, gt=0, le=86_400)
     ready_timeout_s: float = Field(2700.0, gt=0, le=86_400, description="one deadline for the whole wait (45 min for 340B)")
     ready_poll_s: float = Field(0.25, gt=0, le=60)
-    api: Literal["nemo-generate", "openai-completions"] | None = Field(
+    api: Api | None = Field(
         None, description="the HTTP API spoken to the server; default: the profile's engine's (nemo: nemo-generate)")
     max_in_flight: int | None = Field(None, ge=1, le=4096, description="requests kept in flight per replica; default "
                                       "per API: 2 for nemo-generate (one computing, one queued), 256 for openai-completions")
@@ -249,9 +247,7 @@ class Settings(BaseSettings):
                 f"Add one with {ENV_PREFIX}EXTRA_PROFILES."
             ) from None
 
-    def engine(self, profile: Profile) -> "Engine":
-        from infra.engines import engine
-
+    def engine(self, profile: Profile) -> Engine:
         return engine(profile.engine)
 
     def api(self, profile: Profile) -> str:
@@ -260,7 +256,7 @@ class Settings(BaseSettings):
     def in_flight(self, profile: Profile) -> int:
         if self.server.max_in_flight is not None:
             return self.server.max_in_flight
-        return 2 if self.api(profile) == "nemo-generate" else 256
+        return DEFAULT_IN_FLIGHT[self.api(profile)]
 
     def tokenizer_path(self, profile: Profile) -> str | None:
         """The tokenizer to count prompt tokens with: the configured one, the local model's, or

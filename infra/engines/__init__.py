@@ -25,19 +25,22 @@ class Engine:
     name: EngineName
     api: Api
     readiness: Readiness
-    # Requests kept open per replica when server.max_in_flight is not set: NeMo's server computes one
-    # request at a time (one computing, one queued); vLLM's maintainers say to give the scheduler everything.
-    default_in_flight: int
     description: str
 
 
+# Requests kept open per replica when server.max_in_flight is not set, per API (server.api may
+# override an engine's): NeMo's server computes one request at a time (one computing, one queued);
+# vLLM's maintainers say to give the scheduler everything.
+DEFAULT_IN_FLIGHT: dict[str, int] = {"nemo-generate": 2, "openai-completions": 256}
+
+
 ENGINES: dict[str, Engine] = {
-    "nemo": Engine("nemo", "nemo-generate", "nemo-probe", 2, "NeMo 24.05 megatron_gpt_eval.py (the model card's server)"),
-    "vllm": Engine("vllm", "openai-completions", "health", 256, "vllm serve; multi-node through a Ray head on the first node"),
-    "trtllm": Engine("trtllm", "openai-completions", "health", 256, "trtllm-serve; multi-node as one MPI world under srun"),
-    "nemo-openai": Engine("nemo-openai", "openai-completions", "probe", 256, "NeMo >= 2.1's own /v1/completions"),
+    "nemo": Engine("nemo", "nemo-generate", "nemo-probe", "NeMo 24.05 megatron_gpt_eval.py (the model card's server)"),
+    "vllm": Engine("vllm", "openai-completions", "health", "vllm serve; multi-node through a Ray head on the first node"),
+    "trtllm": Engine("trtllm", "openai-completions", "health", "trtllm-serve; multi-node as one MPI world under srun"),
+    "nemo-openai": Engine("nemo-openai", "openai-completions", "probe", "NeMo >= 2.1's own /v1/completions"),
     # A command template (server.command); it speaks server.api, NeMo's by default as today.
-    "custom": Engine("custom", "nemo-generate", "nemo-probe", 2, "server.command, speaking server.api"),
+    "custom": Engine("custom", "nemo-generate", "nemo-probe", "server.command, speaking server.api"),
 }
 
 

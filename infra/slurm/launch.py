@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 
 from infra.slurm.options import check_int, fail
 
+from infra.engines import ENGINES
+
 if TYPE_CHECKING:
     from infra.slurm.spec import SbatchSpec
 
-ENGINE_NAMES = ("nemo", "vllm", "trtllm", "nemo-openai", "custom")
+ENGINE_NAMES = tuple(ENGINES)  # the contract's names, in its order
 
 # Default images. nemo/custom: the model card's container. vllm: the first release with Ray
 # executor V2, which fixed multi-node PP > 1 (vllm #36836, v0.20.0). trtllm: NGC's release image
