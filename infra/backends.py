@@ -10,6 +10,7 @@ by that schedule (`scheduled_end`): the pool then plans a successor instead of c
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,8 @@ class LocalBackend(_NoScheduledEnd):
         local = self.settings.local
         engine = ["--engine", "simulated"] if local.engine == "simulated" else ["--model-dir", str(Path(local.model_dir).resolve())]
         return [sys.executable, "-m", "infra.local_server", "serve-local", *engine,
-                "--host", local.host, "--port", "0", "--port-file", str(self.port_file), "--exit-with-parent",
+                "--host", local.host, "--port", "0", "--port-file", str(self.port_file),
+                "--exit-with-parent", str(os.getpid()),
                 "--served-model-name", self.settings.model.name,
                 *local.extra_args, *self.extra_args]
 

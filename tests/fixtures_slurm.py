@@ -66,7 +66,9 @@ def slurm_cluster(tmp_path_factory) -> Iterator[LocalSlurmCluster]:
     state_dir = Path(os.environ.get("NSDG_SLURM_STATE_DIR", "/var/lib/nsdg-slurm"))
     if os.geteuid() == 0:
         try:
-            run_command(["bash", str(START_SCRIPT)], timeout=START_TIMEOUT_S)
+            # The daemons it may start outlive the session by design: not marked as this run's processes.
+            daemons_env = {k: v for k, v in os.environ.items() if k != "NEMOTRON_SDG_TEST_RUN"}
+            run_command(["bash", str(START_SCRIPT)], timeout=START_TIMEOUT_S, env=daemons_env)
         except CommandError as exc:
             pytest.fail(f"The local Slurm cluster did not start:\n{exc}\n{exc.stderr[-3000:]}", pytrace=False)
     elif not _controller_answers():

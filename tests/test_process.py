@@ -7,7 +7,9 @@ import subprocess
 import signal
 import sys
 import threading
+from pathlib import Path
 
+from infra.deadline import Deadline, poll_until
 from infra.process import group_identity, start_process_group, start_ticks, stop_process_group, stop_process_group_by_identity
 
 SLEEPER = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]
@@ -55,3 +57,31 @@ def test_stop_by_identity_of_a_gone_group_is_quiet(tmp_path):
     identity = group_identity(proc)
     proc.wait(timeout=10)
     stop_process_group_by_identity(identity, grace=1)  # nothing left: returns at once
+
+
+def gone(pid: int) -> bool:
+    """Exited, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_server_whose_starter_dies_during_its_start_up_stops(tmp_path):
+    """Issue 22: the starter killed while the server was still importing left it watching init as
+    its "parent" forever. Told the starter's pid, it notices the starter is already gone."""
+    starter = ("import os, subprocess, sys; "
+               "p = subprocess.Popen([sys.executable, '-m', 'infra.local_server', 'serve-local', '--engine', 'simulated', "
+               "'--host', '127.0.0.1', '--port', '0', '--exit-with-parent', str(os.getpid())], start_new_session=True, "
+               "stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT); print(p.pid, flush=True); os._exit(0)")
+    log = tmp_path / "server.log"
+    out = subprocess.run([sys.executable, "-c", starter, str(log)], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    server = int(out.stdout.strip())
+    try:
+        poll_until(lambda: gone(server) or None, deadline=Deadline(60), interval=0.2,
+                   what=f"the orphaned server (pid {server}) to stop")
+        assert "is gone; stopping" in log.read_text(), log.read_text()  # stopped by its watch, not by an error
+    finally:
+        if not gone(server):
+            os.killpg(server, signal.SIGKILL)

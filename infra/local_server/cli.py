@@ -131,9 +131,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request with a prompt containing SUBSTRING fails with 500")
     faults.add_argument("--fault-reject-on", metavar="SUBSTRING",
                         help="a request with a prompt containing SUBSTRING gets 200 + a JSON error string")
-    net.add_argument("--exit-with-parent", action="store_true",
+    net.add_argument("--exit-with-parent", nargs="?", type=_positive_int, const=0, default=None, metavar="PID",
                      help="stop (as on SIGTERM) when the process that started this one dies: a killed "
-                          "orchestrator cannot leave the server running (the local dead-man switch)")
+                          "orchestrator cannot leave the server running (the local dead-man switch). "
+                          "Give the starter's PID: a starter killed while this process was still "
+                          "starting up is then noticed too")
     faults.add_argument("--fault-once-marker", type=Path, metavar="PATH",
                         help="crash/hang faults fire once: the first creates PATH; a server started while PATH exists injects neither")
 
@@ -166,19 +168,23 @@ def run_serve_local(args: argparse.Namespace) -> int:
         openai_error_shape=args.openai_error_shape,
         sim_slots=args.sim_slots,
     )
-    if args.exit_with_parent:
-        _exit_with_parent()
+    if args.exit_with_parent is not None:
+        _exit_with_parent(args.exit_with_parent or None)
     # The server process plays a NeMo rank, and NeMo keys its rank on SLURM_PROCID.
     rank = os.environ.get("SLURM_PROCID")
     return serve(config, lambda: _load_engine(args), rank=rank)
 
 
-def _exit_with_parent(interval: float = 0.5) -> None:
-    """Send ourselves SIGTERM once our parent is gone (we are then reparented)."""
+def _exit_with_parent(parent: int | None, interval: float = 0.5) -> None:
+    """Send ourselves SIGTERM once our parent is gone (we are then reparented).
+
+    `parent` is the starter's pid as it told us. Without it, the parent is whoever we find at start,
+    which is already init (or a subreaper) when the starter was killed while Python was still
+    importing: we would then watch init forever (issue 22: a killed CLI's server outlived the tests)."""
     import signal
     import threading
 
-    parent = os.getppid()
+    parent = parent or os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -345,6 +345,7 @@ class LocalHTTPServer(ThreadingHTTPServer):
     """One thread per connection (Werkzeug's `threaded=True`)."""
 
     daemon_threads = True  # a hung request must not keep the process alive at shutdown
+    block_on_close = False  # ...nor server_close() wait for it (socketserver joins even daemon threads)
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], service: GenerateService, completions: CompletionsService | None = None):
