@@ -4,6 +4,10 @@ continuous-batching server no one here wrote, on this machine's CPU."""
 from __future__ import annotations
 
 import json
+import platform
+import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -12,7 +16,7 @@ from infra.engines.openai import OpenAIClient
 from infra.errors import BadRequest
 from infra.sampling import SamplingParams
 from infra.settings import Profile, load_settings
-from tests.fixtures_llama import SERVED_NAME
+from tests.fixtures_llama import SERVED_NAME, llama_server_binary
 
 pytestmark = pytest.mark.integration
 # SmolLM2's chat markers: the Instruct model answers a question only inside them.
@@ -59,3 +63,17 @@ def test_flow_over_llama_server_publishes_every_record_once(prefect_harness, wor
     # Usage is split over a request's n choices; llama-server counts one choice's (vLLM sums them all).
     assert all(0 <= r["generation"]["generated_tokens"] <= 6 for r in rows)
     assert sum(r["generation"]["generated_tokens"] for r in rows) > 0
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None,
+                    reason="the instruction check reads x86-64 disassembly with binutils' objdump")
+def test_the_cached_build_uses_no_instruction_beyond_its_portable_baseline():
+    """Issue 22: a -march=native build on a Xeon with AMX crashed with a general protection fault on
+    another CPU of this machine kind. The x86-64-v3 build must not touch AVX-512 (zmm, opmask) or AMX
+    (tmm) registers."""
+    binary = llama_server_binary()
+    assert binary.parent.name.endswith("-x86-64-v3"), binary
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(binary)], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+    beyond = [line for line in listing.splitlines() if re.search(r"%(zmm|tmm)\d+|%k[1-7]\b", line)]
+    assert not beyond, beyond[:5]
