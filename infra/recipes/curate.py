@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,6 +115,23 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
     log.info("curation: %d kept, %s filtered (%d of %d shards rewritten)", result.kept,
              dict(reasons) or "none", result.rewritten, len(parts))
     return result
+
+
+STAGE_FILE = re.compile(r"kept-\d{5,}\.jsonl(\.verdict\.json)?|filtered-\d{5,}\.jsonl|filtered\.jsonl")  # what `curate` writes
+
+
+def remove_outputs(store) -> list[str]:
+    """A run with this stage off: its kept and filtered files and verdicts go, so no training set
+    (kept-*.jsonl) of an undone stage stays beside a manifest without `curation`. Verdicts first: a
+    state goes before what it describes. Judgements stay: they describe the parts, not this stage,
+    and a later run with the same judge is spared the server. Returns the names removed."""
+    names = [n for n in store.list_names() if STAGE_FILE.fullmatch(n)]
+    names.sort(key=lambda n: not n.endswith(".verdict.json"))
+    for name in names:
+        store.delete(name)
+    if names:
+        log.info("curation is off: removed %d file(s) of an earlier curation stage (kept-*, filtered*, verdicts)", len(names))
+    return names
 
 
 def _current(store, part, stage_hash: str) -> dict | None:
