@@ -17,7 +17,7 @@ from infra.errors import TransientServerError
 from infra.generation import ShardJob, run_shard
 from infra.manifest import state_name
 from infra.planning import load_published
-from infra.recipes.curate import FILTERED, Curation, CurationError, curate, filtered_name, kept_name
+from infra.recipes.curate import FILTERED, Curation, CurationError, curate
 from infra.recipes.judge import judge_name, judge_part, judged_current
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.sampling import SamplingParams
