@@ -35,7 +35,7 @@ from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe
 from infra.rollover import RolloverPolicy
-from infra.recipes.curate import Curation, CurationResult, curate
+from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
 from infra.recipes.judge import judged_current, load_judge
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.tokens import token_counter
@@ -322,8 +322,10 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
 
 
 def curate_run(store: OutputStore, cfg: RunConfig, parts: list[PartInfo], chash: str, timings: dict) -> dict | None:
-    """The judge's scores, the filters and dedup over every part (no server): the manifest's `curation`."""
+    """The judge's scores, the filters and dedup over every part (no server): the manifest's `curation`.
+    With the stage off, an earlier pass's kept and filtered files go: the manifest will not name them."""
     if not cfg.curation.enabled:
+        remove_outputs(store)
         return None
     t = time.monotonic()
     result: CurationResult = curate(store, parts, cfg.curation, chash)

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from infra.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
-from infra.manifest import PartInfo, rejects_name
+from infra.manifest import PartInfo, rejects_name, state_name
 from infra.engines.nemo import GeneratedText, NemoClient
 from infra.engines.openai import OpenAIClient
 from infra.prompt_format import RAW, PromptFormat
-from infra.recipes.judge import Judge, judge_part
+from infra.recipes.judge import Judge, judge_part, judged_current
 from infra.recipes.samples import request_seed, sample_batches
 from infra.sampling import SamplingParams
+from infra.states import invalidate, published_part
 from infra.storage import OutputStore
 from infra.tokens import token_counter
 
@@ -241,8 +242,13 @@ def publish(store: OutputStore, name: str, lines) -> tuple[str, int, int]:
 def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, store: OutputStore,
               dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None) -> ShardResult:
     """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
-    process or job is gone becomes ServerLost, which no retry can fix."""
+    process or job is gone becomes ServerLost, which no retry can fix.
+
+    A shard whose part an earlier try published (its judging then failed, and the task was retried
+    or requeued) is judged alone, never generated again."""
     started, started_at = time.monotonic(), time.time()
+    if (published := published_part(store, shard.name, job.config_hash)) is not None:
+        return _judge_published(client, published, job, store, dead_reason, started, started_at)
     try:
         results = generate_shard_results(client, shard, job, breaker)
     except TransientServerError as exc:
@@ -254,6 +260,7 @@ def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, st
     pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
     ok = [(r, s, g) for r, s, g in pairs if isinstance(g, GeneratedText)]
     rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
+    invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.states)
     if rejected:  # before the part and its state: a published state implies both
         publish(store, rejects_name(shard.name), rejected)
     out = [output_record(r, g, job, shard.index, s) for r, s, g in ok]  # one shard: the judge reads them too
@@ -270,6 +277,17 @@ def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, st
     done = time.monotonic()
     log.info("shard %d: %d records, %d rejected, %d tokens, published %s", shard.index, count, len(rejected), tokens, store.uri(shard.name))
     return ShardResult(part, tokens, done - started, done - generated, started_at, time.time())
+
+
+def _judge_published(client, part: PartInfo, job: ShardJob, store: OutputStore,
+                     dead_reason: Callable[[], str | None], started: float, started_at: float) -> ShardResult:
+    """The shard as an earlier try of this task published it, judged if its judgement is not current.
+    Reported as generated (not `judged_only`): that try failed, so its part was never reported."""
+    log.info("shard %d: its part is already published (%s); judging it only", part.shard, store.uri(part.name))
+    if job.judge is not None and not judged_current(store, job.judge, part):
+        _judging(lambda: judge_part(client, store, job.judge, part, job.batch_size), part.shard, dead_reason)
+    return ShardResult(part, part.generated_tokens or 0, time.monotonic() - started, 0.0,
+                       part.started_at or started_at, time.time())
 
 
 def _judging(step: Callable[[], object], shard: int, dead_reason: Callable[[], str | None]):

@@ -27,6 +27,7 @@ from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.sampling import SamplingParams
 from infra.settings import Settings
+from infra.states import published_part
 from infra.storage import OutputStore, check_input, open_input
 from infra.tokens import token_counter
 
@@ -266,16 +267,14 @@ def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine]) -> s
 
 
 def load_published(store: OutputStore, chash: str) -> dict[int, PartInfo]:
+    """The shards done under config `chash`: a state whose part file still has the sha256 it names
+    (infra.states); a part rewritten after its state (a kill in between) is generated again."""
     done: dict[int, PartInfo] = {}
-    names = set(store.list_names())
-    for name in names:
+    for name in store.list_names():
         if not name.endswith(".state.json"):
             continue
-        data = store.read_bytes(name)
-        if data is None:
-            continue
-        part = PartInfo.from_json(data)
-        if part.config_hash == chash and part.name in names and state_name(part_name(part.shard)) == name:
+        part = published_part(store, name.removesuffix(".state.json"), chash)
+        if part is not None and state_name(part_name(part.shard)) == name:
             done[part.shard] = part
     return done
 

@@ -419,6 +419,41 @@ class S3OutputStore:
             raise StorageError(f"Listing {self.location} failed: {_cause(exc)}. Check the endpoint and network.") from exc
         return sorted(n for n in names if n and not n.startswith("."))
 
+    def sha256(self, name: str) -> str | None:
+        """The object's sha256 from one HEAD, or None when it does not exist. Every object this store
+        writes carries its sha256 as metadata, which S3 checked against the bytes on upload (the
+        SHA-256 checksum); an object written by anything else has none, and so matches no state."""
+        key = self.key(name)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND:
+                return None
+            raise self._read_error(exc, key) from exc
+        except NoCredentialsError as exc:
+            raise _no_credentials(f"reading s3://{self.bucket}/{key}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+        return head.get("Metadata", {}).get("sha256")
+
+    def delete(self, name: str) -> None:
+        """Remove the object; S3 answers a missing one as removed."""
+        key = self.key(name)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in DENIED:
+                raise ConfigError(
+                    f"Access denied deleting s3://{self.bucket}/{key}: the credentials in use lack s3:DeleteObject there, "
+                    "which a rerun needs to remove a state before it rewrites what the state describes. Grant it on the "
+                    "output prefix.") from exc
+            if _code(exc) not in NOT_FOUND:
+                raise self._write_error(exc, key, f"deleting {name}") from exc
+        except NoCredentialsError as exc:
+            raise _no_credentials(f"deleting s3://{self.bucket}/{key}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"Deleting s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+
     # -- conditional writes, for infra/lease.py: the version is the ETag; S3 compares and writes
     # in one step (PUT If-None-Match: *, PUT/DELETE If-Match: <etag>).
 

@@ -56,6 +56,8 @@ class OutputStore(Protocol):
     def write_bytes(self, name: str, data: bytes) -> None: ...
     def read_bytes(self, name: str) -> bytes | None: ...
     def list_names(self) -> list[str]: ...
+    def sha256(self, name: str) -> str | None: ...
+    def delete(self, name: str) -> None: ...
     def uri(self, name: str) -> str: ...
     def staging_dir(self) -> Path: ...
     def abort_incomplete_uploads(self) -> list[str]: ...
@@ -117,6 +119,17 @@ class LocalOutputStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def sha256(self, name: str) -> str | None:
+        """The object's sha256 as it is now (hashed), or None when it does not exist."""
+        try:
+            return sha256_file(self.root / validate_key_component(name, "object name"))
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        """Remove `name`; a missing one is already removed."""
+        (self.root / validate_key_component(name, "object name")).unlink(missing_ok=True)
 
     def abort_incomplete_uploads(self) -> list[str]:
         return []  # a local part is renamed into place: there is no upload to leave open

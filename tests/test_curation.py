@@ -12,7 +12,7 @@ from infra.generation import publish
 from infra.manifest import PartInfo
 from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
-from infra.recipes.judge import Judge, judge_name
+from infra.recipes.judge import Judge, publish_judgement
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.recipes.templates import PromptTemplate
 from infra.sampling import SamplingParams
@@ -27,16 +27,19 @@ def row(rid: str, completion: str, tokens: int = 10, finish: str = "end_string",
             "generation": {"finish_reason": finish, "generated_tokens": tokens}}
 
 
-def write_parts(store, shards: list[list[dict]], replies: list[list[str | None]] | None = None) -> list[PartInfo]:
+def write_parts(store, shards: list[list[dict]], replies: list[list[str | None]] | None = None,
+                judged_by: Judge | None = None) -> list[PartInfo]:
+    """Published parts; with `replies`, each part's judgement by `judged_by` (a reply None: a failed one)."""
     parts = []
     for i, rows in enumerate(shards):
         name = f"part-{i:05d}.jsonl"
         sha, count, size = publish(store, name, rows)
         parts.append(PartInfo(name, i, count, sha, size, CHASH, 1, 1))
         if replies is not None:
-            publish(store, judge_name(name), [{"id": r["id"], "sample": r["sample"], **({"reply": t} if t is not None
-                                               else {"error": "server rejected the judge prompt: too long"})}
-                                              for r, t in zip(rows, replies[i])])
+            publish_judgement(store, judged_by, parts[-1], [
+                {"id": r["id"], "sample": r["sample"], **({"reply": t} if t is not None
+                                                          else {"error": "server rejected the judge prompt: too long"})}
+                for r, t in zip(rows, replies[i])])
     return parts
 
 
@@ -88,8 +91,8 @@ def test_each_filter_names_itself_and_records_what_it_measured(store):
 
 def test_judge_scores_are_read_from_replies_and_unparsed_or_failed_ones_are_reasons_of_their_own(store):
     rows = [row("a", "x"), row("b", "y"), row("c", "z"), row("d", "w")]
-    parts = write_parts(store, [rows], [[" 4 - good", " Score: 2", " excellent!", None]])
     params = JudgeParams(template="Rate: {{ completion }}\nScore:", min_score=3)
+    parts = write_parts(store, [rows], [[" 4 - good", " Score: 2", " excellent!", None]], judge(params))
     result = curate(store, parts, Curation(params, judge=judge(params)), CHASH)
     kept = lines(store, kept_name(parts[0].name))
     assert [(r["id"], r["judge"]) for r in kept] == [("a", {"score": 4.0, "reply": " 4 - good"})]

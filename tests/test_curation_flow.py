@@ -153,3 +153,20 @@ def test_the_judge_on_the_real_local_model_parses_scores_and_counts_a_reply_with
         assert isinstance(r["judge"]["score"], float) and r["judge"]["reply"] == judged[r["id"]]
     assert result["filtered"].get("judge_unparsed") == 4 - len(scored)
     assert result["records_kept"] + sum(result["filtered"].values()) == result["records_written"] == 4
+
+
+def test_a_rerun_with_curation_off_removes_the_earlier_stage_files(prefect_harness, workdir, simulated):
+    """Review 2, D12: the undone stage's kept-*.jsonl (the training set), filtered files and verdicts
+    must not stay beside a manifest without `curation`."""
+    src = write_input(workdir, 8, distinct=3)
+    run_dir = workdir / "out" / "off"
+    args = dict(input_uri=str(src), output_uri=str(workdir / "out"), run_id="off", shard_size=4, batch_size=4,
+                sampling=SamplingParams(tokens_to_generate=6), prompt_format="raw")
+    assert generate(**args, filters=FilterParams(dedup_exact=True))["filtered"] == {"exact_duplicate": 5}
+    assert list(run_dir.glob("kept-*.jsonl")) and (run_dir / "filtered.jsonl").exists()
+    parts = files(run_dir, "part-*")
+    result = generate(**args)
+    assert result["records_written"] == 8 and "records_kept" not in result
+    assert json.loads((run_dir / "manifest.json").read_text())["curation"] is None
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("kept-", "filtered"))) == []
+    assert files(run_dir, "part-*") == parts  # the parts (and their states) are not the stage's: untouched

@@ -1,3 +1,4 @@
+import hashlib
 import json
 from pathlib import Path
 
@@ -67,10 +68,12 @@ def test_published_parts_are_skipped_and_changed_config_refused(workdir):
     src = write(workdir / "in.jsonl", *({"prompt": f"p{i}"} for i in range(4)))
     store = LocalOutputStore(workdir / "o")
     plan = make_plan(cfg(src), Settings(), store)
-    part = PartInfo("part-00000.jsonl", 0, 2, "0" * 64, 10, plan.config_hash, 1, 2)
+    part = PartInfo("part-00000.jsonl", 0, 2, hashlib.sha256(b"x").hexdigest(), 1, plan.config_hash, 1, 2)
     store.write_bytes("part-00000.jsonl", b"x")
     store.write_bytes(part.state_name(), part.to_json())
     assert make_plan(cfg(src), Settings(), store).todo == [1]
+    store.write_bytes("part-00000.jsonl", b"y")  # not the bytes its state names (a kill between part and state)
+    assert make_plan(cfg(src), Settings(), store).todo == [0, 1]
     with pytest.raises(ConfigError, match="tokens_to_generate|sampling"):
         make_plan(cfg(src, sampling=SamplingParams(tokens_to_generate=9)), Settings(), store)
 

@@ -5,8 +5,9 @@ No server: it reads the published parts and their judgements and writes, per sha
 `kept-NNNNN.jsonl` (the training set), `filtered-NNNNN.jsonl` (each dropped row's id, sample,
 shard and reason: the filter, the value it measured, its limit) and a verdict state naming the
 stage's hash; then `filtered.jsonl`, all shards' dropped rows. A rerun that changes only a
-threshold, a filter or dedup redoes this stage alone. A shard whose verdict is current is not
-rewritten: its kept rows seed the dedup tables, so a resumed pass keeps what one pass would.
+threshold, a filter or dedup redoes this stage alone. A shard whose verdict is current (this stage's,
+its kept and filtered files the bytes it names: infra/states.py) is not rewritten: its kept rows seed
+the dedup tables, so a resumed pass keeps what one pass would.
 Memory is one shard's rows plus the dedup tables' page cache.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,8 +24,9 @@ from infra.errors import SdgError
 from infra.manifest import config_hash
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
-from infra.recipes.judge import Judge, judge_name, read_rows, read_state
+from infra.recipes.judge import Judge, judge_name, read_judgements, read_rows, read_state
 from infra.recipes.params import FilterParams, JudgeParams
+from infra.states import describes, invalidate
 
 log = logging.getLogger(__name__)
 FILTERED = "filtered.jsonl"
@@ -114,17 +117,43 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
     return result
 
 
+STAGE_FILE = re.compile(r"kept-\d{5,}\.jsonl(\.verdict\.json)?|filtered-\d{5,}\.jsonl|filtered\.jsonl")  # what `curate` writes
+
+
+def remove_outputs(store) -> list[str]:
+    """A run with this stage off: its kept and filtered files and verdicts go, so no training set
+    (kept-*.jsonl) of an undone stage stays beside a manifest without `curation`. Verdicts first: a
+    state goes before what it describes. Judgements stay: they describe the parts, not this stage,
+    and a later run with the same judge is spared the server. Returns the names removed."""
+    names = [n for n in store.list_names() if STAGE_FILE.fullmatch(n)]
+    names.sort(key=lambda n: not n.endswith(".verdict.json"))
+    for name in names:
+        store.delete(name)
+    if names:
+        log.info("curation is off: removed %d file(s) of an earlier curation stage (kept-*, filtered*, verdicts)", len(names))
+    return names
+
+
 def _current(store, part, stage_hash: str) -> dict | None:
+    """The shard's verdict when it is this stage's, of these very rows, and its kept and filtered
+    files still hold the bytes it names (infra.states); else None, and the shard is curated again."""
     state = read_state(store, verdict_name(part.name))
     if state.get("stage_hash") != stage_hash or state.get("part_sha256") != part.sha256:
+        return None
+    if not describes(store, {kept_name(part.name): (state.get("kept") or {}).get("sha256"),
+                             filtered_name(part.name): state.get("filtered_sha256")}):
         return None
     return state
 
 
 def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_hash: str, publish) -> dict:
+    invalidate(store, verdict_name(part.name))  # before the kept and filtered files it describes are rewritten
     rows = read_rows(store.read_bytes(part.name))
     if curation.judge is not None:
-        judged = read_rows(store.read_bytes(judge_name(part.name)))
+        judged = read_judgements(store, curation.judge, part)
+        if judged is None:
+            raise CurationError(f"part {store.uri(part.name)} has no judgement by this judge that matches its judge state "
+                                f"({store.uri(judge_name(part.name))}): rerun with the same run_id to judge it again.")
         if len(judged) != len(rows):
             raise CurationError(f"part {store.uri(part.name)} has {len(rows)} rows but {len(judged)} judgements: "
                                 "rerun with the same run_id to judge it again.")
@@ -138,12 +167,12 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
         else:
             reasons[verdict.filter] += 1
             dropped.append({"id": row.get("id"), "sample": row.get("sample", 0), "shard": part.shard, **verdict.as_dict()})
-    publish(store, filtered_name(part.name), dropped)
+    filtered_sha, _, _ = publish(store, filtered_name(part.name), dropped)
     name = kept_name(part.name)
     sha, count, size = publish(store, name, kept)
     state = {"stage_hash": stage_hash, "part": part.name, "part_sha256": part.sha256, "shard": part.shard,
              "kept": {"name": name, "shard": part.shard, "records": count, "sha256": sha, "bytes": size},
-             "filtered": dict(reasons)}
+             "filtered": dict(reasons), "filtered_sha256": filtered_sha}
     store.write_bytes(verdict_name(part.name), json.dumps(state, sort_keys=True).encode())
     return state
 

@@ -3,7 +3,8 @@
 A row's judging prompt is `judge.template` (sandboxed Jinja2, as the prompt template) over the row's
 fields, `id`, `sample`, `prompt` and `completion`. The judge's replies are a checkpoint of their
 own, next to the part they judge (`part-NNNNN.jsonl.judge.jsonl`, one row per part row, in the
-part's order) with a state object naming the judge's hash: a new judge template re-judges
+part's order) with a state object naming the judge's hash and the file's sha256 (infra/states.py:
+trusted only while the file has it): a new judge template re-judges
 without regenerating, and the score is read from the reply later (`filters`), so a new
 score_pattern or min_score needs no server at all.
 """
@@ -20,6 +21,7 @@ from infra.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, render
 from infra.sampling import SamplingParams
+from infra.states import describes, invalidate, read_described
 from infra.tokens import token_counter
 
 log = logging.getLogger(__name__)
@@ -101,16 +103,23 @@ def read_rows(data: bytes | None) -> list[dict]:
 
 def judge_part(client, store, judge: Judge, part, batch_size: int, rows: list[dict] | None = None) -> dict:
     """Judge a published part's rows and publish the judgement and its state; returns the state."""
-    from infra.generation import publish
-
     if rows is None:
         rows = read_rows(store.read_bytes(part.name))
     judged = judge.judge_rows(client, rows, batch_size) if rows else []
+    state = publish_judgement(store, judge, part, judged)
+    log.info("shard %d: %d records judged (%d failed)", part.shard, state["records"], state["failed"])
+    return state
+
+
+def publish_judgement(store, judge: Judge, part, judged: list[dict]) -> dict:
+    """The part's judgement rows, then the state naming the judge and the file's sha256."""
+    from infra.generation import publish
+
+    invalidate(store, judge_state_name(part.name))  # before the judgement it describes is replaced
     sha, count, _size = publish(store, judge_name(part.name), judged)
     state = {"part": part.name, "shard": part.shard, "part_sha256": part.sha256, "judge_hash": judge.identity(part.config_hash),
              "records": count, "sha256": sha, "failed": sum(1 for j in judged if "error" in j)}
     store.write_bytes(judge_state_name(part.name), json.dumps(state, sort_keys=True).encode())
-    log.info("shard %d: %d records judged (%d failed)", part.shard, count, state["failed"])
     return state
 
 
@@ -124,7 +133,23 @@ def read_state(store, name: str) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def judged_current(store, judge: Judge, part) -> bool:
-    """Has this part a judgement by this judge, of these very rows?"""
+def _judge_state(store, judge: Judge, part) -> dict | None:
+    """The part's judge state when it is this judge's, of these very rows; else None."""
     state = read_state(store, judge_state_name(part.name))
-    return state.get("judge_hash") == judge.identity(part.config_hash) and state.get("part_sha256") == part.sha256
+    if state.get("judge_hash") != judge.identity(part.config_hash) or state.get("part_sha256") != part.sha256:
+        return None
+    return state
+
+
+def judged_current(store, judge: Judge, part) -> bool:
+    """Has this part a judgement by this judge, of these very rows, its file holding the bytes its
+    state names (infra.states)?"""
+    state = _judge_state(store, judge, part)
+    return state is not None and describes(store, {judge_name(part.name): state.get("sha256")})
+
+
+def read_judgements(store, judge: Judge, part) -> list[dict] | None:
+    """The part's judgement rows when they are this judge's and the very bytes its state names; else None."""
+    state = _judge_state(store, judge, part)
+    data = read_described(store, judge_name(part.name), state.get("sha256")) if state is not None else None
+    return None if data is None else read_rows(data)
