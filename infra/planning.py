@@ -8,7 +8,6 @@ differing fields named.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import tempfile
@@ -35,6 +34,7 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "run.json"
 SHOWN_PROBLEMS = 10
 COUNT_CHUNK = 1024  # input lines per tokenizer call in the plan's scan
+COUNT_CHUNK_CHARS = 1 << 24  # and at most about this many prompt characters held for one call (plus one prompt)
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,7 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
         reader = _HashingReader(stream)
         items = iter_input(reader, fmt, cfg.input_prompt_field, cfg.id_field)
         # Counted a chunk at a time: one tokenizer call per chunk, not per prompt (input order kept).
-        for chunk in iter(lambda: list(itertools.islice(items, COUNT_CHUNK)), []):
-            chunk = [check.rendered(x) if isinstance(x, Record) else x for x in chunk]
+        for chunk in _rendered_chunks(items, check):
             tokens = iter(check.counts([x for x in chunk if isinstance(x, Record)]))
             for item in chunk:
                 if isinstance(item, Record):
@@ -161,6 +160,23 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
         source.verify()  # the bytes hashed are the bytes the pin describes
         pin = replace(source.pin, sha256=reader.sha.hexdigest())
     return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates, pin)
+
+
+def _rendered_chunks(items: Iterator[Record | BadLine], check: "RecordCheck") -> Iterator[list[Record | BadLine]]:
+    """The scan's items, records rendered, in chunks of COUNT_CHUNK lines or COUNT_CHUNK_CHARS
+    prompt characters, whichever comes first: a chunk of long rendered prompts (each at most the
+    recipe's prompt_char_limit, a longer one is a bad line before it is held) stays small."""
+    chunk: list[Record | BadLine] = []
+    chars = 0
+    for item in items:
+        if isinstance(item, Record) and isinstance(item := check.rendered(item), Record):
+            chars += len(item.prompt)
+        chunk.append(item)
+        if len(chunk) >= COUNT_CHUNK or chars >= COUNT_CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
 
 
 class RecordCheck:

@@ -5,9 +5,11 @@ measured value, the judge's score read from its reply, exact and near dedup acro
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from infra.errors import ConfigError
 from infra.generation import publish
 from infra.manifest import PartInfo
 from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
@@ -152,6 +154,23 @@ def test_a_bad_regex_is_a_clear_parameter_error():
         FilterParams(must_not_match=["("])
     with pytest.raises(ValueError, match="judge.score_pattern"):
         JudgeParams(template="x", score_pattern="[")
+
+
+# Exponential backtracking: `re` needs seconds on this text (each 2 more letters triple it) and holds
+# the GIL throughout; review 2 (D9) saw a 9-word completion hang curation and starve the lease heartbeat.
+CATASTROPHIC = r"^(\w|\w\w)+$"
+BACKTRACKS = "a" * 34 + "!"
+
+
+def test_a_catastrophic_filter_regex_fails_curation_naming_it_instead_of_hanging(store):
+    parts = write_parts(store, [[row("a", BACKTRACKS)]])
+    with pytest.raises(ConfigError, match=rf"^filters.must_not_match\[1\] {re.escape(repr(CATASTROPHIC))} searched one text "
+                                          r"of 35 characters for more than 1 s of CPU time: .* Rewrite it"):
+        curate(store, parts, Curation(filters=FilterParams(must_not_match=["x", CATASTROPHIC])), CHASH)
+    params = JudgeParams(template="Rate: {{ completion }}", score_pattern=CATASTROPHIC)
+    parts = write_parts(store, [[row("a", "fine")]], [[BACKTRACKS]])
+    with pytest.raises(ConfigError, match=r"^judge.score_pattern .* for more than 1 s"):
+        curate(store, parts, Curation(params, judge=judge(params)), CHASH)
 
 
 def test_the_flow_form_has_judge_and_filters_groups_with_every_field_described():

@@ -236,6 +236,10 @@ JINJA_PIECES = [
     "{{ namespace.__init__.__globals__['os'].environ }}", "{{ self.__init__.__globals__ }}", "{{ config }}",
     "{{ range.__self__ }}", "{{ prompt.__class__.__base__.__subclasses__() }}", "{% set x = prompt * 3 %}{{ x }}",
     "{{ 1/0 }}", "{{", "}}", "{% if %}", "{% endfor %}", "{# c #}", "{{ examples[99] }}",
+    # Work and memory (review 2, D10): each is a bad line at once, never a hang, an exhausted host or a crash.
+    "{{ 9 ** (9 ** 9) }}", "{{ 'a' * 3000000000 }}", "{{ '%1900000000s' % prompt }}", "{{ prompt|center(1900000000) }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
 ]
 template_text = st.lists(st.sampled_from(JINJA_PIECES) | hostile, max_size=6).map("".join)
 
@@ -244,6 +248,7 @@ template_text = st.lists(st.sampled_from(JINJA_PIECES) | hostile, max_size=6).ma
 @given(text=template_text)
 @example(text="{{ cycler.__init__.__globals__.os.environ['NSDG_HOSTILE_SECRET'] }}")
 @example(text="{{ lipsum.__globals__['os'].popen('echo pwned').read() }}")
+@example(text="{{ 9 ** (9 ** 9) }}{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}")
 def test_templates_reach_no_python_object_or_environment_variable(text, monkeypatch):
     from infra.recipes.templates import PromptTemplate, RenderError, render
 

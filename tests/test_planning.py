@@ -146,3 +146,23 @@ def test_generation_pass_skips_the_lines_the_plan_found_duplicate(workdir):
     with open(src, "rb") as stream:
         kept = [r.prompt for r in usable_records(stream, run, Settings(), plan.format, plan.duplicate_lines)]
     assert kept == ["1", "2", "4", "6"]  # the first of each id, as the plan counted
+
+
+def test_a_rendered_prompt_past_the_char_limit_is_a_bad_line_and_chunks_hold_few_characters(workdir, monkeypatch):
+    """Review 2 (D11): the plan held every rendered prompt of a 1,024-line chunk, however long."""
+    from infra import planning
+    from infra.recipes import RecipeParams, load_recipe
+
+    limit = 16 * Settings().model.context_length  # templates.prompt_char_limit: 16 characters a context token
+    src = write(workdir / "in.jsonl", *({"n": n} for n in [limit + 1, 300, 300, 300, 300, 300, 300]))
+    recipe = load_recipe(RecipeParams(prompt_template="{{ 'x' * (n - 1) }}\n"), Settings())
+    held = []
+    counts = planning.RecordCheck.counts
+    monkeypatch.setattr(planning, "COUNT_CHUNK_CHARS", 1000, raising=False)
+    monkeypatch.setattr(planning.RecordCheck, "counts",
+                        lambda self, recs: held.append(sum(len(r.prompt) for r in recs)) or counts(self, recs))
+    plan = make_plan(cfg(src, recipe=recipe, on_bad_input="skip"), Settings(), LocalOutputStore(workdir / "o"))
+    assert (plan.records_in, plan.rejected) == (6, 1)
+    reject = json.loads((workdir / "o" / "input-rejects.jsonl").read_text())
+    assert reject["line"] == 1 and f"the rendered prompt is longer than {limit} characters" in reject["reason"]
+    assert sum(held) == 1800 and max(held) <= 1000 + 300  # a chunk closes once it holds COUNT_CHUNK_CHARS

@@ -42,6 +42,43 @@ def test_sandbox_refuses_escapes(template):
     assert "unsafe" in bad.reason or "undefined" in bad.reason.lower(), bad.reason
 
 
+# Templates that used to hang, fill memory or crash the plan (review 2, D10), each scaled down so
+# that without the bounds it renders (or crashes) in about a second instead of refusing.
+HOSTILE_TEMPLATES = {
+    "nested loops": ("{% for i in range(2000) %}{% for j in range(2000) %}{% endfor %}{% endfor %}{{ topic }}",
+                     "more than 100000 loop iterations and calls"),
+    "big integer power": ("{{ (9 ** 999999) % 10 }}{{ topic }}", "** would build an integer"),
+    "string multiplication": ("{{ 'a' * 30000000 }}{{ topic }}", "the * operator would build about 30000000 characters"),
+    "printf width": ("{{ '%20000000s' % topic }}", "the % operator would build"),
+    "str.format width": ("{{ '{:>{w}}'.format(topic, w=20000000) }}", "str.format would build"),
+    "filter width": ("{{ topic|center(20000000) }}", "the filter center would build"),
+    "recursive macro": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}{{ topic }}", "RecursionError"),
+    "shared references": ("{% macro f(a, n) %}{% if n %}{{ f([a, a], n - 1) }}{% else %}{{ a|length }}{% endif %}"
+                          "{% endmacro %}{{ f([topic], 30) }}", "a literal would build"),
+    "captured block": ("{% set x %}{% for i in range(500) %}{{ topic * 10000 }}{% endfor %}{% endset %}{{ x|length }}",
+                       "a block's output would build"),
+    "long output": ("{% for i in range(100) %}{{ topic * 1000 }}{% endfor %}",
+                    "the rendered prompt is longer than 65536 characters"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
+def test_a_template_that_would_hang_or_exhaust_memory_is_a_bad_line(name):
+    template, reason = HOSTILE_TEMPLATES[name]
+    bad = render(template, {"topic": "tides"})
+    assert isinstance(bad, BadLine), f"{name} rendered {len(bad.prompt)} characters"
+    assert "prompt_template cannot render this record" in bad.reason and reason in bad.reason, bad.reason
+
+
+def test_bounded_templates_still_render_loops_filters_and_formats():
+    rec = render("{% for e in items %}{{ loop.index }}/{{ loop.length }} {{ e|center(5) }}|{% endfor %}"
+                 "{{ '%-4s|%03d' % (topic, 7) }} {{ '{}!'.format(topic) }} {{ 2 ** 10 }} {{ topic ~ '.' }} "
+                 "{{ items|join(',') }} {{ [[1], [2]]|sum(start=[]) }} {{ 'a\nb'|indent(2) }}"
+                 "{% for a, b in [(1, 2)] %} {{ a + b }}{% endfor %}", {"topic": "sea", "items": ["x", "y"]})
+    assert isinstance(rec, Record), rec.reason
+    assert rec.prompt == "1/2   x  |2/2   y  |sea |007 sea! 1024 sea. x,y [1, 2] a\n  b 3"
+
+
 def test_missing_field_is_a_bad_line_in_the_plan(workdir):
     src = write(workdir / "in.jsonl", {"topic": "tides"}, {"subject": "no topic here"}, {"topic": "reefs"})
     params = RecipeParams(prompt_template="Topic: {{ topic }}\n")

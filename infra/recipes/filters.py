@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from infra.recipes.params import FilterParams, JudgeParams
+from infra.recipes.patterns import UserPattern, compile_pattern
 
 _WORD = re.compile(r"\w+")
 
@@ -48,7 +49,7 @@ def repeated_ngram_share(text: str, n: int) -> float:
     return 0.0 if not grams else round(1 - len(set(grams)) / len(grams), 4)
 
 
-def parse_score(reply: str | None, pattern: re.Pattern) -> float | None:
+def parse_score(reply: str | None, pattern: UserPattern) -> float | None:
     """The score in a judge's reply: the pattern's first group (else its whole match) as a number."""
     if reply is None:
         return None
@@ -75,11 +76,11 @@ def build_filters(params: FilterParams, judge: JudgeParams | None = None) -> lis
         out.append(("min_completion_tokens", lambda r: Verdict("min_completion_tokens", n, lo) if (n := _tokens(r)) < lo else None))
     if (hi := params.max_completion_tokens) is not None:
         out.append(("max_completion_tokens", lambda r: Verdict("max_completion_tokens", n, hi) if (n := _tokens(r)) > hi else None))
-    for pattern in params.must_match:
-        rx = re.compile(pattern)
+    for i, pattern in enumerate(params.must_match):
+        rx = compile_pattern(pattern, f"filters.must_match[{i}]")
         out.append(("must_match", lambda r, rx=rx: None if rx.search(r.get("completion") or "") else Verdict("must_match", False, rx.pattern)))
-    for pattern in params.must_not_match:
-        rx = re.compile(pattern)
+    for i, pattern in enumerate(params.must_not_match):
+        rx = compile_pattern(pattern, f"filters.must_not_match[{i}]")
         out.append(("must_not_match", lambda r, rx=rx: Verdict("must_not_match", m.group(0)[:100], rx.pattern)
                     if (m := rx.search(r.get("completion") or "")) else None))
     if (share := params.max_repeated_ngram_share) is not None:
@@ -94,7 +95,7 @@ def build_filters(params: FilterParams, judge: JudgeParams | None = None) -> lis
 def _judge_filter(judge: JudgeParams) -> Filter:
     """Reads the score from the row's judge reply (so a new score_pattern or min_score needs no GPU),
     sets `row["judge"]["score"]`, and drops unparsed or failed replies under reasons of their own."""
-    rx = re.compile(judge.score_pattern)
+    rx = compile_pattern(judge.score_pattern, "judge.score_pattern")
 
     def check(row: dict) -> Verdict | None:
         j = row.get("judge") or {}

@@ -19,7 +19,7 @@ from infra.manifest import config_hash
 from infra.engines.nemo import GeneratedText, check_fits_context
 from infra.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
-from infra.recipes.templates import PromptTemplate, RenderError, load_template, render
+from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
 from infra.sampling import SamplingParams
 from infra.states import describes, invalidate, read_described
 from infra.tokens import token_counter
@@ -53,11 +53,11 @@ class Judge:
 
     def prompts(self, rows: list[dict]) -> list[str | dict]:
         """Each row's judging prompt, or {"error": why} for a row it cannot be built for."""
-        compiled, out = self.template.compiled(), []
+        compiled, out, max_chars = self.template.compiled(), [], prompt_char_limit(self.context_length)
         count = token_counter(self.tokenizer).count
         for row in rows:
             try:
-                text = render(compiled, {**row, "id": row.get("id"), "sample": row.get("sample", 0)})
+                text = render(compiled, {**row, "id": row.get("id"), "sample": row.get("sample", 0)}, max_chars)
             except RenderError as exc:
                 out.append({"error": f"judge.template cannot render this record: {exc}"})
                 continue

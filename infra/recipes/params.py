@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from infra.recipes.patterns import compile_pattern
+
 MAX_EXAMPLES_PER_PROMPT = 64
 MAX_SAMPLES_PER_PROMPT = 64
 
@@ -108,8 +110,8 @@ class FilterParams(BaseModel):
     max_repeated_ngram_share: float | None = Field(
         None, gt=0.0, le=1.0, description="drop completions where more than this share of word n-grams are repeats")
     ngram_size: StrictInt = Field(3, ge=1, le=32, description="n of the n-grams max_repeated_ngram_share counts")
-    must_match: list[str] = Field(default_factory=list, description="regexes the completion must all match (re.search)")
-    must_not_match: list[str] = Field(default_factory=list, description="regexes the completion must not match (re.search)")
+    must_match: list[str] = Field(default_factory=list, description="regexes the completion must all match (searched, at most 1 CPU second per completion)")
+    must_not_match: list[str] = Field(default_factory=list, description="regexes the completion must not match (searched, at most 1 CPU second per completion)")
     dedup_exact: StrictBool = Field(
         False, description="drop exact duplicates of a normalized completion (case, spacing, Unicode form) across the "
                            "run; the first in input order is kept")
@@ -132,12 +134,3 @@ class FilterParams(BaseModel):
     @property
     def enabled(self) -> bool:
         return self != FilterParams()
-
-
-def compile_pattern(pattern: str, what: str):
-    import re
-
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{what} {pattern!r} is not a valid regex: {exc}") from None

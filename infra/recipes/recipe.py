@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from infra.dataset import BadLine, Record
 from infra.recipes.examples import Examples, load_examples
 from infra.recipes.params import RecipeParams
-from infra.recipes.templates import PromptTemplate, RenderError, load_template, render
+from infra.recipes.templates import MIN_PROMPT_CHARS, PromptTemplate, RenderError, load_template, prompt_char_limit, render
 
 
 @dataclass(frozen=True, eq=False)
@@ -18,6 +18,7 @@ class Recipe:
     params: RecipeParams
     template: PromptTemplate | None = None
     examples: Examples | None = None
+    max_prompt_chars: int = MIN_PROMPT_CHARS  # from the context length (load_recipe): longer is a bad line
 
     @property
     def samples(self) -> int:
@@ -50,7 +51,7 @@ class Recipe:
         if self.template is None:
             return None
         compiled, examples, k = self.template.compiled(), self.examples, self.params.examples_per_prompt
-        separator = self.params.example_separator
+        separator, max_chars = self.params.example_separator, self.max_prompt_chars
 
         def render_record(rec: Record) -> Record | BadLine:
             context = {**rec.fields, "id": rec.id, "separator": separator, "examples": []}
@@ -62,7 +63,7 @@ class Recipe:
                     return _bad(rec, f"fewer than {k} examples in {examples.uri} other than this record")
                 context["examples"] = picked
             try:
-                text = render(compiled, context)
+                text = render(compiled, context, max_chars)
             except RenderError as exc:
                 return _bad(rec, f"prompt_template cannot render this record: {exc}")
             if not text.strip():
@@ -80,4 +81,4 @@ def load_recipe(params: RecipeParams, settings) -> Recipe:
     """Read the template and the examples (local or s3) once; errors are the user's (ConfigError)."""
     template = load_template(params.prompt_template, settings) if params.prompt_template else None
     examples = load_examples(params.examples_uri, settings, params.examples_per_prompt) if params.uses_examples else None
-    return Recipe(params, template, examples)
+    return Recipe(params, template, examples, prompt_char_limit(settings.model.context_length))

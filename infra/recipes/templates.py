@@ -2,8 +2,10 @@
 
 A template may come from a UI form, so it is rendered in Jinja2's `SandboxedEnvironment`: no
 attribute starting with `_` (`''.__class__`, `cycler.__init__.__globals__`), no unsafe method,
-`range` capped. `StrictUndefined` makes a missing field an error instead of an empty string,
-which the plan reports as a bad input line.
+`range` capped; and with bounds on work (`infra.recipes.sandbox`): steps, time and the size of
+every value it builds, the rendered text at most `prompt_char_limit` characters. `StrictUndefined`
+makes a missing field an error instead of an empty string. Each of these is a RenderError, which
+the plan reports as a bad input line.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from infra.errors import ConfigError
+from infra.recipes.sandbox import BoundedEnvironment, budget
 from infra.storage import check_input, open_input
 
 MAX_TEMPLATE_BYTES = 1 << 20
+# A rendered prompt is refused past this many characters per context token, before it is held or
+# counted (a token is ~4 characters of prose; 16 leaves room for long whitespace or code tokens).
+PROMPT_CHARS_PER_TOKEN = 16
+MIN_PROMPT_CHARS = 1 << 16
 _URI = re.compile(r"^(s3://|file://)\S+$|^[^\s{}]+\.(j2|jinja|jinja2|txt)$")
 
 
@@ -37,9 +43,14 @@ def read_text(uri: str, settings, what: str, limit: int) -> bytes:
     return data
 
 
-def _environment() -> SandboxedEnvironment:
+def prompt_char_limit(context_tokens: int) -> int:
+    """The most characters a rendered prompt may have: a few times what could fit the context."""
+    return max(PROMPT_CHARS_PER_TOKEN * context_tokens, MIN_PROMPT_CHARS)
+
+
+def _environment() -> BoundedEnvironment:
     # autoescape off: prompts are text, not HTML. keep_trailing_newline: the text is exactly the file.
-    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    return BoundedEnvironment(autoescape=False, keep_trailing_newline=True)
 
 
 @dataclass(frozen=True)
@@ -73,14 +84,30 @@ def load_template(value: str, settings, parameter: str = "recipe.prompt_template
     return template
 
 
-def render(compiled, context: dict) -> str:
-    """The rendered text, or raises RenderError with Jinja2's reason."""
-    try:
-        return compiled.render(context)
-    except TemplateError as exc:  # UndefinedError, SecurityError (a sandbox refusal), ...
-        raise RenderError(f"{type(exc).__name__}: {exc}") from None
-    except (ArithmeticError, TypeError, ValueError, LookupError, OverflowError) as exc:
-        raise RenderError(f"{type(exc).__name__}: {exc}") from None
+def render(compiled, context: dict, max_chars: int = MIN_PROMPT_CHARS) -> str:
+    """The rendered text (at most `max_chars` characters, within one record's budget of steps and
+    time), or raises RenderError with the reason."""
+    pieces, size = [], 0
+    with budget(max_chars):
+        stream = compiled.generate(context)
+        try:
+            for piece in stream:  # streamed, so an oversized prompt is refused before it is built whole
+                size += len(piece)
+                if size > max_chars:
+                    raise RenderError(f"the rendered prompt is longer than {max_chars} characters: shorten what the "
+                                      "template writes for this record")
+                pieces.append(piece)
+        except TemplateError as exc:  # UndefinedError, SecurityError (a sandbox refusal), RenderLimit, ...
+            raise RenderError(f"{type(exc).__name__}: {exc}") from None
+        except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+            raise RenderError(f"{type(exc).__name__}: {exc}") from None
+        except RecursionError:  # a macro that calls itself: the template's, not a crash of the plan
+            raise RenderError("RecursionError: the template recurses too deep (a macro calling itself?)") from None
+        except MemoryError:
+            raise RenderError("MemoryError: the template needs more memory than there is for one record") from None
+        finally:
+            stream.close()
+    return "".join(pieces)
 
 
 class RenderError(Exception):
