@@ -36,13 +36,15 @@ from prefect.futures import PrefectFuture
 from flows.rollovers import Rollovers
 from infra.backends import PROBE_TIMEOUT_S, Backend
 from infra.dataset import Shard
-from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, TransientServerError
+from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, ServerThrottled, TransientServerError
 from infra.generation import ShardResult
 from infra.rollover import Handover, Measured, RolloverPolicy, admits_shard, mean_shard_s
 
 log = logging.getLogger(__name__)
 
-# A replica that was serving and then died or hung: its shards go back to the queue.
+# A replica that was serving and then died or hung: its shards go back to the queue. A request
+# still queued in a released replica's client fails as ServerLost too (infra.engines.openai); a
+# server that throttles (ServerThrottled) answers, so it is never one of these.
 LOST = (ServerLost, TransientServerError)
 # A replica that never became ready: fatal only when no other replica can do the work.
 NEVER_READY = (ServerNotReady, DeadlineExceeded)
@@ -309,10 +311,11 @@ class Pool(Rollovers):
         for rep in self._active():
             if rep.keep_alive is not None and rep.keep_alive.done():
                 fut, rep.keep_alive = rep.keep_alive, None
-                if (exc := fut.exception()) is not None:
+                if (exc := fut.exception()) is not None and not isinstance(exc, ServerThrottled):
                     self._lose(rep, exc)
                     continue
-                log.info("replica %d answered its keep-alive", rep.index)
+                # Only 429/503 is an answer too: a busy server is not a lost one.
+                log.info("replica %d answered its keep-alive%s", rep.index, f" only with 429/503: {exc}" if exc else "")
             if (rep.state == "ready" and not rep.in_flight and rep.keep_alive is None
                     and time.time() - rep.last_active >= self.keep_alive_s):
                 log.info("replica %d idle for %.0f s: sending a 1-token keep-alive", rep.index, time.time() - rep.last_active)

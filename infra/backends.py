@@ -20,6 +20,7 @@ from infra.deadline import Deadline, poll_until
 from infra.engines import readiness
 from infra.engines.nemo import NemoClient
 from infra.engines.openai import OpenAIClient
+from infra.engines.throttle import Backoff
 from infra.errors import ConfigError, ServerNotReady
 from infra.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
 from infra.settings import Profile, Settings
@@ -203,7 +204,8 @@ def make_client(settings: Settings, url: str, tokenizer: str | None = None, prof
         return OpenAIClient(url, model=settings.model.name, connect_timeout=s.connect_timeout_s,
                             read_timeout=s.read_timeout_s, context_length=settings.model.context_length,
                             count_tokens=counter.count, max_in_flight=settings.in_flight(profile),
-                            nemo_openai=profile.engine == "nemo-openai")
+                            nemo_openai=profile.engine == "nemo-openai",
+                            backoff=Backoff(tries=s.throttle_tries, wait_s=s.throttle_wait_s))
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
                       context_length=settings.model.context_length, count_tokens=counter.count,
                       echo=counter.round_trip)

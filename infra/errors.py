@@ -18,6 +18,7 @@ Every message names the object, what was seen, and what to do next.
     │   │   ├── ServerFailure        HTTP 500 (missing key or an exception inside generation)
     │   │   └── ReplyMismatch        a reply sentence does not echo its own prompt (reordered, duplicated)
     │   ├── TransientServerError     connection refused/reset, timeout, other 5xx: may be retried
+    │   ├── ServerThrottled          429/503 past one request's tries and deadline: busy, not lost; never a lost replica
     │   └── ServerLost               the server's process or job is gone: retrying the request is useless
     │       └── ServerHung           no reply within the read timeout: a hung NeMo server never answers
     ├── CircuitOpen            too many records failed in a window: stop before burning GPU hours
@@ -106,6 +107,11 @@ class ReplyMismatch(RequestRejected):
 
 class TransientServerError(ServerError):
     """Connection refused or reset, a timeout, or a 5xx other than 500: worth another try."""
+
+
+class ServerThrottled(ServerError):
+    """The server kept answering 429/503 (busy) past one request's tries and wait deadline. Not
+    transient to the shard (the client has already waited) and not a lost server (it answers)."""
 
 
 class ServerLost(ServerError):

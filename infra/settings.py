@@ -91,6 +91,10 @@ class ServerSettings(_Section):
         None, description="the HTTP API spoken to the server; default: the profile's engine's (nemo: nemo-generate)")
     max_in_flight: int | None = Field(None, ge=1, le=4096, description="requests kept in flight per replica; default "
                                       "per API: 2 for nemo-generate (one computing, one queued), 256 for openai-completions")
+    throttle_tries: int = Field(10, ge=1, le=100, description="openai-completions: sends of one request while the "
+                                "server answers 429/503 (busy), the first included; then the run stops, never a lost replica")
+    throttle_wait_s: float = Field(600.0, gt=0, le=86_400, description="openai-completions: the deadline for one "
+                                   "request's throttled tries and their waits (Retry-After, else backoff)")
     max_server_restarts: int = Field(2, ge=0, le=20, description="new servers started after one dies or hangs mid-run")
     keep_alive_s: float = Field(3600.0, ge=1, le=4 * 3600, description="a ready replica idle this long gets a 1-token "
                                 "request: megatron_gpt_eval.py's idle ranks die at NCCL's 5 h timeout")

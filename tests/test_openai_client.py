@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 
 import pytest
 import requests
 
 from infra.backends import LocalBackend, make_client, wait_until_ready
+from infra.deadline import Deadline, poll_until
 from infra.engines.openai import OpenAIClient, error_message, request_body, split_usage
-from infra.errors import BadRequest, DeadlineExceeded, RequestRejected, ServerHung, ServerNotReady, TransientServerError
+from infra.engines.throttle import Backoff, InFlightLimit, retry_after_s
+from infra.errors import (BadRequest, DeadlineExceeded, RequestRejected, ServerHung, ServerLost, ServerNotReady,
+                          ServerThrottled, TransientServerError)
 from infra.sampling import SamplingParams
 from infra.settings import Profile, load_settings
 from tests.localserver import running_server
@@ -276,12 +280,18 @@ def test_the_judge_speaks_the_openai_api_one_request_per_row(oai, monkeypatch):
     assert all(isinstance(j.get("reply"), str) and "error" not in j for j in judged), judged
 
 
-def test_a_retired_replica_drops_the_requests_still_queued_in_its_pool(oai):
+def completions_answered(log, status: int = 200) -> int:
+    """POST /v1/completions the server answered with `status`, from its access log."""
+    return sum(1 for line in log.read_text().splitlines() if f'"POST /v1/completions HTTP/1.1" {status}' in line)
+
+
+def test_a_retired_replica_fails_the_requests_still_queued_in_its_pool_as_lost(tmp_path):
     """Releasing a replica closes its client's pool: what was queued behind the requests in
-    flight is cancelled, not sent to a server that is going away."""
+    flight is never sent to a server that is going away, and fails as ServerLost (the pool
+    requeues its shard), not as a bare CancelledError, which failed the run (review 2, D7)."""
     import threading
 
-    from flows.replicas import Pool, Replica
+    from flows.replicas import LOST, Pool, Replica
     from infra.backends import AttachBackend
     from infra.settings import Settings
 
@@ -290,12 +300,109 @@ def test_a_retired_replica_drops_the_requests_still_queued_in_its_pool(oai):
 
     p = Pool(make_backend=never, start=never, submit=never, release=lambda backend: None,
              shards=iter(()), replicas=1, max_in_flight=1, restarts_allowed=0, keep_alive_s=3600.0)
-    rep = Replica(0, AttachBackend(Settings(server={"url": oai})))
-    rep.client = c = client(oai, max_in_flight=1)
+    with running_server(tmp_path, *SIM) as (url, _):
+        rep = Replica(0, AttachBackend(Settings(server={"url": url})))
+        rep.client = c = client(url, max_in_flight=1)
+        gate = threading.Event()
+        busy = c.submit(gate.wait, 30)  # holds the pool's one worker
+        queued = [c.submit(c.complete, "q", SamplingParams(tokens_to_generate=1)) for _ in range(3)]
+        p._retire(rep, "test")
+        gate.set()
+        busy.result(timeout=30)
+        for fut in queued:
+            with pytest.raises(ServerLost, match="released before this request was sent") as exc:
+                fut.result(timeout=30)
+            assert isinstance(exc.value, LOST)
+        with pytest.raises(ServerLost):  # a shard task that starts after the release sends nothing either
+            c.submit(c.complete, "q", SamplingParams(tokens_to_generate=1))
+    assert completions_answered(tmp_path / "server.log") == 0  # none was sent
+
+
+def test_a_shard_whose_requests_wait_in_a_released_replicas_pool_is_lost_not_cancelled(oai):
+    """The shape of review 2's D7: a shard's requests queue behind others in the replica's pool;
+    the replica is released (its client closed): the shard raises ServerLost, which the pool
+    requeues, never CancelledError."""
+    import threading
+
+    from infra.dataset import Record, Shard
+    from infra.generation import ShardJob, generate_shard_requests
+
+    c = client(oai, max_in_flight=2)
     gate = threading.Event()
-    busy = c.submit(gate.wait, 30)  # holds the pool's one worker
-    queued = [c.submit(c.complete, "q", SamplingParams(tokens_to_generate=1)) for _ in range(3)]
-    p._retire(rep, "test")
-    gate.set()
-    busy.result(timeout=30)
-    assert all(f.cancelled() for f in queued)
+    held = [c.submit(gate.wait, 30) for _ in range(2)]  # both pool threads busy, as with hung requests
+    shard = Shard(1, [Record(f"r{i}", f"Prompt {i}", i + 1) for i in range(5)])
+    job = ShardJob("run", MODEL, "cfg", SamplingParams(tokens_to_generate=2), batch_size=5)
+    with concurrent.futures.ThreadPoolExecutor(1) as one:
+        waiting = one.submit(generate_shard_requests, c, shard, job)
+        poll_until(lambda: True if c._pool._work_queue.qsize() == 5 else None, deadline=Deadline(30), interval=0.01,
+                   what="the shard's requests to queue")
+        c.close()
+        gate.set()
+        with pytest.raises(ServerLost, match="released before this request was sent"):
+            waiting.result(timeout=30)
+    assert all(f.result(timeout=30) for f in held)
+
+
+# --- back-pressure: 429/503 (review 2, D8) -------------------------------------------------------
+
+
+FAST = Backoff(tries=10, wait_s=60.0, first_s=0.01, max_s=0.05)
+
+
+def test_retry_after_is_read_as_seconds_or_a_date_and_honoured():
+    assert retry_after_s("7") == 7.0 and retry_after_s(None) is None and retry_after_s("soon") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert Backoff().delay(1, 12.0) == 12.0  # the server knows when it will have room
+    waits = [Backoff(first_s=1.0, max_s=8.0).delay(a, None) for a in range(1, 7)]
+    assert all(0.5 * min(8.0, 2 ** (a - 1)) <= w <= min(8.0, 2 ** (a - 1)) for a, w in zip(range(1, 7), waits))
+
+
+def test_the_in_flight_limit_halves_once_per_round_and_grows_back():
+    limit = InFlightLimit(8, "http://x")
+    with limit.slot(5) as first, limit.slot(5) as second:
+        assert first == second == 0
+    limit.throttled(first, 429)
+    limit.throttled(second, 429)  # sent before the cut: does not cut again
+    assert limit.limit == 4
+    with limit.slot(5) as third:
+        limit.throttled(third, 503)
+    assert limit.limit == 2
+    for _ in range(2 + 3):  # a round of answers (the limit's count) grows it by one
+        limit.answered()
+    assert limit.limit == 4
+    limit.close()
+    with pytest.raises(ServerLost, match="released"), limit.slot(5):
+        pass
+
+
+def test_a_throttling_server_gets_each_request_again_with_fewer_in_flight(tmp_path):
+    """Every 3rd request answered 503 or 429: each prompt is answered in the end, the throttled
+    ones sent again alone (not their shard), and the replica keeps fewer requests in flight."""
+    with running_server(tmp_path, *SIM, "--fault-throttle-every", "3") as (url, _):
+        c = client(url, max_in_flight=8, backoff=FAST)
+        sampling = SamplingParams(tokens_to_generate=3, end_strings=[])
+        try:
+            futures = [c.submit(c.complete, f"Prompt {i}", sampling, n=2) for i in range(30)]
+            results = [f.result(timeout=60) for f in futures]
+        finally:
+            c.close()
+    assert all(len(r) == 2 and r[0].prompt == f"Prompt {i}" for i, r in enumerate(results))
+    log = tmp_path / "server.log"
+    assert completions_answered(log) == 30  # no answered request was sent again (as its shard would be)
+    assert completions_answered(log, 429) > 0 and completions_answered(log, 503) > 0
+    assert c.limit.round >= 1 and c.limit.limit < 8
+
+
+@pytest.mark.parametrize("backoff, seen", [
+    (Backoff(tries=3, wait_s=60.0, first_s=0.01, max_s=0.05), "3 tries of one prompt .* with HTTP 503, 429, 503:"),
+    (Backoff(tries=100, wait_s=0.3, first_s=0.2, max_s=0.2), "would pass its deadline"),
+])
+def test_a_server_that_only_throttles_stops_the_request_with_what_was_seen(tmp_path, backoff, seen):
+    """Bounded by tries and by a deadline; the error says what was seen and what to do, and is
+    neither transient (the shard retried whole) nor lost (a healthy server released)."""
+    with running_server(tmp_path, *SIM, "--fault-throttle-every", "1") as (url, _):
+        c = client(url, backoff=backoff)
+        with pytest.raises(ServerThrottled, match=seen) as exc:
+            c.complete("Hi", SamplingParams(tokens_to_generate=2))
+    assert "busy (throttling), not lost" in str(exc.value) and "NSDG_SERVER__MAX_IN_FLIGHT" in str(exc.value)
+    assert not isinstance(exc.value, (TransientServerError, ServerLost))

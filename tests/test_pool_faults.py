@@ -98,3 +98,19 @@ def test_a_refused_readiness_probe_is_never_ready_at_once(workdir):
         with pytest.raises(ServerNotReady, match="refused the 1-token readiness probe.*HTTP 500") as exc:
             wait_until_ready(AttachBackend(settings), settings)
     assert isinstance(exc.value.__cause__, ServerFailure)
+
+
+def test_openai_throttling_is_back_pressure_not_a_lost_replica(prefect_harness, workdir, monkeypatch):
+    """Review 2, D8: a server that answers every 4th request 503 or 429 (busy): each such request is
+    sent again alone, no shard fails, no replica is released as lost, every row is written once."""
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    monkeypatch.setenv("NSDG_LOCAL__EXTRA_ARGS", json.dumps(["--fault-throttle-every", "4"]))
+    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps({"local-vllm": {"backend": "local", "engine": "vllm"}}))
+    monkeypatch.setenv("NSDG_SERVER__MAX_IN_FLIGHT", "4")
+    generate(input_uri=prompts(workdir / "in.jsonl", 40), output_uri="out", run_id="oai-busy", profile="local-vllm",
+             shard_size=5)
+    manifest, ids = read_run(workdir / "out" / "oai-busy")
+    assert ids == [f"p{i}" for i in range(40)]
+    assert manifest["server_restarts"] == 0 and len(manifest["replicas"]) == 1
+    log = next((workdir / ".nemotron-sdg" / "servers" / "oai-busy").glob("replica-*/server.log")).read_text()
+    assert '"POST /v1/completions HTTP/1.1" 429' in log and '"POST /v1/completions HTTP/1.1" 503' in log

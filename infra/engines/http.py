@@ -8,7 +8,7 @@ from collections.abc import Callable
 import requests
 from requests.adapters import HTTPAdapter
 
-from infra.errors import ServerHung, ServerLost, TransientServerError
+from infra.errors import ServerHung, ServerLost, ServerThrottled, TransientServerError
 
 
 def estimate_tokens(text: str) -> int:
@@ -63,11 +63,11 @@ class HttpClient:
 
     def ready(self, timeout: float | None = None) -> bool:
         """One real 1-token generation: proves the engine answers, not only the port. False when
-        it gets no answer (not yet, or no longer); a refused probe (an HTTP 4xx/500, a validation
-        reply) raises RequestRejected: that server will not become ready by waiting."""
+        it gets no answer (not yet, or no longer) or only 429/503 (busy); a refused probe (an HTTP
+        4xx/500, a validation reply) raises RequestRejected: that server will not become ready by waiting."""
         try:
             self.keep_alive(timeout)
-        except (TransientServerError, ServerLost):
+        except (TransientServerError, ServerLost, ServerThrottled):
             return False
         return True
 

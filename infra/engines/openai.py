@@ -21,8 +21,15 @@ replica). Field mapping from the recipe's sampling parameters (reference/openai-
 - HTTP 400 (context length and any other refusal) -> that record is rejected with the server's
   message, read from both vLLM shapes (flat before 0.10.1, nested under `error` since) and
   trtllm-serve's `{"error": str}`;
-- 5xx, 408, 429 and connection errors -> transient; no progress within the read timeout -> a hung
+- 429 and 503 -> back-pressure (infra.engines.throttle): that one request is sent again after a wait
+  (the server's Retry-After, else backoff) and the replica keeps fewer requests in flight for a while;
+  past `Backoff.tries` sends or its deadline, ServerThrottled: busy, never a lost server;
+- other 5xx, 408 and connection errors -> transient; no progress within the read timeout -> a hung
   server (vLLM's engine can die while its HTTP side answers, vllm#39863).
+
+Closing the client (its replica was released) fails what is still queued in its pool, or waiting
+out a throttle, with ServerLost, so the shard waiting on it goes back to the queue; nothing more is
+sent through it.
 """
 
 from __future__ import annotations
@@ -36,16 +43,19 @@ from dataclasses import dataclass
 import requests
 
 from infra.completion import Completion, trim_at_end_strings
+from infra.deadline import Deadline
 from infra.engines.http import HttpClient
 from infra.engines.nemo import GeneratedText
-from infra.errors import BadRequest, ConfigError, RequestRejected, TransientServerError, ValidationRejected
+from infra.engines.throttle import THROTTLE_STATUS, Backoff, InFlightLimit, retry_after_s
+from infra.errors import (BadRequest, ConfigError, RequestRejected, ServerLost, ServerThrottled, TransientServerError,
+                          ValidationRejected)
 from infra.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS_PATH = "/v1/completions"
 FINISH_REASONS = {"stop": "end_string", "length": "length", "abort": "abort"}
-TRANSIENT_STATUS = {408, 429}
+TRANSIENT_STATUS = {408}  # and 5xx other than 503; 429/503 are THROTTLE_STATUS
 
 
 def request_body(model: str, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
@@ -111,10 +121,14 @@ class Choice:
 class OpenAIClient(HttpClient):
     api = "openai-completions"
 
-    def __init__(self, base_url: str, *, model: str, max_in_flight: int = 256, nemo_openai: bool = False, **kw):
+    def __init__(self, base_url: str, *, model: str, max_in_flight: int = 256, nemo_openai: bool = False,
+                 backoff: Backoff = Backoff(), **kw):
         super().__init__(base_url, connections=max_in_flight, **kw)
         self.model = model
         self.max_in_flight = max_in_flight
+        self.backoff = backoff
+        # The pool's threads are the most requests in flight; the limit is how many may be now.
+        self.limit = InFlightLimit(max_in_flight, self.base_url)
         # NeMo >= 2.1 ignores `n` and `stop` and counts words as usage.
         self.nemo_openai = nemo_openai
         self.tokens_unit = "words" if nemo_openai else "tokens"
@@ -129,14 +143,28 @@ class OpenAIClient(HttpClient):
 
     def submit(self, fn: Callable, *args, **kw) -> concurrent.futures.Future:
         with self._pool_lock:
+            if self.limit.closed:
+                raise self._released()
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="completion")
-            return self._pool.submit(fn, *args, **kw)
+            return self._pool.submit(self._unless_closed, fn, *args, **kw)
+
+    def _unless_closed(self, fn: Callable, *args, **kw):
+        if self.limit.closed:  # queued when its replica was released: fail as lost, send nothing
+            raise self._released()
+        return fn(*args, **kw)
+
+    def _released(self) -> ServerLost:
+        return ServerLost(f"{self.base_url}: the replica was released before this request was sent; "
+                          "its shard goes back to the queue.")
 
     def close(self) -> None:
+        """The replica is released: what is queued here fails at once with ServerLost, never a bare
+        CancelledError (which no caller would read as a lost server, and so would fail the run)."""
+        self.limit.close()
         with self._pool_lock:
             if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown(wait=False)  # the queued calls run, see the close, and raise ServerLost
                 self._pool = None
 
     # --- one request -------------------------------------------------------------------------
@@ -151,9 +179,40 @@ class OpenAIClient(HttpClient):
                      read_timeout: float | None = None) -> dict:
         self.check_prompt(prompt, sampling)
         body = request_body(self.model, prompt, sampling, n=n, seed=seed, end_strings_field=self.nemo_openai)
-        resp = self.send("POST", self.completions_url, body, read_timeout=read_timeout, what=f"one prompt (n={n})",
-                         hung="the engine may have died while its HTTP side still answers (vllm#39863)")
-        return self._parse(resp, n)
+        return self._parse(self._send_while_throttled(body, n, read_timeout), n)
+
+    def _send_while_throttled(self, body: dict, n: int, read_timeout: float | None) -> requests.Response:
+        """One prompt's request, sent again while the server answers 429/503 (busy): each such reply
+        lowers this replica's in-flight limit and is waited out (Retry-After, else backoff), within
+        `backoff.tries` sends and `backoff.wait_s` (a probe's own timeout when shorter)."""
+        patience = Deadline(self.backoff.wait_s if read_timeout is None else min(read_timeout, self.backoff.wait_s))
+        # No request holds a slot longer than a connect plus a read timeout: waiting longer for one is a hang.
+        stall_s = self.connect_timeout + max(self.read_timeout, read_timeout or 0.0)
+        seen: list[str] = []
+        for attempt in range(1, self.backoff.tries + 1):
+            with self.limit.slot(stall_s) as sent_in:
+                resp = self.send("POST", self.completions_url, body, read_timeout=read_timeout,
+                                 what=f"one prompt (n={n})",
+                                 hung="the engine may have died while its HTTP side still answers (vllm#39863)")
+            if resp.status_code not in THROTTLE_STATUS:
+                self.limit.answered()
+                return resp
+            self.limit.throttled(sent_in, resp.status_code)
+            after = retry_after_s(resp.headers.get("Retry-After"))
+            seen.append(f"{resp.status_code}" + (f" (Retry-After {after:.0f} s)" if after is not None else ""))
+            wait = self.backoff.delay(attempt, after)
+            if attempt == self.backoff.tries or wait > patience.remaining():
+                break
+            if self.limit.wait_out(wait):
+                raise self._released()
+        left = "" if attempt == self.backoff.tries else f", and the next wait ({wait:.0f} s) would pass its deadline"
+        raise ServerThrottled(
+            f"POST {self.completions_url} (n={n}): the server answered {len(seen)} tries of one prompt over "
+            f"{patience.elapsed():.0f} s with HTTP {', '.join(seen)}{left}: it is busy (throttling), not lost; "
+            f"{self.limit.limit} of {self.max_in_flight} requests were allowed in flight at the end. Lower "
+            f"NSDG_SERVER__MAX_IN_FLIGHT, raise NSDG_SERVER__THROTTLE_WAIT_S ({self.backoff.wait_s:.0f} s) or "
+            f"NSDG_SERVER__THROTTLE_TRIES ({self.backoff.tries}), or ask the server's owner about its rate limit; "
+            "then rerun with the same run_id (published shards are kept).")
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
         try:

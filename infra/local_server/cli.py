@@ -131,6 +131,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request with a prompt containing SUBSTRING fails with 500")
     faults.add_argument("--fault-reject-on", metavar="SUBSTRING",
                         help="a request with a prompt containing SUBSTRING gets 200 + a JSON error string")
+    faults.add_argument("--fault-throttle-every", type=_positive_int, metavar="N",
+                        help="every N-th POST /v1/completions is answered as busy: 503, the next such one 429, alternately")
     net.add_argument("--exit-with-parent", nargs="?", type=_positive_int, const=0, default=None, metavar="PID",
                      help="stop (as on SIGTERM) when the process that started this one dies: a killed "
                           "orchestrator cannot leave the server running (the local dead-man switch). "
@@ -160,6 +162,7 @@ def run_serve_local(args: argparse.Namespace) -> int:
             hang_after=args.fault_hang_after,
             fail_on=args.fault_500_on,
             reject_on=args.fault_reject_on,
+            throttle_every=args.fault_throttle_every,
             once_marker=args.fault_once_marker,
         ).armed(),
         openai=not args.no_openai,

@@ -234,6 +234,10 @@ def _complete(service, completions: CompletionsService, raw: bytes) -> tuple[int
             log.error("fault injection: request %d never answers (--fault-hang-after %d)", number, faults.hang_after)
             faults.fired("hang")
             threading.Event().wait()
+        if faults.throttle_every is not None and number % faults.throttle_every == 0:
+            status = 429 if number // faults.throttle_every % 2 == 0 else 503  # both mean busy: try again later
+            kind = "RateLimitError" if status == 429 else "ServiceUnavailableError"
+            return status, _json(OpenAIError(status, "busy (--fault-throttle-every)", kind).body(completions.error_shape))
         if faults.fail_on is not None and isinstance(prompt, str) and faults.fail_on in prompt:
             return 500, _json(OpenAIError(500, "injected failure", "InternalServerError").body(completions.error_shape))
         if faults.reject_on is not None and isinstance(prompt, str) and faults.reject_on in prompt:

@@ -93,13 +93,14 @@ class FaultPlan:
     hang_after: int | None = None  # request hang_after+1 takes the lock and never answers
     fail_on: str | None = None  # a prompt containing this -> 500, as an exception in generation
     reject_on: str | None = None  # a prompt containing this -> 200 + JSON string
+    throttle_every: int | None = None  # every N-th request -> 503, the next such one 429, ... (OpenAI side only)
     # With a marker, the crash and hang faults fire once across restarts: the first to fire
     # creates the file, and a server started while it exists injects neither.
     once_marker: Path | None = None
 
     def armed(self) -> "FaultPlan":
         if self.once_marker is not None and self.once_marker.exists():
-            return FaultPlan(fail_on=self.fail_on, reject_on=self.reject_on)
+            return FaultPlan(fail_on=self.fail_on, reject_on=self.reject_on, throttle_every=self.throttle_every)
         return self
 
     def fired(self, what: str) -> None:
