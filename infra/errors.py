@@ -21,7 +21,8 @@ Every message names the object, what was seen, and what to do next.
     │   └── ServerLost               the server's process or job is gone: retrying the request is useless
     │       └── ServerHung           no reply within the read timeout: a hung NeMo server never answers
     ├── CircuitOpen            too many records failed in a window: stop before burning GPU hours
-    └── StorageError           reading input or publishing output failed (bucket/key/path, cause)
+    ├── StorageError           reading input or publishing output failed (bucket/key/path, cause)
+    └── LocationChanged        the run directory is no longer the one checked at the start (a symlink swapped in)
 """
 
 from __future__ import annotations
@@ -122,3 +123,8 @@ class CircuitOpen(SdgError):
 
 class StorageError(SdgError):
     """Reading input or publishing output failed."""
+
+
+class LocationChanged(SdgError):
+    """The run's output directory was replaced (by a symlink, or moved) after it was checked: no
+    write follows it. Never retried: the next attempt would find the same swap."""
