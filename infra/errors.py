@@ -22,7 +22,8 @@ Every message names the object, what was seen, and what to do next.
     │       └── ServerHung           no reply within the read timeout: a hung NeMo server never answers
     ├── CircuitOpen            too many records failed in a window: stop before burning GPU hours
     ├── StorageError           reading input or publishing output failed (bucket/key/path, cause)
-    └── LocationChanged        the run directory is no longer the one checked at the start (a symlink swapped in)
+    ├── LocationChanged        the run directory is no longer the one checked at the start (a symlink swapped in)
+    └── LeaseLost              another run took this run's lease: this one writes nothing more (infra/lease.py)
 """
 
 from __future__ import annotations
@@ -128,3 +129,8 @@ class StorageError(SdgError):
 class LocationChanged(SdgError):
     """The run's output directory was replaced (by a symlink, or moved) after it was checked: no
     write follows it. Never retried: the next attempt would find the same swap."""
+
+
+class LeaseLost(SdgError):
+    """Another run took this run's lease (it stopped renewing past the TTL): this run stops
+    writing and fails, so it never overwrites the new holder's output. Never retried."""
