@@ -94,7 +94,11 @@ class LocalOutputStore:
     def __init__(self, root: Path):
         self.root = root
         self.location = str(root)
-        self._resolved = root.resolve()  # what check_run_locations saw
+        try:
+            self._resolved = root.resolve()  # what check_run_locations saw
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an embedded NUL
+            raise ConfigError(f"Output location {str(root)!r} cannot be resolved ({exc}). Give a plain local path "
+                              "as output_uri.") from None
         self._pinned: _PinnedDir | None = None
         self._pin_lock = threading.Lock()
 
