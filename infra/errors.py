@@ -22,7 +22,9 @@ Every message names the object, what was seen, and what to do next.
     │   └── ServerLost               the server's process or job is gone: retrying the request is useless
     │       └── ServerHung           no reply within the read timeout: a hung NeMo server never answers
     ├── CircuitOpen            too many records failed in a window: stop before burning GPU hours
-    └── StorageError           reading input or publishing output failed (bucket/key/path, cause)
+    ├── StorageError           reading input or publishing output failed (bucket/key/path, cause)
+    ├── LocationChanged        the run directory is no longer the one checked at the start (a symlink swapped in)
+    └── LeaseLost              another run took this run's lease: this one writes nothing more (infra/lease.py)
 """
 
 from __future__ import annotations
@@ -128,3 +130,13 @@ class CircuitOpen(SdgError):
 
 class StorageError(SdgError):
     """Reading input or publishing output failed."""
+
+
+class LocationChanged(SdgError):
+    """The run's output directory was replaced (by a symlink, or moved) after it was checked: no
+    write follows it. Never retried: the next attempt would find the same swap."""
+
+
+class LeaseLost(SdgError):
+    """Another run took this run's lease (it stopped renewing past the TTL): this run stops
+    writing and fails, so it never overwrites the new holder's output. Never retried."""

@@ -11,6 +11,11 @@ compare-and-swap, so two late-comers cannot both take it. A holder whose process
 this host (kill -9, OOM) loses it at once, as does the same flow run (a `prefect flow-run
 retry`), which takes its own lease back.
 
+A holder that lost its lease (stopped or starved past the TTL, then taken over) writes nothing
+more: the flow writes through `fenced()`, a view of the store whose every write first checks the
+lease (`check_held`: the stored record is still this acquisition's, or, when the heartbeat is
+late, a compare-and-swap renewal proves it), and fails with LeaseLost naming the new holder.
+
 Expiry is judged on the holder's clock (`expires_at`, epoch seconds): the login node that runs
 the worker runs every holder, so the clocks agree.
 """
@@ -26,7 +31,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from infra.errors import RunLeaseHeld, SdgError
+from infra.errors import LeaseLost, RunLeaseHeld, SdgError
 from infra.storage import OutputStore
 
 log = logging.getLogger(__name__)
@@ -143,17 +148,63 @@ class RunLease:
     def renew(self) -> bool:
         """Push the expiry forward; False (and `lost`) when another run took the lease meanwhile."""
         with self._lock:
-            if self.record is None or self._version is None:
-                return False
-            record = self._new_record(self.record.token, self.record.acquired_at)
-            version = self.store.replace_if_version(LEASE_NAME, record.to_json(), self._version)
-            if version is None:
-                self.lost = True
-                log.error("run lease %s was taken by another run (this one renewed too late): two runs may now "
-                          "write this output; stop one of them", self.uri)
-                return False
-            self.record, self._version = record, version
-            return True
+            return self._renew_locked()
+
+    def _renew_locked(self) -> bool:
+        if self.record is None or self._version is None or self.lost:
+            return False
+        record = self._new_record(self.record.token, self.record.acquired_at)
+        version = self.store.replace_if_version(LEASE_NAME, record.to_json(), self._version)
+        if version is None:
+            self._lose()
+            return False
+        self.record, self._version = record, version
+        return True
+
+    def _lose(self) -> None:
+        self.lost = True
+        log.error("run lease %s was taken by another run (this one renewed too late): this run writes nothing more "
+                  "and fails", self.uri)
+
+    def check_held(self) -> None:
+        """Raise LeaseLost unless this run still holds its lease: the fence before every write.
+        A stopped process wakes up before its heartbeat notices anything, so this does not trust
+        `lost` alone: a heartbeat that is late (half the TTL) is renewed here, by the same
+        compare-and-swap; otherwise the stored record must still be this acquisition's."""
+        with self._lock:
+            if not self.lost and self._version is not None:
+                if time.time() - self.record.renewed_at >= self.ttl_s / 2:
+                    if self._renew_locked():
+                        return
+                else:
+                    current = self.store.read_versioned(LEASE_NAME)
+                    if current is not None and current[1] == self._version:
+                        return
+                    self._lose()
+        raise LeaseLost(self._loss_message())
+
+    def _loss_message(self) -> str:
+        if not self.lost:
+            return f"Run {self.store.location}: this run no longer holds its lease {self.uri} (released); it writes nothing more."
+        try:
+            current = self.store.read_versioned(LEASE_NAME)
+        except SdgError:
+            current = None
+        other = LeaseRecord.from_json(current[0]) if current else None
+        if other is not None and other.token != self.record.token:
+            holder = f"{other.describe()}, which holds it now"
+        else:
+            holder = "another run, which has finished or released it since"
+        late = time.time() - self.record.renewed_at
+        return (f"Run {self.store.location}: its lease {self.uri} was taken over by {holder}: this run "
+                f"(flow run {self.holder_name!r}) last renewed it {late:.0f} s ago, past its {self.ttl_s:.0f} s TTL "
+                "(the process was stopped, suspended or starved). It stopped writing so as not to overwrite that run's "
+                "output, and failed; its servers are released. Let that run finish and use its manifest; rerun with the "
+                "same run_id only once no run holds the lease.")
+
+    def fenced(self) -> "FencedStore":
+        """The run's store, every write checked against this lease (see FencedStore)."""
+        return FencedStore(self.store, self)
 
     def _beat(self) -> None:
         interval = self.ttl_s / 3
@@ -176,6 +227,32 @@ class RunLease:
                 except SdgError as exc:
                     log.warning("run lease %s not deleted (it expires in %.0f s): %s", self.uri, self.ttl_s, exc)
             self._version = None
+
+
+class FencedStore:
+    """An OutputStore whose every write first checks the run's lease (`RunLease.check_held`):
+    a run that lost its lease publishes no part, state, judgement, verdict, kept file or manifest
+    after the loss is known. Only the reads below pass unchecked; every other method is taken to
+    write (a method a store gains later is fenced by default)."""
+
+    READS = frozenset({"uri", "read_bytes", "read_versioned", "list_names"})
+
+    def __init__(self, store: OutputStore, lease: RunLease):
+        self._store, self._lease = store, lease
+        self.location = store.location
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        value = getattr(self._store, attr)
+        if attr in self.READS or not callable(value):
+            return value
+
+        def fenced(*args, **kwargs):
+            self._lease.check_held()
+            return value(*args, **kwargs)
+
+        return fenced
 
 
 # Leases this process holds, by holder: the flow's completion and failure hooks release them.

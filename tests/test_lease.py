@@ -1,10 +1,12 @@
 """One run at a time per run id (infra/lease.py): the lease on the local store and on moto's S3
-server over HTTP, racing takers, a holder that stops renewing, and two real CLI runs on one
-output (one allocation, one refusal naming the holder, every record once), then a kill -9 of
-the holder and a retry once its lease expired."""
+server over HTTP, racing takers, a holder that stops renewing, a holder that lost its lease and
+writes nothing more (its store is fenced), and two real CLI runs on one output (one allocation,
+one refusal naming the holder, every record once), then a kill -9 of the holder and a retry once
+its lease expired, and a holder stopped past its TTL that fails instead of overwriting."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from infra.deadline import Deadline, poll_until
-from infra.errors import RunLeaseHeld
+from infra.errors import LeaseLost, RunLeaseHeld
 from infra.lease import LEASE_NAME, LeaseRecord, RunLease
 from infra.storage import LocalOutputStore
 
@@ -85,6 +87,72 @@ def test_the_heartbeat_keeps_the_lease_past_its_ttl_and_a_stopped_holder_loses_i
         if stopped is not None:
             assert LeaseRecord.from_json(store.read_bytes(LEASE_NAME)).holder == stopped.holder
             stopped.release()
+
+
+def staged(store, name: str, data: bytes) -> tuple[Path, str]:
+    """A part written where publish_file takes it from."""
+    path = store.staging_dir() / f".{name}.staged.tmp"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def test_a_holder_that_lost_its_lease_writes_nothing_more(store):
+    """D4 (review 2): a holder stopped past its TTL wakes up after another run took the lease over.
+    Its heartbeat has not run (nothing set `lost`), yet its next write of any kind is refused,
+    naming the new holder, and the new holder's objects are untouched."""
+    stopped = lease(store, "brave-otter", ttl_s=0.5).acquire(heartbeat=False)
+    mine = stopped.fenced()
+    mine.write_bytes("part-00000.jsonl", b"first holder\n")
+    time.sleep(0.7)  # past the TTL without a renewal: as if SIGSTOPped
+    taker = lease(store, "calm-heron").acquire(heartbeat=False)
+    store.write_bytes("part-00000.jsonl", b"new holder\n")
+    path, sha = staged(store, "part-00001.jsonl", b"first holder\n")
+    writes = {"part": lambda: mine.write_bytes("part-00000.jsonl", b"first holder, again\n"),
+              "manifest": lambda: mine.write_bytes("manifest.json", b"{}"),
+              "publish": lambda: mine.publish_file("part-00001.jsonl", path, sha),
+              "staging": mine.staging_dir, "preflight": mine.preflight, "uploads": mine.abort_incomplete_uploads}
+    for what, write in writes.items():
+        with pytest.raises(LeaseLost) as caught:
+            write()
+        message = str(caught.value)
+        assert "'calm-heron'" in message and taker.holder in message and "'brave-otter'" in message, (what, message)
+        assert "\n" not in message and store.uri(LEASE_NAME) in message, message
+    assert stopped.lost
+    assert store.read_bytes("part-00000.jsonl") == b"new holder\n" and store.read_bytes("manifest.json") is None
+    assert "part-00001.jsonl" not in store.list_names()
+    assert mine.read_bytes("part-00000.jsonl") == b"new holder\n" and "part-00000.jsonl" in mine.list_names()  # reads pass
+    stopped.release()  # lost: leaves the new holder's lease alone
+    assert LeaseRecord.from_json(store.read_bytes(LEASE_NAME)).holder == taker.holder
+    taker.release()
+    with pytest.raises(LeaseLost, match="finished or released it since"):  # gone since: still not ours
+        mine.write_bytes("manifest.json", b"{}")
+    assert store.read_bytes(LEASE_NAME) is None and store.read_bytes("manifest.json") is None
+
+
+def test_a_retry_of_the_same_flow_run_fences_the_attempt_it_replaced(store):
+    """A fresh heartbeat is no proof: every write compares the stored record with this acquisition."""
+    old = lease(store, "brave-otter").acquire(heartbeat=False)
+    fenced = old.fenced()
+    fenced.write_bytes("run.json", b"{}")
+    retry = lease(store, "brave-otter").acquire(heartbeat=False)  # the same flow run takes its lease back
+    with pytest.raises(LeaseLost, match="'brave-otter'"):
+        fenced.write_bytes("part-00000.jsonl", b"old attempt\n")
+    assert store.read_bytes("part-00000.jsonl") is None
+    retry.fenced().write_bytes("part-00000.jsonl", b"retry\n")
+    retry.release()
+
+
+def test_a_late_holder_nobody_took_over_renews_at_its_next_write(store):
+    """A starved heartbeat alone is no loss: the write renews the lease by compare-and-swap, then goes ahead."""
+    late = lease(store, "brave-otter", ttl_s=0.5).acquire(heartbeat=False)
+    acquired = late.record
+    time.sleep(0.7)  # expired, but no run took it
+    late.fenced().write_bytes("part-00000.jsonl", b"late\n")
+    record = LeaseRecord.from_json(store.read_bytes(LEASE_NAME))
+    assert record.token == acquired.token and record.renewed_at > acquired.renewed_at and not late.lost
+    assert store.read_bytes("part-00000.jsonl") == b"late\n"
+    late.release()
+    assert store.read_bytes(LEASE_NAME) is None
 
 
 def _try(store, name: str):
@@ -232,3 +300,37 @@ def test_a_live_holder_elsewhere_is_waited_for_until_the_expiry(tmp_path):
     taken = poll_until(lambda: _try(store, "newcomer"), deadline=Deadline(30), interval=0.2,
                        what="the other host's lease to expire")
     taken.release()
+
+
+@pytest.mark.integration
+@pytest.mark.prefect_server
+def test_a_holder_stopped_past_its_ttl_fails_instead_of_overwriting(prefect_server, tmp_path):
+    """D4 (review 2), through the CLI: the holder is stopped (SIGSTOP) after its first part until
+    its lease expires, and another run takes the lease. Continued, the holder publishes nothing
+    more, releases its server and exits 1 with one line naming the new holder."""
+    src = prompts(tmp_path, 30)
+    store = LocalOutputStore(tmp_path / "out" / "shared")
+    holder = start_cli(prefect_server, tmp_path, "a", src, ttl_s=3, NSDG_SERVER__MAX_IN_FLIGHT="1")
+    taker = None
+    try:
+        poll_until(lambda: store.read_bytes("part-00000.jsonl.state.json") is not None or None, deadline=Deadline(180),
+                   interval=0.1, what="the holder's first part", describe_last=lambda: f"exit code {holder.poll()}")
+        os.kill(holder.pid, signal.SIGSTOP)
+        taker = poll_until(lambda: _try(store, "calm-heron"), deadline=Deadline(60), interval=0.2,
+                           what="the stopped holder's lease to expire")
+        published = {name: store.read_bytes(name) for name in store.list_names()}
+        os.kill(holder.pid, signal.SIGCONT)
+        out, err = holder.communicate(timeout=300)
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+    assert holder.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nemotron-sdg run: LeaseLost:") and "'calm-heron'" in last and taker.holder in last, last
+    assert {name: store.read_bytes(name) for name in store.list_names()} == published  # nothing written after the loss
+    assert "manifest.json" not in published
+    assert allocations(tmp_path, "a") == 1 and "releasing replica 0" in err, err[-3000:]
+    assert LeaseRecord.from_json(store.read_bytes(LEASE_NAME)).holder == taker.holder  # the loser left it alone
+    taker.release()

@@ -1,16 +1,20 @@
 """NSDG_ALLOWED_URIS (infra/locations.py): every door a parameter could walk out of an allowed
-location through is knocked on, and each is refused with its message before anything is read."""
+location through is knocked on, and each is refused with its message before anything is read;
+a run directory swapped for a symlink after the check is never written through (infra/storage.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import pytest
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, LocationChanged
 from infra.locations import check_allowed, check_run_locations
 from infra.settings import load_settings
+from infra.storage import LocalOutputStore
 
 
 @pytest.fixture
@@ -124,6 +128,64 @@ def test_run_directory_that_is_a_symlink_out_is_refused(tree):
         check_run_locations(str(allowed / "data.jsonl"), str(outside), "run-2", settings)
 
 
+def swap_for_symlink(path, target) -> None:
+    """What anyone who can write in the shared allowed directory can do mid-run."""
+    os.rename(path, f"{path}.moved")
+    os.symlink(target, path, target_is_directory=True)
+
+
+def refused_write(write, store, now: str) -> None:
+    with pytest.raises(LocationChanged) as caught:
+        write()
+    message = str(caught.value)
+    assert f"Output directory {store.root} " in message and f"it now resolves to {now}" in message, message
+    assert "rerun with the same run_id" in message and "\n" not in message, message
+
+
+def test_a_run_directory_swapped_for_a_symlink_mid_run_is_never_written_through(tree):
+    """S1 (review 2): the check held at the start; every later write checks again and refuses."""
+    allowed, outside = tree
+    run = allowed / "out" / "r"
+    store = LocalOutputStore(run)
+    store.write_bytes("part-00000.jsonl", b"a\n")
+    staged = store.staging_dir() / ".part-00001.jsonl.staged.tmp"
+    staged.write_bytes(b"b\n")
+    version = store.create_exclusive("run.lease", b"lease")
+    swap_for_symlink(run, outside)
+    writes = {"write_bytes": lambda: store.write_bytes("part-00002.jsonl", b"c\n"),
+              "publish_file": lambda: store.publish_file("part-00001.jsonl", staged, "sha"),
+              "staging_dir": store.staging_dir, "preflight": store.preflight,
+              "create_exclusive": lambda: store.create_exclusive("other.lease", b"x"),
+              "replace_if_version": lambda: store.replace_if_version("run.lease", b"renewed", version),
+              "delete_if_version": lambda: store.delete_if_version("run.lease", version)}
+    for write in writes.values():
+        refused_write(write, store, f"{outside} (a symlink)")
+    assert sorted(os.listdir(outside)) == ["secret"]  # nothing landed outside
+    moved = allowed / "out" / "r.moved"
+    assert sorted(os.listdir(moved)) == [".part-00001.jsonl.staged.tmp", "part-00000.jsonl", "run.lease"]
+    assert (moved / "run.lease").read_bytes() == b"lease"
+
+
+def test_a_symlink_swapped_in_before_the_first_write_or_above_the_run_directory_is_refused(tree):
+    allowed, outside = tree
+    early = LocalOutputStore(allowed / "out" / "r1")  # made right after the check, nothing written yet
+    (allowed / "out").mkdir()
+    (allowed / "out" / "r1").symlink_to(outside, target_is_directory=True)
+    refused_write(lambda: early.write_bytes("run.json", b"{}"), early, f"{outside} (a symlink)")
+    above = LocalOutputStore(allowed / "out2" / "r")
+    above.write_bytes("run.json", b"{}")
+    swap_for_symlink(allowed / "out2", outside)  # the output_uri, not the run directory
+    (outside / "r").mkdir()  # the same name waits there
+    refused_write(lambda: above.write_bytes("part-00000.jsonl", b"x"), above, str(outside / "r"))
+    assert not list((outside / "r").iterdir())
+    # A symlink that was there when the run checked its locations (inside them) is the run directory.
+    (allowed / "real").mkdir()
+    (allowed / "out3").symlink_to(allowed / "real", target_is_directory=True)
+    linked = LocalOutputStore(allowed / "out3")
+    linked.write_bytes("part-00000.jsonl", b"x\n")
+    assert (allowed / "real" / "part-00000.jsonl").read_bytes() == b"x\n" and linked.list_names() == ["part-00000.jsonl"]
+
+
 def test_the_setting_comes_from_the_environment_and_bad_entries_are_named(tree, monkeypatch):
     allowed, _ = tree
     monkeypatch.setenv("NSDG_ALLOWED_URIS", json.dumps([str(allowed), "s3://team-bucket/nsdg/"]))
@@ -169,3 +231,43 @@ def test_a_recipes_template_and_examples_files_are_confined_too(prefect_harness,
         with pytest.raises(ConfigError, match=f"^{what} .*outside the locations this installation allows"):
             generate(input_uri=str(allowed / "data.jsonl"), output_uri=str(allowed / "out"), run_id="r1", recipe=recipe)
     assert not (allowed / "out").exists()
+
+
+@pytest.mark.integration
+def test_a_run_whose_directory_is_swapped_mid_run_writes_nothing_outside(prefect_harness, workdir, tree, monkeypatch):
+    """S1 (review 2), the flow: after part 1 the run directory becomes a symlink out of the allowed
+    set; the run fails with LocationChanged, nothing lands outside, and the advice (put it back,
+    rerun with the same run_id) completes the run."""
+    from flows.generate import generate
+    from infra.deadline import Deadline, poll_until
+    from infra.lease import LEASE_NAME, LeaseRecord
+
+    allowed, outside = tree
+    monkeypatch.setenv("NSDG_ALLOWED_URIS", json.dumps([str(allowed)]))
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    monkeypatch.setenv("NSDG_LOCAL__EXTRA_ARGS", json.dumps(["--extra-latency", "0.05"]))
+    monkeypatch.setenv("NSDG_RUN_LEASE_TTL_S", "3")  # the failed run's lease cannot be deleted through the swap
+    src, run = allowed / "in.jsonl", allowed / "out" / "r"
+    src.write_text("".join(json.dumps({"id": f"a{i:03d}", "prompt": f"prompt {i}"}) + "\n" for i in range(200)))
+
+    def swap_mid_run() -> None:
+        poll_until(lambda: (run / "part-00001.jsonl.state.json").exists() or None, deadline=Deadline(120),
+                   interval=0.01, what="part 1's state")
+        swap_for_symlink(run, outside)
+
+    swapper = threading.Thread(target=swap_mid_run, daemon=True)
+    swapper.start()
+    params = dict(input_uri=str(src), output_uri=str(allowed / "out"), run_id="r", shard_size=20, batch_size=10)
+    with pytest.raises(LocationChanged, match=f"now resolves to {outside} \\(a symlink\\)"):
+        generate(**params)
+    swapper.join(timeout=10)
+    assert sorted(os.listdir(outside)) == ["secret"]
+
+    run.unlink()  # the advice: put the run directory back, rerun with the same run_id
+    os.rename(f"{run}.moved", run)
+    lease = LeaseRecord.from_json((run / LEASE_NAME).read_bytes())
+    poll_until(lambda: lease.expires_at < time.time() or None, deadline=Deadline(30), interval=0.2,
+               what="the failed run's lease to expire")
+    generate(**params)
+    ids = [json.loads(line)["id"] for p in sorted(run.glob("part-*.jsonl")) for line in p.read_text().splitlines()]
+    assert ids == [f"a{i:03d}" for i in range(200)] and (run / "manifest.json").exists()
