@@ -235,7 +235,7 @@ class FencedStore:
     after the loss is known. Only the reads below pass unchecked; every other method is taken to
     write (a method a store gains later is fenced by default)."""
 
-    READS = frozenset({"uri", "read_bytes", "read_versioned", "list_names"})
+    READS = frozenset({"uri", "read_bytes", "read_versioned", "list_names", "sha256"})
 
     def __init__(self, store: OutputStore, lease: RunLease):
         self._store, self._lease = store, lease

@@ -229,15 +229,32 @@ class LocalOutputStore:
         return sorted(names)
 
     def sha256(self, name: str) -> str | None:
-        """The object's sha256 as it is now (hashed), or None when it does not exist."""
+        """The object's sha256 as it is now (hashed), or None when it does not exist. Through the
+        held directory, never a symlink, like every other access."""
+        name = validate_key_component(name, "object name")
+        d = self._dir(create=False)
+        if d is None:
+            return None
         try:
-            return sha256_file(self.root / validate_key_component(name, "object name"))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
         except FileNotFoundError:
             return None
+        h = hashlib.sha256()
+        with os.fdopen(fd, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
     def delete(self, name: str) -> None:
         """Remove `name`; a missing one is already removed."""
-        (self.root / validate_key_component(name, "object name")).unlink(missing_ok=True)
+        name = validate_key_component(name, "object name")
+        d = self._dir(create=False)
+        if d is None:
+            return
+        try:
+            os.unlink(name, dir_fd=d)
+        except FileNotFoundError:
+            pass
 
     def abort_incomplete_uploads(self) -> list[str]:
         return []  # a local part is renamed into place: there is no upload to leave open
