@@ -78,18 +78,26 @@ def test_resume_on_another_local_engine_is_refused(prefect_harness, workdir, tin
     assert f"served_model.path: None -> '{tiny_model_dir}'" in message and "--new-run" in message
 
 
-def test_two_attached_servers_serving_different_models_never_share_a_run(prefect_harness, workdir, tiny_model_dir):
-    src = write(workdir / "in.jsonl", *({"id": f"r{i}", "prompt": f"Prompt {i}."} for i in range(8)))
-    with running_server(workdir, "--engine", "simulated") as (sim_url, _), \
-            running_server(workdir, "--model-dir", str(tiny_model_dir)) as (tiny_url, _):
-        settings = {"NSDG_SERVER__URLS": json.dumps([sim_url, tiny_url]),
-                    "NSDG_MODEL__TOKENIZER": str(tiny_model_dir / "tokenizer.json")}
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in settings.items():
-                mp.setenv(k, v)
-            with pytest.raises(ConfigError, match=r"(?s)would mix two models.*new id"):
-                generate(input_uri=str(src), output_uri="out", run_id="a", profile="attach", sampling=SAMPLING,
-                         shard_size=1, replicas=2)
+def test_resume_attached_to_a_server_of_another_model_is_refused(prefect_harness, workdir, monkeypatch):
+    """An attached URL's model is not in the settings: its GET /v1/models is. A run that one server
+    left half done (it crashed), resumed against a server that names another model (NeMo's API
+    carries no model name, so nothing else would notice), is refused before that server generates a row."""
+    src = write(workdir / "in.jsonl", *({"id": f"r{i}", "prompt": f"Prompt {i}."} for i in range(6)))
+    run = dict(input_uri=str(src), output_uri="out", run_id="a", profile="attach", sampling=SAMPLING, shard_size=1,
+               max_server_restarts=0)
+    # Request 4 kills it: the readiness probe and about 2 shards are answered.
+    with running_server(workdir, "--engine", "simulated", "--fault-crash-after", "3") as (first_url, _):
+        monkeypatch.setenv("NSDG_SERVER__URL", first_url)
+        with pytest.raises(Exception) as first:
+            generate(**run)
+    assert not isinstance(first.value, ConfigError)
     run_dir = workdir / "out" / "a"
-    assert not (run_dir / "manifest.json").exists()
-    assert len({r["generation"]["model"] for r in rows(run_dir)}) <= 1  # one model's rows at most
+    done = rows(run_dir)
+    assert done and {r["generation"]["model"] for r in done} == {"simulated"}
+    assert {r["generation"]["requested_model"] for r in done} == {"nemotron-4-340b-base"}
+    with running_server(workdir, "--engine", "simulated", "--served-model-name", "nemotron-4-340b-instruct") as (url, _):
+        monkeypatch.setenv("NSDG_SERVER__URL", url)
+        with pytest.raises(ConfigError, match=r"(?s)'id': 'nemotron-4-340b-base'.*would mix two models.*new id") as exc:
+            generate(**run)
+    assert f"server at {url} serves {{'id': 'nemotron-4-340b-instruct', 'root': 'simulated'}}" in str(exc.value)
+    assert rows(run_dir) == done and not (run_dir / "manifest.json").exists()
