@@ -35,6 +35,7 @@ from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe
 from infra.rollover import RolloverPolicy
+from infra.served_model import ServedModel, check_served, recorded_served
 from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
 from infra.recipes.judge import judged_current, load_judge
 from infra.recipes.params import FilterParams, JudgeParams
@@ -126,15 +127,22 @@ def generate(
     progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size, tokenizer=cfg.tokenizer,
                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
-                   judge=cfg.curation.judge)
+                   judge=cfg.curation.judge, requested_model=settings.model.name)
     if to_judge:
         logger.info("run %s: %d published part(s) to judge (the judge changed or never ran on them); no regeneration",
                     cfg.run_id, len(to_judge))
 
-    def shard_job(backend: Backend) -> ShardJob:
-        """The run's ShardJob with who makes this shard, for its state object."""
+    served_by: dict[Backend, ServedModel] = {}
+
+    def shard_job(backend: Backend, client) -> ShardJob:
+        """The run's ShardJob with who makes this shard, for its state object, and the model that
+        answers, for its rows: checked once per server against the one the run's first server served."""
+        if (served := served_by.get(backend)) is None:
+            served = ServedModel(settings.model.name, the_plan.config["served_model"], client.served)
+            check_served(store, served, backend.url() or backend.status())
+            served_by[backend] = served
         replica = next((rep.index for rep in pool.members if rep.backend is backend), None)
-        return replace(job, replica=replica, job_ids=tuple(backend.job_ids))
+        return replace(job, model=served.label, replica=replica, job_ids=tuple(backend.job_ids))
     published = [len(the_plan.done)]
 
     def on_result(result: ShardResult) -> None:
@@ -163,7 +171,7 @@ def generate(
             make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),
                                                         replica=launch, url_index=i),
             start=start,
-            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend), store, backend, breaker),
+            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend, breaker),
             release=timed_release,
             shards=itertools.chain(planned_shards(stream, cfg, settings, the_plan, source.verify), to_judge),
             replicas=replica_count(settings, prof, replicas),
@@ -285,8 +293,11 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
         logger.info("run %s: its manifest is complete and describes these parts; left as it is", cfg.run_id)
         manifest = earlier
     else:
+        # The model the run's first server reported (an invocation that started none: what the settings serve).
+        served = recorded_served(store) or ServedModel(settings.model.name, the_plan.config["served_model"])
         manifest = Manifest(
-            run_id=cfg.run_id, config_hash=the_plan.config_hash, config=the_plan.config, model=settings.model.name,
+            run_id=cfg.run_id, config_hash=the_plan.config_hash, config=the_plan.config, model=served.label,
+            served_model=served.as_manifest(), requested_model=settings.model.name,
             profile=cfg.profile, input_uri=cfg.input_uri, records_in=the_plan.records_in, records_written=written,
             records_rejected=the_plan.rejected + refused, parts=parts,
             slurm_job_ids=run_job_ids(earlier, parts, list(job_ids)),

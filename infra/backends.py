@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.deadline import Deadline, poll_until
+from infra import served_model
 from infra.engines import readiness
 from infra.engines.nemo import NemoClient
 from infra.engines.openai import OpenAIClient
@@ -235,6 +236,8 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
         if not_yet is not None:
             seen["last"] = not_yet
             return None
+        # What answers, as the server names it: the rows' model, checked against the run's (infra/served_model.py).
+        client.served = served_model.reported(client, max(1.0, deadline.cap(served_model.MODELS_TIMEOUT_S)))
         return client
 
     return poll_until(check, deadline=deadline, interval=settings.server.ready_poll_s,

@@ -41,7 +41,7 @@ class ShardJob:
     """Everything a shard needs besides its records; shared by every shard of a run."""
 
     run_id: str
-    model: str
+    model: str  # the served model (infra/served_model.py ServedModel.label), which the rows name
     config_hash: str
     sampling: SamplingParams
     batch_size: int
@@ -54,6 +54,7 @@ class ShardJob:
     job_ids: tuple[str, ...] = ()
     invocation: str | None = None
     judge: "Judge | None" = None  # the recipe's judge (infra.recipes.judge), on the same server
+    requested_model: str | None = None  # NSDG_MODEL__NAME: the name requests carry, whatever answers them
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sa
         "completion": gen.completion.text,
         "generation": {
             "model": job.model,
+            "requested_model": job.requested_model,
             "run_id": job.run_id,
             "shard": shard,
             "input_line": rec.line,

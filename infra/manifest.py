@@ -27,9 +27,19 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def diff_config(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def diff_config(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """One line per differing field; a field both sides hold as an object is compared field by
+    field, so the line names what changed inside it (`served_model.path: … -> …`)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_config(a, b, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,9 @@ class Manifest:
     prompt_match: dict[str, int] = field(default_factory=dict)  # written records by prompt_match, all parts
     # The judge/filter stage (infra.recipes.curate): records kept, dropped per reason, the kept parts.
     curation: dict | None = None
+    # `model` is the served model's label; this is what answered (infra/served_model.py) and the name sent.
+    served_model: dict | None = None
+    requested_model: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:

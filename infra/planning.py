@@ -25,6 +25,7 @@ from infra.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.sampling import SamplingParams
+from infra import served_model
 from infra.settings import Settings
 from infra.states import published_part
 from infra.storage import OutputStore, check_input, open_input
@@ -72,7 +73,8 @@ class RunConfig:
             "id_field": self.id_field,
             "shard_size": self.shard_size,
             "sampling": self.sampling.model_dump(mode="json"),
-            "model": settings.model.name,
+            "model": settings.model.name,  # the name requests carry, not what answers them:
+            "served_model": served_model.expected(settings, settings.profile(self.profile)),  # what is served
             "context_length": settings.model.context_length,
             "overlong_prompts": self.overlong_prompts,
             # Which prompts fit, and so which records exist and where shards begin.

@@ -47,7 +47,14 @@ def test_flow_end_to_end_with_tiny_model(prefect_harness, workdir, tiny_model_di
         assert rec["prompt"] == inp["prompt"] and rec["extra"] == inp["extra"]
         assert rec["completion"] and rec["generation"]["prompt_match"] == "exact"
     assert manifest["records_in"] == manifest["records_written"] == 11
-    assert manifest["config_hash"] and manifest["model"] and manifest["profile"] == "local"
+    assert manifest["config_hash"] and manifest["profile"] == "local"
+    # The served model, not NSDG_MODEL__NAME (the name requests carry, kept apart).
+    assert {r["generation"]["model"] for r in records} == {manifest["model"]} == {tiny_model_dir.name}
+    assert {r["generation"]["requested_model"] for r in records} == {manifest["requested_model"]} == {"nemotron-4-340b-base"}
+    served = manifest["served_model"]
+    assert served["reported"] == {"id": "nemotron-4-340b-base", "root": str(tiny_model_dir)}
+    assert served["expected"]["path"] == str(tiny_model_dir) and served["expected"]["digest"].startswith("sha256:")
+    assert manifest["config"]["served_model"] == served["expected"]
     assert not server_children(workdir)  # released: no server process left
 
 

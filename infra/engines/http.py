@@ -18,6 +18,9 @@ def estimate_tokens(text: str) -> int:
 
 
 class HttpClient:
+    # The served model as GET /v1/models named it when the readiness wait ended (infra/served_model.py).
+    served: dict | None = None
+
     def __init__(
         self,
         base_url: str,

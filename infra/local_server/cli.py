@@ -167,6 +167,7 @@ def run_serve_local(args: argparse.Namespace) -> int:
         ).armed(),
         openai=not args.no_openai,
         served_model=args.served_model_name,
+        model_root="simulated" if args.engine == "simulated" else str(Path(args.model_dir).resolve()),
         max_model_len=args.max_model_len,
         openai_error_shape=args.openai_error_shape,
         sim_slots=args.sim_slots,

@@ -112,8 +112,10 @@ class CompletionsService:
     """POST /v1/completions without HTTP. `lock` serialises engines that are not thread-safe."""
 
     def __init__(self, engine: Engine, *, served_model: str, max_model_len: int, error_shape: str = "nested",
-                 slots: int = 256, lock=None):
+                 slots: int = 256, lock=None, model_root: str | None = None):
         self.served_model, self.max_model_len, self.error_shape = served_model, max_model_len, error_shape
+        # What is loaded, as vLLM's `root` names it: `served_model` is only the name requests carry.
+        self.model_root = model_root or served_model
         self.batcher = None
         if isinstance(engine, SimulatedEngine) and engine.cost != SimCost():
             # The text from a zero-cost twin; the time from the scheduler.
@@ -124,7 +126,7 @@ class CompletionsService:
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.served_model, "object": "model", "owned_by": "nemotron-sdg",
-                                            "max_model_len": self.max_model_len}]}
+                                            "root": self.model_root, "max_model_len": self.max_model_len}]}
 
     def complete(self, body: object) -> dict:
         params, prompt, n = self._read(body)

@@ -374,6 +374,7 @@ class ServeConfig:
     faults: FaultPlan = field(default_factory=FaultPlan)
     openai: bool = True  # also serve /v1/completions, /v1/models, /health
     served_model: str = "nemotron-4-340b-base"
+    model_root: str | None = None  # what is loaded (/v1/models `root`): the model directory, or "simulated"
     max_model_len: int = 4096
     openai_error_shape: str = "nested"
     sim_slots: int = 256
@@ -441,7 +442,7 @@ def serve(config: ServeConfig, load_engine: Callable[[], Engine], *, rank: str |
     )
     completions = CompletionsService(engine, served_model=config.served_model, max_model_len=config.max_model_len,
                                      error_shape=config.openai_error_shape, slots=config.sim_slots,
-                                     lock=service._lock) if config.openai else None
+                                     lock=service._lock, model_root=config.model_root) if config.openai else None
     try:
         httpd = LocalHTTPServer((config.host, config.port), service, completions)
     except OSError as exc:
