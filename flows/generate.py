@@ -25,6 +25,7 @@ from flows.replicas import Pool
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
+from infra.slurm.spec import time_limit_s
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.lease import hold_run_lease
@@ -34,7 +35,7 @@ from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, PartInfo
 from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe
-from infra.rollover import RolloverPolicy
+from infra.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
 from infra.served_model import ServedModel, check_served, recorded_served
 from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
 from infra.recipes.judge import judged_current, load_judge
@@ -121,6 +122,7 @@ def generate(
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
         return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id))
 
+    check_limit_before_submit(rollover_policy(settings, prof), list(the_plan.done.values()))  # before any sbatch
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
     progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
@@ -200,7 +202,16 @@ def rollover_policy(settings: Settings, profile) -> RolloverPolicy:
     """Planned successors for Slurm jobs (their time limit is known); none elsewhere."""
     slurm = settings.slurm
     return RolloverPolicy(factor=slurm.rollover_factor, margin_s=slurm.rollover_margin_s,
-                          max_rollovers=slurm.max_rollovers if profile.backend == "slurm" else 0)
+                          max_rollovers=slurm.max_rollovers if profile.backend == "slurm" else 0,
+                          limit_s=time_limit_s(slurm.time_limit))
+
+
+def check_limit_before_submit(policy: RolloverPolicy, done: list[PartInfo]) -> None:
+    """Before any job is submitted: what this run already measured (its published shards' time;
+    a model's load is measured only once a job of this run loads it, and checked again then,
+    before its successor is submitted) must fit in the time limit."""
+    ran = [(p.started_at, p.finished_at) for p in done if p.started_at is not None and p.finished_at is not None]
+    check_time_limit(Measured(shard_s=mean_shard_s(busy_s(ran), len(ran))), policy)
 
 
 def rollover_figures(rollovers: dict) -> dict:

@@ -11,10 +11,10 @@ hangs is released, its unfinished shards go back to the queue, and it is replace
 shard is done, not when the slowest replica finishes; every replica is released on every exit.
 
 A replica whose allocation has an end (a Slurm time limit) rolls over (infra/rollover.py): ahead
-of the end a successor is started for it; the old one takes no shard it cannot finish in time,
-none once the successor is ready, and is released when its last shard is done. A job that ends
-first gives its shards back to the queue; either way it is planned, not a failure, and uses
-`max_rollovers`, never `max_server_restarts`.
+of the end a successor is started for it; the old one keeps serving beside it (both are paid
+for), takes no shard it cannot finish in time, and is released once its successor is ready and
+its own end leaves no room for another shard. A job that ends first gives its shards back to the
+queue; either way it is planned, not a failure, and uses `max_rollovers`, never `max_server_restarts`.
 
 A release that fails (a Slurm job still listed after KillWait, scancel refused) is logged and
 kept on the replica's summary, never raised: the others are still released, a lost replica is
@@ -38,7 +38,7 @@ from infra.backends import PROBE_TIMEOUT_S, Backend
 from infra.dataset import Shard
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, ServerThrottled, TransientServerError
 from infra.generation import ShardResult
-from infra.rollover import Handover, Measured, RolloverPolicy, admits_shard, mean_shard_s
+from infra.rollover import Handover, Measured, RolloverPolicy, admits_shard, busy_s, mean_shard_s
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Replica:
     successor: Replica | None = None
     handover: Handover | None = None  # on a successor: what its rollover cost
     ended: str | None = None  # why its allocation ended by schedule, when it did
-    capped: bool = False  # told that max_rollovers allows it no successor
+    capped: bool = False  # told that no successor may be started for it (max_rollovers, a limit too short)
 
     @property
     def state(self) -> str:
@@ -81,13 +81,7 @@ class Replica:
         return "ready" if self.client is not None else "starting"
 
     def busy_seconds(self) -> float:
-        """Union of the intervals its shards ran: two overlapping shards count once."""
-        total, end = 0.0, float("-inf")
-        for a, b in sorted(self.intervals):
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        return total
+        return busy_s(self.intervals)
 
     def summary(self, gpus: int) -> dict:
         held = (self.released_at or time.time()) - self.started
@@ -191,8 +185,10 @@ class Pool(Rollovers):
             # replica finishes. (A replica lost later is replaced within max_server_restarts.)
             if not rep.in_flight and self._queue_empty():
                 self._retire(rep, "queue empty" if rep.state == "ready" else "queue empty before it was ready")
-            elif not rep.in_flight and rep.successor is not None and rep.successor.state == "ready":
-                self._retire(rep, f"rolled over: its successor ({rep.successor.backend.status()}) is ready")
+            elif (not rep.in_flight and rep.successor is not None and rep.successor.state == "ready"
+                  and not admits_shard(time.time(), rep.end, 0, self.measured, self.rollover)):
+                self._retire(rep, f"rolled over: its end is near and its successor ({rep.successor.backend.status()}) "
+                                  "serves")
             elif rep.state == "ready" and not rep.in_flight and rep.end is not None and time.time() >= rep.end:
                 why = f"{rep.backend.status()} reached its end with no shard left to finish"
                 if not self._ended(rep, why):
@@ -229,12 +225,12 @@ class Pool(Rollovers):
                                  rep.ready_at - (running or rep.started))
         if rep.handover is not None:
             old_end = rep.predecessor.end or rep.handover.old_end
-            rep.handover.ready_in_time = rep.predecessor.state != "released" and (old_end is None or rep.ready_at <= old_end)
+            if rep.handover.ready_in_time is None:  # False already when the old job's end came first
+                rep.handover.ready_in_time = not rep.predecessor.lost and (old_end is None or rep.ready_at <= old_end)
         log.info("replica %d ready at %s", rep.index, rep.backend.url())
 
     def _fill(self, rep: Replica) -> None:
-        if rep.successor is not None and rep.successor.state == "ready":
-            return  # draining: its successor takes the queue
+        # Beside a ready successor too, until its own end is near: both allocations are paid for.
         while (len(rep.in_flight) < self.max_in_flight
                and admits_shard(time.time(), rep.end, len(rep.in_flight), self.measured, self.rollover)
                and (shard := self._next_shard()) is not None):

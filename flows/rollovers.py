@@ -8,7 +8,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from infra.rollover import RolloverReport, gap_s, lead_s, overlap_s, successor_due
+from infra.errors import ConfigError
+from infra.rollover import RolloverReport, check_time_limit, gap_s, lead_s, overlap_s, successor_due
 
 if TYPE_CHECKING:
     from flows.replicas import Replica
@@ -21,18 +22,21 @@ class Rollovers:
 
     def _plan_successor(self, rep: Replica) -> None:
         """Start the replica's successor once its end is nearer than the lead (queue wait + load +
-        one shard, measured on this run): from then on it may take over."""
-        if not self.rollover.enabled or rep.successor is not None or rep.ended:
+        one shard, measured on this run): from then on it may take over. Not before the replica
+        has served and its own predecessor is gone: a lead longer than the limit would otherwise
+        start a successor for every job as soon as it is ready, each dropped before it served."""
+        if not self.rollover.enabled or rep.ended:
             return
-        rep.end = rep.backend.ends_at()
+        rep.end = rep.backend.ends_at()  # read again while it serves: a limit shortened from outside is seen
+        if rep.successor is not None or not rep.shards or (rep.predecessor and rep.predecessor.state != "released"):
+            return
         now = time.time()
         if not successor_due(now, rep.end, self.measured, self.rollover) or self._queue_empty():
             return
-        if self.rollovers >= self.rollover.max_rollovers:
+        if (refused := self._no_successor(rep)) is not None:
             if not rep.capped:
-                log.warning("replica %d: %s ends in %.0f s and max_rollovers=%d successors were started already; "
-                            "none is started for it (raise NSDG_SLURM__MAX_ROLLOVERS or NSDG_SLURM__TIME_LIMIT)",
-                            rep.index, rep.backend.status(), rep.end - now, self.rollover.max_rollovers)
+                log.warning("replica %d: %s ends in %.0f s and no successor is started for it: %s",
+                            rep.index, rep.backend.status(), rep.end - now, refused)
                 rep.capped = True
             return
         self.rollovers += 1
@@ -42,13 +46,28 @@ class Rollovers:
                  self.measured.shard_s or 0.0, self.rollovers, self.rollover.max_rollovers)
         self._launch(rep.index, predecessor=rep)
 
+    def _no_successor(self, rep: Replica) -> str | None:
+        """Why no successor may be started for the replica, if none may."""
+        if self.rollovers >= self.rollover.max_rollovers:
+            return (f"max_rollovers={self.rollover.max_rollovers} successors were started already (raise "
+                    "NSDG_SLURM__MAX_ROLLOVERS or NSDG_SLURM__TIME_LIMIT)")
+        try:
+            check_time_limit(self.measured, self.rollover)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     def _ended(self, rep: Replica, why: str) -> bool:
         """The replica's allocation ended (or is ending) by schedule: release it; its shards come
         back to the queue as they are collected. Its successor takes over, started now if it was
-        not yet. False when no successor may be started (max_rollovers): then it is a lost server."""
+        not yet. False when no successor may be started (max_rollovers): then it is a lost server.
+        A limit too short for load + one shard is refused (ConfigError) before that successor is
+        submitted: it would load the model and be dropped in turn."""
         successor = rep.successor if rep.successor is not None and rep.successor.state != "released" else None
         if successor is None and self.rollovers >= self.rollover.max_rollovers:
             return False
+        if successor is None:
+            check_time_limit(self.measured, self.rollover)
         rep.ended = why
         self._retire(rep, f"planned rollover: {why}")
         if successor is None:

@@ -7,14 +7,22 @@ A job's end is known (Slurm's EndTime, or sooner when its warning signal arrived
     lead = factor * (queue wait + load time + one shard) + margin
 
 measured on this run's own allocations (the largest queue wait and load seen, the run's mean
-shard service time). The old job keeps serving until its successor is ready, but never takes a
-shard it cannot finish before its end; then it drains and is released. A successor is planned
-work, not a failure: it never uses `max_server_restarts`, only `max_rollovers`.
+shard service time). Both allocations are paid for: the old job keeps taking shards until its own
+end is near (a shard it cannot finish before its end, with a reserve, is left to the successor),
+whatever its successor does, and is released then. A lead longer than the limit (a short limit,
+a slow load) would want a successor from a job's first second: a successor's own successor is
+planned only once it has served and its predecessor is gone, so a replica holds two jobs at most.
+A limit too short for load + one shard (with the same factor and reserve) is refused before a job
+is submitted for it (`check_time_limit`): its jobs would load the model and be dropped. A successor
+is planned work, not a failure: it never uses `max_server_restarts`, only `max_rollovers`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from infra.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,7 @@ class RolloverPolicy:
     factor: float = 1.25  # on the measured queue wait + load + shard: they vary from job to job
     margin_s: float = 60.0  # added to the lead, and kept free before the end when admitting a shard
     max_rollovers: int = 50  # planned successors per run: a misconfigured limit cannot submit jobs without end
+    limit_s: float | None = None  # the time limit a new job gets (slurm.time_limit); None: no limit
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +63,12 @@ def successor_due(now: float, end: float | None, measured: Measured, policy: Rol
     return policy.enabled and end is not None and now >= end - lead_s(measured, policy)
 
 
+def reserve_s(shard_s: float, policy: RolloverPolicy) -> float:
+    """Kept free before a job's end when it takes a shard: the margin, or one more shard where
+    that is shorter (a 1-minute job cannot keep a minute free and still serve)."""
+    return min(policy.margin_s, policy.factor * shard_s)
+
+
 def admits_shard(now: float, end: float | None, in_flight: int, measured: Measured, policy: RolloverPolicy) -> bool:
     """Whether a job ending at `end` can take one more shard. The server serves one request at a
     time: a new shard finishes after the `in_flight` ones before it. Unknown end or shard time:
@@ -61,7 +76,39 @@ def admits_shard(now: float, end: float | None, in_flight: int, measured: Measur
     if end is None or measured.shard_s is None:
         return True
     finish = now + (in_flight + 1) * measured.shard_s * policy.factor
-    return finish + policy.margin_s <= end
+    return finish + reserve_s(measured.shard_s, policy) <= end
+
+
+def shortest_limit_s(measured: Measured, policy: RolloverPolicy) -> float | None:
+    """The least time limit in which a job loads and serves one shard (factor and reserve as
+    above); None until a shard's time is known: nothing to judge by."""
+    if measured.shard_s is None:
+        return None
+    return policy.factor * (measured.load_s + measured.shard_s) + reserve_s(measured.shard_s, policy)
+
+
+def check_time_limit(measured: Measured, policy: RolloverPolicy) -> None:
+    """Refuse, before a job is submitted, a limit its job could only load the model in: every job
+    would be dropped with no shard done while its successors load in turn."""
+    need = shortest_limit_s(measured, policy)
+    if not policy.enabled or policy.limit_s is None or need is None or policy.limit_s >= need:
+        return
+    minutes = max(1, math.ceil(need / 60))
+    raise ConfigError(
+        f"slurm.time_limit ({policy.limit_s:.0f} s) is too short for a job to load the model and serve one shard: "
+        f"{policy.factor:g} x (load {measured.load_s:.0f} s + shard {measured.shard_s:.0f} s, measured) + "
+        f"{reserve_s(measured.shard_s, policy):.0f} s kept before its end = {need:.0f} s; set "
+        f"NSDG_SLURM__TIME_LIMIT={minutes // 60:02d}:{minutes % 60:02d}:00 or more (or a smaller shard_size)")
+
+
+def busy_s(intervals: list[tuple[float, float]]) -> float:
+    """Union of the intervals shards ran: two overlapping shards count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def mean_shard_s(busy_s: float, shards: int) -> float | None:

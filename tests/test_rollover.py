@@ -6,10 +6,13 @@ from datetime import datetime
 import pytest
 
 from infra.errors import ConfigError
-from infra.rollover import (Handover, Measured, RolloverPolicy, RolloverReport, admits_shard, gap_s, lead_s,
-                            mean_shard_s, overlap_s, successor_due)
+from flows.generate import check_limit_before_submit
+from infra.manifest import PartInfo
+from infra.rollover import (Handover, Measured, RolloverPolicy, RolloverReport, admits_shard, busy_s,
+                            check_time_limit, gap_s, lead_s, mean_shard_s, overlap_s, shortest_limit_s,
+                            successor_due)
 from infra.slurm.client import parse_scontrol_job, parse_slurm_time, parse_squeue_state
-from infra.slurm.spec import SbatchSpec, sbatch_directives
+from infra.slurm.spec import SbatchSpec, sbatch_directives, time_limit_s
 
 POLICY = RolloverPolicy(factor=1.5, margin_s=10.0, max_rollovers=3)
 
@@ -39,6 +42,47 @@ def test_an_ending_job_takes_only_shards_it_can_finish():
     assert admits_shard(1000.0, 1040.0, 0, measured, POLICY)
     assert admits_shard(1000.0, None, 5, measured, POLICY)  # no end
     assert admits_shard(1000.0, 1001.0, 1, Measured(), POLICY)  # no shard measured yet: nothing to judge by
+
+
+def test_a_short_limit_keeps_one_shard_free_before_its_end_not_the_whole_margin():
+    """Issue 26: the default 60 s margin kept free before the end left a 1-minute job no room for
+    any shard once one was measured; the reserve is the margin or one more shard, the shorter."""
+    policy = RolloverPolicy(factor=1.25, margin_s=60.0, max_rollovers=5, limit_s=60.0)
+    measured = Measured(load_s=3.0, shard_s=4.0)
+    # Ready 3 s into a 60 s job: it takes shards until 60 - 5 (one shard in flight) - 5 (reserve).
+    assert admits_shard(3.0, 60.0, 1, measured, policy) and admits_shard(45.0, 60.0, 1, measured, policy)
+    assert not admits_shard(46.0, 60.0, 1, measured, policy)
+    assert shortest_limit_s(measured, policy) == 1.25 * 7 + 5
+    check_time_limit(measured, policy)  # fits: nothing raised
+
+
+def test_a_limit_too_short_for_load_and_one_shard_is_refused_with_the_limit_that_works():
+    policy = RolloverPolicy(factor=1.25, margin_s=5.0, max_rollovers=5, limit_s=60.0)
+    with pytest.raises(ConfigError, match=r"too short.* = 72 s; set NSDG_SLURM__TIME_LIMIT=00:02:00 or more"):
+        check_time_limit(Measured(load_s=50.0, shard_s=4.0), policy)
+    with pytest.raises(ConfigError, match=r"NSDG_SLURM__TIME_LIMIT=01:15:00"):
+        check_time_limit(Measured(load_s=3590.0, shard_s=4.0), RolloverPolicy(margin_s=5.0, limit_s=3600.0))
+    check_time_limit(Measured(load_s=50.0), policy)  # no shard measured yet: nothing to judge by
+    check_time_limit(Measured(load_s=50.0, shard_s=4.0), RolloverPolicy(max_rollovers=0, limit_s=60.0))  # off
+    check_time_limit(Measured(load_s=50.0, shard_s=4.0), RolloverPolicy(limit_s=None))  # no limit
+
+
+def test_before_any_job_the_published_shards_time_is_checked():
+    def part(i, start, end):
+        return PartInfo(f"part-{i:05d}.jsonl", i, 20, "x", 1, "h", 0, 19, started_at=start, finished_at=end)
+
+    policy = RolloverPolicy(factor=1.25, margin_s=60.0, limit_s=60.0)
+    check_limit_before_submit(policy, [])  # a fresh run: nothing measured yet
+    check_limit_before_submit(policy, [part(0, 0.0, 8.0), part(1, 4.0, 12.0)])  # 6 s a shard: fits
+    with pytest.raises(ConfigError, match="NSDG_SLURM__TIME_LIMIT=00:02:00"):  # 1.25 * 45 + 56.25 s
+        check_limit_before_submit(policy, [part(0, 0.0, 45.0)])
+    assert busy_s([(0.0, 8.0), (4.0, 12.0), (20.0, 21.0)]) == 13.0
+
+
+def test_slurm_time_limits_in_seconds():
+    assert [time_limit_s(t) for t in ("1", "1:30", "04:00:00", "1-00", "1-02:03", "1-02:03:04")] == [
+        60.0, 90.0, 14400.0, 86400.0, 93780.0, 93784.0]
+    assert time_limit_s("0") is None  # Slurm: no limit
 
 
 def test_shard_time_gap_and_overlap():

@@ -14,6 +14,7 @@ import pytest
 from flows.generate import generate
 from infra.commands import run_command
 from infra.deadline import Deadline, poll_until
+from infra.errors import ConfigError
 from tests.ports import free_port
 from tests.test_slurm_flow import our_jobs, prompts, slurm_env  # noqa: F401 (a fixture)
 
@@ -25,7 +26,7 @@ RECORDS = 2400  # about 120 s of generation for one replica: two 1-minute jobs a
 
 
 @pytest.fixture
-def rollover_env(slurm_env, monkeypatch):
+def rollover_env(slurm_env, prefect_harness, monkeypatch):
     monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps(ROLL_PROFILE))
     monkeypatch.setenv("NSDG_SERVER__PORT", str(free_port(span=24)))  # launch k listens on port + k
     monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "300")  # other sessions' jobs may hold the nodes
@@ -96,3 +97,31 @@ def test_a_limit_shortened_from_outside_is_seen(rollover_env, workdir, monkeypat
     cutter.join(timeout=5)
     assert cut and roll["count"] >= 1
     assert roll["handovers"][0]["old_jobs"] == cut
+
+
+def test_a_lead_longer_than_the_limit_does_not_thrash(rollover_env, workdir, monkeypatch):
+    """Issue 26: the default 60 s margin on a 1-minute limit makes the lead (1.25 x (queue wait + load
+    + shard) + 60 s) longer than any job: every job wants a successor from its first second. Each
+    job still serves until its own end is near (beside its successor: both are paid for), and a
+    successor's successor waits until it has served and its predecessor is gone: a few rollovers,
+    not one per load (it was 50 in 4 minutes, 20 of 420 records, then ServerLost)."""
+    monkeypatch.delenv("NSDG_SLURM__ROLLOVER_MARGIN_S")  # the default, 60 s
+    monkeypatch.setenv("NSDG_SLURM__MAX_ROLLOVERS", "6")  # the thrash stops here, not after 50 jobs
+    rollover_env("--load-delay", "3", "--extra-latency", "2")  # a batch of 10 takes 2 s
+    manifest, roll = run_and_read(workdir, "roll-thrash", 600)
+    assert 1 <= roll["count"] <= 4, roll["handovers"]
+    replaced = {job for r in manifest["replicas"] for job in r.get("successor_of", [])}
+    assert all(r["records"] > 0 for r in manifest["replicas"] if set(r["job_ids"]) & replaced), manifest["replicas"]
+
+
+def test_a_limit_too_short_for_load_and_one_shard_is_refused_before_the_successor(rollover_env, workdir):
+    """Loading takes 50 s of a 1-minute job: once the load and a shard are measured, no successor is
+    submitted (it would load and be dropped, and its successor too); the job serves until its end,
+    then the run stops with the limit that would work. A rerun with it resumes."""
+    rollover_env("--load-delay", "50", "--extra-latency", "0.5")
+    with pytest.raises(ConfigError, match=r"too short for a job to load the model.*NSDG_SLURM__TIME_LIMIT=00:02:00"):
+        generate(input_uri=prompts(workdir / "in.jsonl", 2000), output_uri="out", run_id="roll-refuse",
+                 profile="roll1x1", shard_size=SHARD, batch_size=BATCH, max_server_restarts=0)
+    assert len(list((workdir / "jobs" / "roll-refuse").iterdir())) == 1  # one job, no successor submitted
+    assert list((workdir / "out" / "roll-refuse").glob("part-*.jsonl"))  # what it served is kept
+    assert not our_jobs("roll-refuse")

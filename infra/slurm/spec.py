@@ -78,6 +78,21 @@ DEFAULT_EVAL_SCRIPT = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eva
 DEFAULT_EXPORT = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
+def time_limit_s(text: str) -> float | None:
+    """A Slurm time limit in seconds (sbatch's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None
+    for 0, which Slurm reads as no limit."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    return float(total) or None
+
+
 def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: str) -> None:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise _fail(field, value, allowed)
