@@ -182,11 +182,12 @@ class NemoClient(HttpClient):
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
-            stop_token = _stopped_on_special_token(reply, i, completion.generated_from)
+            start = completion.generated_from
+            stop_token = _stopped_on_special_token(reply, i, start)
             if completion.finish_reason == "length" and stop_token:
                 completion = replace(completion, finish_reason="end_string")
-            out.append(self._capped(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)),
-                                    sentences[i], _text_token_starts(reply, i, completion.generated_from), stop_token, sampling))
+            gen = GeneratedText(prompt, completion, _count_generated_tokens(reply, i, start))
+            out.append(self._capped(gen, sentences[i], _text_token_starts(reply, i, start), stop_token, sampling))
         return out
 
     def _capped(self, gen: GeneratedText, sentence: str, starts: list[int] | None, stop_token: bool,
