@@ -118,6 +118,8 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sa
             "generated_tokens": gen.generated_tokens,
             # NeMo >= 2.1's /v1/completions reports whitespace-split words as its usage.
             **({"generated_tokens_unit": gen.tokens_unit} if gen.tokens_unit != "tokens" else {}),
+            # A row cut to tokens_to_generate (NeMo's /generate runs short prompts past it): what the server made.
+            **({"server_tokens": gen.server_tokens} if gen.server_tokens is not None else {}),
         },
     }
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 class TokenCounter(Protocol):
     description: str  # for messages: what counted, where
     identity: str  # for the config hash: what decides the counts
+    exact: bool  # the model's own tokens (a tokenizer), not an estimate
 
     def count(self, text: str) -> int: ...
     def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
@@ -52,6 +53,10 @@ class TokenCounter(Protocol):
         may be a proven upper bound instead): what a fits-the-context check needs, in one batch."""
         ...
     def keep_last(self, text: str, tokens: int) -> str: ...
+    def keep_first(self, text: str, tokens: int) -> str:
+        """The longest prefix of `text`, cut at a character, whose own count is at most `tokens`
+        (a generation cut to tokens_to_generate: never half a multi-byte character)."""
+        ...
     def round_trip(self, text: str) -> str:
         """What the server echoes for `text`: decode(encode(text)), special tokens dropped."""
         ...
@@ -72,6 +77,9 @@ class ByteEstimate:
 
     def keep_last(self, text: str, tokens: int) -> str:
         return text.encode("utf-8")[-tokens:].decode("utf-8", errors="ignore") if tokens > 0 else ""
+
+    def keep_first(self, text: str, tokens: int) -> str:
+        return text.encode("utf-8")[:tokens].decode("utf-8", errors="ignore") if tokens > 0 else ""
 
     def round_trip(self, text: str) -> str:
         return text  # no tokenizer to ask: expect the prompt back as it was sent
@@ -111,6 +119,17 @@ class TokenizerFile:
         if len(enc.ids) <= tokens:
             return text
         return text[enc.offsets[-tokens][0]:]
+
+    def keep_first(self, text: str, tokens: int) -> str:
+        if tokens <= 0:
+            return ""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        if len(enc.ids) <= tokens:
+            return text
+        # Up to where token `tokens` starts: a byte-level token holding part of a character has
+        # that whole character's offsets, so the character goes with it (decoding the first
+        # `tokens` ids would end in U+FFFD instead).
+        return _fitting_prefix(text, enc.offsets[tokens][0], tokens, self.count)
 
     def round_trip(self, text: str) -> str:
         # A chat template's markup (<|im_start|> …) is special tokens, which the echo drops.
@@ -158,8 +177,25 @@ class SentencePieceFile:
         cut = bisect.bisect_left(range(len(text) + 1), True, key=lambda i: self.count(text[i:]) <= tokens)
         return text[cut:]
 
+    def keep_first(self, text: str, tokens: int) -> str:
+        """As keep_last, from the other end: the first cut whose prefix no longer fits, less one."""
+        if tokens <= 0:
+            return ""
+        if self.count(text) <= tokens:
+            return text
+        cut = bisect.bisect_left(range(len(text) + 1), True, key=lambda i: self.count(text[:i]) > tokens)
+        return _fitting_prefix(text, cut - 1, tokens, self.count)
+
     def round_trip(self, text: str) -> str:
         return self._sp.decode(self._sp.encode(text))
+
+
+def _fitting_prefix(text: str, cut: int, tokens: int, count) -> str:
+    """text[:cut], shortened until its own count fits: re-encoding a prefix may merge its last
+    pieces otherwise than the whole text's encoding did, so the cut is checked, not assumed."""
+    while cut > 0 and count(text[:cut]) > tokens:
+        cut -= 1
+    return text[:max(cut, 0)]
 
 
 def _threads() -> int:

@@ -1,6 +1,8 @@
 """The client's handling of each row of the server contract, against the real local server and
 NeMo's own server code."""
 
+import re
+
 import pytest
 
 from infra.errors import BadRequest, ServerFailure, ServerHung, TransientServerError, ValidationRejected
@@ -61,6 +63,55 @@ def test_400_above_128_is_bad_request(contract_server):
     with pytest.raises(BadRequest) as exc:
         NemoClient(contract_server.url)._parse(resp, 129)
     assert exc.value.body == "Maximum number of sentences is 128"
+
+
+# NeMo steps every row of a batch to its longest prompt + tokens_to_generate: a short prompt's row
+# runs past tokens_to_generate. The client cuts each row to the cap (newcomer trial F2).
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs on through the field. " * 3
+
+
+def test_every_row_is_cut_to_tokens_to_generate_without_a_tokenizer(contract_server):
+    """No tokenizer on the client's side: the cut is on the server's own token offsets (the
+    simulated engine generates " word", "." and "," tokens, so they can be counted here too)."""
+    def tokens(text: str) -> int:
+        return len(re.findall(r" \w+|[.,]", text))
+
+    sampling = SamplingParams(tokens_to_generate=5, greedy=True, end_strings=["<|endoftext|>"])
+    short, long_ = NemoClient(contract_server.url).generate(["Hi", LONG], sampling)
+    raw = contract_server.put({"sentences": ["Hi", LONG], **sampling.request_fields()}).json()["sentences"][0]
+    assert tokens(raw[len("Hi"):]) > 5  # the server ran the short row past the cap
+    assert tokens(short.completion.text) == 5 and raw.startswith("Hi" + short.completion.text)
+    assert (short.generated_tokens, short.completion.finish_reason) == (5, "length") and short.server_tokens > 5
+    assert (long_.generated_tokens, long_.server_tokens) == (5, None)  # the longest prompt's row: at the cap, not cut
+
+
+def test_generation_and_judge_replies_honour_tokens_to_generate_in_the_runs_tokens(tmp_path, tiny_model_dir):
+    """The run's client (make_client, the tokenizer the plan counted with) on the real tiny model:
+    every row and every judge reply is at most tokens_to_generate tokens of that tokenizer."""
+    from infra.backends import make_client
+    from infra.prompt_format import RAW
+    from infra.recipes.judge import load_judge
+    from infra.recipes.params import JudgeParams
+    from infra.settings import Settings
+    from infra.tokens import token_counter
+
+    settings = Settings(local={"model_dir": str(tiny_model_dir)})
+    tokenizer = str(tiny_model_dir / "tokenizer.json")
+    counter = token_counter(tokenizer)
+    prompts = ["Hi", "Why is the sky blue?", "Question: Why is the sky blue? Answer:"]
+    sampling = SamplingParams(tokens_to_generate=6, greedy=True, end_strings=["<|endoftext|>"])
+    judge = load_judge(JudgeParams(template="Rate 1-5: {{ completion }}\nRating:", tokens_to_generate=3),
+                       settings, RAW, tokenizer=tokenizer)
+    rows = [{"id": f"r{i}", "sample": 0, "prompt": "q", "completion": c} for i, c in enumerate(["ok", *prompts])]
+    with running_server(tmp_path, "--model-dir", str(tiny_model_dir)) as (url, _):
+        client = make_client(settings, url, tokenizer)
+        gens = client.generate(prompts, sampling)
+        judged = judge.judge_rows(client, rows, batch_size=4)
+    assert all(counter.count(g.completion.text) <= g.generated_tokens <= 6 for g in gens)
+    cut = [g for g in gens if g.server_tokens is not None]
+    assert len(cut) == 2 and all(g.server_tokens > 6 and g.completion.finish_reason == "length" for g in cut)
+    replies = [j["reply"] for j in judged]
+    assert all(counter.count(r) <= 3 for r in replies), [(r, counter.count(r)) for r in replies]
 
 
 # The local server's fault switches: NeMo's code has none.

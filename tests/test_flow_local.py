@@ -8,14 +8,17 @@ import pytest
 
 from flows.generate import generate
 from infra.sampling import SamplingParams
+from infra.tokens import token_counter
 
 pytestmark = pytest.mark.integration
 
 
-def write_prompts(path, n):
+def write_prompts(path, n, varied=False):
+    """`varied`: prompts of three lengths, so a batch mixes short and long ones."""
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"r{i}", "prompt": f"Prompt number {i}: tell me something.", "extra": i}) + "\n")
+            tail = " Tell me more, please." * (i % 3) if varied else ""
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"Prompt number {i}: tell me something.{tail}", "extra": i}) + "\n")
     return path
 
 
@@ -27,7 +30,7 @@ def server_children(workdir):
 
 def test_flow_end_to_end_with_tiny_model(prefect_harness, workdir, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("NSDG_LOCAL__MODEL_DIR", str(tiny_model_dir))
-    src = write_prompts(workdir / "in.jsonl", 11)
+    src = write_prompts(workdir / "in.jsonl", 11, varied=True)
     result = generate(input_uri=str(src), output_uri=str(workdir / "out"), run_id="t1",
                       sampling=SamplingParams(tokens_to_generate=6, greedy=True), batch_size=4, shard_size=5)
     run_dir = workdir / "out" / "t1"
@@ -46,6 +49,12 @@ def test_flow_end_to_end_with_tiny_model(prefect_harness, workdir, tiny_model_di
     for rec, inp in zip(records, inputs):
         assert rec["prompt"] == inp["prompt"] and rec["extra"] == inp["extra"]
         assert rec["completion"] and rec["generation"]["prompt_match"] == "exact"
+    # tokens_to_generate is a per-row cap in the run's tokenizer, although the server runs a short
+    # prompt's row to its batch's longest prompt + 6: the cut rows keep the server's count.
+    counter = token_counter(str(tiny_model_dir / "tokenizer.json"))
+    assert all(counter.count(r["completion"]) <= r["generation"]["generated_tokens"] <= 6 for r in records)
+    cut = [r["generation"] for r in records if "server_tokens" in r["generation"]]
+    assert cut and all(g["server_tokens"] > 6 and g["finish_reason"] == "length" for g in cut)
     assert manifest["records_in"] == manifest["records_written"] == 11
     assert manifest["config_hash"] and manifest["profile"] == "local"
     # The served model, not NSDG_MODEL__NAME (the name requests carry, kept apart).

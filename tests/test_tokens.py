@@ -34,6 +34,32 @@ def test_tokenizer_file_counts_real_tokens(tiny_model_dir):
     assert text.endswith(kept) and tok.count(kept) <= 11
 
 
+MIXED = "Hi 日本語 🎉👍🏽 café, naïve straße; the quick brown fox 🦊 jumps. "
+
+
+@pytest.mark.parametrize("which", ["tiny", "sentencepiece"])
+def test_keep_first_cuts_exactly_and_never_inside_a_character(which, tiny_model_dir, nemo_dir):
+    """A generation cut to tokens_to_generate (infra/engines/nemo.py): at most N tokens of the run's
+    tokenizer, no U+FFFD from half a multi-byte character, and nothing lost that whole tokens hold."""
+    tok = token_counter(str(tiny_model_dir) if which == "tiny" else str(nemo_dir))
+    text = MIXED * 3
+    total = tok.count(text)
+    for n in range(total + 2):
+        kept = tok.keep_first(text, n)
+        assert text.startswith(kept) and "\ufffd" not in kept
+        assert tok.count(kept) <= n
+        if n < total:  # the cut is the longest prefix that fits: one more character does not
+            assert tok.count(text[:len(kept) + 1]) > n, (n, kept)
+    assert tok.keep_first(text, total) == text and tok.keep_first(text, 0) == ""
+    if which == "tiny":  # decoding the first N ids would end in U+FFFD where a character is split
+        ids = tok._tok.encode(text, add_special_tokens=False).ids
+        assert any(tok._tok.decode(ids[:n]).endswith("\ufffd") for n in range(total))
+
+
+def test_byte_estimate_keep_first_cuts_on_characters():
+    assert ByteEstimate().keep_first("aé", 2) == "a" and ByteEstimate().keep_first("aé", 3) == "aé"
+
+
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="NSDG_MODEL__TOKENIZER"):
         token_counter(str(tmp_path / "nope"))

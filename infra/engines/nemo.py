@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import requests
 
-from infra.completion import Completion, extract_completion, pairing_error
+from infra.completion import Completion, extract_completion, pairing_error, trim_at_end_strings
 from infra.errors import (
     BadRequest,
     ConfigError,
@@ -65,6 +65,7 @@ class GeneratedText:
     completion: Completion
     generated_tokens: int
     tokens_unit: str = "tokens"  # NeMo >= 2.1's /v1/completions counts whitespace-split "words"
+    server_tokens: int | None = None  # what the server generated, where the row was cut to the cap
 
 
 def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
@@ -81,6 +82,14 @@ def _stopped_on_special_token(reply: dict, i: int, start: int) -> bool:
     end-of-turn special token (the echo drops it, so the end string is not in the text)."""
     offsets, end = _row_offsets(reply, i)
     return offsets is not None and end is not None and end > start and any(o >= end for o in offsets)
+
+
+def _text_token_starts(reply: dict, i: int, start: int) -> list[int] | None:
+    """Where row i's generated tokens that take room in its text begin (None without offsets)."""
+    offsets, end = _row_offsets(reply, i)
+    if offsets is None:
+        return None
+    return [o for o in offsets if o >= start and (end is None or o < end)]
 
 
 def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
@@ -100,9 +109,14 @@ def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
 class NemoClient(HttpClient):
     api = "nemo-generate"
 
-    def __init__(self, base_url: str, *, echo: Callable[[str], str] = lambda text: text, **kw):
+    def __init__(self, base_url: str, *, echo: Callable[[str], str] = lambda text: text,
+                 keep_first: Callable[[str, int], str] | None = None, **kw):
+        """`keep_first`: the run's tokenizer's TokenCounter.keep_first, which cuts a row to
+        tokens_to_generate in its tokens (with `count_tokens` its count); without one (no
+        tokenizer here) the cut is on the server's own token offsets."""
         super().__init__(base_url, **kw)
         self.echo = echo
+        self.keep_first = keep_first
 
     @property
     def generate_url(self) -> str:
@@ -168,10 +182,37 @@ class NemoClient(HttpClient):
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
-            if completion.finish_reason == "length" and _stopped_on_special_token(reply, i, completion.generated_from):
+            start = completion.generated_from
+            stop_token = _stopped_on_special_token(reply, i, start)
+            if completion.finish_reason == "length" and stop_token:
                 completion = replace(completion, finish_reason="end_string")
-            out.append(GeneratedText(prompt, completion, _count_generated_tokens(reply, i, completion.generated_from)))
+            gen = GeneratedText(prompt, completion, _count_generated_tokens(reply, i, start))
+            out.append(self._capped(gen, sentences[i], _text_token_starts(reply, i, start), stop_token, sampling))
         return out
+
+    def _capped(self, gen: GeneratedText, sentence: str, starts: list[int] | None, stop_token: bool,
+                sampling: SamplingParams) -> GeneratedText:
+        """The row as a per-row cap of tokens_to_generate would have ended it. NeMo steps every row
+        of a batch to its longest prompt + tokens_to_generate, so a shorter prompt's row runs past
+        the cap (reference/nemo-generate-server.md): cut its generation to the first
+        tokens_to_generate tokens (a stop token counts as one, as the server counts it), read the
+        end strings in what is left, and keep the server's count beside the count kept."""
+        cap, c = sampling.tokens_to_generate, gen.completion
+        generation = sentence[c.generated_from:]  # end string and all: trimmed again after the cut
+        if self.keep_first is not None:
+            n = self.count_tokens(generation)
+            kept = self.keep_first(generation, cap) if n > cap else generation
+        elif starts is not None:
+            n = len(starts)
+            kept = sentence[c.generated_from:starts[cap]] if n > cap else generation
+        else:
+            return gen  # no tokenizer and no offsets: nothing to count the cap in
+        if n + stop_token <= cap:
+            return gen
+        text, ended = trim_at_end_strings(kept, sampling.end_strings)
+        tokens = self.count_tokens(kept) if self.keep_first is not None else min(n, cap)
+        return replace(gen, completion=replace(c, text=text, finish_reason="end_string" if ended else "length"),
+                       generated_tokens=tokens, server_tokens=gen.generated_tokens)
 
     def keep_alive(self, timeout: float | None = None) -> None:
         """The same 1-token generation, raising what it meets: also sent to an idle server so that

@@ -5,7 +5,8 @@ text_generation_strategy), because the orchestrator is written against those:
 
 - The batch is padded to its longest prompt and steps until every row is done or
   `longest prompt + tokens_to_generate` is reached. A row's budget is therefore
-  `longest - own_length + tokens_to_generate`: `tokens_to_generate` is not a per-row cap.
+  `longest - own_length + tokens_to_generate`: `tokens_to_generate` is not a per-row cap
+  (the client makes it one: NemoClient._capped in infra/engines/nemo.py).
 - A row is done when it emits EOS, when it emits an end string that is a single special
   token, or when the detokenized row (prompt included) ends with one of the other end strings.
   The end string stays in the text; rows that finish early are filled with EOS up to the
