@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # What the Makefile sets, so a plain `nemotron-sdg run` behaves the same: no telemetry from
@@ -139,26 +140,34 @@ def _flags_into(args: argparse.Namespace, names, group: dict | None) -> dict:
     return group
 
 
+@dataclass
+class _RunSoFar:
+    """What an interrupted run's last line reports."""
+    run_id: str | None = None
+    progress: object | None = None  # the progress listener: records published of the total
+
+
 def _run(args: argparse.Namespace) -> int:
     from flows.interrupts import FirstSignalStops
 
     stop = FirstSignalStops("already stopping: releasing the server and the run's lease")
+    so_far = _RunSoFar()
     with stop.installed():  # from here on, Ctrl-C and SIGTERM end the run cleanly, also while it starts
         try:
             from flows import api_server
 
             try:
-                return _run_flow(args)
+                return _run_flow(args, so_far)
             finally:
                 api_server.stop_temporary_server()  # a later signal is only noted: this runs to its end
         except BaseException as exc:
             if (signum := stop.seen(exc)) is None:
                 raise
-            _print_interrupted(args, signum)
+            _print_interrupted(args, so_far, signum)
             return 128 + signum
 
 
-def _run_flow(args: argparse.Namespace) -> int:
+def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     from prefect.exceptions import ParameterTypeError
 
     from flows import api_server, progress
@@ -171,12 +180,12 @@ def _run_flow(args: argparse.Namespace) -> int:
     except ParameterTypeError as exc:
         raise ConfigError(f"Invalid flow parameters: {exc}") from None
     # Named here, not by the flow, so an interrupted run's resume command can name it.
-    args.resolved_run_id = params["run_id"] = params.get("run_id") or resolve_run_id(None)
+    so_far.run_id = params["run_id"] = params.get("run_id") or resolve_run_id(None)
     _quiet_user_errors()
     # In a session of its own: a terminal's Ctrl-C must not stop the API the run reports its crash to.
     api_server.start_temporary_server()
-    args.progress = progress.for_stream(sys.stderr)
-    with progress.listening(args.progress):
+    so_far.progress = progress.for_stream(sys.stderr)
+    with progress.listening(so_far.progress):
         result = generate(**params)
     api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines
     if "records_kept" in result:  # the counts that make the training set, just above the manifest's line
@@ -187,17 +196,16 @@ def _run_flow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_interrupted(args: argparse.Namespace, signum: int) -> None:
+def _print_interrupted(args: argparse.Namespace, so_far: _RunSoFar, signum: int) -> None:
     """One line: what the run got to, and the command that finishes it (the same run id)."""
     import shlex
     import signal
 
     name = signal.Signals(signum).name
-    run_id = getattr(args, "resolved_run_id", None)
+    run_id, listener = so_far.run_id, so_far.progress
     if run_id is None:  # stopped before it had a run id: nothing to resume
         print(f"nemotron-sdg run: interrupted by {name} before the run started", file=sys.stderr, flush=True)
         return
-    listener = getattr(args, "progress", None)
     done = (f": {listener.done} of {listener.total} records published" if listener is not None and listener.total
             else " before its plan")
     print(f"nemotron-sdg run: run {run_id} interrupted by {name}{done}; resume it with: "

@@ -55,9 +55,12 @@ class FirstSignalStops:
 
     @contextmanager
     def installed(self):
+        """After a signal, the handlers stay: what is left is the process's exit (atexit, the task
+        threads' join), where Python's default would print a KeyboardInterrupt traceback."""
         previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         try:
             yield self
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            if self.received is None:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
