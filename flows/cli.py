@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # What the Makefile sets, so a plain `nemotron-sdg run` behaves the same: no telemetry from
@@ -139,27 +140,83 @@ def _flags_into(args: argparse.Namespace, names, group: dict | None) -> dict:
     return group
 
 
+@dataclass
+class _RunSoFar:
+    """What an interrupted run's last line reports."""
+    run_id: str | None = None
+    progress: object | None = None  # the progress listener: records published of the total
+
+
 def _run(args: argparse.Namespace) -> int:
+    from flows.interrupts import FirstSignalStops
+
+    stop = FirstSignalStops("already stopping: releasing the server and the run's lease")
+    so_far = _RunSoFar()
+    with stop.installed():  # from here on, Ctrl-C and SIGTERM end the run cleanly, also while it starts
+        try:
+            from flows import api_server
+
+            try:
+                return _run_flow(args, so_far)
+            finally:
+                api_server.stop_temporary_server()  # a later signal is only noted: this runs to its end
+        except BaseException as exc:
+            if (signum := stop.seen(exc)) is None:
+                raise
+            _print_interrupted(args, so_far, signum)
+            return 128 + signum
+
+
+def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     from prefect.exceptions import ParameterTypeError
 
-    from flows import progress
+    from flows import api_server, progress
     from flows.generate import generate
+    from flows.params import resolve_run_id
 
     params = run_parameters(args)
     try:  # the checks Prefect makes before the flow starts, here, without its error log
         generate.validate_parameters(params)
     except ParameterTypeError as exc:
         raise ConfigError(f"Invalid flow parameters: {exc}") from None
+    # Named here, not by the flow, so an interrupted run's resume command can name it.
+    so_far.run_id = params["run_id"] = params.get("run_id") or resolve_run_id(None)
     _quiet_user_errors()
-    with progress.listening(progress.for_stream(sys.stderr)):
+    # In a session of its own: a terminal's Ctrl-C must not stop the API the run reports its crash to.
+    api_server.start_temporary_server()
+    so_far.progress = progress.for_stream(sys.stderr)
+    with progress.listening(so_far.progress):
         result = generate(**params)
-    _stop_temporary_api_server()
+    api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines
     if "records_kept" in result:  # the counts that make the training set, just above the manifest's line
         reasons = ", ".join(f"{reason} {n}" for reason, n in result["filtered"].items()) or "none"
         print(f"run {result['run_id']}: {result['records_kept']} of {result['records_written']} records kept; "
               f"filtered: {reasons}", file=sys.stderr, flush=True)
     print(result["manifest"], flush=True)  # the last line, for scripts: `... | tail -n 1`
     return 0
+
+
+def _print_interrupted(args: argparse.Namespace, so_far: _RunSoFar, signum: int) -> None:
+    """One line: what the run got to, and the command that finishes it (the same run id)."""
+    import shlex
+    import signal
+
+    name = signal.Signals(signum).name
+    run_id, listener = so_far.run_id, so_far.progress
+    if run_id is None:  # stopped before it had a run id: nothing to resume
+        print(f"nemotron-sdg run: interrupted by {name} before the run started", file=sys.stderr, flush=True)
+        return
+    done = (f": {listener.done} of {listener.total} records published" if listener is not None and listener.total
+            else " before its plan")
+    print(f"nemotron-sdg run: run {run_id} interrupted by {name}{done}; resume it with: "
+          f"{shlex.join(resume_command(args.argv, args.run_id, run_id))}", file=sys.stderr, flush=True)
+
+
+def resume_command(argv: list[str], given_run_id: str | None, run_id: str) -> list[str]:
+    """The command line that resumes run `run_id`: the same one, without --new-run (it would start
+    another run), with --run-id unless it already named this run (the last --run-id wins)."""
+    kept = [a for a in argv if not (len(a) >= len("--new") and "--new-run".startswith(a))]
+    return ["nemotron-sdg", *kept, *([] if given_run_id == run_id else ["--run-id", run_id])]
 
 
 class _UserErrorFilter(logging.Filter):
@@ -181,23 +238,6 @@ def _quiet_user_errors() -> None:
     for handler in {h for lg in loggers for h in lg.handlers}:
         if not any(isinstance(f, _UserErrorFilter) for f in handler.filters):
             handler.addFilter(_UserErrorFilter())
-
-
-def _stop_temporary_api_server() -> None:
-    """Without PREFECT_API_URL, Prefect runs a temporary API server and stops it at exit, logging
-    after our last line. Stop it now so the manifest path is the last thing printed."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    # Send what is queued first: the log and event workers would otherwise find no server.
-    for worker in (APILogWorker, EventsWorker):
-        worker.drain_all(timeout=10)
-    for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
-        server.stop()
 
 
 def _add_render(sub) -> None:
@@ -273,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise

@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,3 +90,22 @@ def stop_process_group_by_identity(identity: str, *, grace: float = 10.0) -> Non
     except DeadlineExceeded:
         log.warning("process group %d ignored SIGTERM for %.0f s; sending SIGKILL", pgid, grace)
         _signal_group(pgid, signal.SIGKILL)
+
+
+def exit_with_parent(parent: int | None, interval: float = 0.5) -> None:
+    """Send ourselves SIGTERM once our parent is gone (we are then reparented): a process started
+    in a session of its own hears no signal of its starter's group, so a killed starter (kill -9,
+    OOM) would otherwise leave it running.
+
+    `parent` is the starter's pid as it told us. Without it, the parent is whoever we find at start,
+    which is already init (or a subreaper) when the starter was killed while Python was still
+    importing: we would then watch init forever (issue 22: a killed CLI's server outlived the tests)."""
+    parent = parent or os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.error("parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

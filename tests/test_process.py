@@ -85,3 +85,24 @@ def test_a_server_whose_starter_dies_during_its_start_up_stops(tmp_path):
     finally:
         if not gone(server):
             os.killpg(server, signal.SIGKILL)
+
+
+def test_a_module_run_with_parent_stops_when_its_starter_is_killed(tmp_path):
+    """infra/with_parent.py: what the CLI starts Prefect's temporary API server with, in a session of
+    its own (a terminal's Ctrl-C must not reach it): a kill -9 of the CLI must not leave it running."""
+    starter = ("import os, subprocess, sys; from infra import with_parent; "
+               "p = subprocess.Popen(with_parent.command(os.getpid(), 'http.server', '0', '--bind', '127.0.0.1'), "
+               "start_new_session=True, stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT); "
+               "print(p.pid, flush=True); os.kill(os.getpid(), 9)")
+    log = tmp_path / "child.log"
+    out = subprocess.run([sys.executable, "-c", starter, str(log)], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    child = int(out.stdout.strip())
+    try:
+        poll_until(lambda: gone(child) or None, deadline=Deadline(60), interval=0.2,
+                   what=f"the module run (pid {child}) to stop after its starter was killed")
+        assert "is gone; stopping" in log.read_text(), log.read_text()  # stopped by its watch
+    finally:
+        if not gone(child):
+            os.killpg(child, signal.SIGKILL)

@@ -11,8 +11,9 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
+
+from infra.process import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -173,30 +174,10 @@ def run_serve_local(args: argparse.Namespace) -> int:
         sim_slots=args.sim_slots,
     )
     if args.exit_with_parent is not None:
-        _exit_with_parent(args.exit_with_parent or None)
+        exit_with_parent(args.exit_with_parent or None)
     # The server process plays a NeMo rank, and NeMo keys its rank on SLURM_PROCID.
     rank = os.environ.get("SLURM_PROCID")
     return serve(config, lambda: _load_engine(args), rank=rank)
-
-
-def _exit_with_parent(parent: int | None, interval: float = 0.5) -> None:
-    """Send ourselves SIGTERM once our parent is gone (we are then reparented).
-
-    `parent` is the starter's pid as it told us. Without it, the parent is whoever we find at start,
-    which is already init (or a subreaper) when the starter was killed while Python was still
-    importing: we would then watch init forever (issue 22: a killed CLI's server outlived the tests)."""
-    import signal
-    import threading
-
-    parent = parent or os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        log.error("parent process %d is gone; stopping", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _load_engine(args: argparse.Namespace):
