@@ -106,7 +106,8 @@ def generate(
                                                                             cfg.sampling.add_BOS, cfg.tokenizer)))
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
-    hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)  # one run per run_id
+    # One run per run_id; every write from here on checks the lease is still this run's (LeaseLost if not).
+    store = hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s).fenced()
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)
