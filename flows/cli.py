@@ -291,8 +291,8 @@ def _add_install_automations(sub) -> None:
                     f"run tagged {zombies.TAG!r} to Crashed when its flow process stops sending heartbeats. "
                     "Run once after `prefect deploy --all`; running it again updates it in place.")
     p.add_argument("--heartbeat-s", type=float,
-                   help="the PREFECT_FLOWS_HEARTBEAT_FREQUENCY the worker gives flow runs (default: its value "
-                        "here, Prefect's default 180 when unset)")
+                   help="the heartbeat (s) flow runs send (default: read from the deployments' job variables, "
+                        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY, which prefect.yaml sets; refused when shorter than that)")
     p.add_argument("--within-s", type=float,
                    help=f"seconds without a heartbeat before a run counts as dead (default and minimum: "
                         f"{zombies.MISSED_HEARTBEATS} heartbeats)")
@@ -309,11 +309,12 @@ def _install_automations(args: argparse.Namespace) -> int:
     if not api:
         raise ConfigError("PREFECT_API_URL is not set: the automation would go to a temporary server that stops "
                           "with this command. Set it to your server's API (http://HOST:4200/api) and run again.")
-    heartbeat_s = args.heartbeat_s or zombies.heartbeat_frequency()
+    heartbeat_s, source = zombies.choose_heartbeat(args.heartbeat_s, zombies.deployment_heartbeats(),
+                                                   zombies.heartbeat_frequency())
     within_s = args.within_s or zombies.MISSED_HEARTBEATS * heartbeat_s
     automation_id, what = zombies.install(within_s, heartbeat_s)
     print(f"{what} automation {zombies.NAME!r} ({automation_id}) on {api}: runs tagged {zombies.TAG!r} with no "
-          f"heartbeat for {within_s:g} s are set to Crashed")
+          f"heartbeat for {within_s:g} s are set to Crashed; sized for {source}")
     return 0
 
 
