@@ -60,7 +60,8 @@ FILTER_SWITCHES = {"drop_truncated": "drop completions that hit the token limit"
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",
                        description="Run the generate flow in-process. Flags override --params FILE.json.")
-    p.add_argument("--params", type=Path, help="JSON file of flow parameters (same names as the flags, sampling as an object)")
+    p.add_argument("--params", type=Path, help="JSON file of flow parameters: the flags' names with _ (e.g. tokens_to_generate), or nested "
+                        "groups as in the UI form (sampling, recipe, judge, filters)")
     p.add_argument("--input-uri", help="prompts: JSONL or .txt, local path, file:// or s3://, optionally .gz")
     p.add_argument("--output-uri", help="local path, file:// or s3://bucket/prefix (default NSDG_OUTPUT_URI or ./output)")
     p.add_argument("--run-id", help="reuse to resume a run")
@@ -95,7 +96,7 @@ def _add_run(sub) -> None:
 
 
 def run_parameters(args: argparse.Namespace) -> dict:
-    params = json.loads(args.params.read_text()) if args.params else {}
+    params = load_params_file(args.params) if args.params else {}
     for name in ("input_uri", "output_uri", "run_id", "profile", "batch_size", "shard_size", "prompt_field", "on_bad_input",
                  "prompt_format"):
         if (value := getattr(args, name)) is not None:
@@ -128,6 +129,63 @@ def run_parameters(args: argparse.Namespace) -> dict:
         from flows.params import resolve_run_id
 
         params["run_id"] = resolve_run_id(None)
+    return params
+
+
+# Flag spellings of nested fields that differ from the field's own name.
+FLAG_ALIASES = {"add_bos": ("sampling", "add_BOS"), "end_string": ("sampling", "end_strings"),
+                **{name: ("judge", field) for name, (field, _t, _h) in JUDGE_FLAGS.items()}}
+
+
+def nested_names() -> dict[str, tuple[str, str]]:
+    """Every name a --params file may use at its top level for a nested field: the flag's name
+    (`tokens_to_generate`, `judge_template`, `dedup_exact`) -> (group, field)."""
+    from infra.recipes import RecipeParams
+    from infra.recipes.params import FilterParams
+    from infra.sampling import SamplingParams
+
+    names: dict[str, tuple[str, str]] = {}
+    for group, model in (("sampling", SamplingParams), ("recipe", RecipeParams), ("filters", FilterParams)):
+        for field in model.model_fields:
+            names.setdefault(field, (group, field))
+    names.update(FLAG_ALIASES)
+    return names
+
+
+def load_params_file(path: Path) -> dict:
+    """A --params file: the flow's parameters, with nested fields either in their group
+    (`{"sampling": {"temperature": 0.7}}`) or under their flag's name at the top
+    (`{"temperature": 0.7}`), as `--help` says. Anything else is refused in one line naming the key."""
+    import difflib
+    import inspect
+
+    from flows.generate import generate
+
+    where = f"--params {path}"
+    try:
+        params = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; give the path of a JSON object of flow parameters") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where}: not readable as JSON ({exc}); it must hold one JSON object of flow parameters") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: holds a JSON {type(params).__name__}, not an object of flow parameters")
+    flow_names = list(inspect.signature(generate.fn).parameters)
+    nested = nested_names()
+    for key in [k for k in params if k not in flow_names]:
+        if key not in nested:
+            close = difflib.get_close_matches(key, [*flow_names, *nested], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown parameter {key!r}; {hint}the flow takes {', '.join(flow_names)} "
+                              "(nested fields also by their flag's name, e.g. tokens_to_generate)")
+        group, field = nested[key]
+        value = params.pop(key)
+        inner = params.setdefault(group, {})
+        if not isinstance(inner, dict):
+            raise ConfigError(f"{where}: {group!r} must be an object of its fields, not {inner!r}")
+        if field in inner and inner[field] != value:
+            raise ConfigError(f"{where}: {key!r} ({value!r}) and {group}.{field} ({inner[field]!r}) disagree; keep one")
+        inner[field] = value
     return params
 
 
@@ -273,8 +331,8 @@ def _add_install_automations(sub) -> None:
                     f"run tagged {zombies.TAG!r} to Crashed when its flow process stops sending heartbeats. "
                     "Run once after `prefect deploy --all`; running it again updates it in place.")
     p.add_argument("--heartbeat-s", type=float,
-                   help="the PREFECT_FLOWS_HEARTBEAT_FREQUENCY the worker gives flow runs (default: its value "
-                        "here, Prefect's default 180 when unset)")
+                   help="the heartbeat (s) flow runs send (default: read from the deployments' job variables, "
+                        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY, which prefect.yaml sets; refused when shorter than that)")
     p.add_argument("--within-s", type=float,
                    help=f"seconds without a heartbeat before a run counts as dead (default and minimum: "
                         f"{zombies.MISSED_HEARTBEATS} heartbeats)")
@@ -291,11 +349,12 @@ def _install_automations(args: argparse.Namespace) -> int:
     if not api:
         raise ConfigError("PREFECT_API_URL is not set: the automation would go to a temporary server that stops "
                           "with this command. Set it to your server's API (http://HOST:4200/api) and run again.")
-    heartbeat_s = args.heartbeat_s or zombies.heartbeat_frequency()
+    heartbeat_s, source = zombies.choose_heartbeat(args.heartbeat_s, zombies.deployment_heartbeats(),
+                                                   zombies.heartbeat_frequency())
     within_s = args.within_s or zombies.MISSED_HEARTBEATS * heartbeat_s
     automation_id, what = zombies.install(within_s, heartbeat_s)
     print(f"{what} automation {zombies.NAME!r} ({automation_id}) on {api}: runs tagged {zombies.TAG!r} with no "
-          f"heartbeat for {within_s:g} s are set to Crashed")
+          f"heartbeat for {within_s:g} s are set to Crashed; sized for {source}")
     return 0
 
 

@@ -43,7 +43,7 @@ from infra.recipes.params import FilterParams, JudgeParams
 from infra.tokens import token_counter
 from infra.sampling import SamplingParams
 from infra.settings import Settings, load_settings
-from infra.storage import OutputStore, open_input, open_output_store
+from infra.storage import OutputStore, check_input, open_input, open_output_store
 from tasks.steps import allocate, generate_shard, judge_shard, plan, release, wait_ready
 
 
@@ -108,6 +108,8 @@ def generate(
                                                                             cfg.sampling.add_BOS, cfg.tokenizer)))
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
+    check_input(cfg.input_uri, settings)  # both before the lease, the run's first write: a refusal writes nothing
+    store.preflight()
     # One run per run_id; every write from here on checks the lease is still this run's (LeaseLost if not).
     store = hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s).fenced()
     timings: dict[str, float] = {}

@@ -31,19 +31,56 @@ NAME = "nemotron-sdg: crash runs whose flow process stopped sending heartbeats"
 TAG = "nemotron-sdg"  # every deployment in prefect.yaml carries it
 MISSED_HEARTBEATS = 3
 PREFECT_MIN_HEARTBEAT_S = 30  # flows heartbeat at least this far apart, whatever the setting asks
+PREFECT_DEFAULT_HEARTBEAT_S = 180  # when PREFECT_FLOWS_HEARTBEAT_FREQUENCY is not set
 TERMINAL_EVENTS = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
 
 
-def heartbeat_frequency() -> int:
-    """PREFECT_FLOWS_HEARTBEAT_FREQUENCY as this environment sees it (Prefect's default: 180 s)."""
+def heartbeat_frequency() -> int | None:
+    """PREFECT_FLOWS_HEARTBEAT_FREQUENCY as this environment sees it (None when unset)."""
     from prefect.settings import get_current_settings
 
     value = get_current_settings().flows.heartbeat_frequency
-    if value is None:
-        raise ConfigError("PREFECT_FLOWS_HEARTBEAT_FREQUENCY is unset here, so flow runs send no heartbeats and "
-                          "no run could ever be told dead from alive. Set it (e.g. 60) in the worker's environment "
-                          "and here, then run again.")
-    return int(value)
+    return None if value is None else int(value)
+
+
+def deployment_heartbeats() -> dict[str, float]:
+    """Each deployment tagged TAG on the server -> the heartbeat its flow runs send: its job variables'
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY (prefect.yaml sets it), else Prefect's default, 180 s (a worker
+    could set another in its own environment, which no one can read from here: assume the default)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[TAG])))
+        flows = {d.flow_id: client.read_flow(d.flow_id).name for d in deployments}
+    heartbeats = {}
+    for d in deployments:
+        value = ((d.job_variables or {}).get("env") or {}).get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+        heartbeats[f"{flows[d.flow_id]}/{d.name}"] = max(float(value) if value else PREFECT_DEFAULT_HEARTBEAT_S,
+                                                         PREFECT_MIN_HEARTBEAT_S)
+    return heartbeats
+
+
+def choose_heartbeat(given: float | None, deployed: dict[str, float], here: float | None) -> tuple[float, str]:
+    """The heartbeat the dead-run window is sized for, and where it came from. A window sized for a
+    shorter heartbeat than a deployment's runs send would mark its healthy runs Crashed (issue 27: the
+    docs said --heartbeat-s 60 while the worker sent Prefect's default 180), so that is refused."""
+    if deployed:
+        slowest, seconds = max(deployed.items(), key=lambda item: item[1])
+        if given is not None and given < seconds:
+            raise ConfigError(
+                f"--heartbeat-s {given:g} is shorter than the heartbeat of deployment {slowest!r}: its flow runs send "
+                f"one every {seconds:g} s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY in its job variables, else Prefect's "
+                f"default 180), so its healthy runs would be marked Crashed. Leave --heartbeat-s out, or set "
+                "flow_heartbeat_s in prefect.yaml and deploy again.")
+        return (given or seconds), f"the deployments' flow runs heartbeat every {seconds:g} s ({slowest} the slowest)"
+    if given is not None:
+        return given, "--heartbeat-s (no nemotron-sdg deployment on the server yet: deploy with the same value)"
+    if here is None:
+        raise ConfigError("No nemotron-sdg deployment on the server to read the flow runs' heartbeat from, and "
+                          "PREFECT_FLOWS_HEARTBEAT_FREQUENCY is unset here. Run `prefect --no-prompt deploy --all` "
+                          "first, then this command again.")
+    return here, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY here (no nemotron-sdg deployment on the server yet)"
 
 
 def zombie_automation(within_s: float, heartbeat_s: float) -> "Automation":

@@ -7,6 +7,7 @@ object or none (temp file + rename locally; one PUT or a completed multipart upl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gzip
@@ -27,6 +28,18 @@ from infra.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings
+
+# A local output that fails with these is the user's to fix (a path, permissions, a read-only or full
+# disk): one line and exit 2. Anything else (EIO ...) may pass and stays a StorageError.
+USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EROFS, errno.ENOSPC,
+                errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def preflight_error(root: Path, exc: OSError) -> Exception:
+    seen = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    error = ConfigError if exc.errno in USER_FIXABLE else StorageError
+    return error(f"Output directory {root} is not writable ({seen}). Pick another output_uri or fix its permissions.")
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -154,13 +167,18 @@ class LocalOutputStore:
             "with the same run_id; find out who replaced it.")
 
     def preflight(self) -> None:
+        """Prove the run directory can be made and written; a refusal leaves no folder behind."""
+        missing = [f for f in [*reversed(self._resolved.parents), self._resolved] if not os.path.lexists(f)]
         try:
             d = self._dir()
             tmp, fd = _new_temp(d, ".preflight-", "")
             os.close(fd)
             os.unlink(tmp, dir_fd=d)
         except OSError as exc:
-            raise StorageError(f"Output directory {self.root} is not writable: {exc}. Pick another output_uri or fix its permissions.") from exc
+            for folder in reversed(missing):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise preflight_error(self.root, exc) from None
 
     def publish_file(self, name: str, path: Path, sha256: str) -> None:
         target = validate_key_component(name, "object name")

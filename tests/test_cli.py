@@ -81,6 +81,12 @@ def test_user_errors_are_one_message_and_exit_code_2(tmp_path, served):
         "a config error": ((*run, "--input-uri", str(good), "--profile", "nope"), "Unknown profile 'nope'"),
         "tokens_to_generate over the context": ((*run, "--input-uri", str(good), "--tokens-to-generate", "4096"),
                                                 "leaves no room for a prompt"),
+        # Issue 27 defect 2: the lease was written first (an 83-line PermissionError traceback, exit 1).
+        # Root ignores permission bits, so the unwritable outputs are a path under a file and one in /proc.
+        "an output under a file": (("run", "--input-uri", str(good), "--output-uri", str(good / "out")),
+                                   f"Output directory {good / 'out'}/"),
+        "an output nowhere writable": (("run", "--input-uri", str(good), "--output-uri", "/proc/nsdg-out"),
+                                       "Output directory /proc/nsdg-out/"),
     }
     for what, (args, needle) in cases.items():
         message = user_error(cli(*args, cwd=tmp_path, env=served))

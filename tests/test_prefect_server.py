@@ -87,6 +87,40 @@ def test_zombie_automation_is_scoped_to_our_tag_and_never_shorter_than_three_hea
         zombies.zombie_automation(60, 10)  # Prefect heartbeats every 30 s at the least
 
 
+def test_the_dead_run_window_is_never_sized_below_a_deployments_heartbeat():
+    """Issue 27 defect 1: `--heartbeat-s 60` against runs heartbeating at Prefect's default 180 s marked
+    healthy runs Crashed at 3 minutes. The deployments' own setting decides; a shorter one is refused."""
+    assert zombies.choose_heartbeat(None, {"generate/a": 30.0, "reap/reap": 30.0}, None)[0] == 30
+    with pytest.raises(ConfigError, match="'generate/nightly': its flow runs send one every 180 s"):
+        zombies.choose_heartbeat(60, {"generate/a": 30.0, "generate/nightly": 180.0}, 60)
+    assert zombies.choose_heartbeat(240, {"generate/a": 180.0}, None)[0] == 240  # longer is only slower to notice
+    assert zombies.choose_heartbeat(None, {}, 45)[0] == 45  # nothing deployed yet: this environment's
+    with pytest.raises(ConfigError, match="deploy --all` first"):
+        zombies.choose_heartbeat(None, {}, None)
+
+
+def test_prefect_yaml_gives_every_deployment_the_heartbeat_the_automation_reads():
+    """One value, in prefect.yaml's site block, reaches every deployment's flow runs."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == spec["definitions"]["site"]["flow_heartbeat_s"], deployment["name"]
+    assert int(spec["definitions"]["site"]["flow_heartbeat_s"]) == FLOW_HEARTBEAT_S  # what the tests' runs send
+
+
+@pytest.mark.prefect_server
+@pytest.mark.integration
+def test_install_automations_reads_the_deployments_heartbeat(prefect_server, deployed):
+    cmd = [sys.executable, "-m", "flows.cli", "install-automations"]
+    out = run_command(cmd, timeout=120, env=prefect_server.env(), cwd=str(REPO))
+    assert f"no heartbeat for {3 * FLOW_HEARTBEAT_S} s" in out.stdout and "deployments' flow runs heartbeat" in out.stdout
+    env = {**prefect_server.env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "200"}  # this shell's value does not decide
+    out = run_command(cmd, timeout=120, env=env, cwd=str(REPO))
+    assert f"no heartbeat for {3 * FLOW_HEARTBEAT_S} s" in out.stdout
+
+
 @pytest.mark.prefect_server
 @pytest.mark.integration
 def test_install_automations_twice_leaves_one(prefect_server, deployed):
