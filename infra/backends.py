@@ -202,7 +202,7 @@ def make_client(settings: Settings, url: str, tokenizer: str | None = None, prof
     s, counter = settings.server, token_counter(tokenizer)
     profile = profile or Profile(backend="attach")
     if settings.api(profile) == "openai-completions":
-        return OpenAIClient(url, model=settings.model.name, connect_timeout=s.connect_timeout_s,
+        return OpenAIClient(url, model=settings.served_name(profile), connect_timeout=s.connect_timeout_s,
                             read_timeout=s.read_timeout_s, context_length=settings.model.context_length,
                             count_tokens=counter.count, max_in_flight=settings.in_flight(profile),
                             nemo_openai=profile.engine == "nemo-openai",

@@ -7,13 +7,13 @@ nested sections joined with __) and `.env`, then passed down. No other module re
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from infra.engines import DEFAULT_IN_FLIGHT, Api, Engine, EngineName, engine
+from infra.engines import Api, Engine, EngineName, engine, engine_in_flight
 from infra.errors import ConfigError
 
 ENV_PREFIX = "NSDG_"
@@ -260,7 +260,15 @@ class Settings(BaseSettings):
     def in_flight(self, profile: Profile) -> int:
         if self.server.max_in_flight is not None:
             return self.server.max_in_flight
-        return DEFAULT_IN_FLIGHT[self.api(profile)]
+        return engine_in_flight(profile.engine, self.api(profile))
+
+    def served_name(self, profile: Profile) -> str:
+        """The model name the server lists in /v1/models, which the client sends and readiness looks
+        for. trtllm-serve (<= 1.2, no --served-model-name) lists a local model directory under its
+        basename (engine-launch-audit B1): readiness would fail after the whole load on model.name."""
+        if profile.engine == "trtllm" and profile.backend == "slurm" and not self.server.command:
+            return PurePosixPath(self.model.path).name
+        return self.model.name
 
     def tokenizer_path(self, profile: Profile) -> str | None:
         """The tokenizer to count prompt tokens with: the configured one, the local model's, or

@@ -76,6 +76,7 @@ if len(args) < 2 or args[0] != "serve":
     refuse(f"only `vllm serve MODEL` is stubbed, not {args}")
 opts = options(args[2:])
 (STATE / "vllm-argv").write_text(json.dumps(args))
+(STATE / "vllm-env").write_text(json.dumps({k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "RAY_", "HF_", "XDG_"))}))
 needed = int(opts.get("tensor-parallel-size", 1)) * int(opts.get("pipeline-parallel-size", 1))
 if opts.get("distributed-executor-backend") == "ray" and cluster_gpus() < needed:
     refuse(f"the Ray cluster shows {cluster_gpus()} GPUs, fewer than TP x PP = {needed}", 3)

@@ -39,7 +39,9 @@ def vllm_env(slurm_cluster, workdir, monkeypatch):
 
     def serve_flags(*flags: str) -> None:
         # The job gets none of this process's PYTHONPATH: name this checkout for the stand-ins' Python.
-        monkeypatch.setenv("NSDG_SLURM__ENV", json.dumps({"PYTHONPATH": str(REPO), "STUB_VLLM_EXTRA": json.dumps(flags)}))
+        # Both "nodes" are this host, on loopback: the head's address is given, as a site gives it.
+        monkeypatch.setenv("NSDG_SLURM__ENV", json.dumps({"PYTHONPATH": str(REPO), "STUB_VLLM_EXTRA": json.dumps(flags),
+                                                          "RAY_HEAD_IP": "127.0.0.1"}))
 
     serve_flags()
     return serve_flags
@@ -62,8 +64,13 @@ def test_vllm_launch_on_two_nodes(vllm_env, workdir):
     (job_dir,) = job_dirs(workdir, "vllm-ok")
     state = job_dir / "ray-stub"
     head, worker = (json.loads((state / f"argv-{n}").read_text()) for n in (0, 1))
-    assert head[:2] == ["start", "--head"] and worker == ["start", f"--address={(state / 'head').read_text()}", "--block"]
+    assert head[:3] == ["start", "--head", "--node-ip-address=127.0.0.1"]
+    assert worker == ["start", f"--address={(state / 'head').read_text()}", "--node-ip-address=127.0.0.1", "--block"]
     serve = json.loads((state / "vllm-argv").read_text())
+    env = json.loads((state / "vllm-env").read_text())
+    # vLLM places workers by VLLM_HOST_IP (L1); the V2 Ray executor (L2); caches in the job's own place (L4).
+    assert env["VLLM_HOST_IP"] == "127.0.0.1" and env["VLLM_USE_RAY_V2_EXECUTOR_BACKEND"] == "1"
+    assert env["VLLM_CACHE_ROOT"].startswith(env["XDG_CACHE_HOME"]) and Path(env["XDG_CACHE_HOME"]).is_dir()
     for flag, value in (("--tensor-parallel-size", "8"), ("--pipeline-parallel-size", "2"),
                         ("--distributed-executor-backend", "ray"), ("--max-model-len", "4096")):
         assert serve[serve.index(flag) + 1] == value

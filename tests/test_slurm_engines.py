@@ -61,12 +61,12 @@ def test_switching_the_profile_to_vllm_is_the_only_change_needed():
     spec = spec_for("vllm")
     sbatch, launcher = render_sbatch(spec), render_node_launcher(spec)
     assert "--ntasks-per-node=1" in sbatch_lines(sbatch) and "--gpus-per-node=8" in sbatch_lines(sbatch)
-    assert "--container-image=vllm/vllm-openai:v0.20.0" in sbatch
+    assert "--container-image=vllm/vllm-openai:v0.20.0-cu129" in sbatch
     assert spec.command() == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
                               "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
                               "--distributed-executor-backend", "ray", "--max-model-len", "4096",
                               "--host", "0.0.0.0", "--port", "1424")
-    assert "ray start --head" in launcher and 'ray start --address="$HEAD_ADDRESS" --block' in launcher
+    assert "ray start --head" in launcher and 'ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --block' in launcher
     assert "RAY_GPUS=16" in launcher
 
 
@@ -92,7 +92,7 @@ def test_trtllm_is_one_mpi_world_under_pmix():
 def test_images_come_from_the_engine_map_then_the_defaults():
     assert spec_for("vllm", images={"vllm": "/shared/images/vllm.sqsh"}).container_image == "/shared/images/vllm.sqsh"
     # container_image stays NeMo's: it does not leak into another engine.
-    assert spec_for("vllm", container_image="/shared/images/nemo.sqsh").container_image == "vllm/vllm-openai:v0.20.0"
+    assert spec_for("vllm", container_image="/shared/images/nemo.sqsh").container_image == "vllm/vllm-openai:v0.20.0-cu129"
     assert spec_for("nemo-openai").container_image == "nvcr.io/nvidia/nemo:24.12"
     assert spec_for("nemo", container_image="/shared/images/nemo.sqsh").container_image == "/shared/images/nemo.sqsh"
 
@@ -130,7 +130,7 @@ def test_unknown_engine_in_the_image_map():
 def test_apptainer_needs_the_engines_own_image_file():
     message = refused("apptainer needs a local image file", "vllm", container_runtime="apptainer",
                       container_image="/shared/images/nemo-24.05.sif")
-    assert "docker://vllm/vllm-openai:v0.20.0" in message and 'NSDG_SLURM__IMAGES=\'{"vllm": "..."}\'' in message
+    assert "docker://vllm/vllm-openai:v0.20.0-cu129" in message and 'NSDG_SLURM__IMAGES=\'{"vllm": "..."}\'' in message
 
 
 def test_vllm_refuses_a_nemo_checkpoint_it_can_see(tmp_path):
@@ -176,11 +176,13 @@ def test_render_shows_any_engine(capsys, monkeypatch, tmp_path):
 # --- the Ray roles, run with bash --------------------------------------------------------------------
 
 
-def ray_spec(job_dir: Path, port: int, wait_s: int = 60) -> SbatchSpec:
+def ray_spec(job_dir: Path, port: int, wait_s: int = 60,
+             env: tuple[tuple[str, str], ...] = (("RAY_HEAD_IP", "127.0.0.1"),)) -> SbatchSpec:
+    """Both roles on this host: the head's loopback address is given, as a single-host site would."""
     return SbatchSpec(job_name="nsdg-ray-test", job_dir=str(job_dir), comment="nsdg run=ray-test", nodes=2,
                       tasks_per_node=8, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2, engine="vllm",
                       container_runtime="none", model_path=HF, port=port, ray_port=free_port(),
-                      launch_wait_s=wait_s, env=(("PYTHONPATH", str(Path(__file__).resolve().parents[1])),))
+                      launch_wait_s=wait_s, env=(("PYTHONPATH", str(Path(__file__).resolve().parents[1])), *env))
 
 
 def start_role(job_dir: Path, node: int, stubs: Path) -> subprocess.Popen:
@@ -212,6 +214,24 @@ def ray_job(tmp_path_factory):
     return job_dir, write_engine_stubs(root / "bin")
 
 
+def test_a_head_whose_hostname_resolves_to_loopback_is_refused_at_once(ray_job):
+    """Audit L1: a node name mapped to 127.0.1.1 (Debian's /etc/hosts) made the head advertise an
+    address no other node reaches; vLLM then waited 30 minutes for a placement group on 16 GPUs."""
+    job_dir, stubs = ray_job
+    (stubs / "hostname").write_text('#!/bin/sh\n[ "$1" = --ip-address ] && echo 127.0.1.1 || echo gpu-node-17\n')
+    (stubs / "hostname").chmod(0o755)
+    write_job_files(ray_spec(job_dir, free_port(), env=()))
+    head = start_role(job_dir, 0, stubs)
+    try:
+        out, _ = head.communicate(timeout=30)
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)
+    assert head.returncode == 1
+    assert "hostname --ip-address gives '127.0.1.1' on gpu-node-17, which the other nodes cannot reach: set RAY_HEAD_IP" in out.decode()
+    assert not (job_dir / "ray-head").exists() and not stub_pids(job_dir, "ray")
+
+
 def test_ray_head_waits_for_the_worker_then_serves(ray_job):
     job_dir, stubs = ray_job
     port = free_port()
@@ -228,7 +248,7 @@ def test_ray_head_waits_for_the_worker_then_serves(ray_job):
         head_argv, worker_argv = (json.loads((stub_state / f"argv-{n}").read_text()) for n in (0, 1))
         address = (stub_state / "head").read_text()
         assert head_argv[:2] == ["start", "--head"] and "--block" in head_argv
-        assert worker_argv == ["start", f"--address={address}", "--block"]
+        assert worker_argv == ["start", f"--address={address}", "--node-ip-address=127.0.0.1", "--block"]
         assert json.loads((stub_state / "vllm-argv").read_text())[:3] == ["serve", HF, "--served-model-name"]
         for proc in (worker, head):
             os.kill(proc.pid, signal.SIGTERM)
@@ -265,8 +285,8 @@ def test_a_worker_whose_ray_exits_ends_its_task_non_zero(ray_job):
     job_dir, stubs = ray_job
     write_job_files(ray_spec(job_dir, free_port()))
     (job_dir / "ray-stub").mkdir()
-    (job_dir / "ray-stub" / "head").write_text("10.0.0.1:6379")
-    (job_dir / "ray-head").write_text("77.0 10.0.0.1:6379\n")
+    (job_dir / "ray-stub" / "head").write_text("127.0.0.1:6379")  # a head on this host, which the worker reaches
+    (job_dir / "ray-head").write_text("77.0 127.0.0.1:6379\n")
     worker = start_role(job_dir, 1, stubs)
     poll_until(lambda: stub_pids(job_dir, "ray") or None, deadline=Deadline(30), interval=0.05, what="the Ray worker")
     poll_until(lambda: True if (job_dir / "ray-stub" / "node-1").exists() else None, deadline=Deadline(30),

@@ -117,6 +117,19 @@ def test_a_nemo_file_is_refused(tmp_path):
     spec(model_path=str(extracted)).check_paths_seen_here()
 
 
+def test_a_checkpoint_of_bin_weights_only_is_refused_for_the_hf_engines(tmp_path):
+    """Audit L7: the one-file conversion (pytorch_model.bin, ~680 GB) is torch.load-ed whole by each of a
+    node's 8 vLLM workers: the load OOMs after the queue wait."""
+    hf = tmp_path / "Nemotron-4-340B-Base-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "pytorch_model.bin").write_bytes(b"")
+    for engine in ("vllm", "trtllm"):
+        assert "safe_serialization=True" in refused("no .safetensors", model_path=str(hf), engine=engine)
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    spec(model_path=str(hf), engine="vllm").check_paths_seen_here()
+
+
 # --- options that would break the launch ------------------------------------------------------------
 
 

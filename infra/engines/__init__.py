@@ -32,6 +32,14 @@ class Engine:
 # override an engine's): NeMo's server computes one request at a time (one computing, one queued);
 # vLLM's maintainers say to give the scheduler everything.
 DEFAULT_IN_FLIGHT: dict[str, int] = {"nemo-generate": 2, "openai-completions": 256}
+# Engines that speak an API whose default does not fit them: NeMo >= 2.1's /v1/completions holds one
+# lock per request, batch of 1 (engine-launch-audit L6): 256 queued would outlast the read timeout.
+SERIAL_ENGINES = ("nemo-openai",)
+
+
+def engine_in_flight(name: str, api: str) -> int:
+    """Requests kept open per replica by default for engine `name` speaking `api`."""
+    return DEFAULT_IN_FLIGHT["nemo-generate"] if name in SERIAL_ENGINES else DEFAULT_IN_FLIGHT[api]
 
 
 ENGINES: dict[str, Engine] = {

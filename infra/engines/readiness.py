@@ -37,7 +37,7 @@ def step(client, kind: str, probe_timeout: float, context: str = "") -> str | No
             return f"{url}/v1/models lists no model yet"
         if client.model not in listed:
             raise ServerNotReady(f"The server at {url} serves {listed}, not {client.model!r}: requests for it would "
-                                 f"be refused. Set NSDG_MODEL__NAME to the served name (vllm --served-model-name). {context}".rstrip())
+                                 f"be refused. Set NSDG_MODEL__NAME to the served name (vllm serves it as --served-model-name; trtllm-serve lists the model directory's basename). {context}".rstrip())
     elif not client.port_open():
         return f"{url} refuses connections (model still loading)"
     try:

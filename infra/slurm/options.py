@@ -273,6 +273,12 @@ def check_paths_seen_here(*, model_path: str | None, image: str | None, hf_check
                        "vLLM and TensorRT-LLM load a Hugging Face checkpoint directory (config.json and weights), "
                        "and this has no config.json: convert the .nemo with transformers' "
                        "convert_nemotron_nemo_to_hf.py or use an HF conversion (docs/operators.md, engines)")
+        if model.is_dir() and not any(model.glob("*.safetensors")) and any(model.glob("*.bin")):
+            raise fail("model.path", model_path,
+                       "it holds .bin weights and no .safetensors: vLLM and TensorRT-LLM load a .bin whole in every "
+                       "worker (8 x 680 GB of host memory per node for the one-file conversion). Reshard it to "
+                       "safetensors first (docs/operators.md, engines: save_pretrained(..., safe_serialization=True, "
+                       "max_shard_size='5GB'))")
     elif model_path is not None:
         model = Path(model_path)
         if model.is_file() or (model_path.endswith(".nemo") and not model.is_dir()):

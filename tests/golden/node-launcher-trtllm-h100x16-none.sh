@@ -11,10 +11,22 @@ SERVER_CMD=(trtllm-llmapi-launch trtllm-serve /lustre/models/Nemotron-4-340B-Bas
 # Hydra errors and unbuffered output, so 16 ranks' logs can be read.
 unset VIRTUAL_ENV PYTHONPATH PYTHONHOME
 export PYTHONNOUSERSITE=1 HYDRA_FULL_ERROR=1 PYTHONUNBUFFERED=1
+# Caches in a writable place of this job's: the image is read-only and $HOME is not mounted, so
+# vLLM's compile cache, Triton, torch and the HF hub would fail writing under ~/.cache. Compute
+# nodes are often offline: no hub lookups, no usage reports (which would wait on the network).
+# slurm.env below may set any of these otherwise.
+export XDG_CACHE_HOME="${TMPDIR:-/tmp}/nsdg-cache-${SLURM_JOB_ID:-0}"
+export HF_HOME="$XDG_CACHE_HOME/huggingface" VLLM_CACHE_ROOT="$XDG_CACHE_HOME/vllm" \
+    TRITON_CACHE_DIR="$XDG_CACHE_HOME/triton" TORCHINDUCTOR_CACHE_DIR="$XDG_CACHE_HOME/inductor"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 # slurm.env, set again here: inside a container it wins over the image's own values.
 # slurm.env is empty.
 
 RANK="${SLURM_PROCID:-0}"
+if ! mkdir -p "$XDG_CACHE_HOME" 2>/dev/null; then
+    echo "rank $RANK: cannot create the cache directory $XDG_CACHE_HOME; set XDG_CACHE_HOME in NSDG_SLURM__ENV to a writable directory" >&2
+    exit 1
+fi
 # Taken before any trap is set, and never `$HOSTNAME`, which may be the submit host's
 # (Slurm exports the caller's environment). After the traps below no command substitution
 # runs in this shell: bash 5.2 can fail to parse one that a signal interrupts.

@@ -14,10 +14,22 @@ RAY_WAIT_S=2700
 # Hydra errors and unbuffered output, so 16 ranks' logs can be read.
 unset VIRTUAL_ENV PYTHONPATH PYTHONHOME
 export PYTHONNOUSERSITE=1 HYDRA_FULL_ERROR=1 PYTHONUNBUFFERED=1
+# Caches in a writable place of this job's: the image is read-only and $HOME is not mounted, so
+# vLLM's compile cache, Triton, torch and the HF hub would fail writing under ~/.cache. Compute
+# nodes are often offline: no hub lookups, no usage reports (which would wait on the network).
+# slurm.env below may set any of these otherwise.
+export XDG_CACHE_HOME="${TMPDIR:-/tmp}/nsdg-cache-${SLURM_JOB_ID:-0}"
+export HF_HOME="$XDG_CACHE_HOME/huggingface" VLLM_CACHE_ROOT="$XDG_CACHE_HOME/vllm" \
+    TRITON_CACHE_DIR="$XDG_CACHE_HOME/triton" TORCHINDUCTOR_CACHE_DIR="$XDG_CACHE_HOME/inductor"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 # slurm.env, set again here: inside a container it wins over the image's own values.
 # slurm.env is empty.
 
 RANK="${SLURM_PROCID:-0}"
+if ! mkdir -p "$XDG_CACHE_HOME" 2>/dev/null; then
+    echo "rank $RANK: cannot create the cache directory $XDG_CACHE_HOME; set XDG_CACHE_HOME in NSDG_SLURM__ENV to a writable directory" >&2
+    exit 1
+fi
 # Taken before any trap is set, and never `$HOSTNAME`, which may be the submit host's
 # (Slurm exports the caller's environment). After the traps below no command substitution
 # runs in this shell: bash 5.2 can fail to parse one that a signal interrupts.
@@ -88,6 +100,9 @@ log "local_rank=${SLURM_LOCALID:-?} node_rank=${SLURM_NODEID:-?} host=$HOST job=
 # --kill-on-bad-exit ends the whole step (the head's server cannot go on without it).
 NODE_RANK="${SLURM_NODEID:-0}"
 RAY_PID=""
+# vLLM 0.20-0.22 keep the old compiled-graph Ray executor (multi-node PP > 1 fails in its channels)
+# unless asked for V2, its default from 0.23 on (vllm #36836).
+export VLLM_USE_RAY_V2_EXECUTOR_BACKEND="${VLLM_USE_RAY_V2_EXECUTOR_BACKEND:-1}"
 # Tagged with the job id and restart count: a requeued job must not join the last start's head.
 HEAD_TAG="${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"
 
@@ -100,6 +115,18 @@ stop_ray() {
 
 trap 'stop_ray; stop_server TERM' TERM
 trap 'stop_ray; stop_server INT' INT
+
+own_address() {
+    # This node's address as `hostname --ip-address` gives it (Ray's own Slurm recipe), through a
+    # file: no command substitution runs once the traps are set.
+    hostname --ip-address > "$JOB_DIR/.node-ip.$$" 2>/dev/null
+    read -r NODE_IP _ < "$JOB_DIR/.node-ip.$$"
+    rm -f "$JOB_DIR/.node-ip.$$"
+}
+
+is_loopback() {
+    case "$1" in 127.*|::1|localhost|"") return 0 ;; *) return 1 ;; esac
+}
 
 elapsed_since() {
     local now
@@ -168,15 +195,21 @@ if [ "$NODE_RANK" = "0" ]; then
     publish rank0-host "$HOST"
     publish rank0-node "${SLURMD_NODENAME:-}"
     # The head's address as the other nodes reach it: RAY_HEAD_IP from slurm.env, else the
-    # node's address as `hostname --ip-address` gives it (Ray's own Slurm recipe). Read through a
-    # file: no command substitution runs once the traps are set.
+    # node's own address. A loopback address found that way (a hostname mapped to 127.0.1.1 in
+    # /etc/hosts) cannot be reached from another node: refused now, not after Ray's 30-minute wait.
     if [ -z "${RAY_HEAD_IP:-}" ]; then
-        hostname --ip-address > "$JOB_DIR/.head-ip.$$" 2>/dev/null
-        read -r RAY_HEAD_IP _ < "$JOB_DIR/.head-ip.$$"
-        rm -f "$JOB_DIR/.head-ip.$$"
+        own_address
+        if is_loopback "$NODE_IP"; then
+            log "hostname --ip-address gives '$NODE_IP' on $HOST, which the other nodes cannot reach: set RAY_HEAD_IP in NSDG_SLURM__ENV to this node's address on the cluster network, or fix its /etc/hosts"
+            exit 1
+        fi
+        RAY_HEAD_IP=$NODE_IP
     fi
-    HEAD_ADDRESS="${RAY_HEAD_IP:-$HOST}:$RAY_PORT"
-    setsid ray start --head --node-ip-address="${RAY_HEAD_IP:-$HOST}" --port="$RAY_PORT" --block &
+    # vLLM places its workers by this address (VLLM_HOST_IP, else a guess from the default
+    # route, which air-gapped nodes lack): the same one Ray knows the node by (vLLM's run_cluster.sh).
+    export VLLM_HOST_IP="$RAY_HEAD_IP" RAY_NODE_IP_ADDRESS="$RAY_HEAD_IP"
+    HEAD_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
+    setsid ray start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_PORT" --block &
     RAY_PID=$!
     log "Ray head started at $HEAD_ADDRESS, pid and process group $RAY_PID"
     wait_for_ray_cluster
@@ -197,7 +230,13 @@ if [ "$NODE_RANK" = "0" ]; then
 fi
 
 wait_for_head || exit 1
-setsid ray start --address="$HEAD_ADDRESS" --block &
+own_address
+if is_loopback "$NODE_IP" && ! is_loopback "${HEAD_ADDRESS%:*}"; then
+    log "hostname --ip-address gives '$NODE_IP' on $HOST, which the head at $HEAD_ADDRESS cannot reach: fix this node's /etc/hosts"
+    exit 1
+fi
+export VLLM_HOST_IP="$NODE_IP" RAY_NODE_IP_ADDRESS="$NODE_IP"
+setsid ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --block &
 SERVER_PID=$!
 log "Ray worker joined $HEAD_ADDRESS, pid and process group $SERVER_PID"
 wait_for "$SERVER_PID"

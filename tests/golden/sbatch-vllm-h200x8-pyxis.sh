@@ -29,7 +29,7 @@ TASKS_PER_NODE=1
 CPUS_PER_TASK=''
 SRUN_ARGS=()
 # Model: /lustre/models/Nemotron-4-340B-Base-hf-FP8 is mounted read-only at its own path (slurm.mount_model).
-SRUN_CONTAINER_ARGS=(--container-image=vllm/vllm-openai:v0.20.0 --container-mounts=/lustre/models/Nemotron-4-340B-Base-hf-FP8:/lustre/models/Nemotron-4-340B-Base-hf-FP8:ro,/shared/nsdg/jobs/nsdg-golden-0001:/shared/nsdg/jobs/nsdg-golden-0001 --container-workdir=/shared/nsdg/jobs/nsdg-golden-0001 --no-container-mount-home)
+SRUN_CONTAINER_ARGS=(--container-image=vllm/vllm-openai:v0.20.0-cu129 --container-mounts=/lustre/models/Nemotron-4-340B-Base-hf-FP8:/lustre/models/Nemotron-4-340B-Base-hf-FP8:ro,/shared/nsdg/jobs/nsdg-golden-0001:/shared/nsdg/jobs/nsdg-golden-0001 --container-workdir=/shared/nsdg/jobs/nsdg-golden-0001 --no-container-mount-home)
 LAUNCH_PREFIX=()
 
 BATCH_PID=$$
