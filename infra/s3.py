@@ -424,17 +424,21 @@ class S3OutputStore:
         writes carries its sha256 as metadata, which S3 checked against the bytes on upload (the
         SHA-256 checksum); an object written by anything else has none, and so matches no state."""
         key = self.key(name)
+        head = self._read(key, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        return None if head is None else head.get("Metadata", {}).get("sha256")
+
+    def _read(self, key: str, call):
+        """`call()`, a read of the object at `key`: None when it does not exist, S3's errors as ours."""
         try:
-            head = self._client.head_object(Bucket=self.bucket, Key=key)
+            return call()
         except ClientError as exc:
             if _code(exc) in NOT_FOUND:
                 return None
             raise self._read_error(exc, key) from exc
         except NoCredentialsError as exc:
             raise _no_credentials(f"reading s3://{self.bucket}/{key}") from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, *STREAM_ERRORS) as exc:
             raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
-        return head.get("Metadata", {}).get("sha256")
 
     def delete(self, name: str) -> None:
         """Remove the object; S3 answers a missing one as removed."""
@@ -480,17 +484,12 @@ class S3OutputStore:
     def read_versioned(self, name: str) -> tuple[bytes, str] | None:
         """The object's bytes and ETag, or None when it does not exist."""
         key = self.key(name)
-        try:
+
+        def get() -> tuple[bytes, str]:
             reply = self._client.get_object(Bucket=self.bucket, Key=key)
             return reply["Body"].read(), reply["ETag"]
-        except ClientError as exc:
-            if _code(exc) in NOT_FOUND:
-                return None
-            raise self._read_error(exc, key) from exc
-        except NoCredentialsError as exc:
-            raise _no_credentials(f"reading s3://{self.bucket}/{key}") from exc
-        except (BotoCoreError, *STREAM_ERRORS) as exc:
-            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+
+        return self._read(key, get)
 
     def replace_if_version(self, name: str, data: bytes, version: str) -> str | None:
         reply = self._conditional(self._client.put_object, name, f"replacing {name}", Body=data, IfMatch=version)

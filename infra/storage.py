@@ -215,7 +215,8 @@ class LocalOutputStore:
             _unlink(tmp, d)
             raise
 
-    def read_bytes(self, name: str) -> bytes | None:
+    def _open_read(self, name: str) -> BinaryIO | None:
+        """`name` in the held run directory, opened to read (never through a symlink); None when absent."""
         name = validate_key_component(name, "object name")
         d = self._dir(create=False)
         if d is None:
@@ -229,7 +230,13 @@ class LocalOutputStore:
                 raise
             raise StorageError(f"{self.root / name} is a symlink: a run's files are never links, and it is not "
                                "followed. Remove it and rerun.") from None
-        with os.fdopen(fd, "rb") as f:
+        return os.fdopen(fd, "rb")
+
+    def read_bytes(self, name: str) -> bytes | None:
+        f = self._open_read(name)
+        if f is None:
+            return None
+        with f:
             return f.read()
 
     def list_names(self) -> list[str]:
@@ -249,16 +256,11 @@ class LocalOutputStore:
     def sha256(self, name: str) -> str | None:
         """The object's sha256 as it is now (hashed), or None when it does not exist. Through the
         held directory, never a symlink, like every other access."""
-        name = validate_key_component(name, "object name")
-        d = self._dir(create=False)
-        if d is None:
-            return None
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-        except FileNotFoundError:
+        f = self._open_read(name)
+        if f is None:
             return None
         h = hashlib.sha256()
-        with os.fdopen(fd, "rb") as f:
+        with f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
