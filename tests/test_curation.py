@@ -168,9 +168,10 @@ def test_a_catastrophic_filter_regex_fails_curation_naming_it_instead_of_hanging
                                           r"of 35 characters for more than 1 s of CPU time: .* Rewrite it"):
         curate(store, parts, Curation(filters=FilterParams(must_not_match=["x", CATASTROPHIC])), CHASH)
     params = JudgeParams(template="Rate: {{ completion }}", score_pattern=CATASTROPHIC)
-    parts = write_parts(store, [[row("a", "fine")]], [[BACKTRACKS]])
+    scorer = judge(params)
+    parts = write_parts(store, [[row("a", "fine")]], [[BACKTRACKS]], judged_by=scorer)
     with pytest.raises(ConfigError, match=r"^judge.score_pattern .* for more than 1 s"):
-        curate(store, parts, Curation(params, judge=judge(params)), CHASH)
+        curate(store, parts, Curation(params, judge=scorer), CHASH)
 
 
 def test_the_flow_form_has_judge_and_filters_groups_with_every_field_described():
