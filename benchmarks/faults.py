@@ -548,7 +548,27 @@ def case_probe_500(tmp: Path) -> Row:
     return _attach_pair(tmp, "readiness probe answered HTTP 500 (2 URLs)", ["--fault-500-on", "Hello"])
 
 
+def case_throttled(tmp: Path) -> Row:
+    """OpenAI path, every 4th completion answered busy (429, then 503, alternately): each such request
+    is retried alone with backoff and fewer in flight, and no replica counts as lost (review 2, D8:
+    one busy answer failed the whole shard, and the retries released a healthy server)."""
+    from flows.generate import generate
+
+    expected = write_prompts(tmp / "in.jsonl", 60)
+    env = local_env(tmp, "--fault-throttle-every", "4", NSDG_SERVER__API="openai-completions")
+    with environment(env):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=20, batch_size=8)
+    written, rejected, manifest = read_local_run(tmp / "out" / "r")
+    lost, dup = count_outcomes(expected, written, rejected)
+    logs = [log.read_text() for log in (tmp / "work").glob("servers/*/replica-*/server.log")]
+    busy = sum(text.count('" 429 ') + text.count('" 503 ') for text in logs)
+    return Row("OpenAI path: server busy (429/503 on every 4th request)", injected=busy,
+               detected=busy if manifest["server_restarts"] == 0 and len(logs) == 1 else 0, lost=lost, duplicated=dup,
+               leaked=local_servers(tmp), note="retried per request; the replica kept")
+
+
 CASES.update({
+    "throttled": case_throttled,
     "slurm_slow_release": case_slurm_slow_release,
     "api_outage": case_api_outage,
     "attach_replica_lost": case_attach_replica_lost,
