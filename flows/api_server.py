@@ -41,6 +41,11 @@ class OwnSessionServer(SubprocessASGIServer):
         return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
+# The temporary server this process started, the only one stop_temporary_server() stops: another
+# SubprocessASGIServer in the process (prefect_test_harness's, in the tests) is not ours to stop.
+_ours: list[SubprocessASGIServer] = []
+
+
 def start_temporary_server() -> None:
     """Start the temporary server now, unless runs go to a Prefect server of their own. Idempotent."""
     if PREFECT_API_URL.value() or not get_current_settings().server.ephemeral.enabled:
@@ -49,15 +54,17 @@ def start_temporary_server() -> None:
     if server is None:
         server = OwnSessionServer()
     server.start()
+    if server not in _ours:
+        _ours.append(server)
 
 
 def stop_temporary_server() -> None:
-    """Send what the log and event workers still hold, then stop the temporary server (none: nothing
-    to do). Prefect would stop it at exit, logging after our last line, and not at all after kill -9."""
-    servers = list(SubprocessASGIServer._instances.values())
-    if not servers:
+    """Send what the log and event workers still hold, then stop the temporary server this process
+    started (none: nothing to do). Prefect would stop it at exit, logging after our last line, and
+    not at all after kill -9."""
+    if not _ours:
         return
     for worker in (APILogWorker, EventsWorker):  # they would otherwise find no server
         worker.drain_all(timeout=10)
-    for server in servers:
-        server.stop()
+    while _ours:
+        _ours.pop().stop()

@@ -41,6 +41,11 @@ class FirstSignalStops:
         signum = signal_of(exc)
         if signum is not None and self.received is None:
             self.received = signum
+        if signum is not None:
+            # Ours again: Prefect's own handler, which raised this, may have left the default in
+            # place, and a second Ctrl-C would then kill the process in the middle of its teardown.
+            for s in SIGNALS:
+                signal.signal(s, self._handle)
         return signum
 
     def _handle(self, signum: int, frame) -> None:
