@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
             if (signum := stop.seen(exc)) is None:
                 raise
             _print_interrupted(args, so_far, signum)
+            stop.exiting()
             return 128 + signum
 
 

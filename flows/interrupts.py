@@ -48,6 +48,14 @@ class FirstSignalStops:
                 signal.signal(s, self._handle)
         return signum
 
+    def exiting(self) -> None:
+        """The run is stopped and the process about to exit: later signals are ignored outright.
+        Python's finalization puts a Python-level handler back to the default, and a second Ctrl-C
+        landing there would kill the process (exit -2) after its resume line; an ignored signal
+        stays ignored through it."""
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:
             # os.write: print() from a handler can find stderr's buffer in use by the interrupted code.
