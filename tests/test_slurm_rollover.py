@@ -67,10 +67,11 @@ def test_a_run_longer_than_the_time_limit_rolls_over(rollover_env, workdir, repl
 
 
 def test_a_limit_too_short_to_hand_over_loses_nothing_and_says_so(rollover_env, workdir, caplog):
-    """Loading takes 35 s of a 1-minute job: no successor can be ready before its predecessor's
-    end. The old job's shards go back to the queue, the successor finishes them, and the log says
-    the limit is too short."""
-    rollover_env("--load-delay", "35", "--extra-latency", "0.5")
+    """Loading takes 42 s of a 1-minute job: no successor can be ready before its predecessor's
+    end (at 35 s it now can: the old job serves until its own end, beside its successor), yet load +
+    one shard fit the limit, so nothing refuses it. The old job's shards go back to the queue, the
+    successor finishes them, and the log says the limit is too short."""
+    rollover_env("--load-delay", "42", "--extra-latency", "0.5")
     caplog.set_level(logging.WARNING, logger="flows.rollovers")
     _, roll = run_and_read(workdir, "roll-short", 400)
     assert roll["count"] >= 1 and roll["late"] >= 1
