@@ -1,7 +1,7 @@
 """Simulated server time for a mixed-length prompt set: length-aware vs arrival-order batching.
 
 The same prompts go to the NeMo-compatible server (simulated engine) in batches of 32, one
-request at a time, under three plans from `infra.batching.plan_batches`:
+request at a time, under three plans from `infra.prompting.batching.plan_batches`:
 - arrival order (window of 1 batch: what the seed and a plain client do),
 - length-aware with the window the flow uses (`ShardJob.length_window`, 8 batches),
 - length-aware over the whole set (window = every batch; an upper bound on the gain).
@@ -60,9 +60,9 @@ def modelled_seconds(prompts: list[str], plan: list[list[int]], cost: Cost) -> f
 
 def run(workdir: Path, log, n: int = 768) -> dict:
     from infra.backends import make_client
-    from infra.batching import plan_batches
+    from infra.prompting.batching import plan_batches
     from infra.engines.nemo import estimate_tokens
-    from infra.sampling import SamplingParams
+    from infra.prompting.sampling import SamplingParams
     from infra.settings import load_settings
 
     try:

@@ -42,13 +42,13 @@ def prompt_of(i: int) -> str:
 
 
 def _sampling(**kw):
-    from infra.sampling import SamplingParams
+    from infra.prompting.sampling import SamplingParams
 
     return SamplingParams(tokens_to_generate=TOKENS, greedy=True, **kw)
 
 
 def static(srv, prompts: list[str], batch: int) -> dict:
-    from infra.batching import plan_batches
+    from infra.prompting.batching import plan_batches
     from infra.engines.nemo import NemoClient
     from infra.local_server.engines import SimulatedEngine
 
@@ -102,7 +102,7 @@ def compare(workdir: Path, log, n: int) -> dict:
 
 
 def bare_nemo(url: str, prompts: list[str]) -> float:
-    from infra.batching import plan_batches
+    from infra.prompting.batching import plan_batches
     from infra.engines.nemo import NemoClient
 
     client, sampling = NemoClient(url), _sampling()

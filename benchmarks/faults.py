@@ -492,7 +492,7 @@ def case_api_outage(tmp: Path) -> Row:
     from tests.fixtures_prefect import start_server, tail_of
     from tests.ports import free_port
 
-    from infra.process import stop_process_group
+    from infra.system.process import stop_process_group
 
     expected = write_prompts(tmp / "in.jsonl", 100)
     server = start_server(tmp / "prefect", free_port())

@@ -16,7 +16,7 @@ from benchmarks.common import Cost, local_server, median, stock_server_has_nodel
 
 def round_trips(workdir: Path, stock: bool, n: int = 60) -> float:
     from infra.backends import make_client
-    from infra.sampling import SamplingParams
+    from infra.prompting.sampling import SamplingParams
     from infra.settings import load_settings
 
     with local_server(workdir, f"nagle-{'stock' if stock else 'nodelay'}", Cost(), stock=stock) as srv:

@@ -44,7 +44,7 @@ def write_examples(path: Path, n: int = 200) -> Path:
 def write_rendered(path: Path, n: int, examples: Path, recipe: dict) -> Path:
     """The prompts the recipe renders for `n` topic records, as a plain `{id, prompt}` input: a plain
     run over them pays for the longer prompts, not for the template or the samples."""
-    from infra.dataset import Record
+    from infra.prompting.dataset import Record
     from infra.recipes import RecipeParams, load_recipe
     from infra.settings import Settings
 

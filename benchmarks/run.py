@@ -258,7 +258,7 @@ def _details(r: dict) -> list[str]:
     if bt:
         asked = bt["prompts"] * bt["tokens_to_generate"]
         lt = bt["length_tokens"]
-        L += ["### Length-aware batching (`benchmarks/batching.py`, `infra/batching.py`)", "",
+        L += ["### Length-aware batching (`benchmarks/batching.py`, `infra/prompting/batching.py`)", "",
               f"{bt['prompts']} prompts, log-normal lengths (simulated-tokenizer tokens: min {lt['min']}, median "
               f"{lt['median']}, p90 {lt['p90']}, max {lt['max']}), batches of {bt['batch_size']}, tokens_to_generate "
               f"{bt['tokens_to_generate']}, sent one request at a time; the figure is the sum of the server's reported "

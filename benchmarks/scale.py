@@ -57,7 +57,7 @@ def one(workdir: Path, api: PrefectAPI, srv, src: Path, n: int, tag: str, log) -
 SET_PROBE = """
 import psutil
 p = psutil.Process(); before = p.memory_info().rss
-from infra.idset import IdSet
+from infra.storage.scratch import IdSet
 seen = IdSet()
 for i in range(1_000_000):
     seen.add(f"r{i}")
@@ -66,7 +66,7 @@ print((p.memory_info().rss - before) / 2**20)
 
 
 def id_set_mb_per_million() -> float:
-    """What RecordCheck's duplicate-id set (infra.idset.IdSet: digests in a scratch SQLite file, an
+    """What RecordCheck's duplicate-id set (infra.storage.scratch.IdSet: digests in a scratch SQLite file, an
     8 MB page cache in memory) adds to RSS for a million records."""
     import subprocess
 

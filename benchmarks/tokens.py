@@ -111,10 +111,10 @@ def write_short_prompts(path: Path, n: int, gen: EnglishIsh) -> Path:
 
 def _plan_child(params: dict, out: Path) -> None:
     from infra.planning import RunConfig, make_plan
-    from infra.sampling import SamplingParams
+    from infra.prompting.sampling import SamplingParams
     from infra.settings import Settings
     from infra.storage import LocalOutputStore
-    from infra.tokens import token_counter
+    from infra.prompting.tokens import token_counter
 
     settings = Settings(model={"context_length": CONTEXT})
     cfg = RunConfig(input_uri=params["input_uri"], output_uri=params["output_uri"], run_id=params["run_id"],
@@ -171,11 +171,11 @@ def _pct(values: list[int], q: float) -> int:
 
 def estimate_errors(prompts: list[str], tokenizer: str) -> dict:
     """Each prompt through RecordCheck with the exact counter and with the estimate."""
-    from infra.dataset import BadLine, Record
+    from infra.prompting.dataset import BadLine, Record
     from infra.planning import RecordCheck, RunConfig
-    from infra.sampling import SamplingParams
+    from infra.prompting.sampling import SamplingParams
     from infra.settings import Settings
-    from infra.tokens import token_counter
+    from infra.prompting.tokens import token_counter
 
     settings = Settings(model={"context_length": CONTEXT})
     exact = token_counter(tokenizer)
@@ -217,7 +217,7 @@ def estimate_errors(prompts: list[str], tokenizer: str) -> dict:
 
 def make_run(log) -> dict:
     """`make run` once, as a user runs it (no PREFECT_ or NSDG_ settings from this process)."""
-    from infra.tokens import token_counter
+    from infra.prompting.tokens import token_counter
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NSDG_", "PREFECT_"))}
     argv = ["make", "-o", ".venv/.installed", "run"]
@@ -269,7 +269,7 @@ def _plans(workdir: Path, src: Path, n: int, what: str, folder: Path, cases, log
 
 
 def run(workdir: Path, log, sizes=PLAN_SIZES, with_make_run: bool = True) -> dict:
-    from infra.tokens import token_counter
+    from infra.prompting.tokens import token_counter
 
     gen = EnglishIsh()
     folder = train_tokenizer(workdir / "Nemotron-like-nemo", gen, log)

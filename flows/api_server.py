@@ -6,7 +6,7 @@ process group: a terminal's Ctrl-C (SIGINT to the foreground group) or `timeout`
 together with the CLI, which then spent minutes retrying the dead API to record the run as Crashed,
 printing tracebacks (issue 27). Started here first, in a session of its own, it hears only what the
 CLI sends it: the CLI stops it after the run, and it stops itself when the CLI is gone without doing
-so (kill -9; infra/with_parent.py).
+so (kill -9; infra/system/with_parent.py).
 
 Prefect keeps one such server per requested port, and its clients ask for "any free port" (None):
 the server registered here under that key is the one every Prefect client of this process uses.
@@ -23,7 +23,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings
 
-from infra import with_parent
+from infra.system import with_parent
 
 
 class OwnSessionServer(SubprocessASGIServer):

@@ -142,7 +142,7 @@ def nested_names() -> dict[str, tuple[str, str]]:
     (`tokens_to_generate`, `judge_template`, `dedup_exact`) -> (group, field)."""
     from infra.recipes import RecipeParams
     from infra.recipes.params import FilterParams
-    from infra.sampling import SamplingParams
+    from infra.prompting.sampling import SamplingParams
 
     names: dict[str, tuple[str, str]] = {}
     for group, model in (("sampling", SamplingParams), ("recipe", RecipeParams), ("filters", FilterParams)):

@@ -28,20 +28,20 @@ from infra.slurm.backend import check_launch
 from infra.slurm.spec import time_limit_s
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
-from infra.lease import hold_run_lease
-from infra.locations import check_run_locations
-from infra.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, PartInfo, generated_tokens, prompt_matches,
+from infra.run.lease import hold_run_lease
+from infra.storage.locations import check_run_locations
+from infra.run.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, PartInfo, generated_tokens, prompt_matches,
                             rejects_name, run_job_ids, run_replicas)
 from infra.planning import Plan, RunConfig, load_published, planned_shards
-from infra.prompt_format import default_format
+from infra.prompting.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe
-from infra.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
-from infra.served_model import ServedModel, check_served, recorded_served
+from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
+from infra.engines.served_model import ServedModel, check_served, recorded_served
 from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
 from infra.recipes.judge import judged_current, load_judge
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.tokens import token_counter
-from infra.sampling import SamplingParams
+from infra.prompting.tokens import token_counter
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
 from tasks.steps import allocate, generate_shard, judge_shard, plan, release, wait_ready

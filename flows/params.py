@@ -11,12 +11,12 @@ from pydantic.fields import FieldInfo
 
 from infra.errors import ConfigError
 from infra.planning import RunConfig
-from infra.prompt_format import load_prompt_format
+from infra.prompting.prompt_format import load_prompt_format
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.sampling import MAX_BATCH, SamplingParams
-from infra.keys import validate_key_component
+from infra.prompting.sampling import MAX_BATCH, SamplingParams
+from infra.storage.keys import validate_key_component
 
 
 class RunParams(BaseModel):

@@ -10,7 +10,7 @@ hangs is released, its unfinished shards go back to the queue, and it is replace
 `max_server_restarts` allows. A replica is released as soon as the queue is empty and its last
 shard is done, not when the slowest replica finishes; every replica is released on every exit.
 
-A replica whose allocation has an end (a Slurm time limit) rolls over (infra/rollover.py): ahead
+A replica whose allocation has an end (a Slurm time limit) rolls over (infra/backends/rollover.py): ahead
 of the end a successor is started for it; the old one keeps serving beside it (both are paid
 for), takes no shard it cannot finish in time, and is released once its successor is ready and
 its own end leaves no room for another shard. A job that ends first gives its shards back to the
@@ -35,10 +35,10 @@ from prefect.futures import PrefectFuture
 
 from flows.rollovers import Rollovers
 from infra.backends import PROBE_TIMEOUT_S, Backend
-from infra.dataset import Shard
+from infra.prompting.dataset import Shard
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, ServerThrottled, TransientServerError
 from infra.generation import ShardResult
-from infra.rollover import Handover, Measured, RolloverPolicy, admits_shard, busy_s, mean_shard_s
+from infra.backends.rollover import Handover, Measured, RolloverPolicy, admits_shard, busy_s, mean_shard_s
 
 log = logging.getLogger(__name__)
 

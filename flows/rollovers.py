@@ -1,6 +1,6 @@
 """The pool's planned rollovers (flows/replicas.py's Pool has these methods): start a replica's
 successor ahead of its allocation's end, hand over when the end comes, and report what the
-rollovers cost. The decisions themselves are pure, in infra/rollover.py."""
+rollovers cost. The decisions themselves are pure, in infra/backends/rollover.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from infra.errors import ConfigError
-from infra.rollover import RolloverReport, check_time_limit, gap_s, lead_s, overlap_s, successor_due
+from infra.backends.rollover import RolloverReport, check_time_limit, gap_s, lead_s, overlap_s, successor_due
 
 if TYPE_CHECKING:
     from flows.replicas import Replica

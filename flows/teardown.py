@@ -7,7 +7,7 @@ from prefect.logging.loggers import flow_run_logger
 
 from flows.params import resolve_run_id
 from infra.backends import release_local_by_run
-from infra.lease import release_held
+from infra.run.lease import release_held
 from infra.settings import load_settings
 
 

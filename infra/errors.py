@@ -6,7 +6,7 @@ Every message names the object, what was seen, and what to do next.
     ├── ConfigError            bad settings, parameters or input; raised before any GPU is asked for
     │   ├── InputError         the prompt dataset cannot be used (file, line numbers, problem)
     │   │   └── InputChanged   the input changed between the plan and the generation pass
-    │   └── RunLeaseHeld       another flow run holds this run id's lease (infra/lease.py)
+    │   └── RunLeaseHeld       another flow run holds this run id's lease (infra/run/lease.py)
     ├── CommandError           an external command failed or timed out (argv, exit code, stderr tail)
     ├── DeadlineExceeded       a wait ran out of time (what was awaited, last thing seen)
     ├── SlurmJobError          a Slurm job ended or never started (job id, state, exit code, log tail)
@@ -24,7 +24,7 @@ Every message names the object, what was seen, and what to do next.
     ├── CircuitOpen            too many records failed in a window: stop before burning GPU hours
     ├── StorageError           reading input or publishing output failed (bucket/key/path, cause)
     ├── LocationChanged        the run directory is no longer the one checked at the start (a symlink swapped in)
-    └── LeaseLost              another run took this run's lease: this one writes nothing more (infra/lease.py)
+    └── LeaseLost              another run took this run's lease: this one writes nothing more (infra/run/lease.py)
 """
 
 from __future__ import annotations

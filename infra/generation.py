@@ -20,18 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.dataset import RESERVED_FIELDS, Record, Shard
+from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
-from infra.manifest import PartInfo, rejects_name, state_name
+from infra.run.manifest import PartInfo, rejects_name, state_name
 from infra.engines.nemo import GeneratedText, NemoClient
 from infra.engines.openai import OpenAIClient
-from infra.prompt_format import RAW, PromptFormat
+from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.judge import Judge, judge_part, judged_current
 from infra.recipes.samples import request_seed, sample_batches
-from infra.sampling import SamplingParams
-from infra.states import invalidate, published_part
+from infra.prompting.sampling import SamplingParams
+from infra.run.states import invalidate, published_part
 from infra.storage import OutputStore
-from infra.tokens import token_counter
+from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ShardJob:
     """Everything a shard needs besides its records; shared by every shard of a run."""
 
     run_id: str
-    model: str  # the served model (infra/served_model.py ServedModel.label), which the rows name
+    model: str  # the served model (infra/engines/served_model.py ServedModel.label), which the rows name
     config_hash: str
     sampling: SamplingParams
     batch_size: int
@@ -264,7 +264,7 @@ def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, st
     pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
     ok = [(r, s, g) for r, s, g in pairs if isinstance(g, GeneratedText)]
     rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
-    invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.states)
+    invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.run.states)
     if rejected:  # before the part and its state: a published state implies both
         publish(store, rejects_name(shard.name), rejected)
     out = [output_record(r, g, job, shard.index, s) for r, s, g in ok]  # one shard: the judge reads them too

@@ -15,21 +15,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from infra.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, part_name, shard_count
+from infra.prompting.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, part_name, shard_count
 from infra.errors import ConfigError, InputError
-from infra.idset import IdSet
-from infra.input_pin import InputPin
-from infra.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
+from infra.storage.scratch import IdSet
+from infra.storage.input_pin import InputPin
+from infra.run.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
 from infra.engines.nemo import check_fits_context
-from infra.prompt_format import RAW, PromptFormat
+from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
-from infra.sampling import SamplingParams
-from infra import served_model
+from infra.prompting.sampling import SamplingParams
+from infra.engines import served_model
 from infra.settings import Settings
-from infra.states import published_part
+from infra.run.states import published_part
 from infra.storage import OutputStore, check_input, open_input
-from infra.tokens import token_counter
+from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "run.json"
@@ -286,7 +286,7 @@ def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine]) -> s
 
 def load_published(store: OutputStore, chash: str) -> dict[int, PartInfo]:
     """The shards done under config `chash`: a state whose part file still has the sha256 it names
-    (infra.states); a part rewritten after its state (a kill in between) is generated again."""
+    (infra.run.states); a part rewritten after its state (a kill in between) is generated again."""
     done: dict[int, PartInfo] = {}
     for name in store.list_names():
         if not name.endswith(".state.json"):

@@ -35,7 +35,7 @@ class Profile(_Section):
     pipeline_parallel: int = Field(1, ge=1, le=64)
     gpu_type: str | None = Field(None, description="GRES type of the GPUs (e.g. h100): --gpus-per-node=h100:8")
     description: str = ""
-    # How prompts are wrapped (infra/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
+    # How prompts are wrapped (infra/prompting/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
     prompt_format: Literal["raw", "nemotron-instruct", "chat"] | None = None
     # The serving program (infra/engines): it fixes the HTTP API unless server.api overrides it.
     engine: EngineName = "nemo"
@@ -153,7 +153,7 @@ class SlurmSettings(_Section):
     poll_s: float = Field(1.0, gt=0, le=60)
     release_margin_s: float = Field(60.0, ge=0, le=3600, description="a cancelled job may stay listed this long "
                                     "past the cluster's KillWait (epilog, GPU release) before release gives up on it")
-    # Planned rollover across time limits (infra/rollover.py): a successor job per replica ahead of its end.
+    # Planned rollover across time limits (infra/backends/rollover.py): a successor job per replica ahead of its end.
     max_rollovers: int = Field(50, ge=0, le=10_000, description="planned successor jobs per run (a job nearing "
                                "its time limit); 0: none, a job that reaches its limit is then a lost server")
     rollover_margin_s: float = Field(60.0, ge=0, le=86_400, description="added to the successor's lead (queue wait "
@@ -219,9 +219,9 @@ class Settings(BaseSettings):
 
     output_uri: str = "output"
     run_lease_ttl_s: float = Field(120.0, ge=3, le=3600, description="a run's lease on its output location "
-                                   "(infra/lease.py) expires this long after its last renewal (every third of it)")
+                                   "(infra/run/lease.py) expires this long after its last renewal (every third of it)")
     allowed_uris: list[str] = Field(default_factory=list, description="local directories and s3://bucket/prefix "
-                                    "prefixes every input and output must lie in (infra/locations.py); empty: any")
+                                    "prefixes every input and output must lie in (infra/storage/locations.py); empty: any")
     work_dir: str = Field(".nemotron-sdg", description="local state: logs of local servers, temp parts")
     extra_profiles: dict[str, Profile] = Field(default_factory=dict)
     model: ModelSettings = ModelSettings()
@@ -233,7 +233,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_uris")
     @classmethod
     def _allowed(cls, v: list[str]) -> list[str]:
-        from infra.locations import validate_allowed_entry
+        from infra.storage.locations import validate_allowed_entry
 
         return [validate_allowed_entry(entry) for entry in v]
 

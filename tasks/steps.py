@@ -7,10 +7,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.backends import Backend, wait_until_ready
-from infra.dataset import Shard
+from infra.prompting.dataset import Shard
 from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, ShardJob, ShardResult, run_judge, run_shard
-from infra.manifest import PartInfo
+from infra.run.manifest import PartInfo
 from infra.planning import Plan, RunConfig, make_plan
 from infra.settings import Profile, Settings
 from infra.storage import OutputStore

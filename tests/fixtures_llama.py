@@ -17,7 +17,7 @@ import requests
 
 from infra.deadline import Deadline, poll_until
 from infra.local_server.real_model import find_gguf
-from infra.process import start_process_group, stop_process_group
+from infra.system.process import start_process_group, stop_process_group
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,10 +50,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from infra.commands import CommandResult, run_command
+from infra.system.commands import CommandResult, run_command
 from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError
-from infra.process import start_process_group, stop_process_group
+from infra.system.process import start_process_group, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "nemotron-sdg"  # the work pool prefect.yaml names (definitions.site.work_pool_name)

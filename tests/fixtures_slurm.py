@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.reap import is_under
-from infra.commands import run_command
+from infra.system.commands import run_command
 from infra.errors import CommandError
 from infra.slurm.client import SlurmClient
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 
 from infra.deadline import Deadline, poll_until
-from infra.process import start_process_group, stop_process_group
+from infra.system.process import start_process_group, stop_process_group
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]

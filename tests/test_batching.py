@@ -1,10 +1,10 @@
-"""infra.batching: length-aware batch plans and putting results back in input order."""
+"""infra.prompting.batching: length-aware batch plans and putting results back in input order."""
 
 import random
 
 import pytest
 
-from infra.batching import in_input_order, padded_cost, plan_batches
+from infra.prompting.batching import in_input_order, padded_cost, plan_batches
 
 
 def mixed_lengths(n: int, seed: int = 7) -> list[int]:
@@ -121,11 +121,11 @@ def test_a_shard_is_batched_by_the_runs_token_counts_not_characters(tmp_path, ti
     batches the server receives are the token-count groups."""
     import json
 
-    from infra.dataset import Record, Shard
+    from infra.prompting.dataset import Record, Shard
     from infra.generation import ShardJob, generate_shard_results
     from infra.engines.nemo import NemoClient
-    from infra.sampling import SamplingParams
-    from infra.tokens import token_counter
+    from infra.prompting.sampling import SamplingParams
+    from infra.prompting.tokens import token_counter
     from tests.localserver import running_server
 
     tokenizer = str(tiny_model_dir / "tokenizer.json")

@@ -25,7 +25,7 @@ import requests
 from websockets.sync.client import connect
 
 from infra.deadline import Deadline, poll_until
-from infra.process import start_process_group, stop_process_group
+from infra.system.process import start_process_group, stop_process_group
 from tests.fixtures_prefect import run_dir_of
 
 pytestmark = [pytest.mark.browser, pytest.mark.prefect_server, pytest.mark.integration]

@@ -7,7 +7,7 @@ import pytest
 
 from infra.errors import BadRequest, ServerFailure, ServerHung, TransientServerError, ValidationRejected
 from infra.engines.nemo import NemoClient
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from tests.localserver import running_server
 
 pytestmark = pytest.mark.integration
@@ -89,11 +89,11 @@ def test_generation_and_judge_replies_honour_tokens_to_generate_in_the_runs_toke
     """The run's client (make_client, the tokenizer the plan counted with) on the real tiny model:
     every row and every judge reply is at most tokens_to_generate tokens of that tokenizer."""
     from infra.backends import make_client
-    from infra.prompt_format import RAW
+    from infra.prompting.prompt_format import RAW
     from infra.recipes.judge import load_judge
     from infra.recipes.params import JudgeParams
     from infra.settings import Settings
-    from infra.tokens import token_counter
+    from infra.prompting.tokens import token_counter
 
     settings = Settings(local={"model_dir": str(tiny_model_dir)})
     tokenizer = str(tiny_model_dir / "tokenizer.json")

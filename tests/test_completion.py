@@ -1,4 +1,4 @@
-from infra.completion import extract_completion, generation_start, trim_at_end_strings
+from infra.engines.completion import extract_completion, generation_start, trim_at_end_strings
 
 
 def test_exact_prefix():

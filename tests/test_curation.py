@@ -11,13 +11,13 @@ import pytest
 
 from infra.errors import ConfigError
 from infra.generation import publish
-from infra.manifest import PartInfo
+from infra.run.manifest import PartInfo
 from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
 from infra.recipes.judge import Judge, publish_judgement
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.recipes.templates import PromptTemplate
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.storage import LocalOutputStore
 
 CHASH = "gen0123456789abc"
@@ -189,7 +189,7 @@ def test_the_flow_form_has_judge_and_filters_groups_with_every_field_described()
 
 def test_a_judge_template_with_a_syntax_error_is_the_users_error_naming_judge_template():
     from infra.errors import ConfigError
-    from infra.prompt_format import RAW
+    from infra.prompting.prompt_format import RAW
     from infra.recipes.judge import load_judge
     from infra.settings import Settings
 

@@ -18,7 +18,7 @@ from benchmarks.faults import _wait, local_env
 from flows.generate import generate
 from tests.test_recipe_flow import cli_env, start_cli_run
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 
 pytestmark = pytest.mark.integration
 REQUEST = re.compile(r"request (\d+): (\d+) sentences, (\d+) tokens generated")

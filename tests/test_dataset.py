@@ -2,7 +2,7 @@ import gzip
 import io
 import json
 
-from infra.dataset import BadLine, Record, derived_id, iter_input, iter_shards, parse_line, part_name, shard_count
+from infra.prompting.dataset import BadLine, Record, derived_id, iter_input, iter_shards, parse_line, part_name, shard_count
 
 
 def lines(*objs) -> io.BytesIO:

@@ -7,8 +7,8 @@ import psutil
 import pytest
 
 from flows.generate import generate
-from infra.sampling import SamplingParams
-from infra.tokens import token_counter
+from infra.prompting.sampling import SamplingParams
+from infra.prompting.tokens import token_counter
 
 pytestmark = pytest.mark.integration
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 from infra.errors import ConfigError
-from infra.locations import check_allowed
-from infra.s3 import parse_s3_uri
+from infra.storage.locations import check_allowed
+from infra.storage.s3 import parse_s3_uri
 from infra.settings import load_settings
 from infra.slurm.options import check_directive, check_env
 from infra.slurm.spec import SbatchSpec, render_sbatch
-from infra.keys import KEY_COMPONENT, validate_key_component
+from infra.storage.keys import KEY_COMPONENT, validate_key_component
 from infra.storage import LocalOutputStore, local_path, open_output_store
 
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,4 +1,4 @@
-"""One run at a time per run id (infra/lease.py): the lease on the local store and on moto's S3
+"""One run at a time per run id (infra/run/lease.py): the lease on the local store and on moto's S3
 server over HTTP, racing takers, a holder that stops renewing, a holder that lost its lease and
 writes nothing more (its store is fenced), and two real CLI runs on one output (one allocation,
 one refusal naming the holder, every record once), then a kill -9 of the holder and a retry once
@@ -21,7 +21,7 @@ import pytest
 
 from infra.deadline import Deadline, poll_until
 from infra.errors import LeaseLost, RunLeaseHeld
-from infra.lease import LEASE_NAME, LeaseRecord, RunLease
+from infra.run.lease import LEASE_NAME, LeaseRecord, RunLease
 from infra.storage import LocalOutputStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def store(request, tmp_path):
     if request.param == "local":
         return LocalOutputStore(tmp_path / "out" / "run-1")
-    from infra.s3 import S3OutputStore
+    from infra.storage.s3 import S3OutputStore
 
     bucket = request.getfixturevalue("s3_bucket")
     settings = request.getfixturevalue("s3_settings")
@@ -237,7 +237,7 @@ def prompts(tmp_path: Path, n: int) -> Path:
 def test_two_concurrent_cli_runs_one_allocation_one_refusal(where, prefect_server, tmp_path, request):
     src = prompts(tmp_path, 30)
     if where == "s3":
-        from infra.s3 import S3OutputStore
+        from infra.storage.s3 import S3OutputStore
 
         bucket, settings = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_settings")
         output_uri, env = f"s3://{bucket}/out", {"NSDG_S3__ENDPOINT_URL": settings.s3.endpoint_url,

@@ -14,7 +14,7 @@ import pytest
 from infra.backends import AttachBackend, wait_until_ready
 from infra.engines.openai import OpenAIClient
 from infra.errors import BadRequest
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Profile, load_settings
 from tests.fixtures_llama import SERVED_NAME, llama_server_binary
 

@@ -11,9 +11,9 @@ from english_words import get_english_words_set
 
 from flows.generate import generate
 from infra.engines.nemo import NemoClient
-from infra.prompt_format import load_prompt_format
-from infra.sampling import SamplingParams
-from infra.tokens import token_counter
+from infra.prompting.prompt_format import load_prompt_format
+from infra.prompting.sampling import SamplingParams
+from infra.prompting.tokens import token_counter
 from tests.conftest import REPO
 from tests.localserver import running_server
 

@@ -1,6 +1,6 @@
-"""NSDG_ALLOWED_URIS (infra/locations.py): every door a parameter could walk out of an allowed
+"""NSDG_ALLOWED_URIS (infra/storage/locations.py): every door a parameter could walk out of an allowed
 location through is knocked on, and each is refused with its message before anything is read;
-a run directory swapped for a symlink after the check is never written through (infra/storage.py)."""
+a run directory swapped for a symlink after the check is never written through (infra/storage/__init__.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from infra.errors import ConfigError, LocationChanged
-from infra.locations import check_allowed, check_run_locations
+from infra.storage.locations import check_allowed, check_run_locations
 from infra.settings import load_settings
 from infra.storage import LocalOutputStore
 
@@ -240,7 +240,7 @@ def test_a_run_whose_directory_is_swapped_mid_run_writes_nothing_outside(prefect
     rerun with the same run_id) completes the run."""
     from flows.generate import generate
     from infra.deadline import Deadline, poll_until
-    from infra.lease import LEASE_NAME, LeaseRecord
+    from infra.run.lease import LEASE_NAME, LeaseRecord
 
     allowed, outside = tree
     monkeypatch.setenv("NSDG_ALLOWED_URIS", json.dumps([str(allowed)]))

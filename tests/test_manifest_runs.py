@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from infra.manifest import Manifest, PartInfo, generated_tokens, run_job_ids, run_replicas
+from infra.run.manifest import Manifest, PartInfo, generated_tokens, run_job_ids, run_replicas
 
 OLD_STATE = {"name": "part-00000.jsonl", "shard": 0, "records": 2, "sha256": "0" * 64, "bytes": 10,
              "config_hash": "abc", "first_line": 1, "last_line": 2, "rejected": 0}  # as written at a4ad598

@@ -11,8 +11,8 @@ import requests
 from infra.backends import AttachBackend, wait_until_ready
 from infra.engines.openai import OpenAIClient
 from infra.generation import ShardJob, generate_shard_requests
-from infra.dataset import Record, Shard
-from infra.sampling import SamplingParams
+from infra.prompting.dataset import Record, Shard
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Profile, Settings
 from tests.localserver import running_nemo_reference
 

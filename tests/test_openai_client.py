@@ -15,7 +15,7 @@ from infra.engines.openai import OpenAIClient, error_message, request_body, spli
 from infra.engines.throttle import Backoff, InFlightLimit, retry_after_s
 from infra.errors import (BadRequest, DeadlineExceeded, RequestRejected, ServerHung, ServerLost, ServerNotReady,
                           ServerThrottled, TransientServerError)
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Profile, load_settings
 from tests.localserver import running_server
 from tests.ports import free_port
@@ -263,7 +263,7 @@ def test_the_real_model_serves_the_same_openai_endpoints(tmp_path, tiny_model_di
 def test_the_judge_speaks_the_openai_api_one_request_per_row(oai, monkeypatch):
     """The judge runs on the run's own client: over openai-completions, one request per row
     through the replica's pool (no `generate` batch call exists there), replies in row order."""
-    from infra.prompt_format import RAW
+    from infra.prompting.prompt_format import RAW
     from infra.recipes.judge import load_judge
     from infra.recipes.params import JudgeParams
 
@@ -324,7 +324,7 @@ def test_a_shard_whose_requests_wait_in_a_released_replicas_pool_is_lost_not_can
     requeues, never CancelledError."""
     import threading
 
-    from infra.dataset import Record, Shard
+    from infra.prompting.dataset import Record, Shard
     from infra.generation import ShardJob, generate_shard_requests
 
     c = client(oai, max_in_flight=2)

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from infra.errors import ConfigError, InputError
-from infra.manifest import PartInfo, config_hash, diff_config
+from infra.run.manifest import PartInfo, config_hash, diff_config
 from infra.planning import RunConfig, make_plan, usable_records
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings
-from infra.keys import validate_key_component
+from infra.storage.keys import validate_key_component
 from infra.storage import LocalOutputStore
 
 
@@ -120,7 +120,7 @@ def test_breaker_trips_on_the_share_of_the_window():
 
 
 def test_idset_remembers_every_id_on_disk():
-    from infra.idset import IdSet, digest
+    from infra.storage.scratch import IdSet, digest
 
     with IdSet(cache_mb=1) as ids:
         folder = Path(ids._dir.name)

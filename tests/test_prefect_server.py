@@ -25,7 +25,7 @@ import pytest
 
 from flows import zombies
 from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of_flow_runs, judge
-from infra.commands import run_command
+from infra.system.commands import run_command
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
 from infra.slurm.client import JobSummary, SlurmClient

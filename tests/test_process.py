@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from infra.deadline import Deadline, poll_until
-from infra.process import group_identity, start_process_group, start_ticks, stop_process_group, stop_process_group_by_identity
+from infra.system.process import group_identity, start_process_group, start_ticks, stop_process_group, stop_process_group_by_identity
 
 SLEEPER = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]
 
@@ -88,9 +88,9 @@ def test_a_server_whose_starter_dies_during_its_start_up_stops(tmp_path):
 
 
 def test_a_module_run_with_parent_stops_when_its_starter_is_killed(tmp_path):
-    """infra/with_parent.py: what the CLI starts Prefect's temporary API server with, in a session of
+    """infra/system/with_parent.py: what the CLI starts Prefect's temporary API server with, in a session of
     its own (a terminal's Ctrl-C must not reach it): a kill -9 of the CLI must not leave it running."""
-    starter = ("import os, subprocess, sys; from infra import with_parent; "
+    starter = ("import os, subprocess, sys; from infra.system import with_parent; "
                "p = subprocess.Popen(with_parent.command(os.getpid(), 'http.server', '0', '--bind', '127.0.0.1'), "
                "start_new_session=True, stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT); "
                "print(p.pid, flush=True); os.kill(os.getpid(), 9)")

@@ -7,9 +7,9 @@ from transformers import AutoTokenizer
 
 from infra.errors import ConfigError
 from infra.planning import RecordCheck, RunConfig
-from infra.dataset import BadLine, Record
-from infra.prompt_format import RAW, default_format, load_prompt_format
-from infra.sampling import SamplingParams
+from infra.prompting.dataset import BadLine, Record
+from infra.prompting.prompt_format import RAW, default_format, load_prompt_format
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings
 
 

@@ -15,7 +15,7 @@ import pytest
 from benchmarks.faults import _wait, local_env, local_servers
 from flows.generate import generate
 from infra.recipes import RecipeParams
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 
 pytestmark = pytest.mark.integration
 

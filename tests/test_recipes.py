@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from infra.dataset import BadLine, Record
+from infra.prompting.dataset import BadLine, Record
 from infra.errors import ConfigError, InputError
 from infra.planning import make_plan, usable_records
 from infra.recipes import RecipeParams, load_recipe
 from infra.recipes.examples import Examples
 from infra.recipes.samples import request_seed, sample_batches
-from infra.sampling import MAX_RANDOM_SEED, SamplingParams
+from infra.prompting.sampling import MAX_RANDOM_SEED, SamplingParams
 from infra.settings import Settings
 from infra.storage import LocalOutputStore, open_input
 from tests.test_planning import cfg, write

@@ -6,12 +6,12 @@ import json
 import pytest
 import requests
 
-from infra.completion import extract_completion, generation_start, pairing_error
-from infra.dataset import Record, Shard
+from infra.engines.completion import extract_completion, generation_start, pairing_error
+from infra.prompting.dataset import Record, Shard
 from infra.errors import ReplyMismatch
 from infra.generation import ShardJob, run_shard
 from infra.engines.nemo import NemoClient
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.storage import LocalOutputStore
 from tests.localserver import running_server
 

@@ -3,7 +3,7 @@ from pydantic import ValidationError
 
 from infra.errors import ConfigError
 from infra.engines.nemo import check_fits_context, estimate_tokens, validate_batch
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 
 OK = SamplingParams(tokens_to_generate=16)
 

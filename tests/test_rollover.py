@@ -1,4 +1,4 @@
-"""Planned rollover's pure decisions (infra/rollover.py) and the Slurm facts they read: a job's
+"""Planned rollover's pure decisions (infra/backends/rollover.py) and the Slurm facts they read: a job's
 EndTime from squeue/scontrol, the `--signal=B:USR1@<s>` directive."""
 
 from datetime import datetime
@@ -7,8 +7,8 @@ import pytest
 
 from infra.errors import ConfigError
 from flows.generate import check_limit_before_submit
-from infra.manifest import PartInfo
-from infra.rollover import (Handover, Measured, RolloverPolicy, RolloverReport, admits_shard, busy_s,
+from infra.run.manifest import PartInfo
+from infra.backends.rollover import (Handover, Measured, RolloverPolicy, RolloverReport, admits_shard, busy_s,
                             check_time_limit, gap_s, lead_s, mean_shard_s, overlap_s, shortest_limit_s,
                             successor_due)
 from infra.slurm.client import parse_scontrol_job, parse_slurm_time, parse_squeue_state

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from infra.dataset import derived_id
+from infra.prompting.dataset import derived_id
 from infra.errors import ConfigError
 from infra.planning import RunConfig, make_plan, usable_records
 from infra.settings import Settings
 from infra.storage import LocalOutputStore, open_input
-from infra.tokens import token_counter
+from infra.prompting.tokens import token_counter
 from tests.test_planning import cfg as planning_cfg, write
 
 LONG = "Describe, in one sentence, the long history of the lighthouse keepers who watched over the northern sea."

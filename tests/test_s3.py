@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.dataset import BadLine, Record, iter_input
+from infra.prompting.dataset import BadLine, Record, iter_input
 from infra.errors import ConfigError, StorageError
-from infra.s3 import S3OutputStore, make_s3_client, parse_s3_uri
-from infra.s3_input import check_s3_input, open_s3_input
+from infra.storage.s3 import S3OutputStore, make_s3_client, parse_s3_uri
+from infra.storage.s3_input import check_s3_input, open_s3_input
 from infra.settings import Settings
-from infra.keys import validate_key_component
+from infra.storage.keys import validate_key_component
 from infra.storage import check_input, open_input, open_output_store
 from tests.fixtures_s3 import FaultProxy
 
@@ -304,7 +304,7 @@ def test_a_lost_reply_is_not_a_lost_part(size_mb, request_, s3_settings, s3_buck
         settings = variant(s3_settings, endpoint_url=proxy.url, multipart_threshold_mb=5, max_attempts=2)
         store = open_output_store(f"s3://{s3_bucket}", "run-lost", settings)
         path, sha = stage(store, "part-00000.jsonl", data)
-        with caplog.at_level(logging.DEBUG, logger="infra.s3"):
+        with caplog.at_level(logging.DEBUG, logger="infra.storage.s3"):
             store.publish_file("part-00000.jsonl", path, sha)
     assert proxy.faults["drop_after"] >= 2  # every attempt botocore made
     assert "published s3://" in caplog.text

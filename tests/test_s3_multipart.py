@@ -43,7 +43,7 @@ def test_the_plan_aborts_this_runs_incomplete_uploads_only(s3_settings, s3_bucke
     half_upload(s3_client, s3_bucket, "runs/r1/nested/object")      # not one of the run's own names
     store = open_output_store(f"s3://{s3_bucket}/runs", "r1", s3_settings)
     src = write(workdir / "in.jsonl", {"prompt": "a"}, {"prompt": "b"})
-    with caplog.at_level(logging.INFO, logger="infra.s3"):
+    with caplog.at_level(logging.INFO, logger="infra.storage.s3"):
         make_plan(cfg(src), s3_settings, store)
     assert open_uploads(s3_client, s3_bucket) == ["runs/r1/nested/object", "runs/r10/part-00000.jsonl"]
     assert f"aborted an incomplete multipart upload of s3://{s3_bucket}/runs/r1/part-00000.jsonl" in caplog.text

@@ -1,4 +1,4 @@
-"""Which model wrote a run's rows (infra/served_model.py): what is served is part of the run's
+"""Which model wrote a run's rows (infra/engines/served_model.py): what is served is part of the run's
 config, so a resume on another engine or model is refused; rows and the manifest name the served
 model, not NSDG_MODEL__NAME; two attached servers serving different models never share a run."""
 
@@ -9,10 +9,10 @@ import pytest
 
 from flows.generate import generate
 from infra.errors import ConfigError
-from infra.manifest import diff_config
+from infra.run.manifest import diff_config
 from infra.planning import make_plan
-from infra.sampling import SamplingParams
-from infra.served_model import ServedModel, expected, model_dir_digest
+from infra.prompting.sampling import SamplingParams
+from infra.engines.served_model import ServedModel, expected, model_dir_digest
 from infra.settings import Settings
 from infra.storage import LocalOutputStore
 from tests.localserver import running_server

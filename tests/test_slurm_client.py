@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.commands import CommandResult
+from infra.system.commands import CommandResult
 from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError, ConfigError, SlurmJobError
 from infra.slurm.client import (

@@ -237,7 +237,7 @@ class RecordedSlurm:
         self.states, self.now = states, 0
 
     def __call__(self, argv, *, timeout, check=True):
-        from infra.commands import CommandResult
+        from infra.system.commands import CommandResult
 
         state, nodes = self.states[min(self.now, len(self.states) - 1)]
         if argv[:2] == ["squeue", "-h"] and "-j" in argv:

@@ -720,7 +720,7 @@ def test_write_job_files_needs_the_dir(tmp_path_factory):
 @pytest.mark.slurm
 def test_real_sbatch_reads_the_header(slurm_cluster, job_dir):
     """Submit held, read back what slurmctld parsed, cancel: nothing runs."""
-    from infra.commands import run_command
+    from infra.system.commands import run_command
 
     comment = "nsdg-render-test run=r-1 flow_run=f-1"
     spec = simple_spec(job_dir, job_name="nsdg-render-parse", comment=comment, nodes=2, tasks_per_node=8,

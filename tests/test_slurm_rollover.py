@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from flows.generate import generate
-from infra.commands import run_command
+from infra.system.commands import run_command
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
 from tests.ports import free_port

@@ -1,4 +1,4 @@
-"""One rule for every state (infra/states.py): a part's state, a judgement's, a verdict is trusted only
+"""One rule for every state (infra/run/states.py): a part's state, a judgement's, a verdict is trusted only
 while the files it describes hold the sha256 it names, and a rerun removes a state before rewriting
 what it describes. Each test is a finding of reliability review 2 replayed on a real local store and,
 where a server is needed, the real simulated server; a kill -9 at one storage write is `Killed`
@@ -11,16 +11,16 @@ import json
 
 import pytest
 
-from infra.dataset import Record, Shard
+from infra.prompting.dataset import Record, Shard
 from infra.engines.nemo import NemoClient
 from infra.errors import TransientServerError
 from infra.generation import ShardJob, run_shard
-from infra.manifest import state_name
+from infra.run.manifest import state_name
 from infra.planning import load_published
 from infra.recipes.curate import FILTERED, Curation, CurationError, curate
 from infra.recipes.judge import judge_name, judge_part, judged_current
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.storage import LocalOutputStore
 from tests.localserver import running_server
 from tests.test_curation import CHASH, judge, kept_ids, lines, row, write_parts

@@ -6,14 +6,14 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from infra.dataset import BadLine, Record
+from infra.prompting.dataset import BadLine, Record
 from infra.errors import ConfigError
 from infra.local_server.real_model import find_gguf
 from infra.planning import RecordCheck, RunConfig, make_plan
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings
 from infra.storage import LocalOutputStore
-from infra.tokens import ByteEstimate, token_counter
+from infra.prompting.tokens import ByteEstimate, token_counter
 
 SENTENCE = "the quick brown fox jumps over the lazy dog and keeps running through the field "
 

@@ -18,7 +18,7 @@ def estimate_tokens(text: str) -> int:
 
 
 class HttpClient:
-    # The served model as GET /v1/models named it when the readiness wait ended (infra/served_model.py).
+    # The served model as GET /v1/models named it when the readiness wait ended (infra/engines/served_model.py).
     served: dict | None = None
 
     def __init__(

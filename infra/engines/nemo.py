@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import requests
 
-from infra.completion import Completion, extract_completion, pairing_error, trim_at_end_strings
+from infra.engines.completion import Completion, extract_completion, pairing_error, trim_at_end_strings
 from infra.errors import (
     BadRequest,
     ConfigError,
@@ -25,7 +25,7 @@ from infra.errors import (
     ValidationRejected,
 )
 from infra.engines.http import HttpClient, estimate_tokens
-from infra.sampling import MAX_BATCH, SamplingParams
+from infra.prompting.sampling import MAX_BATCH, SamplingParams
 
 log = logging.getLogger(__name__)
 

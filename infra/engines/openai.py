@@ -42,14 +42,14 @@ from dataclasses import dataclass
 
 import requests
 
-from infra.completion import Completion, trim_at_end_strings
+from infra.engines.completion import Completion, trim_at_end_strings
 from infra.deadline import Deadline
 from infra.engines.http import HttpClient
 from infra.engines.nemo import GeneratedText
 from infra.engines.throttle import THROTTLE_STATUS, Backoff, InFlightLimit, retry_after_s
 from infra.errors import (BadRequest, ConfigError, RequestRejected, ServerLost, ServerThrottled, TransientServerError,
                           ValidationRejected)
-from infra.sampling import SamplingParams
+from infra.prompting.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

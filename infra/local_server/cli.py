@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from infra.process import exit_with_parent
+from infra.system.process import exit_with_parent
 
 log = logging.getLogger(__name__)
 

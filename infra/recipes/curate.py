@@ -6,7 +6,7 @@ No server: it reads the published parts and their judgements and writes, per sha
 shard and reason: the filter, the value it measured, its limit) and a verdict state naming the
 stage's hash; then `filtered.jsonl`, all shards' dropped rows. A rerun that changes only a
 threshold, a filter or dedup redoes this stage alone. A shard whose verdict is current (this stage's,
-its kept and filtered files the bytes it names: infra/states.py) is not rewritten: its kept rows seed
+its kept and filtered files the bytes it names: infra/run/states.py) is not rewritten: its kept rows seed
 the dedup tables, so a resumed pass keeps what one pass would.
 Memory is one shard's rows plus the dedup tables' page cache.
 """
@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from infra.errors import SdgError
-from infra.manifest import config_hash
+from infra.run.manifest import config_hash
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
 from infra.recipes.judge import Judge, judge_name, read_judgements, read_rows, read_state
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.states import describes, invalidate
+from infra.run.states import describes, invalidate
 
 log = logging.getLogger(__name__)
 FILTERED = "filtered.jsonl"
@@ -136,7 +136,7 @@ def remove_outputs(store) -> list[str]:
 
 def _current(store, part, stage_hash: str) -> dict | None:
     """The shard's verdict when it is this stage's, of these very rows, and its kept and filtered
-    files still hold the bytes it names (infra.states); else None, and the shard is curated again."""
+    files still hold the bytes it names (infra.run.states); else None, and the shard is curated again."""
     state = read_state(store, verdict_name(part.name))
     if state.get("stage_hash") != stage_hash or state.get("part_sha256") != part.sha256:
         return None

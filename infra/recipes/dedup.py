@@ -1,6 +1,6 @@
 """Run-level dedup of completions, first in input order kept, memory flat at any run size.
 
-Both kinds keep what they have seen in a throw-away SQLite file (as `infra.idset` keeps the plan's
+Both kinds keep what they have seen in a throw-away SQLite file (as `infra.storage.scratch` keeps the plan's
 ids): a table from a 64-bit key to the first record that had it, with a small page cache; the
 rest stays on disk.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from hashlib import blake2b
 
-from infra.idset import scratch_db
+from infra.storage.scratch import scratch_db
 from infra.recipes.filters import Verdict, normalize, words
 from infra.recipes.params import FilterParams
 

@@ -3,7 +3,7 @@
 A row's judging prompt is `judge.template` (sandboxed Jinja2, as the prompt template) over the row's
 fields, `id`, `sample`, `prompt` and `completion`. The judge's replies are a checkpoint of their
 own, next to the part they judge (`part-NNNNN.jsonl.judge.jsonl`, one row per part row, in the
-part's order) with a state object naming the judge's hash and the file's sha256 (infra/states.py:
+part's order) with a state object naming the judge's hash and the file's sha256 (infra/run/states.py:
 trusted only while the file has it): a new judge template re-judges
 without regenerating, and the score is read from the reply later (`filters`), so a new
 score_pattern or min_score needs no server at all.
@@ -15,14 +15,14 @@ import json
 import logging
 from dataclasses import dataclass
 
-from infra.manifest import config_hash
+from infra.run.manifest import config_hash
 from infra.engines.nemo import GeneratedText, check_fits_context
-from infra.prompt_format import RAW, PromptFormat
+from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
-from infra.sampling import SamplingParams
-from infra.states import describes, invalidate, read_described
-from infra.tokens import token_counter
+from infra.prompting.sampling import SamplingParams
+from infra.run.states import describes, invalidate, read_described
+from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _judge_state(store, judge: Judge, part) -> dict | None:
 
 def judged_current(store, judge: Judge, part) -> bool:
     """Has this part a judgement by this judge, of these very rows, its file holding the bytes its
-    state names (infra.states)?"""
+    state names (infra.run.states)?"""
     state = _judge_state(store, judge, part)
     return state is not None and describes(store, {judge_name(part.name): state.get("sha256")})
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from infra.dataset import BadLine, Record
+from infra.prompting.dataset import BadLine, Record
 from infra.recipes.examples import Examples, load_examples
 from infra.recipes.params import RecipeParams
 from infra.recipes.templates import MIN_PROMPT_CHARS, PromptTemplate, RenderError, load_template, prompt_char_limit, render

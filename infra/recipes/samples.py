@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 
-from infra.batching import plan_batches
-from infra.sampling import MAX_RANDOM_SEED, SamplingParams
+from infra.prompting.batching import plan_batches
+from infra.prompting.sampling import MAX_RANDOM_SEED, SamplingParams
 
 
 def request_seed(seed: int, shard: int, batch: int, sample: int) -> int:

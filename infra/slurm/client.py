@@ -1,6 +1,6 @@
 """Talk to Slurm: submit, look up state, find, cancel, locate the first node, read log tails.
 
-Every command goes through one runner (`infra.commands.run_command` by default) as an argv
+Every command goes through one runner (`infra.system.commands.run_command` by default) as an argv
 list with a timeout; the text it prints is turned into values by the pure `parse_*` functions
 below, which are tested on recorded outputs.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from infra.commands import CommandResult, run_command
+from infra.system.commands import CommandResult, run_command
 from infra.errors import CommandError, ConfigError, SlurmJobError
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def first_error_lines(path: str | os.PathLike[str], limit: int = 6, *, max_bytes
 
 class SlurmClient:
     """Slurm commands through one runner. `runner(argv, timeout=..., check=...)` returns a
-    CommandResult and raises CommandError (see infra.commands.run_command)."""
+    CommandResult and raises CommandError (see infra.system.commands.run_command)."""
 
     def __init__(self, runner: Runner = run_command, command_timeout: float = 30.0):
         self.runner = runner

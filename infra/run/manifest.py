@@ -111,7 +111,7 @@ class Manifest:
     prompt_match: dict[str, int] = field(default_factory=dict)  # written records by prompt_match, all parts
     # The judge/filter stage (infra.recipes.curate): records kept, dropped per reason, the kept parts.
     curation: dict | None = None
-    # `model` is the served model's label; this is what answered (infra/served_model.py) and the name sent.
+    # `model` is the served model's label; this is what answered (infra/engines/served_model.py) and the name sent.
     served_model: dict | None = None
     requested_model: str | None = None
     format_version: int = FORMAT_VERSION

@@ -1,5 +1,5 @@
 """S3 (or any S3-compatible store): the client, URIs, and publishing a run's output; the input
-is streamed by `infra.s3_input`.
+is streamed by `infra.storage.s3_input`.
 
 Every S3 call goes through one boto3 client built by `make_s3_client`, with the standard retry
 mode (5xx, SlowDown, dropped connections are retried with backoff) and bounded timeouts.
@@ -43,7 +43,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from infra.errors import ConfigError, StorageError
-from infra.keys import validate_key_component
+from infra.storage.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -458,7 +458,7 @@ class S3OutputStore:
         except BotoCoreError as exc:
             raise StorageError(f"Deleting s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
 
-    # -- conditional writes, for infra/lease.py: the version is the ETag; S3 compares and writes
+    # -- conditional writes, for infra/run/lease.py: the version is the ETag; S3 compares and writes
     # in one step (PUT If-None-Match: *, PUT/DELETE If-Match: <etag>).
 
     def _conditional(self, call, name: str, what: str, **kwargs) -> dict | None:

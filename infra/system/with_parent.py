@@ -1,4 +1,4 @@
-"""`python -m infra.with_parent PID MODULE [ARG ...]`: run `python -m MODULE ARG ...` in this
+"""`python -m infra.system.with_parent PID MODULE [ARG ...]`: run `python -m MODULE ARG ...` in this
 process, and stop it (SIGTERM to itself, which the module handles as its own stop) once process PID,
 its starter, is gone.
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 import runpy
 import sys
 
-from infra.process import exit_with_parent
+from infra.system.process import exit_with_parent
 
 
 def command(parent: int, module: str, *args: str) -> list[str]:
     """The argv that runs `python -m module args` watched this way."""
-    return [sys.executable, "-m", "infra.with_parent", str(parent), module, *args]
+    return [sys.executable, "-m", "infra.system.with_parent", str(parent), module, *args]
 
 
 def main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Names that become storage keys or paths: run ids and object names.
 
-A module of its own so that both stores (`infra.storage`, `infra.s3`) can use it without
+A module of its own so that both stores (`infra.storage`, `infra.storage.s3`) can use it without
 importing each other.
 """
 

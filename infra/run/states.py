@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from infra.manifest import PartInfo, state_name
+from infra.run.manifest import PartInfo, state_name
 from infra.storage import OutputStore
 
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
 from urllib.parse import urlparse
 
 from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
-from infra.input_pin import InputPin
-from infra.keys import validate_key_component
+from infra.storage.input_pin import InputPin
+from infra.storage.keys import validate_key_component
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -287,7 +287,7 @@ class LocalOutputStore:
         proc = Path(f"/proc/self/fd/{d}")
         return proc if proc.is_dir() else self.root
 
-    # -- conditional writes, for infra/lease.py. A version is the content's sha256; replace and
+    # -- conditional writes, for infra/run/lease.py. A version is the content's sha256; replace and
     # delete hold an flock on a sidecar file, so a compare and its write are one step.
 
     def create_exclusive(self, name: str, data: bytes) -> str | None:
@@ -365,7 +365,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def open_output_store(output_uri: str, run_id: str, settings: "Settings") -> OutputStore:
     validate_key_component(run_id, "run_id")
     if is_s3(output_uri):
-        from infra.s3 import S3OutputStore  # boto3 is imported only when S3 is used
+        from infra.storage.s3 import S3OutputStore  # boto3 is imported only when S3 is used
 
         return S3OutputStore.from_uri(output_uri, run_id, settings)
     return LocalOutputStore(local_path(output_uri) / run_id)
@@ -374,7 +374,7 @@ def open_output_store(output_uri: str, run_id: str, settings: "Settings") -> Out
 def check_input(input_uri: str, settings: "Settings") -> None:
     """Fail before any allocation when the input cannot be read."""
     if is_s3(input_uri):
-        from infra.s3_input import check_s3_input
+        from infra.storage.s3_input import check_s3_input
 
         check_s3_input(input_uri, settings)
         return
@@ -440,7 +440,7 @@ class InputSource:
 
     def __enter__(self) -> BinaryIO:
         if is_s3(self.uri):
-            from infra.s3_input import open_s3_raw  # boto3 is imported only when S3 is used
+            from infra.storage.s3_input import open_s3_raw  # boto3 is imported only when S3 is used
 
             self._raw = open_s3_raw(self.uri, self._settings, pin=self._expected)
         else:

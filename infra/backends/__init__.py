@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.deadline import Deadline, poll_until
-from infra import served_model
+from infra.engines import served_model
 from infra.engines import readiness
 from infra.engines.nemo import NemoClient
 from infra.engines.openai import OpenAIClient
 from infra.engines.throttle import Backoff
 from infra.errors import ConfigError, ServerNotReady
-from infra.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
+from infra.system.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
 from infra.settings import Profile, Settings
 from infra.slurm.client import log_tail
-from infra.tokens import token_counter
+from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
 # The 1-token readiness probe's read timeout: a server that takes longer is probed again, and a
@@ -236,7 +236,7 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
         if not_yet is not None:
             seen["last"] = not_yet
             return None
-        # What answers, as the server names it: the rows' model, checked against the run's (infra/served_model.py).
+        # What answers, as the server names it: the rows' model, checked against the run's (infra/engines/served_model.py).
         client.served = served_model.reported(client, max(1.0, deadline.cap(served_model.MODELS_TIMEOUT_S)))
         return client
 

@@ -1,5 +1,5 @@
 """S3 input: stream the prompts from an object, read as they are consumed (memory stays flat in
-the object's size), every GET pinned to the object the plan read (see `infra.input_pin`).
+the object's size), every GET pinned to the object the plan read (see `infra.storage.input_pin`).
 
 A connection that breaks mid-body is reopened with a ranged GET from the current offset. What
 the user must fix (no bucket, no object, access denied, no credentials) raises `ConfigError`;
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, NoCredentialsError
 
 from infra.errors import ConfigError, StorageError
-from infra.input_pin import InputPin, input_changed
-from infra.s3 import (BAD_CREDENTIALS, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS, _bucket_exists, _cause, _code,
+from infra.storage.input_pin import InputPin, input_changed
+from infra.storage.s3 import (BAD_CREDENTIALS, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS, _bucket_exists, _cause, _code,
                       _credentials_error, _no_credentials, _where, make_s3_client, parse_s3_uri)
 
 if TYPE_CHECKING:

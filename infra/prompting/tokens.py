@@ -7,7 +7,7 @@ NSDG_MODEL__TOKENIZER (or, unset, the model directory when this host can read it
 - a GGUF file (its embedded tokenizer, through transformers);
 - a directory: an HF model directory (its `tokenizer.json`), or an extracted `.nemo` directory, whose
   `model_config.yaml` names the tokenizer as `nemo:<hash>_<name>.model` (the name differs between
-  Base and Instruct, so it is read, never assumed; infra/tokenizer_files.py).
+  Base and Instruct, so it is read, never assumed; infra/prompting/tokenizer_files.py).
 
 Without one, the count is an estimate, UTF-8 bytes. It is no bound either way: it over-counts English
 3–4× (valid long prompts are refused or cut), and SentencePiece's NFKC normalization can turn one
@@ -37,7 +37,7 @@ from typing import Protocol
 from infra.errors import ConfigError
 from infra.engines.nemo import estimate_tokens
 from infra.storage import sha256_file
-from infra.tokenizer_files import TokenizerSource, locate_tokenizer
+from infra.prompting.tokenizer_files import TokenizerSource, locate_tokenizer
 
 log = logging.getLogger(__name__)
 

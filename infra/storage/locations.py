@@ -55,7 +55,7 @@ def _resolved_local(uri: str) -> Path:
 
 
 def _s3_location(uri: str) -> tuple[str, str]:
-    from infra.s3 import parse_s3_uri  # boto3 only when S3 is used
+    from infra.storage.s3 import parse_s3_uri  # boto3 only when S3 is used
 
     # A trailing '/' only says "prefix": s3://b/pre/ is s3://b/pre.
     return parse_s3_uri(uri if uri.endswith("://") else uri.rstrip("/"))

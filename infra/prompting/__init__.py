@@ -1,0 +1,1 @@
+"""A record's text, its length in tokens, and how it is sent."""
