@@ -63,7 +63,7 @@ run: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --input-uri examples/prompts.jsonl \
 		--profile local --output-uri output --greedy --tokens-to-generate 64
 
-# The worked recipe example (README "Recipes"): the same parameters as the recipe-example deployment.
+# The worked recipe example (docs/recipes.md): the same parameters as the recipe-example deployment.
 recipe: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --input-uri examples/recipe/topics.jsonl \
 		--profile local --output-uri output --run-id recipe-example --prompt-format raw \
