@@ -10,7 +10,6 @@ import re
 import pytest
 
 from infra.errors import ConfigError
-from infra.generation import publish
 from infra.run.manifest import PartInfo
 from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
@@ -19,6 +18,7 @@ from infra.recipes.params import FilterParams, JudgeParams
 from infra.recipes.templates import PromptTemplate
 from infra.prompting.sampling import SamplingParams
 from infra.storage import LocalOutputStore
+from infra.storage.jsonl import publish
 
 CHASH = "gen0123456789abc"
 LONG = "the river bends past the old mill where the miller keeps his grain dry through the long wet winter months"
