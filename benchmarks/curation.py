@@ -80,11 +80,11 @@ def stage_rss(workdir: Path, rows: int, log, shard_rows: int = 4000) -> dict:
 
 
 def _stage_child(rows: int, shard_rows: int, root: Path) -> None:
-    from infra.generation import publish
     from infra.run.manifest import PartInfo
     from infra.recipes.curate import Curation, curate
     from infra.recipes.params import FilterParams
-    from infra.storage import LocalOutputStore
+    from infra.storage.jsonl import publish
+    from infra.storage.local import LocalOutputStore
 
     store, parts, t0 = LocalOutputStore(root), [], time.monotonic()
     for s, start in enumerate(range(0, rows, shard_rows)):

@@ -113,7 +113,7 @@ def _plan_child(params: dict, out: Path) -> None:
     from infra.planning import RunConfig, make_plan
     from infra.prompting.sampling import SamplingParams
     from infra.settings import Settings
-    from infra.storage import LocalOutputStore
+    from infra.storage.local import LocalOutputStore
     from infra.prompting.tokens import token_counter
 
     settings = Settings(model={"context_length": CONTEXT})

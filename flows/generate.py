@@ -100,15 +100,15 @@ def generate(
     if prof.backend == "slurm":
         check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
     # NSDG_ALLOWED_URIS: every location the run reads or writes, the recipe's files too, before any read.
-    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings,
+    check_run_locations(params.input_uri, params.output_uri, params.run_id, settings.allowed_uris,
                         extra={**params.recipe.locations(), **params.judge.locations()})
     cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters))  # read once
     if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
                                                                             cfg.sampling.add_BOS, cfg.tokenizer)))
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
-    store = open_output_store(cfg.output_uri, cfg.run_id, settings)
-    check_input(cfg.input_uri, settings)  # both before the lease, the run's first write: a refusal writes nothing
+    store = open_output_store(cfg.output_uri, cfg.run_id, settings.s3, settings.work_path("staging"))
+    check_input(cfg.input_uri, settings.s3)  # both before the lease, the run's first write: a refusal writes nothing
     store.preflight()
     # One run per run_id; every write from here on checks the lease is still this run's (LeaseLost if not).
     store = hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s).fenced()
@@ -169,7 +169,7 @@ def generate(
 
     t_wall = time.time()
     # The second read of the input, pinned to what the plan read: a change stops the run.
-    source = open_input(cfg.input_uri, settings, pin=the_plan.input_pin)
+    source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
     with source as stream:
         pool = Pool(
             make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),

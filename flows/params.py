@@ -16,7 +16,7 @@ from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.prompting.sampling import MAX_BATCH, SamplingParams
-from infra.storage.keys import validate_key_component
+from infra.storage.uris import validate_key_component
 
 
 class RunParams(BaseModel):

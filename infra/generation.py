@@ -8,17 +8,12 @@ run when too many recent records fail.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
@@ -31,6 +26,7 @@ from infra.recipes.samples import request_seed, sample_batches
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import invalidate, published_part
 from infra.storage import OutputStore
+from infra.storage.jsonl import publish
 from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
@@ -211,36 +207,6 @@ def generate_shard_requests(client: OpenAIClient, shard: Shard, job: ShardJob, b
             fut.cancel()
         raise
     return results
-
-
-def write_lines(lines, staging: Path, name: str) -> tuple[Path, str, int, int]:
-    """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes).
-    A half-written file never has the part's name, so it is never mistaken for a part."""
-    staging.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{name}.", suffix=".tmp")
-    sha, count, size = hashlib.sha256(), 0, 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for obj in lines:
-                data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
-                f.write(data)
-                sha.update(data)
-                count, size = count + 1, size + len(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp), sha.hexdigest(), count, size
-
-
-def publish(store: OutputStore, name: str, lines) -> tuple[str, int, int]:
-    path, sha, count, size = write_lines(lines, store.staging_dir(), name)
-    try:
-        store.publish_file(name, path, sha)
-    finally:
-        path.unlink(missing_ok=True)
-    return sha, count, size
 
 
 def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, store: OutputStore,

@@ -141,7 +141,7 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     written to `rejects_file`), and hash the bytes."""
     fmt = detect_format(cfg.input_uri)
     records, bad_count, shown = 0, 0, []
-    source = open_input(cfg.input_uri, settings)
+    source = open_input(cfg.input_uri, settings.s3)
     with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
         items = iter_input(reader, fmt, cfg.input_prompt_field, cfg.id_field)
@@ -320,7 +320,7 @@ def discard_partials(store: OutputStore) -> None:
 
 
 def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
-    check_input(cfg.input_uri, settings)
+    check_input(cfg.input_uri, settings.s3)
     store.preflight()
     discard_partials(store)
     store.abort_incomplete_uploads()  # uploads an earlier, killed attempt left open

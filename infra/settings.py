@@ -10,11 +10,13 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from infra.engines import Api, Engine, EngineName, engine, engine_in_flight
 from infra.errors import ConfigError
+from infra.storage.s3_settings import S3Settings
+from infra.storage.uris import validate_allowed_entry
 
 ENV_PREFIX = "NSDG_"
 # Characters allowed in anything that becomes a Slurm name, a path component or a storage key.
@@ -177,20 +179,6 @@ class SlurmSettings(_Section):
         return v
 
 
-class S3Settings(_Section):
-    endpoint_url: str | None = None
-    region: str | None = None
-    addressing_style: Literal["auto", "virtual", "path"] = "auto"
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
-    multipart_threshold_mb: int = Field(64, ge=5, le=5120)
-    max_attempts: int = Field(8, ge=1, le=20)
-    connect_timeout_s: float = Field(10.0, gt=0, le=300)
-    # A stalled connection is cut and retried, not waited on forever.
-    read_timeout_s: float = Field(120.0, gt=0, le=3600)
-
-
 class _OwnDotEnvKeys(PydanticBaseSettingsSource):
     """`.env` is shared with Prefect, which reads it too (PREFECT_API_URL, PREFECT_API_AUTH_STRING):
     only NSDG_ keys are ours. A misspelled NSDG_ key still fails; other keys are left to Prefect,
@@ -233,8 +221,6 @@ class Settings(BaseSettings):
     @field_validator("allowed_uris")
     @classmethod
     def _allowed(cls, v: list[str]) -> list[str]:
-        from infra.storage.locations import validate_allowed_entry
-
         return [validate_allowed_entry(entry) for entry in v]
 
     @classmethod

@@ -66,9 +66,9 @@ def s3_settings(s3_server: str, tmp_path) -> Settings:
 
 @pytest.fixture
 def s3_client(s3_settings: Settings):
-    from infra.storage.s3 import make_s3_client
+    from infra.storage.s3_client import make_s3_client
 
-    return make_s3_client(s3_settings)
+    return make_s3_client(s3_settings.s3)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import re
 import pytest
 
 from infra.errors import ConfigError
-from infra.generation import publish
 from infra.run.manifest import PartInfo
 from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
@@ -18,7 +17,8 @@ from infra.recipes.judge import Judge, publish_judgement
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.recipes.templates import PromptTemplate
 from infra.prompting.sampling import SamplingParams
-from infra.storage import LocalOutputStore
+from infra.storage.jsonl import publish
+from infra.storage.local import LocalOutputStore
 
 CHASH = "gen0123456789abc"
 LONG = "the river bends past the old mill where the miller keeps his grain dry through the long wet winter months"
@@ -200,7 +200,7 @@ def test_a_judge_template_with_a_syntax_error_is_the_users_error_naming_judge_te
 def test_the_stage_on_s3_over_http_writes_the_same_kept_and_filtered_parts(s3_settings, s3_bucket, store):
     from infra.storage import open_output_store
 
-    s3 = open_output_store(f"s3://{s3_bucket}/out", "curate-s3", s3_settings)
+    s3 = open_output_store(f"s3://{s3_bucket}/out", "curate-s3", s3_settings.s3, s3_settings.work_path("staging"))
     shards = [[row("a", "Same text."), row("b", "same  TEXT.")], [row("c", "Other."), row("d", "short", tokens=1)]]
     filters = Curation(filters=FilterParams(dedup_exact=True, min_completion_tokens=2))
     on_s3, local = curate(s3, write_parts(s3, shards), filters, CHASH), curate(store, write_parts(store, shards), filters, CHASH)

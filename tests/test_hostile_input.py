@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 
 from infra.errors import ConfigError
 from infra.storage.locations import check_allowed
-from infra.storage.s3 import parse_s3_uri
 from infra.settings import load_settings
 from infra.slurm.options import check_directive, check_env
 from infra.slurm.spec import SbatchSpec, render_sbatch
-from infra.storage.keys import KEY_COMPONENT, validate_key_component
-from infra.storage import LocalOutputStore, local_path, open_output_store
+from infra.storage import open_output_store
+from infra.storage.local import LocalOutputStore
+from infra.storage.uris import KEY_COMPONENT, local_path, parse_s3_uri, validate_key_component
 
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -80,7 +80,7 @@ def test_the_local_store_never_writes_or_reads_outside_its_run(name, data, tmp_p
 def test_opening_an_output_store_refuses_or_stays_under_the_output(output, run_id, tmp_path):
     settings_ = load_settings(_env_file=None)
     try:
-        store = open_output_store(output, run_id, settings_)
+        store = open_output_store(output, run_id, settings_.s3, settings_.work_path("staging"))
     except ConfigError as exc:
         _refusal(exc)
         return
@@ -119,7 +119,7 @@ def test_allowed_locations_refuse_or_resolve_inside(tail, scheme, tmp_path_facto
     confined = load_settings(_env_file=None, allowed_uris=[str(allowed), "s3://team-bucket/pre"])
     uri = f"{scheme}{allowed}/{tail}" if scheme in ("", "file://", "FILE://") else f"{scheme}{tail}"
     try:
-        check_allowed(uri, confined, what="input_uri")
+        check_allowed(uri, confined.allowed_uris, what="input_uri")
     except ConfigError as exc:
         _refusal(exc)
         return

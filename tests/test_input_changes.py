@@ -15,7 +15,8 @@ import pytest
 from infra.errors import InputChanged
 from infra.planning import make_plan
 from infra.settings import Settings
-from infra.storage import LocalOutputStore, open_input
+from infra.storage import open_input
+from infra.storage.local import LocalOutputStore
 from tests.test_planning import cfg
 
 
@@ -42,10 +43,10 @@ def test_the_plan_pin_refuses_a_changed_local_input(workdir, change):
     else:
         write(workdir / "new.jsonl", "a", 30)  # the same bytes, another file
         os.replace(workdir / "new.jsonl", src)
-    with pytest.raises(InputChanged) as exc, open_input(str(src), Settings(), pin=plan.input_pin):
+    with pytest.raises(InputChanged) as exc, open_input(str(src), Settings().s3, pin=plan.input_pin):
         pass
     assert str(src) in str(exc.value) and "--new-run" in str(exc.value)
-    with open_input(str(src), Settings()) as stream:  # unpinned, it opens as before
+    with open_input(str(src), Settings().s3) as stream:  # unpinned, it opens as before
         assert stream.readline()
 
 
@@ -91,7 +92,7 @@ def test_the_plan_pin_refuses_a_changed_s3_object(s3_settings, s3_bucket, s3_cli
     plan = make_plan(cfg(uri), s3_settings, LocalOutputStore(workdir / "out" / "r1"))
     assert plan.input_pin.etag and plan.input_pin.version_id is None
     s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "uno"}\n{"prompt": "dos"}\n')
-    with pytest.raises(InputChanged) as exc, open_input(uri, s3_settings, pin=plan.input_pin):
+    with pytest.raises(InputChanged) as exc, open_input(uri, s3_settings.s3, pin=plan.input_pin):
         pass
     assert uri in str(exc.value) and "ETag" in str(exc.value)
 
@@ -105,5 +106,5 @@ def test_a_versioned_s3_input_is_read_at_the_planned_version(s3_settings, s3_buc
     plan = make_plan(cfg(uri), s3_settings, LocalOutputStore(workdir / "out" / "r1"))
     assert plan.input_pin.version_id
     s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "overwritten"}\n')
-    with open_input(uri, s3_settings, pin=plan.input_pin) as stream:
+    with open_input(uri, s3_settings.s3, pin=plan.input_pin) as stream:
         assert stream.read() == v1

@@ -22,7 +22,7 @@ import pytest
 from infra.deadline import Deadline, poll_until
 from infra.errors import LeaseLost, RunLeaseHeld
 from infra.run.lease import LEASE_NAME, LeaseRecord, RunLease
-from infra.storage import LocalOutputStore
+from infra.storage.local import LocalOutputStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 def store(request, tmp_path):
     if request.param == "local":
         return LocalOutputStore(tmp_path / "out" / "run-1")
-    from infra.storage.s3 import S3OutputStore
+    from infra.storage.s3_output import S3OutputStore
 
     bucket = request.getfixturevalue("s3_bucket")
     settings = request.getfixturevalue("s3_settings")
-    return S3OutputStore.from_uri(f"s3://{bucket}/out", "run-1", settings, client=request.getfixturevalue("s3_client"))
+    return S3OutputStore.from_uri(f"s3://{bucket}/out", "run-1", settings.s3, settings.work_path("staging"), client=request.getfixturevalue("s3_client"))
 
 
 def lease(store, name: str, ttl_s: float = 60.0) -> RunLease:
@@ -237,12 +237,12 @@ def prompts(tmp_path: Path, n: int) -> Path:
 def test_two_concurrent_cli_runs_one_allocation_one_refusal(where, prefect_server, tmp_path, request):
     src = prompts(tmp_path, 30)
     if where == "s3":
-        from infra.storage.s3 import S3OutputStore
+        from infra.storage.s3_output import S3OutputStore
 
         bucket, settings = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_settings")
         output_uri, env = f"s3://{bucket}/out", {"NSDG_S3__ENDPOINT_URL": settings.s3.endpoint_url,
                                                  "NSDG_S3__ADDRESSING_STYLE": "path"}
-        store = S3OutputStore.from_uri(output_uri, "shared", settings)
+        store = S3OutputStore.from_uri(output_uri, "shared", settings.s3, settings.work_path("staging"))
     else:
         output_uri, env, store = str(tmp_path / "out"), {}, LocalOutputStore(tmp_path / "out" / "shared")
     procs = {name: start_cli(prefect_server, tmp_path, name, src, output_uri, **env) for name in ("a", "b")}

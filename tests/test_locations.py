@@ -1,6 +1,6 @@
 """NSDG_ALLOWED_URIS (infra/storage/locations.py): every door a parameter could walk out of an allowed
 location through is knocked on, and each is refused with its message before anything is read;
-a run directory swapped for a symlink after the check is never written through (infra/storage/__init__.py)."""
+a run directory swapped for a symlink after the check is never written through (infra/storage/local.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from infra.errors import ConfigError, LocationChanged
 from infra.storage.locations import check_allowed, check_run_locations
 from infra.settings import load_settings
-from infra.storage import LocalOutputStore
+from infra.storage.local import LocalOutputStore
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def confined(*entries) -> object:
 
 def refused(uri, settings, what="input_uri") -> str:
     with pytest.raises(ConfigError) as caught:
-        check_allowed(uri, settings, what=what)
+        check_allowed(uri, settings.allowed_uris, what=what)
     message = str(caught.value)
     assert message.startswith(f"{what} ") and "\n" not in message, message
     return message
@@ -45,7 +45,7 @@ def refused(uri, settings, what="input_uri") -> str:
 
 def test_unset_means_unrestricted(tree):
     _, outside = tree
-    check_allowed(str(outside / "secret"), load_settings(), what="input_uri")
+    check_allowed(str(outside / "secret"), load_settings().allowed_uris, what="input_uri")
 
 
 def test_inside_is_allowed_in_every_spelling(tree, monkeypatch):
@@ -54,7 +54,7 @@ def test_inside_is_allowed_in_every_spelling(tree, monkeypatch):
     monkeypatch.chdir(allowed)
     for uri in (str(allowed / "data.jsonl"), f"file://{allowed}/data.jsonl", "data.jsonl", "./sub/../data.jsonl",
                 str(allowed), str(allowed / "not-yet" / "out"), f"{allowed}/"):
-        check_allowed(uri, settings, what="input_uri")
+        check_allowed(uri, settings.allowed_uris, what="input_uri")
 
 
 def test_dot_dot_escapes_are_refused(tree, monkeypatch):
@@ -79,24 +79,24 @@ def test_symlinks_pointing_out_are_refused(tree):
 def test_file_uri_forms_are_refused_outside(tree):
     allowed, outside = tree
     settings = confined(f"file://{allowed}")  # an entry may be a file:// URI too
-    check_allowed(f"file://{allowed}/data.jsonl", settings, what="input_uri")
+    check_allowed(f"file://{allowed}/data.jsonl", settings.allowed_uris, what="input_uri")
     for uri in (f"file://{outside}/secret", "file:///etc/passwd", f"file://{allowed}/../outside/secret",
                 f"file://{allowed}/link-to-secret"):
         refused(uri, settings)
     with pytest.raises(ConfigError, match="Unsupported URI scheme"):  # FILE://, http://: never a local path
-        check_allowed("FILE:///etc/passwd", settings, what="input_uri")
+        check_allowed("FILE:///etc/passwd", settings.allowed_uris, what="input_uri")
 
 
 def test_s3_prefix_is_a_directory_not_a_string_prefix():
     settings = confined("s3://team-bucket/nsdg", "s3://whole-bucket")
     for uri in ("s3://team-bucket/nsdg", "s3://team-bucket/nsdg/", "s3://team-bucket/nsdg/in/a.jsonl",
                 "s3://whole-bucket/anything/at/all"):
-        check_allowed(uri, settings, what="output_uri")
+        check_allowed(uri, settings.allowed_uris, what="output_uri")
     for uri in ("s3://team-bucket/nsdg-other/x", "s3://team-bucket/nsdgx", "s3://team-bucket/other/nsdg/x",
                 "s3://team-bucket/NSDG/x", "s3://team-bucket", "s3://other-bucket/nsdg/x", "s3://team-bucket-2/nsdg/x"):
         assert "outside the locations" in refused(uri, settings, "output_uri"), uri
     with pytest.raises(ConfigError, match="'..'"):  # a '..' component never reaches the check's comparison
-        check_allowed("s3://team-bucket/nsdg/../secrets/x", settings, what="output_uri")
+        check_allowed("s3://team-bucket/nsdg/../secrets/x", settings.allowed_uris, what="output_uri")
     refused("/tmp/x", settings)  # a local path with only S3 entries
 
 
@@ -121,11 +121,11 @@ def test_run_directory_that_is_a_symlink_out_is_refused(tree):
     (allowed / "out").mkdir()
     (allowed / "out" / "run-1").symlink_to(outside, target_is_directory=True)
     settings = confined(allowed)
-    check_run_locations(str(allowed / "data.jsonl"), str(allowed / "out"), "run-2", settings)
+    check_run_locations(str(allowed / "data.jsonl"), str(allowed / "out"), "run-2", settings.allowed_uris)
     with pytest.raises(ConfigError, match="^output_uri's run directory"):
-        check_run_locations(str(allowed / "data.jsonl"), str(allowed / "out"), "run-1", settings)
+        check_run_locations(str(allowed / "data.jsonl"), str(allowed / "out"), "run-1", settings.allowed_uris)
     with pytest.raises(ConfigError, match="^output_uri "):
-        check_run_locations(str(allowed / "data.jsonl"), str(outside), "run-2", settings)
+        check_run_locations(str(allowed / "data.jsonl"), str(outside), "run-2", settings.allowed_uris)
 
 
 def swap_for_symlink(path, target) -> None:

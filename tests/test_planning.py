@@ -9,8 +9,8 @@ from infra.run.manifest import PartInfo, config_hash, diff_config
 from infra.planning import RunConfig, make_plan, usable_records
 from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings
-from infra.storage.keys import validate_key_component
-from infra.storage import LocalOutputStore
+from infra.storage.uris import validate_key_component
+from infra.storage.local import LocalOutputStore
 
 
 def cfg(path, **kw) -> RunConfig:

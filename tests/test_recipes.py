@@ -16,7 +16,8 @@ from infra.recipes.examples import Examples
 from infra.recipes.samples import request_seed, sample_batches
 from infra.prompting.sampling import MAX_RANDOM_SEED, SamplingParams
 from infra.settings import Settings
-from infra.storage import LocalOutputStore, open_input
+from infra.storage import open_input
+from infra.storage.local import LocalOutputStore
 from tests.test_planning import cfg, write
 
 
@@ -88,7 +89,7 @@ def test_missing_field_is_a_bad_line_in_the_plan(workdir):
     skip = cfg(src, recipe=run.recipe, on_bad_input="skip")
     plan = make_plan(skip, Settings(), LocalOutputStore(workdir / "out" / "r2"))
     assert (plan.records_in, plan.rejected) == (2, 1)
-    with open_input(str(src), Settings()) as stream:  # the generation pass renders the same prompts
+    with open_input(str(src), Settings().s3) as stream:  # the generation pass renders the same prompts
         assert [r.prompt for r in usable_records(stream, skip, Settings(), plan.format)] == ["Topic: tides\n", "Topic: reefs\n"]
 
 

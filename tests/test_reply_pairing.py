@@ -12,7 +12,7 @@ from infra.errors import ReplyMismatch
 from infra.generation import ShardJob, run_shard
 from infra.engines.nemo import NemoClient
 from infra.prompting.sampling import SamplingParams
-from infra.storage import LocalOutputStore
+from infra.storage.local import LocalOutputStore
 from tests.localserver import running_server
 
 TOPICS = ["the tides", "a lighthouse", "sea salt", "a storm", "coral"]

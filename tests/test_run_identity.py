@@ -9,7 +9,8 @@ from infra.prompting.dataset import derived_id
 from infra.errors import ConfigError
 from infra.planning import RunConfig, make_plan, usable_records
 from infra.settings import Settings
-from infra.storage import LocalOutputStore, open_input
+from infra.storage import open_input
+from infra.storage.local import LocalOutputStore
 from infra.prompting.tokens import token_counter
 from tests.test_planning import cfg as planning_cfg, write
 
@@ -65,7 +66,7 @@ def test_a_given_id_equal_to_another_lines_derived_id_is_a_duplicate(workdir):
     run = cfg(src, shard_size=8)
     plan = make_plan(run, Settings(), LocalOutputStore(workdir / "out" / "r1"))
     assert plan.duplicate_lines == frozenset({2, 5}) and (plan.records_in, plan.rejected) == (3, 2)
-    with open_input(str(src), Settings()) as stream:
+    with open_input(str(src), Settings().s3) as stream:
         ids = [r.id for r in usable_records(stream, run, Settings(), plan.format, plan.duplicate_lines)]
     assert ids == [taken, derived_id(3, "and a third"), derived_id(5, "later line")]  # derived ids unchanged
     rejects = [json.loads(l) for l in (workdir / "out" / "r1" / "input-rejects.jsonl").read_text().splitlines()]

@@ -19,10 +19,11 @@ import pytest
 
 from infra.prompting.dataset import BadLine, Record, iter_input
 from infra.errors import ConfigError, StorageError
-from infra.storage.s3 import S3OutputStore, make_s3_client, parse_s3_uri
-from infra.storage.s3_input import check_s3_input, open_s3_input
+from infra.storage.s3_client import make_s3_client
+from infra.storage.s3_input import check_s3_input
+from infra.storage.s3_output import S3OutputStore
 from infra.settings import Settings
-from infra.storage.keys import validate_key_component
+from infra.storage.uris import parse_s3_uri, validate_key_component
 from infra.storage import check_input, open_input, open_output_store
 from tests.fixtures_s3 import FaultProxy
 
@@ -103,12 +104,12 @@ def test_hostile_run_ids_are_rejected(run_id, s3_settings):
     with pytest.raises(ConfigError, match="run_id"):
         validate_key_component(run_id, "run_id")
     with pytest.raises(ConfigError):
-        open_output_store("s3://some-bucket/out", run_id, s3_settings)
+        open_output_store("s3://some-bucket/out", run_id, s3_settings.s3, s3_settings.work_path("staging"))
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/../b", "a b"])
 def test_hostile_object_names_are_rejected(name, s3_settings, s3_bucket):
-    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
     with pytest.raises(ConfigError, match="object name"):
         store.write_bytes(name, b"x")
     with pytest.raises(ConfigError, match="object name"):
@@ -117,7 +118,7 @@ def test_hostile_object_names_are_rejected(name, s3_settings, s3_bucket):
 
 def test_hostile_output_prefix_is_rejected(s3_settings):
     with pytest.raises(ConfigError, match="'..'"):
-        open_output_store("s3://some-bucket/a/../b", "run-1", s3_settings)
+        open_output_store("s3://some-bucket/a/../b", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
 
 
 # ---------------------------------------------------------------- input
@@ -128,8 +129,8 @@ def test_input_streams_line_by_line(name, compress, s3_settings, s3_bucket, s3_c
     data = jsonl(2000) + b"not json\n"
     s3_client.put_object(Bucket=s3_bucket, Key=name, Body=gzip.compress(data) if compress else data)
     uri = f"s3://{s3_bucket}/{name}"
-    check_input(uri, s3_settings)
-    with open_input(uri, s3_settings) as stream:
+    check_input(uri, s3_settings.s3)
+    with open_input(uri, s3_settings.s3) as stream:
         items = list(iter_input(stream, "jsonl", "prompt"))
     records = [i for i in items if isinstance(i, Record)]
     assert [r.id for r in records] == [f"r{i}" for i in range(2000)]
@@ -140,7 +141,7 @@ def test_input_streams_line_by_line(name, compress, s3_settings, s3_bucket, s3_c
 def test_input_is_read_as_it_is_consumed(s3_settings, s3_bucket, s3_client):
     data = jsonl(40_000, width=100)  # ~5 MiB
     s3_client.put_object(Bucket=s3_bucket, Key="big.jsonl", Body=data)
-    with open_s3_input(f"s3://{s3_bucket}/big.jsonl", s3_settings) as stream:
+    with open_input(f"s3://{s3_bucket}/big.jsonl", s3_settings.s3) as stream:
         first = stream.readline(1 << 20)
         # Only a buffer's worth came over the wire, not the object.
         assert stream.raw._pos <= 512 * 1024 < len(data)
@@ -154,7 +155,7 @@ def test_input_resumes_when_the_body_breaks(s3_settings, s3_bucket, s3_client):
     s3_client.put_object(Bucket=s3_bucket, Key="flaky.jsonl", Body=data)
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=0.5, seed=3, kinds=("truncate",)) as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url)
-        with open_s3_input(f"s3://{s3_bucket}/flaky.jsonl", settings) as stream:
+        with open_input(f"s3://{s3_bucket}/flaky.jsonl", settings.s3) as stream:
             lines = list(iter(stream.readline, b""))
             reopened = stream.raw.reopened
     assert b"".join(lines) == data and len(lines) == 20_000
@@ -166,11 +167,11 @@ def test_input_missing_bucket_missing_key_and_denied_each_say_so(s3_settings, s3
     deny(s3_client, s3_bucket, "s3:GetObject", "s3:HeadObject", keys="secret/*")
 
     with pytest.raises(ConfigError) as missing_bucket:
-        check_input("s3://no-such-bucket-here/prompts.jsonl", s3_settings)
+        check_input("s3://no-such-bucket-here/prompts.jsonl", s3_settings.s3)
     with pytest.raises(ConfigError) as missing_key:
-        check_input(f"s3://{s3_bucket}/nope/prompts.jsonl", s3_settings)
+        check_input(f"s3://{s3_bucket}/nope/prompts.jsonl", s3_settings.s3)
     with pytest.raises(ConfigError) as denied:
-        check_input(f"s3://{s3_bucket}/secret/prompts.jsonl", s3_settings)
+        check_input(f"s3://{s3_bucket}/secret/prompts.jsonl", s3_settings.s3)
 
     assert "bucket 'no-such-bucket-here' does not exist" in str(missing_bucket.value)
     assert f"s3://{s3_bucket}/nope/prompts.jsonl not found" in str(missing_key.value)
@@ -183,13 +184,13 @@ def test_input_missing_bucket_missing_key_and_denied_each_say_so(s3_settings, s3
                           (f"s3://{s3_bucket}/nope/prompts.jsonl", "not found"),
                           (f"s3://{s3_bucket}/secret/prompts.jsonl", "Access denied")]:
         with pytest.raises(ConfigError, match=fragment):
-            with open_input(uri, s3_settings):
+            with open_input(uri, s3_settings.s3):
                 pass
 
 
 def test_input_uri_without_key_is_rejected(s3_settings):
     with pytest.raises(ConfigError, match="no object"):
-        check_s3_input("s3://some-bucket", s3_settings)
+        check_s3_input("s3://some-bucket", s3_settings.s3)
 
 
 def test_credentials_never_reach_messages_or_logs(s3_settings, caplog):
@@ -197,7 +198,7 @@ def test_credentials_never_reach_messages_or_logs(s3_settings, caplog):
     settings = variant(s3_settings, access_key_id="AKIAIOSFODNN7EXAMPLE", secret_access_key=secret)
     caplog.set_level(logging.DEBUG, logger="infra")
     with pytest.raises(ConfigError) as err:
-        check_s3_input("s3://no-such-bucket-here/p.jsonl", settings)
+        check_s3_input("s3://no-such-bucket-here/p.jsonl", settings.s3)
     chain, exc = [], err.value
     while exc is not None:
         chain.append(str(exc))
@@ -208,14 +209,14 @@ def test_credentials_never_reach_messages_or_logs(s3_settings, caplog):
 def test_half_set_credentials_are_a_config_error(s3_settings):
     settings = variant(s3_settings, access_key_id="AKIA")
     with pytest.raises(ConfigError, match="both"):
-        make_s3_client(settings)
+        make_s3_client(settings.s3)
 
 
 # ---------------------------------------------------------------- output
 
 
 def test_publish_parts_and_manifest_byte_for_byte(s3_settings, s3_bucket, s3_client):
-    store = open_output_store(f"s3://{s3_bucket}/runs/nightly/", "run-1", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}/runs/nightly/", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
     assert store.location == f"s3://{s3_bucket}/runs/nightly/run-1"
     store.preflight()
     parts = {f"part-{i:05d}.jsonl": jsonl(300 + i) for i in range(3)}
@@ -241,7 +242,7 @@ def test_publish_parts_and_manifest_byte_for_byte(s3_settings, s3_bucket, s3_cli
 
 def test_multipart_part_is_checksummed_per_part(s3_settings, s3_bucket, s3_client):
     settings = variant(s3_settings, multipart_threshold_mb=5)
-    store = open_output_store(f"s3://{s3_bucket}", "run-mp", settings)
+    store = open_output_store(f"s3://{s3_bucket}", "run-mp", settings.s3, settings.work_path("staging"))
     data = os.urandom(12 * MIB + 12345)
     path, sha = stage(store, "part-00000.jsonl", data)
     store.publish_file("part-00000.jsonl", path, sha)
@@ -258,7 +259,7 @@ def test_multipart_part_is_checksummed_per_part(s3_settings, s3_bucket, s3_clien
 
 
 def test_publish_refuses_a_file_that_does_not_match_its_sha(s3_settings, s3_bucket, s3_client):
-    store = open_output_store(f"s3://{s3_bucket}", "run-bad", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}", "run-bad", s3_settings.s3, s3_settings.work_path("staging"))
     path, _ = stage(store, "part-00000.jsonl", b"what was written\n")
     with pytest.raises(StorageError, match="no longer matches its sha256"):
         store.publish_file("part-00000.jsonl", path, hashlib.sha256(b"something else\n").hexdigest())
@@ -271,7 +272,7 @@ def test_every_object_lands_once_through_faults(s3_settings, s3_bucket, s3_clien
     parts["part-00008.jsonl"] = os.urandom(6 * MIB)  # multipart at a 5 MiB threshold
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=0.3, seed=7) as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url, multipart_threshold_mb=5)
-        store = open_output_store(f"s3://{s3_bucket}/faulty", "run-f", settings)
+        store = open_output_store(f"s3://{s3_bucket}/faulty", "run-f", settings.s3, settings.work_path("staging"))
         store.preflight()
         for name, data in parts.items():
             path, sha = stage(store, name, data)
@@ -302,9 +303,9 @@ def test_a_lost_reply_is_not_a_lost_part(size_mb, request_, s3_settings, s3_buck
     data = os.urandom(size_mb * MIB or 1000)
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("drop_after",), only=request_) as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url, multipart_threshold_mb=5, max_attempts=2)
-        store = open_output_store(f"s3://{s3_bucket}", "run-lost", settings)
+        store = open_output_store(f"s3://{s3_bucket}", "run-lost", settings.s3, settings.work_path("staging"))
         path, sha = stage(store, "part-00000.jsonl", data)
-        with caplog.at_level(logging.DEBUG, logger="infra.storage.s3"):
+        with caplog.at_level(logging.DEBUG, logger="infra.storage.s3_output"):
             store.publish_file("part-00000.jsonl", path, sha)
     assert proxy.faults["drop_after"] >= 2  # every attempt botocore made
     assert "published s3://" in caplog.text
@@ -316,7 +317,7 @@ def test_a_lost_reply_is_not_a_lost_part(size_mb, request_, s3_settings, s3_buck
 def test_an_upload_that_keeps_failing_names_key_and_cause(s3_settings, s3_bucket):
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("slowdown",), only=lambda m, t: m == "PUT") as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url, max_attempts=1)
-        store = open_output_store(f"s3://{s3_bucket}", "run-down", settings)
+        store = open_output_store(f"s3://{s3_bucket}", "run-down", settings.s3, settings.work_path("staging"))
         path, sha = stage(store, "part-00007.jsonl", b"x\n")
         with pytest.raises(StorageError) as err:
             store.publish_file("part-00007.jsonl", path, sha)
@@ -330,7 +331,7 @@ def test_a_stalled_upload_is_cut_by_the_read_timeout(s3_settings, s3_bucket):
     and the error says so instead of the run hanging."""
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("stall",), only=lambda m, t: m == "PUT") as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url, max_attempts=1, read_timeout_s=0.5)
-        store = open_output_store(f"s3://{s3_bucket}", "run-stall", settings)
+        store = open_output_store(f"s3://{s3_bucket}", "run-stall", settings.s3, settings.work_path("staging"))
         path, sha = stage(store, "part-00003.jsonl", b"x\n")
         with pytest.raises(StorageError) as err:
             store.publish_file("part-00003.jsonl", path, sha)
@@ -345,14 +346,14 @@ def test_input_streams_through_faults(s3_settings, s3_bucket, s3_client):
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=0.3, seed=11) as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url)
         for _ in range(5):
-            check_input(f"s3://{s3_bucket}/in.jsonl.gz", settings)
-            with open_input(f"s3://{s3_bucket}/in.jsonl.gz", settings) as stream:
+            check_input(f"s3://{s3_bucket}/in.jsonl.gz", settings.s3)
+            with open_input(f"s3://{s3_bucket}/in.jsonl.gz", settings.s3) as stream:
                 assert stream.read() == data
     assert proxy.injected >= 1, proxy.faults
 
 
 def test_preflight_missing_bucket(s3_settings):
-    store = open_output_store("s3://no-such-output-bucket/out", "run-1", s3_settings)
+    store = open_output_store("s3://no-such-output-bucket/out", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
     with pytest.raises(ConfigError) as err:
         store.preflight()
     text = str(err.value)
@@ -362,7 +363,7 @@ def test_preflight_missing_bucket(s3_settings):
 
 def test_preflight_denied_write(s3_settings, s3_bucket, s3_client):
     deny(s3_client, s3_bucket, "s3:PutObject")
-    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
     with pytest.raises(ConfigError) as err:
         store.preflight()
     text = str(err.value)
@@ -377,12 +378,12 @@ def test_preflight_denied_write(s3_settings, s3_bucket, s3_client):
 def test_list_names_sees_only_this_run(s3_settings, s3_bucket, s3_client):
     for key in ["out/run-1/a.json", "out/run-1/nested/b.json", "out/run-10/c.json", "out/run-1.json", "out/run-1/.hidden"]:
         s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"{}")
-    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
     assert store.list_names() == ["a.json"]
 
 
 def test_list_names_pages_through_many_objects(s3_settings, s3_bucket, s3_client):
-    store = open_output_store(f"s3://{s3_bucket}", "run-many", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}", "run-many", s3_settings.s3, s3_settings.work_path("staging"))
     store.LIST_PAGE_SIZE = 7  # the real paging, over fewer objects than S3's 1000 a page
     names = [f"part-{i:05d}.state.json" for i in range(30)]
     for name in names:
@@ -391,7 +392,7 @@ def test_list_names_pages_through_many_objects(s3_settings, s3_bucket, s3_client
 
 
 def test_store_pickles_and_stages_locally(s3_settings, s3_bucket):
-    store = open_output_store(f"s3://{s3_bucket}/p", "run-1", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}/p", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
     copy = pickle.loads(pickle.dumps(store))
     assert copy.location == store.location == f"s3://{s3_bucket}/p/run-1"
     copy.write_bytes("x.json", b"1")

@@ -41,9 +41,9 @@ def test_the_plan_aborts_this_runs_incomplete_uploads_only(s3_settings, s3_bucke
     half_upload(s3_client, s3_bucket, "runs/r1/part-00000.jsonl")
     half_upload(s3_client, s3_bucket, "runs/r10/part-00000.jsonl")  # another run, whose name starts alike
     half_upload(s3_client, s3_bucket, "runs/r1/nested/object")      # not one of the run's own names
-    store = open_output_store(f"s3://{s3_bucket}/runs", "r1", s3_settings)
+    store = open_output_store(f"s3://{s3_bucket}/runs", "r1", s3_settings.s3, s3_settings.work_path("staging"))
     src = write(workdir / "in.jsonl", {"prompt": "a"}, {"prompt": "b"})
-    with caplog.at_level(logging.INFO, logger="infra.storage.s3"):
+    with caplog.at_level(logging.INFO, logger="infra.storage.s3_output"):
         make_plan(cfg(src), s3_settings, store)
     assert open_uploads(s3_client, s3_bucket) == ["runs/r1/nested/object", "runs/r10/part-00000.jsonl"]
     assert f"aborted an incomplete multipart upload of s3://{s3_bucket}/runs/r1/part-00000.jsonl" in caplog.text
@@ -72,7 +72,7 @@ def test_a_failed_attempt_leaves_no_upload_open(s3_settings, s3_bucket, s3_clien
     data = os.urandom(11 * MIB)
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("500",), only=fail) as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url, multipart_threshold_mb=5, max_attempts=1)
-        store = open_output_store(f"s3://{s3_bucket}", "run-mp", settings)
+        store = open_output_store(f"s3://{s3_bucket}", "run-mp", settings.s3, settings.work_path("staging"))
         path = store.staging_dir() / ".part-00000.jsonl.tmp"
         path.write_bytes(data)
         store.publish_file("part-00000.jsonl", path, hashlib.sha256(data).hexdigest())
@@ -96,7 +96,7 @@ def test_a_lost_create_reply_leaves_no_upload_open(s3_settings, s3_bucket, s3_cl
     data = os.urandom(6 * MIB)
     with FaultProxy(s3_settings.s3.endpoint_url, fault_rate=1.0, kinds=("drop_after",), only=first_create) as proxy:
         settings = variant(s3_settings, endpoint_url=proxy.url, multipart_threshold_mb=5)
-        store = open_output_store(f"s3://{s3_bucket}", "run-create", settings)
+        store = open_output_store(f"s3://{s3_bucket}", "run-create", settings.s3, settings.work_path("staging"))
         path = store.staging_dir() / ".part-00000.jsonl.tmp"
         path.write_bytes(data)
         store.publish_file("part-00000.jsonl", path, hashlib.sha256(data).hexdigest())

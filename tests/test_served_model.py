@@ -14,7 +14,7 @@ from infra.planning import make_plan
 from infra.prompting.sampling import SamplingParams
 from infra.engines.served_model import ServedModel, expected, model_dir_digest
 from infra.settings import Settings
-from infra.storage import LocalOutputStore
+from infra.storage.local import LocalOutputStore
 from tests.localserver import running_server
 from tests.test_planning import cfg, write
 

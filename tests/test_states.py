@@ -21,7 +21,7 @@ from infra.recipes.curate import FILTERED, Curation, CurationError, curate
 from infra.recipes.judge import judge_name, judge_part, judged_current
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.prompting.sampling import SamplingParams
-from infra.storage import LocalOutputStore
+from infra.storage.local import LocalOutputStore
 from tests.localserver import running_server
 from tests.test_curation import CHASH, judge, kept_ids, lines, row, write_parts
 

@@ -12,7 +12,7 @@ from infra.local_server.real_model import find_gguf
 from infra.planning import RecordCheck, RunConfig, make_plan
 from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings
-from infra.storage import LocalOutputStore
+from infra.storage.local import LocalOutputStore
 from infra.prompting.tokens import ByteEstimate, token_counter
 
 SENTENCE = "the quick brown fox jumps over the lazy dog and keeps running through the field "

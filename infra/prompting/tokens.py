@@ -36,7 +36,7 @@ from typing import Protocol
 
 from infra.errors import ConfigError
 from infra.engines.nemo import estimate_tokens
-from infra.storage import sha256_file
+from infra.storage.local import sha256_file
 from infra.prompting.tokenizer_files import TokenizerSource, locate_tokenizer
 
 log = logging.getLogger(__name__)

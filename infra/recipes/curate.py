@@ -24,9 +24,10 @@ from infra.errors import SdgError
 from infra.run.manifest import config_hash
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
-from infra.recipes.judge import Judge, judge_name, read_judgements, read_rows, read_state
+from infra.recipes.judge import Judge, judge_name, read_judgements
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.run.states import describes, invalidate
+from infra.storage.jsonl import publish, read_rows, read_state
 
 log = logging.getLogger(__name__)
 FILTERED = "filtered.jsonl"
@@ -89,8 +90,6 @@ class CurationError(SdgError):
 
 def curate(store, parts, curation: Curation, generation_hash: str) -> CurationResult:
     """Run the stage over `parts` (sorted by shard) and publish what it keeps and drops."""
-    from infra.generation import publish
-
     result = CurationResult(curation.stage_hash(generation_hash))
     filters = build_filters(curation.filters, curation.judge_params if curation.judge else None)
     reasons: Counter[str] = Counter()

@@ -22,6 +22,7 @@ from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import describes, invalidate, read_described
+from infra.storage.jsonl import publish, read_rows, read_state
 from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,6 @@ def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_b
     return Judge(params, template, sampling, prompt_format, settings.model.context_length, tokenizer)
 
 
-def read_rows(data: bytes | None) -> list[dict]:
-    return [json.loads(line) for line in (data or b"").splitlines() if line.strip()]
-
-
 def judge_part(client, store, judge: Judge, part, batch_size: int, rows: list[dict] | None = None) -> dict:
     """Judge a published part's rows and publish the judgement and its state; returns the state."""
     if rows is None:
@@ -113,24 +110,12 @@ def judge_part(client, store, judge: Judge, part, batch_size: int, rows: list[di
 
 def publish_judgement(store, judge: Judge, part, judged: list[dict]) -> dict:
     """The part's judgement rows, then the state naming the judge and the file's sha256."""
-    from infra.generation import publish
-
     invalidate(store, judge_state_name(part.name))  # before the judgement it describes is replaced
     sha, count, _size = publish(store, judge_name(part.name), judged)
     state = {"part": part.name, "shard": part.shard, "part_sha256": part.sha256, "judge_hash": judge.identity(part.config_hash),
              "records": count, "sha256": sha, "failed": sum(1 for j in judged if "error" in j)}
     store.write_bytes(judge_state_name(part.name), json.dumps(state, sort_keys=True).encode())
     return state
-
-
-def read_state(store, name: str) -> dict:
-    """A stage's state object; {} when missing or unreadable (the stage is then redone)."""
-    data = store.read_bytes(name)
-    try:
-        state = json.loads(data) if data is not None else {}
-    except ValueError:
-        return {}
-    return state if isinstance(state, dict) else {}
 
 
 def _judge_state(store, judge: Judge, part) -> dict | None:

@@ -35,8 +35,8 @@ def is_template_uri(value: str) -> bool:
 
 def read_text(uri: str, settings, what: str, limit: int) -> bytes:
     """The bytes of a small local or s3 file, read whole (at most `limit` bytes)."""
-    check_input(uri, settings)
-    with open_input(uri, settings) as stream:
+    check_input(uri, settings.s3)
+    with open_input(uri, settings.s3) as stream:
         data = stream.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{what} {uri} is larger than {limit} bytes: keep it small (it is held in memory).")

@@ -1,69 +1,28 @@
 """Where prompts come from and results go: a local path (or file://) or s3://bucket/key.
 
 Output lives under `{output_uri}/{run_id}/`. Every write is atomic: a reader sees a whole
-object or none (temp file + rename locally; one PUT or a completed multipart upload on S3), and
-`manifest.json` is written last, so its presence means the run is complete.
+object or none (temp file + rename locally, `infra.storage.local`; one PUT or a completed
+multipart upload on S3, `infra.storage.s3_output`), and `manifest.json` is written last, so its
+presence means the run is complete. URIs and names are checked by `infra.storage.uris` (pure);
+boto3 is imported only when an s3:// location is used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import gzip
-import hashlib
 import io
-import os
-import stat
-import threading
-import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
-from urllib.parse import urlparse
+from typing import BinaryIO, Protocol
 
-from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
 from infra.storage.input_pin import InputPin
-from infra.storage.keys import validate_key_component
-
-if TYPE_CHECKING:
-    from infra.settings import Settings
-
-# A local output that fails with these is the user's to fix (a path, permissions, a read-only or full
-# disk): one line and exit 2. Anything else (EIO ...) may pass and stays a StorageError.
-USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EROFS, errno.ENOSPC,
-                errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
-
-
-def preflight_error(root: Path, exc: OSError) -> Exception:
-    seen = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    error = ConfigError if exc.errno in USER_FIXABLE else StorageError
-    return error(f"Output directory {root} is not writable ({seen}). Pick another output_uri or fix its permissions.")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def local_path(uri: str) -> Path:
-    if uri.startswith("file://"):
-        parsed = urlparse(uri)
-        return Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
-    if "://" in uri:
-        raise ConfigError(f"Unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
-    return Path(uri).expanduser()
+from infra.storage.local import LocalInput, LocalOutputStore, check_local_input
+from infra.storage.s3_settings import S3Settings
+from infra.storage.uris import is_s3, local_path, validate_key_component
 
 
 class OutputStore(Protocol):
-    """One run's output location."""
+    """One run's output location. Names are single key components (`validate_key_component`)."""
 
     location: str
 
@@ -78,356 +37,50 @@ class OutputStore(Protocol):
     def staging_dir(self) -> Path: ...
     def abort_incomplete_uploads(self) -> list[str]: ...
 
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class _PinnedDir:
-    """A descriptor of the run directory, closed with the store that opened it."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        st = os.fstat(fd)
-        self.ident = (st.st_dev, st.st_ino)
-
-    def __del__(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-
-class LocalOutputStore:
-    """A run directory. Its path is resolved when the store is made (right after
-    NSDG_ALLOWED_URIS was checked on the same resolution) and the directory is opened once, not
-    through a symlink; every write and read then goes through that descriptor (dir_fd-relative
-    open, rename, link, unlink), and each first checks that the path still leads to that very
-    directory. A run directory swapped for a symlink (or moved) mid-run is refused with
-    LocationChanged, never followed: the allowed-locations check holds for every write."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.location = str(root)
-        try:
-            self._resolved = root.resolve()  # what check_run_locations saw
-        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an embedded NUL
-            raise ConfigError(f"Output location {str(root)!r} cannot be resolved ({exc}). Give a plain local path "
-                              "as output_uri.") from None
-        self._pinned: _PinnedDir | None = None
-        self._pin_lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        # A descriptor means nothing in another process: a copy opens (and checks) its own.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_pinned", "_pin_lock")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _pinned=None, _pin_lock=threading.Lock())
-
-    def uri(self, name: str) -> str:
-        return str(self.root / name)
-
-    def _dir(self, create: bool = True) -> int | None:
-        """The run directory's descriptor, checked; None when it does not exist and `create` is off."""
-        with self._pin_lock:
-            if self._pinned is None:
-                if create:
-                    self._resolved.mkdir(parents=True, exist_ok=True)
-                try:
-                    self._pinned = _PinnedDir(os.open(self._resolved, _DIR_FLAGS))
-                except OSError as exc:
-                    if os.path.islink(self._resolved):  # a symlink where the directory was resolved
-                        raise self._changed() from None
-                    if not create and isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-                        return None
-                    raise
-        self._check()
-        return self._pinned.fd
-
-    def _check(self) -> None:
-        """The path still resolves where it did, to the directory we hold open."""
-        try:
-            same = self.root.resolve() == self._resolved and _identity(self.root) == self._pinned.ident
-        except (OSError, RuntimeError):  # a symlink loop
-            same = False
-        if not same:
-            raise self._changed()
-
-    def _changed(self) -> LocationChanged:
-        try:
-            now = f"now resolves to {self.root.resolve()}" + (" (a symlink)" if self.root.is_symlink() else "")
-        except (OSError, RuntimeError) as exc:
-            now = f"now cannot be resolved ({exc})"
-        if not os.path.lexists(self.root):
-            now = "is gone"
-        return LocationChanged(
-            f"Output directory {self.root} is no longer the directory this run checked and opened at its start "
-            f"({self._resolved}): it {now}. Nothing is written through it, so no write leaves the allowed locations "
-            f"(NSDG_ALLOWED_URIS). Put the run directory back at {self.root} (remove the link, move it back) and rerun "
-            "with the same run_id; find out who replaced it.")
-
-    def preflight(self) -> None:
-        """Prove the run directory can be made and written; a refusal leaves no folder behind."""
-        missing = [f for f in [*reversed(self._resolved.parents), self._resolved] if not os.path.lexists(f)]
-        try:
-            d = self._dir()
-            tmp, fd = _new_temp(d, ".preflight-", "")
-            os.close(fd)
-            os.unlink(tmp, dir_fd=d)
-        except OSError as exc:
-            for folder in reversed(missing):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise preflight_error(self.root, exc) from None
-
-    def publish_file(self, name: str, path: Path, sha256: str) -> None:
-        target = validate_key_component(name, "object name")
-        d = self._dir()
-        path = Path(path)
-        if _identity(path.parent) == self._pinned.ident:
-            os.replace(path.name, target, src_dir_fd=d, dst_dir_fd=d)  # same directory: the rename is the atomic step
-        else:
-            self.write_bytes(name, path.read_bytes())
-
-    def _temp_copy(self, name: str, data: bytes) -> str:
-        """`data` in a synced temp file next to `name` (its name in the run directory), ready to
-        be renamed or linked into place."""
-        d = self._dir()
-        tmp, fd = _new_temp(d, f".{name}.", ".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            _unlink(tmp, d)
-            raise
-        return tmp
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        target = validate_key_component(name, "object name")
-        tmp = self._temp_copy(name, data)
-        d = self._pinned.fd
-        try:
-            self._check()  # again: the temp file took a while, and the rename is what publishes
-            os.replace(tmp, target, src_dir_fd=d, dst_dir_fd=d)
-        except BaseException:
-            _unlink(tmp, d)
-            raise
-
-    def _open_read(self, name: str) -> BinaryIO | None:
-        """`name` in the held run directory, opened to read (never through a symlink); None when absent."""
-        name = validate_key_component(name, "object name")
-        d = self._dir(create=False)
-        if d is None:
-            return None
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise StorageError(f"{self.root / name} is a symlink: a run's files are never links, and it is not "
-                               "followed. Remove it and rerun.") from None
-        return os.fdopen(fd, "rb")
-
-    def read_bytes(self, name: str) -> bytes | None:
-        f = self._open_read(name)
-        if f is None:
-            return None
-        with f:
-            return f.read()
-
-    def list_names(self) -> list[str]:
-        d = self._dir(create=False)
-        if d is None:
-            return []
-        names = []
-        for name in os.listdir(d):
-            try:
-                regular = stat.S_ISREG(os.stat(name, dir_fd=d, follow_symlinks=False).st_mode)
-            except FileNotFoundError:
-                continue
-            if regular and not name.startswith("."):
-                names.append(name)
-        return sorted(names)
-
-    def sha256(self, name: str) -> str | None:
-        """The object's sha256 as it is now (hashed), or None when it does not exist. Through the
-        held directory, never a symlink, like every other access."""
-        f = self._open_read(name)
-        if f is None:
-            return None
-        h = hashlib.sha256()
-        with f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
-    def delete(self, name: str) -> None:
-        """Remove `name`; a missing one is already removed."""
-        name = validate_key_component(name, "object name")
-        d = self._dir(create=False)
-        if d is None:
-            return
-        try:
-            os.unlink(name, dir_fd=d)
-        except FileNotFoundError:
-            pass
-
-    def abort_incomplete_uploads(self) -> list[str]:
-        return []  # a local part is renamed into place: there is no upload to leave open
-
-    def staging_dir(self) -> Path:
-        """Parts are written here and renamed into place, so a half-written part never shows. On
-        Linux it is the held descriptor's /proc path: a temp file lands in the checked directory
-        even if the run directory is swapped while it is being written."""
-        d = self._dir()
-        proc = Path(f"/proc/self/fd/{d}")
-        return proc if proc.is_dir() else self.root
-
-    # -- conditional writes, for infra/run/lease.py. A version is the content's sha256; replace and
-    # delete hold an flock on a sidecar file, so a compare and its write are one step.
-
+    # Conditional writes, for infra/run/lease.py: the store compares a version and writes in one
+    # step. A version is opaque to the caller (the content's sha256 locally, the ETag on S3).
     def create_exclusive(self, name: str, data: bytes) -> str | None:
-        """Create `name` with `data` unless it exists (O_EXCL semantics, through link(2), so the
-        object appears whole); returns its version, or None when it already exists."""
-        target = validate_key_component(name, "object name")
-        tmp = self._temp_copy(name, data)
-        d = self._pinned.fd
-        try:
-            self._check()
-            os.link(tmp, target, src_dir_fd=d, dst_dir_fd=d)
-        except FileExistsError:
-            return None
-        finally:
-            _unlink(tmp, d)
-        return hashlib.sha256(data).hexdigest()
-
+        """Create `name` unless it exists; its version, or None when it already exists."""
     def read_versioned(self, name: str) -> tuple[bytes, str] | None:
-        data = self.read_bytes(name)
-        return None if data is None else (data, hashlib.sha256(data).hexdigest())
-
-    @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        lock_name = f".{validate_key_component(name, 'object name')}.lock"
-        fd = os.open(lock_name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                     dir_fd=self._dir())
-        with os.fdopen(fd, "ab") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
+        """The object's bytes and version, or None when it does not exist."""
     def replace_if_version(self, name: str, data: bytes, version: str) -> str | None:
-        """Replace `name` only if it still holds `version`; returns the new version, or None."""
-        with self._locked(name):
-            current = self.read_versioned(name)
-            if current is None or current[1] != version:
-                return None
-            self.write_bytes(name, data)
-        return hashlib.sha256(data).hexdigest()
-
+        """Replace `name` only if it still holds `version`; the new version, or None."""
     def delete_if_version(self, name: str, version: str) -> bool:
-        with self._locked(name):
-            current = self.read_versioned(name)
-            if current is None or current[1] != version:
-                return False
-            os.unlink(name, dir_fd=self._dir())
-        return True
+        """Delete `name` only if it still holds `version`; whether it did."""
 
 
-def _new_temp(dir_fd: int, prefix: str, suffix: str) -> tuple[str, int]:
-    """mkstemp inside the directory `dir_fd`: (its name, an fd open for writing), mode 0600."""
-    for _ in range(100):
-        name = f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
-        try:
-            return name, os.open(name, _NEW_FILE, 0o600, dir_fd=dir_fd)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temp name {prefix}*{suffix}")
-
-
-def _unlink(name: str, dir_fd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def open_output_store(output_uri: str, run_id: str, settings: "Settings") -> OutputStore:
+def open_output_store(output_uri: str, run_id: str, s3: S3Settings, staging: Path) -> OutputStore:
+    """The store of `{output_uri}/{run_id}`. `staging`: the local directory under which an S3
+    store writes its parts before they are uploaded (settings.work_path("staging"))."""
     validate_key_component(run_id, "run_id")
     if is_s3(output_uri):
-        from infra.storage.s3 import S3OutputStore  # boto3 is imported only when S3 is used
+        from infra.storage.s3_output import S3OutputStore  # boto3 is imported only when S3 is used
 
-        return S3OutputStore.from_uri(output_uri, run_id, settings)
+        return S3OutputStore.from_uri(output_uri, run_id, s3, staging)
     return LocalOutputStore(local_path(output_uri) / run_id)
 
 
-def check_input(input_uri: str, settings: "Settings") -> None:
+def check_input(input_uri: str, s3: S3Settings) -> None:
     """Fail before any allocation when the input cannot be read."""
     if is_s3(input_uri):
-        from infra.storage.s3_input import check_s3_input
+        from infra.storage.s3_input import check_s3_input  # boto3 is imported only when S3 is used
 
-        check_s3_input(input_uri, settings)
+        check_s3_input(input_uri, s3)
         return
-    path = local_path(input_uri)
-    if not path.is_file():
-        raise ConfigError(f"Input {input_uri!r} not found ({path.resolve()} is not a file). Check input_uri.")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"Input {path} is not readable. Fix its permissions.")
+    check_local_input(input_uri)
 
 
 READER_BUFFER = 256 * 1024
 
 
-class _LocalInput(io.RawIOBase):
-    """A local input file as a raw stream, checked against its pin after every read: a rewrite
-    in place or an append is seen before any byte read after it is used."""
-
-    def __init__(self, uri: str, pin: InputPin | None):
-        super().__init__()
-        self._file = open(local_path(uri), "rb", buffering=0)
-        self._uri = uri
-        self.pin = InputPin.of_file(uri, os.fstat(self._file.fileno()))
-        self._expected = pin or self.pin
-        try:
-            self.verify()
-        except InputChanged:
-            self._file.close()
-            raise
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self._file.readinto(buffer)
-        self.verify()
-        return n
-
-    def verify(self) -> None:
-        self._expected.check(InputPin.of_file(self._uri, os.fstat(self._file.fileno())))
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
 class InputSource:
-    """`with open_input(uri, settings, pin) as stream:` a binary stream over the input, gunzipped
+    """`with open_input(uri, settings.s3, pin) as stream:` a binary stream over the input, gunzipped
     when the name ends in .gz. `pin` is what the opened input is (what the plan records);
     given a pin, the input must still be that one (else InputChanged), and `verify()` checks it
     again (local files: S3 reads are pinned by the GET itself)."""
 
-    def __init__(self, input_uri: str, settings: "Settings", pin: InputPin | None = None):
-        self.uri, self._settings, self._expected = input_uri, settings, pin
+    def __init__(self, input_uri: str, s3: S3Settings, pin: InputPin | None = None):
+        self.uri, self._s3, self._expected = input_uri, s3, pin
         self._raw = None
         self._stack = ExitStack()
 
@@ -442,9 +95,9 @@ class InputSource:
         if is_s3(self.uri):
             from infra.storage.s3_input import open_s3_raw  # boto3 is imported only when S3 is used
 
-            self._raw = open_s3_raw(self.uri, self._settings, pin=self._expected)
+            self._raw = open_s3_raw(self.uri, self._s3, pin=self._expected)
         else:
-            self._raw = _LocalInput(self.uri, self._expected)
+            self._raw = LocalInput(self.uri, self._expected)
         stream = self._stack.enter_context(io.BufferedReader(self._raw, buffer_size=READER_BUFFER))
         if self.uri.endswith(".gz"):
             gz = self._stack.enter_context(gzip.GzipFile(fileobj=stream))
@@ -455,5 +108,5 @@ class InputSource:
         self._stack.close()
 
 
-def open_input(input_uri: str, settings: "Settings", pin: InputPin | None = None) -> InputSource:
-    return InputSource(input_uri, settings, pin)
+def open_input(input_uri: str, s3: S3Settings, pin: InputPin | None = None) -> InputSource:
+    return InputSource(input_uri, s3, pin)

@@ -10,42 +10,39 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Callable
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, NoCredentialsError
 
 from infra.errors import ConfigError, StorageError
 from infra.storage.input_pin import InputPin, input_changed
-from infra.storage.s3 import (BAD_CREDENTIALS, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS, _bucket_exists, _cause, _code,
-                      _credentials_error, _no_credentials, _where, make_s3_client, parse_s3_uri)
-
-if TYPE_CHECKING:
-    from infra.settings import Settings
+from infra.storage.s3_client import (BAD_CREDENTIALS, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS, at_endpoint,
+                                     bucket_exists, credentials_error, error_code, error_text, make_s3_client,
+                                     no_credentials)
+from infra.storage.s3_settings import S3Settings
+from infra.storage.uris import parse_s3_uri
 
 log = logging.getLogger(__name__)
 
-READER_BUFFER = 256 * 1024
 
-
-def check_s3_input(uri: str, settings: "Settings", client: Any = None) -> None:
+def check_s3_input(uri: str, s3: S3Settings, client: Any = None) -> None:
     """HEAD the input object; fail with what to fix before any GPU is asked for."""
-    _reading(uri, settings, client, lambda c, bucket, key: c.head_object(Bucket=bucket, Key=key))
+    _reading(uri, s3, client, lambda c, bucket, key: c.head_object(Bucket=bucket, Key=key))
 
 
-def _reading(uri: str, settings: "Settings", client: Any, call: Callable[[Any, str, str], Any]) -> Any:
+def _reading(uri: str, s3: S3Settings, client: Any, call: Callable[[Any, str, str], Any]) -> Any:
     """`call(client, bucket, key)`, its errors turned into what to fix."""
     bucket, key = _input_location(uri)
-    client = client or make_s3_client(settings)
+    client = client or make_s3_client(s3)
     try:
         return call(client, bucket, key)
     except ClientError as exc:
-        raise _input_error(client, exc, bucket, key, settings) from exc
+        raise _input_error(client, exc, bucket, key, s3) from exc
     except NoCredentialsError as exc:
-        raise _no_credentials(f"reading s3://{bucket}/{key}") from exc
+        raise no_credentials(f"reading s3://{bucket}/{key}") from exc
     except BotoCoreError as exc:
-        raise StorageError(f"Cannot reach S3{_where(settings)} to read s3://{bucket}/{key}: {_cause(exc)}. Check the endpoint and network.") from exc
+        raise StorageError(f"Cannot reach S3{at_endpoint(s3)} to read s3://{bucket}/{key}: {error_text(exc)}. Check the endpoint and network.") from exc
 
 
 def _input_location(uri: str) -> tuple[str, str]:
@@ -55,10 +52,10 @@ def _input_location(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _input_error(client: Any, exc: ClientError, bucket: str, key: str, settings: "Settings") -> Exception:
-    code, where = _code(exc), f"s3://{bucket}/{key}"
-    if code in NO_BUCKET or (code in NOT_FOUND and not _bucket_exists(client, bucket)):
-        return ConfigError(f"Input bucket {bucket!r} does not exist{_where(settings)} (reading {where}). Check the bucket name in input_uri, and the endpoint/region.")
+def _input_error(client: Any, exc: ClientError, bucket: str, key: str, s3: S3Settings) -> Exception:
+    code, where = error_code(exc), f"s3://{bucket}/{key}"
+    if code in NO_BUCKET or (code in NOT_FOUND and not bucket_exists(client, bucket)):
+        return ConfigError(f"Input bucket {bucket!r} does not exist{at_endpoint(s3)} (reading {where}). Check the bucket name in input_uri, and the endpoint/region.")
     if code in NOT_FOUND:
         return ConfigError(f"Input object {where} not found: bucket {bucket!r} exists but has no key {key!r}. Check the key in input_uri.")
     if code in DENIED:
@@ -68,11 +65,11 @@ def _input_error(client: Any, exc: ClientError, bucket: str, key: str, settings:
             "Grant read access in the bucket or IAM policy, or use other credentials."
         )
     if code in BAD_CREDENTIALS:
-        return _credentials_error(exc, f"reading {where}")
-    return StorageError(f"Reading input {where} failed: {_cause(exc)}.")
+        return credentials_error(exc, f"reading {where}")
+    return StorageError(f"Reading input {where} failed: {error_text(exc)}.")
 
 
-class _S3ObjectReader(io.RawIOBase):
+class S3ObjectReader(io.RawIOBase):
     """The object's body as a raw stream. A connection that breaks mid-body is reopened with a
     ranged GET from the current offset. Every GET is pinned: to `pin` when one is given (the
     plan's), else to what the first GET found; by VersionId when the bucket keeps versions (the
@@ -104,7 +101,7 @@ class _S3ObjectReader(io.RawIOBase):
         try:
             reply = self._client.get_object(**args)
         except ClientError as exc:
-            if _code(exc) == "PreconditionFailed" and self.pin is not None:
+            if error_code(exc) == "PreconditionFailed" and self.pin is not None:
                 raise input_changed(self.pin, f"the object's ETag is no longer {self.pin.etag}") from exc
             raise
         if self.pin is None:
@@ -130,7 +127,7 @@ class _S3ObjectReader(io.RawIOBase):
             except STREAM_ERRORS as exc:
                 if attempt == self._attempts:
                     raise StorageError(
-                        f"Reading s3://{self._bucket}/{self._key} broke at byte {self._pos} {attempt} times in a row: {_cause(exc)}. "
+                        f"Reading s3://{self._bucket}/{self._key} broke at byte {self._pos} {attempt} times in a row: {error_text(exc)}. "
                         "Check the network to the S3 endpoint."
                     ) from exc
                 log.warning("s3://%s/%s: stream broke at byte %d (%s); reopening", self._bucket, self._key, self._pos, type(exc).__name__)
@@ -147,9 +144,9 @@ class _S3ObjectReader(io.RawIOBase):
         try:
             self._open()
         except ClientError as exc:
-            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {_cause(exc)}.") from exc
+            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {error_text(exc)}.") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {_cause(exc)}. Check the network to the S3 endpoint.") from exc
+            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {error_text(exc)}. Check the network to the S3 endpoint.") from exc
 
     def _close_body(self) -> None:
         if self._body is not None:
@@ -164,14 +161,7 @@ class _S3ObjectReader(io.RawIOBase):
         super().close()
 
 
-def open_s3_raw(uri: str, settings: "Settings", client: Any = None, pin: InputPin | None = None) -> _S3ObjectReader:
-    """The object as a raw stream, pinned (see `_S3ObjectReader`); errors say what to fix."""
-    return _reading(uri, settings, client, lambda c, bucket, key: _S3ObjectReader(c, bucket, key, settings.s3.max_attempts, pin))
-
-
-@contextmanager
-def open_s3_input(uri: str, settings: "Settings", client: Any = None) -> Iterator[BinaryIO]:
-    """A buffered, line-readable binary stream over the object, read as it is consumed (memory
-    stays flat in the object's size). `infra.storage.open_input` adds the pin and gzip decoding."""
-    with io.BufferedReader(open_s3_raw(uri, settings, client), buffer_size=READER_BUFFER) as stream:
-        yield stream  # type: ignore[misc]
+def open_s3_raw(uri: str, s3: S3Settings, client: Any = None, pin: InputPin | None = None) -> S3ObjectReader:
+    """The object as a raw stream, pinned (see `S3ObjectReader`); errors say what to fix.
+    `infra.storage.open_input` buffers it, adds the pin and gzip decoding."""
+    return _reading(uri, s3, client, lambda c, bucket, key: S3ObjectReader(c, bucket, key, s3.max_attempts, pin))

@@ -1,8 +1,4 @@
-"""S3 (or any S3-compatible store): the client, URIs, and publishing a run's output; the input
-is streamed by `infra.storage.s3_input`.
-
-Every S3 call goes through one boto3 client built by `make_s3_client`, with the standard retry
-mode (5xx, SlowDown, dropped connections are retried with backoff) and bounded timeouts.
+"""A run's output on S3: `S3OutputStore`, under s3://bucket/prefix/run_id/.
 
 Publishing is atomic and checksummed: a part is one PUT, or one completed multipart upload,
 so a reader sees the whole object or nothing. The caller's sha256 is checked against the local
@@ -11,9 +7,8 @@ or of each part for a multipart upload), stored as object metadata `sha256`, and
 more against what a HEAD reports after the upload. A lost reply is harmless: the HEAD finds
 the object, and a repeated upload of the same bytes to the same key is the same object.
 
-Errors: what the user must fix (no bucket, no object, access denied, bad URI, no credentials)
-raises `ConfigError`; what may pass or needs a person to look (unreachable endpoint, an upload
-that keeps failing) raises `StorageError`. Messages name the bucket and key, never a secret.
+Errors are told apart as in `infra.storage.s3_client`: what the user must fix raises
+`ConfigError`, what may pass `StorageError`.
 """
 
 from __future__ import annotations
@@ -21,177 +16,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import re
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError as BotoConnectionError,
-    IncompleteReadError,
-    NoCredentialsError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from s3transfer.utils import ChunksizeAdjuster
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from infra.errors import ConfigError, StorageError
-from infra.storage.keys import validate_key_component
-
-if TYPE_CHECKING:
-    from infra.settings import Settings
+from infra.storage.s3_client import (BAD_CREDENTIALS, CONDITION_LOST, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS,
+                                     at_endpoint, bucket_exists, credentials_error, error_code, error_text,
+                                     http_status, make_s3_client, no_credentials)
+from infra.storage.s3_settings import S3Settings
+from infra.storage.uris import parse_s3_uri, validate_bucket, validate_key, validate_key_component
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-MAX_POOL_CONNECTIONS = 16
 PUBLISH_ATTEMPTS = 3  # whole uploads, each already retried request by request by botocore
-MAX_KEY_BYTES = 1024
-
-BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-# botocore reports these codes for a HEAD (no body) or in the XML error of other calls.
-NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-NO_BUCKET = {"NoSuchBucket"}
-CONDITION_LOST = {"PreconditionFailed", "ConditionalRequestConflict"}
-DENIED = {"403", "AccessDenied", "AllAccessDisabled", "AccountProblem"}
-BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
-
-# Errors while reading a response body: botocore does not retry these, the reader reopens.
-STREAM_ERRORS = (IncompleteReadError, ReadTimeoutError, ResponseStreamingError, BotoConnectionError,
-                 Urllib3Error, ConnectionError, TimeoutError)
-
-
-# ---------------------------------------------------------------- client and URIs
-
-
-def make_s3_client(settings: "Settings") -> Any:
-    """A boto3 S3 client. Credentials come from boto3's chain (environment, profile, instance
-    role) unless both NSDG_S3__ACCESS_KEY_ID and NSDG_S3__SECRET_ACCESS_KEY are set."""
-    s3 = settings.s3
-    if s3.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", s3.endpoint_url):
-        raise ConfigError(f"S3 endpoint_url {s3.endpoint_url!r} is not an http(s) URL. Fix NSDG_S3__ENDPOINT_URL.")
-    config = Config(
-        s3={"addressing_style": s3.addressing_style},
-        retries={"mode": "standard", "max_attempts": s3.max_attempts},
-        connect_timeout=s3.connect_timeout_s,
-        read_timeout=s3.read_timeout_s,
-        max_pool_connections=MAX_POOL_CONNECTIONS,
-        tcp_keepalive=True,
-    )
-    # A session of its own: boto3's default session is not safe to share between threads.
-    return boto3.session.Session().client(
-        "s3", endpoint_url=s3.endpoint_url, region_name=s3.region, config=config, **_credentials(settings)
-    )
-
-
-def _credentials(settings: "Settings") -> dict[str, str]:
-    s3 = settings.s3
-    if s3.access_key_id is None and s3.secret_access_key is None:
-        if s3.session_token is not None:
-            raise ConfigError("NSDG_S3__SESSION_TOKEN is set without NSDG_S3__ACCESS_KEY_ID and NSDG_S3__SECRET_ACCESS_KEY: set all three, or none.")
-        return {}
-    if s3.access_key_id is None or s3.secret_access_key is None:
-        raise ConfigError("Set both NSDG_S3__ACCESS_KEY_ID and NSDG_S3__SECRET_ACCESS_KEY, or neither (then boto3's credential chain is used).")
-    creds = {
-        "aws_access_key_id": s3.access_key_id.get_secret_value(),
-        "aws_secret_access_key": s3.secret_access_key.get_secret_value(),
-    }
-    if s3.session_token is not None:
-        creds["aws_session_token"] = s3.session_token.get_secret_value()
-    return creds
-
-
-def validate_bucket(bucket: str) -> str:
-    if not BUCKET_NAME.match(bucket) or ".." in bucket or IP_ADDRESS.match(bucket):
-        raise ConfigError(
-            f"S3 bucket name {bucket!r} is not valid: use 3-63 lowercase letters, digits, '.' or '-', "
-            "starting and ending with a letter or digit, no '..', not an IP address."
-        )
-    return bucket
-
-
-def validate_key(key: str, uri: str) -> str:
-    """A key made of non-empty '/'-separated components, none of them '.' or '..'."""
-    problem = None
-    if key.startswith("/"):
-        problem = "starts with '/'"
-    elif any(part == "" for part in key.split("/")):
-        problem = "has an empty path component ('//' or a trailing '/')"
-    elif any(part in (".", "..") for part in key.split("/")):
-        problem = "has a '.' or '..' path component"
-    elif CONTROL_CHARS.search(key):
-        problem = "contains a control character"
-    elif len(key.encode()) > MAX_KEY_BYTES:
-        problem = f"is longer than {MAX_KEY_BYTES} bytes"
-    if problem:
-        raise ConfigError(f"S3 key {key!r} in {uri!r} {problem}. Use s3://bucket/path/to/object with plain path components.")
-    return key
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key` → (bucket, key). The key may be empty (`s3://bucket`), never malformed."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ConfigError(f"{uri!r} is not an S3 URI: use s3://bucket/key.")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    validate_bucket(bucket)
-    if key or uri[len("s3://"):].endswith("/"):
-        validate_key(key, uri)
-    return bucket, key
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: ClientError) -> int | None:
-    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-
-
-def _cause(exc: BaseException) -> str:
-    """The error's class and botocore's text. botocore's messages carry the operation, code and
-    server message; they never carry credentials."""
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _where(settings: "Settings") -> str:
-    return f" at {settings.s3.endpoint_url}" if settings.s3.endpoint_url else ""
-
-
-def _credentials_error(exc: BaseException, what: str) -> ConfigError:
-    return ConfigError(
-        f"S3 rejected the credentials while {what} ({_cause(exc)}). Check AWS_ACCESS_KEY_ID/AWS_PROFILE or "
-        "NSDG_S3__ACCESS_KEY_ID/NSDG_S3__SECRET_ACCESS_KEY (and the session token, if temporary), and the region."
-    )
-
-
-def _no_credentials(what: str) -> ConfigError:
-    return ConfigError(
-        f"No AWS credentials found while {what}. Set NSDG_S3__ACCESS_KEY_ID and NSDG_S3__SECRET_ACCESS_KEY, "
-        "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance role."
-    )
-
-
-def _bucket_exists(client: Any, bucket: str) -> bool:
-    """A HEAD on a missing key and on a missing bucket both answer a bare 404; ask the bucket."""
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        return _code(exc) not in NOT_FOUND | NO_BUCKET
-    return True
-
-
-
-# ---------------------------------------------------------------- output
 
 
 def _b64(hex_digest: str) -> str:
@@ -221,27 +65,29 @@ class S3OutputStore:
 
     LIST_PAGE_SIZE = 1000  # S3's own maximum; tests lower it to page through a few objects
 
-    def __init__(self, client: Any, bucket: str, prefix: str, run_id: str, settings: "Settings"):
+    def __init__(self, client: Any, bucket: str, prefix: str, run_id: str, s3: S3Settings, staging: Path):
+        """`staging`: the local directory under which parts wait for their upload (settings.work_path("staging"))."""
         self._client = client
         self.bucket = validate_bucket(bucket)
         self.run_id = validate_key_component(run_id, "run_id")
         self._prefix = validate_key(prefix, f"s3://{bucket}/{prefix}") if prefix else ""
         self._run_prefix = f"{prefix}/{run_id}/" if prefix else f"{run_id}/"
-        self._settings = settings
+        self._s3, self._staging = s3, Path(staging)
         self.location = f"s3://{bucket}/{self._run_prefix.rstrip('/')}"
-        threshold = settings.s3.multipart_threshold_mb * MIB
+        threshold = s3.multipart_threshold_mb * MIB
         # One part size for the upload and for the checksum we expect back.
         self._transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold,
                                         max_concurrency=4, preferred_transfer_client="classic")
 
     @classmethod
-    def from_uri(cls, output_uri: str, run_id: str, settings: "Settings", client: Any = None) -> "S3OutputStore":
+    def from_uri(cls, output_uri: str, run_id: str, s3: S3Settings, staging: Path,
+                 client: Any = None) -> "S3OutputStore":
         bucket, prefix = parse_s3_uri(output_uri.removesuffix("/"))  # s3://bucket/prefix/ is fine too
-        return cls(client or make_s3_client(settings), bucket, prefix, run_id, settings)
+        return cls(client or make_s3_client(s3), bucket, prefix, run_id, s3, staging)
 
     def __reduce__(self) -> tuple:
         # A boto3 client does not pickle: rebuild the store, and a client, on the other side.
-        return (S3OutputStore.from_uri, (f"s3://{self.bucket}/{self._prefix}", self.run_id, self._settings))
+        return (S3OutputStore.from_uri, (f"s3://{self.bucket}/{self._prefix}", self.run_id, self._s3, self._staging))
 
     def key(self, name: str) -> str:
         return self._run_prefix + validate_key_component(name, "object name")
@@ -251,7 +97,7 @@ class S3OutputStore:
 
     def staging_dir(self) -> Path:
         """Local directory where a part is written before `publish_file` uploads it."""
-        path = self._settings.work_path("staging", self.bucket, self.run_id)
+        path = self._staging / self.bucket / self.run_id
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -265,27 +111,27 @@ class S3OutputStore:
         except ClientError as exc:
             raise self._write_error(exc, key, "checking the output location") from exc
         except NoCredentialsError as exc:
-            raise _no_credentials(f"writing s3://{self.bucket}/{key}") from exc
+            raise no_credentials(f"writing s3://{self.bucket}/{key}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"Cannot reach S3{_where(self._settings)} to write s3://{self.bucket}/{key}: {_cause(exc)}. Check the endpoint and network.") from exc
+            raise StorageError(f"Cannot reach S3{at_endpoint(self._s3)} to write s3://{self.bucket}/{key}: {error_text(exc)}. Check the endpoint and network.") from exc
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             # Writes work, which is what the run needs; the marker is hidden from listings.
-            log.warning("could not delete preflight marker s3://%s/%s (%s)", self.bucket, key, _cause(exc))
+            log.warning("could not delete preflight marker s3://%s/%s (%s)", self.bucket, key, error_text(exc))
 
     def _write_error(self, exc: ClientError, key: str, what: str) -> Exception:
-        code, where = _code(exc), f"s3://{self.bucket}/{key}"
-        if code in NO_BUCKET or (code in NOT_FOUND and not _bucket_exists(self._client, self.bucket)):
-            return ConfigError(f"Output bucket {self.bucket!r} does not exist{_where(self._settings)} (while {what}, key {key!r}). Create it, or fix the bucket in output_uri.")
+        code, where = error_code(exc), f"s3://{self.bucket}/{key}"
+        if code in NO_BUCKET or (code in NOT_FOUND and not bucket_exists(self._client, self.bucket)):
+            return ConfigError(f"Output bucket {self.bucket!r} does not exist{at_endpoint(self._s3)} (while {what}, key {key!r}). Create it, or fix the bucket in output_uri.")
         if code in DENIED:
             return ConfigError(
                 f"Access denied writing {where} (bucket {self.bucket!r}, key {key!r}) while {what}: the credentials in use lack "
                 "s3:PutObject there, or a bucket policy denies it. Grant write access to the output prefix, or pick another output_uri."
             )
         if code in BAD_CREDENTIALS:
-            return _credentials_error(exc, f"writing {where}")
-        return StorageError(f"Writing {where} failed while {what}: {_cause(exc)}.")
+            return credentials_error(exc, f"writing {where}")
+        return StorageError(f"Writing {where} failed while {what}: {error_text(exc)}.")
 
     # -- writes
 
@@ -306,14 +152,14 @@ class S3OutputStore:
             try:
                 self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
             except ClientError as exc:
-                if _code(exc) in NO_BUCKET | DENIED | BAD_CREDENTIALS:
+                if error_code(exc) in NO_BUCKET | DENIED | BAD_CREDENTIALS:
                     raise self._write_error(exc, key, f"publishing {name}") from exc
                 last = exc
             except NoCredentialsError as exc:
-                raise _no_credentials(f"writing s3://{self.bucket}/{key}") from exc
+                raise no_credentials(f"writing s3://{self.bucket}/{key}") from exc
             except S3UploadFailedError as exc:  # boto3 wraps the ClientError of a failed upload
                 cause = exc.__cause__ or exc.__context__
-                if isinstance(cause, ClientError) and _code(cause) in NO_BUCKET | DENIED | BAD_CREDENTIALS:
+                if isinstance(cause, ClientError) and error_code(cause) in NO_BUCKET | DENIED | BAD_CREDENTIALS:
                     raise self._write_error(cause, key, f"publishing {name}") from exc
                 last = exc
             except (BotoCoreError, *STREAM_ERRORS) as exc:
@@ -329,9 +175,9 @@ class S3OutputStore:
                 log.debug("published %s (%d bytes, sha256 %s)", self.uri(name), size, sha256)
                 return
             last = last or StorageError(seen)
-            log.warning("publishing %s: attempt %d of %d failed: %s", self.uri(name), attempt, PUBLISH_ATTEMPTS, _cause(last))
+            log.warning("publishing %s: attempt %d of %d failed: %s", self.uri(name), attempt, PUBLISH_ATTEMPTS, error_text(last))
         raise StorageError(
-            f"Publishing {name} to s3://{self.bucket}/{key} failed {PUBLISH_ATTEMPTS} times; last error: {_cause(last)}. "  # type: ignore[arg-type]
+            f"Publishing {name} to s3://{self.bucket}/{key} failed {PUBLISH_ATTEMPTS} times; last error: {error_text(last)}. "  # type: ignore[arg-type]
             "The run can be resumed: published parts are kept."
         ) from last
 
@@ -348,13 +194,13 @@ class S3OutputStore:
                        if (u["Key"] == key if key else "/" not in u["Key"][len(self._run_prefix):])]
         except (ClientError, BotoCoreError) as exc:
             log.warning("could not list incomplete uploads under s3://%s/%s (%s); they stay until a later plan or the bucket's lifecycle rule aborts them",
-                        self.bucket, key or self._run_prefix, _cause(exc))
+                        self.bucket, key or self._run_prefix, error_text(exc))
             return aborted
         for upload in uploads:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
             except (ClientError, BotoCoreError) as exc:
-                log.warning("could not abort the incomplete upload of s3://%s/%s (%s)", self.bucket, upload["Key"], _cause(exc))
+                log.warning("could not abort the incomplete upload of s3://%s/%s (%s)", self.bucket, upload["Key"], error_text(exc))
                 continue
             log.info("aborted an incomplete multipart upload of s3://%s/%s (started %s)",
                      self.bucket, upload["Key"], upload.get("Initiated"))
@@ -366,9 +212,9 @@ class S3OutputStore:
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            return "object not found after upload" if _code(exc) in NOT_FOUND else f"HEAD failed: {_cause(exc)}"
+            return "object not found after upload" if error_code(exc) in NOT_FOUND else f"HEAD failed: {error_text(exc)}"
         except BotoCoreError as exc:
-            return f"HEAD failed: {_cause(exc)}"
+            return f"HEAD failed: {error_text(exc)}"
         if head.get("ContentLength") != size:
             return f"object has {head.get('ContentLength')} bytes, expected {size}"
         if head.get("Metadata", {}).get("sha256") != sha256:
@@ -391,9 +237,9 @@ class S3OutputStore:
         except ClientError as exc:
             raise self._write_error(exc, key, f"writing {name}") from exc
         except NoCredentialsError as exc:
-            raise _no_credentials(f"writing s3://{self.bucket}/{key}") from exc
+            raise no_credentials(f"writing s3://{self.bucket}/{key}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"Writing s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+            raise StorageError(f"Writing s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
 
     # -- reads
 
@@ -414,9 +260,9 @@ class S3OutputStore:
         except ClientError as exc:
             raise self._read_error(exc, self._run_prefix) from exc
         except NoCredentialsError as exc:
-            raise _no_credentials(f"listing {self.location}") from exc
+            raise no_credentials(f"listing {self.location}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"Listing {self.location} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+            raise StorageError(f"Listing {self.location} failed: {error_text(exc)}. Check the endpoint and network.") from exc
         return sorted(n for n in names if n and not n.startswith("."))
 
     def sha256(self, name: str) -> str | None:
@@ -432,13 +278,13 @@ class S3OutputStore:
         try:
             return call()
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND:
+            if error_code(exc) in NOT_FOUND:
                 return None
             raise self._read_error(exc, key) from exc
         except NoCredentialsError as exc:
-            raise _no_credentials(f"reading s3://{self.bucket}/{key}") from exc
+            raise no_credentials(f"reading s3://{self.bucket}/{key}") from exc
         except (BotoCoreError, *STREAM_ERRORS) as exc:
-            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
 
     def delete(self, name: str) -> None:
         """Remove the object; S3 answers a missing one as removed."""
@@ -446,17 +292,17 @@ class S3OutputStore:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _code(exc) in DENIED:
+            if error_code(exc) in DENIED:
                 raise ConfigError(
                     f"Access denied deleting s3://{self.bucket}/{key}: the credentials in use lack s3:DeleteObject there, "
                     "which a rerun needs to remove a state before it rewrites what the state describes. Grant it on the "
                     "output prefix.") from exc
-            if _code(exc) not in NOT_FOUND:
+            if error_code(exc) not in NOT_FOUND:
                 raise self._write_error(exc, key, f"deleting {name}") from exc
         except NoCredentialsError as exc:
-            raise _no_credentials(f"deleting s3://{self.bucket}/{key}") from exc
+            raise no_credentials(f"deleting s3://{self.bucket}/{key}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"Deleting s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+            raise StorageError(f"Deleting s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
 
     # -- conditional writes, for infra/run/lease.py: the version is the ETag; S3 compares and writes
     # in one step (PUT If-None-Match: *, PUT/DELETE If-Match: <etag>).
@@ -468,13 +314,13 @@ class S3OutputStore:
         try:
             return call(Bucket=self.bucket, Key=key, **kwargs)
         except ClientError as exc:
-            if _code(exc) in CONDITION_LOST or _status(exc) in (409, 412) or _code(exc) in NOT_FOUND:
+            if error_code(exc) in CONDITION_LOST or http_status(exc) in (409, 412) or error_code(exc) in NOT_FOUND:
                 return None
             raise self._write_error(exc, key, what) from exc
         except NoCredentialsError as exc:
-            raise _no_credentials(f"{what} s3://{self.bucket}/{key}") from exc
+            raise no_credentials(f"{what} s3://{self.bucket}/{key}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"{what} s3://{self.bucket}/{key} failed: {_cause(exc)}. Check the endpoint and network.") from exc
+            raise StorageError(f"{what} s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
 
     def create_exclusive(self, name: str, data: bytes) -> str | None:
         """PUT only if no object has the key; returns its ETag, or None when one exists."""
@@ -499,14 +345,14 @@ class S3OutputStore:
         return self._conditional(self._client.delete_object, name, f"deleting {name}", IfMatch=version) is not None
 
     def _read_error(self, exc: ClientError, key: str) -> Exception:
-        code, where = _code(exc), f"s3://{self.bucket}/{key}"
+        code, where = error_code(exc), f"s3://{self.bucket}/{key}"
         if code in NO_BUCKET:
-            return ConfigError(f"Output bucket {self.bucket!r} does not exist{_where(self._settings)} (reading {where}). Create it, or fix the bucket in output_uri.")
+            return ConfigError(f"Output bucket {self.bucket!r} does not exist{at_endpoint(self._s3)} (reading {where}). Create it, or fix the bucket in output_uri.")
         if code in DENIED:
             return ConfigError(
                 f"Access denied reading {where} (bucket {self.bucket!r}): resuming a run needs s3:GetObject and "
                 "s3:ListBucket on the output prefix. Grant them, or pick another output_uri."
             )
         if code in BAD_CREDENTIALS:
-            return _credentials_error(exc, f"reading {where}")
-        return StorageError(f"Reading {where} failed: {_cause(exc)}.")
+            return credentials_error(exc, f"reading {where}")
+        return StorageError(f"Reading {where} failed: {error_text(exc)}.")

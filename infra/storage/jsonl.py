@@ -1,0 +1,64 @@
+"""JSON-lines objects of a run directory: a part (or any JSONL file) written atomically and
+published with its sha256, and rows and state objects read back.
+
+A part is written to a temp file in the store's staging directory, synced, then handed to the
+store, which renames (local) or uploads (S3) it under its name: a half-written file never has a
+part's name, so it is never mistaken for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from infra.storage import OutputStore
+
+
+def write_lines(lines: Iterable[dict], staging: Path, name: str) -> tuple[Path, str, int, int]:
+    """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes).
+    A half-written file never has the part's name, so it is never mistaken for a part."""
+    staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{name}.", suffix=".tmp")
+    sha, count, size = hashlib.sha256(), 0, 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for obj in lines:
+                data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+                f.write(data)
+                sha.update(data)
+                count, size = count + 1, size + len(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp), sha.hexdigest(), count, size
+
+
+def publish(store: OutputStore, name: str, lines: Iterable[dict]) -> tuple[str, int, int]:
+    """`lines` as the JSONL object `name` of the store; returns (sha256, lines, bytes)."""
+    path, sha, count, size = write_lines(lines, store.staging_dir(), name)
+    try:
+        store.publish_file(name, path, sha)
+    finally:
+        path.unlink(missing_ok=True)
+    return sha, count, size
+
+
+def read_rows(data: bytes | None) -> list[dict]:
+    """A JSONL object's rows (blank lines skipped); [] for a missing one (None)."""
+    return [json.loads(line) for line in (data or b"").splitlines() if line.strip()]
+
+
+def read_state(store: OutputStore, name: str) -> dict:
+    """A stage's state object; {} when missing or unreadable (the stage is then redone)."""
+    data = store.read_bytes(name)
+    try:
+        state = json.loads(data) if data is not None else {}
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
