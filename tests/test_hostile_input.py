@@ -19,7 +19,8 @@ from infra.storage.locations import check_allowed
 from infra.storage.s3 import parse_s3_uri
 from infra.settings import load_settings
 from infra.slurm.options import check_directive, check_env
-from infra.slurm.spec import SbatchSpec, render_sbatch
+from infra.slurm.render import render_sbatch
+from infra.slurm.spec import SbatchSpec
 from infra.storage.keys import KEY_COMPONENT, validate_key_component
 from infra.storage import LocalOutputStore, local_path, open_output_store
 

@@ -25,15 +25,9 @@ import pytest
 
 from infra.errors import ConfigError
 from infra.settings import ServerSettings, Settings, SlurmSettings
-from infra.slurm.spec import (
-    ALLOWED_DIRECTIVES,
-    LAUNCHER_NAME,
-    SBATCH_NAME,
-    SbatchSpec,
-    render_node_launcher,
-    render_sbatch,
-    write_job_files,
-)
+from infra.slurm.options import ALLOWED_DIRECTIVES
+from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.spec import LAUNCHER_NAME, SBATCH_NAME, SbatchSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("NSDG_UPDATE_GOLDEN") == "1"

@@ -17,8 +17,11 @@ from pathlib import Path
 from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError, DeadlineExceeded, SlurmJobError
 from infra.settings import Profile, Settings
-from infra.slurm.client import SlurmClient, first_error_lines, is_terminal, log_tail
-from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.client import SlurmClient
+from infra.slurm.parse import is_terminal
+from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec
+from infra.system.logs import first_error_lines, log_tail
 
 log = logging.getLogger(__name__)
 JOB_PREFIX = "nsdg-"
