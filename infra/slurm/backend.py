@@ -319,15 +319,13 @@ def check_launch(settings: Settings, profile: Profile, *, run_id: str) -> None:
                              job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
 
 
-def render_for_profile(profile: str, *, model_path: str | None = None, account: str | None = None,
+def render_for_profile(base: Settings, profile: str, *, model_path: str | None = None, account: str | None = None,
                        partition: str | None = None, run_id: str = "dry-run",
                        engine: str | None = None) -> list[tuple[str, str]]:
     """The scripts `nemotron-sdg render` prints: nothing is written or submitted. `engine`
-    switches the profile's serving engine (infra/engines) for this render."""
-    from infra.settings import load_settings
-
+    switches the profile's serving engine (infra/engines) for this render; the other arguments
+    override `base`'s settings."""
     overrides = {}
-    base = load_settings()
     if model_path:
         overrides["model"] = base.model.model_copy(update={"path": model_path})
     if account or partition:
