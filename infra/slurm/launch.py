@@ -29,15 +29,14 @@ from infra.engines import ENGINES
 
 ENGINE_NAMES = tuple(ENGINES)  # the contract's names, in its order
 
-# Default images. nemo/custom: the model card's container. vllm: the first release with Ray
+# Default images of the engines that do not run slurm.container_image (nemo and custom do: its
+# default, the model card's container, is in infra/settings.py). vllm: the first release with Ray
 # executor V2, which fixes multi-node PP > 1 (vllm #36836, v0.20.0; opted into by the Ray launcher's
 # VLLM_USE_RAY_V2_EXECUTOR_BACKEND=1 until 0.23 makes it the default), in its CUDA 12.9 build: the
 # plain tag is CUDA 13.0 and needs driver >= 580; 12.9 runs on R525 and newer. trtllm: NGC's release image
 # (its PyTorch backend lists NemotronForCausalLM). nemo-openai: 24.12, the first NeMo Framework
 # container after 24.09 (NeMo 2.0.0), i.e. NeMo 2.1 with the OpenAI routes. Pin what your site has.
 DEFAULT_IMAGES = {
-    "nemo": "nvcr.io/nvidia/nemo:24.05",
-    "custom": "nvcr.io/nvidia/nemo:24.05",
     "vllm": "vllm/vllm-openai:v0.20.0-cu129",
     "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.0.0",
     "nemo-openai": "nvcr.io/nvidia/nemo:24.12",
@@ -45,7 +44,6 @@ DEFAULT_IMAGES = {
 # Engines whose image is slurm.container_image (the setting predates the others).
 CONTAINER_IMAGE_ENGINES = ("nemo", "custom")
 NEMO_SCRIPT_ENGINES = ("nemo", "nemo-openai")
-DEFAULT_RAY_PORT = 6379
 PMIX = "--mpi=pmix"
 
 

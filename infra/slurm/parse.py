@@ -1,6 +1,6 @@
 """What Slurm prints, turned into values: the job-state vocabulary, `JobState` and `JobSummary`,
 and the pure `parse_*` functions `SlurmClient` (infra/slurm/client.py) runs on each command's
-output, tested on recorded outputs. No I/O.
+output, tested on recorded outputs; `time_limit_s` reads a time limit in sbatch's forms. No I/O.
 """
 
 from __future__ import annotations
@@ -127,6 +127,21 @@ def parse_slurm_time(text: str | None) -> float | None:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
     except ValueError:
         return None
+
+
+def time_limit_s(text: str) -> float | None:
+    """A Slurm time limit in seconds (sbatch's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None
+    for 0, which Slurm reads as no limit."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    return float(total) or None
 
 
 def check_job_id(job_id: str) -> str:

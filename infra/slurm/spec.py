@@ -32,11 +32,24 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import get_args
+
+from pydantic import BaseModel
 
 from infra.errors import ConfigError
-from infra.settings import SAFE_NAME, Profile, Settings
+from infra.settings import (
+    SAFE_NAME,
+    SLURM_TIME,
+    ContainerRuntime,
+    GpuRequest,
+    ModelSettings,
+    Profile,
+    ServerSettings,
+    Settings,
+    SlurmSettings,
+)
 from infra.slurm import launch, options
 from infra.slurm.options import check_directive, check_int, check_mount, check_sbatch_value, fail as _fail
 
@@ -51,9 +64,8 @@ SIGNAL_MARKER_NAME = "signal-received"
 STDOUT_PATTERN = "%x-%j.out"
 STDERR_PATTERN = "%x-%j.err"
 
-ContainerRuntime = Literal["pyxis", "apptainer", "none"]
-CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
-GPU_REQUESTS = ("gpus-per-node", "gres")
+CONTAINER_RUNTIMES = get_args(ContainerRuntime)
+GPU_REQUESTS = get_args(GpuRequest)
 
 # Lightning's SLURMEnvironment switches itself off for these job names: the srun tasks would
 # then not learn their ranks from Slurm and never form one 16-rank world.
@@ -61,30 +73,23 @@ FORBIDDEN_JOB_NAMES = frozenset({"bash", "interactive"})
 
 _COMMENT = re.compile(r"[A-Za-z0-9._:=/@+,-]+( [A-Za-z0-9._:=/@+,-]+)*")
 _SBATCH_PATH = re.compile(r"/[A-Za-z0-9._+/-]*")
-_TIME_LIMIT = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
 # Hydra's override parser reads `gpt_model_file=<path>`: quotes, spaces, brackets, braces,
 # commas, '=' and '$' mean something to it, so the model path keeps to plain path characters.
 _HYDRA_PATH = re.compile(r"/[A-Za-z0-9._+/@%:-]*")
 _GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:24.05"
-DEFAULT_EVAL_SCRIPT = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
-DEFAULT_EXPORT = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
-def time_limit_s(text: str) -> float | None:
-    """A Slurm time limit in seconds (sbatch's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None
-    for 0, which Slurm reads as no limit."""
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-    elif len(parts) == 3:
-        hours, minutes, seconds = parts
-    else:
-        hours, (minutes, seconds) = 0, (parts + [0])[:2]
-    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
-    return float(total) or None
+def _default(section: type[BaseModel], name: str):
+    """The settings model's default for a field: SbatchSpec's defaults are these, so each is
+    written once (in infra/settings.py); lists become tuples, dicts tuples of items."""
+    value = section.model_fields[name].get_default(call_default_factory=True)
+    if isinstance(value, dict):
+        return tuple(value.items())
+    return tuple(value) if isinstance(value, list) else value
+
+
+_slurm, _server, _model = (partial(_default, section) for section in (SlurmSettings, ServerSettings, ModelSettings))
 
 
 def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: str) -> None:
@@ -97,6 +102,15 @@ def _check_slurm_name(field: str, value: str | None) -> None:
         _check_pattern(field, value, SAFE_NAME,
                        "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
         check_sbatch_value(field, value)
+
+
+# The settings of `slurm` that SbatchSpec.from_settings copies as they are, to the spec field of
+# the same name (the others it renames or derives).
+FROM_SLURM = (
+    "time_limit", "account", "partition", "qos", "reservation", "exclusive", "requeue", "cpus_per_task",
+    "gpu_request", "extra_directives", "srun_args", "export", "env", "setup", "container_runtime",
+    "container_mounts", "mount_model", "heartbeat_timeout_s", "heartbeat_interval_s", "warn_signal_s", "ray_port",
+)
 
 
 @dataclass(frozen=True)
@@ -116,40 +130,42 @@ class SbatchSpec:
     gpus_per_node: int
     tensor_parallel: int
     pipeline_parallel: int
-    time_limit: str = "04:00:00"
-    account: str | None = None
-    partition: str | None = None
-    qos: str | None = None
-    reservation: str | None = None
-    exclusive: bool = True
-    mem: str | None = "0"
-    propagate: str | None = "NONE"
-    requeue: bool = False
-    cpus_per_task: int | None = None
-    gpu_type: str | None = None
-    gpu_request: str = "gpus-per-node"
-    extra_directives: tuple[str, ...] = ()
-    srun_args: tuple[str, ...] = ()
-    export: tuple[str, ...] = DEFAULT_EXPORT
-    env: tuple[tuple[str, str], ...] = ()
-    setup: tuple[str, ...] = ()
-    container_runtime: ContainerRuntime = "pyxis"
-    container_image: str = DEFAULT_IMAGE
-    container_mounts: tuple[str, ...] = ()
-    mount_model: bool = True
-    model_path: str = "/models/Nemotron-4-340B-Base"
-    eval_script: str = DEFAULT_EVAL_SCRIPT
-    port: int = 1424
-    server_command: tuple[str, ...] | None = None
-    heartbeat_timeout_s: float = 600.0
-    heartbeat_interval_s: float = 15.0
+    # Every default below is the settings' (see _default): from_settings(Settings()) and a spec
+    # built with the job's own values alone agree (tests/test_slurm_render.py checks it).
+    time_limit: str = _slurm("time_limit")
+    account: str | None = _slurm("account")
+    partition: str | None = _slurm("partition")
+    qos: str | None = _slurm("qos")
+    reservation: str | None = _slurm("reservation")
+    exclusive: bool = _slurm("exclusive")
+    mem: str | None = _slurm("mem")
+    propagate: str | None = _slurm("propagate")
+    requeue: bool = _slurm("requeue")
+    cpus_per_task: int | None = _slurm("cpus_per_task")
+    gpu_type: str | None = _default(Profile, "gpu_type")
+    gpu_request: GpuRequest = _slurm("gpu_request")
+    extra_directives: tuple[str, ...] = _slurm("extra_directives")
+    srun_args: tuple[str, ...] = _slurm("srun_args")
+    export: tuple[str, ...] = _slurm("export")
+    env: tuple[tuple[str, str], ...] = _slurm("env")
+    setup: tuple[str, ...] = _slurm("setup")
+    container_runtime: ContainerRuntime = _slurm("container_runtime")
+    container_image: str = _slurm("container_image")
+    container_mounts: tuple[str, ...] = _slurm("container_mounts")
+    mount_model: bool = _slurm("mount_model")
+    model_path: str = _model("path")
+    eval_script: str = _server("eval_script")
+    port: int = _server("port")
+    server_command: tuple[str, ...] | None = _server("command")
+    heartbeat_timeout_s: float = _slurm("heartbeat_timeout_s")
+    heartbeat_interval_s: float = _slurm("heartbeat_interval_s")
     # The serving program (infra/engines) and what its launch needs beyond NeMo's.
-    engine: str = "nemo"
-    served_model_name: str = "nemotron-4-340b-base"
-    max_model_len: int = 4096
-    ray_port: int = launch.DEFAULT_RAY_PORT
-    launch_wait_s: int = 2700  # how long Ray's head and workers wait for each other
-    warn_signal_s: int = 300  # --signal=B:USR1@<s>: the batch script notes it in signal-received; 0: none
+    engine: str = _default(Profile, "engine")
+    served_model_name: str = _model("name")
+    max_model_len: int = _model("context_length")
+    ray_port: int = _slurm("ray_port")
+    launch_wait_s: int = math.ceil(_server("ready_timeout_s"))  # how long Ray's head and workers wait for each other
+    warn_signal_s: int = _slurm("warn_signal_s")  # --signal=B:USR1@<s>: the batch script notes it in signal-received; 0: none
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
@@ -189,7 +205,7 @@ class SbatchSpec:
         check_sbatch_value("comment", self.comment)
         if len(self.comment) > 512:
             raise _fail("comment", self.comment, "keep it under 512 characters")
-        _check_pattern("slurm.time_limit", self.time_limit, _TIME_LIMIT, "use a Slurm time like 04:00:00 or 1-00:00:00")
+        _check_pattern("slurm.time_limit", self.time_limit, SLURM_TIME, "use a Slurm time like 04:00:00 or 1-00:00:00")
         for field in ("exclusive", "requeue", "mount_model"):
             if not isinstance(getattr(self, field), bool):
                 raise _fail(f"slurm.{field}", getattr(self, field), "use true or false")
@@ -351,38 +367,18 @@ class SbatchSpec:
             gpus_per_node=profile.gpus_per_node,
             tensor_parallel=profile.tensor_parallel,
             pipeline_parallel=profile.pipeline_parallel,
-            time_limit=slurm.time_limit,
-            account=slurm.account,
-            partition=slurm.partition,
-            qos=slurm.qos,
-            reservation=slurm.reservation,
-            exclusive=slurm.exclusive,
-            mem=slurm.mem or None,
-            propagate=slurm.propagate or None,
-            requeue=slurm.requeue,
-            cpus_per_task=slurm.cpus_per_task,
             gpu_type=profile.gpu_type,
-            gpu_request=slurm.gpu_request,
-            extra_directives=tuple(slurm.extra_directives),
-            srun_args=tuple(slurm.srun_args),
-            export=tuple(slurm.export),
-            env=tuple(slurm.env.items()),
-            setup=tuple(slurm.setup),
-            container_runtime=slurm.container_runtime,
-            container_image=launch.image_for(engine, slurm.container_image, slurm.images),
-            container_mounts=tuple(slurm.container_mounts),
-            mount_model=slurm.mount_model,
-            model_path=settings.model.path,
-            eval_script=server.eval_script,
-            port=server.port,
-            server_command=tuple(server.command) if server.command is not None else None,
-            heartbeat_timeout_s=slurm.heartbeat_timeout_s,
-            warn_signal_s=slurm.warn_signal_s,
-            heartbeat_interval_s=slurm.heartbeat_interval_s,
             engine=engine,
+            **{name: getattr(slurm, name) for name in FROM_SLURM},
+            mem=slurm.mem or None,  # empty: no --mem line
+            propagate=slurm.propagate or None,
+            container_image=launch.image_for(engine, slurm.container_image, slurm.images),
+            model_path=settings.model.path,
             served_model_name=settings.model.name,
             max_model_len=settings.model.context_length,
-            ray_port=slurm.ray_port,
+            eval_script=server.eval_script,
+            port=server.port,
+            server_command=server.command,
             launch_wait_s=math.ceil(server.ready_timeout_s),
         )
         spec.check_paths_seen_here()
