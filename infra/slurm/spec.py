@@ -79,7 +79,6 @@ _HYDRA_PATH = re.compile(r"/[A-Za-z0-9._+/@%:-]*")
 _GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-
 def _default(section: type[BaseModel], name: str):
     """The settings model's default for a field: SbatchSpec's defaults are these, so each is
     written once (in infra/settings.py); lists become tuples, dicts tuples of items."""
@@ -164,8 +163,9 @@ class SbatchSpec:
     served_model_name: str = _model("name")
     max_model_len: int = _model("context_length")
     ray_port: int = _slurm("ray_port")
-    launch_wait_s: int = math.ceil(_server("ready_timeout_s"))  # how long Ray's head and workers wait for each other
-    warn_signal_s: int = _slurm("warn_signal_s")  # --signal=B:USR1@<s>: the batch script notes it in signal-received; 0: none
+    # How long Ray's head and workers wait for each other: the server's whole ready deadline.
+    launch_wait_s: int = math.ceil(_server("ready_timeout_s"))
+    warn_signal_s: int = _slurm("warn_signal_s")  # --signal=B:USR1@<s>: noted in signal-received; 0: none
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
