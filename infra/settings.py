@@ -143,7 +143,7 @@ class SlurmSettings(_Section):
     requeue: bool = Field(False, description="let Slurm requeue the job (the flow treats a requeue as a lost server)")
     cpus_per_task: int | None = Field(None, ge=1, le=1024, description="CPUs per rank; default: the node's CPUs / ranks")
     gpu_request: GpuRequest = Field("gpus-per-node",
-                                                         description="how GPUs are asked for: --gpus-per-node or --gres=gpu")
+                                    description="how GPUs are asked for: --gpus-per-node or --gres=gpu")
     export: list[str] = Field(default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ"],
                               description="variables sbatch copies from the worker; the job starts from the login environment")
     env: dict[str, str] = Field(default_factory=dict, description="variables for every rank, e.g. NCCL_SOCKET_IFNAME")
