@@ -314,9 +314,10 @@ def _add_render(sub) -> None:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from infra.settings import load_settings
     from infra.slurm.backend import render_for_profile
 
-    for title, text in render_for_profile(args.profile, model_path=args.model_path, account=args.account,
+    for title, text in render_for_profile(load_settings(), args.profile, model_path=args.model_path, account=args.account,
                                           partition=args.partition, run_id=args.run_id, engine=args.engine):
         print(f"# ===== {title} =====")
         print(text)

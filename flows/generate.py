@@ -25,7 +25,7 @@ from flows.replicas import Pool
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
-from infra.slurm.spec import time_limit_s
+from infra.slurm.parse import time_limit_s
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.run.lease import hold_run_lease

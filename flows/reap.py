@@ -34,7 +34,8 @@ from pydantic import Field
 
 from infra.settings import load_settings
 from infra.slurm.backend import JOB_PREFIX
-from infra.slurm.client import JobSummary, SlurmClient
+from infra.slurm.client import SlurmClient
+from infra.slurm.parse import JobSummary
 
 UNKNOWN_RUN = "unknown to the API"
 NO_ANSWER = "no answer from the API"

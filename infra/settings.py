@@ -21,6 +21,10 @@ from infra.storage.uris import validate_allowed_entry
 ENV_PREFIX = "NSDG_"
 # Characters allowed in anything that becomes a Slurm name, a path component or a storage key.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# sbatch --time's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+SLURM_TIME = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
+ContainerRuntime = Literal["pyxis", "apptainer", "none"]
+GpuRequest = Literal["gpus-per-node", "gres"]
 
 
 class _Section(BaseModel):
@@ -123,7 +127,7 @@ class SlurmSettings(_Section):
     time_limit: str = Field("04:00:00", description="sbatch --time: the last net against a leaked allocation")
     exclusive: bool = True
     job_root: str = Field("~/.nemotron-sdg/jobs", description="per-job directories; must be on a filesystem the nodes share")
-    container_runtime: Literal["pyxis", "apptainer", "none"] = "pyxis"
+    container_runtime: ContainerRuntime = "pyxis"
     container_image: str = Field("nvcr.io/nvidia/nemo:24.05", description="pyxis: a registry image (rendered "
                                  "nvcr.io#nvidia/nemo:24.05) or, better, a .sqsh path; apptainer: a .sif path")
     images: dict[str, str] = Field(default_factory=dict, description="per-engine images (engine -> image), e.g. "
@@ -140,8 +144,8 @@ class SlurmSettings(_Section):
                                   "empty to leave it out")
     requeue: bool = Field(False, description="let Slurm requeue the job (the flow treats a requeue as a lost server)")
     cpus_per_task: int | None = Field(None, ge=1, le=1024, description="CPUs per rank; default: the node's CPUs / ranks")
-    gpu_request: Literal["gpus-per-node", "gres"] = Field("gpus-per-node",
-                                                         description="how GPUs are asked for: --gpus-per-node or --gres=gpu")
+    gpu_request: GpuRequest = Field("gpus-per-node",
+                                    description="how GPUs are asked for: --gpus-per-node or --gres=gpu")
     export: list[str] = Field(default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ"],
                               description="variables sbatch copies from the worker; the job starts from the login environment")
     env: dict[str, str] = Field(default_factory=dict, description="variables for every rank, e.g. NCCL_SOCKET_IFNAME")
@@ -167,7 +171,7 @@ class SlurmSettings(_Section):
     @field_validator("time_limit")
     @classmethod
     def _time(cls, v: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", v):
+        if not SLURM_TIME.fullmatch(v):
             raise ValueError("must be a Slurm time like 04:00:00 or 1-00:00:00")
         return v
 

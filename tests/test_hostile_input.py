@@ -18,7 +18,8 @@ from infra.errors import ConfigError
 from infra.storage.locations import check_allowed
 from infra.settings import load_settings
 from infra.slurm.options import check_directive, check_env
-from infra.slurm.spec import SbatchSpec, render_sbatch
+from infra.slurm.render import render_sbatch
+from infra.slurm.spec import SbatchSpec
 from infra.storage import open_output_store
 from infra.storage.local import LocalOutputStore
 from infra.storage.uris import KEY_COMPONENT, local_path, parse_s3_uri, validate_key_component

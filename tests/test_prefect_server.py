@@ -28,7 +28,8 @@ from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of
 from infra.system.commands import run_command
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
-from infra.slurm.client import JobSummary, SlurmClient
+from infra.slurm.client import SlurmClient
+from infra.slurm.parse import JobSummary
 from prefect.client.schemas.objects import StateType
 from tests.fixtures_prefect import (
     FLOW_HEARTBEAT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, POOL, REPO, flow_run_processes, run_deployment, run_dir_of,

@@ -11,8 +11,9 @@ from infra.run.manifest import PartInfo
 from infra.backends.rollover import (Handover, Measured, RolloverPolicy, RolloverReport, admits_shard, busy_s,
                             check_time_limit, gap_s, lead_s, mean_shard_s, overlap_s, shortest_limit_s,
                             successor_due)
-from infra.slurm.client import parse_scontrol_job, parse_slurm_time, parse_squeue_state
-from infra.slurm.spec import SbatchSpec, sbatch_directives, time_limit_s
+from infra.slurm.parse import parse_scontrol_job, parse_slurm_time, parse_squeue_state, time_limit_s
+from infra.slurm.render import sbatch_directives
+from infra.slurm.spec import SbatchSpec
 
 POLICY = RolloverPolicy(factor=1.5, margin_s=10.0, max_rollovers=3)
 

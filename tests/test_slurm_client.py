@@ -12,14 +12,12 @@ import pytest
 from infra.system.commands import CommandResult
 from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError, ConfigError, SlurmJobError
-from infra.slurm.client import (
+from infra.slurm.client import SlurmClient
+from infra.slurm.parse import (
     TERMINAL_STATES,
     JobState,
-    SlurmClient,
     expand_hostlist,
-    first_error_lines,
     is_terminal,
-    log_tail,
     normalize_state,
     parse_sacct,
     parse_sbatch_parsable,
@@ -28,6 +26,7 @@ from infra.slurm.client import (
     parse_squeue_list,
     parse_squeue_state,
 )
+from infra.system.logs import first_error_lines, log_tail
 
 # --- recorded outputs (slurm-wlm 22.05.8, the local cluster) ------------------------------------
 

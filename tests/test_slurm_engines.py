@@ -21,7 +21,9 @@ from flows.cli import main as cli_main
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
 from infra.settings import Settings, SlurmSettings
-from infra.slurm.spec import SbatchSpec, render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.launch import server_command
+from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.spec import SbatchSpec
 from tests.engine_stubs import write_engine_stubs
 from tests.ports import free_port
 from tests.test_slurm_render import DESTRUCTIVE, HOSTILE, assigned_array, bash_n, finish, gone, sbatch_lines
@@ -62,7 +64,7 @@ def test_switching_the_profile_to_vllm_is_the_only_change_needed():
     sbatch, launcher = render_sbatch(spec), render_node_launcher(spec)
     assert "--ntasks-per-node=1" in sbatch_lines(sbatch) and "--gpus-per-node=8" in sbatch_lines(sbatch)
     assert "--container-image=vllm/vllm-openai:v0.20.0-cu129" in sbatch
-    assert spec.command() == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
+    assert server_command(spec) == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
                               "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
                               "--distributed-executor-backend", "ray", "--max-model-len", "4096",
                               "--host", "0.0.0.0", "--port", "1424")
@@ -74,8 +76,8 @@ def test_vllm_on_one_node_runs_without_ray():
     one = {"backend": "slurm", "nodes": 1, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 1}
     spec = spec_for("vllm", one)
     launcher = render_node_launcher(spec)
-    assert "ray" not in " ".join(spec.command()) and "ray start" not in launcher and "RAY_" not in launcher
-    assert spec.command()[:6] == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
+    assert "ray" not in " ".join(server_command(spec)) and "ray start" not in launcher and "RAY_" not in launcher
+    assert server_command(spec)[:6] == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
                                   "--tensor-parallel-size")
 
 
@@ -83,7 +85,7 @@ def test_trtllm_is_one_mpi_world_under_pmix():
     spec = spec_for("trtllm")
     sbatch = render_sbatch(spec)
     assert "TASKS_PER_NODE=8" in sbatch and "SRUN_ARGS=(--mpi=pmix)" in sbatch
-    assert spec.command()[:3] == ("trtllm-llmapi-launch", "trtllm-serve", HF)
+    assert server_command(spec)[:3] == ("trtllm-llmapi-launch", "trtllm-serve", HF)
     assert "nvcr.io#nvidia/tensorrt-llm/release:1.0.0" in sbatch
     # The site's own PMIx flavour is kept, not doubled.
     assert "SRUN_ARGS=(--mpi=pmix_v4)" in render_sbatch(spec_for("trtllm", srun_args=["--mpi=pmix_v4"]))

@@ -25,9 +25,11 @@ from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
 from infra.settings import Profile, ServerSettings, Settings, SlurmSettings
 from infra.slurm.backend import SlurmBackend
-from infra.slurm.client import JobState, SlurmClient
+from infra.slurm.client import SlurmClient
+from infra.slurm.parse import JobState
 from infra.slurm.options import pyxis_image
-from infra.slurm.spec import SIGNAL_MARKER_NAME, SbatchSpec, render_sbatch
+from infra.slurm.render import render_sbatch
+from infra.slurm.spec import SIGNAL_MARKER_NAME, SbatchSpec
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "/lustre/models/Nemotron-4-340B-Base"

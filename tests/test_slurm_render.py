@@ -9,6 +9,7 @@ this one, add `--noconftest -m "not slurm"`.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,15 +26,9 @@ import pytest
 
 from infra.errors import ConfigError
 from infra.settings import ServerSettings, Settings, SlurmSettings
-from infra.slurm.spec import (
-    ALLOWED_DIRECTIVES,
-    LAUNCHER_NAME,
-    SBATCH_NAME,
-    SbatchSpec,
-    render_node_launcher,
-    render_sbatch,
-    write_job_files,
-)
+from infra.slurm.options import ALLOWED_DIRECTIVES
+from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.spec import FROM_SLURM, LAUNCHER_NAME, SBATCH_NAME, SbatchSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("NSDG_UPDATE_GOLDEN") == "1"
@@ -528,6 +523,29 @@ def test_from_settings_expands_home(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HOME", str(home))
     spec = SbatchSpec.from_settings(make_settings(), "h200x8", job_name="nsdg-x", comment="c", job_dir="~/jobs/j1")
     assert spec.job_dir == f"{home}/jobs/j1"
+
+
+def test_spec_defaults_are_the_settings_defaults():
+    """One definition of each default (infra/settings.py): a spec given only the job's own values
+    equals the one built from default settings, field by field."""
+    settings = Settings(_env_file=None)
+    profile = settings.profile("h100x16")
+    job = dict(job_name=GOLDEN_NAME, comment=GOLDEN_COMMENT, job_dir=GOLDEN_JOB_DIR)
+    built = SbatchSpec.from_settings(settings, profile, **job)
+    bare = SbatchSpec(**job, nodes=profile.nodes, tasks_per_node=profile.tasks_per_node,
+                      gpus_per_node=profile.gpus_per_node, tensor_parallel=profile.tensor_parallel,
+                      pipeline_parallel=profile.pipeline_parallel)
+    differ = {f.name: (getattr(bare, f.name), getattr(built, f.name)) for f in dataclasses.fields(SbatchSpec)
+              if getattr(bare, f.name) != getattr(built, f.name)}
+    assert differ == {}
+
+
+def test_from_settings_copies_every_slurm_setting_the_spec_has():
+    """A spec field named like a slurm setting is copied from it (mem, propagate and the image
+    are derived), so a setting the spec gains is never left at its default."""
+    shared = {f.name for f in dataclasses.fields(SbatchSpec)} & set(SlurmSettings.model_fields)
+    assert shared - set(FROM_SLURM) == {"mem", "propagate", "container_image"}
+    assert set(FROM_SLURM) <= shared
 
 
 # --- hostile values through the scripts, executed ------------------------------------------------

@@ -25,7 +25,7 @@ from infra.engines.throttle import Backoff
 from infra.errors import ConfigError, ServerNotReady
 from infra.system.process import group_identity, start_process_group, stop_process_group, stop_process_group_by_identity
 from infra.settings import Profile, Settings
-from infra.slurm.client import log_tail
+from infra.system.logs import log_tail
 from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)

@@ -1,27 +1,10 @@
-"""Slurm: submit, state, find, cancel and locate jobs through the one command runner."""
+"""Slurm: the model server as a Slurm job.
 
-from infra.slurm.client import (
-    ACTIVE_STATES,
-    STATE_SOURCES,
-    TERMINAL_STATES,
-    UNKNOWN,
-    JobState,
-    JobSummary,
-    SlurmClient,
-    is_terminal,
-    log_tail,
-    normalize_state,
-)
-
-__all__ = [
-    "ACTIVE_STATES",
-    "STATE_SOURCES",
-    "TERMINAL_STATES",
-    "UNKNOWN",
-    "JobState",
-    "JobSummary",
-    "SlurmClient",
-    "is_terminal",
-    "log_tail",
-    "normalize_state",
-]
+- `spec.py`: `SbatchSpec`, every value of the job, validated when built (the job dir's layout);
+- `launch.py`: what differs per serving engine (image, tasks per node, the server's command);
+- `options.py`: the checks on site-given sbatch/srun options, mounts, images and environment;
+- `render.py`: the batch script and the node launcher, rendered from the spec and written;
+- `parse.py`: Slurm's printed output turned into values (`JobState`, `JobSummary`), pure;
+- `client.py`: `SlurmClient`, submit, state, find, cancel and locate jobs through one command runner;
+- `backend.py`: the `slurm` backend a run uses, built from settings and a profile.
+"""

@@ -17,8 +17,11 @@ from pathlib import Path
 from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError, DeadlineExceeded, SlurmJobError
 from infra.settings import Profile, Settings
-from infra.slurm.client import SlurmClient, first_error_lines, is_terminal, log_tail
-from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec, render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.client import SlurmClient
+from infra.slurm.parse import is_terminal
+from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
+from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec
+from infra.system.logs import first_error_lines, log_tail
 
 log = logging.getLogger(__name__)
 JOB_PREFIX = "nsdg-"
@@ -316,15 +319,13 @@ def check_launch(settings: Settings, profile: Profile, *, run_id: str) -> None:
                              job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
 
 
-def render_for_profile(profile: str, *, model_path: str | None = None, account: str | None = None,
+def render_for_profile(base: Settings, profile: str, *, model_path: str | None = None, account: str | None = None,
                        partition: str | None = None, run_id: str = "dry-run",
                        engine: str | None = None) -> list[tuple[str, str]]:
     """The scripts `nemotron-sdg render` prints: nothing is written or submitted. `engine`
-    switches the profile's serving engine (infra/engines) for this render."""
-    from infra.settings import load_settings
-
+    switches the profile's serving engine (infra/engines) for this render; the other arguments
+    override `base`'s settings."""
     overrides = {}
-    base = load_settings()
     if model_path:
         overrides["model"] = base.model.model_copy(update={"path": model_path})
     if account or partition:

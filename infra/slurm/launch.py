@@ -14,31 +14,29 @@ that cannot work, refused with one ConfigError line before anything is submitted
 `server.command` replaces the engine's server command for every engine (for `vllm`, the
 `vllm serve` line on node 0; the Ray roles stay): tests and site wrappers use it.
 
-Pure: no I/O. `infra/slurm/spec.py` renders what this module decides.
+Pure: no I/O. `infra/slurm/render.py` renders what this module decides. It reads a job's spec
+(`infra/slurm/spec.py`, which validates itself with `check_engine` below) through `LaunchSpec`,
+the fields it needs, so it does not import the spec.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from infra.slurm.options import check_int, fail
 
 from infra.engines import ENGINES
 
-if TYPE_CHECKING:
-    from infra.slurm.spec import SbatchSpec
-
 ENGINE_NAMES = tuple(ENGINES)  # the contract's names, in its order
 
-# Default images. nemo/custom: the model card's container. vllm: the first release with Ray
+# Default images of the engines that do not run slurm.container_image (nemo and custom do: its
+# default, the model card's container, is in infra/settings.py). vllm: the first release with Ray
 # executor V2, which fixes multi-node PP > 1 (vllm #36836, v0.20.0; opted into by the Ray launcher's
 # VLLM_USE_RAY_V2_EXECUTOR_BACKEND=1 until 0.23 makes it the default), in its CUDA 12.9 build: the
 # plain tag is CUDA 13.0 and needs driver >= 580; 12.9 runs on R525 and newer. trtllm: NGC's release image
 # (its PyTorch backend lists NemotronForCausalLM). nemo-openai: 24.12, the first NeMo Framework
 # container after 24.09 (NeMo 2.0.0), i.e. NeMo 2.1 with the OpenAI routes. Pin what your site has.
 DEFAULT_IMAGES = {
-    "nemo": "nvcr.io/nvidia/nemo:24.05",
-    "custom": "nvcr.io/nvidia/nemo:24.05",
     "vllm": "vllm/vllm-openai:v0.20.0-cu129",
     "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.0.0",
     "nemo-openai": "nvcr.io/nvidia/nemo:24.12",
@@ -46,8 +44,27 @@ DEFAULT_IMAGES = {
 # Engines whose image is slurm.container_image (the setting predates the others).
 CONTAINER_IMAGE_ENGINES = ("nemo", "custom")
 NEMO_SCRIPT_ENGINES = ("nemo", "nemo-openai")
-DEFAULT_RAY_PORT = 6379
 PMIX = "--mpi=pmix"
+
+
+class LaunchSpec(Protocol):
+    """The fields of `infra.slurm.spec.SbatchSpec` a launch is decided from."""
+
+    engine: str
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    model_path: str
+    eval_script: str
+    served_model_name: str
+    max_model_len: int
+    port: int
+    ray_port: int
+    launch_wait_s: int
+    srun_args: tuple[str, ...]
+    server_command: tuple[str, ...] | None
 
 
 def image_setting(engine: str) -> str:
@@ -70,25 +87,25 @@ def check_images_map(images: dict[str, str]) -> None:
             raise fail("slurm.images", name, f"keys are engine names: {', '.join(ENGINE_NAMES)}")
 
 
-def uses_ray(spec: "SbatchSpec") -> bool:
+def uses_ray(spec: LaunchSpec) -> bool:
     """vLLM across nodes: its workers are placed through a Ray cluster spanning the job."""
     return spec.engine == "vllm" and spec.nodes > 1
 
 
-def srun_tasks_per_node(spec: "SbatchSpec") -> int:
+def srun_tasks_per_node(spec: LaunchSpec) -> int:
     """Tasks srun starts on each node: one launcher per node for vLLM (its engine spawns the GPU
     workers itself), one per GPU for the rest (NeMo's ranks, TRT-LLM's MPI world)."""
     return 1 if spec.engine == "vllm" else spec.tasks_per_node
 
 
-def srun_args(spec: "SbatchSpec") -> tuple[str, ...]:
+def srun_args(spec: LaunchSpec) -> tuple[str, ...]:
     """The site's srun flags, plus PMIx for TRT-LLM's MPI world when the site gave no --mpi."""
     if spec.engine == "trtllm" and spec.server_command is None and not any(a.startswith("--mpi=") for a in spec.srun_args):
         return (*spec.srun_args, PMIX)
     return spec.srun_args
 
 
-def launcher_tail(spec: "SbatchSpec") -> str:
+def launcher_tail(spec: LaunchSpec) -> str:
     """The template that ends the node launcher: the Ray roles, or one server per task."""
     return "launcher-ray.sh.tmpl" if uses_ray(spec) else "launcher-server.sh.tmpl"
 
@@ -105,23 +122,41 @@ _SRUN_PER_NODE = """# One task per node, seeing every GPU of its node (vLLM star
 # narrow it again); --label prefixes each line with its task."""
 
 
-def job_title(spec: "SbatchSpec") -> str:
+def job_title(spec: LaunchSpec) -> str:
     return _TITLES[spec.engine]
 
 
-def _task_per_node(spec: "SbatchSpec") -> bool:
+def _task_per_node(spec: LaunchSpec) -> bool:
     return srun_tasks_per_node(spec) != spec.tasks_per_node
 
 
-def launcher_runs(spec: "SbatchSpec") -> str:
+def launcher_runs(spec: LaunchSpec) -> str:
     return "once per node (vLLM starts its GPU workers)" if _task_per_node(spec) else "once per rank (one rank per GPU)"
 
 
-def srun_comment(spec: "SbatchSpec") -> str:
+def srun_comment(spec: LaunchSpec) -> str:
     return _SRUN_PER_NODE if _task_per_node(spec) else _SRUN_PER_GPU
 
 
-def vllm_command(spec: "SbatchSpec") -> tuple[str, ...]:
+def nemo_command(spec: LaunchSpec) -> tuple[str, ...]:
+    """The seed's megatron_gpt_eval.py command, with the spec's topology and port."""
+    return (
+        "python3", spec.eval_script,
+        f"gpt_model_file={spec.model_path}",
+        f"tensor_model_parallel_size={spec.tensor_parallel}",
+        f"pipeline_model_parallel_size={spec.pipeline_parallel}",
+        "pipeline_model_parallel_split_rank=0",
+        f"trainer.devices={spec.tasks_per_node}",
+        f"trainer.num_nodes={spec.nodes}",
+        "trainer.precision=bf16",
+        "megatron_amp_O2=True",
+        "server=True",
+        "web_server=False",
+        f"port={spec.port}",
+    )
+
+
+def vllm_command(spec: LaunchSpec) -> tuple[str, ...]:
     cmd = ["vllm", "serve", spec.model_path, "--served-model-name", spec.served_model_name,
            "--tensor-parallel-size", str(spec.tensor_parallel)]
     if spec.pipeline_parallel > 1:
@@ -132,23 +167,31 @@ def vllm_command(spec: "SbatchSpec") -> tuple[str, ...]:
     return (*cmd, "--max-model-len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
 
 
-def trtllm_command(spec: "SbatchSpec") -> tuple[str, ...]:
+def trtllm_command(spec: LaunchSpec) -> tuple[str, ...]:
     # trtllm-llmapi-launch makes MPI rank 0 the server and the other ranks its workers.
     return ("trtllm-llmapi-launch", "trtllm-serve", spec.model_path, "--backend", "pytorch",
             "--tp_size", str(spec.tensor_parallel), "--pp_size", str(spec.pipeline_parallel),
             "--max_seq_len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
 
 
-def engine_command(spec: "SbatchSpec") -> tuple[str, ...]:
+def engine_command(spec: LaunchSpec) -> tuple[str, ...]:
     """The server's command line when server.command does not replace it."""
     if spec.engine == "vllm":
         return vllm_command(spec)
     if spec.engine == "trtllm":
         return trtllm_command(spec)
-    return spec.nemo_command()
+    return nemo_command(spec)
 
 
-def ray_assignments(spec: "SbatchSpec") -> list[tuple[str, str | int]]:
+def server_command(spec: LaunchSpec) -> tuple[str, ...]:
+    """The engine's command, or server.command with `{port}` standing for this job's port (each
+    replica of a run listens on server.port + its index)."""
+    if spec.server_command is None:
+        return engine_command(spec)
+    return tuple(arg.replace("{port}", str(spec.port)) for arg in spec.server_command)
+
+
+def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int]]:
     """The launcher's extra variables for the Ray roles (none for the other launches)."""
     if not uses_ray(spec):
         return []
@@ -164,7 +207,7 @@ def check_api(engine: str, api: str, own_command: bool) -> None:
                    f"(or set it to openai-completions)")
 
 
-def check_engine(spec: "SbatchSpec") -> None:
+def check_engine(spec: LaunchSpec) -> None:
     """The launches that cannot work, each refused with the reason and what to change."""
     if spec.engine not in ENGINE_NAMES:
         raise fail("profile.engine", spec.engine, f"use one of {', '.join(ENGINE_NAMES)}")

@@ -1,10 +1,8 @@
-"""A typed Slurm job spec for the model server, and the two scripts rendered from it (what
-differs per serving engine is decided in infra/slurm/launch.py).
+"""A typed Slurm job spec for the model server: the values the two job scripts are rendered from
+(infra/slurm/render.py; what differs per serving engine is decided in infra/slurm/launch.py).
 
 `SbatchSpec` holds every value the scripts need and validates all of them when it is built,
-so nothing bad is found after a GPU has been asked for. `render_sbatch` and
-`render_node_launcher` are pure: `string.Template` over `infra/templates/*.sh.tmpl`, with
-every value written once as a shell-quoted variable assignment and used only as "$VAR".
+so nothing bad is found after a GPU has been asked for.
 
 Values that land in `#SBATCH` lines are parsed by sbatch, not by the shell (quotes group
 words, an unquoted `#` ends the line, `packjob`/`hetjob` anywhere splits the job), so they are
@@ -32,19 +30,28 @@ from __future__ import annotations
 import math
 import os
 import re
-import shlex
-import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from importlib import resources
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import get_args
+
+from pydantic import BaseModel
 
 from infra.errors import ConfigError
-from infra.settings import SAFE_NAME, Profile, Settings
+from infra.settings import (
+    SAFE_NAME,
+    SLURM_TIME,
+    ContainerRuntime,
+    GpuRequest,
+    ModelSettings,
+    Profile,
+    ServerSettings,
+    Settings,
+    SlurmSettings,
+)
 from infra.slurm import launch, options
-# ALLOWED_DIRECTIVES and check_directive are imported from here too.
-from infra.slurm.options import ALLOWED_DIRECTIVES, check_directive, check_mount, fail as _fail  # noqa: F401
+from infra.slurm.options import check_directive, check_int, check_mount, check_sbatch_value, fail as _fail
 
 SBATCH_NAME = "sbatch.sh"
 LAUNCHER_NAME = "node-launcher.sh"
@@ -57,9 +64,8 @@ SIGNAL_MARKER_NAME = "signal-received"
 STDOUT_PATTERN = "%x-%j.out"
 STDERR_PATTERN = "%x-%j.err"
 
-ContainerRuntime = Literal["pyxis", "apptainer", "none"]
-CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
-GPU_REQUESTS = ("gpus-per-node", "gres")
+CONTAINER_RUNTIMES = get_args(ContainerRuntime)
+GPU_REQUESTS = get_args(GpuRequest)
 
 # Lightning's SLURMEnvironment switches itself off for these job names: the srun tasks would
 # then not learn their ranks from Slurm and never form one 16-rank world.
@@ -67,30 +73,22 @@ FORBIDDEN_JOB_NAMES = frozenset({"bash", "interactive"})
 
 _COMMENT = re.compile(r"[A-Za-z0-9._:=/@+,-]+( [A-Za-z0-9._:=/@+,-]+)*")
 _SBATCH_PATH = re.compile(r"/[A-Za-z0-9._+/-]*")
-_TIME_LIMIT = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
 # Hydra's override parser reads `gpt_model_file=<path>`: quotes, spaces, brackets, braces,
 # commas, '=' and '$' mean something to it, so the model path keeps to plain path characters.
 _HYDRA_PATH = re.compile(r"/[A-Za-z0-9._+/@%:-]*")
 _GPU_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:24.05"
-DEFAULT_EVAL_SCRIPT = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
-DEFAULT_EXPORT = ("PATH", "LANG", "LC_ALL", "TZ")
+
+def _default(section: type[BaseModel], name: str):
+    """The settings model's default for a field: SbatchSpec's defaults are these, so each is
+    written once (in infra/settings.py); lists become tuples, dicts tuples of items."""
+    value = section.model_fields[name].get_default(call_default_factory=True)
+    if isinstance(value, dict):
+        return tuple(value.items())
+    return tuple(value) if isinstance(value, list) else value
 
 
-def time_limit_s(text: str) -> float | None:
-    """A Slurm time limit in seconds (sbatch's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None
-    for 0, which Slurm reads as no limit."""
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-    elif len(parts) == 3:
-        hours, minutes, seconds = parts
-    else:
-        hours, (minutes, seconds) = 0, (parts + [0])[:2]
-    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
-    return float(total) or None
+_slurm, _server, _model = (partial(_default, section) for section in (SlurmSettings, ServerSettings, ModelSettings))
 
 
 def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: str) -> None:
@@ -98,17 +96,20 @@ def _check_pattern(field: str, value: str, pattern: re.Pattern[str], allowed: st
         raise _fail(field, value, allowed)
 
 
-_check_sbatch_value = options.check_sbatch_value
-
-
-_check_int = options.check_int
-
-
 def _check_slurm_name(field: str, value: str | None) -> None:
     if value is not None:
         _check_pattern(field, value, SAFE_NAME,
                        "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        _check_sbatch_value(field, value)
+        check_sbatch_value(field, value)
+
+
+# The settings of `slurm` that SbatchSpec.from_settings copies as they are, to the spec field of
+# the same name (the others it renames or derives).
+FROM_SLURM = (
+    "time_limit", "account", "partition", "qos", "reservation", "exclusive", "requeue", "cpus_per_task",
+    "gpu_request", "extra_directives", "srun_args", "export", "env", "setup", "container_runtime",
+    "container_mounts", "mount_model", "heartbeat_timeout_s", "heartbeat_interval_s", "warn_signal_s", "ray_port",
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ class SbatchSpec:
     """Everything the batch script and the node launcher need, validated on construction.
 
     `server_command`, when set, replaces the engine's server command line verbatim (tests, the
-    NeMo-compatible local server); otherwise `command()` builds the engine's (infra/slurm/launch.py),
-    for `nemo` the seed's `megatron_gpt_eval.py`.
+    NeMo-compatible local server); otherwise `launch.server_command` builds the engine's
+    (infra/slurm/launch.py), for `nemo` the seed's `megatron_gpt_eval.py`.
     """
 
     job_name: str
@@ -128,40 +129,43 @@ class SbatchSpec:
     gpus_per_node: int
     tensor_parallel: int
     pipeline_parallel: int
-    time_limit: str = "04:00:00"
-    account: str | None = None
-    partition: str | None = None
-    qos: str | None = None
-    reservation: str | None = None
-    exclusive: bool = True
-    mem: str | None = "0"
-    propagate: str | None = "NONE"
-    requeue: bool = False
-    cpus_per_task: int | None = None
-    gpu_type: str | None = None
-    gpu_request: str = "gpus-per-node"
-    extra_directives: tuple[str, ...] = ()
-    srun_args: tuple[str, ...] = ()
-    export: tuple[str, ...] = DEFAULT_EXPORT
-    env: tuple[tuple[str, str], ...] = ()
-    setup: tuple[str, ...] = ()
-    container_runtime: ContainerRuntime = "pyxis"
-    container_image: str = DEFAULT_IMAGE
-    container_mounts: tuple[str, ...] = ()
-    mount_model: bool = True
-    model_path: str = "/models/Nemotron-4-340B-Base"
-    eval_script: str = DEFAULT_EVAL_SCRIPT
-    port: int = 1424
-    server_command: tuple[str, ...] | None = None
-    heartbeat_timeout_s: float = 600.0
-    heartbeat_interval_s: float = 15.0
+    # Every default below is the settings' (see _default): from_settings(Settings()) and a spec
+    # built with the job's own values alone agree (tests/test_slurm_render.py checks it).
+    time_limit: str = _slurm("time_limit")
+    account: str | None = _slurm("account")
+    partition: str | None = _slurm("partition")
+    qos: str | None = _slurm("qos")
+    reservation: str | None = _slurm("reservation")
+    exclusive: bool = _slurm("exclusive")
+    mem: str | None = _slurm("mem")
+    propagate: str | None = _slurm("propagate")
+    requeue: bool = _slurm("requeue")
+    cpus_per_task: int | None = _slurm("cpus_per_task")
+    gpu_type: str | None = _default(Profile, "gpu_type")
+    gpu_request: GpuRequest = _slurm("gpu_request")
+    extra_directives: tuple[str, ...] = _slurm("extra_directives")
+    srun_args: tuple[str, ...] = _slurm("srun_args")
+    export: tuple[str, ...] = _slurm("export")
+    env: tuple[tuple[str, str], ...] = _slurm("env")
+    setup: tuple[str, ...] = _slurm("setup")
+    container_runtime: ContainerRuntime = _slurm("container_runtime")
+    container_image: str = _slurm("container_image")
+    container_mounts: tuple[str, ...] = _slurm("container_mounts")
+    mount_model: bool = _slurm("mount_model")
+    model_path: str = _model("path")
+    eval_script: str = _server("eval_script")
+    port: int = _server("port")
+    server_command: tuple[str, ...] | None = _server("command")
+    heartbeat_timeout_s: float = _slurm("heartbeat_timeout_s")
+    heartbeat_interval_s: float = _slurm("heartbeat_interval_s")
     # The serving program (infra/engines) and what its launch needs beyond NeMo's.
-    engine: str = "nemo"
-    served_model_name: str = "nemotron-4-340b-base"
-    max_model_len: int = 4096
-    ray_port: int = launch.DEFAULT_RAY_PORT
-    launch_wait_s: int = 2700  # how long Ray's head and workers wait for each other
-    warn_signal_s: int = 300  # --signal=B:USR1@<s>: the batch script notes it in signal-received; 0: none
+    engine: str = _default(Profile, "engine")
+    served_model_name: str = _model("name")
+    max_model_len: int = _model("context_length")
+    ray_port: int = _slurm("ray_port")
+    # How long Ray's head and workers wait for each other: the server's whole ready deadline.
+    launch_wait_s: int = math.ceil(_server("ready_timeout_s"))
+    warn_signal_s: int = _slurm("warn_signal_s")  # --signal=B:USR1@<s>: noted in signal-received; 0: none
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
@@ -194,14 +198,14 @@ class SbatchSpec:
             "job_dir", self.job_dir, _SBATCH_PATH,
             "use an absolute path of letters, digits and . _ + / - (it lands in #SBATCH -o/-e/--chdir lines)",
         )
-        _check_sbatch_value("job_dir", self.job_dir)
+        check_sbatch_value("job_dir", self.job_dir)
         _check_pattern("comment", self.comment, _COMMENT,
                        "use words of letters, digits and . _ : = / @ + , - separated by single spaces, e.g. "
                        "'nsdg run=<run_id> flow_run=<id>'")
-        _check_sbatch_value("comment", self.comment)
+        check_sbatch_value("comment", self.comment)
         if len(self.comment) > 512:
             raise _fail("comment", self.comment, "keep it under 512 characters")
-        _check_pattern("slurm.time_limit", self.time_limit, _TIME_LIMIT, "use a Slurm time like 04:00:00 or 1-00:00:00")
+        _check_pattern("slurm.time_limit", self.time_limit, SLURM_TIME, "use a Slurm time like 04:00:00 or 1-00:00:00")
         for field in ("exclusive", "requeue", "mount_model"):
             if not isinstance(getattr(self, field), bool):
                 raise _fail(f"slurm.{field}", getattr(self, field), "use true or false")
@@ -219,11 +223,11 @@ class SbatchSpec:
                         f"sbatch refuses it next to --mem={self.mem}; set NSDG_SLURM__MEM= (empty) to use it")
 
     def _validate_topology(self) -> None:
-        _check_int("profile.nodes", self.nodes, 1, 64)
-        _check_int("profile.tasks_per_node", self.tasks_per_node, 1, 64)
-        _check_int("profile.gpus_per_node", self.gpus_per_node, 0, 16)
-        _check_int("profile.tensor_parallel", self.tensor_parallel, 1, 64)
-        _check_int("profile.pipeline_parallel", self.pipeline_parallel, 1, 64)
+        check_int("profile.nodes", self.nodes, 1, 64)
+        check_int("profile.tasks_per_node", self.tasks_per_node, 1, 64)
+        check_int("profile.gpus_per_node", self.gpus_per_node, 0, 16)
+        check_int("profile.tensor_parallel", self.tensor_parallel, 1, 64)
+        check_int("profile.pipeline_parallel", self.pipeline_parallel, 1, 64)
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
             raise ConfigError(
                 f"Slurm job spec: tasks_per_node={self.tasks_per_node} must equal gpus_per_node={self.gpus_per_node}: "
@@ -240,7 +244,7 @@ class SbatchSpec:
 
     def _validate_launch(self) -> None:
         if self.cpus_per_task is not None:
-            _check_int("slurm.cpus_per_task", self.cpus_per_task, 1, 1024)
+            check_int("slurm.cpus_per_task", self.cpus_per_task, 1, 1024)
         for arg in self.srun_args:
             options.check_srun_arg(arg, self.container_runtime)
         for name in self.export:
@@ -258,7 +262,7 @@ class SbatchSpec:
             check_mount(self.container_runtime, mount)
 
     def _validate_server(self) -> None:
-        _check_int("server.port", self.port, 1024, 65535)
+        check_int("server.port", self.port, 1024, 65535)
         if self.server_command is not None:
             if not self.server_command or not all(isinstance(a, str) for a in self.server_command):
                 raise _fail("server.command", self.server_command, "give a non-empty list of strings")
@@ -297,7 +301,7 @@ class SbatchSpec:
                 f"slurm.heartbeat_interval_s={self.heartbeat_interval_s}, or one late check cancels a healthy job."
             )
         # Rendered into an #SBATCH line: an int, nothing else.
-        _check_int("slurm.warn_signal_s", self.warn_signal_s, 0, 65_535)
+        check_int("slurm.warn_signal_s", self.warn_signal_s, 0, 65_535)
 
     # --- derived values ------------------------------------------------------------------------
 
@@ -333,30 +337,6 @@ class SbatchSpec:
             hf_checkpoint=self.engine in ("vllm", "trtllm"),
         )
 
-    def nemo_command(self) -> tuple[str, ...]:
-        """The seed's megatron_gpt_eval.py command, with this spec's topology and port."""
-        return (
-            "python3", self.eval_script,
-            f"gpt_model_file={self.model_path}",
-            f"tensor_model_parallel_size={self.tensor_parallel}",
-            f"pipeline_model_parallel_size={self.pipeline_parallel}",
-            "pipeline_model_parallel_split_rank=0",
-            f"trainer.devices={self.tasks_per_node}",
-            f"trainer.num_nodes={self.nodes}",
-            "trainer.precision=bf16",
-            "megatron_amp_O2=True",
-            "server=True",
-            "web_server=False",
-            f"port={self.port}",
-        )
-
-    def command(self) -> tuple[str, ...]:
-        """The engine's command, or the replacement with `{port}` standing for this job's port (each
-        replica of a run listens on server.port + its index)."""
-        if self.server_command is None:
-            return launch.engine_command(self)
-        return tuple(arg.replace("{port}", str(self.port)) for arg in self.server_command)
-
     # --- construction from settings ------------------------------------------------------------
 
     @classmethod
@@ -387,200 +367,20 @@ class SbatchSpec:
             gpus_per_node=profile.gpus_per_node,
             tensor_parallel=profile.tensor_parallel,
             pipeline_parallel=profile.pipeline_parallel,
-            time_limit=slurm.time_limit,
-            account=slurm.account,
-            partition=slurm.partition,
-            qos=slurm.qos,
-            reservation=slurm.reservation,
-            exclusive=slurm.exclusive,
-            mem=slurm.mem or None,
-            propagate=slurm.propagate or None,
-            requeue=slurm.requeue,
-            cpus_per_task=slurm.cpus_per_task,
             gpu_type=profile.gpu_type,
-            gpu_request=slurm.gpu_request,
-            extra_directives=tuple(slurm.extra_directives),
-            srun_args=tuple(slurm.srun_args),
-            export=tuple(slurm.export),
-            env=tuple(slurm.env.items()),
-            setup=tuple(slurm.setup),
-            container_runtime=slurm.container_runtime,
-            container_image=launch.image_for(engine, slurm.container_image, slurm.images),
-            container_mounts=tuple(slurm.container_mounts),
-            mount_model=slurm.mount_model,
-            model_path=settings.model.path,
-            eval_script=server.eval_script,
-            port=server.port,
-            server_command=tuple(server.command) if server.command is not None else None,
-            heartbeat_timeout_s=slurm.heartbeat_timeout_s,
-            warn_signal_s=slurm.warn_signal_s,
-            heartbeat_interval_s=slurm.heartbeat_interval_s,
             engine=engine,
+            **{name: getattr(slurm, name) for name in FROM_SLURM},
+            mem=slurm.mem or None,  # empty: no --mem line
+            propagate=slurm.propagate or None,
+            container_image=launch.image_for(engine, slurm.container_image, slurm.images),
+            model_path=settings.model.path,
             served_model_name=settings.model.name,
             max_model_len=settings.model.context_length,
-            ray_port=slurm.ray_port,
+            eval_script=server.eval_script,
+            port=server.port,
+            server_command=server.command,
             launch_wait_s=math.ceil(server.ready_timeout_s),
         )
         spec.check_paths_seen_here()
         launch.check_api(engine, settings.api(profile), spec.server_command is not None)
         return spec
-
-
-# --- rendering ---------------------------------------------------------------------------------
-
-
-class _ScriptTemplate(string.Template):
-    # '$' belongs to the shell; placeholders are written @@{name}, which no shell code uses.
-    delimiter = "@@"
-
-
-def _template(name: str) -> _ScriptTemplate:
-    return _ScriptTemplate(resources.files("infra").joinpath("templates", name).read_text(encoding="utf-8"))
-
-
-def _assign(name: str, value: str | int) -> str:
-    return f"{name}={shlex.quote(str(value))}"
-
-
-def _assign_array(name: str, values: Sequence[str]) -> str:
-    return f"{name}=(" + " ".join(shlex.quote(v) for v in values) + ")"
-
-
-def _seconds(value: float) -> str:
-    """A number `sleep` accepts, without float noise: 15.0 -> '15', 0.25 -> '0.25'."""
-    return format(value, "g")
-
-
-def gpu_directive(spec: SbatchSpec) -> list[str]:
-    """One GPU request, in the form the site wants: `--gpus-per-node=[type:]N` or `--gres=gpu[:type]:N`."""
-    if not spec.gpus_per_node:
-        return []
-    typed = f"{spec.gpu_type}:" if spec.gpu_type else ""
-    if spec.gpu_request == "gres":
-        return [f"--gres=gpu:{typed}{spec.gpus_per_node}"]
-    return [f"--gpus-per-node={typed}{spec.gpus_per_node}"]
-
-
-def sbatch_directives(spec: SbatchSpec) -> list[str]:
-    """The #SBATCH lines. Values were held to safe charsets by the spec; the comment, which has
-    spaces, is double-quoted (sbatch groups quoted words itself)."""
-    lines = [f"-J {spec.job_name}"]
-    lines += [f"{flag} {value}" for flag, value in (("-A", spec.account), ("-p", spec.partition)) if value]
-    lines += [f"--qos={spec.qos}"] if spec.qos else []
-    lines += [f"--reservation={spec.reservation}"] if spec.reservation else []
-    lines += [f"-N {spec.nodes}", f"--ntasks-per-node={launch.srun_tasks_per_node(spec)}"]
-    lines += gpu_directive(spec)
-    lines += [f"--cpus-per-task={spec.cpus_per_task}"] if spec.cpus_per_task else []
-    lines += [f"--time={spec.time_limit}"]
-    # Slurm's warning before the end (a time limit, a shortened one, a preemption): the batch script
-    # notes it for the flow, which then plans the replica's successor. A site's own --signal wins.
-    if spec.warn_signal_s and not any(d.startswith("--signal") for d in spec.extra_directives):
-        lines += [f"--signal=B:USR1@{spec.warn_signal_s}"]
-    lines += ["--exclusive"] if spec.exclusive else []
-    # --exclusive gives every CPU and GPU of a node but only the default memory.
-    lines += [f"--mem={spec.mem}"] if spec.mem is not None else []
-    # The worker's rlimits (a systemd unit's small LIMIT_MEMLOCK breaks NCCL over InfiniBand).
-    lines += [f"--propagate={spec.propagate}"] if spec.propagate is not None else []
-    # A requeued job keeps its id on other nodes: the flow restarts lost servers itself instead.
-    # (--open-mode=append: a requeued job's second start would truncate the first one's logs.)
-    lines += ["--requeue", "--open-mode=append"] if spec.requeue else ["--no-requeue"]
-    # Only these variables come from the worker (plus SLURM_*); the job starts from the user's
-    # login environment on the node, as with --export=NONE.
-    lines += [f"--export={','.join(spec.export)}"] if spec.export else ["--export=NONE"]
-    lines += [
-        f"--chdir={spec.job_dir}",
-        f"-o {spec.job_dir}/{STDOUT_PATTERN}",
-        f"-e {spec.job_dir}/{STDERR_PATTERN}",
-        f'--comment="{spec.comment}"',
-    ]
-    lines += list(spec.extra_directives)
-    return [f"#SBATCH {line}" for line in lines]
-
-
-def srun_container_args(spec: SbatchSpec) -> list[str]:
-    """Pyxis flags for srun. The job dir is mounted at its own path, because the launcher and
-    the files ranks write live there; the home directory is not (its pip --user packages would
-    shadow the container's); slurm.env keys keep the host's values over the image's."""
-    if spec.container_runtime != "pyxis":
-        return []
-    args = [f"--container-image={options.pyxis_image(spec.container_image)}",
-            f"--container-mounts={','.join(spec.mounts())}",
-            f"--container-workdir={spec.job_dir}",
-            "--no-container-mount-home"]
-    if spec.env:
-        args.append(f"--container-env={','.join(name for name, _ in spec.env)}")
-    return args
-
-
-def launch_prefix(spec: SbatchSpec) -> list[str]:
-    """What runs the launcher inside an Apptainer container; nothing for pyxis or bare."""
-    if spec.container_runtime != "apptainer":
-        return []
-    gpu_flags = ["--nv"] if spec.gpus_per_node else []
-    binds = [f"--bind={mount}" for mount in spec.mounts()]
-    return ["apptainer", "exec", *gpu_flags, "--no-home", *binds, spec.container_image]
-
-
-def _exports(spec: SbatchSpec, prefix: str = "") -> list[str]:
-    return [f"export {prefix}{name}={shlex.quote(value)}" for name, value in spec.env]
-
-
-def render_sbatch(spec: SbatchSpec) -> str:
-    """The batch script: job info, dead-man switch, srun of the launcher, srun's exit code."""
-    _, model_note = spec.model_mount()
-    assignments = [
-        _assign("JOB_DIR", spec.job_dir),
-        _assign("HEARTBEAT_FILE", spec.heartbeat_file),
-        # Integer seconds: the switch does its arithmetic in bash.
-        _assign("HEARTBEAT_TIMEOUT_S", math.ceil(spec.heartbeat_timeout_s)),
-        _assign("HEARTBEAT_INTERVAL_S", _seconds(spec.heartbeat_interval_s)),
-        _assign("TASKS_PER_NODE", launch.srun_tasks_per_node(spec)),
-        # Empty: every CPU of the node shared by its ranks (SLURM_CPUS_ON_NODE / TASKS_PER_NODE).
-        _assign("CPUS_PER_TASK", spec.cpus_per_task or ""),
-        _assign_array("SRUN_ARGS", launch.srun_args(spec)),
-        f"# Model: {model_note}",
-        _assign_array("SRUN_CONTAINER_ARGS", srun_container_args(spec)),
-        _assign_array("LAUNCH_PREFIX", launch_prefix(spec)),
-    ]
-    env = ["# slurm.env, for srun and the container runtime (the launcher sets it again inside)."] if spec.env else []
-    env += _exports(spec)
-    if spec.container_runtime == "apptainer":
-        env += _exports(spec, "APPTAINERENV_")  # apptainer's way to win over the image's values
-    return _template("sbatch.sh.tmpl").substitute(
-        what=launch.job_title(spec),
-        srun_comment=launch.srun_comment(spec),
-        directives="\n".join(sbatch_directives(spec)),
-        assignments="\n".join(assignments),
-        site_env="\n".join(env) or "# slurm.env is empty.",
-    )
-
-
-def render_node_launcher(spec: SbatchSpec) -> str:
-    """The per-rank script: rank info, rank 0's host file, the site's setup, the server in its own
-    process group."""
-    assignments = [
-        _assign("JOB_DIR", spec.job_dir),
-        _assign_array("SETUP_LINES", spec.setup),
-        _assign_array("SERVER_CMD", spec.command()),
-        *(_assign(name, value) for name, value in launch.ray_assignments(spec)),
-    ]
-    return _template("node-launcher.sh.tmpl").substitute(
-        assignments="\n".join(assignments),
-        site_env="\n".join(_exports(spec)) or "# slurm.env is empty.",
-        runs=launch.launcher_runs(spec),
-        server=_template(launch.launcher_tail(spec)).template,
-    )
-
-
-def write_job_files(spec: SbatchSpec) -> Path:
-    """Write sbatch.sh and node-launcher.sh (mode 0755) into the existing job dir; return the
-    sbatch path. Each file is written to a temp name and renamed, so a reader never sees half."""
-    job_dir = Path(spec.job_dir)
-    if not job_dir.is_dir():
-        raise ConfigError(f"Job directory {job_dir} does not exist: create it (on a filesystem the nodes share) first.")
-    for name, text in ((LAUNCHER_NAME, render_node_launcher(spec)), (SBATCH_NAME, render_sbatch(spec))):
-        tmp = job_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o755)
-        tmp.replace(job_dir / name)
-    return job_dir / SBATCH_NAME

@@ -1,6 +1,6 @@
 #!/bin/bash
 # nemotron-sdg node launcher: srun runs it once per rank (one rank per GPU), inside the
-# container when there is one. Rendered by infra.slurm.spec.render_node_launcher from
+# container when there is one. Rendered by infra.slurm.render.render_node_launcher from
 # infra/templates/node-launcher.sh.tmpl; edit the template, not this file.
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
 JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001

@@ -21,7 +21,7 @@
 #SBATCH --constraint=h100&ib
 #SBATCH --signal=B:USR1@120
 #
-# nemotron-sdg: the NeMo server job. Rendered by infra.slurm.spec.render_sbatch from
+# nemotron-sdg: the NeMo server job. Rendered by infra.slurm.render.render_sbatch from
 # infra/templates/sbatch.sh.tmpl; edit the template, not this file.
 # sbatch stops reading #SBATCH lines at the first command, so they all come first.
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".

@@ -17,7 +17,7 @@
 #SBATCH -e /shared/nsdg/jobs/nsdg-golden-0001/%x-%j.err
 #SBATCH --comment="nsdg run=golden-0001 flow_run=00000000-0000-4000-8000-000000000001"
 #
-# nemotron-sdg: the NeMo >= 2.1 server job. Rendered by infra.slurm.spec.render_sbatch from
+# nemotron-sdg: the NeMo >= 2.1 server job. Rendered by infra.slurm.render.render_sbatch from
 # infra/templates/sbatch.sh.tmpl; edit the template, not this file.
 # sbatch stops reading #SBATCH lines at the first command, so they all come first.
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
