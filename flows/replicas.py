@@ -66,7 +66,7 @@ class Pool:
     on_result: Callable[[ShardResult], None] = lambda r: None
     keep_alive_s: float = 3600.0
     ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
-    planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # none unless given a policy (Slurm)
+    planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
