@@ -43,6 +43,8 @@ class OwnSessionServer(SubprocessASGIServer):
 
 # The temporary server this process started, the only one stop_temporary_server() stops: another
 # SubprocessASGIServer in the process (prefect_test_harness's, in the tests) is not ours to stop.
+# Process-wide like Prefect's own registry of these servers (SubprocessASGIServer._instances), which
+# start_temporary_server() reuses: there is one temporary server per process.
 _ours: list[SubprocessASGIServer] = []
 
 

@@ -20,35 +20,47 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 log = logging.getLogger(__name__)
 FLUSH_S = 15.0  # how long the run's end waits for the last updates before giving up on them
 RETRY_S = 5.0  # pause between tries while the API is away (each try has the client's own retries)
-# When the current outage began (None: the API answers), shared by every sender of the process
-# so an outage is logged once, not once per artifact.
-_down_since: float | None = None
-_down_lock = threading.Lock()
 
 
-def _went_down(what: str) -> None:
-    global _down_since
-    with _down_lock:
-        if _down_since is not None:
-            return
-        _down_since = time.monotonic()
-    log.warning("Prefect API unreachable for the run's artifacts (%s); generation goes on and the UI's "
-                "progress/summary catch up when the API answers again", what)
+class ApiOutage:
+    """When the current outage of the Prefect API began (None: the API answers), logged once when
+    it begins and once when it ends."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def known(self) -> bool:
+        return self._since is not None
+
+    def went_down(self, what: str) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning("Prefect API unreachable for the run's artifacts (%s); generation goes on and the UI's "
+                    "progress/summary catch up when the API answers again", what)
+
+    def came_back(self) -> None:
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            log.info("Prefect API answers again after %.0f s; artifacts updated", time.monotonic() - since)
 
 
-def _came_back() -> None:
-    global _down_since
-    with _down_lock:
-        since, _down_since = _down_since, None
-    if since is not None:
-        log.info("Prefect API answers again after %.0f s; artifacts updated", time.monotonic() - since)
+# Process-wide on purpose: every sender of the process talks to the same API, so an outage is
+# logged once, not once per artifact, and the summary table sent after the progress sender saw
+# the outage does not wait for it again.
+API_OUTAGE = ApiOutage()
 
 
 class Artifacts:
     """`progress(pct)` and `table(rows, description)` never block and never raise."""
 
-    def __init__(self, key: str, description: str = ""):
+    def __init__(self, key: str, description: str = "", outage: ApiOutage = API_OUTAGE):
         self.key, self.description = key, description  # the run's key; the progress bar's description
+        self._outage = outage
         self._context = contextvars.copy_context()  # the flow run's, so artifacts link to it
         self._wake = threading.Condition()
         self._progress: float | None = None
@@ -75,9 +87,9 @@ class Artifacts:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(0.0 if _down_since is not None else timeout)
+        self._thread.join(0.0 if self._outage.known else timeout)
         if self._thread.is_alive():
-            _went_down(f"its last updates not taken within {timeout:.0f} s; dropped")
+            self._outage.went_down(f"its last updates not taken within {timeout:.0f} s; dropped")
 
     # --- the sender thread ------------------------------------------------------------------
 
@@ -120,9 +132,9 @@ class Artifacts:
         try:
             self._context.run(call)
         except Exception as exc:  # the API is away: the run goes on without the UI
-            _went_down(f"{type(exc).__name__}: {str(exc)[:200]}")
+            self._outage.went_down(f"{type(exc).__name__}: {str(exc)[:200]}")
             return False
-        _came_back()
+        self._outage.came_back()
         return True
 
 

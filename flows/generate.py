@@ -22,6 +22,7 @@ from flows import progress as console_progress
 from flows.artifacts import Artifacts, publish_table
 from flows.params import RunParams, document_parameters, resolve_run_id
 from flows.replicas import Pool
+from flows.rollovers import RolloverPlanner
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
@@ -153,7 +154,7 @@ def generate(
         if result.judged_only:
             return
         published[0] += 1
-        console_progress.advanced(result.part.records + result.part.rejected, pool.restarts, pool.rollovers)
+        console_progress.advanced(result.part.records + result.part.rejected, pool.restarts, pool.planner.rollovers)
         progress.progress(100.0 * published[0] / the_plan.shards_total)
 
     def start(backend: Backend):
@@ -183,7 +184,7 @@ def generate(
             restarts_allowed=restarts_allowed,
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,
-            rollover=rollover_policy(settings, prof),
+            planner=RolloverPlanner(rollover_policy(settings, prof)),
         )
         try:
             results = pool.run()
@@ -197,7 +198,7 @@ def generate(
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
                   replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id),
-                  rollovers=pool.rollover_report(gpus))
+                  rollovers=pool.planner.report(pool.members, gpus))
 
 
 def rollover_policy(settings: Settings, profile) -> RolloverPolicy:

@@ -17,6 +17,8 @@ class ProgressListener(Protocol):
     def close(self) -> None: ...
 
 
+# Process-wide on purpose: the CLI listens to the flow it runs in this process, and the flow's
+# parameters are its UI form, so a listener cannot be handed to it as one.
 _listeners: list[ProgressListener] = []
 _lock = threading.Lock()
 

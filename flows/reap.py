@@ -36,6 +36,7 @@ from infra.settings import load_settings
 from infra.slurm.backend import JOB_PREFIX
 from infra.slurm.client import SlurmClient
 from infra.slurm.parse import JobSummary
+from infra.system.paths import is_under
 
 UNKNOWN_RUN = "unknown to the API"
 NO_ANSWER = "no answer from the API"
@@ -58,15 +59,6 @@ def flow_run_id_of(job_name: str) -> UUID | None:
         return UUID(job_name[len(JOB_PREFIX):])
     except ValueError:
         return None
-
-
-def is_under(path: str | None, root: Path) -> bool:
-    if not path:  # Path("") would resolve to the current directory
-        return False
-    try:
-        return Path(path).resolve().is_relative_to(root)
-    except (OSError, ValueError):
-        return False
 
 
 def jobs_of_flow_runs(jobs: list[JobSummary], job_root: Path) -> list[JobSummary]:

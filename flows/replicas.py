@@ -10,7 +10,7 @@ hangs is released, its unfinished shards go back to the queue, and it is replace
 `max_server_restarts` allows. A replica is released as soon as the queue is empty and its last
 shard is done, not when the slowest replica finishes; every replica is released on every exit.
 
-A replica whose allocation has an end (a Slurm time limit) rolls over (infra/backends/rollover.py): ahead
+A replica whose allocation has an end (a Slurm time limit) rolls over (flows/rollovers.py): ahead
 of the end a successor is started for it; the old one keeps serving beside it (both are paid
 for), takes no shard it cannot finish in time, and is released once its successor is ready and
 its own end leaves no room for another shard. A job that ends first gives its shards back to the
@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 
 from prefect.futures import PrefectFuture
 
-from flows.rollovers import Rollovers
+from flows.replica import Replica
+from flows.rollovers import RolloverPlanner
 from infra.backends import PROBE_TIMEOUT_S, Backend
-from infra.prompting.dataset import Shard
+from infra.backends.rollover import Handover, mean_shard_s
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, ServerThrottled, TransientServerError
 from infra.generation import ShardResult
-from infra.backends.rollover import Handover, Measured, RolloverPolicy, admits_shard, busy_s, mean_shard_s
+from infra.prompting.dataset import Shard
 
 log = logging.getLogger(__name__)
 
@@ -51,65 +52,7 @@ NEVER_READY = (ServerNotReady, DeadlineExceeded)
 
 
 @dataclass
-class Replica:
-    index: int
-    backend: Backend
-    started: float = field(default_factory=time.time)
-    ready_future: PrefectFuture | None = None
-    client: object | None = None
-    ready_at: float | None = None
-    released_at: float | None = None
-    in_flight: dict[PrefectFuture, Shard] = field(default_factory=dict)
-    intervals: list[tuple[float, float]] = field(default_factory=list)
-    records: int = 0
-    shards: int = 0
-    last_active: float = field(default_factory=time.time)  # last request sent or answered
-    keep_alive: concurrent.futures.Future | None = None
-    release_error: str | None = None
-    lost: bool = False
-    end: float | None = None  # when its allocation ends, as last read
-    predecessor: Replica | None = None  # the replica this one took over from (a planned rollover)
-    successor: Replica | None = None
-    handover: Handover | None = None  # on a successor: what its rollover cost
-    ended: str | None = None  # why its allocation ended by schedule, when it did
-    capped: bool = False  # told that no successor may be started for it (max_rollovers, a limit too short)
-
-    @property
-    def state(self) -> str:
-        if self.released_at is not None:
-            return "released"
-        return "ready" if self.client is not None else "starting"
-
-    def busy_seconds(self) -> float:
-        return busy_s(self.intervals)
-
-    def summary(self, gpus: int) -> dict:
-        held = (self.released_at or time.time()) - self.started
-        serving = (self.released_at or time.time()) - self.ready_at if self.ready_at else 0.0
-        return {
-            "replica": self.index, "job_ids": list(self.backend.job_ids), "records": self.records, "shards": self.shards,
-            "busy_fraction": round(self.busy_seconds() / serving, 4) if serving > 0 else None,
-            "busy_s": round(self.busy_seconds(), 2),
-            "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
-            # From the job's start (not its submission) to its release: the GPUs it really held.
-            "allocated_s": round((self.released_at or time.time()) - running, 2) if (running := self.backend.running_at()) else 0.0,
-            "load_s": round(self.ready_at - running, 2) if running and self.ready_at else None,
-            "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
-            if self.intervals and self.released_at else None,
-            **({"release_error": self.release_error} if self.release_error else {}),
-            **({"successor_of": list(self.predecessor.backend.job_ids)} if self.predecessor else {}),
-            **({"ended": self.ended} if self.ended else {}),
-        }
-
-    def first_start(self) -> float | None:
-        return min((a for a, _ in self.intervals), default=None)
-
-    def last_finish(self) -> float | None:
-        return max((b for _, b in self.intervals), default=None)
-
-
-@dataclass
-class Pool(Rollovers):
+class Pool:
     """The replicas of one run and the shard queue they share."""
 
     make_backend: Callable[[int, int], Backend]  # (launch number, replica index) -> backend
@@ -123,14 +66,12 @@ class Pool(Rollovers):
     on_result: Callable[[ShardResult], None] = lambda r: None
     keep_alive_s: float = 3600.0
     ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
-    rollover: RolloverPolicy = field(default_factory=lambda: RolloverPolicy(max_rollovers=0))
+    planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
     results: list[ShardResult] = field(default_factory=list)
     restarts: int = 0
-    rollovers: int = 0
-    measured: Measured = field(default_factory=Measured)
     first_ready: float | None = None
     last_result_at: float | None = None
     _exhausted: bool = False
@@ -159,7 +100,7 @@ class Pool(Rollovers):
                 self._became_ready(rep)
         for rep in self._active():
             if rep.state == "ready":
-                self._plan_successor(rep)
+                self.planner.plan_successor(rep, self._launch, self._queue_empty)
                 self._fill(rep)
         starting = [r.ready_future for r in self._active() if r.state == "starting"]
         # Shards of released replicas are still collected: they come back to the queue.
@@ -186,12 +127,12 @@ class Pool(Rollovers):
             if not rep.in_flight and self._queue_empty():
                 self._retire(rep, "queue empty" if rep.state == "ready" else "queue empty before it was ready")
             elif (not rep.in_flight and rep.successor is not None and rep.successor.state == "ready"
-                  and not admits_shard(time.time(), rep.end, 0, self.measured, self.rollover)):
+                  and not self.planner.admits_shard(rep, 0)):
                 self._retire(rep, f"rolled over: its end is near and its successor ({rep.successor.backend.status()}) "
                                   "serves")
             elif rep.state == "ready" and not rep.in_flight and rep.end is not None and time.time() >= rep.end:
                 why = f"{rep.backend.status()} reached its end with no shard left to finish"
-                if not self._ended(rep, why):
+                if not self.planner.ended(rep, why, self._retire, self._launch):
                     self._lose(rep, ServerLost(f"replica {rep.index}: {why}, and max_rollovers allows no successor"))
 
     def _launch(self, index: int, predecessor: Replica | None = None) -> None:
@@ -221,7 +162,7 @@ class Pool(Rollovers):
         rep.ready_at = rep.last_active = time.time()
         self.first_ready = self.first_ready or rep.ready_at
         running = rep.backend.running_at()
-        self.measured.allocation(running - rep.started if running else None,
+        self.planner.measured.allocation(running - rep.started if running else None,
                                  rep.ready_at - (running or rep.started))
         if rep.handover is not None:
             old_end = rep.predecessor.end or rep.handover.old_end
@@ -232,7 +173,7 @@ class Pool(Rollovers):
     def _fill(self, rep: Replica) -> None:
         # Beside a ready successor too, until its own end is near: both allocations are paid for.
         while (len(rep.in_flight) < self.max_in_flight
-               and admits_shard(time.time(), rep.end, len(rep.in_flight), self.measured, self.rollover)
+               and self.planner.admits_shard(rep, len(rep.in_flight))
                and (shard := self._next_shard()) is not None):
             rep.in_flight[self.submit(rep.client, shard, rep.backend)] = shard
             rep.last_active = time.time()
@@ -250,7 +191,7 @@ class Pool(Rollovers):
         rep.records += result.part.records
         rep.shards += 1
         rep.intervals.append((result.started_at, result.finished_at))
-        self.measured.shard_s = mean_shard_s(sum(r.busy_seconds() for r in self.members), sum(r.shards for r in self.members))
+        self.planner.measured.shard_s = mean_shard_s(sum(r.busy_seconds() for r in self.members), sum(r.shards for r in self.members))
         self.last_result_at = max(self.last_result_at or 0.0, result.finished_at)
         self.results.append(result)
         self._unreported.append(result)
@@ -258,7 +199,7 @@ class Pool(Rollovers):
     def _lose(self, rep: Replica, exc: BaseException) -> None:
         """Release the replica (its other shards then fail fast and are requeued) and replace it.
         One whose allocation ended by schedule (its time limit) is a planned rollover instead."""
-        if self.rollover.enabled and (why := rep.backend.scheduled_end()) is not None and self._ended(rep, why):
+        if self.planner.enabled and (why := rep.backend.scheduled_end()) is not None and self.planner.ended(rep, why, self._retire, self._launch):
             return
         rep.lost = True
         self._retire(rep, f"lost: {exc}")

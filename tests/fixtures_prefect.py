@@ -290,7 +290,7 @@ def cancel_jobs_under(root: Path) -> list[str]:
     """Cancel every Slurm job whose working directory is under `root` (this session's jobs)."""
     if shutil.which("squeue") is None:
         return []
-    from flows.reap import is_under
+    from infra.system.paths import is_under
     from infra.slurm.client import SlurmClient
 
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.reap import is_under
 from infra.system.commands import run_command
+from infra.system.paths import is_under
 from infra.errors import CommandError
 from infra.slurm.client import SlurmClient
 

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from flows.replicas import Pool, Replica
+from flows.replica import Replica
+from flows.replicas import Pool
 from infra.backends import AttachBackend
 from infra.deadline import Deadline, poll_until
 from infra.engines.nemo import NemoClient

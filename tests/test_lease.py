@@ -76,8 +76,7 @@ def test_the_heartbeat_keeps_the_lease_past_its_ttl_and_a_stopped_holder_loses_i
             lease(store, "calm-heron").acquire(heartbeat=False)
         renewed = LeaseRecord.from_json(store.read_bytes(LEASE_NAME))
         assert renewed.renewed_at > alive.record.acquired_at and renewed.token == alive.record.token
-        alive._stop.set()  # the holder stops renewing (hung, or its host is gone)
-        alive._thread.join(timeout=10)
+        alive.stop_renewing(10)  # the holder stops renewing (hung, or its host is gone)
         stopped = poll_until(lambda: _try(store, "calm-heron"), deadline=Deadline(30), interval=0.3,
                              what="the stopped holder's lease to expire")
         assert LeaseRecord.from_json(store.read_bytes(LEASE_NAME)).holder == stopped.holder

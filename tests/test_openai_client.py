@@ -291,7 +291,8 @@ def test_a_retired_replica_fails_the_requests_still_queued_in_its_pool_as_lost(t
     requeues its shard), not as a bare CancelledError, which failed the run (review 2, D7)."""
     import threading
 
-    from flows.replicas import LOST, Pool, Replica
+    from flows.replica import Replica
+    from flows.replicas import LOST, Pool
     from infra.backends import AttachBackend
     from infra.settings import Settings
 

@@ -24,8 +24,9 @@ import requests
 import pytest
 
 from flows import zombies
-from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, is_under, jobs_of_flow_runs, judge
+from flows.reap import NO_ANSWER, UNKNOWN_RUN, flow_run_id_of, jobs_of_flow_runs, judge
 from infra.system.commands import run_command
+from infra.system.paths import is_under
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
 from infra.slurm.client import SlurmClient

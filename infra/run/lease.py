@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 from infra.errors import LeaseLost, RunLeaseHeld, SdgError
 from infra.storage import OutputStore
+from infra.system.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,7 @@ class RunLease:
         self.holder, self.holder_name, self.ttl_s = holder, holder_name, ttl_s
         self.record: LeaseRecord | None = None
         self._version: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewal: Periodic | None = None
         self._lock = threading.Lock()
         self.lost = False
 
@@ -110,8 +110,9 @@ class RunLease:
         self.record, self._version = record, version
         log.info("run lease %s taken by %s, expires %.0f s after each renewal", self.uri, record.describe(), self.ttl_s)
         if heartbeat:
-            self._thread = threading.Thread(target=self._beat, name=f"lease-{self.holder[:8]}", daemon=True)
-            self._thread.start()
+            # Every third of the TTL; a storage hiccup is tried again at the next beat, before the expiry.
+            self._renewal = Periodic(f"lease-{self.holder[:8]}", self.renew, self.ttl_s / 3,
+                                     what=f"run lease {self.uri} not renewed", transient=(SdgError,), logger=log).start()
         return self
 
     def _take_over(self, record: LeaseRecord) -> str:
@@ -206,20 +207,15 @@ class RunLease:
         """The run's store, every write checked against this lease (see FencedStore)."""
         return FencedStore(self.store, self)
 
-    def _beat(self) -> None:
-        interval = self.ttl_s / 3
-        while not self._stop.wait(interval):
-            try:
-                if not self.renew():
-                    return
-            except SdgError as exc:  # storage hiccup: try again at the next beat, before the expiry
-                log.warning("run lease %s not renewed: %s", self.uri, exc)
+    def stop_renewing(self, deadline_s: float = 30.0) -> None:
+        """No renewal after this (a renewal under way is waited for at most `deadline_s`): the lease
+        then expires unless released."""
+        if self._renewal is not None:
+            self._renewal.stop(deadline_s)
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours. Idempotent."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+        self.stop_renewing()
         with self._lock:
             if self._version is not None and not self.lost:
                 try:
@@ -256,6 +252,8 @@ class FencedStore:
 
 
 # Leases this process holds, by holder: the flow's completion and failure hooks release them.
+# Process-wide on purpose: Prefect calls those hooks with (flow, flow_run, state) only, so the
+# flow-run id is all they have to find the lease by.
 _held: dict[str, RunLease] = {}
 _held_lock = threading.Lock()
 
@@ -266,7 +264,7 @@ def hold_run_lease(store: OutputStore, holder: str, holder_name: str, ttl_s: flo
         previous = _held.pop(holder, None)
         _held[holder] = lease
     if previous is not None:
-        previous._stop.set()  # the same flow run again: the new lease replaced it
+        previous.stop_renewing(0)  # the same flow run again: the new lease replaced it
     return lease
 
 

@@ -8,7 +8,6 @@ another process, or the reaper, finds it from the flow-run id alone.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from infra.slurm.parse import is_terminal
 from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
 from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec
 from infra.system.logs import first_error_lines, log_tail
+from infra.system.periodic import Periodic
 
 log = logging.getLogger(__name__)
 JOB_PREFIX = "nsdg-"
@@ -45,27 +45,15 @@ def job_comment(run_id: str, flow_run_id: str | None, replica: int = 0) -> str:
     return f"nsdg run={run_id} flow_run={flow_run_id or 'none'} replica={replica}"
 
 
-class Heartbeat:
-    """Touches the heartbeat file the job's dead-man switch watches, from a daemon thread."""
+def heartbeat(path: Path, interval: float) -> Periodic:
+    """Touches the heartbeat file the job's dead-man switch watches, at once and then every
+    `interval` s; a write that fails is logged and tried again at the next beat."""
+    return Periodic(f"heartbeat-{path.parent.name}", lambda: _touch(path), interval, immediately=True,
+                    what=f"could not refresh heartbeat {path}", transient=(OSError,), logger=log)
 
-    def __init__(self, path: Path, interval: float):
-        self.path, self.interval = path, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{path.parent.name}", daemon=True)
 
-    def _beat(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.path.write_text(f"{datetime.now(timezone.utc).isoformat()}\n")
-            except OSError as exc:
-                log.warning("could not refresh heartbeat %s: %s", self.path, exc)
-            self._stop.wait(self.interval)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+def _touch(path: Path) -> None:
+    path.write_text(f"{datetime.now(timezone.utc).isoformat()}\n")
 
 
 class SlurmBackend:
@@ -89,7 +77,7 @@ class SlurmBackend:
         self._last_state = None
         self._last_poll = 0.0
         self._unknown_since: float | None = None
-        self._heartbeat: Heartbeat | None = None
+        self._heartbeat: Periodic | None = None
         self._running_at: float | None = None
         self._end: float | None = None  # EndTime while it runs
         self._end_read = float("-inf")
@@ -102,8 +90,8 @@ class SlurmBackend:
     def start(self) -> None:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         script = write_job_files(self.spec)
-        self._heartbeat = Heartbeat(self.job_dir / HEARTBEAT_NAME, self.settings.slurm.heartbeat_interval_s)
-        self._heartbeat.start()  # before submit: the switch counts from the job's start
+        # Before submit: the switch counts from the job's start.
+        self._heartbeat = heartbeat(self.job_dir / HEARTBEAT_NAME, self.settings.slurm.heartbeat_interval_s).start()
         job_id = self.client.submit(script)
         self.job_ids.append(job_id)
         log.info("submitted Slurm job %s (%s), job dir %s", job_id, self.job_name, self.job_dir)

@@ -7,13 +7,12 @@ import logging
 import os
 import signal
 import subprocess
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from infra.deadline import Deadline, poll_until
 from infra.errors import DeadlineExceeded
+from infra.system.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +101,13 @@ def exit_with_parent(parent: int | None, interval: float = 0.5) -> None:
     importing: we would then watch init forever (issue 22: a killed CLI's server outlived the tests)."""
     parent = parent or os.getppid()
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
+    def watch() -> bool:
+        if os.getppid() == parent:
+            return True
         log.error("parent process %d is gone; stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
+        return False
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    # Never stopped: it lasts as long as the process.
+    Periodic("exit-with-parent", watch, interval, immediately=True, what=f"watching parent process {parent}",
+             logger=log).start()
