@@ -30,7 +30,7 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",
                        description="Run the generate flow in-process. Flags override --params FILE.json.")
     p.add_argument("--params", type=Path, help="JSON file of flow parameters: the flags' names with _ (e.g. tokens_to_generate), or nested "
-                        "groups as in the UI form (sampling, recipe, judge, filters)")
+                        "groups as in the UI form (sampling, recipe, judge, filters); every parameter: docs/parameters.md")
     p.add_argument("--new-run", action="store_true",
                    help="start over under a new run id (e.g. after changing parameters of a published run)")
     for param in parameters():  # every parameter of the flow; None: not given, the file's or the flow's default

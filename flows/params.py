@@ -63,7 +63,7 @@ class RunParams(BaseModel):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str | None) -> str | None:
-        return None if v is None else validate_key_component(v, "run_id")
+        return validate_key_component(v, "run_id") if v else None  # empty, as a cleared form field: the run's own
 
     def __init__(self, **data):
         try:
