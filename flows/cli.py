@@ -20,135 +20,55 @@ for _name, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGG
                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(_name, _value)
 
+from flows.params import RunParams, parameters, resolve_run_id  # noqa: E402
 from infra.engines import ENGINES  # noqa: E402
 from infra.errors import ConfigError, SdgError  # noqa: E402
 
 ENGINE_NAMES = tuple(ENGINES)
 
-SAMPLING_FLAGS = {
-    "tokens_to_generate": int, "temperature": float, "top_k": int, "top_p": float,
-    "min_tokens_to_generate": int, "random_seed": int,
-}
-
-RECIPE_FLAGS = {
-    "prompt_template": (str, "Jinja2 template, inline or a .j2 path / file:// / s3:// URI"),
-    "examples_uri": (str, "few-shot examples, JSONL"),
-    "examples_per_prompt": (int, "examples per record"),
-    "example_separator": (str, "text between examples"),
-    "samples_per_prompt": (int, "samples per prompt"),
-}
-
-JUDGE_FLAGS = {  # flag name -> (judge field, type, help)
-    "judge_template": ("template", str, "Jinja2 judging prompt (fields, prompt, completion), inline or a .j2 path / URI"),
-    "score_pattern": ("score_pattern", str, "regex reading the score from the judge's reply (default: the first number)"),
-    "min_score": ("min_score", float, "keep records scored at least this"),
-    "judge_tokens": ("tokens_to_generate", int, "tokens the judge may answer with"),
-}
-
-FILTER_FLAGS = {
-    "min_completion_tokens": (int, "drop completions shorter than this (tokens)"),
-    "max_completion_tokens": (int, "drop completions longer than this (tokens)"),
-    "max_repeated_ngram_share": (float, "drop completions with more repeated word n-grams than this share"),
-    "ngram_size": (int, "n for max_repeated_ngram_share (default 3)"),
-    "near_threshold": (float, "Jaccard similarity for near-duplicates (default 0.8)"),
-}
-FILTER_SWITCHES = {"drop_truncated": "drop completions that hit the token limit",
-                   "dedup_exact": "drop exact duplicates of a normalized completion",
-                   "dedup_near": "drop near-duplicates (MinHash)"}
-
-
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",
                        description="Run the generate flow in-process. Flags override --params FILE.json.")
     p.add_argument("--params", type=Path, help="JSON file of flow parameters: the flags' names with _ (e.g. tokens_to_generate), or nested "
-                        "groups as in the UI form (sampling, recipe, judge, filters)")
-    p.add_argument("--input-uri", help="prompts: JSONL or .txt, local path, file:// or s3://, optionally .gz")
-    p.add_argument("--output-uri", help="local path, file:// or s3://bucket/prefix (default NSDG_OUTPUT_URI or ./output)")
-    p.add_argument("--run-id", help="reuse to resume a run")
+                        "groups as in the UI form (sampling, recipe, judge, filters); every parameter: docs/parameters.md")
     p.add_argument("--new-run", action="store_true",
                    help="start over under a new run id (e.g. after changing parameters of a published run)")
-    p.add_argument("--profile", help="h100x16, a100x16, h200x8, local, attach, or a custom one")
-    p.add_argument("--batch-size", type=int, help="prompts per request, at most 128")
-    p.add_argument("--shard-size", type=int, help="records per output part")
-    p.add_argument("--prompt-field", help="JSONL field holding the prompt (default: prompt)")
-    p.add_argument("--on-bad-input", choices=["fail", "skip"])
-    p.add_argument("--prompt-format", choices=["raw", "nemotron-instruct", "chat"],
-                   help="how prompts are wrapped (default: the profile's; local: chat when the model has a template)")
-    for name, typ in SAMPLING_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"sampling.{name}")
-    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="sampling.greedy")
-    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None, help="sampling.add_BOS")
-    p.add_argument("--end-string", action="append", help="sampling.end_strings (repeat for several)")
-    for name, (typ, help_text) in RECIPE_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"recipe.{name}: {help_text}")
-    p.add_argument("--stop-at-separator", action=argparse.BooleanOptionalAction, default=None,
-                   help="recipe.stop_at_separator: the example separator ends generation (default on)")
-    for name, (_field, typ, help_text) in JUDGE_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"judge.{_field}: {help_text}")
-    for name, (typ, help_text) in FILTER_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"filters.{name}: {help_text}")
-    for name, help_text in FILTER_SWITCHES.items():
-        p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
-                       help=f"filters.{name}: {help_text}")
-    p.add_argument("--must-match", action="append", help="filters.must_match: a regex the completion must match (repeat)")
-    p.add_argument("--must-not-match", action="append", help="filters.must_not_match: a regex it must not match (repeat)")
+    for param in parameters():  # every parameter of the flow; None: not given, the file's or the flow's default
+        shown = f"{param.path}: {param.field.description or ''}".replace("%", "%%")
+        if (default := param.shown_default()) is not None:
+            shown += f" (default {default})".replace("%", "%%")
+        if param.value_type is bool:
+            p.add_argument(param.option, action=argparse.BooleanOptionalAction, default=None, help=shown)
+        elif param.repeated:
+            p.add_argument(param.option, action="append", help=shown + "; repeat the flag for several")
+        else:
+            p.add_argument(param.option, type=None if param.choices else param.value_type, choices=param.choices,
+                           help=shown)
     p.set_defaults(func=_run)
 
 
 def run_parameters(args: argparse.Namespace) -> dict:
     params = load_params_file(args.params) if args.params else {}
-    for name in ("input_uri", "output_uri", "run_id", "profile", "batch_size", "shard_size", "prompt_field", "on_bad_input",
-                 "prompt_format"):
-        if (value := getattr(args, name)) is not None:
-            params[name] = value
-    sampling = _flags_into(args, SAMPLING_FLAGS, params.get("sampling"))
-    if args.greedy is not None:
-        sampling["greedy"] = args.greedy
-    if args.add_bos is not None:
-        sampling["add_BOS"] = args.add_bos
-    if args.end_string:
-        sampling["end_strings"] = args.end_string
-    if sampling:
-        params["sampling"] = sampling
-    recipe = _flags_into(args, RECIPE_FLAGS, params.get("recipe"))
-    if args.stop_at_separator is not None:
-        recipe["stop_at_separator"] = args.stop_at_separator
-    if recipe:
-        params["recipe"] = recipe
-    judge = dict(params.get("judge") or {})
-    judge.update({f: v for name, (f, _t, _h) in JUDGE_FLAGS.items() if (v := getattr(args, name)) is not None})
-    if judge:
-        params["judge"] = judge
-    filters = _flags_into(args, [*FILTER_FLAGS, *FILTER_SWITCHES], params.get("filters"))
-    for name in ("must_match", "must_not_match"):
-        if getattr(args, name):
-            filters[name] = getattr(args, name)
-    if filters:
-        params["filters"] = filters
+    for param in parameters():
+        if (value := getattr(args, param.flag)) is None:
+            continue
+        if param.group is None:
+            params[param.name] = value
+        else:  # the group from --params, with the flags given on top
+            params[param.group] = {**(params.get(param.group) or {}), param.name: value}
     if args.new_run:
-        from flows.params import resolve_run_id
-
         params["run_id"] = resolve_run_id(None)
     return params
 
 
-# Flag spellings of nested fields that differ from the field's own name.
-FLAG_ALIASES = {"add_bos": ("sampling", "add_BOS"), "end_string": ("sampling", "end_strings"),
-                **{name: ("judge", field) for name, (field, _t, _h) in JUDGE_FLAGS.items()}}
-
-
 def nested_names() -> dict[str, tuple[str, str]]:
-    """Every name a --params file may use at its top level for a nested field: the flag's name
-    (`tokens_to_generate`, `judge_template`, `dedup_exact`) -> (group, field)."""
-    from infra.recipes import RecipeParams
-    from infra.recipes.params import FilterParams
-    from infra.prompting.sampling import SamplingParams
-
-    names: dict[str, tuple[str, str]] = {}
-    for group, model in (("sampling", SamplingParams), ("recipe", RecipeParams), ("filters", FilterParams)):
-        for field in model.model_fields:
-            names.setdefault(field, (group, field))
-    names.update(FLAG_ALIASES)
+    """Every name a --params file may use at its top level for a nested field -> (group, field): its
+    flag's name (`tokens_to_generate`, `judge_template`, `add_bos`) and its own name (`add_BOS`),
+    where two groups share a name, the first group's."""
+    nested = [param for param in parameters() if param.group is not None]
+    names = {param.flag: (param.group, param.name) for param in nested}
+    for param in nested:
+        names.setdefault(param.name, (param.group, param.name))
     return names
 
 
@@ -157,9 +77,6 @@ def load_params_file(path: Path) -> dict:
     (`{"sampling": {"temperature": 0.7}}`) or under their flag's name at the top
     (`{"temperature": 0.7}`), as `--help` says. Anything else is refused in one line naming the key."""
     import difflib
-    import inspect
-
-    from flows.generate import generate
 
     where = f"--params {path}"
     try:
@@ -170,7 +87,7 @@ def load_params_file(path: Path) -> dict:
         raise ConfigError(f"{where}: not readable as JSON ({exc}); it must hold one JSON object of flow parameters") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: holds a JSON {type(params).__name__}, not an object of flow parameters")
-    flow_names = list(inspect.signature(generate.fn).parameters)
+    flow_names = list(RunParams.model_fields)
     nested = nested_names()
     for key in [k for k in params if k not in flow_names]:
         if key not in nested:
@@ -187,15 +104,6 @@ def load_params_file(path: Path) -> dict:
             raise ConfigError(f"{where}: {key!r} ({value!r}) and {group}.{field} ({inner[field]!r}) disagree; keep one")
         inner[field] = value
     return params
-
-
-def _flags_into(args: argparse.Namespace, names, group: dict | None) -> dict:
-    """A nested parameter group (sampling, recipe) from --params, with the flags given on top."""
-    group = dict(group or {})
-    for name in names:
-        if (value := getattr(args, name)) is not None:
-            group[name] = value
-    return group
 
 
 @dataclass
@@ -231,7 +139,6 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
 
     from flows import api_server, progress
     from flows.generate import generate
-    from flows.params import resolve_run_id
 
     params = run_parameters(args)
     try:  # the checks Prefect makes before the flow starts, here, without its error log

@@ -10,17 +10,15 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
-from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
-from pydantic import Field
 
 from flows import progress as console_progress
 from flows.artifacts import Artifacts, publish_table
-from flows.params import RunParams, document_parameters, resolve_run_id
+from flows.params import RunParams, resolve_run_id, with_run_parameters
 from flows.replicas import Pool
 from flows.rollovers import RolloverPlanner
 from flows.teardown import release_lease_on_hook, release_on_hook
@@ -35,14 +33,12 @@ from infra.run.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, Part
                             rejects_name, run_job_ids, run_replicas)
 from infra.planning import Plan, RunConfig, load_published, planned_shards
 from infra.prompting.prompt_format import default_format
-from infra.recipes import RecipeParams, load_recipe
+from infra.recipes import load_recipe
 from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
 from infra.engines.served_model import ServedModel, check_served, recorded_served
 from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
 from infra.recipes.judge import judged_current, load_judge
-from infra.recipes.params import FilterParams, JudgeParams
 from infra.prompting.tokens import token_counter
-from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
 from tasks.steps import allocate, generate_shard, judge_shard, plan, release, wait_ready
@@ -57,57 +53,36 @@ from tasks.steps import allocate, generate_shard, judge_shard, plan, release, wa
     on_completion=[release_lease_on_hook],
     on_failure=[release_lease_on_hook],
 )
-@document_parameters
-def generate(
-    input_uri: Annotated[str, Field(description="prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz")] = "examples/prompts.jsonl",
-    output_uri: Annotated[str | None, Field(description="where results go (local path, file:// or s3://bucket/prefix); default NSDG_OUTPUT_URI")] = None,
-    run_id: Annotated[str | None, Field(description="reuse a run id to resume it; default: derived from the flow run")] = None,
-    profile: Annotated[str, Field(description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")] = "local",
-    sampling: Annotated[SamplingParams, Field(description="sampling parameters sent to /generate")] = SamplingParams(),
-    batch_size: Annotated[int, Field(ge=1, le=128, description="prompts per PUT /generate (the server allows at most 128)")] = 32,
-    shard_size: Annotated[int, Field(ge=1, le=1_000_000, description="records per output part: the unit of retry, resume and upload")] = 4000,
-    prompt_field: Annotated[str, Field(description="JSONL field holding the prompt")] = "prompt",
-    on_bad_input: Annotated[Literal["fail", "skip"], Field(description="fail on unusable lines, or skip them into rejects.jsonl")] = "fail",
-    overlong_prompts: Annotated[Literal["reject", "truncate_left"], Field(description="prompts too long for the context: reject them, or keep their end")] = "reject",
-    prompt_format: Annotated[Literal["raw", "nemotron-instruct", "chat"] | None, Field(description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat template); default: the profile's (local: chat when its model has a template, else raw)")] = None,
-    replicas: Annotated[int | None, Field(ge=1, le=64, description="server replicas sharing the work, each its own allocation; default NSDG_SERVER__REPLICAS (1)")] = None,
-    max_server_restarts: Annotated[int | None, Field(ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")] = None,
-    recipe: Annotated[RecipeParams, Field(description="prompts from a template over each record, few-shot examples, several samples per prompt")] = RecipeParams(),
-    judge: Annotated[JudgeParams, Field(description="score each generated record with the same server (same allocation): a judging template, the score's pattern, a minimum score")] = JudgeParams(),
-    filters: Annotated[FilterParams, Field(description="what is kept: truncation, length, repetition, regexes, exact and near duplicates; dropped records go to filtered.jsonl with their reason. Changing only these reruns no generation")] = FilterParams(),
-) -> dict:
+@with_run_parameters
+def generate(**given) -> dict:
     """Generate completions for every prompt and publish them with a manifest."""
     logger = get_run_logger()
     settings = load_settings()
     flow_run = get_run_context().flow_run
-    prof = settings.profile(profile)  # an unknown profile fails here, before anything is read
+    asked = RunParams(**given)  # the signature, the UI form and the CLI's flags are RunParams' fields
+    prof = settings.profile(asked.profile)  # an unknown profile fails here, before anything is read
     tokenizer = settings.tokenizer_path(prof)
     if tokenizer is None and prof.backend == "slurm":
         logger.warning("no tokenizer for %s: prompts are counted as UTF-8 bytes, which over-counts English 3-4x and "
                        "can under-count where normalization expands text; set NSDG_MODEL__TOKENIZER to the model's "
                        "tokenizer (.model, tokenizer.json or the extracted .nemo directory)", settings.model.path)
-    params = RunParams(
-        input_uri=input_uri, output_uri=output_uri or settings.output_uri,
-        run_id=run_id or resolve_run_id(flow_run), profile=profile, sampling=sampling,
-        batch_size=batch_size, shard_size=shard_size, prompt_field=prompt_field, on_bad_input=on_bad_input,
-        overlong_prompts=overlong_prompts, tokenizer=tokenizer,
-        prompt_format=default_format(prompt_format, prof.prompt_format, prof.backend, tokenizer), recipe=recipe,
-        judge=judge, filters=filters,
-    )
-    if sampling.tokens_to_generate >= settings.model.context_length:  # once, not once per line
+    params = asked.resolved(output_uri=settings.output_uri, run_id=resolve_run_id(flow_run),
+                            prompt_format=default_format(asked.prompt_format, prof.prompt_format, prof.backend, tokenizer))
+    if params.sampling.tokens_to_generate >= settings.model.context_length:  # once, not once per line
         raise ConfigError(
-            f"sampling.tokens_to_generate={sampling.tokens_to_generate} leaves no room for a prompt in the context "
+            f"sampling.tokens_to_generate={params.sampling.tokens_to_generate} leaves no room for a prompt in the context "
             f"length {settings.model.context_length} (NSDG_MODEL__CONTEXT_LENGTH): lower tokens_to_generate.")
     if prof.backend == "slurm":
         check_launch(settings, prof, run_id=params.run_id)  # image, model path, directives: before any read
     # NSDG_ALLOWED_URIS: every location the run reads or writes, the recipe's files too, before any read.
     check_run_locations(params.input_uri, params.output_uri, params.run_id, settings.allowed_uris,
                         extra={**params.recipe.locations(), **params.judge.locations()})
-    cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters))  # read once
+    cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters),  # read once
+                               tokenizer=tokenizer)
     if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
                                                                             cfg.sampling.add_BOS, cfg.tokenizer)))
-    restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
+    restarts_allowed = settings.server.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings.s3, settings.work_path("staging"))
     check_input(cfg.input_uri, settings.s3)  # both before the lease, the run's first write: a refusal writes nothing
     store.preflight()
@@ -179,7 +154,7 @@ def generate(
             submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend, breaker),
             release=timed_release,
             shards=itertools.chain(planned_shards(stream, cfg, settings, the_plan, source.verify), to_judge),
-            replicas=replica_count(settings, prof, replicas),
+            replicas=replica_count(settings, prof, params.replicas),
             max_in_flight=shard_tasks_per_replica(settings, prof, cfg.shard_size, the_plan.samples),
             restarts_allowed=restarts_allowed,
             on_result=on_result,

@@ -1,17 +1,23 @@
-"""The flow's parameters as one pydantic model: validated before anything else happens."""
+"""A run's parameters, defined once as one pydantic model (RunParams), and what is made from it: the
+flow's signature and so the Prefect UI form (`with_run_parameters`), the CLI's flags and --params keys
+(`parameters()`, read by flows/cli.py) and docs/parameters.md (`python -m flows.params --markdown`)."""
 
 from __future__ import annotations
 
 import inspect
+import json
+import sys
+import types
 import typing
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
 from infra.errors import ConfigError
 from infra.planning import RunConfig
-from infra.prompting.prompt_format import load_prompt_format
+from infra.prompting.prompt_format import PromptFormatName, load_prompt_format
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
@@ -20,29 +26,44 @@ from infra.storage.uris import validate_key_component
 
 
 class RunParams(BaseModel):
+    """Every parameter of a run, defined once: the flow's signature (the Prefect UI form), the CLI's
+    flags, the keys of a `--params` file and docs/parameters.md are all made from these fields."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_uri: str = Field(min_length=1)
-    output_uri: str = Field(min_length=1)
-    run_id: str
-    profile: str = "local"
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
-    shard_size: int = Field(1000, ge=1, le=1_000_000)
-    prompt_field: str = Field("prompt", min_length=1)
-    id_field: str = Field("id", min_length=1)
-    on_bad_input: Literal["fail", "skip"] = "fail"
-    overlong_prompts: Literal["reject", "truncate_left"] = "reject"
-    tokenizer: str | None = None
-    prompt_format: Literal["raw", "nemotron-instruct", "chat"] = "raw"
-    recipe: RecipeParams = Field(default_factory=RecipeParams)
-    judge: JudgeParams = Field(default_factory=JudgeParams)
-    filters: FilterParams = Field(default_factory=FilterParams)
+    input_uri: str = Field("examples/prompts.jsonl", min_length=1,
+                           description="prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz")
+    output_uri: str | None = Field(None, description="where results go (local path, file:// or "
+                                                                   "s3://bucket/prefix); default NSDG_OUTPUT_URI")
+    run_id: str | None = Field(None, description="reuse a run id to resume it; default: derived from the flow run")
+    profile: str = Field("local", description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="sampling parameters sent to /generate")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=f"prompts per PUT /generate (the server allows at most {MAX_BATCH})")
+    shard_size: int = Field(4000, ge=1, le=1_000_000, description="records per output part: the unit of retry, resume and upload")
+    prompt_field: str = Field("prompt", min_length=1, description="JSONL field holding the prompt")
+    id_field: str = Field("id", min_length=1, description="JSONL field holding the record's id (a line without one gets an id derived from it)")
+    on_bad_input: Literal["fail", "skip"] = Field("fail", description="fail on unusable lines, or skip them into rejects.jsonl")
+    overlong_prompts: Literal["reject", "truncate_left"] = Field(
+        "reject", description="prompts too long for the context: reject them, or keep their end")
+    prompt_format: PromptFormatName | None = Field(
+        None, description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat "
+                          "template); default: the profile's (local: chat when its model has a template, else raw)")
+    replicas: int | None = Field(None, ge=1, le=64, description="server replicas sharing the work, each its own "
+                                                                "allocation; default NSDG_SERVER__REPLICAS (1)")
+    max_server_restarts: int | None = Field(
+        None, ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")
+    recipe: RecipeParams = Field(default_factory=RecipeParams, description="prompts from a template over each record, "
+                                 "few-shot examples, several samples per prompt")
+    judge: JudgeParams = Field(default_factory=JudgeParams, description="score each generated record with the same server "
+                               "(same allocation): a judging template, the score's pattern, a minimum score")
+    filters: FilterParams = Field(default_factory=FilterParams, description="what is kept: truncation, length, repetition, "
+                                  "regexes, exact and near duplicates; dropped records go to filtered.jsonl with their "
+                                  "reason. Changing only these reruns no generation")
 
     @field_validator("run_id")
     @classmethod
-    def _run_id(cls, v: str) -> str:
-        return validate_key_component(v, "run_id")
+    def _run_id(cls, v: str | None) -> str | None:
+        return validate_key_component(v, "run_id") if v else None  # empty, as a cleared form field: the run's own
 
     def __init__(self, **data):
         try:
@@ -51,10 +72,19 @@ class RunParams(BaseModel):
             problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
 
-    def to_run_config(self, recipe: Recipe | None = None, curation: Curation | None = None) -> RunConfig:
+    def resolved(self, *, output_uri: str, run_id: str, prompt_format: str) -> "RunParams":
+        """These parameters with the defaults only the run can choose filled in where none was given:
+        the settings' output, the flow run's id, the profile's prompt format."""
+        return RunParams(**{**dict(self), "output_uri": self.output_uri or output_uri, "run_id": self.run_id or run_id,
+                            "prompt_format": self.prompt_format or prompt_format})
+
+    def to_run_config(self, recipe: Recipe | None = None, curation: Curation | None = None, *,
+                      tokenizer: str | None = None) -> RunConfig:
         """`recipe`: `self.recipe` loaded (infra.recipes.load_recipe); may be None only when the recipe
-        reads no file (no template, no examples)."""
-        fmt = load_prompt_format(self.prompt_format, self.tokenizer)
+        reads no file (no template, no examples). `tokenizer`: the model's, from the settings."""
+        if self.output_uri is None or self.run_id is None or self.prompt_format is None:
+            raise ValueError("to_run_config needs the run's own defaults filled in first (RunParams.resolved)")
+        fmt = load_prompt_format(self.prompt_format, tokenizer)
         if recipe is None:
             if self.recipe.prompt_template or self.recipe.uses_examples:
                 raise ValueError("to_run_config needs the loaded recipe (infra.recipes.load_recipe) for a template or examples")
@@ -64,13 +94,14 @@ class RunParams(BaseModel):
         extra = [*fmt.end_strings, *recipe.end_strings()]
         ends = [*self.sampling.end_strings]
         ends += [e for i, e in enumerate(extra) if e not in ends and e not in extra[:i]]
-        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name not in ("prompt_format", "recipe", "curation")}
+        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__
+                  if name in RunParams.model_fields and name not in ("prompt_format", "recipe")}
         fields["sampling"] = self.sampling.model_copy(update={"end_strings": ends})
         if curation is None:
             if self.judge.enabled:
                 raise ValueError("to_run_config needs the loaded judge (infra.recipes.judge.load_judge) for a judge template")
             curation = Curation(self.judge, self.filters)
-        return RunConfig(**fields, prompt_format=fmt, recipe=recipe, curation=curation)
+        return RunConfig(**fields, tokenizer=tokenizer, prompt_format=fmt, recipe=recipe, curation=curation)
 
 
 def resolve_run_id(flow_run) -> str:
@@ -84,13 +115,129 @@ def resolve_run_id(flow_run) -> str:
     return f"{created:%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"
 
 
-def document_parameters(fn):
-    """Prefect 3.9 leaves Annotated Field descriptions out of the deployment's parameter schema
-    (the UI form) but reads a Google-style `Args:` section: append one built from the annotations.
-    Apply it under @flow, so the flow sees the finished docstring."""
-    hints = typing.get_type_hints(fn, include_extras=True)
-    lines = [f"    {name}: {meta.description}" for name, hint in hints.items() if name != "return"
-             for meta in getattr(hint, "__metadata__", ()) if isinstance(meta, FieldInfo) and meta.description]
-    if lines:
-        fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines)
+def with_run_parameters(fn):
+    """Give the flow `fn(**given)` RunParams' fields as its parameters. Prefect builds the UI form and
+    checks a run's parameters from the signature (each field's type, constraints and default) and,
+    since Prefect 3.9 leaves Annotated Field descriptions out of that form, reads the descriptions
+    from a Google-style `Args:` section, appended here. Apply it under @flow."""
+    signature, hints = [], {}
+    for name, field in RunParams.model_fields.items():
+        hints[name] = Annotated[(field.annotation, *field.metadata, Field(description=field.description))]
+        signature.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[name],
+                                           default=field.get_default(call_default_factory=True)))
+    fn.__signature__ = inspect.Signature(signature, return_annotation=dict)
+    fn.__annotations__ = {**hints, "return": dict}
+    args = [f"    {name}: {field.description}" for name, field in RunParams.model_fields.items()]
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(args)
     return fn
+
+
+# The flag (and top-level --params key) of a nested field where its own name would be unclear or taken.
+FLAG_NAMES = {("sampling", "add_BOS"): "add_bos", ("sampling", "end_strings"): "end_string",
+              ("judge", "template"): "judge_template", ("judge", "tokens_to_generate"): "judge_tokens",
+              ("judge", "end_strings"): "judge_end_string"}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One value a user sets: a top-level field of RunParams, or a field of one of its groups."""
+
+    group: str | None  # sampling, recipe, judge, filters; None at the top
+    name: str
+    field: FieldInfo
+
+    @property
+    def path(self) -> str:
+        return f"{self.group}.{self.name}" if self.group else self.name
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag's name with `_`: also its key at the top of a --params file."""
+        return FLAG_NAMES.get((self.group, self.name), self.name)
+
+    @property
+    def option(self) -> str:
+        return "--" + self.flag.replace("_", "-")
+
+    @property
+    def value_type(self):
+        """The annotation without its `| None`: int, float, str, bool, list[str] or a Literal."""
+        kinds = [t for t in typing.get_args(self.field.annotation) if t is not type(None)] \
+            if typing.get_origin(self.field.annotation) in (typing.Union, types.UnionType) else [self.field.annotation]
+        (kind,) = kinds
+        return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind  # StrictInt: int
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        return typing.get_args(self.value_type) if typing.get_origin(self.value_type) is Literal else None
+
+    @property
+    def repeated(self) -> bool:
+        """A list: given on the CLI as a flag repeated once per item."""
+        return typing.get_origin(self.value_type) is list
+
+    @property
+    def default(self):
+        return self.field.get_default(call_default_factory=True)
+
+    def shown_default(self) -> str | None:
+        """The default as a --params file writes it; None where there is none (the run chooses)."""
+        return None if self.default is None else json.dumps(self.default, ensure_ascii=False)
+
+
+def groups() -> dict[str, type[BaseModel]]:
+    """RunParams' nested groups by name (the UI form shows each as one group)."""
+    return {name: field.annotation for name, field in RunParams.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+
+
+def parameters() -> list[Parameter]:
+    """Every parameter a user sets, in RunParams' order, each group's fields in the group's place."""
+    nested = groups()
+    return [leaf for name, field in RunParams.model_fields.items()
+            for leaf in ([Parameter(name, n, f) for n, f in nested[name].model_fields.items()] if name in nested
+                         else [Parameter(None, name, field)])]
+
+
+def _type_text(p: Parameter) -> str:
+    kind = p.value_type
+    text = (" | ".join(f"`{c}`" for c in p.choices) if p.choices else "list of str" if p.repeated
+            else getattr(kind, "__name__", str(kind)))
+    bounds = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "length ≥"}
+    text += "".join(f", {sign} {getattr(m, key)}" for m in p.field.metadata for key, sign in bounds.items()
+                    if getattr(m, key, None) is not None)
+    return text + ("; optional" if p.default is None else "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown() -> str:
+    """docs/parameters.md: every parameter with its flag, type, default and description."""
+    head = "| Parameter | CLI flag | Type | Default | Description |\n|---|---|---|---|---|\n"
+    rows = {}
+    for p in parameters():
+        option = f"{p.option} / --no-{p.option[2:]}" if p.value_type is bool else \
+            f"{p.option} (repeat)" if p.repeated else p.option
+        default = "" if p.shown_default() is None else f"`{p.shown_default()}`"
+        rows.setdefault(p.group, []).append(f"| `{p.path}` | `{option}` | {_cell(_type_text(p))} | {_cell(default)} "
+                                             f"| {_cell(p.field.description or '')} |\n")
+    text = ("# Run parameters\n\n"
+            "Generated from `RunParams` (flows/params.py) by `python -m flows.params --markdown > docs/parameters.md`; "
+            "tests/test_parameters.py fails when this file is stale.\n\n"
+            "Each is a parameter of the `generate` flow (the Prefect UI form shows the groups as nested objects), "
+            "a flag of `nemotron-sdg run`, and a key of its `--params` file: at the top level under the flow's "
+            "name or the flag's name with `_` (`tokens_to_generate`, `judge_template`), or inside its group "
+            "(`{\"sampling\": {\"temperature\": 0.7}}`). Flags override the file. Defaults are "
+            "written as in that JSON file; an optional parameter without one: the run chooses (see its description).\n\n")
+    text += head + "".join(rows.pop(None))
+    for group, lines in rows.items():
+        text += f"\n## {group}\n\n{RunParams.model_fields[group].description}.\n\n" + head + "".join(lines)
+    return text
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m flows.params --markdown > docs/parameters.md")
+    sys.stdout.write(markdown())

@@ -17,6 +17,7 @@ from infra.engines import Api, Engine, EngineName, engine, engine_in_flight
 from infra.errors import ConfigError
 from infra.storage.s3_settings import S3Settings
 from infra.storage.uris import validate_allowed_entry
+from infra.prompting.prompt_format import PromptFormatName
 
 ENV_PREFIX = "NSDG_"
 # Characters allowed in anything that becomes a Slurm name, a path component or a storage key.
@@ -42,7 +43,7 @@ class Profile(_Section):
     gpu_type: str | None = Field(None, description="GRES type of the GPUs (e.g. h100): --gpus-per-node=h100:8")
     description: str = ""
     # How prompts are wrapped (infra/prompting/prompt_format.py); None: `raw`, or `chat` for a local model with a template.
-    prompt_format: Literal["raw", "nemotron-instruct", "chat"] | None = None
+    prompt_format: PromptFormatName | None = None
     # The serving program (infra/engines): it fixes the HTTP API unless server.api overrides it.
     engine: EngineName = "nemo"
 

@@ -21,13 +21,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from infra.errors import ConfigError
 
-FORMATS = ("raw", "nemotron-instruct", "chat")
+# The formats' names, spelled here only: the flow's parameter, the settings' profile field and the CLI's choices use these.
+PromptFormatName = Literal["raw", "nemotron-instruct", "chat"]
+FORMATS: tuple[str, ...] = get_args(PromptFormatName)
 NEMOTRON_INSTRUCT = "<extra_id_0>System\n{system}\n<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n"
 NEMOTRON_END = "<extra_id_1>"
 

@@ -20,9 +20,9 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, le=100.0, description="> 0 unless greedy (the server rejects 0)")
     top_k: StrictInt = Field(0, ge=0, description="0 = off")
     top_p: float = Field(0.9, ge=0.0, le=1.0, description="nucleus sampling; applies only when 0 < top_p < 1")
-    min_tokens_to_generate: StrictInt = Field(0, ge=0)
+    min_tokens_to_generate: StrictInt = Field(0, ge=0, description="tokens generated before an end string may stop generation")
     end_strings: list[str] = Field(default_factory=lambda: ["<|endoftext|>"], description="generation stops at the first of these; trimmed from the completion")
-    add_BOS: StrictBool = False
+    add_BOS: StrictBool = Field(False, description="put the tokenizer's beginning-of-sequence token before each prompt")
     random_seed: StrictInt | None = Field(None, ge=0, lt=MAX_RANDOM_SEED, description="< 2^24 (sent as float32 to the other ranks)")
 
     @model_validator(mode="after")
