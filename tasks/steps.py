@@ -6,7 +6,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.backends import Backend, wait_until_ready
+from infra.backends import Backend
+from infra.backends.ready import wait_until_ready
 from infra.prompting.dataset import Shard
 from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, ShardJob, ShardResult, run_judge, run_shard

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from flows.replicas import Pool, Replica
-from infra.backends import AttachBackend
+from infra.backends.attach import AttachBackend
 from infra.deadline import Deadline, poll_until
 from infra.engines.nemo import NemoClient
 from infra.settings import Settings
