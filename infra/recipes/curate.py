@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,3 +181,16 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
 def _lines(store, names: list[str]) -> Iterator[dict]:
     for name in names:
         yield from read_rows(store.read_bytes(name))
+
+
+def curate_run(store, curation: Curation, parts, chash: str) -> tuple[dict | None, float | None]:
+    """The judge's scores, the filters and dedup over every part (no server): the manifest's
+    `curation`, and the seconds it took (None: the stage is off). With the stage off, an earlier
+    pass's kept and filtered files go: the manifest will not name them."""
+    if not curation.enabled:
+        remove_outputs(store)
+        return None, None
+    t = time.monotonic()
+    result = curate(store, parts, curation, chash)
+    seconds = time.monotonic() - t
+    return {**result.as_manifest(), "config": curation.fingerprint()}, seconds

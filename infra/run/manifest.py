@@ -15,6 +15,8 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
+from infra.storage import OutputStore
+
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 INPUT_REJECTS = "input-rejects.jsonl"  # the plan's; merged into rejects.jsonl at the end
@@ -164,3 +166,26 @@ def prompt_matches(parts: list[PartInfo]) -> dict[str, int]:
 def generated_tokens(parts: list[PartInfo]) -> int:
     """Tokens generated for the run's parts (a part from before states kept them counts 0)."""
     return sum(p.generated_tokens or 0 for p in parts)
+
+
+def merge_rejects(store: OutputStore, parts: list[PartInfo], input_rejected: int) -> int:
+    """rejects.jsonl = the plan's input rejects + every part's server rejects. Returns how many
+    records the server refused."""
+    refused = sum(p.rejected for p in parts)
+    if refused or input_rejected:
+        chunks = [store.read_bytes(INPUT_REJECTS) or b""] if input_rejected else []
+        chunks += [store.read_bytes(rejects_name(p.name)) or b"" for p in parts if p.rejected]
+        store.write_bytes(REJECTS, b"".join(chunks))
+    return refused
+
+
+def earlier_manifest(store: OutputStore, chash: str) -> Manifest | None:
+    """The manifest an earlier invocation of this run published under the same config, if any."""
+    data = store.read_bytes(MANIFEST)
+    if data is None:
+        return None
+    try:
+        manifest = Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError):  # unreadable: rebuilt from the states
+        return None
+    return manifest if manifest.config_hash == chash else None
