@@ -30,7 +30,8 @@ from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.run.lease import hold_run_lease
 from infra.storage.locations import check_run_locations
-from infra.run.manifest import MANIFEST, PartInfo
+from infra.run.layout import MANIFEST
+from infra.run.manifest import PartInfo
 from infra.planning import Plan, RunConfig, planned_shards
 from infra.prompting.prompt_format import default_format
 from infra.recipes import RecipeParams, load_recipe

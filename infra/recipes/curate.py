@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,24 +24,12 @@ from infra.errors import SdgError
 from infra.run.manifest import config_hash
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
-from infra.recipes.judge import Judge, judge_name, read_judgements, read_rows, read_state
+from infra.recipes.judge import Judge, read_judgements, read_rows, read_state
 from infra.recipes.params import FilterParams, JudgeParams
+from infra.run.layout import CURATION_FILE, FILTERED, filtered_name, judge_name, kept_name, verdict_name
 from infra.run.states import describes, invalidate
 
 log = logging.getLogger(__name__)
-FILTERED = "filtered.jsonl"
-
-
-def kept_name(part: str) -> str:
-    return "kept-" + part.removeprefix("part-")
-
-
-def filtered_name(part: str) -> str:
-    return "filtered-" + part.removeprefix("part-")
-
-
-def verdict_name(part: str) -> str:
-    return f"{kept_name(part)}.verdict.json"
 
 
 @dataclass(frozen=True)
@@ -118,7 +105,6 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
     return result
 
 
-STAGE_FILE = re.compile(r"kept-\d{5,}\.jsonl(\.verdict\.json)?|filtered-\d{5,}\.jsonl|filtered\.jsonl")  # what `curate` writes
 
 
 def remove_outputs(store) -> list[str]:
@@ -126,7 +112,7 @@ def remove_outputs(store) -> list[str]:
     (kept-*.jsonl) of an undone stage stays beside a manifest without `curation`. Verdicts first: a
     state goes before what it describes. Judgements stay: they describe the parts, not this stage,
     and a later run with the same judge is spared the server. Returns the names removed."""
-    names = [n for n in store.list_names() if STAGE_FILE.fullmatch(n)]
+    names = [n for n in store.list_names() if CURATION_FILE.fullmatch(n)]
     names.sort(key=lambda n: not n.endswith(".verdict.json"))
     for name in names:
         store.delete(name)

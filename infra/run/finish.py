@@ -12,8 +12,9 @@ from infra.engines.served_model import ServedModel, recorded_served
 from infra.generation import ShardResult
 from infra.planning import Plan, RunConfig, load_published
 from infra.prompting.tokens import token_counter
-from infra.run.manifest import (MANIFEST, REJECTS, Manifest, PartInfo, earlier_manifest, generated_tokens, merge_rejects,
-                                prompt_matches, run_job_ids, run_replicas)
+from infra.run.layout import MANIFEST, REJECTS
+from infra.run.manifest import (Manifest, PartInfo, earlier_manifest, generated_tokens, merge_rejects, prompt_matches,
+                                run_job_ids, run_replicas)
 from infra.settings import Settings
 from infra.storage import OutputStore
 

@@ -32,11 +32,11 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from infra.errors import LeaseLost, RunLeaseHeld, SdgError
+from infra.run.layout import LEASE_NAME
 from infra.storage import OutputStore
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "run.lease"
 
 
 @dataclass(frozen=True)

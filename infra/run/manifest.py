@@ -15,11 +15,9 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
+from infra.run.layout import INPUT_REJECTS, MANIFEST, REJECTS, rejects_name, state_name
 from infra.storage import OutputStore
 
-MANIFEST = "manifest.json"
-REJECTS = "rejects.jsonl"
-INPUT_REJECTS = "input-rejects.jsonl"  # the plan's; merged into rejects.jsonl at the end
 FORMAT_VERSION = 1
 
 
@@ -79,14 +77,6 @@ class PartInfo:
     @classmethod
     def from_json(cls, data: bytes) -> "PartInfo":
         return cls.from_dict(json.loads(data))
-
-
-def state_name(part: str) -> str:
-    return f"{part}.state.json"
-
-
-def rejects_name(part: str) -> str:
-    return f"{part}.rejects.jsonl"
 
 
 @dataclass

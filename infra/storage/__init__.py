@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
 from urllib.parse import urlparse
 
 from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
+from infra.run.layout import TEMP_SUFFIX, temp_prefix
 from infra.storage.input_pin import InputPin
 from infra.storage.keys import validate_key_component
 
@@ -193,7 +194,7 @@ class LocalOutputStore:
         """`data` in a synced temp file next to `name` (its name in the run directory), ready to
         be renamed or linked into place."""
         d = self._dir()
-        tmp, fd = _new_temp(d, f".{name}.", ".tmp")
+        tmp, fd = _new_temp(d, temp_prefix(name), TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
