@@ -22,7 +22,7 @@ from pathlib import Path
 
 from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
-from infra.run.layout import rejects_name, state_name
+from infra.run.layout import TEMP_SUFFIX, rejects_name, state_name, temp_prefix
 from infra.run.manifest import PartInfo
 from infra.engines.nemo import GeneratedText, NemoClient
 from infra.engines.openai import OpenAIClient
@@ -218,7 +218,7 @@ def write_lines(lines, staging: Path, name: str) -> tuple[Path, str, int, int]:
     """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes).
     A half-written file never has the part's name, so it is never mistaken for a part."""
     staging.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix=temp_prefix(name), suffix=TEMP_SUFFIX)
     sha, count, size = hashlib.sha256(), 0, 0
     try:
         with os.fdopen(fd, "wb") as f:
