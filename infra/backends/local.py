@@ -99,8 +99,6 @@ def release_local_by_run(server_dir: Path) -> None:
             continue
 
 
-
-
 def release_local_of_run(settings: Settings, run_id: str) -> bool:
     """Stop the local servers of run `run_id`, if it has any on this machine; True when it had."""
     server_dir = servers_dir(settings, run_id)
