@@ -15,7 +15,7 @@ from benchmarks.common import Cost, local_server, median, stock_server_has_nodel
 
 
 def round_trips(workdir: Path, stock: bool, n: int = 60) -> float:
-    from infra.backends import make_client
+    from infra.backends.ready import make_client
     from infra.prompting.sampling import SamplingParams
     from infra.settings import load_settings
 

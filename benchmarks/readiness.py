@@ -4,7 +4,7 @@ The port opens when the server binds after `--load-delay` (its model load); it w
 port file right after binding, so the port file's mtime is the port-open time. The first
 generation request's arrival is the first line of the server's stats file (its start time).
 
-- ours: `infra.backends.wait_until_ready` on a `LocalBackend` (the code the flow's
+- ours: `infra.backends.ready.wait_until_ready` on a `LocalBackend` (the code the flow's
   wait-until-ready task runs), default `server.ready_poll_s`. Its first generation request is
   its 1-token readiness probe. (The Slurm benchmark measures the same through the whole flow.)
 - seed: nemo_inference.sh run as written: `depends_on` (curl -X PUT every 10 s until curl
@@ -51,7 +51,8 @@ requests.put(f"http://127.0.0.1:{sys.argv[1]}/generate", data=json.dumps(data), 
 
 
 def ours_once(workdir: Path, rep: int, load_delay: float) -> dict:
-    from infra.backends import LocalBackend, wait_until_ready
+    from infra.backends.local import LocalBackend
+    from infra.backends.ready import wait_until_ready
     from infra.settings import load_settings
 
     d = workdir / f"ready-ours-{rep}"

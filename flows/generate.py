@@ -29,19 +29,19 @@ from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.run.lease import hold_run_lease
 from infra.storage.locations import check_run_locations
-from infra.run.manifest import (INPUT_REJECTS, MANIFEST, REJECTS, Manifest, PartInfo, generated_tokens, prompt_matches,
-                            rejects_name, run_job_ids, run_replicas)
-from infra.planning import Plan, RunConfig, load_published, planned_shards
+from infra.run.layout import MANIFEST
+from infra.run.manifest import PartInfo
+from infra.planning import Plan, RunConfig, planned_shards
 from infra.prompting.prompt_format import default_format
 from infra.recipes import load_recipe
 from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
-from infra.engines.served_model import ServedModel, check_served, recorded_served
-from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
+from infra.engines.served_model import ServedModel, check_served
+from infra.recipes.curate import Curation
 from infra.recipes.judge import judged_current, load_judge
-from infra.prompting.tokens import token_counter
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
-from tasks.steps import allocate, generate_shard, judge_shard, plan, release, wait_ready
+from tasks.steps import (allocate, close_run_parts, curate, generate_shard, judge_shard, plan, release, wait_ready,
+                         write_manifest)
 
 
 
@@ -237,70 +237,18 @@ def _artifact_key(run_id: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in run_id.lower())[:60]
 
 
-def merge_rejects(store: OutputStore, parts, input_rejected: int) -> int:
-    """rejects.jsonl = the plan's input rejects + every part's server rejects. Returns how many
-    records the server refused."""
-    refused = sum(p.rejected for p in parts)
-    if refused or input_rejected:
-        chunks = [store.read_bytes(INPUT_REJECTS) or b""] if input_rejected else []
-        chunks += [store.read_bytes(rejects_name(p.name)) or b"" for p in parts if p.rejected]
-        store.write_bytes(REJECTS, b"".join(chunks))
-    return refused
-
-
-def earlier_manifest(store: OutputStore, chash: str) -> Manifest | None:
-    """The manifest an earlier invocation of this run published under the same config, if any."""
-    data = store.read_bytes(MANIFEST)
-    if data is None:
-        return None
-    try:
-        manifest = Manifest.from_json(data)
-    except (ValueError, KeyError, TypeError):  # unreadable: rebuilt from the states
-        return None
-    return manifest if manifest.config_hash == chash else None
-
-
 def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[ShardResult], timings, settings: Settings,
            job_ids, *, restarts: int, replicas: list[dict], invocation: str, rollovers: dict | None = None) -> dict:
-    """The manifest of the whole run, from every part's state object; an invocation that generated
-    nothing leaves a complete manifest as it is."""
+    """Every part in, curated, the manifest written (tasks: each retried on a transient error);
+    then the run's summary table and result."""
     logger = get_run_logger()
-    parts = sorted(load_published(store, the_plan.config_hash).values(), key=lambda p: p.shard)
+    parts, refused = close_run_parts(store, cfg, the_plan)
+    curated, curation_s = curate(store, cfg.curation, parts, the_plan.config_hash)
+    if curation_s is not None:
+        timings["curation"] = curation_s
+    manifest = write_manifest(store, cfg, the_plan, parts, refused, curated, results, timings, settings, job_ids,
+                              restarts=restarts, replicas=replicas, invocation=invocation, rollovers=rollovers)
     written = sum(p.records for p in parts)
-    refused = merge_rejects(store, parts, the_plan.rejected)
-    gen_s = timings.get("generation", 0.0)
-    new_records = sum(r.part.records for r in results if not r.judged_only)
-    if len(parts) != the_plan.shards_total or written + refused != the_plan.rows_planned:
-        raise RuntimeError(
-            f"run {cfg.run_id}: {len(parts)} of {the_plan.shards_total} parts with {written} records written and "
-            f"{refused} refused, but {the_plan.rows_planned} planned; no manifest published. Rerun with the same run_id."
-        )
-    store.abort_incomplete_uploads()  # every part is in: nothing of this run may still be uploading
-    curated = curate_run(store, cfg, parts, the_plan.config_hash, timings)
-    earlier = earlier_manifest(store, the_plan.config_hash)
-    if not results and earlier is not None and earlier.parts == parts and earlier.curation == curated:
-        logger.info("run %s: its manifest is complete and describes these parts; left as it is", cfg.run_id)
-        manifest = earlier
-    else:
-        # The model the run's first server reported (an invocation that started none: what the settings serve).
-        served = recorded_served(store) or ServedModel(settings.model.name, the_plan.config["served_model"])
-        manifest = Manifest(
-            run_id=cfg.run_id, config_hash=the_plan.config_hash, config=the_plan.config, model=served.label,
-            served_model=served.as_manifest(), requested_model=settings.model.name,
-            profile=cfg.profile, input_uri=cfg.input_uri, records_in=the_plan.records_in, records_written=written,
-            records_rejected=the_plan.rejected + refused, parts=parts,
-            slurm_job_ids=run_job_ids(earlier, parts, list(job_ids)),
-            # A rerun that generated nothing (a new filter, a new judge) keeps the generating invocation's figures.
-            timings_s={**(earlier.timings_s if earlier and not new_records else {}), **{k: round(v, 3) for k, v in timings.items()}},
-            throughput={"records_per_s": round(new_records / gen_s, 3) if gen_s and new_records else
-                        (earlier.throughput.get("records_per_s") if earlier else None),
-                        "generated_tokens": generated_tokens(parts)},
-            rejects=REJECTS if (the_plan.rejected or refused) else None,
-            server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
-            replicas=run_replicas(earlier, parts, replicas, invocation), rollovers=rollovers or {},
-            token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts), curation=curated,
-        )
-        store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)
     summary = {"records in": the_plan.records_in, "written": written, "rejected": the_plan.rejected + refused,
                "tokens generated": manifest.throughput["generated_tokens"], "records/s": manifest.throughput["records_per_s"],
@@ -320,18 +268,6 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
     if manifest.curation:
         out |= {"records_kept": manifest.curation["records_kept"], "filtered": manifest.curation["filtered"]}
     return out
-
-
-def curate_run(store: OutputStore, cfg: RunConfig, parts: list[PartInfo], chash: str, timings: dict) -> dict | None:
-    """The judge's scores, the filters and dedup over every part (no server): the manifest's `curation`.
-    With the stage off, an earlier pass's kept and filtered files go: the manifest will not name them."""
-    if not cfg.curation.enabled:
-        remove_outputs(store)
-        return None
-    t = time.monotonic()
-    result: CurationResult = curate(store, parts, cfg.curation, chash)
-    timings["curation"] = time.monotonic() - t
-    return {**result.as_manifest(), "config": cfg.curation.fingerprint()}
 
 
 def curation_figures(curation: dict | None) -> dict:

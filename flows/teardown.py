@@ -6,9 +6,10 @@ from __future__ import annotations
 from prefect.logging.loggers import flow_run_logger
 
 from flows.params import resolve_run_id
-from infra.backends import release_local_by_run
+from infra.backends.local import release_local_of_run
 from infra.run.lease import release_held
 from infra.settings import load_settings
+from infra.slurm.backend import release_jobs_of_flow_run
 
 
 def release_for_flow_run(flow_run) -> list[str]:
@@ -17,14 +18,8 @@ def release_for_flow_run(flow_run) -> list[str]:
     settings = load_settings()
     released = []
     run_id = (flow_run.parameters or {}).get("run_id") or resolve_run_id(flow_run)
-    server_dir = settings.work_path("servers", run_id)
-    if server_dir.is_dir():
-        release_local_by_run(server_dir)
+    if release_local_of_run(settings, run_id):
         released.append(f"local server of run {run_id}")
-    try:
-        from infra.slurm.backend import release_jobs_of_flow_run
-    except ImportError:
-        return released
     released += release_jobs_of_flow_run(settings, str(flow_run.id))
     return released
 

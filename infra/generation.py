@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
-from infra.run.manifest import PartInfo, rejects_name, state_name
+from infra.run.layout import rejects_name, state_name
+from infra.run.manifest import PartInfo
 from infra.engines.nemo import GeneratedText, NemoClient
 from infra.engines.openai import OpenAIClient
 from infra.prompting.prompt_format import RAW, PromptFormat

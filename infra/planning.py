@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from infra.prompting.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, part_name, shard_count
+from infra.prompting.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, shard_count
 from infra.errors import ConfigError, InputError
 from infra.storage.scratch import IdSet
 from infra.storage.input_pin import InputPin
-from infra.run.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
+from infra.run.layout import INPUT_REJECTS, PARTIAL_PARTS, RUN_CONFIG, STATE_SUFFIX, part_name, state_name
+from infra.run.manifest import PartInfo, config_hash, diff_config
 from infra.engines.nemo import check_fits_context
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
@@ -32,7 +33,6 @@ from infra.storage import OutputStore, check_input, open_input
 from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
-RUN_CONFIG = "run.json"
 SHOWN_PROBLEMS = 10
 COUNT_CHUNK = 1024  # input lines per tokenizer call in the plan's scan
 COUNT_CHUNK_CHARS = 1 << 24  # and at most about this many prompt characters held for one call (plus one prompt)
@@ -289,9 +289,9 @@ def load_published(store: OutputStore, chash: str) -> dict[int, PartInfo]:
     (infra.run.states); a part rewritten after its state (a kill in between) is generated again."""
     done: dict[int, PartInfo] = {}
     for name in store.list_names():
-        if not name.endswith(".state.json"):
+        if not name.endswith(STATE_SUFFIX):
             continue
-        part = published_part(store, name.removesuffix(".state.json"), chash)
+        part = published_part(store, name.removesuffix(STATE_SUFFIX), chash)
         if part is not None and state_name(part_name(part.shard)) == name:
             done[part.shard] = part
     return done
@@ -314,7 +314,7 @@ def check_run_config(store: OutputStore, config: dict, chash: str) -> None:
 
 def discard_partials(store: OutputStore) -> None:
     """A run killed mid-shard leaves a temp file behind; it is never appended to, only removed."""
-    for tmp in store.staging_dir().glob(".part-*.tmp"):
+    for tmp in store.staging_dir().glob(PARTIAL_PARTS):
         log.info("discarding half-written %s", tmp)
         tmp.unlink(missing_ok=True)
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.backends import Backend, wait_until_ready
+from infra.backends import Backend
+from infra.backends.ready import wait_until_ready
 from infra.prompting.dataset import Shard
 from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, ShardJob, ShardResult, run_judge, run_shard
-from infra.run.manifest import PartInfo
+from infra.recipes.curate import Curation, curate_run
+from infra.run.finish import close_parts, publish_manifest
+from infra.run.manifest import Manifest, PartInfo
 from infra.planning import Plan, RunConfig, make_plan
 from infra.settings import Profile, Settings
 from infra.storage import OutputStore
@@ -59,3 +62,23 @@ def judge_shard(client, part: PartInfo, job: ShardJob, store: OutputStore, backe
 @task(name="release", cache_policy=NO_CACHE)
 def release(backend: Backend) -> None:
     backend.release()
+
+
+@task(name="close-parts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+def close_run_parts(store: OutputStore, cfg: RunConfig, the_plan: Plan) -> tuple[list[PartInfo], int]:
+    return close_parts(store, cfg, the_plan)
+
+
+@task(name="curate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+def curate(store: OutputStore, curation: Curation, parts: list[PartInfo], chash: str) -> tuple[dict | None, float | None]:
+    return curate_run(store, curation, parts, chash)
+
+
+@task(name="publish-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_transient)
+def write_manifest(store: OutputStore, cfg: RunConfig, the_plan: Plan, parts: list[PartInfo], refused: int,
+                   curated: dict | None, results: list[ShardResult], timings: dict[str, float], settings: Settings,
+                   job_ids: list[str], *, restarts: int, replicas: list[dict], invocation: str,
+                   rollovers: dict | None = None) -> Manifest:
+    return publish_manifest(store, cfg, the_plan, parts, refused, curated, results, timings, settings, job_ids,
+                            restarts=restarts, replicas=replicas, invocation=invocation, rollovers=rollovers)

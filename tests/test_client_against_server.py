@@ -88,7 +88,7 @@ def test_every_row_is_cut_to_tokens_to_generate_without_a_tokenizer(contract_ser
 def test_generation_and_judge_replies_honour_tokens_to_generate_in_the_runs_tokens(tmp_path, tiny_model_dir):
     """The run's client (make_client, the tokenizer the plan counted with) on the real tiny model:
     every row and every judge reply is at most tokens_to_generate tokens of that tokenizer."""
-    from infra.backends import make_client
+    from infra.backends.ready import make_client
     from infra.prompting.prompt_format import RAW
     from infra.recipes.judge import load_judge
     from infra.recipes.params import JudgeParams

@@ -11,7 +11,8 @@ import pytest
 
 from infra.errors import ConfigError
 from infra.run.manifest import PartInfo
-from infra.recipes.curate import FILTERED, Curation, curate, kept_name, verdict_name
+from infra.recipes.curate import Curation, curate
+from infra.run.layout import FILTERED, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
 from infra.recipes.judge import Judge, publish_judgement
 from infra.recipes.params import FilterParams, JudgeParams

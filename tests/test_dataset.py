@@ -2,7 +2,8 @@ import gzip
 import io
 import json
 
-from infra.prompting.dataset import BadLine, Record, derived_id, iter_input, iter_shards, parse_line, part_name, shard_count
+from infra.prompting.dataset import BadLine, Record, derived_id, iter_input, iter_shards, parse_line, shard_count
+from infra.run.layout import part_name
 
 
 def lines(*objs) -> io.BytesIO:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.backends import make_client
+from infra.backends.ready import make_client
 from infra.engines import readiness
 from infra.errors import ServerNotReady
 from infra.settings import Profile, load_settings

@@ -21,7 +21,7 @@ import pytest
 
 from flows.cli import build_parser, resume_command, run_parameters
 from infra.deadline import Deadline, poll_until
-from infra.run.lease import LEASE_NAME
+from infra.run.layout import LEASE_NAME
 from tests.conftest import marked_processes
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 
 from flows.replica import Replica
 from flows.replicas import Pool
-from infra.backends import AttachBackend
+from infra.backends.attach import AttachBackend
 from infra.deadline import Deadline, poll_until
 from infra.engines.nemo import NemoClient
 from infra.settings import Settings

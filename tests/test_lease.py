@@ -21,7 +21,8 @@ import pytest
 
 from infra.deadline import Deadline, poll_until
 from infra.errors import LeaseLost, RunLeaseHeld
-from infra.run.lease import LEASE_NAME, LeaseRecord, RunLease
+from infra.run.layout import LEASE_NAME
+from infra.run.lease import LeaseRecord, RunLease
 from infra.storage.local import LocalOutputStore
 
 REPO = Path(__file__).resolve().parents[1]

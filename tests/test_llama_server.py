@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from infra.backends import AttachBackend, wait_until_ready
+from infra.backends.attach import AttachBackend
+from infra.backends.ready import wait_until_ready
 from infra.engines.openai import OpenAIClient
 from infra.errors import BadRequest
 from infra.prompting.sampling import SamplingParams

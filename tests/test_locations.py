@@ -240,7 +240,8 @@ def test_a_run_whose_directory_is_swapped_mid_run_writes_nothing_outside(prefect
     rerun with the same run_id) completes the run."""
     from flows.generate import generate
     from infra.deadline import Deadline, poll_until
-    from infra.run.lease import LEASE_NAME, LeaseRecord
+    from infra.run.layout import LEASE_NAME
+    from infra.run.lease import LeaseRecord
 
     allowed, outside = tree
     monkeypatch.setenv("NSDG_ALLOWED_URIS", json.dumps([str(allowed)]))

@@ -67,3 +67,30 @@ def test_a_rerun_keeps_the_manifest_and_a_resume_adds_up(prefect_harness, workdi
     assert [r["invocation"] for r in manifest["replicas"]] == [first[0].invocation, *(invocations - {first[0].invocation})]
     assert sum(r["records"] for r in manifest["replicas"]) == 40
     assert all(p["generated_tokens"] and p["seconds"] is not None and p["replica"] == 0 for p in manifest["parts"])
+
+
+@pytest.mark.integration
+def test_a_transient_storage_error_at_the_run_end_is_retried(prefect_harness, workdir, monkeypatch):
+    """The run's end runs as tasks (close-parts, curate, publish-manifest) with the shards' retry
+    policy: a storage hiccup on the manifest write costs a retry, not the run."""
+    from flows.generate import generate
+    from infra.errors import StorageError
+    from infra.run.layout import MANIFEST
+    from infra.storage.local import LocalOutputStore
+
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    src = write_prompts(workdir / "in.jsonl", 10)
+    tries = []
+    write_bytes = LocalOutputStore.write_bytes
+
+    def flaky(self, name, data):
+        if name == MANIFEST:
+            tries.append(name)
+            if len(tries) == 1:
+                raise StorageError("a storage hiccup")
+        return write_bytes(self, name, data)
+
+    monkeypatch.setattr(LocalOutputStore, "write_bytes", flaky)
+    result = generate(run_id="r", input_uri=str(src), output_uri=str(workdir / "out"), shard_size=5, batch_size=5)
+    assert len(tries) == 2 and result["records_written"] == 10
+    assert Manifest.from_json((workdir / "out" / "r" / MANIFEST).read_bytes()).records_written == 10

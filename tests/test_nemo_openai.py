@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from infra.backends import AttachBackend, wait_until_ready
+from infra.backends.attach import AttachBackend
+from infra.backends.ready import wait_until_ready
 from infra.engines.openai import OpenAIClient
 from infra.generation import ShardJob, generate_shard_requests
 from infra.prompting.dataset import Record, Shard

@@ -9,7 +9,8 @@ import json
 import pytest
 import requests
 
-from infra.backends import LocalBackend, make_client, wait_until_ready
+from infra.backends.local import LocalBackend
+from infra.backends.ready import make_client, wait_until_ready
 from infra.deadline import Deadline, poll_until
 from infra.engines.openai import OpenAIClient, error_message, request_body, split_usage
 from infra.engines.throttle import Backoff, InFlightLimit, retry_after_s
@@ -293,7 +294,7 @@ def test_a_retired_replica_fails_the_requests_still_queued_in_its_pool_as_lost(t
 
     from flows.replica import Replica
     from flows.replicas import LOST, Pool
-    from infra.backends import AttachBackend
+    from infra.backends.attach import AttachBackend
     from infra.settings import Settings
 
     def never(*_):

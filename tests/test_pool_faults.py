@@ -9,7 +9,9 @@ import pytest
 
 from benchmarks.faults import local_servers
 from flows.generate import generate
-from infra.backends import AttachBackend, LocalBackend, wait_until_ready
+from infra.backends.attach import AttachBackend
+from infra.backends.local import LocalBackend
+from infra.backends.ready import wait_until_ready
 from infra.deadline import Deadline, poll_until
 from infra.errors import ServerFailure, ServerNotReady, SlurmJobError
 from infra.settings import Settings

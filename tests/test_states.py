@@ -15,10 +15,10 @@ from infra.prompting.dataset import Record, Shard
 from infra.engines.nemo import NemoClient
 from infra.errors import TransientServerError
 from infra.generation import ShardJob, run_shard
-from infra.run.manifest import state_name
+from infra.run.layout import FILTERED, judge_name, state_name
 from infra.planning import load_published
-from infra.recipes.curate import FILTERED, Curation, CurationError, curate
-from infra.recipes.judge import judge_name, judge_part, judged_current
+from infra.recipes.curate import Curation, CurationError, curate
+from infra.recipes.judge import judge_part, judged_current
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.prompting.sampling import SamplingParams
 from infra.storage.local import LocalOutputStore

@@ -8,7 +8,7 @@ Connection refused always means "still loading". Then:
 
 `step` answers None when ready, else what it saw (for the wait's last-seen line); a server that
 will not become ready by waiting (it refused the probe, it serves another model) raises
-ServerNotReady. The loop, its single deadline and the dead-job watch are backends.wait_until_ready's.
+ServerNotReady. The loop, its single deadline and the dead-job watch are backends/ready.py's wait_until_ready's.
 """
 
 from __future__ import annotations

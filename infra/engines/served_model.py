@@ -28,9 +28,9 @@ import requests
 
 from infra.errors import ConfigError
 from infra.settings import Profile, Settings
+from infra.run.layout import SERVED_MODEL
 from infra.storage import OutputStore
 
-SERVED = "served-model.json"
 # Files hashed whole up to this size; larger ones (weights) by size and their first and last MiB:
 # a model of tens of GB is told apart without reading it.
 WHOLE_FILE_BYTES = 8 << 20
@@ -119,9 +119,9 @@ class ServedModel:
 
 def check_served(store: OutputStore, served: ServedModel, where: str) -> None:
     """Record the run's served model at its first ready server; refuse a server that reports another."""
-    data = store.read_bytes(SERVED)
+    data = store.read_bytes(SERVED_MODEL)
     if data is None:
-        store.write_bytes(SERVED, json.dumps(served.as_manifest(), indent=2, sort_keys=True).encode())
+        store.write_bytes(SERVED_MODEL, json.dumps(served.as_manifest(), indent=2, sort_keys=True).encode())
         return
     first = ServedModel.from_manifest(json.loads(data))
     if first.reported != served.reported:
@@ -134,5 +134,5 @@ def check_served(store: OutputStore, served: ServedModel, where: str) -> None:
 
 def recorded_served(store: OutputStore) -> ServedModel | None:
     """The served model the run's first ready server recorded, if one did."""
-    data = store.read_bytes(SERVED)
+    data = store.read_bytes(SERVED_MODEL)
     return ServedModel.from_manifest(json.loads(data)) if data is not None else None

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
+from infra.run.layout import part_name
+
 Format = Literal["jsonl", "text"]
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above 4096 tokens; a longer line is a mistake, not a prompt
 RESERVED_FIELDS = ("id", "sample", "prompt", "completion", "generation")
@@ -133,8 +135,6 @@ class Shard:
         return part_name(self.index)
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.jsonl"
 
 
 def iter_shards(records: Iterable[Record], shard_size: int, skip: frozenset[int] = frozenset()) -> Iterator[Shard]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,25 +24,13 @@ from infra.errors import SdgError
 from infra.run.manifest import config_hash
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
-from infra.recipes.judge import Judge, judge_name, read_judgements
+from infra.recipes.judge import Judge, read_judgements
 from infra.recipes.params import FilterParams, JudgeParams
+from infra.run.layout import CURATION_FILE, FILTERED, filtered_name, judge_name, kept_name, verdict_name
 from infra.run.states import describes, invalidate
 from infra.storage.jsonl import publish, read_rows, read_state
 
 log = logging.getLogger(__name__)
-FILTERED = "filtered.jsonl"
-
-
-def kept_name(part: str) -> str:
-    return "kept-" + part.removeprefix("part-")
-
-
-def filtered_name(part: str) -> str:
-    return "filtered-" + part.removeprefix("part-")
-
-
-def verdict_name(part: str) -> str:
-    return f"{kept_name(part)}.verdict.json"
 
 
 @dataclass(frozen=True)
@@ -116,7 +104,6 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
     return result
 
 
-STAGE_FILE = re.compile(r"kept-\d{5,}\.jsonl(\.verdict\.json)?|filtered-\d{5,}\.jsonl|filtered\.jsonl")  # what `curate` writes
 
 
 def remove_outputs(store) -> list[str]:
@@ -124,7 +111,7 @@ def remove_outputs(store) -> list[str]:
     (kept-*.jsonl) of an undone stage stays beside a manifest without `curation`. Verdicts first: a
     state goes before what it describes. Judgements stay: they describe the parts, not this stage,
     and a later run with the same judge is spared the server. Returns the names removed."""
-    names = [n for n in store.list_names() if STAGE_FILE.fullmatch(n)]
+    names = [n for n in store.list_names() if CURATION_FILE.fullmatch(n)]
     names.sort(key=lambda n: not n.endswith(".verdict.json"))
     for name in names:
         store.delete(name)
@@ -179,3 +166,16 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
 def _lines(store, names: list[str]) -> Iterator[dict]:
     for name in names:
         yield from read_rows(store.read_bytes(name))
+
+
+def curate_run(store, curation: Curation, parts, chash: str) -> tuple[dict | None, float | None]:
+    """The judge's scores, the filters and dedup over every part (no server): the manifest's
+    `curation`, and the seconds it took (None: the stage is off). With the stage off, an earlier
+    pass's kept and filtered files go: the manifest will not name them."""
+    if not curation.enabled:
+        remove_outputs(store)
+        return None, None
+    t = time.monotonic()
+    result = curate(store, parts, curation, chash)
+    seconds = time.monotonic() - t
+    return {**result.as_manifest(), "config": curation.fingerprint()}, seconds

@@ -21,19 +21,12 @@ from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
 from infra.prompting.sampling import SamplingParams
+from infra.run.layout import judge_name, judge_state_name
 from infra.run.states import describes, invalidate, read_described
 from infra.storage.jsonl import publish, read_rows, read_state
 from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
-
-
-def judge_name(part: str) -> str:
-    return f"{part}.judge.jsonl"
-
-
-def judge_state_name(part: str) -> str:
-    return f"{part}.judge.json"  # not *.state.json: those are the parts' own states
 
 
 @dataclass(frozen=True)

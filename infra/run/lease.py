@@ -32,12 +32,12 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from infra.errors import LeaseLost, RunLeaseHeld, SdgError
+from infra.run.layout import LEASE_NAME
 from infra.storage import OutputStore
 from infra.system.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "run.lease"
 
 
 @dataclass(frozen=True)

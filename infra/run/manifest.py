@@ -15,9 +15,9 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
-MANIFEST = "manifest.json"
-REJECTS = "rejects.jsonl"
-INPUT_REJECTS = "input-rejects.jsonl"  # the plan's; merged into rejects.jsonl at the end
+from infra.run.layout import INPUT_REJECTS, MANIFEST, REJECTS, rejects_name, state_name
+from infra.storage import OutputStore
+
 FORMAT_VERSION = 1
 
 
@@ -77,14 +77,6 @@ class PartInfo:
     @classmethod
     def from_json(cls, data: bytes) -> "PartInfo":
         return cls.from_dict(json.loads(data))
-
-
-def state_name(part: str) -> str:
-    return f"{part}.state.json"
-
-
-def rejects_name(part: str) -> str:
-    return f"{part}.rejects.jsonl"
 
 
 @dataclass
@@ -164,3 +156,26 @@ def prompt_matches(parts: list[PartInfo]) -> dict[str, int]:
 def generated_tokens(parts: list[PartInfo]) -> int:
     """Tokens generated for the run's parts (a part from before states kept them counts 0)."""
     return sum(p.generated_tokens or 0 for p in parts)
+
+
+def merge_rejects(store: OutputStore, parts: list[PartInfo], input_rejected: int) -> int:
+    """rejects.jsonl = the plan's input rejects + every part's server rejects. Returns how many
+    records the server refused."""
+    refused = sum(p.rejected for p in parts)
+    if refused or input_rejected:
+        chunks = [store.read_bytes(INPUT_REJECTS) or b""] if input_rejected else []
+        chunks += [store.read_bytes(rejects_name(p.name)) or b"" for p in parts if p.rejected]
+        store.write_bytes(REJECTS, b"".join(chunks))
+    return refused
+
+
+def earlier_manifest(store: OutputStore, chash: str) -> Manifest | None:
+    """The manifest an earlier invocation of this run published under the same config, if any."""
+    data = store.read_bytes(MANIFEST)
+    if data is None:
+        return None
+    try:
+        manifest = Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError):  # unreadable: rebuilt from the states
+        return None
+    return manifest if manifest.config_hash == chash else None

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from infra.run.manifest import PartInfo, state_name
+from infra.run.layout import state_name
+from infra.run.manifest import PartInfo
 from infra.storage import OutputStore
 
 

@@ -16,13 +16,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from infra.storage import OutputStore
+from infra.run.layout import TEMP_SUFFIX, temp_prefix
 
 
 def write_lines(lines: Iterable[dict], staging: Path, name: str) -> tuple[Path, str, int, int]:
     """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes).
     A half-written file never has the part's name, so it is never mistaken for a part."""
     staging.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix=temp_prefix(name), suffix=TEMP_SUFFIX)
     sha, count, size = hashlib.sha256(), 0, 0
     try:
         with os.fdopen(fd, "wb") as f:

@@ -23,6 +23,7 @@ from typing import BinaryIO, Iterator
 from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
 from infra.storage.input_pin import InputPin
 from infra.storage.uris import local_path, validate_key_component
+from infra.run.layout import TEMP_SUFFIX, temp_prefix
 
 # A local output that fails with these is the user's to fix (a path, permissions, a read-only or full
 # disk): one line and exit 2. Anything else (EIO ...) may pass and stays a StorageError.
@@ -158,7 +159,7 @@ class LocalOutputStore:
         """`data` in a synced temp file next to `name` (its name in the run directory), ready to
         be renamed or linked into place."""
         d = self._dir()
-        tmp, fd = _new_temp(d, f".{name}.", ".tmp")
+        tmp, fd = _new_temp(d, temp_prefix(name), TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

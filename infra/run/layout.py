@@ -1,0 +1,81 @@
+"""Every object of a run directory, `{output_uri}/{run_id}/`, named in one place (pure: no I/O).
+
+    {output_uri}/{run_id}/
+      run.lease                       RunLease: which flow run holds the run (lease.py)
+      run.json                        the config hash and config the run started with (planning)
+      input-rejects.jsonl             the plan's unusable input lines (on_bad_input=skip)
+      served-model.json               what the run's first server served (engines/served_model.py)
+      part-00000.jsonl                a shard's generated rows: the unit of retry, resume and upload
+      part-00000.jsonl.state.json     its state (manifest.PartInfo), written right after the part
+      part-00000.jsonl.rejects.jsonl  its records the server refused
+      part-00000.jsonl.judge.jsonl    the judge's replies to its rows (recipes/judge.py)
+      part-00000.jsonl.judge.json     their state: which judge, which sha256
+      kept-00000.jsonl                the rows curation kept: the training set (recipes/curate.py)
+      kept-00000.jsonl.verdict.json   the curation state of the shard
+      filtered-00000.jsonl            the rows curation dropped, with the reason
+      filtered.jsonl                  every shard's dropped rows, in input order
+      rejects.jsonl                   input rejects + every part's refused records, at the run's end
+      manifest.json                   written last: the whole run (manifest.Manifest)
+      .part-00000.jsonl.XXXX.tmp      a file being written: never a part's name (S3 output: in a local
+                                      staging directory, {work}/staging/{bucket}/{run_id}/)
+
+A state is named after its file plus a suffix, so listing the directory finds every shard done;
+the judge's state ends in `.judge.json`, not `.state.json`, so it is never taken for a part's.
+"""
+
+from __future__ import annotations
+
+import re
+
+LEASE_NAME = "run.lease"
+RUN_CONFIG = "run.json"
+INPUT_REJECTS = "input-rejects.jsonl"  # the plan's; merged into rejects.jsonl at the end
+SERVED_MODEL = "served-model.json"
+REJECTS = "rejects.jsonl"
+FILTERED = "filtered.jsonl"
+MANIFEST = "manifest.json"
+
+STATE_SUFFIX = ".state.json"
+# A file is written under a hidden temp name in its own directory and renamed into place; the
+# plan discards what a killed run left (PARTIAL_PARTS), which is why the pattern is shared.
+TEMP_SUFFIX = ".tmp"
+PARTIAL_PARTS = f".part-*{TEMP_SUFFIX}"
+# What the curation stage writes (kept and filtered files, verdicts): removed when it is turned off.
+CURATION_FILE = re.compile(r"kept-\d{5,}\.jsonl(\.verdict\.json)?|filtered-\d{5,}\.jsonl|filtered\.jsonl")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.jsonl"
+
+
+def state_name(part: str) -> str:
+    return f"{part}{STATE_SUFFIX}"
+
+
+def rejects_name(part: str) -> str:
+    return f"{part}.rejects.jsonl"
+
+
+def judge_name(part: str) -> str:
+    return f"{part}.judge.jsonl"
+
+
+def judge_state_name(part: str) -> str:
+    return f"{part}.judge.json"  # not *.state.json: those are the parts' own states
+
+
+def kept_name(part: str) -> str:
+    return "kept-" + part.removeprefix("part-")
+
+
+def filtered_name(part: str) -> str:
+    return "filtered-" + part.removeprefix("part-")
+
+
+def verdict_name(part: str) -> str:
+    return f"{kept_name(part)}.verdict.json"
+
+
+def temp_prefix(name: str) -> str:
+    """The start of the temp file's name `name` is written under (TEMP_SUFFIX ends it)."""
+    return f".{name}."
