@@ -20,7 +20,6 @@ from infra.errors import ConfigError, InputError
 from infra.storage.scratch import IdSet
 from infra.storage.input_pin import InputPin
 from infra.run.manifest import INPUT_REJECTS, PartInfo, config_hash, diff_config, state_name
-from infra.engines.nemo import check_fits_context
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
@@ -29,7 +28,7 @@ from infra.engines import served_model
 from infra.settings import Settings
 from infra.run.states import published_part
 from infra.storage import OutputStore, check_input, open_input
-from infra.prompting.tokens import token_counter
+from infra.prompting.tokens import check_fits_context, token_counter
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "run.json"

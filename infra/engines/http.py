@@ -9,12 +9,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from infra.errors import ServerHung, ServerLost, ServerThrottled, TransientServerError
-
-
-def estimate_tokens(text: str) -> int:
-    """A conservative token count when no tokenizer is at hand: every token of a byte-fallback
-    BPE/SentencePiece vocabulary covers at least one UTF-8 byte, so bytes >= tokens."""
-    return len(text.encode("utf-8"))
+from infra.prompting.tokens import estimate_tokens
 
 
 class HttpClient:

@@ -24,23 +24,11 @@ from infra.errors import (
     TransientServerError,
     ValidationRejected,
 )
-from infra.engines.http import HttpClient, estimate_tokens
+from infra.engines.http import HttpClient
 from infra.prompting.sampling import MAX_BATCH, SamplingParams
+from infra.prompting.tokens import check_fits_context, estimate_tokens
 
 log = logging.getLogger(__name__)
-
-
-def check_fits_context(
-    prompt: str, sampling: SamplingParams, context_length: int, count_tokens: Callable[[str], int] = estimate_tokens
-) -> str | None:
-    """None when prompt + generation fits the context, else the reason (the server never checks)."""
-    n = count_tokens(prompt) + (1 if sampling.add_BOS else 0)  # NeMo prepends BOS to the ids
-    if n + sampling.tokens_to_generate > context_length:
-        return (
-            f"prompt has {n} tokens + tokens_to_generate {sampling.tokens_to_generate} "
-            f"> context length {context_length}"
-        )
-    return None
 
 
 def validate_batch(prompts: Sequence[object], sampling: SamplingParams, context_length: int,

@@ -50,6 +50,7 @@ from infra.engines.throttle import THROTTLE_STATUS, Backoff, InFlightLimit, retr
 from infra.errors import (BadRequest, ConfigError, RequestRejected, ServerLost, ServerThrottled, TransientServerError,
                           ValidationRejected)
 from infra.prompting.sampling import SamplingParams
+from infra.prompting.tokens import check_fits_context
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,9 @@ class OpenAIClient(HttpClient):
             raise ConfigError(f"a prompt must be a non-empty string, got {prompt!r:.60}")
         if sampling.tokens_to_generate >= self.context_length:
             raise ConfigError(f"tokens_to_generate {sampling.tokens_to_generate} must be < context length {self.context_length}")
+        # The plan's rule with the plan's counter: a prompt the plan accepted always passes.
+        if (reason := check_fits_context(prompt, sampling, self.context_length, self.count_tokens)) is not None:
+            raise ConfigError(f"{reason}; shorten the prompt or lower tokens_to_generate")
 
     def complete_raw(self, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
                      read_timeout: float | None = None) -> dict:

@@ -16,13 +16,13 @@ import logging
 from dataclasses import dataclass
 
 from infra.run.manifest import config_hash
-from infra.engines.nemo import GeneratedText, check_fits_context
+from infra.engines.nemo import GeneratedText
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import describes, invalidate, read_described
-from infra.prompting.tokens import token_counter
+from infra.prompting.tokens import check_fits_context, token_counter
 
 log = logging.getLogger(__name__)
 
