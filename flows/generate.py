@@ -129,7 +129,7 @@ def generate(
     # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
     progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
     progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
-    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size, tokenizer=cfg.tokenizer,
+    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
                    judge=cfg.curation.judge, requested_model=settings.model.name)
     if to_judge:

@@ -80,7 +80,7 @@ class RunConfig:
             "token_counter": token_counter(self.tokenizer).identity,
             "prompt_format": self.prompt_format.identity(),  # what is sent, hence what comes back
             **self.recipe.fingerprint(),
-            # A seeded request's rows depend on their batch's make-up (infra.recipes.samples).
+            # A seeded request's rows depend on their batch's make-up (infra.prompting.samples).
             **({"batch_size": self.batch_size} if self.sampling.random_seed is not None else {}),
         }
 

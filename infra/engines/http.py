@@ -8,6 +8,7 @@ from collections.abc import Callable
 import requests
 from requests.adapters import HTTPAdapter
 
+from infra.engines.batch import OnResult, PromptBatch, Result
 from infra.errors import ServerHung, ServerLost, ServerThrottled, TransientServerError
 from infra.prompting.tokens import estimate_tokens
 
@@ -70,4 +71,8 @@ class HttpClient:
         return True
 
     def keep_alive(self, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
+        """A shard's (or a part's judging) prompts, sent the way this API is fed (infra/engines/batch.py)."""
         raise NotImplementedError

@@ -16,7 +16,8 @@ import logging
 from dataclasses import dataclass
 
 from infra.run.manifest import config_hash
-from infra.engines.nemo import GeneratedText
+from infra.engines.batch import GeneratedText, PromptBatch
+from infra.engines.http import HttpClient
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
@@ -67,10 +68,8 @@ class Judge:
             out.append(text)
         return out
 
-    def judge_rows(self, client, rows: list[dict], batch_size: int) -> list[dict]:
+    def judge_rows(self, client: HttpClient, rows: list[dict], batch_size: int) -> list[dict]:
         """One judgement per row, in row order: {"id", "sample", "reply"} or {"id", "sample", "error"}."""
-        from infra.generation import generate_texts
-
         prompts = self.prompts(rows)
         todo = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         out: list[dict] = [{"id": r.get("id"), "sample": r.get("sample", 0)} for r in rows]
@@ -79,7 +78,8 @@ class Judge:
                 out[i].update(p)
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
-            for i, result in zip(idx, generate_texts(client, [prompts[i] for i in idx], self.sampling, self.prompt_format)):
+            batch = PromptBatch([prompts[i] for i in idx], self.sampling, self.prompt_format, batch_size=batch_size)
+            for i, result in zip(idx, client.generate_batch(batch)):
                 if isinstance(result, GeneratedText):
                     out[i]["reply"] = result.completion.text
                 else:
