@@ -40,7 +40,6 @@ from infra.engines.served_model import ServedModel, check_served, recorded_serve
 from infra.recipes.curate import Curation, CurationResult, curate, remove_outputs
 from infra.recipes.judge import judged_current, load_judge
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.prompting.tokens import token_counter
 from infra.prompting.sampling import SamplingParams
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
@@ -105,7 +104,7 @@ def generate(
     cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters))  # read once
     if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
-                                                                            cfg.sampling.add_BOS, cfg.tokenizer)))
+                                                                            cfg.sampling.add_BOS, cfg.counter)))
     restarts_allowed = settings.server.max_server_restarts if max_server_restarts is None else max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings)
     check_input(cfg.input_uri, settings)  # both before the lease, the run's first write: a refusal writes nothing
@@ -158,7 +157,7 @@ def generate(
 
     def start(backend: Backend):
         allocate(backend)
-        return wait_ready.submit(backend, settings, cfg.tokenizer, prof)
+        return wait_ready.submit(backend, settings, cfg.counter, prof)
 
     def timed_release(backend: Backend) -> None:
         t = time.monotonic()
@@ -322,7 +321,7 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
             rejects=REJECTS if (the_plan.rejected or refused) else None,
             server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
             replicas=run_replicas(earlier, parts, replicas, invocation), rollovers=rollovers or {},
-            token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts), curation=curated,
+            token_counter=cfg.counter.description, prompt_match=prompt_matches(parts), curation=curated,
         )
         store.write_bytes(MANIFEST, manifest.to_json())
     manifest_uri = store.uri(MANIFEST)

@@ -12,6 +12,7 @@ from pydantic.fields import FieldInfo
 from infra.errors import ConfigError
 from infra.planning import RunConfig
 from infra.prompting.prompt_format import load_prompt_format
+from infra.prompting.tokens import token_counter
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
@@ -64,13 +65,14 @@ class RunParams(BaseModel):
         extra = [*fmt.end_strings, *recipe.end_strings()]
         ends = [*self.sampling.end_strings]
         ends += [e for i, e in enumerate(extra) if e not in ends and e not in extra[:i]]
-        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name not in ("prompt_format", "recipe", "curation")}
+        fields = {name: getattr(self, name) for name in RunConfig.__dataclass_fields__ if name not in ("prompt_format", "recipe", "curation", "counter")}
         fields["sampling"] = self.sampling.model_copy(update={"end_strings": ends})
         if curation is None:
             if self.judge.enabled:
                 raise ValueError("to_run_config needs the loaded judge (infra.recipes.judge.load_judge) for a judge template")
             curation = Curation(self.judge, self.filters)
-        return RunConfig(**fields, prompt_format=fmt, recipe=recipe, curation=curation)
+        # The run's one token counter, built here once and handed down with the config.
+        return RunConfig(**fields, prompt_format=fmt, recipe=recipe, curation=curation, counter=token_counter(self.tokenizer))
 
 
 def resolve_run_id(flow_run) -> str:

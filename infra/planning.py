@@ -28,7 +28,7 @@ from infra.engines import served_model
 from infra.settings import Settings
 from infra.run.states import published_part
 from infra.storage import OutputStore, check_input, open_input
-from infra.prompting.tokens import check_fits_context, token_counter
+from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "run.json"
@@ -52,7 +52,9 @@ class RunConfig:
     id_field: str
     on_bad_input: str
     overlong_prompts: str = "reject"
-    tokenizer: str | None = None
+    # The run's one token counter (infra.prompting.tokens.token_counter of its tokenizer), built
+    # once with the config: the plan, the clients and the judge count with this very object.
+    counter: TokenCounter = ByteEstimate()
     prompt_format: PromptFormat = RAW
     recipe: Recipe = Recipe(RecipeParams())  # loaded once at flow start (infra.recipes.load_recipe)
     # The judge and filters: later stages, kept out of `fingerprint` so changing them reruns only them.
@@ -77,7 +79,7 @@ class RunConfig:
             "context_length": settings.model.context_length,
             "overlong_prompts": self.overlong_prompts,
             # Which prompts fit, and so which records exist and where shards begin.
-            "token_counter": token_counter(self.tokenizer).identity,
+            "token_counter": self.counter.identity,
             "prompt_format": self.prompt_format.identity(),  # what is sent, hence what comes back
             **self.recipe.fingerprint(),
             # A seeded request's rows depend on their batch's make-up (infra.prompting.samples).
@@ -190,7 +192,7 @@ class RecordCheck:
 
     def __init__(self, cfg: RunConfig, settings: Settings, known_duplicates: frozenset[int] | None = None):
         self.sampling, self.context = cfg.sampling, settings.model.context_length
-        self.counter = token_counter(cfg.tokenizer)
+        self.counter = cfg.counter
         self.truncate = cfg.overlong_prompts == "truncate_left"
         self.wrap = cfg.prompt_format.wrap  # the wrapped text is what the server sees and counts
         self.wrapper_tokens = self.counter.count(self.wrap("")) if cfg.prompt_format != RAW else 0
@@ -345,5 +347,5 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
                 load_published(store, chash), scan.duplicate_lines, scan.pin, cfg.recipe.samples)
     log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
-             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
+             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, cfg.counter.description)
     return plan

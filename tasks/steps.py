@@ -12,6 +12,7 @@ from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, ShardJob, ShardResult, run_judge, run_shard
 from infra.run.manifest import PartInfo
 from infra.planning import Plan, RunConfig, make_plan
+from infra.prompting.tokens import ByteEstimate, TokenCounter
 from infra.settings import Profile, Settings
 from infra.storage import OutputStore
 
@@ -39,8 +40,8 @@ def allocate(backend: Backend) -> list[str]:
 
 
 @task(name="wait-until-ready", cache_policy=NO_CACHE)
-def wait_ready(backend: Backend, settings: Settings, tokenizer: str | None = None, profile: Profile | None = None):
-    return wait_until_ready(backend, settings, tokenizer=tokenizer, profile=profile)
+def wait_ready(backend: Backend, settings: Settings, counter: TokenCounter = ByteEstimate(), profile: Profile | None = None):
+    return wait_until_ready(backend, settings, counter=counter, profile=profile)
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],

@@ -23,7 +23,7 @@ from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import describes, invalidate, read_described
-from infra.prompting.tokens import check_fits_context, token_counter
+from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Judge:
     sampling: SamplingParams
     prompt_format: PromptFormat = RAW
     context_length: int = 4096
-    tokenizer: str | None = None  # the run's token counter: a judging prompt must fit as a prompt must
+    counter: TokenCounter = ByteEstimate()  # the run's token counter: a judging prompt must fit as a prompt must
 
     def identity(self, generation_hash: str) -> str:
         """What makes a judgement: the parts judged, the template, how the judge samples and what it is sent."""
@@ -55,7 +55,7 @@ class Judge:
     def prompts(self, rows: list[dict]) -> list[str | dict]:
         """Each row's judging prompt, or {"error": why} for a row it cannot be built for."""
         compiled, out, max_chars = self.template.compiled(), [], prompt_char_limit(self.context_length)
-        count = token_counter(self.tokenizer).count
+        count = self.counter.count
         for row in rows:
             try:
                 text = render(compiled, {**row, "id": row.get("id"), "sample": row.get("sample", 0)}, max_chars)
@@ -88,13 +88,13 @@ class Judge:
 
 
 def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_bos: bool = False,
-               tokenizer: str | None = None) -> Judge | None:
+               counter: TokenCounter = ByteEstimate()) -> Judge | None:
     if not params.enabled:
         return None
     template = load_template(params.template, settings, "judge.template")
     sampling = SamplingParams(tokens_to_generate=params.tokens_to_generate, greedy=True, end_strings=list(params.end_strings),
                               add_BOS=add_bos)
-    return Judge(params, template, sampling, prompt_format, settings.model.context_length, tokenizer)
+    return Judge(params, template, sampling, prompt_format, settings.model.context_length, counter)
 
 
 def read_rows(data: bytes | None) -> list[dict]:
