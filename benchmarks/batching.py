@@ -61,7 +61,7 @@ def modelled_seconds(prompts: list[str], plan: list[list[int]], cost: Cost) -> f
 def run(workdir: Path, log, n: int = 768) -> dict:
     from infra.backends.ready import make_client
     from infra.prompting.batching import plan_batches
-    from infra.engines.nemo import estimate_tokens
+    from infra.prompting.tokens import estimate_tokens
     from infra.prompting.sampling import SamplingParams
     from infra.settings import load_settings
 

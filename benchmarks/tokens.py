@@ -120,8 +120,8 @@ def _plan_child(params: dict, out: Path) -> None:
     cfg = RunConfig(input_uri=params["input_uri"], output_uri=params["output_uri"], run_id=params["run_id"],
                     profile="attach", sampling=SamplingParams(tokens_to_generate=TO_GENERATE), batch_size=32,
                     shard_size=4000, prompt_field="prompt", id_field="id", on_bad_input="skip",
-                    tokenizer=params["tokenizer"])
-    counter = token_counter(cfg.tokenizer)  # loading the model is not the plan's cost
+                    counter=token_counter(params["tokenizer"]))  # loading the model is not the plan's cost
+    counter = cfg.counter
     if params.get("encode_all"):
         counter._byte_slack = None  # as for a normalizing model: every prompt is encoded
     started = time.monotonic()
@@ -129,7 +129,7 @@ def _plan_child(params: dict, out: Path) -> None:
     seconds = time.monotonic() - started
     out.write_text(json.dumps({"seconds": seconds, "records": plan.records_in, "rejected": plan.rejected,
                                "maxrss_mb": peak_rss_mb(),
-                               "description": token_counter(cfg.tokenizer).description}))
+                               "description": cfg.counter.description}))
 
 
 def peak_rss_mb() -> float:
@@ -183,7 +183,7 @@ def estimate_errors(prompts: list[str], tokenizer: str) -> dict:
     def outcomes(tok: str | None, mode: str) -> list[Record | BadLine]:
         cfg = RunConfig(input_uri="in.jsonl", output_uri="out", run_id="r", profile="attach",
                         sampling=SamplingParams(tokens_to_generate=TO_GENERATE), batch_size=32, shard_size=4000,
-                        prompt_field="prompt", id_field="id", on_bad_input="skip", overlong_prompts=mode, tokenizer=tok)
+                        prompt_field="prompt", id_field="id", on_bad_input="skip", overlong_prompts=mode, counter=token_counter(tok))
         with RecordCheck(cfg, settings) as check:
             return [check(Record(f"p{i}", p, i + 1, given_id=False)) for i, p in enumerate(prompts)]
 

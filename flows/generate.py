@@ -81,7 +81,7 @@ def generate(**given) -> dict:
                                tokenizer=tokenizer)
     if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
-                                                                            cfg.sampling.add_BOS, cfg.tokenizer)))
+                                                                            cfg.sampling.add_BOS, cfg.counter)))
     restarts_allowed = settings.server.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings.s3, settings.work_path("staging"))
     check_input(cfg.input_uri, settings.s3)  # both before the lease, the run's first write: a refusal writes nothing
@@ -105,7 +105,7 @@ def generate(**given) -> dict:
     # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
     progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
     progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
-    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size, tokenizer=cfg.tokenizer,
+    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
                    judge=cfg.curation.judge, requested_model=settings.model.name)
     if to_judge:
@@ -134,7 +134,7 @@ def generate(**given) -> dict:
 
     def start(backend: Backend):
         allocate(backend)
-        return wait_ready.submit(backend, settings, cfg.tokenizer, prof)
+        return wait_ready.submit(backend, settings, cfg.counter, prof)
 
     def timed_release(backend: Backend) -> None:
         t = time.monotonic()

@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from infra.errors import ConfigError
 from infra.planning import RunConfig
 from infra.prompting.prompt_format import PromptFormatName, load_prompt_format
+from infra.prompting.tokens import token_counter
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
@@ -101,7 +102,8 @@ class RunParams(BaseModel):
             if self.judge.enabled:
                 raise ValueError("to_run_config needs the loaded judge (infra.recipes.judge.load_judge) for a judge template")
             curation = Curation(self.judge, self.filters)
-        return RunConfig(**fields, tokenizer=tokenizer, prompt_format=fmt, recipe=recipe, curation=curation)
+        # The run's one token counter, built here once and handed down with the config.
+        return RunConfig(**fields, prompt_format=fmt, recipe=recipe, curation=curation, counter=token_counter(tokenizer))
 
 
 def resolve_run_id(flow_run) -> str:

@@ -1,9 +1,9 @@
 """One shard: batches of prompts through the server, records written to a part file, the part
 published atomically with its checksum and a state object that marks the shard done.
 
-A batch the server rejects is bisected until the prompts at fault are isolated: the rest are
-generated, the bad ones become rejects with the server's message. A circuit breaker stops the
-run when too many recent records fail.
+The client sends the shard's prompts the way its API is fed (infra/engines/batch.py); a prompt
+the server refused becomes a reject with the server's message, the rest are generated. A circuit
+breaker stops the run when too many recent records fail.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
 from infra.run.layout import rejects_name, state_name
 from infra.run.manifest import PartInfo
-from infra.engines.nemo import GeneratedText, NemoClient
-from infra.engines.openai import OpenAIClient
+from infra.engines.batch import GeneratedText, PromptBatch, Result
+from infra.engines.http import HttpClient
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.judge import Judge, judge_part, judged_current
-from infra.recipes.samples import request_seed, sample_batches
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import invalidate, published_part
 from infra.storage import OutputStore
 from infra.storage.jsonl import publish
-from infra.prompting.tokens import token_counter
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +40,9 @@ class ShardJob:
     config_hash: str
     sampling: SamplingParams
     batch_size: int
-    length_window: int = 8  # batches' worth of records sorted by length together
+    length_window: int = 8  # batches' worth of records sorted by length together (by the client's counter, the run's)
     prompt_format: PromptFormat = RAW
     samples: int = 1  # rows per record: the recipe's samples_per_prompt
-    tokenizer: str | None = None  # the run's token counter, for length-aware batching
     # Who makes the shard, recorded in its state: the replica, its Slurm job(s), the flow run.
     replica: int | None = None
     job_ids: tuple[str, ...] = ()
@@ -126,91 +123,22 @@ def reject_record(rec: Record, exc: RequestRejected, shard: int, sample: int = 0
             "status": exc.status, "reason": str(exc.body if exc.body is not None else exc)[:500]}
 
 
-def generate_batch(client: NemoClient, batch: list[Record], sampling: SamplingParams,
-                   fmt: PromptFormat = RAW) -> list[GeneratedText | RequestRejected]:
-    """Results in batch order. A rejected batch is split in halves until the prompts at fault
-    stand alone; validation errors are never retried as they are."""
-    return generate_texts(client, [r.prompt for r in batch], sampling, fmt, [r.line for r in batch])
+def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
+                           ) -> list[Result]:
+    """One result per (record, sample), record-major (row i * samples + s), through whichever API
+    the client speaks (infra/engines/batch.py); each result counts in the breaker as it comes in."""
+    batch = PromptBatch([r.prompt for r in shard.records], job.sampling, job.prompt_format, job.samples, shard.index,
+                        job.batch_size, job.length_window, [r.line for r in shard.records])
+
+    def record(result: Result) -> None:
+        ok = isinstance(result, GeneratedText)
+        breaker.record(ok, None if ok else str(result.body))  # type: ignore[union-attr]
+
+    return client.generate_batch(batch, record if breaker is not None else None)
 
 
-def generate_texts(client: NemoClient, prompts: list[str], sampling: SamplingParams, fmt: PromptFormat = RAW,
-                   lines: list[int] | None = None) -> list[GeneratedText | RequestRejected]:
-    """`generate_batch` over prompt texts (the judge's too); `lines` name them in the log."""
-    if isinstance(client, OpenAIClient):  # one request per prompt through the replica's pool, as shards go
-        futures = [client.submit(_samples_or_reject, client, fmt.wrap(p), sampling, 1, [sampling.random_seed],
-                                 lines[i] if lines else None) for i, p in enumerate(prompts)]
-        return [fut.result()[0] for fut in futures]
-    try:
-        return client.generate([fmt.wrap(p) for p in prompts], sampling)
-    except RequestRejected as exc:
-        if len(prompts) == 1:
-            where = f"at input line {lines[0]}" if lines else "(judge)"
-            log.warning("prompt %s rejected by the server: %s", where, exc)
-            return [exc]
-        mid = len(prompts) // 2
-        log.info("batch of %d rejected (%s); bisecting", len(prompts), type(exc).__name__)
-        halves = (lines[:mid], lines[mid:]) if lines else (None, None)
-        return (generate_texts(client, prompts[:mid], sampling, fmt, halves[0])
-                + generate_texts(client, prompts[mid:], sampling, fmt, halves[1]))
 
-
-def generate_shard_results(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
-                           ) -> list[GeneratedText | RequestRejected]:
-    """One result per (record, sample), record-major (row i * samples + s), whatever order the
-    batches were sent in; each sample index is its own pass over one batch plan (infra.recipes.samples)."""
-    if isinstance(client, OpenAIClient):
-        return generate_shard_requests(client, shard, job, breaker)
-    n = job.samples
-    results: list[GeneratedText | RequestRejected | None] = [None] * (len(shard.records) * n)
-    prompts = [r.prompt for r in shard.records]
-    length = token_counter(job.tokenizer).count  # the one counter the plan used, for grouping by length
-    for sample, indices, sampling in sample_batches(prompts, n, shard.index, job.sampling, job.batch_size,
-                                                    job.length_window, length):
-        batch = [shard.records[i] for i in indices]
-        for i, result in zip(indices, generate_batch(client, batch, sampling, job.prompt_format)):
-            results[i * n + sample] = result
-            if breaker is not None:
-                breaker.record(isinstance(result, GeneratedText), None if isinstance(result, GeneratedText) else str(result.body))
-    return results  # type: ignore[return-value]
-
-
-def _samples_or_reject(client: OpenAIClient, prompt: str, sampling: SamplingParams, n: int,
-                       seeds: list[int | None], line: int | None) -> list[GeneratedText | RequestRejected]:
-    try:
-        return client.samples(prompt, sampling, n, seeds)
-    except RequestRejected as exc:
-        log.warning("prompt %s rejected by the server: %s", "(judge)" if line is None else f"at input line {line}", exc)
-        return [exc] * n
-
-
-def generate_shard_requests(client: OpenAIClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
-                            ) -> list[GeneratedText | RequestRejected]:
-    """The OpenAI path: one request per record (its samples as `n`), all handed to the replica's
-    bounded client pool at once, so the engine's continuous batching always has work; results
-    in record order. A seeded run derives each record's seed from (seed, shard, record, sample):
-    one prompt per request makes the sample independent of what else is in flight."""
-    n, seed = job.samples, job.sampling.random_seed
-    futures = []
-    for i, rec in enumerate(shard.records):
-        seeds = [None if seed is None else request_seed(seed, shard.index, i, s) for s in range(n)]
-        futures.append(client.submit(_samples_or_reject, client, job.prompt_format.wrap(rec.prompt), job.sampling,
-                                     n, seeds, rec.line))
-    results: list[GeneratedText | RequestRejected] = []
-    try:
-        for fut in futures:
-            for result in fut.result():
-                results.append(result)
-                if breaker is not None:
-                    ok = isinstance(result, GeneratedText)
-                    breaker.record(ok, None if ok else str(result.body))
-    except BaseException:
-        for fut in futures:  # a lost server or an open breaker: the rest of this shard is not sent
-            fut.cancel()
-        raise
-    return results
-
-
-def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, store: OutputStore,
+def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStore,
               dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None) -> ShardResult:
     """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
     process or job is gone becomes ServerLost, which no retry can fix.
@@ -250,7 +178,7 @@ def run_shard(client: NemoClient | OpenAIClient, shard: Shard, job: ShardJob, st
     return ShardResult(part, tokens, done - started, done - generated, started_at, time.time())
 
 
-def _judge_published(client, part: PartInfo, job: ShardJob, store: OutputStore,
+def _judge_published(client: HttpClient, part: PartInfo, job: ShardJob, store: OutputStore,
                      dead_reason: Callable[[], str | None], started: float, started_at: float) -> ShardResult:
     """The shard as an earlier try of this task published it, judged if its judgement is not current.
     Reported as generated (not `judged_only`): that try failed, so its part was never reported."""
@@ -270,7 +198,7 @@ def _judging(step: Callable[[], object], shard: int, dead_reason: Callable[[], s
         raise
 
 
-def run_judge(client: NemoClient, part: PartInfo, job: ShardJob, store: OutputStore,
+def run_judge(client: HttpClient, part: PartInfo, job: ShardJob, store: OutputStore,
               dead_reason: Callable[[], str | None] = lambda: None) -> ShardResult:
     """Judge a part published earlier (its judge changed, or a kill came between part and judgement)."""
     started, started_at = time.monotonic(), time.time()

@@ -21,7 +21,6 @@ from infra.storage.scratch import IdSet
 from infra.storage.input_pin import InputPin
 from infra.run.layout import INPUT_REJECTS, PARTIAL_PARTS, RUN_CONFIG, STATE_SUFFIX, part_name, state_name
 from infra.run.manifest import PartInfo, config_hash, diff_config
-from infra.engines.nemo import check_fits_context
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
@@ -30,7 +29,7 @@ from infra.engines import served_model
 from infra.settings import Settings
 from infra.run.states import published_part
 from infra.storage import OutputStore, check_input, open_input
-from infra.prompting.tokens import token_counter
+from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context
 
 log = logging.getLogger(__name__)
 SHOWN_PROBLEMS = 10
@@ -53,7 +52,9 @@ class RunConfig:
     id_field: str
     on_bad_input: str
     overlong_prompts: str = "reject"
-    tokenizer: str | None = None
+    # The run's one token counter (infra.prompting.tokens.token_counter of its tokenizer), built
+    # once with the config: the plan, the clients and the judge count with this very object.
+    counter: TokenCounter = ByteEstimate()
     prompt_format: PromptFormat = RAW
     recipe: Recipe = Recipe(RecipeParams())  # loaded once at flow start (infra.recipes.load_recipe)
     # The judge and filters: later stages, kept out of `fingerprint` so changing them reruns only them.
@@ -78,10 +79,10 @@ class RunConfig:
             "context_length": settings.model.context_length,
             "overlong_prompts": self.overlong_prompts,
             # Which prompts fit, and so which records exist and where shards begin.
-            "token_counter": token_counter(self.tokenizer).identity,
+            "token_counter": self.counter.identity,
             "prompt_format": self.prompt_format.identity(),  # what is sent, hence what comes back
             **self.recipe.fingerprint(),
-            # A seeded request's rows depend on their batch's make-up (infra.recipes.samples).
+            # A seeded request's rows depend on their batch's make-up (infra.prompting.samples).
             **({"batch_size": self.batch_size} if self.sampling.random_seed is not None else {}),
         }
 
@@ -191,7 +192,7 @@ class RecordCheck:
 
     def __init__(self, cfg: RunConfig, settings: Settings, known_duplicates: frozenset[int] | None = None):
         self.sampling, self.context = cfg.sampling, settings.model.context_length
-        self.counter = token_counter(cfg.tokenizer)
+        self.counter = cfg.counter
         self.truncate = cfg.overlong_prompts == "truncate_left"
         self.wrap = cfg.prompt_format.wrap  # the wrapped text is what the server sees and counts
         self.wrapper_tokens = self.counter.count(self.wrap("")) if cfg.prompt_format != RAW else 0
@@ -346,5 +347,5 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
                 load_published(store, chash), scan.duplicate_lines, scan.pin, cfg.recipe.samples)
     log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
-             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, token_counter(cfg.tokenizer).description)
+             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, cfg.counter.description)
     return plan

@@ -15,6 +15,7 @@ from infra.recipes.curate import Curation, curate_run
 from infra.run.finish import close_parts, publish_manifest
 from infra.run.manifest import Manifest, PartInfo
 from infra.planning import Plan, RunConfig, make_plan
+from infra.prompting.tokens import ByteEstimate, TokenCounter
 from infra.settings import Profile, Settings
 from infra.storage import OutputStore
 
@@ -42,8 +43,8 @@ def allocate(backend: Backend) -> list[str]:
 
 
 @task(name="wait-until-ready", cache_policy=NO_CACHE)
-def wait_ready(backend: Backend, settings: Settings, tokenizer: str | None = None, profile: Profile | None = None):
-    return wait_until_ready(backend, settings, tokenizer=tokenizer, profile=profile)
+def wait_ready(backend: Backend, settings: Settings, counter: TokenCounter = ByteEstimate(), profile: Profile | None = None):
+    return wait_until_ready(backend, settings, counter=counter, profile=profile)
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],

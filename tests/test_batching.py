@@ -134,9 +134,8 @@ def test_a_shard_is_batched_by_the_runs_token_counts_not_characters(tmp_path, ti
     assert len(a) < len(c) < len(b) < len(d) and counter.count(a) < counter.count(b) < counter.count(c) < counter.count(d)
     stats = tmp_path / "stats.jsonl"
     records = [Record(f"r{i}", p, i + 1) for i, p in enumerate((d, b, c, a))]
-    job = ShardJob("r", "m", "h", SamplingParams(tokens_to_generate=2, greedy=True), batch_size=2, length_window=2,
-                   tokenizer=tokenizer)
+    job = ShardJob("r", "m", "h", SamplingParams(tokens_to_generate=2, greedy=True), batch_size=2, length_window=2)
     with running_server(tmp_path, "--model-dir", str(tiny_model_dir), "--stats-file", str(stats)) as (url, _):
-        generate_shard_results(NemoClient(url, count_tokens=counter.count), Shard(0, records), job)
+        generate_shard_results(NemoClient(url, count_tokens=counter.count), Shard(0, records), job)  # the run's counter
     sent = sorted(json.loads(line)["prompt_tokens"] for line in stats.read_text().splitlines())
     assert sent == sorted([counter.count(a) + counter.count(b), counter.count(c) + counter.count(d)])

@@ -101,10 +101,10 @@ def test_generation_and_judge_replies_honour_tokens_to_generate_in_the_runs_toke
     prompts = ["Hi", "Why is the sky blue?", "Question: Why is the sky blue? Answer:"]
     sampling = SamplingParams(tokens_to_generate=6, greedy=True, end_strings=["<|endoftext|>"])
     judge = load_judge(JudgeParams(template="Rate 1-5: {{ completion }}\nRating:", tokens_to_generate=3),
-                       settings, RAW, tokenizer=tokenizer)
+                       settings, RAW, counter=counter)
     rows = [{"id": f"r{i}", "sample": 0, "prompt": "q", "completion": c} for i, c in enumerate(["ok", *prompts])]
     with running_server(tmp_path, "--model-dir", str(tiny_model_dir)) as (url, _):
-        client = make_client(settings, url, tokenizer)
+        client = make_client(settings, url, counter)
         gens = client.generate(prompts, sampling)
         judged = judge.judge_rows(client, rows, batch_size=4)
     assert all(counter.count(g.completion.text) <= g.generated_tokens <= 6 for g in gens)

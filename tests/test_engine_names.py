@@ -26,13 +26,13 @@ def test_trtllm_is_ready_under_its_model_directorys_basename(tmp_path, monkeypat
     assert settings.model.name == "nemotron-4-340b-base"  # the default, which trtllm never lists
     # The project's server answering /health and /v1/models the way trtllm-serve does.
     with running_server(tmp_path, "--engine", "simulated", "--served-model-name", "Nemotron-4-340B-Base-hf") as (url, _):
-        client = make_client(settings, url, None, trtllm_profile())
+        client = make_client(settings, url, profile=trtllm_profile())
         assert client.model == "Nemotron-4-340B-Base-hf"
         assert readiness.step(client, "health", 10.0, "") is None
         # The same server under vllm's profile, which renders --served-model-name model.name: refused, named.
         vllm = Profile(backend="slurm", engine="vllm", nodes=2, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2)
         with pytest.raises(ServerNotReady, match="serves \\['Nemotron-4-340B-Base-hf'\\], not 'nemotron-4-340b-base'"):
-            readiness.step(make_client(settings, url, None, vllm), "health", 10.0, "")
+            readiness.step(make_client(settings, url, profile=vllm), "health", 10.0, "")
 
 
 def test_nemo_openai_keeps_two_requests_in_flight_like_nemos_other_server():

@@ -11,7 +11,7 @@ import requests
 from infra.backends.attach import AttachBackend
 from infra.backends.ready import wait_until_ready
 from infra.engines.openai import OpenAIClient
-from infra.generation import ShardJob, generate_shard_requests
+from infra.generation import ShardJob, generate_shard_results
 from infra.prompting.dataset import Record, Shard
 from infra.prompting.sampling import SamplingParams
 from infra.settings import Profile, Settings
@@ -51,6 +51,6 @@ def test_a_shard_over_nemo_21_records_word_counts(nemo21, tmp_path):
     client = OpenAIClient(nemo21, model="nemotron-4-340b-base", nemo_openai=True, max_in_flight=4)
     records = [Record(id=f"r{i}", prompt=f"Prompt {i} says", line=i + 1, fields={}) for i in range(5)]
     job = ShardJob("run", "m", "hash", SamplingParams(tokens_to_generate=6, end_strings=["."]), 8, samples=2)
-    results = generate_shard_requests(client, Shard(0, records), job)
+    results = generate_shard_results(client, Shard(0, records), job)
     assert len(results) == 10 and all(r.tokens_unit == "words" and r.prompt == f"Prompt {i // 2} says"
                                       for i, r in enumerate(results))

@@ -327,7 +327,7 @@ def test_a_shard_whose_requests_wait_in_a_released_replicas_pool_is_lost_not_can
     import threading
 
     from infra.prompting.dataset import Record, Shard
-    from infra.generation import ShardJob, generate_shard_requests
+    from infra.generation import ShardJob, generate_shard_results
 
     c = client(oai, max_in_flight=2)
     gate = threading.Event()
@@ -335,7 +335,7 @@ def test_a_shard_whose_requests_wait_in_a_released_replicas_pool_is_lost_not_can
     shard = Shard(1, [Record(f"r{i}", f"Prompt {i}", i + 1) for i in range(5)])
     job = ShardJob("run", MODEL, "cfg", SamplingParams(tokens_to_generate=2), batch_size=5)
     with concurrent.futures.ThreadPoolExecutor(1) as one:
-        waiting = one.submit(generate_shard_requests, c, shard, job)
+        waiting = one.submit(generate_shard_results, c, shard, job)
         poll_until(lambda: True if c._pool._work_queue.qsize() == 5 else None, deadline=Deadline(30), interval=0.01,
                    what="the shard's requests to queue")
         c.close()

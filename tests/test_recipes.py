@@ -13,7 +13,7 @@ from infra.errors import ConfigError, InputError
 from infra.planning import make_plan, usable_records
 from infra.recipes import RecipeParams, load_recipe
 from infra.recipes.examples import Examples
-from infra.recipes.samples import request_seed, sample_batches
+from infra.prompting.samples import request_seed, sample_batches
 from infra.prompting.sampling import MAX_RANDOM_SEED, SamplingParams
 from infra.settings import Settings
 from infra.storage import open_input

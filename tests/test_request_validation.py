@@ -2,7 +2,8 @@ import pytest
 from pydantic import ValidationError
 
 from infra.errors import ConfigError
-from infra.engines.nemo import check_fits_context, estimate_tokens, validate_batch
+from infra.engines.nemo import validate_batch
+from infra.prompting.tokens import check_fits_context, estimate_tokens
 from infra.prompting.sampling import SamplingParams
 
 OK = SamplingParams(tokens_to_generate=16)
@@ -58,3 +59,13 @@ def test_context_length_enforced_client_side():
         validate_batch(["hi"], SamplingParams(tokens_to_generate=4096), 4096)
     assert check_fits_context("héllo", OK, 4096) is None
     assert estimate_tokens("héllo") == 6  # bytes: an upper bound on tokens
+
+
+def test_the_openai_client_applies_the_same_context_rule_before_sending():
+    from infra.engines.openai import OpenAIClient
+
+    c = OpenAIClient("http://127.0.0.1:9", model="m", context_length=4096)  # nothing listens: a send would be transient
+    with pytest.raises(ConfigError, match="context length"):
+        c.complete("x" * 4081, OK)
+    with pytest.raises(ConfigError, match="context length"):
+        c.complete("héllo", SamplingParams(tokens_to_generate=4092, add_BOS=True))  # 6 bytes + BOS + 4092 > 4096

@@ -43,7 +43,7 @@ def test_resume_under_another_token_counter_is_refused(workdir, tiny_model_dir, 
     first = make_plan(cfg(src), short_context, store)
     assert (first.records_in, first.rejected) == (11, 1)  # the byte estimate refuses LONG
     with pytest.raises(ConfigError) as exc:
-        make_plan(cfg(src, tokenizer=str(tiny_model_dir / "tokenizer.json")), short_context, store)
+        make_plan(cfg(src, counter=token_counter(str(tiny_model_dir / "tokenizer.json"))), short_context, store)
     msg = str(exc.value)
     assert "token_counter: 'utf-8 byte estimate' -> 'tokenizer.json sha256:" in msg and "--new-run" in msg
     assert make_plan(cfg(src), short_context, store).config_hash == first.config_hash  # the same counter resumes
@@ -71,3 +71,13 @@ def test_a_given_id_equal_to_another_lines_derived_id_is_a_duplicate(workdir):
     assert ids == [taken, derived_id(3, "and a third"), derived_id(5, "later line")]  # derived ids unchanged
     rejects = [json.loads(l) for l in (workdir / "out" / "r1" / "input-rejects.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejects] == [2, 5] and all("duplicate id" in r["reason"] for r in rejects)
+
+
+def test_the_run_config_carries_the_runs_one_counter(tiny_model_dir):
+    """Built once with the config from the tokenizer path; its identity is what the config hash names."""
+    from flows.params import RunParams
+
+    path = str(tiny_model_dir / "tokenizer.json")
+    run = RunParams(input_uri="in.jsonl", output_uri="out", run_id="r1", tokenizer=path).to_run_config()
+    assert run.counter is token_counter(path) and run.counter.identity.startswith("tokenizer.json sha256:")
+    assert RunParams(input_uri="in.jsonl", output_uri="out", run_id="r1").to_run_config().counter.identity == "utf-8 byte estimate"

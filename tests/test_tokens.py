@@ -116,13 +116,13 @@ def test_exact_counts_accept_long_english_and_reject_what_nfkc_expands(workdir, 
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (english, expands)))
     cfg = RunConfig(input_uri=str(src), output_uri="out", run_id="r1", profile="h100x16",
                     sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=2,
-                    prompt_field="prompt", id_field="id", on_bad_input="skip", tokenizer=tokenizer)
+                    prompt_field="prompt", id_field="id", on_bad_input="skip", counter=token_counter(tokenizer))
     store = LocalOutputStore(workdir / "out" / "r1")
     plan = make_plan(cfg, settings, store)
     assert (plan.records_in, plan.rejected) == (1, 1)
     [reject] = [json.loads(line) for line in (workdir / "out" / "r1" / "input-rejects.jsonl").read_text().splitlines()]
     assert reject["line"] == 2 and "context length 64" in reject["reason"] and "SentencePiece" in reject["reason"]
-    by_bytes = make_plan(RunConfig(**{**cfg.__dict__, "tokenizer": None, "run_id": "r2"}), settings,
+    by_bytes = make_plan(RunConfig(**{**cfg.__dict__, "counter": ByteEstimate(), "run_id": "r2"}), settings,
                          LocalOutputStore(workdir / "out" / "r2"))
     assert (by_bytes.records_in, by_bytes.rejected) == (1, 1)  # the estimate gets both wrong
 
@@ -132,7 +132,7 @@ def test_truncate_left_keeps_exactly_the_last_tokens_that_fit(nemo_dir):
     tokenizer = settings.tokenizer_path(settings.profile("h100x16"))
     cfg = RunConfig(input_uri="in.jsonl", output_uri="out", run_id="r1", profile="h100x16",
                     sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=2, prompt_field="prompt",
-                    id_field="id", on_bad_input="fail", overlong_prompts="truncate_left", tokenizer=tokenizer)
+                    id_field="id", on_bad_input="fail", overlong_prompts="truncate_left", counter=token_counter(tokenizer))
     counter = token_counter(tokenizer)
     text = "one record " + SENTENCE * 6
     kept = RecordCheck(cfg, settings)(Record("a", text, 1))
@@ -146,7 +146,7 @@ def test_bos_counts_one_token(nemo_dir):
     counter = token_counter(tokenizer)
     prompt = next(SENTENCE[:i] for i in range(len(SENTENCE)) if counter.count(SENTENCE[:i]) == 8)
     base = dict(input_uri="in.jsonl", output_uri="out", run_id="r1", profile="h100x16", batch_size=4, shard_size=2,
-                prompt_field="prompt", id_field="id", on_bad_input="fail", tokenizer=tokenizer)
+                prompt_field="prompt", id_field="id", on_bad_input="fail", counter=counter)
     fits = RecordCheck(RunConfig(**base, sampling=SamplingParams(tokens_to_generate=8)), settings)(Record("a", prompt, 1))
     with_bos = RecordCheck(RunConfig(**base, sampling=SamplingParams(tokens_to_generate=8, add_BOS=True)), settings)(Record("a", prompt, 1))
     assert isinstance(fits, Record) and isinstance(with_bos, BadLine) and "9 tokens" in with_bos.reason
@@ -208,7 +208,7 @@ def test_the_plan_counts_in_chunks_and_keeps_the_input_order(workdir, identity_m
     (workdir / "in.jsonl").write_text("\n".join(lines) + "\n")
     cfg = RunConfig(input_uri=str(workdir / "in.jsonl"), output_uri="out", run_id="r1", profile="h100x16",
                     sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=500,
-                    prompt_field="prompt", id_field="id", on_bad_input="skip", tokenizer=str(identity_model))
+                    prompt_field="prompt", id_field="id", on_bad_input="skip", counter=token_counter(str(identity_model)))
     plan = make_plan(cfg, settings, LocalOutputStore(workdir / "out" / "r1"))
     rejects = [json.loads(x) for x in (workdir / "out" / "r1" / "input-rejects.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejects] == sorted(overlong | {7})

@@ -9,14 +9,15 @@ from infra.engines.nemo import NemoClient
 from infra.engines.openai import OpenAIClient
 from infra.engines.throttle import Backoff
 from infra.errors import ServerNotReady
-from infra.prompting.tokens import token_counter
+from infra.prompting.tokens import ByteEstimate, TokenCounter
 from infra.settings import Profile, Settings
 
 
-def make_client(settings: Settings, url: str, tokenizer: str | None = None, profile: Profile | None = None):
+def make_client(settings: Settings, url: str, counter: TokenCounter = ByteEstimate(), profile: Profile | None = None):
     """The client for the API `settings.api(profile)` speaks (no profile: the default engine's).
-    `tokenizer` must be the one the plan counted with, or the client could refuse what the plan accepted."""
-    s, counter = settings.server, token_counter(tokenizer)
+    `counter` must be the one the plan counted with (the run's, RunConfig.counter), or the client
+    could refuse what the plan accepted."""
+    s = settings.server
     profile = profile or Profile(backend="attach")
     if settings.api(profile) == "openai-completions":
         return OpenAIClient(url, model=settings.served_name(profile), connect_timeout=s.connect_timeout_s,
@@ -30,7 +31,7 @@ def make_client(settings: Settings, url: str, tokenizer: str | None = None, prof
 
 
 def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None,
-                     tokenizer: str | None = None, profile: Profile | None = None):
+                     counter: TokenCounter = ByteEstimate(), profile: Profile | None = None):
     """Poll the backend and the server in one loop under one deadline: a dead job/process ends
     the wait at once with its log tail; a listening server is judged ready the way its engine
     kind says (infra/engines/readiness.py), ending in one real 1-token generation."""
@@ -47,7 +48,7 @@ def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | N
         if url is None:
             seen["last"] = "no server address yet"
             return None
-        client = make_client(settings, url, tokenizer, profile)
+        client = make_client(settings, url, counter, profile)
         not_yet = readiness.step(client, kind, max(1.0, deadline.cap(min(settings.server.read_timeout_s, PROBE_TIMEOUT_S))),
                                  f"This {backend.name} replica counts as never ready ({backend.status()}).")
         if not_yet is not None:

@@ -8,13 +8,9 @@ from collections.abc import Callable
 import requests
 from requests.adapters import HTTPAdapter
 
+from infra.engines.batch import OnResult, PromptBatch, Result
 from infra.errors import ServerHung, ServerLost, ServerThrottled, TransientServerError
-
-
-def estimate_tokens(text: str) -> int:
-    """A conservative token count when no tokenizer is at hand: every token of a byte-fallback
-    BPE/SentencePiece vocabulary covers at least one UTF-8 byte, so bytes >= tokens."""
-    return len(text.encode("utf-8"))
+from infra.prompting.tokens import estimate_tokens
 
 
 class HttpClient:
@@ -75,4 +71,8 @@ class HttpClient:
         return True
 
     def keep_alive(self, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
+        """A shard's (or a part's judging) prompts, sent the way this API is fed (infra/engines/batch.py)."""
         raise NotImplementedError

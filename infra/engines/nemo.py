@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import requests
 
-from infra.engines.completion import Completion, extract_completion, pairing_error, trim_at_end_strings
+from infra.engines.batch import GeneratedText, OnResult, PromptBatch, Result, where
+from infra.engines.completion import extract_completion, pairing_error, trim_at_end_strings
 from infra.errors import (
     BadRequest,
     ConfigError,
@@ -24,23 +25,13 @@ from infra.errors import (
     TransientServerError,
     ValidationRejected,
 )
-from infra.engines.http import HttpClient, estimate_tokens
+from infra.engines.http import HttpClient
+from infra.prompting.prompt_format import PromptFormat
+from infra.prompting.samples import sample_batches
 from infra.prompting.sampling import MAX_BATCH, SamplingParams
+from infra.prompting.tokens import check_fits_context, estimate_tokens
 
 log = logging.getLogger(__name__)
-
-
-def check_fits_context(
-    prompt: str, sampling: SamplingParams, context_length: int, count_tokens: Callable[[str], int] = estimate_tokens
-) -> str | None:
-    """None when prompt + generation fits the context, else the reason (the server never checks)."""
-    n = count_tokens(prompt) + (1 if sampling.add_BOS else 0)  # NeMo prepends BOS to the ids
-    if n + sampling.tokens_to_generate > context_length:
-        return (
-            f"prompt has {n} tokens + tokens_to_generate {sampling.tokens_to_generate} "
-            f"> context length {context_length}"
-        )
-    return None
 
 
 def validate_batch(prompts: Sequence[object], sampling: SamplingParams, context_length: int,
@@ -57,15 +48,6 @@ def validate_batch(prompts: Sequence[object], sampling: SamplingParams, context_
             raise ConfigError(f"prompt {i}: {reason}; shorten it or lower tokens_to_generate")
     if sampling.tokens_to_generate >= context_length:
         raise ConfigError(f"tokens_to_generate {sampling.tokens_to_generate} must be < context length {context_length}")
-
-
-@dataclass(frozen=True)
-class GeneratedText:
-    prompt: str
-    completion: Completion
-    generated_tokens: int
-    tokens_unit: str = "tokens"  # NeMo >= 2.1's /v1/completions counts whitespace-split "words"
-    server_tokens: int | None = None  # what the server generated, where the row was cut to the cap
 
 
 def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
@@ -189,6 +171,39 @@ class NemoClient(HttpClient):
             gen = GeneratedText(prompt, completion, _count_generated_tokens(reply, i, start))
             out.append(self._capped(gen, sentences[i], _text_token_starts(reply, i, start), stop_token, sampling))
         return out
+
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
+        """Results prompt-major (infra/engines/batch.py), whatever order the requests went in: each
+        sample index is its own pass over one batch plan, prompts grouped by this client's token
+        counter (the run's) within `length_window` batches, each request seeded as
+        infra/prompting/samples.py says."""
+        n = batch.samples
+        results: list[Result | None] = [None] * (len(batch.prompts) * n)
+        for sample, indices, sampling in sample_batches(batch.prompts, n, batch.shard, batch.sampling, batch.batch_size,
+                                                        batch.length_window, self.count_tokens):
+            lines = [batch.lines[i] for i in indices] if batch.lines is not None else None
+            for i, result in zip(indices, self._bisected([batch.prompts[i] for i in indices], sampling,
+                                                         batch.prompt_format, lines)):
+                results[i * n + sample] = result
+                if on_result is not None:
+                    on_result(result)
+        return results  # type: ignore[return-value]
+
+    def _bisected(self, prompts: list[str], sampling: SamplingParams, fmt: PromptFormat,
+                  lines: list[int] | None) -> list[Result]:
+        """One request's results in its order. A rejected request is split in halves until the
+        prompts at fault stand alone; validation errors are never retried as they are."""
+        try:
+            return self.generate([fmt.wrap(p) for p in prompts], sampling)
+        except RequestRejected as exc:
+            if len(prompts) == 1:
+                log.warning("prompt %s rejected by the server: %s", where(lines[0] if lines else None), exc)
+                return [exc]
+            mid = len(prompts) // 2
+            log.info("batch of %d rejected (%s); bisecting", len(prompts), type(exc).__name__)
+            halves = (lines[:mid], lines[mid:]) if lines else (None, None)
+            return (self._bisected(prompts[:mid], sampling, fmt, halves[0])
+                    + self._bisected(prompts[mid:], sampling, fmt, halves[1]))
 
     def _capped(self, gen: GeneratedText, sentence: str, starts: list[int] | None, stop_token: bool,
                 sampling: SamplingParams) -> GeneratedText:

@@ -12,7 +12,7 @@ replica). Field mapping from the recipe's sampling parameters (reference/openai-
   `stop`, and ignores `n`: each sample is then its own request). vLLM removes the matched stop string from the text; NeMo >= 2.1 leaves it in. The
   completion is trimmed at the first end string here too, so it never carries the end string:
   the same as the /generate path;
-- the request's seed (infra.recipes.samples) -> seed;
+- the request's seed (infra.prompting.samples) -> seed;
 - finish_reason stop -> "end_string", length -> "length", abort -> "abort"; NeMo >= 2.1 always
   answers "": "end_string" when an end string was found in the text, else "length" (as /generate);
 - usage.completion_tokens -> generated_tokens (summed over the n choices by the server: split
@@ -44,12 +44,14 @@ import requests
 
 from infra.engines.completion import Completion, trim_at_end_strings
 from infra.deadline import Deadline
+from infra.engines.batch import GeneratedText, OnResult, PromptBatch, Result, where
 from infra.engines.http import HttpClient
-from infra.engines.nemo import GeneratedText
 from infra.engines.throttle import THROTTLE_STATUS, Backoff, InFlightLimit, retry_after_s
 from infra.errors import (BadRequest, ConfigError, RequestRejected, ServerLost, ServerThrottled, TransientServerError,
                           ValidationRejected)
+from infra.prompting.samples import request_seed
 from infra.prompting.sampling import SamplingParams
+from infra.prompting.tokens import check_fits_context
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,9 @@ class OpenAIClient(HttpClient):
             raise ConfigError(f"a prompt must be a non-empty string, got {prompt!r:.60}")
         if sampling.tokens_to_generate >= self.context_length:
             raise ConfigError(f"tokens_to_generate {sampling.tokens_to_generate} must be < context length {self.context_length}")
+        # The plan's rule with the plan's counter: a prompt the plan accepted always passes.
+        if (reason := check_fits_context(prompt, sampling, self.context_length, self.count_tokens)) is not None:
+            raise ConfigError(f"{reason}; shorten the prompt or lower tokens_to_generate")
 
     def complete_raw(self, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
                      read_timeout: float | None = None) -> dict:
@@ -263,6 +268,40 @@ class OpenAIClient(HttpClient):
         if not self.nemo_openai or n == 1:
             return self.complete(prompt, sampling, n=n, seed=seeds[0])
         return [g for s in range(n) for g in self.complete(prompt, sampling, seed=seeds[s])]
+
+    # --- a shard's prompts ---------------------------------------------------------------------
+
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
+        """One request per prompt (its samples as `n`), all handed to this replica's bounded pool at
+        once, so the engine's continuous batching always has work; results prompt-major. A seeded
+        batch derives each prompt's seeds from (seed, shard, prompt, sample): one prompt per request
+        makes a sample independent of what else is in flight."""
+        n, seed = batch.samples, batch.sampling.random_seed
+        futures = []
+        for i, prompt in enumerate(batch.prompts):
+            seeds = [None if seed is None else request_seed(seed, batch.shard, i, s) for s in range(n)]
+            futures.append(self.submit(self._samples_or_reject, batch.prompt_format.wrap(prompt), batch.sampling, n,
+                                       seeds, batch.lines[i] if batch.lines is not None else None))
+        results: list[Result] = []
+        try:
+            for fut in futures:
+                for result in fut.result():
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+        except BaseException:
+            for fut in futures:  # a lost server or an open breaker: the rest of the batch is not sent
+                fut.cancel()
+            raise
+        return results
+
+    def _samples_or_reject(self, prompt: str, sampling: SamplingParams, n: int, seeds: list[int | None],
+                           line: int | None) -> list[Result]:
+        try:
+            return self.samples(prompt, sampling, n, seeds)
+        except RequestRejected as exc:
+            log.warning("prompt %s rejected by the server: %s", where(line), exc)
+            return [exc] * n
 
     # --- liveness ----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ move from its place (and how many results wait to be written in input order); a 
 one batch is plain arrival-order batching. `in_input_order` runs the planned batches and
 hands results back in input order, holding at most one window of them.
 
-Pure: no I/O, no server, no Prefect. Lengths are estimates (`infra.engines.nemo.estimate_tokens`,
+Pure: no I/O, no server, no Prefect. Lengths are estimates (`infra.prompting.tokens.estimate_tokens`,
 UTF-8 bytes, when no tokenizer is at hand); only their order matters.
 
     plan = plan_batches(prompts, 32, 8, length=estimate_tokens)

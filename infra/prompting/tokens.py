@@ -29,17 +29,38 @@ import bisect
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from infra.errors import ConfigError
-from infra.engines.nemo import estimate_tokens
+from infra.prompting.sampling import SamplingParams
 from infra.storage.local import sha256_file
 from infra.prompting.tokenizer_files import TokenizerSource, locate_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count when no tokenizer is at hand: every token of a byte-fallback
+    BPE/SentencePiece vocabulary covers at least one UTF-8 byte, so bytes >= tokens."""
+    return len(text.encode("utf-8"))
+
+
+def check_fits_context(
+    prompt: str, sampling: SamplingParams, context_length: int, count_tokens: Callable[[str], int] = estimate_tokens
+) -> str | None:
+    """None when prompt + generation fits the context, else the reason. The one rule the plan, the
+    judge and both API clients apply (NeMo's server never checks; an OpenAI server refuses only
+    after a round trip, with a message of its own)."""
+    n = count_tokens(prompt) + (1 if sampling.add_BOS else 0)  # NeMo prepends BOS to the ids
+    if n + sampling.tokens_to_generate > context_length:
+        return (
+            f"prompt has {n} tokens + tokens_to_generate {sampling.tokens_to_generate} "
+            f"> context length {context_length}"
+        )
+    return None
 
 
 class TokenCounter(Protocol):

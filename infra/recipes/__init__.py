@@ -3,7 +3,6 @@
 - `params`: the user's recipe (`RecipeParams`, the flow's nested `recipe` parameter).
 - `templates`: the prompt template, sandboxed Jinja2 over the record's fields.
 - `examples`: few-shot examples, k per record, chosen from the record's id.
-- `samples`: several samples per prompt, batches of one sample index, per-request seeds.
 - `recipe`: the loaded recipe (`Recipe`): renders a record, names what it changes in a run's config.
 
 No Prefect here (infra/ rule); the flow loads the recipe once, the plan and the generation

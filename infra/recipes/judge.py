@@ -16,7 +16,8 @@ import logging
 from dataclasses import dataclass
 
 from infra.run.manifest import config_hash
-from infra.engines.nemo import GeneratedText, check_fits_context
+from infra.engines.batch import GeneratedText, PromptBatch
+from infra.engines.http import HttpClient
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.params import JudgeParams
 from infra.recipes.templates import PromptTemplate, RenderError, load_template, prompt_char_limit, render
@@ -24,7 +25,7 @@ from infra.prompting.sampling import SamplingParams
 from infra.run.layout import judge_name, judge_state_name
 from infra.run.states import describes, invalidate, read_described
 from infra.storage.jsonl import publish, read_rows, read_state
-from infra.prompting.tokens import token_counter
+from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Judge:
     sampling: SamplingParams
     prompt_format: PromptFormat = RAW
     context_length: int = 4096
-    tokenizer: str | None = None  # the run's token counter: a judging prompt must fit as a prompt must
+    counter: TokenCounter = ByteEstimate()  # the run's token counter: a judging prompt must fit as a prompt must
 
     def identity(self, generation_hash: str) -> str:
         """What makes a judgement: the parts judged, the template, how the judge samples and what it is sent."""
@@ -48,7 +49,7 @@ class Judge:
     def prompts(self, rows: list[dict]) -> list[str | dict]:
         """Each row's judging prompt, or {"error": why} for a row it cannot be built for."""
         compiled, out, max_chars = self.template.compiled(), [], prompt_char_limit(self.context_length)
-        count = token_counter(self.tokenizer).count
+        count = self.counter.count
         for row in rows:
             try:
                 text = render(compiled, {**row, "id": row.get("id"), "sample": row.get("sample", 0)}, max_chars)
@@ -61,10 +62,8 @@ class Judge:
             out.append(text)
         return out
 
-    def judge_rows(self, client, rows: list[dict], batch_size: int) -> list[dict]:
+    def judge_rows(self, client: HttpClient, rows: list[dict], batch_size: int) -> list[dict]:
         """One judgement per row, in row order: {"id", "sample", "reply"} or {"id", "sample", "error"}."""
-        from infra.generation import generate_texts
-
         prompts = self.prompts(rows)
         todo = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         out: list[dict] = [{"id": r.get("id"), "sample": r.get("sample", 0)} for r in rows]
@@ -73,7 +72,8 @@ class Judge:
                 out[i].update(p)
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
-            for i, result in zip(idx, generate_texts(client, [prompts[i] for i in idx], self.sampling, self.prompt_format)):
+            batch = PromptBatch([prompts[i] for i in idx], self.sampling, self.prompt_format, batch_size=batch_size)
+            for i, result in zip(idx, client.generate_batch(batch)):
                 if isinstance(result, GeneratedText):
                     out[i]["reply"] = result.completion.text
                 else:
@@ -82,13 +82,13 @@ class Judge:
 
 
 def load_judge(params: JudgeParams, settings, prompt_format: PromptFormat, add_bos: bool = False,
-               tokenizer: str | None = None) -> Judge | None:
+               counter: TokenCounter = ByteEstimate()) -> Judge | None:
     if not params.enabled:
         return None
     template = load_template(params.template, settings, "judge.template")
     sampling = SamplingParams(tokens_to_generate=params.tokens_to_generate, greedy=True, end_strings=list(params.end_strings),
                               add_BOS=add_bos)
-    return Judge(params, template, sampling, prompt_format, settings.model.context_length, tokenizer)
+    return Judge(params, template, sampling, prompt_format, settings.model.context_length, counter)
 
 
 def judge_part(client, store, judge: Judge, part, batch_size: int, rows: list[dict] | None = None) -> dict:

@@ -11,7 +11,6 @@ import logging
 from infra.engines.served_model import ServedModel, recorded_served
 from infra.generation import ShardResult
 from infra.planning import Plan, RunConfig, load_published
-from infra.prompting.tokens import token_counter
 from infra.run.layout import MANIFEST, REJECTS
 from infra.run.manifest import (Manifest, PartInfo, earlier_manifest, generated_tokens, merge_rejects, prompt_matches,
                                 run_job_ids, run_replicas)
@@ -65,7 +64,7 @@ def publish_manifest(store: OutputStore, cfg: RunConfig, the_plan: Plan, parts: 
         rejects=REJECTS if (the_plan.rejected or refused) else None,
         server_restarts=(earlier.server_restarts if earlier else 0) + restarts,
         replicas=run_replicas(earlier, parts, replicas, invocation), rollovers=rollovers or {},
-        token_counter=token_counter(cfg.tokenizer).description, prompt_match=prompt_matches(parts), curation=curated,
+        token_counter=cfg.counter.description, prompt_match=prompt_matches(parts), curation=curated,
     )
     store.write_bytes(MANIFEST, manifest.to_json())
     return manifest

@@ -1,0 +1,53 @@
+"""What both API clients take and give for a shard's prompts (or a part's judging prompts), so the
+generation step and the judge call one method whatever the engine: `generate_batch(PromptBatch)`
+gives one `GeneratedText`, or the `RequestRejected` that refused it, per (prompt, sample), in
+prompt-major order (result i * samples + s), however the requests were sent.
+
+How each API sends them is its own: NeMo's /generate in length-grouped batches of one sample
+index, a rejected batch bisected until the prompts at fault stand alone (nemo.py); OpenAI's
+/v1/completions one prompt per request, its samples as `n`, all through the replica's bounded pool
+(openai.py). Both derive a seeded request's seed as infra/prompting/samples.py says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from infra.engines.completion import Completion
+from infra.errors import RequestRejected
+from infra.prompting.prompt_format import RAW, PromptFormat
+from infra.prompting.sampling import MAX_BATCH, SamplingParams
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    prompt: str
+    completion: Completion
+    generated_tokens: int
+    tokens_unit: str = "tokens"  # NeMo >= 2.1's /v1/completions counts whitespace-split "words"
+    server_tokens: int | None = None  # what the server generated, where the row was cut to the cap
+
+
+Result = Union[GeneratedText, RequestRejected]
+OnResult = Callable[[Result], None]  # told of each result as it comes in (the run's circuit breaker)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts to generate from, and how."""
+
+    prompts: Sequence[str]  # as the records hold them: `prompt_format` wraps each as it is sent
+    sampling: SamplingParams
+    prompt_format: PromptFormat = RAW
+    samples: int = 1  # results per prompt: the recipe's samples_per_prompt
+    shard: int = 0  # a seeded request's seed derives from (seed, shard, …) (infra.prompting.samples)
+    batch_size: int = MAX_BATCH  # NeMo: prompts per request
+    length_window: int = 1  # NeMo: batches' worth of prompts sorted by length together (1: as given)
+    lines: Sequence[int] | None = None  # the prompts' input lines, which name them in the log (None: the judge's)
+
+
+def where(line: int | None) -> str:
+    """A prompt as the log names it."""
+    return "(judge)" if line is None else f"at input line {line}"
