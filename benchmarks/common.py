@@ -123,7 +123,7 @@ def prefect_api(workdir: Path) -> Iterator[PrefectAPI]:
 
 @dataclass(frozen=True)
 class Cost:
-    """The simulated engine's cost model (infra/local_server/engines.py SimCost), as CLI flags."""
+    """The simulated engine's cost model (infra/local_server/simulated_model.py SimCost), as CLI flags."""
 
     prefill_s_per_token: float = 0.0
     decode_step_s: float = 0.0
@@ -142,7 +142,7 @@ class Cost:
 
 
 def stock_server_has_nodelay() -> bool:
-    from infra.local_server.server import GenerateHandler
+    from infra.local_server.handler import GenerateHandler
 
     return bool(getattr(GenerateHandler, "disable_nagle_algorithm", False))
 

@@ -50,7 +50,7 @@ def _sampling(**kw):
 def static(srv, prompts: list[str], batch: int) -> dict:
     from infra.prompting.batching import plan_batches
     from infra.engines.nemo import NemoClient
-    from infra.local_server.engines import SimulatedEngine
+    from infra.local_server.simulated_model import SimulatedEngine
 
     tok = SimulatedEngine()  # the server's tokenizer rule (regex pieces): steps per request from its reply
     client, sampling = NemoClient(srv.url), _sampling()

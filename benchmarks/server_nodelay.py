@@ -7,7 +7,7 @@ Nagle's algorithm on, the body waits for the client's delayed ACK of the headers
 Linux), so every reply takes at least 40 ms however fast the engine is. That stall belongs to
 the stand-in server, not to the orchestrator, and it caps a zero-cost benchmark near
 1,000 records/s. benchmarks/run.py uses this launcher only while
-`infra.local_server.server.GenerateHandler.disable_nagle_algorithm` is not set, and says so
+`infra.local_server.handler.GenerateHandler.disable_nagle_algorithm` is not set, and says so
 in results.md (see benchmarks/README in results.md, "server launcher").
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.local_server import server  # noqa: E402
+from infra.local_server import handler  # noqa: E402
 from infra.local_server.cli import main  # noqa: E402
 
-server.GenerateHandler.disable_nagle_algorithm = True
+handler.GenerateHandler.disable_nagle_algorithm = True
 
 if __name__ == "__main__":
     raise SystemExit(main())

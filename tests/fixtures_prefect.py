@@ -18,7 +18,7 @@
 
 The local-smoke run serves the tiny model (`tiny_model_dir`, the transformers engine), so
 the deployment runs as it does on an operator's machine. The Slurm settings in the worker's
-environment are the ones tests/test_slurm_flow.py uses (a 2-node test profile, runtime none,
+environment are tests/fixtures_slurm.py's `slurm_test_env` (a 2-node test profile, runtime none,
 the server command replaced by the simulated NeMo-compatible server), plus a short heartbeat
 timeout so the dead-man switch fires within seconds.
 
@@ -33,7 +33,6 @@ under the session's job root are cancelled.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -54,6 +53,7 @@ from infra.system.commands import CommandResult, run_command
 from infra.deadline import Deadline, poll_until
 from infra.errors import CommandError
 from infra.system.process import start_process_group, stop_process_group
+from tests.fixtures_slurm import TEST_PROFILES, slurm_test_env
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "nemotron-sdg"  # the work pool prefect.yaml names (definitions.site.work_pool_name)
@@ -64,9 +64,6 @@ SMOKE_RUN_S = 300.0
 HEARTBEAT_TIMEOUT_S = 15
 HEARTBEAT_INTERVAL_S = 2
 FLOW_HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY for the flow runs (Prefect's minimum)
-TEST_PROFILES = {
-    "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
-}
 FLOW_RUN_UUID = re.compile(r"UUID: ([0-9a-f-]{36})")
 AUTH_USER = "nsdg-test"
 # Credentials the worker (so every flow run) holds, set to markers tests/test_secrets.py looks for
@@ -329,24 +326,16 @@ def prefect_worker(prefect_server, work_pool, tiny_model_dir, tmp_path_factory) 
 
     root = tmp_path_factory.mktemp("prefect-runs")
     port = free_port()
-    server_command = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated",
-                      "--host", "0.0.0.0", "--port", str(port), "--extra-latency", "0.3"]
     env = prefect_server.env(
         PREFECT_WORKER_QUERY_SECONDS="2",  # pick scheduled runs up within 2 s, not 10
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(FLOW_HEARTBEAT_S),
         NSDG_OUTPUT_URI=str(root / "out"),
         NSDG_WORK_DIR=str(root / "work"),
         NSDG_LOCAL__MODEL_DIR=str(tiny_model_dir),
-        NSDG_EXTRA_PROFILES=json.dumps(TEST_PROFILES),
-        NSDG_SLURM__CONTAINER_RUNTIME="none",
-        NSDG_SLURM__JOB_ROOT=str(root / "jobs"),
-        NSDG_SLURM__TIME_LIMIT="00:10:00",
-        NSDG_SLURM__ENV=json.dumps({"PYTHONPATH": str(Path(__file__).resolve().parents[1])}),  # none is inherited
+        **slurm_test_env(root, port, "--extra-latency", "0.3", profiles={"test2x8": TEST_PROFILES["test2x8"]},
+                         listen=str(port)),
         NSDG_SLURM__HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT_S),
         NSDG_SLURM__HEARTBEAT_INTERVAL_S=str(HEARTBEAT_INTERVAL_S),
-        NSDG_SERVER__PORT=str(port),
-        NSDG_SERVER__READY_TIMEOUT_S="120",
-        NSDG_SERVER__COMMAND=json.dumps(server_command),
         **SECRET_MARKERS,
     )
     worker = PrefectWorker(server=prefect_server, root=root, env=env, server_port=port)

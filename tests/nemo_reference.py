@@ -24,7 +24,7 @@ previous entries are put back, so nothing else in the process sees them):
   TGS's `.tolist()` would make of tensors).
 - `nemo.collections.nlp.modules.common.text_generation_utils.generate` (TGU): Megatron model
   parallel generation on GPUs. The stand-in takes TGU's signature and runs a local engine
-  (`infra/local_server/engines.py`: simulated, or transformers on a tiny model), returning
+  (`infra/local_server/simulated_model.py`, or `transformers_model.py` on a tiny model), returning
   TGU's output dict: sentences, tokens, logprob, full_logprob (the key always present, as TGU
   sets it), token_ids, offsets. Like TGU it iterates `inputs` (a string gives one prompt per
   character), needs the "do generate" broadcast first, and raises for all_probs without
@@ -117,7 +117,7 @@ class EngineGenerate:
         top_k=0, top_p=0.0, greedy=False, repetition_penalty=1.0, end_strings=("<|endoftext|>",),
         min_tokens_to_generate=0, compute_logprob=False, random_seed=None, **strategy_args,
     ) -> dict:
-        from infra.local_server.engines import GenerateParams, build_reply
+        from infra.local_server.nemo_generation import GenerateParams, build_reply
 
         self.broadcasts.take_generate()
         if strategy_args:
@@ -211,7 +211,8 @@ def load_tgs(version: str = NEMO_VERSION) -> types.ModuleType:
 
 
 def _load_engine(args: argparse.Namespace):
-    from infra.local_server.engines import SimulatedEngine, TransformersEngine
+    from infra.local_server.simulated_model import SimulatedEngine
+    from infra.local_server.transformers_model import TransformersEngine
 
     if args.engine == "simulated":
         return SimulatedEngine(finish_fraction=args.sim_finish_fraction)

@@ -35,11 +35,11 @@ def test_run_prints_manifest_last_and_params_file(tmp_path):
     assert data["records_written"] == 2 and data["config"]["sampling"]["greedy"] is True
 
 
-def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, prefect_server):
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "ok"}\n{broken\n')
     out = cli("run", "--input-uri", str(src), "--output-uri", "out", cwd=tmp_path,
-              env={"NSDG_LOCAL__ENGINE": "simulated", "PREFECT_HOME": str(tmp_path / "ph")})
+              env={**prefect_server.client_env(), "NSDG_LOCAL__ENGINE": "simulated", "PREFECT_HOME": str(tmp_path / "ph")})
     assert out.returncode == 2
     assert "line 2: invalid JSON" in out.stderr and "on_bad_input='skip'" in out.stderr
     assert not (tmp_path / ".nemotron-sdg" / "servers").exists()  # nothing was started

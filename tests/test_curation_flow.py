@@ -102,12 +102,12 @@ def test_stages_rerun_alone_filters_without_a_server_and_a_new_judge_without_reg
     assert manifest["records_written"] == 12 and sum(p["records"] for p in manifest["curation"]["kept_parts"]) == 0
 
 
-def test_dedup_keeps_the_same_set_after_kill_9_and_resume(prefect_harness, workdir):
+def test_dedup_keeps_the_same_set_after_kill_9_and_resume(prefect_harness, prefect_server, workdir):
     src = write_input(workdir, 40, distinct=9)
     flags = ["--dedup-exact", "--dedup-near", "--samples-per-prompt", "2", "--tokens-to-generate", "8",
              "--shard-size", "4", "--batch-size", "4", "--output-uri", str(workdir / "out"), "--input-uri", str(src),
              "--prompt-format", "raw"]
-    env, killed_dir = cli_env(workdir), workdir / "out" / "killed"
+    env, killed_dir = cli_env(workdir, prefect_server), workdir / "out" / "killed"
     proc = start_cli_run(workdir, env, "killed", flags)
     try:
         _wait(lambda: len(list(killed_dir.glob("part-*.state.json"))) >= 3, 180, "three parts of the run to be killed")

@@ -40,7 +40,7 @@ def test_loads_the_wheels_server_module_and_leaves_no_stand_in_behind():
 
 
 def test_generate_needs_the_do_generate_broadcast():
-    from infra.local_server.engines import SimulatedEngine
+    from infra.local_server.simulated_model import SimulatedEngine
 
     broadcasts = nemo_reference.Broadcasts()
     generate = nemo_reference.EngineGenerate(broadcasts)

@@ -66,30 +66,32 @@ def test_seeded_samples_are_n_per_record_unique_and_identical_across_runs(prefec
     assert sum(len(v) > 1 for v in per_record.values()) >= 5, per_record
 
 
-def cli_env(workdir) -> dict:
-    """A CLI run's environment: the simulated engine slowed a little, its own temporary Prefect server."""
-    env = {**os.environ, **local_env(workdir, "--extra-latency", "0.1"), "PREFECT_HOME": str(workdir / "prefect")}
-    env.pop("PREFECT_API_URL", None)
-    return env
+def cli_env(workdir, prefect_server) -> dict:
+    """A CLI run's environment: the simulated engine slowed a little, the session's Prefect server
+    (one start for every CLI run, not a temporary server per run)."""
+    return {**os.environ, **local_env(workdir, "--extra-latency", "0.1"), **prefect_server.client_env(),
+            "PREFECT_HOME": str(workdir / "prefect")}
 
 
 def start_cli_run(workdir, env: dict, run_id: str, flags: list[str]) -> subprocess.Popen:
-    """`nemotron-sdg run` in its own session, so kill -9 of its group takes the flow and its Prefect server."""
+    """`nemotron-sdg run` in its own session, so kill -9 of its group takes the flow (the Prefect
+    server outlives it, as an operator's server outlives a killed run)."""
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--run-id", run_id, *flags], cwd=workdir, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(workdir / f"{run_id}.log", "wb"), start_new_session=True)
 
 
-def test_kill_9_mid_run_then_rerun_gives_every_sample_once_with_the_same_completions(prefect_harness, workdir):
+def test_kill_9_mid_run_then_rerun_gives_every_sample_once_with_the_same_completions(prefect_harness, prefect_server,
+                                                                                        workdir):
     src, ex = write_inputs(workdir, 40)
     flags = ["--prompt-template", TEMPLATE, "--examples-uri", str(ex), "--examples-per-prompt", "2",
              "--samples-per-prompt", "3", "--random-seed", "99", "--temperature", "0.8", "--tokens-to-generate", "8",
              "--shard-size", "5", "--batch-size", "4", "--output-uri", str(workdir / "out"), "--input-uri", str(src)]
-    env, killed_dir = cli_env(workdir), workdir / "out" / "killed"
+    env, killed_dir = cli_env(workdir, prefect_server), workdir / "out" / "killed"
     proc = start_cli_run(workdir, env, "killed", flags)
     try:
         _wait(lambda: any(killed_dir.glob("part-*.state.json")), 180, "the first part of the run to be killed")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the flow and its temporary Prefect server; no hook runs
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow; no hook runs
         proc.wait(timeout=30)
     kept = len(list(killed_dir.glob("part-*.state.json")))
     assert 0 < kept < 8, f"{kept} of 8 parts published before the kill: the kill must land mid-run"

@@ -195,12 +195,13 @@ def test_cli_flags_fill_the_recipe_group_over_a_params_file(tmp_path):
 
 
 @pytest.mark.integration
-def test_cli_template_mistakes_are_one_line_and_exit_2(tmp_path):
+def test_cli_template_mistakes_are_one_line_and_exit_2(tmp_path, prefect_server):
     from tests.test_cli import cli, user_error
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"topic": "tides"}\n')
-    env = {"NSDG_LOCAL__ENGINE": "simulated", "PREFECT_HOME": str(tmp_path / "ph"), "NSDG_WORK_DIR": str(tmp_path / "w")}
+    env = {**prefect_server.client_env(), "NSDG_LOCAL__ENGINE": "simulated", "PREFECT_HOME": str(tmp_path / "ph"),
+           "NSDG_WORK_DIR": str(tmp_path / "w")}
     out = cli("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--prompt-template", "{{ topic }",
               cwd=tmp_path, env=env)
     assert out.returncode == 2 and "recipe.prompt_template (inline) line 1" in user_error(out)

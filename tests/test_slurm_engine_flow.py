@@ -15,33 +15,29 @@ import pytest
 
 from flows.generate import generate
 from tests.engine_stubs import write_engine_stubs
+from tests.fixtures_slurm import TEST_PROFILES, slurm_job_env, slurm_test_env
 from tests.ports import free_port
-from tests.test_slurm_flow import TEST_PROFILES, cancel_after_first_part, our_jobs, prompts
+from tests.test_slurm_flow import cancel_after_first_part, our_jobs, prompts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
-REPO = Path(__file__).resolve().parents[1]
 PROFILE = "vllm2x8"
 
 
 @pytest.fixture
-def vllm_env(slurm_cluster, workdir, monkeypatch):
+def vllm_env(slurm_cluster, prefect_harness, workdir, monkeypatch):
     """Settings for a profile switched to vllm; returns a function that sets the stand-in
     server's extra serve-local flags."""
     stubs = write_engine_stubs(workdir / "engine-bin")
-    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps({PROFILE: {**TEST_PROFILES["test2x8"], "engine": "vllm"}}))
-    monkeypatch.setenv("NSDG_SLURM__CONTAINER_RUNTIME", "none")
-    monkeypatch.setenv("NSDG_SLURM__JOB_ROOT", str(workdir / "jobs"))
-    monkeypatch.setenv("NSDG_SLURM__TIME_LIMIT", "00:10:00")
+    port = free_port(span=8)  # launch k listens on port + k
+    profiles = {PROFILE: {**TEST_PROFILES["test2x8"], "engine": "vllm"}}
+    for name, value in slurm_test_env(workdir, port, profiles=profiles, simulated_server=False).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("NSDG_SLURM__SETUP", json.dumps([f"export PATH={shlex.quote(str(stubs))}:$PATH"]))
-    monkeypatch.setenv("NSDG_SERVER__PORT", str(free_port(span=8)))  # launch k listens on port + k
     monkeypatch.setenv("NSDG_SLURM__RAY_PORT", str(free_port()))
-    monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "120")
 
     def serve_flags(*flags: str) -> None:
-        # The job gets none of this process's PYTHONPATH: name this checkout for the stand-ins' Python.
         # Both "nodes" are this host, on loopback: the head's address is given, as a site gives it.
-        monkeypatch.setenv("NSDG_SLURM__ENV", json.dumps({"PYTHONPATH": str(REPO), "STUB_VLLM_EXTRA": json.dumps(flags),
-                                                          "RAY_HEAD_IP": "127.0.0.1"}))
+        monkeypatch.setenv("NSDG_SLURM__ENV", slurm_job_env(STUB_VLLM_EXTRA=json.dumps(flags), RAY_HEAD_IP="127.0.0.1"))
 
     serve_flags()
     return serve_flags

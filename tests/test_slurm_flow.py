@@ -5,7 +5,6 @@ by the project's NeMo-compatible server (rank 0 serves, the other ranks idle as 
 import json
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -13,35 +12,22 @@ from flows.generate import generate
 from infra.deadline import Deadline, poll_until
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady
 from infra.slurm.client import SlurmClient
+from tests.fixtures_slurm import simulated_server_command, slurm_test_env
 from tests.ports import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
-REPO = Path(__file__).resolve().parents[1]
-TEST_PROFILES = {
-    "test2x8": {"backend": "slurm", "nodes": 2, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 2},
-    "test3x8": {"backend": "slurm", "nodes": 3, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 3},
-    "test1x8": {"backend": "slurm", "nodes": 1, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 1},
-}
 
 
 @pytest.fixture
-def slurm_env(slurm_cluster, workdir, monkeypatch):
+def slurm_env(slurm_cluster, prefect_harness, workdir, monkeypatch):
+    # prefect_harness: the session's API for the in-process flows (alone, each would start an ephemeral one)
     port = free_port(span=8)  # launch k (replicas, then restarts) listens on port + k
-    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps(TEST_PROFILES))
-    monkeypatch.setenv("NSDG_SLURM__CONTAINER_RUNTIME", "none")
-    monkeypatch.setenv("NSDG_SLURM__JOB_ROOT", str(workdir / "jobs"))
-    monkeypatch.setenv("NSDG_SLURM__TIME_LIMIT", "00:10:00")
-    # The job gets none of this process's PYTHONPATH: name this checkout for the ranks' Python.
-    monkeypatch.setenv("NSDG_SLURM__ENV", json.dumps({"PYTHONPATH": str(REPO)}))
-    monkeypatch.setenv("NSDG_SERVER__PORT", str(port))
-    monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "120")
+    for name, value in slurm_test_env(workdir, port).items():
+        monkeypatch.setenv(name, value)
 
     def server_command(*extra):
-        cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated",
-               "--host", "0.0.0.0", "--port", "{port}", *extra]  # each replica's port
-        monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(cmd))
+        monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(simulated_server_command(*extra)))
 
-    server_command()
     return server_command
 
 

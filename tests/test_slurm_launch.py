@@ -387,19 +387,13 @@ def test_requeue_is_refused_by_default(slurm_cluster, tmp_path):
 @pytest.mark.integration
 def test_a_requeued_job_is_replaced_and_nothing_is_lost(prefect_harness, slurm_cluster, workdir, monkeypatch, caplog):
     from flows.generate import generate
+    from tests.fixtures_slurm import slurm_test_env
     from tests.ports import free_port
 
-    port = free_port(span=8)
-    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps({"t1x8": PROFILES["t2x8"].model_copy(
-        update={"nodes": 1, "pipeline_parallel": 1}).model_dump()}))
-    for name, value in {"CONTAINER_RUNTIME": "none", "JOB_ROOT": str(workdir / "jobs"), "TIME_LIMIT": "00:10:00",
-                        "REQUEUE": "true", "ENV": json.dumps({"PYTHONPATH": str(REPO)})}.items():
-        monkeypatch.setenv(f"NSDG_SLURM__{name}", value)
-    monkeypatch.setenv("NSDG_SERVER__PORT", str(port))
-    monkeypatch.setenv("NSDG_SERVER__READY_TIMEOUT_S", "120")
-    monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(
-        [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated", "--host", "0.0.0.0",
-         "--port", "{port}", "--extra-latency", "0.2"]))
+    profiles = {"t1x8": PROFILES["t2x8"].model_copy(update={"nodes": 1, "pipeline_parallel": 1}).model_dump()}
+    for name, value in slurm_test_env(workdir, free_port(span=8), "--extra-latency", "0.2", profiles=profiles).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NSDG_SLURM__REQUEUE", "true")
     src = workdir / "in.jsonl"
     src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"requeue prompt {i}"}) + "\n" for i in range(80)))
     run_dir = workdir / "out" / "slurm-requeue"

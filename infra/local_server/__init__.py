@@ -6,8 +6,10 @@ transformers model or a timed simulation (continuous batching behind /v1/complet
     python -m infra.local_server serve-local --model-dir .cache/tiny-model --port 0 --port-file port.txt
     python -m infra.local_server serve-local --engine simulated --port 1424
 
-Modules: `server` (HTTP contract, lock, faults, lifecycle), `nemo_validation` (TGS's request
-checks), `openai_api` (the OpenAI routes and the continuous-batching scheduler), `engines` (transformers and
-simulated engines, NeMo's generation semantics), `tiny_model` (offline random-weight model),
+Modules: `serve` (process lifecycle: load, bind, signals), `handler` (the HTTP contract and Flask's
+routing quirks), `service` (PUT /generate without HTTP: FIFO lock, faults, stats), `nemo_validation`
+(TGS's request checks), `openai_api` (the OpenAI routes and the continuous-batching scheduler),
+`nemo_generation` (NeMo's generation semantics, the `Engine` protocol), `transformers_model` and
+`simulated_model` (the two engines), `tiny_model` (offline random-weight model),
 `cli` (argparse subcommands, `register(subparsers)` for the project's CLI).
 """

@@ -31,7 +31,7 @@ engines:
   simulated     no model: deterministic text and a modelled compute time
                 sleep = prefill * longest_prompt_tokens * batch
                       + steps * decode_step * (1 + batch_slope * batch)
-                (all zero by default; see infra/local_server/engines.py for planning figures)
+                (all zero by default; see infra/local_server/simulated_model.py for planning figures)
 """
 
 
@@ -144,7 +144,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve_local(args: argparse.Namespace) -> int:
-    from infra.local_server.server import FaultPlan, ServeConfig, serve
+    from infra.local_server.serve import ServeConfig, serve
+    from infra.local_server.service import FaultPlan
 
     _configure_logging(args.log_level)
     if args.engine == "transformers" and args.model_dir is None:
@@ -181,7 +182,8 @@ def run_serve_local(args: argparse.Namespace) -> int:
 
 
 def _load_engine(args: argparse.Namespace):
-    from infra.local_server.engines import SimCost, SimulatedEngine, TransformersEngine
+    from infra.local_server.simulated_model import SimCost, SimulatedEngine
+    from infra.local_server.transformers_model import TransformersEngine
 
     if args.engine == "simulated":
         if args.model_dir is not None:

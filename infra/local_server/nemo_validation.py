@@ -1,4 +1,4 @@
-"""TGS `put()`'s request validation for the local `/generate` server (server.py): its checks, in its
+"""TGS `put()`'s request validation for the local `/generate` server (service.py): its checks, in its
 order, with its exact messages (checked against NeMo's own code: tests/nemo_reference.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from infra.local_server.engines import GenerateParams
+from infra.local_server.nemo_generation import GenerateParams
 
 log = logging.getLogger(__name__)
 

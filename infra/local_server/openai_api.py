@@ -29,7 +29,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from infra.local_server.engines import Engine, GenerateParams, SimCost, SimulatedEngine, StopRule, prompt_ids
+from infra.local_server.nemo_generation import Engine, GenerateParams, StopRule, prompt_ids
+from infra.local_server.simulated_model import SimCost, SimulatedEngine
 
 log = logging.getLogger(__name__)
 ERROR_SHAPES = ("nested", "flat")

@@ -24,10 +24,10 @@ import os
 from pathlib import Path
 
 from infra.local_server.model_dir import build_model_dir
+from infra.local_server.nemo_generation import EOS_TOKEN
 
 log = logging.getLogger(__name__)
 
-EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 1024
 SEED = 1234
 # Files whose presence means "a model is already here".
