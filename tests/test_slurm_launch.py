@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
