@@ -106,3 +106,29 @@ def test_a_module_run_with_parent_stops_when_its_starter_is_killed(tmp_path):
     finally:
         if not gone(child):
             os.killpg(child, signal.SIGKILL)
+
+
+def test_a_command_runs_to_its_end_through_a_ctrl_c_at_the_terminal(tmp_path):
+    # A terminal's Ctrl-C is a SIGINT to the whole foreground process group. The CLI handles it
+    # (releases, then exits 130); a command it runs meanwhile (squeue, scancel) must not die of it.
+    # The stand-in for the CLI leads its own group, handles SIGINT (a handler, not SIG_IGN, which a child
+    # would inherit), and runs a 2 s command; the
+    # group gets SIGINT while the command sleeps.
+    script = ("import signal, sys; signal.signal(signal.SIGINT, lambda *_: None); "
+              "from infra.system.commands import run_command; "
+              "print('started', flush=True); "
+              f"r = run_command(['sh', '-c', 'touch {tmp_path}/asleep; sleep 2; echo done'], timeout=30, check=False); "
+              "print(r.returncode, r.stdout.strip(), flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        poll_until(lambda: (tmp_path / "asleep").exists() or None, deadline=Deadline(30), interval=0.05,
+                   what="the command to start")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert out.strip() == "0 done", f"the command was cut short by the terminal's Ctrl-C: {out!r}"

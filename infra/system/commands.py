@@ -48,6 +48,10 @@ def run_command(
             timeout=timeout,
             env=dict(env) if env is not None else None,
             cwd=cwd,
+            # Its own session: a Ctrl-C at the terminal goes to the whole foreground process group,
+            # and a squeue or scancel of the CLI's teardown must not die of it (exit -2) while the
+            # CLI, which decides when to stop, is still releasing the allocation.
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise CommandError(
