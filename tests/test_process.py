@@ -111,9 +111,8 @@ def test_a_module_run_with_parent_stops_when_its_starter_is_killed(tmp_path):
 def test_a_command_runs_to_its_end_through_a_ctrl_c_at_the_terminal(tmp_path):
     # A terminal's Ctrl-C is a SIGINT to the whole foreground process group. The CLI handles it
     # (releases, then exits 130); a command it runs meanwhile (squeue, scancel) must not die of it.
-    # The stand-in for the CLI leads its own group, handles SIGINT (a handler, not SIG_IGN, which a child
-    # would inherit), and runs a 2 s command; the
-    # group gets SIGINT while the command sleeps.
+    # The stand-in for the CLI leads its own group, handles SIGINT (a handler, not SIG_IGN, which a
+    # child would inherit), and runs a 2 s command; the group gets SIGINT while the command sleeps.
     script = ("import signal, sys; signal.signal(signal.SIGINT, lambda *_: None); "
               "from infra.system.commands import run_command; "
               "print('started', flush=True); "
