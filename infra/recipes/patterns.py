@@ -1,4 +1,4 @@
-"""The user's regexes (`filters.must_match`, `filters.must_not_match`, `judge.score_pattern`):
+"""The user's regexes (`filters.must_match`, `filters.must_not_match`, `judge.score_pattern`, `split.pattern`):
 compiled and searched here, and only here, with a time bound.
 
 A pattern from a form field can backtrack catastrophically (`^\\s*(\\w+\\s?)+[.?!]?$` on a text with
@@ -34,11 +34,26 @@ class UserPattern:
         try:
             return self.compiled.search(text, timeout=SEARCH_SECONDS)
         except TimeoutError:
-            raise ConfigError(
-                f"{self.what} {self.pattern!r} searched one text of {len(text)} characters for more than "
-                f"{SEARCH_SECONDS:g} s of CPU time: it backtracks catastrophically (nested repetition such as (\\w+\\s?)+). "
-                "Rewrite it without repetition inside repetition (or make the inner part atomic, (?>...)), "
-                "then rerun under the same run_id: only the curation stage reruns.") from None
+            raise self._too_slow(text) from None
+
+    def finditer(self, text: str, limit: int) -> list[regex.Match]:
+        """At most `limit` non-overlapping matches, in order; the whole scan within SEARCH_SECONDS."""
+        found: list[regex.Match] = []
+        try:
+            for m in self.compiled.finditer(text, timeout=SEARCH_SECONDS):
+                found.append(m)
+                if len(found) >= limit:
+                    break
+        except TimeoutError:
+            raise self._too_slow(text) from None
+        return found
+
+    def _too_slow(self, text: str) -> ConfigError:
+        return ConfigError(
+            f"{self.what} {self.pattern!r} searched one text of {len(text)} characters for more than "
+            f"{SEARCH_SECONDS:g} s of CPU time: it backtracks catastrophically (nested repetition such as (\\w+\\s?)+). "
+            "Rewrite it without repetition inside repetition (or make the inner part atomic, (?>...)), "
+            "then rerun under the same run_id: only the curation stage reruns.")
 
 
 def compile_pattern(pattern: str, what: str) -> UserPattern:
