@@ -25,6 +25,7 @@ SEARCH_SECONDS = 1.0  # CPU seconds for one search of one text: ample for any li
 class UserPattern:
     what: str  # the parameter, as the user names it: "filters.must_match[0]"
     compiled: regex.Pattern
+    rerun: str = "then rerun under the same run_id: only the curation stage reruns"  # the error's last step
 
     @property
     def pattern(self) -> str:
@@ -53,12 +54,12 @@ class UserPattern:
             f"{self.what} {self.pattern!r} searched one text of {len(text)} characters for more than "
             f"{SEARCH_SECONDS:g} s of CPU time: it backtracks catastrophically (nested repetition such as (\\w+\\s?)+). "
             "Rewrite it without repetition inside repetition (or make the inner part atomic, (?>...)), "
-            "then rerun under the same run_id: only the curation stage reruns.")
+            f"{self.rerun}.")
 
 
-def compile_pattern(pattern: str, what: str) -> UserPattern:
+def compile_pattern(pattern: str, what: str, rerun: str = UserPattern.rerun) -> UserPattern:
     """The pattern, or ValueError naming the parameter (a pydantic validator's error)."""
     try:
-        return UserPattern(what, regex.compile(pattern))
+        return UserPattern(what, regex.compile(pattern), rerun)
     except regex.error as exc:
         raise ValueError(f"{what} {pattern!r} is not a valid regex: {exc}") from None

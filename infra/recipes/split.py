@@ -96,7 +96,7 @@ def split_reply(reply: str | None, params: SplitParams) -> Split | Verdict:
         if isinstance(found, Verdict):
             return found
     elif params.parser == "regex":
-        rx = compile_pattern(params.pattern, "split.pattern")
+        rx = compile_pattern(params.pattern, "split.pattern", "then rerun under the same run_id")
         found = [_clean(m.group(1), params.strip) for m in rx.finditer(reply, params.max_items + 1) if m.group(1) is not None]
         found = [i for i in found if i]
     elif params.parser == "lines":
