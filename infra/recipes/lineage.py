@@ -30,7 +30,7 @@ ROW_FIELDS = (*RESERVED_FIELDS, "lineage", "parent", "judge", "split")
 # prompt and generation metadata stay in the parent stage's own rows (reachable by lineage), so a
 # row does not grow with every stage's prompt.
 NOT_PASSED = ("id", "sample", "lineage", "prompt", "generation")
-_SEGMENT = re.compile(r"(?s)(?P<parent>.+)\.(?P<sample>0|[1-9][0-9]*)/(?P<stage>[A-Za-z][A-Za-z0-9_-]{0,63})\.(?P<item>0|[1-9][0-9]*)")
+_SEGMENT = re.compile(r"(?s)(?P<parent>.*)\.(?P<sample>0|[1-9][0-9]*)/(?P<stage>[A-Za-z][A-Za-z0-9_-]{0,63})\.(?P<item>0|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ def check_stage_name(name: str) -> str:
 
 def child_id(parent_id: str, sample: int, stage: str, item: int = 0) -> str:
     """The id of the row `stage` generated from record `parent_id` (sample `sample`, split item `item`)."""
-    if not parent_id:
-        raise ValueError("a parent id is never empty")
     if sample < 0 or item < 0:
         raise ValueError(f"sample {sample} and item {item} must be ≥ 0")
     return f"{parent_id}.{int(sample)}/{check_stage_name(stage)}.{int(item)}"
