@@ -170,11 +170,12 @@ MARKUP = st.text(alphabet=st.sampled_from("1234567890.)(-*+\u2022 \t\n\r[]{}\",:
 
 
 @FAST
-@given(reply=MARKUP | st.none(), parser=st.sampled_from(["numbered_list", "bulleted_list", "lines", "json_list"]),
+@given(reply=MARKUP | st.none(), parser=st.sampled_from(["numbered_list", "bulleted_list", "lines", "json_list", "regex"]),
        min_items=st.integers(1, 5), extra=st.integers(0, 5), too_many=st.sampled_from(["truncate", "drop"]))
 @example(reply='[{"id": 1}, "x", {"completion": null}]', parser="json_list", min_items=1, extra=0, too_many="truncate")
 def test_splitting_never_raises_and_keeps_its_bounds(reply, parser, min_items, extra, too_many):
-    params = P(parser, min_items=min_items, max_items=min_items + extra, too_many=too_many)
+    params = P(parser, min_items=min_items, max_items=min_items + extra, too_many=too_many,
+               pattern=r"(?m)^\s*(?:\d+[.)])?(.*)$" if parser == "regex" else None)
     got = split_reply(reply, params)
     if isinstance(got, Verdict):
         assert got.filter in ("split_unparsed", "split_too_few", "split_too_many")
