@@ -191,6 +191,9 @@ def locations(pipeline: Pipeline) -> dict[str, str]:
 def load_pipeline(uri: str, settings) -> Pipeline:
     """The pipeline file at `uri`, validated, its locations resolved and each inside NSDG_ALLOWED_URIS."""
     check_allowed(uri, settings.allowed_uris, what="--pipeline")
+    if not is_s3(uri) and not local_path(uri).is_file():
+        raise ConfigError(f"pipeline {uri}: no such file ({local_path(uri).resolve()}); give the path of a pipeline "
+                          "file (docs/pipelines.md)")
     data = read_text(uri, settings, "pipeline file", MAX_PIPELINE_BYTES)
     try:
         text = data.decode("utf-8")
