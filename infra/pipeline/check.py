@@ -8,8 +8,9 @@ For each stage, parents first:
   `into`, the output schema's properties), the fields the parent read, passed on, and under
   `parent` those the parent's own fields hide (`{{ parent.completion }}`);
 - the template is rendered as a run renders it (infra/recipes/recipe.py): on the input's first rows
-  for a first stage, on a placeholder row for a child, since no server runs to write its parent's
-  replies; the judge's template likewise, on a placeholder of the stage's own row.
+  for a first stage, for a child on placeholder rows of its parent (one per first input row, the
+  input's fields passed on, placeholders for what a server would write); the judge's template
+  likewise, on the placeholders of the stage's own rows.
 A variable the template tests with `is defined` is optional: not required of the parent (a use of it
 outside the test is still caught when the first input rows are rendered).
 """
@@ -75,8 +76,7 @@ def _first_records(uri: str, settings, templated: bool, count: int) -> list[Reco
     return out
 
 
-def _child_record(parent: StageCheck, stage: Stage) -> Record:
-    row = parent.rows[0]
+def _child_record(row: dict, stage: Stage) -> Record:
     return Record(f"{row['id']}/{stage.name}", "", 0, {k: v for k, v in row.items() if k != "id"})
 
 
@@ -115,12 +115,13 @@ def _check_prompts(stage: Stage, recipe: Recipe, records: list[Record], source: 
     return prompts
 
 
-def _check_judge(stage: Stage, judge: Judge, row: dict) -> str:
-    _require(stage, "judge.template", judge.template, {*row, "id", "sample"}, f"the rows of stage {stage.name!r}")
-    (prompt,) = judge.prompts([row])
-    if isinstance(prompt, dict):
-        raise ConfigError(f"stage {stage.name!r}: {prompt['error']}")
-    return prompt
+def _check_judge(stage: Stage, judge: Judge, rows: list[dict]) -> str:
+    have = set.intersection(*({*row, "id", "sample"} for row in rows))
+    _require(stage, "judge.template", judge.template, have, f"the rows of stage {stage.name!r}")
+    prompts = judge.prompts(rows)
+    if errors := [p for p in prompts if isinstance(p, dict)]:
+        raise ConfigError(f"stage {stage.name!r}: {errors[0]['error']}")
+    return prompts[0]
 
 
 def check_stage(pipeline: Pipeline, stage: Stage, done: dict[str, StageCheck], settings, rows: int) -> StageCheck:
@@ -131,12 +132,13 @@ def check_stage(pipeline: Pipeline, stage: Stage, done: dict[str, StageCheck], s
         records, source, reads = (_first_records(uri, settings, recipe.templated, rows),
                                   f"the first rows of its input {uri}", f"input {PurePosixPath(uri).name}")
     else:
-        records, source, reads = [_child_record(parent, stage)], f"the rows of stage {parent.stage.name!r}", parent.stage.name
+        records, source, reads = ([_child_record(row, stage) for row in parent.rows],
+                                  f"the rows of stage {parent.stage.name!r}", parent.stage.name)
     result = StageCheck(stage, reads, recipe, load_judge(stage.judge, settings, RAW))
     result.prompts = _check_prompts(stage, recipe, records, source)
     result.rows = [output_row(stage, rec, prompt) for rec, prompt in zip(records, result.prompts)]
     if result.judge is not None:
-        result.judge_prompt = _check_judge(stage, result.judge, result.rows[0])
+        result.judge_prompt = _check_judge(stage, result.judge, result.rows)
     return result
 
 
