@@ -231,6 +231,32 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="check a pipeline file and render its templates, without a server",
+                       description="Validate a pipeline file (docs/pipelines.md), render each stage's template on the "
+                                   "input's first rows (a later stage on a placeholder of its parent's row) and print "
+                                   "the stage graph. Starts no server and asks for no GPU.")
+    p.add_argument("--pipeline", required=True, help="the pipeline file: YAML or JSON, a local path, file:// or s3://")
+    p.add_argument("--rows", type=_rows, default=3, metavar="N",
+                   help="input rows each first stage's template is rendered on, 1 to 100 (default 3)")
+    p.add_argument("--show-prompts", action="store_true", help="also print each stage's first rendered prompt")
+    p.set_defaults(func=_check)
+
+
+def _rows(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 100")
+    return int(text)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from infra.pipeline.check import check_file
+    from infra.settings import load_settings
+
+    print("\n".join(check_file(args.pipeline, load_settings(), args.rows, args.show_prompts)))
+    return 0
+
+
 def _add_install_automations(sub) -> None:
     from flows import zombies
 
@@ -275,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_render(sub)
+    _add_check(sub)
     _add_install_automations(sub)
     register_local_server(sub)
     return parser

@@ -16,13 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from infra.errors import ConfigError
+from infra.pipeline.fields import shared_field
 from infra.planning import RunConfig
 from infra.prompting.prompt_format import PromptFormatName, load_prompt_format
 from infra.prompting.tokens import token_counter
 from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
-from infra.prompting.sampling import MAX_BATCH, SamplingParams
+from infra.prompting.sampling import SamplingParams
 from infra.storage.uris import validate_key_component
 
 
@@ -38,28 +39,22 @@ class RunParams(BaseModel):
                                                                    "s3://bucket/prefix); default NSDG_OUTPUT_URI")
     run_id: str | None = Field(None, description="reuse a run id to resume it; default: derived from the flow run")
     profile: str = Field("local", description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")
-    sampling: SamplingParams = Field(default_factory=SamplingParams, description="sampling parameters sent to /generate")
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=f"prompts per PUT /generate (the server allows at most {MAX_BATCH})")
+    sampling: SamplingParams = shared_field("sampling")
+    batch_size: int = shared_field("batch_size")
     shard_size: int = Field(4000, ge=1, le=1_000_000, description="records per output part: the unit of retry, resume and upload")
     prompt_field: str = Field("prompt", min_length=1, description="JSONL field holding the prompt")
     id_field: str = Field("id", min_length=1, description="JSONL field holding the record's id (a line without one gets an id derived from it)")
     on_bad_input: Literal["fail", "skip"] = Field("fail", description="fail on unusable lines, or skip them into rejects.jsonl")
     overlong_prompts: Literal["reject", "truncate_left"] = Field(
         "reject", description="prompts too long for the context: reject them, or keep their end")
-    prompt_format: PromptFormatName | None = Field(
-        None, description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat "
-                          "template); default: the profile's (local: chat when its model has a template, else raw)")
+    prompt_format: PromptFormatName | None = shared_field("prompt_format")
     replicas: int | None = Field(None, ge=1, le=64, description="server replicas sharing the work, each its own "
                                                                 "allocation; default NSDG_SERVER__REPLICAS (1)")
     max_server_restarts: int | None = Field(
         None, ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")
-    recipe: RecipeParams = Field(default_factory=RecipeParams, description="prompts from a template over each record, "
-                                 "few-shot examples, several samples per prompt")
-    judge: JudgeParams = Field(default_factory=JudgeParams, description="score each generated record with the same server "
-                               "(same allocation): a judging template, the score's pattern, a minimum score")
-    filters: FilterParams = Field(default_factory=FilterParams, description="what is kept: truncation, length, repetition, "
-                                  "regexes, exact and near duplicates; dropped records go to filtered.jsonl with their "
-                                  "reason. Changing only these reruns no generation")
+    recipe: RecipeParams = shared_field("recipe")
+    judge: JudgeParams = shared_field("judge")
+    filters: FilterParams = shared_field("filters")
 
     @field_validator("run_id")
     @classmethod

@@ -15,7 +15,7 @@ def cli(*args, cwd, env=None, timeout=300):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["serve-local"], ["make-tiny-model"], ["render"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["serve-local"], ["make-tiny-model"], ["render"], ["check"]])
 def test_help_on_every_command(command, tmp_path):
     out = cli(*command, "--help", cwd=tmp_path)
     assert out.returncode == 0 and "usage:" in out.stdout

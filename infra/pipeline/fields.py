@@ -1,0 +1,39 @@
+"""The settings a run and a pipeline stage share, defined once: `StageSettings` holds them with
+their types, defaults, bounds and descriptions; flows/params.py RunParams takes each of these
+fields from here (`shared_field`), and a pipeline's `Stage` subclasses `StageSettings`. So the CLI
+flags, the UI form, docs/parameters.md and the pipeline file all read the same definition."""
+
+from __future__ import annotations
+
+import copy
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+from infra.prompting.prompt_format import PromptFormatName
+from infra.prompting.sampling import MAX_BATCH, SamplingParams
+from infra.recipes.params import FilterParams, JudgeParams, RecipeParams
+
+
+class StageSettings(BaseModel):
+    """What one generation pass is made with: a run has one, each stage of a pipeline its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="sampling parameters sent to /generate")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=f"prompts per PUT /generate (the server allows at most {MAX_BATCH})")
+    prompt_format: PromptFormatName | None = Field(
+        None, description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat "
+                          "template); default: the profile's (local: chat when its model has a template, else raw)")
+    recipe: RecipeParams = Field(default_factory=RecipeParams, description="prompts from a template over each record, "
+                                 "few-shot examples, several samples per prompt")
+    judge: JudgeParams = Field(default_factory=JudgeParams, description="score each generated record with the same server "
+                               "(same allocation): a judging template, the score's pattern, a minimum score")
+    filters: FilterParams = Field(default_factory=FilterParams, description="what is kept: truncation, length, repetition, "
+                                  "regexes, exact and near duplicates; dropped records go to filtered.jsonl with their "
+                                  "reason. Changing only these reruns no generation")
+
+
+def shared_field(name: str) -> FieldInfo:
+    """A copy of StageSettings' field `name`, to declare it in another model (RunParams)."""
+    return copy.deepcopy(StageSettings.model_fields[name])

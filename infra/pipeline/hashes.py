@@ -1,0 +1,67 @@
+"""Each stage's config hash: its own settings plus its parent's hash, so a change to a stage reaches
+the stages after it and none before it.
+
+Two hashes per stage, as a run has today (infra/planning.py's fingerprint, infra/recipes/curate.py's
+stage hash): `generation` names what its parts hold (its generation settings and its parent's
+`kept`), `kept` adds what curation keeps of them (judge, filters). A change to a stage's filters
+alone changes its `kept` hash and not its `generation` hash: it is re-curated with no server, and
+its children, whose parent hash is that `kept`, regenerate.
+
+Pure: the files a stage reads (templates, examples, its input) count by their contents when the
+caller gives their sha256 in `files` (location -> sha256), else by their location.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from infra.pipeline.model import Pipeline, Stage
+from infra.run.manifest import config_hash
+
+
+@dataclass(frozen=True)
+class StageHash:
+    generation: str  # the stage's parts: its generation settings and its parent's `kept`
+    kept: str  # its kept rows: `generation`, the judge and the filters; its children's parent hash
+
+
+def _file(value: str | None, files: Mapping[str, str]):
+    return {"sha256": files[value]} if value is not None and value in files else value
+
+
+def generation_settings(pipeline: Pipeline, stage: Stage, files: Mapping[str, str] = {}) -> dict:
+    """What changes the rows a stage generates, its parent's rows aside."""
+    _name, server = pipeline.server
+    recipe = stage.recipe.model_dump(mode="json")
+    recipe["prompt_template"] = _file(recipe["prompt_template"], files)
+    recipe["examples_uri"] = _file(recipe["examples_uri"], files)
+    return {
+        "name": stage.name,  # it is part of its rows' ids
+        "input": _file(pipeline.input_of(stage), files),
+        "server": server.model_dump(mode="json"),
+        "recipe": recipe,
+        "sampling": stage.sampling.model_dump(mode="json"),
+        "prompt_format": stage.prompt_format,
+        "split": stage.split,
+        "output_schema": stage.output_schema,
+        **({"max_attempts": stage.max_attempts} if stage.output_schema is not None else {}),
+        # A seeded request's rows depend on their batch's make-up (infra.prompting.samples).
+        **({"batch_size": stage.batch_size} if stage.sampling.random_seed is not None else {}),
+    }
+
+
+def curation_settings(stage: Stage, files: Mapping[str, str] = {}) -> dict:
+    judge = stage.judge.model_dump(mode="json")
+    judge["template"] = _file(judge["template"], files)
+    return {"judge": judge, "filters": stage.filters.model_dump(mode="json")}
+
+
+def stage_hashes(pipeline: Pipeline, files: Mapping[str, str] = {}) -> dict[str, StageHash]:
+    """Every stage's hashes, by name, in the order parents come first."""
+    out: dict[str, StageHash] = {}
+    for stage in pipeline.ordered():
+        parent = out[stage.from_].kept if stage.from_ is not None else None
+        generation = config_hash({"stage": generation_settings(pipeline, stage, files), "parent": parent})
+        out[stage.name] = StageHash(generation, config_hash({"generation": generation, **curation_settings(stage, files)}))
+    return out

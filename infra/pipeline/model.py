@@ -1,0 +1,216 @@
+"""The pipeline file's model: the first stage's `input`, the `servers` it uses, `defaults` for every
+stage, and the `stages`, each reading the kept rows of its parent (`from`) or its own `input`.
+
+A stage has what a run has (`StageSettings`: recipe, sampling, prompt_format, judge, filters,
+batch_size: the same types and defaults), plus `split`, `output_schema` and `max_attempts`. A field
+a stage leaves unset comes from `defaults`, merged one level deep (`defaults.sampling.temperature`
+with a stage's own `sampling.tokens_to_generate`), before the stage is validated: a group's checks
+see the merged group, as a run sees its parameters.
+
+The graph checks (one message each, naming the stage and the field): duplicate names, an unknown
+parent, a cycle, a stage with both or neither of `from` and `input`, a child stage without a
+template (its prompt is built from its parent's row), a split that has no text reply to cut.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+from infra.engines import EngineName
+from infra.pipeline.fields import StageSettings
+from infra.prompting.dataset import RESERVED_FIELDS
+
+MAX_STAGES = 64
+MAX_ATTEMPTS = 20
+# A stage's name becomes a key component (`stages/{name}/`), part of its rows' ids and of task names.
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# What `defaults` may set: a run's settings, and the attempts of a stage with an output schema.
+DEFAULTABLE = (*StageSettings.model_fields, "max_attempts")
+
+
+class Server(BaseModel):
+    """A server the stages use: the profile it is started with, and its engine when not the profile's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = Field(min_length=1, description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")
+    engine: EngineName | None = Field(None, description="the serving engine; default: the profile's")
+
+
+def _check_split(split: dict) -> dict:
+    """Until the split parsers land (infra/recipes/split.py), a split is an object naming its parser
+    and the field each item goes `into`: what a child's template may use is known from this."""
+    parser, into = split.get("parser"), split.get("into")
+    if not isinstance(parser, str) or not parser:
+        raise ValueError("parser: must name a parser (numbered_list, bullets, lines, json_list, regex)")
+    if not isinstance(into, str) or not _FIELD_NAME.match(into):
+        raise ValueError(f"into: must be a field name (letters, digits, _), not {into!r}")
+    if into in RESERVED_FIELDS:
+        raise ValueError(f"into: {into!r} is a field every row already has ({', '.join(RESERVED_FIELDS)}): name it otherwise")
+    return split
+
+
+def _check_schema(schema: dict) -> dict:
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema at {exc.json_path}: {exc.message}") from None
+    return schema
+
+
+class Stage(StageSettings):
+    """One generation pass over the kept rows of its parent (`from`) or over its own `input`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(pattern=NAME_PATTERN, description="the stage's name: lower-case letters, digits, - and _")
+    from_: str | None = Field(None, alias="from", description="the stage whose kept rows this one reads")
+    input: str | None = Field(None, min_length=1, description="this stage's own records, instead of a parent's; "
+                                                                "default for a first stage: the pipeline's input")
+    split: dict[str, Any] | None = Field(None, description="cut each reply into several rows: "
+                                                           "{parser, into, min_items, max_items}")
+    output_schema: dict[str, Any] | None = Field(None, description="JSON Schema the reply must match, as a JSON value")
+    max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS, description="tries per row for a reply matching "
+                                                                           "output_schema, each with a derived seed")
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: dict | None) -> dict | None:
+        return None if v is None else _check_split(v)
+
+    @field_validator("output_schema")
+    @classmethod
+    def _schema(cls, v: dict | None) -> dict | None:
+        return None if v is None else _check_schema(v)
+
+    @model_validator(mode="after")
+    def _split_needs_text(self) -> "Stage":
+        kind = (self.output_schema or {}).get("type")
+        if self.split is not None and self.output_schema is not None and kind != "array":
+            raise ValueError(f"split: the reply is one JSON {kind or 'value'} (output_schema), with no list to "
+                             "cut; give output_schema type array, or drop split")
+        return self
+
+    @property
+    def settings(self) -> StageSettings:
+        """The stage's run settings alone, as a run would have them."""
+        return StageSettings(**{name: getattr(self, name) for name in StageSettings.model_fields})
+
+    def schema_fields(self) -> dict[str, str]:
+        """The fields a valid reply gives each row (output_schema's object properties), by JSON type."""
+        schema = self.output_schema or {}
+        if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+            schema = schema["items"]
+        props = schema.get("properties") if schema.get("type") == "object" else None
+        return {k: (v.get("type") if isinstance(v, dict) and isinstance(v.get("type"), str) else "string")
+                for k, v in (props or {}).items() if isinstance(k, str)}
+
+
+def merged(defaults: dict, stage: dict) -> dict:
+    """The stage's fields over the defaults: a group (an object) field by field, anything else whole."""
+    out = dict(defaults)
+    for key, value in stage.items():
+        base = out.get(key)
+        out[key] = {**base, **value} if isinstance(base, dict) and isinstance(value, dict) else value
+    return out
+
+
+class Pipeline(BaseModel):
+    """A pipeline file (docs/pipelines.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str | None = Field(None, min_length=1, description="the first stage's records: a JSONL or .txt path, "
+                                                                "file:// or s3:// URI, optionally .gz")
+    servers: dict[str, Server] = Field(min_length=1, max_length=1, description="the servers the stages use, by "
+                                                                               "name (one today)")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="every stage's settings where it sets none")
+    stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("defaults"), dict) or not isinstance(data.get("stages"), list):
+            return data
+        defaults = data["defaults"]
+        if unknown := [k for k in defaults if k not in DEFAULTABLE]:
+            raise ValueError(f"defaults.{unknown[0]}: not a setting a stage takes from defaults; those are "
+                             f"{', '.join(DEFAULTABLE)}")
+        stages = [merged(defaults, s) if isinstance(s, dict) else s for s in data["stages"]]
+        return {**data, "stages": stages}
+
+    @field_validator("servers")
+    @classmethod
+    def _server_names(cls, v: dict[str, Server]) -> dict[str, Server]:
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"server name {name!r}: use lower-case letters, digits, - and _")
+        return v
+
+    @model_validator(mode="after")
+    def _graph(self) -> "Pipeline":
+        names = [s.name for s in self.stages]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"stage {name!r}: name: given to two stages (stages {names.index(name)} and {i}); "
+                                 "give each stage its own name")
+        for stage in self.stages:
+            where = f"stage {stage.name!r}"
+            if stage.from_ is not None and stage.from_ not in names:
+                raise ValueError(f"{where}: from: {stage.from_!r} is not a stage of this pipeline "
+                                 f"(stages: {', '.join(names)})")
+            if stage.from_ is not None and stage.input is not None:
+                raise ValueError(f"{where}: from and input are both set; a stage reads its parent's rows or its own input")
+            if stage.from_ is None and stage.input is None and self.input is None:
+                raise ValueError(f"{where}: input: this stage has no parent (from) and the pipeline no input; set one")
+            if stage.from_ is not None and not stage.recipe.prompt_template:
+                raise ValueError(f"{where}: recipe.prompt_template: a stage reading its parent's rows builds its "
+                                 "prompt from them; give it a template")
+        self._cycle()
+        return self
+
+    def _cycle(self) -> None:
+        parent = {s.name: s.from_ for s in self.stages}
+        for start in parent:
+            seen, name = [start], parent[start]
+            while name is not None:
+                if name in seen:
+                    loop = seen[seen.index(name):]
+                    reads = ", ".join(f"{s} reads {parent[s]}" for s in loop)
+                    raise ValueError(f"stage {name!r}: from: the stages read each other in a cycle ({reads}); "
+                                     "a stage reads only a stage before it")
+                seen.append(name)
+                name = parent[name]
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def parent(self, stage: Stage) -> Stage | None:
+        return None if stage.from_ is None else self.stage(stage.from_)
+
+    def input_of(self, stage: Stage) -> str | None:
+        """The records a stage without a parent reads: its own input, else the pipeline's."""
+        return None if stage.from_ is not None else (stage.input or self.input)
+
+    def ordered(self) -> list[Stage]:
+        """The stages with every parent before its children, otherwise in the file's order."""
+        out: list[Stage] = []
+        placed: set[str] = set()
+        while len(out) < len(self.stages):
+            for s in self.stages:
+                if s.name not in placed and (s.from_ is None or s.from_ in placed):
+                    out.append(s)
+                    placed.add(s.name)
+        return out
+
+    @property
+    def server(self) -> tuple[str, Server]:
+        """The one server every stage uses today."""
+        return next(iter(self.servers.items()))
