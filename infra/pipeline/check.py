@@ -85,7 +85,7 @@ def output_row(stage: Stage, rec: Record, prompt: str) -> dict:
     own = {"id": f"{rec.id}.0", "sample": 0, "prompt": prompt, "completion": f"<{stage.name} completion>",
            "generation": {"finish_reason": "stop", "generated_tokens": 1}}
     if stage.split is not None:
-        own[stage.split["into"]] = f"<{stage.name} {stage.split['into']}>"
+        own[stage.split.into] = f"<{stage.name} {stage.split.into}>"
     for name, kind in stage.schema_fields().items():
         own[name] = _PLACEHOLDERS.get(kind, f"<{stage.name} {name}>")
     read = {k: v for k, v in rec.fields.items() if k != "parent"}
@@ -176,7 +176,7 @@ def _summary(stage: Stage) -> dict[str, str]:
     return {
         "template": _shown(stage.recipe.prompt_template) if stage.recipe.prompt_template else "(input prompt)",
         "samples": str(stage.recipe.samples_per_prompt),
-        "split": f"{split['parser']} -> {split['into']}" if split else "-",
+        "split": f"{split.parser} -> {split.into}" if split else "-",
         "judge": (f"{_shown(judge.template)}" + (f" >= {judge.min_score:g}" if judge.min_score is not None else ""))
         if judge.enabled else "-",
         "filters": ",".join(filters) or "-",

@@ -43,7 +43,7 @@ def generation_settings(pipeline: Pipeline, stage: Stage, files: Mapping[str, st
         "recipe": recipe,
         "sampling": stage.sampling.model_dump(mode="json"),
         "prompt_format": stage.prompt_format,
-        "split": stage.split,
+        "split": stage.split.model_dump(mode="json") if stage.split else None,
         "output_schema": stage.output_schema,
         **({"max_attempts": stage.max_attempts} if stage.output_schema is not None else {}),
         # A seeded request's rows depend on their batch's make-up (infra.prompting.samples).

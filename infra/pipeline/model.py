@@ -21,13 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from infra.engines import EngineName
 from infra.pipeline.fields import StageSettings
-from infra.prompting.dataset import RESERVED_FIELDS
+from infra.recipes.lineage import STAGE_NAME
+from infra.recipes.split import SplitParams
 
 MAX_STAGES = 64
 MAX_ATTEMPTS = 20
 # A stage's name becomes a key component (`stages/{name}/`), part of its rows' ids and of task names.
-NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+NAME_PATTERN = rf"^{STAGE_NAME.pattern}$"
 # What `defaults` may set: a run's settings, and the attempts of a stage with an output schema.
 DEFAULTABLE = (*StageSettings.model_fields, "max_attempts")
 
@@ -40,18 +40,6 @@ class Server(BaseModel):
     profile: str = Field(min_length=1, description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")
     engine: EngineName | None = Field(None, description="the serving engine; default: the profile's")
 
-
-def _check_split(split: dict) -> dict:
-    """Until the split parsers land (infra/recipes/split.py), a split is an object naming its parser
-    and the field each item goes `into`: what a child's template may use is known from this."""
-    parser, into = split.get("parser"), split.get("into")
-    if not isinstance(parser, str) or not parser:
-        raise ValueError("parser: must name a parser (numbered_list, bullets, lines, json_list, regex)")
-    if not isinstance(into, str) or not _FIELD_NAME.match(into):
-        raise ValueError(f"into: must be a field name (letters, digits, _), not {into!r}")
-    if into in RESERVED_FIELDS:
-        raise ValueError(f"into: {into!r} is a field every row already has ({', '.join(RESERVED_FIELDS)}): name it otherwise")
-    return split
 
 
 def _check_schema(schema: dict) -> dict:
@@ -74,16 +62,10 @@ class Stage(StageSettings):
     from_: str | None = Field(None, alias="from", description="the stage whose kept rows this one reads")
     input: str | None = Field(None, min_length=1, description="this stage's own records, instead of a parent's; "
                                                                 "default for a first stage: the pipeline's input")
-    split: dict[str, Any] | None = Field(None, description="cut each reply into several rows: "
-                                                           "{parser, into, min_items, max_items}")
+    split: SplitParams | None = Field(None, description="cut each reply into several rows (infra/recipes/split.py)")
     output_schema: dict[str, Any] | None = Field(None, description="JSON Schema the reply must match, as a JSON value")
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS, description="tries per row for a reply matching "
                                                                            "output_schema, each with a derived seed")
-
-    @field_validator("split")
-    @classmethod
-    def _split(cls, v: dict | None) -> dict | None:
-        return None if v is None else _check_split(v)
 
     @field_validator("output_schema")
     @classmethod

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 from infra.prompting.dataset import RESERVED_FIELDS
 
-STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # no "." or "/": they delimit id segments
+# No "." or "/": they delimit id segments. Lower case and short: a stage name is also a key component
+# (`stages/{name}/`) and part of task names (infra/pipeline/model.py validates stages with it).
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 # The fields a pipeline row owns: a parent's or an item's field of one of these names never
 # overwrites it (output_record's rule, extended by the pipeline's own fields).
 ROW_FIELDS = (*RESERVED_FIELDS, "lineage", "parent", "judge", "split")
@@ -44,8 +46,8 @@ class ChildId:
 def check_stage_name(name: str) -> str:
     """The name, or ValueError saying what a stage name may hold (a pydantic validator's error)."""
     if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
-        raise ValueError(f"stage name {name!r} must start with a letter and hold only letters, digits, '_' and '-' "
-                         "(at most 64): it becomes part of row ids, task names and paths")
+        raise ValueError(f"stage name {name!r} must start with a letter and hold only lower-case letters, digits, '_' "
+                         "and '-' (at most 40): it becomes part of row ids, task names and paths")
     return name
 
 
