@@ -78,6 +78,7 @@ def test_the_run_config_carries_the_runs_one_counter(tiny_model_dir):
     from flows.params import RunParams
 
     path = str(tiny_model_dir / "tokenizer.json")
-    run = RunParams(input_uri="in.jsonl", output_uri="out", run_id="r1", tokenizer=path).to_run_config()
+    params = RunParams(input_uri="in.jsonl", output_uri="out", run_id="r1", prompt_format="raw")
+    run = params.to_run_config(tokenizer=path)  # the tokenizer is the settings' (flows/generate.py), not a parameter
     assert run.counter is token_counter(path) and run.counter.identity.startswith("tokenizer.json sha256:")
-    assert RunParams(input_uri="in.jsonl", output_uri="out", run_id="r1").to_run_config().counter.identity == "utf-8 byte estimate"
+    assert params.to_run_config().counter.identity == "utf-8 byte estimate"
