@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,8 +239,13 @@ class _WordCounts:
     def __init__(self, sp):
         self._sp = sp
         self._cache = _Seen()
+        self._lock = threading.Lock()  # the counter is shared (token_counter's cache): one batch at a time
 
     def counts(self, texts: Sequence[str]) -> list[int]:
+        with self._lock:
+            return self._counts(texts)
+
+    def _counts(self, texts: Sequence[str]) -> list[int]:
         # U+2581 in the input is what a space becomes, so it cuts words as a space does.
         words = [_words(t.replace("\u2581", " ")) for t in texts]
         cache = self._cache
