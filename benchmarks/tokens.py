@@ -5,8 +5,8 @@ estimate gets wrong, and what `make run` does with the real local model.
   and over 20 k of realistic length (below), with a SentencePiece model against the UTF-8 byte
   estimate, and with every prompt encoded (the byte shortcut off: what a normalizing model costs).
   Each plan runs in a fresh child process (`python -m benchmarks.tokens --plan-child`), the cases
-  interleaved and repeated: seconds = the `make_plan` call, peak RSS = the child's own
-  high-water mark (`VmHWM`) at the end (Python, our code, the tokenizer).
+  interleaved and repeated: seconds = the `make_plan` call (and its CPU seconds, steadier on a shared
+  machine), peak RSS = the child's own high-water mark (`VmHWM`) at the end.
 - **The tokenizer.** A SentencePiece BPE trained here, offline, on generated English-like text
   (`VOCAB` pieces, byte fallback, digits split, identity normalization without a dummy prefix:
   the settings the Nemotron notes infer for nemotron_2_256k, reference/nemotron-tokenizer.md),
@@ -123,11 +123,12 @@ def _plan_child(params: dict, out: Path) -> None:
                     counter=token_counter(params["tokenizer"]))  # loading the model is not the plan's cost
     counter = cfg.counter
     if params.get("encode_all"):
-        counter._byte_slack = None  # as for a normalizing model: every prompt is encoded
-    started = time.monotonic()
+        # As for a normalizing model: every prompt is encoded, whole (no byte bound, no word cache).
+        counter._byte_slack = counter._words = None
+    started, cpu = time.monotonic(), time.process_time()
     plan = make_plan(cfg, settings, LocalOutputStore(Path(params["output_uri"]) / cfg.run_id))
-    seconds = time.monotonic() - started
-    out.write_text(json.dumps({"seconds": seconds, "records": plan.records_in, "rejected": plan.rejected,
+    seconds, cpu_s = time.monotonic() - started, time.process_time() - cpu
+    out.write_text(json.dumps({"seconds": seconds, "cpu_s": cpu_s, "records": plan.records_in, "rejected": plan.rejected,
                                "maxrss_mb": peak_rss_mb(),
                                "description": cfg.counter.description}))
 
@@ -265,6 +266,7 @@ def _plans(workdir: Path, src: Path, n: int, what: str, folder: Path, cases, log
     src.unlink()
     return [{**xs[0], "prompts": n, "input": what, "input_mb": input_mb, "counter": name,
              "seconds": statistics.median(x["seconds"] for x in xs), "runs_s": [x["seconds"] for x in xs],
+             "cpu_s": statistics.median(x["cpu_s"] for x in xs),
              "maxrss_mb": max(x["maxrss_mb"] for x in xs)} for name, xs in runs.items()]
 
 
@@ -313,12 +315,13 @@ def summary_rows(r: dict) -> list[tuple[str, ...]]:
                      f"{sp['seconds']:.1f} s, {sp['maxrss_mb']:.0f} MB", f"{est['seconds']:.1f} s, {est['maxrss_mb']:.0f} MB",
                      "≤ 2× the time, RSS flat",
                      f"×{ratio:.2f}: {_met(ratio <= 2)}; RSS {sp['maxrss_mb'] - est['maxrss_mb']:+.0f} MB"))
-    for what, counter in (("short", "sentencepiece, every prompt encoded"), ("realistic-length", "sentencepiece")):
+    for what, counter, most in (("short", "sentencepiece, every prompt encoded", 2), ("realistic-length", "sentencepiece", 3)):
         n = max(PLAN_SIZES) if what == "short" else REALISTIC_PLAN
-        if vs := _vs(t, n, what, counter):
+        if vs := _vs(t, n, what, counter):  # realistic: ≤ 3× (issue 28); CPU beside it, steadier on a shared machine
             sp, est, ratio = vs
             rows.append((f"… {n:,} {what} prompts, {counter}", f"{sp['seconds']:.1f} s, {sp['maxrss_mb']:.0f} MB",
-                         f"{est['seconds']:.1f} s, {est['maxrss_mb']:.0f} MB", "≤ 2× the time", f"×{ratio:.2f}: {_met(ratio <= 2)}"))
+                         f"{est['seconds']:.1f} s, {est['maxrss_mb']:.0f} MB", f"≤ {most}× the time",
+                         f"×{ratio:.2f}: {_met(ratio <= most)} (CPU ×{sp['cpu_s'] / est['cpu_s']:.2f})"))
     e = t["errors"]
     rows.append((f"prompts the byte estimate wrongly rejects (median {e['tokens']['median']} tokens, p99 "
                  f"{e['tokens']['p99']}; context {CONTEXT}, tokens_to_generate {TO_GENERATE})",
@@ -350,15 +353,19 @@ def markdown(r: dict) -> list[str]:
          "RSS = the child's `VmHWM`: Python, our code, the tokenizer), inputs with ids, context 4096, "
          "tokens_to_generate 512. *short*: 8–40 words per prompt; *realistic-length*: the log-normal lengths below. "
          "The plan counts 1,024 lines per tokenizer call (`RecordCheck.counts` → `count_within`); with this "
-         "non-normalizing model a prompt whose UTF-8 bytes fit is settled without encoding, the rest are encoded in "
-         "one multi-threaded call; *every prompt encoded* turns that off (what a normalizing model, e.g. NFKC, costs).", "",
-         "| prompts | input | counter | plan (median) | each run | prompts/s | vs estimate | peak RSS | rejected |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "non-normalizing model a prompt whose UTF-8 bytes fit is settled without encoding, the rest are counted "
+         "word by word from a cache of words seen (exact: no piece of this model spans a space); *every prompt "
+         "encoded* turns both off (what a normalizing model, e.g. NFKC, costs: each prompt encoded whole, in one "
+         "multi-threaded call per chunk).", "",
+         "| prompts | input | counter | plan (median) | each run | CPU (median) | prompts/s | vs estimate | CPU vs estimate "
+         "| peak RSS | rejected |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in t["plan"]:
         est = _plan_row(t, x["prompts"], x["input"], "estimate")
         L.append(f"| {x['prompts']:,} {x['input']} | {x['input_mb']:.0f} MB | {x['counter']} | {x['seconds']:.1f} s | "
-                 f"{', '.join(f'{v:.1f}' for v in x['runs_s'])} s | "
-                 f"{x['prompts'] / x['seconds']:,.0f} | ×{x['seconds'] / est['seconds']:.2f} | {x['maxrss_mb']:.0f} MB | "
+                 f"{', '.join(f'{v:.1f}' for v in x['runs_s'])} s | {x['cpu_s']:.1f} s | "
+                 f"{x['prompts'] / x['seconds']:,.0f} | ×{x['seconds'] / est['seconds']:.2f} | "
+                 f"×{x['cpu_s'] / est['cpu_s']:.2f} | {x['maxrss_mb']:.0f} MB | "
                  f"{x['rejected']:,} |")
     kept = e["kept_share_median"]
     L += ["", f"What the estimate gets wrong: {e['prompts']:,} English-like prompts, log-normal lengths in the trained "
@@ -392,16 +399,17 @@ def findings(r: dict) -> list[str]:
         L.append(f"- **Plan with the SentencePiece counter ×{vs[2]:.2f} the estimate's time** at {max(PLAN_SIZES):,} "
                  "short prompts (target ≤ 2×).")
     slow = [(f"{n:,} {what} prompts{', every prompt encoded' if 'every' in c else ''}", v[2])
-            for n, what, c in ((max(PLAN_SIZES), "short", "sentencepiece, every prompt encoded"),
-                               (REALISTIC_PLAN, "realistic-length", "sentencepiece"))
-            if (v := _vs(t, n, what, c)) and v[2] > 2]
+            for n, what, c, most in ((max(PLAN_SIZES), "short", "sentencepiece, every prompt encoded", 2),
+                                     (REALISTIC_PLAN, "realistic-length", "sentencepiece", 3))
+            if (v := _vs(t, n, what, c)) and v[2] > most]
     if slow:
         L.append("- **Where prompts must be encoded, the plan runs at the tokenizer's speed, not the parser's**: "
                  + ", ".join(f"×{ratio:.1f} the estimate's time for {what}" for what, ratio in slow)
-                 + " (there the prompts whose bytes do not fit, a quarter of them and the longest, are encoded). "
-                 "sentencepiece's SWIG wrapper holds the GIL while it encodes, so counting cannot overlap the JSON "
-                 "parsing, and on 2 shared cores its threads add little; `count_within` uses up to 8 where a "
-                 "login node has them free. A normalizing (NFKC) model gets no byte shortcut at all.")
+                 + " (there the prompts whose bytes do not fit, a quarter of them and the longest, are counted: "
+                 "word by word from a cache: a dict look-up per word). The GIL is not the limit: sentencepiece's "
+                 "list encode and `tokenizers`' encode_batch both release it, and `tokenizers` costs ~1.15× "
+                 "sentencepiece's CPU per token here; on 2 shared cores threads add little (`count_within` uses up "
+                 "to 8 where a login node has them). A normalizing (NFKC) model gets neither shortcut.")
     return L
 
 

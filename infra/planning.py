@@ -33,7 +33,7 @@ from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_contex
 
 log = logging.getLogger(__name__)
 SHOWN_PROBLEMS = 10
-COUNT_CHUNK = 1024  # input lines per tokenizer call in the plan's scan
+COUNT_CHUNK = 1024  # input lines per tokenizer call in the plan's scan and the generation pass
 COUNT_CHUNK_CHARS = 1 << 24  # and at most about this many prompt characters held for one call (plus one prompt)
 
 
@@ -252,9 +252,12 @@ def usable_records(stream, cfg: RunConfig, settings: Settings, fmt: Format,
                    duplicate_lines: frozenset[int] = frozenset()) -> Iterator[Record]:
     """The records the plan counted, in input order; `duplicate_lines` comes from the plan."""
     check = RecordCheck(cfg, settings, known_duplicates=duplicate_lines)
-    for item in iter_input(stream, fmt, cfg.input_prompt_field, cfg.id_field):
-        if isinstance(item, Record) and isinstance(rec := check(item), Record):
-            yield rec
+    # Counted a chunk at a time, as the plan counts (one prompt at a time, every prompt was encoded).
+    for chunk in _rendered_chunks(iter_input(stream, fmt, cfg.input_prompt_field, cfg.id_field), check):
+        tokens = iter(check.counts([x for x in chunk if isinstance(x, Record)]))
+        for item in chunk:
+            if isinstance(item, Record) and isinstance(rec := check(item, next(tokens), rendered=True), Record):
+                yield rec
 
 
 def planned_shards(stream, cfg: RunConfig, settings: Settings, plan: Plan, verify: Callable[[], None]) -> Iterator[Shard]:

@@ -1,6 +1,7 @@
 import io
 import json
 import random
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -152,11 +153,15 @@ def test_bos_counts_one_token(nemo_dir):
     assert isinstance(fits, Record) and isinstance(with_bos, BadLine) and "9 tokens" in with_bos.reason
 
 
-def varied_strings(n=300):
-    rng = random.Random(7)
+def varied_strings(n=300, seed=7, more=()):
+    rng = random.Random(seed)
     pieces = ["hello", " world", "\n", "  ", "\t", "Ünïcödé", "日本語", "🙂", "def f(x):\n    return x", "123456",
-              "<|im_start|>", "naïve café", "…", "（）", "\u00a0", "ﷺ", "x" * 40, "The capital of Australia"]
+              "<|im_start|>", "naïve café", "…", "（）", "\u00a0", "ﷺ", "x" * 40, "The capital of Australia", *more]
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+# Whitespace runs, a literal "▁", a combining accent, code and numbers, long words: where counting word by word could err.
+TRICKY = ("   ", " \n ", "\u2581", " \u2581 ", "e\u0301", "  \t  ", "", "A1b2", " 3.14159", "x" * 70, "    if x:\n        y = 1")
 
 
 def test_gguf_and_tokenizer_json_counters_agree_with_transformers(local_model_dir):
@@ -214,3 +219,67 @@ def test_the_plan_counts_in_chunks_and_keeps_the_input_order(workdir, identity_m
     assert [r["line"] for r in rejects] == sorted(overlong | {7})
     assert (plan.records_in, plan.rejected) == (n - 5, 5)
     assert all("SentencePiece" in r["reason"] for r in rejects if r["line"] != 7)
+
+
+def nemotron_like(tmp_path, name, **options) -> Path:
+    """A SentencePiece BPE with the settings the Nemotron notes infer for nemotron_2_256k: identity
+    normalization, no dummy prefix, whitespace kept, byte fallback, digits split."""
+    buf = io.BytesIO()
+    lines = varied_strings(3000, seed=1, more=TRICKY) + [SENTENCE.replace(" ", "    ", 3) * 3] * 200
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=800, model_type="bpe",
+                                   byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                                   add_dummy_prefix=False, remove_extra_whitespaces=False, unk_id=0, pad_id=1, bos_id=2,
+                                   eos_id=3, minloglevel=2, **options)
+    (path := tmp_path / f"{name}.model").write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("options, word_by_word", [
+    ({}, True),
+    ({"allow_whitespace_only_pieces": True}, True),  # "▁▁▁▁" pieces: runs of spaces stay with the next word
+    ({"split_by_whitespace": False}, False),  # pieces span words ("s▁the"): whole texts are encoded
+])
+def test_word_by_word_counts_equal_sentencepieces_own_on_10k_varied_strings(tmp_path, options, word_by_word):
+    path = nemotron_like(tmp_path, "m", **options)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    counter = token_counter(str(path))
+    assert (counter._words is not None) == word_by_word
+    texts = varied_strings(10_000, seed=2, more=TRICKY)
+    expected = [len(ids) for ids in sp.encode(texts)]
+    got = []
+    for start in range(0, len(texts), 500):  # the word cache filled by earlier batches, as in a plan
+        got += counter.count_within(texts[start:start + 500], -1)
+    assert got == expected
+
+
+class CallCounting:
+    """A real counter, its calls noted: how the generation pass asks for counts."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if callable(attr):
+            return lambda *a, **k: (self.calls.append(name), attr(*a, **k))[1]
+        return attr
+
+
+def test_the_generation_pass_counts_in_chunks_as_the_plan_does(workdir, identity_model):
+    from infra.planning import COUNT_CHUNK, usable_records
+
+    settings = Settings(model={"context_length": 64})
+    n = 2 * COUNT_CHUNK + 50
+    lines = [json.dumps({"id": f"r{i}", "prompt": SENTENCE * 8 if i % 500 == 5 else f"record {i} " + SENTENCE[:20]})
+             for i in range(1, n + 1)]
+    (workdir / "in.jsonl").write_text("\n".join(lines) + "\n")
+    counter = CallCounting(token_counter(str(identity_model)))
+    cfg = RunConfig(input_uri=str(workdir / "in.jsonl"), output_uri="out", run_id="r1", profile="h100x16",
+                    sampling=SamplingParams(tokens_to_generate=8), batch_size=4, shard_size=500,
+                    prompt_field="prompt", id_field="id", on_bad_input="skip", counter=counter)
+    plan = make_plan(cfg, settings, LocalOutputStore(workdir / "out" / "r1"))
+    counter.calls.clear()
+    with open(workdir / "in.jsonl", "rb") as stream:
+        ids = [r.id for r in usable_records(stream, cfg, settings, plan.format, plan.duplicate_lines)]
+    assert ids == [f"r{i}" for i in range(1, n + 1) if i % 500 != 5] and len(ids) == plan.records_in
+    assert counter.calls == ["count_within"] * 3  # one call per chunk, none per prompt
