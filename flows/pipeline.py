@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.generate import PoolCarry, prepare_run, run_prepared
 from flows.params import RunParams, resolve_run_id
 from flows.teardown import release_lease_on_hook, release_on_hook
-from infra.errors import ConfigError
+from infra.errors import ConfigError, InputError
 from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
@@ -73,9 +73,15 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     check_hashes(root, hashes, run_id)  # a changed stage: refused before any allocation
     carry = PoolCarry(run_id)
     stages: list[dict] = []
+    done: dict[str, dict] = {}
     try:
         for stage in the.ordered():
             params = asked[stage.name]
+            if stage.from_ is not None and not (parent := done[stage.from_])["rows"]:
+                raise InputError(f"pipeline run {run_id}: stage {stage.from_!r} left no rows for stage {stage.name!r} "
+                                 f"({parent['rows_out']} generated, {parent['kept']} kept, filtered "
+                                 f"{parent['filtered'] or 'none'}, split dropped {parent['split_dropped'] or 'none'}); "
+                                 f"loosen {stage.from_!r}'s filters or split, or give it more input")
             if stage.from_ is not None:  # the parent's kept rows after its split
                 params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
             run = prepare_run(params, settings, flow_run, lease=lease)
@@ -89,6 +95,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                            "filtered": out.get("filtered", {}), "split_dropped": rows["split_dropped"],
                            "rows": rows["rows"], "rows_uri": rows["rows_uri"], "kept_parts": rows["kept_parts"],
                            "manifest": out["manifest"]})
+            done[stage.name] = stages[-1]
             logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children",
                         stage.name, manifest["records_in"], out["records_written"], stages[-1]["kept"], rows["rows"])
     finally:

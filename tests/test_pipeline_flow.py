@@ -32,7 +32,7 @@ stages:
   - name: facts
     from: words
     recipe: {prompt_template: "About {{ word }} in {{ topic }} ({{ completion }}):", samples_per_prompt: 2}
-    filters: {dedup_exact: true}
+    filters: {dedup_exact: true, must_not_match: ["the"]}
   - name: notes
     from: facts
     recipe: {prompt_template: "Note on {{ word }}: {{ completion }}\\n"}
@@ -90,6 +90,9 @@ def test_three_stages_on_one_server_each_row_once_with_lineage_then_a_rerun_gene
             assert row["id"].startswith(f"{parent_id}.") and f"/{stage}." in row["id"]
             assert row["topic"] == parent_rows[parent_id]["topic"]  # the input's field passed on
         if stage == "facts":  # the parent's fields were visible to the template (word, its completion)
+            # Its children read its kept rows only (no split here: one row each).
+            assert 0 < info["kept"] < info["rows_out"] and sum(info["filtered"].values()) == info["rows_out"] - info["kept"]
+            assert len(rows) == info["kept"] and not any("the" in r["completion"] for r in rows)
             for r in generated:
                 parent = parent_rows[r["id"]]
                 assert r["prompt"] == f"About {parent['word']} in {parent['topic']} ({parent['completion']}):"
@@ -119,3 +122,15 @@ def test_a_bad_pipeline_or_a_run_flag_is_one_line_exit_2_before_any_server(workd
     flag = run_cli(workdir, env, "--pipeline", "pipeline.yaml", "--temperature", "0.3")
     assert flag.returncode == 2 and "'sampling' is set per stage in the pipeline file" in flag.stderr
     assert not (workdir / "work" / "servers").exists()
+
+
+def test_a_stage_that_keeps_nothing_stops_the_pipeline_in_one_line_and_releases_the_server(prefect_server, workdir):
+    from benchmarks.faults import local_servers
+
+    (workdir / "topics.jsonl").write_text('{"id": "t0", "topic": "x"}\n')
+    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("max_items: 3}", "max_items: 3}\n    filters: {must_not_match: ['.']}", 1))
+    env = {**os.environ, **local_env(workdir), **prefect_server.client_env(), "PREFECT_HOME": str(workdir / "prefect")}
+    done = run_cli(workdir, env, "--pipeline", "pipeline.yaml", "--run-id", "p2", "--output-uri", str(workdir / "out"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "stage 'words' left no rows for stage 'facts' (1 generated, 0 kept" in done.stderr
+    assert local_servers(workdir) == 0
