@@ -134,3 +134,27 @@ def test_a_stage_that_keeps_nothing_stops_the_pipeline_in_one_line_and_releases_
     assert done.returncode == 2, done.stderr[-3000:]
     assert "stage 'words' left no rows for stage 'facts' (1 generated, 0 kept" in done.stderr
     assert local_servers(workdir) == 0
+
+
+def test_a_rerun_with_a_changed_stage_is_refused_and_the_same_hashes_resume(tmp_path):
+    from flows.pipeline import check_hashes
+    from infra.errors import ConfigError
+    from infra.pipeline.hashes import StageHash
+    from infra.storage.local import LocalOutputStore
+
+    root = LocalOutputStore(tmp_path / "p1")
+    first = {"words": StageHash("g1", "k1"), "facts": StageHash("g2", "k2")}
+    check_hashes(root, first, "p1")
+    check_hashes(root, first, "p1")  # the same file: resumes
+    with pytest.raises(ConfigError, match=r"stage\(s\) facts changed since the run began"):
+        check_hashes(root, {**first, "facts": StageHash("g2b", "k2b")}, "p1")
+    check_hashes(root, {**first, "facts": StageHash("g2", "k2c")}, "p1")  # its filters alone: not a new generation
+
+
+def test_a_parents_reply_moves_under_parent_and_its_prompt_stays_behind():
+    from infra.pipeline.rows import carried
+
+    row = {"id": "a.0/s.0", "sample": 0, "prompt": "p2", "completion": "c2", "input_completion": "c1",
+           "input_prompt": "p1", "input_sample": 0, "parent": {"completion": "c0"}, "topic": "t"}
+    assert carried(row) == {"id": "a.0/s.0", "sample": 0, "prompt": "p2", "completion": "c2", "topic": "t",
+                            "parent": {"completion": "c1", "parent": {"completion": "c0"}}}
