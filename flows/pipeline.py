@@ -81,7 +81,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                 raise InputError(f"pipeline run {run_id}: stage {stage.from_!r} left no rows for stage {stage.name!r} "
                                  f"({parent['rows_out']} generated, {parent['kept']} kept, filtered "
                                  f"{parent['filtered'] or 'none'}, split dropped {parent['split_dropped'] or 'none'}); "
-                                 f"loosen {stage.from_!r}'s filters or split, or give it more input")
+                                 f"loosen the filters or split of {stage.from_!r}, or give it more input")
             if stage.from_ is not None:  # the parent's kept rows after its split
                 params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
             run = prepare_run(params, settings, flow_run, lease=lease)
