@@ -31,6 +31,8 @@ def _add_run(sub) -> None:
                        description="Run the generate flow in-process. Flags override --params FILE.json.")
     p.add_argument("--params", type=Path, help="JSON file of flow parameters: the flags' names with _ (e.g. tokens_to_generate), or nested "
                         "groups as in the UI form (sampling, recipe, judge, filters); every parameter: docs/parameters.md")
+    p.add_argument("--pipeline", help="run every stage of this pipeline file (docs/pipelines.md) on one allocation; "
+                   "with it, only --run-id, --new-run, --output-uri, --replicas and --max-server-restarts apply")
     p.add_argument("--new-run", action="store_true",
                    help="start over under a new run id (e.g. after changing parameters of a published run)")
     for param in parameters():  # every parameter of the flow; None: not given, the file's or the flow's default
@@ -141,8 +143,12 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     from flows.generate import generate
 
     params = run_parameters(args)
+    if args.pipeline:
+        flow, params = pipeline_flow(args, params)
+    else:
+        flow = generate
     try:  # the checks Prefect makes before the flow starts, here, without its error log
-        generate.validate_parameters(params)
+        flow.validate_parameters(params)
     except ParameterTypeError as exc:
         raise ConfigError(f"Invalid flow parameters: {exc}") from None
     # Named here, not by the flow, so an interrupted run's resume command can name it.
@@ -152,7 +158,7 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     api_server.start_temporary_server()
     so_far.progress = progress.for_stream(sys.stderr)
     with progress.listening(so_far.progress):
-        result = generate(**params)
+        result = flow(**params)
     api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines
     if "records_kept" in result:  # the counts that make the training set, just above the manifest's line
         reasons = ", ".join(f"{reason} {n}" for reason, n in result["filtered"].items()) or "none"
@@ -160,6 +166,28 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
               f"filtered: {reasons}", file=sys.stderr, flush=True)
     print(result["manifest"], flush=True)  # the last line, for scripts: `... | tail -n 1`
     return 0
+
+
+PIPELINE_FLAGS = ("run_id", "output_uri", "replicas", "max_server_restarts")
+
+
+def pipeline_flow(args: argparse.Namespace, params: dict):
+    """`run --pipeline FILE`: the pipeline flow and its parameters; a stage's settings are the file's,
+    so any other flag or --params key is refused (one line) rather than silently ignored."""
+    from flows.pipeline import pipeline
+
+    if args.params:
+        raise ConfigError("--params and --pipeline: a pipeline's settings are in its file; give one of them")
+    if others := [k for k in params if k not in PIPELINE_FLAGS]:
+        raise ConfigError(f"--pipeline: {others[0]!r} is set per stage in the pipeline file (docs/pipelines.md), not "
+                          f"on the command line; only {', '.join(PIPELINE_FLAGS)} apply to a pipeline run")
+    from infra.pipeline.check import check_pipeline
+    from infra.pipeline.files import load_pipeline
+    from infra.settings import load_settings
+
+    settings = load_settings()  # the file checked here too, before Prefect's API server starts: a bad one costs nothing
+    check_pipeline(load_pipeline(args.pipeline, settings), settings, args.pipeline)
+    return pipeline, {"pipeline": args.pipeline, **params}
 
 
 def _print_interrupted(args: argparse.Namespace, so_far: _RunSoFar, signum: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -27,7 +27,7 @@ from infra.slurm.backend import check_launch
 from infra.slurm.parse import time_limit_s
 from infra.errors import ConfigError
 from infra.generation import Breaker, ShardJob, ShardResult
-from infra.run.lease import hold_run_lease
+from infra.run.lease import FencedStore, RunLease, hold_run_lease
 from infra.storage.locations import check_run_locations
 from infra.run.layout import MANIFEST
 from infra.run.manifest import PartInfo
@@ -56,10 +56,26 @@ from tasks.steps import (allocate, close_run_parts, curate, generate_shard, judg
 @with_run_parameters
 def generate(**given) -> dict:
     """Generate completions for every prompt and publish them with a manifest."""
-    logger = get_run_logger()
     settings = load_settings()
     flow_run = get_run_context().flow_run
     asked = RunParams(**given)  # the signature, the UI form and the CLI's flags are RunParams' fields
+    return run_prepared(prepare_run(asked, settings, flow_run), settings, flow_run)
+
+
+@dataclass
+class Prepared:
+    """A run checked, its recipe and judge read, its store opened and its lease held: what is left
+    is plan, generate, finish (`run_prepared`); a pipeline prepares each stage as its input is made."""
+    params: RunParams
+    prof: object
+    cfg: RunConfig
+    store: OutputStore
+    restarts_allowed: int
+
+
+def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLease | None = None) -> Prepared:
+    """Every check a run makes before its first write, then its store and lease (the run's first write)."""
+    logger = get_run_logger()
     prof = settings.profile(asked.profile)  # an unknown profile fails here, before anything is read
     tokenizer = settings.tokenizer_path(prof)
     if tokenizer is None and prof.backend == "slurm":
@@ -87,7 +103,19 @@ def generate(**given) -> dict:
     check_input(cfg.input_uri, settings.s3)  # both before the lease, the run's first write: a refusal writes nothing
     store.preflight()
     # One run per run_id; every write from here on checks the lease is still this run's (LeaseLost if not).
-    store = hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s).fenced()
+    if lease is not None:  # a pipeline's stage: fenced by the pipeline's own lease, which covers its stages
+        store = FencedStore(store, lease)
+    else:
+        store = hold_run_lease(store, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s).fenced()
+    return Prepared(params, prof, cfg, store, restarts_allowed)
+
+
+def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCarry | None" = None) -> dict:
+    """Plan, generate the shards not yet published (a pool of replicas), then close, curate and
+    publish the manifest. `stage`: a pipeline's stage, which adopts the replicas an earlier stage
+    kept ready and keeps its own ready for the next (none is allocated when nothing is left to do)."""
+    logger = get_run_logger()
+    params, prof, cfg, store, restarts_allowed = run.params, run.prof, run.cfg, run.store, run.restarts_allowed
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)
@@ -148,8 +176,8 @@ def generate(**given) -> dict:
     source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
     with source as stream:
         pool = Pool(
-            make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),
-                                                        replica=launch, url_index=i),
+            make_backend=lambda launch, i: make_backend(settings, prof, run_id=stage.run_id if stage else cfg.run_id,
+                                                        flow_run_id=str(flow_run.id), replica=launch, url_index=i),
             start=start,
             submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend, breaker),
             release=timed_release,
@@ -160,10 +188,13 @@ def generate(**given) -> dict:
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,
             planner=RolloverPlanner(rollover_policy(settings, prof)),
+            **(stage.pool_args() if stage is not None else {}),
         )
         try:
             results = pool.run()
         finally:
+            if stage is not None:
+                stage.kept_from(pool)
             progress.close()
             ready = pool.first_ready
             timings["queue_and_load"] = (ready or time.time()) - t_wall
@@ -174,6 +205,24 @@ def generate(**given) -> dict:
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
                   replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id),
                   rollovers=pool.planner.report(pool.members, gpus))
+
+
+@dataclass
+class PoolCarry:
+    """A pipeline's replicas from one stage's pool to the next: those still ready, and how many
+    backends were launched (a new one never reuses an earlier one's port or job directory)."""
+    run_id: str  # the pipeline's: its servers are named after it (the crash hooks find them by it)
+    warm: list = field(default_factory=list)
+    launched: int = 0
+    members: list = field(default_factory=list)  # every replica of every stage: the pipeline releases them
+
+    def pool_args(self) -> dict:
+        return {"keep_ready": True, "warm": list(self.warm), "launched": self.launched}
+
+    def kept_from(self, pool: Pool) -> None:
+        self.warm = [r for r in pool.members if r.state == "ready"]
+        self.launched = pool.launched
+        self.members += [r for r in pool.members if r not in self.members]
 
 
 def rollover_policy(settings: Settings, profile) -> RolloverPolicy:

@@ -67,6 +67,12 @@ class Pool:
     keep_alive_s: float = 3600.0
     ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
     planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
+    # A pipeline's stage (flows/pipeline.py): replicas still ready when the queue empties are kept, not
+    # released, so the next stage's pool adopts them (`warm`) instead of allocating again; the caller
+    # releases them after its last stage. A replica lost or never ready is released as always.
+    keep_ready: bool = False
+    warm: list[Replica] = field(default_factory=list)
+    launched: int = 0  # launches so far (a pipeline's earlier pools' too): a new backend's launch number
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -81,7 +87,11 @@ class Pool:
     def run(self) -> list[ShardResult]:
         try:
             for i in range(self.replicas):
-                self._launch(i)
+                if (rep := next((r for r in self.warm if r.index == i and r.state == "ready"), None)) is not None:
+                    self.members.append(rep)  # ready since an earlier stage: no allocation, no wait
+                    self.first_ready = self.first_ready or time.time()
+                else:
+                    self._launch(i)
             while not self._finished():
                 self._step()
             return self.results
@@ -125,6 +135,8 @@ class Pool:
             # As soon as the queue is empty and its own last shard is done: not when the slowest
             # replica finishes. (A replica lost later is replaced within max_server_restarts.)
             if not rep.in_flight and self._queue_empty():
+                if self.keep_ready and rep.state == "ready":
+                    continue
                 self._retire(rep, "queue empty" if rep.state == "ready" else "queue empty before it was ready")
             elif (not rep.in_flight and rep.successor is not None and rep.successor.state == "ready"
                   and not self.planner.admits_shard(rep, 0)):
@@ -139,7 +151,8 @@ class Pool:
         # The backend gets the launch number: a replacement must not reuse the port (or the job
         # directory) of the server it replaces, which may still be shutting down. The replica
         # index picks an attached server's URL: a replacement re-attaches to the same one.
-        rep = Replica(index, self.make_backend(len(self.members), index), predecessor=predecessor)
+        rep = Replica(index, self.make_backend(self.launched, index), predecessor=predecessor)
+        self.launched += 1
         if predecessor is not None:
             predecessor.successor = rep
             rep.handover = Handover(index, list(predecessor.backend.job_ids), [], predecessor.end)
@@ -304,7 +317,8 @@ class Pool:
             return False
         if self._no_work_left():
             for rep in self._active():
-                self._retire(rep, "queue empty")
+                if not (self.keep_ready and rep.state == "ready"):
+                    self._retire(rep, "queue empty")
             return True
         if not self._active():
             if self.restarts >= self.restarts_allowed:

@@ -19,6 +19,15 @@
       .part-00000.jsonl.XXXX.tmp      a file being written: never a part's name (S3 output: in a local
                                       staging directory, {work}/staging/{bucket}/{run_id}/)
 
+A pipeline's run (flows/pipeline.py) has one such directory per stage, and its own files beside them:
+
+    {output_uri}/{run_id}/
+      run.lease                       the pipeline's lease
+      pipeline.json                   each stage's config hashes, as the run first ran them
+      manifest.json                   the pipeline's manifest: each stage's counts, the training set
+      stages/{stage}/                 a run directory as above (run_id: the stage's name), plus
+        rows.jsonl                    its kept rows after its split, with ids and lineage: its children's input
+
 A state is named after its file plus a suffix, so listing the directory finds every shard done;
 the judge's state ends in `.judge.json`, not `.state.json`, so it is never taken for a part's.
 """
@@ -34,6 +43,9 @@ SERVED_MODEL = "served-model.json"
 REJECTS = "rejects.jsonl"
 FILTERED = "filtered.jsonl"
 MANIFEST = "manifest.json"
+STAGES = "stages"
+STAGE_ROWS = "rows.jsonl"
+PIPELINE_HASHES = "pipeline.json"
 
 STATE_SUFFIX = ".state.json"
 # A file is written under a hidden temp name in its own directory and renamed into place; the
@@ -79,3 +91,8 @@ def verdict_name(part: str) -> str:
 def temp_prefix(name: str) -> str:
     """The start of the temp file's name `name` is written under (TEMP_SUFFIX ends it)."""
     return f".{name}."
+
+
+def stages_uri(output_uri: str, run_id: str) -> str:
+    """The output location whose run directories are a pipeline run's stages (run_id: the stage's name)."""
+    return f"{output_uri.rstrip('/')}/{run_id}/{STAGES}"

@@ -1,0 +1,57 @@
+"""A stage's rows for its children: its kept rows (all its rows when it curates nothing), each cut by
+its split (infra/recipes/split.py stage_rows) into rows with derived ids and lineage, written to
+`stages/{stage}/rows.jsonl`, which the next stage reads as its input.
+
+A stage's parts pass its record's fields through, and output_record keeps a record field named
+like a row's own (`completion`, the parent's reply) as `input_<name>`; here those move under
+`parent` (`{{ parent.completion }}`, as docs/pipelines.md says), and the parent's `prompt`,
+`generation`, `id` and `sample` stay behind (its rows keep them; lineage reaches them)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from infra.prompting.dataset import RESERVED_FIELDS
+from infra.recipes.filters import Verdict
+from infra.recipes.lineage import NOT_PASSED
+from infra.recipes.split import SplitParams, stage_rows
+from infra.run.layout import MANIFEST, STAGE_ROWS
+
+
+def carried(row: dict) -> dict:
+    """A generated row with its record's own reserved fields (`input_completion`) under `parent`."""
+    read = {f"input_{k}": k for k in RESERVED_FIELDS}
+    out = {k: v for k, v in row.items() if k not in read and k != "parent"}
+    moved = {read[k]: v for k, v in row.items() if k in read and read[k] not in NOT_PASSED}
+    if moved and "parent" in row:
+        moved["parent"] = row["parent"]  # the grandparent's: parent.parent.completion
+    parent = moved or row.get("parent")
+    return {**out, **({"parent": parent} if parent else {})}
+
+
+def kept_part_names(manifest: dict) -> list[str]:
+    """The stage's kept parts in input order: curation's, or every part when it curates nothing."""
+    if manifest.get("curation"):
+        return [p["name"] for p in manifest["curation"]["kept_parts"]]
+    return [p["name"] for p in manifest["parts"]]
+
+
+def write_stage_rows(store, stage: str, split: SplitParams | None) -> dict:
+    """Write `rows.jsonl` from the stage's published manifest; its counts: rows written, and the kept
+    rows the split dropped, by reason. Read whole: this slice holds one stage's kept rows in memory."""
+    manifest = json.loads(store.read_bytes(MANIFEST))
+    lines: list[str] = []
+    dropped: Counter = Counter()
+    for name in kept_part_names(manifest):
+        for line in (store.read_bytes(name) or b"").decode("utf-8").splitlines():
+            if not line.strip():
+                continue
+            got = stage_rows(carried(json.loads(line)), stage, split)
+            if isinstance(got, Verdict):
+                dropped[got.filter] += 1
+                continue
+            lines += [json.dumps(r, ensure_ascii=False) for r in got]
+    store.write_bytes(STAGE_ROWS, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+    return {"rows": len(lines), "split_dropped": dict(sorted(dropped.items())), "rows_uri": store.uri(STAGE_ROWS),
+            "kept_parts": [store.uri(n) for n in kept_part_names(manifest)]}
