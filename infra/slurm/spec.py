@@ -14,6 +14,8 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/sbatch.sh            the batch script: submit this
     <job_dir>/node-launcher.sh     srun runs it once per rank
     <job_dir>/heartbeat            the orchestrator writes or touches it; the dead-man switch watches it
+    <job_dir>/submitted            the job id, written by the orchestrator between `sbatch --hold` and
+                                   `scontrol release` (infra/slurm/backend.py)
     <job_dir>/job-info             written by the batch script: job_id, batch_host, nodelist, first_node, started_at
     <job_dir>/rank0-host           `hostname` of global rank 0, the only rank that serves HTTP
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
@@ -57,6 +59,7 @@ SBATCH_NAME = "sbatch.sh"
 LAUNCHER_NAME = "node-launcher.sh"
 HEARTBEAT_NAME = "heartbeat"
 JOB_INFO_NAME = "job-info"
+SUBMITTED_NAME = "submitted"
 RANK0_HOST_NAME = "rank0-host"
 RANK0_NODE_NAME = "rank0-node"
 CANCEL_REASON_NAME = "cancel-reason"
