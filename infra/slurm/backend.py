@@ -19,7 +19,7 @@ from infra.settings import Profile, Settings
 from infra.slurm.client import SlurmClient
 from infra.slurm.parse import is_terminal
 from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
-from infra.slurm.spec import (HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SUBMITTED_NAME,
+from infra.slurm.spec import (HEARTBEAT_NAME, PREFLIGHT_FAILED_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SUBMITTED_NAME,
                               SbatchSpec)
 from infra.system.logs import first_error_lines, log_tail
 from infra.system.periodic import Periodic
@@ -236,6 +236,8 @@ class SlurmBackend:
     def dead_reason(self) -> str | None:
         if not self.job_id:
             return None
+        if failed := self.preflight_failure():
+            return f"Slurm job {self.job_id} failed its preflight: {failed}; job dir {self.job_dir}"
         st = self.state()
         if st.state == "UNKNOWN":
             # Slurm can forget a job briefly between squeue and its other sources: give it a grace.
@@ -251,6 +253,14 @@ class SlurmBackend:
             return (f"Slurm job {self.job_id} ended {st.state} (exit code {st.exit_code}); "
                     f"job dir {self.job_dir}; log tails:\n{self.logs()}")
         return None
+
+    def preflight_failure(self) -> str | None:
+        """The line a node launcher's preflight wrote when a check failed (the job is ending; the
+        ready wait need not run out its deadline)."""
+        try:
+            return (self.job_dir / PREFLIGHT_FAILED_NAME).read_text(errors="replace").strip() or None
+        except OSError:
+            return None
 
     def status(self) -> str:
         if not self.job_id:

@@ -199,6 +199,22 @@ def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int]]:
             ("RAY_WAIT_S", spec.launch_wait_s)]
 
 
+# What the in-job preflight requires in the model directory, per engine (the file its loader reads
+# first): NeMo's extracted .nemo, the Hugging Face checkpoint vLLM and TensorRT-LLM load.
+MODEL_FILES = {"nemo": ("model_config.yaml",), "vllm": ("config.json",), "trtllm": ("config.json",)}
+
+
+def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
+    """The node launcher's preflight inputs (infra/templates/node-launcher.sh.tmpl): the server's
+    port always; the model directory, its files and the GPUs only for the engine's own command (a
+    command of one's own, server.command, brings its own model and may need no GPU)."""
+    own = spec.server_command is None
+    return [("PREFLIGHT_PORT", spec.port),
+            ("PREFLIGHT_MODEL", spec.model_path if own else ""),
+            ("PREFLIGHT_MODEL_FILES", MODEL_FILES.get(spec.engine, ()) if own else ()),
+            ("PREFLIGHT_GPUS", spec.gpus_per_node if own else 0)]
+
+
 def check_api(engine: str, api: str, own_command: bool) -> None:
     """`vllm serve` and `trtllm-serve` answer only OpenAI's routes: a NeMo client would wait out
     the whole ready deadline on a server that is up. A command of one's own may speak either."""

@@ -21,6 +21,8 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
     <job_dir>/ray-head             engine vllm on 2+ nodes: "<job id>.<restart count> <address>:<port>" of
                                    the Ray head, for the workers (infra/templates/launcher-ray.sh.tmpl)
+    <job_dir>/preflight-failed     the in-job preflight's one line, when a check failed (the node
+                                   launcher, before the server starts)
     <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
     <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
                                    signal=USR1, received_at=<epoch s>, by=batch; the job goes on
@@ -60,6 +62,7 @@ LAUNCHER_NAME = "node-launcher.sh"
 HEARTBEAT_NAME = "heartbeat"
 JOB_INFO_NAME = "job-info"
 SUBMITTED_NAME = "submitted"
+PREFLIGHT_FAILED_NAME = "preflight-failed"
 RANK0_HOST_NAME = "rank0-host"
 RANK0_NODE_NAME = "rank0-node"
 CANCEL_REASON_NAME = "cancel-reason"
