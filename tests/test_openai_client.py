@@ -52,6 +52,10 @@ def test_body_greedy_top_p_top_k_and_nemo_end_strings():
     sampled = request_body(MODEL, "Hi", SamplingParams(temperature=0.7, top_p=0.0, top_k=5, min_tokens_to_generate=2))
     assert sampled["temperature"] == 0.7 and sampled["top_p"] == 1.0 and sampled["top_k"] == 5 and sampled["min_tokens"] == 2
     assert request_body(MODEL, "Hi", SamplingParams(end_strings=["X"]), end_strings_field=True)["end_strings"] == ["X"]
+    # BOS as add_BOS says, not the server's default (vLLM and trtllm add it unless told): audit S1.
+    assert request_body(MODEL, "Hi", SamplingParams())["add_special_tokens"] is False
+    assert request_body(MODEL, "Hi", SamplingParams(add_BOS=True))["add_special_tokens"] is True
+    assert "add_special_tokens" not in request_body(MODEL, "Hi", SamplingParams(), end_strings_field=True)
 
 
 def test_error_message_reads_both_vllm_shapes_and_trtllm():

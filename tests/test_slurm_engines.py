@@ -68,6 +68,7 @@ def test_switching_the_profile_to_vllm_is_the_only_change_needed():
     assert server_command(spec) == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
                               "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
                               "--distributed-executor-backend", "ray", "--max-model-len", "4096",
+                              "--generation-config", "vllm",
                               "--host", "0.0.0.0", "--port", "1424")
     assert "ray start --head" in launcher and 'ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --block' in launcher
     assert "RAY_GPUS=16" in launcher
@@ -169,6 +170,8 @@ def test_render_shows_any_engine(capsys, monkeypatch, tmp_path):
     assert cli_main(["render", "--profile", "h100x16", "--engine", "vllm", "--model-path", HF]) == 0
     out = capsys.readouterr().out
     assert "--distributed-executor-backend ray" in out and "#SBATCH --ntasks-per-node=1" in out
+    assert "--generation-config vllm" in out  # the checkpoint's generation_config.json fills nothing (audit S5)
+    assert 'RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"' in out  # audit S3
     assert cli_main(["render", "--profile", "h200x8", "--engine", "trtllm", "--model-path", HF]) == 0
     assert "trtllm-llmapi-launch trtllm-serve" in capsys.readouterr().out
     assert cli_main(["render", "--profile", "h100x16", "--engine", "custom"]) == 2

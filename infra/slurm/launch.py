@@ -164,7 +164,10 @@ def vllm_command(spec: LaunchSpec) -> tuple[str, ...]:
     if uses_ray(spec):
         # Explicit: vLLM 0.11.x picked a backend that saw one node's GPUs (NVIDIA-NeMo/Skills#1059).
         cmd += ["--distributed-executor-backend", "ray"]
-    return (*cmd, "--max-model-len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
+    # vLLM's own sampling defaults, not the checkpoint's generation_config.json: that would fill the
+    # fields a request leaves unset (repetition_penalty, min_p, top_k) behind the run's back (audit S5).
+    return (*cmd, "--max-model-len", str(spec.max_model_len), "--generation-config", "vllm",
+            "--host", "0.0.0.0", "--port", str(spec.port))
 
 
 def trtllm_command(spec: LaunchSpec) -> tuple[str, ...]:

@@ -341,6 +341,7 @@ class SbatchSpec:
             model_path=self.model_path if self.server_command is None else None,
             image=self.container_image if self.container_runtime != "none" else None,
             hf_checkpoint=self.engine in ("vllm", "trtllm"),
+            engine=self.engine,
         )
 
     # --- construction from settings ------------------------------------------------------------

@@ -5,7 +5,7 @@
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
 JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001
 SETUP_LINES=()
-SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray --max-model-len 4096 --host 0.0.0.0 --port 1424)
+SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray --max-model-len 4096 --generation-config vllm --host 0.0.0.0 --port 1424)
 RAY_PORT=6379
 RAY_GPUS=16
 RAY_WAIT_S=2700
@@ -158,6 +158,9 @@ fi
 # vLLM 0.20-0.22 keep the old compiled-graph Ray executor (multi-node PP > 1 fails in its channels)
 # unless asked for V2, its default from 0.23 on (vllm #36836).
 export VLLM_USE_RAY_V2_EXECUTOR_BACKEND="${VLLM_USE_RAY_V2_EXECUTOR_BACKEND:-1}"
+# A raylet on a loaded node can take longer than Ray's default 60 s to register (NeMo-Skills gives
+# this job shape 120 s; audit S3); slurm.env may set it otherwise.
+export RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"
 # Tagged with the job id and restart count: a requeued job must not join the last start's head.
 HEAD_TAG="${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"
 

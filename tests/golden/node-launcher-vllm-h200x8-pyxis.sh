@@ -5,7 +5,7 @@
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
 JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001
 SETUP_LINES=()
-SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf-FP8 --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --max-model-len 4096 --host 0.0.0.0 --port 1424)
+SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf-FP8 --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --max-model-len 4096 --generation-config vllm --host 0.0.0.0 --port 1424)
 PREFLIGHT_PORT=1424
 PREFLIGHT_MODEL=/lustre/models/Nemotron-4-340B-Base-hf-FP8
 PREFLIGHT_MODEL_FILES=(config.json)
