@@ -6,7 +6,8 @@ directory probe are removed, the port is only bound for a moment.
 The checks, in order: the settings load; the profile exists and its launch settings pass the
 refusals a run makes before the plan (infra/slurm/spec.py); for a Slurm profile, sbatch, squeue
 and scontrol are on PATH and the controller answers, the partition is listed by `sinfo` and up,
-the account is associated with the user (`sacctmgr`, where accounting runs), the image and the
+the account is associated with the user (`sacctmgr`, where accounting runs), srun has the PMIx
+plugin trtllm's MPI world needs (trtllm only), the image and the
 model path are readable here, the job root is writable; for every profile the tokenizer loads,
 the output location is allowed and writable, the server port is free on this host, and the
 Prefect API answers with the credentials given.
@@ -113,6 +114,8 @@ def _slurm_checks(settings: Settings, profile: Profile, profile_name: str, timeo
     if commands.status == OK:
         checks.append(_check("partition", lambda: _partition(settings.slurm.partition, timeout_s)))
         checks.append(_check("account", lambda: _account(settings.slurm.account, timeout_s)))
+        if profile.engine == "trtllm" and not settings.server.command:
+            checks.append(_check("mpi", lambda: _pmix(timeout_s)))
     else:
         checks += [Check(name, SKIP, "Slurm is not reachable from here (see the slurm line)")
                    for name in ("partition", "account")]
@@ -184,6 +187,17 @@ def _account(account: str | None, timeout_s: float) -> str:
         raise _Problem(f"NSDG_SLURM__ACCOUNT={account!r} has no association with user {user} (`sacctmgr show assoc "
                        f"where user={user}` lists your accounts); set it to one of them")
     return f"{account} is associated with {user}"
+
+
+def _pmix(timeout_s: float) -> str:
+    """trtllm's ranks form one MPI world through srun --mpi=pmix (audit L5): a Slurm built
+    without the plugin fails every rank's MPI_Init after the queue wait."""
+    listed = _run(["srun", "--mpi=list"], timeout_s)
+    plugins = (listed.stdout + listed.stderr).split()
+    if "pmix" not in plugins and not any(p.startswith("pmix_") for p in plugins):
+        raise _Problem("`srun --mpi=list` shows no pmix plugin, which trtllm's MPI world needs (srun --mpi=pmix): ask "
+                       "the cluster's operators for Slurm's PMIx plugin, or use the vllm engine")
+    return "srun lists the pmix plugin (with pyxis, enroot's 50-slurm-pmi.sh extra hook must be installed too)"
 
 
 def _image(runtime: str, image: str, setting: str) -> str:

@@ -4,6 +4,7 @@ the local Slurm cluster and the session's Prefect server (basic auth on)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -101,3 +102,19 @@ def test_no_slurm_on_path_and_no_prefect_server(tmp_path, tiny_model_dir):
     assert lines["partition"][0] == lines["account"][0] == "skip"
     assert lines["prefect"][0] == "problem" and "does not answer" in lines["prefect"][1]
     assert lines["model"][0] == lines["tokenizer"][0] == lines["output"][0] == "ok", out
+
+
+@pytest.mark.slurm
+def test_trtllm_needs_srun_to_list_pmix(slurm_cluster, tiny_model_dir, tmp_path):
+    env = site_env(tmp_path, tiny_model_dir)
+    rc, lines, out = doctor(env, tmp_path, "--engine", "trtllm")
+    assert lines["mpi"][0] == "ok" and "srun lists the pmix plugin" in lines["mpi"][1], out
+    # A Slurm built without the plugin: srun (a stand-in, first on PATH) lists none.
+    stubs = tmp_path / "stub-bin"
+    stubs.mkdir()
+    (stubs / "srun").write_text("#!/bin/sh\nprintf 'MPI plugin types are...\\n\\tnone\\n\\tpmi2\\n'\n")
+    (stubs / "srun").chmod(0o755)
+    rc, lines, out = doctor({**env, "PATH": f"{stubs}:{os.environ['PATH']}"}, tmp_path, "--engine", "trtllm")
+    assert rc == 2 and lines["mpi"][0] == "problem" and "shows no pmix plugin" in lines["mpi"][1], out
+    rc, lines, out = doctor(env, tmp_path)  # nemo: no MPI world, no such check
+    assert "mpi" not in lines, out
