@@ -107,6 +107,23 @@ def test_completion_maps_text_finish_reason_and_usage(oai):
     assert all(1 <= g.generated_tokens <= 5 for g in ones)  # the EOS it stopped on counts, as vLLM counts it
 
 
+def test_bos_is_added_only_as_add_bos_says(tmp_path):
+    """Audit S1: the stand-in adds BOS unless told, as vLLM and trtllm-serve do; the client's
+    add_special_tokens (add_BOS) decides, so a prompt counts the same tokens as on the NeMo path."""
+    with running_server(tmp_path, *SIM) as (url, _):
+        def prompt_tokens(**extra) -> int:
+            body = {"prompt": "Count these words", "max_tokens": 1, **extra}
+            return requests.post(url + "/v1/completions", json=body, timeout=10).json()["usage"]["prompt_tokens"]
+
+        default, without, with_bos = prompt_tokens(), prompt_tokens(add_special_tokens=False), prompt_tokens(add_special_tokens=True)
+        assert default == with_bos == without + 1
+        sent = request_body("nemotron-4-340b-base", "Count these words", SamplingParams(tokens_to_generate=1))
+        sent.pop("model")
+        assert prompt_tokens(**sent) == without  # add_BOS false (the recipes' default): no BOS
+        assert requests.post(url + "/v1/completions", json={"prompt": "x", "add_special_tokens": "yes"},
+                             timeout=10).status_code == 400
+
+
 @pytest.mark.parametrize("shape", ["nested", "flat"])
 def test_context_length_400_rejects_the_record_with_the_servers_message(tmp_path, shape):
     with running_server(tmp_path, *SIM, "--max-model-len", "64", "--openai-error-shape", shape) as (url, _):
