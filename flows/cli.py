@@ -322,6 +322,7 @@ def _install_automations(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.doctor import register as register_doctor
     from infra.local_server.cli import register as register_local_server
 
     parser = argparse.ArgumentParser(prog="nemotron-sdg", description=__doc__)
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render(sub)
     _add_check(sub)
     _add_install_automations(sub)
+    register_doctor(sub)
     register_local_server(sub)
     return parser
 

@@ -87,10 +87,32 @@ os.execvp(cmd[0], cmd)
 """
 
 
+# `nvidia-smi -L` and `--query-gpu=driver_version` as the real one prints them, for the node
+# launcher's preflight: one line per GPU of CUDA_VISIBLE_DEVICES (else 8).
+NVIDIA_SMI = r"""#!PYTHON
+import os, sys
+gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7").split(",") if g]
+if "-L" in sys.argv:
+    for i, _ in enumerate(gpus):
+        print(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-stub-{i:04d})")
+elif any(a.startswith("--query-gpu=driver_version") for a in sys.argv):
+    print("\n".join("550.54.15" for _ in gpus))
+else:
+    sys.exit(f"stub nvidia-smi: {sys.argv[1:]} not supported")
+"""
+
+
+def write_hf_model(folder: Path) -> str:
+    """A directory the vllm/trtllm preflight accepts: a Hugging Face checkpoint's config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "nemotron"}')
+    return str(folder)
+
+
 def write_engine_stubs(bin_dir: Path) -> Path:
-    """Write `ray` and `vllm` into bin_dir (created) and return it."""
+    """Write `ray`, `vllm` and `nvidia-smi` into bin_dir (created) and return it."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("ray", RAY), ("vllm", VLLM)):
+    for name, text in (("ray", RAY), ("vllm", VLLM), ("nvidia-smi", NVIDIA_SMI)):
         path = bin_dir / name
         path.write_text(text.replace("#!PYTHON", f"#!{sys.executable}", 1))
         path.chmod(0o755)

@@ -52,6 +52,10 @@ def test_body_greedy_top_p_top_k_and_nemo_end_strings():
     sampled = request_body(MODEL, "Hi", SamplingParams(temperature=0.7, top_p=0.0, top_k=5, min_tokens_to_generate=2))
     assert sampled["temperature"] == 0.7 and sampled["top_p"] == 1.0 and sampled["top_k"] == 5 and sampled["min_tokens"] == 2
     assert request_body(MODEL, "Hi", SamplingParams(end_strings=["X"]), end_strings_field=True)["end_strings"] == ["X"]
+    # BOS as add_BOS says, not the server's default (vLLM and trtllm add it unless told): audit S1.
+    assert request_body(MODEL, "Hi", SamplingParams())["add_special_tokens"] is False
+    assert request_body(MODEL, "Hi", SamplingParams(add_BOS=True))["add_special_tokens"] is True
+    assert "add_special_tokens" not in request_body(MODEL, "Hi", SamplingParams(), end_strings_field=True)
 
 
 def test_error_message_reads_both_vllm_shapes_and_trtllm():
@@ -101,6 +105,23 @@ def test_completion_maps_text_finish_reason_and_usage(oai):
     full = [g for g in ones if g.completion.finish_reason == "length"]
     assert full and all(g.generated_tokens == 5 and g.tokens_unit == "tokens" for g in full)  # usage, exact for n=1
     assert all(1 <= g.generated_tokens <= 5 for g in ones)  # the EOS it stopped on counts, as vLLM counts it
+
+
+def test_bos_is_added_only_as_add_bos_says(tmp_path):
+    """Audit S1: the stand-in adds BOS unless told, as vLLM and trtllm-serve do; the client's
+    add_special_tokens (add_BOS) decides, so a prompt counts the same tokens as on the NeMo path."""
+    with running_server(tmp_path, *SIM) as (url, _):
+        def prompt_tokens(**extra) -> int:
+            body = {"prompt": "Count these words", "max_tokens": 1, **extra}
+            return requests.post(url + "/v1/completions", json=body, timeout=10).json()["usage"]["prompt_tokens"]
+
+        default, without, with_bos = prompt_tokens(), prompt_tokens(add_special_tokens=False), prompt_tokens(add_special_tokens=True)
+        assert default == with_bos == without + 1
+        sent = request_body("nemotron-4-340b-base", "Count these words", SamplingParams(tokens_to_generate=1))
+        sent.pop("model")
+        assert prompt_tokens(**sent) == without  # add_BOS false (the recipes' default): no BOS
+        assert requests.post(url + "/v1/completions", json={"prompt": "x", "add_special_tokens": "yes"},
+                             timeout=10).status_code == 400
 
 
 @pytest.mark.parametrize("shape", ["nested", "flat"])

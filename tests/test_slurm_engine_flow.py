@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.generate import generate
-from tests.engine_stubs import write_engine_stubs
+from tests.engine_stubs import write_hf_model, write_engine_stubs
 from tests.fixtures_slurm import TEST_PROFILES, slurm_job_env, slurm_test_env
 from tests.ports import free_port
 from tests.test_slurm_flow import cancel_after_first_part, our_jobs, prompts
@@ -34,6 +34,7 @@ def vllm_env(slurm_cluster, prefect_harness, workdir, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("NSDG_SLURM__SETUP", json.dumps([f"export PATH={shlex.quote(str(stubs))}:$PATH"]))
     monkeypatch.setenv("NSDG_SLURM__RAY_PORT", str(free_port()))
+    monkeypatch.setenv("NSDG_MODEL__PATH", write_hf_model(workdir / "model"))  # what the job's preflight reads
 
     def serve_flags(*flags: str) -> None:
         # Both "nodes" are this host, on loopback: the head's address is given, as a site gives it.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from infra.settings import Settings, SlurmSettings
 from infra.slurm.launch import server_command
 from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
 from infra.slurm.spec import SbatchSpec
-from tests.engine_stubs import write_engine_stubs
+from tests.engine_stubs import write_engine_stubs, write_hf_model
 from tests.ports import free_port
 from tests.test_slurm_render import DESTRUCTIVE, HOSTILE, assigned_array, bash_n, finish, gone, sbatch_lines
 
@@ -67,6 +68,7 @@ def test_switching_the_profile_to_vllm_is_the_only_change_needed():
     assert server_command(spec) == ("vllm", "serve", HF, "--served-model-name", "nemotron-4-340b-base",
                               "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
                               "--distributed-executor-backend", "ray", "--max-model-len", "4096",
+                              "--generation-config", "vllm",
                               "--host", "0.0.0.0", "--port", "1424")
     assert "ray start --head" in launcher and 'ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --block' in launcher
     assert "RAY_GPUS=16" in launcher
@@ -168,6 +170,8 @@ def test_render_shows_any_engine(capsys, monkeypatch, tmp_path):
     assert cli_main(["render", "--profile", "h100x16", "--engine", "vllm", "--model-path", HF]) == 0
     out = capsys.readouterr().out
     assert "--distributed-executor-backend ray" in out and "#SBATCH --ntasks-per-node=1" in out
+    assert "--generation-config vllm" in out  # the checkpoint's generation_config.json fills nothing (audit S5)
+    assert 'RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"' in out  # audit S3
     assert cli_main(["render", "--profile", "h200x8", "--engine", "trtllm", "--model-path", HF]) == 0
     assert "trtllm-llmapi-launch trtllm-serve" in capsys.readouterr().out
     assert cli_main(["render", "--profile", "h100x16", "--engine", "custom"]) == 2
@@ -183,7 +187,8 @@ def ray_spec(job_dir: Path, port: int, wait_s: int = 60,
     """Both roles on this host: the head's loopback address is given, as a single-host site would."""
     return SbatchSpec(job_name="nsdg-ray-test", job_dir=str(job_dir), comment="nsdg run=ray-test", nodes=2,
                       tasks_per_node=8, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2, engine="vllm",
-                      container_runtime="none", model_path=HF, port=port, ray_port=free_port(),
+                      container_runtime="none", model_path=write_hf_model(job_dir.parent / "model"), port=port,
+                      ray_port=free_port(),
                       launch_wait_s=wait_s, env=(("PYTHONPATH", str(Path(__file__).resolve().parents[1])), *env))
 
 
@@ -220,7 +225,9 @@ def test_a_head_whose_hostname_resolves_to_loopback_is_refused_at_once(ray_job):
     """Audit L1: a node name mapped to 127.0.1.1 (Debian's /etc/hosts) made the head advertise an
     address no other node reaches; vLLM then waited 30 minutes for a placement group on 16 GPUs."""
     job_dir, stubs = ray_job
-    (stubs / "hostname").write_text('#!/bin/sh\n[ "$1" = --ip-address ] && echo 127.0.1.1 || echo gpu-node-17\n')
+    # The node's own name otherwise: the preflight checks that it resolves (getent hosts) first.
+    real = shutil.which("hostname")
+    (stubs / "hostname").write_text(f'#!/bin/sh\n[ "$1" = --ip-address ] && echo 127.0.1.1 || exec {real} "$@"\n')
     (stubs / "hostname").chmod(0o755)
     write_job_files(ray_spec(job_dir, free_port(), env=()))
     head = start_role(job_dir, 0, stubs)
@@ -230,7 +237,7 @@ def test_a_head_whose_hostname_resolves_to_loopback_is_refused_at_once(ray_job):
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
     assert head.returncode == 1
-    assert "hostname --ip-address gives '127.0.1.1' on gpu-node-17, which the other nodes cannot reach: set RAY_HEAD_IP" in out.decode()
+    assert f"hostname --ip-address gives '127.0.1.1' on {socket.gethostname()}, which the other nodes cannot reach: set RAY_HEAD_IP" in out.decode()
     assert not (job_dir / "ray-head").exists() and not stub_pids(job_dir, "ray")
 
 
@@ -251,7 +258,8 @@ def test_ray_head_waits_for_the_worker_then_serves(ray_job):
         address = (stub_state / "head").read_text()
         assert head_argv[:2] == ["start", "--head"] and "--block" in head_argv
         assert worker_argv == ["start", f"--address={address}", "--node-ip-address=127.0.0.1", "--block"]
-        assert json.loads((stub_state / "vllm-argv").read_text())[:3] == ["serve", HF, "--served-model-name"]
+        assert json.loads((stub_state / "vllm-argv").read_text())[:3] == ["serve", str(job_dir.parent / "model"),
+                                                                          "--served-model-name"]
         for proc in (worker, head):
             os.kill(proc.pid, signal.SIGTERM)
         (rc_w, out_w), (rc_h, out_h) = finish(worker), finish(head)

@@ -131,6 +131,21 @@ def test_a_checkpoint_of_bin_weights_only_is_refused_for_the_hf_engines(tmp_path
     spec(model_path=str(hf), engine="vllm").check_paths_seen_here()
 
 
+def test_a_per_tensor_fp8_checkpoint_is_refused_for_trtllm(tmp_path):
+    """Audit S6: TensorRT-LLM maps quant_method fp8 only with weight_block_size; the community FP8
+    checkpoint (per-tensor, dynamic activations) would fail its load, or load wrong."""
+    hf = tmp_path / "Nemotron-4-340B-FP8-hf"
+    hf.mkdir()
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    (hf / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                        "activation_scheme": "dynamic"}}))
+    assert "ModelOpt FP8 export" in refused("per-tensor FP8", model_path=str(hf), engine="trtllm")
+    spec(model_path=str(hf), engine="vllm").check_paths_seen_here()  # vLLM loads it
+    (hf / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                        "weight_block_size": [128, 128]}}))
+    spec(model_path=str(hf), engine="trtllm").check_paths_seen_here()
+
+
 # --- options that would break the launch ------------------------------------------------------------
 
 

@@ -75,6 +75,9 @@ def request_body(model: str, prompt: str, sampling: SamplingParams, *, n: int = 
     }
     if end_strings_field:
         body["end_strings"] = list(sampling.end_strings)
+    else:  # vLLM and trtllm-serve add BOS unless told (add_special_tokens defaults to true): add_BOS decides,
+        # as on the NeMo path (audit S1). NeMo >= 2.1's server fixes it itself and may refuse the field.
+        body["add_special_tokens"] = sampling.add_BOS
     if sampling.top_k > 0 and not sampling.greedy:
         body["top_k"] = sampling.top_k
     if sampling.min_tokens_to_generate > 0:

@@ -131,7 +131,7 @@ class CompletionsService:
 
     def complete(self, body: object) -> dict:
         params, prompt, n = self._read(body)
-        ids = prompt_ids(self.engine, prompt, False)
+        ids = prompt_ids(self.engine, prompt, params.add_BOS)
         if len(ids) + params.tokens_to_generate > self.max_model_len:
             total = len(ids) + params.tokens_to_generate
             raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -187,7 +187,13 @@ class CompletionsService:
             raise OpenAIError(400, "stop must be a string or a list of strings")
         temperature = float(body.get("temperature", 1.0))
         seed = body.get("seed")
+        # vLLM's and trtllm-serve's default: the tokenizer's special tokens (BOS) are added unless the
+        # request says otherwise (the run's client always says, as add_BOS: audit S1).
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise OpenAIError(400, f"add_special_tokens must be true or false, got {special!r}")
         params = GenerateParams(
+            add_BOS=special,
             tokens_to_generate=max_tokens, temperature=temperature if temperature > 0 else 1.0,
             greedy=temperature == 0, top_k=int(body.get("top_k") or 0), top_p=float(body.get("top_p", 1.0)),
             repetition_penalty=1.0, min_tokens_to_generate=int(body.get("min_tokens") or 0),

@@ -19,7 +19,8 @@ from infra.settings import Profile, Settings
 from infra.slurm.client import SlurmClient
 from infra.slurm.parse import is_terminal
 from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
-from infra.slurm.spec import HEARTBEAT_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec
+from infra.slurm.spec import (HEARTBEAT_NAME, PREFLIGHT_FAILED_NAME, SIGNAL_MARKER_NAME, STDERR_PATTERN, STDOUT_PATTERN, SUBMITTED_NAME,
+                              SbatchSpec)
 from infra.system.logs import first_error_lines, log_tail
 from infra.system.periodic import Periodic
 
@@ -35,6 +36,7 @@ END_REFRESH_S = 10.0
 # A server lost this close to its job's end (or after it) was ended by the time limit: Slurm
 # enforces limits on a timer, and this host's clock and the controller's may differ a little.
 END_SLACK_S = 30.0
+HELD_REASON = "JobHeldUser"  # squeue's reason for a job submitted with `sbatch --hold`
 
 
 def job_name_for(flow_run_id: str | None, run_id: str) -> str:
@@ -92,9 +94,45 @@ class SlurmBackend:
         script = write_job_files(self.spec)
         # Before submit: the switch counts from the job's start.
         self._heartbeat = heartbeat(self.job_dir / HEARTBEAT_NAME, self.settings.slurm.heartbeat_interval_s).start()
-        job_id = self.client.submit(script)
-        self.job_ids.append(job_id)
+        # Submitted held, recorded, then released: a crash or a lost sbatch answer before the id is
+        # recorded leaves a held job, which is never allocated (and is cancelled here, or by the
+        # reaper, which finds it by name), never a running allocation no one knows about.
+        try:
+            job_id = self.client.submit(script, extra_args=["--hold"])
+        except CommandError:  # sbatch timed out: the controller may have taken the job all the same
+            self._cancel_unrecorded_held()
+            raise
+        self.job_ids.append(job_id)  # from here on, release() cancels it
+        try:
+            (self.job_dir / SUBMITTED_NAME).write_text(f"{job_id}\n")
+            self.client.release_hold(job_id)
+        except BaseException:
+            self._cancel_quietly([job_id])
+            raise
         log.info("submitted Slurm job %s (%s), job dir %s", job_id, self.job_name, self.job_dir)
+
+    def _cancel_unrecorded_held(self) -> None:
+        """Cancel held jobs of this backend's comment (run, flow run, replica) that are not
+        recorded: what an sbatch whose answer was lost submitted."""
+        try:
+            held = [job.job_id for job in self.client.active_jobs()
+                    if job.comment == self.spec.comment and job.job_id not in self.job_ids and job.state == "PENDING"
+                    and self.client.state(job.job_id).reason == HELD_REASON]
+        except CommandError as exc:
+            log.warning("could not look for a held job after a failed sbatch (%s): the reaper cancels any by name %s",
+                        exc, self.job_name)
+            return
+        if held:
+            log.warning("sbatch failed after submitting held job(s) %s: cancelling them", ", ".join(held))
+            self._cancel_quietly(held)
+
+    def _cancel_quietly(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                self.client.cancel(job_id)
+            except CommandError as exc:  # the error being raised matters more; the reaper finds the job by name
+                log.warning("could not cancel held Slurm job %s (%s); the reaper cancels it by name %s",
+                            job_id, exc, self.job_name)
 
     def state(self):
         """The job's state, polled at most every slurm.poll_s (every wait loop calls this)."""
@@ -198,6 +236,8 @@ class SlurmBackend:
     def dead_reason(self) -> str | None:
         if not self.job_id:
             return None
+        if failed := self.preflight_failure():
+            return f"Slurm job {self.job_id} failed its preflight: {failed}; job dir {self.job_dir}"
         st = self.state()
         if st.state == "UNKNOWN":
             # Slurm can forget a job briefly between squeue and its other sources: give it a grace.
@@ -213,6 +253,14 @@ class SlurmBackend:
             return (f"Slurm job {self.job_id} ended {st.state} (exit code {st.exit_code}); "
                     f"job dir {self.job_dir}; log tails:\n{self.logs()}")
         return None
+
+    def preflight_failure(self) -> str | None:
+        """The line a node launcher's preflight wrote when a check failed (the job is ending; the
+        ready wait need not run out its deadline)."""
+        try:
+            return (self.job_dir / PREFLIGHT_FAILED_NAME).read_text(errors="replace").strip() or None
+        except OSError:
+            return None
 
     def status(self) -> str:
         if not self.job_id:

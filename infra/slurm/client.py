@@ -4,6 +4,9 @@ Every command goes through one runner (`infra.system.commands.run_command` by de
 list with a timeout; the text it prints is turned into values by the pure `parse_*` functions
 of infra/slurm/parse.py, which are tested on recorded outputs.
 
+A job is submitted held (`sbatch --hold`) and released (`scontrol release`) once its id is
+recorded (infra/slurm/backend.py): a held job is never allocated.
+
 How `SlurmClient.state` finds a job, first answer wins:
 
     squeue -h -j ID               pending, running, completing jobs (finished ones are not listed)
@@ -70,6 +73,12 @@ class SlurmClient:
         job_id = parse_sbatch_parsable(result.stdout)
         log.info("submitted %s as Slurm job %s", script_path, job_id)
         return job_id
+
+    def release_hold(self, job_id: str) -> None:
+        """`scontrol release ID`: let a job submitted with `sbatch --hold` be scheduled."""
+        result = self._run(["scontrol", "release", check_job_id(job_id)], check=False)
+        if result.returncode != 0:
+            raise self._failed(result, f"releasing the hold on job {job_id}")
 
     # state ------------------------------------------------------------------------------------
     def state(self, job_id: str, *, sources: Sequence[str] = STATE_SOURCES) -> JobState:

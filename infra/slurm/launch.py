@@ -164,7 +164,10 @@ def vllm_command(spec: LaunchSpec) -> tuple[str, ...]:
     if uses_ray(spec):
         # Explicit: vLLM 0.11.x picked a backend that saw one node's GPUs (NVIDIA-NeMo/Skills#1059).
         cmd += ["--distributed-executor-backend", "ray"]
-    return (*cmd, "--max-model-len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
+    # vLLM's own sampling defaults, not the checkpoint's generation_config.json: that would fill the
+    # fields a request leaves unset (repetition_penalty, min_p, top_k) behind the run's back (audit S5).
+    return (*cmd, "--max-model-len", str(spec.max_model_len), "--generation-config", "vllm",
+            "--host", "0.0.0.0", "--port", str(spec.port))
 
 
 def trtllm_command(spec: LaunchSpec) -> tuple[str, ...]:
@@ -197,6 +200,22 @@ def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int]]:
         return []
     return [("RAY_PORT", spec.ray_port), ("RAY_GPUS", spec.nodes * spec.gpus_per_node),
             ("RAY_WAIT_S", spec.launch_wait_s)]
+
+
+# What the in-job preflight requires in the model directory, per engine (the file its loader reads
+# first): NeMo's extracted .nemo, the Hugging Face checkpoint vLLM and TensorRT-LLM load.
+MODEL_FILES = {"nemo": ("model_config.yaml",), "vllm": ("config.json",), "trtllm": ("config.json",)}
+
+
+def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
+    """The node launcher's preflight inputs (infra/templates/node-launcher.sh.tmpl): the server's
+    port always; the model directory, its files and the GPUs only for the engine's own command (a
+    command of one's own, server.command, brings its own model and may need no GPU)."""
+    own = spec.server_command is None
+    return [("PREFLIGHT_PORT", spec.port),
+            ("PREFLIGHT_MODEL", spec.model_path if own else ""),
+            ("PREFLIGHT_MODEL_FILES", MODEL_FILES.get(spec.engine, ()) if own else ()),
+            ("PREFLIGHT_GPUS", spec.gpus_per_node if own else 0)]
 
 
 def check_api(engine: str, api: str, own_command: bool) -> None:

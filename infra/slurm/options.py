@@ -262,10 +262,23 @@ def check_model_mountable(model_path: str) -> None:
                    "and mount a directory above it with NSDG_SLURM__CONTAINER_MOUNTS")
 
 
-def check_paths_seen_here(*, model_path: str | None, image: str | None, hf_checkpoint: bool = False) -> None:
+def _quantization(config: Path) -> dict:
+    """The checkpoint's quantization_config ({} when there is none or config.json is unreadable)."""
+    import json
+
+    try:
+        quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return quant if isinstance(quant, dict) else {}
+
+
+def check_paths_seen_here(*, model_path: str | None, image: str | None, hf_checkpoint: bool = False,
+                          engine: str | None = None) -> None:
     """What the login node can see of the model and a local image (it usually mounts the same
     shared filesystem as the nodes); paths it cannot see at all are left to the nodes.
-    `hf_checkpoint`: the engine (vLLM, TensorRT-LLM) loads a Hugging Face directory, not a .nemo one."""
+    `hf_checkpoint`: the engine (vLLM, TensorRT-LLM) loads a Hugging Face directory, not a .nemo one;
+    `engine` trtllm: a per-tensor FP8 checkpoint is refused too (audit S6)."""
     if model_path is not None and hf_checkpoint:
         model = Path(model_path)
         if model.is_file() or (model.is_dir() and not (model / "config.json").is_file()):
@@ -279,6 +292,12 @@ def check_paths_seen_here(*, model_path: str | None, image: str | None, hf_check
                        "worker (8 x 680 GB of host memory per node for the one-file conversion). Reshard it to "
                        "safetensors first (docs/operators.md, engines: save_pretrained(..., safe_serialization=True, "
                        "max_shard_size='5GB'))")
+        if engine == "trtllm" and model.is_dir() and (quant := _quantization(model / "config.json")):
+            if quant.get("quant_method") == "fp8" and "weight_block_size" not in quant:
+                raise fail("model.path", model_path,
+                           "it is a per-tensor FP8 checkpoint (quantization_config: fp8, no weight_block_size), which "
+                           "TensorRT-LLM's loader does not map: serve the BF16 checkpoint, a ModelOpt FP8 export, or "
+                           "use the vllm engine (docs/operators.md, engines)")
     elif model_path is not None:
         model = Path(model_path)
         if model.is_file() or (model_path.endswith(".nemo") and not model.is_dir()):

@@ -14,11 +14,15 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/sbatch.sh            the batch script: submit this
     <job_dir>/node-launcher.sh     srun runs it once per rank
     <job_dir>/heartbeat            the orchestrator writes or touches it; the dead-man switch watches it
+    <job_dir>/submitted            the job id, written by the orchestrator between `sbatch --hold` and
+                                   `scontrol release` (infra/slurm/backend.py)
     <job_dir>/job-info             written by the batch script: job_id, batch_host, nodelist, first_node, started_at
     <job_dir>/rank0-host           `hostname` of global rank 0, the only rank that serves HTTP
     <job_dir>/rank0-node           Slurm node name of rank 0 (for `scontrol show node` -> NodeAddr)
     <job_dir>/ray-head             engine vllm on 2+ nodes: "<job id>.<restart count> <address>:<port>" of
                                    the Ray head, for the workers (infra/templates/launcher-ray.sh.tmpl)
+    <job_dir>/preflight-failed     the in-job preflight's one line, when a check failed (the node
+                                   launcher, before the server starts)
     <job_dir>/cancel-reason        why the dead-man switch cancelled the job (only when it did)
     <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
                                    signal=USR1, received_at=<epoch s>, by=batch; the job goes on
@@ -57,6 +61,8 @@ SBATCH_NAME = "sbatch.sh"
 LAUNCHER_NAME = "node-launcher.sh"
 HEARTBEAT_NAME = "heartbeat"
 JOB_INFO_NAME = "job-info"
+SUBMITTED_NAME = "submitted"
+PREFLIGHT_FAILED_NAME = "preflight-failed"
 RANK0_HOST_NAME = "rank0-host"
 RANK0_NODE_NAME = "rank0-node"
 CANCEL_REASON_NAME = "cancel-reason"
@@ -335,6 +341,7 @@ class SbatchSpec:
             model_path=self.model_path if self.server_command is None else None,
             image=self.container_image if self.container_runtime != "none" else None,
             hf_checkpoint=self.engine in ("vllm", "trtllm"),
+            engine=self.engine,
         )
 
     # --- construction from settings ------------------------------------------------------------

@@ -5,7 +5,11 @@
 # Every value below is assigned once, shell-quoted, and only ever used as "$VAR".
 JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001
 SETUP_LINES=()
-SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf-FP8 --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --max-model-len 4096 --host 0.0.0.0 --port 1424)
+SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf-FP8 --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --max-model-len 4096 --generation-config vllm --host 0.0.0.0 --port 1424)
+PREFLIGHT_PORT=1424
+PREFLIGHT_MODEL=/lustre/models/Nemotron-4-340B-Base-hf-FP8
+PREFLIGHT_MODEL_FILES=(config.json)
+PREFLIGHT_GPUS=8
 
 # Not the orchestrator's Python; not the home directory's pip --user packages either. Whole
 # Hydra errors and unbuffered output, so 16 ranks' logs can be read.
@@ -23,10 +27,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRAC
 # slurm.env is empty.
 
 RANK="${SLURM_PROCID:-0}"
-if ! mkdir -p "$XDG_CACHE_HOME" 2>/dev/null; then
-    echo "rank $RANK: cannot create the cache directory $XDG_CACHE_HOME; set XDG_CACHE_HOME in NSDG_SLURM__ENV to a writable directory" >&2
-    exit 1
-fi
 # Taken before any trap is set, and never `$HOSTNAME`, which may be the submit host's
 # (Slurm exports the caller's environment). After the traps below no command substitution
 # runs in this shell: bash 5.2 can fail to parse one that a signal interrupts.
@@ -80,8 +80,59 @@ wait_for() {
     done
 }
 
-# Before the traps: setup lines (Lmod's `module`, for one) run command substitutions.
+preflight_fail() {
+    # One line naming the check, what was seen and the fix: in the job's log, and in
+    # $JOB_DIR/preflight-failed, which the orchestrator reports at once instead of waiting out the
+    # ready deadline (infra/slurm/backend.py). A non-zero exit ends the step, and the job FAILED.
+    local line="nsdg preflight failed on $HOST (rank $RANK): $*"
+    echo "$line" >&2
+    publish preflight-failed "$line"
+    exit 3
+}
+
+port_taken() {
+    # Something answers on the port here: the server (or Ray's head) could not bind it.
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+preflight() {
+    # What a misconfigured site fails, found in seconds before the server loads (issue 25). Every
+    # rank checks its cache; the first task of each node the rest, for its node and container.
+    local probe file seen
+    if ! mkdir -p "$XDG_CACHE_HOME" 2>/dev/null || ! probe=$(mktemp "$XDG_CACHE_HOME/.preflight.XXXXXX" 2>/dev/null); then
+        preflight_fail "cache: $XDG_CACHE_HOME is not writable; set XDG_CACHE_HOME in NSDG_SLURM__ENV to a writable directory of the node"
+    fi
+    rm -f "$probe"
+    [ "${SLURM_LOCALID:-0}" = "0" ] || return 0
+    if command -v getent >/dev/null 2>&1 && ! getent hosts "$HOST" >/dev/null; then
+        preflight_fail "node name: $HOST does not resolve (getent hosts); the other nodes could not reach it: ask the site's operators"
+    fi
+    if [ -n "$PREFLIGHT_MODEL" ]; then
+        if [ ! -d "$PREFLIGHT_MODEL" ] || [ ! -r "$PREFLIGHT_MODEL" ] || [ ! -x "$PREFLIGHT_MODEL" ]; then
+            preflight_fail "model: $PREFLIGHT_MODEL is not a readable directory here (inside the container); check NSDG_MODEL__PATH and the mounts (NSDG_SLURM__CONTAINER_MOUNTS, NSDG_SLURM__MOUNT_MODEL)"
+        fi
+        for file in "${PREFLIGHT_MODEL_FILES[@]}"; do
+            [ -r "$PREFLIGHT_MODEL/$file" ] || preflight_fail "model: $PREFLIGHT_MODEL has no readable $file, which the engine loads first; point NSDG_MODEL__PATH at the checkpoint directory"
+        done
+    fi
+    if [ "$RANK" = "0" ] && port_taken "$PREFLIGHT_PORT"; then
+        preflight_fail "port: $PREFLIGHT_PORT is already taken on $HOST; set NSDG_SERVER__PORT to a port free on the nodes"
+    fi
+    if [ "$PREFLIGHT_GPUS" -gt 0 ]; then
+        command -v nvidia-smi >/dev/null 2>&1 || preflight_fail "GPUs: no nvidia-smi here, so no GPU is visible to the server; run with the container runtime's GPU support (the image's driver libraries, apptainer --nv)"
+        seen=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+        if [ "$seen" -lt "$PREFLIGHT_GPUS" ]; then
+            preflight_fail "GPUs: nvidia-smi lists $seen, the job expects $PREFLIGHT_GPUS on each node; check CUDA_VISIBLE_DEVICES in NSDG_SLURM__ENV and the profile's gpus_per_node"
+        fi
+        log "preflight: $seen GPUs, driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+    fi
+    log "preflight passed"
+}
+
+# Before the traps: setup lines (Lmod's `module`, for one) run command substitutions, as does the
+# preflight.
 run_setup
+preflight
 
 trap 'stop_server TERM' TERM
 trap 'stop_server INT' INT
