@@ -38,7 +38,7 @@ from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time
 from infra.engines.served_model import ServedModel, check_served
 from infra.recipes.curate import Curation
 from infra.recipes.judge import judged_current, load_judge
-from infra.settings import Settings, load_settings
+from infra.settings import Settings, check_no_placeholders, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
 from tasks.steps import (allocate, close_run_parts, curate, generate_shard, judge_shard, plan, release, wait_ready,
                          write_manifest)
@@ -61,6 +61,8 @@ def generate(**given) -> dict:
     flow_run = get_run_context().flow_run
     asked = RunParams(**given)  # the signature, the UI form and the CLI's flags are RunParams' fields
     prof = settings.profile(asked.profile)  # an unknown profile fails here, before anything is read
+    asked.check_runnable(prof.backend)  # placeholders, the demo input on a cluster: before any read or sbatch
+    check_no_placeholders(settings)
     tokenizer = settings.tokenizer_path(prof)
     if tokenizer is None and prof.backend == "slurm":
         logger.warning("no tokenizer for %s: prompts are counted as UTF-8 bytes, which over-counts English 3-4x and "

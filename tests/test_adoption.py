@@ -1,0 +1,95 @@
+"""What a first-time user meets (issue 27's friction list), through the CLI as they run it."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd, env=None, timeout=300, umask=None):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})},
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+def one_line_refusal(out) -> str:
+    """Exit 2, one line of the CLI's own, no traceback."""
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    mine = [line for line in out.stderr.splitlines() if line.startswith("nemotron-sdg run: ")]
+    assert len(mine) == 1, out.stderr[-3000:]
+    return mine[0]
+
+
+@pytest.fixture
+def served(prefect_server, tmp_path):
+    """The CLI against a running Prefect server, with a fake sbatch on PATH that records any call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "salloc", "srun"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "$0 $*" >> {tmp_path}/slurm-calls\nexit 1\n')
+        (bin_dir / tool).chmod(0o755)
+    return {**prefect_server.client_env(), "NSDG_LOCAL__ENGINE": "simulated", "PREFECT_HOME": str(tmp_path / "ph"),
+            "NSDG_WORK_DIR": str(tmp_path / "work"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "NSDG_SLURM__JOB_ROOT": str(tmp_path / "jobs"), "NSDG_SLURM__ACCOUNT": "acct", "NSDG_SLURM__PARTITION": "batch",
+            "NSDG_MODEL__PATH": str(tmp_path / "model"), "NSDG_SLURM__CONTAINER_IMAGE": str(tmp_path / "image.sqsh")}
+
+
+def test_cluster_defaults_that_cannot_work_are_refused_before_any_sbatch(tmp_path, served):
+    """A cluster profile without its own input (the demo prompts were its default: one click on the
+    on-demand form from a 16-GPU job), and a placeholder left in a parameter or a setting."""
+    (tmp_path / "examples").mkdir()  # the demo prompts where a clone has them: before, the run went on to sbatch
+    shutil.copy(REPO / "examples" / "prompts.jsonl", tmp_path / "examples" / "prompts.jsonl")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "image.sqsh").write_bytes(b"sqsh")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "hi"}\n')
+    out = str(tmp_path / "out")
+    cases = {
+        "no input on a cluster": ((), {}, "no input_uri was given"),
+        "the demo input on a cluster": (("--input-uri", "examples/prompts.jsonl"), {}, "the demo prompts"),
+        "a placeholder parameter": (("--input-uri", "s3://CHANGE-ME-bucket/p.jsonl"), {}, "Parameter input_uri is"),
+        "a placeholder setting": (("--input-uri", str(mine)), {"NSDG_SLURM__ACCOUNT": "CHANGE-ME"},
+                                  "Setting NSDG_SLURM__ACCOUNT is 'CHANGE-ME'"),
+    }
+    for what, (args, env, needle) in cases.items():
+        line = one_line_refusal(cli("run", "--profile", "h100x16", "--output-uri", out, *args, cwd=tmp_path,
+                                    env={**served, **env}))
+        assert needle in line, (what, line)
+    assert not (tmp_path / "slurm-calls").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_the_output_folder_is_a_dataset_a_team_can_read(tmp_path, served):
+    """A refused run leaves no folder, a finished one no lock file; files follow the umask (they were
+    0600: teammates could not read a shared training set); an output_uri that is itself a run's
+    folder is refused in one line instead of nesting a run inside that dataset."""
+    good = tmp_path / "in.txt"
+    good.write_text("first prompt\nsecond prompt\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{broken\n')
+    out = tmp_path / "out"
+    refused = one_line_refusal(cli("run", "--input-uri", str(bad), "--output-uri", str(out), "--run-id", "r0",
+                                   cwd=tmp_path, env=served))
+    assert "1 unusable line" in refused
+    assert not (out / "r0").exists()  # the plan failed after taking the lease: the folder went with it
+    ok = cli("run", "--input-uri", str(good), "--output-uri", str(out), "--run-id", "r1", "--tokens-to-generate", "4",
+             cwd=tmp_path, env=served, umask=0o027)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    run_dir = out / "r1"
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []  # no .run.lease.lock
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run_dir.iterdir()}
+    assert set(modes.values()) == {"0o640"}, modes  # 0666 less the umask 027
+    nested = one_line_refusal(cli("run", "--input-uri", str(good), "--output-uri", str(run_dir), "--run-id", "r2",
+                                  cwd=tmp_path, env=served))
+    assert f"Output location {run_dir} already holds another run" in nested and f"give its parent ({out})" in nested
+    assert not (run_dir / "r2").exists()
