@@ -33,6 +33,9 @@ def _add_run(sub) -> None:
                         "groups as in the UI form (sampling, recipe, judge, filters); every parameter: docs/parameters.md")
     p.add_argument("--new-run", action="store_true",
                    help="start over under a new run id (e.g. after changing parameters of a published run)")
+    p.add_argument("--progress-every-s", type=float, default=10.0, metavar="S",
+                   help="off a terminal: a progress line (records, rate, ETA) at most every S seconds, also within "
+                        "a shard, as its batches come back (default 10)")
     for param in parameters():  # every parameter of the flow; None: not given, the file's or the flow's default
         shown = f"{param.path}: {param.field.description or ''}".replace("%", "%%")
         if (default := param.shown_default()) is not None:
@@ -150,7 +153,7 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     _quiet_user_errors()
     # In a session of its own: a terminal's Ctrl-C must not stop the API the run reports its crash to.
     api_server.start_temporary_server()
-    so_far.progress = progress.for_stream(sys.stderr)
+    so_far.progress = progress.for_stream(sys.stderr, every_s=args.progress_every_s)
     with progress.listening(so_far.progress):
         result = generate(**params)
     api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines

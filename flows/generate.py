@@ -26,7 +26,7 @@ from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
 from infra.slurm.parse import time_limit_s
 from infra.errors import ConfigError
-from infra.generation import Breaker, ShardJob, ShardResult
+from infra.generation import Breaker, RowTally, ShardJob, ShardResult
 from infra.run.lease import hold_run_lease
 from infra.storage.locations import check_run_locations
 from infra.run.layout import MANIFEST
@@ -105,8 +105,10 @@ def generate(**given) -> dict:
     check_limit_before_submit(rollover_policy(settings, prof), list(the_plan.done.values()))  # before any sbatch
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
-    progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
-    progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
+    progress = Artifacts(_artifact_key(cfg.run_id), description=f"run {cfg.run_id}")
+    ui_progress = console_progress.ArtifactView(progress)  # records, rate, ETA; moves within a shard too
+    ui_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
+    tally = RowTally(console_progress.generating)  # each shard's rows as they come in, to every listener
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
                    judge=cfg.curation.judge, requested_model=settings.model.name)
@@ -125,14 +127,12 @@ def generate(**given) -> dict:
             served_by[backend] = served
         replica = next((rep.index for rep in pool.members if rep.backend is backend), None)
         return replace(job, model=served.label, replica=replica, job_ids=tuple(backend.job_ids))
-    published = [len(the_plan.done)]
 
     def on_result(result: ShardResult) -> None:
         if result.judged_only:
             return
-        published[0] += 1
         console_progress.advanced(result.part.records + result.part.rejected, pool.restarts, pool.planner.rollovers)
-        progress.progress(100.0 * published[0] / the_plan.shards_total)
+        tally.published(result.part.shard)  # after: its rows are in `done` before they leave the partial count
 
     def start(backend: Backend):
         allocate(backend)
@@ -148,12 +148,13 @@ def generate(**given) -> dict:
     t_wall = time.time()
     # The second read of the input, pinned to what the plan read: a change stops the run.
     source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
-    with source as stream:
+    with source as stream, console_progress.listening(ui_progress):
         pool = Pool(
             make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id, flow_run_id=str(flow_run.id),
                                                         replica=launch, url_index=i),
             start=start,
-            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend, breaker),
+            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend,
+                                                             breaker, tally),
             release=timed_release,
             shards=itertools.chain(planned_shards(stream, cfg, settings, the_plan, source.verify), to_judge),
             replicas=replica_count(settings, prof, params.replicas),
@@ -215,12 +216,13 @@ def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, sample
     return max(2, min(6, -(-in_flight // max(1, shard_size * samples)) + 1))
 
 
-def submit_work(client, work, job: ShardJob, store: OutputStore, backend: Backend, breaker: Breaker):
+def submit_work(client, work, job: ShardJob, store: OutputStore, backend: Backend, breaker: Breaker,
+                tally: RowTally | None = None):
     """A shard to generate (and judge), or a published part (PartInfo) to judge only."""
     if isinstance(work, PartInfo):
         return judge_shard.submit(client, work, job, store, backend)
     # quote(): Prefect would otherwise walk every record of the shard twice per task run.
-    return generate_shard.submit(client, quote(work), job, store, backend, breaker)
+    return generate_shard.submit(client, quote(work), job, store, backend, breaker, tally)
 
 
 def replica_count(settings: Settings, profile, requested: int | None) -> int:

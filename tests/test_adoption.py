@@ -93,3 +93,22 @@ def test_the_output_folder_is_a_dataset_a_team_can_read(tmp_path, served):
                                   cwd=tmp_path, env=served))
     assert f"Output location {run_dir} already holds another run" in nested and f"give its parent ({out})" in nested
     assert not (run_dir / "r2").exists()
+
+
+def test_progress_moves_within_a_shard_in_the_cli_and_the_ui(tmp_path, served, prefect_server):
+    """One shard of 6 records in batches of 2: the CLI's lines and the UI's progress artifact count
+    records as batches come back (before: 0/6 until the shard was published, then 6/6; the
+    artifact held a bare percentage of shards)."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    out = cli("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--run-id", "moving-1",
+              "--batch-size", "2", "--tokens-to-generate", "4", "--progress-every-s", "0", cwd=tmp_path, env=served)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = [int(line.split()[1].split("/")[0]) for line in out.stderr.splitlines() if line.startswith("progress: ")]
+    assert counts[0] == 0 and counts[-1] == 6 and any(0 < n < 6 for n in counts), counts
+    assert counts == sorted(counts), counts  # a shard's rows never leave the count before they are published
+    found = prefect_server.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["progress-moving-1"]}}})
+    assert found, "no progress artifact"
+    latest = max(found, key=lambda a: a["updated"])
+    assert latest["data"] == 100.0
+    assert "6/6 records (100 %)" in latest["description"] and "records/s" in latest["description"], latest

@@ -16,7 +16,7 @@ from infra.prompting.prompt_format import FORMATS
 from infra.settings import Profile
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
-CLI_ONLY = {"help", "params", "new_run"}  # the run command's own flags, not parameters of a run
+CLI_ONLY = {"help", "params", "new_run", "progress_every_s"}  # the run command's own flags, not parameters of a run
 
 
 def run_flags() -> dict:
