@@ -112,3 +112,27 @@ def test_progress_moves_within_a_shard_in_the_cli_and_the_ui(tmp_path, served, p
     latest = max(found, key=lambda a: a["updated"])
     assert latest["data"] == 100.0
     assert "6/6 records (100 %)" in latest["description"] and "records/s" in latest["description"], latest
+
+
+BLOCK_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "accelerate", "gguf"):
+            raise ImportError(name + " imported: a login node installs the orchestrator alone, without torch")
+sys.meta_path.insert(0, NoTorch())
+import flows.cli, flows.generate, flows.reap, tasks.steps
+sys.exit(flows.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["install-automations", "--help"],
+                                     ["render", "--profile", "h100x16", "--account", "a", "--partition", "p"]])
+def test_the_cli_and_the_flow_import_without_torch(command, tmp_path):
+    """`pip install -e .` without the `local` extra (a login node, docs/operators.md §1): the CLI,
+    the flows' orchestration and `render` never import torch or transformers (a regression guard:
+    it passed before too)."""
+    out = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *command], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "imported: a login node" not in out.stderr
