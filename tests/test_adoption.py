@@ -136,3 +136,22 @@ def test_the_cli_and_the_flow_import_without_torch(command, tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "imported: a login node" not in out.stderr
+
+
+def test_messages_say_what_is_wrong_and_what_to_do(tmp_path, served):
+    """A template every line fails the same way is reported once as the template's fault, with the
+    records' fields (before: one line per record, then advice to skip them all); a judge whose
+    replies mostly carry no score ends with a warning naming score_pattern and a reply (before:
+    "0 of N kept", exit 0, nothing else)."""
+    topics = tmp_path / "topics.jsonl"
+    topics.write_text("".join(f'{{"id": "t{i}", "topic": "topic {i}"}}\n' for i in range(5)))
+    run = ("run", "--input-uri", str(topics), "--output-uri", str(tmp_path / "out"), "--tokens-to-generate", "4")
+    line = one_line_refusal(cli(*run, "--prompt-template", "Ask about {{ topik }}", cwd=tmp_path, env=served))
+    assert "recipe.prompt_template fails on every one of the 5 line(s)" in line, line
+    assert "'topik' is undefined" in line and "the fields id, topic" in line, line
+    judged = cli(*run, "--prompt-template", "Ask about {{ topic }}", "--judge-template", "Rate: {{ completion }}",
+                 "--score-pattern", r"SCORE=(\d)", cwd=tmp_path, env=served)
+    assert judged.returncode == 0, judged.stderr[-3000:]
+    warning = next((x for x in judged.stderr.splitlines() if "the judge's reply had no score" in x), None)
+    assert warning and "for 5 of 5 rows" in warning and "'SCORE=(\\\\d)'" in warning and "replies like '" in warning, \
+        judged.stderr[-3000:]
