@@ -367,6 +367,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def check_local_input(input_uri: str) -> None:
     """Fail before any allocation when the local input cannot be read."""
     path = local_path(input_uri)
+    if path.is_dir():  # was "not found": the trial pointed a second run at a first run's folder
+        raise ConfigError(f"Input {input_uri!r} is a directory ({path.resolve()}); input_uri takes one JSONL or .txt "
+                          "file: for a run's output, give one of its kept-*/part-*.jsonl files or concatenate them.")
     if not path.is_file():
         raise ConfigError(f"Input {input_uri!r} not found ({path.resolve()} is not a file). Check input_uri.")
     if not os.access(path, os.R_OK):
