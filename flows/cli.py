@@ -67,11 +67,12 @@ def run_parameters(args: argparse.Namespace) -> dict:
 def nested_names() -> dict[str, tuple[str, str]]:
     """Every name a --params file may use at its top level for a nested field -> (group, field): its
     flag's name (`tokens_to_generate`, `judge_template`, `add_bos`) and its own name (`add_BOS`),
-    where two groups share a name, the first group's."""
+    where two groups share a name, the first group's; never a top-level parameter's name."""
     nested = [param for param in parameters() if param.group is not None]
     names = {param.flag: (param.group, param.name) for param in nested}
     for param in nested:
-        names.setdefault(param.name, (param.group, param.name))
+        if param.name not in RunParams.model_fields:  # judge.prompt_format: by its flag's name only
+            names.setdefault(param.name, (param.group, param.name))
     return names
 
 

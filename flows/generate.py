@@ -32,7 +32,7 @@ from infra.storage.locations import check_run_locations
 from infra.run.layout import MANIFEST
 from infra.run.manifest import PartInfo
 from infra.planning import Plan, RunConfig, planned_shards
-from infra.prompting.prompt_format import default_format
+from infra.prompting.prompt_format import default_format, load_prompt_format
 from infra.recipes import load_recipe
 from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
 from infra.engines.served_model import ServedModel, check_served
@@ -81,8 +81,10 @@ def generate(**given) -> dict:
                         extra={**params.recipe.locations(), **params.judge.locations()})
     cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters),  # read once
                                tokenizer=tokenizer)
-    if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
-        cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
+    if params.judge.enabled:  # the judge's template read once too; sent in its own prompt format, else the run's
+        judge_format = load_prompt_format(params.judge.prompt_format, tokenizer) if params.judge.prompt_format \
+            else cfg.prompt_format
+        cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, judge_format,
                                                                             cfg.sampling.add_BOS, cfg.counter)))
     restarts_allowed = settings.server.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings.s3, settings.work_path("staging"))

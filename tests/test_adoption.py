@@ -1,5 +1,6 @@
 """What a first-time user meets (issue 27's friction list), through the CLI as they run it."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -186,3 +187,23 @@ def test_a_healthy_run_longer_than_the_dead_run_window_is_not_crashed(prefect_se
     states = prefect_server.get(f"/flow_run_states/?flow_run_id={run.flow_run_id}")
     assert run.returncode == 0 and prefect_server.state_type(run.flow_run_id) == "COMPLETED", run.output[-3000:]
     assert "CRASHED" not in {s["type"] for s in states}, states
+
+
+def test_the_judge_sets_its_own_prompt_format(tmp_path, served):
+    """judge.prompt_format (--judge-format): an instruction judge over a base model's raw completions.
+    Changing it alone re-judges the published parts (what the judge is sent changed) and
+    regenerates nothing; the same again judges nothing."""
+    src = tmp_path / "in.txt"
+    src.write_text("first prompt\nsecond prompt\n")
+    run = ("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--run-id", "j1", "--prompt-format",
+           "raw", "--tokens-to-generate", "4", "--judge-template", "Rate: {{ completion }}")
+    first = cli(*run, cwd=tmp_path, env=served)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = tmp_path / "out" / "j1" / "part-00000.jsonl.judge.json"
+    raw_hash = json.loads(state.read_text())["judge_hash"]
+    other = cli(*run, "--judge-format", "nemotron-instruct", cwd=tmp_path, env=served)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "1 published part(s) to judge" in other.stderr and "no regeneration" in other.stderr, other.stderr[-3000:]
+    assert json.loads(state.read_text())["judge_hash"] != raw_hash
+    again = cli(*run, "--judge-format", "nemotron-instruct", cwd=tmp_path, env=served)
+    assert again.returncode == 0 and "nothing to allocate" in again.stderr, again.stderr[-3000:]
