@@ -63,7 +63,7 @@ class Artifacts:
         self._outage = outage
         self._context = contextvars.copy_context()  # the flow run's, so artifacts link to it
         self._wake = threading.Condition()
-        self._progress: float | None = None
+        self._progress: tuple[float, str | None] | None = None
         self._table: tuple[list[dict], str] | None = None
         self._progress_id = None
         self._closed = False
@@ -71,9 +71,10 @@ class Artifacts:
         self._thread = threading.Thread(target=self._run, name=f"artifacts-{key}", daemon=True)
         self._thread.start()
 
-    def progress(self, percent: float) -> None:
+    def progress(self, percent: float, description: str | None = None) -> None:
+        """The bar at `percent`; `description` (records, rate, ETA) after the run's own description."""
         with self._wake:
-            self._progress = percent
+            self._progress = (percent, description)
             self._wake.notify()
 
     def table(self, rows: list[dict], description: str) -> None:
@@ -102,12 +103,12 @@ class Artifacts:
                     return  # closed and nothing left
                 progress, self._progress = self._progress, None
                 table, self._table = self._table, None
-            if progress is not None and not self._send(lambda: self._send_progress(progress)):
+            if progress is not None and not self._send(lambda: self._send_progress(*progress)):
                 self._keep(progress=progress)
             if table is not None and not self._send(lambda: self._send_table(*table)):
                 self._keep(table=table)
 
-    def _keep(self, progress: float | None = None, table=None) -> None:
+    def _keep(self, progress: tuple[float, str | None] | None = None, table=None) -> None:
         """Put back what failed unless something newer came meanwhile, and pause before the next
         try; once closed, what fails is dropped (close() has logged it)."""
         with self._wake:
@@ -119,11 +120,12 @@ class Artifacts:
                 self._table = table
             self._wake.wait(RETRY_S)
 
-    def _send_progress(self, percent: float) -> None:
+    def _send_progress(self, percent: float, figures: str | None) -> None:
+        description = f"{self.description}: {figures}" if figures else self.description
         if self._progress_id is None:
-            self._progress_id = create_progress_artifact(percent, key=f"progress-{self.key}", description=self.description)
+            self._progress_id = create_progress_artifact(percent, key=f"progress-{self.key}", description=description)
         else:
-            update_progress_artifact(self._progress_id, percent)
+            update_progress_artifact(self._progress_id, percent, description=description)
 
     def _send_table(self, rows: list[dict], description: str) -> None:
         create_table_artifact(rows, key=f"summary-{self.key}", description=description)

@@ -35,6 +35,9 @@ def _add_run(sub) -> None:
                    "with it, only --run-id, --new-run, --output-uri, --replicas and --max-server-restarts apply")
     p.add_argument("--new-run", action="store_true",
                    help="start over under a new run id (e.g. after changing parameters of a published run)")
+    p.add_argument("--progress-every-s", type=float, default=10.0, metavar="S",
+                   help="off a terminal: a progress line (records, rate, ETA) at most every S seconds, also within "
+                        "a shard, as its batches come back (default 10)")
     for param in parameters():  # every parameter of the flow; None: not given, the file's or the flow's default
         shown = f"{param.path}: {param.field.description or ''}".replace("%", "%%")
         if (default := param.shown_default()) is not None:
@@ -66,11 +69,12 @@ def run_parameters(args: argparse.Namespace) -> dict:
 def nested_names() -> dict[str, tuple[str, str]]:
     """Every name a --params file may use at its top level for a nested field -> (group, field): its
     flag's name (`tokens_to_generate`, `judge_template`, `add_bos`) and its own name (`add_BOS`),
-    where two groups share a name, the first group's."""
+    where two groups share a name, the first group's; never a top-level parameter's name."""
     nested = [param for param in parameters() if param.group is not None]
     names = {param.flag: (param.group, param.name) for param in nested}
     for param in nested:
-        names.setdefault(param.name, (param.group, param.name))
+        if param.name not in RunParams.model_fields:  # judge.prompt_format: by its flag's name only
+            names.setdefault(param.name, (param.group, param.name))
     return names
 
 
@@ -156,7 +160,7 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     _quiet_user_errors()
     # In a session of its own: a terminal's Ctrl-C must not stop the API the run reports its crash to.
     api_server.start_temporary_server()
-    so_far.progress = progress.for_stream(sys.stderr)
+    so_far.progress = progress.for_stream(sys.stderr, every_s=args.progress_every_s)
     with progress.listening(so_far.progress):
         result = flow(**params)
     api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines

@@ -26,19 +26,19 @@ from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
 from infra.slurm.parse import time_limit_s
 from infra.errors import ConfigError
-from infra.generation import Breaker, ShardJob, ShardResult
+from infra.generation import Breaker, RowTally, ShardJob, ShardResult
 from infra.run.lease import FencedStore, RunLease, hold_run_lease
 from infra.storage.locations import check_run_locations
 from infra.run.layout import MANIFEST
 from infra.run.manifest import PartInfo
 from infra.planning import Plan, RunConfig, planned_shards
-from infra.prompting.prompt_format import default_format
+from infra.prompting.prompt_format import default_format, load_prompt_format
 from infra.recipes import load_recipe
 from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time_limit, mean_shard_s
 from infra.engines.served_model import ServedModel, check_served
 from infra.recipes.curate import Curation
 from infra.recipes.judge import judged_current, load_judge
-from infra.settings import Settings, load_settings
+from infra.settings import Settings, check_no_placeholders, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
 from tasks.steps import (allocate, close_run_parts, curate, generate_shard, judge_shard, plan, release, wait_ready,
                          write_manifest)
@@ -77,6 +77,8 @@ def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLea
     """Every check a run makes before its first write, then its store and lease (the run's first write)."""
     logger = get_run_logger()
     prof = settings.profile(asked.profile)  # an unknown profile fails here, before anything is read
+    asked.check_runnable(prof.backend)  # placeholders, the demo input on a cluster: before any read or sbatch
+    check_no_placeholders(settings)
     tokenizer = settings.tokenizer_path(prof)
     if tokenizer is None and prof.backend == "slurm":
         logger.warning("no tokenizer for %s: prompts are counted as UTF-8 bytes, which over-counts English 3-4x and "
@@ -95,8 +97,10 @@ def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLea
                         extra={**params.recipe.locations(), **params.judge.locations()})
     cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters),  # read once
                                tokenizer=tokenizer)
-    if params.judge.enabled:  # the judge's template read once too; it is sent in the run's prompt format
-        cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, cfg.prompt_format,
+    if params.judge.enabled:  # the judge's template read once too; sent in its own prompt format, else the run's
+        judge_format = load_prompt_format(params.judge.prompt_format, tokenizer) if params.judge.prompt_format \
+            else cfg.prompt_format
+        cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, judge_format,
                                                                             cfg.sampling.add_BOS, cfg.counter)))
     restarts_allowed = settings.server.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings.s3, settings.work_path("staging"))
@@ -131,8 +135,10 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     check_limit_before_submit(rollover_policy(settings, prof), list(the_plan.done.values()))  # before any sbatch
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
-    progress = Artifacts(_artifact_key(cfg.run_id), description=f"shards of run {cfg.run_id}")
-    progress.progress(100.0 * len(the_plan.done) / the_plan.shards_total)
+    progress = Artifacts(_artifact_key(cfg.run_id), description=f"run {cfg.run_id}")
+    ui_progress = console_progress.ArtifactView(progress)  # records, rate, ETA; moves within a shard too
+    ui_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
+    tally = RowTally(console_progress.generating)  # each shard's rows as they come in, to every listener
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
                    judge=cfg.curation.judge, requested_model=settings.model.name)
@@ -151,14 +157,12 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
             served_by[backend] = served
         replica = next((rep.index for rep in pool.members if rep.backend is backend), None)
         return replace(job, model=served.label, replica=replica, job_ids=tuple(backend.job_ids))
-    published = [len(the_plan.done)]
 
     def on_result(result: ShardResult) -> None:
         if result.judged_only:
             return
-        published[0] += 1
         console_progress.advanced(result.part.records + result.part.rejected, pool.restarts, pool.planner.rollovers)
-        progress.progress(100.0 * published[0] / the_plan.shards_total)
+        tally.published(result.part.shard)  # after: its rows are in `done` before they leave the partial count
 
     def start(backend: Backend):
         allocate(backend)
@@ -174,12 +178,13 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     t_wall = time.time()
     # The second read of the input, pinned to what the plan read: a change stops the run.
     source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
-    with source as stream:
+    with source as stream, console_progress.listening(ui_progress):
         pool = Pool(
             make_backend=lambda launch, i: make_backend(settings, prof, run_id=stage.run_id if stage else cfg.run_id,
                                                         flow_run_id=str(flow_run.id), replica=launch, url_index=i),
             start=start,
-            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend, breaker),
+            submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend,
+                                                             breaker, tally),
             release=timed_release,
             shards=itertools.chain(planned_shards(stream, cfg, settings, the_plan, source.verify), to_judge),
             replicas=replica_count(settings, prof, params.replicas),
@@ -262,12 +267,13 @@ def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, sample
     return max(2, min(6, -(-in_flight // max(1, shard_size * samples)) + 1))
 
 
-def submit_work(client, work, job: ShardJob, store: OutputStore, backend: Backend, breaker: Breaker):
+def submit_work(client, work, job: ShardJob, store: OutputStore, backend: Backend, breaker: Breaker,
+                tally: RowTally | None = None):
     """A shard to generate (and judge), or a published part (PartInfo) to judge only."""
     if isinstance(work, PartInfo):
         return judge_shard.submit(client, work, job, store, backend)
     # quote(): Prefect would otherwise walk every record of the shard twice per task run.
-    return generate_shard.submit(client, quote(work), job, store, backend, breaker)
+    return generate_shard.submit(client, quote(work), job, store, backend, breaker, tally)
 
 
 def replica_count(settings: Settings, profile, requested: int | None) -> int:

@@ -24,7 +24,13 @@ from infra.recipes import Recipe, RecipeParams
 from infra.recipes.curate import Curation
 from infra.recipes.params import FilterParams, JudgeParams
 from infra.prompting.sampling import SamplingParams
+from infra.settings import PLACEHOLDER, placeholders
 from infra.storage.uris import validate_key_component
+
+
+# The demo prompts: a run on a local or attached server may default to them; one that asks Slurm for
+# GPUs may not (issue 27: the on-demand form pre-filled them on h100x16, one click from a 16-GPU job).
+DEMO_INPUT = "examples/prompts.jsonl"
 
 
 class RunParams(BaseModel):
@@ -33,8 +39,10 @@ class RunParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_uri: str = Field("examples/prompts.jsonl", min_length=1,
-                           description="prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz")
+    input_uri: str | None = Field(None, min_length=1,
+                                  description=f"prompts: a JSONL or .txt path, file:// or s3:// URI, optionally .gz; "
+                                              f"default: the demo prompts {DEMO_INPUT}, on the local profile only (a "
+                                              f"cluster profile needs one: the demo must not spend GPU hours)")
     output_uri: str | None = Field(None, description="where results go (local path, file:// or "
                                                                    "s3://bucket/prefix); default NSDG_OUTPUT_URI")
     run_id: str | None = Field(None, description="reuse a run id to resume it; default: derived from the flow run")
@@ -68,11 +76,26 @@ class RunParams(BaseModel):
             problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"Invalid flow parameters:\n{problems}") from None
 
+    def check_runnable(self, backend: str) -> None:
+        """Refuse what only a template or the demo would hold, before anything is read or submitted: a
+        value still holding the placeholder (prefect.yaml's site block), and a run that asks Slurm for
+        GPUs without its own input."""
+        if hits := placeholders(self.model_dump(mode="json")):
+            loc, value = hits[0]
+            raise ConfigError(f"Parameter {'.'.join(map(str, loc))} is {value!r}, still the placeholder {PLACEHOLDER}: "
+                              "set it (prefect.yaml's definitions.site, then deploy again; or --param "
+                              f"{loc[0]}=... on the run).")
+        if backend == "slurm" and self.input_uri in (None, DEMO_INPUT):
+            seen = "no input_uri was given" if self.input_uri is None else f"input_uri is the demo prompts {DEMO_INPUT}"
+            raise ConfigError(f"profile {self.profile!r} asks Slurm for GPUs and {seen}: set input_uri to your prompts "
+                              "(--input-uri, or the deployment's input_uri parameter); the demo runs on the local profile.")
+
     def resolved(self, *, output_uri: str, run_id: str, prompt_format: str) -> "RunParams":
         """These parameters with the defaults only the run can choose filled in where none was given:
-        the settings' output, the flow run's id, the profile's prompt format."""
-        return RunParams(**{**dict(self), "output_uri": self.output_uri or output_uri, "run_id": self.run_id or run_id,
-                            "prompt_format": self.prompt_format or prompt_format})
+        the demo input (check_runnable refuses it on a cluster), the settings' output, the flow run's
+        id, the profile's prompt format."""
+        return RunParams(**{**dict(self), "input_uri": self.input_uri or DEMO_INPUT, "output_uri": self.output_uri or output_uri,
+                            "run_id": self.run_id or run_id, "prompt_format": self.prompt_format or prompt_format})
 
     def to_run_config(self, recipe: Recipe | None = None, curation: Curation | None = None, *,
                       tokenizer: str | None = None) -> RunConfig:
@@ -132,7 +155,7 @@ def with_run_parameters(fn):
 # The flag (and top-level --params key) of a nested field where its own name would be unclear or taken.
 FLAG_NAMES = {("sampling", "add_BOS"): "add_bos", ("sampling", "end_strings"): "end_string",
               ("judge", "template"): "judge_template", ("judge", "tokens_to_generate"): "judge_tokens",
-              ("judge", "end_strings"): "judge_end_string"}
+              ("judge", "end_strings"): "judge_end_string", ("judge", "prompt_format"): "judge_format"}
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,37 @@ class Breaker:
                 )
 
 
+class RowTally:
+    """Rows generated so far by each shard not yet published: progress within a shard, which takes
+    minutes on a big model (issue 27: the UI and the CLI showed nothing until a shard's end). A
+    shard's try starts its count afresh (a retry regenerates it); the flow drops it once the part is
+    published and counted there. `listener(rows)` gets the sum on every change, from the shards'
+    threads: it throttles itself."""
+
+    def __init__(self, listener: Callable[[int], None] = lambda rows: None):
+        self._listener = listener
+        self._rows: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def _changed(self, shard: int, rows: int | None) -> None:
+        with self._lock:
+            if rows is None:
+                self._rows.pop(shard, None)
+            else:
+                self._rows[shard] = rows if rows == 0 else self._rows.get(shard, 0) + rows
+            total = sum(self._rows.values())
+        self._listener(total)
+
+    def started(self, shard: int) -> None:
+        self._changed(shard, 0)
+
+    def generated(self, shard: int, rows: int = 1) -> None:
+        self._changed(shard, rows)
+
+    def published(self, shard: int) -> None:
+        self._changed(shard, None)
+
+
 def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sample: int = 0) -> dict:
     # The input's own fields pass through; ours win a name clash and theirs keep an input_ prefix.
     passthrough = {(f"input_{k}" if k in RESERVED_FIELDS else k): v for k, v in rec.fields.items()}
@@ -123,23 +154,30 @@ def reject_record(rec: Record, exc: RequestRejected, shard: int, sample: int = 0
             "status": exc.status, "reason": str(exc.body if exc.body is not None else exc)[:500]}
 
 
-def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None
-                           ) -> list[Result]:
+def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None,
+                           tally: RowTally | None = None) -> list[Result]:
     """One result per (record, sample), record-major (row i * samples + s), through whichever API
-    the client speaks (infra/engines/batch.py); each result counts in the breaker as it comes in."""
+    the client speaks (infra/engines/batch.py); each result counts in the breaker and the tally as
+    it comes in."""
     batch = PromptBatch([r.prompt for r in shard.records], job.sampling, job.prompt_format, job.samples, shard.index,
                         job.batch_size, job.length_window, [r.line for r in shard.records])
 
     def record(result: Result) -> None:
-        ok = isinstance(result, GeneratedText)
-        breaker.record(ok, None if ok else str(result.body))  # type: ignore[union-attr]
+        if breaker is not None:
+            ok = isinstance(result, GeneratedText)
+            breaker.record(ok, None if ok else str(result.body))  # type: ignore[union-attr]
+        if tally is not None:
+            tally.generated(shard.index)
 
-    return client.generate_batch(batch, record if breaker is not None else None)
+    if tally is not None:
+        tally.started(shard.index)
+    return client.generate_batch(batch, record if breaker is not None or tally is not None else None)
 
 
 
 def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStore,
-              dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None) -> ShardResult:
+              dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None,
+              tally: RowTally | None = None) -> ShardResult:
     """`dead_reason` tells a dead server from a hiccup: a transient error from a server whose
     process or job is gone becomes ServerLost, which no retry can fix.
 
@@ -149,7 +187,7 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     if (published := published_part(store, shard.name, job.config_hash)) is not None:
         return _judge_published(client, published, job, store, dead_reason, started, started_at)
     try:
-        results = generate_shard_results(client, shard, job, breaker)
+        results = generate_shard_results(client, shard, job, breaker, tally)
     except TransientServerError as exc:
         if (reason := dead_reason()) is not None:
             raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from infra.run.layout import INPUT_REJECTS, PARTIAL_PARTS, RUN_CONFIG, STATE_SUF
 from infra.run.manifest import PartInfo, config_hash, diff_config
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
+from infra.recipes.recipe import TEMPLATE_FAILS
 from infra.recipes.curate import Curation
 from infra.prompting.sampling import SamplingParams
 from infra.engines import served_model
@@ -279,13 +281,26 @@ def _at_most(records: Iterator[Record], count: int, verify: Callable[[], None]) 
     verify()  # fewer than planned: the input shrank, which the check names
 
 
-def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine]) -> str:
+def _problems_message(cfg: RunConfig, bad_count: int, shown: list[BadLine], records: int = 0) -> str:
+    reasons = {b.reason for b in shown}
+    if records == 0 and len(reasons) == 1 and shown[0].reason.startswith(TEMPLATE_FAILS):
+        # Every line fails the template the same way: the template is wrong, not the input, and
+        # on_bad_input='skip' would drop every record (issue 27: ten identical lines, then that advice).
+        return (f"recipe.prompt_template fails on every one of the {bad_count} line(s) of {cfg.input_uri} the same way: "
+                f"{shown[0].reason.removeprefix(TEMPLATE_FAILS)}. The template is wrong, not the input: the records "
+                f"have {_fields_of(shown[0].raw)}; fix the template's names.")
     lines = "\n".join(f"  line {b.line}: {b.reason}" for b in shown)
     more = f"\n  … and {bad_count - len(shown)} more" if bad_count > len(shown) else ""
     return (
         f"Input {cfg.input_uri} has {bad_count} unusable line(s):\n{lines}{more}\n"
         "Fix these lines, or run with on_bad_input='skip' to write them to rejects.jsonl and go on."
     )
+
+
+def _fields_of(raw: str) -> str:
+    """The field names of a refused record, from its reject's (possibly cut) JSON."""
+    names = re.findall(r'(?:^\{|, )"((?:[^"\\]|\\.)*)":', raw)
+    return "the fields " + ", ".join(names) if names else "no fields the template could use"
 
 
 def load_published(store: OutputStore, chash: str) -> dict[int, PartInfo]:
@@ -334,7 +349,7 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     rejects_path = Path(rejects.name)
     try:
         if bad and cfg.on_bad_input == "fail":
-            raise InputError(_problems_message(cfg, bad, shown))
+            raise InputError(_problems_message(cfg, bad, shown, records))
         if records == 0:
             raise InputError(f"Input {cfg.input_uri} has no usable prompt ({bad} unusable line(s)). Check input_uri and prompt_field={cfg.prompt_field!r}.")
         config = cfg.fingerprint(input_sha, fmt, settings)

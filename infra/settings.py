@@ -278,6 +278,28 @@ class Settings(BaseSettings):
         return Path(self.work_dir).expanduser().joinpath(*parts)
 
 
+# What a template leaves for the site to fill in (prefect.yaml's `s3://CHANGE-ME-bucket/...`): a run
+# holding it is refused before anything is read or submitted, naming where it still stands.
+PLACEHOLDER = "CHANGE-ME"
+
+
+def placeholders(values, loc: tuple = ()) -> list[tuple[tuple, str]]:
+    """(location, value) of every string under `values` (nested dicts and lists) still holding PLACEHOLDER."""
+    if isinstance(values, dict):
+        return [hit for key, value in values.items() for hit in placeholders(value, (*loc, key))]
+    if isinstance(values, (list, tuple)):
+        return [hit for i, value in enumerate(values) for hit in placeholders(value, (*loc, i))]
+    return [(loc, values)] if isinstance(values, str) and PLACEHOLDER.lower() in values.lower() else []
+
+
+def check_no_placeholders(settings: Settings) -> None:
+    """Refuse settings that still hold PLACEHOLDER (SecretStr values are not strings here, so never shown)."""
+    if hits := placeholders(settings.model_dump()):
+        loc, value = hits[0]
+        raise ConfigError(f"Setting {env_name(loc)} is {value!r}, still the template's placeholder {PLACEHOLDER}: set it "
+                          "to your site's value in .env or the worker's environment (docs/settings.md).")
+
+
 def env_name(loc: tuple) -> str:
     name = "__".join(str(p).upper() for p in loc)
     return name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name  # a misspelled key keeps its own name

@@ -10,7 +10,7 @@ from infra.backends import Backend
 from infra.backends.ready import wait_until_ready
 from infra.prompting.dataset import Shard
 from infra.errors import StorageError, TransientServerError
-from infra.generation import Breaker, ShardJob, ShardResult, run_judge, run_shard
+from infra.generation import Breaker, RowTally, ShardJob, ShardResult, run_judge, run_shard
 from infra.recipes.curate import Curation, curate_run
 from infra.run.finish import close_parts, publish_manifest
 from infra.run.manifest import Manifest, PartInfo
@@ -50,8 +50,8 @@ def wait_ready(backend: Backend, settings: Settings, counter: TokenCounter = Byt
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_transient, task_run_name="generate-shard-{shard.index}")
 def generate_shard(client, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
-                   breaker: Breaker) -> ShardResult:
-    return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker)
+                   breaker: Breaker, tally: RowTally | None = None) -> ShardResult:
+    return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker, tally=tally)
 
 
 @task(name="judge-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],

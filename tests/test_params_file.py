@@ -30,7 +30,7 @@ def test_every_run_flag_is_a_name_the_file_takes():
     from flows.cli import build_parser
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
-    flags = {a.dest for a in run._actions if a.option_strings and a.dest not in ("help", "params", "new_run")}
+    flags = {a.dest for a in run._actions if a.option_strings and a.dest not in ("help", "params", "new_run", "progress_every_s")}
     import inspect
 
     from flows.generate import generate

@@ -101,7 +101,27 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
         store.write_bytes(FILTERED, b"")  # an earlier pass's list is not this pass's
     log.info("curation: %d kept, %s filtered (%d of %d shards rewritten)", result.kept,
              dict(reasons) or "none", result.rewritten, len(parts))
+    if curation.judge is not None and (warning := judge_unparsed_warning(store, parts, curation, reasons)):
+        log.warning("%s", warning)
     return result
+
+
+UNPARSED_WARN_SHARE = 0.5  # more judge replies without a score than this: the pattern or the judge is wrong
+
+
+def judge_unparsed_warning(store, parts, curation: Curation, reasons: Counter) -> str | None:
+    """A judge whose replies mostly carry no score ends the run with a warning naming score_pattern
+    and one reply (issue 27: "0 of 20 records kept" and exit 0 was all a user saw)."""
+    rows = sum(p.records for p in parts)
+    unparsed = reasons.get("judge_unparsed", 0)
+    if not rows or unparsed <= UNPARSED_WARN_SHARE * rows:
+        return None
+    sample = next((row.get("value") for row in _lines(store, [filtered_name(p.name) for p in parts])
+                   if row.get("filter") == "judge_unparsed"), None)
+    return (f"the judge's reply had no score for {unparsed} of {rows} rows: judge.score_pattern "
+            f"{curation.judge_params.score_pattern!r} found nothing in replies like {sample!r}. Make the judge template "
+            "ask for the score in that form, or set score_pattern to match what the judge writes (filtered.jsonl "
+            "holds every reply); a new pattern reruns no generation or judging.")
 
 
 

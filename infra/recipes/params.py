@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from infra.prompting.prompt_format import PromptFormatName
 from infra.recipes.patterns import compile_pattern
 
 MAX_EXAMPLES_PER_PROMPT = 64
@@ -80,6 +81,9 @@ class JudgeParams(BaseModel):
     min_score: float | None = Field(None, description="keep records whose score is at least this; empty: keep every scored record")
     tokens_to_generate: StrictInt = Field(8, ge=1, le=1024, description="tokens the judge may answer with")
     end_strings: list[str] = Field(default_factory=lambda: ["\n"], description="the judge's reply stops at the first of these")
+    prompt_format: PromptFormatName | None = Field(
+        None, description="how the judging prompt is wrapped: raw, nemotron-instruct or chat, whatever the generation "
+                          "used (an instruction judge over a base model's completions); default: the run's prompt_format")
 
     @model_validator(mode="after")
     def _pattern(self) -> "JudgeParams":

@@ -65,12 +65,17 @@ class Recipe:
             try:
                 text = render(compiled, context, max_chars)
             except RenderError as exc:
-                return _bad(rec, f"prompt_template cannot render this record: {exc}")
+                return _bad(rec, f"{TEMPLATE_FAILS}{exc}")
             if not text.strip():
                 return _bad(rec, "prompt_template rendered an empty prompt for this record")
             return replace(rec, prompt=text)
 
         return render_record
+
+
+# How a record the template cannot render is reported; the plan tells "every line fails this way"
+# (the template is wrong) from a few bad records by it.
+TEMPLATE_FAILS = "prompt_template cannot render this record: "
 
 
 def _bad(rec: Record, reason: str) -> BadLine:

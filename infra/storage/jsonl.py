@@ -24,6 +24,7 @@ def write_lines(lines: Iterable[dict], staging: Path, name: str) -> tuple[Path, 
     A half-written file never has the part's name, so it is never mistaken for a part."""
     staging.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, prefix=temp_prefix(name), suffix=TEMP_SUFFIX)
+    os.fchmod(fd, 0o666 & ~_umask())  # the published file's mode: mkstemp's 0600 would hide it from the team
     sha, count, size = hashlib.sha256(), 0, 0
     try:
         with os.fdopen(fd, "wb") as f:
@@ -38,6 +39,15 @@ def write_lines(lines: Iterable[dict], staging: Path, name: str) -> tuple[Path, 
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp), sha.hexdigest(), count, size
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o077  # unknown: stay private, as mkstemp would
 
 
 def publish(store: OutputStore, name: str, lines: Iterable[dict]) -> tuple[str, int, int]:

@@ -23,7 +23,7 @@ from typing import BinaryIO, Iterator
 from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
 from infra.storage.input_pin import InputPin
 from infra.storage.uris import local_path, validate_key_component
-from infra.run.layout import TEMP_SUFFIX, temp_prefix
+from infra.run.layout import MANIFEST, RUN_CONFIG, TEMP_SUFFIX, temp_prefix
 
 # A local output that fails with these is the user's to fix (a path, permissions, a read-only or full
 # disk): one line and exit 2. Anything else (EIO ...) may pass and stays a StorageError.
@@ -81,14 +81,15 @@ class LocalOutputStore:
             raise ConfigError(f"Output location {str(root)!r} cannot be resolved ({exc}). Give a plain local path "
                               "as output_uri.") from None
         self._pinned: _PinnedDir | None = None
+        self._retired: list[_PinnedDir] = []
         self._pin_lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         # A descriptor means nothing in another process: a copy opens (and checks) its own.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_pinned", "_pin_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pinned", "_retired", "_pin_lock")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _pinned=None, _pin_lock=threading.Lock())
+        self.__dict__.update(state, _pinned=None, _retired=[], _pin_lock=threading.Lock())
 
     def uri(self, name: str) -> str:
         return str(self.root / name)
@@ -134,6 +135,11 @@ class LocalOutputStore:
 
     def preflight(self) -> None:
         """Prove the run directory can be made and written; a refusal leaves no folder behind."""
+        held = [name for name in (MANIFEST, RUN_CONFIG) if (self._resolved.parent / name).is_file()]
+        if held:  # output_uri is itself a run's folder: this run would nest inside that dataset
+            raise ConfigError(f"Output location {self.root.parent} already holds another run ({held[0]} is there): "
+                              f"runs go to {{output_uri}}/{{run_id}}/, so give its parent ({self.root.parent.parent}) "
+                              "or a new folder as output_uri.")
         missing = [f for f in [*reversed(self._resolved.parents), self._resolved] if not os.path.lexists(f)]
         try:
             d = self._dir()
@@ -277,12 +283,28 @@ class LocalOutputStore:
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
+        """An flock on a sidecar file, removed again while still held, so no lock file outlives its
+        step in the run folder (issue 27). A waiter that locked a file someone removed meanwhile
+        sees it is no longer the one at the path and opens it again."""
         lock_name = f".{validate_key_component(name, 'object name')}.lock"
-        fd = os.open(lock_name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                     dir_fd=self._dir())
-        with os.fdopen(fd, "ab") as lock:
+        d = self._dir()
+        while True:
+            fd = os.open(lock_name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                         dir_fd=d)
+            lock = os.fdopen(fd, "ab")
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+            try:
+                st, now = os.fstat(fd), os.stat(lock_name, dir_fd=d, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            lock.close()
+        with lock:
+            try:
+                yield
+            finally:
+                _unlink(lock_name, d)
 
     def replace_if_version(self, name: str, data: bytes, version: str) -> str | None:
         """Replace `name` only if it still holds `version`; returns the new version, or None."""
@@ -299,15 +321,29 @@ class LocalOutputStore:
             if current is None or current[1] != version:
                 return False
             os.unlink(name, dir_fd=self._dir())
+        self._remove_if_empty()  # a run refused after its lease was taken leaves no empty folder
         return True
+
+    def _remove_if_empty(self) -> None:
+        """Remove the run directory when nothing is left in it (rmdir refuses otherwise)."""
+        with self._pin_lock:
+            with contextlib.suppress(OSError):
+                if self._pinned is not None and not os.listdir(self._pinned.fd):
+                    os.rmdir(self._resolved)
+                    # A later write makes and opens it afresh. The old descriptor stays open (never
+                    # reused under a thread still holding its number): one per removal.
+                    self._retired.append(self._pinned)
+                    self._pinned = None
 
 
 def _new_temp(dir_fd: int, prefix: str, suffix: str) -> tuple[str, int]:
-    """mkstemp inside the directory `dir_fd`: (its name, an fd open for writing), mode 0600."""
+    """mkstemp inside the directory `dir_fd`: (its name, an fd open for writing). Mode 0666 less the
+    umask, not mkstemp's 0600: the file is renamed into place, and a team's shared output folder must
+    be readable by the team (issue 27)."""
     for _ in range(100):
         name = f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
         try:
-            return name, os.open(name, _NEW_FILE, 0o600, dir_fd=dir_fd)
+            return name, os.open(name, _NEW_FILE, 0o666, dir_fd=dir_fd)
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temp name {prefix}*{suffix}")
@@ -331,6 +367,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def check_local_input(input_uri: str) -> None:
     """Fail before any allocation when the local input cannot be read."""
     path = local_path(input_uri)
+    if path.is_dir():  # was "not found": the trial pointed a second run at a first run's folder
+        raise ConfigError(f"Input {input_uri!r} is a directory ({path.resolve()}); input_uri takes one JSONL or .txt "
+                          "file: for a run's output, give one of its kept-*/part-*.jsonl files or concatenate them.")
     if not path.is_file():
         raise ConfigError(f"Input {input_uri!r} not found ({path.resolve()} is not a file). Check input_uri.")
     if not os.access(path, os.R_OK):
