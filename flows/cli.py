@@ -25,6 +25,9 @@ from infra.engines import ENGINES  # noqa: E402
 from infra.errors import ConfigError, SdgError  # noqa: E402
 
 ENGINE_NAMES = tuple(ENGINES)
+# The run command's own flags (argparse dests): how to run, not parameters of a run; every other
+# flag of `run` is a RunParams field (tests/test_parameters.py holds the two lists equal).
+RUN_COMMAND_FLAGS = ("help", "params", "pipeline", "new_run", "progress_every_s")
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",

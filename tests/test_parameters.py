@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from prefect.utilities.callables import parameter_schema
 
-from flows.cli import build_parser, load_params_file, nested_names, run_parameters
+from flows.cli import RUN_COMMAND_FLAGS, build_parser, load_params_file, nested_names, run_parameters
 from flows.generate import generate
 from flows.params import RunParams, markdown, parameters
 from infra.prompting.prompt_format import FORMATS
 from infra.settings import Profile
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
-CLI_ONLY = {"help", "params", "new_run", "pipeline", "progress_every_s"}  # the run command's own flags, not parameters of a run
+CLI_ONLY = set(RUN_COMMAND_FLAGS)  # the run command's own flags, not parameters of a run
 
 
 def run_flags() -> dict:

@@ -27,10 +27,10 @@ def test_a_flags_top_level_name_goes_into_its_group(tmp_path):
 
 def test_every_run_flag_is_a_name_the_file_takes():
     """The CLI's flags and the file's names are one list: a flag added without a file name fails here."""
-    from flows.cli import build_parser
+    from flows.cli import RUN_COMMAND_FLAGS, build_parser
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
-    flags = {a.dest for a in run._actions if a.option_strings and a.dest not in ("help", "params", "new_run", "progress_every_s")}
+    flags = {a.dest for a in run._actions if a.option_strings and a.dest not in RUN_COMMAND_FLAGS}
     import inspect
 
     from flows.generate import generate
