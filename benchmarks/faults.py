@@ -673,12 +673,24 @@ def case_lease_lost(tmp: Path) -> Row:
 
 
 def case_openai_queue_requeued(tmp: Path) -> Row:
-    """OpenAI path: the server stops answering while two shards' requests wait in the replica's
-    client pool (4 threads, 20 requests). The replica is lost and its client closed: what was
-    queued fails as ServerLost and its shards are requeued (D7: CancelledError failed the run)."""
-    return _server_dies(tmp, "OpenAI path: replica hangs with requests queued in its client's pool",
-                        ["--fault-hang-after", "6"], NSDG_SERVER__API="openai-completions",
-                        NSDG_SERVER__MAX_IN_FLIGHT="4", NSDG_SERVER__READ_TIMEOUT_S="2")
+    """OpenAI path, one request in flight per replica and two shard tasks: each shard is one batch,
+    so the second shard's requests all wait in the replica's client pool behind the first's. The
+    server stops answering; the first shard's hung request makes the replica lost and its client
+    closed: the second shard's queued requests must fail as ServerLost and the shard be requeued
+    (D7: they were cancelled, CancelledError, and the run failed with restarts left)."""
+    from flows.generate import generate
+
+    marker = tmp / "fault-fired"
+    expected = write_prompts(tmp / "in.jsonl", 40)
+    env = local_env(tmp, "--fault-hang-after", "2", "--fault-once-marker", str(marker), "--extra-latency", "0.05",
+                    NSDG_SERVER__API="openai-completions", NSDG_SERVER__MAX_IN_FLIGHT="1", NSDG_SERVER__READ_TIMEOUT_S="2")
+    with environment(env):
+        generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", shard_size=10, batch_size=10)
+    written, rejected, manifest = read_local_run(tmp / "out" / "r")
+    lost, dup = count_outcomes(expected, written, rejected)
+    return Row("OpenAI path: replica hangs with a shard's requests queued in its client's pool", injected=int(marker.exists()),
+               detected=manifest["server_restarts"], lost=lost, duplicated=dup, leaked=local_servers(tmp),
+               recovery_s=recovery_after(marker, tmp / "out" / "r"), note="queued requests failed as lost; shards requeued")
 
 
 def case_slurm_rollover_thrash(tmp: Path) -> Row:
@@ -710,9 +722,9 @@ def case_slurm_rollover_thrash(tmp: Path) -> Row:
     idle = sum(1 for r in manifest["replicas"] if not r.get("records"))
     return Row("Slurm: rollover lead longer than the 1-minute limit (thrash)", injected=1,
                detected=roll["count"] if roll["count"] and manifest["server_restarts"] == 0 else 0, lost=lost,
-               duplicated=dup, leaked=len(leaked) + idle,
-               note=f"{roll['count']} rollovers ({roll['late']} late), {len(manifest['slurm_job_ids'])} jobs, "
-                    f"largest gap {roll['largest_gap_s']} s; leaked counts jobs that served nothing")
+               duplicated=dup, leaked=len(leaked),
+               note=f"{roll['count']} rollovers ({roll['late']} late), {len(manifest['slurm_job_ids'])} jobs "
+                    f"({idle} served nothing), largest gap {roll['largest_gap_s']} s")
 
 
 CASES.update({
