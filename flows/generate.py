@@ -235,13 +235,15 @@ def rollover_policy(settings: Settings, profile) -> RolloverPolicy:
     slurm = settings.slurm
     return RolloverPolicy(factor=slurm.rollover_factor, margin_s=slurm.rollover_margin_s,
                           max_rollovers=slurm.max_rollovers if profile.backend == "slurm" else 0,
-                          limit_s=time_limit_s(slurm.time_limit))
+                          limit_s=time_limit_s(slurm.time_limit),
+                          expected_load_s=profile.expected_load_s if slurm.expected_load_s is None else slurm.expected_load_s)
 
 
 def check_limit_before_submit(policy: RolloverPolicy, done: list[PartInfo]) -> None:
-    """Before any job is submitted: what this run already measured (its published shards' time;
-    a model's load is measured only once a job of this run loads it, and checked again then,
-    before its successor is submitted) must fit in the time limit."""
+    """Before any job is submitted: what this run already measured (its published shards' time)
+    and the load it assumes (the policy's prior: a model's load is measured only once a job of
+    this run loads it, and checked again then, before its successor is submitted) must fit in the
+    time limit. A fresh run is judged by the prior alone."""
     ran = [(p.started_at, p.finished_at) for p in done if p.started_at is not None and p.finished_at is not None]
     check_time_limit(Measured(shard_s=mean_shard_s(busy_s(ran), len(ran))), policy)
 

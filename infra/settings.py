@@ -46,6 +46,9 @@ class Profile(_Section):
     prompt_format: PromptFormatName | None = None
     # The serving program (infra/engines): it fixes the HTTP API unless server.api overrides it.
     engine: EngineName = "nemo"
+    # Known before any job: a fresh run's first sbatch is judged by it (infra/backends/rollover.py).
+    expected_load_s: float = Field(0.0, ge=0, le=86_400, description="a job's model load (s) assumed until the run "
+                                   "has measured one (NSDG_SLURM__EXPECTED_LOAD_S overrides it); 0: nothing assumed")
 
     @property
     def tasks_per_node(self) -> int:
@@ -66,13 +69,20 @@ class Profile(_Section):
         return self
 
 
+# The built-in GPU profiles serve Nemotron-4-340B: 680 GB of bf16 weights read from a shared filesystem at
+# 1-5 GB/s is 2-12 min (an estimate, not a measurement); the low end is assumed, so no limit that could
+# work is refused. A measured load replaces it; NSDG_SLURM__EXPECTED_LOAD_S overrides it.
+LOAD_340B_S = 120.0
 BUILTIN_PROFILES: dict[str, Profile] = {
     "h100x16": Profile(backend="slurm", nodes=2, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2,
-                       description="2 nodes x 8 H100 80GB, TP8 PP2 (the model card's layout)"),
+                       description="2 nodes x 8 H100 80GB, TP8 PP2 (the model card's layout)",
+                       expected_load_s=LOAD_340B_S),
     "a100x16": Profile(backend="slurm", nodes=2, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2,
-                       description="2 nodes x 8 A100 80GB, TP8 PP2"),
+                       description="2 nodes x 8 A100 80GB, TP8 PP2",
+                       expected_load_s=LOAD_340B_S),
     "h200x8": Profile(backend="slurm", nodes=1, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=1,
-                      description="1 node x 8 H200, TP8 PP1"),
+                      description="1 node x 8 H200, TP8 PP1",
+                      expected_load_s=LOAD_340B_S),
     "local": Profile(backend="local", description="the NeMo-compatible local server on this machine, no GPU"),
     "attach": Profile(backend="attach", description="a server someone else runs, at server.url"),
 }
@@ -166,6 +176,10 @@ class SlurmSettings(_Section):
     rollover_margin_s: float = Field(60.0, ge=0, le=86_400, description="added to the successor's lead (queue wait "
                                      "+ load + one shard, measured) and kept free before a job's end")
     rollover_factor: float = Field(1.25, ge=1.0, le=10.0, description="on the measured queue wait, load and shard time")
+    expected_load_s: float | None = Field(None, ge=0, le=86_400, description="a job's model load (s) assumed until "
+                                          "the run has measured one: a time limit too short for it and one shard is "
+                                          "refused before the first sbatch; default: the profile's (120 s for the "
+                                          "built-in 340B profiles, else 0: nothing assumed)")
     warn_signal_s: int = Field(300, ge=0, le=65_535, description="sbatch --signal=B:USR1@<s>: Slurm warns the job "
                                "this long before its end (a shortened limit, a preemption); 0: no warning")
 

@@ -62,6 +62,22 @@ def user_error(out) -> str:
     return out.stderr[out.stderr.index(mine[0]):]
 
 
+def test_a_time_limit_shorter_than_the_assumed_load_is_refused_before_any_sbatch(tmp_path, prefect_server):
+    """Issue 26: a fresh run has measured no load, so a limit too short for it was submitted and every
+    job loaded and was dropped. The profile's expected_load_s (600 s here) refuses it before a job."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "ok"}\n')
+    profile = {"slow1x1": {"backend": "slurm", "nodes": 1, "gpus_per_node": 1, "expected_load_s": 600}}
+    env = {**prefect_server.client_env(), "PREFECT_HOME": str(tmp_path / "ph"), "NSDG_EXTRA_PROFILES": json.dumps(profile),
+           "NSDG_SLURM__TIME_LIMIT": "00:05:00", "NSDG_SLURM__CONTAINER_RUNTIME": "none",
+           "NSDG_SLURM__JOB_ROOT": str(tmp_path / "jobs"), "NSDG_SERVER__COMMAND": json.dumps(["true"])}
+    out = cli("run", "--input-uri", str(src), "--output-uri", "out", "--profile", "slow1x1", cwd=tmp_path, env=env)
+    message = user_error(out)
+    assert "(300 s) is too short" in message and "load 600 s assumed" in message, message
+    assert "NSDG_SLURM__TIME_LIMIT=00:13:00" in message, message  # 1.25 x 600 s = 750 s
+    assert not (tmp_path / "jobs").exists()  # no job directory: nothing was submitted
+
+
 @pytest.fixture
 def served(prefect_server, tmp_path):
     """The CLI against a running Prefect server (no temporary one per call), with the simulated engine."""

@@ -1,13 +1,14 @@
-"""The fault suite (benchmarks/faults.py) as tests: every fault, 0 lost, 0 duplicated, 0 leaked."""
+"""The fault suite (benchmarks/faults.py) as tests: every fault, 0 lost, 0 duplicated, 0 leaked. BENCH_ONLY
+rows take minutes: `make faults` runs them, a dedicated test covers each."""
 
 import pytest
 
-from benchmarks.faults import CASES, SLURM_CASES
+from benchmarks.faults import BENCH_ONLY, CASES, SLURM_CASES
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n not in SLURM_CASES])
+@pytest.mark.parametrize("name", [n for n in CASES if n not in SLURM_CASES | BENCH_ONLY])
 def test_fault(name, prefect_harness, workdir):
     row = CASES[name](workdir)
     assert (row.lost, row.duplicated, row.leaked) == (0, 0, 0), row
@@ -15,7 +16,7 @@ def test_fault(name, prefect_harness, workdir):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("name", sorted(SLURM_CASES))
+@pytest.mark.parametrize("name", sorted(SLURM_CASES - BENCH_ONLY))
 def test_slurm_fault(name, prefect_harness, slurm_cluster, workdir):
     row = CASES[name](workdir)
     assert (row.lost, row.duplicated, row.leaked) == (0, 0, 0), row

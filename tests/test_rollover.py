@@ -63,7 +63,10 @@ def test_a_limit_too_short_for_load_and_one_shard_is_refused_with_the_limit_that
         check_time_limit(Measured(load_s=50.0, shard_s=4.0), policy)
     with pytest.raises(ConfigError, match=r"NSDG_SLURM__TIME_LIMIT=01:15:00"):
         check_time_limit(Measured(load_s=3590.0, shard_s=4.0), RolloverPolicy(margin_s=5.0, limit_s=3600.0))
-    check_time_limit(Measured(load_s=50.0), policy)  # no shard measured yet: nothing to judge by
+    check_time_limit(Measured(), policy)  # neither a load nor a shard known: nothing to judge by
+    check_time_limit(Measured(load_s=40.0), policy)  # a load measured, no shard yet: 1.25 x 40 fits
+    with pytest.raises(ConfigError, match=r"load 50 s measured \+ shard 0 s \(none measured yet\).* = 62 s"):
+        check_time_limit(Measured(load_s=50.0), policy)  # the load alone does not fit: no shard could
     check_time_limit(Measured(load_s=50.0, shard_s=4.0), RolloverPolicy(max_rollovers=0, limit_s=60.0))  # off
     check_time_limit(Measured(load_s=50.0, shard_s=4.0), RolloverPolicy(limit_s=None))  # no limit
 
@@ -78,6 +81,36 @@ def test_before_any_job_the_published_shards_time_is_checked():
     with pytest.raises(ConfigError, match="NSDG_SLURM__TIME_LIMIT=00:02:00"):  # 1.25 * 45 + 56.25 s
         check_limit_before_submit(policy, [part(0, 0.0, 45.0)])
     assert busy_s([(0.0, 8.0), (4.0, 12.0), (20.0, 21.0)]) == 13.0
+
+
+def test_a_fresh_run_is_judged_by_the_assumed_load_until_one_is_measured():
+    """Issue 26: before the first job nothing is measured, so a limit too short for the model's load
+    was submitted anyway (every job loads and is dropped). The prior (slurm.expected_load_s, else
+    the profile's) is judged before the first sbatch; the first measured load replaces it."""
+    policy = RolloverPolicy(factor=1.25, margin_s=60.0, limit_s=600.0, expected_load_s=900.0)
+    with pytest.raises(ConfigError, match=r"\(600 s\) is too short.*load 900 s assumed \(NSDG_SLURM__EXPECTED_LOAD_S, "
+                                          r"else the profile's expected_load_s\).* = 1125 s; set "
+                                          r"NSDG_SLURM__TIME_LIMIT=00:19:00 or more"):
+        check_limit_before_submit(policy, [])  # a fresh run
+    with pytest.raises(ConfigError, match=r"load 900 s assumed .*\+ shard 60 s measured.* = 1260 s"):
+        check_limit_before_submit(policy, [PartInfo("part-00000.jsonl", 0, 20, "x", 1, "h", 0, 19,
+                                                    started_at=0.0, finished_at=60.0)])  # 1.25 x 960 + 60
+    check_time_limit(Measured(load_s=300.0, shard_s=10.0), policy)  # measured: 400 s, the prior is not used
+    check_limit_before_submit(RolloverPolicy(factor=1.25, limit_s=600.0, expected_load_s=400.0), [])  # 500 s fits
+    check_limit_before_submit(RolloverPolicy(limit_s=600.0, expected_load_s=900.0, max_rollovers=0), [])  # off
+
+
+def test_the_prior_comes_from_the_setting_else_the_profile():
+    from flows.generate import rollover_policy
+    from infra.settings import Settings
+
+    settings = Settings()
+    assert rollover_policy(settings, settings.profile("h100x16")).expected_load_s == 120.0  # 340B: the low end
+    assert rollover_policy(settings, settings.profile("local")).expected_load_s == 0.0
+    tuned = Settings(slurm={"expected_load_s": 1500})
+    assert rollover_policy(tuned, tuned.profile("h100x16")).expected_load_s == 1500.0
+    with pytest.raises(ConfigError, match="NSDG_SLURM__TIME_LIMIT=00:03:00"):  # 1.25 x 120 s: 150 s
+        check_limit_before_submit(rollover_policy(Settings(slurm={"time_limit": "2"}), settings.profile("h100x16")), [])
 
 
 def test_slurm_time_limits_in_seconds():

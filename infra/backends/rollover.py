@@ -13,7 +13,9 @@ whatever its successor does, and is released then. A lead longer than the limit 
 a slow load) would want a successor from a job's first second: a successor's own successor is
 planned only once it has served and its predecessor is gone, so a replica holds two jobs at most.
 A limit too short for load + one shard (with the same factor and reserve) is refused before a job
-is submitted for it (`check_time_limit`): its jobs would load the model and be dropped. A successor
+is submitted for it (`check_time_limit`): its jobs would load the model and be dropped. Before this
+run has loaded the model once, its load time is the policy's prior (slurm.expected_load_s, else the
+profile's); the first measured load replaces it. A successor
 is planned work, not a failure: it never uses `max_server_restarts`, only `max_rollovers`.
 """
 
@@ -31,6 +33,9 @@ class RolloverPolicy:
     margin_s: float = 60.0  # added to the lead, and kept free before the end when admitting a shard
     max_rollovers: int = 50  # planned successors per run: a misconfigured limit cannot submit jobs without end
     limit_s: float | None = None  # the time limit a new job gets (slurm.time_limit); None: no limit
+    # A job's load time assumed until this run has measured one: a fresh run's first sbatch is
+    # checked against it (slurm.expected_load_s, else the profile's); 0: nothing assumed.
+    expected_load_s: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -79,12 +84,23 @@ def admits_shard(now: float, end: float | None, in_flight: int, measured: Measur
     return finish + reserve_s(measured.shard_s, policy) <= end
 
 
+def load_for_check(measured: Measured, policy: RolloverPolicy) -> tuple[float, str]:
+    """The load time a limit is judged by, and where it comes from: measured on this run's jobs
+    once one loaded, else the prior (a fresh run has measured nothing before its first sbatch)."""
+    if measured.load_s > 0:
+        return measured.load_s, "measured"
+    return policy.expected_load_s, "assumed (NSDG_SLURM__EXPECTED_LOAD_S, else the profile's expected_load_s)"
+
+
 def shortest_limit_s(measured: Measured, policy: RolloverPolicy) -> float | None:
     """The least time limit in which a job loads and serves one shard (factor and reserve as
-    above); None until a shard's time is known: nothing to judge by."""
-    if measured.shard_s is None:
+    above). A shard not measured yet counts as nothing (the limit is then a lower bound); None
+    while neither a load nor a shard is known: nothing to judge by."""
+    load, _ = load_for_check(measured, policy)
+    if measured.shard_s is None and load <= 0:
         return None
-    return policy.factor * (measured.load_s + measured.shard_s) + reserve_s(measured.shard_s, policy)
+    shard = measured.shard_s or 0.0
+    return policy.factor * (load + shard) + reserve_s(shard, policy)
 
 
 def check_time_limit(measured: Measured, policy: RolloverPolicy) -> None:
@@ -94,11 +110,15 @@ def check_time_limit(measured: Measured, policy: RolloverPolicy) -> None:
     if not policy.enabled or policy.limit_s is None or need is None or policy.limit_s >= need:
         return
     minutes = max(1, math.ceil(need / 60))
+    load, source = load_for_check(measured, policy)
+    shard = measured.shard_s or 0.0
+    shard_seen = "measured" if measured.shard_s is not None else "(none measured yet)"
+    hint = "or a smaller shard_size" if source == "measured" else "or, if the model loads faster, a smaller expected_load_s"
     raise ConfigError(
         f"slurm.time_limit ({policy.limit_s:.0f} s) is too short for a job to load the model and serve one shard: "
-        f"{policy.factor:g} x (load {measured.load_s:.0f} s + shard {measured.shard_s:.0f} s, measured) + "
-        f"{reserve_s(measured.shard_s, policy):.0f} s kept before its end = {need:.0f} s; set "
-        f"NSDG_SLURM__TIME_LIMIT={minutes // 60:02d}:{minutes % 60:02d}:00 or more (or a smaller shard_size)")
+        f"{policy.factor:g} x (load {load:.0f} s {source} + shard {shard:.0f} s {shard_seen}) + "
+        f"{reserve_s(shard, policy):.0f} s kept before its end = {need:.0f} s; set "
+        f"NSDG_SLURM__TIME_LIMIT={minutes // 60:02d}:{minutes % 60:02d}:00 or more ({hint})")
 
 
 def busy_s(intervals: list[tuple[float, float]]) -> float:
