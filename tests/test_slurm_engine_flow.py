@@ -77,8 +77,12 @@ def test_vllm_launch_on_two_nodes(vllm_env, workdir):
 
 
 @pytest.mark.faults
-def test_vllm_job_cancelled_from_outside_is_replaced(vllm_env, workdir):
+def test_vllm_job_cancelled_from_outside_is_replaced(vllm_env, workdir, monkeypatch):
     vllm_env("--extra-latency", "0.2")
+    # Two requests in flight (vLLM's default keeps dozens): 120 prompts then take about 12 s, so the
+    # job is cancelled mid-run. On an idle machine the whole run once ended 0.4 s after its first part,
+    # before the killer's scancel, and there was no second job to see.
+    monkeypatch.setenv("NSDG_SERVER__MAX_IN_FLIGHT", "2")
     run_dir = workdir / "out" / "vllm-heal"
     killer = cancel_after_first_part(run_dir)
     generate(input_uri=prompts(workdir / "in.jsonl", 120), output_uri="out", run_id="vllm-heal", profile=PROFILE,
