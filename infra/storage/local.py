@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import os
@@ -22,6 +21,7 @@ from typing import BinaryIO, Iterator
 
 from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
 from infra.storage.input_pin import InputPin
+from infra.system.locks import flock_within
 from infra.storage.uris import local_path, validate_key_component
 from infra.run.layout import MANIFEST, RUN_CONFIG, TEMP_SUFFIX, temp_prefix
 
@@ -62,6 +62,7 @@ class _PinnedDir:
             os.close(self.fd)
         except OSError:
             pass
+
 
 
 class LocalOutputStore:
@@ -292,7 +293,11 @@ class LocalOutputStore:
             fd = os.open(lock_name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
                          dir_fd=d)
             lock = os.fdopen(fd, "ab")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                flock_within(lock, f"{self.root}/{name}")
+            except BaseException:
+                lock.close()
+                raise
             try:
                 st, now = os.fstat(fd), os.stat(lock_name, dir_fd=d, follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
