@@ -51,3 +51,66 @@ def test_busy_time_is_split_among_the_shards_in_flight_and_the_allocation_by_its
     shares = attribute(busy, 3.0)
     assert sum(shares.values()) == pytest.approx(3.0) and shares["a"] == pytest.approx(3.0 * 17.5 / 30)
     assert attribute({"a": 0.0}, 5.0) == {"a": 0.0}
+
+
+class _Done:
+    """A finished task's future, as Pool reads one (PrefectFuture: .wrapped_future, .result())."""
+
+    def __init__(self, value):
+        import concurrent.futures
+
+        self.wrapped_future = concurrent.futures.Future()
+        self.wrapped_future.set_result(value)
+
+    def result(self):
+        return self.wrapped_future.result()
+
+
+class _Backend:
+    name, job_ids, released = "local", [], 0
+
+    def release(self):
+        self.released += 1
+
+    def running_at(self):
+        return None
+
+    def status(self):
+        return "fake"
+
+    def url(self):
+        return "http://fake"
+
+    def scheduled_end(self):
+        return None
+
+
+def test_the_pool_keeps_its_server_while_a_feed_waits_and_ends_when_the_feed_does():
+    """A streaming feed says WAIT while a parent's shard is in flight: the pool neither ends nor
+    releases its replica then; the child shard made from the parent's result is served too."""
+    import time
+    from types import SimpleNamespace
+
+    from flows.replicas import WAIT, Pool
+
+    reported, sent = [], []
+    backend = _Backend()
+
+    def feed():
+        yield "parent"
+        while not reported:  # the child exists only once the parent's result is in
+            yield WAIT
+        yield "child"
+
+    def submit(client, work, backend_):
+        assert backend.released == 0  # never released while work is still to come
+        sent.append(work)
+        now = time.time()
+        return _Done(SimpleNamespace(part=SimpleNamespace(records=1, shard=len(sent) - 1), started_at=now,
+                                     finished_at=now, judged_only=False))
+
+    pool = Pool(make_backend=lambda launch, i: backend, start=lambda b: _Done(object()), submit=submit,
+                release=lambda b: b.release(), shards=feed(), replicas=1, max_in_flight=2, restarts_allowed=0,
+                on_result=reported.append)
+    results = pool.run()
+    assert sent == ["parent", "child"] and len(results) == len(reported) == 2 and backend.released == 1
