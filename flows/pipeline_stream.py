@@ -192,8 +192,12 @@ class Stream:
         new = final_prefix(stage.frontier, stage.created, stage.settled)
         if new > stage.frontier:
             curation = stage.run.cfg.curation
-            if curation.enabled:  # over the prefix: verdicts already current are kept (they seed dedup)
-                curate(stage.store, curation, [stage.parts[i] for i in range(new)], stage.plan.config_hash)
+            if curation.enabled:
+                # Dedup needs the whole prefix: its current verdicts are kept and seed the tables (each
+                # call rereads the kept parts before `new`). Without dedup a shard's curation is its own.
+                dedup = curation.filters.dedup_exact or curation.filters.dedup_near
+                curate(stage.store, curation, [stage.parts[i] for i in range(0 if dedup else stage.frontier, new)],
+                       stage.plan.config_hash)
             for shard in range(stage.frontier, new):
                 self.pass_on(stage, shard)
             stage.frontier = new
