@@ -94,6 +94,7 @@ bench: $(STAMP) slurm-up
 	$(PY) -m benchmarks.replicas --out benchmarks/results.md --append
 	$(PY) -m benchmarks.engines --out benchmarks/results.md --append
 	$(PY) -m benchmarks.rollover --out benchmarks/results.md --append
+	$(PY) -m benchmarks.pipeline --out benchmarks/results.md --append
 
 # The fault suite: each fault against the real stand-ins, then a table of what was lost.
 faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up

@@ -175,7 +175,7 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     return 0
 
 
-PIPELINE_FLAGS = ("run_id", "output_uri", "replicas", "max_server_restarts")
+PIPELINE_FLAGS = ("run_id", "output_uri", "replicas", "max_server_restarts", "shard_size")
 
 
 def pipeline_flow(args: argparse.Namespace, params: dict):

@@ -73,8 +73,10 @@ class Prepared:
     restarts_allowed: int
 
 
-def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLease | None = None) -> Prepared:
-    """Every check a run makes before its first write, then its store and lease (the run's first write)."""
+def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLease | None = None,
+                input_made_later: bool = False) -> Prepared:
+    """Every check a run makes before its first write, then its store and lease (the run's first write).
+    `input_made_later`: a streamed pipeline stage's input, its parent's rows, does not exist yet."""
     logger = get_run_logger()
     prof = settings.profile(asked.profile)  # an unknown profile fails here, before anything is read
     asked.check_runnable(prof.backend)  # placeholders, the demo input on a cluster: before any read or sbatch
@@ -104,7 +106,8 @@ def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLea
                                                                             cfg.sampling.add_BOS, cfg.counter)))
     restarts_allowed = settings.server.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
     store = open_output_store(cfg.output_uri, cfg.run_id, settings.s3, settings.work_path("staging"))
-    check_input(cfg.input_uri, settings.s3)  # both before the lease, the run's first write: a refusal writes nothing
+    if not input_made_later:
+        check_input(cfg.input_uri, settings.s3)  # both before the lease, the run's first write: a refusal writes nothing
     store.preflight()
     # One run per run_id; every write from here on checks the lease is still this run's (LeaseLost if not).
     if lease is not None:  # a pipeline's stage: fenced by the pipeline's own lease, which covers its stages

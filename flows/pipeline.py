@@ -1,15 +1,16 @@
-"""The `pipeline` flow: every stage of a pipeline file (docs/pipelines.md) on ONE allocation, stage by
-stage in dependency order. The file is read and checked whole (every template rendered, every stage's
-parameters validated) before anything is allocated; the servers are started once, when the first
-stage with work left starts, kept ready between stages and released after the last one (and in
-`finally`, and by the crash hooks, which find them by the pipeline's run id as they find a run's).
+"""The `pipeline` flow: every stage of a pipeline file (docs/pipelines.md) on ONE allocation, the
+stages streamed. The file is read and checked whole (every template rendered, every stage's
+parameters validated) before anything is allocated; one pool of servers (flows/replicas.py) serves
+every stage, started when there is work, released when the last shard of the last stage is in (and on
+any error, and by the crash hooks, which find it by the pipeline's run id as they find a run's).
 
-Each stage is a run as `generate` makes it (the same plan, shard tasks, pool, curation and manifest:
-flows/generate.py prepare_run and run_prepared), in its own run directory
-`{output_uri}/{run_id}/stages/{stage}/`. A stage reading a parent reads the parent's `rows.jsonl`:
-the parent's kept rows after its split, with derived ids and lineage (infra/pipeline/rows.py).
-Stages run one after another: a stage starts when its parent has finished (streaming rows from one
-stage into the next is a later slice).
+Each stage is a run directory as `generate` makes one, `{output_uri}/{run_id}/stages/{stage}/` (the
+same plan, shard tasks, judge, curation and manifest), but a child's shards are generated as soon as
+the parent shard they read is final, not when the parent stage ends: flows/pipeline_stream.py, with
+its rules in infra/pipeline/schedule.py (deepest stage first; a parent shard is final when it and every
+earlier one are curated, so dedup keeps the first in input order exactly). After the pool, each stage
+is finished (its parts closed, curated, its manifest, its `rows.jsonl`), then the pipeline's manifest:
+each stage's counts and its share of the allocation (`busy_s`, `gpu_hours`).
 
 Resume: a rerun with the same run_id finds each stage's published shards as a run does, so a stage
 already done generates nothing and, with every stage done, nothing is allocated. A stage whose
@@ -21,26 +22,36 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from collections import deque
+from contextlib import ExitStack
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.generate import PoolCarry, prepare_run, run_prepared
+from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
+                            shard_tasks_per_replica)
 from flows.params import RunParams, resolve_run_id
+from flows.pipeline_stream import StageRun, Stream, child_plan
+from flows.replicas import Pool
+from flows.rollovers import RolloverPlanner
 from flows.teardown import release_lease_on_hook, release_on_hook
+from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
+from infra.generation import ShardJob
 from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
 from infra.pipeline.model import Pipeline
 from infra.pipeline.rows import write_stage_rows
+from infra.pipeline.schedule import attribute, busy_by_stage
+from infra.planning import planned_shards
+from infra.recipes.judge import judged_current
 from infra.run.layout import MANIFEST, PIPELINE_HASHES, STAGE_ROWS, stages_uri
 from infra.run.lease import hold_run_lease
-from infra.settings import load_settings
-from infra.storage import OutputStore, open_output_store
-from tasks.steps import release
+from infra.settings import Settings, load_settings
+from infra.storage import OutputStore, open_input, open_output_store
+from tasks.steps import allocate, plan, release, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +65,7 @@ log = logging.getLogger(__name__)
     on_failure=[release_lease_on_hook],
 )
 def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = None, replicas: int | None = None,
-             max_server_restarts: int | None = None) -> dict:
+             max_server_restarts: int | None = None, shard_size: int | None = None) -> dict:
     """Run every stage of the pipeline file `pipeline` on one allocation; publish each stage's run
     directory and the pipeline's manifest (each stage's counts, the training set)."""
     logger = get_run_logger()
@@ -65,53 +76,139 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     run_id = run_id or resolve_run_id(flow_run)
     output_uri = output_uri or settings.output_uri
     asked = {s.name: stage_params(the, s.name, pipeline, output_uri=stages_uri(output_uri, run_id), replicas=replicas,
-                                  max_server_restarts=max_server_restarts) for s in the.stages}
+                                  max_server_restarts=max_server_restarts, shard_size=shard_size) for s in the.stages}
     root = open_output_store(output_uri, run_id, settings.s3, settings.work_path("staging"))
     root.preflight()
     lease = hold_run_lease(root, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)
     root = lease.fenced()
     check_hashes(root, hashes, run_id)  # a changed stage: refused before any allocation
-    carry = PoolCarry(run_id)
-    stages: list[dict] = []
+    pool = None
+    with ExitStack() as inputs:
+        stages: list[StageRun] = []
+        for order, stage in enumerate(the.ordered()):
+            parent = next((s for s in stages if s.name == stage.from_), None)
+            stages.append(open_stage(asked[stage.name], stage, order, parent, hashes, settings, flow_run, lease, inputs))
+        stream = Stream(stages, settings)
+        if stream.has_work():
+            pool = serve(stream, stages, settings, flow_run, run_id)
+            stream.replica_of = lambda backend: next((r.index for r in pool.members if r.backend is backend), None)
+            pool.run()  # releases every replica when the last shard is in, and on any error
+        else:
+            logger.info("pipeline run %s: every stage's shards are already published; nothing to allocate", run_id)
     done: dict[str, dict] = {}
-    try:
-        for stage in the.ordered():
-            params = asked[stage.name]
-            if stage.from_ is not None and not (parent := done[stage.from_])["rows"]:
-                raise InputError(f"pipeline run {run_id}: stage {stage.from_!r} left no rows for stage {stage.name!r} "
-                                 f"({parent['rows_out']} generated, {parent['kept']} kept, filtered "
-                                 f"{parent['filtered'] or 'none'}, split dropped {parent['split_dropped'] or 'none'}); "
-                                 f"loosen the filters or split of {stage.from_!r}, or give it more input")
-            if stage.from_ is not None:  # the parent's kept rows after its split
-                params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
-            run = prepare_run(params, settings, flow_run, lease=lease)
-            out = run_prepared(run, settings, flow_run, stage=carry)
-            rows = write_stage_rows(run.store, stage.name, stage.split)
-            manifest = json.loads(run.store.read_bytes(MANIFEST))
-            stages.append({"stage": stage.name, "from": stage.from_, "input": params.input_uri,
-                           "config_hash": hashes[stage.name].generation, "kept_hash": hashes[stage.name].kept,
-                           "records_in": manifest["records_in"], "rows_out": out["records_written"],
-                           "rejected": out["records_rejected"], "kept": out.get("records_kept", out["records_written"]),
-                           "filtered": out.get("filtered", {}), "split_dropped": rows["split_dropped"],
-                           "rows": rows["rows"], "rows_uri": rows["rows_uri"], "kept_parts": rows["kept_parts"],
-                           "manifest": out["manifest"]})
-            done[stage.name] = stages[-1]
-            logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children",
-                        stage.name, manifest["records_in"], out["records_written"], stages[-1]["kept"], rows["rows"])
-    finally:
-        release_all(carry)
-    final = stages[-1]
+    for s in stages:
+        done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,
+                                    first=s is stages[0])
+        logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
+                    done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
+    allocation = attribute_allocation(stages, done, pool)
+    final = done[stages[-1].name]
     doc = {"run_id": run_id, "pipeline": pipeline, "server": dict(zip(("name", "profile"), (the.server[0], the.server[1].profile))),
-           "stages": stages, "training_set": final["kept_parts"], "training_rows": final["rows_uri"],
-           "server_launches": carry.launched}
+           "stages": list(done.values()), "allocation": allocation, "training_set": final["kept_parts"],
+           "training_rows": final["rows_uri"], "server_launches": pool.launched if pool else 0}
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
     logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(stages), root.uri(MANIFEST))
-    return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {s["stage"]: s["kept"] for s in stages},
+    return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {n: s["kept"] for n, s in done.items()},
             "records_written": final["rows_out"], "records_kept": final["kept"], "filtered": final["filtered"]}
 
 
+def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, hashes: dict[str, StageHash],
+               settings: Settings, flow_run, lease, inputs: ExitStack) -> StageRun:
+    """A stage prepared as a run: a root planned from its input (its shards read lazily from a second,
+    pinned read), a child with its config chained to its parent's kept hash and its shards to come."""
+    if parent is not None:  # its input is its parent's rows, made as the parent's shards become final
+        params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
+    run = prepare_run(params, settings, flow_run, lease=lease, input_made_later=parent is not None)
+    cfg = run.cfg
+    the_plan = plan(cfg, settings, run.store) if parent is None else child_plan(run, settings, hashes[stage.from_].kept)
+    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
+                   prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
+                   judge=cfg.curation.judge, requested_model=settings.model.name)
+    out = StageRun(stage, 0 if parent is None else parent.depth + 1, order, run, the_plan, job,
+                   parts=dict(the_plan.done))
+    if parent is None:
+        source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
+        out.source = planned_shards(inputs.enter_context(source), cfg, settings, the_plan, source.verify)
+        judge = cfg.curation.judge
+        unjudged = [p for _, p in sorted(the_plan.done.items()) if judge is not None and not judged_current(run.store, judge, p)]
+        out.ready = deque(unjudged)  # published, judged by no current judge: judged again, not generated
+        out.settled = set(the_plan.done) - {p.shard for p in unjudged}
+        out.created, out.closed = the_plan.shards_total, True
+        check_limit_before_submit(rollover_policy(settings, run.prof), list(the_plan.done.values()))
+    return out
+
+
+def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str) -> Pool:
+    """One pool for every stage, sized and launched as the first stage's run would be."""
+    first = stages[0].run
+    prof = first.prof
+
+    def start(backend):
+        allocate(backend)
+        return wait_ready.submit(backend, settings, first.cfg.counter, prof)
+
+    return Pool(
+        make_backend=lambda launch, i: make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id),
+                                                    replica=launch, url_index=i),
+        start=start, submit=stream.submit, release=release, shards=stream.feed(),
+        replicas=replica_count(settings, prof, first.params.replicas),
+        max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
+                                              max(s.plan.samples for s in stages)),
+        restarts_allowed=first.restarts_allowed, on_result=stream.on_result, keep_alive_s=settings.server.keep_alive_s,
+        planner=RolloverPlanner(rollover_policy(settings, prof)))
+
+
+def finish_stage(s: StageRun, parent: dict | None, hashes: StageHash, pool: Pool | None, flow_run, settings: Settings,
+                 run_id: str, *, first: bool) -> dict:
+    """The stage's end as a run's (parts closed, curated, its manifest), its rows.jsonl, its counts."""
+    if parent is not None and not s.plan.records_in:
+        raise InputError(f"pipeline run {run_id}: stage {s.stage.from_!r} left no rows for stage {s.name!r} "
+                         f"({parent['rows_out']} generated, {parent['kept']} kept, filtered "
+                         f"{parent['filtered'] or 'none'}, split dropped {parent['split_dropped'] or 'none'}); "
+                         f"loosen the filters or split of {s.stage.from_!r}, or give it more input")
+    ran = [(r.started_at, r.finished_at) for r in s.results]
+    seconds = max(b for _, b in ran) - min(a for a, _ in ran) if ran else 0.0
+    gpus = s.run.prof.nodes * s.run.prof.gpus_per_node if s.run.prof.backend == "slurm" else 0
+    members = pool.members if pool is not None else []
+    out = finish(s.store, s.run.cfg, s.plan, s.results, {"generation": seconds} if ran else {}, settings,
+                 [j for rep in members for j in rep.backend.job_ids],
+                 restarts=pool.restarts if pool is not None and first else 0,  # the pool's, counted once
+                 replicas=[rep.summary(gpus) for rep in members], invocation=str(flow_run.id),
+                 rollovers=pool.planner.report(members, gpus) if pool is not None and first else None)
+    rows = write_stage_rows(s.store, s.name, s.stage.split)
+    manifest = json.loads(s.store.read_bytes(MANIFEST))
+    return {"stage": s.name, "from": s.stage.from_, "input": s.run.cfg.input_uri,
+            "config_hash": hashes.generation, "kept_hash": hashes.kept,
+            "records_in": manifest["records_in"], "rows_out": out["records_written"],
+            "rejected": out["records_rejected"], "kept": out.get("records_kept", out["records_written"]),
+            "filtered": out.get("filtered", {}), "split_dropped": rows["split_dropped"],
+            "rows": rows["rows"], "rows_uri": rows["rows_uri"], "kept_parts": rows["kept_parts"],
+            "generated_tokens": manifest["throughput"]["generated_tokens"], "seconds": round(seconds, 3),
+            "manifest": out["manifest"]}
+
+
+def attribute_allocation(stages: list[StageRun], done: dict[str, dict], pool: Pool | None) -> dict:
+    """This invocation's allocation (GPU-hours and seconds held, over every replica) attributed to the
+    stages by their share of the server's busy time (infra/pipeline/schedule.py busy_by_stage): a
+    moment with shards of two stages in flight counts half for each; loading and idle time is shared
+    in the same proportion. Each stage's entry gains `busy_s`, `held_s`, `gpu_hours`."""
+    busy = busy_by_stage((s.name, r.started_at, r.finished_at) for s in stages for r in s.results)
+    busy = {s.name: busy.get(s.name, 0.0) for s in stages}
+    prof = stages[0].run.prof
+    gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
+    summaries = [rep.summary(gpus) for rep in pool.members] if pool is not None else []
+    gpu_hours, held_s = sum(x["gpu_hours"] for x in summaries), sum(x["held_s"] for x in summaries)
+    by_gpu, by_held = attribute(busy, gpu_hours), attribute(busy, held_s)
+    for name, entry in done.items():
+        entry |= {"busy_s": round(busy[name], 3), "held_s": round(by_held[name], 3), "gpu_hours": round(by_gpu[name], 4)}
+    served = sum(busy.values())
+    return {"gpu_hours": round(gpu_hours, 4), "held_s": round(held_s, 2), "busy_s": round(served, 3),
+            "busy_fraction": round(served / held_s, 4) if held_s else None, "replicas": summaries,
+            "attribution": "allocation split by each stage's share of the server's busy time (shards in flight)"}
+
+
 def stage_params(the: Pipeline, name: str, uri: str, *, output_uri: str, replicas: int | None,
-                 max_server_restarts: int | None) -> RunParams:
+                 max_server_restarts: int | None, shard_size: int | None = None) -> RunParams:
     """A stage's run parameters: its settings, the pipeline's server profile, its run directory (named
     after the stage) under the pipeline's; a child's input is set when its parent's rows exist."""
     stage = the.stage(name)
@@ -124,7 +221,8 @@ def stage_params(the: Pipeline, name: str, uri: str, *, output_uri: str, replica
                           "(structured output is a later slice); drop it, or use split")
     try:
         return RunParams(**dict(stage.settings), profile=server.profile, output_uri=output_uri, run_id=name,
-                         input_uri=the.input_of(stage) or "-", replicas=replicas, max_server_restarts=max_server_restarts)
+                         input_uri=the.input_of(stage) or "-", replicas=replicas, max_server_restarts=max_server_restarts,
+                         **({"shard_size": shard_size} if shard_size is not None else {}))
     except ConfigError as exc:
         raise ConfigError(f"pipeline {uri}: stage {name!r}: {exc}".replace("\n", " ")) from None
 
@@ -142,19 +240,3 @@ def check_hashes(root: OutputStore, hashes: dict[str, StageHash], run_id: str) -
                               "settings, templates or a parent's); rerun with the original file to resume, or start "
                               "a new run (--new-run)")
     root.write_bytes(PIPELINE_HASHES, json.dumps(now, indent=2, sort_keys=True).encode())
-
-
-def release_all(carry: PoolCarry) -> None:
-    """Every replica any stage started and kept, after the last stage or on any exit."""
-    for rep in carry.members:
-        if rep.state == "released":
-            continue
-        try:
-            release(rep.backend)
-        except Exception as exc:  # logged, never raised: the others still get theirs (as Pool._retire)
-            rep.release_error = f"{type(exc).__name__}: {exc}"
-            log.error("releasing replica %d (%s) failed: %s; cancel it by hand", rep.index, rep.backend.status(), exc)
-        finally:
-            rep.released_at = time.time()
-            if (close := getattr(rep.client, "close", None)) is not None:
-                close()

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 LOST = (ServerLost, TransientServerError)
 # A replica that never became ready: fatal only when no other replica can do the work.
 NEVER_READY = (ServerNotReady, DeadlineExceeded)
+# What a feed of shards yields when nothing is ready now but more will come (a streaming pipeline's
+# later stage waits on shards in flight: flows/pipeline_stream.py): no shard handed out, not the end.
+WAIT = object()
 
 
 @dataclass
@@ -289,7 +292,7 @@ class Pool:
             return None
         shard = next(self.shards, None)
         self._exhausted = shard is None
-        return shard
+        return None if shard is WAIT else shard
 
     def _queue_empty(self) -> bool:
         """No shard left to hand out, now or later: shards still running on a released replica
@@ -301,6 +304,8 @@ class Pool:
             shard = next(self.shards, None)
             if shard is None:
                 self._exhausted = True
+            elif shard is WAIT:
+                return False
             else:
                 self.requeued.append(shard)
                 return False
