@@ -35,6 +35,8 @@ from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
 from infra.pipeline.model import Pipeline
+from infra.pipeline.outputs import export_pipeline
+from infra.pipeline.pairs_stage import run_pairs
 from infra.pipeline.rows import write_stage_rows
 from infra.run.layout import MANIFEST, PIPELINE_HASHES, STAGE_ROWS, stages_uri
 from infra.run.lease import hold_run_lease
@@ -82,6 +84,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                  f"({parent['rows_out']} generated, {parent['kept']} kept, filtered "
                                  f"{parent['filtered'] or 'none'}, split dropped {parent['split_dropped'] or 'none'}); "
                                  f"loosen the filters or split of {stage.from_!r}, or give it more input")
+            if stage.kind == "pairs":  # on the CPU, from the parent's published rows: no server
+                stages.append(done.setdefault(stage.name, run_pairs(the, stage, output_uri, run_id, settings, lease, hashes[stage.name])))
+                continue
             if stage.from_ is not None:  # the parent's kept rows after its split
                 params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
             run = prepare_run(params, settings, flow_run, lease=lease)
@@ -104,6 +109,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     doc = {"run_id": run_id, "pipeline": pipeline, "server": dict(zip(("name", "profile"), (the.server[0], the.server[1].profile))),
            "stages": stages, "training_set": final["kept_parts"], "training_rows": final["rows_uri"],
            "server_launches": carry.launched}
+    doc["dataset"] = export_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # trainer files and card
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
     logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(stages), root.uri(MANIFEST))
     return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {s["stage"]: s["kept"] for s in stages},
