@@ -140,7 +140,7 @@ def test_a_pipeline_ends_with_pairs_trainer_files_and_a_card_and_a_new_margin_ne
 
     (workdir / "pipeline.yaml").write_text(PIPELINE.replace("generation.generated_tokens", "sample")
                                            .replace("min_margin: 1", "min_margin: 3"))
-    again = cli(workdir, env, *flags)
+    again = cli(workdir, env, *flags, "--export")  # accepted: a pipeline always exports
     assert again.returncode == 0, again.stderr[-4000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["server_launches"] == 0 and manifest["stages"][1]["pairs"] == 0
