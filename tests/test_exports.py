@@ -139,3 +139,18 @@ def test_a_plain_run_with_export_ends_with_trainer_files_and_a_card(prefect_serv
     assert sorted(p.name for p in (run_dir / "data").iterdir()) == [
         "sft-nemo-aligner.jsonl", "sft-nemo-aligner.parquet", "sft.jsonl", "sft.parquet"]
     assert "simulated" in (run_dir / "README.md").read_text()
+
+
+def test_exports_and_card_on_s3_under_the_run_prefix(s3_settings, s3_client, s3_bucket, tmp_path):
+    kept = rows(30)
+    out = f"s3://{s3_bucket}/runs"
+    store = open_output_store(out, "s1", s3_settings.s3, s3_settings.work_path("staging"))
+    store.write_bytes("kept-00000.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+    store.write_bytes("manifest.json", json.dumps({"model": "m", "curation": {"kept_parts": [{"name": "kept-00000.jsonl"}]}}).encode())
+    got = export_run(store, out, "s1", s3_settings)
+    keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/s1/")["Contents"])
+    assert {"runs/s1/README.md", "runs/s1/data/sft.parquet", "runs/s1/data/sft.jsonl",
+            "runs/s1/data/sft-nemo-aligner.parquet"} <= set(keys)
+    local = tmp_path / "sft.parquet"
+    local.write_bytes(s3_client.get_object(Bucket=s3_bucket, Key="runs/s1/data/sft.parquet")["Body"].read())
+    assert len(load("parquet", local, tmp_path)) == len(kept) == got["exports"][0]["rows"]
