@@ -185,6 +185,7 @@ def pipeline_flow(args: argparse.Namespace, params: dict):
 
     if args.params:
         raise ConfigError("--params and --pipeline: a pipeline's settings are in its file; give one of them")
+    params = {k: v for k, v in params.items() if k != "export"}  # a pipeline always writes its trainer files
     if others := [k for k in params if k not in PIPELINE_FLAGS]:
         raise ConfigError(f"--pipeline: {others[0]!r} is set per stage in the pipeline file (docs/pipelines.md), not "
                           f"on the command line; only {', '.join(PIPELINE_FLAGS)} apply to a pipeline run")

@@ -40,7 +40,7 @@ from infra.recipes.curate import Curation
 from infra.recipes.judge import judged_current, load_judge
 from infra.settings import Settings, check_no_placeholders, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
-from tasks.steps import (allocate, close_run_parts, curate, generate_shard, judge_shard, plan, release, wait_ready,
+from tasks.steps import (allocate, close_run_parts, curate, export, generate_shard, judge_shard, plan, release, wait_ready,
                          write_manifest)
 
 
@@ -59,7 +59,11 @@ def generate(**given) -> dict:
     settings = load_settings()
     flow_run = get_run_context().flow_run
     asked = RunParams(**given)  # the signature, the UI form and the CLI's flags are RunParams' fields
-    return run_prepared(prepare_run(asked, settings, flow_run), settings, flow_run)
+    run = prepare_run(asked, settings, flow_run)
+    out = run_prepared(run, settings, flow_run)
+    if run.params.export:  # trainer files and a dataset card, after the manifest (docs/outputs.md)
+        out["dataset"] = export(run.store, run.cfg.output_uri, run.cfg.run_id, settings)
+    return out
 
 
 @dataclass

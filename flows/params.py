@@ -60,6 +60,8 @@ class RunParams(BaseModel):
                                                                 "allocation; default NSDG_SERVER__REPLICAS (1)")
     max_server_restarts: int | None = Field(
         None, ge=0, le=20, description="servers started anew after one dies or hangs; default NSDG_SERVER__MAX_SERVER_RESTARTS (2)")
+    export: bool = Field(False, description="at the run's end, write its kept rows as trainer files (data/*.jsonl "
+                                            "and .parquet) and a dataset card README.md (docs/outputs.md)")
     recipe: RecipeParams = shared_field("recipe")
     judge: JudgeParams = shared_field("judge")
     filters: FilterParams = shared_field("filters")

@@ -43,6 +43,8 @@ from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
 from infra.pipeline.model import Pipeline
+from infra.pipeline.outputs import export_pipeline
+from infra.pipeline.pairs_stage import run_pairs
 from infra.pipeline.rows import write_stage_rows
 from infra.pipeline.schedule import attribute, busy_by_stage
 from infra.planning import planned_shards
@@ -85,7 +87,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     pool = None
     with ExitStack() as inputs:
         stages: list[StageRun] = []
-        for order, stage in enumerate(the.ordered()):
+        for order, stage in enumerate(s for s in the.ordered() if s.kind != "pairs"):  # pairs: after, on the CPU
             parent = next((s for s in stages if s.name == stage.from_), None)
             stages.append(open_stage(asked[stage.name], stage, order, parent, hashes, settings, flow_run, lease, inputs))
         stream = Stream(stages, settings)
@@ -96,16 +98,21 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         else:
             logger.info("pipeline run %s: every stage's shards are already published; nothing to allocate", run_id)
     done: dict[str, dict] = {}
-    for s in stages:
+    for stage in the.ordered():
+        if stage.kind == "pairs":  # on the CPU, from the parent's published rows: no server
+            done[stage.name] = run_pairs(the, stage, output_uri, run_id, settings, lease, hashes[stage.name])
+            continue
+        s = next(x for x in stages if x.name == stage.name)
         done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,
                                     first=s is stages[0])
         logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
                     done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
     allocation = attribute_allocation(stages, done, pool)
-    final = done[stages[-1].name]
+    final = done[list(done)[-1]]
     doc = {"run_id": run_id, "pipeline": pipeline, "server": dict(zip(("name", "profile"), (the.server[0], the.server[1].profile))),
            "stages": list(done.values()), "allocation": allocation, "training_set": final["kept_parts"],
            "training_rows": final["rows_uri"], "server_launches": pool.launched if pool else 0}
+    doc["dataset"] = export_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # trainer files and card
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
     logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(stages), root.uri(MANIFEST))
     return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {n: s["kept"] for n, s in done.items()},
@@ -199,8 +206,9 @@ def attribute_allocation(stages: list[StageRun], done: dict[str, dict], pool: Po
     summaries = [rep.summary(gpus) for rep in pool.members] if pool is not None else []
     gpu_hours, held_s = sum(x["gpu_hours"] for x in summaries), sum(x["held_s"] for x in summaries)
     by_gpu, by_held = attribute(busy, gpu_hours), attribute(busy, held_s)
-    for name, entry in done.items():
-        entry |= {"busy_s": round(busy[name], 3), "held_s": round(by_held[name], 3), "gpu_hours": round(by_gpu[name], 4)}
+    for name, entry in done.items():  # a pairs stage ran on the CPU: none of the server's time
+        entry |= {"busy_s": round(busy.get(name, 0.0), 3), "held_s": round(by_held.get(name, 0.0), 3),
+                  "gpu_hours": round(by_gpu.get(name, 0.0), 4)}
     served = sum(busy.values())
     return {"gpu_hours": round(gpu_hours, 4), "held_s": round(held_s, 2), "busy_s": round(served, 3),
             "busy_fraction": round(served / held_s, 4) if held_s else None, "replicas": summaries,

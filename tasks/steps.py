@@ -12,6 +12,7 @@ from infra.prompting.dataset import Shard
 from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, RowTally, ShardJob, ShardResult, run_judge, run_shard
 from infra.recipes.curate import Curation, curate_run
+from infra.run.card import export_run
 from infra.run.finish import close_parts, publish_manifest
 from infra.run.manifest import Manifest, PartInfo
 from infra.planning import Plan, RunConfig, make_plan
@@ -83,3 +84,8 @@ def write_manifest(store: OutputStore, cfg: RunConfig, the_plan: Plan, parts: li
                    rollovers: dict | None = None) -> Manifest:
     return publish_manifest(store, cfg, the_plan, parts, refused, curated, results, timings, settings, job_ids,
                             restarts=restarts, replicas=replicas, invocation=invocation, rollovers=rollovers)
+
+
+@task(name="export", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+def export(store: OutputStore, output_uri: str, run_id: str, settings: Settings) -> dict:
+    return export_run(store, output_uri, run_id, settings)

@@ -130,8 +130,9 @@ def test_check_accepts_the_worked_example(tmp_path):
     out = cli("check", "--pipeline", str(EXAMPLE), cwd=tmp_path)  # another folder: paths are the file's
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith(f"pipeline {EXAMPLE}: 3 stages on server 'main' (profile local)")
-    assert [line.split()[:2] for line in lines[2:]] == [["subtopics", "input"], ["questions", "subtopics"], ["answers", "questions"]]
+    assert lines[0].startswith(f"pipeline {EXAMPLE}: 4 stages on server 'main' (profile local)")
+    assert [line.split()[:2] for line in lines[2:]] == [["subtopics", "input"], ["questions", "subtopics"], ["answers", "questions"],
+                                                        ["prefs", "answers"]]
     assert "judge.j2" in lines[4] and "dedup_exact" in lines[4]
 
 

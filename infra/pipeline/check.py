@@ -127,6 +127,8 @@ def _check_judge(stage: Stage, judge: Judge, rows: list[dict]) -> str:
 def check_stage(pipeline: Pipeline, stage: Stage, done: dict[str, StageCheck], settings, rows: int) -> StageCheck:
     parent = done.get(stage.from_) if stage.from_ is not None else None
     recipe = load_recipe(stage.recipe, settings)
+    if stage.kind == "pairs":  # renders nothing: it pairs its parent's scored rows (infra/pipeline/pairs_stage.py)
+        return StageCheck(stage, parent.stage.name, recipe)
     if parent is None:
         uri = pipeline.input_of(stage)
         records, source, reads = (_first_records(uri, settings, recipe.templated, rows),
@@ -173,6 +175,10 @@ def _summary(stage: Stage) -> dict[str, str]:
     split = stage.split
     filters = [k for k, v in stage.filters if v != FilterParams.model_fields[k].get_default(call_default_factory=True)]
     judge = stage.judge
+    if stage.pairs is not None:
+        p = stage.pairs
+        return {"template": f"pairs {p.strategy} by {p.score}", "samples": "-",
+                "split": "-", "judge": "-", "filters": f"min_margin {p.min_margin:g}"}
     return {
         "template": _shown(stage.recipe.prompt_template) if stage.recipe.prompt_template else "(input prompt)",
         "samples": str(stage.recipe.samples_per_prompt),

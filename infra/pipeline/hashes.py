@@ -54,7 +54,9 @@ def generation_settings(pipeline: Pipeline, stage: Stage, files: Mapping[str, st
 def curation_settings(stage: Stage, files: Mapping[str, str] = {}) -> dict:
     judge = stage.judge.model_dump(mode="json")
     judge["template"] = _file(judge["template"], files)
-    return {"judge": judge, "filters": stage.filters.model_dump(mode="json")}
+    # A pairs stage's choice is curation: a new margin re-pairs its parent's rows, with no server.
+    pairs = {"pairs": stage.pairs.model_dump(mode="json")} if stage.pairs is not None else {}
+    return {"judge": judge, "filters": stage.filters.model_dump(mode="json"), **pairs}
 
 
 def stage_hashes(pipeline: Pipeline, files: Mapping[str, str] = {}) -> dict[str, StageHash]:

@@ -15,13 +15,14 @@ template (its prompt is built from its parent's row), a split that has no text r
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from infra.engines import EngineName
 from infra.pipeline.fields import StageSettings
 from infra.recipes.lineage import STAGE_NAME
+from infra.recipes.pairs import PairParams
 from infra.recipes.split import SplitParams
 
 MAX_STAGES = 64
@@ -30,6 +31,9 @@ MAX_ATTEMPTS = 20
 NAME_PATTERN = rf"^{STAGE_NAME.pattern}$"
 # What `defaults` may set: a run's settings, and the attempts of a stage with an output schema.
 DEFAULTABLE = (*StageSettings.model_fields, "max_attempts")
+# What a stage does: generate (a server answers its prompts), or pairs (chosen/rejected picked from
+# its parent's scored samples on the CPU: infra/recipes/pairs.py, infra/pipeline/pairs_stage.py).
+StageKind = Literal["generate", "pairs"]
 
 
 class Server(BaseModel):
@@ -66,11 +70,25 @@ class Stage(StageSettings):
     output_schema: dict[str, Any] | None = Field(None, description="JSON Schema the reply must match, as a JSON value")
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS, description="tries per row for a reply matching "
                                                                            "output_schema, each with a derived seed")
+    kind: StageKind = Field("generate", description="generate, or pairs: preference pairs from its parent's samples")
+    pairs: PairParams | None = Field(None, description="a pairs stage's score, strategy and margins")
 
     @field_validator("output_schema")
     @classmethod
     def _schema(cls, v: dict | None) -> dict | None:
         return None if v is None else _check_schema(v)
+
+    @model_validator(mode="after")
+    def _pairs_fields(self) -> "Stage":
+        if self.kind == "pairs" and (self.pairs is None or self.from_ is None):
+            raise ValueError(f"stage {self.name!r}: a pairs stage needs {'pairs: {score: ...}' if self.pairs is None else 'from'}"
+                             " (it pairs the scored samples of the stage it reads)")
+        if self.kind != "pairs" and self.pairs is not None:
+            raise ValueError(f"stage {self.name!r}: pairs: set only on a stage of kind pairs; add kind: pairs")
+        if self.kind == "pairs" and (self.split is not None or self.output_schema is not None):
+            raise ValueError(f"stage {self.name!r}: a pairs stage generates nothing, so it takes no "
+                             f"{'split' if self.split is not None else 'output_schema'}; drop it")
+        return self
 
     @model_validator(mode="after")
     def _split_needs_text(self) -> "Stage":
@@ -152,11 +170,39 @@ class Pipeline(BaseModel):
                 raise ValueError(f"{where}: from and input are both set; a stage reads its parent's rows or its own input")
             if stage.from_ is None and stage.input is None and self.input is None:
                 raise ValueError(f"{where}: input: this stage has no parent (from) and the pipeline no input; set one")
-            if stage.from_ is not None and not stage.recipe.prompt_template:
+            if stage.from_ is not None and stage.kind == "generate" and not stage.recipe.prompt_template:
                 raise ValueError(f"{where}: recipe.prompt_template: a stage reading its parent's rows builds its "
                                  "prompt from them; give it a template")
         self._cycle()
+        for stage in self.stages:
+            self._pairs_source(stage)
         return self
+
+    def _pairs_source(self, stage: Stage) -> None:
+        """A stage reading a pairs stage has no responses to read; a pairs stage needs several samples
+        per prompt from the nearest generating stage above it (a scoring stage between them passes rows on)."""
+        parent = self.parent(stage)
+        if parent is not None and parent.kind == "pairs":
+            raise ValueError(f"stage {stage.name!r}: from: {parent.name!r} is a pairs stage, whose rows are pairs; "
+                             "read the stage it pairs instead")
+        if stage.kind == "pairs" and (source := self.samples_stage(stage)) is not None:
+            if source.recipe.samples_per_prompt < 2:
+                raise ValueError(f"stage {stage.name!r}: pairs needs at least 2 responses per prompt, but stage "
+                                 f"{source.name!r} has recipe.samples_per_prompt {source.recipe.samples_per_prompt}; "
+                                 "set it to 2 or more")
+            parent = self.parent(stage)
+            if stage.pairs.score.startswith("judge.") and parent is source and not source.judge.enabled:
+                raise ValueError(f"stage {stage.name!r}: pairs.score: {stage.pairs.score} is the judge's, but stage "
+                                 f"{source.name!r} has no judge; give it a judge, or score by another field")
+
+    def samples_stage(self, stage: Stage) -> Stage | None:
+        """The generating stage whose samples a pairs stage pairs: its nearest generating ancestor."""
+        seen: set[str] = set()
+        parent = self.parent(stage)
+        while parent is not None and parent.kind != "generate" and parent.name not in seen:
+            seen.add(parent.name)
+            parent = self.parent(parent)
+        return parent if parent is not None and parent.kind == "generate" else None
 
     def _cycle(self) -> None:
         parent = {s.name: s.from_ for s in self.stages}

@@ -16,6 +16,8 @@
       filtered.jsonl                  every shard's dropped rows, in input order
       rejects.jsonl                   input rejects + every part's refused records, at the run's end
       manifest.json                   written last: the whole run (manifest.Manifest)
+      README.md                       the dataset card, with exports (run/card.py; `--export`, and pipelines)
+      data/sft.jsonl, data/sft.parquet ...  files a trainer loads as they are (run/exports.py)
       .part-00000.jsonl.XXXX.tmp      a file being written: never a part's name (S3 output: in a local
                                       staging directory, {work}/staging/{bucket}/{run_id}/)
 
@@ -27,6 +29,7 @@ A pipeline's run (flows/pipeline.py) has one such directory per stage, and its o
       manifest.json                   the pipeline's manifest: each stage's counts, the training set
       stages/{stage}/                 a run directory as above (run_id: the stage's name), plus
         rows.jsonl                    its kept rows after its split, with ids and lineage: its children's input
+        pairs.jsonl                   a pairs stage's preference pairs (infra/pipeline/pairs_stage.py)
 
 A state is named after its file plus a suffix, so listing the directory finds every shard done;
 the judge's state ends in `.judge.json`, not `.state.json`, so it is never taken for a part's.
@@ -45,7 +48,10 @@ FILTERED = "filtered.jsonl"
 MANIFEST = "manifest.json"
 STAGES = "stages"
 STAGE_ROWS = "rows.jsonl"
+STAGE_PAIRS = "pairs.jsonl"
 PIPELINE_HASHES = "pipeline.json"
+DATASET_CARD = "README.md"
+EXPORT_DIR = "data"  # the exports' folder under the run directory: data only, so a reader never meets the manifest
 
 STATE_SUFFIX = ".state.json"
 # A file is written under a hidden temp name in its own directory and renamed into place; the

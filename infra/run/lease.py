@@ -237,6 +237,11 @@ class FencedStore:
         self._store, self._lease = store, lease
         self.location = store.location
 
+    @property
+    def lease(self) -> RunLease:
+        """The lease it checks: a store opened beside this one (the run's `data/`) is fenced by it too."""
+        return self._lease
+
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)

@@ -1,0 +1,51 @@
+"""A pipeline's training sets at its end: the exports and the dataset card (infra/run/card.py) in
+the pipeline's run directory (`data/`, `README.md`).
+
+The SFT set is the kept rows of the stage the (first) pairs stage pairs (its samples stage), else of
+the last generating stage; the preference sets are every pairs stage's `pairs.jsonl`, in the
+file's order. The card names each stage's model, hashes, counts and reasons from the pipeline's
+manifest and each stage's own."""
+
+from __future__ import annotations
+
+import json
+
+from infra.pipeline.model import Pipeline
+from infra.pipeline.pairs_stage import kept_rows, stage_store
+from infra.run.card import export_store, publish_dataset, read_rows
+from infra.run.layout import MANIFEST, STAGE_PAIRS
+
+
+def sft_stage(the: Pipeline) -> str:
+    pairs = [s for s in the.ordered() if s.kind == "pairs"]
+    source = the.samples_stage(pairs[0]) if pairs else None
+    return source.name if source is not None else [s for s in the.ordered() if s.kind == "generate"][-1].name
+
+
+def pipeline_facts(the: Pipeline, doc: dict, stage_manifests: dict[str, dict], sft: str) -> dict:
+    models = sorted({m["model"] for m in stage_manifests.values() if m.get("model")})
+    gpu_hours = sum(r.get("gpu_hours") or 0 for m in stage_manifests.values() for r in m.get("replicas") or [])
+    name, server = the.server
+    stages = [{"stage": s["stage"], "kind": s.get("kind", "generate"), "from": s.get("from") or "input",
+               "kept hash": s.get("kept_hash"), "records in": s.get("records_in"), "rows out": s.get("rows_out"),
+               "kept": s.get("kept"), "dropped": {**(s.get("filtered") or {}), **(s.get("split_dropped") or {})}}
+              for s in doc["stages"]]
+    return {"models": models, "stages": stages, "gpu_hours": round(gpu_hours, 3),
+            "made_by": f"Pipeline `{doc['pipeline']}` on server `{name}` (profile `{server.profile}`); the SFT set is "
+                       f"the kept rows of stage `{sft}`; each stage's config hashes are in `pipeline.json`, its counts "
+                       f"in `{MANIFEST}`."}
+
+
+def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str, settings, lease=None) -> dict:
+    """Write the pipeline's exports and card; what was written (for the pipeline's manifest)."""
+    sft = sft_stage(the)
+    manifests = {}
+    for s in the.ordered():
+        if s.kind == "generate":
+            data = stage_store(output_uri, run_id, s.name, settings).read_bytes(MANIFEST)
+            manifests[s.name] = json.loads(data) if data is not None else {}
+    pairs = [s.name for s in the.ordered() if s.kind == "pairs"]
+    pair_rows = [r for name in pairs for r in read_rows(stage_store(output_uri, run_id, name, settings), [STAGE_PAIRS])]
+    data = export_store(output_uri, run_id, settings, lease)
+    return publish_dataset(root, data, run_id, kept_rows(stage_store(output_uri, run_id, sft, settings)),
+                           pair_rows if pairs else None, pipeline_facts(the, doc, manifests, sft))

@@ -1,0 +1,109 @@
+"""A run's dataset card and its exports, published together (docs/outputs.md).
+
+`README.md` at the run directory's root, with the YAML header Hugging Face `datasets` reads: one
+`configs` entry per exported file (`data/*.parquet`, split `train`), the SFT one the default, so
+`datasets.load_dataset(run_dir)` reads the SFT set and `load_dataset(run_dir, "dpo_trl")` the pairs.
+Its body says where the rows came from: the model(s), the run or pipeline with its config hashes,
+each stage's counts and the reasons rows were dropped, the GPU-hours held. The licence is left for
+the user (a commented `license:` line): the terms of the generating model apply, and only the user
+knows which they accepted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from infra.pipeline.rows import kept_part_names
+from infra.run.exports import write_exports
+from infra.run.layout import DATASET_CARD, EXPORT_DIR, MANIFEST
+
+TRAINERS = {"sft": "TRL SFTTrainer (conversational `messages`), OpenAI fine-tuning",
+            "sft_nemo_aligner": "NeMo-Aligner SFT (GPTSFTChatDataset JSONL)",
+            "dpo_nemo_aligner": "NeMo-Aligner DPO / RPO (`chosen_reward`, `rejected_reward`)",
+            "dpo_trl": "TRL DPOTrainer (conversational preference)"}
+
+
+def _header(exports: list[dict], run_id: str) -> str:
+    configs = [{"config_name": e["config"], "data_files": [{"split": "train", "path": f"{EXPORT_DIR}/{e['files']['parquet']['name']}"}],
+                **({"default": True} if e["config"] == "sft" else {})} for e in exports if e["files"]]
+    if configs and not any(c.get("default") for c in configs):
+        configs[0]["default"] = True
+    head = {"pretty_name": f"nemotron-sdg {run_id}", "tags": ["synthetic", "nemotron-sdg"],
+            "task_categories": ["text-generation"], "configs": configs}
+    return ("---\n" + yaml.safe_dump(head, sort_keys=False, allow_unicode=True)
+            + "# license: fill in: the terms of the model(s) below apply to what they generated\n---\n")
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "—"
+    return str(value).replace("|", "\\|")
+
+
+def card_text(run_id: str, exports: list[dict], facts: dict) -> str:
+    """The card: `facts` holds `models` (names), `made_by` (a sentence: the run or pipeline and its
+    hashes), `stages` (one dict of counts per stage, the same keys each) and `gpu_hours`."""
+    lines = [_header(exports, run_id), f"# nemotron-sdg {run_id}", "",
+             f"Synthetic data made by nemotron-sdg, run `{run_id}`. {facts.get('made_by', '')}", "",
+             "## Files", "", "| config | Parquet | JSONL | rows | for |", "|---|---|---|---|---|"]
+    for e in exports:
+        files = [f"`{EXPORT_DIR}/{e['files'][x]['name']}`" if e["files"] else "(no rows, no file)" for x in ("parquet", "jsonl")]
+        lines.append(f"| `{e['config']}` | {' | '.join(files)} | {e['rows']} | {TRAINERS[e['config']]} |")
+    lines += ["", "```python", "import datasets", "sft = datasets.load_dataset(\"path/to/this/folder\")  # the default config",
+              *([f"pairs = datasets.load_dataset(\"path/to/this/folder\", \"{e['config']}\")" for e in exports
+                 if e["source"] == "pairs" and e["files"]][:1]), "```", "", "## Models", ""]
+    lines += [f"- `{m}`" for m in facts.get("models") or ["(not recorded)"]]
+    stages = facts.get("stages") or []
+    if stages:
+        keys = list(stages[0])
+        lines += ["", "## How the rows were made", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(s.get(k, "")) for k in keys) + " |" for s in stages]
+    lines += ["", f"GPU-hours held by the run's servers: {facts.get('gpu_hours', 0):g}.", "",
+              "## Licence", "", "Left for you: set `license:` in the header. The terms of the model(s) above apply to "
+              "what they generated.", ""]
+    return "\n".join(lines)
+
+
+def publish_dataset(root, data, run_id: str, sft_rows, pair_rows, facts: dict) -> dict:
+    """The exports into `data` (the run's `data/` store) and the card into `root`; what was written."""
+    exports = write_exports(data, sft_rows, pair_rows)
+    root.write_bytes(DATASET_CARD, card_text(run_id, exports, facts).encode("utf-8"))
+    return {"card": root.uri(DATASET_CARD), "exports": exports}
+
+
+def run_facts(manifest: dict) -> dict:
+    """A plain run's card facts, from its manifest."""
+    cur = manifest.get("curation") or {}
+    return {"models": [manifest.get("model")] if manifest.get("model") else [],
+            "made_by": f"Config hash `{manifest.get('config_hash')}`, input `{manifest.get('input_uri')}`, "
+                       f"profile `{manifest.get('profile')}`; its manifest is `{MANIFEST}`.",
+            "stages": [{"stage": "run", "records in": manifest.get("records_in"), "rows out": manifest.get("records_written"),
+                        "rejected": manifest.get("records_rejected"), "kept": cur.get("records_kept", manifest.get("records_written")),
+                        "dropped": cur.get("filtered") or {}}],
+            "gpu_hours": round(sum(r.get("gpu_hours") or 0 for r in manifest.get("replicas") or []), 3)}
+
+
+def read_rows(store, names: list[str]) -> list[dict]:
+    """The rows of `names` in `store`, in order (read whole: one run's kept rows)."""
+    rows: list[dict] = []
+    for name in names:
+        rows += [json.loads(line) for line in (store.read_bytes(name) or b"").decode("utf-8").splitlines() if line.strip()]
+    return rows
+
+
+def export_store(output_uri: str, run_id: str, settings, lease=None):
+    """The run directory's `data/` folder as a store, fenced by the run's lease when given."""
+    from infra.run.lease import FencedStore
+    from infra.storage import open_output_store
+
+    data = open_output_store(f"{output_uri.rstrip('/')}/{run_id}", EXPORT_DIR, settings.s3, settings.work_path("staging"))
+    return FencedStore(data, lease) if lease is not None else data
+
+
+def export_run(store, output_uri: str, run_id: str, settings) -> dict:
+    """A finished plain run's exports (its kept rows as SFT) and card, from its manifest."""
+    data = export_store(output_uri, run_id, settings, getattr(store, "lease", None))
+    manifest = json.loads(store.read_bytes(MANIFEST) or b"{}")
+    return publish_dataset(store, data, run_id, read_rows(store, kept_part_names(manifest)), None, run_facts(manifest))
