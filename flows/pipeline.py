@@ -29,6 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.generate import PoolCarry, prepare_run, run_prepared
 from flows.params import RunParams, resolve_run_id
+from flows.reward import reward_stage
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.errors import ConfigError, InputError
 from infra.pipeline.check import check_pipeline, file_hashes
@@ -84,6 +85,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                  f"loosen the filters or split of {stage.from_!r}, or give it more input")
             if stage.from_ is not None:  # the parent's kept rows after its split
                 params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
+            if stage.kind == "reward":  # scored by its reward server, nothing generated (flows/reward.py)
+                stages.append(done.setdefault(stage.name, reward_stage(the, stage, params, settings, lease, hashes[stage.name])))
+                continue
             run = prepare_run(params, settings, flow_run, lease=lease)
             out = run_prepared(run, settings, flow_run, stage=carry)
             rows = write_stage_rows(run.store, stage.name, stage.split)

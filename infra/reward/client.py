@@ -33,6 +33,9 @@ from infra.errors import BadRequest, ReplyMismatch, ServerFailure, ServerHung, S
 RewardEngine = Literal["nemo-aligner", "openai-reward", "vllm-pooling", "vllm-classify"]
 REWARD_ENGINES: tuple[str, ...] = RewardEngine.__args__
 DEFAULT_MODEL = {"nemo-aligner": "reward_model", "openai-reward": "nvidia/nemotron-4-340b-reward"}
+# The readiness probe: one real score, as the generator's readiness is one real token.
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+PROBE_TEXT = "<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\nHello\n<extra_id_2>"
 _PAIR = re.compile(r"([A-Za-z_]+)\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 
 
@@ -61,8 +64,7 @@ class RewardClient:
 
     def ready(self, probe_timeout: float = 30.0) -> str | None:
         try:
-            self.score(["<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\nHello\n<extra_id_2>"],
-                       [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]])
+            self.score([PROBE_TEXT], [PROBE])
         except (TransientServerError, ServerThrottled, ServerHung) as exc:
             return f"{self.base_url}: a 1-row score did not answer ({exc})"
         return None
@@ -197,6 +199,24 @@ CLIENTS: dict[str, type[RewardClient]] = {c.engine: c for c in (KServeRewardClie
 
 def reward_client(engine: str, url: str, model: str | None = None, **kwargs) -> RewardClient:
     return CLIENTS[engine](url, model=model, **kwargs)
+
+
+def wait_reward_ready(client: RewardClient, timeout_s: float, poll_s: float = 0.5) -> RewardClient:
+    """The client once its server answers a 1-row score; DeadlineExceeded naming the last thing seen."""
+    from infra.deadline import Deadline, poll_until
+
+    seen: list[str] = ["nothing yet"]
+
+    def check() -> RewardClient | None:
+        why = client.ready(probe_timeout=min(30.0, timeout_s))
+        if why is None:
+            return client
+        seen[0] = why
+        return None
+
+    return poll_until(check, deadline=Deadline(timeout_s), interval=poll_s,
+                      what=f"the {client.engine} reward server at {client.base_url} to score a row",
+                      describe_last=lambda: seen[0])
 
 
 def _flat(data: object) -> list[float]:

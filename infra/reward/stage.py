@@ -201,6 +201,14 @@ def score_parts(store, scorer: RewardScorer, parts: list[PartInfo], connect: Cal
             "scoring_s": round(time.monotonic() - t0, 3)}
 
 
+def run_reward_stage_on(store, scorer: RewardScorer, input_uri: str, s3, **kwargs) -> dict:
+    """`run_reward_stage` over the JSONL rows at `input_uri` (a parent's rows.jsonl, or the stage's input)."""
+    from infra.storage import open_input
+
+    with open_input(input_uri, s3) as stream:
+        return run_reward_stage(store, scorer, (json.loads(line) for line in stream if line.strip()), **kwargs)
+
+
 def run_reward_stage(store, scorer: RewardScorer, rows: Iterable[dict], *, shard_size: int, filters: FilterParams,
                      connect: Callable[[], RewardClient], replace: Callable[[RewardClient, Exception], RewardClient],
                      restarts_allowed: int, generation_hash: str) -> dict:
