@@ -13,6 +13,8 @@ from infra.errors import BadRequest, ReplyMismatch, TransientServerError
 from infra.reward.client import reward_client
 from tests.reward_standin import rewards_of
 
+pytestmark = pytest.mark.integration
+
 TEXTS = ["<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\nHello [helpfulness=3.5]\n<extra_id_2>",
          "<extra_id_0>System\n\n<extra_id_1>User\nÜber?\n<extra_id_1>Assistant\nJa. 日本\n<extra_id_2>"]
 MESSAGES = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]] * 2

@@ -18,6 +18,8 @@ from infra.reward.stage import RewardScorer, run_reward_stage
 from infra.storage.local import LocalOutputStore
 from tests.reward_standin import rewards_of
 
+pytestmark = pytest.mark.integration
+
 CONTEXT = 200  # bytes (the byte estimate counts one token per byte): small enough for one row to pass it
 
 
