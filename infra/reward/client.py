@@ -63,10 +63,13 @@ class RewardClient:
         raise NotImplementedError
 
     def ready(self, probe_timeout: float = 30.0) -> str | None:
+        kept, self.timeout = self.timeout, (self.timeout[0], probe_timeout)  # a probe waits less than a batch
         try:
             self.score([PROBE_TEXT], [PROBE])
         except (TransientServerError, ServerThrottled, ServerHung) as exc:
             return f"{self.base_url}: a 1-row score did not answer ({exc})"
+        finally:
+            self.timeout = kept
         return None
 
     def post(self, path: str, body: dict, what: str) -> object:
