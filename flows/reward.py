@@ -44,7 +44,8 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
 
     def connect():
         client = reward_client(server.engine, server.url, model, connect_timeout=srv.connect_timeout_s,
-                               read_timeout=srv.read_timeout_s)
+                               read_timeout=srv.read_timeout_s, throttle_tries=srv.throttle_tries,
+                               throttle_wait_s=srv.throttle_wait_s)
         logger.info("stage %s: waiting for reward server %r (%s at %s)", stage.name, name, server.engine, server.url)
         return wait_reward_ready(client, srv.ready_timeout_s, srv.ready_poll_s)
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from infra.errors import BadRequest, ReplyMismatch, TransientServerError
+from infra.errors import BadRequest, ReplyMismatch, ServerThrottled, TransientServerError
 from infra.reward.client import reward_client
 from tests.reward_standin import rewards_of
 
@@ -49,8 +49,12 @@ class _Canned(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append((self.path, body))
-        data = json.dumps(self.replies[self.path](body)).encode()
-        self.send_response(200)
+        reply = self.replies[self.path](body)
+        status, reply = reply if isinstance(reply, tuple) else (200, reply)
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        if status == 429:
+            self.send_header("Retry-After", "0")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -99,3 +103,22 @@ def test_vllm_pooling_and_classify_keep_the_input_order(canned):
     _Canned.replies["/pooling"] = lambda body: {"data": [{"index": 0, "data": ["x"]}]}
     with pytest.raises(ReplyMismatch, match="1 results"):
         reward_client("vllm-pooling", url, model="rm").score(TEXTS, MESSAGES)
+
+
+def test_a_busy_endpoint_is_waited_for_not_replaced(canned):
+    """429 with Retry-After: sent again, at most throttle_tries times; then ServerThrottled (busy, not lost)."""
+    busy = {"left": 2}
+
+    def pooling(body):
+        if busy["left"]:
+            busy["left"] -= 1
+            return 429, {"error": "rate limited"}
+        return {"data": [{"index": 0, "data": [1.5]}]}
+
+    _Canned.replies = {"/pooling": pooling}
+    url = f"http://127.0.0.1:{canned.server_address[1]}"
+    assert reward_client("vllm-pooling", url, model="rm").score(TEXTS[:1], MESSAGES[:1]) == [{"rewards": [1.5]}]
+    assert len(canned.seen) == 3
+    busy["left"] = 5
+    with pytest.raises(ServerThrottled, match="busy \\(HTTP 429\\) for a batch of 1 conversations through 2 tries"):
+        reward_client("vllm-pooling", url, model="rm", throttle_tries=2).score(TEXTS[:1], MESSAGES[:1])

@@ -23,11 +23,13 @@ attribute map or threshold needs no server.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from typing import Literal
 
 import requests
 
+from infra.deadline import Deadline
 from infra.errors import BadRequest, ReplyMismatch, ServerFailure, ServerHung, ServerThrottled, TransientServerError
 
 RewardEngine = Literal["nemo-aligner", "openai-reward", "vllm-pooling", "vllm-classify"]
@@ -45,7 +47,8 @@ class RewardClient:
     engine: str = ""
 
     def __init__(self, base_url: str, *, model: str | None = None, connect_timeout: float = 5.0,
-                 read_timeout: float = 600.0, session: requests.Session | None = None):
+                 read_timeout: float = 600.0, session: requests.Session | None = None, throttle_tries: int = 10,
+                 throttle_wait_s: float = 600.0):
         self.base_url = base_url.rstrip("/")
         self.model = model or DEFAULT_MODEL.get(self.engine, "")
         if session is None:
@@ -53,6 +56,9 @@ class RewardClient:
             session.trust_env = False  # a cluster-internal server: no proxy or .netrc lookups
         self.session = session
         self.timeout = (connect_timeout, read_timeout)
+        # A busy server (429/503: a hosted endpoint's rate limit) is waited for, not replaced: its
+        # Retry-After, else a doubling backoff, at most `throttle_tries` sends within `throttle_wait_s`.
+        self.throttle_tries, self.throttle_wait_s = throttle_tries, throttle_wait_s
 
     def close(self) -> None:
         self.session.close()
@@ -63,20 +69,35 @@ class RewardClient:
         raise NotImplementedError
 
     def ready(self, probe_timeout: float = 30.0) -> str | None:
-        kept, self.timeout = self.timeout, (self.timeout[0], probe_timeout)  # a probe waits less than a batch
+        kept = self.timeout, self.throttle_tries
+        self.timeout, self.throttle_tries = (self.timeout[0], probe_timeout), 1  # a probe waits less than a batch
         try:
             self.score([PROBE_TEXT], [PROBE])
         except (TransientServerError, ServerThrottled, ServerHung) as exc:
             return f"{self.base_url}: a 1-row score did not answer ({exc})"
         finally:
-            self.timeout = kept
+            self.timeout, self.throttle_tries = kept
         return None
 
     def post(self, path: str, body: dict, what: str) -> object:
         """One request, its JSON reply; a transport failure or 5xx is transient, a 4xx the request's fault."""
         url = f"{self.base_url}{path}"
+        deadline = Deadline(self.throttle_wait_s)
+        for attempt in range(1, self.throttle_tries + 1):
+            reply = self._send(url, body, what)
+            if reply.status_code not in (429, 503):
+                break
+            wait = _retry_after(reply.headers.get("Retry-After"), default=min(30.0, 0.5 * 2 ** attempt))
+            if attempt == self.throttle_tries or wait > deadline.remaining():
+                raise ServerThrottled(f"the reward server {url} was busy (HTTP {reply.status_code}) for {what} through "
+                                      f"{attempt} tries in {deadline.elapsed():.0f} s; it is not lost: rerun later, or "
+                                      "raise NSDG_SERVER__THROTTLE_TRIES / NSDG_SERVER__THROTTLE_WAIT_S")
+            time.sleep(wait)
+        return self._reply(url, reply, what)
+
+    def _send(self, url: str, body: dict, what: str) -> requests.Response:
         try:
-            reply = self.session.post(url, json=body, timeout=self.timeout)
+            return self.session.post(url, json=body, timeout=self.timeout)
         except requests.ConnectTimeout as exc:
             raise TransientServerError(f"connecting to the reward server {url} timed out after {self.timeout[0]:.0f} s") from exc
         except requests.Timeout as exc:
@@ -85,8 +106,8 @@ class RewardClient:
         except requests.RequestException as exc:
             raise TransientServerError(f"could not reach the reward server {url}: {type(exc).__name__}; check that "
                                        "its job is still running") from exc
-        if reply.status_code in (429, 503):
-            raise ServerThrottled(f"the reward server {url} is busy (HTTP {reply.status_code}) for {what}")
+
+    def _reply(self, url: str, reply: requests.Response, what: str) -> object:
         if reply.status_code >= 500:
             raise TransientServerError(f"the reward server {url} failed {what}: HTTP {reply.status_code}: {reply.text[:300]}")
         if reply.status_code != 200:
@@ -206,7 +227,7 @@ def reward_client(engine: str, url: str, model: str | None = None, **kwargs) -> 
 
 def wait_reward_ready(client: RewardClient, timeout_s: float, poll_s: float = 0.5) -> RewardClient:
     """The client once its server answers a 1-row score; DeadlineExceeded naming the last thing seen."""
-    from infra.deadline import Deadline, poll_until
+    from infra.deadline import poll_until
 
     seen: list[str] = ["nothing yet"]
 
@@ -220,6 +241,13 @@ def wait_reward_ready(client: RewardClient, timeout_s: float, poll_s: float = 0.
     return poll_until(check, deadline=Deadline(timeout_s), interval=poll_s,
                       what=f"the {client.engine} reward server at {client.base_url} to score a row",
                       describe_last=lambda: seen[0])
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    try:
+        return max(0.0, min(float(value), 300.0)) if value is not None else default
+    except ValueError:  # an HTTP date: not worth parsing for a wait this short
+        return default
 
 
 def _flat(data: object) -> list[float]:

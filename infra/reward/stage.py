@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from infra.errors import SdgError, ServerLost, ServerThrottled, TransientServerError
+from infra.errors import SdgError, ServerLost, TransientServerError
 from infra.prompting.tokens import TokenCounter
 from infra.recipes.curate import Curation, curate_run
 from infra.recipes.params import FilterParams
@@ -41,7 +41,9 @@ from infra.run.states import describes, invalidate, read_described
 from infra.storage.jsonl import publish, read_rows, read_state
 
 log = logging.getLogger(__name__)
-LOST = (ServerLost, TransientServerError, ServerThrottled)  # the server, not the request: replace it and go on
+# The server, not the request: replace it and go on. A busy one (ServerThrottled, after the client's
+# waits) is not lost: the stage stops, keeping what it scored.
+LOST = (ServerLost, TransientServerError)
 
 
 class RewardStageError(SdgError):
