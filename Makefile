@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps llama-server bench faults clean help
+.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps llama-server pytriton bench faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
@@ -53,6 +53,11 @@ install: $(STAMP) $(NEMO_21_WHEEL)
 llama-server: | $(STAMP)
 	PYTHON=$(PY) bash tools/build-llama-server.sh >/dev/null
 
+# PyTriton (a real Triton server, on CPU here) for the reward-stage tests, in its own venv built once per
+# machine into ~/.cache/nemotron-sdg/pytriton/ (nvidia-pytriton pins numpy<2); a no-op when it is there.
+pytriton: | $(STAMP)
+	PYTHON=$(PY) bash tools/build-pytriton-venv.sh >/dev/null
+
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(VENV)/bin/nemotron-sdg make-tiny-model $(MODEL_DIR)
 
@@ -82,10 +87,10 @@ slurm-down:
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server slurm-up browser-deps
+test: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server pytriton slurm-up browser-deps
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server
+test-fast: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server pytriton
 	$(PY) -m pytest -q -ra -m "not slurm and not prefect_server and not browser"
 
 # Every benchmark in one go; writes benchmarks/results.md.

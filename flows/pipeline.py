@@ -35,6 +35,7 @@ from flows.params import RunParams, resolve_run_id
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
 from flows.rollovers import RolloverPlanner
+from flows.reward import reward_stage
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
@@ -87,8 +88,12 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     pool = None
     with ExitStack() as inputs:
         stages: list[StageRun] = []
-        for order, stage in enumerate(s for s in the.ordered() if s.kind != "pairs"):  # pairs: after, on the CPU
+        for order, stage in enumerate(s for s in the.ordered() if s.kind == "generate"):  # the others: after, off it
             parent = next((s for s in stages if s.name == stage.from_), None)
+            if stage.from_ is not None and parent is None:  # checked before anything is allocated
+                raise ConfigError(f"pipeline {pipeline}: stage {stage.name!r} generates from {stage.from_!r}, a "
+                                  f"{the.stage(stage.from_).kind} stage, which runs after the generating stages; "
+                                  "read a generating stage's rows instead")
             stages.append(open_stage(asked[stage.name], stage, order, parent, hashes, settings, flow_run, lease, inputs))
         stream = Stream(stages, settings)
         if stream.has_work():
@@ -101,6 +106,12 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     for stage in the.ordered():
         if stage.kind == "pairs":  # on the CPU, from the parent's published rows: no server
             done[stage.name] = run_pairs(the, stage, output_uri, run_id, settings, lease, hashes[stage.name])
+            continue
+        if stage.kind == "reward":  # scored by its own reward server once its parent is done (flows/reward.py)
+            params = asked[stage.name]
+            if stage.from_ is not None:  # the parent's kept rows after its split
+                params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
+            done[stage.name] = reward_stage(the, stage, params, settings, lease, hashes[stage.name])
             continue
         s = next(x for x in stages if x.name == stage.name)
         done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,

@@ -92,7 +92,7 @@ def test_a_stage_without_parent_or_input_is_refused():
 @pytest.mark.parametrize("head, expected", [
     (HEAD + "defaults: {name: x}\n", "defaults.name: not a setting a stage takes from defaults"),
     (HEAD + "defaults: {sampling: {temprature: 1}}\n", "stage 'topics': sampling.temprature: Extra inputs are not permitted"),
-    ("input: in.jsonl\nservers: {a: {profile: local}, b: {profile: local}}\n", "servers: Dictionary should have at most 1 item"),
+    ("input: in.jsonl\nservers: {a: {profile: local}, b: {profile: local}}\n", "servers: a, b: give exactly one generation server"),
     ("input: in.jsonl\nservers: {main: {profile: local, engine: vlm}}\n", "servers.main.engine: Input should be"),
     (HEAD + "stage: []\n", "stage: Extra inputs are not permitted"),
 ])

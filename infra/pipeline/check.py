@@ -32,6 +32,7 @@ from infra.recipes.judge import Judge, load_judge
 from infra.recipes.params import FilterParams
 from infra.recipes.recipe import Recipe, load_recipe
 from infra.recipes.templates import PromptTemplate, is_template_uri
+from infra.reward.conversation import format_conversation, turns_of
 from infra.storage import check_input, open_input
 
 FIRST_ROWS = 3
@@ -124,8 +125,32 @@ def _check_judge(stage: Stage, judge: Judge, rows: list[dict]) -> str:
     return prompts[0]
 
 
+def check_reward_stage(pipeline: Pipeline, stage: Stage, parent: StageCheck | None, settings, rows: int) -> StageCheck:
+    """A reward stage: each row it reads must give a conversation (messages, or prompt and
+    completion: infra/reward/conversation.py); its rows for its children carry the attributes."""
+    params = stage.reward_params
+    if parent is None:
+        uri = pipeline.input_of(stage)
+        read = [{**r.fields, "id": r.id} for r in _first_records(uri, settings, True, rows)]
+        reads, source = f"input {PurePosixPath(uri).name}", f"the first rows of its input {uri}"
+    else:
+        read, reads, source = parent.rows, parent.stage.name, f"the rows of stage {parent.stage.name!r}"
+    result = StageCheck(stage, reads, load_recipe(stage.recipe, settings))
+    for row in read:
+        turns = turns_of(row, params.messages_field, params.prompt_field, params.completion_field)
+        if isinstance(turns, str):
+            raise ConfigError(f"stage {stage.name!r}: reward: {source} give no conversation to score: {turns}; set "
+                              "reward.messages_field, or reward.prompt_field and reward.completion_field")
+        result.prompts.append(format_conversation(turns, params.system_prompt))
+    scalar = {"reward": 0.0} if params.weights is not None else {}
+    result.rows = [{**row, "reward": {**{a: 0.0 for a in params.attributes}, **scalar}} for row in read]
+    return result
+
+
 def check_stage(pipeline: Pipeline, stage: Stage, done: dict[str, StageCheck], settings, rows: int) -> StageCheck:
     parent = done.get(stage.from_) if stage.from_ is not None else None
+    if stage.kind == "reward":
+        return check_reward_stage(pipeline, stage, parent, settings, rows)
     recipe = load_recipe(stage.recipe, settings)
     if stage.kind == "pairs":  # renders nothing: it pairs its parent's scored rows (infra/pipeline/pairs_stage.py)
         return StageCheck(stage, parent.stage.name, recipe)
@@ -172,6 +197,11 @@ def _shown(location: str | None) -> str:
 
 
 def _summary(stage: Stage) -> dict[str, str]:
+    if stage.kind == "reward":
+        keep = ",".join(f"{k}>={v:g}" if isinstance(v, (int, float)) else k for k, v in stage.reward_params.keep_if.items())
+        return {"template": "(reward)", "samples": "-", "split": "-", "judge": f"reward {keep or '-'}",
+                "filters": ",".join(k for k, v in stage.filters if v != FilterParams.model_fields[k].get_default(
+                    call_default_factory=True)) or "-"}
     split = stage.split
     filters = [k for k, v in stage.filters if v != FilterParams.model_fields[k].get_default(call_default_factory=True)]
     judge = stage.judge
@@ -197,8 +227,9 @@ def graph_lines(pipeline: Pipeline, checks: list[StageCheck], uri: str, files: d
     for c in checks:
         table.append([c.stage.name, c.reads, *_summary(c.stage).values(), hashes[c.stage.name].kept])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    rewards = "".join(f", reward server {n!r} ({s.engine} at {s.url})" for n, s in pipeline.servers.items() if s.is_reward)
     head = (f"pipeline {uri}: {len(checks)} stages on server {name!r} (profile {server.profile}"
-            f"{', engine ' + server.engine if server.engine else ''}); every template rendered without a server")
+            f"{', engine ' + server.engine if server.engine else ''}){rewards}; every template rendered without a server")
     return [head, *("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)]
 
 

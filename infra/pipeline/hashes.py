@@ -32,6 +32,8 @@ def _file(value: str | None, files: Mapping[str, str]):
 
 def generation_settings(pipeline: Pipeline, stage: Stage, files: Mapping[str, str] = {}) -> dict:
     """What changes the rows a stage generates, its parent's rows aside."""
+    if stage.kind == "reward":  # it generates nothing: its parts are the rows it reads
+        return {"name": stage.name, "kind": "reward", "input": _file(pipeline.input_of(stage), files)}
     _name, server = pipeline.server
     recipe = stage.recipe.model_dump(mode="json")
     recipe["prompt_template"] = _file(recipe["prompt_template"], files)
@@ -51,7 +53,11 @@ def generation_settings(pipeline: Pipeline, stage: Stage, files: Mapping[str, st
     }
 
 
-def curation_settings(stage: Stage, files: Mapping[str, str] = {}) -> dict:
+def curation_settings(stage: Stage, files: Mapping[str, str] = {}, pipeline: Pipeline | None = None) -> dict:
+    if stage.kind == "reward" and pipeline is not None:  # scored and kept as the judge's: a new model rescores, no regeneration
+        server = pipeline.reward_server(stage)[1].model_dump(mode="json", exclude={"url"})  # a new address is the same model
+        return {"reward": stage.reward_params.model_dump(mode="json"), "server": server,
+                "filters": stage.filters.model_dump(mode="json")}
     judge = stage.judge.model_dump(mode="json")
     judge["template"] = _file(judge["template"], files)
     # A pairs stage's choice is curation: a new margin re-pairs its parent's rows, with no server.
@@ -65,5 +71,5 @@ def stage_hashes(pipeline: Pipeline, files: Mapping[str, str] = {}) -> dict[str,
     for stage in pipeline.ordered():
         parent = out[stage.from_].kept if stage.from_ is not None else None
         generation = config_hash({"stage": generation_settings(pipeline, stage, files), "parent": parent})
-        out[stage.name] = StageHash(generation, config_hash({"generation": generation, **curation_settings(stage, files)}))
+        out[stage.name] = StageHash(generation, config_hash({"generation": generation, **curation_settings(stage, files, pipeline)}))
     return out

@@ -10,6 +10,10 @@ see the merged group, as a run sees its parameters.
 The graph checks (one message each, naming the stage and the field): duplicate names, an unknown
 parent, a cycle, a stage with both or neither of `from` and `input`, a child stage without a
 template (its prompt is built from its parent's row), a split that has no text reply to cut.
+
+A stage of kind `reward` generates nothing: a reward server (`servers:` entry with a reward engine,
+infra/reward/) scores its rows and its `reward.keep_if` keeps or drops them; from `defaults` it
+takes only `filters` and `batch_size` (a generation's template or sampling means nothing to it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from infra.pipeline.fields import StageSettings
 from infra.recipes.lineage import STAGE_NAME
 from infra.recipes.pairs import PairParams
 from infra.recipes.split import SplitParams
+from infra.reward.client import REWARD_ENGINES, RewardEngine
+from infra.reward.scores import RewardParams
 
 MAX_STAGES = 64
 MAX_ATTEMPTS = 20
@@ -31,9 +37,12 @@ MAX_ATTEMPTS = 20
 NAME_PATTERN = rf"^{STAGE_NAME.pattern}$"
 # What `defaults` may set: a run's settings, and the attempts of a stage with an output schema.
 DEFAULTABLE = (*StageSettings.model_fields, "max_attempts")
-# What a stage does: generate (a server answers its prompts), or pairs (chosen/rejected picked from
-# its parent's scored samples on the CPU: infra/recipes/pairs.py, infra/pipeline/pairs_stage.py).
-StageKind = Literal["generate", "pairs"]
+# What a stage does: generate (a server answers its prompts), reward (a reward server scores its rows),
+# or pairs (chosen/rejected picked from its parent's scored samples on the CPU: infra/recipes/pairs.py,
+# infra/pipeline/pairs_stage.py).
+StageKind = Literal["generate", "reward", "pairs"]
+REWARD_DEFAULTS = ("filters", "batch_size")  # what a reward stage takes from `defaults`
+ServerEngine = Literal[EngineName.__args__ + RewardEngine.__args__]  # one Literal: one readable refusal
 
 
 class Server(BaseModel):
@@ -41,8 +50,30 @@ class Server(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    profile: str = Field(min_length=1, description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")
-    engine: EngineName | None = Field(None, description="the serving engine; default: the profile's")
+    profile: str | None = Field(None, min_length=1, description="h100x16, a100x16, h200x8, local, attach, or one from "
+                                                                "NSDG_EXTRA_PROFILES (a generation server)")
+    engine: ServerEngine | None = Field(None, description="the serving engine; default: the profile's. A reward "
+                                                     f"server's: {', '.join(REWARD_ENGINES)}")
+    url: str | None = Field(None, pattern=r"^https?://[^\s]+$", description="a reward server already running, "
+                            "e.g. http://node:1424 (NeMo-Aligner's serve_reward_model.py inference.port)")
+    model: str | None = Field(None, min_length=1, max_length=200, description="the model name a reward server serves; "
+                              "default: reward_model (nemo-aligner)")
+
+    @property
+    def is_reward(self) -> bool:
+        return self.engine in REWARD_ENGINES
+
+    @model_validator(mode="after")
+    def _kind(self) -> "Server":
+        if self.is_reward and self.url is None:
+            raise ValueError(f"engine {self.engine}: url: starting a reward server inside the job is not built yet; run "
+                             "it (docs/pipelines.md, Reward stage) and give its url")
+        if not self.is_reward and self.profile is None:
+            raise ValueError("profile: a generation server needs its profile")
+        if not self.is_reward and (self.url is not None or self.model is not None):
+            raise ValueError("url and model are a reward server's (engine nemo-aligner, openai-reward, vllm-pooling, "
+                             "vllm-classify); a generation server is started from its profile")
+        return self
 
 
 
@@ -70,8 +101,11 @@ class Stage(StageSettings):
     output_schema: dict[str, Any] | None = Field(None, description="JSON Schema the reply must match, as a JSON value")
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS, description="tries per row for a reply matching "
                                                                            "output_schema, each with a derived seed")
-    kind: StageKind = Field("generate", description="generate, or pairs: preference pairs from its parent's samples")
+    kind: StageKind = Field("generate", description="generate; reward: a reward server scores the rows it reads; "
+                                                    "pairs: preference pairs from its parent's samples")
     pairs: PairParams | None = Field(None, description="a pairs stage's score, strategy and margins")
+    server: str | None = Field(None, description="a reward stage's server (a servers: name); default: the only reward server")
+    reward: RewardParams | None = Field(None, description="a reward stage's conversation, attributes, weights, keep_if")
 
     @field_validator("output_schema")
     @classmethod
@@ -89,6 +123,24 @@ class Stage(StageSettings):
             raise ValueError(f"stage {self.name!r}: a pairs stage generates nothing, so it takes no "
                              f"{'split' if self.split is not None else 'output_schema'}; drop it")
         return self
+
+    @model_validator(mode="after")
+    def _reward_fields(self) -> "Stage":
+        if self.kind != "reward":
+            if self.reward is not None or self.server is not None:
+                raise ValueError(f"stage {self.name!r}: {'reward' if self.reward is not None else 'server'}: set only on "
+                                 "a stage of kind reward; add kind: reward")
+            return self
+        unused = [name for name, off in (("recipe", self.recipe.prompt_template is None and self.recipe.samples_per_prompt == 1),
+                                         ("split", self.split is None), ("output_schema", self.output_schema is None),
+                                         ("judge", not self.judge.enabled)) if not off]
+        if unused:
+            raise ValueError(f"stage {self.name!r}: a reward stage generates nothing, so it takes no {unused[0]}; drop it")
+        return self
+
+    @property
+    def reward_params(self) -> RewardParams:
+        return self.reward if self.reward is not None else RewardParams()
 
     @model_validator(mode="after")
     def _split_needs_text(self) -> "Stage":
@@ -129,8 +181,8 @@ class Pipeline(BaseModel):
 
     input: str | None = Field(None, min_length=1, description="the first stage's records: a JSONL or .txt path, "
                                                                 "file:// or s3:// URI, optionally .gz")
-    servers: dict[str, Server] = Field(min_length=1, max_length=1, description="the servers the stages use, by "
-                                                                               "name (one today)")
+    servers: dict[str, Server] = Field(min_length=1, max_length=8, description="the servers the stages use, by name: "
+                                       "one generation server, and reward servers for reward stages")
     defaults: dict[str, Any] = Field(default_factory=dict, description="every stage's settings where it sets none")
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
 
@@ -143,7 +195,8 @@ class Pipeline(BaseModel):
         if unknown := [k for k in defaults if k not in DEFAULTABLE]:
             raise ValueError(f"defaults.{unknown[0]}: not a setting a stage takes from defaults; those are "
                              f"{', '.join(DEFAULTABLE)}")
-        stages = [merged(defaults, s) if isinstance(s, dict) else s for s in data["stages"]]
+        stages = [merged({k: v for k, v in defaults.items() if k in REWARD_DEFAULTS} if s.get("kind") == "reward" else defaults, s)
+                  if isinstance(s, dict) else s for s in data["stages"]]
         return {**data, "stages": stages}
 
     @field_validator("servers")
@@ -152,6 +205,8 @@ class Pipeline(BaseModel):
         for name in v:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"server name {name!r}: use lower-case letters, digits, - and _")
+        if sum(1 for s in v.values() if not s.is_reward) != 1:
+            raise ValueError(f"servers: {', '.join(v)}: give exactly one generation server (a profile), besides any reward servers")
         return v
 
     @model_validator(mode="after")
@@ -170,6 +225,8 @@ class Pipeline(BaseModel):
                 raise ValueError(f"{where}: from and input are both set; a stage reads its parent's rows or its own input")
             if stage.from_ is None and stage.input is None and self.input is None:
                 raise ValueError(f"{where}: input: this stage has no parent (from) and the pipeline no input; set one")
+            if stage.kind == "reward":
+                self.reward_server(stage)  # raises when it names none
             if stage.from_ is not None and stage.kind == "generate" and not stage.recipe.prompt_template:
                 raise ValueError(f"{where}: recipe.prompt_template: a stage reading its parent's rows builds its "
                                  "prompt from them; give it a template")
@@ -240,5 +297,19 @@ class Pipeline(BaseModel):
 
     @property
     def server(self) -> tuple[str, Server]:
-        """The one server every stage uses today."""
-        return next(iter(self.servers.items()))
+        """The one generation server every generating stage uses."""
+        return next((n, s) for n, s in self.servers.items() if not s.is_reward)
+
+    def reward_server(self, stage: Stage) -> tuple[str, Server]:
+        """A reward stage's server: the one it names, else the only reward server."""
+        rewards = {n: s for n, s in self.servers.items() if s.is_reward}
+        where = f"stage {stage.name!r}: server"
+        if stage.server is not None:
+            if stage.server not in rewards:
+                raise ValueError(f"{where}: {stage.server!r} is not a reward server of this pipeline "
+                                 f"(reward servers: {', '.join(rewards) or 'none'})")
+            return stage.server, rewards[stage.server]
+        if len(rewards) != 1:
+            why = "several: name one" if rewards else "none in servers: add one with engine nemo-aligner and its url"
+            raise ValueError(f"{where}: a reward stage needs a reward server ({why})")
+        return next(iter(rewards.items()))

@@ -40,17 +40,21 @@ class Curation:
     judge_params: JudgeParams = JudgeParams()
     filters: FilterParams = FilterParams()
     judge: Judge | None = None
+    # A reward stage's scores (infra/reward/stage.py RewardCuration): read from their checkpoint into
+    # each row, then its keep_if filters; in the hash only when set, so other runs' hashes stay.
+    reward: object | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.judge is not None or self.filters.enabled
+        return self.judge is not None or self.filters.enabled or self.reward is not None
 
     def stage_hash(self, generation_hash: str) -> str:
         return config_hash({"generation": generation_hash,
                             "judge": self.judge.identity(generation_hash) if self.judge else None,
                             "score_pattern": self.judge_params.score_pattern if self.judge else None,
                             "min_score": self.judge_params.min_score if self.judge else None,
-                            "filters": self.filters.model_dump(mode="json")})
+                            "filters": self.filters.model_dump(mode="json"),
+                            **({"reward": self.reward.identity(generation_hash)} if self.reward is not None else {})})
 
     def fingerprint(self) -> dict:
         """For the manifest: what this stage was run with."""
@@ -80,6 +84,8 @@ def curate(store, parts, curation: Curation, generation_hash: str) -> CurationRe
     """Run the stage over `parts` (sorted by shard) and publish what it keeps and drops."""
     result = CurationResult(curation.stage_hash(generation_hash))
     filters = build_filters(curation.filters, curation.judge_params if curation.judge else None)
+    if curation.reward is not None:
+        filters.append(("reward", curation.reward.filter()))
     reasons: Counter[str] = Counter()
     with Dedup(curation.filters) as dedup:
         for part in parts:
@@ -165,6 +171,8 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
                                 "rerun with the same run_id to judge it again.")
         for row, j in zip(rows, judged):
             row["judge"] = {"score": None, "reply": j.get("reply"), **({"error": j["error"]} if "error" in j else {})}
+    if curation.reward is not None:
+        curation.reward.attach(store, part, rows)
     kept, dropped, reasons = [], [], Counter()
     for row in rows:
         verdict = first_verdict(filters, row) or dedup.check(row)

@@ -10,6 +10,8 @@
       part-00000.jsonl.rejects.jsonl  its records the server refused
       part-00000.jsonl.judge.jsonl    the judge's replies to its rows (recipes/judge.py)
       part-00000.jsonl.judge.json     their state: which judge, which sha256
+      part-00000.jsonl.reward.jsonl   a reward stage's replies to its rows (reward/stage.py)
+      part-00000.jsonl.reward.json    their state: which reward server and conversation, which sha256
       kept-00000.jsonl                the rows curation kept: the training set (recipes/curate.py)
       kept-00000.jsonl.verdict.json   the curation state of the shard
       filtered-00000.jsonl            the rows curation dropped, with the reason
@@ -80,6 +82,14 @@ def judge_name(part: str) -> str:
 
 def judge_state_name(part: str) -> str:
     return f"{part}.judge.json"  # not *.state.json: those are the parts' own states
+
+
+def reward_name(part: str) -> str:
+    return f"{part}.reward.jsonl"
+
+
+def reward_state_name(part: str) -> str:
+    return f"{part}.reward.json"  # as the judge's: not *.state.json
 
 
 def kept_name(part: str) -> str:

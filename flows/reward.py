@@ -1,0 +1,70 @@
+"""A pipeline's reward stage (docs/pipelines.md, "Reward stage"): the rows it reads (its parent's
+`rows.jsonl`, or its own input) scored by its reward server, filtered by `reward.keep_if`, in its run
+directory `stages/{stage}/` as a generating stage's (infra/reward/stage.py). flows/pipeline.py calls
+`reward_stage` for a stage of kind reward, after its parent has finished.
+
+The reward server is one someone runs (its `url`: NeMo-Aligner's serve_reward_model.py, a vLLM
+pooling server, a hosted endpoint); it is waited for only when a part has no current replies, so a
+rerun that changes a threshold, or finds every part scored, needs no server. A server that stops
+answering mid-stage is waited for again (`server.ready_timeout_s`), at most `max_server_restarts`
+times; the parts already scored are kept.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+
+from flows.params import RunParams
+from infra.pipeline.hashes import StageHash
+from infra.pipeline.model import Pipeline, Stage
+from infra.pipeline.rows import write_stage_rows
+from infra.prompting.tokens import token_counter
+from infra.reward.client import DEFAULT_MODEL, reward_client, wait_reward_ready
+from infra.reward.stage import RewardScorer
+from infra.run.lease import FencedStore, RunLease
+from infra.settings import Settings
+from infra.storage import open_output_store
+from tasks.reward import score_reward_stage
+
+
+def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Settings, lease: RunLease,
+                 hashes: StageHash) -> dict:
+    """Score the stage's rows, curate them, write its rows for its children; its entry in the
+    pipeline's manifest (the keys a generating stage's has, and `reward`)."""
+    logger = get_run_logger()
+    name, server = the.reward_server(stage)
+    store = FencedStore(open_output_store(params.output_uri, stage.name, settings.s3, settings.work_path("staging")), lease)
+    store.preflight()
+    # The generator's tokenizer: Nemotron-4-340B-Reward shares Nemotron-4's; another reward model's
+    # context check is as exact as that tokenizer is for it (docs/pipelines.md).
+    counter = token_counter(settings.tokenizer_path(settings.profile(the.server[1].profile)))
+    model = server.model or DEFAULT_MODEL.get(server.engine, "")
+    scorer = RewardScorer(stage.reward_params, counter, {"engine": server.engine, "model": model})
+    srv = settings.server
+
+    def connect():
+        client = reward_client(server.engine, server.url, model, connect_timeout=srv.connect_timeout_s,
+                               read_timeout=srv.read_timeout_s, throttle_tries=srv.throttle_tries,
+                               throttle_wait_s=srv.throttle_wait_s)
+        logger.info("stage %s: waiting for reward server %r (%s at %s)", stage.name, name, server.engine, server.url)
+        return wait_reward_ready(client, srv.ready_timeout_s, srv.ready_poll_s)
+
+    def replace(old, exc):
+        old.close()
+        return connect()
+
+    restarts = srv.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
+    out = score_reward_stage(store, scorer, params.input_uri, settings.s3, stage.name, shard_size=params.shard_size,
+                             filters=stage.filters, connect=connect, replace=replace, restarts_allowed=restarts,
+                             generation_hash=hashes.generation)
+    rows = write_stage_rows(store, stage.name, None)
+    logger.info("stage %s (reward): %d rows in, %d kept, filtered %s; %d part(s) scored, %d reused, %d server restart(s)",
+                stage.name, out["records_written"], out["records_kept"], out["filtered"] or "none", out["parts_scored"],
+                out["parts_reused"], out["server_restarts"])
+    return {"stage": stage.name, "kind": "reward", "from": stage.from_, "input": params.input_uri,
+            "config_hash": hashes.generation, "kept_hash": hashes.kept, "records_in": out["records_written"],
+            "rows_out": out["records_written"], "rejected": 0, "kept": out["records_kept"], "filtered": out["filtered"],
+            "split_dropped": rows["split_dropped"], "rows": rows["rows"], "rows_uri": rows["rows_uri"],
+            "kept_parts": rows["kept_parts"], "manifest": out["manifest"],
+            "reward": {"server": name, "engine": server.engine, "model": model,
+                       **{k: out[k] for k in ("parts_scored", "parts_reused", "server_restarts", "scoring_s")}}}
