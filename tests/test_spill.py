@@ -19,7 +19,8 @@ from infra.errors import BadRequest, ReplyMismatch, RequestRejected, ServerError
 from infra.generation import ShardJob, run_shard
 from infra.prompting.dataset import Record, Shard
 from infra.prompting.sampling import SamplingParams
-from infra.run.layout import spill_name
+from infra.run.layout import spill_name, state_name
+from infra.storage import open_output_store
 from infra.storage.local import LocalOutputStore
 from infra.storage.spill import Spill, discard_spills
 from tests.localserver import running_server
@@ -75,6 +76,18 @@ def test_a_spill_held_by_another_writer_is_neither_read_nor_written_nor_discarde
     assert not list(tmp_path.iterdir())
 
 
+def test_a_spill_that_cannot_be_written_stops_keeping_and_the_shard_goes_on(tmp_path):
+    # A file size limit stands in for a full disk: the write past it fails (EFBIG), mid-line.
+    probe = ("import resource, signal; from pathlib import Path; from infra.storage.spill import Spill\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))\n"
+             f"s = Spill.open(Path({str(tmp_path)!r}), 'part-00000.jsonl', {HEADER!r})\n"
+             "s.append([(0, {'a': 1})]); s.append([(1, {'a': 'x' * 1000})]); s.append([(2, {'a': 3})]); s.close()")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "cannot keep a request's results" in out.stderr, out.stderr
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {0: {"a": 1}}  # what was cut off is a torn tail: asked again
+
+
 @pytest.mark.parametrize("result", [
     GeneratedText("p", Completion("text ü", "heuristic", "end_string", 3), 7, "words", 9),
     GeneratedText("p", Completion("", "exact", "length", 0), 0),
@@ -107,13 +120,24 @@ def requests_answered(log_path, api: str) -> int:
     return text.count("tokens generated, seed") if api == "nemo" else text.count('"POST /v1/completions')
 
 
-@pytest.mark.parametrize("api", ["nemo", "openai"])
-def test_a_shard_cut_by_a_lost_server_asks_only_for_what_its_spill_lacks_and_publishes_the_same_part(tmp_path, api):
+def stores(request, tmp_path, output: str):
+    """(clean, cut): a local run directory each, or an S3 prefix each on moto (the spill then in
+    the local staging directory)."""
+    if output == "local":
+        return LocalOutputStore(tmp_path / "clean"), LocalOutputStore(tmp_path / "cut")
+    bucket, settings = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_settings")
+    return tuple(open_output_store(f"s3://{bucket}/{name}", "r", settings.s3, settings.work_path("staging"))
+                 for name in ("clean", "cut"))
+
+
+@pytest.mark.parametrize("api,output", [("nemo", "local"), ("openai", "local"), ("nemo", "s3")])
+def test_a_shard_cut_by_a_lost_server_asks_only_for_what_its_spill_lacks_and_publishes_the_same_part(
+        request, tmp_path, api, output):
     shard = Shard(0, [Record(f"q{i}", f"Write about topic number {i:02d}:", i + 1) for i in range(12)])
     job = ShardJob("r", "m", "chash", SamplingParams(tokens_to_generate=8, temperature=0.8, top_k=50, random_seed=5),
                    batch_size=4, samples=2)
     requests_total = 3 * 2 if api == "nemo" else 12  # NeMo: 3 batches x 2 samples; OpenAI: a prompt, its samples as n
-    clean, cut = LocalOutputStore(tmp_path / "clean"), LocalOutputStore(tmp_path / "cut")
+    clean, cut = stores(request, tmp_path, output)
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     with running_server(tmp_path / "a", *SIM) as (url, _):
@@ -121,11 +145,12 @@ def test_a_shard_cut_by_a_lost_server_asks_only_for_what_its_spill_lacks_and_pub
     with running_server(tmp_path / "b", *SIM, "--fault-crash-after", "3") as (url, _):
         with pytest.raises(ServerError):  # the server died on its 4th request
             run_shard(make_client(api, url), shard, job, cut)
-    spill = tmp_path / "cut" / spill_name(shard.name)
+    spill = cut.staging_dir() / spill_name(shard.name)
     kept_requests = len(spill.read_text().splitlines()) - 1
-    assert kept_requests == 3 and not (tmp_path / "cut" / shard.name).exists()
+    assert kept_requests == 3 and cut.read_bytes(shard.name) is None
     with running_server(tmp_path / "c", *SIM) as (url, _):
         run_shard(make_client(api, url), shard, job, cut)
     assert requests_answered(tmp_path / "c" / "server.log", api) == requests_total - kept_requests
-    assert (tmp_path / "cut" / shard.name).read_bytes() == (tmp_path / "clean" / shard.name).read_bytes()
+    assert cut.read_bytes(shard.name) == clean.read_bytes(shard.name) is not None
+    assert cut.sha256(shard.name) == json.loads(cut.read_bytes(state_name(shard.name)))["sha256"]
     assert not spill.exists()

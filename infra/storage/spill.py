@@ -71,7 +71,13 @@ class Spill:
         with self._lock:
             if self._fd < 0:
                 return  # closed: a try that already ended keeps nothing more
-            _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), {"results": [[p, r] for p, r in results]})
+            try:
+                _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), {"results": [[p, r] for p, r in results]})
+            except OSError as exc:  # a full disk: the shard goes on, its spill stops here (a cut line is a torn tail)
+                log.warning("%s: cannot keep a request's results (%s); this try keeps no more of them, so a kill "
+                            "from now on loses the requests after it", self.path, exc)
+                os.close(self._fd)
+                self._fd = -1
 
     def close(self) -> None:
         with self._lock:
@@ -104,8 +110,14 @@ def _write_line(fd: int, at: int, obj: object) -> None:
 def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int]:
     """(position -> result kept, the byte length of the lines to keep); 0 when the header is not
     `header` (the file is to start over)."""
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0) if size else b""
+    size, chunks = os.fstat(fd).st_size, []
+    while (got := sum(map(len, chunks))) < size:  # one pread returns at most ~2 GiB
+        chunk = os.pread(fd, size - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    size = len(data)
     lines = data.split(b"\n")
     try:
         found = json.loads(lines[0]) if len(lines) > 1 else None
