@@ -5,7 +5,7 @@
       run.json                        the config hash and config the run started with (planning)
       input-rejects.jsonl             the plan's unusable input lines (on_bad_input=skip)
       served-model.json               what the run's first server served (engines/served_model.py)
-      part-00000.jsonl                a shard's generated rows: the unit of retry, resume and upload
+      part-00000.jsonl                a shard's generated rows: the unit of publication and upload
       part-00000.jsonl.state.json     its state (manifest.PartInfo), written right after the part
       part-00000.jsonl.rejects.jsonl  its records the server refused
       part-00000.jsonl.judge.jsonl    the judge's replies to its rows (recipes/judge.py)
