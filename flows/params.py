@@ -49,7 +49,7 @@ class RunParams(BaseModel):
     profile: str = Field("local", description="h100x16, a100x16, h200x8, local, attach, or one from NSDG_EXTRA_PROFILES")
     sampling: SamplingParams = shared_field("sampling")
     batch_size: int = shared_field("batch_size")
-    shard_size: int = Field(4000, ge=1, le=1_000_000, description="records per output part: the unit of retry, resume and upload")
+    shard_size: int = Field(4000, ge=1, le=1_000_000, description="records per output part: the unit of upload and publication (a kill costs only the requests in flight)")
     prompt_field: str = Field("prompt", min_length=1, description="JSONL field holding the prompt")
     id_field: str = Field("id", min_length=1, description="JSONL field holding the record's id (a line without one gets an id derived from it)")
     on_bad_input: Literal["fail", "skip"] = Field("fail", description="fail on unusable lines, or skip them into rejects.jsonl")

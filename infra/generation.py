@@ -4,6 +4,10 @@ published atomically with its checksum and a state object that marks the shard d
 The client sends the shard's prompts the way its API is fed (infra/engines/batch.py); a prompt
 the server refused becomes a reject with the server's message, the rest are generated. A circuit
 breaker stops the run when too many recent records fail.
+
+Each request's results are kept in the shard's spill as they come back (infra/storage/spill.py),
+so the next try of an unfinished shard (a task retry, or a resume after kill -9) asks only for the
+requests that never came back: a kill costs the requests in flight, not the shard.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
 from infra.run.layout import rejects_name, state_name
 from infra.run.manifest import PartInfo
-from infra.engines.batch import GeneratedText, PromptBatch, Result
+from infra.engines.batch import GeneratedText, PromptBatch, Result, result_from_json, result_to_json
 from infra.engines.http import HttpClient
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.judge import Judge, judge_part, judged_current
@@ -27,6 +31,7 @@ from infra.prompting.sampling import SamplingParams
 from infra.run.states import invalidate, published_part
 from infra.storage import OutputStore
 from infra.storage.jsonl import publish
+from infra.storage.spill import Spill, discard_spill
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +160,15 @@ def reject_record(rec: Record, exc: RequestRejected, shard: int, sample: int = 0
 
 
 def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None,
-                           tally: RowTally | None = None) -> list[Result]:
+                           tally: RowTally | None = None, spill: Spill | None = None) -> list[Result]:
     """One result per (record, sample), record-major (row i * samples + s), through whichever API
     the client speaks (infra/engines/batch.py); each result counts in the breaker and the tally as
-    it comes in."""
+    it comes in. With a spill, the results it kept are not asked again (nor counted in the breaker
+    a second time), and each request's results are appended to it once all are in."""
+    size = len(shard.records) * job.samples
+    done = {p: result_from_json(r) for p, r in (spill.kept if spill is not None else {}).items() if 0 <= p < size}
     batch = PromptBatch([r.prompt for r in shard.records], job.sampling, job.prompt_format, job.samples, shard.index,
-                        job.batch_size, job.length_window, [r.line for r in shard.records])
+                        job.batch_size, job.length_window, [r.line for r in shard.records], done=done)
 
     def record(result: Result) -> None:
         if breaker is not None:
@@ -169,10 +177,21 @@ def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, brea
         if tally is not None:
             tally.generated(shard.index)
 
+    def keep(results: list[tuple[int, Result]]) -> None:
+        spill.append([(p, result_to_json(r)) for p, r in results])  # type: ignore[union-attr]
+
     if tally is not None:
         tally.started(shard.index)
-    return client.generate_batch(batch, record if breaker is not None or tally is not None else None)
+        if done:
+            tally.generated(shard.index, len(done))
+    return client.generate_batch(batch, record if breaker is not None or tally is not None else None,
+                                 keep if spill is not None else None)
 
+
+def spill_header(store: OutputStore, shard: Shard, job: ShardJob) -> dict:
+    """What a spill's results belong to: kept results are reused only under all of it."""
+    return {"config_hash": job.config_hash, "part": store.uri(shard.name), "records": len(shard.records),
+            "first_line": shard.records[0].line, "last_line": shard.records[-1].line, "samples": job.samples}
 
 
 def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStore,
@@ -185,30 +204,36 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     or requeued) is judged alone, never generated again."""
     started, started_at = time.monotonic(), time.time()
     if (published := published_part(store, shard.name, job.config_hash)) is not None:
+        discard_spill(store.staging_dir(), shard.name)  # that try was killed before it removed it
         return _judge_published(client, published, job, store, dead_reason, started, started_at)
-    try:
-        results = generate_shard_results(client, shard, job, breaker, tally)
-    except TransientServerError as exc:
-        if (reason := dead_reason()) is not None:
-            raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
-        raise
-    generated = time.monotonic()
-    rows = [(rec, s) for rec in shard.records for s in range(job.samples)]  # the order of `results`
-    pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
-    ok = [(r, s, g) for r, s, g in pairs if isinstance(g, GeneratedText)]
-    rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
-    invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.run.states)
-    if rejected:  # before the part and its state: a published state implies both
-        publish(store, rejects_name(shard.name), rejected)
-    out = [output_record(r, g, job, shard.index, s) for r, s, g in ok]  # one shard: the judge reads them too
-    sha, count, size = publish(store, shard.name, out)
-    tokens = sum(g.generated_tokens for _, _, g in ok)
-    part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
-                    shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
-                    generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
-                    finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids), invocation=job.invocation,
-                    prompt_match=dict(Counter(g.completion.prompt_match for _, _, g in ok)))
-    store.write_bytes(part.state_name(), part.to_json())
+    with Spill.open(store.staging_dir(), shard.name, spill_header(store, shard, job)) as spill:
+        if spill.kept:
+            log.info("shard %d: %d of %d results kept by an earlier try (%s); asking for the rest", shard.index,
+                     len(spill.kept), len(shard.records) * job.samples, spill.path)
+        try:
+            results = generate_shard_results(client, shard, job, breaker, tally, spill)
+        except TransientServerError as exc:
+            if (reason := dead_reason()) is not None:
+                raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
+            raise
+        generated = time.monotonic()
+        rows = [(rec, s) for rec in shard.records for s in range(job.samples)]  # the order of `results`
+        pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
+        ok = [(r, s, g) for r, s, g in pairs if isinstance(g, GeneratedText)]
+        rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
+        invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.run.states)
+        if rejected:  # before the part and its state: a published state implies both
+            publish(store, rejects_name(shard.name), rejected)
+        out = [output_record(r, g, job, shard.index, s) for r, s, g in ok]  # one shard: the judge reads them too
+        sha, count, size = publish(store, shard.name, out)
+        tokens = sum(g.generated_tokens for _, _, g in ok)
+        part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
+                        shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
+                        generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
+                        finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids),
+                        invocation=job.invocation, prompt_match=dict(Counter(g.completion.prompt_match for _, _, g in ok)))
+        store.write_bytes(part.state_name(), part.to_json())
+        spill.remove()  # after the state: a kill in between leaves a spill of a published part, removed when seen
     if job.judge is not None:  # after the part's state: a kill here leaves a part to judge, not to regenerate
         _judging(lambda: judge_part(client, store, job.judge, part, job.batch_size, rows=out), shard.index, dead_reason)
     done = time.monotonic()

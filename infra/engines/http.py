@@ -8,7 +8,7 @@ from collections.abc import Callable
 import requests
 from requests.adapters import HTTPAdapter
 
-from infra.engines.batch import OnResult, PromptBatch, Result
+from infra.engines.batch import OnRequest, OnResult, PromptBatch, Result
 from infra.errors import ServerHung, ServerLost, ServerThrottled, TransientServerError
 from infra.prompting.tokens import estimate_tokens
 
@@ -73,6 +73,8 @@ class HttpClient:
     def keep_alive(self, timeout: float | None = None) -> None:
         raise NotImplementedError
 
-    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
-        """A shard's (or a part's judging) prompts, sent the way this API is fed (infra/engines/batch.py)."""
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None,
+                       on_request: OnRequest | None = None) -> list[Result]:
+        """A shard's (or a part's judging) prompts, sent the way this API is fed (infra/engines/batch.py),
+        but for those in `batch.done`; `on_request` is told of each request's results once all are in."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import requests
 
-from infra.engines.batch import GeneratedText, OnResult, PromptBatch, Result, where
+from infra.engines.batch import GeneratedText, OnRequest, OnResult, PromptBatch, Result, where
 from infra.engines.completion import extract_completion, pairing_error, trim_at_end_strings
 from infra.errors import (
     BadRequest,
@@ -172,21 +172,31 @@ class NemoClient(HttpClient):
             out.append(self._capped(gen, sentences[i], _text_token_starts(reply, i, start), stop_token, sampling))
         return out
 
-    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None,
+                       on_request: OnRequest | None = None) -> list[Result]:
         """Results prompt-major (infra/engines/batch.py), whatever order the requests went in: each
         sample index is its own pass over one batch plan, prompts grouped by this client's token
         counter (the run's) within `length_window` batches, each request seeded as
-        infra/prompting/samples.py says."""
-        n = batch.samples
+        infra/prompting/samples.py says. A planned request whose results are all in `batch.done` is
+        not sent; with the same plan (a seeded run's batch_size is in its config) the others are
+        sent exactly as they would have been."""
+        n, done = batch.samples, batch.done or {}
         results: list[Result | None] = [None] * (len(batch.prompts) * n)
         for sample, indices, sampling in sample_batches(batch.prompts, n, batch.shard, batch.sampling, batch.batch_size,
                                                         batch.length_window, self.count_tokens):
-            lines = [batch.lines[i] for i in indices] if batch.lines is not None else None
-            for i, result in zip(indices, self._bisected([batch.prompts[i] for i in indices], sampling,
-                                                         batch.prompt_format, lines)):
+            todo = [i for i in indices if i * n + sample not in done]
+            for i in indices:
+                results[i * n + sample] = done.get(i * n + sample)
+            if not todo:
+                continue
+            lines = [batch.lines[i] for i in todo] if batch.lines is not None else None
+            got = list(zip(todo, self._bisected([batch.prompts[i] for i in todo], sampling, batch.prompt_format, lines)))
+            for i, result in got:
                 results[i * n + sample] = result
                 if on_result is not None:
                     on_result(result)
+            if on_request is not None:
+                on_request([(i * n + sample, result) for i, result in got])
         return results  # type: ignore[return-value]
 
     def _bisected(self, prompts: list[str], sampling: SamplingParams, fmt: PromptFormat,

@@ -44,7 +44,7 @@ import requests
 
 from infra.engines.completion import Completion, trim_at_end_strings
 from infra.deadline import Deadline
-from infra.engines.batch import GeneratedText, OnResult, PromptBatch, Result, where
+from infra.engines.batch import GeneratedText, OnRequest, OnResult, PromptBatch, Result, where
 from infra.engines.http import HttpClient
 from infra.engines.throttle import THROTTLE_STATUS, Backoff, InFlightLimit, retry_after_s
 from infra.errors import (BadRequest, ConfigError, RequestRejected, ServerLost, ServerThrottled, TransientServerError,
@@ -274,27 +274,39 @@ class OpenAIClient(HttpClient):
 
     # --- a shard's prompts ---------------------------------------------------------------------
 
-    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None) -> list[Result]:
+    def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None,
+                       on_request: OnRequest | None = None) -> list[Result]:
         """One request per prompt (its samples as `n`), all handed to this replica's bounded pool at
         once, so the engine's continuous batching always has work; results prompt-major. A seeded
         batch derives each prompt's seeds from (seed, shard, prompt, sample): one prompt per request
-        makes a sample independent of what else is in flight."""
-        n, seed = batch.samples, batch.sampling.random_seed
+        makes a sample independent of what else is in flight. A prompt whose samples are all in
+        `batch.done` is not sent; `on_request` hears of each prompt's, in prompt order."""
+        n, seed, done = batch.samples, batch.sampling.random_seed, batch.done or {}
         futures = []
         for i, prompt in enumerate(batch.prompts):
+            if all(i * n + s in done for s in range(n)):
+                futures.append(None)
+                continue
             seeds = [None if seed is None else request_seed(seed, batch.shard, i, s) for s in range(n)]
             futures.append(self.submit(self._samples_or_reject, batch.prompt_format.wrap(prompt), batch.sampling, n,
                                        seeds, batch.lines[i] if batch.lines is not None else None))
         results: list[Result] = []
         try:
-            for fut in futures:
-                for result in fut.result():
+            for i, fut in enumerate(futures):
+                if fut is None:
+                    results += [done[i * n + s] for s in range(n)]
+                    continue
+                got = fut.result()
+                for result in got:
                     results.append(result)
                     if on_result is not None:
                         on_result(result)
+                if on_request is not None:
+                    on_request([(i * n + s, result) for s, result in enumerate(got)])
         except BaseException:
             for fut in futures:  # a lost server or an open breaker: the rest of the batch is not sent
-                fut.cancel()
+                if fut is not None:
+                    fut.cancel()
             raise
         return results
 

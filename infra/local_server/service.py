@@ -134,7 +134,9 @@ class GenerateService:
         generation = self.engine.generate(sentences, params)
         reply = build_reply(self.engine, generation, params)
         self._record(started, time.time(), generation)
-        log.info("request %d: %d sentences, %d tokens generated", number, len(sentences), sum(generation.generated_lengths))
+        # The seed names a seeded request (infra/prompting/samples.py): tests tell which batches were asked again.
+        log.info("request %d: %d sentences, %d tokens generated, seed %s", number, len(sentences),
+                 sum(generation.generated_lengths), params.random_seed)
         return reply
 
     def _record(self, started: float, ended: float, generation) -> None:

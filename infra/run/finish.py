@@ -16,6 +16,7 @@ from infra.run.manifest import (Manifest, PartInfo, earlier_manifest, generated_
                                 run_job_ids, run_replicas)
 from infra.settings import Settings
 from infra.storage import OutputStore
+from infra.storage.spill import discard_spills
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def close_parts(store: OutputStore, cfg: RunConfig, the_plan: Plan) -> tuple[lis
             f"{refused} refused, but {the_plan.rows_planned} planned; no manifest published. Rerun with the same run_id."
         )
     store.abort_incomplete_uploads()  # every part is in: nothing of this run may still be uploading
+    discard_spills(store.staging_dir())  # nor any shard's finished requests kept for its next try
     return parts, refused
 
 

@@ -5,7 +5,7 @@
       run.json                        the config hash and config the run started with (planning)
       input-rejects.jsonl             the plan's unusable input lines (on_bad_input=skip)
       served-model.json               what the run's first server served (engines/served_model.py)
-      part-00000.jsonl                a shard's generated rows: the unit of retry, resume and upload
+      part-00000.jsonl                a shard's generated rows: the unit of publication and upload
       part-00000.jsonl.state.json     its state (manifest.PartInfo), written right after the part
       part-00000.jsonl.rejects.jsonl  its records the server refused
       part-00000.jsonl.judge.jsonl    the judge's replies to its rows (recipes/judge.py)
@@ -22,6 +22,8 @@
       data/sft.jsonl, data/sft.parquet ...  files a trainer loads as they are (run/exports.py)
       .part-00000.jsonl.XXXX.tmp      a file being written: never a part's name (S3 output: in a local
                                       staging directory, {work}/staging/{bucket}/{run_id}/)
+      .part-00000.jsonl.spill         the finished requests of a shard not yet published, reused by its
+                                      next try (storage/spill.py; in the staging directory too)
 
 A pipeline's run (flows/pipeline.py) has one such directory per stage, and its own files beside them:
 
@@ -60,6 +62,10 @@ STATE_SUFFIX = ".state.json"
 # plan discards what a killed run left (PARTIAL_PARTS), which is why the pattern is shared.
 TEMP_SUFFIX = ".tmp"
 PARTIAL_PARTS = f".part-*{TEMP_SUFFIX}"
+# A shard's finished requests until its part is published (infra/storage/spill.py): hidden, like a
+# temp file, but kept across a kill (it ends in .spill, not TEMP_SUFFIX, so discard_partials leaves it).
+SPILL_SUFFIX = ".spill"
+SPILLS = f".part-*{SPILL_SUFFIX}"
 # What the curation stage writes (kept and filtered files, verdicts): removed when it is turned off.
 CURATION_FILE = re.compile(r"kept-\d{5,}\.jsonl(\.verdict\.json)?|filtered-\d{5,}\.jsonl|filtered\.jsonl")
 
@@ -102,6 +108,10 @@ def filtered_name(part: str) -> str:
 
 def verdict_name(part: str) -> str:
     return f"{kept_name(part)}.verdict.json"
+
+
+def spill_name(part: str) -> str:
+    return f".{part}{SPILL_SUFFIX}"
 
 
 def temp_prefix(name: str) -> str:

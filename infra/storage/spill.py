@@ -1,0 +1,179 @@
+"""A shard's finished requests, kept on local disk until its part is published, so that a kill
+costs the requests in flight and not the whole shard (issue 28).
+
+A spill is one JSON-lines file in the store's staging directory (`layout.spill_name`): the run
+directory for a local output, `{work}/staging/{bucket}/{run_id}/` for S3. Its first line is a
+header naming what the results belong to (the config hash, the part's location, the shard's
+records); every later line is one finished request's results, by their position in the shard,
+appended with one write and synced before the next request's results are kept.
+
+Read back by the next try (a task retry, or a resume after kill -9):
+
+- a header that is not this try's (another config, another output location, another shard
+  make-up) means the file is discarded whole: never a result generated under other parameters;
+- a last line without its newline, or one that does not parse, is a request torn by the kill: it
+  and anything after it are cut off, and that request is asked again;
+- the positions of the lines kept are the results not asked again.
+
+A try holds an flock on its spill: a second writer (another try of the same shard still running,
+or another run whose staging path is the same) finds it held and keeps no spill rather than mix
+its lines in. The spill is removed once its part is published (and any left over when the run's
+last part is in, `discard_spills`). Pure file I/O: what a result is, the caller's codec says.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from infra.run.layout import SPILLS, spill_name
+
+log = logging.getLogger(__name__)
+
+
+class Spill:
+    """`with Spill.open(staging, part, header) as spill:` the results an earlier try kept
+    (`spill.kept`: position -> the JSON it appended), and `spill.append(...)` for this try's."""
+
+    def __init__(self, path: Path, fd: int, kept: dict[int, object]):
+        self.path, self._fd, self.kept = path, fd, kept
+        self._lock = threading.Lock()  # appends are whole lines, whichever thread reports a request
+
+    @classmethod
+    def open(cls, staging: Path, part: str, header: dict) -> "Spill":
+        path = Path(staging) / spill_name(part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        if not _lock(fd):
+            log.warning("%s is held by another writer (another try of this shard, or a run with the same staging "
+                        "directory): this try keeps no spill, so a kill now loses its whole shard", path)
+            return cls(path, -1, {})
+        try:
+            kept, good_end = _read(fd, header, path)
+            if good_end == 0:  # new, or another try's header: start over with this one
+                os.ftruncate(fd, 0)
+                _write_line(fd, 0, header)
+            else:
+                os.ftruncate(fd, good_end)  # a torn tail goes: the next line starts on a line of its own
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, kept)
+
+    def append(self, results: list[tuple[int, object]]) -> None:
+        """One finished request's results, by position, durable once this returns."""
+        if not results:
+            return
+        with self._lock:
+            if self._fd < 0:
+                return  # closed: a try that already ended keeps nothing more
+            try:
+                _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), {"results": [[p, r] for p, r in results]})
+            except OSError as exc:  # a full disk: the shard goes on, its spill stops here (a cut line is a torn tail)
+                log.warning("%s: cannot keep a request's results (%s); this try keeps no more of them, so a kill "
+                            "from now on loses the requests after it", self.path, exc)
+                os.close(self._fd)
+                self._fd = -1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def remove(self) -> None:
+        """The part is published: nothing here is needed again."""
+        with self._lock:
+            if self._fd >= 0:
+                self.path.unlink(missing_ok=True)  # while the flock is held: never another writer's file
+        self.close()
+
+    def __enter__(self) -> "Spill":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_line(fd: int, at: int, obj: object) -> None:
+    data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    written = os.pwrite(fd, data, at)
+    while written < len(data):  # a short write (a signal, a full disk's last block): the rest, or an OSError
+        written += os.pwrite(fd, data[written:], at + written)
+    os.fsync(fd)
+
+
+def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int]:
+    """(position -> result kept, the byte length of the lines to keep); 0 when the header is not
+    `header` (the file is to start over)."""
+    size, chunks = os.fstat(fd).st_size, []
+    while (got := sum(map(len, chunks))) < size:  # one pread returns at most ~2 GiB
+        chunk = os.pread(fd, size - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    size = len(data)
+    lines = data.split(b"\n")
+    try:
+        found = json.loads(lines[0]) if len(lines) > 1 else None
+    except ValueError:
+        found = None
+    if found != header:
+        if data:
+            log.info("discarding %s: it was written for %s, and this try is %s", path, _brief(found), _brief(header))
+        return {}, 0
+    kept: dict[int, object] = {}
+    end = len(lines[0]) + 1
+    for line in lines[1:-1]:  # the last item follows the last newline: empty, or a torn line
+        try:
+            entries = json.loads(line)["results"]
+            parsed = {int(p): r for p, r in entries}
+        except (ValueError, KeyError, TypeError):
+            break  # torn (or damaged): this request and any after it are asked again
+        kept.update(parsed)
+        end += len(line) + 1
+    if end < size:
+        log.info("%s: %d byte(s) of a request cut off by the kill ignored; that request is asked again", path, size - end)
+    return kept, end
+
+
+def _brief(header: object) -> str:
+    if not isinstance(header, dict):
+        return "an unreadable header"
+    return f"config {header.get('config_hash')} at {header.get('part')}"
+
+
+def _lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def discard_spill(staging: Path, part: str) -> None:
+    """The part is published already (by an earlier try, killed before it removed its spill)."""
+    _discard(Path(staging) / spill_name(part))
+
+
+def discard_spills(staging: Path) -> None:
+    """Every part of the run is in: no spill is of use any more (one held by a writer is left to it)."""
+    for path in Path(staging).glob(SPILLS):
+        _discard(path)
+
+
+def _discard(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if _lock(fd):
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -1,0 +1,156 @@
+"""A shard's spill (infra/storage/spill.py): the finished requests of an unfinished shard, kept for
+its next try. On real files and, for a shard cut off by a lost server, the real simulated server
+over both APIs: the next try asks only for the requests the spill lacks, and the part it publishes
+is the uninterrupted run's byte for byte. The kill -9 through the CLI: tests/test_shard_resume.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infra.engines.batch import GeneratedText, result_from_json, result_to_json
+from infra.engines.completion import Completion
+from infra.engines.nemo import NemoClient
+from infra.engines.openai import OpenAIClient
+from infra.errors import BadRequest, ReplyMismatch, RequestRejected, ServerError, ValidationRejected
+from infra.generation import ShardJob, run_shard
+from infra.prompting.dataset import Record, Shard
+from infra.prompting.sampling import SamplingParams
+from infra.run.layout import spill_name, state_name
+from infra.storage import open_output_store
+from infra.storage.local import LocalOutputStore
+from infra.storage.spill import Spill, discard_spills
+from tests.localserver import running_server
+
+HEADER = {"config_hash": "abc", "part": "/out/r/part-00000.jsonl", "records": 3, "first_line": 1, "last_line": 3,
+          "samples": 1}
+SIM = ("--engine", "simulated")
+
+
+def test_results_kept_come_back_and_a_torn_last_line_is_cut_off_and_asked_again(tmp_path):
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {}
+        spill.append([(0, {"a": 1}), (2, {"a": 3})])
+    path = tmp_path / spill_name("part-00000.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"results": [[1, {"a": "torn"}]]}))  # whole JSON, but no newline: torn
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {0: {"a": 1}, 2: {"a": 3}}
+        spill.append([(1, {"a": 2})])  # starts on a line of its own: the torn bytes were cut off
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {0: {"a": 1}, 1: {"a": 2}, 2: {"a": 3}}
+        spill.remove()
+    assert not path.exists()
+
+
+def test_a_spill_of_another_config_or_part_is_discarded_whole(tmp_path):
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        spill.append([(0, {"a": 1})])
+    for other in ({**HEADER, "config_hash": "def"}, {**HEADER, "part": "s3://b/other/r/part-00000.jsonl"},
+                  {**HEADER, "records": 4}):
+        with Spill.open(tmp_path, "part-00000.jsonl", other) as spill:
+            assert spill.kept == {}
+    (tmp_path / spill_name("part-00000.jsonl")).write_text("garbage\n" + json.dumps({"results": [[0, {}]]}) + "\n")
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {}
+    assert (tmp_path / spill_name("part-00000.jsonl")).read_text() == json.dumps(HEADER) + "\n"
+
+
+def test_a_spill_held_by_another_writer_is_neither_read_nor_written_nor_discarded(tmp_path):
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as first:
+        first.append([(0, {"a": 1})])
+        # Another process (a second writer) finds it held: it keeps no spill and touches nothing.
+        probe = ("import sys; from pathlib import Path; from infra.storage.spill import Spill, discard_spills\n"
+                 f"s = Spill.open(Path({str(tmp_path)!r}), 'part-00000.jsonl', {HEADER!r})\n"
+                 "s.append([(1, {'a': 2})]); s.remove(); discard_spills(Path(" + repr(str(tmp_path)) + "))\n"
+                 "print(len(s.kept))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
+        first.append([(2, {"a": 3})])
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {0: {"a": 1}, 2: {"a": 3}}
+    discard_spills(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_spill_that_cannot_be_written_stops_keeping_and_the_shard_goes_on(tmp_path):
+    # A file size limit stands in for a full disk: the write past it fails (EFBIG), mid-line.
+    probe = ("import resource, signal; from pathlib import Path; from infra.storage.spill import Spill\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))\n"
+             f"s = Spill.open(Path({str(tmp_path)!r}), 'part-00000.jsonl', {HEADER!r})\n"
+             "s.append([(0, {'a': 1})]); s.append([(1, {'a': 'x' * 1000})]); s.append([(2, {'a': 3})]); s.close()")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "cannot keep a request's results" in out.stderr, out.stderr
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept == {0: {"a": 1}}  # what was cut off is a torn tail: asked again
+
+
+@pytest.mark.parametrize("result", [
+    GeneratedText("p", Completion("text ü", "heuristic", "end_string", 3), 7, "words", 9),
+    GeneratedText("p", Completion("", "exact", "length", 0), 0),
+    ValidationRejected("prompt too long", status=200, body="prompt too long"),
+    BadRequest("bad", status=400, body={"error": {"message": "bad"}}),
+    ReplyMismatch("swapped", status=None, body=None),
+    RequestRejected("odd", status=500, body=object()),
+])
+def test_a_result_comes_back_from_its_spilled_json_as_the_reject_and_row_read_it(result):
+    back = result_from_json(json.loads(json.dumps(result_to_json(result))))
+    if isinstance(result, GeneratedText):
+        assert back == result
+    else:
+        assert type(back) is type(result) and str(back) == str(result) and back.status == result.status
+        assert str(back.body) == str(result.body)
+
+
+def test_an_unknown_reject_kind_comes_back_as_a_plain_rejection():
+    back = result_from_json({"rejected": "ServerError", "message": "m", "status": 1, "body": None})
+    assert type(back) is RequestRejected and not isinstance(back, ValidationRejected)
+    assert issubclass(RequestRejected, ServerError)
+
+
+def make_client(api: str, url: str):
+    return NemoClient(url) if api == "nemo" else OpenAIClient(url, model="nemotron-4-340b-base", max_in_flight=1)
+
+
+def requests_answered(log_path, api: str) -> int:
+    text = log_path.read_text()
+    return text.count("tokens generated, seed") if api == "nemo" else text.count('"POST /v1/completions')
+
+
+def stores(request, tmp_path, output: str):
+    """(clean, cut): a local run directory each, or an S3 prefix each on moto (the spill then in
+    the local staging directory)."""
+    if output == "local":
+        return LocalOutputStore(tmp_path / "clean"), LocalOutputStore(tmp_path / "cut")
+    bucket, settings = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_settings")
+    return tuple(open_output_store(f"s3://{bucket}/{name}", "r", settings.s3, settings.work_path("staging"))
+                 for name in ("clean", "cut"))
+
+
+@pytest.mark.parametrize("api,output", [("nemo", "local"), ("openai", "local"), ("nemo", "s3")])
+def test_a_shard_cut_by_a_lost_server_asks_only_for_what_its_spill_lacks_and_publishes_the_same_part(
+        request, tmp_path, api, output):
+    shard = Shard(0, [Record(f"q{i}", f"Write about topic number {i:02d}:", i + 1) for i in range(12)])
+    job = ShardJob("r", "m", "chash", SamplingParams(tokens_to_generate=8, temperature=0.8, top_k=50, random_seed=5),
+                   batch_size=4, samples=2)
+    requests_total = 3 * 2 if api == "nemo" else 12  # NeMo: 3 batches x 2 samples; OpenAI: a prompt, its samples as n
+    clean, cut = stores(request, tmp_path, output)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    with running_server(tmp_path / "a", *SIM) as (url, _):
+        run_shard(make_client(api, url), shard, job, clean)
+    with running_server(tmp_path / "b", *SIM, "--fault-crash-after", "3") as (url, _):
+        with pytest.raises(ServerError):  # the server died on its 4th request
+            run_shard(make_client(api, url), shard, job, cut)
+    spill = cut.staging_dir() / spill_name(shard.name)
+    kept_requests = len(spill.read_text().splitlines()) - 1
+    assert kept_requests == 3 and cut.read_bytes(shard.name) is None
+    with running_server(tmp_path / "c", *SIM) as (url, _):
+        run_shard(make_client(api, url), shard, job, cut)
+    assert requests_answered(tmp_path / "c" / "server.log", api) == requests_total - kept_requests
+    assert cut.read_bytes(shard.name) == clean.read_bytes(shard.name) is not None
+    assert cut.sha256(shard.name) == json.loads(cut.read_bytes(state_name(shard.name)))["sha256"]
+    assert not spill.exists()
