@@ -105,6 +105,12 @@ def srun_args(spec: LaunchSpec) -> tuple[str, ...]:
     return spec.srun_args
 
 
+def pmix_world(spec: LaunchSpec) -> bool:
+    """The tasks form one MPI world through Slurm's PMIx (trtllm's, or a site's --mpi=pmix): inside
+    apptainer they then need slurmd's PMIx directory (infra/slurm/render.py launch_prefix)."""
+    return any(a.startswith(PMIX) for a in srun_args(spec))
+
+
 def launcher_tail(spec: LaunchSpec) -> str:
     """The template that ends the node launcher: the Ray roles, or one server per task."""
     return "launcher-ray.sh.tmpl" if uses_ray(spec) else "launcher-server.sh.tmpl"
