@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,58 @@ def test_openai_only_engines_refuse_the_nemo_api(engine):
         update={"api": "nemo-generate", "command": ["serve", "--port", "{port}"]})})
     for s in (settings, own):
         SbatchSpec.from_settings(s, name, job_name="nsdg-engine-test", comment="nsdg run=engine-test", job_dir="/shared/jobs/e1")
+
+
+# --- the driver floor of the engine's image (the in-job preflight, run with bash) --------------------
+
+
+def one_node_vllm(job_dir: Path, image: str) -> SbatchSpec:
+    return SbatchSpec(job_name="nsdg-driver-test", job_dir=str(job_dir), comment="nsdg run=driver-test", nodes=1,
+                      tasks_per_node=8, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=1, engine="vllm",
+                      container_image=image, model_path=write_hf_model(job_dir.parent / "model"), port=free_port())
+
+
+@pytest.mark.parametrize("image, driver, floor", [("vllm/vllm-openai:v0.20.0", "570.124.06", "580.65.06"),
+                                                  ("vllm/vllm-openai:v0.20.0-cu129", "470.256.02", "525.60.13")])
+def test_a_driver_older_than_the_images_cuda_fails_the_preflight(ray_job, image, driver, floor):
+    """Audit L3: vLLM's plain v0.20.0 tag is its CUDA 13.0 build; on an R570 node it would fail at
+    the first CUDA call, after the load. The preflight says so in one line, in seconds."""
+    job_dir, stubs = ray_job
+    write_job_files(one_node_vllm(job_dir, image))
+    proc = subprocess.Popen(["bash", str(job_dir / "node-launcher.sh")], cwd=job_dir, start_new_session=True,
+                            env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_PROCID": "0",
+                                 "STUB_DRIVER_VERSION": driver}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rc, out = finish(proc)
+    assert rc == 3, out
+    line = (job_dir / "preflight-failed").read_text().strip()
+    assert line.endswith(f"driver: NVIDIA driver {driver} on {socket.gethostname()}, the image's CUDA needs {floor} "
+                         "or newer; use an image built for an older CUDA (e.g. vLLM's -cu129 tags, 525.60.13) or ask "
+                         "the site's operators for a newer driver"), line
+    assert "server started" not in out
+
+
+def test_a_driver_at_the_images_floor_passes_and_the_site_may_lower_it(ray_job):
+    job_dir, stubs = ray_job
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_PROCID": "0"}
+    for image, extra in (("vllm/vllm-openai:v0.20.0-cu130", {"STUB_DRIVER_VERSION": "580.65.06"}),
+                         ("vllm/vllm-openai:v0.20.0", {"STUB_DRIVER_VERSION": "570.124.06", "NSDG_DRIVER_MIN": "570"})):
+        write_job_files(one_node_vllm(job_dir, image))
+        proc = subprocess.Popen(["bash", str(job_dir / "node-launcher.sh")], cwd=job_dir, start_new_session=True,
+                                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # The server (the vllm stand-in) runs on after the preflight: read up to its verdict, then
+        # end the launcher's group (a timer bounds the read should neither line come).
+        timer = threading.Timer(30, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        seen, out = "", []
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                out.append(raw.decode(errors="replace"))
+                if "preflight passed" in out[-1] or "preflight failed" in out[-1]:
+                    seen = out[-1]
+                    break
+        finally:
+            timer.cancel()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert "preflight passed" in seen, "".join(out)
+        assert not (job_dir / "preflight-failed").exists()

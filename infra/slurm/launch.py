@@ -21,6 +21,7 @@ the fields it needs, so it does not import the spec.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from infra.slurm.options import check_int, fail
@@ -65,6 +66,8 @@ class LaunchSpec(Protocol):
     launch_wait_s: int
     srun_args: tuple[str, ...]
     server_command: tuple[str, ...] | None
+    container_runtime: str
+    container_image: str
 
 
 def image_setting(engine: str) -> str:
@@ -213,6 +216,28 @@ def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int]]:
 MODEL_FILES = {"nemo": ("model_config.yaml",), "vllm": ("config.json",), "trtllm": ("config.json",)}
 
 
+# The oldest NVIDIA driver an image's CUDA runs on, for the in-job preflight (audit L3): CUDA 12.x
+# on R525 and newer through minor-version compatibility, 13.x on 580.65.06 and newer (CUDA 13.0's
+# release notes). A tag names its CUDA build (`-cu129`); vLLM's plain release tags are its CUDA 13.0
+# build from v0.20.0 on; NGC's NeMo 24.xx-25.xx and TensorRT-LLM 1.0.x images are CUDA 12.
+CUDA_DRIVER_FLOORS = {"12": "525.60.13", "13": "580.65.06"}
+_CUDA_TAG = re.compile(r"[-_.]cu(1[2-9])\d(?![0-9])")
+_CUDA_OF_TAG = ((re.compile(r"vllm-openai:v0\.(?:[2-9]\d)\.\d+$"), "13"),
+                (re.compile(r"nvidia/nemo:2[45]\.\d\d"), "12"),
+                (re.compile(r"tensorrt-llm/release:1\.0\."), "12"))
+
+
+def driver_floor(spec: LaunchSpec) -> str:
+    """The minimum NVIDIA driver the engine's image needs ('' when its tag does not say, or no
+    image: the preflight then only logs the driver it sees)."""
+    if spec.container_runtime == "none":
+        return ""
+    image = spec.container_image.split("@", 1)[0].replace("#", "/")
+    if match := _CUDA_TAG.search(image.rsplit("/", 1)[-1]):
+        return CUDA_DRIVER_FLOORS.get(match.group(1), "")
+    return next((CUDA_DRIVER_FLOORS[cuda] for pattern, cuda in _CUDA_OF_TAG if pattern.search(image)), "")
+
+
 def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
     """The node launcher's preflight inputs (infra/templates/node-launcher.sh.tmpl): the server's
     port always; the model directory, its files and the GPUs only for the engine's own command (a
@@ -221,7 +246,8 @@ def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple
     return [("PREFLIGHT_PORT", spec.port),
             ("PREFLIGHT_MODEL", spec.model_path if own else ""),
             ("PREFLIGHT_MODEL_FILES", MODEL_FILES.get(spec.engine, ()) if own else ()),
-            ("PREFLIGHT_GPUS", spec.gpus_per_node if own else 0)]
+            ("PREFLIGHT_GPUS", spec.gpus_per_node if own else 0),
+            ("PREFLIGHT_DRIVER_MIN", driver_floor(spec) if own else "")]
 
 
 def check_api(engine: str, api: str, own_command: bool) -> None:
