@@ -16,7 +16,7 @@ import pytest
 from flows.generate import generate
 from tests.engine_stubs import write_hf_model, write_engine_stubs
 from tests.fixtures_slurm import TEST_PROFILES, slurm_job_env, slurm_test_env
-from tests.ports import free_port
+from tests.ports import free_port, free_ray_port
 from tests.test_slurm_flow import cancel_after_first_part, our_jobs, prompts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
@@ -33,7 +33,7 @@ def vllm_env(slurm_cluster, prefect_harness, workdir, monkeypatch):
     for name, value in slurm_test_env(workdir, port, profiles=profiles, simulated_server=False).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("NSDG_SLURM__SETUP", json.dumps([f"export PATH={shlex.quote(str(stubs))}:$PATH"]))
-    monkeypatch.setenv("NSDG_SLURM__RAY_PORT", str(free_port()))
+    monkeypatch.setenv("NSDG_SLURM__RAY_PORT", str(free_ray_port(port, 8)))  # Ray's fixed ports follow it
     monkeypatch.setenv("NSDG_MODEL__PATH", write_hf_model(workdir / "model"))  # what the job's preflight reads
 
     def serve_flags(*flags: str) -> None:

@@ -203,12 +203,34 @@ def server_command(spec: LaunchSpec) -> tuple[str, ...]:
     return tuple(arg.replace("{port}", str(spec.port)) for arg in spec.server_command)
 
 
-def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int]]:
+# Ray's ports, fixed from slurm.ray_port P instead of picked at random by Ray, so a firewall between
+# the job's nodes can allow them and nothing else on a node takes one by chance (audit S3; NeMo-Skills
+# fixes them for this job shape). P is the head's GCS; then, on every node, its node manager, object
+# manager, dashboard agent (gRPC, HTTP), metrics export and runtime-env agent at P+1..P+6; on the head
+# its Ray client server and dashboard at P+7, P+8; the worker processes at P+100..P+RAY_PORT_SPAN-1.
+RAY_NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",
+                  "--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port")
+RAY_HEAD_PORTS = ("--ray-client-server-port", "--dashboard-port")
+RAY_WORKER_PORTS_FROM = 100
+RAY_PORT_SPAN = 1100
+
+
+def ray_ports(spec: LaunchSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`ray start`'s port flags on every node, and the head's own."""
+    base = spec.ray_port
+    node = tuple(f"{flag}={base + 1 + i}" for i, flag in enumerate(RAY_NODE_PORTS))
+    node += (f"--min-worker-port={base + RAY_WORKER_PORTS_FROM}", f"--max-worker-port={base + RAY_PORT_SPAN - 1}")
+    head = tuple(f"{flag}={base + 1 + len(RAY_NODE_PORTS) + i}" for i, flag in enumerate(RAY_HEAD_PORTS))
+    return node, head
+
+
+def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
     """The launcher's extra variables for the Ray roles (none for the other launches)."""
     if not uses_ray(spec):
         return []
-    return [("RAY_PORT", spec.ray_port), ("RAY_GPUS", spec.nodes * spec.gpus_per_node),
-            ("RAY_WAIT_S", spec.launch_wait_s)]
+    node, head = ray_ports(spec)
+    return [("RAY_PORT", spec.ray_port), ("RAY_PORT_SPAN", RAY_PORT_SPAN), ("RAY_NODE_ARGS", node), ("RAY_HEAD_ARGS", head),
+            ("RAY_GPUS", spec.nodes * spec.gpus_per_node), ("RAY_WAIT_S", spec.launch_wait_s)]
 
 
 # What the in-job preflight requires in the model directory, per engine (the file its loader reads
@@ -273,9 +295,13 @@ def check_engine(spec: LaunchSpec) -> None:
             raise fail("profile.tensor_parallel", spec.tensor_parallel,
                        f"vllm over {spec.nodes} nodes keeps tensor parallelism inside a node's NVLink: use "
                        f"tensor_parallel={spec.gpus_per_node} and pipeline_parallel={spec.nodes} (vLLM's layout)")
-        check_int("slurm.ray_port", spec.ray_port, 1024, 65535)
-        if uses_ray(spec) and spec.ray_port == spec.port:
-            raise fail("slurm.ray_port", spec.ray_port, "the Ray head and the server would both listen on it")
+        last = 65535 - RAY_PORT_SPAN + 1
+        check_int("slurm.ray_port", spec.ray_port, 1024, last)
+        if uses_ray(spec) and spec.ray_port <= spec.port < spec.ray_port + RAY_PORT_SPAN:
+            raise fail("slurm.ray_port", spec.ray_port,
+                       f"Ray's ports are {spec.ray_port}..{spec.ray_port + RAY_PORT_SPAN - 1} (the head's, each "
+                       f"node's agents and workers), and the server's port {spec.port} is among them: Ray and the "
+                       f"server would both listen on it; move one of NSDG_SLURM__RAY_PORT and NSDG_SERVER__PORT")
     if spec.engine == "trtllm" and spec.server_command is None:
         mpi = [a for a in spec.srun_args if a.startswith("--mpi=")]
         if mpi and not mpi[-1].startswith(PMIX):

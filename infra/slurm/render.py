@@ -167,9 +167,8 @@ def render_node_launcher(spec: SbatchSpec) -> str:
         _assign("JOB_DIR", spec.job_dir),
         _assign_array("SETUP_LINES", spec.setup),
         _assign_array("SERVER_CMD", launch.server_command(spec)),
-        *(_assign(name, value) for name, value in launch.ray_assignments(spec)),
         *(_assign_array(name, value) if isinstance(value, tuple) else _assign(name, value)
-          for name, value in launch.preflight_assignments(spec)),
+          for name, value in (*launch.ray_assignments(spec), *launch.preflight_assignments(spec))),
     ]
     return _template("node-launcher.sh.tmpl").substitute(
         assignments="\n".join(assignments),
