@@ -189,6 +189,18 @@ def test_a_healthy_run_longer_than_the_dead_run_window_is_not_crashed(prefect_se
     assert "CRASHED" not in {s["type"] for s in states}, states
 
 
+def test_a_judge_system_prompt_without_a_system_turn_is_refused_before_any_server(tmp_path, served):
+    """--judge-system-prompt over the raw format (the judge's own or the run's) has nowhere to go:
+    one line naming the field and the fix, exit 2, before a server is started or a file written."""
+    src = tmp_path / "in.txt"
+    src.write_text("first prompt\n")
+    refused = one_line_refusal(cli("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--run-id", "s1",
+                                   "--prompt-format", "raw", "--judge-template", "Rate: {{ completion }}",
+                                   "--judge-system-prompt", "You grade answers from 1 to 5.", cwd=tmp_path, env=served))
+    assert "judge.system_prompt is set but the prompt format is raw" in refused and "--judge-format" in refused
+    assert not (tmp_path / "out" / "s1").exists()
+
+
 def test_the_judge_sets_its_own_prompt_format(tmp_path, served):
     """judge.prompt_format (--judge-format): an instruction judge over a base model's raw completions.
     Changing it alone re-judges the published parts (what the judge is sent changed) and
