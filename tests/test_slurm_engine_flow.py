@@ -8,6 +8,7 @@ and judges readiness as for vLLM: /health, the served model in /v1/models, a 1-t
 """
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def test_vllm_launch_on_two_nodes(vllm_env, workdir):
     state = job_dir / "ray-stub"
     head, worker = (json.loads((state / f"argv-{n}").read_text()) for n in (0, 1))
     assert head[:3] == ["start", "--head", "--node-ip-address=127.0.0.1"]
-    assert worker == ["start", f"--address={(state / 'head').read_text()}", "--node-ip-address=127.0.0.1", "--block"]
+    ray_port = int(os.environ["NSDG_SLURM__RAY_PORT"])  # Ray's fixed ports follow it on every node (audit S3)
+    assert worker[:3] == ["start", f"--address={(state / 'head').read_text()}", "--node-ip-address=127.0.0.1"]
+    assert worker[3:5] == [f"--node-manager-port={ray_port + 1}", f"--object-manager-port={ray_port + 2}"]
+    assert worker[-1] == "--block" and f"--ray-client-server-port={ray_port + 7}" in head
     serve = json.loads((state / "vllm-argv").read_text())
     env = json.loads((state / "vllm-env").read_text())
     # vLLM places workers by VLLM_HOST_IP (L1); the V2 Ray executor (L2); caches in the job's own place (L4).
