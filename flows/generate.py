@@ -106,6 +106,8 @@ def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLea
     if params.judge.enabled:  # the judge's template read once too; sent in its own prompt format, else the run's
         judge_format = load_prompt_format(params.judge.prompt_format, tokenizer) if params.judge.prompt_format \
             else cfg.prompt_format
+        if params.judge.system_prompt:
+            judge_format = judge_format.with_system(params.judge.system_prompt)
         cfg = replace(cfg, curation=replace(cfg.curation, judge=load_judge(params.judge, settings, judge_format,
                                                                             cfg.sampling.add_BOS, cfg.counter)))
     restarts_allowed = settings.server.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts

@@ -157,7 +157,8 @@ def with_run_parameters(fn):
 # The flag (and top-level --params key) of a nested field where its own name would be unclear or taken.
 FLAG_NAMES = {("sampling", "add_BOS"): "add_bos", ("sampling", "end_strings"): "end_string",
               ("judge", "template"): "judge_template", ("judge", "tokens_to_generate"): "judge_tokens",
-              ("judge", "end_strings"): "judge_end_string", ("judge", "prompt_format"): "judge_format"}
+              ("judge", "end_strings"): "judge_end_string", ("judge", "prompt_format"): "judge_format",
+              ("judge", "system_prompt"): "judge_system_prompt"}
 
 
 @dataclass(frozen=True)

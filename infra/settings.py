@@ -144,7 +144,9 @@ class SlurmSettings(_Section):
     images: dict[str, str] = Field(default_factory=dict, description="per-engine images (engine -> image), e.g. "
                                    '{"vllm": "/shared/images/vllm.sqsh"}; nemo and custom fall back to container_image, '
                                    "the others to their default (infra/slurm/launch.py)")
-    ray_port: int = Field(6379, ge=1024, le=65535, description="the vllm engine's Ray head port on the job's first node")
+    ray_port: int = Field(6379, ge=1024, le=65535,
+                          description="the vllm engine's Ray head port on the job's first node; Ray's other ports "
+                                      "follow it (P+1..P+1099)")
     container_mounts: list[str] = Field(default_factory=list)
     mount_model: bool = Field(True, description="mount model.path read-only at its own path unless a mount covers it; "
                               "false: refuse a model path no mount covers")

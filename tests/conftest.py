@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fixtures_slurm", "tests.fixtures_s3", "tests.fixtures_prefect", "tests.fixtures_nemo", "tests.fixtures_llama",
-                  "tests.fixtures_reward"]
+                  "tests.fixtures_reward", "tests.fixtures_vllm_cpu"]
 
 # Tests never read the developer's .env or NSDG_ settings by accident.
 for _name in [n for n in os.environ if n.startswith("NSDG_") and n not in ("NSDG_LOCAL__MODEL_DIR", "NSDG_UPDATE_GOLDEN")]:

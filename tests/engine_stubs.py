@@ -96,7 +96,7 @@ if "-L" in sys.argv:
     for i, _ in enumerate(gpus):
         print(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-stub-{i:04d})")
 elif any(a.startswith("--query-gpu=driver_version") for a in sys.argv):
-    print("\n".join("550.54.15" for _ in gpus))
+    print("\n".join(os.environ.get("STUB_DRIVER_VERSION", "550.54.15") for _ in gpus))
 else:
     sys.exit(f"stub nvidia-smi: {sys.argv[1:]} not supported")
 """

@@ -45,3 +45,17 @@ def free_port(span: int = 1) -> int:
             _handed_out.update(block)
             return base
     raise RuntimeError(f"no {span} free consecutive ports in {_LOW}..{high}: is something holding them all?")
+
+
+def free_ray_port(server_port: int, server_span: int = 1) -> int:
+    """slurm.ray_port P for a vllm job on this host: the ports Ray binds at fixed numbers (P..P+8,
+    infra/slurm/launch.py) are free, and Ray's whole block, workers' range included, stays clear of
+    the server's ports (the spec refuses an overlap). The workers' range is not reserved: the Ray
+    stand-ins bind nothing, and handing out 1100 ports a test would soon exhaust the range."""
+    from infra.slurm.launch import RAY_HEAD_PORTS, RAY_NODE_PORTS, RAY_PORT_SPAN
+
+    for _ in range(50):
+        base = free_port(span=1 + len(RAY_NODE_PORTS) + len(RAY_HEAD_PORTS))
+        if base + RAY_PORT_SPAN <= server_port or base >= server_port + server_span:
+            return base
+    raise RuntimeError(f"no Ray port clear of the server's {server_port}..{server_port + server_span - 1}")

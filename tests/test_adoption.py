@@ -189,6 +189,46 @@ def test_a_healthy_run_longer_than_the_dead_run_window_is_not_crashed(prefect_se
     assert "CRASHED" not in {s["type"] for s in states}, states
 
 
+def test_a_judge_system_prompt_without_a_system_turn_is_refused_before_any_server(tmp_path, served):
+    """--judge-system-prompt over the raw format (the judge's own or the run's) has nowhere to go:
+    one line naming the field and the fix, exit 2, before a server is started or a file written."""
+    src = tmp_path / "in.txt"
+    src.write_text("first prompt\n")
+    refused = one_line_refusal(cli("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--run-id", "s1",
+                                   "--prompt-format", "raw", "--judge-template", "Rate: {{ completion }}",
+                                   "--judge-system-prompt", "You grade answers from 1 to 5.", cwd=tmp_path, env=served))
+    assert "judge.system_prompt is set but the prompt format is raw" in refused and "--judge-format" in refused
+    assert not (tmp_path / "out" / "s1").exists()
+
+
+def runs_on(prefect_server, run_id: str) -> int:
+    runs = prefect_server.post("/flow_runs/filter", {"limit": 200})
+    return sum(1 for run in runs if (run.get("parameters") or {}).get("run_id") == run_id)
+
+
+def test_a_team_server_in_dot_env_is_named_and_local_prefect_keeps_a_run_off_it(tmp_path, served, prefect_server):
+    """Issue 27: a clone's .env holding the team's PREFECT_API_URL sent every local run to the team's
+    run list, silently. The run now says where it is recorded; --local-prefect records it on a
+    temporary server of its own instead."""
+    team = {k: v for k, v in served.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    (tmp_path / ".env").write_text(f"PREFECT_API_URL={served['PREFECT_API_URL']}\n")
+    src = tmp_path / "in.txt"
+    src.write_text("first prompt\n")
+    run = ("run", "--input-uri", str(src), "--output-uri", str(tmp_path / "out"), "--tokens-to-generate", "4")
+    shared = subprocess.run([sys.executable, "-m", "flows.cli", *run, "--run-id", "team1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**env, **team})
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert (f"nemotron-sdg run: recorded on the Prefect server at {served['PREFECT_API_URL']} (PREFECT_API_URL, from the "
+            "environment or .env); --local-prefect keeps this run on a temporary local server") in shared.stderr
+    assert runs_on(prefect_server, "team1") == 1
+    local = subprocess.run([sys.executable, "-m", "flows.cli", *run, "--run-id", "mine1", "--local-prefect"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**env, **team})
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "recorded on the Prefect server" not in local.stderr and "Starting temporary server" in local.stderr
+    assert runs_on(prefect_server, "mine1") == 0 and (tmp_path / "out" / "mine1" / "manifest.json").exists()
+
+
 def test_the_judge_sets_its_own_prompt_format(tmp_path, served):
     """judge.prompt_format (--judge-format): an instruction judge over a base model's raw completions.
     Changing it alone re-judges the published parts (what the judge is sent changed) and

@@ -83,6 +83,15 @@ def test_usage_is_split_over_choices_and_sums_to_the_servers_total():
     assert split_usage(None, ["abc", "a"], len) == [3, 1]
 
 
+def test_a_sample_that_hit_the_cap_counts_exactly_max_tokens():
+    """Issue 25's real vLLM run: n=2 with max_tokens 16 gave a row 17 tokens, the total shared by
+    text length. A `length` finish is exactly max_tokens; the rest goes to the others, none above it."""
+    assert split_usage(26, ["a long capped sample", "short one"], len, [True, False], 16) == [16, 10]
+    assert split_usage(32, ["x" * 30, "y"], len, [True, True], 16) == [16, 16]
+    assert split_usage(20, ["aaaa", "bbbbbbbbbbbb"], len, [False, False], 16) == [5, 15]
+    assert max(split_usage(40, ["a", "b"], len, [False, False], 16)) <= 16  # a server over-counting: capped
+
+
 # --- against the local server's OpenAI side -----------------------------------------------------
 
 

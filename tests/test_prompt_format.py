@@ -1,5 +1,6 @@
 """Prompt formats: how a prompt is wrapped, what is counted, what the config hash records."""
 
+import hashlib
 import json
 
 import pytest
@@ -84,3 +85,29 @@ def test_the_wrapped_prompt_is_what_must_fit_the_context():
     truncating = RecordCheck(run_config(prompt_format=fmt, overlong_prompts="truncate_left"), settings)
     kept = truncating(rec)
     assert isinstance(kept, Record) and kept.prompt == "x" * 10  # exactly what fits beside the markup
+
+
+def test_a_judges_system_prompt_goes_into_its_formats_system_turn(local_model_dir):
+    """judge.system_prompt (--judge-system-prompt): nemotron-instruct's System turn, a chat template's
+    system message (rendered as transformers does); part of the format's identity, so a changed
+    system prompt re-judges; a format without one keeps its digest."""
+    instruct = load_prompt_format("nemotron-instruct", None)
+    judge = instruct.with_system("You grade answers from 1 to 5.")
+    assert judge.wrap("Hi") == ("<extra_id_0>System\nYou grade answers from 1 to 5.\n<extra_id_1>User\nHi\n"
+                                "<extra_id_1>Assistant\n")
+    assert judge.identity() != instruct.identity() != judge.with_system("Be strict.").identity()
+    unchanged = hashlib.sha256(json.dumps([instruct.template, [], list(instruct.end_strings)]).encode()).hexdigest()
+    assert instruct.identity() == {"name": "nemotron-instruct", "sha256": unchanged[:16]}
+    chat = load_prompt_format("chat", str(local_model_dir / "tokenizer.json")).with_system("You grade answers.")
+    reference = AutoTokenizer.from_pretrained(local_model_dir).apply_chat_template(
+        [{"role": "system", "content": "You grade answers."}, {"role": "user", "content": "Rate: 4"}],
+        tokenize=False, add_generation_prompt=True)
+    assert chat.wrap("Rate: 4") == reference and "You grade answers." in reference
+
+
+def test_a_system_prompt_with_the_raw_format_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as exc:
+        RAW.with_system("You grade answers.")
+    message = str(exc.value)
+    assert "judge.system_prompt is set but the prompt format is raw" in message and "--judge-format" in message
+    assert "\n" not in message

@@ -8,6 +8,7 @@ and judges readiness as for vLLM: /health, the served model in /v1/models, a 1-t
 """
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from flows.generate import generate
 from tests.engine_stubs import write_hf_model, write_engine_stubs
 from tests.fixtures_slurm import TEST_PROFILES, slurm_job_env, slurm_test_env
-from tests.ports import free_port
+from tests.ports import free_port, free_ray_port
 from tests.test_slurm_flow import cancel_after_first_part, our_jobs, prompts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
@@ -33,7 +34,7 @@ def vllm_env(slurm_cluster, prefect_harness, workdir, monkeypatch):
     for name, value in slurm_test_env(workdir, port, profiles=profiles, simulated_server=False).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("NSDG_SLURM__SETUP", json.dumps([f"export PATH={shlex.quote(str(stubs))}:$PATH"]))
-    monkeypatch.setenv("NSDG_SLURM__RAY_PORT", str(free_port()))
+    monkeypatch.setenv("NSDG_SLURM__RAY_PORT", str(free_ray_port(port, 8)))  # Ray's fixed ports follow it
     monkeypatch.setenv("NSDG_MODEL__PATH", write_hf_model(workdir / "model"))  # what the job's preflight reads
 
     def serve_flags(*flags: str) -> None:
@@ -62,7 +63,10 @@ def test_vllm_launch_on_two_nodes(vllm_env, workdir):
     state = job_dir / "ray-stub"
     head, worker = (json.loads((state / f"argv-{n}").read_text()) for n in (0, 1))
     assert head[:3] == ["start", "--head", "--node-ip-address=127.0.0.1"]
-    assert worker == ["start", f"--address={(state / 'head').read_text()}", "--node-ip-address=127.0.0.1", "--block"]
+    ray_port = int(os.environ["NSDG_SLURM__RAY_PORT"])  # Ray's fixed ports follow it on every node (audit S3)
+    assert worker[:3] == ["start", f"--address={(state / 'head').read_text()}", "--node-ip-address=127.0.0.1"]
+    assert worker[3:5] == [f"--node-manager-port={ray_port + 1}", f"--object-manager-port={ray_port + 2}"]
+    assert worker[-1] == "--block" and f"--ray-client-server-port={ray_port + 7}" in head
     serve = json.loads((state / "vllm-argv").read_text())
     env = json.loads((state / "vllm-env").read_text())
     # vLLM places workers by VLLM_HOST_IP (L1); the V2 Ray executor (L2); caches in the job's own place (L4).

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,11 @@ from flows.cli import main as cli_main
 from infra.deadline import Deadline, poll_until
 from infra.errors import ConfigError
 from infra.settings import Settings, SlurmSettings
-from infra.slurm.launch import server_command
+from infra.slurm.launch import RAY_PORT_SPAN, ray_ports, server_command
 from infra.slurm.render import render_node_launcher, render_sbatch, write_job_files
 from infra.slurm.spec import SbatchSpec
 from tests.engine_stubs import write_engine_stubs, write_hf_model
-from tests.ports import free_port
+from tests.ports import free_port, free_ray_port
 from tests.test_slurm_render import DESTRUCTIVE, HOSTILE, assigned_array, bash_n, finish, gone, sbatch_lines
 
 HF = "/lustre/models/Nemotron-4-340B-Base-hf"
@@ -70,7 +71,7 @@ def test_switching_the_profile_to_vllm_is_the_only_change_needed():
                               "--distributed-executor-backend", "ray", "--max-model-len", "4096",
                               "--generation-config", "vllm",
                               "--host", "0.0.0.0", "--port", "1424")
-    assert "ray start --head" in launcher and 'ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --block' in launcher
+    assert "ray start --head" in launcher and 'ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" "${RAY_NODE_ARGS[@]}" --block' in launcher
     assert "RAY_GPUS=16" in launcher
 
 
@@ -120,6 +121,23 @@ def test_vllm_needs_gpus():
 
 def test_ray_port_cannot_be_the_servers():
     refused("both listen", "vllm", ray_port=1424)
+    # Nor may the server's port fall among the ports Ray's nodes and workers take after it.
+    assert "Ray's ports are 1400..2499" in refused("both listen", "vllm", ray_port=1400)
+    refused("slurm.ray_port", "vllm", ray_port=65000)
+
+
+def test_a_ray_port_taken_on_a_worker_node_fails_its_preflight(ray_job):
+    job_dir, stubs = ray_job
+    spec = ray_spec(job_dir, free_port())
+    write_job_files(spec)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", spec.ray_port + 2))
+        taken.listen()
+        rc, out = finish(start_role(job_dir, 1, stubs), timeout=30)
+    assert rc == 3, out
+    assert f"port: Ray's --object-manager-port {spec.ray_port + 2} is already taken on {socket.gethostname()}; set " \
+           f"NSDG_SLURM__RAY_PORT to the start of {RAY_PORT_SPAN} free ports" in (job_dir / "preflight-failed").read_text()
+    assert not (job_dir / "ray-stub" / "argv-1").exists()
 
 
 @pytest.mark.parametrize("mpi", ["--mpi=none", "--mpi=pmi2"])
@@ -188,7 +206,7 @@ def ray_spec(job_dir: Path, port: int, wait_s: int = 60,
     return SbatchSpec(job_name="nsdg-ray-test", job_dir=str(job_dir), comment="nsdg run=ray-test", nodes=2,
                       tasks_per_node=8, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=2, engine="vllm",
                       container_runtime="none", model_path=write_hf_model(job_dir.parent / "model"), port=port,
-                      ray_port=free_port(),
+                      ray_port=free_ray_port(port),
                       launch_wait_s=wait_s, env=(("PYTHONPATH", str(Path(__file__).resolve().parents[1])), *env))
 
 
@@ -244,7 +262,8 @@ def test_a_head_whose_hostname_resolves_to_loopback_is_refused_at_once(ray_job):
 def test_ray_head_waits_for_the_worker_then_serves(ray_job):
     job_dir, stubs = ray_job
     port = free_port()
-    write_job_files(ray_spec(job_dir, port))
+    spec = ray_spec(job_dir, port)
+    write_job_files(spec)
     head = start_role(job_dir, 0, stubs)
     worker = None
     try:
@@ -256,8 +275,13 @@ def test_ray_head_waits_for_the_worker_then_serves(ray_job):
         stub_state = job_dir / "ray-stub"
         head_argv, worker_argv = (json.loads((stub_state / f"argv-{n}").read_text()) for n in (0, 1))
         address = (stub_state / "head").read_text()
-        assert head_argv[:2] == ["start", "--head"] and "--block" in head_argv
-        assert worker_argv == ["start", f"--address={address}", "--node-ip-address=127.0.0.1", "--block"]
+        # Ray's ports fixed from the head's (audit S3), each node's and the head's own.
+        node_ports, head_ports = ray_ports(spec)
+        assert head_argv == ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={spec.ray_port}", *node_ports,
+                             *head_ports, "--block"]
+        assert worker_argv == ["start", f"--address={address}", "--node-ip-address=127.0.0.1", *node_ports, "--block"]
+        assert node_ports[0] == f"--node-manager-port={spec.ray_port + 1}"
+        assert node_ports[-1] == f"--max-worker-port={spec.ray_port + RAY_PORT_SPAN - 1}"
         assert json.loads((stub_state / "vllm-argv").read_text())[:3] == ["serve", str(job_dir.parent / "model"),
                                                                           "--served-model-name"]
         for proc in (worker, head):
@@ -324,3 +348,58 @@ def test_openai_only_engines_refuse_the_nemo_api(engine):
         update={"api": "nemo-generate", "command": ["serve", "--port", "{port}"]})})
     for s in (settings, own):
         SbatchSpec.from_settings(s, name, job_name="nsdg-engine-test", comment="nsdg run=engine-test", job_dir="/shared/jobs/e1")
+
+
+# --- the driver floor of the engine's image (the in-job preflight, run with bash) --------------------
+
+
+def one_node_vllm(job_dir: Path, image: str) -> SbatchSpec:
+    return SbatchSpec(job_name="nsdg-driver-test", job_dir=str(job_dir), comment="nsdg run=driver-test", nodes=1,
+                      tasks_per_node=8, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=1, engine="vllm",
+                      container_image=image, model_path=write_hf_model(job_dir.parent / "model"), port=free_port())
+
+
+@pytest.mark.parametrize("image, driver, floor", [("vllm/vllm-openai:v0.20.0", "570.124.06", "580.65.06"),
+                                                  ("vllm/vllm-openai:v0.20.0-cu129", "470.256.02", "525.60.13")])
+def test_a_driver_older_than_the_images_cuda_fails_the_preflight(ray_job, image, driver, floor):
+    """Audit L3: vLLM's plain v0.20.0 tag is its CUDA 13.0 build; on an R570 node it would fail at
+    the first CUDA call, after the load. The preflight says so in one line, in seconds."""
+    job_dir, stubs = ray_job
+    write_job_files(one_node_vllm(job_dir, image))
+    proc = subprocess.Popen(["bash", str(job_dir / "node-launcher.sh")], cwd=job_dir, start_new_session=True,
+                            env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_PROCID": "0",
+                                 "STUB_DRIVER_VERSION": driver}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rc, out = finish(proc)
+    assert rc == 3, out
+    line = (job_dir / "preflight-failed").read_text().strip()
+    assert line.endswith(f"driver: NVIDIA driver {driver} on {socket.gethostname()}, the image's CUDA needs {floor} "
+                         "or newer; use an image built for an older CUDA (e.g. vLLM's -cu129 tags, 525.60.13) or ask "
+                         "the site's operators for a newer driver"), line
+    assert "server started" not in out
+
+
+def test_a_driver_at_the_images_floor_passes_and_the_site_may_lower_it(ray_job):
+    job_dir, stubs = ray_job
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_PROCID": "0"}
+    for image, extra in (("vllm/vllm-openai:v0.20.0-cu130", {"STUB_DRIVER_VERSION": "580.65.06"}),
+                         ("vllm/vllm-openai:v0.20.0", {"STUB_DRIVER_VERSION": "570.124.06", "NSDG_DRIVER_MIN": "570"})):
+        write_job_files(one_node_vllm(job_dir, image))
+        proc = subprocess.Popen(["bash", str(job_dir / "node-launcher.sh")], cwd=job_dir, start_new_session=True,
+                                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # The server (the vllm stand-in) runs on after the preflight: read up to its verdict, then
+        # end the launcher's group (a timer bounds the read should neither line come).
+        timer = threading.Timer(30, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        seen, out = "", []
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                out.append(raw.decode(errors="replace"))
+                if "preflight passed" in out[-1] or "preflight failed" in out[-1]:
+                    seen = out[-1]
+                    break
+        finally:
+            timer.cancel()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert "preflight passed" in seen, "".join(out)
+        assert not (job_dir / "preflight-failed").exists()

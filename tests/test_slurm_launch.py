@@ -67,6 +67,33 @@ def test_pyxis_image_names_the_registry_with_a_hash(image, rendered):
     assert pyxis_image(image) == rendered
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("image", ["nvcr.io/nvidia/nemo", "nvcr.io#nvidia/nemo:latest", "vllm/vllm-openai:nightly",
+                                   "localhost:5000/nemo", "ubuntu", "nvcr.io/nvidia/nemo@sha256:abc"])
+def test_a_floating_image_tag_is_refused(image):
+    """Audit S7: two jobs of one run (a replacement, a rollover's successor) could pull different
+    engine versions under `latest`; the registry's port is not a tag, a short digest not a pin."""
+    message = refused("a floating tag", container_image=image)
+    assert "pin a release tag" in message and "@sha256:" in message
+
+
+@pytest.mark.parametrize("image", ["nvcr.io/nvidia/nemo:24.05", "localhost:5000/nemo:1", f"nvcr.io#nvidia/nemo@{DIGEST}",
+                                   f"vllm/vllm-openai:v0.20.0-cu129@{DIGEST}", "/lustre/images/nemo.sqsh"])
+def test_a_release_tag_a_digest_or_a_file_pins_the_image(image):
+    spec(container_image=image)
+
+
+def test_the_engines_own_floating_image_names_its_setting():
+    settings = Settings(_env_file=None, model={"path": "/lustre/models/hf"},
+                        slurm=SlurmSettings(images={"vllm": "vllm/vllm-openai:latest"}),
+                        extra_profiles={"p": {"backend": "slurm", "nodes": 1, "gpus_per_node": 8, "tensor_parallel": 8,
+                                              "engine": "vllm"}})
+    with pytest.raises(ConfigError, match="NSDG_SLURM__IMAGES='vllm/vllm-openai:latest' is not valid: a floating tag"):
+        SbatchSpec.from_settings(settings, "p", job_name="nsdg-pin", comment="nsdg run=pin", job_dir="/shared/jobs/p")
+
+
 @pytest.mark.parametrize("image", ["nvcr.io/nvidia/nemo:24.05", "nvcr.io#nvidia/nemo:24.05",
                                    "docker://nvcr.io/nvidia/nemo:24.05"])
 def test_apptainer_needs_a_local_image_and_says_how_to_pull_one(image):

@@ -199,6 +199,9 @@ while args and args[0].startswith("-"):
         env["STUB_CONTAINER_WORKDIR"] = value
     elif name == "--cpus-per-task":
         env["SLURM_CPUS_PER_TASK"] = value
+    elif name == "--mpi" and value.startswith("pmix"):
+        # slurmd's PMIx server directory for this step, given to each task (it is not under /tmp).
+        env["PMIX_SERVER_TMPDIR"] = os.path.join(os.environ["STUB_LOG"], "spool", "pmix.4242.0")
     elif name.startswith("--container-") and name not in PYXIS_FLAGS:
         refuse(f"pyxis has no option {name}")
 env.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURMD_NODENAME="node1")
@@ -597,6 +600,25 @@ def test_batch_script_passes_hostile_mounts_through(tmp_path, job_dir, stubs, ru
         binds = [f"--bind={m}" for m in [*mounts, f"{job_dir}:{job_dir}"]]
         assert recorded(stubs, "apptainer") == ["exec", "--no-home", *binds, str(image), *launcher]
     assert not list(tmp_path.rglob("PWNED")) and not list(job_dir.rglob("PWNED"))
+
+
+@pytest.mark.parametrize("site_gds", [None, "ds21"])
+def test_apptainer_tasks_of_a_pmix_world_bind_their_steps_pmix_directory(tmp_path, job_dir, stubs, site_gds):
+    """Audit L5: the directory is the step's, known only inside the task, so the bind is added there;
+    PMIx's hash store unless the site chose another (slurm.env)."""
+    image = tmp_path / "trtllm.sif"
+    image.write_text("")
+    spec = simple_spec(job_dir, container_runtime="apptainer", container_image=str(image), srun_args=("--mpi=pmix",),
+                       server_command=("env",), env=(("PMIX_MCA_gds", site_gds),) if site_gds else ())
+    rc, out = finish(start_batch(spec, stubs, tmp_path))
+    assert rc == 0, out
+    pmix_dir = stubs / "spool" / "pmix.4242.0"
+    assert recorded(stubs, "apptainer") == ["exec", f"--bind={pmix_dir}", "--no-home", f"--bind={job_dir}:{job_dir}",
+                                            str(image), "bash", f"{job_dir}/node-launcher.sh"]
+    assert f"PMIX_MCA_gds={site_gds or 'hash'}" in out
+    # Without PMIx nothing changes: apptainer is srun's command itself.
+    spec = replace(spec, srun_args=())
+    assert assigned_array(render_sbatch(spec), "LAUNCH_PREFIX", tmp_path)[:2] == ["apptainer", "exec"]
 
 
 # --- the batch script, run ------------------------------------------------------------------------

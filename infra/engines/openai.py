@@ -15,8 +15,8 @@ replica). Field mapping from the recipe's sampling parameters (reference/openai-
 - the request's seed (infra.prompting.samples) -> seed;
 - finish_reason stop -> "end_string", length -> "length", abort -> "abort"; NeMo >= 2.1 always
   answers "": "end_string" when an end string was found in the text, else "length" (as /generate);
-- usage.completion_tokens -> generated_tokens (summed over the n choices by the server: split
-  over the choices by their text's share). NeMo >= 2.1 counts whitespace-split words, not tokens:
+- usage.completion_tokens -> generated_tokens (summed over the n choices by the server: a choice
+  capped at max_tokens counts exactly that, the rest is split by text share; split_usage). NeMo >= 2.1 counts whitespace-split words, not tokens:
   its records say `generated_tokens_unit: words`;
 - HTTP 400 (context length and any other refusal) -> that record is rejected with the server's
   message, read from both vLLM shapes (flat before 0.10.1, nested under `error` since) and
@@ -104,17 +104,28 @@ def error_message(payload: object) -> str:
     return str(payload)[:500]
 
 
-def split_usage(total: int | None, texts: list[str], count: Callable[[str], int]) -> list[int]:
+def split_usage(total: int | None, texts: list[str], count: Callable[[str], int],
+                capped: list[bool] | None = None, max_tokens: int | None = None) -> list[int]:
     """Per-choice generated tokens from the request's total (the server sums over n): exact for
-    n == 1; else shared out by each text's counted length, the remainder to the longest."""
+    n == 1 and for a choice that ended at the cap (`capped`: finish `length`, exactly max_tokens);
+    the rest of the total shared out over the other choices by each text's counted length, the
+    remainder to the longest, none above max_tokens. (By text share alone, a capped sample of 16
+    could be given 17 beside a shorter one: issue 25's real vLLM run.)"""
     if total is None:
         return [count(t) for t in texts]
     if len(texts) == 1:
         return [total]
-    weights = [max(count(t), 1) for t in texts]
-    shares = [total * w // sum(weights) for w in weights]
-    shares[weights.index(max(weights))] += total - sum(shares)
-    return shares
+    capped = capped if capped is not None and max_tokens is not None else [False] * len(texts)
+    shares = [max_tokens if cap else 0 for cap in capped]
+    rest = [i for i, cap in enumerate(capped) if not cap]
+    if not rest:
+        return shares
+    left = max(total - sum(shares), 0)
+    weights = {i: max(count(texts[i]), 1) for i in rest}
+    for i in rest:
+        shares[i] = left * weights[i] // sum(weights.values())
+    shares[max(rest, key=lambda i: weights[i])] += left - sum(shares[i] for i in rest)
+    return [min(n, max_tokens) if max_tokens is not None else n for n in shares]
 
 
 @dataclass(frozen=True)
@@ -252,7 +263,8 @@ class OpenAIClient(HttpClient):
         parsed = [self._choice(c, sampling.end_strings) for c in choices]
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
         total = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
-        tokens = split_usage(total, [c.text for c in parsed], self.count_tokens)
+        tokens = split_usage(total, [c.text for c in parsed], self.count_tokens,
+                             [c.finish_reason == "length" for c in parsed], sampling.tokens_to_generate)
         return [GeneratedText(prompt, Completion(c.text, "exact", c.finish_reason, 0), t, self.tokens_unit)
                 for c, t in zip(parsed, tokens)]
 

@@ -63,6 +63,10 @@ def _convert(gguf: Path, out: Path) -> None:
     fresh = AutoModelForCausalLM.from_config(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.eval()
+    # The weights are dequantized: without this the directory would still declare the GGUF's
+    # quantization_config, which vLLM (and any HF tool that trusts it) refuses (issue 25).
+    if hasattr(fresh.config, "quantization_config"):
+        del fresh.config.quantization_config
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if getattr(tokenizer, "chat_template", None) is None:

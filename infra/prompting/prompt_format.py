@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -42,21 +42,34 @@ class PromptFormat:
     end_strings: tuple[str, ...] = ()
     variables: tuple[tuple[str, str], ...] = ()  # bos_token / eos_token for a chat template
     _jinja: object = field(default=None, compare=False, repr=False)
+    system: str = ""  # the system turn's text (a judge's system prompt); raw has none
+
+    def with_system(self, system: str, field_name: str = "judge.system_prompt") -> "PromptFormat":
+        """This format with a system turn: nemotron-instruct's System turn, a chat template's system
+        message. `raw` has no turns to put one in: refused, naming the field."""
+        if self.name == "raw":
+            raise ConfigError(f"{field_name} is set but the prompt format is raw, which has no system turn: set the "
+                              f"judge's format (--judge-format nemotron-instruct or chat), or write the instruction "
+                              f"into the judging template")
+        return replace(self, system=system)
 
     def wrap(self, prompt: str) -> str:
         if self.name == "raw":
             return prompt
         if self.name == "nemotron-instruct":
-            return NEMOTRON_INSTRUCT.format(system="", prompt=prompt)
+            return NEMOTRON_INSTRUCT.format(system=self.system, prompt=prompt)
+        messages = [{"role": "system", "content": self.system}] if self.system else []
         try:
-            return self._jinja.render(messages=[{"role": "user", "content": prompt}],
+            return self._jinja.render(messages=[*messages, {"role": "user", "content": prompt}],
                                       add_generation_prompt=True, **dict(self.variables))
         except TemplateError as exc:  # a template that fails on one prompt fails on all
             raise ConfigError(f"The chat template could not render a prompt: {exc}. Use prompt_format='raw'.") from exc
 
     def identity(self) -> dict:
         """What the config hash records: a changed template is a changed run."""
-        digest = hashlib.sha256(json.dumps([self.template, self.variables, self.end_strings]).encode()).hexdigest()
+        # The system turn only when there is one, so a format without one keeps its earlier digest.
+        parts = [self.template, self.variables, self.end_strings, *([self.system] if self.system else [])]
+        digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
         return {"name": self.name, "sha256": digest[:16]}
 
 

@@ -84,6 +84,9 @@ class JudgeParams(BaseModel):
     prompt_format: PromptFormatName | None = Field(
         None, description="how the judging prompt is wrapped: raw, nemotron-instruct or chat, whatever the generation "
                           "used (an instruction judge over a base model's completions); default: the run's prompt_format")
+    system_prompt: str | None = Field(
+        None, description="the judge's system prompt, in its prompt format's system turn (nemotron-instruct's System "
+                          "turn, a chat template's system message; raw has none and is refused); empty: none")
 
     @model_validator(mode="after")
     def _pattern(self) -> "JudgeParams":

@@ -21,6 +21,7 @@ the fields it needs, so it does not import the spec.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from infra.slurm.options import check_int, fail
@@ -65,6 +66,8 @@ class LaunchSpec(Protocol):
     launch_wait_s: int
     srun_args: tuple[str, ...]
     server_command: tuple[str, ...] | None
+    container_runtime: str
+    container_image: str
 
 
 def image_setting(engine: str) -> str:
@@ -103,6 +106,12 @@ def srun_args(spec: LaunchSpec) -> tuple[str, ...]:
     if spec.engine == "trtllm" and spec.server_command is None and not any(a.startswith("--mpi=") for a in spec.srun_args):
         return (*spec.srun_args, PMIX)
     return spec.srun_args
+
+
+def pmix_world(spec: LaunchSpec) -> bool:
+    """The tasks form one MPI world through Slurm's PMIx (trtllm's, or a site's --mpi=pmix): inside
+    apptainer they then need slurmd's PMIx directory (infra/slurm/render.py launch_prefix)."""
+    return any(a.startswith(PMIX) for a in srun_args(spec))
 
 
 def launcher_tail(spec: LaunchSpec) -> str:
@@ -194,17 +203,61 @@ def server_command(spec: LaunchSpec) -> tuple[str, ...]:
     return tuple(arg.replace("{port}", str(spec.port)) for arg in spec.server_command)
 
 
-def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int]]:
+# Ray's ports, fixed from slurm.ray_port P instead of picked at random by Ray, so a firewall between
+# the job's nodes can allow them and nothing else on a node takes one by chance (audit S3; NeMo-Skills
+# fixes them for this job shape). P is the head's GCS; then, on every node, its node manager, object
+# manager, dashboard agent (gRPC, HTTP), metrics export and runtime-env agent at P+1..P+6; on the head
+# its Ray client server and dashboard at P+7, P+8; the worker processes at P+100..P+RAY_PORT_SPAN-1.
+RAY_NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",
+                  "--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port")
+RAY_HEAD_PORTS = ("--ray-client-server-port", "--dashboard-port")
+RAY_WORKER_PORTS_FROM = 100
+RAY_PORT_SPAN = 1100
+
+
+def ray_ports(spec: LaunchSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`ray start`'s port flags on every node, and the head's own."""
+    base = spec.ray_port
+    node = tuple(f"{flag}={base + 1 + i}" for i, flag in enumerate(RAY_NODE_PORTS))
+    node += (f"--min-worker-port={base + RAY_WORKER_PORTS_FROM}", f"--max-worker-port={base + RAY_PORT_SPAN - 1}")
+    head = tuple(f"{flag}={base + 1 + len(RAY_NODE_PORTS) + i}" for i, flag in enumerate(RAY_HEAD_PORTS))
+    return node, head
+
+
+def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
     """The launcher's extra variables for the Ray roles (none for the other launches)."""
     if not uses_ray(spec):
         return []
-    return [("RAY_PORT", spec.ray_port), ("RAY_GPUS", spec.nodes * spec.gpus_per_node),
-            ("RAY_WAIT_S", spec.launch_wait_s)]
+    node, head = ray_ports(spec)
+    return [("RAY_PORT", spec.ray_port), ("RAY_PORT_SPAN", RAY_PORT_SPAN), ("RAY_NODE_ARGS", node), ("RAY_HEAD_ARGS", head),
+            ("RAY_GPUS", spec.nodes * spec.gpus_per_node), ("RAY_WAIT_S", spec.launch_wait_s)]
 
 
 # What the in-job preflight requires in the model directory, per engine (the file its loader reads
 # first): NeMo's extracted .nemo, the Hugging Face checkpoint vLLM and TensorRT-LLM load.
 MODEL_FILES = {"nemo": ("model_config.yaml",), "vllm": ("config.json",), "trtllm": ("config.json",)}
+
+
+# The oldest NVIDIA driver an image's CUDA runs on, for the in-job preflight (audit L3): CUDA 12.x
+# on R525 and newer through minor-version compatibility, 13.x on 580.65.06 and newer (CUDA 13.0's
+# release notes). A tag names its CUDA build (`-cu129`); vLLM's plain release tags are its CUDA 13.0
+# build from v0.20.0 on; NGC's NeMo 24.xx-25.xx and TensorRT-LLM 1.0.x images are CUDA 12.
+CUDA_DRIVER_FLOORS = {"12": "525.60.13", "13": "580.65.06"}
+_CUDA_TAG = re.compile(r"[-_.]cu(1[2-9])\d(?![0-9])")
+_CUDA_OF_TAG = ((re.compile(r"vllm-openai:v0\.(?:[2-9]\d)\.\d+$"), "13"),
+                (re.compile(r"nvidia/nemo:2[45]\.\d\d"), "12"),
+                (re.compile(r"tensorrt-llm/release:1\.0\."), "12"))
+
+
+def driver_floor(spec: LaunchSpec) -> str:
+    """The minimum NVIDIA driver the engine's image needs ('' when its tag does not say, or no
+    image: the preflight then only logs the driver it sees)."""
+    if spec.container_runtime == "none":
+        return ""
+    image = spec.container_image.split("@", 1)[0].replace("#", "/")
+    if match := _CUDA_TAG.search(image.rsplit("/", 1)[-1]):
+        return CUDA_DRIVER_FLOORS.get(match.group(1), "")
+    return next((CUDA_DRIVER_FLOORS[cuda] for pattern, cuda in _CUDA_OF_TAG if pattern.search(image)), "")
 
 
 def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
@@ -215,7 +268,8 @@ def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple
     return [("PREFLIGHT_PORT", spec.port),
             ("PREFLIGHT_MODEL", spec.model_path if own else ""),
             ("PREFLIGHT_MODEL_FILES", MODEL_FILES.get(spec.engine, ()) if own else ()),
-            ("PREFLIGHT_GPUS", spec.gpus_per_node if own else 0)]
+            ("PREFLIGHT_GPUS", spec.gpus_per_node if own else 0),
+            ("PREFLIGHT_DRIVER_MIN", driver_floor(spec) if own else "")]
 
 
 def check_api(engine: str, api: str, own_command: bool) -> None:
@@ -241,9 +295,13 @@ def check_engine(spec: LaunchSpec) -> None:
             raise fail("profile.tensor_parallel", spec.tensor_parallel,
                        f"vllm over {spec.nodes} nodes keeps tensor parallelism inside a node's NVLink: use "
                        f"tensor_parallel={spec.gpus_per_node} and pipeline_parallel={spec.nodes} (vLLM's layout)")
-        check_int("slurm.ray_port", spec.ray_port, 1024, 65535)
-        if uses_ray(spec) and spec.ray_port == spec.port:
-            raise fail("slurm.ray_port", spec.ray_port, "the Ray head and the server would both listen on it")
+        last = 65535 - RAY_PORT_SPAN + 1
+        check_int("slurm.ray_port", spec.ray_port, 1024, last)
+        if uses_ray(spec) and spec.ray_port <= spec.port < spec.ray_port + RAY_PORT_SPAN:
+            raise fail("slurm.ray_port", spec.ray_port,
+                       f"Ray's ports are {spec.ray_port}..{spec.ray_port + RAY_PORT_SPAN - 1} (the head's, each "
+                       f"node's agents and workers), and the server's port {spec.port} is among them: Ray and the "
+                       f"server would both listen on it; move one of NSDG_SLURM__RAY_PORT and NSDG_SERVER__PORT")
     if spec.engine == "trtllm" and spec.server_command is None:
         mpi = [a for a in spec.srun_args if a.startswith("--mpi=")]
         if mpi and not mpi[-1].startswith(PMIX):

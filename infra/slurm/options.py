@@ -234,6 +234,27 @@ def suggested_sif(image: str) -> str:
     return f"/shared/images/{name}.sif"
 
 
+# Tags that name no release: the image behind one moves, so two jobs of one run (a replica's
+# replacement, a rollover's successor, a rerun) could start different engine versions, and the data
+# would not say which (audit S7). A release tag, a digest or an imported file pins the image.
+FLOATING_TAGS = frozenset({"latest", "nightly", "main", "master", "dev", "edge", "stable", "rolling"})
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def image_pin(image: str) -> str | None:
+    """How a pyxis image is pinned: 'file', 'digest', 'tag', or None for a floating reference
+    (no tag, or a tag in FLOATING_TAGS). `[USER@][REGISTRY#]IMAGE[:TAG][@sha256:DIGEST]`."""
+    if _is_path(image):
+        return "file"
+    if _DIGEST.search(image):
+        return "digest"
+    name = image.replace("#", "/").rsplit("/", 1)[-1]
+    if "@" in name:
+        return None  # a digest, but not sha256:<64 hex digits>
+    tag = name.partition(":")[2]
+    return "tag" if tag and tag.lower() not in FLOATING_TAGS else None
+
+
 def check_image(runtime: str, image: str, *, setting: str = "NSDG_SLURM__CONTAINER_IMAGE") -> None:
     """`setting` is the variable that sets this image, named in the refusals."""
     if runtime == "none":
@@ -253,6 +274,11 @@ def check_image(runtime: str, image: str, *, setting: str = "NSDG_SLURM__CONTAIN
         raise fail("slurm.container_image", image,
                    "use nvcr.io#nvidia/nemo:24.05 or an absolute path to a .sqsh file "
                    "(`enroot import -o /shared/images/nemo-24.05.sqsh docker://nvcr.io#nvidia/nemo:24.05`)")
+    if runtime == "pyxis" and image_pin(image) is None:
+        raise fail(setting.split("=")[0], image,
+                   "a floating tag (none, or latest and the like): the run's jobs could start different engine "
+                   "versions; pin a release tag (nvcr.io#nvidia/nemo:24.05), a digest (...@sha256:<hex>) or "
+                   "an imported .sqsh file")
 
 
 def check_model_mountable(model_path: str) -> None:

@@ -103,13 +103,27 @@ def srun_container_args(spec: SbatchSpec) -> list[str]:
     return args
 
 
+# Audit L5: under srun --mpi=pmix each task reaches slurmd's PMIx server through the directory in
+# its own PMIX_SERVER_TMPDIR (per job step, so known only when the task starts), which apptainer does
+# not bind; and PMIx's shared-memory store (gds/dstore) fails inside Singularity/Apptainer, its hash
+# store works (apptainer/singularity#5195). So each task binds that directory and defaults
+# PMIX_MCA_gds to hash (slurm.env may set it otherwise), then execs apptainer: "$1 $2" are
+# `apptainer exec`, the rest its flags, the image and the launcher. What enroot's 50-slurm-pmi.sh
+# hook does for pyxis, which the site installs (docs/operators.md). No single quote: one shell word.
+APPTAINER_PMIX = ('binds=(); [ -z "${PMIX_SERVER_TMPDIR:-}" ] || binds=(--bind="$PMIX_SERVER_TMPDIR"); '
+                  'export PMIX_MCA_gds="${PMIX_MCA_gds:-hash}"; exec "$1" "$2" "${binds[@]}" "${@:3}"')
+
+
 def launch_prefix(spec: SbatchSpec) -> list[str]:
     """What runs the launcher inside an Apptainer container; nothing for pyxis or bare."""
     if spec.container_runtime != "apptainer":
         return []
     gpu_flags = ["--nv"] if spec.gpus_per_node else []
     binds = [f"--bind={mount}" for mount in spec.mounts()]
-    return ["apptainer", "exec", *gpu_flags, "--no-home", *binds, spec.container_image]
+    apptainer = ["apptainer", "exec", *gpu_flags, "--no-home", *binds, spec.container_image]
+    if launch.pmix_world(spec):
+        return ["bash", "-c", APPTAINER_PMIX, "nsdg-apptainer-pmix", *apptainer]
+    return apptainer
 
 
 def _exports(spec: SbatchSpec, prefix: str = "") -> list[str]:
@@ -153,9 +167,8 @@ def render_node_launcher(spec: SbatchSpec) -> str:
         _assign("JOB_DIR", spec.job_dir),
         _assign_array("SETUP_LINES", spec.setup),
         _assign_array("SERVER_CMD", launch.server_command(spec)),
-        *(_assign(name, value) for name, value in launch.ray_assignments(spec)),
         *(_assign_array(name, value) if isinstance(value, tuple) else _assign(name, value)
-          for name, value in launch.preflight_assignments(spec)),
+          for name, value in (*launch.ray_assignments(spec), *launch.preflight_assignments(spec))),
     ]
     return _template("node-launcher.sh.tmpl").substitute(
         assignments="\n".join(assignments),

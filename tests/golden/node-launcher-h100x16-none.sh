@@ -10,6 +10,7 @@ PREFLIGHT_PORT=1424
 PREFLIGHT_MODEL=/lustre/models/Nemotron-4-340B-Base
 PREFLIGHT_MODEL_FILES=(model_config.yaml)
 PREFLIGHT_GPUS=8
+PREFLIGHT_DRIVER_MIN=''
 
 # Not the orchestrator's Python; not the home directory's pip --user packages either. Whole
 # Hydra errors and unbuffered output, so 16 ranks' logs can be read.
@@ -98,7 +99,7 @@ port_taken() {
 preflight() {
     # What a misconfigured site fails, found in seconds before the server loads (issue 25). Every
     # rank checks its cache; the first task of each node the rest, for its node and container.
-    local probe file seen
+    local probe file seen driver floor
     if ! mkdir -p "$XDG_CACHE_HOME" 2>/dev/null || ! probe=$(mktemp "$XDG_CACHE_HOME/.preflight.XXXXXX" 2>/dev/null); then
         preflight_fail "cache: $XDG_CACHE_HOME is not writable; set XDG_CACHE_HOME in NSDG_SLURM__ENV to a writable directory of the node"
     fi
@@ -124,7 +125,14 @@ preflight() {
         if [ "$seen" -lt "$PREFLIGHT_GPUS" ]; then
             preflight_fail "GPUs: nvidia-smi lists $seen, the job expects $PREFLIGHT_GPUS on each node; check CUDA_VISIBLE_DEVICES in NSDG_SLURM__ENV and the profile's gpus_per_node"
         fi
-        log "preflight: $seen GPUs, driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+        driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+        # The image's CUDA needs this driver or newer (rendered from its tag; NSDG_DRIVER_MIN in
+        # slurm.env overrides it, 0 accepts any): an older one fails at the first CUDA call, after the load.
+        floor="${NSDG_DRIVER_MIN:-$PREFLIGHT_DRIVER_MIN}"
+        if [ -n "$floor" ] && [ -n "$driver" ] && ! printf '%s\n%s\n' "$floor" "$driver" | sort -V -C; then
+            preflight_fail "driver: NVIDIA driver $driver on $HOST, the image's CUDA needs $floor or newer; use an image built for an older CUDA (e.g. vLLM's -cu129 tags, 525.60.13) or ask the site's operators for a newer driver"
+        fi
+        log "preflight: $seen GPUs, driver $driver"
     fi
     log "preflight passed"
 }

@@ -7,12 +7,16 @@ JOB_DIR=/shared/nsdg/jobs/nsdg-golden-0001
 SETUP_LINES=()
 SERVER_CMD=(vllm serve /lustre/models/Nemotron-4-340B-Base-hf --served-model-name nemotron-4-340b-base --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray --max-model-len 4096 --generation-config vllm --host 0.0.0.0 --port 1424)
 RAY_PORT=6379
+RAY_PORT_SPAN=1100
+RAY_NODE_ARGS=(--node-manager-port=6380 --object-manager-port=6381 --dashboard-agent-grpc-port=6382 --dashboard-agent-listen-port=6383 --metrics-export-port=6384 --runtime-env-agent-port=6385 --min-worker-port=6479 --max-worker-port=7478)
+RAY_HEAD_ARGS=(--ray-client-server-port=6386 --dashboard-port=6387)
 RAY_GPUS=16
 RAY_WAIT_S=2700
 PREFLIGHT_PORT=1424
 PREFLIGHT_MODEL=/lustre/models/Nemotron-4-340B-Base-hf
 PREFLIGHT_MODEL_FILES=(config.json)
 PREFLIGHT_GPUS=8
+PREFLIGHT_DRIVER_MIN=525.60.13
 
 # Not the orchestrator's Python; not the home directory's pip --user packages either. Whole
 # Hydra errors and unbuffered output, so 16 ranks' logs can be read.
@@ -101,7 +105,7 @@ port_taken() {
 preflight() {
     # What a misconfigured site fails, found in seconds before the server loads (issue 25). Every
     # rank checks its cache; the first task of each node the rest, for its node and container.
-    local probe file seen
+    local probe file seen driver floor
     if ! mkdir -p "$XDG_CACHE_HOME" 2>/dev/null || ! probe=$(mktemp "$XDG_CACHE_HOME/.preflight.XXXXXX" 2>/dev/null); then
         preflight_fail "cache: $XDG_CACHE_HOME is not writable; set XDG_CACHE_HOME in NSDG_SLURM__ENV to a writable directory of the node"
     fi
@@ -127,7 +131,14 @@ preflight() {
         if [ "$seen" -lt "$PREFLIGHT_GPUS" ]; then
             preflight_fail "GPUs: nvidia-smi lists $seen, the job expects $PREFLIGHT_GPUS on each node; check CUDA_VISIBLE_DEVICES in NSDG_SLURM__ENV and the profile's gpus_per_node"
         fi
-        log "preflight: $seen GPUs, driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+        driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+        # The image's CUDA needs this driver or newer (rendered from its tag; NSDG_DRIVER_MIN in
+        # slurm.env overrides it, 0 accepts any): an older one fails at the first CUDA call, after the load.
+        floor="${NSDG_DRIVER_MIN:-$PREFLIGHT_DRIVER_MIN}"
+        if [ -n "$floor" ] && [ -n "$driver" ] && ! printf '%s\n%s\n' "$floor" "$driver" | sort -V -C; then
+            preflight_fail "driver: NVIDIA driver $driver on $HOST, the image's CUDA needs $floor or newer; use an image built for an older CUDA (e.g. vLLM's -cu129 tags, 525.60.13) or ask the site's operators for a newer driver"
+        fi
+        log "preflight: $seen GPUs, driver $driver"
     fi
     log "preflight passed"
 }
@@ -151,9 +162,21 @@ log "local_rank=${SLURM_LOCALID:-?} node_rank=${SLURM_NODEID:-?} host=$HOST job=
 # --kill-on-bad-exit ends the whole step (the head's server cannot go on without it).
 NODE_RANK="${SLURM_NODEID:-0}"
 RAY_PID=""
-# The preflight's one Ray check: the head's port, on the head's node, before Ray is started.
-if [ "$NODE_RANK" = "0" ] && port_taken "$RAY_PORT"; then
-    preflight_fail "port: the Ray head's port $RAY_PORT is already taken on $HOST; set NSDG_SLURM__RAY_PORT to a free one"
+# The preflight's Ray check, before Ray is started: the fixed ports this node's Ray binds (the
+# head's too on node 0; the workers' range is Ray's to search) are free here.
+ray_ports_free() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in --min-worker-port=*|--max-worker-port=*) continue ;; esac
+        if port_taken "${arg#*=}"; then
+            preflight_fail "port: Ray's ${arg%%=*} ${arg#*=} is already taken on $HOST; set NSDG_SLURM__RAY_PORT to the start of $RAY_PORT_SPAN free ports"
+        fi
+    done
+}
+if [ "$NODE_RANK" = "0" ]; then
+    ray_ports_free "--port=$RAY_PORT" "${RAY_NODE_ARGS[@]}" "${RAY_HEAD_ARGS[@]}"
+else
+    ray_ports_free "${RAY_NODE_ARGS[@]}"
 fi
 # vLLM 0.20-0.22 keep the old compiled-graph Ray executor (multi-node PP > 1 fails in its channels)
 # unless asked for V2, its default from 0.23 on (vllm #36836).
@@ -267,7 +290,8 @@ if [ "$NODE_RANK" = "0" ]; then
     # route, which air-gapped nodes lack): the same one Ray knows the node by (vLLM's run_cluster.sh).
     export VLLM_HOST_IP="$RAY_HEAD_IP" RAY_NODE_IP_ADDRESS="$RAY_HEAD_IP"
     HEAD_ADDRESS="$RAY_HEAD_IP:$RAY_PORT"
-    setsid ray start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_PORT" --block &
+    setsid ray start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_PORT" "${RAY_NODE_ARGS[@]}" \
+        "${RAY_HEAD_ARGS[@]}" --block &
     RAY_PID=$!
     log "Ray head started at $HEAD_ADDRESS, pid and process group $RAY_PID"
     wait_for_ray_cluster
@@ -294,7 +318,7 @@ if is_loopback "$NODE_IP" && ! is_loopback "${HEAD_ADDRESS%:*}"; then
     exit 1
 fi
 export VLLM_HOST_IP="$NODE_IP" RAY_NODE_IP_ADDRESS="$NODE_IP"
-setsid ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --block &
+setsid ray start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" "${RAY_NODE_ARGS[@]}" --block &
 SERVER_PID=$!
 log "Ray worker joined $HEAD_ADDRESS, pid and process group $SERVER_PID"
 wait_for "$SERVER_PID"

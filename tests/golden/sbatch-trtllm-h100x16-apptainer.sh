@@ -30,7 +30,7 @@ CPUS_PER_TASK=''
 SRUN_ARGS=(--mpi=pmix)
 # Model: /lustre/models/Nemotron-4-340B-Base-hf is mounted read-only at its own path (slurm.mount_model).
 SRUN_CONTAINER_ARGS=()
-LAUNCH_PREFIX=(apptainer exec --nv --no-home --bind=/lustre/models/Nemotron-4-340B-Base-hf:/lustre/models/Nemotron-4-340B-Base-hf:ro --bind=/shared/nsdg/jobs/nsdg-golden-0001:/shared/nsdg/jobs/nsdg-golden-0001 /shared/images/trtllm.sif)
+LAUNCH_PREFIX=(bash -c 'binds=(); [ -z "${PMIX_SERVER_TMPDIR:-}" ] || binds=(--bind="$PMIX_SERVER_TMPDIR"); export PMIX_MCA_gds="${PMIX_MCA_gds:-hash}"; exec "$1" "$2" "${binds[@]}" "${@:3}"' nsdg-apptainer-pmix apptainer exec --nv --no-home --bind=/lustre/models/Nemotron-4-340B-Base-hf:/lustre/models/Nemotron-4-340B-Base-hf:ro --bind=/shared/nsdg/jobs/nsdg-golden-0001:/shared/nsdg/jobs/nsdg-golden-0001 /shared/images/trtllm.sif)
 
 BATCH_PID=$$
 SRUN_PID=""
