@@ -104,3 +104,12 @@ def test_no_module_is_longer_than_a_reader_takes_in():
     long = {str(p.relative_to(ROOT)): n for p in _modules().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by what they own): {long}"
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    # A half-resolved merge can leave markers in docs or a Makefile that no other test reads.
+    markers = ("<" * 7 + " ", ">" * 7 + " ")
+    found = [f"{p.relative_to(ROOT)}:{i}" for pattern in ("*.py", "*.md", "*.yaml", "*.sh", "*.tmpl", "Makefile")
+             for p in ROOT.rglob(pattern) if not {".venv", ".cache", "node_modules", ".git"} & set(p.parts)
+             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if line.startswith(markers)]
+    assert not found, f"merge conflict markers left in: {found}"
