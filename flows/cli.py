@@ -49,10 +49,23 @@ def _add_run(sub) -> None:
             p.add_argument(param.option, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif param.repeated:
             p.add_argument(param.option, action="append", help=shown + "; repeat the flag for several")
+        elif param.json:
+            p.add_argument(param.option, type=json_object, metavar="JSON", help=shown)
         else:
             p.add_argument(param.option, type=None if param.choices else param.value_type, choices=param.choices,
                            help=shown)
     p.set_defaults(func=_run)
+
+
+def json_object(text: str) -> dict:
+    """A flag's JSON object (--output-schema '{"type": "object", ...}')."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); give a JSON object") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def run_parameters(args: argparse.Namespace) -> dict:

@@ -46,6 +46,7 @@ class PromptBatch:
     batch_size: int = MAX_BATCH  # NeMo: prompts per request
     length_window: int = 1  # NeMo: batches' worth of prompts sorted by length together (1: as given)
     lines: Sequence[int] | None = None  # the prompts' input lines, which name them in the log (None: the judge's)
+    output_schema: dict | None = None  # the reply's JSON Schema: sent where the engine constrains decoding (openai.py)
 
 
 def where(line: int | None) -> str:

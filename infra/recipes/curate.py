@@ -40,17 +40,19 @@ class Curation:
     judge_params: JudgeParams = JudgeParams()
     filters: FilterParams = FilterParams()
     judge: Judge | None = None
+    schema: bool = False  # the rows may carry an output_schema error: this stage drops them as schema_invalid
 
     @property
     def enabled(self) -> bool:
-        return self.judge is not None or self.filters.enabled
+        return self.judge is not None or self.filters.enabled or self.schema
 
     def stage_hash(self, generation_hash: str) -> str:
         return config_hash({"generation": generation_hash,
                             "judge": self.judge.identity(generation_hash) if self.judge else None,
                             "score_pattern": self.judge_params.score_pattern if self.judge else None,
                             "min_score": self.judge_params.min_score if self.judge else None,
-                            "filters": self.filters.model_dump(mode="json")})
+                            "filters": self.filters.model_dump(mode="json"),
+                            **({"schema": True} if self.schema else {})})
 
     def fingerprint(self) -> dict:
         """For the manifest: what this stage was run with."""
@@ -79,7 +81,7 @@ class CurationError(SdgError):
 def curate(store, parts, curation: Curation, generation_hash: str) -> CurationResult:
     """Run the stage over `parts` (sorted by shard) and publish what it keeps and drops."""
     result = CurationResult(curation.stage_hash(generation_hash))
-    filters = build_filters(curation.filters, curation.judge_params if curation.judge else None)
+    filters = build_filters(curation.filters, curation.judge_params if curation.judge else None, schema=curation.schema)
     reasons: Counter[str] = Counter()
     with Dedup(curation.filters) as dedup:
         for part in parts:
