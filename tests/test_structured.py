@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flows.cli import build_parser, run_parameters
 from flows.params import RunParams
@@ -77,6 +79,7 @@ def test_a_reply_off_the_schema_names_the_path_and_the_rule(reply, error):
     ({"type": "object", "description": "x" * (70 << 10)}, "bytes of JSON, over 65536"),
     ({"$schema": "http://json-schema.org/draft-04/schema#"}, "only Draft 2020-12"),
     ({"type": "objekt"}, "not a valid JSON Schema (Draft 2020-12) at $.type"),
+    ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "$.properties.a.$ref '#/$defs/missing' does not resolve inside"),
     ({"minLength": -1}, "not a valid JSON Schema (Draft 2020-12) at $.minLength"),
 ])
 def test_a_hostile_or_broken_schema_is_refused_in_one_line(schema, error):
@@ -206,3 +209,21 @@ def test_each_constraining_engine_gets_the_schema_in_its_own_request_field():
     for engine in ("nemo-openai", "custom", "nemo", None):
         assert constraint_fields(engine, PERSON) == {}
     assert constraint_fields("vllm", None) == {}
+
+
+KEYWORDS = ["type", "properties", "items", "required", "$ref", "$defs", "pattern", "enum", "not", "anyOf",
+            "additionalProperties", "minLength", "prefixItems", "const", "$dynamicRef", "propertyNames"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYWORDS) | st.text(max_size=4),
+                                                                                  inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=st.dictionaries(st.sampled_from(KEYWORDS), JSON, max_size=5), reply=st.text(max_size=40) | JSON.map(json.dumps))
+def test_any_schema_is_refused_in_one_line_or_checks_any_reply_without_raising(schema, reply):
+    try:
+        checked = Structured(check_schema(schema))
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(checked.check(reply), (Parsed, Invalid))

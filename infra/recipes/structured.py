@@ -2,7 +2,7 @@
 
 The schema is checked once, before anything is read or allocated (`check_schema`): the meta-schema,
 and bounds against a hostile one, each refused in one line: its size, nesting and node count; a
-`$ref` that is not inside the schema (`#...`: nothing is ever fetched); `patternProperties` (the
+`$ref` that is not inside the schema (`#...`: nothing is ever fetched) or does not resolve there; `patternProperties` (the
 validator matches those with `re`, unbounded, in three places); a `pattern` that is no regex or
 too long; a schema whose `$ref`s loop on one value (validation would never end).
 
@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jsonschema import Draft202012Validator, SchemaError, ValidationError, validators
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
+from infra.errors import ConfigError
 from infra.recipes.patterns import UserPattern, compile_pattern
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -43,7 +47,7 @@ def check_schema(schema: Any) -> dict:
         raise ValueError(f"{size} bytes of JSON, over {MAX_SCHEMA_BYTES}: describe the reply's fields only")
     if schema.get("$schema", DRAFT) != DRAFT:
         raise ValueError(f"$schema {schema['$schema']!r}: only Draft 2020-12 ({DRAFT}) is read; drop $schema")
-    nodes = 0
+    nodes, refs = 0, []
     stack: list[tuple[Any, str, int]] = [(schema, "$", 1)]
     while stack:
         node, where, depth = stack.pop()
@@ -56,6 +60,8 @@ def check_schema(schema: Any) -> dict:
                 if key in node and not (isinstance(node[key], str) and node[key].startswith("#")):
                     raise ValueError(f"{where}.{key} {node[key]!r}: only references inside the schema (#/$defs/...) "
                                      "are followed; nothing is fetched. Inline the referenced schema under $defs")
+                if key in node:
+                    refs.append((f"{where}.{key}", node[key]))
             if "patternProperties" in node:
                 raise ValueError(f"{where}.patternProperties: not supported (the validator would match its patterns "
                                  "without a time bound); list the properties, or use propertyNames with a pattern")
@@ -71,6 +77,12 @@ def check_schema(schema: Any) -> dict:
     except SchemaError as exc:
         raise ValueError(f"not a valid JSON Schema (Draft 2020-12) at {exc.json_path}: "
                          f"{exc.message[:MAX_ERROR_CHARS]}") from None
+    resolver = Registry().resolver_with_root(DRAFT202012.create_resource(schema))
+    for where, ref in refs:
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            raise ValueError(f"{where} {ref!r} does not resolve inside the schema; define it (under $defs)") from None
     checker = Structured(schema)
     for probe in ({}, [], "", 0, None, True):  # a $ref loop recurses on any value the loop reaches
         try:
@@ -140,6 +152,9 @@ class Structured:
             error = self.errors(found.value)
         except RecursionError:
             return Invalid("the reply nests too deep to validate")
+        except Unresolvable as exc:  # a $ref under a nested $id, which the check resolved from the root
+            raise ConfigError(f"output_schema: a $ref does not resolve ({exc}); fix the schema, then start a new run "
+                              "(--new-run)") from None
         return found if error is None else Invalid(f"does not match output_schema {error}")
 
 
