@@ -81,3 +81,40 @@ def test_each_engines_constraint_field_reaches_the_server_and_a_malformed_one_is
                                ({"response_format": {"type": "json"}}, "response_format.schema is required")]:
             reply = requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **field}, timeout=30)
             assert reply.status_code == 400 and message in reply.json()["error"]["message"]
+
+
+PIPELINE = """\
+input: topics.jsonl
+servers: {main: {profile: sim-vllm}}
+defaults:
+  prompt_format: raw
+  sampling: {tokens_to_generate: 8, temperature: 0.8, random_seed: 2}
+stages:
+  - name: people
+    recipe: {prompt_template: "People who study {{ topic }}, as a JSON list:"}
+    output_schema: {type: array, minItems: 2, items: {type: object, required: [name, age],
+                    properties: {name: {type: string}, age: {type: integer}}}}
+    split: {parser: json_list, into: person}
+  - name: bios
+    from: people
+    recipe: {prompt_template: "A bio of {{ name }}, {{ age }}, who studies {{ topic }}:"}
+"""
+
+
+@pytest.mark.integration
+def test_a_pipeline_stage_splits_its_schemad_list_and_its_child_reads_the_items_fields(prefect_harness, workdir, monkeypatch):
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("NSDG_LOCAL__ENGINE", "simulated")
+    monkeypatch.setenv("NSDG_EXTRA_PROFILES", json.dumps(PROFILES))
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n" for i in range(3)))
+    (workdir / "p.yaml").write_text(PIPELINE)
+    out = pipeline(pipeline=str(workdir / "p.yaml"), run_id="p", output_uri=str(workdir / "out"))
+    assert out["stages"] == {"people": 3, "bios": 6}  # 3 valid lists of 2 objects each: 6 children
+    people = jsonl(workdir / "out" / "p" / "stages" / "people" / "rows.jsonl")
+    assert [r["id"] for r in people] == [f"t{i}.0/people.{j}" for i in range(3) for j in range(2)]
+    assert all(isinstance(r["name"], str) and isinstance(r["age"], int) and "output" not in r for r in people)
+    bios = [r for p in json.loads((workdir / "out" / "p" / "stages" / "bios" / "manifest.json").read_text())["parts"]
+            for r in jsonl(workdir / "out" / "p" / "stages" / "bios" / p["name"])]
+    assert sorted(r["prompt"] for r in bios) == sorted(f"A bio of {r['name']}, {r['age']}, who studies {r['topic']}:"
+                                                       for r in people)
