@@ -181,7 +181,7 @@ def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, brea
     it comes in."""
     batch = PromptBatch([r.prompt for r in shard.records], job.sampling, job.prompt_format, job.samples, shard.index,
                         job.batch_size, job.length_window, [r.line for r in shard.records],
-                        job.structured.schema if job.structured is not None else None)
+                        output_schema=job.structured.schema if job.structured is not None else None)
 
     def record(result: Result) -> None:
         if breaker is not None:
@@ -214,7 +214,7 @@ def structured_results(client: HttpClient, shard: Shard, job: ShardJob, results:
         records = [shard.records[i // job.samples] for i in todo]
         again = client.generate_batch(PromptBatch([r.prompt for r in records], sampling, job.prompt_format, 1, shard.index,
                                                   job.batch_size, job.length_window, [r.line for r in records],
-                                                  schema.schema))
+                                                  output_schema=schema.schema))
         for i, result in zip(todo, again):
             if isinstance(result, GeneratedText):  # a refused retry keeps the earlier reply
                 results[i] = result
