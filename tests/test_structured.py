@@ -102,8 +102,10 @@ def test_a_catastrophic_pattern_fails_with_its_name_instead_of_hanging():
 
 def test_the_run_parameter_and_the_cli_flag_take_a_schema_and_refuse_a_hostile_one():
     args = build_parser().parse_args(["run", "--output-schema", json.dumps(PERSON), "--max-attempts", "5"])
-    assert run_parameters(args) == {"output_schema": PERSON, "max_attempts": 5}
-    assert RunParams(output_schema=PERSON).output_schema == PERSON
+    assert run_parameters(args) == {"output_schema": json.dumps(PERSON), "max_attempts": 5}  # the flow gets JSON text
+    assert RunParams(output_schema=PERSON).output_schema == RunParams(output_schema=json.dumps(PERSON)).output_schema == PERSON
+    with pytest.raises(ConfigError, match="output_schema: Value error, not JSON text"):
+        RunParams(output_schema="{nope")
     with pytest.raises(ConfigError, match=r"output_schema: .*\$\.\$ref 'http://x.test/s': only references inside"):
         RunParams(output_schema={"$ref": "http://x.test/s"})
     with pytest.raises(SystemExit):

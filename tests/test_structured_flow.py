@@ -118,3 +118,32 @@ def test_a_pipeline_stage_splits_its_schemad_list_and_its_child_reads_the_items_
             for r in jsonl(workdir / "out" / "p" / "stages" / "bios" / p["name"])]
     assert sorted(r["prompt"] for r in bios) == sorted(f"A bio of {r['name']}, {r['age']}, who studies {r['topic']}:"
                                                        for r in people)
+
+
+@pytest.mark.integration
+def test_a_hostile_schema_on_the_cli_is_one_line_exit_2_before_any_server(tmp_path, prefect_server):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "ok"}\n')
+    env = {**os.environ, **prefect_server.client_env(), "PREFECT_HOME": str(tmp_path / "ph"), "NSDG_LOCAL__ENGINE": "simulated"}
+
+    def run(schema: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input-uri", "in.jsonl", "--output-uri", "out",
+                               "--run-id", "r", "--tokens-to-generate", "4", "--output-schema", json.dumps(schema)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    out = run({"type": "object", "properties": {"a": {"$ref": "https://x.test/a.json"}}})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    # The CLI's message for any invalid flow parameter: the parameter and the reason.
+    assert "nemotron-sdg run: Invalid flow parameters" in out.stderr and (
+        " - output_schema: Value error, $.properties.a.$ref 'https://x.test/a.json': only references inside the schema"
+        in out.stderr), out.stderr
+    assert not (tmp_path / ".nemotron-sdg" / "servers").exists() and not (tmp_path / "out").exists()
+    # A schema with its own $refs runs (Prefect would read a `$ref` object in a parameter as a block's: it goes as text).
+    out = run({"$defs": {"word": {"type": "string"}}, "type": "object", "properties": {"w": {"$ref": "#/$defs/word"}},
+               "required": ["w"]})
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "r" / "manifest.json").read_text())
+    assert manifest["curation"]["filtered"] == {"schema_invalid": 1}  # the local nemo engine: free words, no JSON

@@ -38,6 +38,20 @@ MAX_ERROR_CHARS = 300
 _REFS = ("$ref", "$dynamicRef", "$recursiveRef")
 
 
+def schema_from_text(value: Any) -> Any:
+    """A schema given as JSON text, parsed; anything else as it is. A run's output_schema travels
+    as text in its flow parameters: Prefect reads any object holding a `$ref` key in a flow
+    parameter as a reference to one of its blocks, and fails the run before it starts."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"not JSON text ({exc}); give the schema as a JSON object") from None
+    except RecursionError:
+        raise ValueError("JSON text nested too deep") from None
+
+
 def check_schema(schema: Any) -> dict:
     """The schema, or ValueError with one line (a pydantic validator's error)."""
     if not isinstance(schema, dict):
