@@ -195,15 +195,17 @@ def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, brea
     return client.generate_batch(batch, record if breaker is not None or tally is not None else None)
 
 
-def structured_results(client: HttpClient, shard: Shard, job: ShardJob, results: list[Result]) -> list[Checked | None]:
+def structured_results(client: HttpClient, shard: Shard, job: ShardJob,
+                       results: list[Result]) -> tuple[list[Checked | None], int]:
     """Each result's check against the schema (None for a rejected prompt), after asking again for
     the invalid ones: attempt a's batch holds the rows still invalid, in row order, one sample each,
     seeded from (seed, shard, -a) so no attempt's seed is a first request's (those use batch >= 0).
-    A greedy run asks once: the same prompt would get the same reply."""
+    A greedy run asks once: the same prompt would get the same reply. Also the tokens generated
+    for replies that were replaced: the server made them, so the part's tokens count them."""
     schema = job.structured
     checked: list[Checked | None] = [(1, schema.check(r.completion.text)) if isinstance(r, GeneratedText) else None
                                      for r in results]
-    attempts = 1 if job.sampling.greedy else job.max_attempts
+    attempts, replaced = 1 if job.sampling.greedy else job.max_attempts, 0
     for attempt in range(2, attempts + 1):
         todo = [i for i, c in enumerate(checked) if c is not None and isinstance(c[1], Invalid)]
         if not todo:
@@ -217,11 +219,12 @@ def structured_results(client: HttpClient, shard: Shard, job: ShardJob, results:
                                                   output_schema=schema.schema))
         for i, result in zip(todo, again):
             if isinstance(result, GeneratedText):  # a refused retry keeps the earlier reply
+                replaced += results[i].generated_tokens
                 results[i] = result
                 checked[i] = (attempt, schema.check(result.completion.text))
             else:
                 checked[i] = (attempt, checked[i][1])
-    return checked
+    return checked, replaced
 
 
 
@@ -238,7 +241,8 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
         return _judge_published(client, published, job, store, dead_reason, started, started_at)
     try:
         results = generate_shard_results(client, shard, job, breaker, tally)
-        checks = structured_results(client, shard, job, results) if job.structured is not None else [None] * len(results)
+        checks, replaced = structured_results(client, shard, job, results) if job.structured is not None \
+            else ([None] * len(results), 0)
     except TransientServerError as exc:
         if (reason := dead_reason()) is not None:
             raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
@@ -253,7 +257,7 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
         publish(store, rejects_name(shard.name), rejected)
     out = [output_record(r, g, job, shard.index, s, c) for r, s, g, c in ok]  # one shard: the judge reads them too
     sha, count, size = publish(store, shard.name, out)
-    tokens = sum(g.generated_tokens for _, _, g, _ in ok)
+    tokens = sum(g.generated_tokens for _, _, g, _ in ok) + replaced
     part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
                     shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
                     generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,

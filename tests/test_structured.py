@@ -144,7 +144,8 @@ def first(*replies: str | RequestRejected) -> list:
 
 def test_only_invalid_rows_are_asked_again_each_attempt_with_its_own_derived_seed():
     client = ScriptedClient([GOOD, BAD], [BAD])
-    checked = structured_results(client, SHARD, job(), first(BAD, GOOD, BAD))
+    checked, replaced = structured_results(client, SHARD, job(), first(BAD, GOOD, BAD))
+    assert replaced == 3 * 5  # row 0's first reply, row 2's first and second: 5 tokens each
     assert [c[0] for c in checked] == [2, 1, 3]  # row 0 valid at attempt 2, row 2 never
     assert isinstance(checked[0][1], Parsed) and isinstance(checked[1][1], Parsed)
     assert checked[2][1] == Invalid("no JSON object ('{') in the reply")
@@ -159,7 +160,7 @@ def test_only_invalid_rows_are_asked_again_each_attempt_with_its_own_derived_see
 
 def test_greedy_asks_once_and_samples_map_back_to_their_records():
     greedy = ScriptedClient()
-    assert [c[0] for c in structured_results(greedy, SHARD, job(sampling={"greedy": True}), first(BAD, BAD, BAD))] == [1, 1, 1]
+    assert [c[0] for c in structured_results(greedy, SHARD, job(sampling={"greedy": True}), first(BAD, BAD, BAD))[0]] == [1, 1, 1]
     assert greedy.sent == []
     two = ScriptedClient([GOOD, GOOD])
     shard = Shard(0, SHARD.records[:2])
@@ -170,7 +171,7 @@ def test_greedy_asks_once_and_samples_map_back_to_their_records():
 def test_a_refused_retry_keeps_the_earlier_reply():
     client = ScriptedClient([RequestRejected("too long", status=400, body="too long")], [GOOD])
     results = first(BAD)
-    checked = structured_results(client, Shard(0, SHARD.records[:1]), job(), results)
+    checked, _ = structured_results(client, Shard(0, SHARD.records[:1]), job(), results)
     assert checked[0][0] == 3 and isinstance(checked[0][1], Parsed)
     assert results[0].completion.text == GOOD
 

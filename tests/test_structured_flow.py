@@ -57,6 +57,9 @@ def test_unconstrained_replies_are_asked_again_then_dropped_and_constrained_ones
         assert (d["filter"], d["limit"]) == ("schema_invalid", 3) and d["value"] == "no JSON object ('{') in the reply"
         assert rows[d["id"]]["generation"]["structured"] == {"attempts": 3, "error": d["value"]}
     assert manifest["config"]["output_schema"] == CITY and manifest["config"]["max_attempts"] == 3
+    # The part's tokens count every attempt's (the server made them), the rows' only their last reply's.
+    assert sum(p["generated_tokens"] for p in manifest["parts"]) == 3 * sum(r["generation"]["generated_tokens"]
+                                                                            for r in rows.values())
 
     out, manifest, rows, kept, dropped = run(workdir, "sim-vllm")
     assert dropped == [] and manifest["curation"]["filtered"] == {} and out["records_kept"] == len(kept) == 6
