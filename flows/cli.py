@@ -52,10 +52,24 @@ def _add_run(sub) -> None:
             p.add_argument(param.option, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif param.repeated:
             p.add_argument(param.option, action="append", help=shown + "; repeat the flag for several")
+        elif param.json:
+            p.add_argument(param.option, type=json_object_text, metavar="JSON", help=shown)
         else:
             p.add_argument(param.option, type=None if param.choices else param.value_type, choices=param.choices,
                            help=shown)
     p.set_defaults(func=_run)
+
+
+def json_object_text(text: str) -> str:
+    """A flag's JSON object (--output-schema '{"type": "object", ...}'), kept as its text: the form
+    it is handed to the flow in (run_parameters)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); give a JSON object") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON {type(value).__name__}, not an object")
+    return text
 
 
 def run_parameters(args: argparse.Namespace) -> dict:
@@ -69,6 +83,9 @@ def run_parameters(args: argparse.Namespace) -> dict:
             params[param.group] = {**(params.get(param.group) or {}), param.name: value}
     if args.new_run:
         params["run_id"] = resolve_run_id(None)
+    for param in parameters():  # an object parameter goes as JSON text (infra/recipes/structured.py schema_from_text)
+        if param.json and isinstance(params.get(param.name), dict):
+            params[param.name] = json.dumps(params[param.name])
     return params
 
 

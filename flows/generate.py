@@ -38,6 +38,7 @@ from infra.backends.rollover import Measured, RolloverPolicy, busy_s, check_time
 from infra.engines.served_model import ServedModel, check_served
 from infra.recipes.curate import Curation
 from infra.recipes.judge import judged_current, load_judge
+from infra.recipes.structured import Structured
 from infra.settings import Settings, check_no_placeholders, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
 from tasks.steps import (allocate, close_run_parts, curate, export, generate_shard, judge_shard, plan, release, wait_ready,
@@ -101,7 +102,8 @@ def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLea
     # NSDG_ALLOWED_URIS: every location the run reads or writes, the recipe's files too, before any read.
     check_run_locations(params.input_uri, params.output_uri, params.run_id, settings.allowed_uris,
                         extra={**params.recipe.locations(), **params.judge.locations()})
-    cfg = params.to_run_config(load_recipe(params.recipe, settings), Curation(params.judge, params.filters),  # read once
+    cfg = params.to_run_config(load_recipe(params.recipe, settings),  # read once
+                               Curation(params.judge, params.filters, schema=params.output_schema is not None),
                                tokenizer=tokenizer)
     if params.judge.enabled:  # the judge's template read once too; sent in its own prompt format, else the run's
         judge_format = load_prompt_format(params.judge.prompt_format, tokenizer) if params.judge.prompt_format \
@@ -150,7 +152,9 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     tally = RowTally(console_progress.generating)  # each shard's rows as they come in, to every listener
     job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
-                   judge=cfg.curation.judge, requested_model=settings.model.name)
+                   judge=cfg.curation.judge, requested_model=settings.model.name,
+                   structured=Structured(cfg.output_schema) if cfg.output_schema is not None else None,
+                   max_attempts=cfg.max_attempts)
     if to_judge:
         logger.info("run %s: %d published part(s) to judge (the judge changed or never ran on them); no regeneration",
                     cfg.run_id, len(to_judge))

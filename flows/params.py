@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from infra.errors import ConfigError
-from infra.pipeline.fields import shared_field
+from infra.pipeline.fields import OutputSchema, shared_field
 from infra.planning import RunConfig
 from infra.prompting.prompt_format import PromptFormatName, load_prompt_format
 from infra.prompting.tokens import token_counter
@@ -65,6 +65,8 @@ class RunParams(BaseModel):
     recipe: RecipeParams = shared_field("recipe")
     judge: JudgeParams = shared_field("judge")
     filters: FilterParams = shared_field("filters")
+    output_schema: OutputSchema | None = shared_field("output_schema")
+    max_attempts: int = shared_field("max_attempts")
 
     @field_validator("run_id")
     @classmethod
@@ -121,7 +123,7 @@ class RunParams(BaseModel):
         if curation is None:
             if self.judge.enabled:
                 raise ValueError("to_run_config needs the loaded judge (infra.recipes.judge.load_judge) for a judge template")
-            curation = Curation(self.judge, self.filters)
+            curation = Curation(self.judge, self.filters, schema=self.output_schema is not None)
         # The run's one token counter, built here once and handed down with the config.
         return RunConfig(**fields, prompt_format=fmt, recipe=recipe, curation=curation, counter=token_counter(tokenizer))
 
@@ -195,6 +197,11 @@ class Parameter:
         return typing.get_args(self.value_type) if typing.get_origin(self.value_type) is Literal else None
 
     @property
+    def json(self) -> bool:
+        """A JSON object (output_schema): given on the CLI as JSON text."""
+        return typing.get_origin(self.value_type) is dict
+
+    @property
     def repeated(self) -> bool:
         """A list: given on the CLI as a flag repeated once per item."""
         return typing.get_origin(self.value_type) is list
@@ -225,7 +232,7 @@ def parameters() -> list[Parameter]:
 def _type_text(p: Parameter) -> str:
     kind = p.value_type
     text = (" | ".join(f"`{c}`" for c in p.choices) if p.choices else "list of str" if p.repeated
-            else getattr(kind, "__name__", str(kind)))
+            else "JSON object" if p.json else getattr(kind, "__name__", str(kind)))
     bounds = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "length ≥"}
     text += "".join(f", {sign} {getattr(m, key)}" for m in p.field.metadata for key, sign in bounds.items()
                     if getattr(m, key, None) is not None)

@@ -235,9 +235,6 @@ def stage_params(the: Pipeline, name: str, uri: str, *, output_uri: str, replica
     if server.engine is not None:
         raise ConfigError(f"pipeline {uri}: servers.{server_name}.engine: not supported by run --pipeline yet; "
                           "set the engine in the profile (NSDG_LOCAL__ENGINE, NSDG_EXTRA_PROFILES) and drop it here")
-    if stage.output_schema is not None:
-        raise ConfigError(f"pipeline {uri}: stage {name!r}: output_schema: not supported by run --pipeline yet "
-                          "(structured output is a later slice); drop it, or use split")
     try:
         return RunParams(**dict(stage.settings), profile=server.profile, output_uri=output_uri, run_id=name,
                          input_uri=the.input_of(stage) or "-", replicas=replicas, max_server_restarts=max_server_restarts,

@@ -8,6 +8,12 @@ breaker stops the run when too many recent records fail.
 Each request's results are kept in the shard's spill as they come back (infra/storage/spill.py),
 so the next try of an unfinished shard (a task retry, or a resume after kill -9) asks only for the
 requests that never came back: a kill costs the requests in flight, not the shard.
+
+With an output_schema (infra/recipes/structured.py) each reply is parsed and validated; the rows
+whose reply is not a value of the schema are asked again, as one batch per attempt, up to
+max_attempts in all, each attempt's seed derived from the run's seed, the shard and the attempt
+(so a seeded run asks again the same way); a row still invalid keeps its last reply and error in
+`generation.structured`, which the curation stage drops as schema_invalid.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from infra.engines.batch import GeneratedText, PromptBatch, Result, result_from_
 from infra.engines.http import HttpClient
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes.judge import Judge, judge_part, judged_current
+from infra.recipes.lineage import ROW_FIELDS
+from infra.recipes.structured import Invalid, Parsed, Structured, reply_fields
+from infra.prompting.samples import request_seed
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import invalidate, published_part
 from infra.storage import OutputStore
@@ -54,6 +63,8 @@ class ShardJob:
     invocation: str | None = None
     judge: "Judge | None" = None  # the recipe's judge (infra.recipes.judge), on the same server
     requested_model: str | None = None  # NSDG_MODEL__NAME: the name requests carry, whatever answers them
+    structured: Structured | None = None  # the run's output_schema, checked
+    max_attempts: int = 1  # with `structured`: requests per row for a valid reply
 
 
 @dataclass(frozen=True)
@@ -127,9 +138,15 @@ class RowTally:
         self._changed(shard, None)
 
 
-def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sample: int = 0) -> dict:
+Checked = tuple[int, Parsed | Invalid]  # attempts made, and the last reply's value or error
+
+
+def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sample: int = 0,
+                  checked: Checked | None = None) -> dict:
     # The input's own fields pass through; ours win a name clash and theirs keep an input_ prefix.
-    passthrough = {(f"input_{k}" if k in RESERVED_FIELDS else k): v for k, v in rec.fields.items()}
+    # A valid structured reply's fields are ours too.
+    own = reply_fields(checked[1].value, ROW_FIELDS) if checked and isinstance(checked[1], Parsed) else {}
+    passthrough = {(f"input_{k}" if k in RESERVED_FIELDS or k in own else k): v for k, v in rec.fields.items()}
     return {
         **passthrough,
         "id": rec.id,
@@ -150,7 +167,10 @@ def output_record(rec: Record, gen: GeneratedText, job: ShardJob, shard: int, sa
             **({"generated_tokens_unit": gen.tokens_unit} if gen.tokens_unit != "tokens" else {}),
             # A row cut to tokens_to_generate (NeMo's /generate runs short prompts past it): what the server made.
             **({"server_tokens": gen.server_tokens} if gen.server_tokens is not None else {}),
+            **({"structured": {"attempts": checked[0], **({"error": checked[1].error} if isinstance(checked[1], Invalid)
+                                                          else {})}} if checked else {}),
         },
+        **own,
     }
 
 
@@ -168,7 +188,8 @@ def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, brea
     size = len(shard.records) * job.samples
     done = {p: result_from_json(r) for p, r in (spill.kept if spill is not None else {}).items() if 0 <= p < size}
     batch = PromptBatch([r.prompt for r in shard.records], job.sampling, job.prompt_format, job.samples, shard.index,
-                        job.batch_size, job.length_window, [r.line for r in shard.records], done=done)
+                        job.batch_size, job.length_window, [r.line for r in shard.records], done=done,
+                        output_schema=job.structured.schema if job.structured is not None else None)
 
     def record(result: Result) -> None:
         if breaker is not None:
@@ -194,6 +215,39 @@ def spill_header(store: OutputStore, shard: Shard, job: ShardJob) -> dict:
             "first_line": shard.records[0].line, "last_line": shard.records[-1].line, "samples": job.samples}
 
 
+def structured_results(client: HttpClient, shard: Shard, job: ShardJob,
+                       results: list[Result]) -> tuple[list[Checked | None], int]:
+    """Each result's check against the schema (None for a rejected prompt), after asking again for
+    the invalid ones: attempt a's batch holds the rows still invalid, in row order, one sample each,
+    seeded from (seed, shard, -a) so no attempt's seed is a first request's (those use batch >= 0).
+    A greedy run asks once: the same prompt would get the same reply. Also the tokens generated
+    for replies that were replaced: the server made them, so the part's tokens count them."""
+    schema = job.structured
+    checked: list[Checked | None] = [(1, schema.check(r.completion.text)) if isinstance(r, GeneratedText) else None
+                                     for r in results]
+    attempts, replaced = 1 if job.sampling.greedy else job.max_attempts, 0
+    for attempt in range(2, attempts + 1):
+        todo = [i for i, c in enumerate(checked) if c is not None and isinstance(c[1], Invalid)]
+        if not todo:
+            break
+        seed = job.sampling.random_seed
+        sampling = job.sampling if seed is None else job.sampling.model_copy(
+            update={"random_seed": request_seed(seed, shard.index, -attempt, 0)})
+        records = [shard.records[i // job.samples] for i in todo]
+        again = client.generate_batch(PromptBatch([r.prompt for r in records], sampling, job.prompt_format, 1, shard.index,
+                                                  job.batch_size, job.length_window, [r.line for r in records],
+                                                  output_schema=schema.schema))
+        for i, result in zip(todo, again):
+            if isinstance(result, GeneratedText):  # a refused retry keeps the earlier reply
+                replaced += results[i].generated_tokens
+                results[i] = result
+                checked[i] = (attempt, schema.check(result.completion.text))
+            else:
+                checked[i] = (attempt, checked[i][1])
+    return checked, replaced
+
+
+
 def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStore,
               dead_reason: Callable[[], str | None] = lambda: None, breaker: Breaker | None = None,
               tally: RowTally | None = None) -> ShardResult:
@@ -212,6 +266,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
                      len(spill.kept), len(shard.records) * job.samples, spill.path)
         try:
             results = generate_shard_results(client, shard, job, breaker, tally, spill)
+            # The retries are not kept in the spill: a resumed shard asks them again (the same seeds).
+            checks, replaced = structured_results(client, shard, job, results) if job.structured is not None \
+                else ([None] * len(results), 0)
         except TransientServerError as exc:
             if (reason := dead_reason()) is not None:
                 raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
@@ -219,19 +276,19 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
         generated = time.monotonic()
         rows = [(rec, s) for rec in shard.records for s in range(job.samples)]  # the order of `results`
         pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
-        ok = [(r, s, g) for r, s, g in pairs if isinstance(g, GeneratedText)]
+        ok = [(r, s, g, c) for (r, s, g), c in zip(pairs, checks) if isinstance(g, GeneratedText)]
         rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
         invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.run.states)
         if rejected:  # before the part and its state: a published state implies both
             publish(store, rejects_name(shard.name), rejected)
-        out = [output_record(r, g, job, shard.index, s) for r, s, g in ok]  # one shard: the judge reads them too
+        out = [output_record(r, g, job, shard.index, s, c) for r, s, g, c in ok]  # one shard: the judge reads them too
         sha, count, size = publish(store, shard.name, out)
-        tokens = sum(g.generated_tokens for _, _, g in ok)
+        tokens = sum(g.generated_tokens for _, _, g, _ in ok) + replaced
         part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
                         shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
                         generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
                         finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids),
-                        invocation=job.invocation, prompt_match=dict(Counter(g.completion.prompt_match for _, _, g in ok)))
+                        invocation=job.invocation, prompt_match=dict(Counter(g.completion.prompt_match for _, _, g, _ in ok)))
         store.write_bytes(part.state_name(), part.to_json())
         spill.remove()  # after the state: a kill in between leaves a spill of a published part, removed when seen
     if job.judge is not None:  # after the part's state: a kill here leaves a part to judge, not to regenerate

@@ -61,6 +61,8 @@ class RunConfig:
     recipe: Recipe = Recipe(RecipeParams())  # loaded once at flow start (infra.recipes.load_recipe)
     # The judge and filters: later stages, kept out of `fingerprint` so changing them reruns only them.
     curation: Curation = Curation()
+    output_schema: dict | None = None  # the reply's JSON Schema (infra/recipes/structured.py)
+    max_attempts: int = 3
 
     @property
     def input_prompt_field(self) -> str | None:
@@ -86,6 +88,9 @@ class RunConfig:
             **self.recipe.fingerprint(),
             # A seeded request's rows depend on their batch's make-up (infra.prompting.samples).
             **({"batch_size": self.batch_size} if self.sampling.random_seed is not None else {}),
+            # Which replies are kept and how often a row is asked again (absent without one: older hashes hold).
+            **({"output_schema": self.output_schema, "max_attempts": self.max_attempts}
+               if self.output_schema is not None else {}),
         }
 
 

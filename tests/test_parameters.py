@@ -66,6 +66,8 @@ def sample_value(p):
         return [p.option] if not p.default else ["--no-" + p.option[2:]], not p.default
     if p.repeated:
         return [p.option, "xy", p.option, "z"], ["xy", "z"]
+    if p.json:  # an object parameter reaches the flow as its JSON text (Prefect reads a `$ref` object as a block's)
+        return [p.option, '{"type": "object"}'], '{"type": "object"}'
     if p.choices:
         value = next(c for c in p.choices if c != p.default)
         return [p.option, value], value

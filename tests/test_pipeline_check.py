@@ -142,3 +142,26 @@ def test_check_refuses_a_bad_pipeline_in_one_line_with_exit_2(tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [f"nemotron-sdg check: pipeline {path}: stage 'questions': from: 'subtopic' is not "
                                        "a stage of this pipeline (stages: subtopics, questions)"]
+
+
+SCHEMA = """
+  - name: people
+    recipe: {prompt_template: "A person who studies {{ topic }}, as JSON:"}
+    output_schema: {type: object, required: [name], properties: {name: {type: string}, age: {type: integer}, id: {type: string}}}
+  - name: bios
+    from: people
+    recipe: {prompt_template: "BIO of {{ name }} ({{ age }}, {{ output_id }}) on {{ topic }}"}
+"""
+
+
+def test_a_child_sees_its_parents_schema_fields_and_a_bad_schema_is_refused_naming_its_stage(tmp_path):
+    lines = check_file(str(write(tmp_path, SCHEMA)), load_settings(), show_prompts=True)
+    assert any(line.startswith("BIO of ") and line.endswith(" on tides") for line in lines), lines
+    assert "uses {{ agee }}" in refused(write(tmp_path, SCHEMA.replace("{{ age }}", "{{ agee }}")))
+    path = write(tmp_path, SCHEMA.replace("age: {type: integer}", "age: {$ref: 'https://x.test/age.json'}"))
+    out = cli("check", "--pipeline", str(path), cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"nemotron-sdg check: pipeline {path}: stage 'people': output_schema: "
+                                       "$.properties.age.$ref 'https://x.test/age.json': only references inside the "
+                                       "schema (#/$defs/...) are followed; nothing is fetched. Inline the referenced "
+                                       "schema under $defs"]

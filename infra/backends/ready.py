@@ -23,7 +23,7 @@ def make_client(settings: Settings, url: str, counter: TokenCounter = ByteEstima
         return OpenAIClient(url, model=settings.served_name(profile), connect_timeout=s.connect_timeout_s,
                             read_timeout=s.read_timeout_s, context_length=settings.model.context_length,
                             count_tokens=counter.count, max_in_flight=settings.in_flight(profile),
-                            nemo_openai=profile.engine == "nemo-openai",
+                            nemo_openai=profile.engine == "nemo-openai", engine=settings.engine(profile).name,
                             backoff=Backoff(tries=s.throttle_tries, wait_s=s.throttle_wait_s))
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
                       context_length=settings.model.context_length, count_tokens=counter.count,

@@ -56,6 +56,7 @@ class PromptBatch:
     length_window: int = 1  # NeMo: batches' worth of prompts sorted by length together (1: as given)
     lines: Sequence[int] | None = None  # the prompts' input lines, which name them in the log (None: the judge's)
     done: Mapping[int, Result] | None = None  # results in hand already, by position: not asked again
+    output_schema: dict | None = None  # the reply's JSON Schema: sent where the engine constrains decoding (openai.py)
 
 
 def where(line: int | None) -> str:

@@ -13,6 +13,10 @@ replica). Field mapping from the recipe's sampling parameters (reference/openai-
   completion is trimmed at the first end string here too, so it never carries the end string:
   the same as the /generate path;
 - the request's seed (infra.prompting.samples) -> seed;
+- a run's output_schema -> the engine's constrained decoding (`constraint_fields`): vLLM's
+  `structured_outputs: {json: schema}` (>= 0.10.2; `guided_json` was removed in 0.12), trtllm-serve's
+  `response_format: {type: json, schema}` (its server started with a guided_decoding_backend);
+  NeMo >= 2.1 and custom servers are sent none (the reply is validated after, on every engine);
 - finish_reason stop -> "end_string", length -> "length", abort -> "abort"; NeMo >= 2.1 always
   answers "": "end_string" when an end string was found in the text, else "length" (as /generate);
 - usage.completion_tokens -> generated_tokens (summed over the n choices by the server: a choice
@@ -60,8 +64,19 @@ FINISH_REASONS = {"stop": "end_string", "length": "length", "abort": "abort"}
 TRANSIENT_STATUS = {408}  # and 5xx other than 503; 429/503 are THROTTLE_STATUS
 
 
+def constraint_fields(engine: str | None, schema: dict | None) -> dict:
+    """The request fields that make `engine` decode only replies matching `schema` (none where it cannot)."""
+    if schema is None:
+        return {}
+    if engine == "vllm":
+        return {"structured_outputs": {"json": schema}}
+    if engine == "trtllm":
+        return {"response_format": {"type": "json", "schema": schema}}
+    return {}
+
+
 def request_body(model: str, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
-                 end_strings_field: bool = False) -> dict:
+                 end_strings_field: bool = False, constraint: dict | None = None) -> dict:
     """The JSON body for one prompt; every sampling field explicit (server defaults differ).
     `end_strings_field`: NeMo >= 2.1's own stop field (trtllm-serve refuses unknown fields)."""
     body: dict = {
@@ -86,7 +101,7 @@ def request_body(model: str, prompt: str, sampling: SamplingParams, *, n: int = 
         body["seed"] = seed
     elif sampling.random_seed is not None:
         body["seed"] = sampling.random_seed
-    return body
+    return {**body, **(constraint or {})}
 
 
 def error_message(payload: object) -> str:
@@ -138,7 +153,7 @@ class OpenAIClient(HttpClient):
     api = "openai-completions"
 
     def __init__(self, base_url: str, *, model: str, max_in_flight: int = 256, nemo_openai: bool = False,
-                 backoff: Backoff = Backoff(), **kw):
+                 backoff: Backoff = Backoff(), engine: str | None = None, **kw):
         super().__init__(base_url, connections=max_in_flight, **kw)
         self.model = model
         self.max_in_flight = max_in_flight
@@ -147,6 +162,7 @@ class OpenAIClient(HttpClient):
         self.limit = InFlightLimit(max_in_flight, self.base_url)
         # NeMo >= 2.1 ignores `n` and `stop` and counts words as usage.
         self.nemo_openai = nemo_openai
+        self.engine = engine  # which constrained-decoding fields it takes (constraint_fields)
         self.tokens_unit = "words" if nemo_openai else "tokens"
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -195,9 +211,10 @@ class OpenAIClient(HttpClient):
             raise ConfigError(f"{reason}; shorten the prompt or lower tokens_to_generate")
 
     def complete_raw(self, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
-                     read_timeout: float | None = None) -> dict:
+                     read_timeout: float | None = None, schema: dict | None = None) -> dict:
         self.check_prompt(prompt, sampling)
-        body = request_body(self.model, prompt, sampling, n=n, seed=seed, end_strings_field=self.nemo_openai)
+        body = request_body(self.model, prompt, sampling, n=n, seed=seed, end_strings_field=self.nemo_openai,
+                            constraint=constraint_fields(self.engine, schema))
         return self._parse(self._send_while_throttled(body, n, read_timeout), n)
 
     def _send_while_throttled(self, body: dict, n: int, read_timeout: float | None) -> requests.Response:
@@ -256,9 +273,9 @@ class OpenAIClient(HttpClient):
                               f"({self.model!r}) and the engine's API.", status=status, body=message)
 
     def complete(self, prompt: str, sampling: SamplingParams, *, n: int = 1, seed: int | None = None,
-                 read_timeout: float | None = None) -> list[GeneratedText]:
+                 read_timeout: float | None = None, schema: dict | None = None) -> list[GeneratedText]:
         """n samples of one prompt, in choice-index order."""
-        reply = self.complete_raw(prompt, sampling, n=n, seed=seed, read_timeout=read_timeout)
+        reply = self.complete_raw(prompt, sampling, n=n, seed=seed, read_timeout=read_timeout, schema=schema)
         choices = sorted(reply["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
         parsed = [self._choice(c, sampling.end_strings) for c in choices]
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
@@ -278,11 +295,12 @@ class OpenAIClient(HttpClient):
             return Choice(text, "end_string" if ended else "length")
         return Choice(text, str(reason))  # newer vLLM: "error", "repetition": kept as the server said
 
-    def samples(self, prompt: str, sampling: SamplingParams, n: int, seeds: list[int | None]) -> list[GeneratedText]:
+    def samples(self, prompt: str, sampling: SamplingParams, n: int, seeds: list[int | None],
+                schema: dict | None = None) -> list[GeneratedText]:
         """n samples of one prompt: one request with `n` (seeds[0]), or n requests where the engine ignores n."""
         if not self.nemo_openai or n == 1:
-            return self.complete(prompt, sampling, n=n, seed=seeds[0])
-        return [g for s in range(n) for g in self.complete(prompt, sampling, seed=seeds[s])]
+            return self.complete(prompt, sampling, n=n, seed=seeds[0], schema=schema)
+        return [g for s in range(n) for g in self.complete(prompt, sampling, seed=seeds[s], schema=schema)]
 
     # --- a shard's prompts ---------------------------------------------------------------------
 
@@ -301,7 +319,7 @@ class OpenAIClient(HttpClient):
                 continue
             seeds = [None if seed is None else request_seed(seed, batch.shard, i, s) for s in range(n)]
             futures.append(self.submit(self._samples_or_reject, batch.prompt_format.wrap(prompt), batch.sampling, n,
-                                       seeds, batch.lines[i] if batch.lines is not None else None))
+                                       seeds, batch.lines[i] if batch.lines is not None else None, batch.output_schema))
         results: list[Result] = []
         try:
             for i, fut in enumerate(futures):
@@ -323,9 +341,9 @@ class OpenAIClient(HttpClient):
         return results
 
     def _samples_or_reject(self, prompt: str, sampling: SamplingParams, n: int, seeds: list[int | None],
-                           line: int | None) -> list[Result]:
+                           line: int | None, schema: dict | None = None) -> list[Result]:
         try:
-            return self.samples(prompt, sampling, n, seeds)
+            return self.samples(prompt, sampling, n, seeds, schema)
         except RequestRejected as exc:
             log.warning("prompt %s rejected by the server: %s", where(line), exc)
             return [exc] * n

@@ -22,6 +22,7 @@ the /generate lock: the real model is not thread-safe.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from infra.local_server.constrained import requested_schema, value_of
 from infra.local_server.nemo_generation import Engine, GenerateParams, StopRule, prompt_ids
 from infra.local_server.simulated_model import SimCost, SimulatedEngine
 
@@ -131,6 +133,10 @@ class CompletionsService:
 
     def complete(self, body: object) -> dict:
         params, prompt, n = self._read(body)
+        try:  # vLLM's structured_outputs, trtllm-serve's response_format: a JSON value of the schema (constrained.py)
+            schema = requested_schema(body)
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc)) from None
         ids = prompt_ids(self.engine, prompt, params.add_BOS)
         if len(ids) + params.tokens_to_generate > self.max_model_len:
             total = len(ids) + params.tokens_to_generate
@@ -141,6 +147,8 @@ class CompletionsService:
         for i in range(n):
             seed = None if params.random_seed is None else _choice_seed(params.random_seed, i)
             text, reason, stop_reason, tokens = self._one(prompt, ids, GenerateParams(**{**params.__dict__, "random_seed": seed}))
+            if schema is not None:
+                text, reason, stop_reason = json.dumps(value_of(schema, text.split())), "stop", None
             choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason,
                             "stop_reason": stop_reason})
             lengths.append(tokens)

@@ -6,13 +6,20 @@ flags, the UI form, docs/parameters.md and the pipeline file all read the same d
 from __future__ import annotations
 
 import copy
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from pydantic.fields import FieldInfo
 
 from infra.prompting.prompt_format import PromptFormatName
 from infra.prompting.sampling import MAX_BATCH, SamplingParams
 from infra.recipes.params import FilterParams, JudgeParams, RecipeParams
+from infra.recipes.structured import check_schema, schema_from_text
+
+MAX_ATTEMPTS = 20
+# A JSON Schema, checked (meta-schema and bounds: infra/recipes/structured.py) wherever it is declared;
+# also taken as its JSON text, the form it travels in as a flow parameter (schema_from_text says why).
+OutputSchema = Annotated[dict[str, Any], BeforeValidator(schema_from_text), AfterValidator(check_schema)]
 
 
 class StageSettings(BaseModel):
@@ -32,6 +39,13 @@ class StageSettings(BaseModel):
     filters: FilterParams = Field(default_factory=FilterParams, description="what is kept: truncation, length, repetition, "
                                   "regexes, exact and near duplicates; dropped records go to filtered.jsonl with their "
                                   "reason. Changing only these reruns no generation")
+    output_schema: OutputSchema | None = Field(
+        None, description="a JSON Schema (Draft 2020-12) the reply must match: sent to engines that constrain "
+                          "decoding (vLLM, trtllm), parsed and validated on every engine; a valid object's fields "
+                          "become the row's, an invalid reply is dropped as schema_invalid. As a flow parameter: its JSON text "
+                          "(Prefect reads an object holding $ref as a block reference)")
+    max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS, description="with output_schema: tries per row for a "
+                                    "valid reply, each with a seed derived from the run's (greedy: one)")
 
 
 def shared_field(name: str) -> FieldInfo:

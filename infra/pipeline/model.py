@@ -2,7 +2,7 @@
 stage, and the `stages`, each reading the kept rows of its parent (`from`) or its own `input`.
 
 A stage has what a run has (`StageSettings`: recipe, sampling, prompt_format, judge, filters,
-batch_size: the same types and defaults), plus `split`, `output_schema` and `max_attempts`. A field
+batch_size, output_schema, max_attempts: the same types and defaults), plus `split`. A field
 a stage leaves unset comes from `defaults`, merged one level deep (`defaults.sampling.temperature`
 with a stage's own `sampling.tokens_to_generate`), before the stage is validated: a group's checks
 see the merged group, as a run sees its parameters.
@@ -21,22 +21,21 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.engines import EngineName
 from infra.pipeline.fields import StageSettings
-from infra.recipes.lineage import STAGE_NAME
+from infra.recipes.lineage import ROW_FIELDS, STAGE_NAME
 from infra.recipes.pairs import PairParams
 from infra.recipes.split import SplitParams
 from infra.reward.client import REWARD_ENGINES, RewardEngine
 from infra.reward.scores import RewardParams
 
 MAX_STAGES = 64
-MAX_ATTEMPTS = 20
 # A stage's name becomes a key component (`stages/{name}/`), part of its rows' ids and of task names.
 NAME_PATTERN = rf"^{STAGE_NAME.pattern}$"
-# What `defaults` may set: a run's settings, and the attempts of a stage with an output schema.
-DEFAULTABLE = (*StageSettings.model_fields, "max_attempts")
+# What `defaults` may set: a run's settings (output_schema and max_attempts among them).
+DEFAULTABLE = tuple(StageSettings.model_fields)
 # What a stage does: generate (a server answers its prompts), reward (a reward server scores its rows),
 # or pairs (chosen/rejected picked from its parent's scored samples on the CPU: infra/recipes/pairs.py,
 # infra/pipeline/pairs_stage.py).
@@ -77,16 +76,6 @@ class Server(BaseModel):
 
 
 
-def _check_schema(schema: dict) -> dict:
-    from jsonschema import SchemaError
-    from jsonschema.validators import validator_for
-
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise ValueError(f"not a valid JSON Schema at {exc.json_path}: {exc.message}") from None
-    return schema
-
 
 class Stage(StageSettings):
     """One generation pass over the kept rows of its parent (`from`) or over its own `input`."""
@@ -98,19 +87,11 @@ class Stage(StageSettings):
     input: str | None = Field(None, min_length=1, description="this stage's own records, instead of a parent's; "
                                                                 "default for a first stage: the pipeline's input")
     split: SplitParams | None = Field(None, description="cut each reply into several rows (infra/recipes/split.py)")
-    output_schema: dict[str, Any] | None = Field(None, description="JSON Schema the reply must match, as a JSON value")
-    max_attempts: StrictInt = Field(3, ge=1, le=MAX_ATTEMPTS, description="tries per row for a reply matching "
-                                                                           "output_schema, each with a derived seed")
     kind: StageKind = Field("generate", description="generate; reward: a reward server scores the rows it reads; "
                                                     "pairs: preference pairs from its parent's samples")
     pairs: PairParams | None = Field(None, description="a pairs stage's score, strategy and margins")
     server: str | None = Field(None, description="a reward stage's server (a servers: name); default: the only reward server")
     reward: RewardParams | None = Field(None, description="a reward stage's conversation, attributes, weights, keep_if")
-
-    @field_validator("output_schema")
-    @classmethod
-    def _schema(cls, v: dict | None) -> dict | None:
-        return None if v is None else _check_schema(v)
 
     @model_validator(mode="after")
     def _pairs_fields(self) -> "Stage":
@@ -148,6 +129,9 @@ class Stage(StageSettings):
         if self.split is not None and self.output_schema is not None and kind != "array":
             raise ValueError(f"split: the reply is one JSON {kind or 'value'} (output_schema), with no list to "
                              "cut; give output_schema type array, or drop split")
+        if self.split is not None and self.output_schema is not None and self.split.parser != "json_list":
+            raise ValueError(f"split.parser {self.split.parser}: the reply is a JSON list (output_schema type array); "
+                             "use parser json_list, which cuts the validated list")
         return self
 
     @property
@@ -157,12 +141,18 @@ class Stage(StageSettings):
 
     def schema_fields(self) -> dict[str, str]:
         """The fields a valid reply gives each row (output_schema's object properties), by JSON type."""
-        schema = self.output_schema or {}
-        if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+        schema = self.output_schema
+        if schema is None:
+            return {}
+        if self.split is not None and isinstance(schema.get("items"), dict):  # split cuts the list: an item's fields
             schema = schema["items"]
-        props = schema.get("properties") if schema.get("type") == "object" else None
-        return {k: (v.get("type") if isinstance(v, dict) and isinstance(v.get("type"), str) else "string")
-                for k, v in (props or {}).items() if isinstance(k, str)}
+        if schema.get("type") != "object":  # infra/recipes/structured.py reply_fields: any other value is `output`
+            return {} if self.split is not None else {"output": str(schema.get("type") or "value")}
+        return {(f"output_{k}" if k in ROW_FIELDS else k): (v.get("type") if isinstance(v, dict) and isinstance(v.get("type"), str) else "string")
+                for k, v in (schema.get("properties") or {}).items() if isinstance(k, str)}
+
+
+WHOLE = ("output_schema",)  # an object field that is one value, not a group: a stage's replaces the default's
 
 
 def merged(defaults: dict, stage: dict) -> dict:
@@ -170,7 +160,8 @@ def merged(defaults: dict, stage: dict) -> dict:
     out = dict(defaults)
     for key, value in stage.items():
         base = out.get(key)
-        out[key] = {**base, **value} if isinstance(base, dict) and isinstance(value, dict) else value
+        group = isinstance(base, dict) and isinstance(value, dict) and key not in WHOLE
+        out[key] = {**base, **value} if group else value
     return out
 
 

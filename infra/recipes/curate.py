@@ -43,10 +43,11 @@ class Curation:
     # A reward stage's scores (infra/reward/stage.py RewardCuration): read from their checkpoint into
     # each row, then its keep_if filters; in the hash only when set, so other runs' hashes stay.
     reward: object | None = None
+    schema: bool = False  # the rows may carry an output_schema error: this stage drops them as schema_invalid
 
     @property
     def enabled(self) -> bool:
-        return self.judge is not None or self.filters.enabled or self.reward is not None
+        return self.judge is not None or self.filters.enabled or self.reward is not None or self.schema
 
     def stage_hash(self, generation_hash: str) -> str:
         return config_hash({"generation": generation_hash,
@@ -54,7 +55,8 @@ class Curation:
                             "score_pattern": self.judge_params.score_pattern if self.judge else None,
                             "min_score": self.judge_params.min_score if self.judge else None,
                             "filters": self.filters.model_dump(mode="json"),
-                            **({"reward": self.reward.identity(generation_hash)} if self.reward is not None else {})})
+                            **({"reward": self.reward.identity(generation_hash)} if self.reward is not None else {}),
+                            **({"schema": True} if self.schema else {})})
 
     def fingerprint(self) -> dict:
         """For the manifest: what this stage was run with."""
@@ -83,7 +85,7 @@ class CurationError(SdgError):
 def curate(store, parts, curation: Curation, generation_hash: str) -> CurationResult:
     """Run the stage over `parts` (sorted by shard) and publish what it keeps and drops."""
     result = CurationResult(curation.stage_hash(generation_hash))
-    filters = build_filters(curation.filters, curation.judge_params if curation.judge else None)
+    filters = build_filters(curation.filters, curation.judge_params if curation.judge else None, schema=curation.schema)
     if curation.reward is not None:
         filters.append(("reward", curation.reward.filter()))
     reasons: Counter[str] = Counter()

@@ -66,9 +66,16 @@ def _tokens(row: dict) -> int:
     return int((row.get("generation") or {}).get("generated_tokens") or 0)
 
 
-def build_filters(params: FilterParams, judge: JudgeParams | None = None) -> list[tuple[str, Filter]]:
+def _schema_invalid(row: dict) -> Verdict | None:
+    """A row whose reply never matched output_schema (infra/recipes/structured.py): the last
+    attempt's parse or validation error, and the attempts made."""
+    s = (row.get("generation") or {}).get("structured") or {}
+    return Verdict("schema_invalid", s["error"], s.get("attempts")) if s.get("error") else None
+
+
+def build_filters(params: FilterParams, judge: JudgeParams | None = None, *, schema: bool = False) -> list[tuple[str, Filter]]:
     """The row filters the parameters ask for, cheapest first."""
-    out: list[tuple[str, Filter]] = []
+    out: list[tuple[str, Filter]] = [("schema_invalid", _schema_invalid)] if schema else []
     if params.drop_truncated:
         out.append(("truncated", lambda r: Verdict("truncated", "length", "finish_reason")
                     if (r.get("generation") or {}).get("finish_reason") == "length" else None))

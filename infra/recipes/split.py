@@ -85,8 +85,12 @@ class Split:
     found: int  # items in the reply (the regex parser stops counting at max_items + 1)
 
 
-def split_reply(reply: str | None, params: SplitParams) -> Split | Verdict:
-    """The reply's items, or why it is dropped."""
+def split_reply(reply: str | None, params: SplitParams, validated: list | None = None) -> Split | Verdict:
+    """The reply's items, or why it is dropped. `validated`: the reply's JSON list as output_schema
+    parsed and validated it (infra/recipes/structured.py), cut here instead of the text."""
+    if validated is not None:
+        found = _json_elements(validated, params.strip)
+        return _counted(found, params) if not isinstance(found, Verdict) else found
     if reply is None:
         return Verdict("split_unparsed", "no reply", params.parser)
     if len(reply) > MAX_SPLIT_CHARS:
@@ -103,8 +107,12 @@ def split_reply(reply: str | None, params: SplitParams) -> Split | Verdict:
         found = [i for line in reply.splitlines() if (i := _clean(line, params.strip))]
     else:
         found = _list_items(reply, _MARKERS[params.parser])
+    return _counted(found, params) if found else Verdict("split_unparsed", reply[:100], params.parser)
+
+
+def _counted(found: list[Item], params: SplitParams) -> Split | Verdict:
     if not found:
-        return Verdict("split_unparsed", reply[:100], params.parser)
+        return Verdict("split_unparsed", "an empty list", params.parser)
     if len(found) < params.min_items:
         return Verdict("split_too_few", len(found), params.min_items)
     if len(found) > params.max_items:
@@ -153,6 +161,13 @@ def _json_items(reply: str, strip: bool) -> list[Item] | Verdict:
         return Verdict("split_unparsed", f"invalid JSON list: {getattr(exc, 'msg', exc)} at character {getattr(exc, 'pos', '?')}", "json_list")
     except RecursionError:
         return Verdict("split_unparsed", "invalid JSON list: nested too deep", "json_list")
+    return _json_elements(value, strip)
+
+
+def _json_elements(value: list, strip: bool) -> list[Item] | Verdict:
+    """A JSON list's strings and objects; any other element fails the reply."""
+    if not isinstance(value, list):
+        return Verdict("split_unparsed", f"a JSON {type(value).__name__}, not a list", "json_list")
     items: list[Item] = []
     for i, element in enumerate(value):
         if isinstance(element, str):
@@ -182,10 +197,12 @@ def stage_rows(row: dict, stage: str, split: SplitParams | None) -> list[dict] |
     items, not the whole reply), and a record field its item also names moves to `parent.<name>`."""
     record_id, sample = str(row["id"]), int(row.get("sample", 0))
     lineage = child_lineage(row.get("lineage") or [], record_id)
-    base = {k: v for k, v in row.items() if k not in ("id", "lineage")}
+    structured = (row.get("generation") or {}).get("structured")
+    validated = row.get("output") if split is not None and structured and isinstance(row.get("output"), list) else None
+    base = {k: v for k, v in row.items() if k not in ("id", "lineage") and not (validated is not None and k == "output")}
     if split is None:
         return [{**base, "id": child_id(record_id, sample, stage, 0), "lineage": lineage}]
-    result = split_reply(row.get("completion"), split)
+    result = split_reply(row.get("completion"), split, validated)
     if isinstance(result, Verdict):
         return result
     rows = []
