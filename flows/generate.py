@@ -150,11 +150,7 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     ui_progress = console_progress.ArtifactView(progress)  # records, rate, ETA; moves within a shard too
     ui_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
     tally = RowTally(console_progress.generating)  # each shard's rows as they come in, to every listener
-    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
-                   prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
-                   judge=cfg.curation.judge, requested_model=settings.model.name,
-                   structured=Structured(cfg.output_schema) if cfg.output_schema is not None else None,
-                   max_attempts=cfg.max_attempts)
+    job = planned_job(cfg, settings, the_plan, flow_run)
     if to_judge:
         logger.info("run %s: %d published part(s) to judge (the judge changed or never ran on them); no regeneration",
                     cfg.run_id, len(to_judge))
@@ -346,3 +342,13 @@ def curation_figures(curation: dict | None) -> dict:
         return {}
     return {"kept": curation["records_kept"],
             **{f"filtered: {reason}": n for reason, n in curation["filtered"].items()}}
+
+
+def planned_job(cfg, settings: Settings, the_plan, flow_run) -> ShardJob:
+    """What every shard task of a run (or a pipeline stage) is asked to make: one definition, so a
+    run's settings reach a stage's shards the same way (the pipeline builds its stages' jobs here)."""
+    return ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
+                    prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
+                    judge=cfg.curation.judge, requested_model=settings.model.name,
+                    structured=Structured(cfg.output_schema) if cfg.output_schema is not None else None,
+                    max_attempts=cfg.max_attempts)

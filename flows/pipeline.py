@@ -30,7 +30,7 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
-                            shard_tasks_per_replica)
+                            planned_job, shard_tasks_per_replica)
 from flows.params import RunParams, resolve_run_id
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
@@ -39,7 +39,6 @@ from flows.reward import reward_stage
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
-from infra.generation import ShardJob
 from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
@@ -139,9 +138,7 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     run = prepare_run(params, settings, flow_run, lease=lease, input_made_later=parent is not None)
     cfg = run.cfg
     the_plan = plan(cfg, settings, run.store) if parent is None else child_plan(run, settings, hashes[stage.from_].kept)
-    job = ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
-                   prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
-                   judge=cfg.curation.judge, requested_model=settings.model.name)
+    job = planned_job(cfg, settings, the_plan, flow_run)  # the run's: output_schema, judge, samples alike
     out = StageRun(stage, 0 if parent is None else parent.depth + 1, order, run, the_plan, job,
                    parts=dict(the_plan.done))
     if parent is None:
