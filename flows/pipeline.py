@@ -27,8 +27,9 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.artifacts import publish_stage_counts
 from flows.generate import PoolCarry, prepare_run, run_prepared
-from flows.params import RunParams, resolve_run_id
+from flows.params import RunParams, resolve_run_id, run_name
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.errors import ConfigError, InputError
 from infra.pipeline.check import check_pipeline, file_hashes
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 @flow(
     name="pipeline",
+    flow_run_name=run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=8),
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
@@ -96,6 +98,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                            "rows": rows["rows"], "rows_uri": rows["rows_uri"], "kept_parts": rows["kept_parts"],
                            "manifest": out["manifest"]})
             done[stage.name] = stages[-1]
+            publish_stage_counts(run_id, stages, [s.name for s in the.ordered()])  # the run page's progress by stage
             logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children",
                         stage.name, manifest["records_in"], out["records_written"], stages[-1]["kept"], rows["rows"])
     finally:

@@ -49,6 +49,12 @@ class ShardJob:
     invocation: str | None = None
     judge: "Judge | None" = None  # the recipe's judge (infra.recipes.judge), on the same server
     requested_model: str | None = None  # NSDG_MODEL__NAME: the name requests carry, whatever answers them
+    stage: str | None = None  # a pipeline's stage: its shard tasks are named after it (tasks/steps.py)
+
+    @property
+    def stage_prefix(self) -> str:
+        """`answers-` for a pipeline's stage (`generate-answers-shard-3`), empty for a plain run."""
+        return f"{self.stage}-" if self.stage else ""
 
 
 @dataclass(frozen=True)
