@@ -143,3 +143,33 @@ def test_a_plain_run_is_named_after_its_run_id_and_shows_its_first_rows(prefect_
     first = [json.loads(line) for line in (workdir / "out" / "plain-1" / "part-00000.jsonl").read_text().splitlines()]
     assert [r["id"] for r in tables["rows-plain-1"]] == [r["id"] for r in first]  # a 4-row part: all 4 shown
     assert tables["rows-plain-1"][0]["completion"] == first[0]["completion"]
+
+
+# Replies SmolLM2-135M-Instruct (the local real model) wrote to the worked example's own templates
+# (`make pipeline`, 2026-12-06): the example's split settings must cut what that model writes.
+REAL_REPLIES = {
+    "subtopics": "1. Ancient Egyptian art and architecture\n2. Ancient Chinese architecture and engineering\n"
+                 "3. Ancient Greek architecture and engineering\n4. Ancient Roman architecture and engineering",
+    "questions": "Who built the Colosseum?\nAre there still ancient Roman ruins left standing?\n"
+                 "What was the purpose of the Colosseum?",
+}
+
+
+def test_the_worked_examples_splits_cut_the_real_models_replies_and_make_pipeline_runs_that_file():
+    import subprocess
+    from pathlib import Path
+
+    from infra.pipeline.files import pipeline_from_text
+    from infra.recipes.split import Split, split_reply
+
+    repo = Path(__file__).resolve().parents[1]
+    example = pipeline_from_text((repo / "examples/pipeline/pipeline.yaml").read_text(), "pipeline.yaml")
+    subtopics = split_reply(REAL_REPLIES["subtopics"], example.stage("subtopics").split)
+    assert isinstance(subtopics, Split) and subtopics.items == ["Ancient Egyptian art and architecture",
+                                                                "Ancient Chinese architecture and engineering",
+                                                                "Ancient Greek architecture and engineering"]
+    questions = split_reply(REAL_REPLIES["questions"], example.stage("questions").split)
+    assert isinstance(questions, Split) and questions.items[0] == "Who built the Colosseum?" and len(questions.items) == 3
+    make = subprocess.run(["make", "-n", "pipeline", "VENV=/nonexistent", "STAMP="], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+    assert "run --pipeline examples/pipeline/pipeline.yaml" in make.stdout, make.stdout + make.stderr
