@@ -46,8 +46,9 @@ def flow_run_facts(flow_run_id) -> tuple[str, list[str], dict[str, list[dict]]]:
         name = client.read_flow_run(flow_run_id).name
         tasks = [t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))]
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    # A key sent again (stages-…, after each stage) has a version per send: the latest wins.
     tables = {a.key: (json.loads(a.data) if isinstance(a.data, str) else a.data) if a.type == "table" else a.type
-              for a in artifacts}
+              for a in sorted(artifacts, key=lambda a: a.created)}
     return name, tasks, tables
 
 
