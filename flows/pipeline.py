@@ -29,9 +29,10 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.artifacts import artifact_key, publish_stage_counts
 from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
                             planned_job, shard_tasks_per_replica)
-from flows.params import RunParams, resolve_run_id
+from flows.params import RunParams, resolve_run_id, run_name
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
 from flows.rollovers import RolloverPlanner
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 @flow(
     name="pipeline",
+    flow_run_name=run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=8),
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
@@ -115,6 +117,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         s = next(x for x in stages if x.name == stage.name)
         done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,
                                     first=s is stages[0])
+        publish_stage_counts(run_id, list(done.values()), [s.name for s in the.ordered()])  # the run page, by stage
         logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
                     done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
     allocation = attribute_allocation(stages, done, pool)
@@ -138,7 +141,7 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     run = prepare_run(params, settings, flow_run, lease=lease, input_made_later=parent is not None)
     cfg = run.cfg
     the_plan = plan(cfg, settings, run.store) if parent is None else child_plan(run, settings, hashes[stage.from_].kept)
-    job = planned_job(cfg, settings, the_plan, flow_run)  # the run's: output_schema, judge, samples alike
+    job = planned_job(cfg, settings, the_plan, flow_run, stage=stage.name)  # the run's: output_schema, judge, samples alike
     out = StageRun(stage, 0 if parent is None else parent.depth + 1, order, run, the_plan, job,
                    parts=dict(the_plan.done))
     if parent is None:
@@ -189,7 +192,8 @@ def finish_stage(s: StageRun, parent: dict | None, hashes: StageHash, pool: Pool
                  [j for rep in members for j in rep.backend.job_ids],
                  restarts=pool.restarts if pool is not None and first else 0,  # the pool's, counted once
                  replicas=[rep.summary(gpus) for rep in members], invocation=str(flow_run.id),
-                 rollovers=pool.planner.report(members, gpus) if pool is not None and first else None)
+                 rollovers=pool.planner.report(members, gpus) if pool is not None and first else None,
+                 key=artifact_key(f"{run_id}-{s.name}"), what=f"pipeline run {run_id}, stage {s.name}")
     rows = write_stage_rows(s.store, s.name, s.stage.split)
     manifest = json.loads(s.store.read_bytes(MANIFEST))
     return {"stage": s.name, "from": s.stage.from_, "input": s.run.cfg.input_uri,

@@ -120,9 +120,9 @@ class Work:
 def generate_kind(stage: StageRun, client, item, backend, job: ShardJob) -> object:
     """A `generate` stage's work: a shard generated (and judged), or a published part judged."""
     if isinstance(item, PartInfo):
-        return judge_shard.with_options(task_run_name=f"judge-{stage.name}-shard-{item.shard}").submit(
+        return judge_shard.submit(  # named judge-{stage}-shard-N by its job (tasks/steps.py)
             client, item, job, stage.store, backend)
-    return generate_shard.with_options(task_run_name=f"generate-{stage.name}-shard-{item.index}").submit(
+    return generate_shard.submit(  # named generate-{stage}-shard-N by its job
         client, quote(item), job, stage.store, backend, stage.breaker, None)
 
 

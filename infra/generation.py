@@ -65,6 +65,12 @@ class ShardJob:
     requested_model: str | None = None  # NSDG_MODEL__NAME: the name requests carry, whatever answers them
     structured: Structured | None = None  # the run's output_schema, checked
     max_attempts: int = 1  # with `structured`: requests per row for a valid reply
+    stage: str | None = None  # a pipeline's stage: its shard tasks are named after it (tasks/steps.py)
+
+    @property
+    def stage_prefix(self) -> str:
+        """`answers-` for a pipeline's stage (`generate-answers-shard-3`), empty for a plain run."""
+        return f"{self.stage}-" if self.stage else ""
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,14 @@ def wait_ready(backend: Backend, settings: Settings, counter: TokenCounter = Byt
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient, task_run_name="generate-shard-{shard.index}")
+      retry_condition_fn=_transient, task_run_name="generate-{job.stage_prefix}shard-{shard.index}")
 def generate_shard(client, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
                    breaker: Breaker, tally: RowTally | None = None) -> ShardResult:
     return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker, tally=tally)
 
 
 @task(name="judge-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient, task_run_name="judge-shard-{part.shard}")
+      retry_condition_fn=_transient, task_run_name="judge-{job.stage_prefix}shard-{part.shard}")
 def judge_shard(client, part: PartInfo, job: ShardJob, store: OutputStore, backend: Backend) -> ShardResult:
     return run_judge(client, part, job, store, dead_reason=backend.dead_reason)
 

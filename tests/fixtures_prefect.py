@@ -357,7 +357,7 @@ def deployed(prefect_server, work_pool) -> dict[str, dict]:
     """`prefect --no-prompt deploy --all` from the repo root, as an operator runs it."""
     result = prefect_server.cli("--no-prompt", "deploy", "--all", timeout=180, check=False)
     assert result.returncode == 0, f"`prefect deploy --all` failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
-    names = {"generate": ["nightly", "on-demand", "local-smoke"], "reap": ["reap"]}
+    names = {"generate": ["nightly", "on-demand", "local-smoke"], "pipeline": ["pipeline-example"], "reap": ["reap"]}
     # Then the zombie-run automation, as docs/operators.md says, for the worker's heartbeat.
     run_command([sys.executable, "-m", "flows.cli", "install-automations", "--heartbeat-s", str(FLOW_HEARTBEAT_S)],
                 timeout=120, env=prefect_server.env(), cwd=str(REPO))
