@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.artifacts import artifact_key, publish_stage_counts
+from flows.artifacts import Artifacts, artifact_key, publish_stage_counts
 from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
                             planned_job, shard_tasks_per_replica)
 from flows.params import RunParams, resolve_run_id, run_name
@@ -99,6 +99,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         stream = Stream(stages, settings)
         if stream.has_work():
             pool = serve(stream, stages, settings, flow_run, run_id)
+            stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
+                                                                              f"pipeline run {run_id}, stage {s.name}")))
+                               for s in stages}
             stream.replica_of = lambda backend: next((r.index for r in pool.members if r.backend is backend), None)
             pool.run()  # releases every replica when the last shard is in, and on any error
         else:

@@ -149,6 +149,9 @@ class Stream:
         self.settings = settings
         self.outstanding = 0  # handed out, no result yet (a requeued one stays outstanding)
         self.replica_of: Callable[[object], int | None] = lambda backend: None  # the pool's, once it exists
+        # Each stage's progress bar on the run page (flows/artifacts.py Artifacts, by stage name), set
+        # by the flow: the share of its known shards published; "+" while its parent may add more.
+        self.progress: dict[str, object] = {}
         for s in stages:
             if s.stage.from_ is not None:
                 self.stages[s.stage.from_].children.append(s)
@@ -186,6 +189,10 @@ class Stream:
         stage.parts[result.part.shard] = result.part
         stage.settled.add(result.part.shard)
         self.advance(stage)
+        for s in (stage, *stage.children):  # a child's shard count grows as this stage's become final
+            if (bar := self.progress.get(s.name)) is not None and s.created:
+                bar.progress(100.0 * len(s.settled) / s.created,
+                             f"{len(s.settled)} of {s.created}{'' if s.closed else '+'} shards")
 
     def advance(self, stage: StageRun) -> None:
         """Curate the stage's settled prefix; pass each newly final shard's kept rows to its children."""
