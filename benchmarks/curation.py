@@ -4,7 +4,7 @@ bench run; the re-filter of that finished run (new thresholds, same run_id: seco
 the server); and the curation stage's peak RSS over 1 M rows with exact dedup, alone in a child.
 
 The setup of benchmarks/recipes.py (the real flow in a fresh child, `attach` profile, the
-zero-cost simulated engine, batch_size 32, max_in_flight 2). Requests are counted from the
+zero-cost simulated engine, the flow's default batch_size (128), max_in_flight 2). Requests are counted from the
 server's --stats-file (one line per generation).
 """
 
@@ -170,7 +170,7 @@ def summary_rows(c: dict, met) -> list[tuple]:
 
 def detail_lines(c: dict) -> list[str]:
     L = ["### Judge and filters at scale (`benchmarks/curation.py`)", "",
-         "As the recipes section (attach, zero-cost simulated engine, batch_size 32, max_in_flight 2, the same few-shot "
+         "As the recipes section (attach, zero-cost simulated engine, the flow's default batch_size (128), max_in_flight 2, the same few-shot "
          f"recipe with N={c.get('samples', SAMPLES)}). Filters: `{json.dumps(FILTERS)}`; the re-filter changes "
          "min_completion_tokens to 2 and max_repeated_ngram_share to 0.5 under the same run_id. Requests are counted "
          "from the server's stats file. The stage row runs `curate()` alone in a child over crafted parts (a tenth "

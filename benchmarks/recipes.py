@@ -3,7 +3,7 @@ samples per record, side by side with today's plain run in the same bench run, a
 1 M records × 4.
 
 The setup of benchmarks/scale.py (the real flow in a fresh child, `attach` profile, the
-zero-cost simulated engine, batch_size 32, max_in_flight 2), with:
+zero-cost simulated engine, the flow's default batch_size (128), max_in_flight 2), with:
 - plain: records `{"id", "prompt"}`, shard_size 4000, greedy, as scale.py runs it;
 - recipe: records `{"id", "topic", "level"}` (no prompt field), an inline few-shot template, 3
   examples per record from a 200-example file, 4 samples per record, a seed (so every request
@@ -148,7 +148,7 @@ def summary_rows(rc: dict, met) -> list[tuple]:
 
 def detail_lines(rc: dict) -> list[str]:
     L = ["### Recipes at scale (`benchmarks/recipes.py`)", "",
-         f"As the scale section (attach, zero-cost simulated engine, batch_size 32, max_in_flight 2). Plain: "
+         f"As the scale section (attach, zero-cost simulated engine, the flow's default batch_size (128), max_in_flight 2). Plain: "
          f"`{{id, prompt}}` records, shard_size {rc['shard_size_plain']}, greedy. Recipe: `{{id, topic, level}}` records, "
          f"an inline few-shot template, {rc['examples_per_prompt']} examples per record from 200, "
          f"samples_per_prompt {rc['samples']}, random_seed set (a derived seed per request), shard_size "

@@ -252,7 +252,8 @@ def _details(r: dict) -> list[str]:
               "Busy fraction = Σ(end − start) of the server's generations ÷ (last reply's end − first request's "
               "start), from its stats file; the flow's 1-token readiness probe is left out. **Ours**: the real "
               "`generate` flow in a child process, `attach` profile pointed at the server (allocation is the only "
-              "step `attach` skips), batch_size 32, `server.max_in_flight` 2, a small shard_size so the run crosses "
+              "step `attach` skips), batch_size 32 (pinned for the seed comparison; the flow's default is now 128), "
+              "`server.max_in_flight` 2, a small shard_size so the run crosses "
               "several shard boundaries (the worst case for gaps). **Seed-style**: call_server.py's loop, one prompt "
               "per `requests.put(..., data=json.dumps(data))`, no session, sequential, the same sampling values. "
               "Cost model: PLANNING_340B_TP8_PP2's shape (prefill 2e-4 s/token, decode step 0.05 s, batch slope "
@@ -322,7 +323,8 @@ def _details(r: dict) -> list[str]:
     if sc:
         L += ["### Orchestrator scale (`benchmarks/scale.py`)", "",
               f"The real flow in a fresh child process, `attach` profile, zero-cost simulated engine (it still builds "
-              f"every reply: {sc['tokens_to_generate']} pseudo-tokens per row with token ids and offsets), batch_size 32, "
+              f"every reply: {sc['tokens_to_generate']} pseudo-tokens per row with token ids and offsets), the flow's "
+              "default batch_size (128), "
               f"max_in_flight 2, shard_size {sc['shard_size']} (250 shard task runs at 1 M). Peak RSS = the child's "
               "`getrusage(RUSAGE_SELF).ru_maxrss` at the end: the process that ran the flow (Python, Prefect's client, "
               "task runner and threads, our code and the records it held), without the NeMo server and the Prefect "

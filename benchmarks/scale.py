@@ -4,7 +4,7 @@ zero-cost engine, and the cost of rerunning a finished run.
 Every run is the real `generate` flow in a fresh child process (benchmarks.flow_child),
 `attach` profile, against the NeMo-compatible server with the simulated engine at zero cost
 (no sleep; it still builds every reply: 16 pseudo-tokens per row, token ids and offsets).
-Defaults: batch_size 32, max_in_flight 2; shard_size 4000 everywhere (250 shards, so 250
+Defaults: batch_size 128 (the flow's), max_in_flight 2; shard_size 4000 everywhere (250 shards, so 250
 generate-shard task runs, at 1 M records).
 
 - Inputs carry an `id` field (r0, r1, ...), so the flow checks them for duplicates; the
