@@ -56,8 +56,24 @@ def write_rendered(path: Path, n: int, examples: Path, recipe: dict) -> Path:
     return path
 
 
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process, or of this process's waited-for children."""
+    import resource
+
+    import psutil
+
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def _one(workdir: Path, api: PrefectAPI, srv, params: dict, n_rows: int, tag: str, log) -> dict:
     env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}
+    # Where the time goes, by process: the flow child (the product) and the stand-in server, which
+    # tokenizes and echoes every prompt (a real engine's work, on the GPU node, not the orchestrator's).
+    flow_cpu0, server_cpu0 = _cpu_s(), _cpu_s(srv.proc.pid)
     run = run_flow(workdir, api, {**params, "run_id": tag, "output_uri": str(workdir / "out")}, settings_env=env, tag=tag,
                    rss_sample_s=0.5, timeout=3600)
     if not run.ok:
@@ -66,7 +82,9 @@ def _one(workdir: Path, api: PrefectAPI, srv, params: dict, n_rows: int, tag: st
     if manifest["records_written"] != n_rows:
         raise RuntimeError(f"{tag}: {manifest['records_written']} rows written, {n_rows} expected")
     r = {"rows": n_rows, "seconds": run.seconds, "rows_per_s": n_rows / run.seconds, "maxrss_mb": run.maxrss_mb,
-         "shards": len(manifest["parts"]), "records_in": manifest["records_in"]}
+         "shards": len(manifest["parts"]), "records_in": manifest["records_in"],
+         "flow_cpu_s": _cpu_s() - flow_cpu0, "server_cpu_s": _cpu_s(srv.proc.pid) - server_cpu0,
+         "prompt_chars": manifest.get("throughput", {}).get("prompt_chars")}
     r["records_per_s"] = r["records_in"] / run.seconds
     log(f"recipes {tag}: {r['records_in']} records -> {n_rows} rows in {run.seconds:.1f} s = {r['rows_per_s']:.0f} rows/s, "
         f"peak RSS {run.maxrss_mb:.0f} MB, {r['shards']} shards")
@@ -154,12 +172,22 @@ def detail_lines(rc: dict) -> list[str]:
          f"samples_per_prompt {rc['samples']}, random_seed set (a derived seed per request), shard_size "
          f"{rc['shard_size_recipe']} (so a shard holds {rc['shard_size_plain']} rows, as a plain one). Rows/s = output "
          "rows ÷ the whole `generate()` wall time.", "",
-         "| run | records in | rows out | generate() wall | rows/s | records/s | peak RSS | shards |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| run | records in | rows out | generate() wall | rows/s | records/s | peak RSS | shards | CPU: flow process "
+         "(the product) | CPU: stand-in server |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for name, key in (("plain", "plain"), ("plain, the rendered few-shot prompts", "plain_rendered"),
                       (f"recipe, N={rc['samples']}", "recipe"), (f"recipe, N={rc['samples']}", "recipe_big")):
         if not (v := rc.get(key)):
             continue
         L.append(f"| {name} | {v['records_in']:,} | {v['rows']:,} | {v['seconds']:.1f} s | {v['rows_per_s']:,.0f} | "
-                 f"{v['records_per_s']:,.0f} | {v['maxrss_mb']:.0f} MB | {v['shards']} |")
+                 f"{v['records_per_s']:,.0f} | {v['maxrss_mb']:.0f} MB | {v['shards']} | {v.get('flow_cpu_s', 0):.1f} s | "
+                 f"{v.get('server_cpu_s', 0):.1f} s |")
+    p, rp = rc.get("plain"), rc.get("plain_rendered")
+    if p and rp and "flow_cpu_s" in p:
+        extra_flow = rp["flow_cpu_s"] - p["flow_cpu_s"]
+        extra_server = rp["server_cpu_s"] - p["server_cpu_s"]
+        L += ["", f"The rendered prompts' extra cost over plain, by process: flow process {extra_flow:+.1f} s CPU, stand-in "
+              f"server {extra_server:+.1f} s CPU (the server tokenizes and echoes each prompt; the flow reads, sends, "
+              "strips and writes it). On a 2-core machine both share the CPU with the Prefect API, so the ceiling "
+              "ratio moves with the server's share; a real engine does that work on the GPU node."]
     return L + [""]
