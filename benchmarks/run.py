@@ -126,7 +126,7 @@ def render(r: dict) -> str:
     make = {"bench": "make bench", "scale": "make bench-scale"}.get(r["suite"], f"the {r['suite']} suite")
     title = {"bench": "the GPUs never wait on the orchestrator", "scale": "the large runs"}.get(r["suite"], "quick check")
     L += [f"# Benchmarks: {title}", "",
-          f"Written whole by `{make}` (`{' '.join(shlex.quote(a) for a in r['argv'][1:])}`) from the numbers it "
+          f"Written whole by `{make}` (`python {' '.join(shlex.quote(a) for a in r['argv'][1:])}`) from the numbers it "
           "measured in this one run; nothing here is edited by hand, and every ratio compares figures measured side "
           f"by side in it. Raw numbers: `{'results' if r['suite'] == 'bench' else 'results-' + r['suite']}.json` "
           "beside this file.", "",
