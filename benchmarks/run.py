@@ -94,17 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def slurm_rerun_env(workdir: Path) -> dict[str, str]:
-    """Settings for a rerun on the Slurm profile (it must allocate nothing, so any command does)."""
-    return {
-        "NSDG_EXTRA_PROFILES": json.dumps(slurm_bench.PROFILE),
-        "NSDG_SLURM__CONTAINER_RUNTIME": "none",
-        "NSDG_SLURM__JOB_ROOT": str(workdir / "jobs-rerun"),
-        "NSDG_SLURM__TIME_LIMIT": "00:10:00",
-        "NSDG_SERVER__COMMAND": json.dumps([sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated"]),
-    }
-
-
 # --------------------------------------------------------------------------- results.md
 
 
@@ -214,7 +203,7 @@ def _summary(r: dict) -> list[str]:
             rows.append(("… the same at 1 M records", f"{big['records_per_s']:,.0f} rec/s", "—", "≥ 5,000 rec/s",
                          _met(big["records_per_s"] >= 5000)))
         rr = sc["rerun"]
-        rows.append((f"rerun of a finished {rr['records']:,}-record run", f"{rr['seconds']:.2f} s, {rr['allocations']} allocations",
+        rows.append((f"rerun of a finished {rr['records']:,}-record run", f"{rr['seconds']:.2f} s, {rr['allocations']} allocations, {rr.get('requests', '—')} requests",
                      "seed: regenerates everything", "≤ 10 s, 0", _met(rr["seconds"] <= 10 and rr["allocations"] == 0)))
     rows += tokens_bench.summary_rows(r)
     if r.get("recipes"):
@@ -345,8 +334,9 @@ def _details(r: dict) -> list[str]:
         rr = sc["rerun"]
         L += [f"Rerun of the finished {rr['records']:,}-record run (same run_id and input, profile `{rr['profile']}`): "
               f"{rr['seconds']:.2f} s in `generate()` ({rr['child_process_s']:.1f} s including interpreter start-up "
-              f"and imports); allocations: {rr['allocations']} (Slurm jobs in the rerun's manifest plus jobs of this "
-              f"run seen in squeue).", ""]
+              f"and imports); requests to the server: {rr.get('requests', '—')}, allocations: {rr['allocations']} (the "
+              "same profile as the run: a run's served model is part of its config, so a rerun on another profile "
+              "is refused).", ""]
     L += tokens_bench.markdown(r)
     if r.get("recipes"):
         L += recipes.detail_lines(r["recipes"])

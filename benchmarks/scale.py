@@ -22,7 +22,6 @@ generate-shard task runs, at 1 M records).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -32,10 +31,6 @@ from benchmarks.common import Cost, PrefectAPI, local_server, median, run_flow, 
 
 SHARD = 4000
 TOKENS = 16
-
-
-class _NoWatch:
-    first_seen: dict = {}
 
 
 def flow_params(src: Path, out: Path, run_id: str) -> dict:
@@ -80,8 +75,7 @@ def id_set_mb_per_million() -> float:
     return float(subprocess.run([PY, "-c", SET_PROBE], capture_output=True, text=True, check=True).stdout)
 
 
-def run(workdir: Path, api: PrefectAPI, log, sizes=(10_000, 100_000, 1_000_000), slurm_env=None, repeats: int = 3) -> dict:
-    from benchmarks import slurm as slurm_bench
+def run(workdir: Path, api: PrefectAPI, log, sizes=(10_000, 100_000, 1_000_000), repeats: int = 3) -> dict:
 
     out: dict = {"sizes": {}, "shard_size": SHARD, "tokens_to_generate": TOKENS,
                  "id_set_mb_per_million": id_set_mb_per_million()}
@@ -107,26 +101,21 @@ def run(workdir: Path, api: PrefectAPI, log, sizes=(10_000, 100_000, 1_000_000),
         out["ceiling_median"] = median(out["ceiling_runs"])
         out["ceiling_generation_median"] = median([x["generation_records_per_s"] for x in runs])
 
-        # Rerun of the finished run: on the slurm profile when the cluster is up, so an
-        # allocation would be a real sbatch that squeue shows.
+        # Rerun of the finished run with the same parameters and profile (a run's served model is part of
+        # its config, so another profile is refused): it must send the server nothing and allocate nothing.
         tag = f"scale-{mid}"
         params = flow_params(inputs[mid], workdir / "out", tag)
         env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}
-        profile = "attach"
-        if slurm_env is not None:
-            env.update(slurm_env)
-            params["profile"] = profile = "bench2x8"
-        # Without the cluster the rerun is on attach, where an allocation cannot happen: nothing to watch.
-        with (slurm_bench.SqueueWatch(tag) if slurm_env is not None else contextlib.nullcontext(_NoWatch())) as watch:
-            t = time.monotonic()
-            rerun = run_flow(workdir, api, params, settings_env=env, tag=f"{tag}-rerun")
-            child_wall = time.monotonic() - t
+        before = len(srv.stats())
+        t = time.monotonic()
+        rerun = run_flow(workdir, api, params, settings_env=env, tag=f"{tag}-rerun")
+        child_wall = time.monotonic() - t
         if not rerun.ok:
             raise RuntimeError(f"rerun failed: {rerun.error}")
         manifest = json.loads(Path(rerun.result["manifest"]).read_text())
-        out["rerun"] = {"records": mid, "seconds": rerun.seconds, "child_process_s": child_wall,
-                        "allocations": len(manifest.get("slurm_job_ids", [])) + len(watch.first_seen),
-                        "jobs_seen": sorted(watch.first_seen), "profile": profile}
+        requests = len(srv.stats()) - before
+        out["rerun"] = {"records": mid, "seconds": rerun.seconds, "child_process_s": child_wall, "requests": requests,
+                        "allocations": len(manifest.get("slurm_job_ids", [])), "profile": "attach"}
         log(f"rerun of finished {mid}-record run: {rerun.seconds:.2f} s in generate() ({child_wall:.1f} s with "
-            f"interpreter start-up), allocations {out['rerun']['allocations']} (profile {profile})")
+            f"interpreter start-up), {requests} requests to the server")
     return out

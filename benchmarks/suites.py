@@ -69,19 +69,13 @@ def sections(suite: str, workdir: Path, api, log, res: dict, have_slurm: bool) -
                                      ours_shard_size=shard, seed_requests=seed, repeats=repeats))
         return out
 
-    def slurm_env() -> dict[str, str] | None:
-        from benchmarks.run import slurm_rerun_env
-
-        return slurm_rerun_env(workdir) if have_slurm else None
-
     every: dict[str, Callable[[], dict] | None] = {
         "nagle": lambda: nagle.run(workdir, log),
         "busy": lambda: busy.run(workdir, api, busy_cases(), log),
         "batching": lambda: batching.run(workdir, log, n=z["batching"]["n"]),
         "readiness": lambda: readiness.run(workdir, log, repeats=z["readiness"]["repeats"]),
         "slurm": (lambda: slurm_bench.run(workdir, api, log, repeats=z["slurm"]["repeats"])) if have_slurm else None,
-        "scale": lambda: scale.run(workdir, api, log, sizes=z["scale"]["sizes"], repeats=z["scale"]["repeats"],
-                                   slurm_env=slurm_env()),
+        "scale": lambda: scale.run(workdir, api, log, sizes=z["scale"]["sizes"], repeats=z["scale"]["repeats"]),
         "tokens": lambda: tokens_bench.run(workdir, log, sizes=z["tokens"]["sizes"], realistic=z["tokens"]["realistic"],
                                            with_make_run=z["tokens"]["make_run"]),
         "recipes": lambda: recipes.run(workdir, api, log, z["recipes"]["mid"], z["recipes"]["big"],
