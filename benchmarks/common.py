@@ -341,6 +341,21 @@ def section_main(module: str, doc: str | None, section: Callable[[], str | None]
     return 0
 
 
+@contextlib.contextmanager
+def in_process_api(api_url: str | None) -> Iterator[None]:
+    """Flows run in this process talk to `api_url` (the bench's own API), or to a harness of their own."""
+    if api_url is None:
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
 def run_alone(prefix: str, section: Callable[[Path, "PrefectAPI", Callable[[str], None]], dict]) -> int:
     """One bench section by itself (`python -m benchmarks.<section>`): its own work dir and Prefect API,
     timestamped log lines, its JSON printed at the end."""

@@ -4,7 +4,7 @@ bench run; the re-filter of that finished run (new thresholds, same run_id: seco
 the server); and the curation stage's peak RSS over 1 M rows with exact dedup, alone in a child.
 
 The setup of benchmarks/recipes.py (the real flow in a fresh child, `attach` profile, the
-zero-cost simulated engine, batch_size 32, max_in_flight 2). Requests are counted from the
+zero-cost simulated engine, the flow's default batch_size (128), max_in_flight 2). Requests are counted from the
 server's --stats-file (one line per generation).
 """
 
@@ -44,7 +44,9 @@ def _flow(workdir: Path, api: PrefectAPI, srv, params: dict, tag: str, log) -> d
     return r
 
 
-def ceiling(workdir: Path, api: PrefectAPI, log, n: int) -> dict:
+def ceiling(workdir: Path, api: PrefectAPI, log, n: int, measured: dict | None = None) -> dict:
+    """Plain, the unfiltered recipe, the filtered recipe and its re-filter at `n` records. `measured`: the recipes
+    section of the same run; its plain and recipe runs at the same size (same setup) are reused, not repeated."""
     examples = write_examples(workdir / "curation-examples.jsonl")
     recipe = {"prompt_template": TEMPLATE, "examples_uri": str(examples), "examples_per_prompt": K,
               "example_separator": "\n\n", "samples_per_prompt": SAMPLES}
@@ -52,12 +54,20 @@ def ceiling(workdir: Path, api: PrefectAPI, log, n: int) -> dict:
     base = {"profile": "attach", "shard_size": SHARD // SAMPLES, "sampling": sampling, "prompt_format": "raw", "recipe": recipe}
     out: dict = {"records": n, "samples": SAMPLES, "filters": FILTERS, "refilter": REFILTER}
     with local_server(workdir, "curation-server", Cost()) as srv:
-        plain_src = write_prompts(workdir / f"curation-plain-{n}.jsonl", n)
-        out["plain"] = _flow(workdir, api, srv, {"input_uri": str(plain_src), "profile": "attach", "shard_size": SHARD,
-                                                 "sampling": {"tokens_to_generate": TOKENS, "greedy": True},
-                                                 "run_id": "plain"}, "curation-plain", log)
+        reuse = measured or {}
+        if (reuse.get("plain") or {}).get("records_in") == n and (reuse.get("recipe") or {}).get("records_in") == n:
+            out["plain"], out["recipe"] = (_as_curation_row(reuse["plain"]), _as_curation_row(reuse["recipe"]))
+            out["reused_from_recipes"] = True
+        else:
+            plain_src = write_prompts(workdir / f"curation-plain-{n}.jsonl", n)
+            out["plain"] = _flow(workdir, api, srv, {"input_uri": str(plain_src), "profile": "attach",
+                                                     "shard_size": SHARD, "run_id": "plain",
+                                                     "sampling": {"tokens_to_generate": TOKENS, "greedy": True}},
+                                 "curation-plain", log)
         src = write_topics(workdir / f"curation-topics-{n}.jsonl", n)
-        out["recipe"] = _flow(workdir, api, srv, {**base, "input_uri": str(src), "run_id": "recipe"}, "curation-recipe", log)
+        if "recipe" not in out:
+            out["recipe"] = _flow(workdir, api, srv, {**base, "input_uri": str(src), "run_id": "recipe"},
+                                  "curation-recipe", log)
         out["filtered"] = _flow(workdir, api, srv, {**base, "input_uri": str(src), "run_id": "filtered", "filters": FILTERS},
                                 "curation-filtered", log)
         out["refiltered"] = _flow(workdir, api, srv, {**base, "input_uri": str(src), "run_id": "filtered",
@@ -65,6 +75,12 @@ def ceiling(workdir: Path, api: PrefectAPI, log, n: int) -> dict:
     out["ratio_plain"] = out["filtered"]["rows_per_s"] / out["plain"]["rows_per_s"]
     out["ratio_recipe"] = out["filtered"]["rows_per_s"] / out["recipe"]["rows_per_s"]
     return out
+
+
+def _as_curation_row(r: dict) -> dict:
+    """A recipes-section run as a row of this table (the recipes server's requests were not counted)."""
+    return {"rows": r["rows"], "records_in": r["records_in"], "seconds": r["seconds"], "rows_per_s": r["rows_per_s"],
+            "maxrss_mb": r["maxrss_mb"], "requests": r.get("requests", "—")}
 
 
 def stage_rss(workdir: Path, rows: int, log, shard_rows: int = 4000) -> dict:
@@ -103,8 +119,9 @@ def _stage_child(rows: int, shard_rows: int, root: Path) -> None:
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run(workdir: Path, api: PrefectAPI, log, n: int = 100_000, stage_rows: int = 1_000_000) -> dict:
-    out = ceiling(workdir, api, log, n) if n else {}
+def run(workdir: Path, api: PrefectAPI, log, n: int = 100_000, stage_rows: int = 1_000_000,
+        measured: dict | None = None) -> dict:
+    out = ceiling(workdir, api, log, n, measured) if n else {"samples": SAMPLES}
     if stage_rows:
         out["stage"] = stage_rss(workdir, stage_rows, log)
     return out
@@ -153,7 +170,7 @@ def summary_rows(c: dict, met) -> list[tuple]:
 
 def detail_lines(c: dict) -> list[str]:
     L = ["### Judge and filters at scale (`benchmarks/curation.py`)", "",
-         "As the recipes section (attach, zero-cost simulated engine, batch_size 32, max_in_flight 2, the same few-shot "
+         "As the recipes section (attach, zero-cost simulated engine, the flow's default batch_size (128), max_in_flight 2, the same few-shot "
          f"recipe with N={c.get('samples', SAMPLES)}). Filters: `{json.dumps(FILTERS)}`; the re-filter changes "
          "min_completion_tokens to 2 and max_repeated_ngram_share to 0.5 under the same run_id. Requests are counted "
          "from the server's stats file. The stage row runs `curate()` alone in a child over crafted parts (a tenth "

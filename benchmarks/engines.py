@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import signal
 import sys
@@ -87,14 +88,18 @@ def continuous(srv, prompts: list[str], in_flight: int = 256) -> dict:
             "occupancy_while_work_remains": stats["occupancy_while_work_remains"], "slots": SLOTS, "in_flight": in_flight}
 
 
-def compare(workdir: Path, log, n: int) -> dict:
+def compare(workdir: Path, log, n: int, cost_factor: float = 1.0) -> dict:
+    """Static (batches of 32 and 128) vs continuous batching over `n` prompts; `cost_factor` scales the
+    cost model's seconds (the quick suite's tiny run)."""
+    cost = Cost(COST.prefill_s_per_token * cost_factor, COST.decode_step_s * cost_factor, COST.decode_batch_slope,
+                COST.finish_fraction)
     prompts = [prompt_of(i) for i in range(n)]
-    out = {"n": n, "cost": COST.__dict__, "tokens_to_generate": TOKENS, "slots": SLOTS}
+    out = {"n": n, "cost": cost.__dict__, "tokens_to_generate": TOKENS, "slots": SLOTS}
     for batch in (32, 128):
-        with local_server(workdir, f"static-{batch}", COST) as srv:
+        with local_server(workdir, f"static-{batch}", cost) as srv:
             out[f"static_{batch}"] = r = static(srv, prompts, batch)
         log(f"static batch {batch}: {r['records_per_s']:.1f} rec/s, {r['generated_tokens_per_s']:.0f} tok/s, occupancy {r['occupancy']:.3f}")
-    with local_server(workdir, "continuous", COST, extra=["--sim-slots", str(SLOTS)]) as srv:
+    with local_server(workdir, "continuous", cost, extra=["--sim-slots", str(SLOTS)]) as srv:
         out["continuous"] = r = continuous(srv, prompts)
     log(f"continuous ({SLOTS} slots, 256 in flight): {r['records_per_s']:.1f} rec/s, {r['generated_tokens_per_s']:.0f} tok/s, "
         f"occupancy {r['occupancy']:.3f} (while work remains {r['occupancy_while_work_remains']:.3f})")
@@ -124,12 +129,12 @@ def bare_openai(url: str, prompts: list[str]) -> float:
     return len(prompts) / (time.monotonic() - started)
 
 
-def ceiling(workdir: Path, log, n: int) -> dict:
+def ceiling(workdir: Path, log, n: int, api=None) -> dict:
     src = write_prompts(workdir / "ceiling.jsonl", n)
     prompts = [json.loads(x)["prompt"] for x in src.read_text().splitlines()]
     out = {"n": n}
     profiles = json.dumps({"attach-vllm": {"backend": "attach", "engine": "vllm"}})
-    with prefect_api(workdir) as api:
+    with (contextlib.nullcontext(api) if api else prefect_api(workdir)) as api:
         for api_name, profile, bare in (("nemo-generate", "attach", bare_nemo), ("openai-completions", "attach-vllm", bare_openai)):
             with local_server(workdir, f"zero-{api_name}", Cost()) as srv:
                 bare(srv.url, prompts)  # warm-up: the simulated engine's vocabulary grows on first sight
@@ -152,11 +157,12 @@ def ceiling(workdir: Path, log, n: int) -> dict:
 
 def markdown(res: dict) -> str:
     c = res["compare"]
+    cost = Cost(**c["cost"])
     L = ["", "## Engines: static vs continuous batching, and the ceiling over both APIs (issue 16)", "",
-         f"Command: `python -m benchmarks.engines --n {c['n']} --ceiling-n {res['ceiling']['n']}`. Simulated engine, same "
-         f"cost model for both (prefill {COST.prefill_s_per_token:g} s/token, decode step {COST.decode_step_s:g} s, batch slope "
-         f"{COST.decode_batch_slope:g}); {c['n']} prompts of 10-300 words, {TOKENS} tokens to generate, "
-         f"{COST.finish_fraction:.0%} of rows stop early. Smaller scale than the 340B figures (a 20 ms step, not ~50 ms): "
+         f"Simulated engine, same "
+         f"cost model for both (prefill {cost.prefill_s_per_token:g} s/token, decode step {cost.decode_step_s:g} s, batch slope "
+         f"{cost.decode_batch_slope:g}); {c['n']} prompts of 10-300 words, {TOKENS} tokens to generate, "
+         f"{cost.finish_fraction:.0%} of rows stop early. Smaller scale than the 340B figures (a 20 ms step, not ~50 ms): "
          "the ratios carry over, the absolute rates do not. Static rows generate more than "
          f"{TOKENS} tokens: NeMo steps every row to the batch's longest prompt + {TOKENS}, so compare records/s.", "",
          "| configuration | records/s | generated tokens/s | slot occupancy |", "|---|---|---|---|"]

@@ -157,7 +157,7 @@ def markdown(rows: list[dict]) -> str:
               f"- busy fraction across stage boundaries: {one['busy_fraction']:.3f} with 1 replica (target ≥ 0.95: "
               f"{met(one['busy_fraction'] >= 0.95)}), {four['busy_fraction']:.3f} with 4 (target ≥ 0.9: "
               f"{met(four['busy_fraction'] >= 0.9)})",
-              "", "Command: `python -m benchmarks.pipeline --out benchmarks/results.md --append` (part of `make bench`).",
+              "", "Command: `make bench` (its `pipeline` section), or alone `python -m benchmarks.pipeline --out FILE`.",
               ""]
     return "\n".join(lines)
 

@@ -14,19 +14,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import section_main
+from benchmarks.common import in_process_api, section_main
 from benchmarks.faults import environment
 
 RECORDS, BATCH, SHARD, LATENCY = 2048, 16, 16, 0.4
 TARGETS = {2: 1.9, 4: 3.7}
 
 
-def run_once(tmp: Path, k: int) -> dict:
+def run_once(tmp: Path, k: int, records: int = RECORDS) -> dict:
     from flows.generate import generate
 
     src = tmp / "in.jsonl"
     if not src.exists():
-        src.write_text("".join(json.dumps({"prompt": f"replica benchmark prompt {i}"}) + "\n" for i in range(RECORDS)))
+        src.write_text("".join(json.dumps({"prompt": f"replica benchmark prompt {i}"}) + "\n" for i in range(records)))
     env = {"NSDG_LOCAL__ENGINE": "simulated", "NSDG_WORK_DIR": str(tmp / "work"),
            "NSDG_LOCAL__EXTRA_ARGS": json.dumps(["--extra-latency", str(LATENCY)])}
     with environment(env):
@@ -36,18 +36,16 @@ def run_once(tmp: Path, k: int) -> dict:
     manifest = json.loads(Path(result["manifest"]).read_text())
     gen_s = manifest["timings_s"]["generation"]
     idle = [r["idle_after_last_shard_s"] for r in manifest["replicas"] if r["idle_after_last_shard_s"] is not None]
-    return {"k": k, "records_per_s": RECORDS / gen_s, "generation_s": gen_s, "idle_max_s": max(idle),
+    return {"k": k, "records_per_s": records / gen_s, "generation_s": gen_s, "idle_max_s": max(idle),
             "busy": [r["busy_fraction"] for r in manifest["replicas"]], "records": [r["records"] for r in manifest["replicas"]]}
 
 
-def measure(repeats: int = 2) -> list[dict]:
-    from prefect.testing.utilities import prefect_test_harness
-
+def measure(repeats: int = 2, records: int = RECORDS, api_url: str | None = None) -> list[dict]:
     rows = []
-    with prefect_test_harness(server_startup_timeout=90), tempfile.TemporaryDirectory(prefix="nsdg-replicas-") as tmp:
+    with in_process_api(api_url), tempfile.TemporaryDirectory(prefix="nsdg-replicas-") as tmp:
         for k in (1, 2, 4):
-            runs = [run_once(Path(tmp), k) for _ in range(repeats)]
-            rows.append({"k": k, "records_per_s": statistics.median(r["records_per_s"] for r in runs),
+            runs = [run_once(Path(tmp), k, records) for _ in range(repeats)]
+            rows.append({"k": k, "records": records, "records_per_s": statistics.median(r["records_per_s"] for r in runs),
                          "idle_max_s": max(r["idle_max_s"] for r in runs), "runs": runs})
     return rows
 
@@ -57,7 +55,7 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "", "## Replicas (`benchmarks/replicas.py`)", "",
         f"The real `generate` flow, local backend, K simulated servers (one process each, `--extra-latency {LATENCY}` s "
-        f"per request), {RECORDS} records, batches of {BATCH}, shards of {SHARD}, 2 requests in flight per replica; "
+        f"per request), {rows[0].get('records', RECORDS)} records, batches of {BATCH}, shards of {SHARD}, 2 requests in flight per replica; "
         "records/s over the generation phase (first replica ready → last shard done), median of 2 runs; idle = seconds a "
         "replica stayed allocated after its own last shard ended (max over replicas and runs).", "",
         "| replicas | records/s | speed-up vs K = 1 | target | idle after queue empty (max) | target |",
@@ -69,7 +67,7 @@ def markdown(rows: list[dict]) -> str:
         met = "" if target is None else f"≥ ×{target}: {'met' if speed >= target else '**missed**'}"
         idle_met = "met" if row["idle_max_s"] <= 5 else "**missed**"
         lines.append(f"| {k} | {row['records_per_s']:.1f} | ×{speed:.2f} | {met} | {row['idle_max_s']:.2f} s | ≤ 5 s: {idle_met} |")
-    lines += ["", "Command: `python -m benchmarks.replicas --out benchmarks/results.md --append` (part of `make bench`).", ""]
+    lines += [""]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PY, free_port, section_main
+from benchmarks.common import PY, free_port, in_process_api, section_main
 from benchmarks.faults import environment
 from benchmarks.slurm import our_jobs, slurm_up
 
@@ -84,10 +84,8 @@ def run_once(tmp: Path, name: str) -> dict:
             "records": manifest["records_written"]}
 
 
-def measure() -> list[dict]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90), tempfile.TemporaryDirectory(prefix="nsdg-rollover-") as tmp:
+def measure(api_url: str | None = None) -> list[dict]:
+    with in_process_api(api_url), tempfile.TemporaryDirectory(prefix="nsdg-rollover-") as tmp:
         return [run_once(Path(tmp), name) for name in ("restart", "rollover")]
 
 
@@ -114,8 +112,7 @@ def markdown(rows: list[dict]) -> str:
                      f"({r['late']}) | {r['gpu_hours_held']:.4f} | {r['gpu_hours_idle']:.4f} | "
                      f"{'—' if per is None else f'{per:.1f} s'} | {met} | {r['largest_gap_s']:.1f} s | "
                      f"{len(r['left_in_squeue'])} | {r['records']} |")
-    lines += ["", "Command: `python -m benchmarks.rollover --out benchmarks/results.md --append` (part of `make bench`; "
-              "other jobs on the cluster lengthen queue waits and so the restart row's gaps).", ""]
+    lines += ["", "Other jobs on the cluster lengthen queue waits and so the restart row's gaps.", ""]
     return "\n".join(lines)
 
 

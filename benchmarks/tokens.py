@@ -253,12 +253,12 @@ PLAN_CASES = (("estimate", None, False), ("sentencepiece", "model", False), ("se
 
 
 def _plans(workdir: Path, src: Path, n: int, what: str, folder: Path, cases, log) -> list[dict]:
-    """Each case in a fresh child, the cases interleaved and repeated (a slow one at 1 M only once);
+    """Each case in a fresh child, the cases interleaved and repeated (every prompt encoded: once);
     a row's seconds are the median of its runs, its RSS the largest."""
     input_mb, runs = src.stat().st_size / 2**20, {}
     for rep in range(3 if n < 1_000_000 else 2):
         for name, tok, encode_all in cases:
-            if rep and encode_all and n >= 1_000_000:
+            if rep and encode_all:  # the slowest case once: it measures the tokenizer, not the flow
                 continue
             x = plan_in_child(workdir, src, str(folder) if tok else None, f"tokens-plan-{n}-{rep}", encode_all)
             runs.setdefault(name, []).append(x)
@@ -270,7 +270,9 @@ def _plans(workdir: Path, src: Path, n: int, what: str, folder: Path, cases, log
              "maxrss_mb": max(x["maxrss_mb"] for x in xs)} for name, xs in runs.items()]
 
 
-def run(workdir: Path, log, sizes=PLAN_SIZES, with_make_run: bool = True) -> dict:
+def run(workdir: Path, log, sizes=PLAN_SIZES, with_make_run: bool = True, realistic: int = REALISTIC_PLAN) -> dict:
+    """Plans of `sizes` short prompts (every counter at the largest) and of `realistic` realistic-length ones
+    (0: none, nor the estimate's errors), and `make run` once if asked."""
     from infra.prompting.tokens import token_counter
 
     gen = EnglishIsh()
@@ -278,18 +280,20 @@ def run(workdir: Path, log, sizes=PLAN_SIZES, with_make_run: bool = True) -> dic
     counter = token_counter(str(folder))
     sample = [gen.text(200) for _ in range(200)]
     tokens_per_word = sum(map(counter.count, sample)) / (200 * 200)
-    out: dict = {"vocab": VOCAB, "tokenizer": counter.description, "plan": []}
+    out: dict = {"vocab": VOCAB, "tokenizer": counter.description, "plan": [], "short_max": max(sizes) if sizes else 0,
+                 "realistic": realistic}
     for n in sizes:
         src = write_short_prompts(workdir / f"tokens-{n}.jsonl", n, gen)
         out["plan"] += _plans(workdir, src, n, "short", folder, PLAN_CASES if n == max(sizes) else PLAN_CASES[:2], log)
-    src = workdir / "tokens-realistic.jsonl"
-    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n"
-                           for i, p in enumerate(realistic_prompts(gen, tokens_per_word, REALISTIC_PLAN))))
-    out["plan"] += _plans(workdir, src, REALISTIC_PLAN, "realistic-length", folder, PLAN_CASES, log)
-    out["errors"] = estimate_errors(realistic_prompts(gen, tokens_per_word, REALISTIC_PROMPTS), str(folder))
-    e = out["errors"]
-    log(f"tokens: estimate wrongly rejects {e['estimate_wrongly_rejects']:.1%}, cuts {e['estimate_cuts']:.1%} "
-        f"(exact: {e['exact_rejects']:.1%} rejected, {e['exact_cuts']:.1%} cut)")
+    if realistic:
+        src = workdir / "tokens-realistic.jsonl"
+        src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n"
+                               for i, p in enumerate(realistic_prompts(gen, tokens_per_word, realistic))))
+        out["plan"] += _plans(workdir, src, realistic, "realistic-length", folder, PLAN_CASES, log)
+        out["errors"] = estimate_errors(realistic_prompts(gen, tokens_per_word, REALISTIC_PROMPTS), str(folder))
+        e = out["errors"]
+        log(f"tokens: estimate wrongly rejects {e['estimate_wrongly_rejects']:.1%}, cuts {e['estimate_cuts']:.1%} "
+            f"(exact: {e['exact_rejects']:.1%} rejected, {e['exact_cuts']:.1%} cut)")
     if with_make_run:
         out["make_run"] = make_run(log)
     return out
@@ -309,26 +313,27 @@ def summary_rows(r: dict) -> list[tuple[str, ...]]:
     if not t:
         return []
     rows = []
-    if vs := _vs(t, max(PLAN_SIZES), "short"):
+    if vs := _vs(t, t["short_max"], "short"):
         sp, est, ratio = vs
-        rows.append((f"plan of {max(PLAN_SIZES):,} short prompts, SentencePiece counter vs byte estimate",
+        rows.append((f"plan of {t['short_max']:,} short prompts, SentencePiece counter vs byte estimate",
                      f"{sp['seconds']:.1f} s, {sp['maxrss_mb']:.0f} MB", f"{est['seconds']:.1f} s, {est['maxrss_mb']:.0f} MB",
                      "≤ 2× the time, RSS flat",
                      f"×{ratio:.2f}: {_met(ratio <= 2)}; RSS {sp['maxrss_mb'] - est['maxrss_mb']:+.0f} MB"))
     for what, counter, most in (("short", "sentencepiece, every prompt encoded", 2), ("realistic-length", "sentencepiece", 3)):
-        n = max(PLAN_SIZES) if what == "short" else REALISTIC_PLAN
+        n = t["short_max"] if what == "short" else t["realistic"]
         if vs := _vs(t, n, what, counter):  # realistic: ≤ 3× (issue 28); CPU beside it, steadier on a shared machine
             sp, est, ratio = vs
             rows.append((f"… {n:,} {what} prompts, {counter}", f"{sp['seconds']:.1f} s, {sp['maxrss_mb']:.0f} MB",
                          f"{est['seconds']:.1f} s, {est['maxrss_mb']:.0f} MB", f"≤ {most}× the time",
                          f"×{ratio:.2f}: {_met(ratio <= most)} (CPU ×{sp['cpu_s'] / est['cpu_s']:.2f})"))
-    e = t["errors"]
-    rows.append((f"prompts the byte estimate wrongly rejects (median {e['tokens']['median']} tokens, p99 "
-                 f"{e['tokens']['p99']}; context {CONTEXT}, tokens_to_generate {TO_GENERATE})",
-                 f"{e['exact_rejects']:.1%} rejected (exact)", f"{e['estimate_rejects']:.1%} rejected (estimate)",
-                 "—", f"{e['estimate_wrongly_rejects']:.1%} wrongly"))
-    rows.append(("prompts `truncate_left` cuts (same prompts)", f"{e['exact_cuts']:.1%} (exact)",
-                 f"{e['estimate_cuts']:.1%} (estimate)", "—", f"{e['estimate_cuts_needlessly']:.1%} cut needlessly"))
+    e = t.get("errors")
+    if e:
+        rows.append((f"prompts the byte estimate wrongly rejects (median {e['tokens']['median']} tokens, p99 "
+                     f"{e['tokens']['p99']}; context {CONTEXT}, tokens_to_generate {TO_GENERATE})",
+                     f"{e['exact_rejects']:.1%} rejected (exact)", f"{e['estimate_rejects']:.1%} rejected (estimate)",
+                     "—", f"{e['estimate_wrongly_rejects']:.1%} wrongly"))
+        rows.append(("prompts `truncate_left` cuts (same prompts)", f"{e['exact_cuts']:.1%} (exact)",
+                     f"{e['estimate_cuts']:.1%} (estimate)", "—", f"{e['estimate_cuts_needlessly']:.1%} cut needlessly"))
     if m := t.get("make_run"):
         rows.append(("`make run` wall time, warm machine (SmolLM2-135M-Instruct on CPU, 24 prompts × 64 tokens)",
                      f"{m['wall_s']:.0f} s", "—", "—", "one run"))
@@ -345,7 +350,7 @@ def markdown(r: dict) -> list[str]:
     t = r.get("tokens")
     if not t:
         return []
-    e = t["errors"]
+    e = t.get("errors")
     L = ["### Exact token counts (`benchmarks/tokens.py`)", "",
          f"Counter: a {t['vocab']:,}-piece SentencePiece BPE trained in the benchmark on generated English-like text "
          "(byte fallback, digits split, identity normalization, no dummy prefix), laid out as an extracted `.nemo` "
@@ -367,17 +372,8 @@ def markdown(r: dict) -> list[str]:
                  f"{x['prompts'] / x['seconds']:,.0f} | ×{x['seconds'] / est['seconds']:.2f} | "
                  f"×{x['cpu_s'] / est['cpu_s']:.2f} | {x['maxrss_mb']:.0f} MB | "
                  f"{x['rejected']:,} |")
-    kept = e["kept_share_median"]
-    L += ["", f"What the estimate gets wrong: {e['prompts']:,} English-like prompts, log-normal lengths in the trained "
-          f"model's tokens (median {e['tokens']['median']}, p90 {e['tokens']['p90']}, p99 {e['tokens']['p99']}, max "
-          f"{e['tokens']['max']}; {e['bytes_per_token']:.2f} bytes per token), room {e['room_tokens']} tokens, each "
-          "through RecordCheck with either counter:", "",
-          "| | exact counter | byte estimate | estimate wrong |", "|---|---|---|---|",
-          f"| `reject`: prompts rejected | {e['exact_rejects']:.2%} | {e['estimate_rejects']:.2%} | "
-          f"{e['estimate_wrongly_rejects']:.2%} wrongly rejected, {e['estimate_wrongly_accepts']:.2%} wrongly accepted |",
-          f"| `truncate_left`: prompts cut | {e['exact_cuts']:.2%} | {e['estimate_cuts']:.2%} | "
-          f"{e['estimate_cuts_needlessly']:.2%} cut though they fit"
-          + (f"; those keep a median {kept:.0%} of their tokens |" if kept is not None else " |"), ""]
+    if e:
+        L += _errors_lines(e)
     if m := t.get("make_run"):
         L += [f"`make run` (`make -o .venv/.installed run`: installed, model converted): {m['wall_s']:.1f} s wall, one "
               f"run; {m['records']} records whose completions hold {m['completion_tokens']:,} tokens (counted with the "
@@ -389,18 +385,32 @@ def markdown(r: dict) -> list[str]:
     return L
 
 
+def _errors_lines(e: dict) -> list[str]:
+    kept = e["kept_share_median"]
+    return ["", f"What the estimate gets wrong: {e['prompts']:,} English-like prompts, log-normal lengths in the trained "
+          f"model's tokens (median {e['tokens']['median']}, p90 {e['tokens']['p90']}, p99 {e['tokens']['p99']}, max "
+          f"{e['tokens']['max']}; {e['bytes_per_token']:.2f} bytes per token), room {e['room_tokens']} tokens, each "
+          "through RecordCheck with either counter:", "",
+          "| | exact counter | byte estimate | estimate wrong |", "|---|---|---|---|",
+          f"| `reject`: prompts rejected | {e['exact_rejects']:.2%} | {e['estimate_rejects']:.2%} | "
+          f"{e['estimate_wrongly_rejects']:.2%} wrongly rejected, {e['estimate_wrongly_accepts']:.2%} wrongly accepted |",
+          f"| `truncate_left`: prompts cut | {e['exact_cuts']:.2%} | {e['estimate_cuts']:.2%} | "
+          f"{e['estimate_cuts_needlessly']:.2%} cut though they fit"
+          + (f"; those keep a median {kept:.0%} of their tokens |" if kept is not None else " |"), ""]
+
+
 def findings(r: dict) -> list[str]:
     t = r.get("tokens")
     if not t:
         return []
     L = []
-    vs = _vs(t, max(PLAN_SIZES), "short")
+    vs = _vs(t, t["short_max"], "short")
     if vs and vs[2] > 2:
-        L.append(f"- **Plan with the SentencePiece counter ×{vs[2]:.2f} the estimate's time** at {max(PLAN_SIZES):,} "
+        L.append(f"- **Plan with the SentencePiece counter ×{vs[2]:.2f} the estimate's time** at {t['short_max']:,} "
                  "short prompts (target ≤ 2×).")
     slow = [(f"{n:,} {what} prompts{', every prompt encoded' if 'every' in c else ''}", v[2])
-            for n, what, c, most in ((max(PLAN_SIZES), "short", "sentencepiece, every prompt encoded", 2),
-                                     (REALISTIC_PLAN, "realistic-length", "sentencepiece", 3))
+            for n, what, c, most in ((t["short_max"], "short", "sentencepiece, every prompt encoded", 2),
+                                     (t["realistic"], "realistic-length", "sentencepiece", 3))
             if (v := _vs(t, n, what, c)) and v[2] > most]
     if slow:
         L.append("- **Where prompts must be encoded, the plan runs at the tokenizer's speed, not the parser's**: "

@@ -134,8 +134,86 @@ def test_a_shard_is_batched_by_the_runs_token_counts_not_characters(tmp_path, ti
     assert len(a) < len(c) < len(b) < len(d) and counter.count(a) < counter.count(b) < counter.count(c) < counter.count(d)
     stats = tmp_path / "stats.jsonl"
     records = [Record(f"r{i}", p, i + 1) for i, p in enumerate((d, b, c, a))]
-    job = ShardJob("r", "m", "h", SamplingParams(tokens_to_generate=2, greedy=True), batch_size=2, length_window=2)
+    # 64 tokens to generate: next to that the prompts' spread is small, so the cheapest cut is two full batches.
+    job = ShardJob("r", "m", "h", SamplingParams(tokens_to_generate=64, greedy=True), batch_size=2, length_window=2)
     with running_server(tmp_path, "--model-dir", str(tiny_model_dir), "--stats-file", str(stats)) as (url, _):
         generate_shard_results(NemoClient(url, count_tokens=counter.count), Shard(0, records), job)  # the run's counter
     sent = sorted(json.loads(line)["prompt_tokens"] for line in stats.read_text().splitlines())
     assert sent == sorted([counter.count(a) + counter.count(b), counter.count(c) + counter.count(d)])
+
+
+# --- batch make-up under the planning model (cut_sorted): pure logic, no server
+
+
+def _cost(lengths, sizes, t, cost=None):
+    from infra.prompting.batching import PLANNING_340B
+
+    cost, total, i = cost or PLANNING_340B, 0.0, 0
+    for size in sizes:
+        total += cost.seconds(size, lengths[i], lengths[i + size - 1], t)
+        i += size
+    return total
+
+
+def test_similar_lengths_fill_whole_batches():
+    from infra.prompting.batching import cut_sorted
+
+    lengths = sorted(100 + (i % 7) for i in range(300))
+    assert cut_sorted(lengths, 128, 128) == [128, 128, 44]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_cut_is_the_cheapest_there_is(seed):
+    """Against every cut of a small window (brute force over the compositions of n), none costs less."""
+    import itertools
+
+    from infra.prompting.batching import cut_sorted
+
+    rng = random.Random(seed)
+    lengths = sorted(int(rng.lognormvariate(4, 1.2)) + 1 for _ in range(10))
+    sizes = cut_sorted(lengths, 4, 32)
+    assert sum(sizes) == 10 and max(sizes) <= 4
+    best = min(_cost(lengths, [b - a for a, b in zip((0,) + c, c + (10,))], 32)
+               for k in range(10) for c in itertools.combinations(range(1, 10), k)
+               if all(b - a <= 4 for a, b in zip((0,) + c, c + (10,))))
+    assert _cost(lengths, sizes, 32) == pytest.approx(best)
+
+
+def test_a_long_tail_is_cut_smaller_rather_than_padded():
+    from infra.prompting.batching import cut_sorted
+
+    lengths = [50] * 120 + [2000] * 8  # one batch of 128 would pad 120 short rows to 2000 tokens
+    assert cut_sorted(lengths, 128, 128) == [120, 8]
+
+
+def test_max_spread_bounds_every_batch_and_so_asked_over_stepped():
+    from infra.prompting.batching import cut_sorted, stepped_tokens
+
+    rng = random.Random(3)
+    lengths = sorted(int(rng.lognormvariate(5, 1)) for _ in range(500))
+    sizes = cut_sorted(lengths, 128, 128, max_spread=32)
+    plan, i = [], 0
+    for size in sizes:
+        plan.append(list(range(i, i + size)))
+        assert lengths[i + size - 1] - lengths[i] <= 32 or size == 1
+        i += size
+    assert 500 * 128 / stepped_tokens(lengths, plan, 128) >= 0.8
+
+
+def test_plan_with_tokens_to_generate_covers_each_index_once_and_windows_hold():
+    rng = random.Random(5)
+    items = ["x" * int(rng.lognormvariate(4, 1.3)) for _ in range(1000)]
+    plan = plan_batches(items, 32, 4, tokens_to_generate=64)
+    assert sorted(i for b in plan for i in b) == list(range(1000))
+    assert all(1 <= len(b) <= 32 for b in plan)
+    assert all(len({i // 128 for i in b}) == 1 for b in plan)  # no batch crosses a window
+    assert any(len(b) < 32 for b in plan[:-1])  # the make-up differs from a fixed cut on this spread
+
+
+def test_cheaper_than_the_fixed_cut_on_a_mixed_set():
+    from infra.prompting.batching import cut_sorted
+
+    rng = random.Random(9)
+    lengths = sorted(int(rng.lognormvariate(5, 1)) for _ in range(768))
+    fixed = [min(128, 768 - i) for i in range(0, 768, 128)]
+    assert _cost(lengths, cut_sorted(lengths, 128, 128), 128) < _cost(lengths, fixed, 128)

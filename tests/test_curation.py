@@ -208,3 +208,57 @@ def test_the_stage_on_s3_over_http_writes_the_same_kept_and_filtered_parts(s3_se
     assert on_s3.as_manifest() == local.as_manifest() and on_s3.filtered == {"exact_duplicate": 1, "min_completion_tokens": 1}
     assert s3.read_bytes(FILTERED) == store.read_bytes(FILTERED)
     assert curate(s3, write_parts(s3, shards), filters, CHASH).rewritten == 0  # verdicts current on S3 too
+
+
+# --- re-filter from the side file of what the filters read (infra/recipes/filter_inputs.py)
+
+
+def _outputs(store, parts) -> dict[str, bytes]:
+    names = [n for p in parts for n in (kept_name(p.name), f"filtered-{p.name.removeprefix('part-')}")] + [FILTERED]
+    return {n: store.read_bytes(n) for n in names}
+
+
+def test_a_refilter_from_the_side_file_writes_what_a_full_pass_writes(store, tmp_path):
+    from infra.run.layout import filter_inputs_name
+    from infra.storage.local import LocalOutputStore
+
+    shards = [[row(f"r{s}.{i}", text, tokens=t, finish=f)
+               for i, (text, t, f) in enumerate([(LONG, 20, "end_string"), ("Ünïcode « quoted » text", 3, "length"),
+                                                 ("short", 1, "end_string"), (LONG.upper(), 20, "end_string"),
+                                                 ("as an AI I cannot", 5, "end_string")])] for s in range(3)]
+    first = FilterParams(min_completion_tokens=1, dedup_exact=True)
+    second = FilterParams(min_completion_tokens=2, must_not_match=["(?i)as an ai"], max_repeated_ngram_share=0.5,
+                          drop_truncated=True, dedup_exact=True)
+    parts = write_parts(store, shards)
+    curate(store, parts, Curation(filters=first), CHASH)
+    assert all(store.read_bytes(filter_inputs_name(p.name)) for p in parts)  # written by the first pass
+    fast = curate(store, parts, Curation(filters=second), CHASH)  # the re-filter: from the side files
+
+    other = LocalOutputStore(tmp_path / "full")  # the same parts, no side file: the full path
+    other_parts = write_parts(other, shards)
+    full = curate(other, other_parts, Curation(filters=second), CHASH)
+    assert (fast.kept, fast.filtered) == (full.kept, full.filtered) and fast.filtered
+    assert _outputs(store, parts) == _outputs(other, other_parts)  # byte for byte, kept files included
+    for p in parts:  # and a kept line is what dumping its row gives, as before the side file
+        for line in store.read_bytes(kept_name(p.name)).splitlines():
+            assert line.decode() == json.dumps(json.loads(line), ensure_ascii=False)
+
+
+def test_the_side_file_is_read_only_for_the_rows_it_names(store):
+    """Its completions stand in for the part's where it names the part's sha256 (shown by editing one),
+    and are ignored, then rewritten, where it names other rows."""
+    from infra.run.layout import filter_inputs_name
+
+    parts = write_parts(store, [[row("a", LONG), row("b", "keep me")]])
+    curate(store, parts, Curation(filters=FilterParams(must_not_match=["forbidden"])), CHASH)
+    name = filter_inputs_name(parts[0].name)
+    side = json.loads(store.read_bytes(name))
+    side["completion"][1] = "forbidden"
+    store.write_bytes(name, json.dumps(side).encode())
+    curate(store, parts, Curation(filters=FilterParams(must_not_match=["forbidden", "nothing"])), CHASH)
+    assert kept_ids(store, parts) == ["a#0"]  # read from the side file
+    side["part_sha256"] = "0" * 64
+    store.write_bytes(name, json.dumps(side).encode())
+    curate(store, parts, Curation(filters=FilterParams(must_not_match=["forbidden"])), CHASH)
+    assert kept_ids(store, parts) == ["a#0", "b#0"]  # a stale side file: the part itself was read
+    assert json.loads(store.read_bytes(name))["part_sha256"] == parts[0].sha256

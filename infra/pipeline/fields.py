@@ -28,7 +28,11 @@ class StageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sampling: SamplingParams = Field(default_factory=SamplingParams, description="sampling parameters sent to /generate")
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=f"prompts per PUT /generate (the server allows at most {MAX_BATCH})")
+    # The server's maximum: under the planning model a full batch of 128 asks ~2.3× the tokens per GPU-second of
+    # the old 32, and its KV cache fits 16 × 80 GB (docs/engines.md "Batch make-up").
+    batch_size: int = Field(MAX_BATCH, ge=1, le=MAX_BATCH,
+                            description=f"prompts per PUT /generate at most (the server allows {MAX_BATCH}); a batch of "
+                                        "prompts far apart in length is cut smaller where that costs less GPU time")
     prompt_format: PromptFormatName | None = Field(
         None, description="how each prompt is wrapped: raw (a base model), nemotron-instruct, or chat (the model's chat "
                           "template); default: the profile's (local: chat when its model has a template, else raw)")

@@ -4,7 +4,7 @@ NeMo's `random_seed` seeds a whole request (`torch.manual_seed` before the batch
 gets depends on the seed and on every other row of its batch. To make a sample reproducible:
 
 - a shard's records are cut into batches once (`plan_batches`: fixed by the shard's prompts,
-  `batch_size` and the length window), and each sample index s is sent as its own pass over
+  `batch_size`, the length window and tokens_to_generate), and each sample index s is sent as its own pass over
   those batches: a batch holds rows of one sample index, in the same make-up on every rerun;
 - each request's seed is derived from (user seed, shard, batch, sample), below 2^24 (it travels
   as float32 to the other ranks).
@@ -35,7 +35,7 @@ def sample_batches(prompts: Sequence[str], samples: int, shard: int, sampling: S
     """(sample, record indices, sampling for this request) for every request of a shard: for each
     sample index, the shard's one batch plan (prompts grouped by `length`, the run's token counter);
     with a seed, each request its own derived seed."""
-    plan = plan_batches(prompts, batch_size, window, length=length)
+    plan = plan_batches(prompts, batch_size, window, length=length, tokens_to_generate=sampling.tokens_to_generate)
     for sample in range(samples):
         for b, indices in enumerate(plan):
             if sampling.random_seed is None:

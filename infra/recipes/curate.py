@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from infra.errors import SdgError
 from infra.run.manifest import config_hash
+from infra.recipes import filter_inputs
 from infra.recipes.dedup import Dedup
 from infra.recipes.filters import build_filters, first_verdict
 from infra.recipes.judge import Judge, read_judgements
@@ -162,7 +163,16 @@ def _current(store, part, stage_hash: str) -> dict | None:
 
 def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_hash: str, publish) -> dict:
     invalidate(store, verdict_name(part.name))  # before the kept and filtered files it describes are rewritten
-    rows = read_rows(store.read_bytes(part.name))
+    # Without a judge the filters read a few fields, from a side file of the part (a re-filter reads only
+    # that and the raw lines), and the kept rows are the part's own lines, never parsed and dumped again.
+    raw = None
+    if curation.judge is None:
+        raw = filter_inputs.raw_lines(store.read_bytes(part.name))
+        rows = filter_inputs.light_rows(store, part)
+        if rows is None or len(rows) != len(raw):
+            rows = filter_inputs.build(store, part, [json.loads(line) for line in raw], curation.filters)
+    else:
+        rows = read_rows(store.read_bytes(part.name))
     if curation.judge is not None:
         judged = read_judgements(store, curation.judge, part)
         if judged is None:
@@ -176,10 +186,10 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
     if curation.reward is not None:
         curation.reward.attach(store, part, rows)
     kept, dropped, reasons = [], [], Counter()
-    for row in rows:
+    for i, row in enumerate(rows):
         verdict = first_verdict(filters, row) or dedup.check(row)
         if verdict is None:
-            kept.append(row)
+            kept.append(row if raw is None else raw[i])
         else:
             reasons[verdict.filter] += 1
             dropped.append({"id": row.get("id"), "sample": row.get("sample", 0), "shard": part.shard, **verdict.as_dict()})

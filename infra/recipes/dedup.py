@@ -28,6 +28,11 @@ def _key(data: bytes) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
+def exact_key(text: str) -> int:
+    """Exact dedup's key of a completion: the digest of its normalized text."""
+    return _key(normalize(text).encode())
+
+
 class FirstSeen:
     """64-bit key -> the first record key stored under it, on disk."""
 
@@ -88,7 +93,8 @@ class Dedup:
 
     def _keys(self, row: dict) -> tuple[list[int], list[int]]:
         text = row.get("completion") or ""
-        exact = [_key(normalize(text).encode())] if self.exact is not None else []
+        # A light row of a re-filter carries its key, computed once (infra.recipes.filter_inputs).
+        exact = [row.get("_exact_key") or exact_key(text)] if self.exact is not None else []
         near = self.near_keys(text) if self.near_keys is not None else []
         return exact, near
 

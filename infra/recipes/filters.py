@@ -62,6 +62,12 @@ def parse_score(reply: str | None, pattern: UserPattern) -> float | None:
         return None
 
 
+def _ngram_share(row: dict, n: int) -> float:
+    """A light row of a re-filter carries its share for one n (infra.recipes.filter_inputs); else measured."""
+    known = row.get("_ngram")
+    return known[1] if known is not None and known[0] == n else repeated_ngram_share(row.get("completion") or "", n)
+
+
 def _tokens(row: dict) -> int:
     return int((row.get("generation") or {}).get("generated_tokens") or 0)
 
@@ -93,7 +99,7 @@ def build_filters(params: FilterParams, judge: JudgeParams | None = None, *, sch
     if (share := params.max_repeated_ngram_share) is not None:
         n = params.ngram_size
         out.append(("repeated_ngrams", lambda r: Verdict("repeated_ngrams", s, share)
-                    if (s := repeated_ngram_share(r.get("completion") or "", n)) > share else None))
+                    if (s := _ngram_share(r, n)) > share else None))
     if judge is not None and judge.enabled:
         out.append(("judge", _judge_filter(judge)))
     return out

@@ -12,6 +12,7 @@
       part-00000.jsonl.judge.json     their state: which judge, which sha256
       part-00000.jsonl.reward.jsonl   a reward stage's replies to its rows (reward/stage.py)
       part-00000.jsonl.reward.json    their state: which reward server and conversation, which sha256
+      part-00000.jsonl.filter-inputs.json  what the filters read of its rows, for a fast re-filter (recipes/filter_inputs.py)
       kept-00000.jsonl                the rows curation kept: the training set (recipes/curate.py)
       kept-00000.jsonl.verdict.json   the curation state of the shard
       filtered-00000.jsonl            the rows curation dropped, with the reason
@@ -104,6 +105,10 @@ def kept_name(part: str) -> str:
 
 def filtered_name(part: str) -> str:
     return "filtered-" + part.removeprefix("part-")
+
+
+def filter_inputs_name(part: str) -> str:
+    return f"{part}.filter-inputs.json"
 
 
 def verdict_name(part: str) -> str:

@@ -19,8 +19,9 @@ from infra.storage import OutputStore
 from infra.run.layout import TEMP_SUFFIX, temp_prefix
 
 
-def write_lines(lines: Iterable[dict], staging: Path, name: str) -> tuple[Path, str, int, int]:
-    """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes).
+def write_lines(lines: Iterable[dict | bytes], staging: Path, name: str) -> tuple[Path, str, int, int]:
+    """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes). A bytes item is a
+    line already encoded, its newline included (a part's own line, copied).
     A half-written file never has the part's name, so it is never mistaken for a part."""
     staging.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, prefix=temp_prefix(name), suffix=TEMP_SUFFIX)
@@ -29,7 +30,7 @@ def write_lines(lines: Iterable[dict], staging: Path, name: str) -> tuple[Path, 
     try:
         with os.fdopen(fd, "wb") as f:
             for obj in lines:
-                data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+                data = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
                 f.write(data)
                 sha.update(data)
                 count, size = count + 1, size + len(data)
@@ -50,7 +51,7 @@ def _umask() -> int:
         return 0o077  # unknown: stay private, as mkstemp would
 
 
-def publish(store: OutputStore, name: str, lines: Iterable[dict]) -> tuple[str, int, int]:
+def publish(store: OutputStore, name: str, lines: Iterable[dict | bytes]) -> tuple[str, int, int]:
     """`lines` as the JSONL object `name` of the store; returns (sha256, lines, bytes)."""
     path, sha, count, size = write_lines(lines, store.staging_dir(), name)
     try:
