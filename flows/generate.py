@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -126,16 +126,13 @@ def prepare_run(asked: RunParams, settings: Settings, flow_run, *, lease: RunLea
     return Prepared(params, prof, cfg, store, restarts_allowed)
 
 
-def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCarry | None" = None) -> dict:
+def run_prepared(run: Prepared, settings: Settings, flow_run) -> dict:
     """Plan, generate the shards not yet published (a pool of replicas), then close, curate and
-    publish the manifest. `stage`: a pipeline's stage, which adopts the replicas an earlier stage
-    kept ready and keeps its own ready for the next (none is allocated when nothing is left to do)."""
+    publish the manifest."""
     logger = get_run_logger()
     params, prof, cfg, store, restarts_allowed = run.params, run.prof, run.cfg, run.store, run.restarts_allowed
     timings: dict[str, float] = {}
-    # The UI artifacts' key and words: a pipeline's stage is named with its pipeline run (keys are global).
-    key, what = (artifact_key(f"{stage.run_id}-{cfg.run_id}"), f"pipeline run {stage.run_id}, stage {cfg.run_id}") \
-        if stage is not None else (artifact_key(cfg.run_id), f"run {cfg.run_id}")
+    key, what = artifact_key(cfg.run_id), f"run {cfg.run_id}"  # the UI artifacts' (a pipeline's stages: flows/pipeline.py)
     t0 = time.monotonic()
     the_plan = plan(cfg, settings, store)
     timings["plan"] = time.monotonic() - t0
@@ -155,7 +152,7 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     ui_progress = console_progress.ArtifactView(progress)  # records, rate, ETA; moves within a shard too
     ui_progress.planned(the_plan.rows_planned, sum(p.records + p.rejected for p in the_plan.done.values()))
     tally = RowTally(console_progress.generating)  # each shard's rows as they come in, to every listener
-    job = planned_job(cfg, settings, the_plan, flow_run, stage=cfg.run_id if stage is not None else None)
+    job = planned_job(cfg, settings, the_plan, flow_run)
     if to_judge:
         logger.info("run %s: %d published part(s) to judge (the judge changed or never ran on them); no regeneration",
                     cfg.run_id, len(to_judge))
@@ -194,7 +191,7 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
     source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
     with source as stream, console_progress.listening(ui_progress):
         pool = Pool(
-            make_backend=lambda launch, i: make_backend(settings, prof, run_id=stage.run_id if stage else cfg.run_id,
+            make_backend=lambda launch, i: make_backend(settings, prof, run_id=cfg.run_id,
                                                         flow_run_id=str(flow_run.id), replica=launch, url_index=i),
             start=start,
             submit=lambda client, work, backend: submit_work(client, work, shard_job(backend, client), store, backend,
@@ -207,13 +204,10 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,
             planner=RolloverPlanner(rollover_policy(settings, prof)),
-            **(stage.pool_args() if stage is not None else {}),
         )
         try:
             results = pool.run()
         finally:
-            if stage is not None:
-                stage.kept_from(pool)
             progress.close()
             ready = pool.first_ready
             timings["queue_and_load"] = (ready or time.time()) - t_wall
@@ -224,24 +218,6 @@ def run_prepared(run: Prepared, settings: Settings, flow_run, *, stage: "PoolCar
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
                   replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id),
                   rollovers=pool.planner.report(pool.members, gpus), key=key, what=what)
-
-
-@dataclass
-class PoolCarry:
-    """A pipeline's replicas from one stage's pool to the next: those still ready, and how many
-    backends were launched (a new one never reuses an earlier one's port or job directory)."""
-    run_id: str  # the pipeline's: its servers are named after it (the crash hooks find them by it)
-    warm: list = field(default_factory=list)
-    launched: int = 0
-    members: list = field(default_factory=list)  # every replica of every stage: the pipeline releases them
-
-    def pool_args(self) -> dict:
-        return {"keep_ready": True, "warm": list(self.warm), "launched": self.launched}
-
-    def kept_from(self, pool: Pool) -> None:
-        self.warm = [r for r in pool.members if r.state == "ready"]
-        self.launched = pool.launched
-        self.members += [r for r in pool.members if r not in self.members]
 
 
 def rollover_policy(settings: Settings, profile) -> RolloverPolicy:

@@ -70,12 +70,7 @@ class Pool:
     keep_alive_s: float = 3600.0
     ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
     planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
-    # A pipeline's stage (flows/pipeline.py): replicas still ready when the queue empties are kept, not
-    # released, so the next stage's pool adopts them (`warm`) instead of allocating again; the caller
-    # releases them after its last stage. A replica lost or never ready is released as always.
-    keep_ready: bool = False
-    warm: list[Replica] = field(default_factory=list)
-    launched: int = 0  # launches so far (a pipeline's earlier pools' too): a new backend's launch number
+    launched: int = 0  # launches so far: a new backend's launch number
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -90,11 +85,7 @@ class Pool:
     def run(self) -> list[ShardResult]:
         try:
             for i in range(self.replicas):
-                if (rep := next((r for r in self.warm if r.index == i and r.state == "ready"), None)) is not None:
-                    self.members.append(rep)  # ready since an earlier stage: no allocation, no wait
-                    self.first_ready = self.first_ready or time.time()
-                else:
-                    self._launch(i)
+                self._launch(i)
             while not self._finished():
                 self._step()
             return self.results
@@ -138,8 +129,6 @@ class Pool:
             # As soon as the queue is empty and its own last shard is done: not when the slowest
             # replica finishes. (A replica lost later is replaced within max_server_restarts.)
             if not rep.in_flight and self._queue_empty():
-                if self.keep_ready and rep.state == "ready":
-                    continue
                 self._retire(rep, "queue empty" if rep.state == "ready" else "queue empty before it was ready")
             elif (not rep.in_flight and rep.successor is not None and rep.successor.state == "ready"
                   and not self.planner.admits_shard(rep, 0)):
@@ -322,8 +311,7 @@ class Pool:
             return False
         if self._no_work_left():
             for rep in self._active():
-                if not (self.keep_ready and rep.state == "ready"):
-                    self._retire(rep, "queue empty")
+                self._retire(rep, "queue empty")
             return True
         if not self._active():
             if self.restarts >= self.restarts_allowed:
