@@ -175,7 +175,8 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
         replicas=replica_count(settings, prof, first.params.replicas),
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),
-        restarts_allowed=first.restarts_allowed, on_result=stream.on_result, keep_alive_s=settings.server.keep_alive_s,
+        restarts_allowed=first.restarts_allowed, on_result=stream.on_result, report_first=True,
+        keep_alive_s=settings.server.keep_alive_s,
         planner=RolloverPlanner(rollover_policy(settings, prof)))
 
 

@@ -71,6 +71,7 @@ class Pool:
     ping: Callable[[object], None] = lambda client: client.keep_alive(PROBE_TIMEOUT_S)
     planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
     launched: int = 0  # launches so far: a new backend's launch number
+    report_first: bool = False  # results reported before the feed is asked again (a pipeline's stream)
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -118,12 +119,16 @@ class Pool:
         for rep in list(self.members):
             for fut in [f for f in rep.in_flight if f.wrapped_future.done()]:
                 self._collect(rep, fut)
-        # Refill before reporting: a slow progress update must not leave a server idle.
+        # Refill before reporting: a slow progress update must not leave a server idle. A pipeline's
+        # results are reported first: each can make its children's shards ready, which the feed hands
+        # out before its own stage's next shard (deepest first); the shards still in flight keep the
+        # server busy meanwhile.
+        if self.report_first:
+            self._report()
         for rep in self._active():
             if rep.state == "ready":
                 self._fill(rep)
-        while self._unreported:
-            self.on_result(self._unreported.popleft())
+        self._report()
         self._keep_idle_alive()
         for rep in list(self._active()):
             # As soon as the queue is empty and its own last shard is done: not when the slowest
@@ -138,6 +143,10 @@ class Pool:
                 why = f"{rep.backend.status()} reached its end with no shard left to finish"
                 if not self.planner.ended(rep, why, self._retire, self._launch):
                     self._lose(rep, ServerLost(f"replica {rep.index}: {why}, and max_rollovers allows no successor"))
+
+    def _report(self) -> None:
+        while self._unreported:
+            self.on_result(self._unreported.popleft())
 
     def _launch(self, index: int, predecessor: Replica | None = None) -> None:
         # The backend gets the launch number: a replacement must not reuse the port (or the job
