@@ -266,7 +266,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     if (published := published_part(store, shard.name, job.config_hash)) is not None:
         discard_spill(store.staging_dir(), shard.name)  # that try was killed before it removed it
         return _judge_published(client, published, job, store, dead_reason, started, started_at)
-    with Spill.open(store.staging_dir(), shard.name, spill_header(store, shard, job)) as spill:
+    # A fenced store's lease (infra/run/lease.py FencedStore) fences the spill's appends too.
+    fence = getattr(getattr(store, "lease", None), "check_held", None)
+    with Spill.open(store.staging_dir(), shard.name, spill_header(store, shard, job), fence) as spill:
         if spill.kept:
             log.info("shard %d: %d of %d results kept by an earlier try (%s); asking for the rest", shard.index,
                      len(spill.kept), len(shard.records) * job.samples, spill.path)

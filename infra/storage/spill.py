@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from infra.run.layout import SPILLS, spill_name
@@ -39,19 +40,20 @@ class Spill:
     """`with Spill.open(staging, part, header) as spill:` the results an earlier try kept
     (`spill.kept`: position -> the JSON it appended), and `spill.append(...)` for this try's."""
 
-    def __init__(self, path: Path, fd: int, kept: dict[int, object]):
+    def __init__(self, path: Path, fd: int, kept: dict[int, object], fence: Callable[[], None] | None = None):
         self.path, self._fd, self.kept = path, fd, kept
+        self._fence = fence  # the run's lease check: a try that lost its run writes nothing more here either
         self._lock = threading.Lock()  # appends are whole lines, whichever thread reports a request
 
     @classmethod
-    def open(cls, staging: Path, part: str, header: dict) -> "Spill":
+    def open(cls, staging: Path, part: str, header: dict, fence: Callable[[], None] | None = None) -> "Spill":
         path = Path(staging) / spill_name(part)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         if not _lock(fd):
             log.warning("%s is held by another writer (another try of this shard, or a run with the same staging "
                         "directory): this try keeps no spill, so a kill now loses its whole shard", path)
-            return cls(path, -1, {})
+            return cls(path, -1, {}, fence)
         try:
             kept, good_end = _read(fd, header, path)
             if good_end == 0:  # new, or another try's header: start over with this one
@@ -62,7 +64,7 @@ class Spill:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, kept)
+        return cls(path, fd, kept, fence)
 
     def append(self, results: list[tuple[int, object]]) -> None:
         """One finished request's results, by position, durable once this returns."""
@@ -71,6 +73,8 @@ class Spill:
         with self._lock:
             if self._fd < 0:
                 return  # closed: a try that already ended keeps nothing more
+            if self._fence is not None:
+                self._fence()  # LeaseLost: another run owns the shard now (its part, and this file's fate)
             try:
                 _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), {"results": [[p, r] for p, r in results]})
             except OSError as exc:  # a full disk: the shard goes on, its spill stops here (a cut line is a torn tail)
