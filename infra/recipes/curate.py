@@ -165,8 +165,10 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
     invalidate(store, verdict_name(part.name))  # before the kept and filtered files it describes are rewritten
     # Without a judge the filters read a few fields, from a side file of the part (a re-filter reads only
     # that and the raw lines), and the kept rows are the part's own lines, never parsed and dumped again.
+    # Not when curation adds to the rows (a judge's or reward's scores) or reads more of them (an
+    # output_schema's check): those read and write whole rows.
     raw = None
-    if curation.judge is None:
+    if curation.judge is None and curation.reward is None and not curation.schema:
         raw = filter_inputs.raw_lines(store.read_bytes(part.name))
         rows = filter_inputs.light_rows(store, part)
         if rows is None or len(rows) != len(raw):
