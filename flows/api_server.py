@@ -86,7 +86,7 @@ def chosen_server(local: bool) -> Iterator[None]:
         yield
         return
     if not local:
-        print(f"nemotron-sdg run: recorded on the Prefect server at {url} (PREFECT_API_URL, from the environment or "
+        print(f"note: this run is recorded on the Prefect server at {url} (PREFECT_API_URL, from the environment or "
               f".env); --local-prefect keeps this run on a temporary local server", file=sys.stderr, flush=True)
         yield
         return

@@ -219,7 +219,7 @@ def test_a_team_server_in_dot_env_is_named_and_local_prefect_keeps_a_run_off_it(
     shared = subprocess.run([sys.executable, "-m", "flows.cli", *run, "--run-id", "team1"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env={**env, **team})
     assert shared.returncode == 0, shared.stderr[-3000:]
-    assert (f"nemotron-sdg run: recorded on the Prefect server at {served['PREFECT_API_URL']} (PREFECT_API_URL, from the "
+    assert (f"note: this run is recorded on the Prefect server at {served['PREFECT_API_URL']} (PREFECT_API_URL, from the "
             "environment or .env); --local-prefect keeps this run on a temporary local server") in shared.stderr
     assert runs_on(prefect_server, "team1") == 1
     local = subprocess.run([sys.executable, "-m", "flows.cli", *run, "--run-id", "mine1", "--local-prefect"], cwd=tmp_path,
