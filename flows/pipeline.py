@@ -112,10 +112,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
             done[stage.name] = run_pairs(the, stage, output_uri, run_id, settings, lease, hashes[stage.name])
             continue
         if stage.kind == "reward":  # scored by its own reward server once its parent is done (flows/reward.py)
-            params = asked[stage.name]
-            if stage.from_ is not None:  # the parent's kept rows after its split
-                params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
-            done[stage.name] = reward_stage(the, stage, params, settings, lease, hashes[stage.name])
+            done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
+                                            hashes[stage.name])
             continue
         s = next(x for x in stages if x.name == stage.name)
         done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,
@@ -139,8 +137,7 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
                settings: Settings, flow_run, lease, inputs: ExitStack) -> StageRun:
     """A stage prepared as a run: a root planned from its input (its shards read lazily from a second,
     pinned read), a child with its config chained to its parent's kept hash and its shards to come."""
-    if parent is not None:  # its input is its parent's rows, made as the parent's shards become final
-        params = RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
+    params = reading_parent(params, stage)  # a child's rows are made as the parent's shards become final
     run = prepare_run(params, settings, flow_run, lease=lease, input_made_later=parent is not None)
     cfg = run.cfg
     the_plan = plan(cfg, settings, run.store) if parent is None else child_plan(run, settings, hashes[stage.from_].kept)
@@ -229,6 +226,13 @@ def attribute_allocation(stages: list[StageRun], done: dict[str, dict], pool: Po
     return {"gpu_hours": round(gpu_hours, 4), "held_s": round(held_s, 2), "busy_s": round(served, 3),
             "busy_fraction": round(served / held_s, 4) if held_s else None, "replicas": summaries,
             "attribution": "allocation split by each stage's share of the server's busy time (shards in flight)"}
+
+
+def reading_parent(params: RunParams, stage) -> RunParams:
+    """A stage with a parent reads the parent's kept rows after its split (`stages/{parent}/rows.jsonl`)."""
+    if stage.from_ is None:
+        return params
+    return RunParams(**{**dict(params), "input_uri": f"{params.output_uri}/{stage.from_}/{STAGE_ROWS}"})
 
 
 def stage_params(the: Pipeline, name: str, uri: str, *, output_uri: str, replicas: int | None,

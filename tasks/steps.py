@@ -21,7 +21,7 @@ from infra.settings import Profile, Settings
 from infra.storage import OutputStore
 
 
-def _transient(task, task_run, state) -> bool:
+def retry_transient(task, task_run, state) -> bool:
     """Retry only what may succeed a second time: a server hiccup or a storage error."""
     try:
         state.result()
@@ -49,14 +49,14 @@ def wait_ready(backend: Backend, settings: Settings, counter: TokenCounter = Byt
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient, task_run_name="generate-{job.stage_prefix}shard-{shard.index}")
+      retry_condition_fn=retry_transient, task_run_name="generate-{job.stage_prefix}shard-{shard.index}")
 def generate_shard(client, shard: Shard, job: ShardJob, store: OutputStore, backend: Backend,
                    breaker: Breaker, tally: RowTally | None = None) -> ShardResult:
     return run_shard(client, shard, job, store, dead_reason=backend.dead_reason, breaker=breaker, tally=tally)
 
 
 @task(name="judge-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient, task_run_name="judge-{job.stage_prefix}shard-{part.shard}")
+      retry_condition_fn=retry_transient, task_run_name="judge-{job.stage_prefix}shard-{part.shard}")
 def judge_shard(client, part: PartInfo, job: ShardJob, store: OutputStore, backend: Backend) -> ShardResult:
     return run_judge(client, part, job, store, dead_reason=backend.dead_reason)
 
@@ -66,18 +66,18 @@ def release(backend: Backend) -> None:
     backend.release()
 
 
-@task(name="close-parts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+@task(name="close-parts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def close_run_parts(store: OutputStore, cfg: RunConfig, the_plan: Plan) -> tuple[list[PartInfo], int]:
     return close_parts(store, cfg, the_plan)
 
 
-@task(name="curate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+@task(name="curate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def curate(store: OutputStore, curation: Curation, parts: list[PartInfo], chash: str) -> tuple[dict | None, float | None]:
     return curate_run(store, curation, parts, chash)
 
 
 @task(name="publish-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=_transient)
+      retry_condition_fn=retry_transient)
 def write_manifest(store: OutputStore, cfg: RunConfig, the_plan: Plan, parts: list[PartInfo], refused: int,
                    curated: dict | None, results: list[ShardResult], timings: dict[str, float], settings: Settings,
                    job_ids: list[str], *, restarts: int, replicas: list[dict], invocation: str,
@@ -86,6 +86,6 @@ def write_manifest(store: OutputStore, cfg: RunConfig, the_plan: Plan, parts: li
                             restarts=restarts, replicas=replicas, invocation=invocation, rollovers=rollovers)
 
 
-@task(name="export", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
+@task(name="export", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def export(store: OutputStore, output_uri: str, run_id: str, settings: Settings) -> dict:
     return export_run(store, output_uri, run_id, settings)
