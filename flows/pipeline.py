@@ -46,7 +46,7 @@ from infra.pipeline.hashes import StageHash, stage_hashes
 from infra.pipeline.model import Pipeline
 from infra.pipeline.outputs import export_pipeline
 from infra.pipeline.pairs_stage import run_pairs
-from infra.pipeline.rows import write_stage_rows
+from infra.pipeline.rows import stage_entry, write_stage_rows
 from infra.pipeline.schedule import attribute, busy_by_stage
 from infra.planning import planned_shards
 from infra.recipes.judge import judged_current
@@ -197,14 +197,11 @@ def finish_stage(s: StageRun, parent: dict | None, hashes: StageHash, pool: Pool
                  key=artifact_key(f"{run_id}-{s.name}"), what=f"pipeline run {run_id}, stage {s.name}")
     rows = write_stage_rows(s.store, s.name, s.stage.split)
     manifest = json.loads(s.store.read_bytes(MANIFEST))
-    return {"stage": s.name, "from": s.stage.from_, "input": s.run.cfg.input_uri,
-            "config_hash": hashes.generation, "kept_hash": hashes.kept,
-            "records_in": manifest["records_in"], "rows_out": out["records_written"],
-            "rejected": out["records_rejected"], "kept": out.get("records_kept", out["records_written"]),
-            "filtered": out.get("filtered", {}), "split_dropped": rows["split_dropped"],
-            "rows": rows["rows"], "rows_uri": rows["rows_uri"], "kept_parts": rows["kept_parts"],
-            "generated_tokens": manifest["throughput"]["generated_tokens"], "seconds": round(seconds, 3),
-            "manifest": out["manifest"]}
+    return stage_entry(s.stage, s.run.cfg.input_uri, hashes, records_in=manifest["records_in"],
+                       rows_out=out["records_written"], rejected=out["records_rejected"],
+                       kept=out.get("records_kept", out["records_written"]), filtered=out.get("filtered", {}), rows=rows,
+                       manifest=out["manifest"], generated_tokens=manifest["throughput"]["generated_tokens"],
+                       seconds=round(seconds, 3))
 
 
 def attribute_allocation(stages: list[StageRun], done: dict[str, dict], pool: Pool | None) -> dict:

@@ -17,7 +17,7 @@ from prefect import get_run_logger
 from flows.params import RunParams
 from infra.pipeline.hashes import StageHash
 from infra.pipeline.model import Pipeline, Stage
-from infra.pipeline.rows import write_stage_rows
+from infra.pipeline.rows import stage_entry, write_stage_rows
 from infra.prompting.tokens import token_counter
 from infra.reward.client import DEFAULT_MODEL, reward_client, wait_reward_ready
 from infra.reward.stage import RewardScorer
@@ -61,10 +61,8 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
     logger.info("stage %s (reward): %d rows in, %d kept, filtered %s; %d part(s) scored, %d reused, %d server restart(s)",
                 stage.name, out["records_written"], out["records_kept"], out["filtered"] or "none", out["parts_scored"],
                 out["parts_reused"], out["server_restarts"])
-    return {"stage": stage.name, "kind": "reward", "from": stage.from_, "input": params.input_uri,
-            "config_hash": hashes.generation, "kept_hash": hashes.kept, "records_in": out["records_written"],
-            "rows_out": out["records_written"], "rejected": 0, "kept": out["records_kept"], "filtered": out["filtered"],
-            "split_dropped": rows["split_dropped"], "rows": rows["rows"], "rows_uri": rows["rows_uri"],
-            "kept_parts": rows["kept_parts"], "manifest": out["manifest"],
-            "reward": {"server": name, "engine": server.engine, "model": model,
-                       **{k: out[k] for k in ("parts_scored", "parts_reused", "server_restarts", "scoring_s")}}}
+    return stage_entry(stage, params.input_uri, hashes, records_in=out["records_written"],
+                       rows_out=out["records_written"], kept=out["records_kept"], filtered=out["filtered"], rows=rows,
+                       manifest=out["manifest"],
+                       reward={"server": name, "engine": server.engine, "model": model,
+                               **{k: out[k] for k in ("parts_scored", "parts_reused", "server_restarts", "scoring_s")}})

@@ -16,7 +16,7 @@ import logging
 from infra.errors import InputError
 from infra.pipeline.hashes import StageHash
 from infra.pipeline.model import Pipeline, Stage
-from infra.pipeline.rows import kept_part_names
+from infra.pipeline.rows import kept_part_names, stage_entry
 from infra.recipes.pairs import make_pairs, pair_row
 from infra.run.card import read_rows
 from infra.run.layout import MANIFEST, STAGE_PAIRS, stages_uri
@@ -66,8 +66,7 @@ def run_pairs(the: Pipeline, stage: Stage, output_uri: str, run_id: str, setting
     own.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("stage %s: %d pairs from %d rows of %s (dropped: %s)", stage.name, len(lines), len(rows), stage.from_,
              dropped or "none")
-    return {"stage": stage.name, "kind": "pairs", "from": stage.from_, "input": parent.uri(MANIFEST),
-            "config_hash": config_hash, "kept_hash": kept_hash, "records_in": len(rows), "rows_out": len(lines),
-            "rejected": 0, "kept": len(lines), "filtered": dropped, "split_dropped": {}, "rows": 0,
-            "prompts": got.prompts, "pairs": len(lines), "rows_uri": own.uri(STAGE_PAIRS),
-            "kept_parts": [own.uri(STAGE_PAIRS)], "manifest": own.uri(MANIFEST)}
+    # Its pairs are its rows out and kept; it passes no rows on (no stage reads a pairs stage).
+    made = {"split_dropped": {}, "rows": 0, "rows_uri": own.uri(STAGE_PAIRS), "kept_parts": [own.uri(STAGE_PAIRS)]}
+    return stage_entry(stage, parent.uri(MANIFEST), hashes, records_in=len(rows), rows_out=len(lines), kept=len(lines),
+                       filtered=dropped, rows=made, manifest=own.uri(MANIFEST), prompts=got.prompts, pairs=len(lines))

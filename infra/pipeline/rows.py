@@ -55,3 +55,14 @@ def write_stage_rows(store, stage: str, split: SplitParams | None) -> dict:
     store.write_bytes(STAGE_ROWS, "".join(f"{line}\n" for line in lines).encode("utf-8"))
     return {"rows": len(lines), "split_dropped": dict(sorted(dropped.items())), "rows_uri": store.uri(STAGE_ROWS),
             "kept_parts": [store.uri(n) for n in kept_part_names(manifest)]}
+
+
+def stage_entry(stage, input_uri: str, hashes, *, records_in: int, rows_out: int, kept: int, filtered: dict,
+                rows: dict, manifest: str, rejected: int = 0, **own) -> dict:
+    """A stage's entry in the pipeline's manifest (docs/pipelines.md): the keys every kind of stage has,
+    `rows` being write_stage_rows' counts (or a pairs stage's own), then the kind's own keys."""
+    return {"stage": stage.name, **({"kind": stage.kind} if stage.kind != "generate" else {}), "from": stage.from_,
+            "input": input_uri, "config_hash": hashes.generation, "kept_hash": hashes.kept, "records_in": records_in,
+            "rows_out": rows_out, "rejected": rejected, "kept": kept, "filtered": filtered,
+            "split_dropped": rows["split_dropped"], "rows": rows["rows"], "rows_uri": rows["rows_uri"],
+            "kept_parts": rows["kept_parts"], **own, "manifest": manifest}
