@@ -102,7 +102,7 @@ browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 test: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server pytriton slurm-up browser-deps
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=30
 
 test-fast: $(STAMP) $(NEMO_21_WHEEL) $(MODEL_DIR)/config.json $(LOCAL_MODEL_DIR)/config.json llama-server pytriton
 	$(PY) -m pytest -q -ra -m "not slurm and not prefect_server and not browser"
