@@ -1,0 +1,180 @@
+"""A changed pipeline file rerun under the same run_id pays only for what the change invalidates
+(issue 24 "What is checkpointed"): the CLI in subprocesses against the local simulated server, whose
+stats file (`--stats-file`: one line per generation, with each prompt's first characters) is the
+request log the assertions read.
+
+- a new template in stage 2 of 3 asks again for stages 2 and 3 only, and stage 1's files stay
+  byte for byte; the old directories are moved aside, never mixed with the new parts;
+- a new filter in stage 1 alone asks nothing of stage 1, and stage 2 asks only for the rows of the
+  parents it newly keeps (stage 3 for their children); the rows of parents still kept are the same
+  completions; back to the first filter, nothing at all is asked and no server starts;
+- a stage renamed while its child stays, or a new input: one line naming stage and field, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.faults import local_env
+
+pytestmark = pytest.mark.integration
+
+PIPELINE = """\
+input: topics.jsonl
+servers:
+  main: {profile: local}
+defaults:
+  prompt_format: raw
+  sampling: {temperature: 0.8, random_seed: 5, tokens_to_generate: 6}
+  batch_size: 4
+stages:
+  - name: words
+    recipe: {prompt_template: "Topic: {{ topic }}\\nWords:"}
+    filters: {must_not_match: [FIRST]}
+  - name: facts
+    from: words
+    recipe: {prompt_template: "Fact on {{ topic }}:{{ completion }}"}
+  - name: notes
+    from: facts
+    recipe: {prompt_template: "Note:{{ completion }}\\n"}
+"""
+TOPICS = 10
+FIRST, SECOND = '"\\\\buseful\\\\b"', '"\\\\bmodel\\\\b"'  # stage 1's filter before and after: each drops some rows
+
+
+def pipeline_file(stage1_filter: str = FIRST) -> str:
+    return PIPELINE.replace("FIRST", stage1_filter)
+
+
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def part_rows(stage_dir) -> list[dict]:
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    return [r for p in manifest["parts"] for r in jsonl(stage_dir / p["name"])]
+
+
+class Pipeline:
+    """One pipeline run directory, its file, and the server's request log, run through the CLI."""
+
+    def __init__(self, workdir, env, run_id: str):
+        self.workdir, self.env, self.run_id = workdir, env, run_id
+        self.stats = workdir / "stats.jsonl"
+        self.run_dir = workdir / "out" / run_id
+
+    def run(self, text: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        """The CLI's result and the prompts (their heads) the server was asked for in this run."""
+        (self.workdir / "pipeline.yaml").write_text(text)
+        seen = len(self.stats.read_text().splitlines()) if self.stats.exists() else 0
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--pipeline", "pipeline.yaml", "--run-id",
+                               self.run_id, "--output-uri", str(self.workdir / "out"), "--shard-size", "3"],
+                              cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=300)
+        lines = self.stats.read_text().splitlines()[seen:] if self.stats.exists() else []
+        return done, [h for line in lines for h in json.loads(line)["heads"]]
+
+    def stage(self, name: str):
+        return self.run_dir / "stages" / name
+
+    def manifest(self) -> dict:
+        return json.loads((self.run_dir / "manifest.json").read_text())
+
+    def completions(self, name: str) -> dict[tuple[str, int], str]:
+        return {(r["id"], r["sample"]): r["completion"] for r in part_rows(self.stage(name))}
+
+
+@pytest.fixture
+def pipe(prefect_server, workdir):
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
+                                                  for i in range(TOPICS)))
+    env = {**os.environ, **local_env(workdir, "--stats-file", str(workdir / "stats.jsonl")),
+           **prefect_server.client_env(), "PREFECT_HOME": str(workdir / "prefect")}
+    return Pipeline(workdir, env, "inv")
+
+
+def asked(heads: list[str], start: str) -> int:
+    return sum(h.startswith(start) for h in heads)
+
+
+def test_a_new_template_in_stage_2_asks_again_for_stages_2_and_3_only(pipe):
+    done, first = pipe.run(pipeline_file())
+    assert done.returncode == 0, done.stderr[-4000:]
+    words = pipe.stage("words")
+    kept_words = pipe.manifest()["stages"][0]["kept"]
+    assert asked(first, "Topic:") == TOPICS and asked(first, "Fact on") == kept_words > 0
+    before = {p.name: p.read_bytes() for p in words.iterdir() if p.is_file() and p.name != "manifest.json"}
+    old_facts = pipe.completions("facts")
+
+    done, heads = pipe.run(pipeline_file().replace("Fact on {{ topic }}:", "Fact about {{ topic }}:"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    manifest = pipe.manifest()
+    counts = {s["stage"]: s for s in manifest["stages"]}
+    # The server's own log: no stage-1 prompt, every stage-2 record once with its new template, every stage-3 record.
+    assert asked(heads, "Topic:") == 0 and asked(heads, "Fact on") == 0
+    assert asked(heads, "Fact about") == counts["facts"]["records_in"] == kept_words
+    assert asked(heads, "Note:") == counts["notes"]["records_in"] == counts["facts"]["kept"]
+    assert manifest["server_launches"] == 1
+    # Stage 1 untouched, byte for byte; stage 2's parts all new (no old part mixed in), the old ones moved aside.
+    assert {p.name: p.read_bytes() for p in words.iterdir() if p.is_file() and p.name != "manifest.json"} == before
+    assert all(r["prompt"].startswith("Fact about") for r in part_rows(pipe.stage("facts")))
+    assert pipe.completions("facts").keys() == old_facts.keys()
+    moved = sorted(p.name.split("-")[0] for p in (pipe.run_dir / "superseded").iterdir())
+    assert moved == ["facts", "notes"]
+    (old,) = (pipe.run_dir / "superseded").glob("facts-*")
+    assert {(r["id"], r["sample"]): r["completion"] for r in part_rows(old)} == old_facts
+    # One line per invalidated stage, saying why.
+    assert "stage facts: recipe changed: generated again" in done.stderr, done.stderr[-3000:]
+    assert "stage notes: its parent facts is generated again: generated again" in done.stderr
+
+
+def test_a_new_filter_in_stage_1_asks_only_for_the_children_of_rows_it_newly_keeps(pipe):
+    done, _ = pipe.run(pipeline_file())
+    assert done.returncode == 0, done.stderr[-4000:]
+    kept_before = {r["id"].split(".")[0] for r in jsonl(pipe.stage("words") / "rows.jsonl")}
+    assert 0 < len(kept_before) < TOPICS
+    old_facts, old_notes = pipe.completions("facts"), pipe.completions("notes")
+    words_parts = {p.name: p.read_bytes() for p in pipe.stage("words").glob("part-*")}
+
+    done, heads = pipe.run(pipeline_file(SECOND))
+    assert done.returncode == 0, done.stderr[-4000:]
+    kept_now = {r["id"].split(".")[0] for r in jsonl(pipe.stage("words") / "rows.jsonl")}
+    new, gone = kept_now - kept_before, kept_before - kept_now
+    assert new and gone, (kept_before, kept_now)  # the new filter keeps some rows it dropped and drops some it kept
+    # No stage-1 request; stage 2 asked for the newly kept parents only, stage 3 for their children only.
+    assert asked(heads, "Topic:") == 0
+    assert asked(heads, "Fact on") == len(new) and asked(heads, "Note:") == len(new)
+    assert {p.name: p.read_bytes() for p in pipe.stage("words").glob("part-*")} == words_parts
+    facts, notes = pipe.completions("facts"), pipe.completions("notes")
+    assert {i.split(".")[0] for i, _ in facts} == {i.split(".")[0] for i, _ in notes} == kept_now
+    # The rows of parents still kept: the very completions they had; those of parents dropped: gone.
+    assert {k: v for k, v in old_facts.items() if k[0].split(".")[0] in kept_now} == \
+        {k: v for k, v in facts.items() if k[0].split(".")[0] not in new}
+    assert {k: v for k, v in old_notes.items() if k[0].split(".")[0] in kept_now} == \
+        {k: v for k, v in notes.items() if k[0].split(".")[0] not in new}
+    assert "stage words: filters changed: curated again with no server" in done.stderr, done.stderr[-3000:]
+    assert "stage facts: its parent words keeps other rows" in done.stderr
+
+    # Back to the first filter: every child is one made before, so nothing is asked and no server starts.
+    done, heads = pipe.run(pipeline_file())
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert heads == [] and pipe.manifest()["server_launches"] == 0
+    assert pipe.completions("facts") == old_facts and pipe.completions("notes") == old_notes
+
+
+def test_a_renamed_parent_or_a_new_input_is_refused_in_one_line_naming_stage_and_field(pipe):
+    done, _ = pipe.run(pipeline_file())
+    assert done.returncode == 0, done.stderr[-4000:]
+    launches = len(list((pipe.workdir / "work" / "servers" / "inv").iterdir()))
+    renamed = pipeline_file().replace("name: words", "name: terms").replace("from: words", "from: terms")
+    done, heads = pipe.run(renamed)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "stage 'words': name: not in the file any more, and stage 'facts' read its rows" in done.stderr
+    (pipe.workdir / "other.jsonl").write_text(json.dumps({"id": "t0", "topic": "other"}) + "\n")
+    done, more = pipe.run(pipeline_file().replace("input: topics.jsonl", "input: other.jsonl"))
+    assert done.returncode == 2 and "stage 'words': input: changed since the run began" in done.stderr
+    assert heads == more == [] and len(list((pipe.workdir / "work" / "servers" / "inv").iterdir())) == launches
+    assert not (pipe.run_dir / "superseded").exists()
