@@ -7,13 +7,16 @@ request log the assertions read.
   byte for byte; the old directories are moved aside, never mixed with the new parts;
 - a new filter in stage 1 alone asks nothing of stage 1, and stage 2 asks only for the rows of the
   parents it newly keeps (stage 3 for their children); the rows of parents still kept are the same
-  completions; back to the first filter, nothing at all is asked and no server starts;
-- a stage renamed while its child stays, or a new input: one line naming stage and field, exit 2."""
+  completions; back to the first filter, nothing at all is asked and no server starts; a filter
+  on stage 2 alone drops stage 3's rows of the rows it drops, again with no request and no server;
+- a stage renamed while its child stays, or a new input: one line naming stage and field, exit 2,
+  nothing asked, nothing moved."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,6 +133,19 @@ def test_a_new_template_in_stage_2_asks_again_for_stages_2_and_3_only(pipe):
     assert "stage facts: recipe changed: generated again" in done.stderr, done.stderr[-3000:]
     assert "stage notes: its parent facts is generated again: generated again" in done.stderr
 
+    # What cannot change under one run id: one line naming stage and field, exit 2, nothing asked or moved.
+    moved = sorted((pipe.run_dir / "superseded").iterdir())
+    servers = sorted((pipe.workdir / "work" / "servers" / "inv").iterdir())
+    renamed = pipeline_file().replace("name: words", "name: terms").replace("from: words", "from: terms")
+    done, heads = pipe.run(renamed)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "stage 'words': name: not in the file any more, and stage 'facts' read its rows" in done.stderr
+    (pipe.workdir / "other.jsonl").write_text(json.dumps({"id": "t0", "topic": "other"}) + "\n")
+    done, more = pipe.run(pipeline_file().replace("input: topics.jsonl", "input: other.jsonl"))
+    assert done.returncode == 2 and "stage 'words': input: changed since the run began" in done.stderr
+    assert heads == more == [] and sorted((pipe.workdir / "work" / "servers" / "inv").iterdir()) == servers
+    assert sorted((pipe.run_dir / "superseded").iterdir()) == moved
+
 
 def test_a_new_filter_in_stage_1_asks_only_for_the_children_of_rows_it_newly_keeps(pipe):
     done, _ = pipe.run(pipeline_file())
@@ -164,17 +180,15 @@ def test_a_new_filter_in_stage_1_asks_only_for_the_children_of_rows_it_newly_kee
     assert heads == [] and pipe.manifest()["server_launches"] == 0
     assert pipe.completions("facts") == old_facts and pipe.completions("notes") == old_notes
 
-
-def test_a_renamed_parent_or_a_new_input_is_refused_in_one_line_naming_stage_and_field(pipe):
-    done, _ = pipe.run(pipeline_file())
+    # A middle stage's filter alone: curated again with no server, its dropped rows' children dropped, nothing asked.
+    texts = list(old_facts.values())
+    word = next(w for w in sorted({w for t in texts for w in re.findall(r"[a-z]+", t)})
+                if 0 < sum(re.search(rf"\b{w}\b", t) is not None for t in texts) < len(texts))
+    done, heads = pipe.run(pipeline_file().replace("    from: words\n",
+                                                   f'    from: words\n    filters: {{must_not_match: ["\\\\b{word}\\\\b"]}}\n'))
     assert done.returncode == 0, done.stderr[-4000:]
-    launches = len(list((pipe.workdir / "work" / "servers" / "inv").iterdir()))
-    renamed = pipeline_file().replace("name: words", "name: terms").replace("from: words", "from: terms")
-    done, heads = pipe.run(renamed)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "stage 'words': name: not in the file any more, and stage 'facts' read its rows" in done.stderr
-    (pipe.workdir / "other.jsonl").write_text(json.dumps({"id": "t0", "topic": "other"}) + "\n")
-    done, more = pipe.run(pipeline_file().replace("input: topics.jsonl", "input: other.jsonl"))
-    assert done.returncode == 2 and "stage 'words': input: changed since the run began" in done.stderr
-    assert heads == more == [] and len(list((pipe.workdir / "work" / "servers" / "inv").iterdir())) == launches
-    assert not (pipe.run_dir / "superseded").exists()
+    assert heads == [] and pipe.manifest()["server_launches"] == 0
+    kept = {r["id"] for r in jsonl(pipe.stage("facts") / "rows.jsonl")}
+    assert 0 < len(kept) < len(old_facts) and pipe.completions("facts") == old_facts
+    assert pipe.completions("notes") == {k: v for k, v in old_notes.items() if k[0] in kept}
+    assert "stage facts: filters changed: curated again with no server" in done.stderr, done.stderr[-3000:]
