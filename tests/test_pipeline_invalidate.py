@@ -192,3 +192,47 @@ def test_a_new_filter_in_stage_1_asks_only_for_the_children_of_rows_it_newly_kee
     assert 0 < len(kept) < len(old_facts) and pipe.completions("facts") == old_facts
     assert pipe.completions("notes") == {k: v for k, v in old_notes.items() if k[0] in kept}
     assert "stage facts: filters changed: curated again with no server" in done.stderr, done.stderr[-3000:]
+
+
+def test_on_s3_a_stage_is_moved_aside_and_its_completions_given_back_to_the_same_requests(s3_settings, s3_bucket):
+    """The move and the reuse go through the output stores: on S3 (moto over HTTP) as on a local disk."""
+    from infra.generation import ShardJob, spill_header
+    from infra.pipeline.hashes import StageHash
+    from infra.pipeline.invalidate import reconcile, superseded_store
+    from infra.pipeline.reuse import Reuse
+    from infra.prompting.dataset import Record, Shard
+    from infra.prompting.sampling import SamplingParams
+    from infra.run.manifest import PartInfo
+    from infra.storage import open_output_store
+    from infra.storage.spill import Spill
+
+    uri = f"s3://{s3_bucket}/runs"
+    stage = open_output_store(f"{uri}/p1/stages", "facts", s3_settings.s3, s3_settings.work_path("staging"))
+    config = {"input_sha256": "rows of parent kept k1", "recipe": "r"}
+    stage.write_bytes("run.json", json.dumps({"config_hash": "c1", "config": config}).encode())
+    rows = [{"id": f"t{i}.0/words.0", "sample": 0, "prompt": f"Fact on {i}:", "completion": f" fact {i}",
+             "generation": {"finish_reason": "length", "prompt_match": "exact", "generated_tokens": 2}} for i in range(2)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    stage.write_bytes("part-00000.jsonl", data)
+    stage.write_bytes("part-00000.jsonl.state.json", PartInfo("part-00000.jsonl", 0, 2, stage.sha256("part-00000.jsonl"),
+                                                              len(data), "c1", 0, 1).to_json())
+    root = open_output_store(uri, "p1", s3_settings.s3, s3_settings.work_path("staging"))
+    parents, kinds = {"words": None, "facts": "words"}, {"words": "generate", "facts": "generate"}
+    hashes = {"words": StageHash("g1", "k1", "l1", {"filters": "f1"}), "facts": StageHash("g2", "k2", "l2", {})}
+    reconcile(root, uri, "p1", hashes, parents, kinds, s3_settings)
+    # words' filters alone change: facts (made from words' kept rows) moves aside, whole, and is recorded
+    later = {"words": StageHash("g1", "k1b", "l1", {"filters": "f2"}), "facts": StageHash("g2b", "k2b", "l2", {})}
+    found, superseded = reconcile(root, uri, "p1", later, parents, kinds, s3_settings)
+    assert [(c.stage, c.action) for c in found] == [("words", "recurate"), ("facts", "reuse")]
+    assert stage.list_names() == [] and superseded["facts"] == ["facts-g2"]
+    old = superseded_store(uri, "p1", "facts-g2", s3_settings)
+    assert old.list_names() == ["part-00000.jsonl", "part-00000.jsonl.state.json", "run.json"]
+    assert json.loads(root.read_bytes("pipeline.json"))["facts"]["superseded"] == ["facts-g2"]
+    # made again from other parent rows: t1 is the same request (reused), t2 is new (asked)
+    reuse = Reuse.load([old], {**config, "input_sha256": "rows of parent kept k1b"}, stage)
+    assert Reuse.load([old], {**config, "recipe": "r2"}, stage) is None  # other settings: nothing reused
+    shard = Shard(0, [Record("t1.0/words.0", "Fact on 1:", 0), Record("t2.0/words.0", "Fact on 2:", 1)])
+    job = ShardJob("facts", "m", "c2", SamplingParams(), 4)
+    assert reuse.prepare(stage, shard, job) is False  # one of two: the shard goes to a server for the other
+    with Spill.open(stage.staging_dir(), shard.name, spill_header(stage, shard, job)) as spill:
+        assert {p: r["completion"]["text"] for p, r in spill.kept.items()} == {0: " fact 1"}
