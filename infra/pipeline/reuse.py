@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import replace
 
 from infra.engines.batch import PromptBatch, Result
@@ -55,17 +56,20 @@ def _without_input(config: dict) -> dict:
 
 
 class Reuse:
-    """A stage's old completions by request (`request_key`), each a {sample: result} map."""
+    """A stage's old completions by request (`request_key`), each a {sample: result} map, read from
+    its sources the first time a shard asks (a rerun with nothing left to make reads no old part)."""
 
-    def __init__(self, rows: dict[bytes, dict[int, dict]], model: str | None):
-        self.rows, self.model = rows, model
+    def __init__(self, sources: list[tuple[OutputStore, str]], location: str):
+        self._sources, self._location = sources, location  # (superseded store, its config hash)
+        self._rows: dict[bytes, dict[int, dict]] | None = None
+        self._lock = threading.Lock()
+        self.model: str | None = None  # what made the rows (their `generation.model`)
         self.reused = 0  # results given back so far
 
     @classmethod
     def load(cls, sources: list[OutputStore], config: dict, store: OutputStore) -> "Reuse | None":
-        """The rows of every source made under `config` (its input aside); None when none is."""
-        rows: dict[bytes, dict[int, dict]] = {}
-        model = None
+        """The sources made under `config` (its input aside); None when none is."""
+        found = []
         for source in sources:
             data = source.read_bytes(RUN_CONFIG)
             old = json.loads(data) if data is not None else None
@@ -73,18 +77,27 @@ class Reuse:
                 continue  # made under other settings: nothing in it answers this stage's requests
             if store.read_bytes(SERVED_MODEL) is None and (served := source.read_bytes(SERVED_MODEL)) is not None:
                 store.write_bytes(SERVED_MODEL, served)  # what made the reused rows, for a stage that starts no server
-            for name in source.list_names():
-                part = published_part(source, name.removesuffix(STATE_SUFFIX), old["config_hash"]) \
-                    if name.startswith("part-") and name.endswith(STATE_SUFFIX) else None
-                for line in (source.read_bytes(part.name) or b"").decode("utf-8").splitlines() if part else []:
-                    if line.strip():
-                        row = json.loads(line)
-                        rows.setdefault(request_key(row["id"], row["prompt"]), {})[int(row["sample"])] = result_of(row)
-                        model = model or (row.get("generation") or {}).get("model")
-        if not rows:
-            return None
-        log.info("%d completions of an earlier run of %s can be reused", sum(map(len, rows.values())), store.location)
-        return cls(rows, model)
+            found.append((source, old["config_hash"]))
+        return cls(found, store.location) if found else None
+
+    @property
+    def rows(self) -> dict[bytes, dict[int, dict]]:
+        with self._lock:
+            if self._rows is None:
+                self._rows = {}
+                for source, chash in self._sources:
+                    for name in source.list_names():
+                        part = published_part(source, name.removesuffix(STATE_SUFFIX), chash) \
+                            if name.startswith("part-") and name.endswith(STATE_SUFFIX) else None
+                        for line in (source.read_bytes(part.name) or b"").decode("utf-8").splitlines() if part else []:
+                            if line.strip():
+                                row = json.loads(line)
+                                self._rows.setdefault(request_key(row["id"], row["prompt"]), {})[int(row["sample"])] = \
+                                    result_of(row)
+                                self.model = self.model or (row.get("generation") or {}).get("model")
+                log.info("%d completions of an earlier run of %s can be reused",
+                         sum(map(len, self._rows.values())), self._location)
+            return self._rows
 
     def prepare(self, store: OutputStore, shard: Shard, job: ShardJob) -> bool:
         """The shard's reused results written to its spill; whether they are all of its results."""
