@@ -13,9 +13,11 @@ is finished (its parts closed, curated, its manifest, its `rows.jsonl`), then th
 each stage's counts and its share of the allocation (`busy_s`, `gpu_hours`).
 
 Resume: a rerun with the same run_id finds each stage's published shards as a run does, so a stage
-already done generates nothing and, with every stage done, nothing is allocated. A stage whose
-generation settings changed since the run began (infra/pipeline/hashes.py: its own or a parent's)
-is refused before any allocation: start a new run.
+already done generates nothing and, with every stage done, nothing is allocated. A rerun of a changed
+file pays only for what the change invalidates (infra/pipeline/invalidate.py, before any allocation):
+a stage whose generation settings changed is generated again with the stages after it (their old
+directories moved aside); one whose filters or judge thresholds alone changed is curated again with
+no server, and its children reuse the rows of parents still kept (infra/pipeline/reuse.py).
 """
 
 from __future__ import annotations
@@ -43,15 +45,17 @@ from infra.errors import ConfigError, InputError
 from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
+from infra.pipeline.invalidate import reconcile, superseded_store
 from infra.pipeline.model import Pipeline
 from infra.pipeline.outputs import export_pipeline
 from infra.pipeline.pairs_stage import run_pairs
+from infra.pipeline.reuse import Reuse
 from infra.pipeline.rows import stage_entry, write_stage_rows
 from infra.pipeline.schedule import attribute, busy_by_stage
 from infra.planning import planned_shards
 from infra.recipes.judge import judged_current
-from infra.run.layout import MANIFEST, PIPELINE_HASHES, STAGE_ROWS, stages_uri
-from infra.run.lease import hold_run_lease
+from infra.run.layout import MANIFEST, STAGE_ROWS, stages_uri
+from infra.run.lease import FencedStore, hold_run_lease
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
 from tasks.steps import allocate, plan, release, wait_ready
@@ -85,7 +89,11 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     root.preflight()
     lease = hold_run_lease(root, str(flow_run.id), flow_run.name, settings.run_lease_ttl_s)
     root = lease.fenced()
-    check_hashes(root, hashes, run_id)  # a changed stage: refused before any allocation
+    # What a change since the last run invalidates, moved aside; what cannot change, refused (before any allocation).
+    changed, superseded = reconcile(root, output_uri, run_id, hashes, {s.name: s.from_ for s in the.ordered()},
+                                    {s.name: s.kind for s in the.ordered()}, settings, lambda store: FencedStore(store, lease))
+    for change in changed:
+        logger.info("pipeline run %s: %s", run_id, change.line)
     pool = None
     with ExitStack() as inputs:
         stages: list[StageRun] = []
@@ -95,7 +103,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                 raise ConfigError(f"pipeline {pipeline}: stage {stage.name!r} generates from {stage.from_!r}, a "
                                   f"{the.stage(stage.from_).kind} stage, which runs after the generating stages; "
                                   "read a generating stage's rows instead")
-            stages.append(open_stage(asked[stage.name], stage, order, parent, hashes, settings, flow_run, lease, inputs))
+            stages.append(open_stage(asked[stage.name], stage, order, parent, hashes, settings, flow_run, lease, inputs,
+                                     [superseded_store(output_uri, run_id, n, settings) for n in superseded[stage.name]]))
         stream = Stream(stages, settings)
         if stream.has_work():
             pool = serve(stream, stages, settings, flow_run, run_id)
@@ -134,16 +143,17 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
 
 
 def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, hashes: dict[str, StageHash],
-               settings: Settings, flow_run, lease, inputs: ExitStack) -> StageRun:
+               settings: Settings, flow_run, lease, inputs: ExitStack, earlier: list[OutputStore] = ()) -> StageRun:
     """A stage prepared as a run: a root planned from its input (its shards read lazily from a second,
-    pinned read), a child with its config chained to its parent's kept hash and its shards to come."""
+    pinned read), a child with its config chained to its parent's kept hash and its shards to come,
+    and the completions of its `earlier` (superseded) directories to give back to the same requests."""
     params = reading_parent(params, stage)  # a child's rows are made as the parent's shards become final
     run = prepare_run(params, settings, flow_run, lease=lease, input_made_later=parent is not None)
     cfg = run.cfg
     the_plan = plan(cfg, settings, run.store) if parent is None else child_plan(run, settings, hashes[stage.from_].kept)
     job = planned_job(cfg, settings, the_plan, flow_run, stage=stage.name)  # the run's: output_schema, judge, samples alike
     out = StageRun(stage, 0 if parent is None else parent.depth + 1, order, run, the_plan, job,
-                   parts=dict(the_plan.done))
+                   parts=dict(the_plan.done), reuse=Reuse.load(list(earlier), the_plan.config, run.store) if parent else None)
     if parent is None:
         source = open_input(cfg.input_uri, settings.s3, pin=the_plan.input_pin)
         out.source = planned_shards(inputs.enter_context(source), cfg, settings, the_plan, source.verify)
@@ -247,18 +257,3 @@ def stage_params(the: Pipeline, name: str, uri: str, *, output_uri: str, replica
                          **({"shard_size": shard_size} if shard_size is not None else {}))
     except ConfigError as exc:
         raise ConfigError(f"pipeline {uri}: stage {name!r}: {exc}".replace("\n", " ")) from None
-
-
-def check_hashes(root: OutputStore, hashes: dict[str, StageHash], run_id: str) -> None:
-    """Record each stage's hashes at the run's first start; on a rerun, refuse a stage whose generation
-    changed (its parts, and its children's, would mix two configurations)."""
-    now = {name: {"generation": h.generation, "kept": h.kept} for name, h in hashes.items()}
-    data = root.read_bytes(PIPELINE_HASHES)
-    if data is not None:
-        before = json.loads(data)
-        changed = [n for n, h in now.items() if n in before and before[n]["generation"] != h["generation"]]
-        if changed:
-            raise ConfigError(f"pipeline run {run_id}: stage(s) {', '.join(changed)} changed since the run began (their "
-                              "settings, templates or a parent's); rerun with the original file to resume, or start "
-                              "a new run (--new-run)")
-    root.write_bytes(PIPELINE_HASHES, json.dumps(now, indent=2, sort_keys=True).encode())

@@ -13,7 +13,8 @@ made, whatever stage they belong to (infra/pipeline/schedule.py has the rules, p
 
 A child stage's config hash has no input bytes to hash (its input does not exist when it starts): it
 names its parent's `kept` hash instead (infra/pipeline/hashes.py), which covers everything its rows
-are made from. Each stage kind goes through one function (`KINDS`); `generate` is the one today.
+are made from. A child made again after its parent's curation changed gets back, shard by shard,
+the completions it made before for the same requests (infra/pipeline/reuse.py): `Stream.reused`. Each stage kind goes through one function (`KINDS`); `generate` is the one today.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from infra.engines.served_model import ServedModel, check_served
 from infra.errors import InputError
 from infra.generation import Breaker, ShardJob, ShardResult
 from infra.pipeline.model import Stage
+from infra.pipeline.reuse import Reuse
 from infra.pipeline.rows import carried
 from infra.pipeline.schedule import Ready, choose, cut, final_prefix
 from infra.planning import Plan, check_run_config, discard_partials, load_published, usable_records
@@ -73,6 +75,7 @@ class StageRun:
     parts: dict[int, PartInfo] = field(default_factory=dict)  # published, by shard (the plan's, then new ones)
     breaker: Breaker = field(default_factory=Breaker)
     served_by: dict = field(default_factory=dict)
+    reuse: Reuse | None = None  # its completions from before a change, given back to the same requests
 
     @property
     def name(self) -> str:
@@ -251,11 +254,25 @@ class Stream:
                     child.ready.append(part)
                 else:
                     child.settled.add(index)
-            else:
-                child.ready.append(Shard(index, records[a:b]))
+            elif not self.reused(child, shard := Shard(index, records[a:b])):
+                child.ready.append(shard)
         child.created += len(cut(len(records), cfg.shard_size, 0))
         plan.shards_total = child.created
         self.advance(child)
+
+
+    @staticmethod
+    def reused(child: StageRun, shard: Shard) -> bool:
+        """The shard's results from before a change put in its spill (infra/pipeline/reuse.py); when
+        they are all of them and nothing is left to ask (no judge, no schema to check again), its
+        part is written here, with no server: whether it was."""
+        if child.reuse is None or not child.reuse.prepare(child.store, shard, child.job):
+            return False
+        if child.job.judge is not None or child.job.structured is not None:
+            return False
+        child.parts[shard.index] = child.reuse.publish(child.store, shard, child.job)
+        child.settled.add(shard.index)
+        return True
 
 
 def child_plan(run: Prepared, settings: Settings, parent_kept: str) -> Plan:

@@ -136,19 +136,44 @@ def test_a_stage_that_keeps_nothing_stops_the_pipeline_in_one_line_and_releases_
     assert local_servers(workdir) == 0
 
 
-def test_a_rerun_with_a_changed_stage_is_refused_and_the_same_hashes_resume(tmp_path):
-    from flows.pipeline import check_hashes
+def test_a_rerun_with_a_changed_stage_names_what_it_invalidates_and_the_same_hashes_resume(tmp_path):
     from infra.errors import ConfigError
     from infra.pipeline.hashes import StageHash
+    from infra.pipeline.invalidate import changes, reconcile
     from infra.storage.local import LocalOutputStore
 
+    class Settings:  # what reconcile reads of the settings: where S3 stages (unused for a local output)
+        s3 = None
+
+        @staticmethod
+        def work_path(name):
+            return tmp_path / "work" / name
+
+    def h(gen, kept, lineage, **groups):
+        return StageHash(gen, kept, lineage, {"recipe": "r", "filters": "f", **groups})
+
+    parents, kinds = {"words": None, "facts": "words"}, {"words": "generate", "facts": "generate"}
+    first = {"words": h("g1", "k1", "l1"), "facts": h("g2", "k2", "l2")}
     root = LocalOutputStore(tmp_path / "p1")
-    first = {"words": StageHash("g1", "k1"), "facts": StageHash("g2", "k2")}
-    check_hashes(root, first, "p1")
-    check_hashes(root, first, "p1")  # the same file: resumes
+    assert reconcile(root, str(tmp_path), "p1", first, parents, kinds, Settings)[0] == []
+    assert reconcile(root, str(tmp_path), "p1", first, parents, kinds, Settings)[0] == []  # the same file: resumes
+    before = json.loads(root.read_bytes("pipeline.json"))
+    # words' filters alone: words re-curated, facts made again reusing rows
+    got = changes(before, {"words": h("g1", "k1b", "l1", filters="f2"), "facts": h("g2b", "k2b", "l2")}, parents, kinds, "p1")
+    assert [(c.stage, c.action, c.why) for c in got] == [("words", "recurate", "filters changed"),
+                                                         ("facts", "reuse", "its parent words keeps other rows")]
+    # words' recipe: both generated again
+    got = changes(before, {"words": h("g1c", "k1c", "l1c", recipe="r2"), "facts": h("g2c", "k2c", "l2c")}, parents, kinds, "p1")
+    assert [(c.stage, c.action, c.why) for c in got] == [("words", "regenerate", "recipe changed"),
+                                                         ("facts", "regenerate", "its parent words is generated again")]
+    with pytest.raises(ConfigError, match=r"^pipeline run p1: stage 'words': input: changed since the run began"):
+        changes(before, {**first, "words": h("g1", "k1", "l1d", input="i2")}, parents, kinds, "p1")
+    with pytest.raises(ConfigError, match=r"stage 'words': name: not in the file any more, and stage 'facts' read"):
+        changes(before, {"terms": first["words"], "facts": first["facts"]}, {"terms": None, "facts": "terms"}, kinds, "p1")
+    # a run recorded before the settings groups existed: a generation change is refused, as it was
     with pytest.raises(ConfigError, match=r"stage\(s\) facts changed since the run began"):
-        check_hashes(root, {**first, "facts": StageHash("g2b", "k2b")}, "p1")
-    check_hashes(root, {**first, "facts": StageHash("g2", "k2c")}, "p1")  # its filters alone: not a new generation
+        changes({"words": {"generation": "g1", "kept": "k1"}, "facts": {"generation": "g2", "kept": "k2"}},
+                {**first, "facts": h("g2b", "k2b", "l2")}, parents, kinds, "p1")
 
 
 def test_a_parents_reply_moves_under_parent_and_its_prompt_stays_behind():

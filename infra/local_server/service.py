@@ -4,7 +4,8 @@
   arrival order. Validation happens before the lock, as in TGS (nemo_validation.py).
 - Fault switches (for the fault suite) are a `FaultPlan`; they count the OpenAI side's requests
   too (openai_api.py shares the service's arrivals and lock).
-- With a stats file, each generation appends one JSON line (start, end, batch, tokens) for benchmarks.
+- With a stats file, each generation appends one JSON line (start, end, batch, tokens) for benchmarks,
+  and each prompt's first characters (`heads`): tests tell which requests a rerun asked again.
 """
 
 from __future__ import annotations
@@ -133,13 +134,13 @@ class GenerateService:
             raise ValueError("all_probs needs compute_logprob")
         generation = self.engine.generate(sentences, params)
         reply = build_reply(self.engine, generation, params)
-        self._record(started, time.time(), generation)
+        self._record(started, time.time(), generation, sentences)
         # The seed names a seeded request (infra/prompting/samples.py): tests tell which batches were asked again.
         log.info("request %d: %d sentences, %d tokens generated, seed %s", number, len(sentences),
                  sum(generation.generated_lengths), params.random_seed)
         return reply
 
-    def _record(self, started: float, ended: float, generation) -> None:
+    def _record(self, started: float, ended: float, generation, sentences: list = ()) -> None:
         if self.stats_file is None:
             return
         line = {
@@ -148,10 +149,14 @@ class GenerateService:
             "batch": len(generation.rows),
             "prompt_tokens": sum(generation.prompt_lengths),
             "generated_tokens": sum(generation.generated_lengths),
+            "heads": [s[:HEAD_CHARS] for s in sentences if isinstance(s, str)],
         }
         # Called under the generation lock, so lines never interleave.
         with open(self.stats_file, "a", encoding="utf-8") as out:
             out.write(json.dumps(line) + "\n")
+
+
+HEAD_CHARS = 48  # of each prompt in the stats file: enough to tell a template's prompts, small beside a batch
 
 
 def _mentions(sentences: list, needle: str) -> bool:

@@ -5,7 +5,12 @@ Two hashes per stage, as a run has today (infra/planning.py's fingerprint, infra
 stage hash): `generation` names what its parts hold (its generation settings and its parent's
 `kept`), `kept` adds what curation keeps of them (judge, filters). A change to a stage's filters
 alone changes its `kept` hash and not its `generation` hash: it is re-curated with no server, and
-its children, whose parent hash is that `kept`, regenerate.
+its children, whose parent hash is that `kept`, are made again from the rows it now keeps.
+
+A third, `lineage`, chains the generation settings alone (its own and its parent's `lineage`): a
+stage whose `lineage` is unchanged but whose `generation` changed has the same settings over other
+parent rows, so its rows of parents still kept are reused (infra/pipeline/invalidate.py says what a
+rerun does with each). `groups` hashes each group of settings apart, so a change is named by group.
 
 Pure: the files a stage reads (templates, examples, its input) count by their contents when the
 caller gives their sha256 in `files` (location -> sha256), else by their location.
@@ -14,7 +19,7 @@ caller gives their sha256 in `files` (location -> sha256), else by their locatio
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from infra.pipeline.model import Pipeline, Stage
 from infra.run.manifest import config_hash
@@ -24,6 +29,8 @@ from infra.run.manifest import config_hash
 class StageHash:
     generation: str  # the stage's parts: its generation settings and its parent's `kept`
     kept: str  # its kept rows: `generation`, the judge and the filters; its children's parent hash
+    lineage: str = ""  # its generation settings and its parent's `lineage`: no parent rows, no curation
+    groups: Mapping[str, str] = field(default_factory=dict, compare=False)  # each settings group's hash, by name
 
 
 def _file(value: str | None, files: Mapping[str, str]):
@@ -69,7 +76,10 @@ def stage_hashes(pipeline: Pipeline, files: Mapping[str, str] = {}) -> dict[str,
     """Every stage's hashes, by name, in the order parents come first."""
     out: dict[str, StageHash] = {}
     for stage in pipeline.ordered():
-        parent = out[stage.from_].kept if stage.from_ is not None else None
-        generation = config_hash({"stage": generation_settings(pipeline, stage, files), "parent": parent})
-        out[stage.name] = StageHash(generation, config_hash({"generation": generation, **curation_settings(stage, files, pipeline)}))
+        parent = out[stage.from_] if stage.from_ is not None else None
+        own, curation = generation_settings(pipeline, stage, files), curation_settings(stage, files, pipeline)
+        generation = config_hash({"stage": own, "parent": parent.kept if parent else None})
+        lineage = config_hash({"stage": own, "parent": parent.lineage if parent else None})
+        groups = {k: config_hash({k: v}) for k, v in {**own, **curation}.items() if k != "name"}
+        out[stage.name] = StageHash(generation, config_hash({"generation": generation, **curation}), lineage, groups)
     return out

@@ -30,11 +30,16 @@ A pipeline's run (flows/pipeline.py) has one such directory per stage, and its o
 
     {output_uri}/{run_id}/
       run.lease                       the pipeline's lease
-      pipeline.json                   each stage's config hashes, as the run first ran them
+      pipeline.json                   each stage's config hashes (and settings groups) as last run, its parent,
+                                      and the superseded directories of its earlier settings
       manifest.json                   the pipeline's manifest: each stage's counts, the training set
       stages/{stage}/                 a run directory as above (run_id: the stage's name), plus
         rows.jsonl                    its kept rows after its split, with ids and lineage: its children's input
         pairs.jsonl                   a pairs stage's preference pairs (infra/pipeline/pairs_stage.py)
+      superseded/{stage}-{hash}/      a stage's run directory as an earlier run of the file left it, moved
+                                      aside when a change made its rows stale (hash: its old generation
+                                      hash, infra/pipeline/invalidate.py); the rows it holds of parents still
+                                      kept are reused from here, the rest is never read again
 
 A state is named after its file plus a suffix, so listing the directory finds every shard done;
 the judge's state ends in `.judge.json`, not `.state.json`, so it is never taken for a part's.
@@ -55,6 +60,7 @@ STAGES = "stages"
 STAGE_ROWS = "rows.jsonl"
 STAGE_PAIRS = "pairs.jsonl"
 PIPELINE_HASHES = "pipeline.json"
+SUPERSEDED = "superseded"
 DATASET_CARD = "README.md"
 EXPORT_DIR = "data"  # the exports' folder under the run directory: data only, so a reader never meets the manifest
 
@@ -127,3 +133,13 @@ def temp_prefix(name: str) -> str:
 def stages_uri(output_uri: str, run_id: str) -> str:
     """The output location whose run directories are a pipeline run's stages (run_id: the stage's name)."""
     return f"{output_uri.rstrip('/')}/{run_id}/{STAGES}"
+
+
+def superseded_uri(output_uri: str, run_id: str) -> str:
+    """The output location whose run directories are a pipeline run's superseded stage directories."""
+    return f"{output_uri.rstrip('/')}/{run_id}/{SUPERSEDED}"
+
+
+def superseded_name(stage: str, generation_hash: str) -> str:
+    """A stage's directory moved aside, named by the generation hash its parts were made under."""
+    return f"{stage}-{generation_hash[:12]}"
