@@ -52,6 +52,42 @@ def standin_processes(marker: str) -> list[str]:
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
+def watched(client: SlurmClient, run) -> tuple[set[str], list[str]]:
+    """`run()` while squeue is sampled: the run's jobs, and its steps' names in the order first listed."""
+    jobs: set[str] = set()
+    steps: list[str] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(0.3):
+            for job in our_jobs("swap"):
+                jobs.add(job.job_id)
+                for _, name in client.steps(job.job_id):
+                    if name.startswith("nsdg-") and name not in steps:
+                        steps.append(name)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run()
+    finally:
+        stop.set()
+        watcher.join(10)
+    return jobs, steps
+
+
+def nothing_left(client: SlurmClient, job_id: str, scored_log, port: int) -> None:
+    """No job, no step, no stand-in process (its Python, by the log it writes; Triton's server, by its port)."""
+    assert not our_jobs("swap") and not client.steps(job_id)
+    assert job_record(job_id)["state"].startswith("CANCELLED")
+
+    def left() -> list[str]:
+        return standin_processes(str(scored_log)) + [p for p in standin_processes("tritonserver") if str(port) in p]
+
+    poll_until(lambda: True if not left() else None, deadline=Deadline(30), interval=0.5,
+               what="the reward stand-in's processes to end", describe_last=lambda: str(left()))
+
+
 def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluster, prefect_harness, pytriton_env,
                                                                     workdir, monkeypatch):
     from flows.pipeline import pipeline
@@ -65,26 +101,8 @@ def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluste
     (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
                                                   for i in range(4)))
     (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
-    jobs: set[str] = set()
-    steps: list[str] = []  # step names in the order squeue -s first listed them
-    stop = threading.Event()
     client = SlurmClient()
-
-    def watch():
-        while not stop.wait(0.3):
-            for job in our_jobs("swap"):
-                jobs.add(job.job_id)
-                for _, name in client.steps(job.job_id):
-                    if name.startswith("nsdg-") and name not in steps:
-                        steps.append(name)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out"))
-    finally:
-        stop.set()
-        watcher.join(10)
+    jobs, steps = watched(client, lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
     run_dir = workdir / "out" / "swap"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     answers, rm = manifest["stages"]
@@ -115,8 +133,17 @@ def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluste
     assert swap["jobs"][0]["generator_stop_s"] >= 0 and answers["gpu_hours"] > 0
 
     # Released after the last score: no job, no step, no stand-in process left.
-    assert not our_jobs("swap") and not client.steps(job_id)
-    assert job_record(job_id)["state"].startswith("CANCELLED")
-    poll_until(lambda: True if not standin_processes(str(scored_log)) else None, deadline=Deadline(30), interval=0.5,
-               what="the reward stand-in's processes to end", describe_last=lambda: str(standin_processes(str(scored_log))))
-    assert not standin_processes(f"--http-port {rm_port}") and not standin_processes(f"--http-port={rm_port}")
+    nothing_left(client, job_id, scored_log, rm_port)
+
+    # Another reward checkpoint on a rerun: nothing to generate, so ONE job whose only step is the
+    # reward server's (its request written before sbatch); every row scored again, once.
+    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", f"{rm_port}, model_path: /models/rm-v2"))
+    again, steps2 = watched(client, lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
+    rm2 = json.loads((run_dir / "manifest.json").read_text())["stages"][1]
+    [job2] = again
+    assert job2 != job_id and steps2 == ["nsdg-reward"], (again, steps2)
+    assert [j["job_id"] for j in rm2["reward"]["allocation"]["jobs"]] == [job2]
+    assert rm2["reward"]["allocation"]["generator_gpu_hours"] == 0 and rm2["reward"]["parts_scored"] >= 1
+    scored = [json.loads(line)["text"] for line in scored_log.read_text().splitlines()]
+    assert Counter(t for t in scored if t != PROBE_TEXT) == Counter(sent * 2)
+    nothing_left(client, job2, scored_log, rm_port)
