@@ -223,12 +223,13 @@ class SlurmClient:
         rows = [line.strip().split("|", 1) for line in out.splitlines() if "|" in line]
         return [(step, name) for step, name in rows if step.startswith(f"{job_id}.")]
 
-    def cancel_step(self, step_id: str) -> None:
-        """`scancel JOB.STEP`: that step's tasks are signalled and end; the job and its other steps stay."""
+    def cancel_step(self, step_id: str, signal: str | None = None) -> None:
+        """`scancel JOB.STEP`: that step ends (its tasks are killed); the job and its other steps stay.
+        With `signal` (TERM), `scancel --signal=TERM JOB.STEP` only signals its tasks, which may end it."""
         job_id, _, step = step_id.partition(".")
         if not step.isdigit():
             raise ConfigError(f"{step_id!r} is not a Slurm step id (expected JOB.STEP, e.g. '12345.0').")
-        self._scancel([f"{check_job_id(job_id)}.{step}"])
+        self._scancel([*([f"--signal={signal}"] if signal else []), f"{check_job_id(job_id)}.{step}"])
 
     def _scancel(self, job_ids: list[str]) -> None:
         result = self._run(["scancel", *job_ids], check=False)

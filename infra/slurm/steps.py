@@ -8,10 +8,10 @@ released after the last score.
 
 How a step is started, and why this way: the batch script starts every step itself, the one the
 orchestrator last asked for (infra/templates/sbatch-steps.sh.tmpl). The orchestrator writes
-`step-request` ("<n> <step>") in the job directory, then cancels the running step (`scancel
-<job>.<step>`, which real Slurm supports for any step: its tasks get SIGTERM, then SIGKILL after
-KillWait); its srun returns in the batch script, which reads the request and runs `srun` for the next
-step. The alternative, `srun --jobid=<job> --overlap` from the flow's host, would make a step's life
+`step-request` ("<n> <step>") in the job directory, then stops the running step (`scancel
+--signal=TERM <job>.<step>`, then `scancel <job>.<step>` if it outlives KillWait: real Slurm signals
+or ends any one step and leaves the job); its srun returns in the batch script, which reads the
+request and runs `srun` for the next step. The alternative, `srun --jobid=<job> --overlap` from the flow's host, would make a step's life
 the life of an srun process on the flow's host (a restarted worker or a lost ssh session ends the
 reward server), would need pyxis/apptainer and the site's srun flags on that host as well, and would
 bypass the batch script's dead-man switch and signal handling. Inside the batch script the new step
@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infra.deadline import Deadline, poll_until
-from infra.errors import ConfigError, ServerLost, SlurmJobError
+from infra.errors import ConfigError, DeadlineExceeded, ServerLost, SlurmJobError
 from infra.slurm.backend import SlurmBackend, job_comment, job_name_for, kill_wait_s
 from infra.slurm.launch import REWARD_ENGINE, image_for
 from infra.slurm.spec import STEP_REQUEST_NAME, SbatchSpec
@@ -91,23 +91,27 @@ def request_step(job_dir: Path, step: str) -> int:
 
 
 def stop_steps(backend: SlurmBackend, step: str, wait_s: float) -> float:
-    """Cancel the job's running `step` (not the job), then wait until squeue lists it no more.
-    Returns the seconds it took; SlurmJobError when it is still listed after `wait_s`."""
+    """Stop the job's running `step` (not the job): SIGTERM to its tasks (the launcher stops its
+    server's process group), and after `wait_s` without its end `scancel JOB.STEP`, which kills them
+    (a plain step cancel is a SIGKILL at once). Returns the seconds until squeue listed it no more;
+    SlurmJobError when it is still listed after the kill and another `wait_s`."""
     client, job_id, name = backend.client, backend.job_id, step_name(step)
     t0 = time.monotonic()
-    for step_id, seen in client.steps(job_id):
-        if seen == name:
-            client.cancel_step(step_id)
 
-    def gone():
-        return True if not any(seen == name for _, seen in client.steps(job_id)) else None
+    def running() -> list[str]:
+        return [step_id for step_id, seen in client.steps(job_id) if seen == name]
 
-    try:
-        poll_until(gone, deadline=Deadline(wait_s), interval=0.5, what=f"step {name} of Slurm job {job_id} to end")
-    except Exception as exc:
-        raise SlurmJobError(f"step {name} of Slurm job {job_id} still runs {wait_s:.0f} s after `scancel {job_id}.<step>`: "
-                            f"check `squeue -s -j {job_id}`; the job is released instead", job_id=job_id) from exc
-    return time.monotonic() - t0
+    for signal in ("TERM", None):
+        for step_id in running():
+            client.cancel_step(step_id, signal)
+        try:
+            poll_until(lambda: True if not running() else None, deadline=Deadline(wait_s), interval=0.5,
+                       what=f"step {name} of Slurm job {job_id} to end")
+            return time.monotonic() - t0
+        except DeadlineExceeded:
+            log.warning("step %s of Slurm job %s still runs %.0f s after SIG%s", name, job_id, wait_s, signal or "KILL")
+    raise SlurmJobError(f"step {name} of Slurm job {job_id} still runs {2 * wait_s:.0f} s after SIGTERM and `scancel "
+                        f"{job_id}.<step>`: check `squeue -s -j {job_id}`; the job is released instead", job_id=job_id)
 
 
 def reward_url(backend: SlurmBackend) -> str | None:
