@@ -147,3 +147,25 @@ def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluste
     scored = [json.loads(line)["text"] for line in scored_log.read_text().splitlines()]
     assert Counter(t for t in scored if t != PROBE_TEXT) == Counter(sent * 2)
     nothing_left(client, job2, scored_log, rm_port)
+
+
+def test_a_reward_server_that_fails_to_start_stops_the_run_with_nothing_left(slurm_cluster, prefect_harness, workdir,
+                                                                            monkeypatch):
+    from flows.pipeline import pipeline
+    from infra.errors import ServerLost
+
+    failing = ["bash", "-c", "echo 'reward checkpoint not found' >&2; exit 3"]
+    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
+                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(failing)}.items():
+        monkeypatch.setenv(name, value)
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
+                                                  for i in range(2)))
+    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(free_port())))
+    client = SlurmClient()
+    with pytest.raises(ServerLost) as caught:
+        watched(client, lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
+    message = str(caught.value)
+    [job_id] = json.loads((workdir / "out" / "swap" / "stages" / "answers" / "manifest.json").read_text())["slurm_job_ids"]
+    assert message.startswith("the reward server 'rm' ended before it was ready: Slurm job ") and "FAILED" in message
+    assert "reward checkpoint not found" in message  # the step's own error, in the log tail it quotes
+    assert not our_jobs("swap") and not client.steps(job_id)

@@ -173,7 +173,8 @@ class SwapKeeper:
 
         def check():
             if (dead := job.dead_reason()) is not None:
-                raise ServerLost(f"the reward server's job ended while it loaded: {dead}")
+                self.release()  # a retry starts a new job, whose first step is the reward server's
+                raise ServerLost(f"the reward server {self.step.server!r} ended before it was ready: {dead}")
             url = reward_url(job)
             if url is None:
                 seen[0] = job.status()
