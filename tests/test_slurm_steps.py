@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from infra.errors import ConfigError
+from infra.pipeline.check import check_file
 from infra.pipeline.files import load_pipeline
 from infra.settings import load_settings
 from infra.slurm.steps import pipeline_job, swap_step
@@ -93,10 +94,19 @@ def test_the_swap_is_checked_whole_before_any_job(tmp_path, profile, rm, expecte
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_the_cli_refuses_a_swap_on_a_local_generator_in_one_line_exit_2(tmp_path):
-    out = render_cli(write(tmp_path, STAGES, head=head("local")))
+@pytest.mark.parametrize("command", ["render", "check"])
+def test_the_cli_refuses_a_swap_on_a_local_generator_in_one_line_exit_2(tmp_path, command):
+    path = write(tmp_path, STAGES, head=head("local"))
+    out = subprocess.run([sys.executable, "-m", "flows.cli", command, "--pipeline", str(path)], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "a reward server is swapped into a Slurm job only" in out.stdout + out.stderr
+    said = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert len(said) == 1 and "a reward server is swapped into a Slurm job only" in said[0], said
+
+
+def test_check_shows_where_the_reward_server_runs(tmp_path):
+    lines = check_file(str(write(tmp_path, STAGES, head=head())), load_settings())
+    assert "reward server 'rm' (nemo-aligner swapped into the job of 'main')" in lines[0]
 
 
 def test_a_test_profile_names_the_stand_in_command(tmp_path, monkeypatch):

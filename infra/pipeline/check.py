@@ -33,6 +33,7 @@ from infra.recipes.params import FilterParams
 from infra.recipes.recipe import Recipe, load_recipe
 from infra.recipes.templates import PromptTemplate, is_template_uri
 from infra.reward.conversation import format_conversation, turns_of
+from infra.slurm.steps import swap_step
 from infra.storage import check_input, open_input
 
 FIRST_ROWS = 3
@@ -250,6 +251,10 @@ def check_file(uri: str, settings, rows: int = FIRST_ROWS, show_prompts: bool = 
     """What `nemotron-sdg check --pipeline` prints; ConfigError (one line) for a bad pipeline."""
     pipeline = load_pipeline(uri, settings)
     checks = check_pipeline(pipeline, settings, uri, rows)
+    try:  # a reward server started in the generator's job: its launch checked as the run checks it
+        swap_step(settings, pipeline.servers, pipeline.server[0], "check")
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline {uri}: {exc}") from None
     lines = graph_lines(pipeline, checks, uri, file_hashes(checks))
     if show_prompts:
         for c in checks:
