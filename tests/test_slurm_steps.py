@@ -94,7 +94,7 @@ def test_the_swap_is_checked_whole_before_any_job(tmp_path, profile, rm, expecte
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("command", ["render", "check"])
+@pytest.mark.parametrize("command", ["render", "check", "run"])
 def test_the_cli_refuses_a_swap_on_a_local_generator_in_one_line_exit_2(tmp_path, command):
     path = write(tmp_path, STAGES, head=head("local"))
     out = subprocess.run([sys.executable, "-m", "flows.cli", command, "--pipeline", str(path)], capture_output=True,

@@ -182,6 +182,10 @@ def check_pipeline(pipeline: Pipeline, settings, uri: str, rows: int = FIRST_ROW
         settings.profile(server.profile)
     except ConfigError as exc:
         raise ConfigError(f"pipeline {uri}: servers.{name}.profile: {exc}") from None
+    try:  # a reward server started in the generator's job: its launch, as the job will be built
+        swap_step(settings, pipeline.servers, name, "check")
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline {uri}: {exc}") from None
     done: dict[str, StageCheck] = {}
     for stage in pipeline.ordered():
         try:
@@ -251,10 +255,6 @@ def check_file(uri: str, settings, rows: int = FIRST_ROWS, show_prompts: bool = 
     """What `nemotron-sdg check --pipeline` prints; ConfigError (one line) for a bad pipeline."""
     pipeline = load_pipeline(uri, settings)
     checks = check_pipeline(pipeline, settings, uri, rows)
-    try:  # a reward server started in the generator's job: its launch checked as the run checks it
-        swap_step(settings, pipeline.servers, pipeline.server[0], "check")
-    except ConfigError as exc:
-        raise ConfigError(f"pipeline {uri}: {exc}") from None
     lines = graph_lines(pipeline, checks, uri, file_hashes(checks))
     if show_prompts:
         for c in checks:
