@@ -274,6 +274,8 @@ def _add_render(sub) -> None:
     p.add_argument("--account")
     p.add_argument("--partition")
     p.add_argument("--run-id", default="dry-run")
+    p.add_argument("--pipeline", help="render this pipeline file's job instead: its generation server's profile, and "
+                                      "a reward server swapped into the job (swap_with) as its second step")
     p.set_defaults(func=_render)
 
 
@@ -281,8 +283,17 @@ def _render(args: argparse.Namespace) -> int:
     from infra.settings import load_settings
     from infra.slurm.backend import render_for_profile
 
-    for title, text in render_for_profile(load_settings(), args.profile, model_path=args.model_path, account=args.account,
-                                          partition=args.partition, run_id=args.run_id, engine=args.engine):
+    if args.pipeline:
+        from infra.pipeline.files import load_pipeline
+        from infra.slurm.steps import pipeline_job
+
+        settings = load_settings()
+        the = load_pipeline(args.pipeline, settings)
+        files = pipeline_job(settings, the.servers, the.server[0], args.run_id)
+    else:
+        files = render_for_profile(load_settings(), args.profile, model_path=args.model_path, account=args.account,
+                                   partition=args.partition, run_id=args.run_id, engine=args.engine)
+    for title, text in files:
         print(f"# ===== {title} =====")
         print(text)
     return 0

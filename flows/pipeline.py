@@ -38,7 +38,7 @@ from flows.params import RunParams, resolve_run_id, run_name
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
 from flows.rollovers import RolloverPlanner
-from flows.reward import reward_stage
+from flows.reward import planned_swap, reward_stage
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
     on_cancellation=[release_on_hook],
     on_crashed=[release_on_hook],
     on_completion=[release_lease_on_hook],
-    on_failure=[release_lease_on_hook],
+    on_failure=[release_on_hook],  # a failure after the pool may leave a job kept for a reward swap
 )
 def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = None, replicas: int | None = None,
              max_server_restarts: int | None = None, shard_size: int | None = None) -> dict:
@@ -83,6 +83,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     hashes = stage_hashes(the, file_hashes(check_pipeline(the, settings, pipeline)))  # every template rendered
     run_id = run_id or resolve_run_id(flow_run)
     output_uri = output_uri or settings.output_uri
+    swap = planned_swap(the, settings, run_id, str(flow_run.id))  # a reward server started in the job: checked now
     asked = {s.name: stage_params(the, s.name, pipeline, output_uri=stages_uri(output_uri, run_id), replicas=replicas,
                                   max_server_restarts=max_server_restarts, shard_size=shard_size) for s in the.stages}
     root = open_output_store(output_uri, run_id, settings.s3, settings.work_path("staging"))
@@ -107,7 +108,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                      [superseded_store(output_uri, run_id, n, settings) for n in superseded[stage.name]]))
         stream = Stream(stages, settings)
         if stream.has_work():
-            pool = serve(stream, stages, settings, flow_run, run_id)
+            pool = serve(stream, stages, settings, flow_run, run_id, swap)
             stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
                                                                               f"pipeline run {run_id}, stage {s.name}")))
                                for s in stages}
@@ -122,7 +123,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
             continue
         if stage.kind == "reward":  # scored by its own reward server once its parent is done (flows/reward.py)
             done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
-                                            hashes[stage.name])
+                                            hashes[stage.name], swap)
             continue
         s = next(x for x in stages if x.name == stage.name)
         done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,
@@ -166,8 +167,9 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     return out
 
 
-def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str) -> Pool:
-    """One pool for every stage, sized and launched as the first stage's run would be."""
+def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None) -> Pool:
+    """One pool for every stage, sized and launched as the first stage's run would be; with a swap,
+    each job carries the reward server's step and the last one released is kept for it."""
     first = stages[0].run
     prof = first.prof
 
@@ -177,8 +179,9 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
 
     return Pool(
         make_backend=lambda launch, i: make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id),
-                                                    replica=launch, url_index=i),
-        start=start, submit=stream.submit, release=release, shards=stream.feed(),
+                                                    replica=launch, url_index=i,
+                                                    reward_step=swap.step if swap else None),
+        start=start, submit=stream.submit, release=swap.keep if swap else release, shards=stream.feed(),
         replicas=replica_count(settings, prof, first.params.replicas),
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),

@@ -120,6 +120,11 @@ class ServerSettings(_Section):
     command: list[str] | None = Field(None, description="replaces megatron_gpt_eval.py in the node launcher")
     eval_script: str = Field("/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py",
                              description="megatron_gpt_eval.py as the ranks see it (bare metal: in your NeMo checkout)")
+    reward_script: str = Field("/opt/NeMo-Aligner/examples/nlp/gpt/serve_reward_model.py",
+                               description="NeMo-Aligner's serve_reward_model.py as the ranks see it, for a reward server "
+                               "swapped into the job (a pipeline's swap_with)")
+    reward_command: list[str] | None = Field(None, description="replaces serve_reward_model.py in a swapped reward "
+                                             "server's launcher ({port}: its port); tests and site wrappers")
 
 
 class LocalSettings(_Section):
@@ -142,8 +147,8 @@ class SlurmSettings(_Section):
     container_image: str = Field("nvcr.io/nvidia/nemo:24.05", description="pyxis: a registry image (rendered "
                                  "nvcr.io#nvidia/nemo:24.05) or, better, a .sqsh path; apptainer: a .sif path")
     images: dict[str, str] = Field(default_factory=dict, description="per-engine images (engine -> image), e.g. "
-                                   '{"vllm": "/shared/images/vllm.sqsh"}; nemo and custom fall back to container_image, '
-                                   "the others to their default (infra/slurm/launch.py)")
+                                   '{"vllm": "/shared/images/vllm.sqsh"}; nemo, custom and nemo-aligner (a swapped reward '
+                                   "server) fall back to container_image, the others to their default (infra/slurm/launch.py)")
     ray_port: int = Field(6379, ge=1024, le=65535,
                           description="the vllm engine's Ray head port on the job's first node; Ray's other ports "
                                       "follow it (P+1..P+1099)")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import sys
 
 ATTRIBUTE_AT = re.compile(r"\[(helpfulness|correctness)=(-?\d+(?:\.\d+)?)\]")
@@ -34,6 +36,13 @@ def rewards_of(text: str) -> list[float]:
 
 
 def main(port: int, log: str) -> None:
+    # As a job step (the reward server swapped into a Slurm job): only rank 0 serves, as in NeMo-Aligner,
+    # whose other ranks wait in a broadcast loop; here they wait for the step's SIGTERM.
+    if os.environ.get("SLURM_PROCID", "0") not in ("", "0"):
+        signal.pause()
+        return
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped step: Triton stopped and its workspace cleaned
+
     import numpy as np
     from pytriton.decorators import batch
     from pytriton.model_config import ModelConfig, Tensor
@@ -58,6 +67,10 @@ def main(port: int, log: str) -> None:
                     config=ModelConfig(batching=True, max_batch_size=9999999,
                                        batcher=DynamicBatcher(max_queue_delay_microseconds=2000, preferred_batch_size=[2])))
         triton.serve()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # PyTriton's serve() stops Triton on it
 
 
 if __name__ == "__main__":

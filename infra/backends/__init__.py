@@ -37,11 +37,12 @@ class Backend(Protocol):
 
 
 def make_backend(settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None,
-                 replica: int = 0, url_index: int | None = None) -> Backend:
+                 replica: int = 0, url_index: int | None = None, reward_step=None) -> Backend:
     """`replica` is the launch number (a replacement gets a new port and directory); `url_index`
     the replica it stands for, which picks an attached server's URL (default: `replica`)."""
     if profile.backend == "local":
         return LocalBackend(settings, run_id, replica=replica)
     if profile.backend == "attach":
         return AttachBackend(settings, replica if url_index is None else url_index)
-    return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id, replica=replica)
+    return SlurmBackend(settings, profile, run_id=run_id, flow_run_id=flow_run_id, replica=replica,
+                        reward_step=reward_step)  # a pipeline's reward server swapped into the job, or None

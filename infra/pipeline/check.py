@@ -33,6 +33,7 @@ from infra.recipes.params import FilterParams
 from infra.recipes.recipe import Recipe, load_recipe
 from infra.recipes.templates import PromptTemplate, is_template_uri
 from infra.reward.conversation import format_conversation, turns_of
+from infra.slurm.steps import swap_step
 from infra.storage import check_input, open_input
 
 FIRST_ROWS = 3
@@ -181,6 +182,10 @@ def check_pipeline(pipeline: Pipeline, settings, uri: str, rows: int = FIRST_ROW
         settings.profile(server.profile)
     except ConfigError as exc:
         raise ConfigError(f"pipeline {uri}: servers.{name}.profile: {exc}") from None
+    try:  # a reward server started in the generator's job: its launch, as the job will be built
+        swap_step(settings, pipeline.servers, name, "check")
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline {uri}: {exc}") from None
     done: dict[str, StageCheck] = {}
     for stage in pipeline.ordered():
         try:
@@ -227,7 +232,8 @@ def graph_lines(pipeline: Pipeline, checks: list[StageCheck], uri: str, files: d
     for c in checks:
         table.append([c.stage.name, c.reads, *_summary(c.stage).values(), hashes[c.stage.name].kept])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    rewards = "".join(f", reward server {n!r} ({s.engine} at {s.url})" for n, s in pipeline.servers.items() if s.is_reward)
+    rewards = "".join(f", reward server {n!r} ({s.engine} {f'at {s.url}' if s.url else f'swapped into the job of {s.swap_with!r}'})"
+                      for n, s in pipeline.servers.items() if s.is_reward)
     head = (f"pipeline {uri}: {len(checks)} stages on server {name!r} (profile {server.profile}"
             f"{', engine ' + server.engine if server.engine else ''}){rewards}; every template rendered without a server")
     return [head, *("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)]

@@ -57,6 +57,16 @@ class Server(BaseModel):
                             "e.g. http://node:1424 (NeMo-Aligner's serve_reward_model.py inference.port)")
     model: str | None = Field(None, min_length=1, max_length=200, description="the model name a reward server serves; "
                               "default: reward_model (nemo-aligner)")
+    # Where a reward server runs when no url is given (docs/pipelines.md, "Allocation"). Where, not what:
+    # kept out of model_dump, so out of the stage hashes (a run begun before these fields keeps its
+    # hashes; the scorer's identity names a swapped server's checkpoint, flows/reward.py).
+    swap_with: str | None = Field(None, exclude=True, description="a nemo-aligner reward server started in the generation server's "
+                                  "Slurm job once the generating stages are done: its step stopped, this one started")
+    resident: bool = Field(False, exclude=True, description="both servers resident on their own nodes (4 nodes): not built")
+    model_path: str | None = Field(None, exclude=True, min_length=1, max_length=4096, description="a swapped reward server's "
+                                   "checkpoint on the cluster (serve_reward_model.py rm_model_file)")
+    port: int | None = Field(None, exclude=True, ge=1024, le=65535, description="a swapped reward server's port (inference.port); "
+                             "default: the generator's (server.port), free once its step is stopped")
 
     @property
     def is_reward(self) -> bool:
@@ -64,14 +74,30 @@ class Server(BaseModel):
 
     @model_validator(mode="after")
     def _kind(self) -> "Server":
-        if self.is_reward and self.url is None:
-            raise ValueError(f"engine {self.engine}: url: starting a reward server inside the job is not built yet; run "
-                             "it (docs/pipelines.md, Reward stage) and give its url")
-        if not self.is_reward and self.profile is None:
-            raise ValueError("profile: a generation server needs its profile")
-        if not self.is_reward and (self.url is not None or self.model is not None):
-            raise ValueError("url and model are a reward server's (engine nemo-aligner, openai-reward, vllm-pooling, "
-                             "vllm-classify); a generation server is started from its profile")
+        placed = [f for f in ("swap_with", "model_path", "port") if getattr(self, f) is not None] + \
+            (["resident"] if self.resident else [])
+        if not self.is_reward:
+            if self.profile is None:
+                raise ValueError("profile: a generation server needs its profile")
+            if self.url is not None or self.model is not None or placed:
+                wrong = "url" if self.url is not None else "model" if self.model is not None else placed[0]
+                raise ValueError(f"{wrong}: a reward server's setting (engine nemo-aligner, openai-reward, vllm-pooling, "
+                                 "vllm-classify); a generation server is started from its profile")
+            return self
+        if self.resident:
+            raise ValueError("resident: both servers resident on 4 nodes is not built yet; use swap_with (one job, "
+                             "the generator's step then the reward server's), or run it yourself and give its url")
+        if (self.url is None) == (self.swap_with is None):
+            raise ValueError(f"engine {self.engine}: give url (a reward server already running) or swap_with (the "
+                             "generation server whose Slurm job it is started in), one of them"
+                             if self.url is None else "url and swap_with: the server is either already running (url) "
+                             "or started in the generator's job (swap_with), not both")
+        if self.swap_with is not None and self.engine != "nemo-aligner":
+            raise ValueError(f"swap_with: only a nemo-aligner reward server (serve_reward_model.py) is started in the "
+                             f"job; run the {self.engine} server yourself and give its url")
+        if self.url is not None and (self.model_path is not None or self.port is not None):
+            raise ValueError(f"{'model_path' if self.model_path is not None else 'port'}: set only on a server started "
+                             "in the job (swap_with); a running server's address is its url")
         return self
 
 
@@ -221,6 +247,14 @@ class Pipeline(BaseModel):
             if stage.from_ is not None and stage.kind == "generate" and not stage.recipe.prompt_template:
                 raise ValueError(f"{where}: recipe.prompt_template: a stage reading its parent's rows builds its "
                                  "prompt from them; give it a template")
+        for name, server in self.servers.items():
+            if server.swap_with is not None and server.swap_with != self.server[0]:
+                raise ValueError(f"servers.{name}.swap_with: {server.swap_with!r} is not the generation server of this "
+                                 f"pipeline ({self.server[0]!r}); name it")
+            if server.swap_with is not None and not any(s.kind == "reward" and self.reward_server(s)[0] == name
+                                                        for s in self.stages):
+                raise ValueError(f"servers.{name}.swap_with: no reward stage uses {name!r}, so it would hold the job for "
+                                 "nothing; add a reward stage with server: " + name + ", or drop the server")
         self._cycle()
         for stage in self.stages:
             self._pairs_source(stage)

@@ -6,5 +6,6 @@
 - `render.py`: the batch script and the node launcher, rendered from the spec and written;
 - `parse.py`: Slurm's printed output turned into values (`JobState`, `JobSummary`), pure;
 - `client.py`: `SlurmClient`, submit, state, find, cancel and locate jobs through one command runner;
-- `backend.py`: the `slurm` backend a run uses, built from settings and a profile.
+- `backend.py`: the `slurm` backend a run uses, built from settings and a profile;
+- `steps.py`: a pipeline's reward server swapped into the generator's job as its next step.
 """

@@ -62,7 +62,7 @@ class SlurmBackend:
     name = "slurm"
 
     def __init__(self, settings: Settings, profile: Profile, *, run_id: str, flow_run_id: str | None = None,
-                 client: SlurmClient | None = None, replica: int = 0):
+                 client: SlurmClient | None = None, replica: int = 0, reward_step=None):
         self.settings, self.profile = settings, profile
         self.client = client or SlurmClient(command_timeout=settings.slurm.command_timeout_s)
         self.job_name = job_name_for(flow_run_id, run_id)
@@ -72,6 +72,8 @@ class SlurmBackend:
                                         comment=job_comment(run_id, flow_run_id, replica), job_dir=self.job_dir)
         # Replicas on nodes that share an address (the local test cluster) must not share a port.
         self.spec = replace(spec, port=settings.server.port + replica)
+        if reward_step is not None:  # a reward server swapped in later, on these nodes (infra/slurm/steps.py)
+            self.spec = replace(self.spec, reward=reward_step.spec_for(self.spec))
         self.job_ids: list[str] = []
         self._url: str | None = None
         self._url_nodes: list[str] = []

@@ -215,6 +215,22 @@ class SlurmClient:
             log.info("cancelled Slurm jobs %s (name %s)", ", ".join(job_ids), name)
         return job_ids
 
+    # steps ----------------------------------------------------------------------------------
+    def steps(self, job_id: str) -> list[tuple[str, str]]:
+        """The running steps of a job as (step id, step name), from `squeue -h -s -j ID -o %i|%j`
+        (the batch and extern steps included where Slurm lists them)."""
+        out = self._run(["squeue", "-h", "-s", "-j", check_job_id(job_id), "-o", "%i|%j"], check=False).stdout
+        rows = [line.strip().split("|", 1) for line in out.splitlines() if "|" in line]
+        return [(step, name) for step, name in rows if step.startswith(f"{job_id}.")]
+
+    def cancel_step(self, step_id: str, signal: str | None = None) -> None:
+        """`scancel JOB.STEP`: that step ends (its tasks are killed); the job and its other steps stay.
+        With `signal` (TERM), `scancel --signal=TERM JOB.STEP` only signals its tasks, which may end it."""
+        job_id, _, step = step_id.partition(".")
+        if not step.isdigit():
+            raise ConfigError(f"{step_id!r} is not a Slurm step id (expected JOB.STEP, e.g. '12345.0').")
+        self._scancel([*([f"--signal={signal}"] if signal else []), f"{check_job_id(job_id)}.{step}"])
+
     def _scancel(self, job_ids: list[str]) -> None:
         result = self._run(["scancel", *job_ids], check=False)
         if result.returncode == 0:

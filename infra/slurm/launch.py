@@ -10,6 +10,8 @@ that cannot work, refused with one ConfigError line before anything is submitted
 | `vllm`        | one per node        | several nodes: Ray head on node 0 + Ray workers, then `vllm serve` on node 0 |
 |               |                     | (TP x PP, `--distributed-executor-backend ray`); one node: `vllm serve` only |
 | `custom`      | one per GPU         | `server.command`, verbatim                                                   |
+| `nemo-aligner`| one per GPU         | NeMo-Aligner's `serve_reward_model.py` (a reward server swapped into the job: |
+|               |                     | infra/slurm/steps.py), or `server.reward_command`                            |
 
 `server.command` replaces the engine's server command for every engine (for `vllm`, the
 `vllm serve` line on node 0; the Ray roles stay): tests and site wrappers use it.
@@ -29,6 +31,10 @@ from infra.slurm.options import check_int, fail
 from infra.engines import ENGINES
 
 ENGINE_NAMES = tuple(ENGINES)  # the contract's names, in its order
+# The reward server a pipeline starts as a later step of the generator's job (infra/slurm/steps.py):
+# launched like an engine, but spoken to by infra/reward/client.py, so not one of infra/engines'.
+REWARD_ENGINE = "nemo-aligner"
+LAUNCH_ENGINES = (*ENGINE_NAMES, REWARD_ENGINE)
 
 # Default images of the engines that do not run slurm.container_image (nemo and custom do: its
 # default, the model card's container, is in infra/settings.py). vllm: the first release with Ray
@@ -42,9 +48,11 @@ DEFAULT_IMAGES = {
     "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.0.0",
     "nemo-openai": "nvcr.io/nvidia/nemo:24.12",
 }
-# Engines whose image is slurm.container_image (the setting predates the others).
-CONTAINER_IMAGE_ENGINES = ("nemo", "custom")
+# Engines whose image is slurm.container_image (the setting predates the others). nemo-aligner: the
+# NGC card of Nemotron-4-340B-Reward runs NeMo-Aligner's script from inside the NeMo container.
+CONTAINER_IMAGE_ENGINES = ("nemo", "custom", REWARD_ENGINE)
 NEMO_SCRIPT_ENGINES = ("nemo", "nemo-openai")
+HYDRA_SCRIPT_ENGINES = (*NEMO_SCRIPT_ENGINES, REWARD_ENGINE)  # a script whose paths Hydra parses
 PMIX = "--mpi=pmix"
 
 
@@ -86,8 +94,8 @@ def image_for(engine: str, container_image: str, images: dict[str, str]) -> str:
 
 def check_images_map(images: dict[str, str]) -> None:
     for name in images:
-        if name not in ENGINE_NAMES:
-            raise fail("slurm.images", name, f"keys are engine names: {', '.join(ENGINE_NAMES)}")
+        if name not in LAUNCH_ENGINES:
+            raise fail("slurm.images", name, f"keys are engine names: {', '.join(LAUNCH_ENGINES)}")
 
 
 def uses_ray(spec: LaunchSpec) -> bool:
@@ -120,7 +128,8 @@ def launcher_tail(spec: LaunchSpec) -> str:
 
 
 _TITLES = {"nemo": "the NeMo server job", "custom": "the NeMo server job", "vllm": "the vLLM server job",
-           "trtllm": "the TensorRT-LLM server job", "nemo-openai": "the NeMo >= 2.1 server job"}
+           "trtllm": "the TensorRT-LLM server job", "nemo-openai": "the NeMo >= 2.1 server job",
+           REWARD_ENGINE: "the NeMo-Aligner reward server step"}
 _SRUN_PER_GPU = """# One task per GPU, no torchrun, each seeing every GPU of its node; a rank that exits non-zero
 # ends the whole step (and the job then ends FAILED with that exit code). --export=ALL: the
 # ranks get this script's environment (sbatch's --export list would otherwise narrow it again);
@@ -186,8 +195,26 @@ def trtllm_command(spec: LaunchSpec) -> tuple[str, ...]:
             "--max_seq_len", str(spec.max_model_len), "--host", "0.0.0.0", "--port", str(spec.port))
 
 
+def reward_command(spec: LaunchSpec) -> tuple[str, ...]:
+    """NeMo-Aligner's reward server as the NGC card of Nemotron-4-340B-Reward launches it, with the
+    spec's topology and port (`eval_script` is serve_reward_model.py, `model_path` the reward
+    checkpoint: server.reward_script and the pipeline's `servers.<rm>.model_path`)."""
+    return (
+        "python3", spec.eval_script,
+        f"rm_model_file={spec.model_path}",
+        f"trainer.num_nodes={spec.nodes}",
+        f"trainer.devices={spec.tasks_per_node}",
+        f"++model.tensor_model_parallel_size={spec.tensor_parallel}",
+        f"++model.pipeline_model_parallel_size={spec.pipeline_parallel}",
+        "inference.micro_batch_size=2",
+        f"inference.port={spec.port}",
+    )
+
+
 def engine_command(spec: LaunchSpec) -> tuple[str, ...]:
     """The server's command line when server.command does not replace it."""
+    if spec.engine == REWARD_ENGINE:
+        return reward_command(spec)
     if spec.engine == "vllm":
         return vllm_command(spec)
     if spec.engine == "trtllm":
@@ -235,7 +262,8 @@ def ray_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, 
 
 # What the in-job preflight requires in the model directory, per engine (the file its loader reads
 # first): NeMo's extracted .nemo, the Hugging Face checkpoint vLLM and TensorRT-LLM load.
-MODEL_FILES = {"nemo": ("model_config.yaml",), "vllm": ("config.json",), "trtllm": ("config.json",)}
+MODEL_FILES = {"nemo": ("model_config.yaml",), "vllm": ("config.json",), "trtllm": ("config.json",),
+               REWARD_ENGINE: ("model_config.yaml",)}
 
 
 # The oldest NVIDIA driver an image's CUDA runs on, for the in-job preflight (audit L3): CUDA 12.x
@@ -282,7 +310,7 @@ def check_api(engine: str, api: str, own_command: bool) -> None:
 
 def check_engine(spec: LaunchSpec) -> None:
     """The launches that cannot work, each refused with the reason and what to change."""
-    if spec.engine not in ENGINE_NAMES:
+    if spec.engine not in LAUNCH_ENGINES:
         raise fail("profile.engine", spec.engine, f"use one of {', '.join(ENGINE_NAMES)}")
     if spec.engine == "custom" and spec.server_command is None:
         raise fail("profile.engine", spec.engine,
@@ -308,6 +336,6 @@ def check_engine(spec: LaunchSpec) -> None:
             raise fail("slurm.srun_args", mpi[-1],
                        "trtllm-llmapi-launch needs the tasks started as one MPI world through PMIx: use --mpi=pmix "
                        "(or drop the option: it is added for trtllm)")
-    if spec.engine not in NEMO_SCRIPT_ENGINES:
+    if spec.engine not in HYDRA_SCRIPT_ENGINES:
         check_int("model.context_length", spec.max_model_len, 16, 1_048_576)
 

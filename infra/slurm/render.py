@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infra.errors import ConfigError
 from infra.slurm import launch, options
-from infra.slurm.spec import LAUNCHER_NAME, SBATCH_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec
+from infra.slurm.spec import LAUNCHER_NAME, REWARD_LAUNCHER_NAME, SBATCH_NAME, STDERR_PATTERN, STDOUT_PATTERN, SbatchSpec
 
 
 class _ScriptTemplate(string.Template):
@@ -152,12 +152,30 @@ def render_sbatch(spec: SbatchSpec) -> str:
     if spec.container_runtime == "apptainer":
         env += _exports(spec, "APPTAINERENV_")  # apptainer's way to win over the image's values
     return _template("sbatch.sh.tmpl").substitute(
-        what=launch.job_title(spec),
-        srun_comment=launch.srun_comment(spec),
+        what=launch.job_title(spec) + (f", then {launch.job_title(spec.reward)} when asked" if spec.reward else ""),
         directives="\n".join(sbatch_directives(spec)),
         assignments="\n".join(assignments),
         site_env="\n".join(env) or "# slurm.env is empty.",
+        launch=_launch(spec),
     )
+
+
+def _launch(spec: SbatchSpec) -> str:
+    """The end of the batch script: one srun of the server; or, with a reward step, the steps the
+    orchestrator asks for one after another (infra/slurm/steps.py)."""
+    if spec.reward is None:
+        return _template("sbatch-one-step.sh.tmpl").substitute(srun_comment=launch.srun_comment(spec))
+    rm = spec.reward
+    assignments = [
+        _assign("REWARD_TASKS_PER_NODE", launch.srun_tasks_per_node(rm)),
+        _assign("REWARD_CPUS_PER_TASK", rm.cpus_per_task or ""),
+        _assign_array("REWARD_SRUN_ARGS", launch.srun_args(rm)),
+        f"# Reward model: {rm.model_mount()[1]}",
+        _assign_array("REWARD_SRUN_CONTAINER_ARGS", srun_container_args(rm)),
+        _assign_array("REWARD_LAUNCH_PREFIX", launch_prefix(rm)),
+    ]
+    return _template("sbatch-steps.sh.tmpl").substitute(reward_title=launch.job_title(rm),
+                                                        reward_assignments="\n".join(assignments))
 
 
 def render_node_launcher(spec: SbatchSpec) -> str:
@@ -184,7 +202,9 @@ def write_job_files(spec: SbatchSpec) -> Path:
     job_dir = Path(spec.job_dir)
     if not job_dir.is_dir():
         raise ConfigError(f"Job directory {job_dir} does not exist: create it (on a filesystem the nodes share) first.")
-    for name, text in ((LAUNCHER_NAME, render_node_launcher(spec)), (SBATCH_NAME, render_sbatch(spec))):
+    files = [(LAUNCHER_NAME, render_node_launcher(spec))]
+    files += [(REWARD_LAUNCHER_NAME, render_node_launcher(spec.reward))] if spec.reward is not None else []
+    for name, text in (*files, (SBATCH_NAME, render_sbatch(spec))):
         tmp = job_dir / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         tmp.chmod(0o755)

@@ -27,6 +27,8 @@ The job directory (the caller creates it on a filesystem every node shares):
     <job_dir>/signal-received      the last SIGUSR1/SIGUSR2 the job got (`--signal`, `scancel --signal`):
                                    signal=USR1, received_at=<epoch s>, by=batch; the job goes on
     <job_dir>/<job_name>-<id>.out  the job's stdout (batch script and every rank); `.err` for stderr
+    <job_dir>/reward-launcher.sh   a job with a reward step (`reward`, infra/slurm/steps.py): its launcher
+    <job_dir>/step-request         "<n> <step>": the step the orchestrator asked for next (steps.py)
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ from infra.slurm.options import check_directive, check_int, check_mount, check_s
 
 SBATCH_NAME = "sbatch.sh"
 LAUNCHER_NAME = "node-launcher.sh"
+REWARD_LAUNCHER_NAME = "reward-launcher.sh"
+STEP_REQUEST_NAME = "step-request"
 HEARTBEAT_NAME = "heartbeat"
 JOB_INFO_NAME = "job-info"
 SUBMITTED_NAME = "submitted"
@@ -172,6 +176,9 @@ class SbatchSpec:
     # How long Ray's head and workers wait for each other: the server's whole ready deadline.
     launch_wait_s: int = math.ceil(_server("ready_timeout_s"))
     warn_signal_s: int = _slurm("warn_signal_s")  # --signal=B:USR1@<s>: noted in signal-received; 0: none
+    # A reward server swapped into this job after the generator's step (infra/slurm/steps.py): its own
+    # launch on the same nodes; the batch script then runs the steps the orchestrator asks for.
+    reward: "SbatchSpec | None" = None
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
@@ -190,6 +197,10 @@ class SbatchSpec:
         self._validate_server()
         launch.check_engine(self)
         self._validate_heartbeat()
+        if self.reward is not None and (self.reward.nodes, self.reward.gpus_per_node) != (self.nodes, self.gpus_per_node):
+            raise ConfigError(f"Slurm job spec: the reward step needs {self.reward.nodes} x {self.reward.gpus_per_node} "
+                              f"GPUs, the job has {self.nodes} x {self.gpus_per_node}: a swapped reward server runs on the "
+                              "generator's nodes; give it a profile of the same shape")
 
     # --- validation, one concern per method ---------------------------------------------------
 
@@ -275,13 +286,14 @@ class SbatchSpec:
             if any("\x00" in arg for arg in self.server_command):
                 raise _fail("server.command", self.server_command, "arguments cannot contain NUL bytes")
             return
-        if self.engine in launch.NEMO_SCRIPT_ENGINES:
+        if self.engine in launch.HYDRA_SCRIPT_ENGINES:
             _check_pattern(
                 "model.path", self.model_path, _HYDRA_PATH,
                 "use an absolute path of letters, digits and . _ + / @ % : - (Hydra parses gpt_model_file=<path> and "
                 "treats quotes, spaces, brackets, commas, '=' and '$' specially); mount the model under a plainer path",
             )
-            _check_pattern("server.eval_script", self.eval_script, _HYDRA_PATH,
+            script = "server.reward_script" if self.engine == launch.REWARD_ENGINE else "server.eval_script"
+            _check_pattern(script, self.eval_script, _HYDRA_PATH,
                            "use an absolute path of letters, digits and . _ + / @ % : -")
         else:
             _check_pattern("model.path", self.model_path, _HYDRA_PATH,

@@ -1,0 +1,275 @@
+"""A reward server swapped into the generator's Slurm job (issue 29; docs/pipelines.md, "Allocation").
+
+The generator and Nemotron-4-340B-Reward (about 635 GB each in BF16) do not both fit on 2 x 8 H100.
+So a pipeline whose reward server says `swap_with: <generator>` gets ONE job with two steps: when the
+generating stages are done, the generator's step is stopped (not the job) and NeMo-Aligner's
+`serve_reward_model.py` starts as a new step on the same nodes, with no second queue wait; the job is
+released after the last score.
+
+How a step is started, and why this way: the batch script starts every step itself, the one the
+orchestrator last asked for (infra/templates/sbatch-steps.sh.tmpl). The orchestrator writes
+`step-request` ("<n> <step>") in the job directory, then stops the running step (`scancel
+--signal=TERM <job>.<step>`, then `scancel <job>.<step>` if it outlives KillWait: real Slurm signals
+or ends any one step and leaves the job); its srun returns in the batch script, which reads the
+request and runs `srun` for the next step. The alternative, `srun --jobid=<job> --overlap` from the flow's host, would make a step's life
+the life of an srun process on the flow's host (a restarted worker or a lost ssh session ends the
+reward server), would need pyxis/apptainer and the site's srun flags on that host as well, and would
+bypass the batch script's dead-man switch and signal handling. Inside the batch script the new step
+inherits all of it, and the rendered job shows both steps.
+
+`RewardStep` is what the reward step is made of besides the job's own spec; `SwapKeeper` is the
+flow's side: it takes the job the replica pool releases (the generator's last healthy job), swaps
+its step, waits for `/v2/models/<model>/ready`, and releases the job after scoring; with no job to
+take (a rerun whose generating stages were done), it submits one whose first step is the reward's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from infra.deadline import Deadline, poll_until
+from infra.errors import ConfigError, DeadlineExceeded, ServerLost, SlurmJobError
+from infra.slurm.backend import SlurmBackend, job_comment, job_name_for, kill_wait_s
+from infra.slurm.launch import REWARD_ENGINE, image_for
+from infra.slurm.spec import STEP_REQUEST_NAME, SbatchSpec
+
+log = logging.getLogger(__name__)
+STEPS = ("generator", "reward")
+
+
+def step_name(step: str) -> str:
+    """The srun --job-name of a step (squeue -s lists it)."""
+    return f"nsdg-{step}"
+
+
+@dataclass(frozen=True)
+class RewardStep:
+    """The reward server's launch: its name in the pipeline, topology, checkpoint, port, script,
+    image, and the command that replaces the script (tests, site wrappers)."""
+
+    server: str
+    tensor_parallel: int
+    pipeline_parallel: int
+    model_path: str | None
+    port: int | None
+    script: str
+    image: str
+    command: tuple[str, ...] | None = None
+
+    def spec_for(self, job: SbatchSpec) -> SbatchSpec:
+        """The reward step's spec on `job`'s nodes (validated again: a bad value is one line)."""
+        where = f"servers.{self.server}"
+        if self.command is None and self.model_path is None:
+            raise ConfigError(f"{where}.model_path: give the reward checkpoint's directory on the cluster "
+                              "(serve_reward_model.py rm_model_file), or NSDG_SERVER__REWARD_COMMAND to run another command")
+        try:
+            return replace(job, engine=REWARD_ENGINE, tensor_parallel=self.tensor_parallel,
+                           pipeline_parallel=self.pipeline_parallel, model_path=self.model_path or job.model_path,
+                           eval_script=self.script, port=self.port or job.port, container_image=self.image,
+                           server_command=self.command, reward=None)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} (started in the generator's job): {exc}".replace("\n", " ")) from None
+
+
+def request_step(job_dir: Path, step: str) -> int:
+    """Ask the job's batch script for `step` next: "<n> <step>" under a temp name, renamed. Returns n."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}")
+    path = Path(job_dir) / STEP_REQUEST_NAME
+    try:
+        n = int(path.read_text().split()[0]) + 1
+    except (OSError, ValueError, IndexError):
+        n = 1
+    tmp = path.with_name(f".{STEP_REQUEST_NAME}.tmp")
+    tmp.write_text(f"{n} {step}\n")
+    tmp.replace(path)
+    return n
+
+
+def stop_steps(backend: SlurmBackend, step: str, wait_s: float) -> float:
+    """Stop the job's running `step` (not the job): SIGTERM to its tasks (the launcher stops its
+    server's process group), and after `wait_s` without its end `scancel JOB.STEP`, which kills them
+    (a plain step cancel is a SIGKILL at once). Returns the seconds until squeue listed it no more;
+    SlurmJobError when it is still listed after the kill and another `wait_s`."""
+    client, job_id, name = backend.client, backend.job_id, step_name(step)
+    t0 = time.monotonic()
+
+    def running() -> list[str]:
+        return [step_id for step_id, seen in client.steps(job_id) if seen == name]
+
+    for signal in ("TERM", None):
+        for step_id in running():
+            client.cancel_step(step_id, signal)
+        try:
+            poll_until(lambda: True if not running() else None, deadline=Deadline(wait_s), interval=0.5,
+                       what=f"step {name} of Slurm job {job_id} to end")
+            return time.monotonic() - t0
+        except DeadlineExceeded:
+            log.warning("step %s of Slurm job %s still runs %.0f s after SIG%s", name, job_id, wait_s, signal or "KILL")
+    raise SlurmJobError(f"step {name} of Slurm job {job_id} still runs {2 * wait_s:.0f} s after SIGTERM and `scancel "
+                        f"{job_id}.<step>`: check `squeue -s -j {job_id}`; the job is released instead", job_id=job_id)
+
+
+def reward_url(backend: SlurmBackend) -> str | None:
+    """The reward server's base URL once the job runs: its first node, the reward step's port."""
+    if backend.job_id is None or backend.spec.reward is None or backend.state().state != "RUNNING":
+        return None
+    return f"http://{backend.client.first_node_addr(backend.job_id)}:{backend.spec.reward.port}"
+
+
+class SwapKeeper:
+    """The job a reward server is swapped into, from the pool's release to the last score.
+
+    `keep` stands for the pool's release: a healthy job with a reward step is kept and swapped at
+    once (the reward server loads while the generating stages are curated); any other is released,
+    and so is a job kept before (the last one released is kept). `connect` waits for the reward
+    server; `release` gives the job back. Seconds are recorded for the manifest."""
+
+    def __init__(self, step: RewardStep, *, new_job: Callable[[], SlurmBackend], release: Callable[[object], None],
+                 ready_timeout_s: float, poll_s: float, gpus: int):
+        self.step, self.new_job, self._release, self.gpus = step, new_job, release, gpus
+        self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
+        self.kept: SlurmBackend | None = None
+        self.swaps: list[dict] = []  # one per job the reward server ran in
+
+    def keep(self, backend) -> None:
+        reward = getattr(getattr(backend, "spec", None), "reward", None)
+        if reward is None or backend.dead_reason() is not None or backend.scheduled_end() is not None:
+            self._release(backend)
+            return
+        if self.kept is not None:
+            self.release()
+        self.kept = backend
+        started = time.time()
+        try:
+            request_step(backend.job_dir, "reward")
+            stopped = stop_steps(backend, "generator", kill_wait_s(backend.client) + backend.settings.slurm.release_margin_s)
+        except Exception:
+            self.kept = None
+            self._release(backend)
+            raise
+        self.swaps.append({"job_id": backend.job_id, "swap_started_at": started, "generator_stop_s": round(stopped, 3),
+                           "generator_held_s": round(started - (backend.running_at() or started), 3)})
+        log.info("Slurm job %s: generator step stopped in %.1f s; reward step %s asked for", backend.job_id, stopped,
+                 step_name("reward"))
+
+    def connect(self, client_for: Callable[[str], object]) -> object:
+        """A ready reward client (`client_for(url)`), from the kept job or a new one whose first step
+        is the reward server's. ServerLost when the job ends while it loads."""
+        if self.kept is None:
+            job = self.new_job()
+            job.job_dir.mkdir(parents=True, exist_ok=True)
+            request_step(job.job_dir, "reward")  # read by the batch script at its start
+            job.start()
+            self.kept = job
+            self.swaps.append({"job_id": job.job_id, "swap_started_at": time.time(), "generator_stop_s": 0.0,
+                               "generator_held_s": 0.0})
+        job, seen = self.kept, ["not running yet"]
+        clients: dict[str, object] = {}
+
+        def check():
+            if (dead := job.dead_reason()) is not None:
+                self.release()  # a retry starts a new job, whose first step is the reward server's
+                raise ServerLost(f"the reward server {self.step.server!r} ended before it was ready: {dead}")
+            url = reward_url(job)
+            if url is None:
+                seen[0] = job.status()
+                return None
+            if url not in clients:
+                clients[url] = client_for(url)
+            client = clients[url]
+            why = client.ready(probe_timeout=min(30.0, self.ready_timeout_s))
+            seen[0] = why or "ready"
+            return client if why is None else None
+
+        client = poll_until(check, deadline=Deadline(self.ready_timeout_s), interval=self.poll_s,
+                            what=f"the reward server {self.step.server!r} in Slurm job {job.job_id} to be ready",
+                            describe_last=lambda: seen[0])
+        swap = self.swaps[-1]
+        swap.setdefault("ready_at", time.time())
+        swap.setdefault("swap_s", round(swap["ready_at"] - swap["swap_started_at"], 3))
+        return client
+
+    def release(self) -> None:
+        if self.kept is None:
+            return
+        job, self.kept = self.kept, None
+        try:
+            self._release(job)
+        finally:
+            self.swaps[-1]["released_at"] = time.time()
+
+    def report(self) -> dict:
+        """What the manifest says of the swap: per job, the generator's time before it, the swap's
+        seconds (generator stopped, reward server loaded and answering), the reward server's
+        GPU-hours; and the totals."""
+        jobs = []
+        for s in self.swaps:
+            end = s.get("released_at") or time.time()
+            held = end - s["swap_started_at"]
+            jobs.append({"job_id": s["job_id"], "generator_held_s": s["generator_held_s"],
+                         "generator_gpu_hours": round(self.gpus * s["generator_held_s"] / 3600, 4),
+                         "generator_stop_s": s["generator_stop_s"], "swap_s": s.get("swap_s"),
+                         "reward_held_s": round(held, 3), "reward_gpu_hours": round(self.gpus * held / 3600, 4)})
+        total = {k: round(sum(j[k] for j in jobs), 4) for k in ("generator_gpu_hours", "reward_gpu_hours")}
+        return {"mode": "swap", "server": self.step.server, "jobs": jobs, **total,
+                "swap_s": round(sum(j["swap_s"] or 0.0 for j in jobs), 3),
+                "split": "generator: from its job's start to the swap; reward: from the swap to the job's release"}
+
+
+def check_swap(settings, profile, step: RewardStep, run_id: str) -> SbatchSpec:
+    """The job's spec with its reward step, built (and so validated) as the backend would build it,
+    before anything is submitted; `nemotron-sdg render --pipeline` prints it."""
+    job = SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id), comment=job_comment(run_id, None),
+                                   job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
+    return replace(job, reward=step.spec_for(job))
+
+
+def swap_step(settings, servers: dict, generator: str, run_id: str) -> RewardStep | None:
+    """The reward step of the pipeline's `servers` (a pipeline file's entries: `swap_with`,
+    `profile`, `model_path`, `port`), checked whole with the generator's job; None when none swaps."""
+    swapped = [(n, s) for n, s in servers.items() if getattr(s, "swap_with", None) is not None]
+    if not swapped:
+        return None
+    if len(swapped) > 1:
+        raise ConfigError(f"servers: {', '.join(n for n, _ in swapped)} all set swap_with; one reward server can be "
+                          "swapped into the generator's job: give the others a url")
+    (name, server), gen = swapped[0], servers[generator]
+    prof = settings.profile(gen.profile)
+    if prof.backend != "slurm":
+        raise ConfigError(f"servers.{name}.swap_with: {generator} runs on profile {gen.profile} (backend {prof.backend}); "
+                          "a reward server is swapped into a Slurm job only: give it a slurm profile, or run the reward "
+                          "server yourself and give its url")
+    shape = settings.profile(server.profile) if server.profile else prof
+    if (shape.nodes, shape.gpus_per_node) != (prof.nodes, prof.gpus_per_node):
+        raise ConfigError(f"servers.{name}.profile: {server.profile} is {shape.nodes} x {shape.gpus_per_node} GPUs, the "
+                          f"job of {generator} ({gen.profile}) {prof.nodes} x {prof.gpus_per_node}: a swapped server runs "
+                          "on the generator's nodes; give a profile of that shape, or drop it")
+    srv, slurm = settings.server, settings.slurm
+    step = RewardStep(server=name, tensor_parallel=shape.tensor_parallel, pipeline_parallel=shape.pipeline_parallel,
+                      model_path=server.model_path, port=server.port, script=srv.reward_script,
+                      image=image_for(REWARD_ENGINE, slurm.container_image, slurm.images),
+                      command=tuple(srv.reward_command) if srv.reward_command else None)
+    check_swap(settings, prof, step, run_id)
+    return step
+
+
+def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run") -> list[tuple[str, str]]:
+    """The scripts of a pipeline's job (`nemotron-sdg render --pipeline`): its generation server's,
+    with the reward server's step when one is swapped in. Nothing is written or submitted."""
+    from infra.slurm.render import render_node_launcher, render_sbatch
+
+    step = swap_step(settings, servers, generator, run_id)
+    prof = settings.profile(servers[generator].profile)
+    if step is not None:
+        spec = check_swap(settings, prof, step, run_id)
+    else:
+        spec = SbatchSpec.from_settings(settings, prof, job_name=job_name_for(None, run_id),
+                                        comment=job_comment(run_id, None),
+                                        job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
+    files = [("sbatch.sh", render_sbatch(spec)), ("node-launcher.sh", render_node_launcher(spec))]
+    return files + ([("reward-launcher.sh", render_node_launcher(spec.reward))] if spec.reward is not None else [])
