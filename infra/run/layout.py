@@ -31,6 +31,7 @@ A pipeline's run (flows/pipeline.py) has one such directory per stage, and its o
     {output_uri}/{run_id}/
       run.lease                       the pipeline's lease
       pipeline.json                   each stage's config hashes, as the run first ran them
+      allocations.json                each invocation's allocation, by stage (infra/pipeline/allocations.py)
       manifest.json                   the pipeline's manifest: each stage's counts, the training set
       stages/{stage}/                 a run directory as above (run_id: the stage's name), plus
         rows.jsonl                    its kept rows after its split, with ids and lineage: its children's input
@@ -55,6 +56,7 @@ STAGES = "stages"
 STAGE_ROWS = "rows.jsonl"
 STAGE_PAIRS = "pairs.jsonl"
 PIPELINE_HASHES = "pipeline.json"
+PIPELINE_ALLOCATIONS = "allocations.json"
 DATASET_CARD = "README.md"
 EXPORT_DIR = "data"  # the exports' folder under the run directory: data only, so a reader never meets the manifest
 
