@@ -24,7 +24,8 @@ def sft_stage(the: Pipeline) -> str:
 
 def pipeline_facts(the: Pipeline, doc: dict, stage_manifests: dict[str, dict], sft: str) -> dict:
     models = sorted({m["model"] for m in stage_manifests.values() if m.get("model")})
-    gpu_hours = sum(r.get("gpu_hours") or 0 for m in stage_manifests.values() for r in m.get("replicas") or [])
+    # The run's allocation, summed over its invocations: each stage's manifest lists the same pool's replicas
+    gpu_hours = (doc.get("allocation") or {}).get("gpu_hours") or 0
     name, server = the.server
     stages = [{"stage": s["stage"], "kind": s.get("kind", "generate"), "from": s.get("from") or "input",
                "kept hash": s.get("kept_hash"), "records in": s.get("records_in"), "rows out": s.get("rows_out"),
