@@ -274,12 +274,13 @@ class FlowRun:
 
 
 def run_flow(workdir: Path, api: PrefectAPI, params: dict, *, settings_env: dict[str, str], timeout: float = 900,
-             tag: str = "flow", rss_sample_s: float = 0.0) -> FlowRun:
-    """Run flows.generate.generate(**params) in a fresh Python process (benchmarks.flow_child)."""
+             tag: str = "flow", rss_sample_s: float = 0.0, flow: str = "generate") -> FlowRun:
+    """Run flows.generate.generate(**params) (or flows.pipeline.pipeline) in a fresh Python process
+    (benchmarks.flow_child)."""
     out = workdir / f"{tag}.result.json"
     out.unlink(missing_ok=True)
     env = base_env(**api.env(), **settings_env)
-    argv = [PY, "-m", "benchmarks.flow_child", "--params", json.dumps(params), "--out", str(out)]
+    argv = [PY, "-m", "benchmarks.flow_child", "--params", json.dumps(params), "--out", str(out), "--flow", flow]
     if rss_sample_s:
         argv += ["--rss-sample-s", str(rss_sample_s)]
     note_command(tag, argv, settings_env)

@@ -1,4 +1,4 @@
-"""Run the `generate` flow once in this process and write what happened as JSON.
+"""Run the `generate` flow (or `--flow pipeline`) once in this process and write what happened as JSON.
 
     python -m benchmarks.flow_child --params '{"input_uri": ...}' --out result.json
 
@@ -23,10 +23,14 @@ def main() -> int:
     ap.add_argument("--params", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--rss-sample-s", type=float, default=0.0, help="also sample RSS with psutil every N s")
+    ap.add_argument("--flow", choices=("generate", "pipeline"), default="generate", help="the flow to run")
     args = ap.parse_args()
     params = json.loads(args.params)
 
-    from flows.generate import generate  # imported before the clock starts
+    if args.flow == "pipeline":  # imported before the clock starts
+        from flows.pipeline import pipeline as flow
+    else:
+        from flows.generate import generate as flow
 
     samples: list[tuple[float, float]] = []
     done = threading.Event()
@@ -44,7 +48,7 @@ def main() -> int:
     started = time.monotonic()
     ok, result, error = True, None, None
     try:
-        result = generate(**params)
+        result = flow(**params)
     except BaseException as exc:  # reported, not raised: the parent decides what it means
         ok, error = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
     t_return = time.time()

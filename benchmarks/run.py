@@ -28,6 +28,7 @@ from pathlib import Path
 
 from benchmarks import curation, engines, recipes, replicas, rollover
 from benchmarks import pipeline as pipeline_bench
+from benchmarks import pipeline_rss
 from benchmarks import slurm as slurm_bench
 from benchmarks import tokens as tokens_bench
 from benchmarks.common import COMMANDS, machine, prefect_api, stock_server_has_nodelay, tempdir
@@ -207,6 +208,7 @@ def _summary(r: dict) -> list[str]:
         rows.append((f"rerun of a finished {rr['records']:,}-record run", f"{rr['seconds']:.2f} s, {rr['allocations']} allocations, {rr.get('requests', '—')} requests",
                      "seed: regenerates everything", "≤ 10 s, 0", _met(rr["seconds"] <= 10 and rr["allocations"] == 0)))
     rows += tokens_bench.summary_rows(r)
+    rows += pipeline_rss.summary_rows(r)
     if r.get("recipes"):
         rows += recipes.summary_rows(r["recipes"], _met)
     if r.get("curation"):
@@ -351,6 +353,7 @@ def _details(r: dict) -> list[str]:
         L += rollover.markdown(r["rollover"]["rows"]).splitlines()
     if r.get("pipeline"):
         L += pipeline_bench.markdown(r["pipeline"]["rows"]).splitlines()
+    L += pipeline_rss.markdown(r)
     L += _findings(r)
     return L
 

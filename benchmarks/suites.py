@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmarks import batching, busy, curation, engines, nagle, readiness, recipes, replicas, rollover, scale
 from benchmarks import pipeline as pipeline_bench
+from benchmarks import pipeline_rss
 from benchmarks import slurm as slurm_bench
 from benchmarks import tokens as tokens_bench
 from benchmarks.common import REPO
@@ -35,6 +36,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "replicas": {"records": 2048, "repeats": 2},
         "engines": {"n": 500, "ceiling_n": 10_000},
         "pipeline": {},
+        "pipeline_rss": {"sizes": (1_000, 5_000)},
     },
     "scale": {
         "scale": {"sizes": (100_000, 1_000_000), "repeats": 1},
@@ -42,6 +44,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "recipes": {"mid": 100_000, "big": 1_000_000, "plain": False},
         "curation": {"n": 0, "stage_rows": 1_000_000},
         "rollover": {},
+        "pipeline_rss": {"sizes": (10_000, 100_000)},
     },
     "quick": {
         "nagle": {},
@@ -51,6 +54,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "recipes": {"mid": 200, "big": 0},
         "curation": {"n": 200, "stage_rows": 400},
         "engines": {"n": 64, "ceiling_n": 200, "cost_factor": 0.01},
+        "pipeline_rss": {"sizes": (20, 60)},
     },
 }
 OUT = {"bench": REPO / "benchmarks" / "results.md", "scale": REPO / "benchmarks" / "results-scale.md",
@@ -92,5 +96,6 @@ def sections(suite: str, workdir: Path, api, log, res: dict, have_slurm: bool) -
                             "ceiling": engines.ceiling(workdir, log, z["engines"]["ceiling_n"], api=api)},
         "rollover": (lambda: {"rows": rollover.measure(api_url=api.url)}) if have_slurm else None,
         "pipeline": lambda: {"rows": pipeline_bench.measure()},  # its own Prefect API (the flow's hooks)
+        "pipeline_rss": lambda: pipeline_rss.run(workdir, api, log, sizes=z["pipeline_rss"]["sizes"]),
     }
     return {name: every[name] for name in z}

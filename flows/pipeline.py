@@ -42,6 +42,7 @@ from flows.reward import planned_swap, reward_stage
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
+from infra.pipeline.allocations import InvocationLedger
 from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
@@ -95,6 +96,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                     {s.name: s.kind for s in the.ordered()}, settings, lambda store: FencedStore(store, lease))
     for change in changed:
         logger.info("pipeline run %s: %s", run_id, change.line)
+    ledger = InvocationLedger(root, str(flow_run.id))  # this invocation's allocation, beside the run's earlier ones
     pool = None
     with ExitStack() as inputs:
         stages: list[StageRun] = []
@@ -113,6 +115,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                                                               f"pipeline run {run_id}, stage {s.name}")))
                                for s in stages}
             stream.replica_of = lambda backend: next((r.index for r in pool.members if r.backend is backend), None)
+            inputs.callback(ledger.watch(lambda entries: attribute_allocation(stages, entries, pool), [s.name for s in stages]))
             pool.run()  # releases every replica when the last shard is in, and on any error
         else:
             logger.info("pipeline run %s: every stage's shards are already published; nothing to allocate", run_id)
@@ -131,7 +134,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         publish_stage_counts(run_id, list(done.values()), [s.name for s in the.ordered()])  # the run page, by stage
         logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
                     done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
-    allocation = attribute_allocation(stages, done, pool)
+    allocation = ledger.close(attribute_allocation(stages, done, pool), done)  # summed over the run's invocations
     final = done[list(done)[-1]]
     doc = {"run_id": run_id, "pipeline": pipeline, "server": dict(zip(("name", "profile"), (the.server[0], the.server[1].profile))),
            "stages": list(done.values()), "allocation": allocation, "training_set": final["kept_parts"],

@@ -39,13 +39,14 @@ from infra.pipeline.rows import carried
 from infra.pipeline.schedule import Ready, choose, cut, final_prefix
 from infra.planning import Plan, check_run_config, discard_partials, load_published, usable_records
 from infra.prompting.dataset import Shard
+from infra.recipes.curate import OpenCuration
 from infra.recipes.filters import Verdict
 from infra.recipes.judge import judged_current
 from infra.recipes.split import stage_rows
 from infra.run.layout import kept_name
 from infra.run.manifest import PartInfo, config_hash
 from infra.settings import Settings
-from tasks.steps import curate, generate_shard, judge_shard
+from tasks.steps import curate_more, generate_shard, judge_shard
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class StageRun:
     breaker: Breaker = field(default_factory=Breaker)
     served_by: dict = field(default_factory=dict)
     reuse: Reuse | None = None  # its completions from before a change, given back to the same requests
+    curator: OpenCuration | None = None  # its curation, open while shards come
 
     @property
     def name(self) -> str:
@@ -203,14 +205,16 @@ class Stream:
         if new > stage.frontier:
             curation = stage.run.cfg.curation
             if curation.enabled:
-                # Dedup needs the whole prefix: its current verdicts are kept and seed the tables (each
-                # call rereads the kept parts before `new`). Without dedup a shard's curation is its own.
-                dedup = curation.filters.dedup_exact or curation.filters.dedup_near
-                curate(stage.store, curation, [stage.parts[i] for i in range(0 if dedup else stage.frontier, new)],
-                       stage.plan.config_hash)
+                # One curation open across the stage's shards, its dedup tables fed in input order (each
+                # part read once; rebuilt once from the published parts after a restart).
+                stage.curator = stage.curator or OpenCuration(stage.store, curation, stage.plan.config_hash)
+                curate_more(stage.curator, [stage.parts[i] for i in range(new)])
             for shard in range(stage.frontier, new):
                 self.pass_on(stage, shard)
             stage.frontier = new
+        if stage.complete and stage.curator is not None:
+            stage.curator.close()  # its verdicts are published; the stage's end reads them
+            stage.curator = None
         if stage.complete:
             for child in stage.children:
                 if not child.closed:

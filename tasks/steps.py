@@ -11,7 +11,7 @@ from infra.backends.ready import wait_until_ready
 from infra.prompting.dataset import Shard
 from infra.errors import StorageError, TransientServerError
 from infra.generation import Breaker, RowTally, ShardJob, ShardResult, run_judge, run_shard
-from infra.recipes.curate import Curation, curate_run
+from infra.recipes.curate import Curation, OpenCuration, curate_run
 from infra.run.card import export_run
 from infra.run.finish import close_parts, publish_manifest
 from infra.run.manifest import Manifest, PartInfo
@@ -74,6 +74,12 @@ def close_run_parts(store: OutputStore, cfg: RunConfig, the_plan: Plan) -> tuple
 @task(name="curate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def curate(store: OutputStore, curation: Curation, parts: list[PartInfo], chash: str) -> tuple[dict | None, float | None]:
     return curate_run(store, curation, parts, chash)
+
+
+@task(name="curate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+def curate_more(stage: OpenCuration, parts: list[PartInfo]) -> list[dict]:
+    """A streamed stage's newly final parts curated, its dedup tables kept open (a retry rebuilds them)."""
+    return stage.extend(parts)
 
 
 @task(name="publish-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],

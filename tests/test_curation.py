@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, StorageError
 from infra.run.manifest import PartInfo
-from infra.recipes.curate import Curation, curate
+from infra.recipes.curate import Curation, OpenCuration, curate
 from infra.run.layout import FILTERED, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
 from infra.recipes.judge import Judge, publish_judgement
@@ -148,6 +149,74 @@ def test_a_pass_resumed_after_a_kill_keeps_what_one_pass_keeps(store, tmp_path):
     assert (tmp_path / "run" / kept_name(parts[0].name)).stat().st_mtime_ns == before
     # A changed threshold is a new stage hash: every shard's verdict is redone.
     assert curate(store, parts, Curation(filters=FilterParams(dedup_exact=True)), CHASH).rewritten == 4
+
+
+KEPT_PART = re.compile(r"kept-\d+\.jsonl")
+
+
+def counted_reads(monkeypatch) -> Counter:
+    """Every read of a file through a local store (its bytes, or its sha256, which hashes them), by name."""
+    reads: Counter = Counter()
+    for method in ("read_bytes", "sha256"):
+        real = getattr(LocalOutputStore, method)
+
+        def counted(self, name, real=real):
+            reads[name] += 1
+            return real(self, name)
+        monkeypatch.setattr(LocalOutputStore, method, counted)
+    return reads
+
+
+def test_a_streamed_stage_keeps_its_dedup_tables_open_reading_each_part_once_and_a_restart_rebuilds_them_once(
+        tmp_path, monkeypatch):
+    shards = [[row(f"r{s}{i}", f"answer {(s * 3 + i) % 7}", sample=i % 2) for i in range(3)] for s in range(6)]
+    curation = Curation(filters=FilterParams(dedup_exact=True, dedup_near=True))
+    whole = LocalOutputStore(tmp_path / "whole")
+    one_pass = curate(whole, write_parts(whole, shards), curation, CHASH)
+    streamed = LocalOutputStore(tmp_path / "streamed")
+    parts = write_parts(streamed, shards)
+    reads = counted_reads(monkeypatch)
+    # Fed as a streamed stage feeds it: the prefix of final shards, one more each time.
+    with OpenCuration(streamed, curation, CHASH) as stage:
+        for k in range(1, len(parts) + 1):
+            stage.extend(parts[:k])
+    kept_reads = {n: c for n, c in reads.items() if KEPT_PART.fullmatch(n)}
+    assert not kept_reads and all(reads[p.name] == 1 for p in parts)  # each part read once, no kept part read back
+    assert kept_ids(streamed, parts) == kept_ids(whole, parts) and one_pass.filtered == {"exact_duplicate": 11}
+    # A restart after shard 3's verdict: a new stage seeds its tables once from kept 0-3, when shard 4 needs them.
+    for p in parts[4:]:
+        (tmp_path / "streamed" / verdict_name(p.name)).unlink()
+    reads.clear()
+    with OpenCuration(streamed, curation, CHASH) as stage:
+        for k in range(1, len(parts) + 1):
+            stage.extend(parts[:k])
+        assert stage.rewritten == 2
+    # each kept part of shards 0-3: hashed once (is its verdict current?), read once (seeding); none after
+    assert {n: c for n, c in reads.items() if KEPT_PART.fullmatch(n)} == {kept_name(p.name): 2 for p in parts[:4]}
+    assert kept_ids(streamed, parts) == kept_ids(whole, parts)
+
+
+def test_a_streamed_stage_whose_write_failed_rebuilds_its_tables_and_keeps_what_one_pass_keeps(tmp_path, monkeypatch):
+    shards = [[row(f"r{s}{i}", f"answer {(s * 3 + i) % 5}") for i in range(3)] for s in range(4)]
+    curation = Curation(filters=FilterParams(dedup_exact=True))
+    whole = LocalOutputStore(tmp_path / "whole")
+    curate(whole, write_parts(whole, shards), curation, CHASH)
+    streamed = LocalOutputStore(tmp_path / "streamed")
+    parts = write_parts(streamed, shards)
+    real, failed = LocalOutputStore.write_bytes, []
+
+    def flaky(self, name, data):
+        if name == verdict_name(parts[2].name) and not failed:  # shard 2's rows are in the tables, its verdict not written
+            failed.append(name)
+            raise StorageError("disk full")
+        return real(self, name, data)
+    monkeypatch.setattr(LocalOutputStore, "write_bytes", flaky)
+    with OpenCuration(streamed, curation, CHASH) as stage:
+        stage.extend(parts[:2])
+        with pytest.raises(StorageError):
+            stage.extend(parts[:3])
+        stage.extend(parts)  # the retry: shard 2's rows are not duplicates of themselves
+    assert failed and kept_ids(streamed, parts) == kept_ids(whole, parts)
 
 
 def test_a_bad_regex_is_a_clear_parameter_error():

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from datetime import datetime
 
 import pytest
 
 from infra.deadline import Deadline, poll_until
+from infra.slurm.client import SlurmClient
 from infra.system.commands import run_command
-from tests.fixtures_slurm import slurm_test_env
+from tests.fixtures_slurm import simulated_server_command, slurm_test_env
 from tests.ports import free_port
 from tests.test_slurm_flow import our_jobs
 
@@ -95,3 +97,59 @@ def test_three_stages_are_one_slurm_job_released_when_the_last_stage_is_done(slu
     first_request, last_reply = min(p["started_at"] for p in parts), max(p["finished_at"] for p in parts)
     assert at(record["start"]) <= first_request and at(record["end"]) + 1 >= last_reply, (record, first_request, last_reply)
     assert at(record["end"]) <= (run_dir / "manifest.json").stat().st_mtime + 1, record  # Slurm's times are whole seconds
+
+
+def test_one_replica_lost_while_stage_2_is_in_flight_loses_nothing(slurm_cluster, prefect_harness, workdir, monkeypatch):
+    """replicas=2; one replica's job is cancelled from outside (scancel) while facts, the second stage, has
+    shards published and more to do: its shards go back to the queue, the pipeline finishes, and every
+    stage generated each of its records exactly once (its parent's rows.jsonl, one row per record)."""
+    from flows.pipeline import pipeline
+
+    for name, value in slurm_test_env(workdir, free_port(span=8)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NSDG_SERVER__COMMAND", json.dumps(simulated_server_command("--extra-latency", "0.5")))
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
+                                                  for i in range(16)))
+    (workdir / "pipeline.yaml").write_text(PIPELINE)
+    run_dir, jobs = workdir / "out" / "slurm-lose", workdir / "jobs" / "slurm-lose"
+    cancelled: list[tuple[str, int]] = []  # the job, and facts' parts published when it was cancelled
+
+    def serving_job() -> str | None:
+        # A job whose server answered the probe and a real batch: one still starting would test a
+        # replica that never served instead.
+        for err in jobs.glob("*/*.err"):
+            if err.read_text(errors="replace").count('"PUT /generate HTTP/1.1" 200') >= 2:
+                return err.stem.rsplit("-", 1)[-1]
+        return None
+
+    def cancel_one():
+        facts = run_dir / "stages" / "facts"
+        poll_until(lambda: True if list(facts.glob("part-*.state.json")) else None, deadline=Deadline(180),
+                   interval=0.2, what="facts' first published part")
+        job_id = poll_until(serving_job, deadline=Deadline(60), interval=0.1, what="a job serving batches")
+        published = len(list(facts.glob("part-*.state.json")))
+        SlurmClient().cancel(job_id)
+        cancelled.append((job_id, published))
+
+    killer = threading.Thread(target=cancel_one, daemon=True)
+    killer.start()
+    pipeline("pipeline.yaml", run_id="slurm-lose", output_uri=str(workdir / "out"), replicas=2, shard_size=2)
+    killer.join(timeout=10)
+    [(job_id, published)] = cancelled
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    parent = [json.loads(line)["id"] for line in (workdir / "topics.jsonl").read_text().splitlines()]
+    for stage in STAGES:
+        d = run_dir / "stages" / stage
+        m = json.loads((d / "manifest.json").read_text())
+        ids = [json.loads(line)["id"] for p in m["parts"] for line in (d / p["name"]).read_text().splitlines()]
+        assert Counter(ids) == Counter({i: 1 for i in parent}), stage  # each record once: none lost, none twice
+        if stage == "facts":
+            assert 0 < published < len(m["parts"])  # the replica was lost with stage 2 in flight
+        parent = [json.loads(line)["id"] for line in (d / "rows.jsonl").read_text().splitlines()]
+    assert manifest["stages"][-1]["rows"] == len(parent) > 0
+    used = {j for s in STAGES for j in json.loads((run_dir / "stages" / s / "manifest.json").read_text())["slurm_job_ids"]}
+    assert job_id in used and len(used) >= 2 and not our_jobs("slurm-lose")
+    # The card's GPU-hours are the run's allocation, once (each stage's manifest lists the same replicas).
+    assert manifest["allocation"]["gpu_hours"] > 0
+    card = (run_dir / "README.md").read_text()
+    assert f"GPU-hours held by the run's servers: {round(manifest['allocation']['gpu_hours'], 3):g}." in card

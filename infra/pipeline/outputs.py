@@ -12,7 +12,8 @@ import json
 
 from infra.pipeline.model import Pipeline
 from infra.pipeline.pairs_stage import kept_rows, stage_store
-from infra.run.card import export_store, publish_dataset, read_rows
+from infra.pipeline.rows import kept_part_names
+from infra.run.card import StoredRows, export_store, publish_dataset, read_rows
 from infra.run.layout import MANIFEST, STAGE_PAIRS
 
 
@@ -24,7 +25,8 @@ def sft_stage(the: Pipeline) -> str:
 
 def pipeline_facts(the: Pipeline, doc: dict, stage_manifests: dict[str, dict], sft: str) -> dict:
     models = sorted({m["model"] for m in stage_manifests.values() if m.get("model")})
-    gpu_hours = sum(r.get("gpu_hours") or 0 for m in stage_manifests.values() for r in m.get("replicas") or [])
+    # The run's allocation, summed over its invocations: each stage's manifest lists the same pool's replicas
+    gpu_hours = (doc.get("allocation") or {}).get("gpu_hours") or 0
     name, server = the.server
     stages = [{"stage": s["stage"], "kind": s.get("kind", "generate"), "from": s.get("from") or "input",
                "kept hash": s.get("kept_hash"), "records in": s.get("records_in"), "rows out": s.get("rows_out"),
@@ -47,5 +49,8 @@ def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str
     pairs = [s.name for s in the.ordered() if s.kind == "pairs"]
     pair_rows = [r for name in pairs for r in read_rows(stage_store(output_uri, run_id, name, settings), [STAGE_PAIRS])]
     data = export_store(output_uri, run_id, settings, lease)
-    return publish_dataset(root, data, run_id, kept_rows(stage_store(output_uri, run_id, sft, settings)),
+    sft_store = stage_store(output_uri, run_id, sft, settings)
+    if not manifests.get(sft):
+        kept_rows(sft_store)  # its one-line error: the stage has not finished
+    return publish_dataset(root, data, run_id, StoredRows(sft_store, kept_part_names(manifests[sft])),
                            pair_rows if pairs else None, pipeline_facts(the, doc, manifests, sft))

@@ -7,7 +7,8 @@ shard and reason: the filter, the value it measured, its limit) and a verdict st
 stage's hash; then `filtered.jsonl`, all shards' dropped rows. A rerun that changes only a
 threshold, a filter or dedup redoes this stage alone. A shard whose verdict is current (this stage's,
 its kept and filtered files the bytes it names: infra/run/states.py) is not rewritten: its kept rows seed
-the dedup tables, so a resumed pass keeps what one pass would.
+the dedup tables (once, and only when a later shard is curated), so a resumed pass keeps what one pass
+would. A streamed pipeline stage keeps one `OpenCuration` across its shards (its tables open).
 Memory is one shard's rows plus the dedup tables' page cache.
 """
 
@@ -83,26 +84,83 @@ class CurationError(SdgError):
     """A part's judgement is missing where the curation stage needs it."""
 
 
+class OpenCuration:
+    """A stage's curation over its parts in input order, open between calls: a streamed pipeline stage
+    (flows/pipeline_stream.py) curates each shard once it is final, and the dedup tables stay open across
+    its shards, fed in input order, so "the first in input order" holds with each part read once.
+
+    `extend(parts)` takes the stage's parts from shard 0 and curates those past the ones it has seen. A
+    part whose verdict is current (a resumed run's) is not rewritten; its kept rows seed the tables only
+    when a later part needs curating (lazily: a pass over parts that are all current reads no kept part),
+    so after a restart the tables are rebuilt once from the published parts. An error leaves nothing
+    half-fed: the tables are dropped and the next call rebuilds them from shard 0 (a retried call would
+    otherwise find a part's kept rows as duplicates of themselves)."""
+
+    def __init__(self, store, curation: Curation, generation_hash: str):
+        self.store, self.curation = store, curation
+        self.stage_hash = curation.stage_hash(generation_hash)
+        self.filters = build_filters(curation.filters, curation.judge_params if curation.judge else None,
+                                     schema=curation.schema)
+        if curation.reward is not None:
+            self.filters.append(("reward", curation.reward.filter()))
+        self.dedup: Dedup | None = None
+        self.states: list[dict] = []  # each part's verdict, in shard order
+        self.rewritten = 0  # parts whose verdicts this object wrote (the rest were current)
+        self._unseeded: list[str] = []  # kept parts of current verdicts not yet in the tables
+        self._reset()
+
+    def _reset(self) -> None:
+        self.close()
+        self.dedup, self.states, self._unseeded = Dedup(self.curation.filters), [], []
+
+    def extend(self, parts) -> list[dict]:
+        """Curate `parts[len(self.states):]` (`parts`: sorted by shard, from shard 0); every part's verdict."""
+        if self.dedup is None or any(state["part_sha256"] != part.sha256 for state, part in zip(self.states, parts)):
+            self._reset()  # closed, or a part seen before is other bytes now: start over rather than mix two passes
+        try:
+            for part in parts[len(self.states):]:
+                state = _current(self.store, part, self.stage_hash)
+                if state is not None:
+                    if self.dedup.enabled:
+                        self._unseeded.append(state["kept"]["name"])
+                else:
+                    self._seed()
+                    state = _curate_part(self.store, part, self.curation, self.filters, self.dedup, self.stage_hash, publish)
+                    self.rewritten += 1
+                self.states.append(state)
+        except BaseException:
+            self._reset()
+            raise
+        return self.states
+
+    def _seed(self) -> None:
+        for name in self._unseeded:
+            for row in read_rows(self.store.read_bytes(name)):
+                self.dedup.seed(row)
+        self._unseeded.clear()
+
+    def close(self) -> None:
+        if self.dedup is not None:
+            self.dedup.close()
+            self.dedup = None
+
+    def __enter__(self) -> "OpenCuration":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def curate(store, parts, curation: Curation, generation_hash: str) -> CurationResult:
     """Run the stage over `parts` (sorted by shard) and publish what it keeps and drops."""
-    result = CurationResult(curation.stage_hash(generation_hash))
-    filters = build_filters(curation.filters, curation.judge_params if curation.judge else None, schema=curation.schema)
-    if curation.reward is not None:
-        filters.append(("reward", curation.reward.filter()))
+    with OpenCuration(store, curation, generation_hash) as stage:
+        states = stage.extend(parts)
+    result = CurationResult(stage.stage_hash, rewritten=stage.rewritten)
     reasons: Counter[str] = Counter()
-    with Dedup(curation.filters) as dedup:
-        for part in parts:
-            state = _current(store, part, result.stage_hash)
-            if state is not None:
-                if dedup.enabled:
-                    for row in read_rows(store.read_bytes(state["kept"]["name"])):
-                        dedup.seed(row)
-            else:
-                state = _curate_part(store, part, curation, filters, dedup, result.stage_hash, publish)
-                result.rewritten += 1
-            result.kept_parts.append(state["kept"])
-            result.kept += state["kept"]["records"]
-            reasons.update(state["filtered"])
+    for state in states:
+        result.kept_parts.append(state["kept"])
+        result.kept += state["kept"]["records"]
+        reasons.update(state["filtered"])
     result.filtered = dict(reasons)
     if reasons:
         publish(store, FILTERED, _lines(store, [filtered_name(p.name) for p in parts]))

@@ -12,6 +12,7 @@ knows which they accepted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import yaml
 
@@ -85,12 +86,23 @@ def run_facts(manifest: dict) -> dict:
             "gpu_hours": round(sum(r.get("gpu_hours") or 0 for r in manifest.get("replicas") or []), 3)}
 
 
+class StoredRows:
+    """The rows of `names` in `store`, in order, read again at each iteration a part at a time (the
+    exports iterate once per format; memory: one part)."""
+
+    def __init__(self, store, names: list[str]):
+        self.store, self.names = store, names
+
+    def __iter__(self) -> Iterator[dict]:
+        for name in self.names:
+            for line in (self.store.read_bytes(name) or b"").decode("utf-8").splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+
 def read_rows(store, names: list[str]) -> list[dict]:
-    """The rows of `names` in `store`, in order (read whole: one run's kept rows)."""
-    rows: list[dict] = []
-    for name in names:
-        rows += [json.loads(line) for line in (store.read_bytes(name) or b"").decode("utf-8").splitlines() if line.strip()]
-    return rows
+    """The rows of `names` in `store`, in order, in memory (pairing groups them all)."""
+    return list(StoredRows(store, names))
 
 
 def export_store(output_uri: str, run_id: str, settings, lease=None):
@@ -106,4 +118,4 @@ def export_run(store, output_uri: str, run_id: str, settings) -> dict:
     """A finished plain run's exports (its kept rows as SFT) and card, from its manifest."""
     data = export_store(output_uri, run_id, settings, getattr(store, "lease", None))
     manifest = json.loads(store.read_bytes(MANIFEST) or b"{}")
-    return publish_dataset(store, data, run_id, read_rows(store, kept_part_names(manifest)), None, run_facts(manifest))
+    return publish_dataset(store, data, run_id, StoredRows(store, kept_part_names(manifest)), None, run_facts(manifest))

@@ -15,18 +15,22 @@
 
 Every file has a fixed column schema (below), whatever its rows hold; a format with no rows has no
 file (`datasets` refuses a Parquet file of no rows), and the card says so.
-Pure conversions plus one writer; the rows are converted in memory (one run's kept rows, as the
-stage rows are)."""
+Pure conversions plus one writer, which streams: a run's kept rows are read a part at a time and
+written a row group at a time, so the orchestrator's memory does not grow with the training set."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-from collections.abc import Callable, Iterable
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from infra.prompting.prompt_format import NEMOTRON_END, NEMOTRON_INSTRUCT
+from infra.run.layout import TEMP_SUFFIX, temp_prefix
+from infra.storage.jsonl import write_lines
+from infra.storage.local import sha256_file
 
 ROW_GROUP_ROWS = 1000  # rows per Parquet row group: small enough to stream, large enough to compress
 
@@ -102,42 +106,66 @@ def arrow_schema(config: str):
     return pa.schema(fields)
 
 
-def parquet_bytes(rows: list[dict], config: str) -> bytes:
+def _columns(row: dict, names: list[str]) -> dict:
+    return {k: row[k] for k in names}
+
+
+def write_format(store, fmt: Format, given: Iterable[dict]) -> dict:
+    """One format's JSONL and Parquet files from `given`, streamed: converted rows go to both files in one
+    pass, a Parquet row group of ROW_GROUP_ROWS at a time (memory: one row group, at any run size); each
+    file staged and published whole with its sha256. Its entry for write_exports."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(config)
-    table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
-    return buf.getvalue()
+    schema = arrow_schema(fmt.config)
+    names = schema.names  # the same columns in the same order in both files
+    staging = store.staging_dir()
+    staging.mkdir(parents=True, exist_ok=True)
+    fd, parquet_tmp = tempfile.mkstemp(dir=staging, prefix=temp_prefix(f"{fmt.stem}.parquet"), suffix=TEMP_SUFFIX)
+    os.close(fd)
+    counts = {"rows": 0, "skipped": 0}
+    jsonl_tmp: Path | None = None
+    try:
+        with pq.ParquetWriter(parquet_tmp, schema) as parquet:
+            batch: list[dict] = []
 
+            def lines() -> Iterator[bytes]:
+                for row in given:
+                    if (out := fmt.convert(row)) is None:
+                        counts["skipped"] += 1
+                        continue
+                    batch.append(_columns(out, names))
+                    if len(batch) == ROW_GROUP_ROWS:
+                        parquet.write_table(pa.Table.from_pylist(batch, schema=schema), row_group_size=ROW_GROUP_ROWS)
+                        batch.clear()
+                    yield (json.dumps(_columns(out, names), ensure_ascii=False) + "\n").encode("utf-8")
 
-def jsonl_bytes(rows: list[dict], config: str) -> bytes:
-    names = arrow_schema(config).names  # the same columns in the same order as the Parquet file
-    return "".join(json.dumps({k: r[k] for k in names}, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+            jsonl_tmp, jsonl_sha, counts["rows"], jsonl_size = write_lines(lines(), staging, f"{fmt.stem}.jsonl")
+            if batch:
+                parquet.write_table(pa.Table.from_pylist(batch, schema=schema), row_group_size=ROW_GROUP_ROWS)
+        entry = {"config": fmt.config, "source": fmt.source, "rows": counts["rows"], "skipped": counts["skipped"],
+                 "files": {}}
+        if not counts["rows"]:  # no file (`datasets` cannot read a Parquet file of no rows); none left from an earlier export
+            for ext in ("jsonl", "parquet"):
+                store.delete(f"{fmt.stem}.{ext}")
+            return entry
+        parquet_sha = sha256_file(Path(parquet_tmp))
+        for ext, path, sha in (("jsonl", jsonl_tmp, jsonl_sha), ("parquet", Path(parquet_tmp), parquet_sha)):
+            name = f"{fmt.stem}.{ext}"
+            size = path.stat().st_size
+            store.publish_file(name, path, sha)
+            entry["files"][ext] = {"name": name, "sha256": sha, "bytes": size}
+        return entry
+    finally:
+        Path(parquet_tmp).unlink(missing_ok=True)
+        if jsonl_tmp is not None:
+            jsonl_tmp.unlink(missing_ok=True)
 
 
 def write_exports(store, sft_rows: Iterable[dict] | None, pair_rows: Iterable[dict] | None) -> list[dict]:
     """Every format whose source is given, as JSONL and Parquet, into `store` (the run's `data/`);
-    one entry per format: its config name, files, rows, rows it could not convert, and sha256s."""
-    sources = {"sft": None if sft_rows is None else list(sft_rows), "pairs": None if pair_rows is None else list(pair_rows)}
-    out = []
-    for fmt in FORMATS:
-        given = sources[fmt.source]
-        if given is None:
-            continue
-        converted = [fmt.convert(r) for r in given]
-        rows = [r for r in converted if r is not None]
-        entry = {"config": fmt.config, "source": fmt.source, "rows": len(rows), "skipped": len(converted) - len(rows),
-                 "files": {}}
-        out.append(entry)
-        if not rows:  # no file (`datasets` cannot read a Parquet file of no rows); none left from an earlier export
-            for ext in ("jsonl", "parquet"):
-                store.delete(f"{fmt.stem}.{ext}")
-            continue
-        for ext, data in (("jsonl", jsonl_bytes(rows, fmt.config)), ("parquet", parquet_bytes(rows, fmt.config))):
-            name = f"{fmt.stem}.{ext}"
-            store.write_bytes(name, data)
-            entry["files"][ext] = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    return out
+    one entry per format: its config name, files, rows, rows it could not convert, and sha256s. A source
+    is iterated once per format of it: give a list, or rows read again from their parts each time
+    (infra/run/card.py StoredRows), never a one-shot generator."""
+    sources = {"sft": sft_rows, "pairs": pair_rows}
+    return [write_format(store, fmt, sources[fmt.source]) for fmt in FORMATS if sources[fmt.source] is not None]

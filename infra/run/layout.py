@@ -32,6 +32,7 @@ A pipeline's run (flows/pipeline.py) has one such directory per stage, and its o
       run.lease                       the pipeline's lease
       pipeline.json                   each stage's config hashes (and settings groups) as last run, its parent,
                                       and the superseded directories of its earlier settings
+      allocations.json                each invocation's allocation, by stage (infra/pipeline/allocations.py)
       manifest.json                   the pipeline's manifest: each stage's counts, the training set
       stages/{stage}/                 a run directory as above (run_id: the stage's name), plus
         rows.jsonl                    its kept rows after its split, with ids and lineage: its children's input
@@ -61,6 +62,7 @@ STAGE_ROWS = "rows.jsonl"
 STAGE_PAIRS = "pairs.jsonl"
 PIPELINE_HASHES = "pipeline.json"
 SUPERSEDED = "superseded"
+PIPELINE_ALLOCATIONS = "allocations.json"
 DATASET_CARD = "README.md"
 EXPORT_DIR = "data"  # the exports' folder under the run directory: data only, so a reader never meets the manifest
 

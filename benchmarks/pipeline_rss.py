@@ -1,0 +1,121 @@
+"""The pipeline orchestrator's peak memory at a 1 → 10 → 10 fan-out (issue 24's target: flat, ≤ 300 MB for
+100 k input records, 10 M rows at the end).
+
+Each size is the real `pipeline` flow in a fresh child process (benchmarks.flow_child --flow pipeline),
+`attach` profile, against the NeMo-compatible server with the simulated engine at zero cost (no sleep;
+it still builds every reply). Two stages, each splitting its reply into up to 10 words (`split:
+{parser: regex, max_items: 10}`; the simulated replies have about 20 words): n topics → about 10 n
+subtopics → about 100 n questions in the last stage's rows.jsonl. The second stage dedups exactly (its
+tables open across its shards). Peak RSS is the child's `getrusage(RUSAGE_SELF).ru_maxrss` at the end:
+Python, Prefect's client and task runner, our code, the rows it held; not the server or the Prefect
+API, which are other processes. The run's exports (sft.jsonl / .parquet of the last stage's kept rows)
+are part of the flow and counted.
+
+    python -m benchmarks.run --only pipeline_rss                    (`make bench`: 1 k and 5 k)
+    python -m benchmarks.run --suite scale --only pipeline_rss      (`make bench-scale`: 10 k and 100 k)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from benchmarks.common import Cost, PrefectAPI, local_server, run_flow
+
+FAN_OUT, TOKENS, SHARD, BATCH = 10, 24, 500, 128
+PIPELINE = """\
+input: {input}
+servers:
+  main: {{profile: attach}}
+defaults:
+  prompt_format: raw
+  sampling: {{greedy: true, tokens_to_generate: {tokens}}}
+  batch_size: {batch}
+stages:
+  - name: subtopics
+    recipe: {{prompt_template: "Topic: {{{{ topic }}}}\\nSubtopics:"}}
+    split: {{parser: regex, pattern: '(\\w+)', into: subtopic, max_items: {fan}}}
+  - name: questions
+    from: subtopics
+    recipe: {{prompt_template: "Questions about {{{{ subtopic }}}} in {{{{ topic }}}}:"}}
+    split: {{parser: regex, pattern: '(\\w+)', into: question, max_items: {fan}}}
+    filters: {{dedup_exact: true}}
+"""
+
+
+def write_inputs(workdir: Path, n: int) -> Path:
+    src = workdir / f"pipeline-rss-{n}.jsonl"
+    with open(src, "w", encoding="utf-8") as f:
+        for start in range(0, n, 10_000):
+            f.write("".join(json.dumps({"id": f"t{i}", "topic": f"topic number {i}"}) + "\n"
+                            for i in range(start, min(n, start + 10_000))))
+    path = workdir / f"pipeline-rss-{n}.yaml"
+    path.write_text(PIPELINE.format(input=src, tokens=TOKENS, batch=BATCH, fan=FAN_OUT))
+    return path
+
+
+def one(workdir: Path, api: PrefectAPI, srv, n: int, log) -> dict:
+    tag = f"pipeline-rss-{n}"
+    path = write_inputs(workdir, n)
+    env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}
+    params = {"pipeline": str(path), "run_id": tag, "output_uri": str(workdir / "out"), "shard_size": SHARD}
+    run = run_flow(workdir, api, params, settings_env=env, tag=tag, rss_sample_s=0.5, timeout=3600, flow="pipeline")
+    if not run.ok:
+        raise RuntimeError(f"{tag} failed: {run.error}")
+    manifest = json.loads(Path(run.result["manifest"]).read_text())
+    stages = {s["stage"]: {k: s[k] for k in ("records_in", "rows_out", "kept", "rows")} for s in manifest["stages"]}
+    r = {"records": n, "seconds": run.seconds, "maxrss_mb": run.maxrss_mb, "stages": stages,
+         "final_rows": manifest["stages"][-1]["rows"], "generated": sum(s["rows_out"] for s in stages.values()),
+         "rss_last_mb": run.extra["rss_samples"][-1][1] if run.extra.get("rss_samples") else None}
+    log(f"pipeline rss {n}: {r['generated']} rows generated, {r['final_rows']} rows at the end, {run.seconds:.1f} s, "
+        f"peak RSS {run.maxrss_mb:.0f} MB")
+    shutil.rmtree(workdir / "out" / tag, ignore_errors=True)
+    return r
+
+
+def run(workdir: Path, api: PrefectAPI, log, sizes=(1_000, 5_000)) -> dict:
+    with local_server(workdir, "pipeline-rss-server", Cost()) as srv:
+        return {"sizes": {n: one(workdir, api, srv, n, log) for n in sizes}, "shard_size": SHARD, "fan_out": FAN_OUT}
+
+
+TARGET_MB, FLAT_MB = 300, 25  # flat: the largest size within this of the smallest
+
+
+def summary_rows(res: dict) -> list[tuple[str, ...]]:
+    """The summary table's row: (what, ours, baseline, target, met)."""
+    if not (r := res.get("pipeline_rss")):
+        return []
+    sizes = sorted(r["sizes"].values(), key=lambda x: x["records"])
+    lo, hi = sizes[0], sizes[-1]
+    flat = hi["maxrss_mb"] - lo["maxrss_mb"] <= FLAT_MB
+    return [("pipeline orchestrator peak RSS, 1 → 10 → 10 fan-out",
+             ", ".join(f"{x['records']:,}: {x['maxrss_mb']:.0f} MB" for x in sizes), "—",
+             f"flat, ≤ {TARGET_MB} MB at 100 k", f"≤ {TARGET_MB} MB: {_met(hi['maxrss_mb'] <= TARGET_MB)}; flat: "
+             f"{_met(flat)} ({hi['maxrss_mb'] - lo['maxrss_mb']:+.0f} MB)")]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def markdown(res: dict) -> list[str]:
+    if not (r := res.get("pipeline_rss")):
+        return []
+    sizes = sorted(r["sizes"].values(), key=lambda x: x["records"])
+    lo, hi = sizes[0], sizes[-1]
+    flat = hi["maxrss_mb"] - lo["maxrss_mb"] <= FLAT_MB
+    lines = ["", "### Pipeline orchestrator peak RSS, 1 → 10 → 10 fan-out (`benchmarks/pipeline_rss.py`)", "",
+             f"The real pipeline flow in a fresh process, the simulated engine at zero cost; two stages each split a "
+             f"reply into up to {r['fan_out']} rows; shards of {r['shard_size']}; the second stage dedups (exact). "
+             "Peak RSS of the flow's process (getrusage), exports included.", "",
+             "| input records | rows generated | rows at the end (last stage's rows.jsonl) | wall | peak RSS |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {x['records']:,} | {x['generated']:,} | {x['final_rows']:,} | {x['seconds']:.0f} s | "
+              f"{x['maxrss_mb']:.0f} MB |" for x in sizes]
+    lines += ["", f"- {hi['records']:,} records: {hi['maxrss_mb']:.0f} MB vs {lo['maxrss_mb']:.0f} MB at "
+              f"{lo['records']:,} (target ≤ {TARGET_MB} MB and flat, within {FLAT_MB} MB: "
+              f"{_met(hi['maxrss_mb'] <= TARGET_MB and flat)})",
+              "- The target's size, 100 k records (10 M rows at the end), is in `make bench-scale`.",
+              "", "Command: `python -m benchmarks.run --only pipeline_rss` (`make bench`), `--suite scale` for 100 k.", ""]
+    return lines
