@@ -22,7 +22,7 @@
       README.md                       the dataset card, with exports (run/card.py; `--export`, and pipelines)
       data/sft.jsonl, data/sft.parquet ...  files a trainer loads as they are (run/exports.py)
       .part-00000.jsonl.XXXX.tmp      a file being written: never a part's name (S3 output: in a local
-                                      staging directory, {work}/staging/{bucket}/{run_id}/)
+                                      staging directory, {work}/staging/{bucket}/_{prefix}.{hash}/{run_id}/)
       .part-00000.jsonl.spill         the finished requests of a shard not yet published, reused by its
                                       next try (storage/spill.py; in the staging directory too)
 
