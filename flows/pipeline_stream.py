@@ -43,7 +43,7 @@ from infra.recipes.split import stage_rows
 from infra.run.layout import kept_name
 from infra.run.manifest import PartInfo, config_hash
 from infra.settings import Settings
-from tasks.steps import curate, generate_shard, judge_shard
+from tasks.steps import curate, for_stage, generate_shard, judge_shard
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,8 @@ class Stream:
                 # Dedup needs the whole prefix: its current verdicts are kept and seed the tables (each
                 # call rereads the kept parts before `new`). Without dedup a shard's curation is its own.
                 dedup = curation.filters.dedup_exact or curation.filters.dedup_near
-                curate(stage.store, curation, [stage.parts[i] for i in range(0 if dedup else stage.frontier, new)],
-                       stage.plan.config_hash)
+                parts = [stage.parts[i] for i in range(0 if dedup else stage.frontier, new)]
+                for_stage(curate, stage.name)(stage.store, curation, parts, stage.plan.config_hash)
             for shard in range(stage.frontier, new):
                 self.pass_on(stage, shard)
             stage.frontier = new
