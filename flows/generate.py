@@ -41,8 +41,8 @@ from infra.recipes.judge import judged_current, load_judge
 from infra.recipes.structured import Structured
 from infra.settings import Settings, check_no_placeholders, load_settings
 from infra.storage import OutputStore, check_input, open_input, open_output_store
-from tasks.steps import (allocate, close_run_parts, curate, export, generate_shard, judge_shard, plan, release, wait_ready,
-                         write_manifest)
+from tasks.steps import (allocate, close_run_parts, curate, export, for_stage, generate_shard, judge_shard, plan, release,
+                         wait_ready, write_manifest)
 
 
 
@@ -282,16 +282,17 @@ def _add(timings: dict, key: str, seconds: float) -> None:
 
 def finish(store: OutputStore, cfg: RunConfig, the_plan: Plan, results: list[ShardResult], timings, settings: Settings,
            job_ids, *, restarts: int, replicas: list[dict], invocation: str, rollovers: dict | None = None,
-           key: str | None = None, what: str | None = None) -> dict:
-    """Every part in, curated, the manifest written (tasks: each retried on a transient error);
-    then the run's summary table and result."""
+           key: str | None = None, what: str | None = None, stage: str | None = None) -> dict:
+    """Every part in, curated, the manifest written (tasks: each retried on a transient error, named
+    after a pipeline's `stage`); then the run's summary table and result."""
     logger = get_run_logger()
-    parts, refused = close_run_parts(store, cfg, the_plan)
-    curated, curation_s = curate(store, cfg.curation, parts, the_plan.config_hash)
+    parts, refused = for_stage(close_run_parts, stage)(store, cfg, the_plan)
+    curated, curation_s = for_stage(curate, stage)(store, cfg.curation, parts, the_plan.config_hash)
     if curation_s is not None:
         timings["curation"] = curation_s
-    manifest = write_manifest(store, cfg, the_plan, parts, refused, curated, results, timings, settings, job_ids,
-                              restarts=restarts, replicas=replicas, invocation=invocation, rollovers=rollovers)
+    manifest = for_stage(write_manifest, stage)(store, cfg, the_plan, parts, refused, curated, results, timings, settings,
+                                                job_ids, restarts=restarts, replicas=replicas, invocation=invocation,
+                                                rollovers=rollovers)
     written = sum(p.records for p in parts)
     manifest_uri = store.uri(MANIFEST)
     summary = {"records in": the_plan.records_in, "written": written, "rejected": the_plan.rejected + refused,

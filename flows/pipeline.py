@@ -59,7 +59,7 @@ from infra.run.layout import MANIFEST, STAGE_ROWS, stages_uri
 from infra.run.lease import FencedStore, hold_run_lease
 from infra.settings import Settings, load_settings
 from infra.storage import OutputStore, open_input, open_output_store
-from tasks.steps import allocate, plan, release, wait_ready
+from tasks.steps import allocate, for_stage, plan, release, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     params = reading_parent(params, stage)  # a child's rows are made as the parent's shards become final
     run = prepare_run(params, settings, flow_run, lease=lease, input_made_later=parent is not None)
     cfg = run.cfg
-    the_plan = plan(cfg, settings, run.store) if parent is None else child_plan(run, settings, hashes[stage.from_].kept)
+    the_plan = (for_stage(plan, stage.name)(cfg, settings, run.store) if parent is None
+                else child_plan(run, settings, hashes[stage.from_].kept))
     job = planned_job(cfg, settings, the_plan, flow_run, stage=stage.name)  # the run's: output_schema, judge, samples alike
     out = StageRun(stage, 0 if parent is None else parent.depth + 1, order, run, the_plan, job,
                    parts=dict(the_plan.done), reuse=Reuse.load(list(earlier), the_plan.config, run.store) if parent else None)
@@ -210,7 +211,7 @@ def finish_stage(s: StageRun, parent: dict | None, hashes: StageHash, pool: Pool
                  restarts=pool.restarts if pool is not None and first else 0,  # the pool's, counted once
                  replicas=[rep.summary(gpus) for rep in members], invocation=str(flow_run.id),
                  rollovers=pool.planner.report(members, gpus) if pool is not None and first else None,
-                 key=artifact_key(f"{run_id}-{s.name}"), what=f"pipeline run {run_id}, stage {s.name}")
+                 key=artifact_key(f"{run_id}-{s.name}"), what=f"pipeline run {run_id}, stage {s.name}", stage=s.name)
     rows = write_stage_rows(s.store, s.name, s.stage.split)
     manifest = json.loads(s.store.read_bytes(MANIFEST))
     return stage_entry(s.stage, s.run.cfg.input_uri, hashes, records_in=manifest["records_in"],

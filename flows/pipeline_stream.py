@@ -46,7 +46,7 @@ from infra.recipes.split import stage_rows
 from infra.run.layout import kept_name
 from infra.run.manifest import PartInfo, config_hash
 from infra.settings import Settings
-from tasks.steps import curate_more, generate_shard, judge_shard
+from tasks.steps import curate_more, for_stage, generate_shard, judge_shard
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Stream:
                 # One curation open across the stage's shards, its dedup tables fed in input order (each
                 # part read once; rebuilt once from the published parts after a restart).
                 stage.curator = stage.curator or OpenCuration(stage.store, curation, stage.plan.config_hash)
-                curate_more(stage.curator, [stage.parts[i] for i in range(new)])
+                for_stage(curate_more, stage.name)(stage.curator, [stage.parts[i] for i in range(new)])
             for shard in range(stage.frontier, new):
                 self.pass_on(stage, shard)
             stage.frontier = new

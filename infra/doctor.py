@@ -7,8 +7,9 @@ The checks, in order: the settings load; the profile exists and its launch setti
 refusals a run makes before the plan (infra/slurm/spec.py); for a Slurm profile, sbatch, squeue
 and scontrol are on PATH and the controller answers, the partition is listed by `sinfo` and up,
 the account is associated with the user (`sacctmgr`, where accounting runs), srun has the PMIx
-plugin trtllm's MPI world needs (trtllm only), the image and the
-model path are readable here, the job root is writable; for every profile the tokenizer loads,
+plugin trtllm's MPI world needs (trtllm only), the image is readable here and the NVIDIA driver
+floor its CUDA build needs on the nodes (what the in-job preflight enforces), the
+model path is readable here, the job root is writable; for every profile the tokenizer loads,
 the output location is allowed and writable, the server port is free on this host, and the
 Prefect API answers with the credentials given.
 """
@@ -107,7 +108,8 @@ def _slurm_checks(settings: Settings, profile: Profile, profile_name: str, timeo
     from infra.slurm.backend import check_launch
     from infra.slurm.launch import image_for, image_setting
 
-    checks = [_check("launch", lambda: (check_launch(settings, profile, run_id="doctor"),
+    built = []  # the job's spec, once its settings pass
+    checks = [_check("launch", lambda: (built.append(check_launch(settings, profile, run_id="doctor")),
                                         "the job's settings pass the checks a run makes before submitting")[1])]
     commands = _check("slurm", lambda: _slurm_reachable(timeout_s))
     checks.append(commands)
@@ -121,6 +123,8 @@ def _slurm_checks(settings: Settings, profile: Profile, profile_name: str, timeo
                    for name in ("partition", "account")]
     image = image_for(profile.engine, settings.slurm.container_image, settings.slurm.images)
     checks.append(_check("image", lambda: _image(settings.slurm.container_runtime, image, image_setting(profile.engine))))
+    checks.append(_check("driver", lambda: _driver(built[0]) if built
+                         else (SKIP, "the launch settings fail (see the launch line)")))
     checks.append(_check("model", lambda: _model(settings)))
     checks.append(_check("job_root", lambda: _writable_dir(Path(settings.slurm.job_root).expanduser(),
                                                            "NSDG_SLURM__JOB_ROOT")))
@@ -213,6 +217,18 @@ def _image(runtime: str, image: str, setting: str) -> str:
     if not os.access(path, os.R_OK):
         raise _Problem(f"{setting}={image}: not readable by {getpass.getuser()}; fix its permissions")
     return f"{image} is readable"
+
+
+def _driver(spec) -> str | tuple[str, str]:
+    """The NVIDIA driver floor the job's preflight enforces on the nodes (their driver is not seen from here)."""
+    from infra.slurm.launch import enforced_driver_floor
+
+    floor, source = enforced_driver_floor(spec, dict(spec.env))
+    if not floor:
+        return SKIP, f"no driver floor: {source}"
+    if floor == "0":
+        return f"any driver: {source} is 0"
+    return f"the nodes need NVIDIA driver {floor} or newer ({source}); the job's preflight refuses an older one"
 
 
 def _model(settings: Settings) -> str:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ from infra.prompting.dataset import BadLine, Format, Record, Shard, detect_forma
 from infra.errors import ConfigError, InputError
 from infra.storage.scratch import IdSet
 from infra.storage.input_pin import InputPin
-from infra.run.layout import INPUT_REJECTS, PARTIAL_PARTS, RUN_CONFIG, STATE_SUFFIX, part_name, state_name
+from infra.run.layout import INPUT_REJECTS, RUN_CONFIG, STATE_SUFFIX, TEMP_FILES, left_by_a_kill, part_name, state_name
 from infra.run.manifest import PartInfo, config_hash, diff_config
 from infra.prompting.prompt_format import RAW, PromptFormat
 from infra.recipes import Recipe, RecipeParams
@@ -337,10 +338,17 @@ def check_run_config(store: OutputStore, config: dict, chash: str) -> None:
 
 
 def discard_partials(store: OutputStore) -> None:
-    """A run killed mid-shard leaves a temp file behind; it is never appended to, only removed."""
-    for tmp in store.staging_dir().glob(PARTIAL_PARTS):
-        log.info("discarding half-written %s", tmp)
-        tmp.unlink(missing_ok=True)
+    """A run killed mid-write leaves temp files behind (a part's, kept rows', the manifest's ...) in its
+    directory, or an S3 run's staging directory; they are never appended to, only removed. Plain
+    files only: a link or folder of that name is no writer's."""
+    for tmp in store.staging_dir().glob(TEMP_FILES):
+        try:
+            plain = stat.S_ISREG(tmp.lstat().st_mode)
+        except FileNotFoundError:
+            continue
+        if plain and left_by_a_kill(tmp.name):
+            log.info("discarding half-written %s", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:

@@ -32,6 +32,12 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
+def for_stage(step, stage: str | None):
+    """The task named after a pipeline's stage (`curate-answers`), as its shard tasks are
+    (`generate-answers-shard-3`); the task itself for a plain run."""
+    return step.with_options(task_run_name=f"{step.name}-{stage}") if stage else step
+
+
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     return make_plan(cfg, settings, store)

@@ -3,6 +3,7 @@ cluster (tests/fixtures_slurm.py), moto's S3 server (tests/fixtures_s3.py), a Pr
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -23,6 +24,12 @@ for _name in [n for n in os.environ if n.startswith("NSDG_") and n not in ("NSDG
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Prefect configures logging on the first `from prefect import flow` of a process, and replaces the
+# root logger's handlers then, pytest's capture among them: the test that happened to import it first
+# saw nothing in caplog (test_slurm_launch's requeue test, run alone). Configured here, at collection,
+# every test's caplog handler is added after it and kept.
+importlib.import_module("prefect.main")
 
 # Every process this test run starts inherits this mark (outside the NSDG_/PREFECT_ names that tests
 # strip), so the check at the end finds what outlived the run even after it was reparented to init.

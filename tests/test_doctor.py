@@ -48,10 +48,13 @@ def site_env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, str]:
 def test_a_working_setup_is_all_ok(slurm_cluster, prefect_server, tiny_model_dir, tmp_path):
     rc, lines, out = doctor({**site_env(tmp_path, tiny_model_dir), **prefect_server.client_env()}, tmp_path)
     assert rc == 0, out
-    expected = ["settings", "profile", "launch", "slurm", "partition", "account", "image", "model", "job_root",
+    expected = ["settings", "profile", "launch", "slurm", "partition", "account", "image", "driver", "model", "job_root",
                 "tokenizer", "output", "port", "prefect"]
     assert list(lines) == expected, out
-    assert all(status == "ok" for status, _ in lines.values()), out
+    assert all(status == "ok" for name, (status, _) in lines.items() if name != "driver"), out
+    # An image file's name says no CUDA build: the preflight checks no driver floor, and doctor says so.
+    assert lines["driver"] == ("skip", "no driver floor: the tag of " + str(tmp_path / "images" / "nemo.sif") +
+                               " names no CUDA build the preflight knows"), out
     assert lines["partition"][1] == "debug is up"
     assert not (tmp_path / "out").exists()  # the output probe left nothing behind
 
@@ -102,6 +105,34 @@ def test_no_slurm_on_path_and_no_prefect_server(tmp_path, tiny_model_dir):
     assert lines["partition"][0] == lines["account"][0] == "skip"
     assert lines["prefect"][0] == "problem" and "does not answer" in lines["prefect"][1]
     assert lines["model"][0] == lines["tokenizer"][0] == lines["output"][0] == "ok", out
+
+
+@pytest.mark.parametrize("image, env, line", [
+    ("vllm/vllm-openai:v0.20.0", {}, "ok: the nodes need NVIDIA driver 580.65.06 or newer (the CUDA build of "
+                                     "vllm/vllm-openai:v0.20.0); the job's preflight refuses an older one"),
+    ("vllm/vllm-openai:v0.20.0-cu129", {}, "ok: the nodes need NVIDIA driver 525.60.13 or newer"),
+    ("vllm/vllm-openai:v0.20.0", {"NSDG_DRIVER_MIN": "570"},
+     "ok: the nodes need NVIDIA driver 570 or newer (NSDG_DRIVER_MIN in NSDG_SLURM__ENV)"),
+    ("vllm/vllm-openai:v0.20.0", {"NSDG_DRIVER_MIN": "0"}, "ok: any driver: NSDG_DRIVER_MIN in NSDG_SLURM__ENV is 0"),
+])
+def test_doctor_reports_the_driver_floor_the_jobs_preflight_enforces(tmp_path, tiny_model_dir, image, env, line):
+    """The floor comes from the definition the node launcher is rendered from (infra/slurm/launch.py)."""
+    from infra.settings import Settings
+    from infra.slurm.backend import check_launch
+    from infra.slurm.launch import enforced_driver_floor
+
+    site = {**site_env(tmp_path, tiny_model_dir), "PATH": str(tmp_path / "empty-bin"), "NSDG_SLURM__CONTAINER_RUNTIME": "pyxis",
+            "NSDG_SLURM__IMAGES": json.dumps({"vllm": image}), "NSDG_SLURM__ENV": json.dumps(env)}
+    rc, lines, out = doctor(site, tmp_path, "--engine", "vllm")
+    status, detail = lines["driver"]
+    assert f"{status}: {detail}".startswith(line), out
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in site.items():
+            mp.setenv(name, value)
+        settings = Settings(_env_file=None)
+        spec = check_launch(settings, settings.profile("test1x8").model_copy(update={"engine": "vllm"}), run_id="d")
+    floor, _ = enforced_driver_floor(spec, dict(spec.env))
+    assert f"driver {floor} or newer" in detail or floor == "0"
 
 
 @pytest.mark.slurm

@@ -92,6 +92,15 @@ def test_a_sample_that_hit_the_cap_counts_exactly_max_tokens():
     assert max(split_usage(40, ["a", "b"], len, [False, False], 16)) <= 16  # a server over-counting: capped
 
 
+def test_a_total_of_one_choice_is_not_shared_out_over_all():
+    """llama-server answers n > 1 with one choice's usage (seen: n=3, each capped at 6, usage 6). A
+    total below the capped choices' tokens plus one for each other cannot be a sum: the others are
+    counted by their text (they had 0 before)."""
+    assert split_usage(6, ["x" * 6, "abc"], len, [True, False], 6) == [6, 3]
+    assert split_usage(6, ["x" * 6, "x" * 6, "x" * 6], len, [True, True, True], 6) == [6, 6, 6]
+    assert split_usage(7, ["x" * 6, "abc"], len, [True, False], 6) == [6, 1]  # possible as a sum: kept
+
+
 # --- against the local server's OpenAI side -----------------------------------------------------
 
 

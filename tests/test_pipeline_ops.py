@@ -1,5 +1,5 @@
 """What a pipeline run shows in Prefect (issue 24 "seen from the outside", issue 27): task runs named
-after their stage (`generate-facts-shard-0`), flow runs named after the run id, the run page's
+after their stage (`generate-facts-shard-0`, `curate-facts`), flow runs named after the run id, the run page's
 per-stage counts (`stages-{run}`) and a few finished rows of each stage (`rows-{run}-{stage}`) and of
 a plain run (`rows-{run}`); and the judge inside a pipeline's stage, on the pipeline's one server.
 In-process flows on the simulated local server and the session's Prefect API."""
@@ -75,6 +75,9 @@ def test_task_runs_carry_their_stage_and_the_flow_run_its_run_id(pipeline_run):
     assert name == "ops1"
     assert "generate-words-shard-0" in tasks and "generate-facts-shard-0" in tasks, tasks
     assert not any(t.startswith("generate-shard-") for t in tasks), tasks
+    # ... and so do the stage's other steps (a child stage's plan is made as its rows come: no plan task)
+    assert {"plan-words", "curate-words", "curate-facts", "close-parts-words", "close-parts-facts",
+            "publish-manifest-words", "publish-manifest-facts"} <= set(tasks), sorted(tasks)
 
 
 def test_the_run_page_shows_counts_by_stage_and_the_first_rows_of_each(pipeline_run):

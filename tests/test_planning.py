@@ -89,14 +89,28 @@ def test_hostile_run_ids_rejected(bad):
         validate_key_component(bad, "run_id")
 
 
-def test_half_written_part_is_discarded(workdir):
+def test_half_written_files_a_kill_left_are_discarded_and_nothing_else(workdir):
     src = write(workdir / "in.jsonl", {"prompt": "a"})
     store = LocalOutputStore(workdir / "o")
     store.root.mkdir(parents=True)
-    stale = store.root / ".part-00000.jsonl.abc123.tmp"
-    stale.write_text('{"id": "half')
+    # A kill can stop any object's writer, not only a part's: curation's kept rows, a state, the manifest.
+    stale = [".part-00000.jsonl.abc123.tmp", ".kept-00000.jsonl.1f2e3d4c.tmp", ".part-00000.jsonl.state.json.9a8b.tmp",
+             ".manifest.json.0c0c0c0c.tmp"]
+    for name in stale:
+        (store.root / name).write_text('{"id": "half')
+    # Left: another flow taking the run over now (its lease's temp file), a spill, a folder and a link
+    # of a temp file's name, and what a temp name never is.
+    outside = workdir / "outside.jsonl"
+    outside.write_text("keep\n")
+    kept = [".run.lease.5e5e5e5e.tmp", ".part-00001.jsonl.spill", "notes.tmp"]
+    for name in kept:
+        (store.root / name).write_text("x")
+    (store.root / ".folder.tmp").mkdir()
+    (store.root / ".link.jsonl.abcd.tmp").symlink_to(outside)
     make_plan(cfg(src), Settings(), store)
-    assert not stale.exists()
+    left = {p.name for p in store.root.iterdir()}
+    assert not left & set(stale), left
+    assert {*kept, ".folder.tmp", ".link.jsonl.abcd.tmp"} <= left and outside.read_text() == "keep\n"
 
 
 def test_truncate_left_keeps_the_end_of_long_prompts(workdir):

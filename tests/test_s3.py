@@ -23,7 +23,7 @@ from infra.storage.s3_client import make_s3_client
 from infra.storage.s3_input import check_s3_input
 from infra.storage.s3_output import S3OutputStore
 from infra.settings import Settings
-from infra.storage.uris import parse_s3_uri, validate_key_component
+from infra.storage.uris import parse_s3_uri, prefix_dir_name, validate_key_component
 from infra.storage import check_input, open_input, open_output_store
 from tests.fixtures_s3 import FaultProxy
 
@@ -397,5 +397,6 @@ def test_store_pickles_and_stages_locally(s3_settings, s3_bucket):
     assert copy.location == store.location == f"s3://{s3_bucket}/p/run-1"
     copy.write_bytes("x.json", b"1")
     assert store.read_bytes("x.json") == b"1"
-    assert store.staging_dir() == Path(s3_settings.work_dir) / "staging" / s3_bucket / "run-1"
-    assert store.staging_dir().is_dir()
+    # Under the prefix's own folder: a run of this id under another prefix has another (tests/test_spill.py).
+    assert store.staging_dir() == Path(s3_settings.work_dir) / "staging" / s3_bucket / prefix_dir_name("p") / "run-1"
+    assert store.staging_dir().is_dir() and copy.staging_dir() == store.staging_dir()

@@ -22,6 +22,8 @@ from infra.prompting.sampling import SamplingParams
 from infra.run.layout import spill_name, state_name
 from infra.storage import open_output_store
 from infra.storage.local import LocalOutputStore
+from infra.storage.s3_output import S3OutputStore
+from infra.storage.s3_settings import S3Settings
 from infra.storage.spill import Spill, discard_spills
 from tests.localserver import running_server
 
@@ -118,6 +120,28 @@ def make_client(api: str, url: str):
 def requests_answered(log_path, api: str) -> int:
     text = log_path.read_text()
     return text.count("tokens generated, seed") if api == "nemo" else text.count('"POST /v1/completions')
+
+
+# Runs of one id in one bucket: no prefix, plain ones, ones that differ only in a character the
+# directory name cannot hold, a '..' inside a component, look-alike text, one of 1,000 bytes.
+PREFIXES = ["", "out", "out/x", "out_x", "out x", "out/stages", "night/r/stages", "a..b/c", "ü/ß", "x" * 1000,
+            "x" * 1000 + "y"]
+
+
+def test_runs_of_one_id_under_other_prefixes_of_one_bucket_have_their_own_staging_directory(tmp_path):
+    """Every pipeline's stage `answers` is run id `answers` under its own prefix: sharing one staging
+    directory, two pipelines in one bucket would share the stage's spill (the lock keeps it exact,
+    but the second gets none)."""
+    staging = tmp_path / "staging"
+    dirs = [S3OutputStore(object(), "bkt", prefix, "answers", S3Settings(), staging).staging_dir()
+            for prefix in PREFIXES]
+    assert len(set(dirs)) == len(PREFIXES)
+    for path in dirs:
+        assert path.resolve().is_relative_to((staging / "bkt").resolve()) and path.name == "answers" and path.is_dir()
+        named = path.relative_to(staging / "bkt").parts
+        assert len(named) <= 2 and all(len(part.encode()) <= 255 and part[0] not in "./" for part in named)
+    # A prefix's directory is never taken for a run's (no run id starts with '_').
+    assert [p.parent.name[0] for p in dirs[1:]] == ["_"] * (len(PREFIXES) - 1) and dirs[0].parent.name == "bkt"
 
 
 def stores(request, tmp_path, output: str):

@@ -20,8 +20,10 @@ replica). Field mapping from the recipe's sampling parameters (reference/openai-
 - finish_reason stop -> "end_string", length -> "length", abort -> "abort"; NeMo >= 2.1 always
   answers "": "end_string" when an end string was found in the text, else "length" (as /generate);
 - usage.completion_tokens -> generated_tokens (summed over the n choices by the server: a choice
-  capped at max_tokens counts exactly that, the rest is split by text share; split_usage). NeMo >= 2.1 counts whitespace-split words, not tokens:
-  its records say `generated_tokens_unit: words`;
+  capped at max_tokens counts exactly that, the rest is split by text share; split_usage; a total
+  below what the choices must have generated is one choice's, as llama-server reports it: the others
+  are then counted by their text). NeMo >= 2.1 counts whitespace-split words, not tokens: its records
+  say `generated_tokens_unit: words`;
 - HTTP 400 (context length and any other refusal) -> that record is rejected with the server's
   message, read from both vLLM shapes (flat before 0.10.1, nested under `error` since) and
   trtllm-serve's `{"error": str}`;
@@ -135,6 +137,10 @@ def split_usage(total: int | None, texts: list[str], count: Callable[[str], int]
     rest = [i for i, cap in enumerate(capped) if not cap]
     if not rest:
         return shares
+    if total < sum(shares) + len(rest):
+        # Less than the capped choices' tokens plus one (the end) for each other: the server counted
+        # one choice, not the sum (llama-server with n > 1); the others are counted by their text.
+        return [n if capped[i] else min(max(count(texts[i]), 1), max_tokens or 1 << 30) for i, n in enumerate(shares)]
     left = max(total - sum(shares), 0)
     weights = {i: max(count(texts[i]), 1) for i in rest}
     for i in rest:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from infra.local_server.constrained import requested_schema, value_of
 from infra.local_server.nemo_generation import Engine, GenerateParams, StopRule, prompt_ids
+from infra.local_server.service import FAULT_REJECT_MESSAGE
 from infra.local_server.simulated_model import SimCost, SimulatedEngine
 
 log = logging.getLogger(__name__)
@@ -247,18 +248,15 @@ def _complete(service, completions: CompletionsService, raw: bytes) -> tuple[int
     try:
         body = json.loads(raw)
         prompt = body.get("prompt") if isinstance(body, dict) else None
-        if faults.hang_after is not None and number > faults.hang_after:
-            log.error("fault injection: request %d never answers (--fault-hang-after %d)", number, faults.hang_after)
-            faults.fired("hang")
-            threading.Event().wait()
+        faults.hang_if_due(number, "never answers")
         if faults.throttle_every is not None and number % faults.throttle_every == 0:
             status = 429 if number // faults.throttle_every % 2 == 0 else 503  # both mean busy: try again later
             kind = "RateLimitError" if status == 429 else "ServiceUnavailableError"
             return status, _json(OpenAIError(status, "busy (--fault-throttle-every)", kind).body(completions.error_shape))
-        if faults.fail_on is not None and isinstance(prompt, str) and faults.fail_on in prompt:
+        if faults.fails([prompt]):
             return 500, _json(OpenAIError(500, "injected failure", "InternalServerError").body(completions.error_shape))
-        if faults.reject_on is not None and isinstance(prompt, str) and faults.reject_on in prompt:
-            raise OpenAIError(400, "request rejected by --fault-reject-on (fault injection)")
+        if faults.rejects([prompt]):
+            raise OpenAIError(400, FAULT_REJECT_MESSAGE)
         if service.extra_latency_s:
             time.sleep(service.extra_latency_s)
         return 200, _json(completions.complete(body))

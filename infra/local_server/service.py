@@ -51,6 +51,21 @@ class FaultPlan:
         if self.once_marker is not None:
             self.once_marker.write_text(f"{what} at {time.time()}\n")
 
+    def hang_if_due(self, number: int, where: str) -> None:
+        """Request `number` never returns past hang_after (both APIs)."""
+        if self.hang_after is not None and number > self.hang_after:
+            log.error("fault injection: request %d %s (--fault-hang-after %d)", number, where, self.hang_after)
+            self.fired("hang")
+            threading.Event().wait()
+
+    def fails(self, prompts: list) -> bool:
+        """A prompt names fail_on: the request fails as an error inside generation would (500)."""
+        return self.fail_on is not None and _mentions(prompts, self.fail_on)
+
+    def rejects(self, prompts: list) -> bool:
+        """A prompt names reject_on: the request is refused (NeMo: 200 + a string; OpenAI: 400)."""
+        return self.reject_on is not None and _mentions(prompts, self.reject_on)
+
 
 class InjectedFailure(RuntimeError):
     """Raised inside generation by --fault-500-on."""
@@ -94,7 +109,6 @@ class GenerateService:
         self.stats_file = stats_file
         self._lock = FifoLock()
         self._arrivals = itertools.count(1)
-        self._never = threading.Event()
 
     def arrive(self) -> int:
         """Count a request as it arrives; the crash fault fires here, before any work."""
@@ -113,21 +127,17 @@ class GenerateService:
             log.info("request %d rejected (%d): %s", number, outcome.status, outcome.message)
             return outcome.status, outcome.message
         sentences, params = outcome
-        if self.faults.reject_on is not None and _mentions(sentences, self.faults.reject_on):
+        if self.faults.rejects(sentences):
             return 200, FAULT_REJECT_MESSAGE
         with self._lock.held():
             return 200, self._generate(number, sentences, params)
 
     def _generate(self, number: int, sentences: list, params: GenerateParams) -> dict:
-        hang_after = self.faults.hang_after
-        if hang_after is not None and number > hang_after:
-            log.error("fault injection: request %d holds the lock forever (--fault-hang-after %d)", number, hang_after)
-            self.faults.fired("hang")
-            self._never.wait()
+        self.faults.hang_if_due(number, "holds the lock forever")
         started = time.time()
         if self.extra_latency_s:
             time.sleep(self.extra_latency_s)
-        if self.faults.fail_on is not None and _mentions(sentences, self.faults.fail_on):
+        if self.faults.fails(sentences):
             raise InjectedFailure(f"--fault-500-on {self.faults.fail_on!r} matched request {number}")
         if params.all_probs and not params.compute_logprob:
             # NeMo fills full_logprob only inside the compute_logprob branch and fails without it.

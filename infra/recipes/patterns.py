@@ -12,6 +12,7 @@ on many, and silently filtering rows would change the training set behind the us
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import regex
@@ -19,6 +20,14 @@ import regex
 from infra.errors import ConfigError
 
 SEARCH_SECONDS = 1.0  # CPU seconds for one search of one text: ample for any linear pattern on a long completion
+# A pattern checked before anything runs (`backtracks`) searches short texts built to make it backtrack,
+# within PROBE_SECONDS of CPU time in all: a linear pattern takes microseconds on each, and one that
+# needs more on PROBE_CHARS characters needs far more than SEARCH_SECONDS on a reply a few times longer.
+PROBE_SECONDS = 0.2
+PROBE_CHARS = 64
+_PROBE_UNITS = ("a", "1", " ", "A", ".", "_", "a ", "ab", "a1")  # what repetitions repeat: words, digits, spaces
+_PROBE_ENDS = ("", "!", ",", "\x00", "\n")  # what makes the match fail at the end, so every split is tried
+_PROBE_LITERALS = 8  # of the pattern's own characters, as units too
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,31 @@ class UserPattern:
             f"{SEARCH_SECONDS:g} s of CPU time: it backtracks catastrophically (nested repetition such as (\\w+\\s?)+). "
             "Rewrite it without repetition inside repetition (or make the inner part atomic, (?>...)), "
             f"{self.rerun}.")
+
+
+def backtracks(pattern: UserPattern) -> str | None:
+    """Why the pattern backtracks catastrophically, or None: each unit repeated to PROBE_CHARS,
+    then each end, searched within what is left of PROBE_SECONDS."""
+    own = dict.fromkeys(c for c in pattern.pattern if c.isprintable() and c not in "\\^$.|?*+()[]{}")
+    units = list(dict.fromkeys([*_PROBE_UNITS, *list(own)[:_PROBE_LITERALS]]))
+    left = PROBE_SECONDS
+    for unit in units:
+        for end in _PROBE_ENDS:
+            text = (unit * PROBE_CHARS)[:PROBE_CHARS] + end
+            start = time.thread_time()
+            try:
+                pattern.compiled.search(text, timeout=max(left, 1e-3))
+            except TimeoutError:
+                return (f"searched {unit!r} repeated to {PROBE_CHARS} characters then {end!r} for more than "
+                        f"{PROBE_SECONDS:g} s of CPU time: it backtracks catastrophically (a repeated alternation whose branches overlap, such as "
+                        "(\\w|\\w\\w)+), and a longer reply would take hours. Rewrite it so each text splits one way "
+                        "only (or make the repeated part atomic, (?>...))")
+            left -= time.thread_time() - start
+            if left <= 0:
+                return (f"took over {PROBE_SECONDS:g} s of CPU time on {len(units) * len(_PROBE_ENDS)} texts of "
+                        f"{PROBE_CHARS} characters: it backtracks catastrophically; rewrite it so each text splits one "
+                        "way only")
+    return None
 
 
 def compile_pattern(pattern: str, what: str, rerun: str = UserPattern.rerun) -> UserPattern:

@@ -3,8 +3,10 @@
 The schema is checked once, before anything is read or allocated (`check_schema`): the meta-schema,
 and bounds against a hostile one, each refused in one line: its size, nesting and node count; a
 `$ref` that is not inside the schema (`#...`: nothing is ever fetched) or does not resolve there; `patternProperties` (the
-validator matches those with `re`, unbounded, in three places); a `pattern` that is no regex or
-too long; a schema whose `$ref`s loop on one value (validation would never end).
+validator matches those with `re`, unbounded, in three places); a `pattern` that is no regex, too
+long, or backtracks catastrophically on short texts built to make it (infra/recipes/patterns.py
+`backtracks`: refused before the GPU is held, not after, when a reply's validation runs out its bound);
+a schema whose `$ref`s loop on one value (validation would never end).
 
 A reply is parsed (`parse_reply`): the JSON value inside surrounding prose or a code fence (models
 wrap JSON in both), at most MAX_REPLY_CHARS and MAX_CANDIDATES starting brackets tried; then
@@ -25,7 +27,7 @@ from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from infra.errors import ConfigError
-from infra.recipes.patterns import UserPattern, compile_pattern
+from infra.recipes.patterns import UserPattern, backtracks, compile_pattern
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 MAX_SCHEMA_BYTES = 64 << 10  # far above any schema of a reply's fields; a larger one is refused
@@ -61,7 +63,7 @@ def check_schema(schema: Any) -> dict:
         raise ValueError(f"{size} bytes of JSON, over {MAX_SCHEMA_BYTES}: describe the reply's fields only")
     if schema.get("$schema", DRAFT) != DRAFT:
         raise ValueError(f"$schema {schema['$schema']!r}: only Draft 2020-12 ({DRAFT}) is read; drop $schema")
-    nodes, refs = 0, []
+    nodes, refs, probed = 0, [], set()
     stack: list[tuple[Any, str, int]] = [(schema, "$", 1)]
     while stack:
         node, where, depth = stack.pop()
@@ -82,7 +84,10 @@ def check_schema(schema: Any) -> dict:
             if "pattern" in node and isinstance(node["pattern"], str):
                 if len(node["pattern"]) > MAX_PATTERN_CHARS:
                     raise ValueError(f"{where}.pattern is {len(node['pattern'])} characters, over {MAX_PATTERN_CHARS}")
-                compile_pattern(node["pattern"], f"{where}.pattern")
+                if node["pattern"] not in probed:
+                    probed.add(node["pattern"])
+                    if why := backtracks(compile_pattern(node["pattern"], f"{where}.pattern")):
+                        raise ValueError(f"{where}.pattern {node['pattern']!r} {why}")
             stack += [(v, f"{where}.{k}", depth + 1) for k, v in node.items()]
         elif isinstance(node, list):
             stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node)]

@@ -22,7 +22,7 @@
       README.md                       the dataset card, with exports (run/card.py; `--export`, and pipelines)
       data/sft.jsonl, data/sft.parquet ...  files a trainer loads as they are (run/exports.py)
       .part-00000.jsonl.XXXX.tmp      a file being written: never a part's name (S3 output: in a local
-                                      staging directory, {work}/staging/{bucket}/{run_id}/)
+                                      staging directory, {work}/staging/{bucket}/_{prefix}.{hash}/{run_id}/)
       .part-00000.jsonl.spill         the finished requests of a shard not yet published, reused by its
                                       next try (storage/spill.py; in the staging directory too)
 
@@ -67,10 +67,11 @@ DATASET_CARD = "README.md"
 EXPORT_DIR = "data"  # the exports' folder under the run directory: data only, so a reader never meets the manifest
 
 STATE_SUFFIX = ".state.json"
-# A file is written under a hidden temp name in its own directory and renamed into place; the
-# plan discards what a killed run left (PARTIAL_PARTS), which is why the pattern is shared.
+# A file is written under a hidden temp name (temp_prefix) in its own directory, or an S3 run's
+# staging directory, and renamed into place or uploaded; the plan discards what a killed run left
+# there (TEMP_FILES that are `left_by_a_kill`), which is why the pattern is shared.
 TEMP_SUFFIX = ".tmp"
-PARTIAL_PARTS = f".part-*{TEMP_SUFFIX}"
+TEMP_FILES = f".*{TEMP_SUFFIX}"
 # A shard's finished requests until its part is published (infra/storage/spill.py): hidden, like a
 # temp file, but kept across a kill (it ends in .spill, not TEMP_SUFFIX, so discard_partials leaves it).
 SPILL_SUFFIX = ".spill"
@@ -130,6 +131,14 @@ def spill_name(part: str) -> str:
 def temp_prefix(name: str) -> str:
     """The start of the temp file's name `name` is written under (TEMP_SUFFIX ends it)."""
     return f".{name}."
+
+
+def left_by_a_kill(filename: str) -> bool:
+    """A temp file of the run's own objects (a part, its state, kept rows, the manifest ...), which
+    nothing appends to: what a killed writer left. Not the lease's: its writer may be another flow
+    taking the run over this very moment (run/lease.py links it into place)."""
+    return (filename.startswith(".") and filename.endswith(TEMP_SUFFIX)
+            and not filename.startswith(temp_prefix(LEASE_NAME)))
 
 
 def stages_uri(output_uri: str, run_id: str) -> str:

@@ -350,10 +350,10 @@ def release_jobs_of_flow_run(settings: Settings, flow_run_id: str) -> list[str]:
     return [f"Slurm job {j}" for j in cancelled]
 
 
-def check_launch(settings: Settings, profile: Profile, *, run_id: str) -> None:
+def check_launch(settings: Settings, profile: Profile, *, run_id: str) -> SbatchSpec:
     """The refusals building the job's spec makes (container image, model path, directives, srun
     flags), made before the plan reads any input: a bad launch setting costs nothing."""
-    SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id), comment=job_comment(run_id, None),
+    return SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id), comment=job_comment(run_id, None),
                              job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
 
 

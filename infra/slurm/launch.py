@@ -288,6 +288,23 @@ def driver_floor(spec: LaunchSpec) -> str:
     return next((CUDA_DRIVER_FLOORS[cuda] for pattern, cuda in _CUDA_OF_TAG if pattern.search(image)), "")
 
 
+DRIVER_MIN_ENV = "NSDG_DRIVER_MIN"  # in slurm.env: the site's floor, over the image's ('0' accepts any driver)
+
+
+def enforced_driver_floor(spec: LaunchSpec, env: dict[str, str]) -> tuple[str, str]:
+    """The floor the in-job preflight enforces, `${NSDG_DRIVER_MIN:-$PREFLIGHT_DRIVER_MIN}` in
+    node-launcher.sh.tmpl, and where it comes from: ('', why) when it checks none (`doctor`)."""
+    if spec.server_command is not None:
+        return "", "server.command replaces the engine: the preflight checks no GPU or driver"
+    if env.get(DRIVER_MIN_ENV):
+        return env[DRIVER_MIN_ENV], f"{DRIVER_MIN_ENV} in NSDG_SLURM__ENV"
+    if floor := driver_floor(spec):
+        return floor, f"the CUDA build of {spec.container_image}"
+    if spec.container_runtime == "none":
+        return "", "container_runtime none: the nodes' own CUDA, which the preflight does not know"
+    return "", f"the tag of {spec.container_image} names no CUDA build the preflight knows"
+
+
 def preflight_assignments(spec: LaunchSpec) -> list[tuple[str, str | int | tuple[str, ...]]]:
     """The node launcher's preflight inputs (infra/templates/node-launcher.sh.tmpl): the server's
     port always; the model directory, its files and the GPUs only for the engine's own command (a

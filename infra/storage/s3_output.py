@@ -30,7 +30,7 @@ from infra.storage.s3_client import (BAD_CREDENTIALS, CONDITION_LOST, DENIED, NO
                                      at_endpoint, bucket_exists, credentials_error, error_code, error_text,
                                      http_status, make_s3_client, no_credentials)
 from infra.storage.s3_settings import S3Settings
-from infra.storage.uris import parse_s3_uri, validate_bucket, validate_key, validate_key_component
+from infra.storage.uris import parse_s3_uri, prefix_dir_name, validate_bucket, validate_key, validate_key_component
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,12 @@ class S3OutputStore:
         return f"s3://{self.bucket}/{self.key(name)}"
 
     def staging_dir(self) -> Path:
-        """Local directory where a part is written before `publish_file` uploads it."""
-        path = self._staging / self.bucket / self.run_id
+        """Local directory where a part is written before `publish_file` uploads it, and its shard's
+        spill kept: `{staging}/{bucket}/{run_id}`, or `{staging}/{bucket}/{prefix_dir_name(prefix)}/{run_id}`
+        under a prefix, so runs of one id under two prefixes (every pipeline's `stages/answers`) never
+        share a spill."""
+        where = [prefix_dir_name(self._prefix)] if self._prefix else []
+        path = self._staging.joinpath(self.bucket, *where, self.run_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -2,7 +2,7 @@
 costs the requests in flight and not the whole shard (issue 28).
 
 A spill is one JSON-lines file in the store's staging directory (`layout.spill_name`): the run
-directory for a local output, `{work}/staging/{bucket}/{run_id}/` for S3. Its first line is a
+directory for a local output, `{work}/staging/{bucket}/[_{prefix}.{hash}/]{run_id}/` for S3. Its first line is a
 header naming what the results belong to (the config hash, the part's location, the shard's
 records); every later line is one finished request's results, by their position in the shard,
 appended with one write and synced before the next request's results are kept.

@@ -6,6 +6,7 @@ each other.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from pathlib import Path
@@ -87,6 +88,18 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if key or uri[len("s3://"):].endswith("/"):
         validate_key(key, uri)
     return bucket, key
+
+
+_NOT_IN_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def prefix_dir_name(prefix: str) -> str:
+    """One local directory name for an S3 prefix (a validated key: any characters, up to 1,024
+    bytes): its readable part, cut to 48 characters, then its sha256, so two prefixes never share
+    a name and no name is too long, hidden, '..' or a path. It starts with '_', which no run id
+    does, so it never meets a run's own directory beside it."""
+    readable = _NOT_IN_DIR_NAME.sub("_", prefix)[:48]
+    return f"_{readable}.{hashlib.sha256(prefix.encode()).hexdigest()[:16]}"
 
 
 def s3_prefix(uri: str) -> tuple[str, str]:
