@@ -188,8 +188,12 @@ def _curate_part(store, part, curation: Curation, filters, dedup: Dedup, stage_h
     if curation.reward is not None:
         curation.reward.attach(store, part, rows)
     kept, dropped, reasons = [], [], Counter()
-    for i, row in enumerate(rows):
-        verdict = first_verdict(filters, row) or dedup.check(row)
+    # The filters first, then dedup over the rows they keep, in order (a dropped row never shadows a later one).
+    verdicts = [first_verdict(filters, row) for row in rows]
+    passed = [i for i, v in enumerate(verdicts) if v is None]
+    for i, v in zip(passed, dedup.check_rows([rows[i] for i in passed]) if dedup.enabled else []):
+        verdicts[i] = v
+    for i, (row, verdict) in enumerate(zip(rows, verdicts)):
         if verdict is None:
             kept.append(row if raw is None else raw[i])
         else:
