@@ -13,6 +13,8 @@ Memory is one shard's rows plus the dedup tables' page cache.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import time
@@ -222,6 +224,20 @@ def curate_run(store, curation: Curation, parts, chash: str) -> tuple[dict | Non
         remove_outputs(store)
         return None, None
     t = time.monotonic()
-    result = curate(store, parts, curation, chash)
+    with _long_lived_frozen():
+        result = curate(store, parts, curation, chash)
     seconds = time.monotonic() - t
     return {**result.as_manifest(), "config": curation.fingerprint()}, seconds
+
+
+@contextlib.contextmanager
+def _long_lived_frozen():
+    """The process's objects from before the stage (Prefect's, the run's settings) kept out of the
+    cyclic collector's full passes while the stage allocates rows by the hundred thousand: each full
+    pass walked them all again (a fifth of a 100 k x 4 re-filter's curation, measured under load).
+    Only speed changes: frozen objects are collected as usual once the stage ends (gc.unfreeze)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
