@@ -175,3 +175,18 @@ def test_a_scan_is_reused_only_for_its_own_parameters_settled_input_and_rejects(
     monkeypatch.setattr(input_scan, "RACY_NS", 10**12)  # a file changed close to its scan is read again
     make_plan(cfg(src, on_bad_input="skip"), Settings(), store)
     assert len(scans) == 4
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_an_s3_input_is_not_read_again_while_its_etag_or_version_holds(s3_settings, s3_bucket, s3_client, workdir,
+                                                                       scans, versioned):
+    if versioned:
+        s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "one"}\n{"prompt": "two"}\n')
+    uri, store = f"s3://{s3_bucket}/in.jsonl", LocalOutputStore(workdir / "out" / "r1")
+    first = make_plan(cfg(uri), s3_settings, store)
+    assert make_plan(cfg(uri), s3_settings, store).input_pin == first.input_pin and len(scans) == 1  # a HEAD, no GET
+    s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "uno"}\n{"prompt": "dos"}\n')  # same size
+    with pytest.raises(ConfigError, match="input_sha256"):
+        make_plan(cfg(uri), s3_settings, store)
+    assert len(scans) == 2
