@@ -11,6 +11,7 @@ server's --stats-file (one line per generation).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,11 +37,13 @@ def _flow(workdir: Path, api: PrefectAPI, srv, params: dict, tag: str, log) -> d
     manifest = json.loads(Path(run.result["manifest"]).read_text())
     rows = manifest["records_written"]
     r = {"rows": rows, "records_in": manifest["records_in"], "seconds": run.seconds, "rows_per_s": rows / run.seconds,
-         "maxrss_mb": run.maxrss_mb, "requests": len(srv.stats()) - before}
+         "maxrss_mb": run.maxrss_mb, "requests": len(srv.stats()) - before,
+         "plan_s": manifest["timings_s"].get("plan"), "load1": os.getloadavg()[0]}  # other work on the machine
     if cur := manifest.get("curation"):
         r |= {"kept": cur["records_kept"], "filtered": cur["filtered"], "curation_s": manifest["timings_s"].get("curation")}
     log(f"curation {tag}: {r['records_in']} records -> {rows} rows in {run.seconds:.1f} s = {r['rows_per_s']:.0f} rows/s, "
-        f"{r['requests']} requests, peak RSS {run.maxrss_mb:.0f} MB, kept {r.get('kept')}, filtered {r.get('filtered')}")
+        f"{r['requests']} requests, peak RSS {run.maxrss_mb:.0f} MB, kept {r.get('kept')}, filtered {r.get('filtered')}, "
+        f"plan {r['plan_s']} s, curation {r.get('curation_s')} s, load average {r['load1']:.2f}")
     return r
 
 
@@ -158,7 +161,8 @@ def summary_rows(c: dict, met) -> list[tuple]:
              f"{f['rows_per_s']:,.0f} rows/s = {c['ratio_plain']:.2f}× plain ({c['ratio_recipe']:.2f}× the unfiltered recipe)",
              f"plain, same bench run: {p['rows_per_s']:,.0f} rows/s", "≥ 0.5× plain (rows/s)", met(c["ratio_plain"] >= 0.5)),
             (f"re-filter of the finished {c['records'] // 1000:,} k × {c['samples']} run (new thresholds, same run_id)",
-             f"{rr['seconds']:.1f} s, {rr['requests']} requests to the server", "regenerate: "
+             f"{rr['seconds']:.1f} s (plan {_s(rr.get('plan_s'))}, curation {_s(rr.get('curation_s'))}), "
+             f"{rr['requests']} requests to the server", "regenerate: "
              f"{f['seconds']:.0f} s", "≤ 10 s, 0 allocations", met(rr["requests"] == 0 and rr["seconds"] <= 10)),
         ]
     if st := c.get("stage"):
@@ -175,14 +179,22 @@ def detail_lines(c: dict) -> list[str]:
          "min_completion_tokens to 2 and max_repeated_ngram_share to 0.5 under the same run_id. Requests are counted "
          "from the server's stats file. The stage row runs `curate()` alone in a child over crafted parts (a tenth "
          "of the rows exact duplicates), 4,000 rows a part.", "",
-         "| run | records in | rows | generate() wall | rows/s | requests | kept | filtered | curation step | peak RSS |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| run | records in | rows | generate() wall | rows/s | requests | kept | filtered | plan | curation step | peak RSS | load average (1 min, at its end) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("plain", "recipe", "filtered", "refiltered"):
         if v := c.get(name):
             L.append(f"| {name} | {v['records_in']:,} | {v['rows']:,} | {v['seconds']:.1f} s | {v['rows_per_s']:,.0f} | "
-                     f"{v['requests']} | {v.get('kept', '—')} | {v.get('filtered', '—')} | "
-                     f"{v.get('curation_s') or '—'} s | {v['maxrss_mb']:.0f} MB |")
+                     f"{v['requests']} | {v.get('kept', '—')} | {v.get('filtered', '—')} | {_s(v.get('plan_s'))} | "
+                     f"{_s(v.get('curation_s'))} | {v['maxrss_mb']:.0f} MB | {_load(v)} |")
     if st := c.get("stage"):
         L.append(f"| curate() alone | — | {st['rows']:,} | {st['seconds']:.1f} s | {st['rows'] / st['seconds']:,.0f} | 0 | "
-                 f"{st['kept']:,} | {st['filtered']} | {st['seconds']:.1f} s | {st['maxrss_mb']:.0f} MB |")
+                 f"{st['kept']:,} | {st['filtered']} | — | {st['seconds']:.1f} s | {st['maxrss_mb']:.0f} MB | — |")
     return L + [""]
+
+
+def _s(seconds) -> str:
+    return "—" if seconds is None else f"{seconds:.1f} s"
+
+
+def _load(v: dict) -> str:
+    return f"{v['load1']:.2f}" if "load1" in v else "—"

@@ -13,12 +13,15 @@ import logging
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from infra.prompting.dataset import BadLine, Format, Record, Shard, detect_format, iter_input, iter_shards, shard_count
 from infra.errors import ConfigError, InputError
+from infra.run import input_scan
+from infra.run.input_scan import Scan
 from infra.storage.scratch import IdSet
 from infra.storage.input_pin import InputPin
 from infra.run.layout import INPUT_REJECTS, RUN_CONFIG, STATE_SUFFIX, TEMP_FILES, left_by_a_kill, part_name, state_name
@@ -31,7 +34,7 @@ from infra.prompting.sampling import SamplingParams
 from infra.engines import served_model
 from infra.settings import Settings
 from infra.run.states import published_part
-from infra.storage import OutputStore, check_input, open_input
+from infra.storage import OutputStore, check_input, look_at_input, open_input
 from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context
 
 log = logging.getLogger(__name__)
@@ -134,17 +137,6 @@ class _HashingReader:
         return chunk
 
 
-@dataclass
-class Scan:
-    records: int
-    bad: int
-    shown: list[BadLine]
-    input_sha256: str
-    format: Format
-    duplicate_lines: frozenset[int]
-    pin: InputPin
-
-
 def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     """Read every line once: count usable records, collect problems (first few shown, all
     written to `rejects_file`), and hash the bytes."""
@@ -168,9 +160,10 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
                 else:
                     records += 1
         duplicates = frozenset(check.duplicate_lines)
+        checked_at = time.time_ns()  # before the last check: a write after it moves the file's ctime past this
         source.verify()  # the bytes hashed are the bytes the pin describes
         pin = replace(source.pin, sha256=reader.sha.hexdigest())
-    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates, pin)
+    return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates, pin, checked_at)
 
 
 def _rendered_chunks(items: Iterator[Record | BadLine], check: "RecordCheck") -> Iterator[list[Record | BadLine]]:
@@ -356,10 +349,15 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
     store.preflight()
     discard_partials(store)
     store.abort_incomplete_uploads()  # uploads an earlier, killed attempt left open
-    with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
-        scan = scan_input(cfg, settings, rejects)
-        records, bad, shown, input_sha, fmt = scan.records, scan.bad, scan.shown, scan.input_sha256, scan.format
-    rejects_path = Path(rejects.name)
+    # The last full scan's findings while the input is the object it read (infra/run/input_scan.py).
+    scan, rejects_path = input_scan.recorded(
+        store, lambda sha, fmt: input_scan.key_hash(cfg.fingerprint(sha, fmt, settings), cfg),
+        lambda: look_at_input(cfg.input_uri, settings.s3)), None
+    if scan is None:
+        with tempfile.NamedTemporaryFile("w+", suffix=".rejects.jsonl", delete=False) as rejects:
+            scan = scan_input(cfg, settings, rejects)
+        rejects_path = Path(rejects.name)
+    records, bad, shown, input_sha, fmt = scan.records, scan.bad, scan.shown, scan.input_sha256, scan.format
     try:
         if bad and cfg.on_bad_input == "fail":
             raise InputError(_problems_message(cfg, bad, shown, records))
@@ -370,13 +368,18 @@ def make_plan(cfg: RunConfig, settings: Settings, store: OutputStore) -> Plan:
         check_run_config(store, config, chash)
         if bad:
             log.warning("%d unusable input line(s) skipped; they will be listed in rejects.jsonl", bad)
-            store.write_bytes(INPUT_REJECTS, rejects_path.read_bytes())
+            if rejects_path is not None:  # a reused scan's list is there already, the bytes it wrote
+                store.write_bytes(INPUT_REJECTS, rejects_path.read_bytes())
         elif store.read_bytes(INPUT_REJECTS):
             store.write_bytes(INPUT_REJECTS, b"")  # an earlier plan's list is not this plan's
+        if not scan.reused:
+            input_scan.record(store, scan, input_scan.key_hash(config, cfg))
     finally:
-        rejects_path.unlink(missing_ok=True)
+        if rejects_path is not None:
+            rejects_path.unlink(missing_ok=True)
     plan = Plan(cfg.run_id, cfg.input_uri, fmt, records, bad, shard_count(records, cfg.shard_size), config, chash,
                 load_published(store, chash), scan.duplicate_lines, scan.pin, cfg.recipe.samples)
-    log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s",
-             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, cfg.counter.description)
+    log.info("plan: %d records in %d shards, %d already published, %d rejected; prompt format %s; tokens counted with %s%s",
+             records, plan.shards_total, len(plan.done), bad, cfg.prompt_format.name, cfg.counter.description,
+             "; input unchanged since the run's last scan of it, not read again" if scan.reused else "")
     return plan

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from infra.errors import InputChanged
+from infra.errors import ConfigError, InputChanged, InputError
 from infra.planning import make_plan
 from infra.settings import Settings
 from infra.storage import open_input
@@ -108,3 +108,85 @@ def test_a_versioned_s3_input_is_read_at_the_planned_version(s3_settings, s3_buc
     s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "overwritten"}\n')
     with open_input(uri, s3_settings.s3, pin=plan.input_pin) as stream:
         assert stream.read() == v1
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """Counts the plan's full reads of its input; a file counts as settled 50 ms after its last change
+    (the rule's 2 s would make every test wait)."""
+    import infra.planning as planning
+    from infra.run import input_scan
+
+    monkeypatch.setattr(input_scan, "RACY_NS", 50_000_000)
+    calls = []
+    real = planning.scan_input
+    monkeypatch.setattr(planning, "scan_input", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("change", ["rewrite", "append", "replace", "rewrite-touched-back", "none"])
+def test_a_replan_of_the_same_input_reads_nothing_and_a_changed_input_is_read_again(workdir, scans, change):
+    src, store = workdir / "in.jsonl", LocalOutputStore(workdir / "out" / "r1")
+    write(src, "a", 30)
+    time.sleep(0.1)  # settled
+    first = make_plan(cfg(src), Settings(), store)
+    again = make_plan(cfg(src), Settings(), store)
+    assert len(scans) == 1  # the second plan took the first one's findings: the input was not read
+    assert (again.records_in, again.config_hash, again.input_pin, again.duplicate_lines) == \
+           (first.records_in, first.config_hash, first.input_pin, first.duplicate_lines)
+    st = os.stat(src)
+    if change == "rewrite":
+        write(src, "b", 30)  # the same size, the same inode
+    elif change == "append":
+        write(src, "c", 1, mode="a")
+    elif change == "replace":
+        write(workdir / "new.jsonl", "a", 30)  # the same bytes, another file
+        os.replace(workdir / "new.jsonl", src)
+    elif change == "rewrite-touched-back":
+        write(src, "b", 30)
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as they were; ctime cannot be set back
+        assert (os.stat(src).st_size, os.stat(src).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    if change in ("rewrite", "append", "rewrite-touched-back"):  # other bytes: read, hashed, and refused
+        with pytest.raises(ConfigError, match="input_sha256"):
+            make_plan(cfg(src), Settings(), store)
+    else:
+        assert make_plan(cfg(src), Settings(), store).config_hash == first.config_hash
+    assert len(scans) == (1 if change == "none" else 2)
+
+
+def test_a_scan_is_reused_only_for_its_own_parameters_settled_input_and_rejects(workdir, scans, monkeypatch):
+    from infra.run import input_scan
+
+    src, store = workdir / "in.jsonl", LocalOutputStore(workdir / "out" / "r1")
+    write(src, "a", 5)
+    with open(src, "a") as f:
+        f.write("{not json\n")
+    time.sleep(0.1)
+    first = make_plan(cfg(src, on_bad_input="skip"), Settings(), store)
+    rejects = (store.root / "input-rejects.jsonl").read_bytes()
+    assert make_plan(cfg(src, on_bad_input="skip"), Settings(), store).rejected == first.rejected == 1
+    assert len(scans) == 1
+    (store.root / "input-rejects.jsonl").write_bytes(b"")  # not the list the scan wrote: read again, and rewritten
+    assert make_plan(cfg(src, on_bad_input="skip"), Settings(), store).rejected == 1 and len(scans) == 2
+    assert (store.root / "input-rejects.jsonl").read_bytes() == rejects
+    with pytest.raises(InputError, match="unusable"):  # another on_bad_input is another key: read, and refused
+        make_plan(cfg(src), Settings(), store)
+    assert len(scans) == 3
+    monkeypatch.setattr(input_scan, "RACY_NS", 10**12)  # a file changed close to its scan is read again
+    make_plan(cfg(src, on_bad_input="skip"), Settings(), store)
+    assert len(scans) == 4
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_an_s3_input_is_not_read_again_while_its_etag_or_version_holds(s3_settings, s3_bucket, s3_client, workdir,
+                                                                       scans, versioned):
+    if versioned:
+        s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "one"}\n{"prompt": "two"}\n')
+    uri, store = f"s3://{s3_bucket}/in.jsonl", LocalOutputStore(workdir / "out" / "r1")
+    first = make_plan(cfg(uri), s3_settings, store)
+    assert make_plan(cfg(uri), s3_settings, store).input_pin == first.input_pin and len(scans) == 1  # a HEAD, no GET
+    s3_client.put_object(Bucket=s3_bucket, Key="in.jsonl", Body=b'{"prompt": "uno"}\n{"prompt": "dos"}\n')  # same size
+    with pytest.raises(ConfigError, match="input_sha256"):
+        make_plan(cfg(uri), s3_settings, store)
+    assert len(scans) == 2

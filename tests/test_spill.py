@@ -48,6 +48,36 @@ def test_results_kept_come_back_and_a_torn_last_line_is_cut_off_and_asked_again(
     assert not path.exists()
 
 
+def test_appends_are_synced_at_most_once_a_second_and_a_kill_loses_none(tmp_path, monkeypatch):
+    """One fsync per request cost the openai-completions flow a sync per record; a line written and
+    not yet synced is in the page cache, which a kill -9 of the process does not lose."""
+    import os
+
+    from infra.storage import spill as spill_module
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(spill_module.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    monkeypatch.setattr(spill_module.time, "monotonic", lambda: 100.0)  # no second passes between appends
+    spill = Spill.open(tmp_path, "part-00000.jsonl", HEADER)
+    for i in range(200):
+        spill.append([(i, {"a": i})])
+    assert len(synced) == 1  # the header's, when the spill starts
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as other:  # the next try, as after a kill -9: no close ran
+        assert other.kept == {}  # still held by the first writer: read by no one
+    os.close(spill._fd)  # the writer dies (its flock goes with its descriptor) without closing its spill
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as again:
+        assert again.kept == {i: {"a": i} for i in range(200)}
+    with Spill.open(tmp_path, "part-00001.jsonl", HEADER) as later:
+        later.append([(0, {"a": 0})])
+        assert len(synced) == 2  # its header's
+        monkeypatch.setattr(spill_module.time, "monotonic", lambda: 101.5)  # a second on: the next append syncs
+        later.append([(1, {"a": 1})])
+        assert len(synced) == 3
+        later.append([(2, {"a": 2})])
+    assert len(synced) == 4  # a try that ends leaves its last lines synced
+
+
 def test_a_spill_of_another_config_or_part_is_discarded_whole(tmp_path):
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
         spill.append([(0, {"a": 1})])

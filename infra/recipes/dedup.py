@@ -33,6 +33,9 @@ def exact_key(text: str) -> int:
     return _key(normalize(text).encode())
 
 
+LOOKUP_CHUNK = 900  # keys per query: under SQLite's oldest limit on a statement's parameters (999)
+
+
 class FirstSeen:
     """64-bit key -> the first record key stored under it, on disk."""
 
@@ -48,6 +51,18 @@ class FirstSeen:
 
     def add(self, keys: list[int], first: str) -> None:
         self._cur.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", [(k, first) for k in keys])
+
+    def firsts(self, keys: set[int]) -> dict[int, str]:
+        """Each of `keys` stored, with its first record: one query per LOOKUP_CHUNK keys, not one per key."""
+        found, keys = {}, sorted(keys)
+        for i in range(0, len(keys), LOOKUP_CHUNK):
+            chunk = keys[i:i + LOOKUP_CHUNK]
+            found.update(self._cur.execute(f"SELECT k, first FROM seen WHERE k IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def add_many(self, pairs: list[tuple[int, str]]) -> None:
+        # In key order: the B-tree's pages are visited once each, not at random (the table outgrows its cache).
+        self._cur.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", sorted(pairs))
 
     def close(self) -> None:
         if self._db is not None:
@@ -108,6 +123,36 @@ class Dedup:
             return Verdict("near_duplicate", first, self.threshold)
         self._add(row, exact, near)
         return None
+
+    def check_rows(self, rows: list[dict]) -> list[Verdict | None]:
+        """`check` of each row in order, the tables asked once for the whole list (a shard's rows: a
+        query per row was most of a re-filter's dedup time): a row is a duplicate of the first kept row,
+        of an earlier call or earlier in `rows`, that shares a key with it; the rest are kept and remembered."""
+        keys = [self._keys(row) for row in rows]
+        seen_exact = self.exact.firsts({k for e, _ in keys for k in e}) if self.exact is not None else {}
+        seen_near = self.near.firsts({k for _, n in keys for k in n}) if self.near is not None else {}
+        out: list[Verdict | None] = []
+        new_exact: list[tuple[int, str]] = []
+        new_near: list[tuple[int, str]] = []
+        for row, (exact, near) in zip(rows, keys):
+            if (first := next((seen_exact[k] for k in exact if k in seen_exact), None)) is not None:
+                out.append(Verdict("exact_duplicate", first))
+                continue
+            if (first := next((seen_near[k] for k in near if k in seen_near), None)) is not None:
+                out.append(Verdict("near_duplicate", first, self.threshold))
+                continue
+            who = f"{row.get('id')}#{row.get('sample', 0)}"
+            for table, found, new in ((exact, seen_exact, new_exact), (near, seen_near, new_near)):
+                for k in table:
+                    if k not in found:  # INSERT OR IGNORE: the first record under a key stays
+                        found[k] = who
+                        new.append((k, who))
+            out.append(None)
+        if self.exact is not None:
+            self.exact.add_many(new_exact)
+        if self.near is not None:
+            self.near.add_many(new_near)
+        return out
 
     def seed(self, row: dict) -> None:
         """Remember a row kept by an earlier pass."""

@@ -4,6 +4,7 @@
       run.lease                       RunLease: which flow run holds the run (lease.py)
       run.json                        the config hash and config the run started with (planning)
       input-rejects.jsonl             the plan's unusable input lines (on_bad_input=skip)
+      input-scan.json                 what the plan's last full read of the input found, and the input's pin (run/input_scan.py)
       served-model.json               what the run's first server served (engines/served_model.py)
       part-00000.jsonl                a shard's generated rows: the unit of publication and upload
       part-00000.jsonl.state.json     its state (manifest.PartInfo), written right after the part
@@ -53,6 +54,7 @@ import re
 LEASE_NAME = "run.lease"
 RUN_CONFIG = "run.json"
 INPUT_REJECTS = "input-rejects.jsonl"  # the plan's; merged into rejects.jsonl at the end
+INPUT_SCAN = "input-scan.json"  # the plan's findings, reused while the input is the one it read
 SERVED_MODEL = "served-model.json"
 REJECTS = "rejects.jsonl"
 FILTERED = "filtered.jsonl"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -110,3 +111,12 @@ class InputSource:
 
 def open_input(input_uri: str, s3: S3Settings, pin: InputPin | None = None) -> InputSource:
     return InputSource(input_uri, s3, pin)
+
+
+def look_at_input(input_uri: str, s3: S3Settings) -> InputPin:
+    """The input's pin as it is now, read from its metadata alone (a stat, or an S3 HEAD)."""
+    if is_s3(input_uri):
+        from infra.storage.s3_input import head_pin  # boto3 is imported only when S3 is used
+
+        return head_pin(input_uri, s3)
+    return InputPin.of_file(input_uri, os.stat(local_path(input_uri)))

@@ -27,10 +27,26 @@ class InputPin:
     etag: str | None = None
     version_id: str | None = None
     sha256: str | None = None  # set once the plan has read it all
+    # Not in `changes` (a chmod moves it, the bytes stay): only `same_object` reads it.
+    ctime_ns: int | None = None
 
     @classmethod
     def of_file(cls, uri: str, st: os.stat_result) -> "InputPin":
-        return cls(uri, st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev)
+        return cls(uri, st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, device=st.st_dev, ctime_ns=st.st_ctime_ns)
+
+    def same_object(self, now: "InputPin") -> bool:
+        """Is `now`, a later look that read nothing, the very object this pin describes? On S3 the
+        same VersionId (a version never changes), else the same ETag and size; locally the same
+        device, inode, size, mtime and ctime: ctime because no user can set it back (any write, and
+        a `touch` that restores the mtime, moves it). A field not known never matches."""
+        if self.uri != now.uri:
+            return False
+        if self.version_id:
+            return now.version_id == self.version_id
+        if self.etag:
+            return now.etag == self.etag and now.size == self.size
+        seen = (self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns)
+        return None not in seen and seen == (now.device, now.inode, now.size, now.mtime_ns, now.ctime_ns)
 
     def changes(self, now: "InputPin") -> list[str]:
         """What differs between this pin and what is seen `now`, in words."""

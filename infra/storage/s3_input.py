@@ -31,6 +31,15 @@ def check_s3_input(uri: str, s3: S3Settings, client: Any = None) -> None:
     _reading(uri, s3, client, lambda c, bucket, key: c.head_object(Bucket=bucket, Key=key))
 
 
+def head_pin(uri: str, s3: S3Settings, client: Any = None) -> InputPin:
+    """The object as a HEAD sees it, without reading it: the pin a GET of it now would take."""
+    bucket, key = _input_location(uri)
+    reply = _reading(uri, s3, client, lambda c, b, k: c.head_object(Bucket=b, Key=k))
+    version = reply.get("VersionId")
+    return InputPin(f"s3://{bucket}/{key}", reply.get("ContentLength"), etag=reply.get("ETag"),
+                    version_id=version if version not in (None, "null") else None)
+
+
 def _reading(uri: str, s3: S3Settings, client: Any, call: Callable[[Any, str, str], Any]) -> Any:
     """`call(client, bucket, key)`, its errors turned into what to fix."""
     bucket, key = _input_location(uri)
