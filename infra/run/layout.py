@@ -54,6 +54,7 @@ MANIFEST = "manifest.json"
 STAGES = "stages"
 STAGE_ROWS = "rows.jsonl"
 STAGE_PAIRS = "pairs.jsonl"
+STAGE_PAIR_CHECK = "pair-check.jsonl"  # a pairs stage's check answers, by the exact prompt sent (pairs_stage.py)
 PIPELINE_HASHES = "pipeline.json"
 DATASET_CARD = "README.md"
 EXPORT_DIR = "data"  # the exports' folder under the run directory: data only, so a reader never meets the manifest
