@@ -45,7 +45,7 @@ from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
 from infra.pipeline.model import Pipeline
-from infra.pipeline.outputs import export_pipeline
+from infra.pipeline.outputs import export_pipeline, push_pipeline
 from infra.pipeline.rows import stage_entry, write_stage_rows
 from infra.pipeline.schedule import attribute, busy_by_stage
 from infra.planning import planned_shards
@@ -128,6 +128,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
            "training_rows": final["rows_uri"], "server_launches": pool.launched if pool else 0}
     doc["dataset"] = export_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # trainer files and card
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
+    push_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # push_to_hub: after all is published
     logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(stages), root.uri(MANIFEST))
     return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {n: s["kept"] for n, s in done.items()},
             "records_written": final["rows_out"], "records_kept": final["kept"], "filtered": final["filtered"]}

@@ -13,6 +13,7 @@ import json
 from infra.pipeline.model import Pipeline
 from infra.pipeline.pairs_stage import kept_rows, stage_store
 from infra.run.card import export_store, judge_line, publish_dataset, read_rows, reward_line
+from infra.run.hub import push_dataset
 from infra.run.layout import MANIFEST, STAGE_PAIRS
 
 
@@ -69,3 +70,11 @@ def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str
     return publish_dataset(root, data, run_id, kept_rows(stage_store(output_uri, run_id, sft, settings)),
                            pair_rows if pairs else None, pipeline_facts(the, doc, manifests, sft))
 
+
+def push_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str, settings, lease=None) -> None:
+    """With `push_to_hub`, the published dataset to the Hub, then the manifest again with where it went.
+    Called after the manifest is written: a Hub out of reach fails in one line and loses nothing."""
+    if the.push_to_hub is None:
+        return
+    doc["hub"] = push_dataset(the.push_to_hub, root, export_store(output_uri, run_id, settings, lease), doc["dataset"], run_id)
+    root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
