@@ -40,4 +40,11 @@ for _ in $(seq 1 240); do
     sleep 0.5
 done
 ready || { echo "pipeline-reward: the PyTriton stand-in was not ready within 120 s; see $HERE/triton.log" >&2; exit 1; }
-"$NSDG" run --pipeline "$FILE" --output-uri "$OUT" --run-id "$RUN_ID"
+# In the background and waited for, so a TERM or INT to this script is passed on to the run (which
+# releases its server) at once, as TERM (a background job here ignores INT), then the stand-in is
+# stopped by the EXIT trap.
+"$NSDG" run --pipeline "$FILE" --output-uri "$OUT" --run-id "$RUN_ID" &
+RUN=$!
+trap 'kill -TERM "$RUN" 2>/dev/null; wait "$RUN"; exit 143' TERM
+trap 'kill -TERM "$RUN" 2>/dev/null; wait "$RUN"; exit 130' INT
+wait "$RUN"
