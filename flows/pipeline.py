@@ -34,6 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import Artifacts, artifact_key, publish_stage_counts
 from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
                             planned_job, shard_tasks_per_replica)
+from flows.pairs import pairs_stage
 from flows.params import RunParams, resolve_run_id, run_name
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
@@ -48,8 +49,7 @@ from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
 from infra.pipeline.invalidate import reconcile, superseded_store
 from infra.pipeline.model import Pipeline
-from infra.pipeline.outputs import export_pipeline
-from infra.pipeline.pairs_stage import run_pairs
+from infra.pipeline.outputs import export_pipeline, push_pipeline
 from infra.pipeline.reuse import Reuse
 from infra.pipeline.rows import stage_entry, write_stage_rows
 from infra.pipeline.schedule import attribute, busy_by_stage
@@ -121,8 +121,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
             logger.info("pipeline run %s: every stage's shards are already published; nothing to allocate", run_id)
     done: dict[str, dict] = {}
     for stage in the.ordered():
-        if stage.kind == "pairs":  # on the CPU, from the parent's published rows: no server
-            done[stage.name] = run_pairs(the, stage, output_uri, run_id, settings, lease, hashes[stage.name])
+        if stage.kind == "pairs":  # from the parent's published rows: no server unless pairs.check asks (flows/pairs.py)
+            done[stage.name] = pairs_stage(the, stage, output_uri, run_id, settings, lease, hashes[stage.name], str(flow_run.id))
             continue
         if stage.kind == "reward":  # scored by its own reward server once its parent is done (flows/reward.py)
             done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
@@ -141,6 +141,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
            "training_rows": final["rows_uri"], "server_launches": pool.launched if pool else 0}
     doc["dataset"] = export_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # trainer files and card
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
+    push_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # push_to_hub: after all is published
     logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(stages), root.uri(MANIFEST))
     return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {n: s["kept"] for n, s in done.items()},
             "records_written": final["rows_out"], "records_kept": final["kept"], "filtered": final["filtered"]}

@@ -35,7 +35,9 @@ def make_run(tmp_path, kept: list[dict]):
                 "profile": "local", "records_in": len(kept), "records_written": len(kept) + 3, "records_rejected": 0,
                 "parts": [{"name": "part-00000.jsonl"}], "replicas": [{"gpu_hours": 1.25}],
                 "curation": {"records_kept": len(kept), "filtered": {"judge_score": 3},
-                             "kept_parts": [{"name": "kept-00000.jsonl"}]}}
+                             "kept_parts": [{"name": "kept-00000.jsonl"}],
+                             "config": {"judge": {"template": "Rate {{ completion }}", "min_score": 3,
+                                                  "template_sha256": "0123456789abcdef"}}}}
     store.write_bytes("manifest.json", json.dumps(manifest).encode())
     return store
 
@@ -68,6 +70,9 @@ def test_a_plain_runs_sft_exports_load_and_the_run_folder_is_a_dataset(tmp_path)
     assert whole.to_list() == sft.to_list()
     card = (run_dir / "README.md").read_text()
     assert "Nemotron-4-340B-Instruct" in card and "judge_score 3" in card and "1.25" in card and "# license:" in card
+    # the scorer: the judge is the generating model, named with its template's hash and its threshold
+    assert ("## Scoring\n\n- rows judged by the generating model `Nemotron-4-340B-Instruct` (judge template sha256 "
+            "`0123456789ab`, score `judge.score`, kept at score >= 3)") in card
 
 
 def test_preference_exports_in_nemo_aligner_and_trl_schemas(tmp_path):

@@ -68,6 +68,10 @@ def test_a_reward_stage_scores_every_row_once_and_a_new_threshold_needs_no_serve
     filtered = jsonl(run_dir / "stages" / "rm" / "filtered.jsonl")
     assert {f["filter"] for f in filtered} == {"reward_min_helpfulness"} and len(filtered) == 10 - len(kept)
     assert all(f["value"] < 2.0 and f["limit"] == 2.0 for f in filtered)
+    card = (run_dir / "README.md").read_text()  # the card names the scorer, its server and its scalar's weights
+    assert (f"stage `rm`: scored by reward model `reward_model` (nemo-aligner server `rm` at `{reward_server.url}`), scalar "
+            "`reward.reward` = 0.3 × helpfulness + 0.74 × correctness + 0.46 × coherence + 0.47 × complexity - 0.33 × "
+            "verbosity") in card
 
     # A stricter threshold: the reward server is gone, the stage re-filters from its checkpointed replies.
     reward_server.stop()

@@ -29,6 +29,7 @@ from infra.pipeline.model import Pipeline, Stage
 from infra.prompting.dataset import RESERVED_FIELDS, BadLine, Record, detect_format, iter_input
 from infra.prompting.prompt_format import RAW
 from infra.recipes.judge import Judge, load_judge
+from infra.recipes.pair_check import check_template
 from infra.recipes.params import FilterParams
 from infra.recipes.recipe import Recipe, load_recipe
 from infra.recipes.templates import PromptTemplate, is_template_uri
@@ -154,6 +155,8 @@ def check_stage(pipeline: Pipeline, stage: Stage, done: dict[str, StageCheck], s
         return check_reward_stage(pipeline, stage, parent, settings, rows)
     recipe = load_recipe(stage.recipe, settings)
     if stage.kind == "pairs":  # renders nothing: it pairs its parent's scored rows (infra/pipeline/pairs_stage.py)
+        if stage.pairs.check is not None:  # ...but its check's A/B prompt, over the parent's first rows
+            check_template(stage.pairs.check, parent.rows, settings, parent.stage.name)
         return StageCheck(stage, parent.stage.name, recipe)
     if parent is None:
         uri = pipeline.input_of(stage)
@@ -213,7 +216,7 @@ def _summary(stage: Stage) -> dict[str, str]:
     if stage.pairs is not None:
         p = stage.pairs
         return {"template": f"pairs {p.strategy} by {p.score}", "samples": "-",
-                "split": "-", "judge": "-", "filters": f"min_margin {p.min_margin:g}"}
+                "split": "-", "judge": "A/B, both orders" if p.check is not None else "-", "filters": f"min_margin {p.min_margin:g}"}
     return {
         "template": _shown(stage.recipe.prompt_template) if stage.recipe.prompt_template else "(input prompt)",
         "samples": str(stage.recipe.samples_per_prompt),

@@ -167,7 +167,10 @@ def _stage_relative_to(stage: Stage, base: str) -> Stage:
     recipe = stage.recipe.model_copy(update={"prompt_template": template(stage.recipe.prompt_template),
                                              "examples_uri": _relative_to(stage.recipe.examples_uri, base)})
     judge = stage.judge.model_copy(update={"template": template(stage.judge.template)})
-    return stage.model_copy(update={"input": _relative_to(stage.input, base), "recipe": recipe, "judge": judge})
+    pairs = stage.pairs
+    if pairs is not None and pairs.check is not None:  # the pair check's A/B template, a path like the others
+        pairs = pairs.model_copy(update={"check": pairs.check.model_copy(update={"template": template(pairs.check.template)})})
+    return stage.model_copy(update={"input": _relative_to(stage.input, base), "recipe": recipe, "judge": judge, "pairs": pairs})
 
 
 def relative_to(pipeline: Pipeline, base: str) -> Pipeline:
@@ -183,7 +186,8 @@ def locations(pipeline: Pipeline) -> dict[str, str]:
         where = f"stage {stage.name!r}"
         if stage.input:
             found[f"{where}: input"] = stage.input
-        for what, uri in {**stage.recipe.locations(), **stage.judge.locations()}.items():
+        check = stage.pairs.check.locations() if stage.pairs is not None and stage.pairs.check is not None else {}
+        for what, uri in {**stage.recipe.locations(), **stage.judge.locations(), **check}.items():
             found[f"{where}: {what}"] = uri
     return found
 

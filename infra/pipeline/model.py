@@ -30,6 +30,7 @@ from infra.recipes.pairs import PairParams
 from infra.recipes.split import SplitParams
 from infra.reward.client import REWARD_ENGINES, RewardEngine
 from infra.reward.scores import RewardParams
+from infra.run.hub import HubParams
 
 MAX_STAGES = 64
 # A stage's name becomes a key component (`stages/{name}/`), part of its rows' ids and of task names.
@@ -202,6 +203,8 @@ class Pipeline(BaseModel):
                                        "one generation server, and reward servers for reward stages")
     defaults: dict[str, Any] = Field(default_factory=dict, description="every stage's settings where it sets none")
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
+    push_to_hub: HubParams | None = Field(None, description="upload the finished dataset (card and exports) to this "
+                                          "Hugging Face Hub dataset repository; off by default (infra/run/hub.py)")
 
     @model_validator(mode="before")
     @classmethod

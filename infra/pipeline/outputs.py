@@ -13,7 +13,8 @@ import json
 from infra.pipeline.model import Pipeline
 from infra.pipeline.pairs_stage import kept_rows, stage_store
 from infra.pipeline.rows import kept_part_names
-from infra.run.card import StoredRows, export_store, publish_dataset, read_rows
+from infra.run.card import StoredRows, export_store, judge_line, publish_dataset, read_rows, reward_line
+from infra.run.hub import push_dataset
 from infra.run.layout import MANIFEST, STAGE_PAIRS
 
 
@@ -32,10 +33,29 @@ def pipeline_facts(the: Pipeline, doc: dict, stage_manifests: dict[str, dict], s
                "kept hash": s.get("kept_hash"), "records in": s.get("records_in"), "rows out": s.get("rows_out"),
                "kept": s.get("kept"), "dropped": {**(s.get("filtered") or {}), **(s.get("split_dropped") or {})}}
               for s in doc["stages"]]
-    return {"models": models, "stages": stages, "gpu_hours": round(gpu_hours, 3),
+    return {"models": models, "stages": stages, "gpu_hours": round(gpu_hours, 3), "scorers": scorers(the, doc, stage_manifests),
             "made_by": f"Pipeline `{doc['pipeline']}` on server `{name}` (profile `{server.profile}`); the SFT set is "
                        f"the kept rows of stage `{sft}`; each stage's config hashes are in `pipeline.json`, its counts "
                        f"in `{MANIFEST}`."}
+
+
+def scorers(the: Pipeline, doc: dict, stage_manifests: dict[str, dict]) -> list[str]:
+    """One sentence per model that cut or ranked rows: each judged stage's judge, each reward stage's
+    reward model and weights, each pairs stage's score (and its pair check's model)."""
+    out = []
+    for entry in doc["stages"]:
+        stage = the.stage(entry["stage"])
+        if stage.kind == "generate" and (line := judge_line(stage_manifests.get(stage.name) or {}, f"stage `{stage.name}`: ")):
+            out.append(line)
+        elif stage.kind == "reward" and entry.get("reward"):
+            out.append(reward_line(stage.name, entry["reward"], stage.reward_params.weights,
+                                   the.reward_server(stage)[1].url))
+        elif stage.kind == "pairs":
+            p = stage.pairs
+            out.append(f"stage `{stage.name}`: pairs {p.strategy} by `{p.score}` (min margin {p.min_margin:g}"
+                       + (f", min chosen {p.min_chosen:g}" if p.min_chosen is not None else "") + ")"
+                       + (f"; {entry['check']['said']}" if (entry.get("check") or {}).get("said") else ""))
+    return out
 
 
 def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str, settings, lease=None) -> dict:
@@ -54,3 +74,12 @@ def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str
         kept_rows(sft_store)  # its one-line error: the stage has not finished
     return publish_dataset(root, data, run_id, StoredRows(sft_store, kept_part_names(manifests[sft])),
                            pair_rows if pairs else None, pipeline_facts(the, doc, manifests, sft))
+
+
+def push_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str, settings, lease=None) -> None:
+    """With `push_to_hub`, the published dataset to the Hub, then the manifest again with where it went.
+    Called after the manifest is written: a Hub out of reach fails in one line and loses nothing."""
+    if the.push_to_hub is None:
+        return
+    doc["hub"] = push_dataset(the.push_to_hub, root, export_store(output_uri, run_id, settings, lease), doc["dataset"], run_id)
+    root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())

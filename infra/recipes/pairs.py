@@ -19,6 +19,7 @@ sample (then split item), lowest first, so the result is the same on every run.
 A prompt that gives no pair counts once under one reason: `pairs_single` (fewer than two scored
 rows), `pairs_low_chosen` (its best is below min_chosen), `pairs_tie` (every scored row equal),
 `pairs_margin` (no two rows far enough apart). Rows without the score count as `pairs_unscored`.
+With `check`, the pairs picked here are then put to the generator in both orders (pair_check.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from infra.recipes.lineage import parse_child_id
+from infra.recipes.pair_check import PairCheck
 
 Strategy = Literal["best_vs_worst", "best_vs_random", "all_pairs"]
 SCORE_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,7}$"
@@ -50,6 +52,8 @@ class PairParams(BaseModel):
                               description="chosen score - rejected score must be at least this (and > 0: ties never pair)")
     min_chosen: float | None = Field(None, allow_inf_nan=False, description="the chosen row's score must be at least this")
     seed: StrictInt = Field(0, description="best_vs_random's draw, with the prompt's id")
+    check: PairCheck | None = Field(None, description="ask the generator A/B, in both orders, and keep a pair only when "
+                                    "both pick the chosen response (infra/recipes/pair_check.py); off by default")
 
 
 @dataclass(frozen=True)
@@ -143,11 +147,15 @@ def make_pairs(rows: Iterable[dict], params: PairParams, samples_stage: str | No
     return out
 
 
+def pair_id(pair: Pair) -> str:
+    """The pair's id: its prompt's, and the places of its chosen and rejected rows among that prompt's."""
+    return f"{pair.prompt_id}/pair." + "-".join("_".join(map(str, a)) for a in (pair.chosen_at, pair.rejected_at))
+
+
 def pair_row(pair: Pair, params: PairParams) -> dict:
     """A pair as the pairs stage writes it (`pairs.jsonl`), from which every preference export is made."""
     c, r = pair.chosen, pair.rejected
-    at = "-".join("_".join(map(str, a)) for a in (pair.chosen_at, pair.rejected_at))
-    return {"id": f"{pair.prompt_id}/pair.{at}", "prompt_id": pair.prompt_id,
+    return {"id": pair_id(pair), "prompt_id": pair.prompt_id,
             "prompt": c.get("prompt"), "chosen": c.get("completion"), "rejected": r.get("completion"),
             "chosen_score": pair.chosen_score, "rejected_score": pair.rejected_score,
             "margin": pair.chosen_score - pair.rejected_score, "score": params.score,

@@ -3,7 +3,8 @@
 `README.md` at the run directory's root, with the YAML header Hugging Face `datasets` reads: one
 `configs` entry per exported file (`data/*.parquet`, split `train`), the SFT one the default, so
 `datasets.load_dataset(run_dir)` reads the SFT set and `load_dataset(run_dir, "dpo_trl")` the pairs.
-Its body says where the rows came from: the model(s), the run or pipeline with its config hashes,
+Its body says where the rows came from: the model(s) that generated and scored
+them (judge, reward model with its weights, pair check), the run or pipeline with its config hashes,
 each stage's counts and the reasons rows were dropped, the GPU-hours held. The licence is left for
 the user (a commented `license:` line): the terms of the generating model apply, and only the user
 knows which they accepted.
@@ -45,7 +46,8 @@ def _cell(value) -> str:
 
 def card_text(run_id: str, exports: list[dict], facts: dict) -> str:
     """The card: `facts` holds `models` (names), `made_by` (a sentence: the run or pipeline and its
-    hashes), `stages` (one dict of counts per stage, the same keys each) and `gpu_hours`."""
+    hashes), `stages` (one dict of counts per stage, the same keys each), `gpu_hours` and `scorers`
+    (one sentence per judge, reward model or pair check: which model cut or ranked the rows)."""
     lines = [_header(exports, run_id), f"# nemotron-sdg {run_id}", "",
              f"Synthetic data made by nemotron-sdg, run `{run_id}`. {facts.get('made_by', '')}", "",
              "## Files", "", "| config | Parquet | JSONL | rows | for |", "|---|---|---|---|---|"]
@@ -56,6 +58,8 @@ def card_text(run_id: str, exports: list[dict], facts: dict) -> str:
               *([f"pairs = datasets.load_dataset(\"path/to/this/folder\", \"{e['config']}\")" for e in exports
                  if e["source"] == "pairs" and e["files"]][:1]), "```", "", "## Models", ""]
     lines += [f"- `{m}`" for m in facts.get("models") or ["(not recorded)"]]
+    if facts.get("scorers"):  # who judged, rewarded or checked the rows: the quality cut is theirs
+        lines += ["", "## Scoring", "", *[f"- {line}" for line in facts["scorers"]]]
     stages = facts.get("stages") or []
     if stages:
         keys = list(stages[0])
@@ -74,10 +78,38 @@ def publish_dataset(root, data, run_id: str, sft_rows, pair_rows, facts: dict) -
     return {"card": root.uri(DATASET_CARD), "exports": exports}
 
 
+def judge_line(manifest: dict, where: str) -> str | None:
+    """Who judged a run's (or stage's) rows, from its manifest's curation config: the generating model
+    itself, with the judge's template hash and threshold; None without a judge."""
+    judge = ((manifest.get("curation") or {}).get("config") or {}).get("judge") or {}
+    if not judge.get("template"):
+        return None
+    floor = f", kept at score >= {judge['min_score']:g}" if judge.get("min_score") is not None else ""
+    return (f"{where}judged by the generating model `{manifest.get('model') or '(not recorded)'}` (judge template "
+            f"sha256 `{str(judge.get('template_sha256', ''))[:12]}`, score `judge.score`{floor})")
+
+
+def reward_line(stage: str, reward: dict, weights: dict | None, url: str | None) -> str:
+    """A reward stage's scorer: the reward model, its engine and server, and how its scalar is weighted."""
+    where = f" at `{strip_userinfo(url)}`" if url else ""
+    terms = " + ".join(f"{w:g} × {k}" for k, w in (weights or {}).items()).replace("+ -", "- ")
+    scalar = f", scalar `reward.reward` = {terms}" if weights else ", no weighted scalar (weights unset)"
+    return (f"stage `{stage}`: scored by reward model `{reward.get('model') or '(not recorded)'}` "
+            f"({reward.get('engine')} server `{reward.get('server')}`{where}){scalar}")
+
+
+def strip_userinfo(url: str) -> str:
+    """A server URL without any user:password@ part: a card is published, a credential never is."""
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rsplit('@', 1)[-1]}{slash}{path}"
+
+
 def run_facts(manifest: dict) -> dict:
     """A plain run's card facts, from its manifest."""
     cur = manifest.get("curation") or {}
     return {"models": [manifest.get("model")] if manifest.get("model") else [],
+            "scorers": [x for x in (judge_line(manifest, "rows "),) if x],
             "made_by": f"Config hash `{manifest.get('config_hash')}`, input `{manifest.get('input_uri')}`, "
                        f"profile `{manifest.get('profile')}`; its manifest is `{MANIFEST}`.",
             "stages": [{"stage": "run", "records in": manifest.get("records_in"), "rows out": manifest.get("records_written"),

@@ -62,6 +62,7 @@ MANIFEST = "manifest.json"
 STAGES = "stages"
 STAGE_ROWS = "rows.jsonl"
 STAGE_PAIRS = "pairs.jsonl"
+STAGE_PAIR_CHECK = "pair-check.jsonl"  # a pairs stage's check answers, by the exact prompt sent (pairs_stage.py)
 PIPELINE_HASHES = "pipeline.json"
 SUPERSEDED = "superseded"
 PIPELINE_ALLOCATIONS = "allocations.json"
