@@ -33,7 +33,8 @@ stages:
   - name: rm
     kind: reward
     from: answers
-    reward: {weights: {helpfulness: 0.3, correctness: 0.74, coherence: 0.46, complexity: 0.47, verbosity: -0.33}}
+    reward: {weights: {helpfulness: 0.3, correctness: 0.74, coherence: 0.46, complexity: 0.47, verbosity: -0.33},
+             keep_if: {correctness: 1.0}}
   - name: prefs
     kind: pairs
     from: rm
@@ -77,7 +78,10 @@ def test_the_script_serves_the_stand_in_runs_the_pipeline_and_stops_it(prefect_s
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s["stage"] for s in manifest["stages"]] == ["answers", "rm", "prefs"]
     exports = {e["config"]: e["rows"] for e in manifest["dataset"]["exports"]}
-    assert exports["sft"] == 6 and exports["dpo_nemo_aligner"] == manifest["stages"][2]["pairs"] > 0
+    # The SFT set is the reward stage's kept rows: the answers its keep_if dropped do not reach it.
+    assert manifest["stages"][0]["kept"] == 6 > manifest["stages"][1]["kept"]
+    assert exports["sft"] == manifest["stages"][1]["kept"]
+    assert exports["dpo_nemo_aligner"] == manifest["stages"][2]["pairs"] > 0
     assert "scored by reward model `reward_model`" in (run_dir / "README.md").read_text()
     assert (workdir / "out" / "ex-reward-server" / "scored.jsonl").read_text().count("\n") >= 6
     assert triton_processes(port) == []

@@ -9,6 +9,7 @@ server's GPU-hours, the swap's seconds)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 from collections import Counter
@@ -86,6 +87,16 @@ def nothing_left(client: SlurmClient, job_id: str, scored_log, port: int) -> Non
 
     poll_until(lambda: True if not left() else None, deadline=Deadline(30), interval=0.5,
                what="the reward stand-in's processes to end", describe_last=lambda: str(left()))
+    # Nothing listens on the reward port either: Triton's server can outlive the stand-in's Python for a
+    # moment under a name without the port, and a rerun's reward step would then find its port taken.
+    poll_until(lambda: True if not listening(port) else None, deadline=Deadline(30), interval=0.5,
+               what=f"the reward port {port} to be free", describe_last=lambda: f"port {port} still answers")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluster, prefect_harness, pytriton_env,

@@ -1,8 +1,8 @@
 """A pipeline's training sets at its end: the exports and the dataset card (infra/run/card.py) in
 the pipeline's run directory (`data/`, `README.md`).
 
-The SFT set is the kept rows of the stage the (first) pairs stage pairs (its samples stage), else of
-the last generating stage; the preference sets are every pairs stage's `pairs.jsonl`, in the
+The SFT set is the kept rows of the stage the (first) pairs stage reads (so a reward stage's cut
+applies to it), else of the last stage that keeps rows (generating or reward); the preference sets are every pairs stage's `pairs.jsonl`, in the
 file's order. The card names each stage's model, hashes, counts and reasons from the pipeline's
 manifest and each stage's own."""
 
@@ -19,9 +19,13 @@ from infra.run.layout import MANIFEST, STAGE_PAIRS
 
 
 def sft_stage(the: Pipeline) -> str:
+    """The stage whose kept rows are the SFT set: what the first pairs stage pairs, else the last stage
+    that keeps rows. Never a generating stage behind a reward stage's cut: the rows it dropped for low
+    scores must not reach the SFT set."""
     pairs = [s for s in the.ordered() if s.kind == "pairs"]
-    source = the.samples_stage(pairs[0]) if pairs else None
-    return source.name if source is not None else [s for s in the.ordered() if s.kind == "generate"][-1].name
+    if pairs and pairs[0].from_ is not None:
+        return pairs[0].from_
+    return [s for s in the.ordered() if s.kind != "pairs"][-1].name
 
 
 def pipeline_facts(the: Pipeline, doc: dict, stage_manifests: dict[str, dict], sft: str) -> dict:
@@ -63,7 +67,7 @@ def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str
     sft = sft_stage(the)
     manifests = {}
     for s in the.ordered():
-        if s.kind == "generate":
+        if s.kind in ("generate", "reward"):  # a reward stage's manifest lists its kept parts as a run's does
             data = stage_store(output_uri, run_id, s.name, settings).read_bytes(MANIFEST)
             manifests[s.name] = json.loads(data) if data is not None else {}
     pairs = [s.name for s in the.ordered() if s.kind == "pairs"]
