@@ -139,13 +139,7 @@ def render_sbatch(spec: SbatchSpec) -> str:
         # Integer seconds: the switch does its arithmetic in bash.
         _assign("HEARTBEAT_TIMEOUT_S", math.ceil(spec.heartbeat_timeout_s)),
         _assign("HEARTBEAT_INTERVAL_S", _seconds(spec.heartbeat_interval_s)),
-        _assign("TASKS_PER_NODE", launch.srun_tasks_per_node(spec)),
-        # Empty: every CPU of the node shared by its ranks (SLURM_CPUS_ON_NODE / TASKS_PER_NODE).
-        _assign("CPUS_PER_TASK", spec.cpus_per_task or ""),
-        _assign_array("SRUN_ARGS", launch.srun_args(spec)),
-        f"# Model: {model_note}",
-        _assign_array("SRUN_CONTAINER_ARGS", srun_container_args(spec)),
-        _assign_array("LAUNCH_PREFIX", launch_prefix(spec)),
+        *_step_assignments(spec, "", f"# Model: {model_note}"),
     ]
     env = ["# slurm.env, for srun and the container runtime (the launcher sets it again inside)."] if spec.env else []
     env += _exports(spec)
@@ -166,16 +160,23 @@ def _launch(spec: SbatchSpec) -> str:
     if spec.reward is None:
         return _template("sbatch-one-step.sh.tmpl").substitute(srun_comment=launch.srun_comment(spec))
     rm = spec.reward
-    assignments = [
-        _assign("REWARD_TASKS_PER_NODE", launch.srun_tasks_per_node(rm)),
-        _assign("REWARD_CPUS_PER_TASK", rm.cpus_per_task or ""),
-        _assign_array("REWARD_SRUN_ARGS", launch.srun_args(rm)),
-        f"# Reward model: {rm.model_mount()[1]}",
-        _assign_array("REWARD_SRUN_CONTAINER_ARGS", srun_container_args(rm)),
-        _assign_array("REWARD_LAUNCH_PREFIX", launch_prefix(rm)),
-    ]
+    assignments = _step_assignments(rm, "REWARD_", f"# Reward model: {rm.model_mount()[1]}")
     return _template("sbatch-steps.sh.tmpl").substitute(reward_title=launch.job_title(rm),
                                                         reward_assignments="\n".join(assignments))
+
+
+def _step_assignments(spec: SbatchSpec, prefix: str, model_line: str) -> list[str]:
+    """How one server's job step is launched (the generator's, or with `REWARD_` the swapped reward
+    server's): its ranks per node, CPUs per rank, srun and container arguments, launch prefix."""
+    return [
+        _assign(f"{prefix}TASKS_PER_NODE", launch.srun_tasks_per_node(spec)),
+        # Empty: every CPU of the node shared by its ranks (SLURM_CPUS_ON_NODE / TASKS_PER_NODE).
+        _assign(f"{prefix}CPUS_PER_TASK", spec.cpus_per_task or ""),
+        _assign_array(f"{prefix}SRUN_ARGS", launch.srun_args(spec)),
+        model_line,
+        _assign_array(f"{prefix}SRUN_CONTAINER_ARGS", srun_container_args(spec)),
+        _assign_array(f"{prefix}LAUNCH_PREFIX", launch_prefix(spec)),
+    ]
 
 
 def render_node_launcher(spec: SbatchSpec) -> str:
