@@ -165,3 +165,13 @@ def test_a_child_sees_its_parents_schema_fields_and_a_bad_schema_is_refused_nami
                                        "$.properties.age.$ref 'https://x.test/age.json': only references inside the "
                                        "schema (#/$defs/...) are followed; nothing is fetched. Inline the referenced "
                                        "schema under $defs"]
+
+
+def test_the_exports_user_field_must_be_a_field_of_the_training_rows(tmp_path):
+    # The questions' rows carry their parent's `subtopic` and the input's `topic`: either can be the
+    # user's turn of the trainer files; a misspelt field is refused before anything runs.
+    head = "input: in.jsonl\nservers: {main: {profile: local}}\nexports: {user_field: subtopic}\n"
+    assert check_file(str(write(tmp_path, CHAIN, head=head)), load_settings())
+    message = refused(write(tmp_path, CHAIN, head=head.replace("subtopic}", "subtopik}")))
+    assert "exports.user_field: 'subtopik' is not a field of stage 'questions''s rows (they have " in message
+    assert "subtopic" in message and "drop user_field to give the prompt sent" in message

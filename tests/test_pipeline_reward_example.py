@@ -24,6 +24,7 @@ input: topics.jsonl
 servers:
   main: {profile: local}
   rm: {engine: nemo-aligner, url: "http://127.0.0.1:PORT"}
+exports: {user_field: topic}
 defaults:
   prompt_format: raw
   sampling: {temperature: 0.9, random_seed: 3, tokens_to_generate: 6}
@@ -82,6 +83,12 @@ def test_the_script_serves_the_stand_in_runs_the_pipeline_and_stops_it(prefect_s
     assert manifest["stages"][0]["kept"] == 6 > manifest["stages"][1]["kept"]
     assert exports["sft"] == manifest["stages"][1]["kept"]
     assert exports["dpo_nemo_aligner"] == manifest["stages"][2]["pairs"] > 0
+    # exports.user_field: the user's turn is the row's topic, not the prompt the model was sent.
+    topics = {f"topic {i}" for i in range(3)}
+    sft = [json.loads(line) for line in (run_dir / "data" / "sft.jsonl").read_text().splitlines()]
+    assert {r["messages"][0]["content"] for r in sft} <= topics and len(sft) == exports["sft"]
+    dpo = [json.loads(line) for line in (run_dir / "data" / "dpo-trl.jsonl").read_text().splitlines()]
+    assert dpo and {r["prompt"][0]["content"] for r in dpo} <= topics
     assert "scored by reward model `reward_model`" in (run_dir / "README.md").read_text()
     assert (workdir / "out" / "ex-reward-server" / "scored.jsonl").read_text().count("\n") >= 6
     assert triton_processes(port) == []

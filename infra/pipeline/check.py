@@ -26,6 +26,7 @@ from infra.errors import ConfigError
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import stage_hashes
 from infra.pipeline.model import Pipeline, Stage
+from infra.pipeline.outputs import sft_stage
 from infra.prompting.dataset import RESERVED_FIELDS, BadLine, Record, detect_format, iter_input
 from infra.prompting.prompt_format import RAW
 from infra.recipes.judge import Judge, load_judge
@@ -195,7 +196,22 @@ def check_pipeline(pipeline: Pipeline, settings, uri: str, rows: int = FIRST_ROW
             done[stage.name] = check_stage(pipeline, stage, done, settings, rows)
         except ConfigError as exc:
             raise _located(uri, stage, exc) from None
+    _check_user_field(pipeline, done, uri)
     return list(done.values())
+
+
+def _check_user_field(pipeline: Pipeline, done: dict[str, StageCheck], uri: str) -> None:
+    """`exports.user_field` must be a field of the rows the trainer files are made of (the SFT stage's,
+    and each pairs stage's parent's), as the check's placeholder rows show them."""
+    field = pipeline.exports.user_field
+    if field == "prompt":
+        return
+    for name in dict.fromkeys([sft_stage(pipeline), *(s.from_ for s in pipeline.ordered() if s.kind == "pairs")]):
+        rows = done[name].rows if name in done else []
+        if rows and any(field not in row for row in rows):
+            raise ConfigError(f"pipeline {uri}: exports.user_field: {field!r} is not a field of stage {name!r}'s rows "
+                              f"(they have {', '.join(sorted(rows[0]))}); name one of them, or drop user_field to "
+                              "give the prompt sent")
 
 
 def _shown(location: str | None) -> str:

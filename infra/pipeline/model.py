@@ -30,6 +30,7 @@ from infra.recipes.pairs import PairParams
 from infra.recipes.split import SplitParams
 from infra.reward.client import REWARD_ENGINES, RewardEngine
 from infra.reward.scores import RewardParams
+from infra.run.exports import ExportParams
 from infra.run.hub import HubParams
 
 MAX_STAGES = 64
@@ -205,6 +206,8 @@ class Pipeline(BaseModel):
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
     push_to_hub: HubParams | None = Field(None, description="upload the finished dataset (card and exports) to this "
                                           "Hugging Face Hub dataset repository; off by default (infra/run/hub.py)")
+    exports: ExportParams = Field(default_factory=ExportParams, description="what the trainer files take from a row: "
+                                  "`user_field`, the user's turn (docs/outputs.md)")
 
     @model_validator(mode="before")
     @classmethod

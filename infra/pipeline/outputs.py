@@ -2,9 +2,10 @@
 the pipeline's run directory (`data/`, `README.md`).
 
 The SFT set is the kept rows of the stage the (first) pairs stage reads (so a reward stage's cut
-applies to it), else of the last stage that keeps rows (generating or reward); the preference sets are every pairs stage's `pairs.jsonl`, in the
-file's order. The card names each stage's model, hashes, counts and reasons from the pipeline's
-manifest and each stage's own."""
+applies to it), else of the last stage that keeps rows (generating or reward); the preference sets
+are every pairs stage's `pairs.jsonl`, in the file's order. With `exports.user_field` the user's turn
+in those files is that field of each row (a pair's: its chosen row's), not the prompt sent. The card
+names each stage's model, hashes, counts and reasons from the pipeline's manifest and each stage's own."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from infra.pipeline.model import Pipeline
 from infra.pipeline.pairs_stage import kept_rows, stage_store
 from infra.pipeline.rows import kept_part_names
 from infra.run.card import StoredRows, export_store, judge_line, publish_dataset, read_rows, reward_line
+from infra.run.exports import UserTurns, pairs_with_user_turns
 from infra.run.hub import push_dataset
 from infra.run.layout import MANIFEST, STAGE_PAIRS
 
@@ -70,14 +72,30 @@ def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str
         if s.kind in ("generate", "reward"):  # a reward stage's manifest lists its kept parts as a run's does
             data = stage_store(output_uri, run_id, s.name, settings).read_bytes(MANIFEST)
             manifests[s.name] = json.loads(data) if data is not None else {}
-    pairs = [s.name for s in the.ordered() if s.kind == "pairs"]
-    pair_rows = [r for name in pairs for r in read_rows(stage_store(output_uri, run_id, name, settings), [STAGE_PAIRS])]
+
+    def manifest_rows(name: str) -> StoredRows:
+        """A finished stage's kept rows, read from its parts each time they are iterated."""
+        store = stage_store(output_uri, run_id, name, settings)
+        if not manifests.get(name):
+            kept_rows(store)  # its one-line error: the stage has not finished
+        return StoredRows(store, kept_part_names(manifests[name]))
+    pairs = [s for s in the.ordered() if s.kind == "pairs"]
+    field = the.exports.user_field
+    pair_rows = []
+    for stage in pairs:
+        rows = read_rows(stage_store(output_uri, run_id, stage.name, settings), [STAGE_PAIRS])
+        if field != "prompt":  # each pair's user turn: its chosen row's field, in the rows the stage paired
+            rows = pairs_with_user_turns(rows, user_turns(manifest_rows(stage.from_), field, {str(r.get("chosen_id")) for r in rows}))
+        pair_rows += rows
     data = export_store(output_uri, run_id, settings, lease)
-    sft_store = stage_store(output_uri, run_id, sft, settings)
-    if not manifests.get(sft):
-        kept_rows(sft_store)  # its one-line error: the stage has not finished
-    return publish_dataset(root, data, run_id, StoredRows(sft_store, kept_part_names(manifests[sft])),
+    sft_rows = manifest_rows(sft)
+    return publish_dataset(root, data, run_id, sft_rows if field == "prompt" else UserTurns(sft_rows, field),
                            pair_rows if pairs else None, pipeline_facts(the, doc, manifests, sft))
+
+
+def user_turns(rows, field: str, ids: set[str]) -> dict[str, object]:
+    """Row id -> the row's `field`, for the ids asked (the samples of one prompt share their id and field)."""
+    return {str(r.get("id")): r.get(field) for r in rows if str(r.get("id")) in ids}
 
 
 def push_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str, settings, lease=None) -> None:

@@ -27,12 +27,43 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from infra.prompting.prompt_format import NEMOTRON_END, NEMOTRON_INSTRUCT
 from infra.run.layout import TEMP_SUFFIX, temp_prefix
 from infra.storage.jsonl import write_lines
 from infra.storage.local import sha256_file
 
 ROW_GROUP_ROWS = 1000  # rows per Parquet row group: small enough to stream, large enough to compress
+
+
+class ExportParams(BaseModel):
+    """What the trainer files take from a row (a pipeline's `exports`, docs/outputs.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_field: str = Field("prompt", pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$",
+                            description="the row field that is the user's turn in the SFT and preference files: "
+                                        "`prompt` (the text the model was sent) or a field the rows carry, such as "
+                                        "a parent stage's `question`; a few-shot template's prompt holds its "
+                                        "examples, which a chat model must not learn as the user's words")
+
+
+class UserTurns:
+    """Rows with `prompt` replaced by their `field` (a row without it keeps none, and is counted as
+    not converted). Iterable again, as write_exports needs: it reads `rows` once per iteration."""
+
+    def __init__(self, rows: Iterable[dict], field: str):
+        self.rows, self.field = rows, field
+
+    def __iter__(self) -> Iterator[dict]:
+        for row in self.rows:
+            yield {**row, "prompt": row.get(self.field)}
+
+
+def pairs_with_user_turns(pairs: list[dict], users: dict[str, object]) -> list[dict]:
+    """Pair rows whose `prompt` is the user's turn of their chosen row (`users`: row id -> that turn)."""
+    return [{**p, "prompt": users.get(str(p.get("chosen_id")))} for p in pairs]
 
 
 def _text(value) -> str | None:
