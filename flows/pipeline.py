@@ -43,7 +43,7 @@ from flows.reward import planned_swap, reward_stage
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
-from infra.pipeline.allocations import InvocationLedger
+from infra.pipeline.allocations import InvocationLedger, with_reward_servers
 from infra.pipeline.check import check_pipeline, file_hashes
 from infra.pipeline.files import load_pipeline
 from infra.pipeline.hashes import StageHash, stage_hashes
@@ -134,7 +134,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         publish_stage_counts(run_id, list(done.values()), [s.name for s in the.ordered()])  # the run page, by stage
         logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
                     done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
-    allocation = ledger.close(attribute_allocation(stages, done, pool), done)  # summed over the run's invocations
+    # This invocation's allocation (the reward servers swapped into its jobs too), summed over the run's invocations.
+    allocation = ledger.close(with_reward_servers(attribute_allocation(stages, done, pool), done), done)
     final = done[list(done)[-1]]
     doc = {"run_id": run_id, "pipeline": pipeline, "server": dict(zip(("name", "profile"), (the.server[0], the.server[1].profile))),
            "stages": list(done.values()), "allocation": allocation, "training_set": final["kept_parts"],

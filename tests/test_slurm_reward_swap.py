@@ -142,6 +142,11 @@ def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluste
     # Each server's GPU-hours and the swap's seconds; the generator's step stopped, not the job.
     assert swap["generator_gpu_hours"] > 0 and swap["reward_gpu_hours"] > 0 and swap["swap_s"] > 0
     assert swap["jobs"][0]["generator_stop_s"] >= 0 and answers["gpu_hours"] > 0
+    # The pipeline's allocation counts both servers' GPUs: the reward stage's share is its server's.
+    assert rm["gpu_hours"] == swap["reward_gpu_hours"]
+    servers = manifest["allocation"]["servers"]
+    assert servers["reward_gpu_hours"] == swap["reward_gpu_hours"]
+    assert manifest["allocation"]["gpu_hours"] == pytest.approx(servers["generator_gpu_hours"] + swap["reward_gpu_hours"], abs=2e-4)
 
     # Released after the last score: no job, no step, no stand-in process left.
     nothing_left(client, job_id, scored_log, rm_port)

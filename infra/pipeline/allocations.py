@@ -79,6 +79,27 @@ def summed(record: dict, allocation: dict, stages: dict[str, dict]) -> dict:
                             for e in invocations]}
 
 
+def with_reward_servers(allocation: dict, stages: dict[str, dict]) -> dict:
+    """This invocation's allocation with the reward servers swapped into its jobs (flows/reward.py): each
+    reward stage's entry gets its server's time held and GPU-hours (the generator's pool has none of
+    it: its time ends at the swap), and the allocation's GPU-hours add them, split by server in `servers`."""
+    reward_hours = reward_held = 0.0
+    for entry in stages.values():
+        swap = (entry.get("reward") or {}).get("allocation")
+        if not swap:
+            continue  # a reward server given by url: not this run's GPUs
+        held = sum(j.get("reward_held_s") or 0.0 for j in swap.get("jobs", []))
+        entry |= {"held_s": round(held, 3), "gpu_hours": swap.get("reward_gpu_hours", 0.0)}
+        reward_hours, reward_held = reward_hours + entry["gpu_hours"], reward_held + held
+    if not reward_hours and not reward_held:
+        return allocation
+    generator = allocation.get("gpu_hours", 0.0)
+    # held_s and busy_fraction stay the generation servers' (how busy the generator was kept).
+    return {**allocation, "gpu_hours": round(generator + reward_hours, 4),
+            "servers": {"generator_gpu_hours": round(generator, 4), "reward_gpu_hours": round(reward_hours, 4),
+                        "reward_held_s": round(reward_held, 2)}}
+
+
 class InvocationLedger:
     """This invocation's entry in the run's record, kept current while its servers run (`watch`) and
     written last at its end (`close`), which returns the run's summed allocation."""
