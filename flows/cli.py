@@ -230,7 +230,8 @@ def _print_interrupted(args: argparse.Namespace, so_far: _RunSoFar, signum: int)
         print(f"nemotron-sdg run: interrupted by {name} before the run started", file=sys.stderr, flush=True)
         return
     done = (f": {listener.done} of {listener.total} records published" if listener is not None and listener.total
-            else " before its plan")
+            # A pipeline counts by stage, on its run page: no one total to give here.
+            else ": each stage's published shards are kept" if getattr(args, "pipeline", None) else " before its plan")
     print(f"nemotron-sdg run: run {run_id} interrupted by {name}{done}; resume it with: "
           f"{shlex.join(resume_command(args.argv, args.run_id, run_id))}", file=sys.stderr, flush=True)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_parser, resume_command, run_parameters
+from flows.cli import _print_interrupted, _RunSoFar, build_parser, resume_command, run_parameters
 from infra.deadline import Deadline, poll_until
 from infra.run.layout import LEASE_NAME
 from tests.conftest import marked_processes
@@ -93,3 +93,13 @@ def test_the_resume_command_keeps_the_run_and_drops_new_run():
     assert resume_command(["run", "--run-id", "old", "--new-run"], "old", "r-2")[-2:] == ["--run-id", "r-2"]
     assert resume_command(["run", "--run-id", "r-3"], "r-3", "r-3") == ["nemotron-sdg", "run", "--run-id", "r-3"]
     assert resume_command(["run", "--near-threshold", "0.9"], None, "r-4")[2:4] == ["--near-threshold", "0.9"]
+
+
+def test_an_interrupted_pipeline_says_its_shards_are_kept_not_that_it_had_no_plan(capsys):
+    # A pipeline has no one records total (its progress is by stage): it was said to stop "before its plan".
+    args = build_parser().parse_args(["run", "--pipeline", "p.yaml", "--run-id", "qa"])
+    args.argv = ["run", "--pipeline", "p.yaml", "--run-id", "qa"]
+    _print_interrupted(args, _RunSoFar(run_id="qa"), signal.SIGTERM)
+    line = capsys.readouterr().err.strip()
+    assert line == ("nemotron-sdg run: run qa interrupted by SIGTERM: each stage's published shards are kept; resume it "
+                    "with: nemotron-sdg run --pipeline p.yaml --run-id qa"), line
