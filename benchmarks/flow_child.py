@@ -2,8 +2,8 @@
 
     python -m benchmarks.flow_child --params '{"input_uri": ...}' --out result.json
 
-The process is started fresh by benchmarks.common.run_flow, so `maxrss_mb` (getrusage
-RUSAGE_SELF at the end) is the peak resident set of the process that ran the flow: Python,
+The process is started fresh by benchmarks.common.run_flow, so `maxrss_mb` (VmHWM, the high-water
+mark of this process's own memory, at the end) is the peak resident set of the process that ran the flow: Python,
 Prefect's client and task runner, our code and the records it held. It excludes the NeMo server
 and the Prefect API server, which are other processes. Nothing is subtracted.
 """
@@ -16,6 +16,20 @@ import resource
 import threading
 import time
 import traceback
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM, the high-water mark of its own address space. Not getrusage's
+    ru_maxrss: Linux keeps that across exec, so a child forked from a large process (the `make bench`
+    driver, late in its run) reported the driver's size (446 MB for a flow whose RSS was 240-260 MB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main() -> int:
@@ -54,7 +68,7 @@ def main() -> int:
     t_return = time.time()
     seconds = time.monotonic() - started
     done.set()
-    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    maxrss_mb = peak_rss_mb()
     out = {"ok": ok, "seconds": seconds, "result": result, "error": error, "maxrss_mb": maxrss_mb,
            "t_return": t_return, "extra": {"rss_samples": samples[-400:]}}
     with open(args.out, "w") as f:
