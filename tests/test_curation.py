@@ -232,12 +232,23 @@ CATASTROPHIC = r"^(\w|\w\w)+$"
 BACKTRACKS = "a" * 34 + "!"
 
 
+@pytest.mark.parametrize("build", [lambda p: FilterParams(must_match=[p]), lambda p: FilterParams(must_not_match=["x", p]),
+                                   lambda p: JudgeParams(template="x", score_pattern=p)])
+def test_a_catastrophic_filter_or_judge_regex_is_refused_by_the_settings_check_before_any_gpu(build):
+    """Probed on short texts built to make it backtrack (infra/recipes/patterns.py backtracks), as the
+    output schema's patterns are: the run is refused before the allocation, not failed at curation."""
+    with pytest.raises(ValueError, match=rf"{re.escape(repr(CATASTROPHIC))} searched .* backtracks catastrophically.*Rewrite it"):
+        build(CATASTROPHIC)
+    build(r"^\s*(\w+\s?)+[.?!]?$")  # nested repetition that `regex` matches without backtracking passes
+
+
 def test_a_catastrophic_filter_regex_fails_curation_naming_it_instead_of_hanging(store):
+    # Params built past the check (a pattern the probe misses meets the search's CPU-time bound instead).
     parts = write_parts(store, [[row("a", BACKTRACKS)]])
     with pytest.raises(ConfigError, match=rf"^filters.must_not_match\[1\] {re.escape(repr(CATASTROPHIC))} searched one text "
                                           r"of 35 characters for more than 1 s of CPU time: .* Rewrite it"):
-        curate(store, parts, Curation(filters=FilterParams(must_not_match=["x", CATASTROPHIC])), CHASH)
-    params = JudgeParams(template="Rate: {{ completion }}", score_pattern=CATASTROPHIC)
+        curate(store, parts, Curation(filters=FilterParams.model_construct(must_not_match=["x", CATASTROPHIC])), CHASH)
+    params = JudgeParams.model_construct(template="Rate: {{ completion }}", score_pattern=CATASTROPHIC)
     scorer = judge(params)
     parts = write_parts(store, [[row("a", "fine")]], [[BACKTRACKS]], judged_by=scorer)
     with pytest.raises(ConfigError, match=r"^judge.score_pattern .* for more than 1 s"):

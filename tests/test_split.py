@@ -77,7 +77,11 @@ def test_hostile_replies_are_dropped_without_being_parsed():
 
 
 def test_a_catastrophic_split_pattern_is_cut_off_naming_it():
-    params = P("regex", pattern=CATASTROPHIC.replace("(\\w|\\w\\w)+", "((?:\\w|\\w\\w)+)"))
+    pattern = CATASTROPHIC.replace("(\\w|\\w\\w)+", "((?:\\w|\\w\\w)+)")
+    with pytest.raises(ValidationError, match=r"split.pattern .* backtracks catastrophically"):
+        P("regex", pattern=pattern)  # the settings check refuses it before any GPU is held
+    # built past the check, the search's CPU-time bound still stops it
+    params = SplitParams.model_construct(parser="regex", into="item", pattern=pattern)
     with pytest.raises(ConfigError, match=r"^split.pattern .* searched one text of 35 characters for more than 1 s.*Rewrite it .*same run_id\.$"):
         split_reply(BACKTRACKS, params)
 

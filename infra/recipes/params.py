@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from infra.prompting.prompt_format import PromptFormatName
-from infra.recipes.patterns import compile_pattern
+from infra.recipes.patterns import checked_pattern
 
 MAX_EXAMPLES_PER_PROMPT = 64
 MAX_SAMPLES_PER_PROMPT = 64
@@ -90,7 +90,7 @@ class JudgeParams(BaseModel):
 
     @model_validator(mode="after")
     def _pattern(self) -> "JudgeParams":
-        compile_pattern(self.score_pattern, "judge.score_pattern")
+        checked_pattern(self.score_pattern, "judge.score_pattern")
         if self.template is not None and not self.template.strip():
             raise ValueError("judge.template is empty: leave it unset for no judge, or write the judging prompt")
         return self
@@ -130,9 +130,9 @@ class FilterParams(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "FilterParams":
         for i, pattern in enumerate(self.must_match):
-            compile_pattern(pattern, f"filters.must_match[{i}]")
+            checked_pattern(pattern, f"filters.must_match[{i}]")
         for i, pattern in enumerate(self.must_not_match):
-            compile_pattern(pattern, f"filters.must_not_match[{i}]")
+            checked_pattern(pattern, f"filters.must_not_match[{i}]")
         if (self.min_completion_tokens is not None and self.max_completion_tokens is not None
                 and self.min_completion_tokens > self.max_completion_tokens):
             raise ValueError("filters.min_completion_tokens is above filters.max_completion_tokens")

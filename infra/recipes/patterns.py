@@ -97,3 +97,12 @@ def compile_pattern(pattern: str, what: str, rerun: str = UserPattern.rerun) -> 
         return UserPattern(what, regex.compile(pattern), rerun)
     except regex.error as exc:
         raise ValueError(f"{what} {pattern!r} is not a valid regex: {exc}") from None
+
+
+def checked_pattern(pattern: str, what: str, rerun: str = UserPattern.rerun) -> UserPattern:
+    """As compile_pattern, and refused (ValueError) when it backtracks catastrophically on the probe texts:
+    a settings check, so such a pattern is refused before the GPU is held, not at curation."""
+    compiled = compile_pattern(pattern, what, rerun)
+    if why := backtracks(compiled):
+        raise ValueError(f"{what} {pattern!r} {why}")
+    return compiled

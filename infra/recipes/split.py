@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 from infra.recipes.filters import Verdict
 from infra.recipes.lineage import ROW_FIELDS, child_id, child_lineage
-from infra.recipes.patterns import compile_pattern
+from infra.recipes.patterns import checked_pattern, compile_pattern
 
 Parser = Literal["numbered_list", "bulleted_list", "lines", "json_list", "regex"]
 MAX_SPLIT_ITEMS = 1000  # fan-out of one reply; far above any list a prompt asks for
@@ -67,7 +67,7 @@ class SplitParams(BaseModel):
         if self.parser == "regex":
             if not self.pattern:
                 raise ValueError("split.parser regex needs split.pattern, a regex with one group: the item")
-            groups = compile_pattern(self.pattern, "split.pattern").compiled.groups
+            groups = checked_pattern(self.pattern, "split.pattern").compiled.groups
             if groups != 1:
                 raise ValueError(f"split.pattern {self.pattern!r} has {groups} groups: it needs exactly one, the item "
                                  "(write other groups as (?:...))")
