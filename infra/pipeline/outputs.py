@@ -103,5 +103,6 @@ def push_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str, 
     Called after the manifest is written: a Hub out of reach fails in one line and loses nothing."""
     if the.push_to_hub is None:
         return
-    doc["hub"] = push_dataset(the.push_to_hub, root, export_store(output_uri, run_id, settings, lease), doc["dataset"], run_id)
+    doc["hub"] = push_dataset(the.push_to_hub, root, export_store(output_uri, run_id, settings, lease), doc["dataset"], run_id,
+                              settings.work_path("staging"))
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())

@@ -12,10 +12,14 @@ Each request is bounded by huggingface_hub's own timeouts.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.errors import ConfigError
 from infra.run.layout import DATASET_CARD, EXPORT_DIR
+from infra.storage.uris import is_s3
 
 
 class HubPushFailed(ConfigError):
@@ -33,22 +37,49 @@ class HubParams(BaseModel):
     private: bool = Field(True, description="create the repository private (an existing one keeps its visibility)")
 
 
-def dataset_files(root, data, dataset: dict) -> list[tuple[str, bytes]]:
-    """(path in the repository, bytes) of the card and every exported file, as the run published them."""
-    files = [(DATASET_CARD, root.read_bytes(DATASET_CARD))]
-    files += [(f"{EXPORT_DIR}/{f['name']}", data.read_bytes(f["name"])) for e in dataset["exports"] for f in e["files"].values()]
-    missing = [path for path, body in files if body is None]
+def run_dir(root) -> str:
+    """The run directory's location, for messages (an S3 store names objects, not the empty name)."""
+    return root.uri(DATASET_CARD).rsplit("/", 1)[0]
+
+
+def dataset_files(root, data, dataset: dict, into: Path) -> list[tuple[str, str]]:
+    """(path in the repository, local file) of the card and every exported file, as the run published
+    them: a local run directory's own files; an S3 one's copied into `into` one at a time, so at most
+    one file is ever in memory (huggingface_hub reads a path in chunks to hash and upload it)."""
+    wanted = [(DATASET_CARD, root, DATASET_CARD)]
+    wanted += [(f"{EXPORT_DIR}/{f['name']}", data, f["name"]) for e in dataset["exports"] for f in e["files"].values()]
+    files, missing = [], []
+    for path, store, name in wanted:
+        uri = store.uri(name)
+        if not is_s3(uri):
+            (files if Path(uri).is_file() else missing).append((path, uri))
+            continue
+        body = store.read_bytes(name)
+        if body is None:
+            missing.append((path, uri))
+            continue
+        local = into / path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(body)
+        del body
+        files.append((path, str(local)))
     if missing:
-        raise ConfigError(f"push_to_hub: {', '.join(missing)} missing from {root.uri('')}: the run's dataset is incomplete; "
-                          "rerun with the same run id to write it again")
+        raise ConfigError(f"push_to_hub: {', '.join(p for p, _ in missing)} missing from {run_dir(root)}: the run's dataset is "
+                          "incomplete; rerun with the same run id to write it again")
     return files
 
 
-def push_dataset(hub: HubParams, root, data, dataset: dict, run_id: str) -> dict:
-    """Create the repository when missing and commit the card and exports; what was pushed (no token)."""
+def push_dataset(hub: HubParams, root, data, dataset: dict, run_id: str, staging: Path) -> dict:
+    """Create the repository when missing and commit the card and exports; what was pushed (no token).
+    `staging`: a local folder for the copies of an S3 run's files (removed after the push)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hub-", dir=staging) as into:
+        return _push(hub, root, dataset_files(root, data, dataset, Path(into)), run_id)
+
+
+def _push(hub: HubParams, root, files: list[tuple[str, str]], run_id: str) -> dict:
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = dataset_files(root, data, dataset)
     api = HfApi()  # its endpoint and token from the environment only
     try:
         api.create_repo(hub.repo_id, repo_type="dataset", private=hub.private, exist_ok=True)
@@ -57,7 +88,7 @@ def push_dataset(hub: HubParams, root, data, dataset: dict, run_id: str) -> dict
     except Exception as exc:  # network, HTTP, offline mode, auth: the run is complete either way
         seen = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise HubPushFailed(f"push_to_hub {hub.repo_id}: the Hub at {api.endpoint} did not take the dataset "
-                            f"({type(exc).__name__}: {seen}); the run is complete in {root.uri('')}: check the network, "
+                            f"({type(exc).__name__}: {seen}); the run is complete in {run_dir(root)}: check the network, "
                             "HF_TOKEN and HF_ENDPOINT (HF_HUB_OFFLINE must be unset), then rerun with the same run id "
                             "to push again") from None
     return {"repo_id": hub.repo_id, "endpoint": api.endpoint, "commit": getattr(commit, "oid", None),
