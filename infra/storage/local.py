@@ -52,6 +52,10 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 class _PinnedDir:
     """A descriptor of the run directory, closed with the store that opened it."""
 
+    # Bound here: a store still alive at interpreter exit is collected after the `os` module's globals
+    # are cleared, and `os.close` there raised AttributeError on stderr ("Exception ignored in ...").
+    _close = staticmethod(os.close)
+
     def __init__(self, fd: int):
         self.fd = fd
         st = os.fstat(fd)
@@ -59,7 +63,7 @@ class _PinnedDir:
 
     def __del__(self) -> None:
         try:
-            os.close(self.fd)
+            self._close(self.fd)
         except OSError:
             pass
 
