@@ -105,8 +105,13 @@ def test_three_stages_on_one_server_each_row_once_with_lineage_then_a_rerun_gene
 
     # The rerun: every shard already published, so nothing is generated and no server started.
     parts_before = {p: p.read_bytes() for p in run_dir.glob("stages/*/part-*.jsonl")}
+    # What a kill while the manifest or an export was written leaves (their writers' temp names): discarded.
+    left = [run_dir / ".manifest.json.k1ll3d.tmp", run_dir / "data" / ".sft.jsonl.k1ll3d.tmp"]
+    for path in left:
+        path.write_text("half")
     again = run_cli(workdir, env, *flags)
     assert again.returncode == 0, again.stderr[-4000:]
+    assert not any(p.exists() for p in left)
     assert json.loads((run_dir / "manifest.json").read_text())["server_launches"] == 0
     assert {p: p.read_bytes() for p in run_dir.glob("stages/*/part-*.jsonl")} == parts_before
     assert sorted(p.name for p in (workdir / "work" / "servers" / "p1").iterdir()) == ["replica-0"]

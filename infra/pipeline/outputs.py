@@ -14,6 +14,7 @@ import json
 from infra.pipeline.model import Pipeline
 from infra.pipeline.pairs_stage import kept_rows, stage_store
 from infra.pipeline.rows import kept_part_names
+from infra.planning import discard_partials
 from infra.run.card import StoredRows, export_store, judge_line, publish_dataset, read_rows, reward_line
 from infra.run.exports import UserTurns, pairs_with_user_turns
 from infra.run.hub import push_dataset
@@ -88,6 +89,8 @@ def export_pipeline(the: Pipeline, doc: dict, root, output_uri: str, run_id: str
             rows = pairs_with_user_turns(rows, user_turns(manifest_rows(stage.from_), field, {str(r.get("chosen_id")) for r in rows}))
         pair_rows += rows
     data = export_store(output_uri, run_id, settings, lease)
+    for store in (root, data):  # what a kill while the manifest, card or exports were written left
+        discard_partials(store)
     sft_rows = manifest_rows(sft)
     return publish_dataset(root, data, run_id, sft_rows if field == "prompt" else UserTurns(sft_rows, field),
                            pair_rows if pairs else None, pipeline_facts(the, doc, manifests, sft))
