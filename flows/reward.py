@@ -19,6 +19,8 @@ job has its nodes too, both servers start at once, and the pool's release keeps 
 
 from __future__ import annotations
 
+from dataclasses import replace as dc_replace
+
 from prefect import get_run_logger
 
 from flows.params import RunParams
@@ -50,6 +52,10 @@ def planned_swap(the: Pipeline, settings: Settings, run_id: str, flow_run_id: st
                   release=release, ready_timeout_s=srv.ready_timeout_s, poll_s=srv.ready_poll_s,
                   gpus=prof.nodes * prof.gpus_per_node)
     if step.resident:  # both servers at once, each on its own nodes of the job (infra/slurm/resident.py)
+        # With nothing left to generate, a job of the reward server's nodes alone, its step the only one run.
+        alone = settings.profile(the.servers[step.server].profile)
+        common["new_job"] = lambda: make_backend(settings, alone, run_id=run_id, flow_run_id=flow_run_id,
+                                                 reward_step=dc_replace(step, resident=False, nodes=None))
         return ResidentKeeper(step, reward_gpus=step.nodes * prof.gpus_per_node, **common)
     return SwapKeeper(step, **common)
 

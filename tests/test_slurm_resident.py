@@ -2,7 +2,8 @@
 infra/slurm/resident.py), on the real local Slurm cluster (2 nodes): the job holds the generator's
 node and the reward server's (1 each, from their profiles), both steps start at once on disjoint
 nodes, the reward stage scores through the real PyTriton stand-in (tests/reward_standin.py) with no
-swap, every row once, both servers' GPU-hours land in the manifest, and nothing is left running."""
+swap, every row once, both servers' GPU-hours land in the manifest, and nothing is left running; a
+rerun with nothing to generate holds the reward server's node alone."""
 
 from __future__ import annotations
 
@@ -105,5 +106,21 @@ def test_both_servers_resident_in_one_slurm_job_on_their_own_nodes_nothing_left(
                                                                 abs=2e-4)
 
     # Released when both are done: no job, no step, no stand-in process, no port.
-    nothing_left(SlurmClient(), job_id, scored_log, rm_port, "resident")
+    client = SlurmClient()
+    nothing_left(client, job_id, scored_log, rm_port, "resident")
+
+    # Another reward checkpoint on a rerun: nothing to generate, so ONE job of the reward server's node
+    # alone, whose only step is the reward server's; every row scored again, once.
+    (workdir / "pipeline.yaml").write_text(RESIDENT.replace("RM_PORT", f"{rm_port}, model_path: /models/rm-v2"))
+    again, samples2 = sampled(lambda: pipeline("pipeline.yaml", run_id="resident", output_uri=str(workdir / "out")))
+    rm2 = json.loads((run_dir / "manifest.json").read_text())["stages"][1]
+    [job2] = again
+    assert job2 != job_id and {n for s in samples2 for n in s} == {"nsdg-reward"}, (again, samples2)
+    [job_dir2] = [d for d in (workdir / "jobs" / "resident").iterdir() if d != job_dir]
+    assert "#SBATCH -N 1" in (job_dir2 / "sbatch.sh").read_text()
+    assert [j["job_id"] for j in rm2["reward"]["allocation"]["jobs"]] == [job2]
+    assert rm2["reward"]["allocation"]["generator_kept_gpu_hours"] == 0 and rm2["reward"]["parts_scored"] >= 1
+    scored = [json.loads(line)["text"] for line in scored_log.read_text().splitlines()]
+    assert Counter(t for t in scored if t != PROBE_TEXT) == Counter(sent * 2)
+    nothing_left(client, job2, scored_log, rm_port, "resident")
 

@@ -9,7 +9,7 @@ reward server loads while the generator generates, nothing is stopped or swapped
 released after the last score. `ResidentKeeper` is the flow's side, the same calls as `SwapKeeper`'s:
 the pool's release of the generator's job keeps it (no step change); `connect` waits, with its
 deadline, for the reward step's `/v2/models/<model>/ready`; a rerun with nothing to generate submits
-a job that starts the reward step alone.
+a job of the reward server's nodes alone whose only step is the reward server's (flows/reward.py).
 """
 
 from __future__ import annotations
