@@ -95,3 +95,32 @@ def test_the_cli_refuses_a_resident_server_beside_a_local_generator_in_one_line_
 def test_check_shows_where_the_reward_server_runs(tmp_path):
     lines = check_file(str(write(tmp_path, STAGES, head=head(rm=RESIDENT))), load_settings())
     assert "reward server 'rm' (nemo-aligner resident in the job of 'main' on its own nodes)" in lines[0]
+
+
+def test_every_released_job_s_resident_reward_server_is_counted_and_the_kept_one_scores(tmp_path):
+    """Replicas > 1 (or a lost job): each job the pool releases carried a loaded reward server. The
+    4-node shape does not fit the 2-node test cluster, so its jobs are stood in for by their state."""
+    import time
+    from types import SimpleNamespace
+
+    from infra.slurm.resident import ResidentKeeper
+    from infra.slurm.steps import RewardStep
+
+    def job(job_id, dead=None, hours_ago=1.0):
+        return SimpleNamespace(job_id=job_id, spec=SimpleNamespace(reward=object()), dead_reason=lambda: dead,
+                               scheduled_end=lambda: None, running_at=lambda: time.time() - 3600 * hours_ago)
+
+    released = []
+    step = RewardStep(server="rm", tensor_parallel=8, pipeline_parallel=1, model_path="/m", port=None, script="s",
+                      image="i", resident=True, nodes=1)
+    keeper = ResidentKeeper(step, gpus=8, reward_gpus=8, new_job=None, release=released.append, ready_timeout_s=1,
+                            poll_s=1)
+    kept, lost = job("11"), job("12", dead="Slurm job 12 ended FAILED")
+    keeper.keep(kept)  # the last healthy replica: kept, nothing stopped
+    keeper.keep(lost)  # another replica, lost meanwhile: released at once
+    assert keeper.kept is kept and released == [lost]
+    keeper.release()
+    report = keeper.report()
+    assert released == [lost, kept] and [j["job_id"] for j in report["jobs"]] == ["12", "11"]
+    assert report["jobs"][0]["unused"] and "unused" not in report["jobs"][1]
+    assert report["reward_gpu_hours"] == pytest.approx(16, abs=0.01)  # 8 GPUs x 1 h, twice

@@ -32,7 +32,15 @@ class ResidentKeeper(SwapKeeper):
     def keep(self, backend) -> None:
         reward = getattr(getattr(backend, "spec", None), "reward", None)
         if reward is None or backend.dead_reason() is not None or backend.scheduled_end() is not None:
+            started, now = getattr(backend, "running_at", lambda: None)(), time.time()
             self._release(backend)
+            if reward is not None and started is not None:
+                # Its reward server held its nodes too (another replica's, or a lost job's), unused: counted.
+                # Before the kept job's record, which SwapKeeper's connect and release find last.
+                at = len(self.swaps) - (self.kept is not None)
+                self.swaps.insert(at, {"job_id": backend.job_id, "swap_started_at": now, "generated_until": now,
+                                   "running_at": started, "released_at": time.time(), "generator_stop_s": 0.0,
+                                   "generator_held_s": round(now - started, 3), "unused": True})
             return
         if self.kept is not None:
             self.release()
@@ -55,7 +63,9 @@ class ResidentKeeper(SwapKeeper):
     def report(self) -> dict:
         """Per job: the reward server's GPU-hours from the job's start to its release (it was resident
         all along), how long it took to answer, and the generator's GPU-hours after generation (its
-        nodes are held until the job's release; the pool's share ends at generation's end)."""
+        nodes are held until the job's release; the pool's share ends at generation's end). A job the
+        pool released otherwise (another replica's, one lost) is listed `unused`: its reward server's
+        nodes were held all the same."""
         jobs = []
         for s in self.swaps:
             end = s.get("released_at") or time.time()
@@ -67,7 +77,8 @@ class ResidentKeeper(SwapKeeper):
                          "generator_kept_s": round(kept, 3),
                          "generator_kept_gpu_hours": round(self.gpus * kept / 3600, 4),
                          "reward_ready_s": round(ready - start, 3) if ready else None,
-                         "reward_held_s": round(held, 3), "reward_gpu_hours": round(self.reward_gpus * held / 3600, 4)})
+                         "reward_held_s": round(held, 3), "reward_gpu_hours": round(self.reward_gpus * held / 3600, 4),
+                         **({"unused": True} if s.get("unused") else {})})
         total = {k: round(sum(j[k] for j in jobs), 4)
                  for k in ("generator_gpu_hours", "generator_kept_gpu_hours", "reward_gpu_hours")}
         return {"mode": "resident", "server": self.step.server, "jobs": jobs, **total, "swap_s": 0.0,
