@@ -66,10 +66,11 @@ class Server(BaseModel):
                                   "Slurm job once the generating stages are done: its step stopped, this one started")
     resident: bool = Field(False, exclude=True, description="a nemo-aligner reward server started at once in the generation "
                            "server's Slurm job, on nodes of its own (its profile's), both resident until the last score")
-    model_path: str | None = Field(None, exclude=True, min_length=1, max_length=4096, description="a swapped reward server's "
-                                   "checkpoint on the cluster (serve_reward_model.py rm_model_file)")
-    port: int | None = Field(None, exclude=True, ge=1024, le=65535, description="a swapped reward server's port (inference.port); "
-                             "default: the generator's (server.port), free once its step is stopped")
+    model_path: str | None = Field(None, exclude=True, min_length=1, max_length=4096, description="the checkpoint on the "
+                                   "cluster of a reward server started in the job (serve_reward_model.py rm_model_file)")
+    port: int | None = Field(None, exclude=True, ge=1024, le=65535, description="a reward server's port in "
+                             "the job (inference.port); default: the generator's (server.port), free once its step is "
+                             "stopped or on the reward server's own nodes")
 
     @property
     def is_reward(self) -> bool:
