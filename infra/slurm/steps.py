@@ -65,10 +65,12 @@ class RewardStep:
 
     def job_for(self, job: SbatchSpec) -> SbatchSpec:
         """The generator's job `job` with this reward step (swapped in later, or resident beside it)."""
+        reward = self.spec_for(job)  # its own mistakes named by it
         try:
-            return replace(job, reward=self.spec_for(job), resident=self.resident)
+            return replace(job, reward=reward, resident=self.resident)
         except ConfigError as exc:
-            raise ConfigError(f"servers.{self.server} (resident in the generator's job): {exc}".replace("\n", " ")) from None
+            how = "resident in" if self.resident else "swapped into"
+            raise ConfigError(f"servers.{self.server} ({how} the generator's job): {exc}".replace("\n", " ")) from None
 
     def spec_for(self, job: SbatchSpec) -> SbatchSpec:
         """The reward step's spec on `job`'s nodes (validated again: a bad value is one line)."""
