@@ -276,7 +276,7 @@ def _add_render(sub) -> None:
     p.add_argument("--partition")
     p.add_argument("--run-id", default="dry-run")
     p.add_argument("--pipeline", help="render this pipeline file's job instead: its generation server's profile, and "
-                                      "a reward server swapped into the job (swap_with) as its second step")
+                                      "a reward server in the job (swap_with: its second step; resident: beside it)")
     p.set_defaults(func=_render)
 
 

@@ -13,10 +13,13 @@ Or the server is started in the generator's own Slurm job (`swap_with`, infra/sl
 `planned_swap` checks it whole before any job is submitted; the pool's release of the generator's job
 becomes the swap (its step stopped, the reward server's started), this stage waits for that server
 and releases the job after its last score. A lost swapped server is replaced by a new job whose
-first step is the reward server's.
+first step is the reward server's. Or it is resident (`resident: true`, infra/slurm/resident.py): the
+job has its nodes too, both servers start at once, and the pool's release keeps the job, unswapped.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace as dc_replace
 
 from prefect import get_run_logger
 
@@ -30,6 +33,7 @@ from infra.reward.client import DEFAULT_MODEL, reward_client, wait_reward_ready
 from infra.reward.stage import RewardScorer
 from infra.run.lease import FencedStore, RunLease
 from infra.settings import Settings
+from infra.slurm.resident import ResidentKeeper
 from infra.slurm.steps import SwapKeeper, swap_step
 from infra.storage import open_output_store
 from tasks.reward import score_reward_stage
@@ -44,10 +48,16 @@ def planned_swap(the: Pipeline, settings: Settings, run_id: str, flow_run_id: st
         return None
     prof = settings.profile(the.server[1].profile)
     srv = settings.server
-    return SwapKeeper(step, new_job=lambda: make_backend(settings, prof, run_id=run_id, flow_run_id=flow_run_id,
-                                                         reward_step=step),
-                      release=release, ready_timeout_s=srv.ready_timeout_s, poll_s=srv.ready_poll_s,
-                      gpus=prof.nodes * prof.gpus_per_node)
+    common = dict(new_job=lambda: make_backend(settings, prof, run_id=run_id, flow_run_id=flow_run_id, reward_step=step),
+                  release=release, ready_timeout_s=srv.ready_timeout_s, poll_s=srv.ready_poll_s,
+                  gpus=prof.nodes * prof.gpus_per_node)
+    if step.resident:  # both servers at once, each on its own nodes of the job (infra/slurm/resident.py)
+        # With nothing left to generate, a job of the reward server's nodes alone, its step the only one run.
+        alone = settings.profile(the.servers[step.server].profile)
+        common["new_job"] = lambda: make_backend(settings, alone, run_id=run_id, flow_run_id=flow_run_id,
+                                                 reward_step=dc_replace(step, resident=False, nodes=None))
+        return ResidentKeeper(step, reward_gpus=step.nodes * prof.gpus_per_node, **common)
+    return SwapKeeper(step, **common)
 
 
 def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Settings, lease: RunLease,

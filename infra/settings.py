@@ -122,8 +122,8 @@ class ServerSettings(_Section):
                              description="megatron_gpt_eval.py as the ranks see it (bare metal: in your NeMo checkout)")
     reward_script: str = Field("/opt/NeMo-Aligner/examples/nlp/gpt/serve_reward_model.py",
                                description="NeMo-Aligner's serve_reward_model.py as the ranks see it, for a reward server "
-                               "swapped into the job (a pipeline's swap_with)")
-    reward_command: list[str] | None = Field(None, description="replaces serve_reward_model.py in a swapped reward "
+                               "started in the job (a pipeline's swap_with or resident)")
+    reward_command: list[str] | None = Field(None, description="replaces serve_reward_model.py in a job's reward "
                                              "server's launcher ({port}: its port); tests and site wrappers")
 
 

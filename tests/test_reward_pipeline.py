@@ -50,7 +50,7 @@ def test_a_new_threshold_or_reward_model_changes_only_the_kept_hash(tmp_path):
     (STAGES, HEAD.replace("  rm: {engine: nemo-aligner, url: 'http://127.0.0.1:1424'}\n", ""),
      "stage 'rm': server: a reward stage needs a reward server (none in servers"),
     (STAGES, HEAD.replace(", url: 'http://127.0.0.1:1424'", ""),
-     "servers.rm: engine nemo-aligner: give url (a reward server already running) or swap_with"),
+     "servers.rm: engine nemo-aligner: give url (a reward server already running), swap_with"),
     (STAGES.replace("kind: reward", "kind: reward\n    server: main"), HEAD,
      "stage 'rm': server: 'main' is not a reward server of this pipeline (reward servers: rm)"),
     (STAGES.replace("kind: reward", "kind: reward\n    split: {parser: lines, into: x}"), HEAD,

@@ -77,9 +77,9 @@ def watched(client: SlurmClient, run) -> tuple[set[str], list[str]]:
     return jobs, steps
 
 
-def nothing_left(client: SlurmClient, job_id: str, scored_log, port: int) -> None:
+def nothing_left(client: SlurmClient, job_id: str, scored_log, port: int, run_id: str = "swap") -> None:
     """No job, no step, no stand-in process (its Python, by the log it writes; Triton's server, by its port)."""
-    assert not our_jobs("swap") and not client.steps(job_id)
+    assert not our_jobs(run_id) and not client.steps(job_id)
     assert job_record(job_id)["state"].startswith("CANCELLED")
 
     def left() -> list[str]:

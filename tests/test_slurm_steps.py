@@ -65,7 +65,7 @@ def test_the_rendered_job_runs_the_generator_then_nemo_aligner_as_a_second_step(
 
 @pytest.mark.parametrize("rm, stages, expected", [
     ("swap_with: gen, " + MODEL, STAGES, "servers.rm.swap_with: 'gen' is not the generation server of this pipeline ('main')"),
-    ("resident: true, url: 'http://x:1'", STAGES, "resident: both servers resident on 4 nodes is not built yet"),
+    ("resident: true, url: 'http://x:1'", STAGES, "resident and url: a reward server is started on nodes of its own"),
     ("url: 'http://x:1', " + RM, STAGES, "url and swap_with: the server is either already running (url) or started"),
 ])
 def test_pipeline_file_mistakes_are_one_line(tmp_path, rm, stages, expected):

@@ -251,7 +251,7 @@ def graph_lines(pipeline: Pipeline, checks: list[StageCheck], uri: str, files: d
     for c in checks:
         table.append([c.stage.name, c.reads, *_summary(c.stage).values(), hashes[c.stage.name].kept])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    rewards = "".join(f", reward server {n!r} ({s.engine} {f'at {s.url}' if s.url else f'swapped into the job of {s.swap_with!r}'})"
+    rewards = "".join(f", reward server {n!r} ({s.engine} {f'at {s.url}' if s.url else f'resident in the job of {name!r} on its own nodes' if s.resident else f'swapped into the job of {s.swap_with!r}'})"
                       for n, s in pipeline.servers.items() if s.is_reward)
     head = (f"pipeline {uri}: {len(checks)} stages on server {name!r} (profile {server.profile}"
             f"{', engine ' + server.engine if server.engine else ''}){rewards}; every template rendered without a server")

@@ -64,11 +64,13 @@ class Server(BaseModel):
     # hashes; the scorer's identity names a swapped server's checkpoint, flows/reward.py).
     swap_with: str | None = Field(None, exclude=True, description="a nemo-aligner reward server started in the generation server's "
                                   "Slurm job once the generating stages are done: its step stopped, this one started")
-    resident: bool = Field(False, exclude=True, description="both servers resident on their own nodes (4 nodes): not built")
-    model_path: str | None = Field(None, exclude=True, min_length=1, max_length=4096, description="a swapped reward server's "
-                                   "checkpoint on the cluster (serve_reward_model.py rm_model_file)")
-    port: int | None = Field(None, exclude=True, ge=1024, le=65535, description="a swapped reward server's port (inference.port); "
-                             "default: the generator's (server.port), free once its step is stopped")
+    resident: bool = Field(False, exclude=True, description="a nemo-aligner reward server started at once in the generation "
+                           "server's Slurm job, on nodes of its own (its profile's), both resident until the last score")
+    model_path: str | None = Field(None, exclude=True, min_length=1, max_length=4096, description="the checkpoint on the "
+                                   "cluster of a reward server started in the job (serve_reward_model.py rm_model_file)")
+    port: int | None = Field(None, exclude=True, ge=1024, le=65535, description="a reward server's port in "
+                             "the job (inference.port); default: the generator's (server.port), free once its step is "
+                             "stopped or on the reward server's own nodes")
 
     @property
     def is_reward(self) -> bool:
@@ -86,20 +88,25 @@ class Server(BaseModel):
                 raise ValueError(f"{wrong}: a reward server's setting (engine nemo-aligner, openai-reward, vllm-pooling, "
                                  "vllm-classify); a generation server is started from its profile")
             return self
-        if self.resident:
-            raise ValueError("resident: both servers resident on 4 nodes is not built yet; use swap_with (one job, "
-                             "the generator's step then the reward server's), or run it yourself and give its url")
-        if (self.url is None) == (self.swap_with is None):
-            raise ValueError(f"engine {self.engine}: give url (a reward server already running) or swap_with (the "
-                             "generation server whose Slurm job it is started in), one of them"
+        if self.resident and (self.swap_with is not None or self.url is not None):
+            raise ValueError(f"resident and {'swap_with' if self.swap_with is not None else 'url'}: a reward server is "
+                             "started on nodes of its own beside the generator (resident), on the generator's nodes after "
+                             "it (swap_with), or already running (url): one of them")
+        if self.resident and self.profile is None:
+            raise ValueError("resident: give the reward server's profile (its own nodes in the generator's job, e.g. "
+                             "h100x16 for 2 x 8 GPUs)")
+        if not self.resident and (self.url is None) == (self.swap_with is None):
+            raise ValueError(f"engine {self.engine}: give url (a reward server already running), swap_with (the "
+                             "generation server whose Slurm job it is started in) or resident: true, one of them"
                              if self.url is None else "url and swap_with: the server is either already running (url) "
                              "or started in the generator's job (swap_with), not both")
-        if self.swap_with is not None and self.engine != "nemo-aligner":
-            raise ValueError(f"swap_with: only a nemo-aligner reward server (serve_reward_model.py) is started in the "
-                             f"job; run the {self.engine} server yourself and give its url")
+        if (self.swap_with is not None or self.resident) and self.engine != "nemo-aligner":
+            raise ValueError(f"{'swap_with' if self.swap_with is not None else 'resident'}: only a nemo-aligner reward "
+                             f"server (serve_reward_model.py) is started in the job; run the {self.engine} server "
+                             "yourself and give its url")
         if self.url is not None and (self.model_path is not None or self.port is not None):
             raise ValueError(f"{'model_path' if self.model_path is not None else 'port'}: set only on a server started "
-                             "in the job (swap_with); a running server's address is its url")
+                             "in the job (swap_with, resident); a running server's address is its url")
         return self
 
 
@@ -254,6 +261,9 @@ class Pipeline(BaseModel):
                 raise ValueError(f"{where}: recipe.prompt_template: a stage reading its parent's rows builds its "
                                  "prompt from them; give it a template")
         for name, server in self.servers.items():
+            if server.resident and not any(s.kind == "reward" and self.reward_server(s)[0] == name for s in self.stages):
+                raise ValueError(f"servers.{name}.resident: no reward stage uses {name!r}, so its nodes would be held for "
+                                 "nothing; add a reward stage with server: " + name + ", or drop the server")
             if server.swap_with is not None and server.swap_with != self.server[0]:
                 raise ValueError(f"servers.{name}.swap_with: {server.swap_with!r} is not the generation server of this "
                                  f"pipeline ({self.server[0]!r}); name it")

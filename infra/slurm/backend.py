@@ -72,8 +72,8 @@ class SlurmBackend:
                                         comment=job_comment(run_id, flow_run_id, replica), job_dir=self.job_dir)
         # Replicas on nodes that share an address (the local test cluster) must not share a port.
         self.spec = replace(spec, port=settings.server.port + replica)
-        if reward_step is not None:  # a reward server swapped in later, on these nodes (infra/slurm/steps.py)
-            self.spec = replace(self.spec, reward=reward_step.spec_for(self.spec))
+        if reward_step is not None:  # a reward server swapped in later, or resident (infra/slurm/steps.py)
+            self.spec = reward_step.job_for(self.spec)
         self.job_ids: list[str] = []
         self._url: str | None = None
         self._url_nodes: list[str] = []

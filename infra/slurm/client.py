@@ -157,8 +157,12 @@ class SlurmClient:
 
     # nodes ----------------------------------------------------------------------------------
     def first_node(self, job_id: str) -> str:
-        """The first node of a running job: NodeList from `scontrol show job`, expanded by
-        `scontrol show hostnames`. Global rank 0 (the NeMo HTTP server) runs there."""
+        """The first node of a running job. Global rank 0 (the NeMo HTTP server) runs there."""
+        return self.job_nodes(job_id)[0]
+
+    def job_nodes(self, job_id: str) -> list[str]:
+        """A running job's nodes in Slurm's order (srun --relative counts in it): NodeList from
+        `scontrol show job`, expanded by `scontrol show hostnames`."""
         job_id = check_job_id(job_id)
         result = self._run(["scontrol", "show", "job", job_id, "-o"], check=False)
         if result.returncode != 0:
@@ -186,7 +190,7 @@ class SlurmClient:
                 "Check the node list with `scontrol show job`.",
                 job_id=job_id, state=normalize_state(record.get("JobState", "")),
             )
-        return names[0]
+        return names
 
     def node_addr(self, node: str) -> str:
         """A node's NodeAddr from `scontrol show node NAME -o` (Slurm's answer, not DNS)."""

@@ -59,7 +59,9 @@ def sbatch_directives(spec: SbatchSpec) -> list[str]:
     lines += [f"{flag} {value}" for flag, value in (("-A", spec.account), ("-p", spec.partition)) if value]
     lines += [f"--qos={spec.qos}"] if spec.qos else []
     lines += [f"--reservation={spec.reservation}"] if spec.reservation else []
-    lines += [f"-N {spec.nodes}", f"--ntasks-per-node={launch.srun_tasks_per_node(spec)}"]
+    # A resident reward server's nodes come after the generator's, in the same job (infra/slurm/steps.py).
+    nodes = spec.nodes + (spec.reward.nodes if spec.resident and spec.reward is not None else 0)
+    lines += [f"-N {nodes}", f"--ntasks-per-node={launch.srun_tasks_per_node(spec)}"]
     lines += gpu_directive(spec)
     lines += [f"--cpus-per-task={spec.cpus_per_task}"] if spec.cpus_per_task else []
     lines += [f"--time={spec.time_limit}"]
@@ -146,7 +148,9 @@ def render_sbatch(spec: SbatchSpec) -> str:
     if spec.container_runtime == "apptainer":
         env += _exports(spec, "APPTAINERENV_")  # apptainer's way to win over the image's values
     return _template("sbatch.sh.tmpl").substitute(
-        what=launch.job_title(spec) + (f", then {launch.job_title(spec.reward)} when asked" if spec.reward else ""),
+        what=launch.job_title(spec) + (f" on {spec.nodes} node(s), and {launch.job_title(spec.reward)} at once on "
+                                       f"{spec.reward.nodes} node(s) of its own" if spec.resident else
+                                       f", then {launch.job_title(spec.reward)} when asked" if spec.reward else ""),
         directives="\n".join(sbatch_directives(spec)),
         assignments="\n".join(assignments),
         site_env="\n".join(env) or "# slurm.env is empty.",
@@ -161,8 +165,10 @@ def _launch(spec: SbatchSpec) -> str:
         return _template("sbatch-one-step.sh.tmpl").substitute(srun_comment=launch.srun_comment(spec))
     rm = spec.reward
     assignments = _step_assignments(rm, "REWARD_", f"# Reward model: {rm.model_mount()[1]}")
-    return _template("sbatch-steps.sh.tmpl").substitute(reward_title=launch.job_title(rm),
-                                                        reward_assignments="\n".join(assignments))
+    if spec.resident:  # both steps at once, each on its own nodes of the job
+        assignments += [_assign("GENERATOR_NODES", spec.nodes), _assign("REWARD_NODES", rm.nodes)]
+    return _template("sbatch-resident.sh.tmpl" if spec.resident else "sbatch-steps.sh.tmpl").substitute(
+        reward_title=launch.job_title(rm), reward_assignments="\n".join(assignments))
 
 
 def _step_assignments(spec: SbatchSpec, prefix: str, model_line: str) -> list[str]:

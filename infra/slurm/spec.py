@@ -179,6 +179,9 @@ class SbatchSpec:
     # A reward server swapped into this job after the generator's step (infra/slurm/steps.py): its own
     # launch on the same nodes; the batch script then runs the steps the orchestrator asks for.
     reward: "SbatchSpec | None" = None
+    # The reward step starts with the generator's, on nodes of its own after the generator's (a
+    # pipeline's `resident: true`): the job asks for both servers' nodes, and no step is swapped.
+    resident: bool = False
 
     def __post_init__(self) -> None:
         # Lists given by callers become tuples, so the spec stays immutable and hashable.
@@ -197,7 +200,12 @@ class SbatchSpec:
         self._validate_server()
         launch.check_engine(self)
         self._validate_heartbeat()
-        if self.reward is not None and (self.reward.nodes, self.reward.gpus_per_node) != (self.nodes, self.gpus_per_node):
+        if self.resident and (self.reward is None or self.reward.gpus_per_node != self.gpus_per_node):
+            raise ConfigError("Slurm job spec: resident needs a reward step" if self.reward is None else
+                              f"Slurm job spec: the resident reward step needs {self.reward.gpus_per_node} GPUs per node, "
+                              f"the generator's {self.gpus_per_node}: one job asks one number of GPUs per node; give the "
+                              "reward server a profile with as many")
+        if not self.resident and self.reward is not None and (self.reward.nodes, self.reward.gpus_per_node) != (self.nodes, self.gpus_per_node):
             raise ConfigError(f"Slurm job spec: the reward step needs {self.reward.nodes} x {self.reward.gpus_per_node} "
                               f"GPUs, the job has {self.nodes} x {self.gpus_per_node}: a swapped reward server runs on the "
                               "generator's nodes; give it a profile of the same shape")

@@ -59,6 +59,18 @@ class RewardStep:
     script: str
     image: str
     command: tuple[str, ...] | None = None
+    # Resident (a pipeline's `resident: true`): started with the generator, on `nodes` of its own.
+    resident: bool = False
+    nodes: int | None = None
+
+    def job_for(self, job: SbatchSpec) -> SbatchSpec:
+        """The generator's job `job` with this reward step (swapped in later, or resident beside it)."""
+        reward = self.spec_for(job)  # its own mistakes named by it
+        try:
+            return replace(job, reward=reward, resident=self.resident)
+        except ConfigError as exc:
+            how = "resident in" if self.resident else "swapped into"
+            raise ConfigError(f"servers.{self.server} ({how} the generator's job): {exc}".replace("\n", " ")) from None
 
     def spec_for(self, job: SbatchSpec) -> SbatchSpec:
         """The reward step's spec on `job`'s nodes (validated again: a bad value is one line)."""
@@ -70,7 +82,8 @@ class RewardStep:
             return replace(job, engine=REWARD_ENGINE, tensor_parallel=self.tensor_parallel,
                            pipeline_parallel=self.pipeline_parallel, model_path=self.model_path or job.model_path,
                            eval_script=self.script, port=self.port or job.port, container_image=self.image,
-                           server_command=self.command, reward=None)
+                           server_command=self.command, reward=None, resident=False,
+                           **({"nodes": self.nodes} if self.nodes else {}))
         except ConfigError as exc:
             raise ConfigError(f"{where} (started in the generator's job): {exc}".replace("\n", " ")) from None
 
@@ -115,10 +128,14 @@ def stop_steps(backend: SlurmBackend, step: str, wait_s: float) -> float:
 
 
 def reward_url(backend: SlurmBackend) -> str | None:
-    """The reward server's base URL once the job runs: its first node, the reward step's port."""
-    if backend.job_id is None or backend.spec.reward is None or backend.state().state != "RUNNING":
+    """The reward server's base URL once the job runs: its step's first node (the job's first, or
+    a resident step's, after the generator's nodes), the reward step's port."""
+    spec = backend.spec
+    if backend.job_id is None or spec.reward is None or backend.state().state != "RUNNING":
         return None
-    return f"http://{backend.client.first_node_addr(backend.job_id)}:{backend.spec.reward.port}"
+    client = backend.client
+    node = client.job_nodes(backend.job_id)[spec.nodes] if spec.resident else client.first_node(backend.job_id)
+    return f"http://{client.node_addr(node)}:{spec.reward.port}"
 
 
 class SwapKeeper:
@@ -226,26 +243,36 @@ def check_swap(settings, profile, step: RewardStep, run_id: str) -> SbatchSpec:
     before anything is submitted; `nemotron-sdg render --pipeline` prints it."""
     job = SbatchSpec.from_settings(settings, profile, job_name=job_name_for(None, run_id), comment=job_comment(run_id, None),
                                    job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
-    return replace(job, reward=step.spec_for(job))
+    return step.job_for(job)
 
 
 def swap_step(settings, servers: dict, generator: str, run_id: str) -> RewardStep | None:
-    """The reward step of the pipeline's `servers` (a pipeline file's entries: `swap_with`,
-    `profile`, `model_path`, `port`), checked whole with the generator's job; None when none swaps."""
-    swapped = [(n, s) for n, s in servers.items() if getattr(s, "swap_with", None) is not None]
-    if not swapped:
+    """The reward step of the pipeline's `servers` (a pipeline file's entries: `swap_with` or
+    `resident`, `profile`, `model_path`, `port`), checked whole with the generator's job; None when
+    no reward server is started in it."""
+    placed = [(n, s) for n, s in servers.items() if getattr(s, "swap_with", None) is not None or getattr(s, "resident", False)]
+    if not placed:
         return None
-    if len(swapped) > 1:
-        raise ConfigError(f"servers: {', '.join(n for n, _ in swapped)} all set swap_with; one reward server can be "
-                          "swapped into the generator's job: give the others a url")
-    (name, server), gen = swapped[0], servers[generator]
+    if len(placed) > 1:
+        raise ConfigError(f"servers: {', '.join(n for n, _ in placed)} are all started in the generator's job "
+                          "(swap_with or resident); one reward server can be: give the others a url")
+    (name, server), gen = placed[0], servers[generator]
+    how = "resident" if server.resident else "swap_with"
     prof = settings.profile(gen.profile)
     if prof.backend != "slurm":
-        raise ConfigError(f"servers.{name}.swap_with: {generator} runs on profile {gen.profile} (backend {prof.backend}); "
-                          "a reward server is swapped into a Slurm job only: give it a slurm profile, or run the reward "
+        raise ConfigError(f"servers.{name}.{how}: {generator} runs on profile {gen.profile} (backend {prof.backend}); "
+                          f"a reward server is {'started in' if server.resident else 'swapped into'} a Slurm job only: "
+                          "give it a slurm profile, or run the reward "
                           "server yourself and give its url")
     shape = settings.profile(server.profile) if server.profile else prof
-    if (shape.nodes, shape.gpus_per_node) != (prof.nodes, prof.gpus_per_node):
+    if server.resident and shape.backend != "slurm":
+        raise ConfigError(f"servers.{name}.profile: {server.profile} is a {shape.backend} profile; a resident reward "
+                          "server gets nodes of the generator's Slurm job: give a slurm profile (its nodes and GPUs)")
+    if server.resident and shape.gpus_per_node != prof.gpus_per_node:
+        raise ConfigError(f"servers.{name}.profile: {server.profile} has {shape.gpus_per_node} GPUs per node, the job of "
+                          f"{generator} ({gen.profile}) {prof.gpus_per_node}: one job asks one number of GPUs per node; "
+                          "give a profile with as many")
+    if not server.resident and (shape.nodes, shape.gpus_per_node) != (prof.nodes, prof.gpus_per_node):
         raise ConfigError(f"servers.{name}.profile: {server.profile} is {shape.nodes} x {shape.gpus_per_node} GPUs, the "
                           f"job of {generator} ({gen.profile}) {prof.nodes} x {prof.gpus_per_node}: a swapped server runs "
                           "on the generator's nodes; give a profile of that shape, or drop it")
@@ -253,7 +280,8 @@ def swap_step(settings, servers: dict, generator: str, run_id: str) -> RewardSte
     step = RewardStep(server=name, tensor_parallel=shape.tensor_parallel, pipeline_parallel=shape.pipeline_parallel,
                       model_path=server.model_path, port=server.port, script=srv.reward_script,
                       image=image_for(REWARD_ENGINE, slurm.container_image, slurm.images),
-                      command=tuple(srv.reward_command) if srv.reward_command else None)
+                      command=tuple(srv.reward_command) if srv.reward_command else None,
+                      resident=server.resident, nodes=shape.nodes if server.resident else None)
     check_swap(settings, prof, step, run_id)
     return step
 

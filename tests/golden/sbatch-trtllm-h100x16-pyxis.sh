@@ -34,6 +34,7 @@ LAUNCH_PREFIX=()
 
 BATCH_PID=$$
 SRUN_PID=""
+REWARD_PID=""  # a resident reward server's step, beside the generator's (sbatch-resident.sh.tmpl)
 WATCHDOG_PID=""
 
 log() {
@@ -135,9 +136,12 @@ stop_watchdog() {
 forward_signal() {
     # Slurm signals us on scancel and at the time limit: pass it to srun (which relays it to
     # every rank) and to our own watchdog. Nothing we did not start is touched.
-    log "received SIG$1; forwarding it to srun (pid ${SRUN_PID:-none})"
+    log "received SIG$1; forwarding it to srun (pid ${SRUN_PID:-none}${REWARD_PID:+ and the reward step $REWARD_PID})"
     if [ -n "$SRUN_PID" ]; then
         kill "-$1" "$SRUN_PID" 2>/dev/null
+    fi
+    if [ -n "$REWARD_PID" ]; then
+        kill "-$1" "$REWARD_PID" 2>/dev/null
     fi
     stop_watchdog
 }
