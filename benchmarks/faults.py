@@ -500,6 +500,8 @@ def case_api_outage(tmp: Path) -> Row:
     log_path = tmp / "flow.log"
     env = {**server.env(), **local_env(tmp, "--extra-latency", "0.1"),  # its URL and password
            "PREFECT_LOGGING_EXTRA_LOGGERS": "flows,infra", "PYTHONPATH": str(REPO)}
+    if flush := os.environ.get("NSDG_ARTIFACTS_FLUSH_S"):  # the test's shorter wait for the last UI updates
+        env["NSDG_ARTIFACTS_FLUSH_S"] = flush
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--input-uri", str(tmp / "in.jsonl"),
                              "--output-uri", str(tmp / "out"), "--run-id", "r", "--shard-size", "10", "--batch-size", "5"],
                             cwd=tmp, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -19,10 +19,17 @@ from collections.abc import Callable, Iterable
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 log = logging.getLogger(__name__)
-FLUSH_S = 15.0  # how long the run's end waits for the last updates before giving up on them
 SAMPLE_ROWS = 5  # finished rows shown on the run page (a glance at the data, not a view of it)
 CELL_CHARS = 240  # a cell longer than this is cut: a wide table is cut off in the UI anyway
 RETRY_S = 5.0  # pause between tries while the API is away (each try has the client's own retries)
+
+
+def flush_s() -> float:
+    """How long the run's end waits for the last updates before giving up on them
+    (NSDG_ARTIFACTS_FLUSH_S): read when it waits, so a test of an outage can wait less."""
+    from infra.settings import load_settings
+
+    return load_settings().artifacts_flush_s
 
 
 class ApiOutage:
@@ -86,9 +93,10 @@ class Artifacts:
             self._table = (rows, description)
             self._wake.notify()
 
-    def close(self, timeout: float = FLUSH_S) -> None:
-        """Wait (bounded) for what is queued to go out; what is left then is dropped, logged.
-        During a known outage there is no wait: the run's end is not held up once per artifact."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait (bounded: `timeout`, else flush_s()) for what is queued to go out; what is left then is
+        dropped, logged. During a known outage there is no wait: the run's end is not held up once per artifact."""
+        timeout = flush_s() if timeout is None else timeout
         with self._wake:
             self._closed = True
             self._wake.notify()
@@ -144,7 +152,7 @@ class Artifacts:
         return True
 
 
-def publish_table(key: str, rows: list[dict], description: str, timeout: float = FLUSH_S, kind: str = "summary") -> None:
+def publish_table(key: str, rows: list[dict], description: str, timeout: float | None = None, kind: str = "summary") -> None:
     """A table at the end of a run (its summary, a few of its rows): best-effort, waits at most `timeout`."""
     sender = Artifacts(key, table_kind=kind)
     sender.table(rows, description)
@@ -173,7 +181,7 @@ def sample_rows(lines: Iterable[str | bytes], n: int = SAMPLE_ROWS, width: int =
     return out
 
 
-def publish_sample_rows(key: str, lines: Iterable[str | bytes], description: str, timeout: float = FLUSH_S) -> int:
+def publish_sample_rows(key: str, lines: Iterable[str | bytes], description: str, timeout: float | None = None) -> int:
     """A few finished rows of a run (or of a pipeline's stage) as the `rows-{key}` table, so a user
     sees the data on the run page without opening a file; how many were shown (none: no table)."""
     rows = sample_rows(lines)
@@ -193,7 +201,7 @@ def artifact_key(run_id: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in run_id.lower())[:60]
 
 
-def publish_stage_counts(run_id: str, stages: list[dict], names: list[str], timeout: float = FLUSH_S) -> None:
+def publish_stage_counts(run_id: str, stages: list[dict], names: list[str], timeout: float | None = None) -> None:
     """A pipeline's progress by stage as the `stages-{run}` table: each finished stage's counts (from
     the pipeline manifest's entries), the others listed as waiting. Sent after every stage."""
     done = {s["stage"]: s for s in stages}

@@ -234,6 +234,8 @@ class Settings(BaseSettings):
     output_uri: str = "output"
     run_lease_ttl_s: float = Field(120.0, ge=3, le=3600, description="a run's lease on its output location "
                                    "(infra/run/lease.py) expires this long after its last renewal (every third of it)")
+    artifacts_flush_s: float = Field(15.0, gt=0, le=600, description="how long a run's end waits for its last "
+                                     "Prefect UI updates (progress, tables) before dropping them (flows/artifacts.py)")
     allowed_uris: list[str] = Field(default_factory=list, description="local directories and s3://bucket/prefix "
                                     "prefixes every input and output must lie in (infra/storage/locations.py); empty: any")
     work_dir: str = Field(".nemotron-sdg", description="local state: logs of local servers, temp parts")

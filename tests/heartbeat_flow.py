@@ -1,4 +1,4 @@
-"""A healthy flow that only waits, deployed by tests/test_adoption.py to run longer than the dead-run
+"""A healthy flow that only waits, deployed by tests/test_prefect_server.py to run longer than the dead-run
 automation's window (flows/zombies.py) under the heartbeat prefect.yaml gives every deployment."""
 
 import time

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -426,13 +427,44 @@ def test_sigkill_of_the_flow_process_runs_on_crashed(prefect_server, prefect_wor
     assert not list(prefect_worker.jobs_dir.glob(f"*-{run_id[:8]}/*/cancel-reason"))
 
 
+DEPLOY_SLEEPER = """
+import sys, yaml
+from prefect import flow
+site = yaml.safe_load(open("prefect.yaml"))["definitions"]["work_pools"]["process"]
+flow.from_source(source=".", entrypoint="tests/heartbeat_flow.py:sleeper").deploy(
+    name="heartbeat", work_pool_name=site["name"], job_variables=site["job_variables"], tags=[sys.argv[1]], build=False)
+"""
+
+
+def start_healthy_sleeper(server, seconds: float) -> str:
+    """Deploy tests/heartbeat_flow.py as prefect.yaml's job variables say, tagged for the dead-run
+    automation, and start a run of it that sleeps `seconds`; returns its flow-run id."""
+    deploy = subprocess.run([sys.executable, "-c", DEPLOY_SLEEPER, zombies.TAG], cwd=REPO, capture_output=True,
+                            text=True, timeout=180, env=server.env())
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    return start_deployment(server, "healthy-sleeper/heartbeat", "--param", f"seconds={seconds}")
+
+
 @pytest.mark.usefixtures("slurm_cluster")
 @pytest.mark.slurm
 @pytest.mark.prefect_server
 @pytest.mark.integration
-def test_worker_and_flow_killed_dead_man_switch_ends_the_job(prefect_server, prefect_worker, deployed, tmp_path):
+def test_worker_and_flow_killed_dead_man_switch_ends_the_job_and_a_healthy_run_is_not_crashed(
+        prefect_server, prefect_worker, deployed, tmp_path):
+    """The dead-man switch ends the job of a run whose worker and flow were both killed, and the
+    zombie automation sets that run Crashed. Beside it, issue 27 defect 1's test: under the documented
+    setup (prefect.yaml's job variables, then `install-automations`, done by the `deployed` fixture),
+    a healthy run tagged for the automation that lasts longer than its window (3 heartbeats of 30 s,
+    the shortest Prefect allows) ends Completed and was never Crashed; before the fix the window
+    equalled the flows' 180 s heartbeat. One test, since both wait out the same window (90 s): the
+    healthy run's process lives in its own session, so it outlives the worker's kill as it would a
+    worker restart."""
+    window_s = zombies.MISSED_HEARTBEATS * FLOW_HEARTBEAT_S
+    healthy = start_healthy_sleeper(prefect_server, window_s + 20)
     run_id, out = start_slurm_run(prefect_server, prefect_worker, tmp_path)
     proc = wait_mid_generation(prefect_server, prefect_worker, run_id, out)
+    # Taken by the worker before it is killed (on a slow machine it may even have finished by now).
+    prefect_server.wait_state(healthy, {"RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 120)
     name = f"nsdg-{run_id}"
     try:
         prefect_worker.kill()  # no worker left to notice the crash or to run on_crashed
@@ -452,7 +484,7 @@ def test_worker_and_flow_killed_dead_man_switch_ends_the_job(prefect_server, pre
     # Nobody is left to report the run; the zombie automation sets it Crashed once three flow
     # heartbeats are missed (plus one heartbeat of phase and the server's trigger evaluation).
     assert prefect_server.state_type(run_id) == "RUNNING"
-    within = zombies.MISSED_HEARTBEATS * FLOW_HEARTBEAT_S
+    within = window_s
     run = prefect_server.wait_state(run_id, {"CRASHED"}, within + FLOW_HEARTBEAT_S + 60)
     crashed_after = time.monotonic() - t_kill
     assert "No heartbeat" in run["state"]["message"], run["state"]
@@ -460,6 +492,10 @@ def test_worker_and_flow_killed_dead_man_switch_ends_the_job(prefect_server, pre
           f"(timeout {HEARTBEAT_TIMEOUT_S} s, check every {HEARTBEAT_INTERVAL_S} s): {reason.strip()}; "
           f"the run was set Crashed by the automation {crashed_after:.0f} s after the kill (no heartbeat for {within} s)")
     assert crashed_after >= within - FLOW_HEARTBEAT_S  # not before the heartbeats were really missed
+    ended = prefect_server.wait_state(healthy, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, window_s + 120)
+    states = prefect_server.get(f"/flow_run_states/?flow_run_id={healthy}")
+    assert ended["state"]["type"] == "COMPLETED", ended["state"]
+    assert "CRASHED" not in {s["type"] for s in states}, states
 
 
 def submit_sleeper(name: str, chdir: Path) -> str:

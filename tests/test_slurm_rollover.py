@@ -23,6 +23,10 @@ ROLL_PROFILE = {"roll1x1": {"backend": "slurm", "nodes": 1, "gpus_per_node": 1, 
                             "pipeline_parallel": 1}}
 SHARD, BATCH = 20, 10  # two requests of 0.5 s: one shard takes about a second
 RECORDS = 2400  # about 120 s of generation for one replica: two 1-minute jobs and then some
+# About 80 s for one replica: past a job cut to one minute soon after it serves (its successor is
+# due about 12 s before that end), not two minutes of it. Requests cannot go faster than the
+# server's latency, so the run cannot end before the cut job does.
+RECORDS_PAST_ONE_LIMIT = 1600
 
 
 @pytest.fixture
@@ -54,12 +58,16 @@ def run_and_read(workdir, run_id: str, records: int, **kw):
     return manifest, roll
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_a_run_longer_than_the_time_limit_rolls_over(rollover_env, workdir, replicas):
-    manifest, roll = run_and_read(workdir, f"roll-{replicas}", RECORDS, replicas=replicas)
-    assert roll["count"] >= 2 and len(manifest["slurm_job_ids"]) == roll["count"] + replicas
+def test_a_run_longer_than_the_time_limit_rolls_over(rollover_env, workdir):
+    """Two replicas, each with about 120 s of generation: each rolls over on its own, and a successor
+    is itself succeeded when its own limit nears (one test where there were two, one replica and
+    two, each about two minutes of one-minute jobs: a replica's handovers are its own either way)."""
+    manifest, roll = run_and_read(workdir, "roll-2", 2 * RECORDS, replicas=2)
+    assert roll["count"] >= 2 and len(manifest["slurm_job_ids"]) == roll["count"] + 2
     successors = [r for r in manifest["replicas"] if "successor_of" in r]
     assert len(successors) == roll["count"]
+    replaced = {job for r in successors for job in r["successor_of"]}
+    assert any(set(r["job_ids"]) & replaced for r in successors), manifest["replicas"]  # a successor's successor
     # A successor ready in time takes over with (about) no gap; generous bound. A late one (the
     # nodes held by another session's job) idles for its queue wait, which is not ours to assert.
     in_time = [h["gap_s"] for h in roll["handovers"] if h["ready_in_time"] and h["gap_s"] is not None]
@@ -94,7 +102,7 @@ def test_a_limit_shortened_from_outside_is_seen(rollover_env, workdir, monkeypat
 
     cutter = threading.Thread(target=shorten, daemon=True)
     cutter.start()
-    manifest, roll = run_and_read(workdir, "roll-cut", RECORDS)
+    manifest, roll = run_and_read(workdir, "roll-cut", RECORDS_PAST_ONE_LIMIT)
     cutter.join(timeout=5)
     assert cut and roll["count"] >= 1
     assert roll["handovers"][0]["old_jobs"] == cut
