@@ -338,3 +338,15 @@ def test_count_within_word_by_word_keeps_its_promise_on_any_text(word_model, tex
     exact = len(sp.encode(text))
     assert within_contract(counter.count_within([text, text + " " + text], cap)[0], exact, cap)
     assert within_contract(counter.count_within([text + " " + text], cap)[0], len(sp.encode(text + " " + text)), cap)
+
+
+def test_a_reward_row_whose_count_fits_is_not_refused_when_its_byte_bound_is_one_over(word_model):
+    from infra.reward.conversation import Conversation, build
+
+    counter, sp = word_model
+    row = {"prompt": SENTENCE * 3, "completion": SENTENCE}
+    text = build(row, system_prompt="", counter=counter, context_length=10**6).text
+    n = len(text.encode())  # limit = n - 1 (one token kept for BOS/EOS): the bytes are one over it
+    assert len(sp.encode(text)) < n - 1
+    # count_within may answer a bound at or below its cap: the cap is the limit, never limit + 1.
+    assert isinstance(build(row, system_prompt="", counter=counter, context_length=n), Conversation)
