@@ -350,3 +350,16 @@ def test_a_reward_row_whose_count_fits_is_not_refused_when_its_byte_bound_is_one
     assert len(sp.encode(text)) < n - 1
     # count_within may answer a bound at or below its cap: the cap is the limit, never limit + 1.
     assert isinstance(build(row, system_prompt="", counter=counter, context_length=n), Conversation)
+
+
+def test_no_byte_bound_where_a_space_is_no_piece(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(nemotron_like(tmp_path, "m").read_bytes())
+    next(p for p in proto.pieces if p.piece == "\u2581").piece = "\u2582"  # "▁" gone: a lone space is 3 fallback bytes
+    (path := tmp_path / "no-space.model").write_bytes(proto.SerializeToString())
+    counter, sp = token_counter(str(path)), spm.SentencePieceProcessor(model_file=str(path))
+    texts = [" " * 10, "a . b", SENTENCE]
+    exact = [len(ids) for ids in sp.encode(texts)]
+    assert exact[0] == 30  # more tokens than bytes: the byte bound would let it through
+    assert counter.count_within(texts, 100) == exact
