@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
@@ -283,3 +284,82 @@ def test_the_generation_pass_counts_in_chunks_as_the_plan_does(workdir, identity
         ids = [r.id for r in usable_records(stream, cfg, settings, plan.format, plan.duplicate_lines)]
     assert ids == [f"r{i}" for i in range(1, n + 1) if i % 500 != 5] and len(ids) == plan.records_in
     assert counter.calls == ["count_within"] * 3  # one call per chunk, none per prompt
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    """A Nemotron-like model (counted word by word) and its own SentencePiece processor."""
+    path = nemotron_like(tmp_path_factory.mktemp("words"), "w")
+    return token_counter(str(path)), spm.SentencePieceProcessor(model_file=str(path))
+
+
+def within_contract(got: int, exact: int, cap: int) -> bool:
+    """count_within's promise: exact above the cap; at or below it, an upper bound."""
+    return got == exact if got > cap else exact <= got <= cap
+
+
+def test_count_within_reads_a_fitting_text_only_in_part_and_stays_exact_against_whole_encodes(word_model):
+    counter, sp = word_model
+    assert counter._words is not None
+    rng = random.Random(5)
+    parts = varied_strings(3000, seed=3, more=TRICKY) + [SENTENCE, SENTENCE.replace(" ", "   "), "\u2581" + SENTENCE]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 60))) for _ in range(400)]
+    texts += [SENTENCE * 40, (SENTENCE + "🙂日本語 ") * 30, SENTENCE.replace(" ", "  \u2581") * 20]
+    exact = [len(ids) for ids in sp.encode(texts)]
+    nbytes = [len(t.encode()) for t in texts]
+    # Caps at the edges (a text that fits exactly, by one token, not by one), and far off.
+    for cap_of in (lambda e, b: e, lambda e, b: e - 1, lambda e, b: e + 1, lambda e, b: e // 2,
+                   lambda e, b: (e + b) // 2, lambda e, b: b - 1, lambda e, b: 40, lambda e, b: 10**6):
+        caps = [cap_of(e, b) for e, b in zip(exact, nbytes)]
+        if len(set(caps)) == 1:  # one cap: the texts in one batch
+            got = counter.count_within(texts, caps[0])
+        else:  # a cap per text: each text alone, the word cache warm from the others
+            got = [counter.count_within([text], cap)[0] for text, cap in zip(texts, caps)]
+        assert all(within_contract(g, e, cap) for g, e, cap in zip(got, exact, caps))
+    # A long text that fits is settled from a part of it: its head counted, the rest bounded by
+    # its bytes (before, every text whose bytes did not fit was counted whole).
+    long = SENTENCE * 40
+    got = counter.count_within([long], len(long) - 100)[0]
+    assert counter.count(long) < got <= len(long) - 100
+
+
+def test_a_cut_for_counting_falls_only_where_a_run_of_spaces_starts():
+    from infra.prompting.tokens import _run_start_from
+
+    text = "a   b c"
+    assert [_run_start_from(text, at) for at in range(9)] == [1, 1, 5, 5, 5, 5, 7, 7, 7]
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab xyz.\n\t1é日🙂\u2581\u0301")), max_size=400),
+       st.integers(min_value=-1, max_value=500))
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_count_within_word_by_word_keeps_its_promise_on_any_text(word_model, text, cap):
+    counter, sp = word_model
+    exact = len(sp.encode(text))
+    assert within_contract(counter.count_within([text, text + " " + text], cap)[0], exact, cap)
+    assert within_contract(counter.count_within([text + " " + text], cap)[0], len(sp.encode(text + " " + text)), cap)
+
+
+def test_a_reward_row_whose_count_fits_is_not_refused_when_its_byte_bound_is_one_over(word_model):
+    from infra.reward.conversation import Conversation, build
+
+    counter, sp = word_model
+    row = {"prompt": SENTENCE * 3, "completion": SENTENCE}
+    text = build(row, system_prompt="", counter=counter, context_length=10**6).text
+    n = len(text.encode())  # limit = n - 1 (one token kept for BOS/EOS): the bytes are one over it
+    assert len(sp.encode(text)) < n - 1
+    # count_within may answer a bound at or below its cap: the cap is the limit, never limit + 1.
+    assert isinstance(build(row, system_prompt="", counter=counter, context_length=n), Conversation)
+
+
+def test_no_byte_bound_where_a_space_is_no_piece(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(nemotron_like(tmp_path, "m").read_bytes())
+    next(p for p in proto.pieces if p.piece == "\u2581").piece = "\u2582"  # "▁" gone: a lone space is 3 fallback bytes
+    (path := tmp_path / "no-space.model").write_bytes(proto.SerializeToString())
+    counter, sp = token_counter(str(path)), spm.SentencePieceProcessor(model_file=str(path))
+    texts = [" " * 10, "a . b", SENTENCE]
+    exact = [len(ids) for ids in sp.encode(texts)]
+    assert exact[0] == 30  # more tokens than bytes: the byte bound would let it through
+    assert counter.count_within(texts, 100) == exact

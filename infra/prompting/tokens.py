@@ -22,7 +22,8 @@ multi-threaded list encode; both release the GIL). With a SentencePiece model th
 (`identity`, as the Nemotron notes infer for nemotron_2_256k), a prompt is at most its UTF-8 bytes
 (+1 dummy prefix) in tokens, so one whose bytes already fit is accepted without encoding it; the
 others are counted word by word from a cache where the model's pieces never span a space
-(`_WordCounts`: exact, proven from the vocabulary), else encoded whole.
+(`_WordCounts`: exact, proven from the vocabulary), else encoded whole. Word by word, a text is
+read only until its counted part plus the rest's bytes fit, or to its end when it does not fit.
 """
 
 from __future__ import annotations
@@ -175,9 +176,11 @@ class SentencePieceFile:
         self.identity = f"sentencepiece sha256:{sha256_file(path)[:16]}"
         # Without normalization no piece is shorter than one character, and a byte-fallback
         # character costs at most its bytes: tokens <= UTF-8 bytes (+1 for the dummy prefix).
-        # NFKC and custom rules expand text (U+FDFA: 3 bytes, 34 tokens), so no bound there.
+        # NFKC and custom rules expand text (U+FDFA: 3 bytes, 34 tokens), so no bound there; nor
+        # where "▁" is no piece (a space, 1 byte, would cost its 3 bytes' fallback tokens).
         spec = _normalizer_spec(self._sp.serialized_model_proto())
-        plain = spec.name == "identity" and not spec.precompiled_charsmap
+        plain = (spec.name == "identity" and not spec.precompiled_charsmap
+                 and self._sp.piece_to_id("\u2581") != self._sp.unk_id())
         self._byte_slack = (1 if spec.add_dummy_prefix else 0) if plain else None
         self._words = _WordCounts(self._sp) if plain and _splits_at_spaces(self._sp) else None
 
@@ -185,12 +188,13 @@ class SentencePieceFile:
         return len(self._sp.encode(text))
 
     def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
-        """Encodes only what the byte bound cannot settle, in one multi-threaded batch."""
+        """Encodes only what the byte bound cannot settle, in one multi-threaded batch; word by word,
+        only as much of each text as it takes to show that it fits (or all of it, when it does not)."""
         bounds = [len(t.encode("utf-8")) + self._byte_slack for t in texts] if self._byte_slack is not None else None
         todo = [i for i in range(len(texts)) if bounds is None or bounds[i] > cap]
         counts = bounds or [0] * len(texts)
         if self._words is not None:
-            todo_counts = self._words.counts([texts[i] for i in todo])
+            todo_counts = self._words.counts([texts[i] for i in todo], cap)
         else:
             todo_counts = map(len, self._sp.encode([texts[i] for i in todo], num_threads=_threads()))
         for i, n in zip(todo, todo_counts):
@@ -240,14 +244,56 @@ class _WordCounts:
         self._sp = sp
         self._cache = _Seen()
         self._lock = threading.Lock()  # the counter is shared (token_counter's cache): one batch at a time
+        self._bytes, self._tokens = 4, 1  # bytes per token seen so far: how far to read before the bound may do
 
-    def counts(self, texts: Sequence[str]) -> list[int]:
+    def counts(self, texts: Sequence[str], cap: int | None = None) -> list[int]:
+        """Exact counts; with a `cap`, exact above it, and at or below it possibly a bound (see _within)."""
+        # U+2581 in the input is what a space becomes, so it cuts words as a space does.
+        texts = [t.replace("\u2581", " ") for t in texts]
         with self._lock:
-            return self._counts(texts)
+            return self._counts(texts) if cap is None else self._within(texts, cap)
+
+    def _within(self, texts: list[str], cap: int) -> list[int]:
+        """Each text read from its start only until what is counted plus the rest's UTF-8 bytes
+        (the byte bound, which holds for any part of the text) is at most `cap`.
+
+        A cut just before a run of spaces splits the count exactly (no merge crosses it), so a
+        text's count is its counted head's plus its rest's, and the rest's bytes bound the latter.
+        A text that does not fit is read to its end: above `cap` the count is exact. Each round
+        reads the part that, at the bytes per token seen so far, brings the bound down to `cap`;
+        a text the guess falls short for goes round again (realistic prompts: about half their
+        text read, in one or two rounds)."""
+        out = [0] * len(texts)
+        rest = list(texts)
+        active = list(range(len(texts)))
+        while active:
+            ratio = max(self._bytes / self._tokens, 1.25)
+            heads, cut_at = [], []
+            for i in active:
+                r = rest[i]
+                over = out[i] + len(r.encode("utf-8")) - cap  # > 0: the bound does not settle it yet
+                # Reading n bytes lowers the bound by about n * (1 - 1/ratio); read a little more.
+                cut = _run_start_from(r, int(over * ratio / (ratio - 1) * 1.05) + 16)
+                heads.append(r[:cut])
+                cut_at.append(cut)
+            counted = self._counts(heads)
+            self._bytes += sum(len(h.encode("utf-8")) for h in heads)
+            self._tokens += sum(counted)
+            still = []
+            for i, n, cut in zip(active, counted, cut_at):
+                out[i] += n
+                rest[i] = r = rest[i][cut:]
+                if r:
+                    bound = out[i] + len(r.encode("utf-8"))
+                    if bound <= cap:
+                        out[i] = bound
+                    else:
+                        still.append(i)
+            active = still
+        return out
 
     def _counts(self, texts: Sequence[str]) -> list[int]:
-        # U+2581 in the input is what a space becomes, so it cuts words as a space does.
-        words = [_words(t.replace("\u2581", " ")) for t in texts]
+        words = [_words(t) for t in texts]
         cache = self._cache
         sums, unseen = [], []
         for ws in words:  # one pass over the words; those not seen yet counted 0 and noted
@@ -296,6 +342,14 @@ _RUN_START = re.compile("(?<! ) ")  # a space that starts a run of spaces
 def _words(text: str) -> list[str]:
     """`text` cut before each run of spaces (the runs' spaces but the first stay with the word)."""
     return text.split(" ") if "  " not in text else _RUN_START.split(text)
+
+
+def _run_start_from(text: str, at: int) -> int:
+    """The first index >= `at` (and > 0) where a run of spaces starts, else len(text)."""
+    if at >= len(text):
+        return len(text)
+    m = _RUN_START.search(text, max(at, 1))  # the look-behind sees text[at - 1]: a run is not cut inside
+    return m.start() if m else len(text)
 
 
 def _fitting_prefix(text: str, cut: int, tokens: int, count) -> str:
