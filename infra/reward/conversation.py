@@ -80,9 +80,9 @@ def build(row: dict, *, system_prompt: str, counter: TokenCounter, context_lengt
         return Unscorable("reward_no_conversation", turns)
     text = format_conversation(turns, system_prompt)
     limit = context_length - BOS_EOS_RESERVE
-    # Within the limit as the cap: exact above it; at or below it the count may be a bound, so a
-    # cap of limit + 1 would refuse a row whose bound, not its count, is limit + 1.
-    tokens = counter.count_within([text], limit)[0]
+    # Counted whole, not count_within's proven bound: the row records `tokens` as what the reward model
+    # read (one conversation of at most a few thousand tokens per row: small beside the scoring itself).
+    tokens = counter.count(text)
     if tokens > limit:
         return Unscorable("reward_overlong", tokens, limit)
     return Conversation(text, [t for t in turns if t["role"] != "system"], tokens)
