@@ -330,6 +330,9 @@ class BoundedEnvironment(SandboxedEnvironment):
 
     @staticmethod
     def _output(value):
+        if type(value) is str:  # most outputs: a field's text, sized by its length (as size_of would)
+            _check(len(value), "an output")
+            return value
         return _sized(value, "an output")
 
     def getattr(self, obj, attribute):
