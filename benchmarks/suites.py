@@ -34,7 +34,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "recipes": {"mid": 100_000, "big": 0},
         "curation": {"n": 100_000, "stage_rows": 0},
         "replicas": {"records": 2048, "repeats": 2},
-        "engines": {"n": 500, "ceiling_n": 10_000},
+        "engines": {"n": 500, "ceiling_n": 10_000, "ceiling_nemo_n": 50_000},
         "pipeline": {},
         "pipeline_rss": {"sizes": (1_000, 5_000)},
     },
@@ -93,7 +93,8 @@ def sections(suite: str, workdir: Path, api, log, res: dict, have_slurm: bool) -
                                                       api_url=api.url)},
         "engines": lambda: {"compare": engines.compare(workdir, log, z["engines"]["n"],
                                                        z["engines"].get("cost_factor", 1.0)),
-                            "ceiling": engines.ceiling(workdir, log, z["engines"]["ceiling_n"], api=api)},
+                            "ceiling": engines.ceiling(workdir, log, z["engines"]["ceiling_n"], api=api,
+                                                       nemo_n=z["engines"].get("ceiling_nemo_n"))},
         "rollover": (lambda: {"rows": rollover.measure(api_url=api.url)}) if have_slurm else None,
         "pipeline": lambda: {"rows": pipeline_bench.measure()},  # its own Prefect API (the flow's hooks)
         "pipeline_rss": lambda: pipeline_rss.run(workdir, api, log, sizes=z["pipeline_rss"]["sizes"]),

@@ -38,10 +38,16 @@ class Examples:
             by_content.setdefault(_content_key(ex), []).append(i)
         object.__setattr__(self, "_by_id", by_id)
         object.__setattr__(self, "_by_content", by_content)
+        # The field names (id aside) of the examples: a record with other names equals none of them,
+        # and is not hashed (a JSON dump and a sha256 per record, most of a pick's cost).
+        object.__setattr__(self, "_names", {frozenset(ex.keys() - {"id"}) for ex in self.items})
 
     def excluded(self, record_id: str, fields: dict) -> set[int]:
         """The examples that are this record."""
-        return set(self._by_id.get(record_id, ())) | set(self._by_content.get(_content_key(fields), ()))
+        same = set(self._by_id.get(record_id, ()))
+        if frozenset(fields.keys() - {"id"}) in self._names:
+            same |= set(self._by_content.get(_content_key(fields), ()))
+        return same
 
     def pick(self, record_id: str, fields: dict, k: int) -> list[dict] | None:
         """k examples for this record, in a stable order; None when fewer than k are not the record."""

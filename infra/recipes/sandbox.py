@@ -86,6 +86,8 @@ def _limit() -> int:
 def size_of(value, limit: int | None = None) -> int:
     """About how many characters `str(value)` prints, counted until past `limit`. Iterative (a
     deep list is no recursion) and reference-counting: shared items count each time they occur."""
+    if type(value) is str:  # the common case (every output piece of a prompt): its length, exactly as below
+        return len(value)
     limit = _limit() if limit is None else limit
     total, stack = 0, [value]
     while stack and total <= limit:
@@ -312,6 +314,9 @@ class _Steps:
         return len(self._source)
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
 class BoundedEnvironment(SandboxedEnvironment):
     """The sandbox, with every step and every value a template builds bounded (module docstring)."""
 
@@ -325,7 +330,21 @@ class BoundedEnvironment(SandboxedEnvironment):
 
     @staticmethod
     def _output(value):
+        if type(value) is str:  # most outputs: a field's text, sized by its length (as size_of would)
+            _check(len(value), "an output")
+            return value
         return _sized(value, "an output")
+
+    def getattr(self, obj, attribute):
+        """`ex.topic` on a plain dict (a record's or an example's fields): its item at once. A plain
+        dict has no instance attributes, so a name that is not a dict method is never an attribute:
+        the sandbox's own lookup would fail on it, then return the item (or an undefined) as here."""
+        if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
 
     @staticmethod
     def concat(parts) -> str:

@@ -65,10 +65,15 @@ class PromptTemplate:
 
     def compiled(self):
         try:
-            return _environment().from_string(self.text)
+            template = _environment().from_string(self.text)
         except TemplateSyntaxError as exc:
             raise ConfigError(f"{self.parameter} ({self.source}) line {exc.lineno}: {exc.message}. "
                               "Fix the template's Jinja2 syntax.") from None
+        # Jinja2 copies the globals into every render's context from a ChainMap, key by key through
+        # its layers: a fifth of a short prompt's render. This environment is the template's own and
+        # never changes, so one flat copy holds the same names.
+        template.globals = dict(template.globals)
+        return template
 
 
 def load_template(value: str, settings, parameter: str = "recipe.prompt_template") -> PromptTemplate:
