@@ -83,21 +83,26 @@ def with_reward_servers(allocation: dict, stages: dict[str, dict]) -> dict:
     """This invocation's allocation with the reward servers swapped into its jobs (flows/reward.py): each
     reward stage's entry gets its server's time held and GPU-hours (the generator's pool has none of
     it: its time ends at the swap), and the allocation's GPU-hours add them, split by server in `servers`."""
-    reward_hours = reward_held = 0.0
+    reward_hours = reward_held = kept_hours = 0.0
     for entry in stages.values():
+        kept = (entry.get("check") or {}).get("allocation")
+        if kept:  # the generator kept past the pool for a pairs stage's check (flows/pairs.py HeldServer)
+            entry |= {"held_s": kept["held_s"], "gpu_hours": kept["gpu_hours"]}
+            kept_hours += kept["gpu_hours"]
         swap = (entry.get("reward") or {}).get("allocation")
         if not swap:
             continue  # a reward server given by url: not this run's GPUs
         held = sum(j.get("reward_held_s") or 0.0 for j in swap.get("jobs", []))
         entry |= {"held_s": round(held, 3), "gpu_hours": swap.get("reward_gpu_hours", 0.0)}
         reward_hours, reward_held = reward_hours + entry["gpu_hours"], reward_held + held
-    if not reward_hours and not reward_held:
+    if not reward_hours and not reward_held and not kept_hours:
         return allocation
     generator = allocation.get("gpu_hours", 0.0)
     # held_s and busy_fraction stay the generation servers' (how busy the generator was kept).
-    return {**allocation, "gpu_hours": round(generator + reward_hours, 4),
+    return {**allocation, "gpu_hours": round(generator + reward_hours + kept_hours, 4),
             "servers": {"generator_gpu_hours": round(generator, 4), "reward_gpu_hours": round(reward_hours, 4),
-                        "reward_held_s": round(reward_held, 2)}}
+                        "reward_held_s": round(reward_held, 2),
+                        **({"generator_kept_for_checks_gpu_hours": round(kept_hours, 4)} if kept_hours else {})}}
 
 
 class InvocationLedger:
