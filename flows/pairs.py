@@ -17,6 +17,7 @@ entry says which it was (`server`: held, started, url, or none).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from prefect import get_run_logger
@@ -37,23 +38,30 @@ from tasks.steps import allocate, release, wait_ready
 
 class HeldServer:
     """The pipeline's generation server kept past the pool's release for the pairs stages that check
-    on it (`pairs.check` with no url). It stands for the pool's release: the last replica released is
-    kept (one released before it is released then), unless dead or ended by schedule; it is released
-    when the last of those stages is done (`done`), or by `release` on any way out. `held_s` and
-    `gpu_hours` are the time it was kept, for the stages' entries."""
+    on it (`pairs.check` with no url). It stands for the pool's release: a replica released while no
+    other serves (the pool's last, `watch`) is kept, unless dead or ended by schedule; any other is
+    released at once (one done while others still work, a rolled-over one), and so is one kept before,
+    so no job is held longer for the check than the pool's last. It is released when the last of those
+    stages is done (`done`), or by `release` on any way out. `report` gives the time it was kept."""
 
     def __init__(self, stages: list[str], gpus: int):
         self.waiting, self.gpus = set(stages), gpus
+        self.others_serve: Callable[[object], bool] = lambda backend: False
         self.kept = None
         self.kept_at = 0.0
         self.held_s = 0.0
         self.reported = 0.0
 
+    def watch(self, pool) -> None:
+        """The pool whose release this stands for: a replica is kept only when none of its others serves."""
+        self.others_serve = lambda backend: any(r.state != "released" and r.backend is not backend for r in pool.members)
+
     def keep(self, backend) -> None:
-        self.release()
-        if not self.waiting or backend.dead_reason() is not None or backend.scheduled_end() is not None:
+        if (not self.waiting or self.others_serve(backend) or backend.dead_reason() is not None
+                or backend.scheduled_end() is not None):
             release(backend)
             return
+        self.release()
         self.kept, self.kept_at = backend, time.time()
 
     def release(self) -> None:

@@ -112,6 +112,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         stream = Stream(stages, settings)
         if stream.has_work():
             pool = serve(stream, stages, settings, flow_run, run_id, swap, held)
+            if held is not None:
+                held.watch(pool)
             stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
                                                                               f"pipeline run {run_id}, stage {s.name}")))
                                for s in stages}

@@ -171,3 +171,29 @@ def test_the_real_model_is_asked_twice_per_pair_at_a_url_used_as_is_and_kept_pai
         assert (want is None) == any(p["prompt_id"] == f"t{i}" for p in pairs)
         wants.append(want)
     assert dict(Counter(w for w in wants if w)) == check["dropped"] and len(pairs) + sum(check["dropped"].values()) == 3
+
+
+def test_only_the_pools_last_replica_is_kept_for_the_checks_and_released_after_the_last_one(prefect_harness, monkeypatch):
+    """flows/pairs.py HeldServer stands for the pool's release: a replica released while another still
+    serves (done first, rolled over) goes at once, so no job is held longer for the check than the
+    pool's last; the last one is kept until the last checking stage is done."""
+    from flows.pairs import HeldServer
+    from infra.backends.attach import AttachBackend
+    from infra.settings import Settings
+
+    monkeypatch.setenv("NSDG_SERVER__URLS", json.dumps(["http://127.0.0.1:9", "http://127.0.0.1:10"]))
+    a, b = AttachBackend(Settings(), 0), AttachBackend(Settings(), 1)
+    held = HeldServer(["prefs", "prefs2"], gpus=8)
+    serving = {a, b}
+    held.others_serve = lambda backend: bool(serving - {backend})
+    held.keep(a)  # released while b still serves: not kept
+    serving.discard(a)
+    assert held.kept is None and a.dead_reason() is not None
+    held.keep(b)  # the last one: kept
+    assert held.kept is b and b.dead_reason() is None
+    held.done("prefs")
+    assert held.kept is b  # prefs2 still to check
+    held.done("prefs2")
+    assert held.kept is None and b.dead_reason() is not None
+    first = held.report()
+    assert first["held_s"] >= 0 and held.report() == {"held_s": 0.0, "gpu_hours": 0.0}  # each second reported once
