@@ -197,3 +197,32 @@ def test_only_the_pools_last_replica_is_kept_for_the_checks_and_released_after_t
     assert held.kept is None and b.dead_reason() is not None
     first = held.report()
     assert first["held_s"] >= 0 and held.report() == {"held_s": 0.0, "gpu_hours": 0.0}  # each second reported once
+
+
+def test_a_long_check_rewrites_its_checkpoint_a_bounded_number_of_times_and_keeps_every_answer(tmp_path):
+    """pair-check.jsonl is rewritten whole: once per batch, a check of n pairs wrote O(n^2) bytes. Against
+    the local simulated server, 20 batches write it once (at most every CHECKPOINT_S), every answer kept."""
+    from infra.backends.ready import make_client
+    from infra.pipeline.pairs_stage import CheckServer, check_pairs
+    from infra.recipes.pairs import Pair
+    from infra.run.layout import STAGE_PAIR_CHECK
+    from infra.settings import Settings
+    from infra.storage.local import LocalOutputStore
+    from tests.localserver import running_server
+
+    class Counted(LocalOutputStore):
+        writes = 0
+
+        def write_bytes(self, name, data):
+            Counted.writes += name == STAGE_PAIR_CHECK
+            super().write_bytes(name, data)
+
+    pairs = [Pair(f"t{i}", {"prompt": f"q{i}", "completion": "good"}, {"prompt": f"q{i}", "completion": "bad"}, 2.0, 1.0)
+             for i in range(20)]
+    own = Counted(tmp_path / "prefs")
+    with running_server(tmp_path, "--engine", "simulated") as (url, _):
+        client = make_client(Settings(), url)
+        server = CheckServer(lambda: client, "sim", batch_size=2)
+        kept, dropped, counts = check_pairs(pairs, PairCheck(), own, server, Settings())
+    assert counts["answers_asked"] == 40 and Counted.writes == 1
+    assert len(jsonl(tmp_path / "prefs" / STAGE_PAIR_CHECK)) == 40 and len(kept) + sum(dropped.values()) == 20
