@@ -34,7 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import Artifacts, artifact_key, publish_stage_counts
 from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
                             planned_job, shard_tasks_per_replica)
-from flows.pairs import pairs_stage
+from flows.pairs import held_for_checks, pairs_stage
 from flows.params import RunParams, resolve_run_id, run_name
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
@@ -85,6 +85,7 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     run_id = run_id or resolve_run_id(flow_run)
     output_uri = output_uri or settings.output_uri
     swap = planned_swap(the, settings, run_id, str(flow_run.id))  # a reward server started in the job: checked now
+    held = held_for_checks(the, settings, swap is not None)  # the pool's server kept for the pair checks (flows/pairs.py)
     asked = {s.name: stage_params(the, s.name, pipeline, output_uri=stages_uri(output_uri, run_id), replicas=replicas,
                                   max_server_restarts=max_server_restarts, shard_size=shard_size) for s in the.stages}
     root = open_output_store(output_uri, run_id, settings.s3, settings.work_path("staging"))
@@ -110,7 +111,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                      [superseded_store(output_uri, run_id, n, settings) for n in superseded[stage.name]]))
         stream = Stream(stages, settings)
         if stream.has_work():
-            pool = serve(stream, stages, settings, flow_run, run_id, swap)
+            pool = serve(stream, stages, settings, flow_run, run_id, swap, held)
+            if held is not None:
+                held.watch(pool)
             stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
                                                                               f"pipeline run {run_id}, stage {s.name}")))
                                for s in stages}
@@ -122,7 +125,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     done: dict[str, dict] = {}
     for stage in the.ordered():
         if stage.kind == "pairs":  # from the parent's published rows: no server unless pairs.check asks (flows/pairs.py)
-            done[stage.name] = pairs_stage(the, stage, output_uri, run_id, settings, lease, hashes[stage.name], str(flow_run.id))
+            done[stage.name] = pairs_stage(the, stage, output_uri, run_id, settings, lease, hashes[stage.name], str(flow_run.id),
+                                           held)
             continue
         if stage.kind == "reward":  # scored by its own reward server once its parent is done (flows/reward.py)
             done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
@@ -134,6 +138,8 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
         publish_stage_counts(run_id, list(done.values()), [s.name for s in the.ordered()])  # the run page, by stage
         logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
                     done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
+    if held is not None:
+        held.release()  # every pairs stage is done: none is waiting for it any more
     # This invocation's allocation (the reward servers swapped into its jobs too), summed over the run's invocations.
     allocation = ledger.close(with_reward_servers(attribute_allocation(stages, done, pool), done), done)
     final = done[list(done)[-1]]
@@ -173,9 +179,10 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     return out
 
 
-def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None) -> Pool:
+def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None, held=None) -> Pool:
     """One pool for every stage, sized and launched as the first stage's run would be; with a swap,
-    each job carries the reward server's step and the last one released is kept for it."""
+    each job carries the reward server's step and the last one released is kept for it; with `held`,
+    the last one released is kept for the pair checks."""
     first = stages[0].run
     prof = first.prof
 
@@ -187,7 +194,7 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
         make_backend=lambda launch, i: make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id),
                                                     replica=launch, url_index=i,
                                                     reward_step=swap.step if swap else None),
-        start=start, submit=stream.submit, release=swap.keep if swap else release, shards=stream.feed(),
+        start=start, submit=stream.submit, release=swap.keep if swap else held.keep if held else release, shards=stream.feed(),
         replicas=replica_count(settings, prof, first.params.replicas),
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),

@@ -194,6 +194,40 @@ def test_a_new_filter_in_stage_1_asks_only_for_the_children_of_rows_it_newly_kee
     assert "stage facts: filters changed: curated again with no server" in done.stderr, done.stderr[-3000:]
 
 
+def test_a_root_template_turned_back_moves_every_stage_of_the_first_run_back_and_asks_nothing(pipe):
+    done, _ = pipe.run(pipeline_file())
+    assert done.returncode == 0, done.stderr[-4000:]
+    words = {p.name: p.read_bytes() for p in pipe.stage("words").glob("part-*")}
+    old_facts, old_notes = pipe.completions("facts"), pipe.completions("notes")
+    done, heads = pipe.run(pipeline_file().replace("Topic: {{ topic }}", "Subject: {{ topic }}"))
+    assert done.returncode == 0 and asked(heads, "Subject:") == TOPICS, done.stderr[-4000:]
+
+    # The first template again: the same settings over the same input, so the first run's directories come back.
+    done, heads = pipe.run(pipeline_file())
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert heads == [] and pipe.manifest()["server_launches"] == 0
+    assert {p.name: p.read_bytes() for p in pipe.stage("words").glob("part-*")} == words
+    assert pipe.completions("facts") == old_facts and pipe.completions("notes") == old_notes
+    assert "stage words: recipe changed: its directory made under these very settings before (superseded/words-" \
+        in done.stderr, done.stderr[-3000:]
+    aside = [p for p in (pipe.run_dir / "superseded").iterdir() if any(p.iterdir())]  # the second template's, only
+    assert len(aside) == 3 and all(r["prompt"].startswith("Subject:") for r in part_rows(next(
+        p for p in aside if p.name.startswith("words-"))))
+
+
+def test_a_reward_stages_new_scorer_is_not_said_to_need_no_server():
+    """Its `kept` hash holds its reward model: the line says it is scored again, not "no server"."""
+    from infra.pipeline.hashes import StageHash
+    from infra.pipeline.invalidate import changes, entry
+
+    parents, kinds = {"answers": None, "rm": "answers"}, {"answers": "generate", "rm": "reward"}
+    first = {"answers": StageHash("g1", "k1", "l1", {"recipe": "r"}), "rm": StageHash("g2", "k2", "l2", {"server": "s1"})}
+    before = {n: entry(h, parents[n], []) for n, h in first.items()}
+    (got,) = changes(before, {**first, "rm": StageHash("g2", "k2b", "l2", {"server": "s2"})}, parents, kinds, "p1")
+    assert (got.action, got.why) == ("rescore", "server changed") and "no server" not in got.line
+    assert "scored again, with its reward server, only where its scorer changed" in got.line
+
+
 def test_on_s3_a_stage_is_moved_aside_and_its_completions_given_back_to_the_same_requests(s3_settings, s3_bucket):
     """The move and the reuse go through the output stores: on S3 (moto over HTTP) as on a local disk."""
     from infra.generation import ShardJob, spill_header

@@ -82,26 +82,32 @@ def summed(record: dict, allocation: dict, stages: dict[str, dict]) -> dict:
 def with_reward_servers(allocation: dict, stages: dict[str, dict]) -> dict:
     """This invocation's allocation with the reward servers swapped into its jobs (flows/reward.py): each
     reward stage's entry gets its server's time held and GPU-hours (the generator's pool has none of
-    it: its time ends at the swap), and the allocation's GPU-hours add them, split by server in `servers`."""
-    reward_hours = reward_held = kept_hours = 0.0
+    it: its time ends at the swap), and the allocation's GPU-hours add them, split by server in `servers`.
+    Also added: the generator kept past the pool for a pairs stage's check (flows/pairs.py HeldServer),
+    and a resident reward server's job keeping the generator's nodes while it scores (infra/slurm/resident.py)."""
+    reward_hours = reward_held = check_hours = resident_hours = 0.0
     for entry in stages.values():
+        check = (entry.get("check") or {}).get("allocation")
+        if check:
+            entry |= {"held_s": check["held_s"], "gpu_hours": check["gpu_hours"]}
+            check_hours += check["gpu_hours"]
         swap = (entry.get("reward") or {}).get("allocation")
         if not swap:
             continue  # a reward server given by url: not this run's GPUs
         held = sum(j.get("reward_held_s") or 0.0 for j in swap.get("jobs", []))
-        # A resident reward server's job also holds the generator's nodes while it scores (infra/slurm/resident.py):
-        # the stage's share, the generator's hours in the split.
+        # the stage's share: its server's hours and, resident, the generator's nodes held while it scores
         kept = swap.get("generator_kept_gpu_hours", 0.0)
         entry |= {"held_s": round(held, 3), "gpu_hours": round(swap.get("reward_gpu_hours", 0.0) + kept, 4)}
         reward_hours, reward_held = reward_hours + swap.get("reward_gpu_hours", 0.0), reward_held + held
-        kept_hours += kept
-    if not reward_hours and not reward_held:
+        resident_hours += kept
+    if not reward_hours and not reward_held and not check_hours:
         return allocation
-    generator = allocation.get("gpu_hours", 0.0) + kept_hours
+    generator = allocation.get("gpu_hours", 0.0) + resident_hours
     # held_s and busy_fraction stay the generation servers' (how busy the generator was kept).
-    return {**allocation, "gpu_hours": round(generator + reward_hours, 4),
+    return {**allocation, "gpu_hours": round(generator + reward_hours + check_hours, 4),
             "servers": {"generator_gpu_hours": round(generator, 4), "reward_gpu_hours": round(reward_hours, 4),
-                        "reward_held_s": round(reward_held, 2)}}
+                        "reward_held_s": round(reward_held, 2),
+                        **({"generator_kept_for_checks_gpu_hours": round(check_hours, 4)} if check_hours else {})}}
 
 
 class InvocationLedger:

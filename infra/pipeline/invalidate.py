@@ -13,7 +13,13 @@ Per stage, by its hashes (infra/pipeline/hashes.py) against the ones the run las
   the one made before (same id, same prompt, same settings) gets its old completions back
   (infra/pipeline/reuse.py); only new parents' records are generated; dropped parents' rows are gone.
 - `kept` alone changed (its own judge thresholds or filters): **recurate**, no server: its parts
-  stay, the stream curates them again (flows/pipeline_stream.py), and its children are reused.
+  stay, the stream curates them again (flows/pipeline_stream.py), and its children are reused. A
+  reward stage's `kept` holds its scorer too (**rescore**): a new model or system prompt is scored
+  again by its server, a new threshold only curated.
+- A stage regenerated or reused whose new generation hash names one of its superseded directories
+  (a template, filter or setting turned back: the same settings over the same parent rows, the root
+  stage too) gets that directory **moved back** (`restore`): its parts are published under that
+  config, so it resumes as a run does and makes only what it lacks.
 - A reward or pairs stage is never moved: it re-reads its parent's rows itself (its replies are
   keyed by the part's sha256, a pairs stage re-pairs).
 
@@ -26,11 +32,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from infra.errors import ConfigError
 from infra.pipeline.hashes import StageHash
-from infra.run.layout import PIPELINE_HASHES, RUN_CONFIG, superseded_name, superseded_uri, stages_uri
+from infra.run.layout import PIPELINE_HASHES, RUN_CONFIG, SUPERSEDED, superseded_name, superseded_uri, stages_uri
 from infra.storage import OutputStore, open_output_store
 
 log = logging.getLogger(__name__)
@@ -41,17 +47,23 @@ MOVED = ("regenerate", "reuse", "removed")  # the actions whose run directory is
 @dataclass(frozen=True)
 class Change:
     stage: str
-    action: str  # regenerate | reuse | recurate | reread | removed
+    action: str  # regenerate | reuse | recurate | rescore | reread | removed
     why: str
     old_generation: str
+    restored: str | None = None  # its superseded directory made under these very settings, moved back
 
     @property
     def line(self) -> str:
         what = {"regenerate": "generated again, with the stages after it",
                 "reuse": "made again from its parent's kept rows; the rows of parents still kept are reused",
                 "recurate": "curated again with no server; its parts stay",
-                "reread": "it reads its parent's rows again (a reward stage scores only the parts that changed)",
+                "rescore": ("curated again; its rows are scored again, with its reward server, only where its scorer "
+                            "changed (model, system prompt, context, fields)"),
+                "reread": "it reads its parent's rows again (a reward stage scores only the rows it never scored)",
                 "removed": "no longer in the file; its directory is moved aside"}[self.action]
+        if self.restored is not None:
+            what = (f"its directory made under these very settings before ({SUPERSEDED}/{self.restored}) is moved "
+                    "back: only what it lacks is made")
         return f"stage {self.stage}: {self.why}: {what}"
 
 
@@ -95,7 +107,8 @@ def changes(before: dict, now: dict[str, StageHash], parents: dict[str, str | No
             out.append(Change(name, "reuse" if kinds[name] == "generate" else "reread",
                               f"its parent {parent} keeps other rows", old["generation"]))
         elif old["kept"] != h.kept:
-            out.append(Change(name, "recurate", f"{', '.join(groups) or 'its curation'} changed", old["generation"]))
+            out.append(Change(name, "rescore" if kinds[name] == "reward" else "recurate",
+                              f"{', '.join(groups) or 'its curation'} changed", old["generation"]))
     return out
 
 
@@ -112,13 +125,27 @@ def reconcile(root: OutputStore, output_uri: str, run_id: str, hashes: dict[str,
     before = json.loads(data) if data is not None else {}
     found = changes(before, hashes, parents, kinds, run_id)
     superseded = {n: list(before.get(n, {}).get("superseded", [])) for n in hashes}
-    for change in found:
+    for i, change in enumerate(found):
         if change.action in MOVED:
             moved = move_aside(output_uri, run_id, change.stage, change.old_generation, settings, fence)
             if moved is not None and change.stage in superseded and moved not in superseded[change.stage]:
                 superseded[change.stage].append(moved)
+        back = superseded_name(change.stage, hashes[change.stage].generation) if change.stage in hashes else None
+        if change.action in ("regenerate", "reuse") and back in superseded[change.stage]:
+            superseded[change.stage].remove(back)  # no longer a directory aside: the stage's own again
+            found[i] = replace(change, restored=back)
+    # Recorded before a directory is moved back: a kill midway leaves the stage with some of its old
+    # parts, valid under its config, and it makes the rest; never a stage moved aside twice.
     now = {n: entry(h, parents[n], superseded[n]) for n, h in hashes.items()}
     root.write_bytes(PIPELINE_HASHES, json.dumps(now, indent=2, sort_keys=True).encode())
+    for change in found:
+        if change.restored is not None:
+            target = open_output_store(stages_uri(output_uri, run_id), change.stage, settings.s3, settings.work_path("staging"))
+            source = superseded_store(output_uri, run_id, change.restored, settings)
+            if fence is not None:
+                source, target = fence(source), fence(target)
+            log.info("stage %s: %d object(s) moved back from %s", change.stage, len(move_objects(source, target)),
+                     source.location)
     return found, superseded
 
 
@@ -136,6 +163,16 @@ def move_aside(output_uri: str, run_id: str, stage: str, generation: str, settin
     target = superseded_store(output_uri, run_id, name, settings)
     if fence is not None:
         source, target = fence(source), fence(target)
+    names = move_objects(source, target)
+    if not names:
+        return name if target.list_names() else None  # moved by a run killed before it recorded the move
+    log.info("stage %s: %d object(s) moved aside to %s", stage, len(names), target.location)
+    return name
+
+
+def move_objects(source: OutputStore, target: OutputStore) -> list[str]:
+    """Every object of `source` copied to `target`, then deleted; run.json last, so a kill midway
+    leaves a directory with no config (never one that resumes as if whole). The names moved."""
     names = sorted(source.list_names(), key=lambda n: n == RUN_CONFIG)
     for n in names:
         data = source.read_bytes(n)
@@ -143,7 +180,4 @@ def move_aside(output_uri: str, run_id: str, stage: str, generation: str, settin
             target.write_bytes(n, data)
     for n in names:
         source.delete(n)
-    if not names:
-        return name if target.list_names() else None  # moved by a run killed before it recorded the move
-    log.info("stage %s: %d object(s) moved aside to %s", stage, len(names), target.location)
-    return name
+    return names

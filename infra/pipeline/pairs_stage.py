@@ -9,15 +9,16 @@ re-pairs from the parent's published rows in the time it takes to read them, so 
 
 With `pairs.check` (infra/recipes/pair_check.py) each pair picked is put to a generation server in
 both orders, and kept only when both answers pick its chosen response. The answers are checkpointed
-in `pair-check.jsonl` under the exact prompt sent (and how, and to which server): a rerun, with
-another margin or after a kill, asks only for what it has no answer to, and starts no server when it
-has them all. Which server answers is the caller's (`CheckServer.connect`, flows/pairs.py).
+in `pair-check.jsonl` under the exact prompt sent (and how, and to which server; written at most every
+CHECKPOINT_S, at the end and on any error): a rerun, with another margin or after a kill, asks only for
+what it has no answer to, and starts no server when it has them all. Which server answers is the caller's (`CheckServer.connect`, flows/pairs.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from infra.run.lease import FencedStore, RunLease
 from infra.storage import OutputStore, open_output_store
 
 log = logging.getLogger(__name__)
+CHECKPOINT_S = 10.0  # the most answers a kill -9 of a pair check loses: those of the last seconds
 
 
 def stage_store(output_uri: str, run_id: str, stage: str, settings, lease: RunLease | None = None) -> OutputStore:
@@ -101,14 +103,26 @@ def check_pairs(pairs: list[Pair], check: PairCheck, own: OutputStore, server: C
     if todo:
         client = server.connect()
         keys = list(todo)
-        for start in range(0, len(keys), server.batch_size):
-            chunk = keys[start:start + server.batch_size]
-            batch = PromptBatch([todo[k][0] for k in chunk], sampling, server.prompt_format, batch_size=server.batch_size)
-            for key, result in zip(chunk, client.generate_batch(batch)):
-                if isinstance(result, GeneratedText):  # a refusal is not kept: the next rerun asks again
-                    answers[key] = {"key": key, "pair": todo[key][1], "reply": result.completion.text}
-            # Checkpointed per batch: a killed check loses at most the batch in flight.
+        written, last = len(answers), time.monotonic()
+
+        def checkpoint() -> None:
             own.write_bytes(STAGE_PAIR_CHECK, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers.values()).encode())
+
+        try:
+            for start in range(0, len(keys), server.batch_size):
+                chunk = keys[start:start + server.batch_size]
+                batch = PromptBatch([todo[k][0] for k in chunk], sampling, server.prompt_format, batch_size=server.batch_size)
+                for key, result in zip(chunk, client.generate_batch(batch)):
+                    if isinstance(result, GeneratedText):  # a refusal is not kept: the next rerun asks again
+                        answers[key] = {"key": key, "pair": todo[key][1], "reply": result.completion.text}
+                # The file is rewritten whole: once per batch made a large check write its answers
+                # quadratically often. At most every CHECKPOINT_S instead: a kill -9 loses at most that.
+                if time.monotonic() - last >= CHECKPOINT_S:
+                    checkpoint()
+                    written, last = len(answers), time.monotonic()
+        finally:  # at the end, and on any error: what was answered is kept
+            if len(answers) != written:
+                checkpoint()
     kept, dropped = [], Counter()
     pattern = check.pattern()
     for pair, both in zip(pairs, asked):

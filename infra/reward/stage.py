@@ -16,7 +16,10 @@ In the stage's run directory (infra/run/layout.py):
 
 So a new threshold, weights or attribute map re-curates with no server; a new reward model, system
 prompt or context rescores without touching the parts; a part whose replies are current is never
-sent again, so a rerun after a lost server scores only what was not yet scored.
+sent again, so a rerun after a lost server scores only what was not yet scored. A part rewritten
+(its parent kept other rows, so the rows shifted between parts) takes back the replies the same
+scorer gave the same conversation in any earlier part (`earlier_replies`): only rows never scored
+are sent.
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ class RewardScorer:
         return [build(row, system_prompt=p.system_prompt, counter=self.counter, context_length=p.context_length,
                       messages_field=p.messages_field, prompt_field=p.prompt_field, completion_field=p.completion_field)
                 for row in rows]
+
+    def row_key(self, row: dict) -> str:
+        """What a row's conversation is made of (its reply is the same for the same key and scorer)."""
+        p = self.params
+        return json.dumps([row.get(p.messages_field), row.get(p.prompt_field), row.get(p.completion_field)],
+                          sort_keys=True, ensure_ascii=False)
 
     def score_rows(self, client: RewardClient, rows: list[dict]) -> list[dict]:
         """One reply per row, in row order: {"id", "sample", **reply} or {"id", "sample", "error", ...}."""
@@ -168,21 +177,44 @@ def write_parts(store, rows: Iterable[dict], shard_size: int, config_hash_: str)
     return parts
 
 
+def earlier_replies(store, scorer: RewardScorer) -> dict[str, dict]:
+    """Every current reply of the store's parts (before they are rewritten), by `row_key`, without the
+    row's id and sample: one small entry per row scored before by this scorer."""
+    out: dict[str, dict] = {}
+    for name in store.list_names():
+        if not (name.startswith("part-") and name.endswith(".jsonl")):
+            continue
+        state = read_state(store, state_name(name))
+        if not state.get("sha256") or (data := read_described(store, name, state["sha256"])) is None:
+            continue
+        replies = read_rewards(store, scorer, PartInfo(**{k: state[k] for k in PartInfo.__dataclass_fields__ if k in state}))
+        rows = read_rows(data)
+        if replies is not None and len(replies) == len(rows):
+            out.update((scorer.row_key(r), {k: v for k, v in reply.items() if k not in ("id", "sample")})
+                       for r, reply in zip(rows, replies))
+    return out
+
+
 def score_parts(store, scorer: RewardScorer, parts: list[PartInfo], connect: Callable[[], RewardClient],
-                replace: Callable[[RewardClient, Exception], RewardClient], restarts_allowed: int) -> dict:
-    """Score every part whose replies are not current. `connect` gives a ready client (called only
-    when a part needs one: a stage with every part current starts no server); on a lost server,
-    `replace` gives a ready new one, at most `restarts_allowed` times, and the part is scored again
-    whole (its replies are published only once all its rows have one)."""
+                replace: Callable[[RewardClient, Exception], RewardClient], restarts_allowed: int,
+                earlier: dict[str, dict] | None = None) -> dict:
+    """Score every part whose replies are not current; a row whose conversation is in `earlier`
+    (earlier_replies) takes its reply back and is not sent. `connect` gives a ready client (called
+    only when a row needs one: a stage with every reply current or found starts no server); on a
+    lost server, `replace` gives a ready new one, at most `restarts_allowed` times, and the part's
+    rows are sent again (its replies are published only once all its rows have one)."""
     todo = [p for p in parts if not rewards_current(store, scorer, p)]
+    earlier = earlier or {}
     client, restarts, scored, t0 = None, 0, 0, time.monotonic()
     try:
         for part in todo:
             rows = read_rows(store.read_bytes(part.name))
-            while True:
+            found = [earlier.get(scorer.row_key(r)) for r in rows]
+            ask = [r for r, f in zip(rows, found) if f is None]
+            while ask:
                 client = client or connect()
                 try:
-                    replies = scorer.score_rows(client, rows)
+                    got = iter(scorer.score_rows(client, ask))
                     break
                 except LOST as exc:
                     if restarts >= restarts_allowed:
@@ -193,13 +225,16 @@ def score_parts(store, scorer: RewardScorer, parts: list[PartInfo], connect: Cal
                     log.warning("reward server lost scoring %s (%s); replacing it (%d of %d)", part.name, exc,
                                 restarts, restarts_allowed)
                     client = replace(client, exc)
+            replies = [{"id": r.get("id"), "sample": r.get("sample", 0), **f} if f is not None else next(got)
+                       for r, f in zip(rows, found)]
             state = publish_rewards(store, scorer, part, replies)
-            scored += 1
-            log.info("shard %d: %d rows scored (%d not sent)", part.shard, state["records"] - state["unsent"], state["unsent"])
+            scored += bool(ask)
+            log.info("shard %d: %d rows scored, %d replies taken back from an earlier part (%d not sent)", part.shard,
+                     len(ask), len(rows) - len(ask), state["unsent"])
     finally:
         if client is not None:
             client.close()
-    return {"parts_scored": scored, "parts_reused": len(parts) - len(todo), "server_restarts": restarts,
+    return {"parts_scored": scored, "parts_reused": len(parts) - scored, "server_restarts": restarts,
             "scoring_s": round(time.monotonic() - t0, 3)}
 
 
@@ -215,8 +250,9 @@ def run_reward_stage(store, scorer: RewardScorer, rows: Iterable[dict], *, shard
                      connect: Callable[[], RewardClient], replace: Callable[[RewardClient, Exception], RewardClient],
                      restarts_allowed: int, generation_hash: str) -> dict:
     """The whole stage: parts, replies, curation, then its manifest (written last, as a run's)."""
+    earlier = earlier_replies(store, scorer)  # before write_parts rewrites a part whose rows shifted
     parts = write_parts(store, rows, shard_size, generation_hash)
-    scoring = score_parts(store, scorer, parts, connect, replace, restarts_allowed)
+    scoring = score_parts(store, scorer, parts, connect, replace, restarts_allowed, earlier)
     curation, curation_s = curate_run(store, Curation(filters=filters, reward=RewardCuration(scorer)), parts, generation_hash)
     records = sum(p.records for p in parts)
     manifest = {"kind": "reward", "config_hash": generation_hash, "records_in": records,
