@@ -6,12 +6,12 @@ Each size is the real `pipeline` flow in a fresh child process (benchmarks.flow_
 it still builds every reply). Two stages, each splitting its reply into up to 10 words (`split:
 {parser: regex, max_items: 10}`; the simulated replies have about 20 words): n topics → about 10 n
 subtopics → about 100 n questions in the last stage's rows.jsonl. The second stage dedups exactly (its
-tables open across its shards). Peak RSS is the child's `getrusage(RUSAGE_SELF).ru_maxrss` at the end:
+tables open across its shards). Peak RSS is the child's VmHWM (its own high-water mark) at the end:
 Python, Prefect's client and task runner, our code, the rows it held; not the server or the Prefect
 API, which are other processes. The run's exports (sft.jsonl / .parquet of the last stage's kept rows)
 are part of the flow and counted.
 
-    python -m benchmarks.run --only pipeline_rss                    (`make bench`: 1 k and 5 k)
+    python -m benchmarks.run --only pipeline_rss                    (`make bench`: 1 k and 5 k; 1 k in shards of 10)
     python -m benchmarks.run --suite scale --only pipeline_rss      (`make bench-scale`: 10 k and 100 k)
 """
 
@@ -55,28 +55,36 @@ def write_inputs(workdir: Path, n: int) -> Path:
     return path
 
 
-def one(workdir: Path, api: PrefectAPI, srv, n: int, log) -> dict:
-    tag = f"pipeline-rss-{n}"
+def one(workdir: Path, api: PrefectAPI, srv, n: int, log, shard: int = SHARD) -> dict:
+    tag = f"pipeline-rss-{n}" + (f"-shard{shard}" if shard != SHARD else "")
     path = write_inputs(workdir, n)
     env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg")}
-    params = {"pipeline": str(path), "run_id": tag, "output_uri": str(workdir / "out"), "shard_size": SHARD}
+    params = {"pipeline": str(path), "run_id": tag, "output_uri": str(workdir / "out"), "shard_size": shard}
     run = run_flow(workdir, api, params, settings_env=env, tag=tag, rss_sample_s=0.5, timeout=3600, flow="pipeline")
     if not run.ok:
         raise RuntimeError(f"{tag} failed: {run.error}")
     manifest = json.loads(Path(run.result["manifest"]).read_text())
     stages = {s["stage"]: {k: s[k] for k in ("records_in", "rows_out", "kept", "rows")} for s in manifest["stages"]}
-    r = {"records": n, "seconds": run.seconds, "maxrss_mb": run.maxrss_mb, "stages": stages,
+    shard_tasks = sum(len(json.loads((workdir / "out" / tag / "stages" / s / "manifest.json").read_text())["parts"])
+                      for s in stages)
+    r = {"records": n, "shard_size": shard, "shard_tasks": shard_tasks, "seconds": run.seconds, "maxrss_mb": run.maxrss_mb, "stages": stages,
          "final_rows": manifest["stages"][-1]["rows"], "generated": sum(s["rows_out"] for s in stages.values()),
          "rss_last_mb": run.extra["rss_samples"][-1][1] if run.extra.get("rss_samples") else None}
-    log(f"pipeline rss {n}: {r['generated']} rows generated, {r['final_rows']} rows at the end, {run.seconds:.1f} s, "
+    log(f"pipeline rss {n} (shards of {shard}, {shard_tasks} shard tasks): {r['generated']} rows generated, "
+        f"{r['final_rows']} rows at the end, {run.seconds:.1f} s, "
         f"peak RSS {run.maxrss_mb:.0f} MB")
     shutil.rmtree(workdir / "out" / tag, ignore_errors=True)
     return r
 
 
-def run(workdir: Path, api: PrefectAPI, log, sizes=(1_000, 5_000)) -> dict:
+def run(workdir: Path, api: PrefectAPI, log, sizes=(1_000, 5_000), many_shards: tuple[int, int] | None = None) -> dict:
+    """Each of `sizes` at shards of SHARD; `many_shards` (records, shard size): the smallest size's rows again
+    in many small shards, so what grows with the number of shards shows apart from what grows with rows."""
     with local_server(workdir, "pipeline-rss-server", Cost()) as srv:
-        return {"sizes": {n: one(workdir, api, srv, n, log) for n in sizes}, "shard_size": SHARD, "fan_out": FAN_OUT}
+        out = {"sizes": {n: one(workdir, api, srv, n, log) for n in sizes}, "shard_size": SHARD, "fan_out": FAN_OUT}
+        if many_shards:
+            out["many_shards"] = one(workdir, api, srv, *many_shards[:1], log, shard=many_shards[1])
+        return out
 
 
 TARGET_MB, FLAT_MB = 300, 25  # flat: the largest size within this of the smallest
@@ -108,14 +116,20 @@ def markdown(res: dict) -> list[str]:
     lines = ["", "### Pipeline orchestrator peak RSS, 1 → 10 → 10 fan-out (`benchmarks/pipeline_rss.py`)", "",
              f"The real pipeline flow in a fresh process, the simulated engine at zero cost; two stages each split a "
              f"reply into up to {r['fan_out']} rows; shards of {r['shard_size']}; the second stage dedups (exact). "
-             "Peak RSS of the flow's process (getrusage), exports included.", "",
-             "| input records | rows generated | rows at the end (last stage's rows.jsonl) | wall | peak RSS |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {x['records']:,} | {x['generated']:,} | {x['final_rows']:,} | {x['seconds']:.0f} s | "
-              f"{x['maxrss_mb']:.0f} MB |" for x in sizes]
+             "Peak RSS of the flow's process (VmHWM), exports included.", "",
+             "| input records | shard size | shard tasks | rows generated | rows at the end (last stage's rows.jsonl) "
+             "| wall | peak RSS |", "|---|---|---|---|---|---|---|"]
+    many = [r["many_shards"]] if r.get("many_shards") else []
+    lines += [f"| {x['records']:,} | {x.get('shard_size', r['shard_size'])} | {x.get('shard_tasks', '—')} | "
+              f"{x['generated']:,} | {x['final_rows']:,} | {x['seconds']:.0f} s | {x['maxrss_mb']:.0f} MB |"
+              for x in sizes + many]
     lines += ["", f"- {hi['records']:,} records: {hi['maxrss_mb']:.0f} MB vs {lo['maxrss_mb']:.0f} MB at "
               f"{lo['records']:,} (target ≤ {TARGET_MB} MB and flat, within {FLAT_MB} MB: "
               f"{_met(hi['maxrss_mb'] <= TARGET_MB and flat)})",
+              *(f"- The same {m['records']:,} records in shards of {m['shard_size']} ({m.get('shard_tasks', '?')} shard "
+                 f"tasks, against {same.get('shard_tasks', '?')}): {m['maxrss_mb']:.0f} MB, "
+                 f"{m['maxrss_mb'] - same['maxrss_mb']:+.0f} MB: what grows with the number of shards alone"
+                for m in many for same in [r["sizes"].get(m["records"]) or lo]),
               "- The target's size, 100 k records (10 M rows at the end), is in `make bench-scale`.",
               "", "Command: `python -m benchmarks.run --only pipeline_rss` (`make bench`), `--suite scale` for 100 k.", ""]
     return lines

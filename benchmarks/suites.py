@@ -36,7 +36,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "replicas": {"records": 2048, "repeats": 2},
         "engines": {"n": 500, "ceiling_n": 10_000, "ceiling_nemo_n": 50_000},
         "pipeline": {},
-        "pipeline_rss": {"sizes": (1_000, 5_000)},
+        "pipeline_rss": {"sizes": (1_000, 5_000), "many_shards": (1_000, 10)},
     },
     "scale": {
         "scale": {"sizes": (100_000, 1_000_000), "repeats": 1},
@@ -54,7 +54,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "recipes": {"mid": 200, "big": 0},
         "curation": {"n": 200, "stage_rows": 400},
         "engines": {"n": 64, "ceiling_n": 200, "cost_factor": 0.01},
-        "pipeline_rss": {"sizes": (20, 60)},
+        "pipeline_rss": {"sizes": (20, 60), "many_shards": (20, 5)},
     },
 }
 OUT = {"bench": REPO / "benchmarks" / "results.md", "scale": REPO / "benchmarks" / "results-scale.md",
@@ -97,6 +97,7 @@ def sections(suite: str, workdir: Path, api, log, res: dict, have_slurm: bool) -
                                                        nemo_n=z["engines"].get("ceiling_nemo_n"))},
         "rollover": (lambda: {"rows": rollover.measure(api_url=api.url)}) if have_slurm else None,
         "pipeline": lambda: {"rows": pipeline_bench.measure()},  # its own Prefect API (the flow's hooks)
-        "pipeline_rss": lambda: pipeline_rss.run(workdir, api, log, sizes=z["pipeline_rss"]["sizes"]),
+        "pipeline_rss": lambda: pipeline_rss.run(workdir, api, log, sizes=z["pipeline_rss"]["sizes"],
+                                                 many_shards=z["pipeline_rss"].get("many_shards")),
     }
     return {name: every[name] for name in z}

@@ -208,7 +208,9 @@ class Stream:
                 # One curation open across the stage's shards, its dedup tables fed in input order (each
                 # part read once; rebuilt once from the published parts after a restart).
                 stage.curator = stage.curator or OpenCuration(stage.store, curation, stage.plan.config_hash)
-                for_stage(curate_more, stage.name)(stage.curator, [stage.parts[i] for i in range(new)])
+                # Quoted: Prefect would otherwise walk every part since shard 0 on each call and record each
+                # as an input of the task run (the shard task that made it): quadratic in the stage's shards.
+                for_stage(curate_more, stage.name)(stage.curator, quote([stage.parts[i] for i in range(new)]))
             for shard in range(stage.frontier, new):
                 self.pass_on(stage, shard)
             stage.frontier = new
