@@ -30,6 +30,15 @@ Every message names the object, what was seen, and what to do next.
 from __future__ import annotations
 
 
+# What str.splitlines() breaks on: a user's key or value quoted in a one-line message is escaped there.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (\\n ...), so a message quoting user text stays one line."""
+    return text.translate(_LINE_BREAKS)
+
+
 class SdgError(Exception):
     """Base of every error nemotron-sdg raises on purpose."""
 

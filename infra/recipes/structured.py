@@ -26,7 +26,7 @@ from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, one_line
 from infra.recipes.patterns import UserPattern, checked_pattern, compile_pattern
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -55,7 +55,15 @@ def schema_from_text(value: Any) -> Any:
 
 
 def check_schema(schema: Any) -> dict:
-    """The schema, or ValueError with one line (a pydantic validator's error)."""
+    """The schema, or ValueError with one line (a pydantic validator's error): a key it quotes may hold
+    a line break, escaped here."""
+    try:
+        return _check_schema(schema)
+    except ValueError as exc:
+        raise ValueError(one_line(str(exc))) from None
+
+
+def _check_schema(schema: Any) -> dict:
     if not isinstance(schema, dict):
         raise ValueError(f"must be a JSON object (a JSON Schema), not {type(schema).__name__}")
     size = len(json.dumps(schema))
