@@ -213,7 +213,7 @@ def run_prepared(run: Prepared, settings: Settings, flow_run) -> dict:
             timings["queue_and_load"] = (ready or time.time()) - t_wall
             if ready:  # first replica ready -> last shard published (releases are timed apart)
                 timings["generation"] = (pool.last_result_at or time.time()) - ready
-    gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
+    gpus = prof.billed_gpus
     return finish(store, cfg, the_plan, results, timings, settings,
                   [j for rep in pool.members for j in rep.backend.job_ids], restarts=pool.restarts,
                   replicas=[rep.summary(gpus) for rep in pool.members], invocation=str(flow_run.id),

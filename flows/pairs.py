@@ -89,7 +89,7 @@ def held_for_checks(the: Pipeline, settings: Settings, swapped: bool) -> HeldSer
     if not stages or swapped:
         return None
     prof = settings.profile(the.server[1].profile)
-    return HeldServer(stages, prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0)
+    return HeldServer(stages, prof.billed_gpus)
 
 
 def pairs_stage(the: Pipeline, stage: Stage, output_uri: str, run_id: str, settings: Settings, lease: RunLease | None,

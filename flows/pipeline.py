@@ -210,7 +210,7 @@ def finish_stage(s: StageRun, parent: dict | None, hashes: StageHash, pool: Pool
                          f"loosen the filters or split of {s.stage.from_!r}, or give it more input")
     ran = [(r.started_at, r.finished_at) for r in s.results]
     seconds = max(b for _, b in ran) - min(a for a, _ in ran) if ran else 0.0
-    gpus = s.run.prof.nodes * s.run.prof.gpus_per_node if s.run.prof.backend == "slurm" else 0
+    gpus = s.run.prof.billed_gpus
     members = pool.members if pool is not None else []
     out = finish(s.store, s.run.cfg, s.plan, s.results, {"generation": seconds} if ran else {}, settings,
                  [j for rep in members for j in rep.backend.job_ids],
@@ -235,7 +235,7 @@ def attribute_allocation(stages: list[StageRun], done: dict[str, dict], pool: Po
     busy = busy_by_stage((s.name, r.started_at, r.finished_at) for s in stages for r in s.results)
     busy = {s.name: busy.get(s.name, 0.0) for s in stages}
     prof = stages[0].run.prof
-    gpus = prof.nodes * prof.gpus_per_node if prof.backend == "slurm" else 0
+    gpus = prof.billed_gpus
     summaries = [rep.summary(gpus) for rep in pool.members] if pool is not None else []
     gpu_hours, held_s = sum(x["gpu_hours"] for x in summaries), sum(x["held_s"] for x in summaries)
     by_gpu, by_held = attribute(busy, gpu_hours), attribute(busy, held_s)

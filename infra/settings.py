@@ -51,6 +51,11 @@ class Profile(_Section):
                                    "has measured one (NSDG_SLURM__EXPECTED_LOAD_S overrides it); 0: nothing assumed")
 
     @property
+    def billed_gpus(self) -> int:
+        """The GPUs a replica of this profile holds, for GPU-hours: its Slurm job's; none locally or attached."""
+        return self.nodes * self.gpus_per_node if self.backend == "slurm" else 0
+
+    @property
     def tasks_per_node(self) -> int:
         """One rank per GPU, as NeMo expects (srun --ntasks-per-node, no torchrun)."""
         return max(self.gpus_per_node, 1)
