@@ -25,6 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from infra.prompting.batching import DEFAULT_WINDOW_BATCHES
 from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
 from infra.errors import CircuitOpen, RequestRejected, ServerLost, TransientServerError
 from infra.run.layout import rejects_name, state_name
@@ -54,7 +55,7 @@ class ShardJob:
     config_hash: str
     sampling: SamplingParams
     batch_size: int
-    length_window: int = 8  # batches' worth of records sorted by length together (by the client's counter, the run's)
+    length_window: int = DEFAULT_WINDOW_BATCHES  # batches' worth sorted by length together (a default shard whole; the run's counter)
     prompt_format: PromptFormat = RAW
     samples: int = 1  # rows per record: the recipe's samples_per_prompt
     # Who makes the shard, recorded in its state: the replica, its Slurm job(s), the flow run.

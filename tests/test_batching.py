@@ -159,7 +159,9 @@ def test_similar_lengths_fill_whole_batches():
     from infra.prompting.batching import cut_sorted
 
     lengths = sorted(100 + (i % 7) for i in range(300))
-    assert cut_sorted(lengths, 128, 128) == [128, 128, 44]
+    sizes = cut_sorted(lengths, 128, 128)
+    assert len(sizes) == 3  # as few batches as 128 allows; where the cuts fall is the cheapest place
+    assert _cost(lengths, sizes, 128) <= _cost(lengths, [128, 128, 44], 128)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -12,14 +12,18 @@ one batch is plain arrival-order batching. `in_input_order` runs the planned bat
 hands results back in input order, holding at most one window of them.
 
 With `tokens_to_generate` given, a window's sorted prompts are not cut every `batch_size` but where
-the planning model (`StepCost`, NeMo's static batching on 340B) says the window costs least: a
-dense run of similar lengths fills whole batches, a sparse tail of long prompts is cut into smaller
-batches rather than padded (`cut_sorted`, docs/engines.md "Batch make-up").
+the planning model (`StepCost`, NeMo's static batching on 340B) says the window costs least while
+at least `MIN_ASKED_SHARE` (0.8) of the tokens the server steps were asked for: a dense run of
+similar lengths fills whole batches, a sparse tail of long prompts is cut into smaller batches
+rather than padded, and no batch outgrows the GPUs' memory (`cut_sorted`, docs/engines.md "Batch
+make-up"). The default window, 32 batches (4,096 prompts at 128), holds a default shard (4,000
+records) whole: the more prompts sorted together, the closer their neighbours' lengths.
 
-Pure: no I/O, no server, no Prefect. Lengths are estimates (`infra.prompting.tokens.estimate_tokens`,
-UTF-8 bytes, when no tokenizer is at hand); only their order matters.
+Pure: no I/O, no server, no Prefect. Lengths are the run's token counts (or estimates,
+`infra.prompting.tokens.estimate_tokens`, when no tokenizer is at hand): their order groups the
+prompts; with `tokens_to_generate` their values are priced as tokens too.
 
-    plan = plan_batches(prompts, 32, 8, length=estimate_tokens)
+    plan = plan_batches(prompts, 128, length=estimate_tokens, tokens_to_generate=256)
     for i, result in in_input_order(plan, lambda idx: client.generate([prompts[j] for j in idx], s)):
         write(records[i], result)
 """
@@ -33,24 +37,37 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-DEFAULT_WINDOW_BATCHES = 8
+DEFAULT_WINDOW_BATCHES = 32
+MIN_ASKED_SHARE = 0.8
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """Seconds one static batch holds the GPUs, as NeMo runs it: every row padded to the longest prompt
-    (prefill), then decode steps from the shortest prompt to `longest + tokens_to_generate`, each step a
-    little dearer per row. The defaults are the planning figures for Nemotron-4-340B on 16 H100 (TP 8,
-    PP 2), the shape the simulated engine's PLANNING_340B_TP8_PP2 uses."""
+    """The planning model: seconds one static batch holds the GPUs, as NeMo runs it, and whether it fits
+    in their memory. NeMo's first forward pass covers every row up to the batch's *shortest* prompt
+    (prefill); then one decode step per position from there to `longest + tokens_to_generate`, the
+    positions still inside a longer prompt included (fed from the prompt, one token a row a step), each
+    step a little dearer per row. The defaults are the planning figures for Nemotron-4-340B on 16 H100
+    (TP 8, PP 2), the shape the simulated engine's PLANNING_340B_TP8_PP2 uses; the memory figures are
+    estimates per GPU (docs/engines.md "Batch make-up"): the KV cache of `longest + tokens_to_generate`
+    positions, the prefill's logits and activations of `shortest` positions, against what the weights leave."""
 
     prefill_s_per_token: float = 2e-4
     decode_step_s: float = 0.05
     decode_batch_slope: float = 0.004
+    kv_bytes_per_token: float = 36_864  # 2 (K, V) × 1 KV head a GPU × 192 × 2 B × 48 layers a stage
+    prefill_bytes_per_token: float = 211_456  # logits 256k / TP 8 × 2 B, and 4 hidden states of 18,432 × 2 B
+    free_bytes: float = 35e9  # 80 GiB less 42.5 GB of weights and ~8 GB of CUDA context, NCCL and workspace
 
     def seconds(self, rows: int, shortest: int, longest: int, tokens_to_generate: int) -> float:
         steps = longest - shortest + tokens_to_generate
-        return (self.prefill_s_per_token * rows * longest
+        return (self.prefill_s_per_token * rows * shortest
                 + steps * self.decode_step_s * (1.0 + self.decode_batch_slope * rows))
+
+    def fits(self, rows: int, shortest: int, longest: int, tokens_to_generate: int) -> bool:
+        """A batch of one always fits (a prompt too long alone is the context check's business)."""
+        return rows == 1 or rows * (self.prefill_bytes_per_token * shortest
+                                    + self.kv_bytes_per_token * (longest + tokens_to_generate)) <= self.free_bytes
 
 
 PLANNING_340B = StepCost()
@@ -68,31 +85,80 @@ def stepped_tokens(lengths: Sequence[int], plan: Sequence[Sequence[int]], tokens
     return total
 
 
-def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int,
-               cost: StepCost = PLANNING_340B, max_spread: int | None = None) -> list[int]:
-    """Batch sizes (in order) for ascending `lengths` that make the sum of `cost.seconds` least, each at most
-    `batch_size`. When cutting every `batch_size` leaves no batch whose spread (longest − shortest)
-    passes a quarter of `tokens_to_generate`, that plain cut is kept as it is (the common case of
-    similar lengths, checked in one pass); otherwise a dynamic programme over the cut points, O(n ×
-    batch_size), finds the cheapest cut (a long tail is cut into smaller batches when padding it would
-    cost more). `max_spread`: no batch spans more tokens than that (asked ÷ stepped ≥ T ÷ (T + max_spread)),
-    whatever it costs; the benchmark's comparison, not the flow's default."""
-    n = len(lengths)
+def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int, cost: StepCost = PLANNING_340B,
+               max_spread: int | None = None, min_asked_share: float | None = None) -> list[int]:
+    """Batch sizes (in order) for ascending `lengths`, each at most `batch_size` and fitting `cost`'s
+    memory, that make the sum of `cost.seconds` least: a dynamic programme over the cut points, O(n ×
+    batch_size), exact over every cut of the sorted lengths into consecutive batches.
+
+    `min_asked_share`: the cheapest cut found whose asked ÷ stepped (`stepped_tokens`) is at least that.
+    When the cheapest cut pads more, each padding token is priced at λ seconds on top and λ is bisected
+    to the least that brings the share up (a Lagrangian relaxation: each cut it finds is the cheapest
+    for its padding; the cheapest of those that reach the share is kept, and the plain cut every
+    `batch_size` if it reaches it and costs less). A high enough λ leaves no padding, so the share is
+    always met. `max_spread`: no batch spans more tokens than that, whatever it costs (the benchmark's
+    comparison)."""
+    n, t = len(lengths), tokens_to_generate
+    if n == 0:
+        return []
+    asked = n * t
+
+    def share(sizes: list[int]) -> float:
+        return asked / (asked + _padding(lengths, sizes))
+
+    sizes = _cheapest(lengths, batch_size, t, cost, 0.0, max_spread)
+    if min_asked_share is None or share(sizes) >= min_asked_share:
+        return sizes
+    found: list[tuple[float, list[int]]] = []
     plain = [min(batch_size, n - i) for i in range(0, n, batch_size)]
-    bound = tokens_to_generate / 4 if max_spread is None else max_spread
-    if all(lengths[min(i + batch_size, n) - 1] - lengths[i] <= bound for i in range(0, n, batch_size)):
-        return plain
-    pre, dec, slope, t = cost.prefill_s_per_token, cost.decode_step_s, cost.decode_batch_slope, tokens_to_generate
+    if share(plain) >= min_asked_share and all(cost.fits(*_shape(lengths, plain, k), t) for k in range(len(plain))):
+        found.append((_seconds(lengths, plain, t, cost), plain))
+    # Above `ceiling` seconds a padding token is dearer than sending every prompt alone: no padding left.
+    ceiling = sum(cost.seconds(1, x, x, t) for x in lengths) + 1.0
+    lo, hi = 0.0, cost.decode_step_s / t
+    while True:
+        hi = min(hi, ceiling)
+        sizes = _cheapest(lengths, batch_size, t, cost, hi, max_spread)
+        if share(sizes) >= min_asked_share:
+            found.append((_seconds(lengths, sizes, t, cost), sizes))
+            break
+        lo, hi = hi, hi * 4
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        sizes = _cheapest(lengths, batch_size, t, cost, mid, max_spread)
+        if share(sizes) >= min_asked_share:
+            hi = mid
+            found.append((_seconds(lengths, sizes, t, cost), sizes))
+        else:
+            lo = mid
+    return min(found, key=lambda f: f[0])[1]
+
+
+def _cheapest(lengths: Sequence[int], cap: int, t: int, cost: StepCost, per_pad: float,
+              max_spread: int | None) -> list[int]:
+    """The cut of sorted `lengths` into batches of at most `cap` rows that fit `cost`'s memory and make
+    Σ seconds + per_pad × padding tokens least. best[j]: the least for the first j lengths."""
+    n = len(lengths)
+    pre, dec, slope = cost.prefill_s_per_token, cost.decode_step_s, cost.decode_batch_slope
+    kv, pb, free = cost.kv_bytes_per_token, cost.prefill_bytes_per_token, cost.free_bytes
+    prefix = [0]
+    for x in lengths:
+        prefix.append(prefix[-1] + x)
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest = lengths[j - 1]
+        longest, sj = lengths[j - 1], prefix[j]
+        kv_row = kv * (longest + t)
         b, at = float("inf"), j - 1
-        for i in range(j - 1, max(0, j - batch_size) - 1, -1):
-            if max_spread is not None and longest - lengths[i] > max_spread and i < j - 1:
-                break
-            rows = j - i
-            c = best[i] + pre * rows * longest + (longest - lengths[i] + t) * dec * (1.0 + slope * rows)
+        for i in range(j - 1, max(0, j - cap) - 1, -1):
+            shortest, rows = lengths[i], j - i
+            if rows > 1:
+                if max_spread is not None and longest - shortest > max_spread:
+                    break  # ascending: every smaller i spans more
+                if rows * (pb * shortest + kv_row) > free:
+                    continue
+            c = (best[i] + pre * rows * shortest + (longest - shortest + t) * dec * (1.0 + slope * rows)
+                 + per_pad * (rows * longest - sj + prefix[i]))
             if c < b:
                 b, at = c, i
         best[j], cut[j] = b, at
@@ -103,6 +169,30 @@ def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int,
     return sizes[::-1]
 
 
+def _shape(lengths: Sequence[int], sizes: Sequence[int], k: int) -> tuple[int, int, int]:
+    """(rows, shortest, longest) of batch k of a cut of ascending `lengths`."""
+    start = sum(sizes[:k])
+    return sizes[k], lengths[start], lengths[start + sizes[k] - 1]
+
+
+def _seconds(lengths: Sequence[int], sizes: Sequence[int], t: int, cost: StepCost) -> float:
+    total, i = 0.0, 0
+    for size in sizes:
+        total += cost.seconds(size, lengths[i], lengths[i + size - 1], t)
+        i += size
+    return total
+
+
+def _padding(lengths: Sequence[int], sizes: Sequence[int]) -> int:
+    """Tokens a cut of ascending `lengths` steps past what was asked: Σ (longest − length) per batch."""
+    total, i = 0, 0
+    for size in sizes:
+        longest = lengths[i + size - 1]
+        total += sum(longest - x for x in lengths[i:i + size])
+        i += size
+    return total
+
+
 def plan_batches(
     items: Sequence[T],
     batch_size: int,
@@ -111,6 +201,7 @@ def plan_batches(
     length: Callable[[T], int] = len,  # type: ignore[assignment]
     tokens_to_generate: int | None = None,
     cost: StepCost = PLANNING_340B,
+    min_asked_share: float | None = MIN_ASKED_SHARE,
 ) -> list[list[int]]:
     """Indices into `items`, cut into batches of at most `batch_size`.
 
@@ -119,7 +210,8 @@ def plan_batches(
     input order, so the plan is deterministic) and cut into batches, so only the last batch of
     a window can be short. Windows follow each other in input order: no batch mixes items of
     two windows, and an item never moves out of its window. With `tokens_to_generate`, a sorted
-    window is cut by `cut_sorted` (the cheapest cut under `cost`), so any batch may be short.
+    window is cut by `cut_sorted` (the cheapest cut under `cost` whose asked ÷ stepped is at least
+    `min_asked_share`, so every window, and so the whole plan, reaches it), so any batch may be short.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,7 +228,8 @@ def plan_batches(
             order = sorted(range(start, stop), key=lengths.__getitem__)  # stable: ties keep input order
             if tokens_to_generate is not None:
                 j = 0
-                for size in cut_sorted([lengths[i] for i in order], batch_size, tokens_to_generate, cost):
+                for size in cut_sorted([lengths[i] for i in order], batch_size, tokens_to_generate, cost,
+                                       min_asked_share=min_asked_share):
                     plan.append(order[j:j + size])
                     j += size
                 continue
