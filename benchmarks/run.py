@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import curation, engines, recipes, replicas, rollover
+from benchmarks import batching, curation, engines, recipes, replicas, rollover
 from benchmarks import pipeline as pipeline_bench
 from benchmarks import pipeline_rss
 from benchmarks import slurm as slurm_bench
@@ -150,21 +150,8 @@ def _summary(r: dict) -> list[str]:
         if c:
             rows.append((f"records/s, {case} batches", _f(c["ours_rps_median"], 1), _f(c["seed_rps_median"], 2) + " (seed-style)",
                          "ours ÷ seed", f"×{c['ratio_median']:.1f}"))
-    bt = r.get("batching")
-    if bt:
-        base, old, flow, bound = bt["rows"][:4]
-        rows.append(("simulated server time, mixed-length prompts", f"{flow['server_busy_s']:.2f} s (flow default)",
-                     f"{base['server_busy_s']:.2f} s (arrival order)", "≥ 20 % less",
-                     f"{flow['saving'] * 100:.0f} % less: " + _met(flow["saving"] >= 0.20)))
-        rows.append(("asked tokens per GPU-second, planning model (340B, 16 GPUs), mixed-length prompts",
-                     f"{flow['asked_per_gpu_s']:.1f} (batch ≤ {bt['flow_batch_size']}, cut by cost)",
-                     f"{old['asked_per_gpu_s']:.1f} (batches of {bt['batch_size']}, length-aware)", "the most there is",
-                     f"×{flow['asked_per_gpu_s'] / old['asked_per_gpu_s']:.2f}"))
-        rows.append(("asked ÷ stepped tokens, same prompts (the server's generated tokens)",
-                     f"{flow['asked_over_stepped']:.2f} (flow default); {bound['asked_over_stepped']:.2f} with every batch's "
-                     f"spread bounded, at {bound['asked_per_gpu_s']:.1f} asked tokens per GPU-second",
-                     f"{old['asked_over_stepped']:.2f} (batches of {bt['batch_size']}, length-aware)", "≥ 0.8",
-                     f"{_met(flow['asked_over_stepped'] >= 0.8)}: see Findings"))
+    if r.get("batching"):
+        rows += batching.summary_rows(r["batching"])
     rd = r.get("readiness")
     if rd:
         rows.append(("port open → first generation request (local backend)", f"{rd['ours_median_s']:.2f} s (max {rd['ours_max_s']:.2f})",
@@ -258,26 +245,8 @@ def _details(r: dict) -> list[str]:
                      f"{c['ours_rps_median']:.1f} | {c['seed_rps_median']:.2f} | {', '.join(f'×{x:.1f}' for x in c['ratio_per_run'])} | "
                      f"{c['ours_records']}, {c['ours_shard_size']}, {c['ours_largest_gap_ms']:.0f} ms |")
         L += [""]
-    bt = r.get("batching")
-    if bt:
-        asked = bt["prompts"] * bt["tokens_to_generate"]
-        lt = bt["length_tokens"]
-        L += ["### Length-aware batching (`benchmarks/batching.py`, `infra/prompting/batching.py`)", "",
-              f"{bt['prompts']} prompts, log-normal lengths (simulated-tokenizer tokens: min {lt['min']}, median "
-              f"{lt['median']}, p90 {lt['p90']}, max {lt['max']}), batches of {bt['batch_size']}, tokens_to_generate "
-              f"{bt['tokens_to_generate']}, sent one request at a time; the figure is the sum of the server's reported "
-              f"generation times. Cost model: planning ×{bt['scale']:.4f}. The last column is the same plans' cost "
-              "computed (not run) with the unscaled planning model for 340B on 16 H100.", "",
-              f"| plan | batches | server busy | saving | tokens generated (asked {asked:,}) | asked ÷ stepped | "
-              "planning model (computed) | asked tokens per GPU-second (computed) |",
-              "|---|---|---|---|---|---|---|---|"]
-        for row in bt["rows"]:
-            L.append(f"| {row['plan']} | {row.get('batches', '—')} | {row['server_busy_s']:.2f} s | {row['saving'] * 100:.0f} % | "
-                     f"{row['generated_tokens']:,} | {row.get('asked_over_stepped', 0):.2f} | "
-                     f"{row['planning_model_h']:.3f} h ({row['planning_saving'] * 100:.0f} % less) | "
-                     f"{row.get('asked_per_gpu_s', 0):.1f} |")
-        L += ["", "Arrival order also generates far more tokens than asked: NeMo steps every row to the batch's "
-              "longest prompt + tokens_to_generate, so a short prompt next to a long one runs on past its own budget.", ""]
+    if r.get("batching"):
+        L += batching.markdown(r["batching"])
     rd = r.get("readiness")
     if rd:
         L += ["### Readiness (`benchmarks/readiness.py`)", "",
@@ -360,16 +329,8 @@ def _details(r: dict) -> list[str]:
 
 def _findings(r: dict) -> list[str]:
     L = ["## Findings", ""]
-    bt = r.get("batching")
-    if bt and bt["rows"][2]["asked_over_stepped"] < 0.8:
-        flow, bound = bt["rows"][2], bt["rows"][3]
-        L += [f"- **Asked ÷ stepped {flow['asked_over_stepped']:.2f} under the flow's default, target 0.8: re-argued.** "
-              f"Cutting every batch to a spread of {bt.get('spread', 96)} prompt tokens reaches "
-              f"{bound['asked_over_stepped']:.2f} but asks {bound['asked_per_gpu_s']:.1f} tokens per GPU-second against "
-              f"{flow['asked_per_gpu_s']:.1f} ({1 - bound['asked_per_gpu_s'] / flow['asked_per_gpu_s']:.0%} fewer): under "
-              "the planning model a decode step costs the batch about the same whatever its rows, so the padded steps "
-              "of a wide batch cost less than the extra passes that would avoid them. The default minimises GPU "
-              "seconds (the issue's objective); asked ÷ stepped is what that leaves (docs/engines.md, Batch make-up)."]
+    if r.get("batching"):
+        L += batching.findings(r["batching"])
     sc = r.get("scale")
     if sc and sc["ceiling_median"] < 6000:
         L += [f"- **Orchestrator ceiling {'below' if sc['ceiling_median'] < 5000 else 'only just above'} 5,000 rec/s** "

@@ -26,7 +26,7 @@ SUITES: dict[str, dict[str, dict]] = {
     "bench": {
         "nagle": {},
         "busy": {"short": (1280, 256, 40, 3), "long": (384, 64, 8, 1)},
-        "batching": {"n": 768},
+        "batching": {"n": 768, "shard": 4000},
         "readiness": {"repeats": 5},
         "slurm": {"repeats": 2},
         "scale": {"sizes": (10_000, 100_000), "repeats": 3},
@@ -78,7 +78,7 @@ def sections(suite: str, workdir: Path, api, log, res: dict, have_slurm: bool) -
     every: dict[str, Callable[[], dict] | None] = {
         "nagle": lambda: nagle.run(workdir, log),
         "busy": lambda: busy.run(workdir, api, busy_cases(), log),
-        "batching": lambda: batching.run(workdir, log, n=z["batching"]["n"]),
+        "batching": lambda: batching.run(workdir, log, **z["batching"]),
         "readiness": lambda: readiness.run(workdir, log, repeats=z["readiness"]["repeats"]),
         "slurm": (lambda: slurm_bench.run(workdir, api, log, repeats=z["slurm"]["repeats"])) if have_slurm else None,
         "scale": lambda: scale.run(workdir, api, log, sizes=z["scale"]["sizes"], repeats=z["scale"]["repeats"]),

@@ -137,7 +137,9 @@ def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int,
 def _cheapest(lengths: Sequence[int], cap: int, t: int, cost: StepCost, per_pad: float,
               max_spread: int | None) -> list[int]:
     """The cut of sorted `lengths` into batches of at most `cap` rows that fit `cost`'s memory and make
-    Σ seconds + per_pad × padding tokens least. best[j]: the least for the first j lengths."""
+    Σ seconds + per_pad × padding tokens least. best[j]: the least for the first j lengths. The inner loop
+    spells out `cost.seconds` and `cost.fits` (a call each would double the planning time); the tests
+    check its cuts against brute force over `cost.seconds`."""
     n = len(lengths)
     pre, dec, slope = cost.prefill_s_per_token, cost.decode_step_s, cost.decode_batch_slope
     kv, pb, free = cost.kv_bytes_per_token, cost.prefill_bytes_per_token, cost.free_bytes
