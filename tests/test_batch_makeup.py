@@ -117,3 +117,15 @@ def test_the_default_plan_reaches_the_share_on_a_sparse_window_and_holds_a_shard
     assert 300 * 128 / stepped_tokens(sparse, cheapest, 128) < MIN_ASKED_SHARE
     kept = plan_batches(sparse, 128, length=lambda x: x, tokens_to_generate=128)
     assert 300 * 128 / stepped_tokens(sparse, kept, 128) >= MIN_ASKED_SHARE
+
+
+@pytest.mark.parametrize("want", [0.0, -0.1, 1.01])
+def test_a_share_outside_0_1_is_refused(want):
+    with pytest.raises(ValueError, match="min_asked_share"):
+        plan_batches([5, 500, 50], 2, length=lambda x: x, tokens_to_generate=8, min_asked_share=want)
+
+
+def test_a_share_of_1_leaves_no_padding():
+    lengths = sorted([5, 500, 50, 50, 7, 500, 3])
+    sizes = cut_sorted(lengths, 4, 16, min_asked_share=1.0)
+    assert _padding(lengths, sizes) == 0

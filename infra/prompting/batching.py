@@ -98,6 +98,8 @@ def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int,
     `batch_size` if it reaches it and costs less). A high enough λ leaves no padding, so the share is
     always met. `max_spread`: no batch spans more tokens than that, whatever it costs (the benchmark's
     comparison)."""
+    if min_asked_share is not None and not 0 < min_asked_share <= 1:
+        raise ValueError(f"min_asked_share must be in (0, 1], got {min_asked_share}")
     n, t = len(lengths), tokens_to_generate
     if n == 0:
         return []
@@ -119,7 +121,7 @@ def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int,
     while True:
         hi = min(hi, ceiling)
         sizes = _cheapest(lengths, batch_size, t, cost, hi, max_spread)
-        if share(sizes) >= min_asked_share:
+        if share(sizes) >= min_asked_share or hi == ceiling:  # at the ceiling nothing is padded: a share of 1
             found.append((_seconds(lengths, sizes, t, cost), sizes))
             break
         lo, hi = hi, hi * 4
