@@ -109,7 +109,8 @@ def test_a_killed_worker_is_dropped_and_the_batch_counted_here(model, small_batc
 
 
 PROGRAM = """
-import json, os, signal, sys
+import json, os, signal, sys, time
+import psutil
 from infra.prompting import count_workers
 from infra.prompting.tokens import token_counter
 count_workers.PARALLEL_MIN_CHARS = 1000
@@ -118,17 +119,26 @@ counter.count_within([sys.argv[2]] * 200, -1)
 print(json.dumps(counter._words._workers.pids()), flush=True)
 if sys.argv[3] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[3] == "ctrl-c":
+    try:
+        os.killpg(0, signal.SIGINT)  # a Ctrl-C reaches the whole process group
+        time.sleep(5)
+    except KeyboardInterrupt:
+        time.sleep(1)  # time for a worker that took it to fall over
+        print(json.dumps([psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in counter._words._workers.pids()]))
 """  # "exit": leaves without closing the (cached) counter, as a flow run's process does
 
 
-@pytest.mark.parametrize("how", ["exit", "kill"])
+@pytest.mark.parametrize("how", ["exit", "kill", "ctrl-c"])
 def test_no_worker_outlives_its_process(model, how):
     path, _ = model
     proc = subprocess.run([sys.executable, "-c", PROGRAM, str(path), SENTENCE * 3, how], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True)
     assert proc.returncode == (-signal.SIGKILL if how == "kill" else 0), proc.stderr
-    pids = json.loads(proc.stdout)
+    pids, *alive = map(json.loads, proc.stdout.splitlines())
     assert pids
+    if how == "ctrl-c":  # a worker ignores Ctrl-C (the parent stops it): no traceback of its own
+        assert alive == [[True] * len(pids)] and "Traceback" not in proc.stderr, proc.stderr
     deadline = time.monotonic() + 10 * count_workers.PARENT_POLL_S + 10  # a wait, with a deadline
     while not all(map(gone, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)

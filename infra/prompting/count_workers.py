@@ -19,6 +19,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,10 @@ def _adopt(state, parent: int) -> None:
     """A worker's start: take the forked counter as its own, and exit when the parent is gone."""
     global _WORKER_STATE
     _WORKER_STATE = state.forked()
+    # The parent's handlers (the CLI's Ctrl-C, a flow run's SIGTERM) are not a worker's: a Ctrl-C
+    # reaches the whole process group, and the parent stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="count-worker-parent").start()
 
 
