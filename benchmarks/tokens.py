@@ -470,7 +470,9 @@ def findings(r: dict) -> list[str]:
     if v and v[2] > 2:
         L.append(f"- **Every prompt encoded (as for a normalizing model), the plan of {t['short_max']:,} short prompts "
                  f"runs at the tokenizer's speed: ×{v[2]:.2f} the estimate's time** (target ≤ 2×): sentencepiece's list "
-                 "encode releases the GIL and `count_within` gives it up to 8 threads, but here 2 cores are shared.")
+                 "encode releases the GIL and `count_within` gives it up to 8 threads, but here 2 cores are shared; "
+                 "the word-by-word counter's worker processes would add nothing here (the encode already runs on every "
+                 "usable core, and no word cache is exact for a normalizing model).")
     if v := _vs(t, t["realistic"], "realistic-length"):
         L.append(_realistic_argument(t, *v))
     return L
@@ -494,8 +496,8 @@ def _realistic_argument(t: dict, sp: dict, est: dict, ratio: float) -> str:
               f"interleaved (median load average {sp.get('load1', 0):.1f} on {os.cpu_count()} cores: on a busy "
               "machine the workers find no idle core and the wall gain shrinks to nothing)")
     if sp.get("workers_maxrss_mb"):
-        L += (f". A worker's peak RSS: {sp['workers_maxrss_mb']:.0f} MB (a fork: pages shared with the plan's process "
-              f"until either writes them), the plan's own {sp['maxrss_mb']:.0f} MB")
+        L += (f". A worker's peak RSS: {sp['workers_maxrss_mb']:.0f} MB (pages it still shares with the plan's process "
+              f"counted in both), the plan's own {sp['maxrss_mb']:.0f} MB")
     w = (serial or {}).get("words")
     if not w or not w["read_chars"]:
         return L + "."
