@@ -10,6 +10,7 @@ falls back to the folder plus the basename (register_artifact). The GPT model re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -84,3 +85,28 @@ def nemo_tokenizer_model(folder: Path) -> Path:
     names = ", ".join(m.name for m in models) or "none"
     raise ConfigError(f"{where}: tokenizer.model is {name!r}, which is not in {folder} (*.model files: {names}). "
                       "Set NSDG_MODEL__TOKENIZER to the right .model file.")
+
+
+def splits_at_spaces(sp) -> bool:
+    """Whether `_WordCounts` (infra/prompting/tokens.py) counts exactly with this model: BPE, spaces escaped and kept as they
+    are (no dummy prefix, no whitespace removal, not a suffix), and no piece with "▁" after
+    another character (a model that lets pieces span words encodes whole texts)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    return (trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and spec.escape_whitespaces
+            and not spec.add_dummy_prefix and not spec.remove_extra_whitespaces
+            and not trainer.treat_whitespace_as_suffix
+            and not any(_SPACE_AFTER_OTHER.search(p.piece) for p in proto.pieces))
+
+
+_SPACE_AFTER_OTHER = re.compile("[^\u2581]\u2581")
+
+
+def normalizer_spec(model: bytes):
+    """The NormalizerSpec of a serialized SentencePiece ModelProto (sentencepiece's own protobuf
+    module; it needs the `protobuf` package)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto.FromString(model).normalizer_spec

@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Protocol
 
 from infra.errors import ConfigError
+from infra.prompting import count_workers
 from infra.prompting.sampling import SamplingParams
 from infra.storage.local import sha256_file
-from infra.prompting.tokenizer_files import TokenizerSource, locate_tokenizer
+from infra.prompting.tokenizer_files import TokenizerSource, locate_tokenizer, normalizer_spec, splits_at_spaces
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,11 @@ class SentencePieceFile:
         # character costs at most its bytes: tokens <= UTF-8 bytes (+1 for the dummy prefix).
         # NFKC and custom rules expand text (U+FDFA: 3 bytes, 34 tokens), so no bound there; nor
         # where "▁" is no piece (a space, 1 byte, would cost its 3 bytes' fallback tokens).
-        spec = _normalizer_spec(self._sp.serialized_model_proto())
+        spec = normalizer_spec(self._sp.serialized_model_proto())
         plain = (spec.name == "identity" and not spec.precompiled_charsmap
                  and self._sp.piece_to_id("\u2581") != self._sp.unk_id())
         self._byte_slack = (1 if spec.add_dummy_prefix else 0) if plain else None
-        self._words = _WordCounts(self._sp) if plain and _splits_at_spaces(self._sp) else None
+        self._words = _WordCounts(self._sp) if plain and splits_at_spaces(self._sp) else None
 
     def count(self, text: str) -> int:
         return len(self._sp.encode(text))
@@ -224,6 +225,11 @@ class SentencePieceFile:
     def round_trip(self, text: str) -> str:
         return self._sp.decode(self._sp.encode(text))
 
+    def close(self) -> None:
+        """Stops the counting workers, if any were started (later batches are counted here)."""
+        if self._words is not None:
+            self._words.close()
+
 
 class _WordCounts:
     """Exact counts of a SentencePiece BPE that can never merge across a space, word by word.
@@ -235,7 +241,7 @@ class _WordCounts:
     its first word's plus that of each "▁…▁word" that a run of spaces starts, which a cache of the
     words already seen answers: prompts repeat their words, so most are never encoded again
     (realistic English-like prompts: a third of the CPU of encoding them whole). The condition is
-    read from the model (`_splits_at_spaces`); any other model encodes whole texts."""
+    read from the model (`splits_at_spaces`, infra/prompting/tokenizer_files.py); any other model encodes whole texts."""
 
     CACHED_WORD_CHARS = 64  # longer words are encoded, not kept
     CACHE_WORDS = 200_000  # then the cache starts afresh: memory stays flat
@@ -245,13 +251,49 @@ class _WordCounts:
         self._cache = _Seen()
         self._lock = threading.Lock()  # the counter is shared (token_counter's cache): one batch at a time
         self._bytes, self._tokens = 4, 1  # bytes per token seen so far: how far to read before the bound may do
+        self._workers: count_workers.CountWorkers | None | bool = None  # False: never (closed, broken, a worker)
 
     def counts(self, texts: Sequence[str], cap: int | None = None) -> list[int]:
-        """Exact counts; with a `cap`, exact above it, and at or below it possibly a bound (see _within)."""
+        """Exact counts; with a `cap`, exact above it, and at or below it possibly a bound (see _within).
+        A batch with enough text is shared with worker processes (infra/prompting/count_workers.py)."""
         # U+2581 in the input is what a space becomes, so it cuts words as a space does.
         texts = [t.replace("\u2581", " ") for t in texts]
         with self._lock:
-            return self._counts(texts) if cap is None else self._within(texts, cap)
+            if cap is None:
+                return self._counts(texts)
+            if (workers := self._workers_for(texts)) is None:
+                return self._within(texts, cap)
+            out = workers.within(texts, cap, self._within)
+            self._workers = workers if workers.open else False  # broken: counted here from now on
+            return out
+
+    def _workers_for(self, texts: list[str]) -> "count_workers.CountWorkers | None":
+        """The pool, started on the first batch that pays for it; None: count here."""
+        if (self._workers is False or len(texts) < 2
+                or sum(map(len, texts)) < count_workers.PARALLEL_MIN_CHARS or count_workers.usable_cores() < 2):
+            return None
+        if self._workers is None:
+            if not count_workers.can_fork():
+                self._workers = False
+                return None
+            n = min(count_workers.usable_cores() - 1, count_workers.MAX_WORKERS)
+            self._workers = count_workers.CountWorkers.start(self, n) or False
+        return self._workers or None
+
+    def forked(self) -> "_WordCounts":
+        """This counter as a worker keeps it after the fork: its own lock (the parent's copy was
+        held while it forked), and no pool of its own."""
+        self._lock, self._workers = threading.Lock(), False
+        return self
+
+    def within_here(self, texts: list[str], cap: int) -> list[int]:
+        return self._within(texts, cap)
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._workers = self._workers, False
+        if isinstance(workers, count_workers.CountWorkers):
+            workers.close()
 
     def _within(self, texts: list[str], cap: int) -> list[int]:
         """Each text read from its start only until what is counted plus the rest's UTF-8 bytes
@@ -321,21 +363,6 @@ class _Seen(dict):
         return 0
 
 
-def _splits_at_spaces(sp) -> bool:
-    """Whether `_WordCounts` counts exactly with this model: BPE, spaces escaped and kept as they
-    are (no dummy prefix, no whitespace removal, not a suffix), and no piece with "▁" after
-    another character (a model that lets pieces span words encodes whole texts)."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
-    spec, trainer = proto.normalizer_spec, proto.trainer_spec
-    return (trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and spec.escape_whitespaces
-            and not spec.add_dummy_prefix and not spec.remove_extra_whitespaces
-            and not trainer.treat_whitespace_as_suffix
-            and not any(_SPACE_AFTER_OTHER.search(p.piece) for p in proto.pieces))
-
-
-_SPACE_AFTER_OTHER = re.compile("[^\u2581]\u2581")
 _RUN_START = re.compile("(?<! ) ")  # a space that starts a run of spaces
 
 
@@ -363,14 +390,6 @@ def _fitting_prefix(text: str, cut: int, tokens: int, count) -> str:
 def _threads() -> int:
     """Encoding threads: the CPUs this process may use, at most 8 (a login node is shared)."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-def _normalizer_spec(model: bytes):
-    """The NormalizerSpec of a serialized SentencePiece ModelProto (sentencepiece's own protobuf
-    module; it needs the `protobuf` package)."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    return sentencepiece_model_pb2.ModelProto.FromString(model).normalizer_spec
 
 
 def _load(source: TokenizerSource) -> TokenCounter:
