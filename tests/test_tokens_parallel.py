@@ -108,6 +108,27 @@ def test_a_killed_worker_is_dropped_and_the_batch_counted_here(model, small_batc
         counter.close()
 
 
+
+def test_a_hung_worker_is_killed_at_its_deadline_and_the_batch_counted_here(model, small_batches_pay, monkeypatch):
+    path, sp = model
+    counter = SentencePieceFile(path)
+    texts = crafted_texts(300, seed=11)
+    exact = [len(ids) for ids in sp.encode(texts)]
+    try:
+        assert counter.count_within(texts, -1) == exact
+        pids = counter._words._workers.pids()
+        for pid in pids:  # stopped: alive, never answering (as a worker deadlocked at fork would be)
+            os.kill(pid, signal.SIGSTOP)
+        monkeypatch.setattr(count_workers, "SHARE_DEADLINE_S", 1.0)
+        assert counter.count_within(texts, -1) == exact  # the share's deadline passed, the batch counted here
+        assert counter._words._workers is False
+        deadline = time.monotonic() + 10
+        while not all(map(gone, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(map(gone, pids)), "a stopped worker was left running past its deadline"
+    finally:
+        counter.close()
+
 PROGRAM = """
 import json, os, signal, sys, time
 import psutil

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 PARALLEL_MIN_CHARS = 256_000  # below this, a batch costs ~10 ms to count: not worth the transfer
 MAX_WORKERS = 7  # with the caller, 8 processes at most, as the encoder's threads (a login node is shared)
 PARENT_POLL_S = 1.0
+# A share counts at ~50 ns a character; its deadline is ~20x that, plus a start: a worker that
+# hangs (a lock held in another thread at fork) costs one batch counted again here, never the run.
+SHARE_DEADLINE_S = 30.0
+SHARE_DEADLINE_S_PER_CHAR = 1e-6
 
 
 def usable_cores() -> int:
@@ -65,6 +70,10 @@ def _exit_with_parent(parent: int) -> None:
 
 def _count_share(texts: list[str], cap: int) -> list[int]:
     return _WORKER_STATE.within_here(texts, cap)
+
+
+def _chars(texts: Sequence[str]) -> int:
+    return sum(map(len, texts))
 
 
 class CountWorkers:
@@ -103,10 +112,13 @@ class CountWorkers:
             self._broken(exc)
             return here(list(texts), cap)
         mine = here(shares[0], cap)
+        deadline = time.monotonic() + SHARE_DEADLINE_S + SHARE_DEADLINE_S_PER_CHAR * max(map(_chars, shares[1:]))
         try:
-            theirs = [f.result() for f in futures]
-        except BrokenProcessPool as exc:
-            self._broken(exc)
+            theirs = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        except (BrokenProcessPool, FutureTimeout) as exc:
+            self._broken(exc if not isinstance(exc, FutureTimeout) else
+                         TimeoutError(f"no counts from a worker {SHARE_DEADLINE_S:.0f} s past their share's deadline"),
+                         kill=isinstance(exc, FutureTimeout))
             theirs = [here(share, cap) for share in shares[1:]]
         out = [0] * len(texts)
         for i, counts in enumerate([mine] + theirs):
@@ -121,8 +133,14 @@ class CountWorkers:
         """The workers' process ids (for tests and the benchmark's CPU accounting)."""
         return list(getattr(self._pool, "_processes", None) or {})
 
-    def _broken(self, exc: BaseException) -> None:
+    def _broken(self, exc: BaseException, kill: bool = False) -> None:
         log.warning("token counting workers stopped (%s); counting in this process from now on", exc)
+        if kill:  # a hung worker would never finish its share: shutdown(wait=True) would wait with it
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.close()
 
     def close(self) -> None:
