@@ -220,6 +220,23 @@ class S3OutputStore:
                                                    ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha256)),
                    self._place("writing", key))
 
+    def move_in(self, source: "S3OutputStore", name: str) -> bool:
+        """`source`'s object `name` (on this endpoint) copied here by S3 itself, never through this
+        process: one CopyObject, or from the multipart threshold up a multipart copy (UploadPartCopy)
+        in parts of that size; its metadata (the sha256) kept, its SHA-256 checksum computed again.
+        Then deleted there. False when the source has none."""
+        key, (bucket, src_key) = self.key(name), parse_s3_uri(source.uri(name))
+
+        def copy() -> bool:
+            self._client.copy({"Bucket": bucket, "Key": src_key}, self.bucket, key,
+                              ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self._transfer)
+            return True
+
+        if not self._call(copy, self._place("writing", key, f"moving s3://{bucket}/{src_key} here"), absent=NOT_FOUND):
+            return False
+        source.delete(name)
+        return True
+
     # -- reads
 
     def read_bytes(self, name: str) -> bytes | None:
