@@ -110,6 +110,21 @@ def recovery_after(marker: Path, run_dir: Path) -> float | None:
     after = [p.stat().st_mtime for p in run_dir.glob("part-*.state.json") if p.stat().st_mtime >= t]
     return round(min(after) - t, 2) if after else None
 
+def slurm_env(tmp: Path, profiles: dict, cmd: list[str], port: int, time_limit: str, ready_timeout_s: int,
+              **more: str) -> dict[str, str]:
+    """The settings of a run on the local Slurm cluster under `profiles`, its server `cmd` run bare (no
+    container), its jobs' files and its work dir under `tmp`; `more`: other settings."""
+    return {"NSDG_EXTRA_PROFILES": json.dumps(profiles), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
+            "NSDG_SLURM__JOB_ROOT": str(tmp / "jobs"), "NSDG_SLURM__TIME_LIMIT": time_limit,
+            "NSDG_SERVER__PORT": str(port), "NSDG_SERVER__COMMAND": json.dumps(cmd), "NSDG_WORK_DIR": str(tmp / "work"),
+            "NSDG_SERVER__READY_TIMEOUT_S": str(ready_timeout_s), **more}
+
+
+def run_jobs(client, run_id: str = "r") -> list:
+    """The Slurm jobs of run `run_id` still active: a run that finished cleanly leaves none."""
+    return [j for j in client.active_jobs() if j.name.startswith("nsdg-") and f"run={run_id} " in (j.comment or "") + " "]
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.fault_harness import REPO, Row, _wait, count_outcomes, environment, local_env, local_servers, moto_server, write_prompts
+from benchmarks.fault_harness import (REPO, Row, _wait, count_outcomes, environment, local_env, local_servers,
+                                      moto_server, write_prompts)
 
 
 def _outcomes(run_dir: Path, ids: list[str]) -> tuple[list[str], list[str]]:

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.fault_harness import REPO, Row, _wait, count_outcomes, environment, local_env, local_servers, read_local_run, write_prompts
+from benchmarks.fault_harness import (REPO, Row, _wait, count_outcomes, environment, local_env, local_servers,
+                                      read_local_run, run_jobs, slurm_env, write_prompts)
 
 
 def case_slurm_slow_release(tmp: Path) -> Row:
@@ -27,17 +28,14 @@ def case_slurm_slow_release(tmp: Path) -> Row:
              "--extra-latency 0.1")
     cmd = ["bash", "-c", f"trap 'sleep 10; exit 0' TERM; {serve} & wait $!; wait"]
     profiles = {"fault1x8": {"backend": "slurm", "nodes": 1, "gpus_per_node": 8, "tensor_parallel": 8, "pipeline_parallel": 1}}
-    env = {"NSDG_EXTRA_PROFILES": json.dumps(profiles), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
-           "NSDG_SLURM__JOB_ROOT": str(tmp / "jobs"), "NSDG_SLURM__TIME_LIMIT": "00:05:00",
-           "NSDG_SERVER__PORT": str(free_port(span=8)), "NSDG_SERVER__COMMAND": json.dumps(cmd),
-           "NSDG_WORK_DIR": str(tmp / "work"), "NSDG_SERVER__READY_TIMEOUT_S": "120"}
+    env = slurm_env(tmp, profiles, cmd, free_port(span=8), "00:05:00", 120)
     expected = write_prompts(tmp / "in.jsonl", 40)
     with environment(env):
         generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", profile="fault1x8",
                  shard_size=10, batch_size=5, replicas=2)
     written, rejected, manifest = read_local_run(tmp / "out" / "r")
     lost, dup = count_outcomes(expected, written, rejected)
-    leaked = [j for j in SlurmClient().active_jobs() if j.name.startswith("nsdg-") and "run=r " in (j.comment or "") + " "]
+    leaked = run_jobs(SlurmClient())
     released = sum(1 for r in manifest["replicas"] if "release_error" not in r)
     return Row(f"Slurm release slower than 5 s (jobs COMPLETING until KillWait; {len(manifest['slurm_job_ids'])} jobs)", injected=1,
                detected=released, lost=lost, duplicated=dup, leaked=len(leaked),

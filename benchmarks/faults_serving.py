@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.fault_harness import TEST_PROFILES, Row, _wait, count_outcomes, environment, local_env, local_servers, moto_server, read_local_run, recovery_after, write_prompts
+from benchmarks.fault_harness import (TEST_PROFILES, Row, _wait, count_outcomes, environment, local_env,
+                                      local_servers, moto_server, read_local_run, recovery_after, run_jobs, slurm_env,
+                                      write_prompts)
 
 
 def _server_dies(tmp: Path, name: str, switch: list[str], **settings: str) -> Row:
@@ -115,10 +117,7 @@ def case_slurm_job_cancelled(tmp: Path) -> Row:
     port = free_port(span=8)
     cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated", "--host", "0.0.0.0",
            "--port", "{port}", "--extra-latency", "0.2"]  # each launch gets its own port
-    env = {"NSDG_EXTRA_PROFILES": json.dumps(TEST_PROFILES), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
-           "NSDG_SLURM__JOB_ROOT": str(tmp / "jobs"), "NSDG_SLURM__TIME_LIMIT": "00:10:00",
-           "NSDG_SERVER__PORT": str(port), "NSDG_SERVER__COMMAND": json.dumps(cmd), "NSDG_WORK_DIR": str(tmp / "work"),
-           "NSDG_SERVER__READY_TIMEOUT_S": "180"}
+    env = slurm_env(tmp, TEST_PROFILES, cmd, port, "00:10:00", 180)
     expected = write_prompts(tmp / "in.jsonl", 100)
     run_dir = tmp / "out" / "r"
     client = SlurmClient()
@@ -126,10 +125,9 @@ def case_slurm_job_cancelled(tmp: Path) -> Row:
 
     def cancel_first_job() -> None:
         _wait(lambda: any(run_dir.glob("part-*.state.json")), 120, "the first part on Slurm")
-        for job in client.active_jobs():
-            if job.name.startswith("nsdg-") and "run=r " in (job.comment or "") + " ":
-                client.cancel(job.job_id)
-                cancelled.append(time.time())
+        for job in run_jobs(client):
+            client.cancel(job.job_id)
+            cancelled.append(time.time())
 
     killer = threading.Thread(target=cancel_first_job, daemon=True)
     killer.start()
@@ -139,7 +137,7 @@ def case_slurm_job_cancelled(tmp: Path) -> Row:
     killer.join(timeout=10)
     written, rejected, manifest = read_local_run(run_dir)
     lost, dup = count_outcomes(expected, written, rejected)
-    leaked = [j for j in client.active_jobs() if j.name.startswith("nsdg-") and "run=r " in (j.comment or "") + " "]
+    leaked = run_jobs(client)
     marker = tmp / "cancelled-at"
     if cancelled:
         marker.write_text("")

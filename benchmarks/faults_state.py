@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.fault_harness import Row, _wait, count_outcomes, environment, local_env, local_servers, read_local_run, recovery_after, write_prompts
+from benchmarks.fault_harness import (Row, _wait, count_outcomes, environment, local_env, local_servers,
+                                      read_local_run, recovery_after, run_jobs, slurm_env, write_prompts)
 
 
 def _sha(path: Path) -> str:
@@ -141,18 +142,15 @@ def case_slurm_rollover_thrash(tmp: Path) -> Row:
     cmd = [sys.executable, "-m", "infra.local_server", "serve-local", "--engine", "simulated", "--host", "0.0.0.0",
            "--port", "{port}", "--load-delay", "3", "--extra-latency", "2"]  # a batch of 10 takes 2 s
     profiles = {"roll1x1": {"backend": "slurm", "nodes": 1, "gpus_per_node": 1, "tensor_parallel": 1, "pipeline_parallel": 1}}
-    env = {"NSDG_EXTRA_PROFILES": json.dumps(profiles), "NSDG_SLURM__CONTAINER_RUNTIME": "none",
-           "NSDG_SLURM__JOB_ROOT": str(tmp / "jobs"), "NSDG_SLURM__TIME_LIMIT": "1", "NSDG_SLURM__EXCLUSIVE": "false",
-           "NSDG_SLURM__MEM": "", "NSDG_SLURM__WARN_SIGNAL_S": "60", "NSDG_SLURM__MAX_ROLLOVERS": "10",
-           "NSDG_SERVER__PORT": str(free_port(span=24)), "NSDG_SERVER__COMMAND": json.dumps(cmd),
-           "NSDG_WORK_DIR": str(tmp / "work"), "NSDG_SERVER__READY_TIMEOUT_S": "300"}
+    env = slurm_env(tmp, profiles, cmd, free_port(span=24), "1", 300, NSDG_SLURM__EXCLUSIVE="false", NSDG_SLURM__MEM="",
+                    NSDG_SLURM__WARN_SIGNAL_S="60", NSDG_SLURM__MAX_ROLLOVERS="10")
     expected = write_prompts(tmp / "in.jsonl", 420)
     with environment(env):
         generate(input_uri=str(tmp / "in.jsonl"), output_uri=str(tmp / "out"), run_id="r", profile="roll1x1",
                  shard_size=20, batch_size=10, max_server_restarts=0)
     written, rejected, manifest = read_local_run(tmp / "out" / "r")
     lost, dup = count_outcomes(expected, written, rejected)
-    leaked = [j for j in SlurmClient().active_jobs() if j.name.startswith("nsdg-") and "run=r " in (j.comment or "") + " "]
+    leaked = run_jobs(SlurmClient())
     roll = manifest["rollovers"]
     idle = sum(1 for r in manifest["replicas"] if not r.get("records"))
     return Row("Slurm: rollover lead longer than the 1-minute limit (thrash)", injected=1,
