@@ -10,29 +10,19 @@ every sentence it scored says what was asked.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
 
-from benchmarks.faults import local_env
 from infra.pipeline.rows import kept_part_names
 from infra.reward.client import PROBE_TEXT
-from infra.reward.conversation import format_conversation
+from tests.reward_pipeline_cli import RewardPipeline, pipeline_file, sent
 from tests.reward_standin import rewards_of
-from tests.test_pipeline_flow import jsonl, run_cli
+from tests.test_pipeline_flow import jsonl
 
 pytestmark = pytest.mark.integration
 
-PIPELINE = """\
-input: topics.jsonl
-servers:
-  main: {profile: local}
-  rm: {engine: nemo-aligner, url: "URL"}
-defaults:
-  prompt_format: raw
-  sampling: {temperature: 0.8, random_seed: 5, tokens_to_generate: 6}
-  batch_size: 4
+PIPELINE = pipeline_file(6, """\
 stages:
   - name: answers
     recipe: {prompt_template: "Answer about {{ topic }}:", samples_per_prompt: 3}
@@ -45,31 +35,18 @@ stages:
     kind: pairs
     from: rm
     pairs: {score: reward.helpfulness}
-"""
+""")
 TOPICS = 8
 FIRST, SECOND = '"\\\\buseful\\\\b"', '"\\\\bmodel\\\\b"'  # each drops some answers (the simulated server's words)
 
 
-def sent(row: dict) -> str:
-    return format_conversation([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}], "")
-
-
-class Run:
-    def __init__(self, workdir, env, url: str, scored):
-        self.workdir, self.env, self.url, self.scored = workdir, env, url, scored
-
+class Run(RewardPipeline):
     def __call__(self, run_id: str, filter_: str = FIRST, template: str = "Answer about") -> list[str]:
         """Run the file under `run_id`; the sentences the reward server scored in this run."""
-        (self.workdir / "pipeline.yaml").write_text(
-            PIPELINE.replace("URL", self.url).replace("FILTER", filter_).replace("Answer about", template))
         seen = len(self.scored())
-        done = run_cli(self.workdir, self.env, "--pipeline", "pipeline.yaml", "--run-id", run_id, "--output-uri",
-                       str(self.workdir / "out"), "--shard-size", "4")
+        done = self.run(PIPELINE.replace("FILTER", filter_).replace("Answer about", template), run_id, "--shard-size", "4")
         assert done.returncode == 0, done.stderr[-4000:]
         return [t for t in self.scored()[seen:] if t != PROBE_TEXT]
-
-    def stage(self, run_id: str, name: str):
-        return self.workdir / "out" / run_id / "stages" / name
 
     def rm_rows(self, run_id: str) -> tuple[list[dict], list[dict]]:
         """The reward stage's rows and its kept rows (its manifest's parts and kept parts)."""
@@ -85,10 +62,7 @@ class Run:
 
 @pytest.fixture
 def run(prefect_server, workdir, reward_server):
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(TOPICS)))
-    env = {**os.environ, **local_env(workdir), **prefect_server.client_env(), "PREFECT_HOME": str(workdir / "prefect")}
-    return Run(workdir, env, reward_server.url, reward_server.scored)
+    return Run(prefect_server, workdir, reward_server, TOPICS)
 
 
 def check_scored(run: Run, run_id: str) -> None:

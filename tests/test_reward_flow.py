@@ -6,29 +6,19 @@ training set is the reward stage's kept rows; a rerun with a new threshold needs
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
 
-from benchmarks.faults import local_env
 from infra.reward.client import PROBE_TEXT
-from infra.reward.conversation import format_conversation
 from infra.reward.scores import HELPSTEER2
+from tests.reward_pipeline_cli import RewardPipeline, pipeline_file, sent
 from tests.reward_standin import rewards_of
-from tests.test_pipeline_flow import jsonl, run_cli
+from tests.test_pipeline_flow import jsonl
 
 pytestmark = pytest.mark.integration
 
-PIPELINE = """\
-input: topics.jsonl
-servers:
-  main: {profile: local}
-  rm: {engine: nemo-aligner, url: "URL"}
-defaults:
-  prompt_format: raw
-  sampling: {temperature: 0.8, random_seed: 5, tokens_to_generate: 8}
-  batch_size: 4
+PIPELINE = pipeline_file(8, """\
   filters: {drop_truncated: false}
 stages:
   - name: answers
@@ -38,28 +28,23 @@ stages:
     kind: reward
     reward: {weights: {helpfulness: 0.3, correctness: 0.74, coherence: 0.46, complexity: 0.47, verbosity: -0.33},
              keep_if: {helpfulness: MIN}, batch_size: 3}
-"""
+""")
 
 
 def test_a_reward_stage_scores_every_row_once_and_a_new_threshold_needs_no_server(prefect_server, workdir, reward_server):
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(5)))
-    env = {**os.environ, **local_env(workdir), **prefect_server.client_env(), "PREFECT_HOME": str(workdir / "prefect")}
-    flags = ["--pipeline", "pipeline.yaml", "--run-id", "p1", "--output-uri", str(workdir / "out")]
-    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("URL", reward_server.url).replace("MIN", "2.0"))
-    done = run_cli(workdir, env, *flags)
+    pipe = RewardPipeline(prefect_server, workdir, reward_server, topics=5)
+    done = pipe.run(PIPELINE.replace("MIN", "2.0"), "p1")
     assert done.returncode == 0, done.stderr[-4000:]
     run_dir = workdir / "out" / "p1"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     answers = jsonl(run_dir / "stages" / "answers" / "rows.jsonl")
     assert len(answers) == 10
-    sent = [format_conversation([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}], "")
-            for r in answers]
-    assert Counter(t for t in reward_server.scored() if t != PROBE_TEXT) == Counter(sent)  # each row once
+    sent_ = [sent(r) for r in answers]
+    assert Counter(t for t in reward_server.scored() if t != PROBE_TEXT) == Counter(sent_)  # each row once
     rm = manifest["stages"][1]
     assert rm["kind"] == "reward" and rm["reward"]["parts_scored"] >= 1 and rm["reward"]["server_restarts"] == 0
     kept = [r for p in sorted((run_dir / "stages" / "rm").glob("kept-*.jsonl")) for r in jsonl(p)]
-    expect = {r["id"]: dict(zip(HELPSTEER2, rewards_of(t)[4:9])) for r, t in zip(answers, sent)}
+    expect = {r["id"]: dict(zip(HELPSTEER2, rewards_of(t)[4:9])) for r, t in zip(answers, sent_)}
     assert {r["id"] for r in kept} == {i for i, e in expect.items() if e["helpfulness"] >= 2.0}
     for row in kept:
         assert row["reward"]["helpfulness"] == pytest.approx(expect[row["id"]]["helpfulness"], abs=1e-5)
@@ -75,8 +60,7 @@ def test_a_reward_stage_scores_every_row_once_and_a_new_threshold_needs_no_serve
 
     # A stricter threshold: the reward server is gone, the stage re-filters from its checkpointed replies.
     reward_server.stop()
-    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("URL", reward_server.url).replace("MIN", "3.0"))
-    again = run_cli(workdir, env, *flags)  # the same run: answers are all published, nothing generated
+    again = pipe.run(PIPELINE.replace("MIN", "3.0"), "p1")  # the same run: answers are all published, nothing generated
     assert again.returncode == 0, again.stderr[-4000:]
     rm2 = json.loads((run_dir / "manifest.json").read_text())["stages"][1]
     assert rm2["reward"]["parts_scored"] == 0 and rm2["kept"] == sum(1 for e in expect.values() if e["helpfulness"] >= 3.0)

@@ -375,6 +375,33 @@ def test_preflight_denied_write(s3_settings, s3_bucket, s3_client):
         store.publish_file("part-00000.jsonl", path, sha)
 
 
+def test_denied_deletes_name_the_delete_permission(s3_settings, s3_bucket, s3_client):
+    """A delete refused by policy names s3:DeleteObject, the conditional one (the lease's) too: it
+    used to share the write's message, which sent the user to grant s3:PutObject."""
+    store = open_output_store(f"s3://{s3_bucket}/out", "run-1", s3_settings.s3, s3_settings.work_path("staging"))
+    version = store.create_exclusive("lease.json", b"{}")
+    deny(s3_client, s3_bucket, "s3:DeleteObject")
+    for delete in (lambda: store.delete("lease.json"), lambda: store.delete_if_version("lease.json", version)):
+        with pytest.raises(ConfigError) as err:
+            delete()
+        text = str(err.value)
+        assert f"Access denied deleting s3://{s3_bucket}/out/run-1/lease.json" in text, text
+        assert "s3:DeleteObject" in text and "s3:PutObject" not in text, text
+
+
+def test_an_unreachable_endpoint_is_one_storage_error_naming_it(s3_settings):
+    """Every call's transport failure says what it was doing, on which object, and the endpoint."""
+    settings = variant(s3_settings, endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout_s=1)
+    store = open_output_store("s3://some-bucket/out", "run-1", settings.s3, settings.work_path("staging"))
+    for call, doing in [(store.list_names, "Listing s3://some-bucket/out/run-1/"),
+                        (lambda: store.read_bytes("a.json"), "Reading s3://some-bucket/out/run-1/a.json"),
+                        (lambda: store.create_exclusive("lease.json", b"{}"), "Writing s3://some-bucket/out/run-1/lease.json")]:
+        with pytest.raises(StorageError) as err:
+            call()
+        text = str(err.value)
+        assert text.startswith(doing + " failed: ") and "Check the endpoint at http://127.0.0.1:9" in text, text
+
+
 def test_list_names_sees_only_this_run(s3_settings, s3_bucket, s3_client):
     for key in ["out/run-1/a.json", "out/run-1/nested/b.json", "out/run-10/c.json", "out/run-1.json", "out/run-1/.hidden"]:
         s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"{}")

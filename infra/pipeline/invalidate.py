@@ -154,9 +154,9 @@ def superseded_store(output_uri: str, run_id: str, name: str, settings) -> Outpu
 
 
 def move_aside(output_uri: str, run_id: str, stage: str, generation: str, settings, fence=None) -> str | None:
-    """Every object of the stage's run directory copied under `superseded/`, then deleted (through the
-    stores: local or S3 alike; run.json last, so a kill midway leaves a directory a rerun moves again,
-    never one that resumes). Idempotent: a rerun after a kill copies and deletes what is left. The
+    """Every object of the stage's run directory moved under `superseded/` (through the stores: local
+    or S3 alike, never read whole; run.json last, so a kill midway leaves a directory a rerun moves
+    again, never one that resumes). Idempotent: a rerun after a kill moves what is left. The
     superseded directory's name, or None when the stage had nothing to move."""
     name = superseded_name(stage, generation)
     source = open_output_store(stages_uri(output_uri, run_id), stage, settings.s3, settings.work_path("staging"))
@@ -171,13 +171,11 @@ def move_aside(output_uri: str, run_id: str, stage: str, generation: str, settin
 
 
 def move_objects(source: OutputStore, target: OutputStore) -> list[str]:
-    """Every object of `source` copied to `target`, then deleted; run.json last, so a kill midway
-    leaves a directory with no config (never one that resumes as if whole). The names moved."""
+    """Every object of `source` moved to `target` (`OutputStore.move_in`: a rename locally, a copy by
+    S3 itself there; never read whole here, a large `rows.jsonl` costs no memory); run.json last, so
+    a kill midway leaves `target` with no config (never one that resumes as if whole) and `source`
+    with it (moved again by a rerun). The names moved."""
     names = sorted(source.list_names(), key=lambda n: n == RUN_CONFIG)
     for n in names:
-        data = source.read_bytes(n)
-        if data is not None:
-            target.write_bytes(n, data)
-    for n in names:
-        source.delete(n)
+        target.move_in(source, n)
     return names

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from infra.storage.input_pin import InputPin
-from infra.storage.local import LocalInput, LocalOutputStore, check_local_input
+from infra.storage.local import LocalOutputStore
+from infra.storage.local_input import LocalInput, check_local_input
 from infra.storage.s3_settings import S3Settings
 from infra.storage.uris import is_s3, local_path, validate_key_component
 
@@ -37,6 +38,9 @@ class OutputStore(Protocol):
     def uri(self, name: str) -> str: ...
     def staging_dir(self) -> Path: ...
     def abort_incomplete_uploads(self) -> list[str]: ...
+    def move_in(self, source: "OutputStore", name: str) -> bool:
+        """`source`'s object `name` (a store of the same kind) moved here under the same name, never
+        read whole by this process; False when the source has none."""
 
     # Conditional writes, for infra/run/lease.py: the store compares a version and writes in one
     # step. A version is opaque to the caller (the content's sha256 locally, the ETag on S3).

@@ -1,4 +1,4 @@
-"""A run's output in a local directory (`LocalOutputStore`) and a local input file (`LocalInput`).
+"""A run's output in a local directory (`LocalOutputStore`); a local input file is `infra.storage.local_input`.
 
 Every write is atomic: a temp file in the run directory, synced, then renamed (or linked) into
 place; every access goes through the run directory's descriptor, opened once (see
@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import os
+import shutil
 import stat
 import threading
 import uuid
@@ -19,10 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from infra.errors import ConfigError, InputChanged, LocationChanged, StorageError
-from infra.storage.input_pin import InputPin
+from infra.errors import ConfigError, LocationChanged, StorageError
 from infra.system.locks import flock_within
-from infra.storage.uris import local_path, validate_key_component
+from infra.storage.uris import validate_key_component
 from infra.run.layout import MANIFEST, RUN_CONFIG, TEMP_SUFFIX, temp_prefix
 
 # A local output that fails with these is the user's to fix (a path, permissions, a read-only or full
@@ -164,16 +163,20 @@ class LocalOutputStore:
         if _identity(path.parent) == self._pinned.ident:
             os.replace(path.name, target, src_dir_fd=d, dst_dir_fd=d)  # same directory: the rename is the atomic step
         else:
-            self.write_bytes(name, path.read_bytes())
+            with open(path, "rb") as f:
+                self._publish(target, self._temp_copy(target, f))
 
-    def _temp_copy(self, name: str, data: bytes) -> str:
-        """`data` in a synced temp file next to `name` (its name in the run directory), ready to
-        be renamed or linked into place."""
+    def _temp_copy(self, name: str, data: bytes | BinaryIO) -> str:
+        """`data` (bytes, or a file streamed in 1 MiB reads, never whole) in a synced temp file next
+        to `name` (its name in the run directory), ready to be renamed or linked into place."""
         d = self._dir()
         tmp, fd = _new_temp(d, temp_prefix(name), TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if isinstance(data, bytes):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, 1 << 20)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
@@ -182,8 +185,11 @@ class LocalOutputStore:
         return tmp
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        target = validate_key_component(name, "object name")
-        tmp = self._temp_copy(name, data)
+        target = validate_key_component(name, "object name")  # before a temp file is named after it
+        self._publish(target, self._temp_copy(target, data))
+
+    def _publish(self, target: str, tmp: str) -> None:
+        """The temp file `tmp` renamed into place as `target` (a checked name)."""
         d = self._pinned.fd
         try:
             self._check()  # again: the temp file took a while, and the rename is what publishes
@@ -192,7 +198,33 @@ class LocalOutputStore:
             _unlink(tmp, d)
             raise
 
-    def _open_read(self, name: str) -> BinaryIO | None:
+    def move_in(self, source: "LocalOutputStore", name: str) -> bool:
+        """`source`'s object `name` moved here, never read whole: renamed (one file system), else
+        streamed into a temp file renamed into place, then removed there. False when the source
+        has none. `source`: another run directory (a FencedStore around one too)."""
+        target, src = validate_key_component(name, "object name"), source.dir_fd()
+        if src is None:
+            return False
+        try:
+            os.rename(target, target, src_dir_fd=src, dst_dir_fd=self._dir())
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        with source.open_read(name) or contextlib.nullcontext() as f:
+            if f is None:
+                return False
+            self._publish(target, self._temp_copy(target, f))
+        source.delete(name)
+        return True
+
+    def dir_fd(self) -> int | None:
+        """The held run directory's descriptor, checked; None when it does not exist."""
+        return self._dir(create=False)
+
+    def open_read(self, name: str) -> BinaryIO | None:
         """`name` in the held run directory, opened to read (never through a symlink); None when absent."""
         name = validate_key_component(name, "object name")
         d = self._dir(create=False)
@@ -210,7 +242,7 @@ class LocalOutputStore:
         return os.fdopen(fd, "rb")
 
     def read_bytes(self, name: str) -> bytes | None:
-        f = self._open_read(name)
+        f = self.open_read(name)
         if f is None:
             return None
         with f:
@@ -233,7 +265,7 @@ class LocalOutputStore:
     def sha256(self, name: str) -> str | None:
         """The object's sha256 as it is now (hashed), or None when it does not exist. Through the
         held directory, never a symlink, like every other access."""
-        f = self._open_read(name)
+        f = self.open_read(name)
         if f is None:
             return None
         h = hashlib.sha256()
@@ -371,47 +403,3 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def check_local_input(input_uri: str) -> None:
-    """Fail before any allocation when the local input cannot be read."""
-    path = local_path(input_uri)
-    if path.is_dir():  # was "not found": the trial pointed a second run at a first run's folder
-        raise ConfigError(f"Input {input_uri!r} is a directory ({path.resolve()}); input_uri takes one JSONL or .txt "
-                          "file: for a run's output, give one of its kept-*/part-*.jsonl files or concatenate them.")
-    if not path.is_file():
-        raise ConfigError(f"Input {input_uri!r} not found ({path.resolve()} is not a file). Check input_uri.")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"Input {path} is not readable. Fix its permissions.")
-
-
-class LocalInput(io.RawIOBase):
-    """A local input file as a raw stream, checked against its pin after every read: a rewrite
-    in place or an append is seen before any byte read after it is used."""
-
-    def __init__(self, uri: str, pin: InputPin | None):
-        super().__init__()
-        self._file = open(local_path(uri), "rb", buffering=0)
-        self._uri = uri
-        self.pin = InputPin.of_file(uri, os.fstat(self._file.fileno()))
-        self._expected = pin or self.pin
-        try:
-            self.verify()
-        except InputChanged:
-            self._file.close()
-            raise
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self._file.readinto(buffer)
-        self.verify()
-        return n
-
-    def verify(self) -> None:
-        self._expected.check(InputPin.of_file(self._uri, os.fstat(self._file.fileno())))
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()

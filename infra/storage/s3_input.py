@@ -13,13 +13,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, NoCredentialsError
+from botocore.exceptions import ClientError, IncompleteReadError
 
 from infra.errors import ConfigError, StorageError
 from infra.storage.input_pin import InputPin, input_changed
-from infra.storage.s3_client import (BAD_CREDENTIALS, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS, at_endpoint,
-                                     bucket_exists, credentials_error, error_code, error_text, make_s3_client,
-                                     no_credentials)
+from infra.storage.s3_client import make_s3_client
+from infra.storage.s3_errors import STREAM_ERRORS, S3Place, error_code, error_text, s3_call
 from infra.storage.s3_settings import S3Settings
 from infra.storage.uris import parse_s3_uri
 
@@ -44,14 +43,7 @@ def _reading(uri: str, s3: S3Settings, client: Any, call: Callable[[Any, str, st
     """`call(client, bucket, key)`, its errors turned into what to fix."""
     bucket, key = _input_location(uri)
     client = client or make_s3_client(s3)
-    try:
-        return call(client, bucket, key)
-    except ClientError as exc:
-        raise _input_error(client, exc, bucket, key, s3) from exc
-    except NoCredentialsError as exc:
-        raise no_credentials(f"reading s3://{bucket}/{key}") from exc
-    except BotoCoreError as exc:
-        raise StorageError(f"Cannot reach S3{at_endpoint(s3)} to read s3://{bucket}/{key}: {error_text(exc)}. Check the endpoint and network.") from exc
+    return s3_call(lambda: call(client, bucket, key), S3Place("input", "reading", bucket, key), s3, client)
 
 
 def _input_location(uri: str) -> tuple[str, str]:
@@ -61,23 +53,6 @@ def _input_location(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _input_error(client: Any, exc: ClientError, bucket: str, key: str, s3: S3Settings) -> Exception:
-    code, where = error_code(exc), f"s3://{bucket}/{key}"
-    if code in NO_BUCKET or (code in NOT_FOUND and not bucket_exists(client, bucket)):
-        return ConfigError(f"Input bucket {bucket!r} does not exist{at_endpoint(s3)} (reading {where}). Check the bucket name in input_uri, and the endpoint/region.")
-    if code in NOT_FOUND:
-        return ConfigError(f"Input object {where} not found: bucket {bucket!r} exists but has no key {key!r}. Check the key in input_uri.")
-    if code in DENIED:
-        return ConfigError(
-            f"Access denied reading input {where} (bucket {bucket!r}, key {key!r}): the credentials in use lack "
-            "s3:GetObject on it (or the key does not exist and they lack s3:ListBucket, for which S3 also answers 403). "
-            "Grant read access in the bucket or IAM policy, or use other credentials."
-        )
-    if code in BAD_CREDENTIALS:
-        return credentials_error(exc, f"reading {where}")
-    return StorageError(f"Reading input {where} failed: {error_text(exc)}.")
-
-
 class S3ObjectReader(io.RawIOBase):
     """The object's body as a raw stream. A connection that breaks mid-body is reopened with a
     ranged GET from the current offset. Every GET is pinned: to `pin` when one is given (the
@@ -85,9 +60,10 @@ class S3ObjectReader(io.RawIOBase):
     pinned version is read even after an overwrite), else by IfMatch on the ETag (a changed
     object is refused: InputChanged)."""
 
-    def __init__(self, client: Any, bucket: str, key: str, attempts: int, pin: InputPin | None = None):
+    def __init__(self, client: Any, bucket: str, key: str, s3: S3Settings, pin: InputPin | None = None):
         super().__init__()
-        self._client, self._bucket, self._key, self._attempts = client, bucket, key, attempts
+        self._client, self._bucket, self._key, self._s3 = client, bucket, key, s3
+        self._attempts = s3.max_attempts
         self._pos = 0
         self.pin = pin
         self._body: Any = None
@@ -150,12 +126,8 @@ class S3ObjectReader(io.RawIOBase):
     def _reopen(self) -> None:
         self._close_body()
         self.reopened += 1
-        try:
-            self._open()
-        except ClientError as exc:
-            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {error_text(exc)}.") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"Reopening s3://{self._bucket}/{self._key} at byte {self._pos} failed: {error_text(exc)}. Check the network to the S3 endpoint.") from exc
+        place = S3Place("input", "reading", self._bucket, self._key, f"reopening it at byte {self._pos}")
+        s3_call(self._open, place, self._s3, self._client)
 
     def _close_body(self) -> None:
         if self._body is not None:
@@ -173,4 +145,4 @@ class S3ObjectReader(io.RawIOBase):
 def open_s3_raw(uri: str, s3: S3Settings, client: Any = None, pin: InputPin | None = None) -> S3ObjectReader:
     """The object as a raw stream, pinned (see `S3ObjectReader`); errors say what to fix.
     `infra.storage.open_input` buffers it, adds the pin and gzip decoding."""
-    return _reading(uri, s3, client, lambda c, bucket, key: S3ObjectReader(c, bucket, key, s3.max_attempts, pin))
+    return _reading(uri, s3, client, lambda c, bucket, key: S3ObjectReader(c, bucket, key, s3, pin))

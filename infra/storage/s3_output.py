@@ -7,7 +7,7 @@ or of each part for a multipart upload), stored as object metadata `sha256`, and
 more against what a HEAD reports after the upload. A lost reply is harmless: the HEAD finds
 the object, and a repeated upload of the same bytes to the same key is the same object.
 
-Errors are told apart as in `infra.storage.s3_client`: what the user must fix raises
+Errors are told apart by `infra.storage.s3_errors`: what the user must fix raises
 `ConfigError`, what may pass `StorageError`.
 """
 
@@ -25,10 +25,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from s3transfer.utils import ChunksizeAdjuster
 
-from infra.errors import ConfigError, StorageError
-from infra.storage.s3_client import (BAD_CREDENTIALS, CONDITION_LOST, DENIED, NO_BUCKET, NOT_FOUND, STREAM_ERRORS,
-                                     at_endpoint, bucket_exists, credentials_error, error_code, error_text,
-                                     http_status, make_s3_client, no_credentials)
+from infra.errors import StorageError
+from infra.storage.s3_client import make_s3_client
+from infra.storage.s3_errors import (CONDITION_LOST, FINAL, NOT_FOUND, STREAM_ERRORS, S3Place, error_code, error_text,
+                                     s3_call, s3_error)
 from infra.storage.s3_settings import S3Settings
 from infra.storage.uris import parse_s3_uri, prefix_dir_name, validate_bucket, validate_key, validate_key_component
 
@@ -110,32 +110,20 @@ class S3OutputStore:
     def preflight(self) -> None:
         """Prove the bucket exists and takes writes: PUT, then DELETE, a marker object."""
         key = f"{self._run_prefix}.preflight-{uuid.uuid4().hex}"
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=b"")
-        except ClientError as exc:
-            raise self._write_error(exc, key, "checking the output location") from exc
-        except NoCredentialsError as exc:
-            raise no_credentials(f"writing s3://{self.bucket}/{key}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"Cannot reach S3{at_endpoint(self._s3)} to write s3://{self.bucket}/{key}: {error_text(exc)}. Check the endpoint and network.") from exc
+        self._call(lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=b""),
+                   self._place("writing", key, "checking the output location"))
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             # Writes work, which is what the run needs; the marker is hidden from listings.
             log.warning("could not delete preflight marker s3://%s/%s (%s)", self.bucket, key, error_text(exc))
 
-    def _write_error(self, exc: ClientError, key: str, what: str) -> Exception:
-        code, where = error_code(exc), f"s3://{self.bucket}/{key}"
-        if code in NO_BUCKET or (code in NOT_FOUND and not bucket_exists(self._client, self.bucket)):
-            return ConfigError(f"Output bucket {self.bucket!r} does not exist{at_endpoint(self._s3)} (while {what}, key {key!r}). Create it, or fix the bucket in output_uri.")
-        if code in DENIED:
-            return ConfigError(
-                f"Access denied writing {where} (bucket {self.bucket!r}, key {key!r}) while {what}: the credentials in use lack "
-                "s3:PutObject there, or a bucket policy denies it. Grant write access to the output prefix, or pick another output_uri."
-            )
-        if code in BAD_CREDENTIALS:
-            return credentials_error(exc, f"writing {where}")
-        return StorageError(f"Writing {where} failed while {what}: {error_text(exc)}.")
+    def _place(self, action: str, key: str, during: str = "") -> S3Place:
+        return S3Place("output", action, self.bucket, key, during)
+
+    def _call(self, call, place: S3Place, **absent):
+        """`call()`, S3's errors as the product's (`infra.storage.s3_errors.s3_call`)."""
+        return s3_call(call, place, self._s3, self._client, **absent)
 
     # -- writes
 
@@ -155,18 +143,11 @@ class S3OutputStore:
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
                 self._client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
-            except ClientError as exc:
-                if error_code(exc) in NO_BUCKET | DENIED | BAD_CREDENTIALS:
-                    raise self._write_error(exc, key, f"publishing {name}") from exc
-                last = exc
-            except NoCredentialsError as exc:
-                raise no_credentials(f"writing s3://{self.bucket}/{key}") from exc
-            except S3UploadFailedError as exc:  # boto3 wraps the ClientError of a failed upload
-                cause = exc.__cause__ or exc.__context__
-                if isinstance(cause, ClientError) and error_code(cause) in NO_BUCKET | DENIED | BAD_CREDENTIALS:
-                    raise self._write_error(cause, key, f"publishing {name}") from exc
-                last = exc
-            except (BotoCoreError, *STREAM_ERRORS) as exc:
+            except (ClientError, S3UploadFailedError, BotoCoreError, *STREAM_ERRORS) as exc:
+                # boto3 wraps the ClientError of a failed upload in S3UploadFailedError.
+                cause = exc if isinstance(exc, BotoCoreError | ClientError) else exc.__cause__ or exc.__context__
+                if isinstance(cause, NoCredentialsError) or (isinstance(cause, ClientError) and error_code(cause) in FINAL):
+                    raise s3_error(cause, self._place("writing", key, f"publishing {name}"), self._s3, self._client) from exc
                 last = exc
             # Even after an error the object may have landed (the reply was lost): look.
             seen = self._landed(key, size, sha256, checksum)
@@ -235,15 +216,26 @@ class S3OutputStore:
         """One PUT: the object appears whole or not at all."""
         key = self.key(name)
         sha256 = hashlib.sha256(data).hexdigest()
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata={"sha256": sha256},
-                                    ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha256))
-        except ClientError as exc:
-            raise self._write_error(exc, key, f"writing {name}") from exc
-        except NoCredentialsError as exc:
-            raise no_credentials(f"writing s3://{self.bucket}/{key}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"Writing s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
+        self._call(lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata={"sha256": sha256},
+                                                   ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(sha256)),
+                   self._place("writing", key))
+
+    def move_in(self, source: "S3OutputStore", name: str) -> bool:
+        """`source`'s object `name` (on this endpoint) copied here by S3 itself, never through this
+        process: one CopyObject, or from the multipart threshold up a multipart copy (UploadPartCopy)
+        in parts of that size; its metadata (the sha256) kept, its SHA-256 checksum computed again.
+        Then deleted there. False when the source has none."""
+        key, (bucket, src_key) = self.key(name), parse_s3_uri(source.uri(name))
+
+        def copy() -> bool:
+            self._client.copy({"Bucket": bucket, "Key": src_key}, self.bucket, key,
+                              ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=self._transfer)
+            return True
+
+        if not self._call(copy, self._place("writing", key, f"moving s3://{bucket}/{src_key} here"), absent=NOT_FOUND):
+            return False
+        source.delete(name)
+        return True
 
     # -- reads
 
@@ -254,20 +246,15 @@ class S3OutputStore:
 
     def list_names(self) -> list[str]:
         """Names of the objects directly under the run's prefix, sorted."""
-        names: list[str] = []
-        try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._run_prefix, Delimiter="/",
-                PaginationConfig={"PageSize": self.LIST_PAGE_SIZE})
-            for page in pages:
-                names.extend(obj["Key"][len(self._run_prefix):] for obj in page.get("Contents", []))
-        except ClientError as exc:
-            raise self._read_error(exc, self._run_prefix) from exc
-        except NoCredentialsError as exc:
-            raise no_credentials(f"listing {self.location}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"Listing {self.location} failed: {error_text(exc)}. Check the endpoint and network.") from exc
-        return sorted(n for n in names if n and not n.startswith("."))
+        def names() -> list[str]:
+            found: list[str] = []
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self._run_prefix, Delimiter="/",
+                    PaginationConfig={"PageSize": self.LIST_PAGE_SIZE}):
+                found.extend(obj["Key"][len(self._run_prefix):] for obj in page.get("Contents", []))
+            return found
+
+        return sorted(n for n in self._call(names, self._place("listing", self._run_prefix)) or [] if n and not n.startswith("."))
 
     def sha256(self, name: str) -> str | None:
         """The object's sha256 from one HEAD, or None when it does not exist. Every object this store
@@ -279,56 +266,27 @@ class S3OutputStore:
 
     def _read(self, key: str, call):
         """`call()`, a read of the object at `key`: None when it does not exist, S3's errors as ours."""
-        try:
-            return call()
-        except ClientError as exc:
-            if error_code(exc) in NOT_FOUND:
-                return None
-            raise self._read_error(exc, key) from exc
-        except NoCredentialsError as exc:
-            raise no_credentials(f"reading s3://{self.bucket}/{key}") from exc
-        except (BotoCoreError, *STREAM_ERRORS) as exc:
-            raise StorageError(f"Reading s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
+        return self._call(call, self._place("reading", key), absent=NOT_FOUND)
 
     def delete(self, name: str) -> None:
         """Remove the object; S3 answers a missing one as removed."""
         key = self.key(name)
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if error_code(exc) in DENIED:
-                raise ConfigError(
-                    f"Access denied deleting s3://{self.bucket}/{key}: the credentials in use lack s3:DeleteObject there, "
-                    "which a rerun needs to remove a state before it rewrites what the state describes. Grant it on the "
-                    "output prefix.") from exc
-            if error_code(exc) not in NOT_FOUND:
-                raise self._write_error(exc, key, f"deleting {name}") from exc
-        except NoCredentialsError as exc:
-            raise no_credentials(f"deleting s3://{self.bucket}/{key}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"Deleting s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
+        self._call(lambda: self._client.delete_object(Bucket=self.bucket, Key=key), self._place("deleting", key),
+                   absent=NOT_FOUND)
 
     # -- conditional writes, for infra/run/lease.py: the version is the ETag; S3 compares and writes
     # in one step (PUT If-None-Match: *, PUT/DELETE If-Match: <etag>).
 
-    def _conditional(self, call, name: str, what: str, **kwargs) -> dict | None:
+    def _conditional(self, call, name: str, action: str, **kwargs) -> dict | None:
         """`call(Bucket, Key, **kwargs)`; None when S3 says the condition did not hold (412), a
         concurrent conditional write won (409) or the object is gone (404)."""
         key = self.key(name)
-        try:
-            return call(Bucket=self.bucket, Key=key, **kwargs)
-        except ClientError as exc:
-            if error_code(exc) in CONDITION_LOST or http_status(exc) in (409, 412) or error_code(exc) in NOT_FOUND:
-                return None
-            raise self._write_error(exc, key, what) from exc
-        except NoCredentialsError as exc:
-            raise no_credentials(f"{what} s3://{self.bucket}/{key}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"{what} s3://{self.bucket}/{key} failed: {error_text(exc)}. Check the endpoint and network.") from exc
+        return self._call(lambda: call(Bucket=self.bucket, Key=key, **kwargs), self._place(action, key),
+                          absent=CONDITION_LOST | NOT_FOUND, absent_status=(409, 412))
 
     def create_exclusive(self, name: str, data: bytes) -> str | None:
         """PUT only if no object has the key; returns its ETag, or None when one exists."""
-        reply = self._conditional(self._client.put_object, name, f"creating {name}", Body=data, IfNoneMatch="*")
+        reply = self._conditional(self._client.put_object, name, "writing", Body=data, IfNoneMatch="*")
         return reply["ETag"] if reply else None
 
     def read_versioned(self, name: str) -> tuple[bytes, str] | None:
@@ -342,21 +300,8 @@ class S3OutputStore:
         return self._read(key, get)
 
     def replace_if_version(self, name: str, data: bytes, version: str) -> str | None:
-        reply = self._conditional(self._client.put_object, name, f"replacing {name}", Body=data, IfMatch=version)
+        reply = self._conditional(self._client.put_object, name, "writing", Body=data, IfMatch=version)
         return reply["ETag"] if reply else None
 
     def delete_if_version(self, name: str, version: str) -> bool:
-        return self._conditional(self._client.delete_object, name, f"deleting {name}", IfMatch=version) is not None
-
-    def _read_error(self, exc: ClientError, key: str) -> Exception:
-        code, where = error_code(exc), f"s3://{self.bucket}/{key}"
-        if code in NO_BUCKET:
-            return ConfigError(f"Output bucket {self.bucket!r} does not exist{at_endpoint(self._s3)} (reading {where}). Create it, or fix the bucket in output_uri.")
-        if code in DENIED:
-            return ConfigError(
-                f"Access denied reading {where} (bucket {self.bucket!r}): resuming a run needs s3:GetObject and "
-                "s3:ListBucket on the output prefix. Grant them, or pick another output_uri."
-            )
-        if code in BAD_CREDENTIALS:
-            return credentials_error(exc, f"reading {where}")
-        return StorageError(f"Reading {where} failed: {error_text(exc)}.")
+        return self._conditional(self._client.delete_object, name, "deleting", IfMatch=version) is not None
