@@ -98,12 +98,20 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
         return connect()
 
     restarts = srv.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
-    last = [s.name for s in the.ordered() if s.kind == "reward" and the.reward_server(s)[0] == name][-1] == stage.name
+    # The job is kept past this stage for a later reward stage of its server, or given back to the
+    # generator when a generating stage reads a reward stage (flows/pipeline.py, level by level).
+    later = any(s.kind == "generate" and the.level(s) > the.level(stage) for s in the.stages)
+    last = not later and [s.name for s in run_order(the) if s.kind == "reward"
+                          and the.reward_server(s)[0] == name][-1] == stage.name
+    if swapped is not None:
+        swapped.claim(stage.name)
     try:
         out = score_reward_stage(store, scorer, params.input_uri, settings.s3, stage.name, shard_size=params.shard_size,
                                  filters=stage.filters, connect=connect, replace=replace, restarts_allowed=restarts,
                                  generation_hash=hashes.generation)
     finally:
+        if swapped is not None:
+            swapped.claim(stage.name)  # a job started for it while it scored (a lost server replaced)
         if swapped is not None and last:  # the job is held no longer than its last score
             swapped.release()
     rows = write_stage_rows(store, stage.name, None)
@@ -115,4 +123,11 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
                        manifest=out["manifest"],
                        reward={"server": name, "engine": server.engine, "model": model,
                                **{k: out[k] for k in ("parts_scored", "parts_reused", "server_restarts", "scoring_s")},
-                               **({"allocation": swapped.report()} if swapped is not None else {})})
+                               **({"allocation": swapped.report(stage.name)} if swapped is not None else {})})
+
+
+def run_order(the: Pipeline) -> list[Stage]:
+    """The order the pipeline runs its stages in: level by level (the reward stages a stage reads
+    through: Pipeline.level), parents first within a level; pairs stages last (none reads them, and
+    a pair check keeps the last pool's server)."""
+    return sorted(the.ordered(), key=lambda s: (s.kind == "pairs", the.level(s)))
