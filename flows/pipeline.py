@@ -180,7 +180,7 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
 
 
 def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None, held=None,
-          adopt=None) -> Pool:
+          adopt=None, ended=None) -> Pool:
     """One pool for every stage of a level, sized and launched as the first stage's run would be; with
     a swap, each job carries the reward server's step and the last one released is kept for it; with
     `held`, the last one released is kept for the pair checks; `adopt`, a job a reward server gave
@@ -188,6 +188,12 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
     first = stages[0].run
     prof = first.prof
     adopted = [adopt] if adopt is not None else []
+    keep = swap.keep if swap else held.keep if held else release
+
+    def give_back(backend):
+        keep(backend)
+        if backend is adopt and swap is None and ended is not None:
+            ended(backend)  # the adopted job's record (its reward server's nodes) ends with it
 
     def start(backend):
         if backend is not adopt:
@@ -202,7 +208,7 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
 
     return Pool(
         make_backend=new_backend,
-        start=start, submit=stream.submit, release=swap.keep if swap else held.keep if held else release, shards=stream.feed(),
+        start=start, submit=stream.submit, release=give_back, shards=stream.feed(),
         replicas=replica_count(settings, prof, first.params.replicas),
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),
@@ -230,7 +236,7 @@ def generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, ou
                      ", ".join(s.name for s in stages))
             return stages, None
         adopt = keeper.hand_back(settings.server.ready_timeout_s) if keeper is not None else None
-        pool = serve(stream, stages, settings, flow_run, run_id, swap, held, adopt)
+        pool = serve(stream, stages, settings, flow_run, run_id, swap, held, adopt, keeper.ended if keeper else None)
         levels[-1] = (stages, pool)
         if held is not None:
             held.watch(pool)

@@ -243,6 +243,12 @@ class SwapKeeper:
                  job.job_id, stopped, step_name("generator"), generator_ready_s)
         return job
 
+    def ended(self, backend) -> None:
+        """A job given back to generation, released by that pool (no reward stage after it): its record
+        ends there (a resident reward server's nodes were held until then; a swapped one's ended at the hand-back)."""
+        if self.swaps and self.swaps[-1]["job_id"] == backend.job_id:
+            self.swaps[-1].setdefault("released_at", time.time())
+
     def claim(self, stage: str) -> None:
         """The jobs the reward server ran in since the last claim are `stage`'s (its manifest entry's
         allocation): a reward stage claims at its start and its end, so none is counted twice."""
