@@ -335,9 +335,11 @@ def swap_step(settings, servers: dict, generator: str, run_id: str) -> RewardSte
     return step
 
 
-def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run") -> list[tuple[str, str]]:
+def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run",
+                 later: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """The scripts of a pipeline's job (`nemotron-sdg render --pipeline`): its generation server's,
-    with the reward server's step when one is swapped in. Nothing is written or submitted."""
+    with the reward server's step when one is swapped in (and, for the generating stages `later`
+    that read a reward stage, the way back said in it). Nothing is written or submitted."""
     from infra.slurm.render import render_node_launcher, render_sbatch
 
     step = swap_step(settings, servers, generator, run_id)
@@ -348,5 +350,12 @@ def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run
         spec = SbatchSpec.from_settings(settings, prof, job_name=job_name_for(None, run_id),
                                         comment=job_comment(run_id, None),
                                         job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
-    files = [("sbatch.sh", render_sbatch(spec)), ("node-launcher.sh", render_node_launcher(spec))]
+    sbatch = render_sbatch(spec)
+    if later and spec.reward is not None:
+        back = "the generator's step stays, used" if spec.resident else "then the generator's step again (request 2),"
+        note = (f"# Going back: after the reward stage(s), {back} in THIS job for stage(s) {', '.join(later)}; "
+                "the job is released after the last of them.\n")
+        at = max(sbatch.find("# Steps: "), sbatch.find("# Resident: "))
+        sbatch = sbatch[:at] + note + sbatch[at:] if at >= 0 else sbatch + note
+    files = [("sbatch.sh", sbatch), ("node-launcher.sh", render_node_launcher(spec))]
     return files + ([("reward-launcher.sh", render_node_launcher(spec.reward))] if spec.reward is not None else [])
