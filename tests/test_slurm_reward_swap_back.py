@@ -22,6 +22,7 @@ from tests.fixtures_reward import REPO, _libdir
 from tests.fixtures_slurm import slurm_test_env
 from tests.ports import free_port
 from tests.test_slurm_flow import our_jobs
+from tests.test_slurm_pipeline import job_record
 from tests.test_slurm_reward_swap import nothing_left
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
@@ -126,3 +127,55 @@ def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_clu
 
     # Released after the last follow-up: no job, no step, no stand-in process, nothing on the reward port.
     nothing_left(client, job_id, scored_log, rm_port, run_id="back")
+
+
+def test_a_generator_step_lost_after_the_way_back_is_replaced_by_a_new_job(slurm_cluster, prefect_harness,
+                                                                           pytriton_env, workdir, monkeypatch):
+    """The second generator step killed (`scancel JOB.STEP`) once the follow-ups' first shard is
+    published: the batch script ends the job (a step ended with no new request), the pool replaces it
+    with a new job (a second queue wait: what a lost step costs), and every follow-up row is there once."""
+    from flows.pipeline import pipeline
+
+    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
+    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
+               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
+    # Each request answered 0.5 s late, so the follow-ups' shards are still in flight when the step is killed.
+    for name, value in {**slurm_test_env(workdir, free_port(span=4), "--extra-latency", "0.5"),
+                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
+        monkeypatch.setenv(name, value)
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
+                                                  for i in range(4)))
+    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
+    client, killed = SlurmClient(), []
+    first_part = workdir / "out" / "back" / "stages" / "followups" / "part-00000.jsonl"
+
+    def kill_second_generator_step():
+        while not killed:
+            for job in our_jobs("back"):
+                gens = [s for s, name in client.steps(job.job_id) if name == "nsdg-generator"]
+                if first_part.exists() and gens and "step generator asked for" in "".join(
+                        p.read_text() for p in (workdir / "jobs" / "back").glob("*/*.err")):
+                    client.cancel_step(gens[0])
+                    killed.append(gens[0])
+            threading.Event().wait(0.1)
+
+    killer = threading.Thread(target=kill_second_generator_step, daemon=True)
+    killer.start()
+    try:
+        jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out"),
+                                                             shard_size=2))
+    finally:
+        killed.append("stop")
+        killer.join(10)
+    run_dir = workdir / "out" / "back"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    [job1] = json.loads((run_dir / "stages" / "answers" / "manifest.json").read_text())["slurm_job_ids"]
+    follow_jobs = json.loads((run_dir / "stages" / "followups" / "manifest.json").read_text())["slurm_job_ids"]
+    assert killed[0] != "stop" and killed[0].startswith(f"{job1}.")  # the second generator step of the first job
+    assert follow_jobs[0] == job1 and len(follow_jobs) == 2 and jobs == set(follow_jobs), (follow_jobs, jobs)
+    follow = [json.loads(line) for line in (run_dir / "stages" / "followups" / "rows.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (run_dir / "stages" / "rm" / "rows.jsonl").read_text().splitlines()]
+    assert len(follow) == len(kept) == 8 and len({f["prompt"] for f in follow}) == 8
+    assert manifest["stages"][2]["gpu_hours"] > 0
+    assert job_record(job1)["state"].startswith("FAILED") and not client.steps(job1)  # ended with its lost step
+    nothing_left(client, follow_jobs[1], scored_log, rm_port, run_id="back")
