@@ -58,6 +58,7 @@ from infra.recipes.judge import judged_current
 from infra.run.layout import MANIFEST, STAGE_ROWS, stages_uri
 from infra.run.lease import FencedStore, hold_run_lease
 from infra.settings import Settings, load_settings
+from infra.slurm.resident import unused_reward_servers
 from infra.storage import OutputStore, open_input, open_output_store
 from tasks.steps import allocate, for_stage, plan, release, wait_ready
 
@@ -206,10 +207,13 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
         return make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id), replica=launch, url_index=i,
                             reward_step=swap.step if swap else None)
 
+    replicas = replica_count(settings, prof, first.params.replicas)
+    if (warning := unused_reward_servers(swap.step if swap else None, replicas)) is not None:
+        get_run_logger().warning("pipeline run %s: %s", run_id, warning)
     return Pool(
         make_backend=new_backend,
         start=start, submit=stream.submit, release=give_back, shards=stream.feed(),
-        replicas=replica_count(settings, prof, first.params.replicas),
+        replicas=replicas,
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),
         restarts_allowed=first.restarts_allowed, on_result=stream.on_result, report_first=True,

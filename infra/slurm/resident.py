@@ -22,6 +22,16 @@ from infra.slurm.steps import SwapKeeper
 log = logging.getLogger(__name__)
 
 
+def unused_reward_servers(step, replicas: int) -> str | None:
+    """The warning for `--replicas` > 1 with a resident reward server: every replica's job loads one
+    (its nodes asked for at submission), and only the job the pool releases last scores."""
+    if step is None or not step.resident or replicas <= 1:
+        return None
+    return (f"--replicas {replicas} with the resident reward server {step.server!r}: each of the {replicas} jobs holds "
+            f"its {step.nodes} node(s) and loads it, and only the job released last scores; the other {replicas - 1} "
+            "are counted as unused (reward.allocation.jobs). Use --replicas 1 unless generation needs the others")
+
+
 class ResidentKeeper(SwapKeeper):
     """The job both servers are resident in, from the pool's release to the last score."""
 
