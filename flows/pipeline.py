@@ -86,7 +86,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     run_id = run_id or resolve_run_id(flow_run)
     output_uri = output_uri or settings.output_uri
     swap = planned_swap(the, settings, run_id, str(flow_run.id))  # a reward server started in the job: checked now
-    held = held_for_checks(the, settings, swap is not None)  # the pool's server kept for the pair checks (flows/pairs.py)
+    # The pool's server kept for the pair checks (flows/pairs.py); a resident job's generator is still
+    # there after the reward stages, so it is handed to them too (below), not started again.
+    held = held_for_checks(the, settings, swap is not None and not swap.step.resident)
     asked = {s.name: stage_params(the, s.name, pipeline, output_uri=stages_uri(output_uri, run_id), replicas=replicas,
                                   max_server_restarts=max_server_restarts, shard_size=shard_size) for s in the.stages}
     root = open_output_store(output_uri, run_id, settings.s3, settings.work_path("staging"))
@@ -125,7 +127,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
             for stage in (s for s in order if s.kind == "reward" and the.level(s) == level):
                 # scored by its own reward server once its parent is done (flows/reward.py)
                 done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
-                                                hashes[stage.name], swap)
+                                                hashes[stage.name], swap, hold=held is not None)
+        if held is not None and swap is not None and (job := swap.hand_back(settings.server.ready_timeout_s)) is not None:
+            held.keep(job)  # resident: its generator step never stopped
         for stage in (s for s in order if s.kind == "pairs"):
             # from the parent's published rows: no server unless pairs.check asks (flows/pairs.py)
             done[stage.name] = pairs_stage(the, stage, output_uri, run_id, settings, lease, hashes[stage.name],

@@ -61,9 +61,10 @@ def planned_swap(the: Pipeline, settings: Settings, run_id: str, flow_run_id: st
 
 
 def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Settings, lease: RunLease,
-                 hashes: StageHash, swap: SwapKeeper | None = None) -> dict:
+                 hashes: StageHash, swap: SwapKeeper | None = None, hold: bool = False) -> dict:
     """Score the stage's rows, curate them, write its rows for its children; its entry in the
-    pipeline's manifest (the keys a generating stage's has, and `reward`)."""
+    pipeline's manifest (the keys a generating stage's has, and `reward`). With `hold`, a job kept for
+    it is not released after the last score (a resident generator handed to the pair checks)."""
     logger = get_run_logger()
     name, server = the.reward_server(stage)
     swapped = swap if swap is not None and swap.step.server == name else None
@@ -100,7 +101,7 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
     restarts = srv.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
     # The job is kept past this stage for a later reward stage of its server, or given back to the
     # generator when a generating stage reads a reward stage (flows/pipeline.py, level by level).
-    later = any(s.kind == "generate" and the.level(s) > the.level(stage) for s in the.stages)
+    later = hold or any(s.kind == "generate" and the.level(s) > the.level(stage) for s in the.stages)
     last = not later and [s.name for s in run_order(the) if s.kind == "reward"
                           and the.reward_server(s)[0] == name][-1] == stage.name
     if swapped is not None:

@@ -2,7 +2,8 @@
 infra/slurm/resident.py ResidentKeeper.hand_back), on the real local Slurm cluster: the generator's
 step never stopped, so the later stage uses it as it is: one job, one generator step, one reward
 step, nothing swapped (no step request), every row scored and followed up once, the reward server's
-nodes counted until the job's release, and nothing left running."""
+nodes counted until the job's release, the pair check asking that same generator (held, not started
+again), and nothing left running."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ from tests.test_slurm_reward_swap_back import PIPELINE, watched_steps
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 RESIDENT = PIPELINE.replace("rm: {engine: nemo-aligner, swap_with: main, port: RM_PORT}",
-                            "rm: {engine: nemo-aligner, resident: true, profile: test1x8, port: RM_PORT}")
+                            "rm: {engine: nemo-aligner, resident: true, profile: test1x8, port: RM_PORT}") + """\
+  - name: pairs
+    kind: pairs
+    from: rm
+    pairs: {score: sample, min_margin: 1, check: {seed: 5}}
+"""
 
 
 def test_a_stage_after_the_reward_stage_uses_the_resident_generator_in_the_same_job(slurm_cluster, prefect_harness,
@@ -42,7 +48,7 @@ def test_a_stage_after_the_reward_stage_uses_the_resident_generator_in_the_same_
     jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
     run_dir = workdir / "out" / "back"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    answers, rm, followups = manifest["stages"]
+    answers, rm, followups, pairs = manifest["stages"]
 
     # One job for the three stages; its generator step served both generating stages (never restarted).
     [job_id] = json.loads((run_dir / "stages" / "answers" / "manifest.json").read_text())["slurm_job_ids"]
@@ -64,4 +70,6 @@ def test_a_stage_after_the_reward_stage_uses_the_resident_generator_in_the_same_
     assert alloc["reward_gpu_hours"] > 0 and alloc["generator_kept_gpu_hours"] > 0
     assert answers["gpu_hours"] > 0 and followups["gpu_hours"] > 0
     assert {r["level"] for r in manifest["allocation"]["replicas"]} == {0, 1}
+    # The pair check asked the same job's generator, kept for it (not started again in a new job).
+    assert pairs["check"]["server"] == "held" and pairs["check"]["allocation"]["held_s"] >= 0, pairs["check"]
     nothing_left(client, job_id, scored_log, rm_port, "back")
