@@ -128,6 +128,14 @@ def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_clu
     # Released after the last follow-up: no job, no step, no stand-in process, nothing on the reward port.
     nothing_left(client, job_id, scored_log, rm_port, run_id="back")
 
+    # A rerun finds every stage done (the follow-ups' input, the reward stage's rows, read again the same):
+    # nothing submitted, nothing scored or generated again.
+    again, _ = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
+    rerun = json.loads((run_dir / "manifest.json").read_text())
+    assert not again and rerun["server_launches"] == 0 and rerun["stages"][1]["reward"]["parts_scored"] == 0
+    assert [json.loads(line) for line in (run_dir / "stages" / "followups" / "rows.jsonl").read_text().splitlines()] == follow
+    assert len(scored_log.read_text().splitlines()) == len(scored)
+
 
 def test_a_generator_step_lost_after_the_way_back_is_replaced_by_a_new_job(slurm_cluster, prefect_harness,
                                                                            pytriton_env, workdir, monkeypatch):
