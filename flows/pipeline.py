@@ -12,6 +12,11 @@ earlier one are curated, so dedup keeps the first in input order exactly). After
 is finished (its parts closed, curated, its manifest, its `rows.jsonl`), then the pipeline's manifest:
 each stage's counts and its share of the allocation (`busy_s`, `gpu_hours`).
 
+Level by level (Pipeline.level: the reward stages a stage reads through): each level's generating
+stages on one pool, then its reward stages (flows/reward.py); a generating stage reading a reward stage
+is in the next level, whose pool adopts the job the reward server kept (its generator's step asked for
+again, infra/slurm/steps.py hand_back: no new job, no second queue wait). Pairs stages run last.
+
 Resume: a rerun with the same run_id finds each stage's published shards as a run does, so a stage
 already done generates nothing and, with every stage done, nothing is allocated. A rerun of a changed
 file pays only for what the change invalidates (infra/pipeline/invalidate.py, before any allocation):
@@ -240,8 +245,8 @@ def generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, ou
         stream = Stream(stages, settings)
         levels.append((stages, None))
         if not stream.has_work():
-            log.info("pipeline run %s: stages %s: every shard is already published; nothing to allocate", run_id,
-                     ", ".join(s.name for s in stages))
+            get_run_logger().info("pipeline run %s: stage(s) %s: every shard is already published; nothing to allocate",
+                                  run_id, ", ".join(s.name for s in stages))
             return stages, None
         adopt = keeper.hand_back(settings.server.ready_timeout_s) if keeper is not None else None
         pool = serve(stream, stages, settings, flow_run, run_id, swap, held, adopt, keeper.ended if keeper else None)

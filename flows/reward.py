@@ -15,6 +15,8 @@ becomes the swap (its step stopped, the reward server's started), this stage wai
 and releases the job after its last score. A lost swapped server is replaced by a new job whose
 first step is the reward server's. Or it is resident (`resident: true`, infra/slurm/resident.py): the
 job has its nodes too, both servers start at once, and the pool's release keeps the job, unswapped.
+When a generating stage reads a reward stage, the job is not released after the last score: the next
+level's pool takes it back (`hand_back`: the generator's step asked for again, or, resident, still there).
 """
 
 from __future__ import annotations
