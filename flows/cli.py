@@ -290,7 +290,8 @@ def _render(args: argparse.Namespace) -> int:
 
         settings = load_settings()
         the = load_pipeline(args.pipeline, settings)
-        files = pipeline_job(settings, the.servers, the.server[0], args.run_id)
+        files = pipeline_job(settings, the.servers, the.server[0], args.run_id,
+                             tuple(s.name for s in the.stages if s.kind == "generate" and the.level(s) > 0))
     else:
         files = render_for_profile(load_settings(), args.profile, model_path=args.model_path, account=args.account,
                                    partition=args.partition, run_id=args.run_id, engine=args.engine)

@@ -12,6 +12,11 @@ earlier one are curated, so dedup keeps the first in input order exactly). After
 is finished (its parts closed, curated, its manifest, its `rows.jsonl`), then the pipeline's manifest:
 each stage's counts and its share of the allocation (`busy_s`, `gpu_hours`).
 
+Level by level (Pipeline.level: the reward stages a stage reads through): each level's generating
+stages on one pool, then its reward stages (flows/reward.py); a generating stage reading a reward stage
+is in the next level, whose pool adopts the job the reward server kept (its generator's step asked for
+again, infra/slurm/steps.py hand_back: no new job, no second queue wait). Pairs stages run last.
+
 Resume: a rerun with the same run_id finds each stage's published shards as a run does, so a stage
 already done generates nothing and, with every stage done, nothing is allocated. A rerun of a changed
 file pays only for what the change invalidates (infra/pipeline/invalidate.py, before any allocation):
@@ -39,7 +44,7 @@ from flows.params import RunParams, resolve_run_id, run_name
 from flows.pipeline_stream import StageRun, Stream, child_plan
 from flows.replicas import Pool
 from flows.rollovers import RolloverPlanner
-from flows.reward import planned_swap, reward_stage
+from flows.reward import planned_swap, reward_stage, run_order
 from flows.teardown import release_lease_on_hook, release_on_hook
 from infra.backends import make_backend
 from infra.errors import ConfigError, InputError
@@ -58,6 +63,7 @@ from infra.recipes.judge import judged_current
 from infra.run.layout import MANIFEST, STAGE_ROWS, stages_uri
 from infra.run.lease import FencedStore, hold_run_lease
 from infra.settings import Settings, load_settings
+from infra.slurm.resident import unused_reward_servers
 from infra.storage import OutputStore, open_input, open_output_store
 from tasks.steps import allocate, for_stage, plan, release, wait_ready
 
@@ -85,7 +91,9 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     run_id = run_id or resolve_run_id(flow_run)
     output_uri = output_uri or settings.output_uri
     swap = planned_swap(the, settings, run_id, str(flow_run.id))  # a reward server started in the job: checked now
-    held = held_for_checks(the, settings, swap is not None)  # the pool's server kept for the pair checks (flows/pairs.py)
+    # The pool's server kept for the pair checks (flows/pairs.py); a resident job's generator is still
+    # there after the reward stages, so it is handed to them too (below), not started again.
+    held = held_for_checks(the, settings, swap is not None and not swap.step.resident)
     asked = {s.name: stage_params(the, s.name, pipeline, output_uri=stages_uri(output_uri, run_id), replicas=replicas,
                                   max_server_restarts=max_server_restarts, shard_size=shard_size) for s in the.stages}
     root = open_output_store(output_uri, run_id, settings.s3, settings.work_path("staging"))
@@ -98,55 +106,60 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
     for change in changed:
         logger.info("pipeline run %s: %s", run_id, change.line)
     ledger = InvocationLedger(root, str(flow_run.id))  # this invocation's allocation, beside the run's earlier ones
-    pool = None
-    with ExitStack() as inputs:
-        stages: list[StageRun] = []
-        for order, stage in enumerate(s for s in the.ordered() if s.kind == "generate"):  # the others: after, off it
-            # a generating stage's parent generates too (the file's check refuses any other: infra/pipeline/model.py)
-            parent = next((s for s in stages if s.name == stage.from_), None)
-            stages.append(open_stage(asked[stage.name], stage, order, parent, hashes, settings, flow_run, lease, inputs,
-                                     [superseded_store(output_uri, run_id, n, settings) for n in superseded[stage.name]]))
-        stream = Stream(stages, settings)
-        if stream.has_work():
-            pool = serve(stream, stages, settings, flow_run, run_id, swap, held)
-            if held is not None:
-                held.watch(pool)
-            stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
-                                                                              f"pipeline run {run_id}, stage {s.name}")))
-                               for s in stages}
-            stream.replica_of = lambda backend: next((r.index for r in pool.members if r.backend is backend), None)
-            inputs.callback(ledger.watch(lambda entries: attribute_allocation(stages, entries, pool), [s.name for s in stages]))
-            pool.run()  # releases every replica when the last shard is in, and on any error
-        else:
-            logger.info("pipeline run %s: every stage's shards are already published; nothing to allocate", run_id)
+    order = run_order(the)  # level by level: a generating stage reading a reward stage after it (flows/reward.py)
+    levels: list[tuple[list[StageRun], Pool | None]] = []  # each level's generating stages and their pool
     done: dict[str, dict] = {}
-    for stage in the.ordered():
-        if stage.kind == "pairs":  # from the parent's published rows: no server unless pairs.check asks (flows/pairs.py)
-            done[stage.name] = pairs_stage(the, stage, output_uri, run_id, settings, lease, hashes[stage.name], str(flow_run.id),
-                                           held)
-            continue
-        if stage.kind == "reward":  # scored by its own reward server once its parent is done (flows/reward.py)
-            done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
-                                            hashes[stage.name], swap)
-            continue
-        s = next(x for x in stages if x.name == stage.name)
-        done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings, run_id,
-                                    first=s is stages[0])
-        publish_stage_counts(run_id, list(done.values()), [s.name for s in the.ordered()])  # the run page, by stage
-        logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
-                    done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"], done[s.name]["rows"])
+    try:
+        for level in sorted({the.level(s) for s in order if s.kind != "pairs"}):
+            gen = [s for s in order if s.kind == "generate" and the.level(s) == level]
+            # The job goes on to a later reward stage (swapped or resident) only when one follows; the
+            # pair checks keep the last pool's server.
+            reward_after = swap is not None and any(s.kind == "reward" and the.level(s) >= level
+                                                    and the.reward_server(s)[0] == swap.step.server for s in order)
+            last = not any(the.level(s) > level for s in gen_stages(the))
+            if gen:
+                stages, pool = generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, output_uri,
+                                              run_id, swap if reward_after else None, swap, held if last else None,
+                                              lambda: ledger.watch(lambda entries: attribute_levels(levels, entries),
+                                                                   [s.name for s in gen_stages(the)]), levels)
+                for s in stages:
+                    done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings,
+                                                run_id, first=s is stages[0])
+                    publish_stage_counts(run_id, list(done.values()), [s.name for s in the.ordered()])  # the run page
+                    logger.info("stage %s: %d records in, %d rows out, %d kept, %d rows for its children", s.name,
+                                done[s.name]["records_in"], done[s.name]["rows_out"], done[s.name]["kept"],
+                                done[s.name]["rows"])
+            for stage in (s for s in order if s.kind == "reward" and the.level(s) == level):
+                # scored by its own reward server once its parent is done (flows/reward.py)
+                done[stage.name] = reward_stage(the, stage, reading_parent(asked[stage.name], stage), settings, lease,
+                                                hashes[stage.name], swap, hold=held is not None)
+        if held is not None and swap is not None and (job := swap.hand_back(settings.server.ready_timeout_s)) is not None:
+            held.keep(job)  # resident: its generator step never stopped
+        for stage in (s for s in order if s.kind == "pairs"):
+            # from the parent's published rows: no server unless pairs.check asks (flows/pairs.py)
+            done[stage.name] = pairs_stage(the, stage, output_uri, run_id, settings, lease, hashes[stage.name],
+                                           str(flow_run.id), held)
+    finally:
+        ledger.stop()
+        if swap is not None:
+            swap.release()  # kept past a reward stage for a later level that failed: not held longer
+    if swap is not None:  # each reward stage's jobs as they ended (a job given back was still kept at its end)
+        for name, entry in done.items():
+            if (entry.get("reward") or {}).get("allocation") is not None:
+                entry["reward"]["allocation"] = swap.report(name)
+    done = {s.name: done[s.name] for s in the.ordered()}
     if held is not None:
         held.release()  # every pairs stage is done: none is waiting for it any more
     # This invocation's allocation (the reward servers swapped into its jobs too), summed over the run's invocations.
-    allocation = ledger.close(with_reward_servers(attribute_allocation(stages, done, pool), done), done)
+    allocation = ledger.close(with_reward_servers(attribute_levels(levels, done), done), done)
     final = done[list(done)[-1]]
     doc = {"run_id": run_id, "pipeline": pipeline, "server": dict(zip(("name", "profile"), (the.server[0], the.server[1].profile))),
            "stages": list(done.values()), "allocation": allocation, "training_set": final["kept_parts"],
-           "training_rows": final["rows_uri"], "server_launches": pool.launched if pool else 0}
+           "training_rows": final["rows_uri"], "server_launches": sum(p.launched for _, p in levels if p is not None)}
     doc["dataset"] = export_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # trainer files and card
     root.write_bytes(MANIFEST, json.dumps(doc, indent=2).encode())
     push_pipeline(the, doc, root, output_uri, run_id, settings, lease)  # push_to_hub: after all is published
-    logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(stages), root.uri(MANIFEST))
+    logger.info("pipeline run %s complete: %d stages; manifest %s", run_id, len(done), root.uri(MANIFEST))
     return {"run_id": run_id, "manifest": root.uri(MANIFEST), "stages": {n: s["kept"] for n, s in done.items()},
             "records_written": final["rows_out"], "records_kept": final["kept"], "filtered": final["filtered"]}
 
@@ -176,28 +189,97 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     return out
 
 
-def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None, held=None) -> Pool:
-    """One pool for every stage, sized and launched as the first stage's run would be; with a swap,
-    each job carries the reward server's step and the last one released is kept for it; with `held`,
-    the last one released is kept for the pair checks."""
+def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None, held=None,
+          adopt=None, ended=None) -> Pool:
+    """One pool for every stage of a level, sized and launched as the first stage's run would be; with
+    a swap, each job carries the reward server's step and the last one released is kept for it; with
+    `held`, the last one released is kept for the pair checks; `adopt`, a job a reward server gave
+    back (its generator's step asked for again), is the first replica's: no new job, no queue wait."""
     first = stages[0].run
     prof = first.prof
+    adopted = [adopt] if adopt is not None else []
+    keep = swap.keep if swap else held.keep if held else release
+
+    def give_back(backend):
+        keep(backend)
+        if backend is adopt and swap is None and ended is not None:
+            ended(backend)  # the adopted job's record (its reward server's nodes) ends with it
 
     def start(backend):
-        allocate(backend)
-        return wait_ready.submit(backend, settings, first.cfg.counter, prof)
+        if backend is not adopt:
+            allocate(backend)
+        return wait_ready.submit(backend, settings, first.cfg.counter, prof)  # its deadline: the server's readiness
 
+    def new_backend(launch: int, i: int):
+        if adopted and i == 0:
+            return adopted.pop()
+        return make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id), replica=launch, url_index=i,
+                            reward_step=swap.step if swap else None)
+
+    replicas = replica_count(settings, prof, first.params.replicas)
+    if (warning := unused_reward_servers(swap.step if swap else None, replicas)) is not None:
+        get_run_logger().warning("pipeline run %s: %s", run_id, warning)
     return Pool(
-        make_backend=lambda launch, i: make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id),
-                                                    replica=launch, url_index=i,
-                                                    reward_step=swap.step if swap else None),
-        start=start, submit=stream.submit, release=swap.keep if swap else held.keep if held else release, shards=stream.feed(),
-        replicas=replica_count(settings, prof, first.params.replicas),
+        make_backend=new_backend,
+        start=start, submit=stream.submit, release=give_back, shards=stream.feed(),
+        replicas=replicas,
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),
         restarts_allowed=first.restarts_allowed, on_result=stream.on_result, report_first=True,
         keep_alive_s=settings.server.keep_alive_s,
         planner=RolloverPlanner(rollover_policy(settings, prof)))
+
+
+def generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, output_uri, run_id, swap, keeper, held,
+                   watch, levels) -> tuple[list[StageRun], Pool | None]:
+    """One level's generating stages streamed on one pool (flows/pipeline_stream.py). A stage reading
+    a reward stage (done at the level before) reads its rows.jsonl as a first stage reads its input. With
+    work to do, the job the reward server kept (`keeper`) is given back to the generator and adopted."""
+    stages: list[StageRun] = []
+    pool = None
+    with ExitStack() as inputs:
+        for stage in gen:
+            parent = next((s for s in stages if s.name == stage.from_), None)  # a generating parent of this level
+            stages.append(open_stage(asked[stage.name], stage, len(stages), parent, hashes, settings, flow_run, lease,
+                                     inputs, [superseded_store(output_uri, run_id, n, settings) for n in superseded[stage.name]]))
+        stream = Stream(stages, settings)
+        levels.append((stages, None))
+        if not stream.has_work():
+            get_run_logger().info("pipeline run %s: stage(s) %s: every shard is already published; nothing to allocate",
+                                  run_id, ", ".join(s.name for s in stages))
+            return stages, None
+        adopt = keeper.hand_back(settings.server.ready_timeout_s) if keeper is not None else None
+        pool = serve(stream, stages, settings, flow_run, run_id, swap, held, adopt, keeper.ended if keeper else None)
+        levels[-1] = (stages, pool)
+        if held is not None:
+            held.watch(pool)
+        stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
+                                                                          f"pipeline run {run_id}, stage {s.name}")))
+                           for s in stages}
+        stream.replica_of = lambda backend: next((r.index for r in pool.members if r.backend is backend), None)
+        if len(levels) == 1 or all(p is None for _, p in levels[:-1]):
+            watch()  # one beat for every level (stopped by the flow)
+        pool.run()  # releases every replica when the last shard is in, and on any error
+    return stages, pool
+
+
+def attribute_levels(levels: list[tuple[list[StageRun], Pool | None]], done: dict[str, dict]) -> dict:
+    """attribute_allocation over each level's pool, summed: a stage's entry gets its own level's share."""
+    parts = [attribute_allocation(stages, {n: e for n, e in done.items() if n in {s.name for s in stages}}, pool)
+             for stages, pool in levels]
+    for entry in done.values():
+        for k in ("busy_s", "held_s", "gpu_hours"):
+            entry.setdefault(k, 0.0)
+    held, busy = sum(p["held_s"] for p in parts), sum(p["busy_s"] for p in parts)
+    return {"gpu_hours": round(sum(p["gpu_hours"] for p in parts), 4), "held_s": round(held, 2), "busy_s": round(busy, 3),
+            "busy_fraction": round(busy / held, 4) if held else None,
+            "replicas": [{**r, **({"level": i} if len(parts) > 1 else {})} for i, p in enumerate(parts) for r in p["replicas"]],
+            "attribution": "allocation split by each stage's share of the server's busy time (shards in flight)"
+                           + ("; each level's pool (the stages after a reward stage) apart" if len(parts) > 1 else "")}
+
+
+def gen_stages(the: Pipeline) -> list:
+    return [s for s in the.stages if s.kind == "generate"]
 
 
 def finish_stage(s: StageRun, parent: dict | None, hashes: StageHash, pool: Pool | None, flow_run, settings: Settings,

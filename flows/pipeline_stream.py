@@ -157,11 +157,11 @@ class Stream:
         # Each stage's progress bar on the run page (flows/artifacts.py Artifacts, by stage name), set
         # by the flow: the share of its known shards published; "+" while its parent may add more.
         self.progress: dict[str, object] = {}
-        for s in stages:
-            if s.stage.from_ is not None:
+        for s in stages:  # a stage reading a reward stage (done before this pool) is a first stage here
+            if s.stage.from_ in self.stages:
                 self.stages[s.stage.from_].children.append(s)
         for s in stages:
-            if s.stage.from_ is None:
+            if s.stage.from_ not in self.stages:
                 self.advance(s)  # a resumed run: the published prefix is final already, its children get shards
 
     def has_work(self) -> bool:

@@ -15,6 +15,8 @@ becomes the swap (its step stopped, the reward server's started), this stage wai
 and releases the job after its last score. A lost swapped server is replaced by a new job whose
 first step is the reward server's. Or it is resident (`resident: true`, infra/slurm/resident.py): the
 job has its nodes too, both servers start at once, and the pool's release keeps the job, unswapped.
+When a generating stage reads a reward stage, the job is not released after the last score: the next
+level's pool takes it back (`hand_back`: the generator's step asked for again, or, resident, still there).
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ def planned_swap(the: Pipeline, settings: Settings, run_id: str, flow_run_id: st
 
 
 def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Settings, lease: RunLease,
-                 hashes: StageHash, swap: SwapKeeper | None = None) -> dict:
+                 hashes: StageHash, swap: SwapKeeper | None = None, hold: bool = False) -> dict:
     """Score the stage's rows, curate them, write its rows for its children; its entry in the
-    pipeline's manifest (the keys a generating stage's has, and `reward`)."""
+    pipeline's manifest (the keys a generating stage's has, and `reward`). With `hold`, a job kept for
+    it is not released after the last score (a resident generator handed to the pair checks)."""
     logger = get_run_logger()
     name, server = the.reward_server(stage)
     swapped = swap if swap is not None and swap.step.server == name else None
@@ -98,12 +101,20 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
         return connect()
 
     restarts = srv.max_server_restarts if params.max_server_restarts is None else params.max_server_restarts
-    last = [s.name for s in the.ordered() if s.kind == "reward" and the.reward_server(s)[0] == name][-1] == stage.name
+    # The job is kept past this stage for a later reward stage of its server, or given back to the
+    # generator when a generating stage reads a reward stage (flows/pipeline.py, level by level).
+    later = hold or any(s.kind == "generate" and the.level(s) > the.level(stage) for s in the.stages)
+    last = not later and [s.name for s in run_order(the) if s.kind == "reward"
+                          and the.reward_server(s)[0] == name][-1] == stage.name
+    if swapped is not None:
+        swapped.claim(stage.name)
     try:
         out = score_reward_stage(store, scorer, params.input_uri, settings.s3, stage.name, shard_size=params.shard_size,
                                  filters=stage.filters, connect=connect, replace=replace, restarts_allowed=restarts,
                                  generation_hash=hashes.generation)
     finally:
+        if swapped is not None:
+            swapped.claim(stage.name)  # a job started for it while it scored (a lost server replaced)
         if swapped is not None and last:  # the job is held no longer than its last score
             swapped.release()
     rows = write_stage_rows(store, stage.name, None)
@@ -115,4 +126,11 @@ def reward_stage(the: Pipeline, stage: Stage, params: RunParams, settings: Setti
                        manifest=out["manifest"],
                        reward={"server": name, "engine": server.engine, "model": model,
                                **{k: out[k] for k in ("parts_scored", "parts_reused", "server_restarts", "scoring_s")},
-                               **({"allocation": swapped.report()} if swapped is not None else {})})
+                               **({"allocation": swapped.report(stage.name)} if swapped is not None else {})})
+
+
+def run_order(the: Pipeline) -> list[Stage]:
+    """The order the pipeline runs its stages in: level by level (the reward stages a stage reads
+    through: Pipeline.level), parents first within a level; pairs stages last (none reads them, and
+    a pair check keeps the last pool's server)."""
+    return sorted(the.ordered(), key=lambda s: (s.kind == "pairs", the.level(s)))

@@ -124,3 +124,18 @@ def test_every_released_job_s_resident_reward_server_is_counted_and_the_kept_one
     assert released == [lost, kept] and [j["job_id"] for j in report["jobs"]] == ["12", "11"]
     assert report["jobs"][0]["unused"] and "unused" not in report["jobs"][1]
     assert report["reward_gpu_hours"] == pytest.approx(16, abs=0.01)  # 8 GPUs x 1 h, twice
+
+
+def test_more_than_one_replica_with_a_resident_reward_server_is_warned_of(tmp_path):
+    from infra.slurm.resident import unused_reward_servers
+
+    settings = load_settings()
+    the = load_pipeline(str(write(tmp_path, STAGES, head=head(rm=RESIDENT))), settings)
+    step = swap_step(settings, the.servers, the.server[0], "dry-run")
+    assert unused_reward_servers(step, 1) is None and unused_reward_servers(None, 3) is None
+    assert unused_reward_servers(step, 3) == (
+        "--replicas 3 with the resident reward server 'rm': each of the 3 jobs holds its 2 node(s) and loads it, and "
+        "only the job released last scores; the other 2 are counted as unused (reward.allocation.jobs). Use --replicas 1 "
+        "unless generation needs the others")
+    swapped = load_pipeline(str(write(tmp_path, STAGES, head=head())), settings)
+    assert unused_reward_servers(swap_step(settings, swapped.servers, swapped.server[0], "dry-run"), 3) is None

@@ -253,6 +253,10 @@ def graph_lines(pipeline: Pipeline, checks: list[StageCheck], uri: str, files: d
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     rewards = "".join(f", reward server {n!r} ({s.engine} {f'at {s.url}' if s.url else f'resident in the job of {name!r} on its own nodes' if s.resident else f'swapped into the job of {s.swap_with!r}'})"
                       for n, s in pipeline.servers.items() if s.is_reward)
+    if later := [s.name for s in pipeline.stages if s.kind == "generate" and pipeline.level(s) > 0]:
+        job = any(s.is_reward and (s.swap_with or s.resident) for s in pipeline.servers.values())
+        rewards += (f", then back to {name!r} {'in the same job ' if job else ''}for {', '.join(later)} "
+                    "(after the reward stage(s) they read)")
     head = (f"pipeline {uri}: {len(checks)} stages on server {name!r} (profile {server.profile}"
             f"{', engine ' + server.engine if server.engine else ''}){rewards}; every template rendered without a server")
     return [head, *("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)]

@@ -257,12 +257,6 @@ class Pipeline(BaseModel):
                 raise ValueError(f"{where}: input: this stage has no parent (from) and the pipeline no input; set one")
             if stage.kind == "reward":
                 self.reward_server(stage)  # raises when it names none
-            if stage.kind == "generate" and stage.from_ is not None and self.stage(stage.from_).kind == "reward":
-                # Refused here, before anything moves: the pool serves the generating stages, then the reward
-                # stages score; going back to generation after a reward stage is not built (docs/pipelines.md).
-                raise ValueError(f"{where}: from: {stage.from_!r} is a reward stage, which scores after every "
-                                 "generating stage is done; generate from a generating stage's rows instead (a reward "
-                                 "stage's keep_if cut is read by pairs stages and the trainer files)")
             if stage.from_ is not None and stage.kind == "generate" and not stage.recipe.prompt_template:
                 raise ValueError(f"{where}: recipe.prompt_template: a stage reading its parent's rows builds its "
                                  "prompt from them; give it a template")
@@ -320,6 +314,18 @@ class Pipeline(BaseModel):
                                      "a stage reads only a stage before it")
                 seen.append(name)
                 name = parent[name]
+
+    def level(self, stage: Stage) -> int:
+        """How many reward stages a stage reads through (its ancestors): the pipeline runs level by
+        level, each level's generating stages on one pool, then its reward stages (flows/pipeline.py);
+        a generating stage reading a reward stage runs after it, on the job the reward server gives back."""
+        seen: set[str] = set()
+        count, parent = 0, self.parent(stage)
+        while parent is not None and parent.name not in seen:
+            seen.add(parent.name)
+            count += parent.kind == "reward"
+            parent = self.parent(parent)
+        return count
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)

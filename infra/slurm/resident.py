@@ -22,6 +22,16 @@ from infra.slurm.steps import SwapKeeper
 log = logging.getLogger(__name__)
 
 
+def unused_reward_servers(step, replicas: int) -> str | None:
+    """The warning for `--replicas` > 1 with a resident reward server: every replica's job loads one
+    (its nodes asked for at submission), and only the job the pool releases last scores."""
+    if step is None or not step.resident or replicas <= 1:
+        return None
+    return (f"--replicas {replicas} with the resident reward server {step.server!r}: each of the {replicas} jobs holds "
+            f"its {step.nodes} node(s) and loads it, and only the job released last scores; the other {replicas - 1} "
+            "are counted as unused (reward.allocation.jobs). Use --replicas 1 unless generation needs the others")
+
+
 class ResidentKeeper(SwapKeeper):
     """The job both servers are resident in, from the pool's release to the last score."""
 
@@ -31,6 +41,17 @@ class ResidentKeeper(SwapKeeper):
 
     def keep(self, backend) -> None:
         reward = getattr(getattr(backend, "spec", None), "reward", None)
+        last = self.swaps[-1] if self.swaps else None
+        if last is not None and last["job_id"] == backend.job_id and "released_at" not in last and self.kept is None:
+            # The job given back to a later level's generation (hand_back), released by its pool again.
+            if backend.dead_reason() is not None:
+                self._release(backend)
+                last["released_at"] = time.time()
+                return
+            self.kept, last["generated_until"] = backend, time.time()
+            last["generator_held_s"] = round(last["generated_until"] - last["running_at"] - last.get("kept_before_s", 0.0), 3)
+            log.info("Slurm job %s: generation done again; kept for its resident reward step", backend.job_id)
+            return
         if reward is None or backend.dead_reason() is not None or backend.scheduled_end() is not None:
             started, now = getattr(backend, "running_at", lambda: None)(), time.time()
             self._release(backend)
@@ -53,6 +74,21 @@ class ResidentKeeper(SwapKeeper):
         log.info("Slurm job %s: generation done; kept for its resident reward step %s", backend.job_id,
                  self.step.server)
 
+    def hand_back(self, generator_ready_s: float):
+        """The kept job to a later level's generation: its generator step never stopped, so nothing is
+        asked of the batch script; its nodes' kept time so far is noted."""
+        job = self.kept
+        if job is None:
+            return None
+        if job.dead_reason() is not None or job.scheduled_end() is not None:
+            self.release()
+            return None
+        self.kept, rec, now = None, self.swaps[-1], time.time()
+        rec["kept_before_s"] = round(rec.get("kept_before_s", 0.0) + now - (rec.get("generated_until") or now), 3)
+        rec["generated_until"] = None
+        log.info("Slurm job %s: its resident generator serves a later stage", job.job_id)
+        return job
+
     def release(self) -> None:
         job = self.kept
         if job is not None and self.swaps and "running_at" not in self.swaps[-1]:
@@ -60,7 +96,7 @@ class ResidentKeeper(SwapKeeper):
             self.swaps[-1]["running_at"] = job.running_at() or self.swaps[-1]["swap_started_at"]
         super().release()
 
-    def report(self) -> dict:
+    def report(self, stage: str | None = None) -> dict:
         """Per job: the reward server's GPU-hours from the job's start to its release (it was resident
         all along), how long it took to answer, and the generator's GPU-hours after generation (its
         nodes are held until the job's release; the pool's share ends at generation's end). A job the
@@ -68,9 +104,12 @@ class ResidentKeeper(SwapKeeper):
         nodes were held all the same."""
         jobs = []
         for s in self.swaps:
+            if stage is not None and s.get("stage") != stage:
+                continue
             end = s.get("released_at") or time.time()
             start = s.get("running_at") or s["swap_started_at"]
-            held, kept = end - start, end - s.get("generated_until", end)
+            until = s.get("generated_until", end)
+            held, kept = end - start, s.get("kept_before_s", 0.0) + (end - until if until is not None else 0.0)
             ready = s.get("ready_at")
             jobs.append({"job_id": s["job_id"], "generator_held_s": s["generator_held_s"],
                          "generator_gpu_hours": round(self.gpus * s["generator_held_s"] / 3600, 4),

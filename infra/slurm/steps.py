@@ -151,7 +151,8 @@ class SwapKeeper:
         self.step, self.new_job, self._release, self.gpus = step, new_job, release, gpus
         self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
         self.kept: SlurmBackend | None = None
-        self.swaps: list[dict] = []  # one per job the reward server ran in
+        self.swaps: list[dict] = []  # one per time the reward server ran in a job
+        self._back_at: dict[str, float] = {}  # job id -> when its generator step was asked for again
 
     def keep(self, backend) -> None:
         reward = getattr(getattr(backend, "spec", None), "reward", None)
@@ -169,8 +170,9 @@ class SwapKeeper:
             self.kept = None
             self._release(backend)
             raise
+        since = max(backend.running_at() or started, self._back_at.get(backend.job_id, 0.0))  # once per generator step
         self.swaps.append({"job_id": backend.job_id, "swap_started_at": started, "generator_stop_s": round(stopped, 3),
-                           "generator_held_s": round(started - (backend.running_at() or started), 3)})
+                           "generator_held_s": round(started - since, 3)})
         log.info("Slurm job %s: generator step stopped in %.1f s; reward step %s asked for", backend.job_id, stopped,
                  step_name("reward"))
 
@@ -211,6 +213,48 @@ class SwapKeeper:
         swap.setdefault("swap_s", round(swap["ready_at"] - swap["swap_started_at"], 3))
         return client
 
+    def hand_back(self, generator_ready_s: float) -> SlurmBackend | None:
+        """The kept job given back to generation (a generating stage reads a reward stage): the
+        generator's step asked for again and the reward step stopped, as the swap did the other way;
+        the caller's pool waits (its deadline) for the generator to answer. None, the job released,
+        when there is none to give or it is lost: the pool then submits a new job (a queue wait)."""
+        job = self.kept
+        if job is None:
+            return None
+        if (dead := job.dead_reason()) is not None or job.scheduled_end() is not None:
+            log.warning("Slurm job %s is not given back to the generator (%s); a new job is submitted", job.job_id,
+                        dead or "its time limit is near")
+            self.release()
+            return None
+        t0 = time.time()
+        try:
+            request_step(job.job_dir, "generator")
+            stopped = stop_steps(job, "reward", kill_wait_s(job.client) + job.settings.slurm.release_margin_s)
+        except Exception as exc:  # noqa: BLE001 - the job is released; the pool starts a new one
+            log.warning("Slurm job %s: the generator's step could not be asked for again (%s); a new job is submitted",
+                        job.job_id, exc)
+            self.release()
+            return None
+        self.kept = None
+        now = time.time()
+        self._back_at[job.job_id] = now
+        self.swaps[-1] |= {"released_at": now, "back_s": round(stopped, 3), "back_at": t0}
+        log.info("Slurm job %s: reward step stopped in %.1f s; generator step %s asked for again (ready within %.0f s)",
+                 job.job_id, stopped, step_name("generator"), generator_ready_s)
+        return job
+
+    def ended(self, backend) -> None:
+        """A job given back to generation, released by that pool (no reward stage after it): its record
+        ends there (a resident reward server's nodes were held until then; a swapped one's ended at the hand-back)."""
+        if self.swaps and self.swaps[-1]["job_id"] == backend.job_id:
+            self.swaps[-1].setdefault("released_at", time.time())
+
+    def claim(self, stage: str) -> None:
+        """The jobs the reward server ran in since the last claim are `stage`'s (its manifest entry's
+        allocation): a reward stage claims at its start and its end, so none is counted twice."""
+        for s in self.swaps:
+            s.setdefault("stage", stage)
+
     def release(self) -> None:
         if self.kept is None:
             return
@@ -220,22 +264,27 @@ class SwapKeeper:
         finally:
             self.swaps[-1]["released_at"] = time.time()
 
-    def report(self) -> dict:
-        """What the manifest says of the swap: per job, the generator's time before it, the swap's
-        seconds (generator stopped, reward server loaded and answering), the reward server's
-        GPU-hours; and the totals."""
+    def report(self, stage: str | None = None) -> dict:
+        """What the manifest says of the swap: per job (the ones `stage` claimed), the generator's time
+        before it, the swap's seconds (generator stopped, reward server loaded and answering), the
+        reward server's GPU-hours, the seconds to stop it when the job went back to the generator
+        (`back_s`); and the totals."""
         jobs = []
         for s in self.swaps:
+            if stage is not None and s.get("stage") != stage:
+                continue
             end = s.get("released_at") or time.time()
             held = end - s["swap_started_at"]
             jobs.append({"job_id": s["job_id"], "generator_held_s": s["generator_held_s"],
                          "generator_gpu_hours": round(self.gpus * s["generator_held_s"] / 3600, 4),
                          "generator_stop_s": s["generator_stop_s"], "swap_s": s.get("swap_s"),
-                         "reward_held_s": round(held, 3), "reward_gpu_hours": round(self.gpus * held / 3600, 4)})
+                         "reward_held_s": round(held, 3), "reward_gpu_hours": round(self.gpus * held / 3600, 4),
+                         **({"back_s": s["back_s"]} if "back_s" in s else {})})
         total = {k: round(sum(j[k] for j in jobs), 4) for k in ("generator_gpu_hours", "reward_gpu_hours")}
         return {"mode": "swap", "server": self.step.server, "jobs": jobs, **total,
                 "swap_s": round(sum(j["swap_s"] or 0.0 for j in jobs), 3),
-                "split": "generator: from its job's start to the swap; reward: from the swap to the job's release"}
+                "split": "generator: from its job's start (or its step's return) to the swap; reward: from the swap to "
+                         "the job's release, or to the generator's step asked for again"}
 
 
 def check_swap(settings, profile, step: RewardStep, run_id: str) -> SbatchSpec:
@@ -286,9 +335,11 @@ def swap_step(settings, servers: dict, generator: str, run_id: str) -> RewardSte
     return step
 
 
-def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run") -> list[tuple[str, str]]:
+def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run",
+                 later: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """The scripts of a pipeline's job (`nemotron-sdg render --pipeline`): its generation server's,
-    with the reward server's step when one is swapped in. Nothing is written or submitted."""
+    with the reward server's step when one is swapped in (and, for the generating stages `later`
+    that read a reward stage, the way back said in it). Nothing is written or submitted."""
     from infra.slurm.render import render_node_launcher, render_sbatch
 
     step = swap_step(settings, servers, generator, run_id)
@@ -299,5 +350,12 @@ def pipeline_job(settings, servers: dict, generator: str, run_id: str = "dry-run
         spec = SbatchSpec.from_settings(settings, prof, job_name=job_name_for(None, run_id),
                                         comment=job_comment(run_id, None),
                                         job_dir=Path(settings.slurm.job_root).expanduser() / run_id)
-    files = [("sbatch.sh", render_sbatch(spec)), ("node-launcher.sh", render_node_launcher(spec))]
+    sbatch = render_sbatch(spec)
+    if later and spec.reward is not None:
+        back = "the generator's step stays, used" if spec.resident else "then the generator's step again (request 2),"
+        note = (f"# Going back: after the reward stage(s), {back} in THIS job for stage(s) {', '.join(later)}; "
+                "the job is released after the last of them.\n")
+        at = max(sbatch.find("# Steps: "), sbatch.find("# Resident: "))
+        sbatch = sbatch[:at] + note + sbatch[at:] if at >= 0 else sbatch + note
+    files = [("sbatch.sh", sbatch), ("node-launcher.sh", render_node_launcher(spec))]
     return files + ([("reward-launcher.sh", render_node_launcher(spec.reward))] if spec.reward is not None else [])

@@ -1,0 +1,189 @@
+"""Going back to generation after a reward stage, in the SAME Slurm job (issue 29, "Allocation";
+flows/pipeline.py levels, infra/slurm/steps.py SwapKeeper.hand_back), on the real local Slurm
+cluster: topics -> answers -> reward -> follow-ups. One job from the first generation request to the
+last follow-up: the generator's step, the reward server's (a real PyTriton/Triton server with
+NeMo-Aligner's contract, tests/reward_standin.py), then the generator's again as a new step; every
+row scored once and followed up once; nothing left running (no job, step, stand-in process or port).
+Seen from Slurm itself (squeue and `squeue -s` sampled through the run, the completion log), the
+batch script's log and the manifest (each server's GPU-hours, the swap's and the way back's seconds)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import pytest
+
+from infra.reward.client import PROBE_TEXT
+from infra.reward.conversation import format_conversation
+from infra.slurm.client import SlurmClient
+from tests.fixtures_reward import REPO, _libdir
+from tests.fixtures_slurm import slurm_test_env
+from tests.ports import free_port
+from tests.test_slurm_flow import our_jobs
+from tests.test_slurm_pipeline import job_record
+from tests.test_slurm_reward_swap import nothing_left
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+
+PIPELINE = """\
+input: topics.jsonl
+servers:
+  main: {profile: test1x8}
+  rm: {engine: nemo-aligner, swap_with: main, port: RM_PORT}
+defaults:
+  prompt_format: raw
+  sampling: {temperature: 0.8, random_seed: 5, tokens_to_generate: 6}
+  batch_size: 4
+  filters: {drop_truncated: false}
+stages:
+  - name: answers
+    recipe: {prompt_template: "Answer about {{ topic }}:", samples_per_prompt: 2}
+  - name: rm
+    from: answers
+    kind: reward
+    reward: {weights: {helpfulness: 0.3, correctness: 0.74}, batch_size: 3}
+  - name: followups
+    from: rm
+    recipe: {prompt_template: "Ask a follow-up to {{ completion }} (scored {{ reward.helpfulness }}):"}
+"""
+
+
+def watched_steps(client: SlurmClient, run) -> tuple[set[str], list[tuple[str, str]]]:
+    """`run()` while squeue is sampled: the run's jobs, and its steps (id, name) in the order first listed."""
+    jobs: set[str] = set()
+    steps: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(0.2):
+            for job in our_jobs("back"):
+                jobs.add(job.job_id)
+                steps.extend(s for s in client.steps(job.job_id) if s[1].startswith("nsdg-") and s not in steps)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run()
+    finally:
+        stop.set()
+        watcher.join(10)
+    return jobs, steps
+
+
+def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_cluster, prefect_harness, pytriton_env,
+                                                                      workdir, monkeypatch):
+    from flows.pipeline import pipeline
+
+    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
+    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
+               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
+    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
+                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
+        monkeypatch.setenv(name, value)
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
+                                                  for i in range(4)))
+    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
+    client = SlurmClient()
+    jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
+    run_dir = workdir / "out" / "back"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    answers, rm, followups = manifest["stages"]
+
+    # ONE job (queued once: one sbatch, one job directory) for all three phases; its steps were the
+    # generator's, the reward server's, then the generator's again as a new step.
+    ids = {s: json.loads((run_dir / "stages" / s / "manifest.json").read_text())["slurm_job_ids"]
+           for s in ("answers", "followups")}
+    [job_id] = set(ids["answers"])
+    assert ids["followups"] == [job_id] and jobs == {job_id}, (ids, jobs)
+    assert [name for _, name in steps] == ["nsdg-generator", "nsdg-reward", "nsdg-generator"], steps
+    assert len({step_id for step_id, _ in steps}) == 3  # three steps, the generator's twice
+    [job_dir] = list((workdir / "jobs" / "back").iterdir())
+    log = next(job_dir.glob("*.err")).read_text() + next(job_dir.glob("*.out")).read_text()
+    assert "step reward asked for (request 1)" in log and "step generator asked for (request 2)" in log
+
+    # Every answer scored once; every scored row followed up once (no row lost or repeated across the swaps).
+    rows = [json.loads(line) for line in (run_dir / "stages" / "answers" / "rows.jsonl").read_text().splitlines()]
+    sent = [format_conversation([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                                "") for r in rows]
+    scored = [json.loads(line)["text"] for line in scored_log.read_text().splitlines()]
+    assert len(rows) == 8 and Counter(t for t in scored if t != PROBE_TEXT) == Counter(sent)
+    kept = [json.loads(line) for line in (run_dir / "stages" / "rm" / "rows.jsonl").read_text().splitlines()]
+    follow = [json.loads(line) for line in (run_dir / "stages" / "followups" / "rows.jsonl").read_text().splitlines()]
+    assert len(kept) == rm["kept"] == 8 and len(follow) == followups["rows_out"] == 8
+    assert sorted(f["prompt"] for f in follow) == sorted(
+        f"Ask a follow-up to {k['completion']} (scored {k['reward']['helpfulness']}):" for k in kept)
+
+    # Each server's GPU-hours and the seconds of both swaps; the followups' share is the second pool's.
+    swap = rm["reward"]["allocation"]
+    assert [j["job_id"] for j in swap["jobs"]] == [job_id]
+    assert swap["reward_gpu_hours"] > 0 and swap["swap_s"] > 0 and swap["jobs"][0]["back_s"] >= 0
+    assert answers["gpu_hours"] > 0 and followups["gpu_hours"] > 0 and rm["gpu_hours"] == swap["reward_gpu_hours"]
+    alloc = manifest["allocation"]
+    assert {r["level"] for r in alloc["replicas"]} == {0, 1} and {tuple(r["job_ids"]) for r in alloc["replicas"]} == {(job_id,)}
+    assert alloc["servers"]["reward_gpu_hours"] == swap["reward_gpu_hours"]
+    assert alloc["gpu_hours"] == pytest.approx(alloc["servers"]["generator_gpu_hours"] + swap["reward_gpu_hours"], abs=2e-4)
+
+    # Released after the last follow-up: no job, no step, no stand-in process, nothing on the reward port.
+    nothing_left(client, job_id, scored_log, rm_port, run_id="back")
+
+    # A rerun finds every stage done (the follow-ups' input, the reward stage's rows, read again the same):
+    # nothing submitted, nothing scored or generated again.
+    again, _ = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
+    rerun = json.loads((run_dir / "manifest.json").read_text())
+    assert not again and rerun["server_launches"] == 0 and rerun["stages"][1]["reward"]["parts_scored"] == 0
+    assert [json.loads(line) for line in (run_dir / "stages" / "followups" / "rows.jsonl").read_text().splitlines()] == follow
+    assert len(scored_log.read_text().splitlines()) == len(scored)
+
+
+def test_a_generator_step_lost_after_the_way_back_is_replaced_by_a_new_job(slurm_cluster, prefect_harness,
+                                                                           pytriton_env, workdir, monkeypatch):
+    """The second generator step killed (`scancel JOB.STEP`) once the follow-ups' first shard is
+    published: the batch script ends the job (a step ended with no new request), the pool replaces it
+    with a new job (a second queue wait: what a lost step costs), and every follow-up row is there once."""
+    from flows.pipeline import pipeline
+
+    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
+    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
+               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
+    # Each request answered 0.5 s late, so the follow-ups' shards are still in flight when the step is killed.
+    for name, value in {**slurm_test_env(workdir, free_port(span=4), "--extra-latency", "0.5"),
+                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
+        monkeypatch.setenv(name, value)
+    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
+                                                  for i in range(4)))
+    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
+    client, killed = SlurmClient(), []
+    first_part = workdir / "out" / "back" / "stages" / "followups" / "part-00000.jsonl"
+
+    def kill_second_generator_step():
+        while not killed:
+            for job in our_jobs("back"):
+                gens = [s for s, name in client.steps(job.job_id) if name == "nsdg-generator"]
+                if first_part.exists() and gens and "step generator asked for" in "".join(
+                        p.read_text() for p in (workdir / "jobs" / "back").glob("*/*.err")):
+                    client.cancel_step(gens[0])
+                    killed.append(gens[0])
+            threading.Event().wait(0.1)
+
+    killer = threading.Thread(target=kill_second_generator_step, daemon=True)
+    killer.start()
+    try:
+        jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out"),
+                                                             shard_size=2))
+    finally:
+        killed.append("stop")
+        killer.join(10)
+    run_dir = workdir / "out" / "back"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    [job1] = json.loads((run_dir / "stages" / "answers" / "manifest.json").read_text())["slurm_job_ids"]
+    follow_jobs = json.loads((run_dir / "stages" / "followups" / "manifest.json").read_text())["slurm_job_ids"]
+    assert killed[0] != "stop" and killed[0].startswith(f"{job1}.")  # the second generator step of the first job
+    assert follow_jobs[0] == job1 and len(follow_jobs) == 2 and jobs == set(follow_jobs), (follow_jobs, jobs)
+    follow = [json.loads(line) for line in (run_dir / "stages" / "followups" / "rows.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (run_dir / "stages" / "rm" / "rows.jsonl").read_text().splitlines()]
+    assert len(follow) == len(kept) == 8 and len({f["prompt"] for f in follow}) == 8
+    assert manifest["stages"][2]["gpu_hours"] > 0
+    assert job_record(job1)["state"].startswith("FAILED") and not client.steps(job1)  # ended with its lost step
+    nothing_left(client, follow_jobs[1], scored_log, rm_port, run_id="back")
