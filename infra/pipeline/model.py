@@ -311,7 +311,7 @@ class Pipeline(BaseModel):
                     loop = seen[seen.index(name):]
                     reads = ", ".join(f"{s} reads {parent[s]}" for s in loop)
                     raise ValueError(f"stage {name!r}: from: the stages read each other in a cycle ({reads}); "
-                                     "a stage reads only a stage before it")
+                                     "break the cycle: one of them must read the input or another stage")
                 seen.append(name)
                 name = parent[name]
 
