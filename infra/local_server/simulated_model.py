@@ -35,6 +35,7 @@ So a batch of 128 prompts of 500 tokens with 256 new tokens would take about
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import random
@@ -125,7 +126,8 @@ class SimulatedEngine:
         self._word_ids = [self._id(piece) for piece in _WORD_PIECES]
         # Ids of recently tokenized texts: each sample index re-sends a shard's prompts (samples.py), and a
         # tokenizer is a pure function, so a prompt is split into pieces once. Bounded (oldest out first).
-        self._recent: dict[str, tuple[int, ...]] = {}
+        # (An OrderedDict: a dict's first entry, after many deletions at its front, is a scan away.)
+        self._recent: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
         self._recent_chars = 0
 
     def tokenize(self, text: str) -> list[int]:
@@ -134,8 +136,7 @@ class SimulatedEngine:
             found = tuple(self._tokenize(text))
             with self._vocab_lock:
                 while self._recent and self._recent_chars + len(text) > _RECENT_CHARS:
-                    oldest = next(iter(self._recent))
-                    del self._recent[oldest]
+                    oldest, _ = self._recent.popitem(last=False)
                     self._recent_chars -= len(oldest)
                 if len(text) <= _RECENT_CHARS and text not in self._recent:
                     self._recent[text] = found
