@@ -365,6 +365,7 @@ def _findings(r: dict) -> list[str]:
         L += ["- The stock local server stalls ~40 ms on every reply (Nagle + delayed ACK, measured above); the "
               "figures here used `benchmarks/server_nodelay.py`, which only sets `disable_nagle_algorithm = True`."]
     L += tokens_bench.findings(r)
+    L += recipes.findings(r)
     if len(L) == 2:
         L += ["- Every target above is met."]
     return L + [""]

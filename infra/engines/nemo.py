@@ -8,6 +8,7 @@ timeouts on every call.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -50,42 +51,43 @@ def validate_batch(prompts: Sequence[object], sampling: SamplingParams, context_
         raise ConfigError(f"tokens_to_generate {sampling.tokens_to_generate} must be < context length {context_length}")
 
 
-def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
-    """Row i's token start offsets (ints only) and its text's length, each None when the reply lacks it."""
+def _row_offsets(reply: dict, i: int, start: int) -> tuple[list[int] | None, int | None]:
+    """Row i's token start offsets at or after `start` (ints only) and its text's length, each None
+    when the reply lacks it. Read once per row: a few-shot prompt's offsets are most of the row."""
     offsets, sentences = reply.get("offsets"), reply.get("sentences")
     if not (isinstance(offsets, list) and i < len(offsets) and isinstance(offsets[i], list)):
         return None, None
     end = len(sentences[i]) if isinstance(sentences, list) and i < len(sentences) and isinstance(sentences[i], str) else None
-    return [o for o in offsets[i] if isinstance(o, int)], end
+    row = offsets[i]
+    # A well-formed row is ascending ints: checked and cut in C, not compared element by element.
+    if set(map(type, row)) <= {int} and row == sorted(row):  # sorted: linear on a sorted list
+        return row[bisect.bisect_left(row, start):], end
+    return [o for o in row if isinstance(o, int) and o >= start], end
 
 
-def _stopped_on_special_token(reply: dict, i: int, start: int) -> bool:
+def _stopped_on_special_token(offsets: list[int] | None, end: int | None, start: int) -> bool:
     """A generated token that takes no room at the text's end: the row stopped on an EOS or an
     end-of-turn special token (the echo drops it, so the end string is not in the text)."""
-    offsets, end = _row_offsets(reply, i)
     return offsets is not None and end is not None and end > start and any(o >= end for o in offsets)
 
 
-def _text_token_starts(reply: dict, i: int, start: int) -> list[int] | None:
+def _text_token_starts(offsets: list[int] | None, end: int | None) -> list[int] | None:
     """Where row i's generated tokens that take room in its text begin (None without offsets)."""
-    offsets, end = _row_offsets(reply, i)
     if offsets is None:
         return None
-    return [o for o in offsets if o >= start and (end is None or o < end)]
+    return [o for o in offsets if end is None or o < end]
 
 
-def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
+def _count_generated_tokens(offsets: list[int] | None, end: int | None) -> int:
     """Tokens the row generated: those whose text starts at or after `start`, plus the token it
     stopped on. Special tokens take no room in the text, so the stop token (an EOS or an end of
     turn) and the EOS fill of rows that finished before the batch's longest all sit at the text's
     end: count one of them, not the fill."""
-    offsets, end = _row_offsets(reply, i)
     if offsets is None:
         return 0
-    row = [o for o in offsets if o >= start]
     if end is None:
-        return len(row)
-    return sum(1 for o in row if o < end) + (1 if any(o >= end for o in row) else 0)
+        return len(offsets)
+    return sum(1 for o in offsets if o < end) + (1 if any(o >= end for o in offsets) else 0)
 
 
 class NemoClient(HttpClient):
@@ -165,11 +167,12 @@ class NemoClient(HttpClient):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
             start = completion.generated_from
-            stop_token = _stopped_on_special_token(reply, i, start)
+            offsets, end = _row_offsets(reply, i, start)
+            stop_token = _stopped_on_special_token(offsets, end, start)
             if completion.finish_reason == "length" and stop_token:
                 completion = replace(completion, finish_reason="end_string")
-            gen = GeneratedText(prompt, completion, _count_generated_tokens(reply, i, start))
-            out.append(self._capped(gen, sentences[i], _text_token_starts(reply, i, start), stop_token, sampling))
+            gen = GeneratedText(prompt, completion, _count_generated_tokens(offsets, end))
+            out.append(self._capped(gen, sentences[i], _text_token_starts(offsets, end), stop_token, sampling))
         return out
 
     def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None,

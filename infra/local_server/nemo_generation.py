@@ -18,6 +18,7 @@ a real small model, and `simulated_model.SimulatedEngine`, a timed simulation.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -101,12 +102,15 @@ class StopRule:
 
 def build_reply(engine: Engine, gen: Generation, params: GenerateParams) -> dict:
     """Shape a Generation like NeMo's `generate()` output (text_generation_utils)."""
-    tokens = [[engine.token_text(t) for t in row] for row in gen.rows]
+    # A batch holds few distinct ids (the prompts' vocabulary plus what was generated): ask the engine
+    # for each one's text once, then map every row through dicts, so the per-token work stays in C.
+    texts = {t: engine.token_text(t) for t in set().union(*gen.rows)}
+    widths = {t: 0 if engine.is_special(t) else len(text) for t, text in texts.items()}
     reply = {
         "sentences": [engine.detokenize(row) for row in gen.rows],
-        "tokens": tokens,
+        "tokens": [list(map(texts.__getitem__, row)) for row in gen.rows],
         "token_ids": gen.rows,
-        "offsets": [_offsets(engine, row, pieces) for row, pieces in zip(gen.rows, tokens)],
+        "offsets": [_offsets(row, widths) for row in gen.rows],
         "logprob": gen.logprob if params.compute_logprob else None,
     }
     if params.all_probs:
@@ -114,12 +118,9 @@ def build_reply(engine: Engine, gen: Generation, params: GenerateParams) -> dict
     return reply
 
 
-def _offsets(engine: Engine, row: list[int], pieces: list[str]) -> list[int]:
+def _offsets(row: list[int], widths: dict[int, int]) -> list[int]:
     # NeMo's loop: start offsets of each token; special tokens take no room in the text.
-    offsets = [0]
-    for token_id, piece in zip(row[:-1], pieces[:-1]):
-        offsets.append(offsets[-1] + (0 if engine.is_special(token_id) else len(piece)))
-    return offsets
+    return list(itertools.accumulate(map(widths.__getitem__, row[:-1]), initial=0))
 
 
 def row_budgets(prompt_lengths: list[int], tokens_to_generate: int) -> list[int]:

@@ -35,6 +35,7 @@ So a batch of 128 prompts of 500 tokens with 256 new tokens would take about
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import random
@@ -94,6 +95,7 @@ def _next_word(rng: random.Random) -> int:
     return 2 + int(rng.random() * len(_WORDS))
 
 
+_RECENT_CHARS = 4_000_000  # of texts whose ids are kept (~24 MB for 14 k few-shot prompts, measured): shards in flight
 _FULL_LOGPROB_WIDTH = 16  # the simulation has no real vocabulary; a small flat distribution stands in
 
 
@@ -118,20 +120,41 @@ class SimulatedEngine:
         self._sleep = sleep
         # A vocabulary that grows as pieces are seen; id 0 is EOS.
         self._pieces: list[str] = [EOS_TOKEN]
+        self._texts: list[str] = [""]  # what each id adds to a detokenized text (special tokens nothing)
         self._ids: dict[str, int] = {EOS_TOKEN: 0}
         self._vocab_lock = threading.Lock()
         self._word_ids = [self._id(piece) for piece in _WORD_PIECES]
+        # Ids of recently tokenized texts: each sample index re-sends a shard's prompts (samples.py), and a
+        # tokenizer is a pure function, so a prompt is split into pieces once. Bounded (oldest out first).
+        # (An OrderedDict: a dict's first entry, after many deletions at its front, is a scan away.)
+        self._recent: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self._recent_chars = 0
 
     def tokenize(self, text: str) -> list[int]:
+        found = self._recent.get(text)
+        if found is None:
+            found = tuple(self._tokenize(text))
+            with self._vocab_lock:
+                while self._recent and self._recent_chars + len(text) > _RECENT_CHARS:
+                    oldest, _ = self._recent.popitem(last=False)
+                    self._recent_chars -= len(oldest)
+                if len(text) <= _RECENT_CHARS and text not in self._recent:
+                    self._recent[text] = found
+                    self._recent_chars += len(text)
+        return list(found)
+
+    def _tokenize(self, text: str) -> list[int]:
         ids: list[int] = []
         for n, part in enumerate(text.split(EOS_TOKEN)):
             if n:
                 ids.append(self.eos_id)  # a literal special token in the text, as real tokenizers do
-            ids.extend(self._id(piece) for piece in _PIECE.findall(part))
+            pieces = _PIECE.findall(part)
+            known = list(map(self._ids.get, pieces))  # most pieces are known: no lock for them
+            ids.extend(self._id(p) if i is None else i for p, i in zip(pieces, known))
         return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return "".join(self._pieces[i] for i in ids if i != self.eos_id)
+        return "".join(map(self._texts.__getitem__, ids))
 
     def token_text(self, token_id: int) -> str:
         return self._pieces[token_id]
@@ -157,7 +180,9 @@ class SimulatedEngine:
         modelled = self.cost.seconds(batch=len(prompts), longest_prompt=max(lengths), steps=steps)
         # The Python work above already took some of the modelled time; sleep only the rest,
         # so the busy time a benchmark sees is the model's, not the model's plus ours.
-        self._sleep(max(0.0, modelled - (time.monotonic() - began)))
+        rest = modelled - (time.monotonic() - began)
+        if rest > 0:  # a zero-cost model does not even yield the GIL
+            self._sleep(rest)
         return gen
 
     def _continue(self, prompt: str, ids: list[int], budget: int, rule: StopRule, params: GenerateParams) -> list[int]:
@@ -173,7 +198,7 @@ class SimulatedEngine:
             out.append(token)
             if keep and token != self.eos_id:
                 tail = (tail + self._pieces[token])[-keep:]
-            if rule.is_end(token, lambda: tail):
+            if token in rule.stop_ids or (keep and rule.is_end(token, lambda: tail)):
                 break
         return out
 
@@ -195,8 +220,10 @@ class SimulatedEngine:
         with self._vocab_lock:
             found = self._ids.get(piece)
             if found is None:
-                found = self._ids[piece] = len(self._pieces)
+                found = len(self._pieces)
                 self._pieces.append(piece)
+                self._texts.append(piece)
+                self._ids[piece] = found  # last: a lock-free reader never sees an id without its text
             return found
 
     @staticmethod
