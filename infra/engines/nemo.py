@@ -4,10 +4,18 @@ Everything is validated before sending, because a malformed request can hang all
 server (an empty list or a non-string item raises inside generation after the ranks have
 synchronised). The transport is a `requests.Session` passed in, with explicit connect and read
 timeouts on every call.
+
+A shard sends its requests one at a time, so a kill loses at most its one request in flight. The
+replica's requests in flight are bounded here (`max_in_flight`, the flow's `in_flight`, shared by
+every shard of the replica), not by the number of shard tasks: the flow runs one shard task more
+than that, and the spare one waits for a slot. So while a shard parses a reply, appends it to its
+spill, or publishes its part, another shard's request takes its slot and the server is never left
+with fewer requests than `in_flight` between two of a shard's requests or between two shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,6 +34,7 @@ from infra.errors import (
     ValidationRejected,
 )
 from infra.engines.http import HttpClient
+from infra.engines.throttle import InFlightLimit
 from infra.prompting.prompt_format import PromptFormat
 from infra.prompting.samples import sample_batches
 from infra.prompting.sampling import MAX_BATCH, SamplingParams
@@ -92,13 +101,21 @@ class NemoClient(HttpClient):
     api = "nemo-generate"
 
     def __init__(self, base_url: str, *, echo: Callable[[str], str] = lambda text: text,
-                 keep_first: Callable[[str, int], str] | None = None, **kw):
+                 keep_first: Callable[[str, int], str] | None = None, max_in_flight: int | None = None, **kw):
         """`keep_first`: the run's tokenizer's TokenCounter.keep_first, which cuts a row to
         tokens_to_generate in its tokens (with `count_tokens` its count); without one (no
-        tokenizer here) the cut is on the server's own token offsets."""
+        tokenizer here) the cut is on the server's own token offsets. `max_in_flight`: the most
+        requests open at once through this client, whichever threads send them (None: no bound)."""
         super().__init__(base_url, **kw)
         self.echo = echo
         self.keep_first = keep_first
+        self.limit = InFlightLimit(max_in_flight, self.base_url) if max_in_flight else None
+
+    def close(self) -> None:
+        """The replica is released: a request waiting for a slot fails with ServerLost (its shard goes
+        back to the queue); the requests open finish or fail on their own."""
+        if self.limit is not None:
+            self.limit.close()
 
     @property
     def generate_url(self) -> str:
@@ -116,9 +133,17 @@ class NemoClient(HttpClient):
     def generate_raw(self, prompts: list[str], sampling: SamplingParams, *, read_timeout: float | None = None) -> dict:
         validate_batch(prompts, sampling, self.context_length, self.count_tokens)
         body = {"sentences": list(prompts), **sampling.request_fields()}
-        resp = self.send("PUT", self.generate_url, body, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
-                         hung="the server may be hung (a hung NeMo server never answers)")
+        with self._slot(read_timeout):  # the reply read (requests reads it whole), not its parsing
+            resp = self.send("PUT", self.generate_url, body, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
+                             hung="the server may be hung (a hung NeMo server never answers)")
         return self._parse(resp, len(prompts))
+
+    def _slot(self, read_timeout: float | None):
+        """One of the replica's `max_in_flight` request slots. No request holds one longer than a
+        connect plus a read timeout, so a wait longer than that for one to free is a hung server."""
+        if self.limit is None:
+            return contextlib.nullcontext()
+        return self.limit.slot(self.connect_timeout + max(self.read_timeout, read_timeout or 0.0))
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
         try:
