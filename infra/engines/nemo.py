@@ -68,33 +68,24 @@ def _row_offsets(reply: dict, i: int) -> tuple[list[int] | None, int | None]:
     return [o for o in offsets[i] if isinstance(o, int)], end
 
 
-def _stopped_on_special_token(reply: dict, i: int, start: int) -> bool:
-    """A generated token that takes no room at the text's end: the row stopped on an EOS or an
-    end-of-turn special token (the echo drops it, so the end string is not in the text)."""
-    offsets, end = _row_offsets(reply, i)
-    return offsets is not None and end is not None and end > start and any(o >= end for o in offsets)
+def _row_tokens(reply: dict, i: int, start: int) -> tuple[bool, int, list[int] | None]:
+    """Row i's generated tokens, read from its offsets in one pass: (whether it stopped on a special
+    token, how many tokens it generated, where those that take room in its text begin; None
+    without offsets).
 
-
-def _text_token_starts(reply: dict, i: int, start: int) -> list[int] | None:
-    """Where row i's generated tokens that take room in its text begin (None without offsets)."""
-    offsets, end = _row_offsets(reply, i)
-    if offsets is None:
-        return None
-    return [o for o in offsets if o >= start and (end is None or o < end)]
-
-
-def _count_generated_tokens(reply: dict, i: int, start: int) -> int:
-    """Tokens the row generated: those whose text starts at or after `start`, plus the token it
-    stopped on. Special tokens take no room in the text, so the stop token (an EOS or an end of
-    turn) and the EOS fill of rows that finished before the batch's longest all sit at the text's
-    end: count one of them, not the fill."""
+    Special tokens take no room in the text, so the stop token (an EOS or an end of turn) and the
+    EOS fill of rows that finished before the batch's longest all sit at the text's end: a token
+    there means the row stopped on one (the echo drops it, so the end string is not in the text),
+    and it counts as one generated token, the fill as none."""
     offsets, end = _row_offsets(reply, i)
     if offsets is None:
-        return 0
-    row = [o for o in offsets if o >= start]
+        return False, 0, None
+    row = [o for o in offsets if o >= start]  # the generated tokens: their text starts at or after `start`
     if end is None:
-        return len(row)
-    return sum(1 for o in row if o < end) + (1 if any(o >= end for o in row) else 0)
+        return False, len(row), row
+    starts = [o for o in row if o < end]
+    past_end = len(starts) < len(row)
+    return end > start and past_end, len(starts) + past_end, starts
 
 
 class NemoClient(HttpClient):
@@ -189,12 +180,11 @@ class NemoClient(HttpClient):
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
-            start = completion.generated_from
-            stop_token = _stopped_on_special_token(reply, i, start)
+            stop_token, generated, starts = _row_tokens(reply, i, completion.generated_from)
             if completion.finish_reason == "length" and stop_token:
                 completion = replace(completion, finish_reason="end_string")
-            gen = GeneratedText(prompt, completion, _count_generated_tokens(reply, i, start))
-            out.append(self._capped(gen, sentences[i], _text_token_starts(reply, i, start), stop_token, sampling))
+            gen = GeneratedText(prompt, completion, generated)
+            out.append(self._capped(gen, sentences[i], starts, stop_token, sampling))
         return out
 
     def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None,
