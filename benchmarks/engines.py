@@ -242,12 +242,18 @@ def findings(res: dict) -> list[str]:
             continue
         b, f = cpu["bare"], cpu["flow"]
         busy = f["flow_process"] / f["seconds"] if f["seconds"] > 0 else float("nan")
+        cores = (f["flow_process"] + f["server"] + f["api"]) / f["seconds"] if f["seconds"] > 0 else float("nan")
+        limit = ("the 2 cores, shared by the three, were the limit" if cores >= 1.8 else
+                 "the flow's process, its Python on one core at a time, was the limit" if busy >= 0.9 else
+                 "neither the cores nor the flow's process was saturated by these three: the rest went in "
+                 "waiting (for a reply, or for a core that other processes held)")
         L.append(f"- **{api_name} ceiling {r['ratio']:.2f} < 0.8.** CPU seconds per 1,000 records in the generation "
                  f"phase: the flow's process {f['flow_process'] / k:.3f}, the stand-in {f['server'] / k:.3f}, the Prefect "
                  f"API {f['api'] / k:.3f} (together {(f['flow_process'] + f['server'] + f['api']) / k:.3f}); the bare "
                  f"loop {b['client'] / k:.3f} and the stand-in {b['server'] / k:.3f} (together "
-                 f"{(b['client'] + b['server']) / k:.3f}). The flow's process was on a core {busy:.0%} of its phase "
-                 f"(its Python runs on one at a time); load average {r.get('load_average', float('nan')):.1f} at the end.")
+                 f"{(b['client'] + b['server']) / k:.3f}). The three used {cores:.2f} of the 2 cores over the phase and "
+                 f"the flow's process was on a core {busy:.0%} of it: {limit} (load average "
+                 f"{r.get('load_average', float('nan')):.1f} at the end).")
     return L
 
 
