@@ -19,6 +19,8 @@ ceiling over both APIs (issue 16).
    (25 shards: the phase is about the steady state, not the last shard running alone), openai-completions
    10 k. Both loops are the product's own clients; the stand-in must not be what limits them (its FIFO
    lock once woke all 256 waiting connections at every reply, and the openai ratio swung 0.21-0.86).
+   Beside each, the CPU seconds of the loop, the stand-in, the flow's process and the Prefect API over
+   the same phase (`CpuWatch`): on 2 cores they share the CPU, so a ratio below 0.8 comes with that split.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -148,22 +152,109 @@ def ceiling(workdir: Path, log, n: int, api=None, nemo_n: int | None = None,
             prompts = [json.loads(x)["prompt"] for x in src.read_text().splitlines()]
             with local_server(workdir, f"zero-{api_name}", Cost()) as srv:
                 bare(srv.url, prompts)  # warm-up: the simulated engine's vocabulary grows on first sight
+                server_cpu, mine = _cpu(srv.proc.pid), time.process_time()
                 loop = bare(srv.url, prompts)
+                bare_cpu = {"client": time.process_time() - mine, "server": _cpu(srv.proc.pid) - server_cpu}
+                watch = CpuWatch(srv.proc.pid)
                 env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg"), "NSDG_EXTRA_PROFILES": profiles}
                 params = {"input_uri": str(src), "output_uri": str(workdir / "out"), "run_id": f"ceiling-{api_name}",
                           "profile": profile, "sampling": {"tokens_to_generate": TOKENS, "greedy": True},
                           "shard_size": 2000, "batch_size": 32}
-                run = run_flow(workdir, api, params, settings_env=env, tag=f"ceiling-{api_name}", timeout=900)
+                with watch:
+                    run = run_flow(workdir, api, params, settings_env=env, tag=f"ceiling-{api_name}", timeout=900)
                 if not run.ok:
                     raise RuntimeError(f"ceiling flow {api_name} failed: {run.error}\n{run.stderr_tail}")
                 manifest = json.loads(Path(run.result["manifest"]).read_text())
+                parts = manifest["parts"]  # the generation phase, as the manifest's parts ran it
+                flow_cpu = watch.between(min(p["started_at"] for p in parts), max(p["finished_at"] for p in parts))
                 flow = manifest["throughput"].get("records_per_s")
                 out[api_name] = {"records": records, "bare_records_per_s": loop, "flow_generation_records_per_s": flow,
                                  "flow_generation_s": manifest["timings_s"].get("generation"),
-                                 "flow_whole_call_records_per_s": records / run.seconds, "ratio": flow / loop if flow else None}
+                                 "flow_whole_call_records_per_s": records / run.seconds, "ratio": flow / loop if flow else None,
+                                 "cpu_s": {"bare": bare_cpu, "flow": flow_cpu}, "load_average": os.getloadavg()[0]}
                 log(f"ceiling {api_name} ({records} records): bare loop {loop:.0f} rec/s, flow (generation phase) {flow:.0f} rec/s, "
                     f"ratio {out[api_name]['ratio']:.2f}; whole call {records / run.seconds:.0f} rec/s")
     return out
+
+
+def _cpu(pid: int) -> float:
+    """A process's CPU seconds so far (user + system)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+class CpuWatch(threading.Thread):
+    """CPU seconds of the stand-in server, the flow's child process and the Prefect API server (this
+    process's children, told apart by their command lines), sampled every `every_s` with the wall
+    clock while a flow runs, so that the generation phase's share is read off afterwards."""
+
+    def __init__(self, server_pid: int, every_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.server_pid, self.every_s = server_pid, every_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._quit = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._quit.wait(self.every_s):
+            row = {"server": 0.0, "flow_process": 0.0, "api": 0.0}
+            for proc in me.children(recursive=True):
+                try:
+                    cmd, times = " ".join(proc.cmdline()), proc.cpu_times()
+                except psutil.Error:  # gone between the listing and the read
+                    continue
+                who = ("server" if proc.pid == self.server_pid else "flow_process" if "benchmarks.flow_child" in cmd
+                       else "api" if "prefect" in cmd or "uvicorn" in cmd else None)
+                if who:
+                    row[who] += times.user + times.system
+            self.samples.append((time.time(), row))
+
+    def __enter__(self) -> "CpuWatch":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._quit.set()
+        self.join()
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each spent from `start` to `end` (wall clock), to the nearest samples."""
+        if not self.samples:
+            return {}
+        first = min(self.samples, key=lambda s: abs(s[0] - start))[1]
+        last = min(self.samples, key=lambda s: abs(s[0] - end))[1]
+        return {k: last[k] - first[k] for k in first} | {"seconds": end - start}
+
+
+def findings(res: dict) -> list[str]:
+    """A ceiling below 0.8, read against the CPU each process spent (issue 28): on 2 cores the flow's
+    process, the stand-in server and the Prefect API share the CPU, and the flow's process runs its
+    Python on one core at a time (the GIL)."""
+    L = []
+    for api_name in ("nemo-generate", "openai-completions"):
+        r = res["ceiling"].get(api_name, {})
+        cpu, k = r.get("cpu_s"), r.get("records", 0) / 1000
+        if not cpu or not k or not cpu["flow"] or (r.get("ratio") or 0) >= 0.8:
+            continue
+        b, f = cpu["bare"], cpu["flow"]
+        busy = f["flow_process"] / f["seconds"] if f["seconds"] > 0 else float("nan")
+        cores = (f["flow_process"] + f["server"] + f["api"]) / f["seconds"] if f["seconds"] > 0 else float("nan")
+        limit = ("the 2 cores, shared by the three, were the limit" if cores >= 1.8 else
+                 "the flow's process, its Python on one core at a time, was the limit" if busy >= 0.9 else
+                 "neither the cores nor the flow's process was saturated by these three: the rest went in "
+                 "waiting (for a reply, or for a core that other processes held)")
+        L.append(f"- **{api_name} ceiling {r['ratio']:.2f} < 0.8.** CPU seconds per 1,000 records in the generation "
+                 f"phase: the flow's process {f['flow_process'] / k:.3f}, the stand-in {f['server'] / k:.3f}, the Prefect "
+                 f"API {f['api'] / k:.3f} (together {(f['flow_process'] + f['server'] + f['api']) / k:.3f}); the bare "
+                 f"loop {b['client'] / k:.3f} and the stand-in {b['server'] / k:.3f} (together "
+                 f"{(b['client'] + b['server']) / k:.3f}). The three used {cores:.2f} of the 2 cores over the phase and "
+                 f"the flow's process was on a core {busy:.0%} of it: {limit} (load average "
+                 f"{r.get('load_average', float('nan')):.1f} at the end).")
+    return L
 
 
 def markdown(res: dict) -> str:
@@ -194,6 +285,8 @@ def markdown(res: dict) -> str:
         r = res["ceiling"][api_name]
         L.append(f"| {api_name} ({r.get('records', res['ceiling']['n'])} records) | {r['bare_records_per_s']:.0f} | "
                  f"{r['flow_generation_records_per_s']:.0f} | {r['ratio']:.2f} |")
+    if notes := findings(res):
+        L += ["", *notes, ""]
     return "\n".join(L) + "\n"
 
 

@@ -248,14 +248,16 @@ def rollover_figures(rollovers: dict) -> dict:
 
 
 def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, samples: int) -> int:
-    """Shard tasks kept running per replica. nemo-generate: one request per shard task at a time, so
-    `in_flight` of them (one computing, one queued). openai-completions: `in_flight` counts requests,
+    """Shard tasks kept running per replica. nemo-generate: one request per shard task at a time,
+    `in_flight` of them open (one computing, one queued) through the replica's client, which bounds
+    them (infra/engines/nemo.py); one shard task more waits for a slot, so a shard parsing a reply or
+    publishing its part never leaves the server short. openai-completions: `in_flight` counts requests,
     which the replica's client pool keeps open across its shards (infra/engines/openai.py); enough
     shards run to fill it, plus one so a shard's tail never leaves the engine short (capped: the
     flow's task runner has 8 threads)."""
     in_flight = settings.in_flight(profile)
     if settings.api(profile) == "nemo-generate":
-        return in_flight
+        return in_flight + 1
     return max(2, min(6, -(-in_flight // max(1, shard_size * samples)) + 1))
 
 

@@ -189,9 +189,10 @@ def reject_record(rec: Record, exc: RequestRejected, shard: int, sample: int = 0
 def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, breaker: Breaker | None = None,
                            tally: RowTally | None = None, spill: Spill | None = None) -> list[Result]:
     """One result per (record, sample), record-major (row i * samples + s), through whichever API
-    the client speaks (infra/engines/batch.py); each result counts in the breaker and the tally as
-    it comes in. With a spill, the results it kept are not asked again (nor counted in the breaker
-    a second time), and each request's results are appended to it once all are in."""
+    the client speaks (infra/engines/batch.py); each result counts in the breaker as it comes in, and
+    each request's rows in the tally once all are in. With a spill, the results it kept are not asked
+    again (nor counted in the breaker a second time), and each request's results are appended to it
+    once all are in."""
     size = len(shard.records) * job.samples
     done = {p: result_from_json(r) for p, r in (spill.kept if spill is not None else {}).items() if 0 <= p < size}
     batch = PromptBatch([r.prompt for r in shard.records], job.sampling, job.prompt_format, job.samples, shard.index,
@@ -199,21 +200,21 @@ def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, brea
                         output_schema=job.structured.schema if job.structured is not None else None)
 
     def record(result: Result) -> None:
-        if breaker is not None:
-            ok = isinstance(result, GeneratedText)
-            breaker.record(ok, None if ok else str(result.body))  # type: ignore[union-attr]
-        if tally is not None:
-            tally.generated(shard.index)
+        ok = isinstance(result, GeneratedText)
+        breaker.record(ok, None if ok else str(result.body))  # type: ignore[union-attr]
 
     def keep(results: list[tuple[int, Result]]) -> None:
-        spill.append([(p, result_to_json(r)) for p, r in results])  # type: ignore[union-attr]
+        if spill is not None:
+            spill.append([(p, result_to_json(r)) for p, r in results])
+        if tally is not None:  # per request, not per row: a request's rows come in together anyway
+            tally.generated(shard.index, len(results))
 
     if tally is not None:
         tally.started(shard.index)
         if done:
             tally.generated(shard.index, len(done))
-    return client.generate_batch(batch, record if breaker is not None or tally is not None else None,
-                                 keep if spill is not None else None)
+    return client.generate_batch(batch, record if breaker is not None else None,
+                                 keep if spill is not None or tally is not None else None)
 
 
 def spill_header(store: OutputStore, shard: Shard, job: ShardJob) -> dict:

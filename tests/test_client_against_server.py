@@ -144,3 +144,42 @@ def test_crashed_server_is_transient_and_port_closed(tmp_path):
             client.generate(["hi"], GREEDY)
         proc.wait(timeout=10)
         assert not client.port_open()
+
+
+def test_the_replicas_requests_in_flight_are_bounded_whichever_shard_threads_send_them(tmp_path):
+    """The flow runs one shard task more than `in_flight` (flows/generate.py shard_tasks_per_replica):
+    the spare one waits for a slot, so at most `max_in_flight` requests are open at the server."""
+    import concurrent.futures
+    import threading
+
+    client = NemoClient("http://unused", max_in_flight=2)
+    open_now, most, lock = [0], [0], threading.Lock()
+    send = client.send
+
+    def counted(*a, **kw):  # the transport, counted around: the server is the real local one
+        with lock:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+        try:
+            return send(*a, **kw)
+        finally:
+            with lock:
+                open_now[0] -= 1
+
+    client.send = counted
+    with running_server(tmp_path, *SIM, "--extra-latency", "0.2") as (url, _):
+        client.base_url = url
+        with concurrent.futures.ThreadPoolExecutor(3) as shards:  # three shard tasks, one request each at a time
+            replies = list(shards.map(lambda i: client.generate([f"Prompt {i}"], GREEDY), range(6)))
+    assert [r[0].prompt for r in replies] == [f"Prompt {i}" for i in range(6)]
+    assert most[0] == 2
+
+
+def test_a_request_waiting_for_a_slot_of_a_released_replica_is_lost_not_sent(tmp_path):
+    from infra.errors import ServerLost
+
+    client = NemoClient("http://127.0.0.1:9", max_in_flight=1)
+    with client.limit.slot(60):  # the one slot is held by a request open elsewhere
+        client.close()  # the replica is released
+        with pytest.raises(ServerLost, match="released"):
+            client.generate(["Hello"], GREEDY)

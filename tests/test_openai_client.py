@@ -285,7 +285,8 @@ def test_shard_tasks_per_replica_keep_the_request_pool_fed(monkeypatch, tmp_path
 
     settings = local_settings(monkeypatch, tmp_path)
     nemo, vllm = Profile(backend="local"), Profile(backend="local", engine="vllm")
-    assert shard_tasks_per_replica(settings, nemo, 4000, 1) == 2  # shard tasks = requests: one computing, one queued
+    # Two requests open (one computing, one queued; the client bounds them), and one shard task more waiting for a slot.
+    assert shard_tasks_per_replica(settings, nemo, 4000, 1) == 3
     assert shard_tasks_per_replica(settings, vllm, 4000, 1) == 2  # one shard fills 256; one more for its tail
     assert shard_tasks_per_replica(settings, vllm, 100, 1) == 4  # 256 requests need 3 shards of 100, plus one
     assert shard_tasks_per_replica(settings, vllm, 10, 2) == 6  # capped: the flow's task runner has 8 threads

@@ -27,7 +27,8 @@ def make_client(settings: Settings, url: str, counter: TokenCounter = ByteEstima
                             backoff=Backoff(tries=s.throttle_tries, wait_s=s.throttle_wait_s))
     return NemoClient(url, connect_timeout=s.connect_timeout_s, read_timeout=s.read_timeout_s,
                       context_length=settings.model.context_length, count_tokens=counter.count,
-                      echo=counter.round_trip, keep_first=counter.keep_first if counter.exact else None)
+                      echo=counter.round_trip, keep_first=counter.keep_first if counter.exact else None,
+                      max_in_flight=settings.in_flight(profile))
 
 
 def wait_until_ready(backend: Backend, settings: Settings, *, timeout: float | None = None,

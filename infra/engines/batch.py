@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Union
 
 from infra.engines.completion import Completion
@@ -64,10 +64,17 @@ def where(line: int | None) -> str:
     return "(judge)" if line is None else f"at input line {line}"
 
 
+_GENERATED_FIELDS = tuple(f.name for f in fields(GeneratedText))
+_COMPLETION_FIELDS = tuple(f.name for f in fields(Completion))
+
+
 def result_to_json(result: Result) -> dict:
     """A result as a spill keeps it: every field, so that `result_from_json` gives it back equal."""
     if isinstance(result, GeneratedText):
-        return {**asdict(result), "completion": asdict(result.completion)}
+        # Field by field, as asdict gives them (every field is a scalar but the completion): asdict's
+        # deep copy cost ~13 µs a row, a third of the flow's own work per request on a fast engine.
+        return {f: getattr(result, f) for f in _GENERATED_FIELDS} | {
+            "completion": {f: getattr(result.completion, f) for f in _COMPLETION_FIELDS}}
     body = result.body
     try:
         json.dumps(body)

@@ -4,11 +4,19 @@ Everything is validated before sending, because a malformed request can hang all
 server (an empty list or a non-string item raises inside generation after the ranks have
 synchronised). The transport is a `requests.Session` passed in, with explicit connect and read
 timeouts on every call.
+
+A shard sends its requests one at a time, so a kill loses at most its one request in flight. The
+replica's requests in flight are bounded here (`max_in_flight`, the flow's `in_flight`, shared by
+every shard of the replica), not by the number of shard tasks: the flow runs one shard task more
+than that, and the spare one waits for a slot. So while a shard parses a reply, appends it to its
+spill, or publishes its part, another shard's request takes its slot and the server is never left
+with fewer requests than `in_flight` between two of a shard's requests or between two shards.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,6 +35,7 @@ from infra.errors import (
     ValidationRejected,
 )
 from infra.engines.http import HttpClient
+from infra.engines.throttle import InFlightLimit
 from infra.prompting.prompt_format import PromptFormat
 from infra.prompting.samples import sample_batches
 from infra.prompting.sampling import MAX_BATCH, SamplingParams
@@ -65,42 +74,44 @@ def _row_offsets(reply: dict, i: int, start: int) -> tuple[list[int] | None, int
     return [o for o in row if isinstance(o, int) and o >= start], end
 
 
-def _stopped_on_special_token(offsets: list[int] | None, end: int | None, start: int) -> bool:
-    """A generated token that takes no room at the text's end: the row stopped on an EOS or an
-    end-of-turn special token (the echo drops it, so the end string is not in the text)."""
-    return offsets is not None and end is not None and end > start and any(o >= end for o in offsets)
+def _row_tokens(reply: dict, i: int, start: int) -> tuple[bool, int, list[int] | None]:
+    """Row i's generated tokens, read from its offsets in one pass: (whether it stopped on a special
+    token, how many tokens it generated, where those that take room in its text begin; None
+    without offsets).
 
-
-def _text_token_starts(offsets: list[int] | None, end: int | None) -> list[int] | None:
-    """Where row i's generated tokens that take room in its text begin (None without offsets)."""
-    if offsets is None:
-        return None
-    return [o for o in offsets if end is None or o < end]
-
-
-def _count_generated_tokens(offsets: list[int] | None, end: int | None) -> int:
-    """Tokens the row generated: those whose text starts at or after `start`, plus the token it
-    stopped on. Special tokens take no room in the text, so the stop token (an EOS or an end of
-    turn) and the EOS fill of rows that finished before the batch's longest all sit at the text's
-    end: count one of them, not the fill."""
-    if offsets is None:
-        return 0
+    Special tokens take no room in the text, so the stop token (an EOS or an end of turn) and the
+    EOS fill of rows that finished before the batch's longest all sit at the text's end: a token
+    there means the row stopped on one (the echo drops it, so the end string is not in the text),
+    and it counts as one generated token, the fill as none."""
+    row, end = _row_offsets(reply, i, start)  # the generated tokens: their text starts at or after `start`
+    if row is None:
+        return False, 0, None
     if end is None:
-        return len(offsets)
-    return sum(1 for o in offsets if o < end) + (1 if any(o >= end for o in offsets) else 0)
+        return False, len(row), row
+    starts = [o for o in row if o < end]
+    past_end = len(starts) < len(row)
+    return end > start and past_end, len(starts) + past_end, starts
 
 
 class NemoClient(HttpClient):
     api = "nemo-generate"
 
     def __init__(self, base_url: str, *, echo: Callable[[str], str] = lambda text: text,
-                 keep_first: Callable[[str, int], str] | None = None, **kw):
+                 keep_first: Callable[[str, int], str] | None = None, max_in_flight: int | None = None, **kw):
         """`keep_first`: the run's tokenizer's TokenCounter.keep_first, which cuts a row to
         tokens_to_generate in its tokens (with `count_tokens` its count); without one (no
-        tokenizer here) the cut is on the server's own token offsets."""
+        tokenizer here) the cut is on the server's own token offsets. `max_in_flight`: the most
+        requests open at once through this client, whichever threads send them (None: no bound)."""
         super().__init__(base_url, **kw)
         self.echo = echo
         self.keep_first = keep_first
+        self.limit = InFlightLimit(max_in_flight, self.base_url) if max_in_flight else None
+
+    def close(self) -> None:
+        """The replica is released: a request waiting for a slot fails with ServerLost (its shard goes
+        back to the queue); the requests open finish or fail on their own."""
+        if self.limit is not None:
+            self.limit.close()
 
     @property
     def generate_url(self) -> str:
@@ -118,9 +129,17 @@ class NemoClient(HttpClient):
     def generate_raw(self, prompts: list[str], sampling: SamplingParams, *, read_timeout: float | None = None) -> dict:
         validate_batch(prompts, sampling, self.context_length, self.count_tokens)
         body = {"sentences": list(prompts), **sampling.request_fields()}
-        resp = self.send("PUT", self.generate_url, body, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
-                         hung="the server may be hung (a hung NeMo server never answers)")
+        with self._slot(read_timeout):  # the reply read (requests reads it whole), not its parsing
+            resp = self.send("PUT", self.generate_url, body, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
+                             hung="the server may be hung (a hung NeMo server never answers)")
         return self._parse(resp, len(prompts))
+
+    def _slot(self, read_timeout: float | None):
+        """One of the replica's `max_in_flight` request slots. No request holds one longer than a
+        connect plus a read timeout, so a wait longer than that for one to free is a hung server."""
+        if self.limit is None:
+            return contextlib.nullcontext()
+        return self.limit.slot(self.connect_timeout + max(self.read_timeout, read_timeout or 0.0))
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
         try:
@@ -166,13 +185,11 @@ class NemoClient(HttpClient):
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             if completion.prompt_match != "exact":
                 log.warning("prompt %d did not round-trip through the tokenizer; stripped by %s match", i, completion.prompt_match)
-            start = completion.generated_from
-            offsets, end = _row_offsets(reply, i, start)
-            stop_token = _stopped_on_special_token(offsets, end, start)
+            stop_token, generated, starts = _row_tokens(reply, i, completion.generated_from)
             if completion.finish_reason == "length" and stop_token:
                 completion = replace(completion, finish_reason="end_string")
-            gen = GeneratedText(prompt, completion, _count_generated_tokens(offsets, end))
-            out.append(self._capped(gen, sentences[i], _text_token_starts(offsets, end), stop_token, sampling))
+            gen = GeneratedText(prompt, completion, generated)
+            out.append(self._capped(gen, sentences[i], starts, stop_token, sampling))
         return out
 
     def generate_batch(self, batch: PromptBatch, on_result: OnResult | None = None,
