@@ -13,8 +13,8 @@ from benchmarks.faults import local_env, local_servers
 from tests.test_pipeline_flow import PIPELINE, STAGES, run_cli
 
 pytestmark = pytest.mark.integration
-TOPICS = 8
-SHARD = 2  # 4 shards of words: its children's shards come while its later shards are still to do
+TOPICS = 16
+SHARD = 2  # 8 shards of words: its children's shards come while its later shards are still to do (3 shard tasks at once)
 
 
 def setup(workdir, prefect_server) -> tuple[dict, list[str]]:
