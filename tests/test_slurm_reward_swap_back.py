@@ -21,32 +21,16 @@ from infra.slurm.client import SlurmClient
 from tests.slurm_reward_cluster import nothing_left, set_up_reward_run, steps_seen
 from tests.test_slurm_flow import our_jobs
 from tests.test_slurm_pipeline import job_record
+from tests.test_slurm_reward_swap import PIPELINE as SWAP_PIPELINE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
-PIPELINE = """\
-input: topics.jsonl
-servers:
-  main: {profile: test1x8}
-  rm: {engine: nemo-aligner, swap_with: main, port: RM_PORT}
-defaults:
-  prompt_format: raw
-  sampling: {temperature: 0.8, random_seed: 5, tokens_to_generate: 6}
-  batch_size: 4
-  filters: {drop_truncated: false}
-stages:
-  - name: answers
-    recipe: {prompt_template: "Answer about {{ topic }}:", samples_per_prompt: 2}
-  - name: rm
-    from: answers
-    kind: reward
-    reward: {weights: {helpfulness: 0.3, correctness: 0.74}, batch_size: 3}
+# The swap test's pipeline (every answer kept), then a generating stage that reads the reward stage.
+PIPELINE = SWAP_PIPELINE.replace(", keep_if: {helpfulness: 1.0}", "") + """\
   - name: followups
     from: rm
     recipe: {prompt_template: "Ask a follow-up to {{ completion }} (scored {{ reward.helpfulness }}):"}
 """
-
-
 
 
 def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_cluster, prefect_harness, pytriton_env,
