@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from collections import Counter
 
 import pytest
@@ -17,11 +16,8 @@ import pytest
 from infra.reward.client import PROBE_TEXT
 from infra.reward.conversation import format_conversation
 from infra.slurm.client import SlurmClient
-from tests.fixtures_reward import REPO, _libdir
-from tests.fixtures_slurm import slurm_test_env
-from tests.ports import free_port
-from tests.test_slurm_flow import our_jobs
-from tests.test_slurm_reward_swap import PIPELINE, nothing_left
+from tests.slurm_reward_cluster import nothing_left, sampled_jobs, set_up_reward_run
+from tests.test_slurm_reward_swap import PIPELINE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
@@ -31,43 +27,22 @@ RESIDENT = PIPELINE.replace("rm: {engine: nemo-aligner, swap_with: main, port: R
 
 def sampled(run) -> tuple[set[str], list[dict[str, str]]]:
     """`run()` while `squeue -s` is sampled: the run's jobs, and each sample's {step name: node}."""
-    jobs: set[str] = set()
     samples: list[dict[str, str]] = []
-    stop = threading.Event()
 
-    def watch():
-        while not stop.wait(0.3):
-            for job in our_jobs("resident"):
-                jobs.add(job.job_id)
-                out = subprocess.run(["squeue", "-h", "-s", "-j", job.job_id, "-o", "%j|%N"], capture_output=True,
-                                     text=True, timeout=30, check=False).stdout
-                seen = dict(line.split("|", 1) for line in out.split() if line.startswith("nsdg-"))
-                if seen:
-                    samples.append(seen)
+    def sample(job_id: str) -> None:
+        out = subprocess.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%j|%N"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+        if seen := dict(line.split("|", 1) for line in out.split() if line.startswith("nsdg-")):
+            samples.append(seen)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        run()
-    finally:
-        stop.set()
-        watcher.join(10)
-    return jobs, samples
+    return sampled_jobs("resident", run, sample), samples
 
 
 def test_both_servers_resident_in_one_slurm_job_on_their_own_nodes_nothing_left(slurm_cluster, prefect_harness,
                                                                                 pytriton_env, workdir, monkeypatch):
     from flows.pipeline import pipeline
 
-    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
-    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
-               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
-    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
-                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
-        monkeypatch.setenv(name, value)
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(4)))
-    (workdir / "pipeline.yaml").write_text(RESIDENT.replace("RM_PORT", str(rm_port)))
+    rm_port, scored_log = set_up_reward_run(workdir, monkeypatch, pytriton_env, RESIDENT)
     jobs, samples = sampled(lambda: pipeline("pipeline.yaml", run_id="resident", output_uri=str(workdir / "out")))
     run_dir = workdir / "out" / "resident"
     manifest = json.loads((run_dir / "manifest.json").read_text())

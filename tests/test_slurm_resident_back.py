@@ -14,11 +14,8 @@ import pytest
 
 from infra.reward.client import PROBE_TEXT
 from infra.slurm.client import SlurmClient
-from tests.fixtures_reward import REPO, _libdir
-from tests.fixtures_slurm import slurm_test_env
-from tests.ports import free_port
-from tests.test_slurm_reward_swap import nothing_left
-from tests.test_slurm_reward_swap_back import PIPELINE, watched_steps
+from tests.slurm_reward_cluster import nothing_left, set_up_reward_run, steps_seen
+from tests.test_slurm_reward_swap_back import PIPELINE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
@@ -35,17 +32,9 @@ def test_a_stage_after_the_reward_stage_uses_the_resident_generator_in_the_same_
                                                                                    pytriton_env, workdir, monkeypatch):
     from flows.pipeline import pipeline
 
-    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
-    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
-               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
-    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
-                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
-        monkeypatch.setenv(name, value)
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(4)))
-    (workdir / "pipeline.yaml").write_text(RESIDENT.replace("RM_PORT", str(rm_port)))
+    rm_port, scored_log = set_up_reward_run(workdir, monkeypatch, pytriton_env, RESIDENT)
     client = SlurmClient()
-    jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
+    jobs, steps = steps_seen(client, "back", lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
     run_dir = workdir / "out" / "back"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     answers, rm, followups, pairs = manifest["stages"]

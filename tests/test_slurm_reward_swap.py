@@ -9,22 +9,15 @@ server's GPU-hours, the swap's seconds)."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import threading
 from collections import Counter
 
 import pytest
 
-from infra.deadline import Deadline, poll_until
 from infra.reward.client import PROBE_TEXT
 from infra.reward.conversation import format_conversation
 from infra.slurm.client import SlurmClient
-from tests.fixtures_reward import REPO, _libdir
-from tests.fixtures_slurm import slurm_test_env
-from tests.ports import free_port
+from tests.slurm_reward_cluster import nothing_left, set_up_reward_run, steps_seen
 from tests.test_slurm_flow import our_jobs
-from tests.test_slurm_pipeline import job_record
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
@@ -48,72 +41,21 @@ stages:
 """
 
 
-def standin_processes(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, timeout=30, check=False).stdout
-    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
-def watched(client: SlurmClient, run) -> tuple[set[str], list[str]]:
-    """`run()` while squeue is sampled: the run's jobs, and its steps' names in the order first listed."""
-    jobs: set[str] = set()
-    steps: list[str] = []
-    stop = threading.Event()
-
-    def watch():
-        while not stop.wait(0.3):
-            for job in our_jobs("swap"):
-                jobs.add(job.job_id)
-                for _, name in client.steps(job.job_id):
-                    if name.startswith("nsdg-") and name not in steps:
-                        steps.append(name)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        run()
-    finally:
-        stop.set()
-        watcher.join(10)
-    return jobs, steps
 
 
-def nothing_left(client: SlurmClient, job_id: str, scored_log, port: int, run_id: str = "swap") -> None:
-    """No job, no step, no stand-in process (its Python, by the log it writes; Triton's server, by its port)."""
-    assert not our_jobs(run_id) and not client.steps(job_id)
-    assert job_record(job_id)["state"].startswith("CANCELLED")
-
-    def left() -> list[str]:
-        return standin_processes(str(scored_log)) + [p for p in standin_processes("tritonserver") if str(port) in p]
-
-    poll_until(lambda: True if not left() else None, deadline=Deadline(30), interval=0.5,
-               what="the reward stand-in's processes to end", describe_last=lambda: str(left()))
-    # Nothing listens on the reward port either: Triton's server can outlive the stand-in's Python for a
-    # moment under a name without the port, and a rerun's reward step would then find its port taken.
-    poll_until(lambda: True if not listening(port) else None, deadline=Deadline(30), interval=0.5,
-               what=f"the reward port {port} to be free", describe_last=lambda: f"port {port} still answers")
 
 
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluster, prefect_harness, pytriton_env,
                                                                     workdir, monkeypatch):
     from flows.pipeline import pipeline
 
-    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
-    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
-               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
-    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
-                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
-        monkeypatch.setenv(name, value)
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(4)))
-    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
+    rm_port, scored_log = set_up_reward_run(workdir, monkeypatch, pytriton_env, PIPELINE)
     client = SlurmClient()
-    jobs, steps = watched(client, lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
+    jobs, steps = steps_seen(client, "swap", lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
     run_dir = workdir / "out" / "swap"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     answers, rm = manifest["stages"]
@@ -121,7 +63,7 @@ def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluste
     # One job, queued once (one sbatch, one job directory), whose steps were the generator's then the reward's.
     [job_id] = {j for s in ("answers",) for j in json.loads((run_dir / "stages" / s / "manifest.json").read_text())
                 ["slurm_job_ids"]}
-    assert jobs == {job_id} and steps == ["nsdg-generator", "nsdg-reward"], (jobs, steps)
+    assert jobs == {job_id} and [n for _, n in steps] == ["nsdg-generator", "nsdg-reward"], (jobs, steps)
     [job_dir] = list((workdir / "jobs" / "swap").iterdir())
     sbatch = (job_dir / "sbatch.sh").read_text()  # the rendered job shows the plan: both steps, one allocation
     assert "srun --job-name=nsdg-generator" in sbatch and "srun --job-name=nsdg-reward" in sbatch
@@ -154,10 +96,10 @@ def test_generator_then_reward_server_in_one_slurm_job_nothing_left(slurm_cluste
     # Another reward checkpoint on a rerun: nothing to generate, so ONE job whose only step is the
     # reward server's (its request written before sbatch); every row scored again, once.
     (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", f"{rm_port}, model_path: /models/rm-v2"))
-    again, steps2 = watched(client, lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
+    again, steps2 = steps_seen(client, "swap", lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
     rm2 = json.loads((run_dir / "manifest.json").read_text())["stages"][1]
     [job2] = again
-    assert job2 != job_id and steps2 == ["nsdg-reward"], (again, steps2)
+    assert job2 != job_id and [n for _, n in steps2] == ["nsdg-reward"], (again, steps2)
     assert [j["job_id"] for j in rm2["reward"]["allocation"]["jobs"]] == [job2]
     assert rm2["reward"]["allocation"]["generator_gpu_hours"] == 0 and rm2["reward"]["parts_scored"] >= 1
     scored = [json.loads(line)["text"] for line in scored_log.read_text().splitlines()]
@@ -171,15 +113,10 @@ def test_a_reward_server_that_fails_to_start_stops_the_run_with_nothing_left(slu
     from infra.errors import ServerLost
 
     failing = ["bash", "-c", "echo 'reward checkpoint not found' >&2; exit 3"]
-    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
-                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(failing)}.items():
-        monkeypatch.setenv(name, value)
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(2)))
-    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(free_port())))
+    set_up_reward_run(workdir, monkeypatch, None, PIPELINE, topics=2, reward_command=failing)
     client = SlurmClient()
     with pytest.raises(ServerLost) as caught:
-        watched(client, lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
+        steps_seen(client, "swap", lambda: pipeline("pipeline.yaml", run_id="swap", output_uri=str(workdir / "out")))
     message = str(caught.value)
     [job_id] = json.loads((workdir / "out" / "swap" / "stages" / "answers" / "manifest.json").read_text())["slurm_job_ids"]
     assert message.startswith("the reward server 'rm' ended before it was ready: Slurm job ") and "FAILED" in message

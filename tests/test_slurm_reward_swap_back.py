@@ -18,75 +18,28 @@ import pytest
 from infra.reward.client import PROBE_TEXT
 from infra.reward.conversation import format_conversation
 from infra.slurm.client import SlurmClient
-from tests.fixtures_reward import REPO, _libdir
-from tests.fixtures_slurm import slurm_test_env
-from tests.ports import free_port
+from tests.slurm_reward_cluster import nothing_left, set_up_reward_run, steps_seen
 from tests.test_slurm_flow import our_jobs
 from tests.test_slurm_pipeline import job_record
-from tests.test_slurm_reward_swap import nothing_left
+from tests.test_slurm_reward_swap import PIPELINE as SWAP_PIPELINE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
-PIPELINE = """\
-input: topics.jsonl
-servers:
-  main: {profile: test1x8}
-  rm: {engine: nemo-aligner, swap_with: main, port: RM_PORT}
-defaults:
-  prompt_format: raw
-  sampling: {temperature: 0.8, random_seed: 5, tokens_to_generate: 6}
-  batch_size: 4
-  filters: {drop_truncated: false}
-stages:
-  - name: answers
-    recipe: {prompt_template: "Answer about {{ topic }}:", samples_per_prompt: 2}
-  - name: rm
-    from: answers
-    kind: reward
-    reward: {weights: {helpfulness: 0.3, correctness: 0.74}, batch_size: 3}
+# The swap test's pipeline (every answer kept), then a generating stage that reads the reward stage.
+PIPELINE = SWAP_PIPELINE.replace(", keep_if: {helpfulness: 1.0}", "") + """\
   - name: followups
     from: rm
     recipe: {prompt_template: "Ask a follow-up to {{ completion }} (scored {{ reward.helpfulness }}):"}
 """
 
 
-def watched_steps(client: SlurmClient, run) -> tuple[set[str], list[tuple[str, str]]]:
-    """`run()` while squeue is sampled: the run's jobs, and its steps (id, name) in the order first listed."""
-    jobs: set[str] = set()
-    steps: list[tuple[str, str]] = []
-    stop = threading.Event()
-
-    def watch():
-        while not stop.wait(0.2):
-            for job in our_jobs("back"):
-                jobs.add(job.job_id)
-                steps.extend(s for s in client.steps(job.job_id) if s[1].startswith("nsdg-") and s not in steps)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        run()
-    finally:
-        stop.set()
-        watcher.join(10)
-    return jobs, steps
-
-
 def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_cluster, prefect_harness, pytriton_env,
                                                                       workdir, monkeypatch):
     from flows.pipeline import pipeline
 
-    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
-    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
-               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
-    for name, value in {**slurm_test_env(workdir, free_port(span=4)),
-                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
-        monkeypatch.setenv(name, value)
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(4)))
-    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
+    rm_port, scored_log = set_up_reward_run(workdir, monkeypatch, pytriton_env, PIPELINE)
     client = SlurmClient()
-    jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
+    jobs, steps = steps_seen(client, "back", lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
     run_dir = workdir / "out" / "back"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     answers, rm, followups = manifest["stages"]
@@ -130,7 +83,7 @@ def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_clu
 
     # A rerun finds every stage done (the follow-ups' input, the reward stage's rows, read again the same):
     # nothing submitted, nothing scored or generated again.
-    again, _ = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
+    again, _ = steps_seen(client, "back", lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out")))
     rerun = json.loads((run_dir / "manifest.json").read_text())
     assert not again and rerun["server_launches"] == 0 and rerun["stages"][1]["reward"]["parts_scored"] == 0
     assert [json.loads(line) for line in (run_dir / "stages" / "followups" / "rows.jsonl").read_text().splitlines()] == follow
@@ -144,16 +97,8 @@ def test_a_generator_step_lost_after_the_way_back_is_replaced_by_a_new_job(slurm
     with a new job (a second queue wait: what a lost step costs), and every follow-up row is there once."""
     from flows.pipeline import pipeline
 
-    rm_port, scored_log = free_port(), workdir / "scored.jsonl"
-    standin = ["env", "PYTHONPATH=", f"LD_LIBRARY_PATH={_libdir(pytriton_env)}", pytriton_env,
-               str(REPO / "tests" / "reward_standin.py"), "{port}", str(scored_log)]
     # Each request answered 0.5 s late, so the follow-ups' shards are still in flight when the step is killed.
-    for name, value in {**slurm_test_env(workdir, free_port(span=4), "--extra-latency", "0.5"),
-                        "NSDG_SERVER__REWARD_COMMAND": json.dumps(standin)}.items():
-        monkeypatch.setenv(name, value)
-    (workdir / "topics.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "topic": f"topic {i}"}) + "\n"
-                                                  for i in range(4)))
-    (workdir / "pipeline.yaml").write_text(PIPELINE.replace("RM_PORT", str(rm_port)))
+    rm_port, scored_log = set_up_reward_run(workdir, monkeypatch, pytriton_env, PIPELINE, "--extra-latency", "0.5")
     client, killed = SlurmClient(), []
     first_part = workdir / "out" / "back" / "stages" / "followups" / "part-00000.jsonl"
 
@@ -170,7 +115,7 @@ def test_a_generator_step_lost_after_the_way_back_is_replaced_by_a_new_job(slurm
     killer = threading.Thread(target=kill_second_generator_step, daemon=True)
     killer.start()
     try:
-        jobs, steps = watched_steps(client, lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out"),
+        jobs, steps = steps_seen(client, "back", lambda: pipeline("pipeline.yaml", run_id="back", output_uri=str(workdir / "out"),
                                                              shard_size=2))
     finally:
         killed.append("stop")

@@ -92,42 +92,29 @@ def test_a_small_batch_or_one_core_is_counted_here(model):
     counter.close()
 
 
-def test_a_killed_worker_is_dropped_and_the_batch_counted_here(model, small_batches_pay):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_worker_is_dropped_and_the_batch_counted_here(model, small_batches_pay, monkeypatch, sig):
+    """Killed: the pool breaks. Stopped (alive, never answering, as a worker deadlocked at fork would
+    be): its share's deadline passes, and it is killed. Either way the batch is counted here, exactly."""
     path, sp = model
     counter = SentencePieceFile(path)
     texts = crafted_texts(300, seed=9)
     exact = [len(ids) for ids in sp.encode(texts)]
     try:
         assert counter.count_within(texts, -1) == exact
-        for pid in counter._words._workers.pids():
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=10)
-        assert counter.count_within(texts, -1) == exact  # the broken pool noticed, the batch counted here
-        assert counter._words._workers is False and not [p for p in children() if not gone(p)]
-    finally:
-        counter.close()
-
-
-
-def test_a_hung_worker_is_killed_at_its_deadline_and_the_batch_counted_here(model, small_batches_pay, monkeypatch):
-    path, sp = model
-    counter = SentencePieceFile(path)
-    texts = crafted_texts(300, seed=11)
-    exact = [len(ids) for ids in sp.encode(texts)]
-    try:
-        assert counter.count_within(texts, -1) == exact
         pids = counter._words._workers.pids()
-        for pid in pids:  # stopped: alive, never answering (as a worker deadlocked at fork would be)
-            os.kill(pid, signal.SIGSTOP)
+        for pid in pids:
+            os.kill(pid, sig)
         monkeypatch.setattr(count_workers, "SHARE_DEADLINE_S", 1.0)
-        assert counter.count_within(texts, -1) == exact  # the share's deadline passed, the batch counted here
+        assert counter.count_within(texts, -1) == exact
         assert counter._words._workers is False
         deadline = time.monotonic() + 10
         while not all(map(gone, pids)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert all(map(gone, pids)), "a stopped worker was left running past its deadline"
+        assert all(map(gone, pids)) and not [p for p in children() if not gone(p)], "a lost worker was left running"
     finally:
         counter.close()
+
 
 PROGRAM = """
 import json, os, signal, sys, time
