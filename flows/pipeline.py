@@ -193,26 +193,34 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
           adopt=None, ended=None) -> Pool:
     """One pool for every stage of a level, sized and launched as the first stage's run would be; with
     a swap, each job carries the reward server's step and the last one released is kept for it; with
-    `held`, the last one released is kept for the pair checks; `adopt`, a job a reward server gave
-    back (its generator's step asked for again), is the first replica's: no new job, no queue wait."""
+    `held`, the last one released is kept for the pair checks; `adopt()` gives the job a reward server
+    kept back (its generator's step asked for again), the first replica's: no new job, no queue wait.
+    It is called at the pool's first launch, inside its run, so any error from then on releases that
+    job with the other replicas (called before, an error on the way to the pool left it held by none)."""
     first = stages[0].run
     prof = first.prof
-    adopted = [adopt] if adopt is not None else []
+    to_adopt = [adopt] if adopt is not None else []
+    adopted: list = []  # the job given back, once taken
+
+    def is_adopted(backend) -> bool:
+        return any(backend is job for job in adopted)
+
     keep = swap.keep if swap else held.keep if held else release
 
     def give_back(backend):
         keep(backend)
-        if backend is adopt and swap is None and ended is not None:
+        if is_adopted(backend) and swap is None and ended is not None:
             ended(backend)  # the adopted job's record (its reward server's nodes) ends with it
 
     def start(backend):
-        if backend is not adopt:
+        if not is_adopted(backend):
             allocate(backend)
         return wait_ready.submit(backend, settings, first.cfg.counter, prof)  # its deadline: the server's readiness
 
     def new_backend(launch: int, i: int):
-        if adopted and i == 0:
-            return adopted.pop()
+        if to_adopt and i == 0 and (job := to_adopt.pop()()) is not None:
+            adopted.append(job)
+            return job
         return make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id), replica=launch, url_index=i,
                             reward_step=swap.step if swap else None)
 
@@ -248,7 +256,7 @@ def generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, ou
             get_run_logger().info("pipeline run %s: stage(s) %s: every shard is already published; nothing to allocate",
                                   run_id, ", ".join(s.name for s in stages))
             return stages, None
-        adopt = keeper.hand_back(settings.server.ready_timeout_s) if keeper is not None else None
+        adopt = (lambda: keeper.hand_back(settings.server.ready_timeout_s)) if keeper is not None else None
         pool = serve(stream, stages, settings, flow_run, run_id, swap, held, adopt, keeper.ended if keeper else None)
         levels[-1] = (stages, pool)
         if held is not None:
