@@ -68,7 +68,8 @@ def test_an_error_before_the_pool_runs_leaves_the_kept_job_with_its_keeper(monke
     monkeypatch.setattr(pipeline, "superseded_store", lambda *a: None)
     keeper = Keeper()
     with pytest.raises(RuntimeError, match="watch failed"):
-        pipeline.generate_level([stage], {stage.name: None}, {}, {stage.name: []}, settings, None, None, "/tmp/x",
-                                "run-1", None, keeper, Held(), lambda: None, [])
+        pipeline.generate_level([stage], asked={stage.name: None}, hashes={}, superseded={stage.name: []},
+                                settings=settings, flow_run=None, lease=None, output_uri="/tmp/x", run_id="run-1",
+                                jobs=pipeline.LevelJobs(adopt_from=keeper, held=Held()), watch=lambda: None, levels=[])
     keeper.release()  # the flow's `finally` (swap.release())
     assert keeper.released == ["job-7"], f"handed back {keeper.handed} time(s) and released by no one"
