@@ -43,8 +43,9 @@ class ResidentKeeper(SwapKeeper):
         reward = getattr(getattr(backend, "spec", None), "reward", None)
         last = self.swaps[-1] if self.swaps else None
         if last is not None and last["job_id"] == backend.job_id and "released_at" not in last and self.kept is None:
-            # The job given back to a later level's generation (hand_back), released by its pool again.
-            if backend.dead_reason() is not None:
+            # The job given back to a later level's generation (hand_back), released by its pool again;
+            # kept again only as a first keep would be (its time limit would cut the scoring short).
+            if backend.dead_reason() is not None or backend.scheduled_end() is not None:
                 self._release(backend)
                 last["released_at"] = time.time()
                 return
@@ -80,7 +81,9 @@ class ResidentKeeper(SwapKeeper):
         job = self.kept
         if job is None:
             return None
-        if job.dead_reason() is not None or job.scheduled_end() is not None:
+        if (dead := job.dead_reason()) is not None or job.scheduled_end() is not None:
+            log.warning("Slurm job %s is not given back to the generator (%s); a new job is submitted", job.job_id,
+                        dead or "its time limit is near")
             self.release()
             return None
         self.kept, rec, now = None, self.swaps[-1], time.time()
