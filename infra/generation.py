@@ -274,8 +274,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     fence = getattr(getattr(store, "lease", None), "check_held", None)
     with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence) as spill:
         if spill.kept and spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
-            plan, line = resume_plan(spill.plan, header["plan"], seeded=job.sampling.random_seed is not None,
-                                     shard=shard.index)
+            # Only NeMo's requests are batches whose seeds follow the plan; OpenAI's are one prompt each.
+            plan, line = resume_plan(spill.plan, header["plan"], shard=shard.index,
+                                     seeded=job.sampling.random_seed is not None and client.api == "nemo-generate")
             log.warning(line)
             if plan is None:
                 spill.restart()

@@ -72,6 +72,29 @@ def test_a_spill_of_another_window_is_finished_with_its_own_and_one_of_another_c
 def test_unseeded_results_are_kept_whatever_the_plan_and_an_unrecorded_plan_is_not_guessed():
     ours = plan_identity(4, 3)
     plan, line = resume_plan(plan_identity(4, 1), ours, seeded=False, shard=2)
-    assert plan is ours and "kept" in line
+    assert plan is ours and "results are kept" in line
     plan, line = resume_plan(None, ours, seeded=True, shard=2)  # a spill from before plans were recorded
     assert plan is None and "unrecorded plan" in line and "shard 2 is generated again" in line
+
+
+def test_openai_results_are_kept_under_another_plan_their_seeds_follow_no_batch(tmp_path, caplog):
+    """One prompt a request, seeded from (seed, shard, prompt, sample): a plan changes none of them."""
+    caplog.set_level(logging.INFO, logger="infra.generation")
+    clean, cut = LocalOutputStore(tmp_path / "clean"), LocalOutputStore(tmp_path / "cut")
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    with running_server(tmp_path / "a", *SIM) as (url, _):
+        run_shard(make_client("openai", url), SHARD, WRITTEN, clean)
+    with running_server(tmp_path / "b", *SIM, "--fault-crash-after", "3") as (url, _):
+        with pytest.raises(ServerError):
+            run_shard(make_client("openai", url), SHARD, WRITTEN, cut)
+    path = tmp_path / "cut" / spill_name(SHARD.name)
+    header, *rest = path.read_text().splitlines()
+    header = json.loads(header) | {"plan": {**json.loads(header)["plan"], "version": 1}}  # even another cut
+    path.write_text("\n".join([json.dumps(header), *rest]) + "\n")
+    with running_server(tmp_path / "c", *SIM) as (url, _):
+        run_shard(make_client("openai", url), SHARD, RESUMED, cut)
+    assert requests_answered(tmp_path / "c" / "server.log", "openai") == 12 - 3
+    assert cut.read_bytes(SHARD.name) == clean.read_bytes(SHARD.name)
+    said = [r.getMessage() for r in caplog.records if "unlike this version's plan" in r.getMessage()]
+    assert len(said) == 1 and "results are kept" in said[0]

@@ -9,7 +9,8 @@ every finished part. A shard resumed from its spill must not mix two make-ups th
 sample) would still be there once, but the resumed requests' completions would be neither run's):
 the spill's header names its plan, and a resume under another plan goes on with the spill's where
 it can (same cut rules, other batch_size or window), else generates that shard again from nothing.
-Unseeded requests draw anew anyway: their results are kept whatever the plan.
+Unseeded requests draw anew anyway, and openai-completions seeds each prompt on its own: their
+results are kept whatever the plan.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def resume_plan(spilled: dict | None, ours: dict, *, seeded: bool, shard: int) -
            + (", another planning model (StepCost)" if spilled.get("cost") != ours["cost"] else ""))
     where = f"shard {shard}: its spill was written under {was.lstrip(', ')}, unlike this version's plan"
     if not seeded:
-        return ours, f"{where}; unseeded requests draw anew anyway: its results are kept, the rest planned as now"
+        return ours, f"{where}; its requests' seeds do not follow the plan (unseeded, or one prompt a request): its " \
+                     "results are kept, the rest planned as now"
     if spilled is not None and all(spilled.get(k) == ours[k] for k in ours if k not in ("batch_size", "window")):
         return spilled, (f"{where}; the rest is planned with the spill's batch_size {spilled['batch_size']} and window "
                          f"{spilled['window']}, so its seeded requests are the ones an uninterrupted run made")
