@@ -275,8 +275,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence) as spill:
         if spill.kept and spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
             # Only NeMo's requests are batches whose seeds follow the plan; OpenAI's are one prompt each.
+            batched = getattr(client, "api", None) == "nemo-generate"  # (a pipeline's reused-rows client has none)
             plan, line = resume_plan(spill.plan, header["plan"], shard=shard.index,
-                                     seeded=job.sampling.random_seed is not None and client.api == "nemo-generate")
+                                     seeded=job.sampling.random_seed is not None and batched)
             log.warning(line)
             if plan is None:
                 spill.restart()
