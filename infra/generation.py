@@ -273,7 +273,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     # A fenced store's lease (infra/run/lease.py FencedStore) fences the spill's appends too.
     fence = getattr(getattr(store, "lease", None), "check_held", None)
     with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence) as spill:
-        if spill.kept and spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
+        if not spill.kept and spill.plan != header["plan"]:
+            spill.restart()  # nothing kept yet: this try's plan in its header, or its appends would be read as the old's
+        elif spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
             # Only NeMo's requests are batches whose seeds follow the plan; OpenAI's are one prompt each.
             batched = getattr(client, "api", None) == "nemo-generate"  # (a pipeline's reused-rows client has none)
             plan, line = resume_plan(spill.plan, header["plan"], shard=shard.index,

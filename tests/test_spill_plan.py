@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from infra.errors import ServerError
-from infra.generation import ShardJob, run_shard
+from infra.generation import ShardJob, run_shard, spill_header
 from infra.prompting.dataset import Record, Shard
 from infra.prompting.plan_identity import plan_identity, resume_plan
 from infra.prompting.sampling import SamplingParams
@@ -98,3 +98,18 @@ def test_openai_results_are_kept_under_another_plan_their_seeds_follow_no_batch(
     assert cut.read_bytes(SHARD.name) == clean.read_bytes(SHARD.name)
     said = [r.getMessage() for r in caplog.records if "unlike this version's plan" in r.getMessage()]
     assert len(said) == 1 and "results are kept" in said[0]
+
+
+def test_a_spill_of_another_plan_with_no_results_yet_gets_this_tries_plan_in_its_header(tmp_path):
+    """Else the results this try appends would be read by the next as made under the old plan."""
+    store = LocalOutputStore(tmp_path / "cut")
+    (tmp_path / "cut").mkdir()
+    old = spill_header(store, SHARD, WRITTEN)
+    path = tmp_path / "cut" / spill_name(SHARD.name)
+    path.write_text(json.dumps(old) + "\n")  # killed before its first request came back
+    (tmp_path / "b").mkdir()
+    with running_server(tmp_path / "b", *SIM, "--fault-crash-after", "3") as (url, _):
+        with pytest.raises(ServerError):
+            run_shard(make_client("nemo", url), SHARD, RESUMED, store)
+    header, *results = path.read_text().splitlines()
+    assert len(results) == 3 and json.loads(header) == spill_header(store, SHARD, RESUMED)
