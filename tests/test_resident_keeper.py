@@ -17,8 +17,8 @@ STEP = RewardStep(server="rm", tensor_parallel=8, pipeline_parallel=1, model_pat
 
 
 class Job:
-    def __init__(self, dead=None, end=None):
-        self.job_id, self.dead, self.end = "41", dead, end
+    def __init__(self, dead=None, end=None, job_id="41"):
+        self.job_id, self.dead, self.end = job_id, dead, end
         self.spec = SimpleNamespace(reward=STEP)  # its job carries the reward step
 
     def dead_reason(self):
@@ -58,3 +58,21 @@ def test_a_job_given_back_whose_end_is_near_is_released_not_kept_again_for_scori
     job.end = "its time limit is 2 min away"
     keeper.keep(job)  # the later level's pool releases it, with another reward stage to come
     assert keeper.kept is None and released == [job] and "released_at" in keeper.swaps[-1]
+
+
+def test_a_job_given_back_and_released_after_another_replicas_job_has_one_record_and_is_the_one_kept():
+    """Two replicas in the later level: the adopted job and a new one (its own resident reward server).
+    The new one released first was kept; the adopted one released last is kept instead (the last
+    released is kept), with its own record continued: not a second record from its job's start
+    beside an old one left open (its reward nodes counted twice, to the report's time)."""
+    adopted, other = Job(), Job(job_id="42")
+    keeper, released = keeper_with(adopted)
+    assert keeper.hand_back(30.0) is adopted
+    keeper.keep(other)
+    assert keeper.kept is other
+    keeper.keep(adopted)
+    assert keeper.kept is adopted and released == [other]
+    assert [s["job_id"] for s in keeper.swaps] == ["42", "41"]  # the kept job's record last (connect, release)
+    assert "released_at" in keeper.swaps[0] and "released_at" not in keeper.swaps[1]
+    keeper.release()
+    assert released == [other, adopted] and all("released_at" in s for s in keeper.swaps)
