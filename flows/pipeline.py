@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack, closing
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -64,6 +66,7 @@ from infra.run.layout import MANIFEST, STAGE_ROWS, stages_uri
 from infra.run.lease import FencedStore, hold_run_lease
 from infra.settings import Settings, load_settings
 from infra.slurm.resident import unused_reward_servers
+from infra.slurm.steps import SwapKeeper
 from infra.storage import OutputStore, open_input, open_output_store
 from tasks.steps import allocate, for_stage, plan, release, wait_ready
 
@@ -118,10 +121,12 @@ def pipeline(pipeline: str, run_id: str | None = None, output_uri: str | None = 
                                                     and the.reward_server(s)[0] == swap.step.server for s in order)
             last = not any(the.level(s) > level for s in gen_stages(the))
             if gen:
-                stages, pool = generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, output_uri,
-                                              run_id, swap if reward_after else None, swap, held if last else None,
-                                              lambda: ledger.watch(lambda entries: attribute_levels(levels, entries),
-                                                                   [s.name for s in gen_stages(the)]), levels)
+                jobs = LevelJobs(keep_for=swap if reward_after else None, adopt_from=swap, held=held if last else None)
+                stages, pool = generate_level(gen, asked=asked, hashes=hashes, superseded=superseded, settings=settings,
+                                              flow_run=flow_run, lease=lease, output_uri=output_uri, run_id=run_id,
+                                              jobs=jobs, levels=levels,
+                                              watch=lambda: ledger.watch(lambda entries: attribute_levels(levels, entries),
+                                                                         [s.name for s in gen_stages(the)]))
                 for s in stages:
                     done[s.name] = finish_stage(s, done.get(s.stage.from_), hashes[s.name], pool, flow_run, settings,
                                                 run_id, first=s is stages[0])
@@ -189,30 +194,56 @@ def open_stage(params: RunParams, stage, order: int, parent: StageRun | None, ha
     return out
 
 
-def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str, swap=None, held=None,
-          adopt=None, ended=None) -> Pool:
+@dataclass(frozen=True)
+class LevelJobs:
+    """A level's pool and the Slurm jobs beyond its own (flows/reward.py): which keeper its last released
+    job goes to, and which keeper's job it starts with. One reward keeper (`swap` in the flow) may be
+    both: it gives the job back to this level and takes it again for a later reward stage."""
+
+    keep_for: SwapKeeper | None = None  # a later reward stage's: the last job released is kept (swapped or resident)
+    adopt_from: SwapKeeper | None = None  # an earlier reward stage's: its kept job is the first replica (hand_back)
+    held: object | None = None  # the pair checks' (flows/pairs.py): the last job released is kept for them
+
+    def adopt(self, ready_timeout_s: float) -> Callable[[], object] | None:
+        """The hand-back, called at the pool's first launch: None when there is no job to adopt."""
+        keeper = self.adopt_from
+        return None if keeper is None else lambda: keeper.hand_back(ready_timeout_s)
+
+
+def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, run_id: str,
+          jobs: LevelJobs = LevelJobs()) -> Pool:
     """One pool for every stage of a level, sized and launched as the first stage's run would be; with
-    a swap, each job carries the reward server's step and the last one released is kept for it; with
-    `held`, the last one released is kept for the pair checks; `adopt`, a job a reward server gave
-    back (its generator's step asked for again), is the first replica's: no new job, no queue wait."""
+    `jobs.keep_for`, each job carries the reward server's step and the last one released is kept for it;
+    with `jobs.held`, the last one released is kept for the pair checks; `jobs.adopt_from`'s kept job
+    (its generator's step asked for again) is the first replica's: no new job, no queue wait. It is
+    handed back at the pool's first launch, inside its run, so any error from then on releases that
+    job with the other replicas (handed back before, an error on the way to the pool left it held by none)."""
     first = stages[0].run
     prof = first.prof
-    adopted = [adopt] if adopt is not None else []
+    swap, held = jobs.keep_for, jobs.held
+    ended = jobs.adopt_from.ended if jobs.adopt_from is not None else None
+    to_adopt = [adopt] if (adopt := jobs.adopt(settings.server.ready_timeout_s)) is not None else []
+    adopted: list = []  # the job given back, once taken
+
+    def is_adopted(backend) -> bool:
+        return any(backend is job for job in adopted)
+
     keep = swap.keep if swap else held.keep if held else release
 
     def give_back(backend):
         keep(backend)
-        if backend is adopt and swap is None and ended is not None:
+        if is_adopted(backend) and swap is None and ended is not None:
             ended(backend)  # the adopted job's record (its reward server's nodes) ends with it
 
     def start(backend):
-        if backend is not adopt:
+        if not is_adopted(backend):
             allocate(backend)
         return wait_ready.submit(backend, settings, first.cfg.counter, prof)  # its deadline: the server's readiness
 
     def new_backend(launch: int, i: int):
-        if adopted and i == 0:
-            return adopted.pop()
+        if to_adopt and i == 0 and (job := to_adopt.pop()()) is not None:
+            adopted.append(job)
+            return job
         return make_backend(settings, prof, run_id=run_id, flow_run_id=str(flow_run.id), replica=launch, url_index=i,
                             reward_step=swap.step if swap else None)
 
@@ -230,11 +261,12 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
         planner=RolloverPlanner(rollover_policy(settings, prof)))
 
 
-def generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, output_uri, run_id, swap, keeper, held,
-                   watch, levels) -> tuple[list[StageRun], Pool | None]:
+def generate_level(gen: list, *, asked: dict[str, RunParams], hashes: dict[str, StageHash], superseded: dict[str, list],
+                   settings: Settings, flow_run, lease, output_uri: str, run_id: str, jobs: LevelJobs,
+                   watch: Callable[[], None], levels: list) -> tuple[list[StageRun], Pool | None]:
     """One level's generating stages streamed on one pool (flows/pipeline_stream.py). A stage reading
     a reward stage (done at the level before) reads its rows.jsonl as a first stage reads its input. With
-    work to do, the job the reward server kept (`keeper`) is given back to the generator and adopted."""
+    work to do, the job the reward server kept (`jobs.adopt_from`) is given back to the generator and adopted."""
     stages: list[StageRun] = []
     pool = None
     with ExitStack() as inputs:
@@ -248,11 +280,10 @@ def generate_level(gen, asked, hashes, superseded, settings, flow_run, lease, ou
             get_run_logger().info("pipeline run %s: stage(s) %s: every shard is already published; nothing to allocate",
                                   run_id, ", ".join(s.name for s in stages))
             return stages, None
-        adopt = keeper.hand_back(settings.server.ready_timeout_s) if keeper is not None else None
-        pool = serve(stream, stages, settings, flow_run, run_id, swap, held, adopt, keeper.ended if keeper else None)
+        pool = serve(stream, stages, settings, flow_run, run_id, jobs)
         levels[-1] = (stages, pool)
-        if held is not None:
-            held.watch(pool)
+        if jobs.held is not None:
+            jobs.held.watch(pool)
         stream.progress = {s.name: inputs.enter_context(closing(Artifacts(artifact_key(f"{run_id}-{s.name}"),
                                                                           f"pipeline run {run_id}, stage {s.name}")))
                            for s in stages}

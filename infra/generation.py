@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from infra.prompting.batching import DEFAULT_WINDOW_BATCHES
 from infra.prompting.dataset import RESERVED_FIELDS, Record, Shard
@@ -37,6 +37,7 @@ from infra.recipes.judge import Judge, judge_part, judged_current
 from infra.recipes.lineage import ROW_FIELDS
 from infra.recipes.structured import Invalid, Parsed, Structured, reply_fields
 from infra.prompting.samples import request_seed
+from infra.prompting.plan_identity import plan_identity, resume_plan
 from infra.prompting.sampling import SamplingParams
 from infra.run.states import invalidate, published_part
 from infra.storage import OutputStore
@@ -220,7 +221,8 @@ def generate_shard_results(client: HttpClient, shard: Shard, job: ShardJob, brea
 def spill_header(store: OutputStore, shard: Shard, job: ShardJob) -> dict:
     """What a spill's results belong to: kept results are reused only under all of it."""
     return {"config_hash": job.config_hash, "part": store.uri(shard.name), "records": len(shard.records),
-            "first_line": shard.records[0].line, "last_line": shard.records[-1].line, "samples": job.samples}
+            "first_line": shard.records[0].line, "last_line": shard.records[-1].line, "samples": job.samples,
+            "plan": plan_identity(job.batch_size, job.length_window)}  # compared apart: run_shard
 
 
 def structured_results(client: HttpClient, shard: Shard, job: ShardJob,
@@ -270,7 +272,19 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
         return _judge_published(client, published, job, store, dead_reason, started, started_at)
     # A fenced store's lease (infra/run/lease.py FencedStore) fences the spill's appends too.
     fence = getattr(getattr(store, "lease", None), "check_held", None)
-    with Spill.open(store.staging_dir(), shard.name, spill_header(store, shard, job), fence) as spill:
+    with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence) as spill:
+        if not spill.kept and spill.plan != header["plan"]:
+            spill.restart()  # nothing kept yet: this try's plan in its header, or its appends would be read as the old's
+        elif spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
+            # Only NeMo's requests are batches whose seeds follow the plan; OpenAI's are one prompt each.
+            batched = getattr(client, "api", None) == "nemo-generate"  # (a pipeline's reused-rows client has none)
+            plan, line = resume_plan(spill.plan, header["plan"], shard=shard.index,
+                                     seeded=job.sampling.random_seed is not None and batched)
+            log.warning(line)
+            if plan is None:
+                spill.restart()
+            else:
+                job = replace(job, batch_size=plan["batch_size"], length_window=plan["window"])
         if spill.kept:
             log.info("shard %d: %d of %d results kept by an earlier try (%s); asking for the rest", shard.index,
                      len(spill.kept), len(shard.records) * job.samples, spill.path)

@@ -26,3 +26,17 @@ def test_the_memo_holds_at_most_its_character_budget(monkeypatch):
         assert engine.tokenize(text) == fresh.tokenize(text)
         assert engine._recent_chars == sum(map(len, engine._recent)) <= 100
     assert "x" * 101 not in engine._recent  # longer than the whole budget: never kept
+
+
+
+def test_a_text_over_the_budget_evicts_nothing(monkeypatch):
+    """A text the memo cannot keep (longer than its whole budget) must not empty it on its way: the
+    eviction ran before the check, so one long prompt made every shard's prompts be split again."""
+    monkeypatch.setattr(simulated_model, "_RECENT_CHARS", 100)
+    engine = SimulatedEngine()
+    kept = [f"prompt {i}" for i in range(5)]
+    for text in kept:
+        engine.tokenize(text)
+    engine.tokenize("x" * 101)
+    assert list(engine._recent) == kept
+    assert engine._recent_chars == sum(map(len, kept))

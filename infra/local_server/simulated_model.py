@@ -135,10 +135,12 @@ class SimulatedEngine:
         if found is None:
             found = tuple(self._tokenize(text))
             with self._vocab_lock:
-                while self._recent and self._recent_chars + len(text) > _RECENT_CHARS:
-                    oldest, _ = self._recent.popitem(last=False)
-                    self._recent_chars -= len(oldest)
+                # Checked before evicting: a text over the whole budget, or one another server thread
+                # kept meanwhile, must not empty the memo for nothing.
                 if len(text) <= _RECENT_CHARS and text not in self._recent:
+                    while self._recent and self._recent_chars + len(text) > _RECENT_CHARS:
+                        oldest, _ = self._recent.popitem(last=False)
+                        self._recent_chars -= len(oldest)
                     self._recent[text] = found
                     self._recent_chars += len(text)
         return list(found)

@@ -41,13 +41,20 @@ class ResidentKeeper(SwapKeeper):
 
     def keep(self, backend) -> None:
         reward = getattr(getattr(backend, "spec", None), "reward", None)
-        last = self.swaps[-1] if self.swaps else None
-        if last is not None and last["job_id"] == backend.job_id and "released_at" not in last and self.kept is None:
-            # The job given back to a later level's generation (hand_back), released by its pool again.
-            if backend.dead_reason() is not None:
+        # The job given back to a later level's generation (hand_back: its record open, generation not done).
+        last = next((s for s in reversed(self.swaps) if s["job_id"] == backend.job_id and "released_at" not in s
+                     and s.get("generated_until", 0.0) is None), None)
+        if last is not None:
+            # Released by its pool again: kept only as a first keep would be (near its time limit,
+            # the scoring would be cut short).
+            if backend.dead_reason() is not None or backend.scheduled_end() is not None:
                 self._release(backend)
                 last["released_at"] = time.time()
                 return
+            if self.kept is not None:
+                self.release()  # another replica's job, released before it: the last one released is kept
+            self.swaps.remove(last)
+            self.swaps.append(last)  # the kept job's record last, where connect and release find it
             self.kept, last["generated_until"] = backend, time.time()
             last["generator_held_s"] = round(last["generated_until"] - last["running_at"] - last.get("kept_before_s", 0.0), 3)
             log.info("Slurm job %s: generation done again; kept for its resident reward step", backend.job_id)
@@ -80,7 +87,9 @@ class ResidentKeeper(SwapKeeper):
         job = self.kept
         if job is None:
             return None
-        if job.dead_reason() is not None or job.scheduled_end() is not None:
+        if (dead := job.dead_reason()) is not None or job.scheduled_end() is not None:
+            log.warning("Slurm job %s is not given back to the generator (%s); a new job is submitted", job.job_id,
+                        dead or "its time limit is near")
             self.release()
             return None
         self.kept, rec, now = None, self.swaps[-1], time.time()

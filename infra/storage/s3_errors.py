@@ -134,7 +134,11 @@ def s3_error(exc: BaseException, place: S3Place, s3: S3Settings, client: Any = N
         return ConfigError(
             f"S3 rejected the credentials while {doing} ({error_text(exc)}). Check AWS_ACCESS_KEY_ID/AWS_PROFILE or "
             "NSDG_S3__ACCESS_KEY_ID/NSDG_S3__SECRET_ACCESS_KEY (and the session token, if temporary), and the region.")
-    return StorageError(f"{doing[0].upper()}{doing[1:]} failed: {error_text(exc)}.")
+    # No special case: still the next step (botocore's own retries of throttling and 5xx are spent by now).
+    return StorageError(f"{doing[0].upper()}{doing[1:]} failed: {error_text(exc)}. S3{at_endpoint(s3)} answered an "
+                        f"error its retries (NSDG_S3__MAX_ATTEMPTS, now {s3.max_attempts}) did not mend: rerun with the "
+                        "same run_id once it passes (what is published is kept); if it persists, check that object "
+                        "and the bucket's settings with its operator.")
 
 
 def s3_call(call: Callable[[], T], place: S3Place, s3: S3Settings, client: Any = None, *,

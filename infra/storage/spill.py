@@ -15,6 +15,8 @@ Read back by the next try (a task retry, or a resume after kill -9):
 
 - a header that is not this try's (another config, another output location, another shard
   make-up) means the file is discarded whole: never a result generated under other parameters;
+  its `plan` alone (the batch plan's settings, not in the config hash) is not compared here:
+  `spill.plan` is the spill's, and the caller decides (infra/prompting/plan_identity.py);
 - a last line without its newline, or one that does not parse, is a request torn by the kill: it
   and anything after it are cut off, and that request is asked again;
 - the positions of the lines kept are the results not asked again.
@@ -46,8 +48,10 @@ class Spill:
     """`with Spill.open(staging, part, header) as spill:` the results an earlier try kept
     (`spill.kept`: position -> the JSON it appended), and `spill.append(...)` for this try's."""
 
-    def __init__(self, path: Path, fd: int, kept: dict[int, object], fence: Callable[[], None] | None = None):
+    def __init__(self, path: Path, fd: int, kept: dict[int, object], fence: Callable[[], None] | None = None,
+                 header: dict | None = None, plan: object = None):
         self.path, self._fd, self.kept = path, fd, kept
+        self._header, self.plan = header, plan  # plan: the header's "plan" as the spill holds it
         self._fence = fence  # the run's lease check: a try that lost its run writes nothing more here either
         self._lock = threading.Lock()  # appends are whole lines, whichever thread reports a request
         self._synced, self._unsynced = time.monotonic(), False
@@ -60,19 +64,24 @@ class Spill:
         if not _lock(fd):
             log.warning("%s is held by another writer (another try of this shard, or a run with the same staging "
                         "directory): this try keeps no spill, so a kill now loses its whole shard", path)
-            return cls(path, -1, {}, fence)
+            return cls(path, -1, {}, fence, header, header.get("plan"))
         try:
-            kept, good_end = _read(fd, header, path)
+            kept, good_end, plan = _read(fd, header, path)
             if good_end == 0:  # new, or another try's header: start over with this one
-                os.ftruncate(fd, 0)
-                _write_line(fd, 0, header)
-                os.fsync(fd)
+                _start(fd, header)
             else:
                 os.ftruncate(fd, good_end)  # a torn tail goes: the next line starts on a line of its own
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, kept, fence)
+        return cls(path, fd, kept, fence, header, plan)
+
+    def restart(self) -> None:
+        """Its results dropped and its header this try's (the shard is generated again from nothing)."""
+        with self._lock:
+            self.kept, self.plan = {}, self._header.get("plan")
+            if self._fd >= 0:
+                _start(self._fd, self._header)
 
     def append(self, results: list[tuple[int, object]]) -> None:
         """One finished request's results, by position, durable once this returns."""
@@ -131,9 +140,15 @@ def _write_line(fd: int, at: int, obj: object) -> None:
         written += os.pwrite(fd, data[written:], at + written)
 
 
-def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int]:
-    """(position -> result kept, the byte length of the lines to keep); 0 when the header is not
-    `header` (the file is to start over)."""
+def _start(fd: int, header: dict) -> None:
+    os.ftruncate(fd, 0)
+    _write_line(fd, 0, header)
+    os.fsync(fd)
+
+
+def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, object]:
+    """(position -> result kept, the byte length of the lines to keep, the spill's plan); 0 when the
+    header, its plan aside, is not `header` (the file is to start over)."""
     size, chunks = os.fstat(fd).st_size, []
     while (got := sum(map(len, chunks))) < size:  # one pread returns at most ~2 GiB
         chunk = os.pread(fd, size - got, got)
@@ -147,10 +162,10 @@ def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int]:
         found = json.loads(lines[0]) if len(lines) > 1 else None
     except ValueError:
         found = None
-    if found != header:
+    if not isinstance(found, dict) or {**found, "plan": None} != {**header, "plan": None}:
         if data:
             log.info("discarding %s: it was written for %s, and this try is %s", path, _brief(found), _brief(header))
-        return {}, 0
+        return {}, 0, header.get("plan")
     kept: dict[int, object] = {}
     end = len(lines[0]) + 1
     for line in lines[1:-1]:  # the last item follows the last newline: empty, or a torn line
@@ -163,7 +178,7 @@ def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int]:
         end += len(line) + 1
     if end < size:
         log.info("%s: %d byte(s) of a request cut off by the kill ignored; that request is asked again", path, size - end)
-    return kept, end
+    return kept, end, found.get("plan")
 
 
 def _brief(header: object) -> str:
