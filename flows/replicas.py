@@ -38,7 +38,7 @@ from flows.rollovers import RolloverPlanner
 from infra.backends import PROBE_TIMEOUT_S, Backend
 from infra.backends.rollover import Handover, mean_shard_s
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, ServerThrottled, TransientServerError
-from infra.generation import ShardResult
+from infra.generation import ShardResult, responsive_threads
 from infra.prompting.dataset import Shard
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,11 @@ class Pool:
 
     def run(self) -> list[ShardResult]:
         try:
-            for i in range(self.replicas):
-                self._launch(i)
-            while not self._finished():
-                self._step()
+            with responsive_threads():  # a shard whose request slot frees sends at once (infra/generation.py)
+                for i in range(self.replicas):
+                    self._launch(i)
+                while not self._finished():
+                    self._step()
             return self.results
         except BaseException:
             self.release_all()
