@@ -72,6 +72,7 @@ class Pool:
     planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
     launched: int = 0  # launches so far: a new backend's launch number
     report_first: bool = False  # results reported before the feed is asked again (a pipeline's stream)
+    switch_interval_s: float | None = None  # the GIL switch interval while generating (None: the interpreter's)
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -85,7 +86,7 @@ class Pool:
 
     def run(self) -> list[ShardResult]:
         try:
-            with responsive_threads():  # a shard whose request slot frees sends at once (infra/generation.py)
+            with responsive_threads(self.switch_interval_s):  # a freed request slot is used at once (infra/generation.py)
                 for i in range(self.replicas):
                     self._launch(i)
                 while not self._finished():

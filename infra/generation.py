@@ -121,17 +121,22 @@ class Breaker:
 # keeping it or publishing its part holds it up to the interval, while the server, its other request
 # done, waits. Measured on the zero-cost stand-in, 3 shard threads over 2 request slots without Prefect
 # (2 cores loaded by other work, so noisy): records/s ÷ the bare client's, median of 7 interleaved
-# rounds, 0.68 at 5 ms and 0.83 at 0.5 ms. More switches cost the shard threads little CPU.
+# rounds, 0.68 at 5 ms and 0.83 at 0.5 ms. More switches cost the shard threads little CPU. Used for
+# nemo-generate only (flows/generate.py shard_switch_interval): the openai-completions client's 256
+# request threads were not measured apart from the noise.
 SHARD_SWITCH_INTERVAL_S = 0.0005
 _switch_lock = threading.Lock()
 _switch = {"users": 0, "found": 0.0}  # pools generating now, and the interval the first of them found
 
 
 @contextlib.contextmanager
-def responsive_threads(interval_s: float = SHARD_SWITCH_INTERVAL_S) -> Iterator[None]:
+def responsive_threads(interval_s: float | None = SHARD_SWITCH_INTERVAL_S) -> Iterator[None]:
     """The process's GIL switch interval at most `interval_s` while generating (a replica pool's run);
     the one found is set back when the last of those running at once ends (a pipeline runs pools side
-    by side). Never raises it: a process that chose a shorter one keeps it."""
+    by side). Never raises it: a process that chose a shorter one keeps it. None: leaves it alone."""
+    if interval_s is None:
+        yield
+        return
     with _switch_lock:
         if _switch["users"] == 0:
             _switch["found"] = sys.getswitchinterval()

@@ -51,8 +51,13 @@ def test_a_shorter_interval_the_process_chose_is_kept(default_interval):
     assert sys.getswitchinterval() == pytest.approx(0.0002, abs=2e-6)
 
 
+def test_none_leaves_the_interpreters_interval(default_interval):
+    with responsive_threads(None):
+        assert sys.getswitchinterval() == pytest.approx(default_interval, abs=2e-6)
+
+
 @pytest.mark.integration
-def test_the_generate_flows_shards_run_under_it_and_the_flow_sets_it_back(prefect_harness, workdir, monkeypatch,
+def test_nemo_generate_flows_shards_run_under_it_and_the_flow_sets_it_back(prefect_harness, workdir, monkeypatch,
                                                                            default_interval):
     import tasks.steps
     from flows.generate import generate
@@ -64,3 +69,14 @@ def test_the_generate_flows_shards_run_under_it_and_the_flow_sets_it_back(prefec
     generate(input_uri=str(workdir / "in.jsonl"), output_uri="out", run_id="gil", shard_size=2, batch_size=2)
     assert seen == pytest.approx([SHARD_SWITCH_INTERVAL_S] * 3, abs=2e-6)
     assert sys.getswitchinterval() == pytest.approx(default_interval, abs=2e-6)
+
+
+@pytest.mark.parametrize("api, lowered", [("nemo-generate", True), ("openai-completions", False)])
+def test_only_nemo_generates_pools_lower_it(api, lowered, monkeypatch):
+    """Measured for nemo-generate's shard threads; the openai client's request threads keep the interpreter's."""
+    from flows.generate import shard_switch_interval
+    from infra.settings import load_settings
+
+    monkeypatch.setenv("NSDG_SERVER__API", api)
+    settings = load_settings()
+    assert shard_switch_interval(settings, settings.profile("local")) == (SHARD_SWITCH_INTERVAL_S if lowered else None)
