@@ -26,7 +26,7 @@ from infra.backends import Backend, make_backend
 from infra.slurm.backend import check_launch
 from infra.slurm.parse import time_limit_s
 from infra.errors import ConfigError
-from infra.generation import Breaker, RowTally, ShardJob, ShardResult
+from infra.generation import SHARD_SWITCH_INTERVAL_S, Breaker, RowTally, ShardJob, ShardResult
 from infra.run.lease import FencedStore, RunLease, hold_run_lease
 from infra.storage.locations import check_run_locations
 from infra.run.layout import MANIFEST
@@ -204,6 +204,7 @@ def run_prepared(run: Prepared, settings: Settings, flow_run) -> dict:
             on_result=on_result,
             keep_alive_s=settings.server.keep_alive_s,
             planner=RolloverPlanner(rollover_policy(settings, prof)),
+            switch_interval_s=shard_switch_interval(settings, prof),
         )
         try:
             results = pool.run()
@@ -259,6 +260,13 @@ def shard_tasks_per_replica(settings: Settings, profile, shard_size: int, sample
     if settings.api(profile) == "nemo-generate":
         return in_flight + 1
     return max(2, min(6, -(-in_flight // max(1, shard_size * samples)) + 1))
+
+
+def shard_switch_interval(settings: Settings, profile) -> float | None:
+    """The GIL switch interval while a pool generates (infra/generation.py responsive_threads):
+    nemo-generate's shard threads each wait for a request slot, and the one whose slot frees must send
+    at once; openai-completions keeps the interpreter's (not measured to gain)."""
+    return SHARD_SWITCH_INTERVAL_S if settings.api(profile) == "nemo-generate" else None
 
 
 def submit_work(client, work, job: ShardJob, store: OutputStore, backend: Backend, breaker: Breaker,

@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import Artifacts, artifact_key, publish_stage_counts
 from flows.generate import (check_limit_before_submit, finish, prepare_run, replica_count, rollover_policy,
-                            planned_job, shard_tasks_per_replica)
+                            planned_job, shard_switch_interval, shard_tasks_per_replica)
 from flows.pairs import held_for_checks, pairs_stage
 from flows.params import RunParams, resolve_run_id, run_name
 from flows.pipeline_stream import StageRun, Stream, child_plan
@@ -257,7 +257,7 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),
         restarts_allowed=first.restarts_allowed, on_result=stream.on_result, report_first=True,
-        keep_alive_s=settings.server.keep_alive_s,
+        keep_alive_s=settings.server.keep_alive_s, switch_interval_s=shard_switch_interval(settings, prof),
         planner=RolloverPlanner(rollover_policy(settings, prof)))
 
 

@@ -38,7 +38,7 @@ from flows.rollovers import RolloverPlanner
 from infra.backends import PROBE_TIMEOUT_S, Backend
 from infra.backends.rollover import Handover, mean_shard_s
 from infra.errors import DeadlineExceeded, ServerLost, ServerNotReady, ServerThrottled, TransientServerError
-from infra.generation import ShardResult
+from infra.generation import ShardResult, responsive_threads
 from infra.prompting.dataset import Shard
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Pool:
     planner: RolloverPlanner = field(default_factory=RolloverPlanner)  # rollovers off unless given a policy (Slurm)
     launched: int = 0  # launches so far: a new backend's launch number
     report_first: bool = False  # results reported before the feed is asked again (a pipeline's stream)
+    switch_interval_s: float | None = None  # the GIL switch interval while generating (None: the interpreter's)
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -85,10 +86,11 @@ class Pool:
 
     def run(self) -> list[ShardResult]:
         try:
-            for i in range(self.replicas):
-                self._launch(i)
-            while not self._finished():
-                self._step()
+            with responsive_threads(self.switch_interval_s):  # a freed request slot is used at once (infra/generation.py)
+                for i in range(self.replicas):
+                    self._launch(i)
+                while not self._finished():
+                    self._step()
             return self.results
         except BaseException:
             self.release_all()

@@ -78,6 +78,36 @@ def test_appends_are_synced_at_most_once_a_second_and_a_kill_loses_none(tmp_path
     assert len(synced) == 4  # a try that ends leaves its last lines synced
 
 
+def test_the_lease_is_checked_before_the_first_append_and_then_once_a_second(tmp_path, monkeypatch):
+    """A lease check per request read the lease object every time (a tenth of nemo-generate's
+    per-request cost on a fast server); a run that lost its lease still stops keeping results within
+    a second, and the first append of a try is always checked."""
+    from infra.errors import LeaseLost
+    from infra.storage import spill as spill_module
+
+    now, checks, lost = [100.0], [], []
+
+    def fence() -> None:
+        checks.append(now[0])
+        if lost:
+            raise LeaseLost("taken over")
+
+    monkeypatch.setattr(spill_module.time, "monotonic", lambda: now[0])
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER, fence) as spill:
+        for i in range(50):
+            spill.append([(i, {"a": i})])
+        assert checks == [100.0]  # the first append only: no second passed
+        lost.append(True)
+        now[0] = 100.5
+        spill.append([(50, {"a": 50})])  # within the second: kept, unchecked
+        now[0] = 101.0
+        with pytest.raises(LeaseLost):
+            spill.append([(51, {"a": 51})])
+        assert checks == [100.0, 101.0]
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as again:
+        assert sorted(again.kept) == list(range(51))  # the lost try's lines stop at the check
+
+
 def test_a_spill_of_another_config_or_part_is_discarded_whole(tmp_path):
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
         spill.append([(0, {"a": 1})])

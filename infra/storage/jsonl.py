@@ -18,6 +18,10 @@ from pathlib import Path
 from infra.storage import OutputStore
 from infra.run.layout import TEMP_SUFFIX, temp_prefix
 
+# json.dumps(obj, ensure_ascii=False) builds a JSONEncoder per call (~0.8 µs of a part row's ~4 µs); one
+# encoder, which keeps no state between calls, writes the same bytes.
+encode_line = json.JSONEncoder(ensure_ascii=False).encode
+
 
 def write_lines(lines: Iterable[dict | bytes], staging: Path, name: str) -> tuple[Path, str, int, int]:
     """Write JSON lines to a temp file in `staging`; return (path, sha256, lines, bytes). A bytes item is a
@@ -30,7 +34,7 @@ def write_lines(lines: Iterable[dict | bytes], staging: Path, name: str) -> tupl
     try:
         with os.fdopen(fd, "wb") as f:
             for obj in lines:
-                data = obj if isinstance(obj, bytes) else (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+                data = obj if isinstance(obj, bytes) else (encode_line(obj) + "\n").encode()
                 f.write(data)
                 sha.update(data)
                 count, size = count + 1, size + len(data)
