@@ -35,6 +35,7 @@ class WordCounts:
         self._bytes, self._tokens = 4, 1  # bytes per token seen so far: how far to read before the bound may do
         self._workers: count_workers.CountWorkers | None | bool = None  # False: never (closed, broken, a worker)
         self._learned: dict[str, int] | None = None  # with workers: the words encoded here since last asked
+        self._threads: int | None = None  # encoding threads (None: every usable core's)
 
     def counts(self, texts: Sequence[str], cap: int | None = None) -> list[int]:
         """Exact counts; with a `cap`, exact above it, and at or below it possibly a bound (see _within).
@@ -74,14 +75,14 @@ class WordCounts:
                 self._workers = False
                 return None
             n = min(count_workers.usable_cores() - 1, count_workers.MAX_WORKERS)
-            self._learned = {}
+            self._learned, self._threads = {}, 1  # the processes already share the cores out
             self._workers = count_workers.CountWorkers.start(self, n) or False
         return self._workers or None
 
     def forked(self) -> "WordCounts":
         """This counter as a worker keeps it after the fork: its own lock (the parent's copy was
         held while it forked), and no pool of its own."""
-        self._lock, self._workers, self._learned = threading.Lock(), False, {}
+        self._lock, self._workers, self._learned, self._threads = threading.Lock(), False, {}, 1
         return self
 
     def within_here(self, texts: list[str], cap: int) -> list[int]:
@@ -152,7 +153,7 @@ class WordCounts:
             sums.append(sum(map(cache.__getitem__, itertools.islice(ws, 1, None))))
             unseen.append(noted)
         new = list({w for noted in unseen for w in noted})
-        encoded = self._sp.encode(["\u2581" + w for w in new] + [ws[0] for ws in words], num_threads=threads())
+        encoded = self._sp.encode(["\u2581" + w for w in new] + [ws[0] for ws in words], num_threads=self._threads or threads())
         fresh = dict(zip(new, map(len, encoded)))
         out = [n + sum(map(fresh.__getitem__, noted)) + len(head)
                for n, noted, head in zip(sums, unseen, encoded[len(new):])]
