@@ -154,21 +154,25 @@ def _note_word_counting(counter) -> dict | None:
     if words is None:
         return None
     noted = {"cpu_s": 0.0, "given_chars": 0, "read_chars": 0}
-    counts, read = words.counts, words._counts
+    begin, read = words.counts_begun, words._counts
 
-    def timed_counts(texts, cap=None):
+    def timed(call, *args):
         started = time.process_time()
         try:
-            return counts(texts, cap)
+            return call(*args)
         finally:
             noted["cpu_s"] += time.process_time() - started
-            noted["given_chars"] += sum(map(len, texts))
+
+    def timed_begun(texts, cap):  # the plan's scan begins each chunk's count, then asks for it
+        noted["given_chars"] += sum(map(len, texts))
+        result = timed(begin, texts, cap)
+        return lambda: timed(result)
 
     def reading(texts):
         noted["read_chars"] += sum(map(len, texts))
         return read(texts)
 
-    words.counts, words._counts = timed_counts, reading
+    words.counts_begun, words._counts = timed_begun, reading
     return noted
 
 
@@ -416,8 +420,9 @@ def markdown(r: dict) -> list[str]:
          "The plan counts 1,024 lines per tokenizer call (`RecordCheck.counts` → `count_within`); with this "
          "non-normalizing model a prompt whose UTF-8 bytes fit is settled without encoding, the rest are counted "
          "word by word from a cache of words seen (exact: no piece of this model spans a space), each only until its "
-         "counted head plus the rest's bytes fit, a chunk's long prompts shared with forked worker processes where "
-         "more than one core is usable (CPU includes theirs; *no worker processes*: all counted in the plan's own "
+         "counted head plus the rest's bytes fit, a chunk's long prompts cut into pieces for forked worker processes "
+         "where more than one core is usable, begun before the next chunk is read, the plan taking back the pieces no "
+         "worker has begun (CPU includes theirs; *no worker processes*: all counted in the plan's own "
          "process, as before them); *every prompt encoded* turns both off (what a normalizing model, e.g. NFKC, costs: each prompt encoded whole, in one "
          "multi-threaded call per chunk).", "",
          "| prompts | input | counter | plan (median) | each run | CPU (median) | prompts/s | vs estimate | CPU vs estimate "
@@ -486,10 +491,15 @@ def _realistic_argument(t: dict, sp: dict, est: dict, ratio: float) -> str:
     L = (f"- **Plan over {t['realistic']:,} realistic-length prompts ×{ratio:.2f} the estimate's time "
          f"({sp['seconds']:.2f} s against {est['seconds']:.2f} s; target ≤ 3×)**: {_met(ratio <= 3)}, with "
          f"{sp.get('workers') or 0} worker process(es) counting beside the plan (`infra/prompting/count_workers.py`: "
-         "forked once per counter, each with its own word cache, a chunk's long prompts dealt round-robin). "
+         "forked once per counter; a chunk's long prompts in pieces of ~100 k characters, begun before the next chunk "
+         "is read, the plan taking back from the tail the pieces no worker has begun, each word's count passed "
+         "between the caches). "
          f"That is wall time, not CPU: CPU ×{cpu:.2f}, the workers' {sp.get('workers_cpu_s', 0):.2f} s included; the "
-         f"plan's own process ran {own:.2f} CPU-s (×{own / est['cpu_s']:.2f} the estimate's CPU), the wall time the "
-         "plan needs where each worker has a core to itself")
+         f"plan's own process ran {own:.2f} CPU-s (×{own / est['cpu_s']:.2f} the estimate's CPU). On an idle machine "
+         f"with {(sp.get('workers') or 0) + 1} cores the plan's wall is at least the larger of its own CPU and the "
+         f"whole CPU shared out, {max(own, sp['cpu_s'] / ((sp.get('workers') or 0) + 1)):.2f} s "
+         f"(×{max(own, sp['cpu_s'] / ((sp.get('workers') or 0) + 1)) / est['cpu_s']:.2f} the estimate's CPU), "
+         "where the pieces balance the two")
     if serial:
         L += (f"; counted in one process, as before, the same prompts take ×{serial['seconds'] / est['seconds']:.2f} "
               f"wall ({serial['seconds']:.2f} s), CPU ×{serial['cpu_s'] / est['cpu_s']:.2f}, in the same run, "
@@ -516,8 +526,7 @@ def _realistic_argument(t: dict, sp: dict, est: dict, ratio: float) -> str:
             + (f" (bytes over-count this text {bpt:.1f}×)" if bpt else "")
             + ", since no bound tighter than bytes holds for text not read; encoding whole prompts costs more per "
             "character than the word cache (the *every prompt encoded* row; `tokenizers` too). The workers add CPU "
-            "(the texts pickled to them, and each cache learns the words on its own) and take wall time off only "
-            "where a core is idle.")
+            "(the texts pickled to them, pieces counted apart) and take wall time off only where a core is idle.")
 
 
 def main() -> int:

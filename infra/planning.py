@@ -35,7 +35,7 @@ from infra.engines import served_model
 from infra.settings import Settings
 from infra.run.states import published_part
 from infra.storage import OutputStore, check_input, look_at_input, open_input
-from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context
+from infra.prompting.tokens import ByteEstimate, TokenCounter, check_fits_context, count_within_begun
 
 log = logging.getLogger(__name__)
 SHOWN_PROBLEMS = 10
@@ -146,9 +146,10 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
     with RecordCheck(cfg, settings) as check, source as stream:
         reader = _HashingReader(stream)
         items = iter_input(reader, fmt, cfg.input_prompt_field, cfg.id_field)
-        # Counted a chunk at a time: one tokenizer call per chunk, not per prompt (input order kept).
-        for chunk in _rendered_chunks(items, check):
-            tokens = iter(check.counts([x for x in chunk if isinstance(x, Record)]))
+        # Counted a chunk at a time: one tokenizer call per chunk, not per prompt (input order kept);
+        # each chunk's count begun before the next is read (counting workers go on meanwhile).
+        for chunk, counts in _counted_ahead(_rendered_chunks(items, check), check):
+            tokens = iter(counts)
             for item in chunk:
                 if isinstance(item, Record):
                     item = check(item, next(tokens), rendered=True)
@@ -164,6 +165,18 @@ def scan_input(cfg: RunConfig, settings: Settings, rejects_file) -> Scan:
         source.verify()  # the bytes hashed are the bytes the pin describes
         pin = replace(source.pin, sha256=reader.sha.hexdigest())
     return Scan(records, bad_count, shown, reader.sha.hexdigest(), fmt, duplicates, pin, checked_at)
+
+
+def _counted_ahead(chunks: Iterator[list[Record | BadLine]], check: "RecordCheck"):
+    """Each chunk with its records' counts, the next chunk read and its count begun first."""
+    ahead = None
+    for chunk in chunks:
+        begun = check.counts_begun([x for x in chunk if isinstance(x, Record)])
+        if ahead is not None:
+            yield ahead[0], ahead[1]()
+        ahead = (chunk, begun)
+    if ahead is not None:
+        yield ahead[0], ahead[1]()
 
 
 def _rendered_chunks(items: Iterator[Record | BadLine], check: "RecordCheck") -> Iterator[list[Record | BadLine]]:
@@ -219,8 +232,14 @@ class RecordCheck:
 
     def counts(self, recs: list[Record]) -> list[int]:
         """The rendered records' prompt tokens in one batch; exact wherever a prompt might not fit."""
-        fits = self.context - self.sampling.tokens_to_generate - (1 if self.sampling.add_BOS else 0)
-        return self.counter.count_within([self.wrap(r.prompt) for r in recs], fits)
+        return self.counter.count_within([self.wrap(r.prompt) for r in recs], self._fits())
+
+    def counts_begun(self, recs: list[Record]) -> Callable[[], list[int]]:
+        """`counts(recs)` begun now where the counter counts in the background (its worker processes)."""
+        return count_within_begun(self.counter, [self.wrap(r.prompt) for r in recs], self._fits())
+
+    def _fits(self) -> int:
+        return self.context - self.sampling.tokens_to_generate - (1 if self.sampling.add_BOS else 0)
 
     def __call__(self, rec: Record, tokens: int | None = None, *, rendered: bool = False) -> Record | BadLine:
         """`tokens`: the record's count from `counts`, when the caller batched them (and so

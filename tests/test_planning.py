@@ -171,9 +171,9 @@ def test_a_rendered_prompt_past_the_char_limit_is_a_bad_line_and_chunks_hold_few
     src = write(workdir / "in.jsonl", *({"n": n} for n in [limit + 1, 300, 300, 300, 300, 300, 300]))
     recipe = load_recipe(RecipeParams(prompt_template="{{ 'x' * (n - 1) }}\n"), Settings())
     held = []
-    counts = planning.RecordCheck.counts
+    counts = planning.RecordCheck.counts_begun
     monkeypatch.setattr(planning, "COUNT_CHUNK_CHARS", 1000, raising=False)
-    monkeypatch.setattr(planning.RecordCheck, "counts",
+    monkeypatch.setattr(planning.RecordCheck, "counts_begun",
                         lambda self, recs: held.append(sum(len(r.prompt) for r in recs)) or counts(self, recs))
     plan = make_plan(cfg(src, recipe=recipe, on_bad_input="skip"), Settings(), LocalOutputStore(workdir / "o"))
     assert (plan.records_in, plan.rejected) == (6, 1)

@@ -324,7 +324,7 @@ def test_count_within_reads_a_fitting_text_only_in_part_and_stays_exact_against_
 
 
 def test_a_cut_for_counting_falls_only_where_a_run_of_spaces_starts():
-    from infra.prompting.tokens import _run_start_from
+    from infra.prompting.word_counts import _run_start_from
 
     text = "a   b c"
     assert [_run_start_from(text, at) for at in range(9)] == [1, 1, 5, 5, 5, 5, 7, 7, 7]

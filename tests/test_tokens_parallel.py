@@ -83,6 +83,32 @@ def test_workers_count_as_this_process_does_and_as_whole_encodes(model, small_ba
     assert shared.count_within(texts, -1) == exact and shared._words._workers is False  # after close: counted here
 
 
+def test_a_batch_begun_is_counted_by_the_workers_while_the_caller_reads_on(model, small_batches_pay):
+    """The plan begins a chunk's count before it reads the next: the workers count the whole batch
+    meanwhile, and the caller, asking after that, counts nothing itself. Asked at once, it takes
+    back pieces from the tail; either way every piece is counted once, exactly."""
+    path, sp = model
+    counter = SentencePieceFile(path)
+    texts = crafted_texts(400, seed=11)
+    exact = [len(ids) for ids in sp.encode(texts)]
+    try:
+        assert counter.count_within(texts[:50], -1) == exact[:50]  # the pool started
+        workers = counter._words._workers
+        begun = workers.begin(texts, -1)
+        deadline = time.monotonic() + 120
+        while not all(f.done() for f in begun._futures) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the caller elsewhere (the plan: reading and parsing its next chunk)
+        here = []
+        assert begun.result(lambda share, cap: here.append(share) or [len(ids) for ids in sp.encode(share)]) == exact
+        assert here == []  # every piece was the workers'
+        begun = workers.begin(texts, -1)
+        assert begun.result(lambda share, cap: here.append(share) or counter._words._within(share, cap)) == exact
+        assert len(begun._ranges) >= 4  # pieces to share (which process takes which: a race, each exact)
+        assert counter.count_within_begun(texts, -1)() == exact and counter._words._workers is workers
+    finally:
+        counter.close()
+
+
 def test_a_small_batch_or_one_core_is_counted_here(model):
     path, sp = model
     counter = SentencePieceFile(path)

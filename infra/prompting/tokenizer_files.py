@@ -88,7 +88,7 @@ def nemo_tokenizer_model(folder: Path) -> Path:
 
 
 def splits_at_spaces(sp) -> bool:
-    """Whether `_WordCounts` (infra/prompting/tokens.py) counts exactly with this model: BPE, spaces escaped and kept as they
+    """Whether `WordCounts` (infra/prompting/word_counts.py) counts exactly with this model: BPE, spaces escaped and kept as they
     are (no dummy prefix, no whitespace removal, not a suffix), and no piece with "▁" after
     another character (a model that lets pieces span words encodes whole texts)."""
     from sentencepiece import sentencepiece_model_pb2

@@ -22,7 +22,7 @@ multi-threaded list encode; both release the GIL). With a SentencePiece model th
 (`identity`, as the Nemotron notes infer for nemotron_2_256k), a prompt is at most its UTF-8 bytes
 (+1 dummy prefix) in tokens, so one whose bytes already fit is accepted without encoding it; the
 others are counted word by word from a cache where the model's pieces never span a space
-(`_WordCounts`: exact, proven from the vocabulary), else encoded whole. Word by word, a text is
+(`WordCounts`, infra/prompting/word_counts.py: exact, proven from the vocabulary), else encoded whole. Word by word, a text is
 read only until its counted part plus the rest's bytes fit, or to its end when it does not fit.
 """
 
@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import logging
-import os
-import re
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from infra.errors import ConfigError
-from infra.prompting import count_workers
+from infra.prompting.word_counts import WordCounts, threads, utf8_len
 from infra.prompting.sampling import SamplingParams
 from infra.storage.local import sha256_file
 from infra.prompting.tokenizer_files import TokenizerSource, locate_tokenizer, normalizer_spec, splits_at_spaces
@@ -183,7 +179,7 @@ class SentencePieceFile:
         plain = (spec.name == "identity" and not spec.precompiled_charsmap
                  and self._sp.piece_to_id("\u2581") != self._sp.unk_id())
         self._byte_slack = (1 if spec.add_dummy_prefix else 0) if plain else None
-        self._words = _WordCounts(self._sp) if plain and splits_at_spaces(self._sp) else None
+        self._words = WordCounts(self._sp) if plain and splits_at_spaces(self._sp) else None
 
     def count(self, text: str) -> int:
         return len(self._sp.encode(text))
@@ -191,16 +187,24 @@ class SentencePieceFile:
     def count_within(self, texts: Sequence[str], cap: int) -> list[int]:
         """Encodes only what the byte bound cannot settle, in one multi-threaded batch; word by word,
         only as much of each text as it takes to show that it fits (or all of it, when it does not)."""
-        bounds = [len(t.encode("utf-8")) + self._byte_slack for t in texts] if self._byte_slack is not None else None
+        return self.count_within_begun(texts, cap)()
+
+    def count_within_begun(self, texts: Sequence[str], cap: int) -> Callable[[], list[int]]:
+        """`count_within` begun now (word by word, by the worker processes, where they run) and
+        finished by the call returned: the caller may read its next batch meanwhile."""
+        bounds = [utf8_len(t) + self._byte_slack for t in texts] if self._byte_slack is not None else None
         todo = [i for i in range(len(texts)) if bounds is None or bounds[i] > cap]
         counts = bounds or [0] * len(texts)
         if self._words is not None:
-            todo_counts = self._words.counts([texts[i] for i in todo], cap)
+            todo_counts = self._words.counts_begun([texts[i] for i in todo], cap)
         else:
-            todo_counts = map(len, self._sp.encode([texts[i] for i in todo], num_threads=_threads()))
-        for i, n in zip(todo, todo_counts):
-            counts[i] = n
-        return counts
+            todo_counts = lambda: map(len, self._sp.encode([texts[i] for i in todo], num_threads=threads()))  # noqa: E731
+
+        def result() -> list[int]:
+            for i, n in zip(todo, todo_counts()):
+                counts[i] = n
+            return counts
+        return result
 
     def keep_last(self, text: str, tokens: int) -> str:
         """The longest suffix of `text` (cut at a character) whose own count fits. Normalization
@@ -231,152 +235,11 @@ class SentencePieceFile:
             self._words.close()
 
 
-class _WordCounts:
-    """Exact counts of a SentencePiece BPE that can never merge across a space, word by word.
-
-    BPE merges only into pieces of the vocabulary; where no piece holds "▁" (an escaped space)
-    right after another character than "▁", no merge crosses the start of a run of spaces, and
-    merges on either side of it do not interact (whitespace-only pieces, "▁▁▁▁", stay possible).
-    So without normalization (spaces escaped, nothing removed, no dummy prefix) a text's count is
-    its first word's plus that of each "▁…▁word" that a run of spaces starts, which a cache of the
-    words already seen answers: prompts repeat their words, so most are never encoded again
-    (realistic English-like prompts: a third of the CPU of encoding them whole). The condition is
-    read from the model (`splits_at_spaces`, infra/prompting/tokenizer_files.py); any other model encodes whole texts."""
-
-    CACHED_WORD_CHARS = 64  # longer words are encoded, not kept
-    CACHE_WORDS = 200_000  # then the cache starts afresh: memory stays flat
-
-    def __init__(self, sp):
-        self._sp = sp
-        self._cache = _Seen()
-        self._lock = threading.Lock()  # the counter is shared (token_counter's cache): one batch at a time
-        self._bytes, self._tokens = 4, 1  # bytes per token seen so far: how far to read before the bound may do
-        self._workers: count_workers.CountWorkers | None | bool = None  # False: never (closed, broken, a worker)
-
-    def counts(self, texts: Sequence[str], cap: int | None = None) -> list[int]:
-        """Exact counts; with a `cap`, exact above it, and at or below it possibly a bound (see _within).
-        A batch with enough text is shared with worker processes (infra/prompting/count_workers.py)."""
-        # U+2581 in the input is what a space becomes, so it cuts words as a space does.
-        texts = [t.replace("\u2581", " ") for t in texts]
-        with self._lock:
-            if cap is None:
-                return self._counts(texts)
-            if (workers := self._workers_for(texts)) is None:
-                return self._within(texts, cap)
-            out = workers.within(texts, cap, self._within)
-            self._workers = workers if workers.open else False  # broken: counted here from now on
-            return out
-
-    def _workers_for(self, texts: list[str]) -> "count_workers.CountWorkers | None":
-        """The pool, started on the first batch that pays for it; None: count here."""
-        if (self._workers is False or len(texts) < 2
-                or sum(map(len, texts)) < count_workers.PARALLEL_MIN_CHARS or count_workers.usable_cores() < 2):
-            return None
-        if self._workers is None:
-            if not count_workers.can_fork():
-                self._workers = False
-                return None
-            n = min(count_workers.usable_cores() - 1, count_workers.MAX_WORKERS)
-            self._workers = count_workers.CountWorkers.start(self, n) or False
-        return self._workers or None
-
-    def forked(self) -> "_WordCounts":
-        """This counter as a worker keeps it after the fork: its own lock (the parent's copy was
-        held while it forked), and no pool of its own."""
-        self._lock, self._workers = threading.Lock(), False
-        return self
-
-    def within_here(self, texts: list[str], cap: int) -> list[int]:
-        return self._within(texts, cap)
-
-    def close(self) -> None:
-        with self._lock:
-            workers, self._workers = self._workers, False
-        if isinstance(workers, count_workers.CountWorkers):
-            workers.close()
-
-    def _within(self, texts: list[str], cap: int) -> list[int]:
-        """Each text read from its start only until what is counted plus the rest's UTF-8 bytes
-        (the byte bound, which holds for any part of the text) is at most `cap`.
-
-        A cut just before a run of spaces splits the count exactly (no merge crosses it), so a
-        text's count is its counted head's plus its rest's, and the rest's bytes bound the latter.
-        A text that does not fit is read to its end: above `cap` the count is exact. Each round
-        reads the part that, at the bytes per token seen so far, brings the bound down to `cap`;
-        a text the guess falls short for goes round again (realistic prompts: about half their
-        text read, in one or two rounds)."""
-        out = [0] * len(texts)
-        rest = list(texts)
-        active = list(range(len(texts)))
-        while active:
-            ratio = max(self._bytes / self._tokens, 1.25)
-            heads, cut_at = [], []
-            for i in active:
-                r = rest[i]
-                over = out[i] + len(r.encode("utf-8")) - cap  # > 0: the bound does not settle it yet
-                # Reading n bytes lowers the bound by about n * (1 - 1/ratio); read a little more.
-                cut = _run_start_from(r, int(over * ratio / (ratio - 1) * 1.05) + 16)
-                heads.append(r[:cut])
-                cut_at.append(cut)
-            counted = self._counts(heads)
-            self._bytes += sum(len(h.encode("utf-8")) for h in heads)
-            self._tokens += sum(counted)
-            still = []
-            for i, n, cut in zip(active, counted, cut_at):
-                out[i] += n
-                rest[i] = r = rest[i][cut:]
-                if r:
-                    bound = out[i] + len(r.encode("utf-8"))
-                    if bound <= cap:
-                        out[i] = bound
-                    else:
-                        still.append(i)
-            active = still
-        return out
-
-    def _counts(self, texts: Sequence[str]) -> list[int]:
-        words = [_words(t) for t in texts]
-        cache = self._cache
-        sums, unseen = [], []
-        for ws in words:  # one pass over the words; those not seen yet counted 0 and noted
-            cache.unseen = noted = []
-            sums.append(sum(map(cache.__getitem__, itertools.islice(ws, 1, None))))
-            unseen.append(noted)
-        new = list({w for noted in unseen for w in noted})
-        encoded = self._sp.encode(["\u2581" + w for w in new] + [ws[0] for ws in words], num_threads=_threads())
-        fresh = dict(zip(new, map(len, encoded)))
-        out = [n + sum(map(fresh.__getitem__, noted)) + len(head)
-               for n, noted, head in zip(sums, unseen, encoded[len(new):])]
-        cache.update((w, n) for w, n in fresh.items() if len(w) <= self.CACHED_WORD_CHARS)
-        if len(cache) > self.CACHE_WORDS:
-            cache.clear()
-        return out
-
-
-class _Seen(dict):
-    """Words' counts; a word not in it counts 0 and is noted in `unseen`, to be encoded after."""
-
-    unseen: list[str]
-
-    def __missing__(self, word: str) -> int:
-        self.unseen.append(word)
-        return 0
-
-
-_RUN_START = re.compile("(?<! ) ")  # a space that starts a run of spaces
-
-
-def _words(text: str) -> list[str]:
-    """`text` cut before each run of spaces (the runs' spaces but the first stay with the word)."""
-    return text.split(" ") if "  " not in text else _RUN_START.split(text)
-
-
-def _run_start_from(text: str, at: int) -> int:
-    """The first index >= `at` (and > 0) where a run of spaces starts, else len(text)."""
-    if at >= len(text):
-        return len(text)
-    m = _RUN_START.search(text, max(at, 1))  # the look-behind sees text[at - 1]: a run is not cut inside
-    return m.start() if m else len(text)
+def count_within_begun(counter: TokenCounter, texts: Sequence[str], cap: int) -> Callable[[], list[int]]:
+    """`counter.count_within(texts, cap)`, begun now where the counter can count in the background
+    (SentencePiece's worker processes), else when the call returned is made."""
+    begin = getattr(counter, "count_within_begun", None)
+    return begin(texts, cap) if begin is not None else (lambda: counter.count_within(texts, cap))
 
 
 def _fitting_prefix(text: str, cut: int, tokens: int, count) -> str:
@@ -385,11 +248,6 @@ def _fitting_prefix(text: str, cut: int, tokens: int, count) -> str:
     while cut > 0 and count(text[:cut]) > tokens:
         cut -= 1
     return text[:max(cut, 0)]
-
-
-def _threads() -> int:
-    """Encoding threads: the CPUs this process may use, at most 8 (a login node is shared)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _load(source: TokenizerSource) -> TokenCounter:
