@@ -36,7 +36,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "replicas": {"records": 2048, "repeats": 2},
         "engines": {"n": 500, "ceiling_n": 10_000, "ceiling_nemo_n": 50_000},
         "pipeline": {},
-        "pipeline_rss": {"sizes": (1_000, 5_000), "many_shards": (1_000, 10)},
+        "pipeline_rss": {"sizes": (1_000, 2_000, 10_000), "many_shards": (1_000, 10)},
     },
     "scale": {
         "scale": {"sizes": (100_000, 1_000_000), "repeats": 1},

@@ -102,13 +102,37 @@ class StageRun:
 
     def next_index(self) -> int:
         item = self.ready[0] if self.ready else self.peeked
-        return item.index if isinstance(item, Shard) else item.shard
+        return item.shard if isinstance(item, PartInfo) else item.index
 
     def take(self):
         if self.ready:
             return self.ready.popleft()
         item, self.peeked = self.peeked, None
         return item
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A child shard waiting for a server, held as the bytes of its lines in its parent shard's rows
+    (~150 B a row in benchmarks/pipeline_rss.py) rather than as records (~1.4 KB a row: each holds its
+    parent row's fields, parsed): up to a parent shard's children per shard task in flight wait at once.
+    `shard` makes its records again from those lines when it is handed out, as `Stream.add_shards`
+    first made them: the same line numbers (its first line's number is kept by as many empty lines,
+    which a JSONL read skips), the same checks, the same count."""
+
+    index: int
+    first_line: int  # its first record's line in its parent shard's rows (1-based)
+    rows: bytes  # the lines from its first record's to its last's
+    offset: int  # the child's input lines before its parent shard's rows
+    count: int  # its records
+
+    def shard(self, cfg, settings: Settings) -> Shard:
+        stream = io.BytesIO(b"\n" * (self.first_line - 1) + self.rows)
+        records = [replace(r, line=self.offset + r.line) for r in usable_records(stream, cfg, settings, "jsonl")]
+        if len(records) != self.count:  # a defect (the checks are per line), never a shard of other records
+            raise RuntimeError(f"pipeline: child shard {self.index} made {len(records)} records from its parent's rows, "
+                               f"{self.count} when they were counted; rerun with the same run_id to resume")
+        return Shard(self.index, records)
 
 
 @dataclass(frozen=True)
@@ -180,7 +204,9 @@ class Stream:
                 yield WAIT
                 continue
             self.outstanding += 1
-            yield Work(pick.stage, self.stages[pick.stage].take())
+            stage = self.stages[pick.stage]
+            item = stage.take()
+            yield Work(pick.stage, item.shard(stage.run.cfg, self.settings) if isinstance(item, Waiting) else item)
 
     def submit(self, client, work: Work, backend):
         stage = self.stages[work.stage]
@@ -252,6 +278,7 @@ class Stream:
                              "or set on_bad_input: skip for this stage")
         plan.records_in += len(records)
         plan.rejected += count - len(records)
+        lines = rows.split(b"\n")
         for index, a, b in cut(len(records), cfg.shard_size, child.created):
             if index in plan.done:
                 part = plan.done[index]
@@ -260,8 +287,12 @@ class Stream:
                     child.ready.append(part)
                 else:
                     child.settled.add(index)
-            elif not self.reused(child, shard := Shard(index, records[a:b])):
-                child.ready.append(shard)
+            elif child.reuse is not None:  # its completions from before are matched to its records now
+                if not self.reused(child, shard := Shard(index, records[a:b])):
+                    child.ready.append(shard)
+            else:
+                first, last = records[a].line - offset, records[b - 1].line - offset
+                child.ready.append(Waiting(index, first, b"\n".join(lines[first - 1:last]) + b"\n", offset, b - a))
         child.created += len(cut(len(records), cfg.shard_size, 0))
         plan.shards_total = child.created
         self.advance(child)

@@ -159,3 +159,48 @@ def test_exports_and_card_on_s3_under_the_run_prefix(s3_settings, s3_client, s3_
     local = tmp_path / "sft.parquet"
     local.write_bytes(s3_client.get_object(Bucket=s3_bucket, Key="runs/s1/data/sft.parquet")["Body"].read())
     assert len(load("parquet", local, tmp_path)) == len(kept) == got["exports"][0]["rows"]
+
+
+EXPORT_IN_A_FRESH_PROCESS = """
+import json, sys
+from infra.run.card import publish_dataset
+from infra.settings import Settings
+from infra.storage import open_output_store
+out, rows, pairs = sys.argv[1], *(json.loads(open(a, encoding="utf-8").read()) for a in sys.argv[2:])
+root = open_output_store(out, "p1", Settings().s3, out + "/staging")
+data = open_output_store(out + "/p1", "data", Settings().s3, out + "/staging")
+publish_dataset(root, data, "p1", rows, pairs, {"models": ["gen"], "stages": []})
+print(json.dumps(sorted(m for m in ("pandas", "numpy") if m in sys.modules)))
+"""
+
+
+def test_parquet_rows_are_the_jsonl_rows_and_exporting_imports_no_pandas(tmp_path):
+    """Each row group is parsed from its JSONL lines (Arrow's JSON reader): the same table as
+    `Table.from_pylist` gives, over texts JSON escapes (quotes, control characters, newlines,
+    astral and combining characters) and floats that must round-trip; and the orchestrator never imports
+    pandas for it (from_pylist did: ~50 MB of its peak RSS, benchmarks/pipeline_rss.py)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from infra.run.exports import arrow_schema
+
+    texts = ['say "hi"\n\tthen \\ go', "\x00\x01\x1f ctrl", "😀 e\u0301 ‮ \u2028 \ufeff", "", "x" * 5000]
+    kept = [{"id": f"r{i}", "prompt": texts[i % 5] + str(i), "completion": texts[(i + 2) % 5]} for i in range(ROW_GROUP_ROWS + 7)]
+    pairs = [{"id": f"p{i}", "prompt": texts[i % 5], "chosen": texts[(i + 1) % 5], "rejected": texts[(i + 3) % 5],
+              "chosen_score": 0.1 + 0.2 * i, "rejected_score": -1e-300 if i % 2 else 1.7976931348623157e308}
+             for i in range(30)]
+    (tmp_path / "kept.json").write_text(json.dumps(kept), encoding="utf-8")
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", EXPORT_IN_A_FRESH_PROCESS, str(tmp_path / "out"), str(tmp_path / "kept.json"),
+                           str(tmp_path / "pairs.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pandas" not in json.loads(done.stdout.splitlines()[-1])
+    data = tmp_path / "out" / "p1" / "data"
+    for config, stem in (("sft", "sft"), ("sft_nemo_aligner", "sft-nemo-aligner"), ("dpo_nemo_aligner", "dpo-nemo-aligner"),
+                         ("dpo_trl", "dpo-trl")):
+        lines = [json.loads(line) for line in (data / f"{stem}.jsonl").read_bytes().split(b"\n") if line]
+        table = pq.read_table(data / f"{stem}.parquet")
+        assert table.equals(pa.Table.from_pylist(lines, schema=arrow_schema(config))), config
+        assert len(lines) == (len(pairs) if config.startswith("dpo") else len(kept))

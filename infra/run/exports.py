@@ -20,6 +20,7 @@ written a row group at a time, so the orchestrator's memory does not grow with t
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -141,11 +142,21 @@ def _columns(row: dict, names: list[str]) -> dict:
     return {k: row[k] for k in names}
 
 
+def _row_group(lines: list[bytes], schema):
+    """A row group's table parsed from its JSONL lines by Arrow's JSON reader, to the fixed schema. Not
+    `Table.from_pylist`: its first call imports pandas (pyarrow checks every Python list for a pandas
+    object), ~50 MB of the orchestrator's peak RSS for nothing (benchmarks/pipeline_rss.py)."""
+    from pyarrow import json as pa_json
+
+    data = b"".join(lines)
+    return pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1),
+                             parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error"))
+
+
 def write_format(store, fmt: Format, given: Iterable[dict]) -> dict:
     """One format's JSONL and Parquet files from `given`, streamed: converted rows go to both files in one
     pass, a Parquet row group of ROW_GROUP_ROWS at a time (memory: one row group, at any run size); each
     file staged and published whole with its sha256. Its entry for write_exports."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = arrow_schema(fmt.config)
@@ -158,22 +169,22 @@ def write_format(store, fmt: Format, given: Iterable[dict]) -> dict:
     jsonl_tmp: Path | None = None
     try:
         with pq.ParquetWriter(parquet_tmp, schema) as parquet:
-            batch: list[dict] = []
+            batch: list[bytes] = []  # the row group's JSONL lines: its table is parsed from them
 
             def lines() -> Iterator[bytes]:
                 for row in given:
                     if (out := fmt.convert(row)) is None:
                         counts["skipped"] += 1
                         continue
-                    batch.append(_columns(out, names))
+                    batch.append(line := (json.dumps(_columns(out, names), ensure_ascii=False) + "\n").encode("utf-8"))
                     if len(batch) == ROW_GROUP_ROWS:
-                        parquet.write_table(pa.Table.from_pylist(batch, schema=schema), row_group_size=ROW_GROUP_ROWS)
+                        parquet.write_table(_row_group(batch, schema), row_group_size=ROW_GROUP_ROWS)
                         batch.clear()
-                    yield (json.dumps(_columns(out, names), ensure_ascii=False) + "\n").encode("utf-8")
+                    yield line
 
             jsonl_tmp, jsonl_sha, counts["rows"], jsonl_size = write_lines(lines(), staging, f"{fmt.stem}.jsonl")
             if batch:
-                parquet.write_table(pa.Table.from_pylist(batch, schema=schema), row_group_size=ROW_GROUP_ROWS)
+                parquet.write_table(_row_group(batch, schema), row_group_size=ROW_GROUP_ROWS)
         entry = {"config": fmt.config, "source": fmt.source, "rows": counts["rows"], "skipped": counts["skipped"],
                  "files": {}}
         if not counts["rows"]:  # no file (`datasets` cannot read a Parquet file of no rows); none left from an earlier export
