@@ -38,6 +38,7 @@ from infra.run.card import read_rows
 from infra.run.layout import MANIFEST, STAGE_PAIR_CHECK, STAGE_PAIRS, stages_uri
 from infra.run.lease import FencedStore, RunLease
 from infra.storage import OutputStore, open_output_store
+from infra.storage.jsonl import json_line
 
 log = logging.getLogger(__name__)
 CHECKPOINT_S = 10.0  # the most answers a kill -9 of a pair check loses: those of the last seconds
@@ -106,7 +107,7 @@ def check_pairs(pairs: list[Pair], check: PairCheck, own: OutputStore, server: C
         written, last = len(answers), time.monotonic()
 
         def checkpoint() -> None:
-            own.write_bytes(STAGE_PAIR_CHECK, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers.values()).encode())
+            own.write_bytes(STAGE_PAIR_CHECK, b"".join(map(json_line, answers.values())))
 
         try:
             for start in range(0, len(keys), server.batch_size):

@@ -18,7 +18,7 @@ from infra.recipes.filters import Verdict
 from infra.recipes.lineage import NOT_PASSED
 from infra.recipes.split import SplitParams, stage_rows
 from infra.run.layout import MANIFEST, STAGE_ROWS
-from infra.storage.jsonl import publish
+from infra.storage.jsonl import json_line, publish
 
 
 def carried(row: dict) -> dict:
@@ -55,7 +55,7 @@ def write_stage_rows(store, stage: str, split: SplitParams | None) -> dict:
                 if isinstance(got, Verdict):
                     dropped[got.filter] += 1
                     continue
-                yield from ((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in got)
+                yield from map(json_line, got)
 
     _, count, _ = publish(store, STAGE_ROWS, lines())
     return {"rows": count, "split_dropped": dict(sorted(dropped.items())), "rows_uri": store.uri(STAGE_ROWS),

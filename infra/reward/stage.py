@@ -41,7 +41,7 @@ from infra.reward.scores import RewardParams, reward_filter
 from infra.run.layout import MANIFEST, part_name, reward_name, reward_state_name, state_name
 from infra.run.manifest import PartInfo, config_hash
 from infra.run.states import describes, invalidate, read_described
-from infra.storage.jsonl import publish, read_rows, read_state
+from infra.storage.jsonl import json_line, publish, read_rows, read_state
 
 log = logging.getLogger(__name__)
 # The server, not the request: replace it and go on. A busy one (ServerThrottled, after the client's
@@ -154,7 +154,7 @@ def write_parts(store, rows: Iterable[dict], shard_size: int, config_hash_: str)
     parts, shard, batch, line = [], 0, [], 0
 
     def flush():
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch).encode("utf-8")
+        data = b"".join(map(json_line, batch))
         sha = hashlib.sha256(data).hexdigest()
         name = part_name(shard)
         old = read_state(store, state_name(name))

@@ -21,7 +21,6 @@ written a row group at a time, so the orchestrator's memory does not grow with t
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.prompting.prompt_format import NEMOTRON_END, NEMOTRON_INSTRUCT
 from infra.run.layout import TEMP_SUFFIX, temp_prefix
-from infra.storage.jsonl import write_lines
+from infra.storage.jsonl import json_line, write_lines
 from infra.storage.local import sha256_file
 
 ROW_GROUP_ROWS = 1000  # rows per Parquet row group: small enough to stream, large enough to compress
@@ -176,7 +175,7 @@ def write_format(store, fmt: Format, given: Iterable[dict]) -> dict:
                     if (out := fmt.convert(row)) is None:
                         counts["skipped"] += 1
                         continue
-                    batch.append(line := (json.dumps(_columns(out, names), ensure_ascii=False) + "\n").encode("utf-8"))
+                    batch.append(line := json_line(_columns(out, names)))
                     if len(batch) == ROW_GROUP_ROWS:
                         parquet.write_table(_row_group(batch, schema), row_group_size=ROW_GROUP_ROWS)
                         batch.clear()

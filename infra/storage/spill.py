@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from infra.run.layout import SPILLS, spill_name
-from infra.storage.jsonl import encode_line
+from infra.storage.jsonl import json_line
 
 log = logging.getLogger(__name__)
 SYNC_EVERY_S = 1.0  # the most a host crash loses of a shard's finished requests (a kill -9 loses none)
@@ -143,7 +143,7 @@ class Spill:
 
 
 def _write_line(fd: int, at: int, obj: object) -> None:
-    data = (encode_line(obj) + "\n").encode()
+    data = json_line(obj)
     written = os.pwrite(fd, data, at)
     while written < len(data):  # a short write (a signal, a full disk's last block): the rest, or an OSError
         written += os.pwrite(fd, data[written:], at + written)
