@@ -309,7 +309,8 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
         return _judge_published(client, published, job, store, dead_reason, started, started_at)
     # A fenced store's lease (infra/run/lease.py FencedStore) fences the spill's appends too.
     fence = getattr(getattr(store, "lease", None), "check_held", None)
-    with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence) as spill:
+    with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence,
+                    job.job_ids) as spill:
         if not spill.kept and spill.plan != header["plan"]:
             spill.restart()  # nothing kept yet: this try's plan in its header, or its appends would be read as the old's
         elif spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
@@ -348,7 +349,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
         part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
                         shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
                         generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
-                        finished_at=time.time(), replica=job.replica, job_ids=list(job.job_ids),
+                        # Every job that made its rows: an earlier try's kept results came from its jobs.
+                        finished_at=time.time(), replica=job.replica,
+                        job_ids=list(dict.fromkeys([*spill.kept_jobs, *job.job_ids])),
                         invocation=job.invocation, prompt_match=dict(Counter(g.completion.prompt_match for _, _, g, _ in ok)))
         store.write_bytes(part.state_name(), part.to_json())
         spill.remove()  # after the state: a kill in between leaves a spill of a published part, removed when seen

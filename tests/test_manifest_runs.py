@@ -29,6 +29,11 @@ def test_states_without_the_new_fields_still_load_and_count():
                    job_ids=["41"], invocation="flow-a")
     assert generated_tokens([old, new]) == 7
     assert run_job_ids(None, [old, new], ["42"]) == ["41", "42"]
+    # Part 0 finished on the replacement job (1869) after part 1 on the requeued one (1868): first submitted first.
+    resumed = PartInfo(**{**OLD_STATE}, job_ids=["1869"])
+    requeued = PartInfo(**{**OLD_STATE, "name": "part-00001.jsonl", "shard": 1}, job_ids=["1868"])
+    assert run_job_ids(None, [resumed, requeued], ["1868", "1869"]) == ["1868", "1869"]
+    assert run_job_ids(None, [resumed], ["1868_2", "local"]) == ["1868_2", "1869", "local"]
     earlier = Manifest("r", "abc", {}, "m", "local", "in", 4, 4, 0, [old, new], slurm_job_ids=["40"],
                        replicas=[{"replica": 0, "job_ids": ["40"]}])
     assert Manifest.from_json(earlier.to_json()) == earlier

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -46,6 +47,28 @@ def test_results_kept_come_back_and_a_torn_last_line_is_cut_off_and_asked_again(
         assert spill.kept == {0: {"a": 1}, 1: {"a": 2}, 2: {"a": 3}}
         spill.remove()
     assert not path.exists()
+
+
+def test_a_spill_names_the_jobs_of_the_tries_whose_results_it_keeps(tmp_path):
+    """A part finished by a later job (a requeue, a rollover, a lost node) still names the job that made
+    its first rows: each try's first line names its jobs, and only kept lines count."""
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER, jobs=("7",)) as spill:
+        assert spill.kept_jobs == ()
+        spill.append([(0, {"a": 1})])
+        spill.append([(1, {"a": 2})])  # once a try: one line per request stays one line per request
+    path = tmp_path / spill_name("part-00000.jsonl")
+    assert [("jobs" in json.loads(x)) for x in path.read_text().splitlines()[1:]] == [True, False]
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER, jobs=("8",)) as spill:
+        assert spill.kept_jobs == ("7",)
+    with open(path, "a") as f:  # a try on job 9 whose only line was torn by the kill: it made nothing kept
+        f.write(json.dumps({"results": [[2, {"a": 3}]], "jobs": ["9"]}))
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER, jobs=("10",)) as spill:
+        assert spill.kept_jobs == ("7",)
+        spill.append([(2, {"a": 3})])
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert spill.kept_jobs == ("7", "10") and len(spill.kept) == 3
+        spill.restart()  # generated again from nothing: no job made what it keeps
+        assert spill.kept_jobs == () and spill.kept == {}
 
 
 def test_appends_are_synced_at_most_once_a_second_and_a_kill_loses_none(tmp_path, monkeypatch):
@@ -228,12 +251,14 @@ def test_a_shard_cut_by_a_lost_server_asks_only_for_what_its_spill_lacks_and_pub
         run_shard(make_client(api, url), shard, job, clean)
     with running_server(tmp_path / "b", *SIM, "--fault-crash-after", "3") as (url, _):
         with pytest.raises(ServerError):  # the server died on its 4th request
-            run_shard(make_client(api, url), shard, job, cut)
+            run_shard(make_client(api, url), shard, replace(job, job_ids=("101",)), cut)
     spill = cut.staging_dir() / spill_name(shard.name)
     kept_requests = len(spill.read_text().splitlines()) - 1
     assert kept_requests == 3 and cut.read_bytes(shard.name) is None
     with running_server(tmp_path / "c", *SIM) as (url, _):
-        run_shard(make_client(api, url), shard, job, cut)
+        run_shard(make_client(api, url), shard, replace(job, job_ids=("102",)), cut)
+    # The part names both jobs that made its rows, the one cut off first.
+    assert json.loads(cut.read_bytes(state_name(shard.name)))["job_ids"] == ["101", "102"]
     assert requests_answered(tmp_path / "c" / "server.log", api) == requests_total - kept_requests
     assert cut.read_bytes(shard.name) == clean.read_bytes(shard.name) is not None
     assert cut.sha256(shard.name) == json.loads(cut.read_bytes(state_name(shard.name)))["sha256"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
@@ -123,8 +125,18 @@ def _unique(items) -> list:
 
 
 def run_job_ids(earlier: Manifest | None, parts: list[PartInfo], now: list[str]) -> list[str]:
-    """Every Slurm job of the run, first seen first: the earlier manifest's, the parts', this invocation's."""
-    return _unique([*(earlier.slurm_job_ids if earlier else []), *(j for p in parts for j in p.job_ids), *now])
+    """Every Slurm job of the run: the earlier manifest's, then the parts' and this invocation's, first
+    submitted first. Part order is not submission order (shards in flight finish in any order, a part
+    resumed on a replacement job names both), and Slurm numbers its jobs in submission order."""
+    later = _unique([*(j for p in parts for j in p.job_ids), *now])
+    return _unique([*(earlier.slurm_job_ids if earlier else []), *sorted(later, key=_submitted)])
+
+
+def _submitted(job_id: str) -> float:
+    """A Slurm job id's number ("1868", an array task's "1868_3", a het job's "1868+0"); ids of no
+    number keep their order after those."""
+    digits = re.match(r"\d+", job_id)
+    return int(digits.group()) if digits else math.inf
 
 
 def run_replicas(earlier: Manifest | None, parts: list[PartInfo], now: list[dict], invocation: str) -> list[dict]:

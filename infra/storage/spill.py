@@ -19,7 +19,9 @@ Read back by the next try (a task retry, or a resume after kill -9):
   `spill.plan` is the spill's, and the caller decides (infra/prompting/plan_identity.py);
 - a last line without its newline, or one that does not parse, is a request torn by the kill: it
   and anything after it are cut off, and that request is asked again;
-- the positions of the lines kept are the results not asked again.
+- the positions of the lines kept are the results not asked again;
+- a try's first line also names the jobs it ran on (its Slurm job ids, when it has any), so a part
+  finished by a later job still names every job that made its rows (`spill.kept_jobs`).
 
 A try holds an flock on its spill: a second writer (another try of the same shard still running,
 or another run whose staging path is the same) finds it held and keeps no spill rather than mix
@@ -56,8 +58,11 @@ class Spill:
     (`spill.kept`: position -> the JSON it appended), and `spill.append(...)` for this try's."""
 
     def __init__(self, path: Path, fd: int, kept: dict[int, object], fence: Callable[[], None] | None = None,
-                 header: dict | None = None, plan: object = None):
+                 header: dict | None = None, plan: object = None, jobs: tuple[str, ...] = (),
+                 kept_jobs: tuple[str, ...] = ()):
         self.path, self._fd, self.kept = path, fd, kept
+        # The jobs of the tries whose results are kept, first first; this try's go on its first line.
+        self.kept_jobs, self._jobs, self._named = kept_jobs, tuple(jobs), False
         self._header, self.plan = header, plan  # plan: the header's "plan" as the spill holds it
         self._fence = fence  # the run's lease check: a try that lost its run writes nothing more here either
         self._lock = threading.Lock()  # appends are whole lines, whichever thread reports a request
@@ -65,16 +70,17 @@ class Spill:
         self._fenced: float | None = None  # when the fence last passed (None: before the first append)
 
     @classmethod
-    def open(cls, staging: Path, part: str, header: dict, fence: Callable[[], None] | None = None) -> "Spill":
+    def open(cls, staging: Path, part: str, header: dict, fence: Callable[[], None] | None = None,
+             jobs: tuple[str, ...] | list[str] = ()) -> "Spill":
         path = Path(staging) / spill_name(part)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         if not _lock(fd):
             log.warning("%s is held by another writer (another try of this shard, or a run with the same staging "
                         "directory): this try keeps no spill, so a kill now loses its whole shard", path)
-            return cls(path, -1, {}, fence, header, header.get("plan"))
+            return cls(path, -1, {}, fence, header, header.get("plan"), jobs)
         try:
-            kept, good_end, plan = _read(fd, header, path)
+            kept, good_end, plan, kept_jobs = _read(fd, header, path)
             if good_end == 0:  # new, or another try's header: start over with this one
                 _start(fd, header)
             else:
@@ -82,12 +88,12 @@ class Spill:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, kept, fence, header, plan)
+        return cls(path, fd, kept, fence, header, plan, jobs, kept_jobs)
 
     def restart(self) -> None:
         """Its results dropped and its header this try's (the shard is generated again from nothing)."""
         with self._lock:
-            self.kept, self.plan = {}, self._header.get("plan")
+            self.kept, self.plan, self.kept_jobs, self._named = {}, self._header.get("plan"), (), False
             if self._fd >= 0:
                 _start(self._fd, self._header)
 
@@ -101,8 +107,11 @@ class Spill:
             if self._fence is not None and (self._fenced is None or time.monotonic() - self._fenced >= FENCE_EVERY_S):
                 self._fence()  # LeaseLost: another run owns the shard now (its part, and this file's fate)
                 self._fenced = time.monotonic()
+            line = {"results": [[p, r] for p, r in results]}
+            if self._jobs and not self._named:  # this try's first line: which jobs made the results from here on
+                line["jobs"], self._named = list(self._jobs), True
             try:
-                _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), {"results": [[p, r] for p, r in results]})
+                _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), line)
                 self._unsynced = True
                 if time.monotonic() - self._synced >= SYNC_EVERY_S:
                     self._sync()
@@ -155,9 +164,9 @@ def _start(fd: int, header: dict) -> None:
     os.fsync(fd)
 
 
-def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, object]:
-    """(position -> result kept, the byte length of the lines to keep, the spill's plan); 0 when the
-    header, its plan aside, is not `header` (the file is to start over)."""
+def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, object, tuple[str, ...]]:
+    """(position -> result kept, the byte length of the lines to keep, the spill's plan, the jobs that
+    made the kept results); 0 when the header, its plan aside, is not `header` (the file is to start over)."""
     size, chunks = os.fstat(fd).st_size, []
     while (got := sum(map(len, chunks))) < size:  # one pread returns at most ~2 GiB
         chunk = os.pread(fd, size - got, got)
@@ -174,20 +183,23 @@ def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, ob
     if not isinstance(found, dict) or {**found, "plan": None} != {**header, "plan": None}:
         if data:
             log.info("discarding %s: it was written for %s, and this try is %s", path, _brief(found), _brief(header))
-        return {}, 0, header.get("plan")
+        return {}, 0, header.get("plan"), ()
     kept: dict[int, object] = {}
+    jobs: dict[str, None] = {}
     end = len(lines[0]) + 1
     for line in lines[1:-1]:  # the last item follows the last newline: empty, or a torn line
         try:
-            entries = json.loads(line)["results"]
-            parsed = {int(p): r for p, r in entries}
-        except (ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+            parsed = {int(p): r for p, r in entry["results"]}
+            named = [str(j) for j in entry.get("jobs", ())]
+        except (ValueError, KeyError, TypeError, AttributeError):
             break  # torn (or damaged): this request and any after it are asked again
         kept.update(parsed)
+        jobs.update(dict.fromkeys(named))
         end += len(line) + 1
     if end < size:
         log.info("%s: %d byte(s) of a request cut off by the kill ignored; that request is asked again", path, size - end)
-    return kept, end, found.get("plan")
+    return kept, end, found.get("plan"), tuple(jobs)
 
 
 def _brief(header: object) -> str:
