@@ -139,9 +139,16 @@ def cut_sorted(lengths: Sequence[int], batch_size: int, tokens_to_generate: int,
 def _cheapest(lengths: Sequence[int], cap: int, t: int, cost: StepCost, per_pad: float,
               max_spread: int | None) -> list[int]:
     """The cut of sorted `lengths` into batches of at most `cap` rows that fit `cost`'s memory and make
-    Σ seconds + per_pad × padding tokens least. best[j]: the least for the first j lengths. The inner loop
-    spells out `cost.seconds` and `cost.fits` (a call each would double the planning time); the tests
-    check its cuts against brute force over `cost.seconds`."""
+    Σ seconds + per_pad × padding tokens least. best[j]: the least for the first j lengths, over the
+    batches i..j-1 that end there; ties go to the largest i. The inner loop spells out `cost.seconds`
+    and `cost.fits` (a call each would double the planning time); the tests check its cuts against
+    brute force over `cost.seconds`.
+
+    Where every batch ending at j fits (the largest of them at its longest prompt fits, so each fits:
+    rounding is monotone) and no spread is bounded, its candidates are priced in one comprehension,
+    each by the same float operations in the same order as the loop, so the cut is the loop's to the
+    bit (tests/test_batching.py); the loop, the rest. The plan is a shard task's largest piece of
+    Python after its requests: issue 28's ceiling."""
     n = len(lengths)
     pre, dec, slope = cost.prefill_s_per_token, cost.decode_step_s, cost.decode_batch_slope
     kv, pb, free = cost.kv_bytes_per_token, cost.prefill_bytes_per_token, cost.free_bytes
@@ -150,11 +157,27 @@ def _cheapest(lengths: Sequence[int], cap: int, t: int, cost: StepCost, per_pad:
         prefix.append(prefix[-1] + x)
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
+    # By rows (index r - 1): `pre * rows` and `1.0 + slope * rows`, the loop's first products, made once.
+    pre_rows = [pre * rows for rows in range(1, cap + 1)]
+    slope_rows = [1.0 + slope * rows for rows in range(1, cap + 1)]
     for j in range(1, n + 1):
         longest, sj = lengths[j - 1], prefix[j]
         kv_row = kv * (longest + t)
+        lo = max(0, j - cap)
+        if max_spread is None and (j - lo == 1 or (j - lo) * (pb * longest + kv_row) <= free):
+            # i = lo .. j-1, rows = j - i: the by-rows lists read backwards from j - lo rows down to 1.
+            pr, sr, shortest_ = pre_rows[j - lo - 1::-1], slope_rows[j - lo - 1::-1], lengths[lo:j]
+            if per_pad:
+                cs = [bi + p * s + (longest - s + t) * dec * f + per_pad * (r * longest - sj + pi)
+                      for bi, p, s, f, r, pi in zip(best[lo:j], pr, shortest_, sr, range(j - lo, 0, -1), prefix[lo:j])]
+            else:  # x + 0.0 * y is x: the loop's sum without its last term
+                cs = [bi + p * s + (longest - s + t) * dec * f for bi, p, s, f in zip(best[lo:j], pr, shortest_, sr)]
+            b = min(cs)
+            k = len(cs) - 1 - cs[::-1].index(b)  # the last of equals: the largest i, as the loop keeps
+            best[j], cut[j] = b, lo + k
+            continue
         b, at = float("inf"), j - 1
-        for i in range(j - 1, max(0, j - cap) - 1, -1):
+        for i in range(j - 1, lo - 1, -1):
             shortest, rows = lengths[i], j - i
             if rows > 1:
                 if max_spread is not None and longest - shortest > max_spread:
