@@ -336,23 +336,31 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
                 raise ServerLost(f"shard {shard.index}: the server is gone: {reason}") from exc
             raise
         generated = time.monotonic()
-        rows = [(rec, s) for rec in shard.records for s in range(job.samples)]  # the order of `results`
-        pairs = [(r, s, g) for (r, s), g in zip(rows, results)]
-        ok = [(r, s, g, c) for (r, s, g), c in zip(pairs, checks) if isinstance(g, GeneratedText)]
-        rejected = [reject_record(r, g, shard.index, s) for r, s, g in pairs if not isinstance(g, GeneratedText)]
+        # One pass over the results (row k is record k // samples, sample k % samples), one over the rows kept:
+        # a shard's bookkeeping runs per record, in the thread that feeds the server (issue 28).
+        ok, rejected, samples = [], [], job.samples
+        for k, (g, c) in enumerate(zip(results, checks)):
+            rec, s = shard.records[k // samples], k % samples
+            if isinstance(g, GeneratedText):
+                ok.append((rec, s, g, c))
+            else:
+                rejected.append(reject_record(rec, g, shard.index, s))
         invalidate(store, state_name(shard.name))  # a state of an earlier part must not outlive it (infra.run.states)
         if rejected:  # before the part and its state: a published state implies both
             publish(store, rejects_name(shard.name), rejected)
-        out = [output_record(r, g, job, shard.index, s, c) for r, s, g, c in ok]  # one shard: the judge reads them too
+        out, tokens, matches = [], replaced, Counter()  # out: one shard's rows, which the judge reads too
+        for r, s, g, c in ok:
+            out.append(output_record(r, g, job, shard.index, s, c))
+            tokens += g.generated_tokens
+            matches[g.completion.prompt_match] += 1
         sha, count, size = publish(store, shard.name, out)
-        tokens = sum(g.generated_tokens for _, _, g, _ in ok) + replaced
         part = PartInfo(shard.name, shard.index, count, sha, size, job.config_hash,
                         shard.records[0].line, shard.records[-1].line, rejected=len(rejected),
                         generated_tokens=tokens, seconds=round(time.monotonic() - started, 3), started_at=started_at,
                         # Every job that made its rows: an earlier try's kept results came from its jobs.
                         finished_at=time.time(), replica=job.replica,
                         job_ids=list(dict.fromkeys([*spill.kept_jobs, *job.job_ids])),
-                        invocation=job.invocation, prompt_match=dict(Counter(g.completion.prompt_match for _, _, g, _ in ok)))
+                        invocation=job.invocation, prompt_match=dict(matches))
         store.write_bytes(part.state_name(), part.to_json())
         spill.remove()  # after the state: a kill in between leaves a spill of a published part, removed when seen
     if job.judge is not None:  # after the part's state: a kill here leaves a part to judge, not to regenerate
