@@ -225,9 +225,13 @@ def ceiling(workdir: Path, log, n: int, api=None, nemo_n: int | None = None,
                 parts = manifest["parts"]  # the generation phase, as the manifest's parts ran it
                 flow_cpu = watch.between(min(p["started_at"] for p in parts), max(p["finished_at"] for p in parts))
                 flow = manifest["throughput"].get("records_per_s")
+                # The pool's tail: from the last but one part's end the last shard runs alone, one request in flight.
+                ends = sorted(p["finished_at"] for p in parts)
+                tail = ends[-1] - ends[-2] if len(ends) > 1 else None
                 out[api_name] = {"records": records, "bare_records_per_s": loop, "flow_generation_records_per_s": flow,
                                  "flow_generation_s": manifest["timings_s"].get("generation"),
                                  "flow_whole_call_records_per_s": records / run.seconds, "ratio": flow / loop if flow else None,
+                                 "last_shard_alone_s": tail,
                                  "cpu_s": {"bare": bare_cpu, "flow": flow_cpu}, "load_average": os.getloadavg()[0],
                                  **({"shard_cpu_us_per_record": per_shard} if per_shard else {})}
                 log(f"ceiling {api_name} ({records} records): bare loop {loop:.0f} rec/s, flow (generation phase) {flow:.0f} rec/s, "
@@ -312,6 +316,11 @@ def findings(res: dict) -> list[str]:
                  f"{(b['client'] + b['server']) / k:.3f}). The three used {cores:.2f} of the 2 cores over the phase and "
                  f"the flow's process was on a core {busy:.0%} of it: {limit} (load average "
                  f"{r.get('load_average', float('nan')):.1f} at the end).")
+    nemo = res["ceiling"].get("nemo-generate", {})
+    if nemo.get("last_shard_alone_s") is not None and nemo.get("flow_generation_s"):
+        L.append(f"- **nemo-generate's tail**: the last shard ran alone, one request in flight, for "
+                 f"{nemo['last_shard_alone_s']:.2f} s of the {nemo['flow_generation_s']:.2f} s generation phase "
+                 "(from the last but one part's end; a shard sends one request at a time, so a kill loses one).")
     if sc := res["ceiling"].get("nemo-generate", {}).get("shard_cpu_us_per_record"):
         rest = sc["shard"] - sc["bare"] - sc["plan"] - sc["spill"] - sc["part"]
         L.append(f"- **Where nemo-generate's extra CPU goes** (one thread, one {sc['records']:,}-record shard, the least "
