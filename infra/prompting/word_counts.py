@@ -31,6 +31,7 @@ class WordCounts:
     def __init__(self, sp):
         self._sp = sp
         self._cache = _Seen()
+        self._firsts: dict[str, int] = {"": 0}  # texts' first words (no space before them): their counts
         self._lock = threading.Lock()  # the counter is shared (token_counter's cache): one batch at a time
         self._bytes, self._tokens = 4, 1  # bytes per token seen so far: how far to read before the bound may do
         self._workers: count_workers.CountWorkers | None | bool = None  # False: never (closed, broken, a worker)
@@ -154,16 +155,26 @@ class WordCounts:
             sums.append(sum(map(cache.__getitem__, itertools.islice(ws, 1, None))))
             unseen.append(noted)
         new = list({w for noted in unseen for w in noted})
-        encoded = self._sp.encode(["\u2581" + w for w in new] + [ws[0] for ws in words], num_threads=self._threads or threads())
+        # A text's first word has no space before it: its count is the word's own, kept apart (a
+        # head cut at a run of spaces has "" first: 0). Most texts begin with a word seen before.
+        firsts = self._firsts
+        new_firsts = list({ws[0] for ws in words if ws[0] not in firsts})
+        encoded = self._sp.encode(["\u2581" + w for w in new] + new_firsts, num_threads=self._threads or threads())
         fresh = dict(zip(new, map(len, encoded)))
-        out = [n + sum(map(fresh.__getitem__, noted)) + len(head)
-               for n, noted, head in zip(sums, unseen, encoded[len(new):])]
+        firsts.update(zip(new_firsts, map(len, encoded[len(new):])))
+        out = [n + sum(map(fresh.__getitem__, noted)) + firsts[ws[0]] for n, noted, ws in zip(sums, unseen, words)]
+        for w in new_firsts:
+            if len(w) > self.CACHED_WORD_CHARS:
+                del firsts[w]
         kept = {w: n for w, n in fresh.items() if len(w) <= self.CACHED_WORD_CHARS}
         cache.update(kept)
         if self._learned is not None:
             self._learned.update(kept)
         if len(cache) > self.CACHE_WORDS:
             cache.clear()
+        if len(firsts) > self.CACHE_WORDS:
+            firsts.clear()
+            firsts[""] = 0
         return out
 
 
