@@ -8,7 +8,7 @@ encoded once, not once per process). A batch is cut into pieces of about PIECE_C
 all handed to the workers when the batch is started (`start`); when the caller asks for the counts
 (`Counting.result`) it takes back the pieces no worker has begun, from the tail, one at a time, and
 counts them itself, while the workers go on from the head; waiting then on a piece a worker is still
-counting, it takes back pieces of the batches begun after this one instead of idling (each piece is
+counting, it takes back the tail halves of the batches begun after this one instead of idling (each piece is
 claimed once, in memory
 shared since the fork: a worker skips a piece the caller took; futures are never cancelled, since
 Python 3.11's pool, broken with a cancelled future queued, fails in its own thread and leaves the
@@ -194,7 +194,8 @@ class CountWorkers:
         unclaimed): what the caller does while a worker finishes a piece of `counting`."""
         begun = [c for ref in self._begun if (c := ref()) is not None]
         later = begun[begun.index(counting) + 1:] if counting in begun else []
-        return any(other._take_back(here) for other in later)
+        # The first half of each is left to the workers: what they count while this process reads on.
+        return any(other._take_back(here, keep=len(other._futures) // 2) for other in later)
 
     def _taken(self, words: dict[str, int]) -> None:
         """A worker's new words: this process's cache, and (with several workers) the others'."""
@@ -240,10 +241,12 @@ class Counting:
         a, b = self._ranges[i]
         self._out[a:b], self._counted[i] = here(self._texts[a:b], self._cap), True
 
-    def _take_back(self, here: Callable[[list[str], int], list[int]]) -> bool:
+    def _take_back(self, here: Callable[[list[str], int], list[int]], keep: int = 0) -> bool:
         """The last piece no process has claimed, counted here (False: a worker has begun it, and so
-        every piece before it: the workers take them in order)."""
-        if not self._left or not self._workers._claims.take(self._first + self._left - 1):
+        every piece before it: the workers take them in order; or only `keep` pieces are left)."""
+        if self._left <= keep:
+            return False
+        if not self._workers._claims.take(self._first + self._left - 1):
             self._left = 0
             return False
         self._left -= 1
