@@ -333,7 +333,7 @@ def test_word_by_word_encodes_a_texts_first_word_once_and_an_empty_head_never(wo
 
     class Spy:
         def encode(self, texts, **kw):
-            encoded.append(list(texts))
+            encoded.extend([texts] if isinstance(texts, str) else texts)
             return sp.encode(texts, **kw)
 
     words = WordCounts(Spy())
@@ -341,7 +341,7 @@ def test_word_by_word_encodes_a_texts_first_word_once_and_an_empty_head_never(wo
     assert words.counts(["Hello world", " world"]) == [len(sp.encode("Hello world")), len(sp.encode(" world"))]
     encoded.clear()
     assert words.counts(["Hello world", " world"]) == [len(sp.encode("Hello world")), len(sp.encode(" world"))]
-    assert encoded == [[]]  # every word, first or not, known
+    assert encoded == []  # every word, first or not, known
 
 
 def test_a_cut_for_counting_falls_only_where_a_run_of_spaces_starts():

@@ -27,6 +27,7 @@ class WordCounts:
 
     CACHED_WORD_CHARS = 64  # longer words are encoded, not kept
     CACHE_WORDS = 200_000  # then the cache starts afresh: memory stays flat
+    FEW_TO_ENCODE = 32  # fewer texts than this are encoded one by one (_encode)
 
     def __init__(self, sp):
         self._sp = sp
@@ -159,7 +160,7 @@ class WordCounts:
         # head cut at a run of spaces has "" first: 0). Most texts begin with a word seen before.
         firsts = self._firsts
         new_firsts = list({ws[0] for ws in words if ws[0] not in firsts})
-        encoded = self._sp.encode(["\u2581" + w for w in new] + new_firsts, num_threads=self._threads or threads())
+        encoded = self._encode(["\u2581" + w for w in new] + new_firsts)
         fresh = dict(zip(new, map(len, encoded)))
         firsts.update(zip(new_firsts, map(len, encoded[len(new):])))
         out = [n + sum(map(fresh.__getitem__, noted)) + firsts[ws[0]] for n, noted, ws in zip(sums, unseen, words)]
@@ -176,6 +177,14 @@ class WordCounts:
             firsts.clear()
             firsts[""] = 0
         return out
+
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids. A list call costs ~60 us however short (sentencepiece's batch set-up), one
+        text ~2 us: a few texts (a worker's small piece, a late round's handful of new words) one by one."""
+        if len(texts) < self.FEW_TO_ENCODE:
+            return [self._sp.encode(t) for t in texts]
+        return self._sp.encode(texts, num_threads=self._threads or threads())
 
 
 class _Seen(dict):
