@@ -109,58 +109,6 @@ def test_a_batch_begun_is_counted_by_the_workers_while_the_caller_reads_on(model
         counter.close()
 
 
-class _Gated:
-    """A counter state whose worker holds its first piece until a file exists (or 10 s pass): a
-    worker busy on one piece while the caller waits for it."""
-
-    def __init__(self, gate):
-        self.gate = gate
-
-    def forked(self):
-        return self
-
-    def within_here(self, texts, cap):
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.gate) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return [len(t) for t in texts]
-
-    def learned(self):
-        return {}
-
-    def learn(self, words):
-        pass
-
-
-def test_waiting_on_a_workers_piece_the_caller_counts_the_next_batch_begun(tmp_path):
-    """The plan begins chunk k+1 before it asks for chunk k: while a worker still counts a piece of
-    k, the caller takes back the tail half of k+1 (and counts it) instead of idling, leaving the
-    head half to the workers (what they count while the plan reads on); every piece counted once."""
-    gate = tmp_path / "gate"
-    workers = count_workers.CountWorkers.start(_Gated(gate), 1)
-    assert workers is not None
-    try:
-        first, later = ["a" * 10] * 8, ["b" * 12] * 8
-        begun_first, begun_later = workers.begin(first, 0), workers.begin(later, 0)
-        deadline = time.monotonic() + 30
-        while workers._claims._ids[begun_first._first] != begun_first._first and time.monotonic() < deadline:
-            time.sleep(0.01)  # until the worker holds the first piece (and waits at the gate)
-        here = []
-
-        def count_here(texts, cap):
-            here.append(texts)
-            if sum(t[0] == "b" for share in here for t in share) == len(later) // 2:
-                gate.touch()  # the later batch's tail half counted here: the worker may finish
-            return [len(t) for t in texts]
-
-        assert begun_first.result(count_here) == [10] * 8
-        assert sum(len(share) for share in here if share[0][0] == "b") == len(later) // 2  # meanwhile
-        assert begun_later.result(count_here) == [12] * 8
-    finally:
-        gate.touch()
-        workers.close()
-
-
 def test_a_small_batch_or_one_core_is_counted_here(model):
     path, sp = model
     counter = SentencePieceFile(path)

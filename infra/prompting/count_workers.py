@@ -7,9 +7,7 @@ nothing pickled but the texts, their counts and the words each side learned sinc
 encoded once, not once per process). A batch is cut into pieces of about PIECE_CHARS characters,
 all handed to the workers when the batch is started (`start`); when the caller asks for the counts
 (`Counting.result`) it takes back the pieces no worker has begun, from the tail, one at a time, and
-counts them itself, while the workers go on from the head; waiting then on a piece a worker is still
-counting, it takes back the tail halves of the batches begun after this one instead of idling (each piece is
-claimed once, in memory
+counts them itself, while the workers go on from the head (each piece is claimed once, in memory
 shared since the fork: a worker skips a piece the caller took; futures are never cancelled, since
 Python 3.11's pool, broken with a cancelled future queued, fails in its own thread and leaves the
 queue's feeder thread blocked for good). So the shares balance themselves, on an
@@ -33,7 +31,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -143,8 +140,6 @@ class CountWorkers:
         self._to_send: dict[str, int] = {}  # words the workers have not been told yet
         ctx = multiprocessing.get_context("fork")
         self._claims, self._pieces = _Claims(ctx), 0
-        # Batches begun and not yet collected, oldest first (weakly: one its caller dropped goes with it).
-        self._begun: list[weakref.ref[Counting]] = []
         self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_adopt, initargs=(state, os.getpid(), self._claims))
         # Forked now (the first task forks them all), with this process's objects frozen out of the
@@ -183,19 +178,7 @@ class CountWorkers:
         except (BrokenProcessPool, RuntimeError, AttributeError) as exc:  # shut down meanwhile (None: closed)
             self._broken(exc)
             futures = []
-        counting = Counting(self, texts, cap, ranges, futures, first)
-        self._begun = [ref for ref in self._begun if ref() is not None]
-        if futures:
-            self._begun.append(weakref.ref(counting))
-        return counting
-
-    def _help_later(self, counting: "Counting", here: Callable[[list[str], int], list[int]]) -> bool:
-        """One piece of a batch begun after `counting` taken back and counted here (False: none left
-        unclaimed): what the caller does while a worker finishes a piece of `counting`."""
-        begun = [c for ref in self._begun if (c := ref()) is not None]
-        later = begun[begun.index(counting) + 1:] if counting in begun else []
-        # The first half of each is left to the workers: what they count while this process reads on.
-        return any(other._take_back(here, keep=len(other._futures) // 2) for other in later)
+        return Counting(self, texts, cap, ranges, futures, first)
 
     def _taken(self, words: dict[str, int]) -> None:
         """A worker's new words: this process's cache, and (with several workers) the others'."""
@@ -234,58 +217,42 @@ class Counting:
     def __init__(self, workers: CountWorkers, texts: list[str], cap: int, ranges, futures, first: int):
         self._workers, self._texts, self._cap, self._ranges, self._futures = workers, texts, cap, ranges, futures
         self._first = first  # the first piece's id
-        self._out, self._counted = [0] * len(texts), [False] * len(ranges)
-        self._left = len(futures)  # pieces below this index: not taken back here (yet)
-
-    def _count_here(self, i: int, here: Callable[[list[str], int], list[int]]) -> None:
-        a, b = self._ranges[i]
-        self._out[a:b], self._counted[i] = here(self._texts[a:b], self._cap), True
-
-    def _take_back(self, here: Callable[[list[str], int], list[int]], keep: int = 0) -> bool:
-        """The last piece no process has claimed, counted here (False: a worker has begun it, and so
-        every piece before it: the workers take them in order; or only `keep` pieces are left)."""
-        if self._left <= keep:
-            return False
-        if not self._workers._claims.take(self._first + self._left - 1):
-            self._left = 0
-            return False
-        self._left -= 1
-        self._count_here(self._left, here)
-        return True
 
     def result(self, here: Callable[[list[str], int], list[int]]) -> list[int]:
         texts, cap, ranges, futures = self._texts, self._cap, self._ranges, self._futures
         if not futures:  # the pool broke or closed when the batch began
             return here(texts, cap)
-        workers, out, counted = self._workers, self._out, self._counted
+        out, counted = [0] * len(texts), [False] * len(ranges)
+
+        def count_here(i: int) -> None:
+            a, b = ranges[i]
+            out[a:b], counted[i] = here(texts[a:b], cap), True
+
         try:
             # From the tail, one piece at a time, while no worker has claimed it: the workers
             # meanwhile go on from the head.
-            while self._take_back(here):
-                pass
+            left = len(futures)
+            while left and self._workers._claims.take(self._first + left - 1):
+                left -= 1
+                count_here(left)
             # Every piece waited for, those taken here too (a worker skips them at once): a worker
             # that died or hangs is found in the batch that met it, and no piece stays queued.
-            # While one is not done, the later batches' tail pieces are counted here meanwhile.
             deadline = time.monotonic() + SHARE_DEADLINE_S + SHARE_DEADLINE_S_PER_CHAR * _chars(texts)
             for i, future in enumerate(futures):
-                while not future.done() and workers._help_later(self, here):
-                    pass
                 counts, words = future.result(timeout=max(0.0, deadline - time.monotonic()))
-                workers._taken(words)
+                self._workers._taken(words)
                 if counts is not None:
                     out[ranges[i][0]:ranges[i][1]], counted[i] = counts, True
         except (BrokenProcessPool, CancelledError, TimeoutError) as exc:  # TimeoutError: the futures' too (3.11)
             hung = isinstance(exc, TimeoutError)
-            workers._broken(TimeoutError(f"no counts from a worker {SHARE_DEADLINE_S:.0f} s past their share's "
-                                         f"deadline ({exc})") if hung else exc, kill=hung)
+            self._workers._broken(TimeoutError(f"no counts from a worker {SHARE_DEADLINE_S:.0f} s past their share's "
+                                               f"deadline ({exc})") if hung else exc, kill=hung)
             for i, future in enumerate(futures):
                 if not counted[i] and future.done() and not future.cancelled() and future.exception() is None:
                     counts = future.result()[0]
                     if counts is not None:
                         out[ranges[i][0]:ranges[i][1]], counted[i] = counts, True
-        finally:
-            workers._begun = [ref for ref in workers._begun if ref() not in (self, None)]
         for i in range(len(ranges)):
             if not counted[i]:  # the workers broke, or a piece no process claimed
-                self._count_here(i, here)
+                count_here(i)
         return out
