@@ -323,6 +323,27 @@ def test_count_within_reads_a_fitting_text_only_in_part_and_stays_exact_against_
     assert counter.count(long) < got <= len(long) - 100
 
 
+def test_word_by_word_encodes_a_texts_first_word_once_and_an_empty_head_never(word_model):
+    """A text's first word (no space before it) is kept once counted, as the other words are: a
+    second text beginning with it, or a head cut at a run of spaces (first word ''), encodes nothing more."""
+    from infra.prompting.word_counts import WordCounts
+
+    _, sp = word_model
+    encoded = []
+
+    class Spy:
+        def encode(self, texts, **kw):
+            encoded.extend([texts] if isinstance(texts, str) else texts)
+            return sp.encode(texts, **kw)
+
+    words = WordCounts(Spy())
+    words._workers = False
+    assert words.counts(["Hello world", " world"]) == [len(sp.encode("Hello world")), len(sp.encode(" world"))]
+    encoded.clear()
+    assert words.counts(["Hello world", " world"]) == [len(sp.encode("Hello world")), len(sp.encode(" world"))]
+    assert encoded == []  # every word, first or not, known
+
+
 def test_a_cut_for_counting_falls_only_where_a_run_of_spaces_starts():
     from infra.prompting.word_counts import _run_start_from
 

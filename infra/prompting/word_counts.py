@@ -27,10 +27,12 @@ class WordCounts:
 
     CACHED_WORD_CHARS = 64  # longer words are encoded, not kept
     CACHE_WORDS = 200_000  # then the cache starts afresh: memory stays flat
+    FEW_TO_ENCODE = 32  # fewer texts than this are encoded one by one (_encode)
 
     def __init__(self, sp):
         self._sp = sp
         self._cache = _Seen()
+        self._firsts: dict[str, int] = {"": 0}  # texts' first words (no space before them): their counts
         self._lock = threading.Lock()  # the counter is shared (token_counter's cache): one batch at a time
         self._bytes, self._tokens = 4, 1  # bytes per token seen so far: how far to read before the bound may do
         self._workers: count_workers.CountWorkers | None | bool = None  # False: never (closed, broken, a worker)
@@ -114,7 +116,7 @@ class WordCounts:
         A text that does not fit is read to its end: above `cap` the count is exact. Each round
         reads the part that, at the bytes per token seen so far, brings the bound down to `cap`;
         a text the guess falls short for goes round again (realistic prompts: about half their
-        text read, in one or two rounds)."""
+        text read, in one or two rounds, within 1% of the least that proves them)."""
         out = [0] * len(texts)
         rest = list(texts)
         active = list(range(len(texts)))
@@ -124,8 +126,9 @@ class WordCounts:
             for i in active:
                 r = rest[i]
                 over = out[i] + utf8_len(r) - cap  # > 0: the bound does not settle it yet
-                # Reading n bytes lowers the bound by about n * (1 - 1/ratio); read a little more.
-                cut = _run_start_from(r, int(over * ratio / (ratio - 1) * 1.05) + 16)
+                # Reading n bytes lowers the bound by about n * (1 - 1/ratio): read that much (more
+                # would be read for nothing; a text it falls short for takes a second, short round).
+                cut = _run_start_from(r, int(over * ratio / (ratio - 1)) + 4)
                 heads.append(r[:cut])
                 cut_at.append(cut)
             counted = self._counts(heads)
@@ -153,17 +156,35 @@ class WordCounts:
             sums.append(sum(map(cache.__getitem__, itertools.islice(ws, 1, None))))
             unseen.append(noted)
         new = list({w for noted in unseen for w in noted})
-        encoded = self._sp.encode(["\u2581" + w for w in new] + [ws[0] for ws in words], num_threads=self._threads or threads())
+        # A text's first word has no space before it: its count is the word's own, kept apart (a
+        # head cut at a run of spaces has "" first: 0). Most texts begin with a word seen before.
+        firsts = self._firsts
+        new_firsts = list({ws[0] for ws in words if ws[0] not in firsts})
+        encoded = self._encode(["\u2581" + w for w in new] + new_firsts)
         fresh = dict(zip(new, map(len, encoded)))
-        out = [n + sum(map(fresh.__getitem__, noted)) + len(head)
-               for n, noted, head in zip(sums, unseen, encoded[len(new):])]
+        firsts.update(zip(new_firsts, map(len, encoded[len(new):])))
+        out = [n + sum(map(fresh.__getitem__, noted)) + firsts[ws[0]] for n, noted, ws in zip(sums, unseen, words)]
+        for w in new_firsts:
+            if len(w) > self.CACHED_WORD_CHARS:
+                del firsts[w]
         kept = {w: n for w, n in fresh.items() if len(w) <= self.CACHED_WORD_CHARS}
         cache.update(kept)
         if self._learned is not None:
             self._learned.update(kept)
         if len(cache) > self.CACHE_WORDS:
             cache.clear()
+        if len(firsts) > self.CACHE_WORDS:
+            firsts.clear()
+            firsts[""] = 0
         return out
+
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids. A list call costs ~60 us however short (sentencepiece's batch set-up), one
+        text ~2 us: a few texts (a worker's small piece, a late round's handful of new words) one by one."""
+        if len(texts) < self.FEW_TO_ENCODE:
+            return [self._sp.encode(t) for t in texts]
+        return self._sp.encode(texts, num_threads=self._threads or threads())
 
 
 class _Seen(dict):
