@@ -178,7 +178,6 @@ class WordCounts:
             firsts[""] = 0
         return out
 
-
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Each text's ids. A list call costs ~60 us however short (sentencepiece's batch set-up), one
         text ~2 us: a few texts (a worker's small piece, a late round's handful of new words) one by one."""
