@@ -13,7 +13,7 @@ import pytest
 from infra.errors import ConfigError, StorageError
 from infra.run.manifest import PartInfo
 from infra.recipes.curate import Curation, OpenCuration, curate
-from infra.run.layout import FILTERED, kept_name, verdict_name
+from infra.run.layout import FILTERED, filtered_name, kept_name, verdict_name
 from infra.recipes.filters import repeated_ngram_share
 from infra.recipes.judge import Judge, publish_judgement
 from infra.recipes.params import FilterParams, JudgeParams
@@ -298,7 +298,11 @@ def _outputs(store, parts) -> dict[str, bytes]:
     return {n: store.read_bytes(n) for n in names}
 
 
-def test_a_refilter_from_the_side_file_writes_what_a_full_pass_writes(store, tmp_path):
+@pytest.mark.parametrize("first", [FilterParams(min_completion_tokens=1, dedup_exact=True),
+                                   # the same patterns as the re-filter: their matches come from the side file
+                                   FilterParams(min_completion_tokens=1, must_match=[r"\w"], must_not_match=["(?i)as an ai"],
+                                                dedup_exact=True)], ids=["new-patterns", "same-patterns"])
+def test_a_refilter_from_the_side_file_writes_what_a_full_pass_writes(store, tmp_path, first):
     from infra.run.layout import filter_inputs_name
     from infra.storage.local import LocalOutputStore
 
@@ -306,8 +310,7 @@ def test_a_refilter_from_the_side_file_writes_what_a_full_pass_writes(store, tmp
                for i, (text, t, f) in enumerate([(LONG, 20, "end_string"), ("Ünïcode « quoted » text", 3, "length"),
                                                  ("short", 1, "end_string"), (LONG.upper(), 20, "end_string"),
                                                  ("as an AI I cannot", 5, "end_string")])] for s in range(3)]
-    first = FilterParams(min_completion_tokens=1, dedup_exact=True)
-    second = FilterParams(min_completion_tokens=2, must_not_match=["(?i)as an ai"], max_repeated_ngram_share=0.5,
+    second = FilterParams(min_completion_tokens=2, must_match=[r"\w"], must_not_match=["(?i)as an ai"], max_repeated_ngram_share=0.5,
                           drop_truncated=True, dedup_exact=True)
     parts = write_parts(store, shards)
     curate(store, parts, Curation(filters=first), CHASH)
@@ -324,6 +327,31 @@ def test_a_refilter_from_the_side_file_writes_what_a_full_pass_writes(store, tmp
             assert line.decode() == json.dumps(json.loads(line), ensure_ascii=False)
 
 
+def test_a_refilter_with_the_same_patterns_reads_their_matches_from_the_side_file_and_searches_new_ones(store):
+    """What each pattern of the pass that built the side file found is kept there (shown by editing one
+    match); a pattern it was not built with is searched, in either list."""
+    from infra.run.layout import filter_inputs_name
+
+    parts = write_parts(store, [[row("a", LONG), row("b", "keep me"), row("c", "as an AI I cannot")]])
+    built = FilterParams(must_match=[r"\w"], must_not_match=["(?i)as an ai"])
+    curate(store, parts, Curation(filters=built), CHASH)
+    assert kept_ids(store, parts) == ["a#0", "b#0"]
+    name = filter_inputs_name(parts[0].name)
+    side = json.loads(store.read_bytes(name))
+    assert side["matches"] == {r"\w": ["t", "k", "a"], "(?i)as an ai": [None, None, "as an AI"]}
+    side["matches"]["(?i)as an ai"][1] = "edited"
+    store.write_bytes(name, json.dumps(side).encode())
+    curate(store, parts, Curation(filters=FilterParams(must_match=[r"\w"], must_not_match=["(?i)as an ai"],
+                                                       min_completion_tokens=2)), CHASH)
+    assert kept_ids(store, parts) == ["a#0"]  # the edited match, read, not searched
+    assert [(r["id"], r["filter"], r["value"]) for r in lines(store, filtered_name(parts[0].name))] == [
+        ("b", "must_not_match", "edited"), ("c", "must_not_match", "as an AI")]
+    curate(store, parts, Curation(filters=FilterParams(must_match=["(?i)as an ai"])), CHASH)
+    assert kept_ids(store, parts) == ["b#0", "c#0"]  # the same pattern in the other list: its match (b's edited), read
+    curate(store, parts, Curation(filters=FilterParams(must_not_match=["me$"])), CHASH)
+    assert kept_ids(store, parts) == ["a#0", "c#0"]  # a new pattern: searched
+
+
 def test_the_side_file_is_read_only_for_the_rows_it_names(store):
     """Its completions stand in for the part's where it names the part's sha256 (shown by editing one),
     and are ignored, then rewritten, where it names other rows."""
@@ -335,7 +363,8 @@ def test_the_side_file_is_read_only_for_the_rows_it_names(store):
     side = json.loads(store.read_bytes(name))
     side["completion"][1] = "forbidden"
     store.write_bytes(name, json.dumps(side).encode())
-    curate(store, parts, Curation(filters=FilterParams(must_not_match=["forbidden", "nothing"])), CHASH)
+    # Patterns the side file was not built with, so they search its completions.
+    curate(store, parts, Curation(filters=FilterParams(must_not_match=["forbid", "nothing"])), CHASH)
     assert kept_ids(store, parts) == ["a#0"]  # read from the side file
     side["part_sha256"] = "0" * 64
     store.write_bytes(name, json.dumps(side).encode())

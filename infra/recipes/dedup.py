@@ -33,6 +33,11 @@ def exact_key(text: str) -> int:
     return _key(normalize(text).encode())
 
 
+def _exact_key(row: dict) -> int:
+    # A light row of a re-filter carries its key, computed once (infra.recipes.filter_inputs).
+    return row.get("_exact_key") or exact_key(row.get("completion") or "")
+
+
 LOOKUP_CHUNK = 900  # keys per query: under SQLite's oldest limit on a statement's parameters (999)
 
 
@@ -107,10 +112,8 @@ class Dedup:
         return self.exact is not None or self.near is not None
 
     def _keys(self, row: dict) -> tuple[list[int], list[int]]:
-        text = row.get("completion") or ""
-        # A light row of a re-filter carries its key, computed once (infra.recipes.filter_inputs).
-        exact = [row.get("_exact_key") or exact_key(text)] if self.exact is not None else []
-        near = self.near_keys(text) if self.near_keys is not None else []
+        exact = [_exact_key(row)] if self.exact is not None else []
+        near = self.near_keys(row.get("completion") or "") if self.near_keys is not None else []
         return exact, near
 
     def check(self, row: dict) -> Verdict | None:
@@ -128,6 +131,8 @@ class Dedup:
         """`check` of each row in order, the tables asked once for the whole list (a shard's rows: a
         query per row was most of a re-filter's dedup time): a row is a duplicate of the first kept row,
         of an earlier call or earlier in `rows`, that shares a key with it; the rest are kept and remembered."""
+        if self.near is None and self.exact is not None:
+            return self._check_exact_rows(rows)
         keys = [self._keys(row) for row in rows]
         seen_exact = self.exact.firsts({k for e, _ in keys for k in e}) if self.exact is not None else {}
         seen_near = self.near.firsts({k for _, n in keys for k in n}) if self.near is not None else {}
@@ -152,6 +157,23 @@ class Dedup:
             self.exact.add_many(new_exact)
         if self.near is not None:
             self.near.add_many(new_near)
+        return out
+
+    def _check_exact_rows(self, rows: list[dict]) -> list[Verdict | None]:
+        """`check_rows` with exact dedup alone: one key a row, so the same verdicts in fewer steps (the
+        general loop was a quarter of a 100 k x 4 re-filter's curation)."""
+        keys = [_exact_key(row) for row in rows]
+        seen = self.exact.firsts(set(keys))
+        out: list[Verdict | None] = []
+        new: list[tuple[int, str]] = []
+        for row, k in zip(rows, keys):
+            if (first := seen.get(k)) is not None:
+                out.append(Verdict("exact_duplicate", first))
+                continue
+            seen[k] = who = f"{row.get('id')}#{row.get('sample', 0)}"
+            new.append((k, who))
+            out.append(None)
+        self.exact.add_many(new)
         return out
 
     def seed(self, row: dict) -> None:

@@ -4,7 +4,8 @@ thresholds, same run_id) reads columns of a few fields instead of parsing and re
 `part-00000.jsonl.filter-inputs.json` holds the part's sha256 and, per row in part order, its id,
 sample, completion, generated_tokens and finish_reason (every field the filters, infra.recipes.filters,
 and dedup read when there is no judge), and what they derive from the completion that no threshold
-changes: the exact-dedup key, and the repeated n-gram share for the pass's n-gram size. The first
+changes: the exact-dedup key, the repeated n-gram share for the pass's n-gram size, and what each of the
+pass's must_match and must_not_match patterns found (a later pass searches only patterns it names not). The first
 pass over a part parses it once, writes the side file and filters light rows built from it; a later
 pass whose side file names the part's current sha256 reads only the side file and the part's raw
 lines. Either way the kept rows are written as the part's own lines, byte for byte (a part line is
@@ -18,14 +19,14 @@ from __future__ import annotations
 import json
 
 from infra.recipes.dedup import exact_key
-from infra.recipes.filters import repeated_ngram_share
+from infra.recipes.filters import match, repeated_ngram_share, user_patterns
 from infra.recipes.params import FilterParams
 from infra.run.layout import filter_inputs_name
 from infra.storage.jsonl import read_state
 
 COLUMNS = ("id", "sample", "completion", "generated_tokens", "finish_reason")
 # Derived columns a light row carries under these keys; the filters and dedup use them when present.
-EXACT_KEY, NGRAM = "_exact_key", "_ngram"  # NGRAM: [n, share]
+EXACT_KEY, NGRAM, MATCHES = "_exact_key", "_ngram", "_matches"  # NGRAM: [n, share]; MATCHES: {pattern: match}
 
 
 def build(store, part, rows: list[dict], params: FilterParams) -> list[dict]:
@@ -39,7 +40,8 @@ def build(store, part, rows: list[dict], params: FilterParams) -> list[dict]:
              # Derived only where this pass needs them (a later pass computes what is missing).
              "exact_key": [exact_key(t) for t in texts] if params.dedup_exact else None,
              "ngram": ({"n": params.ngram_size, "share": [repeated_ngram_share(t, params.ngram_size) for t in texts]}
-                       if params.max_repeated_ngram_share is not None else None)}
+                       if params.max_repeated_ngram_share is not None else None),
+             "matches": {rx.pattern: [match(rx, t) for t in texts] for _, rx in user_patterns(params)} or None}
     store.write_bytes(filter_inputs_name(part.name), json.dumps(state, ensure_ascii=False).encode())
     return _light(state)
 
@@ -53,9 +55,11 @@ def light_rows(store, part) -> list[dict] | None:
         return None
     if any(not isinstance(state.get(c), list) or len(state[c]) != n for c in COLUMNS):
         return None
-    keys, ngram = state.get("exact_key"), state.get("ngram")
+    keys, ngram, matches = state.get("exact_key"), state.get("ngram"), state.get("matches")
     if (keys is not None and (not isinstance(keys, list) or len(keys) != n)) or \
-            (ngram is not None and (not isinstance(ngram, dict) or len(ngram.get("share") or []) != n)):
+            (ngram is not None and (not isinstance(ngram, dict) or len(ngram.get("share") or []) != n)) or \
+            (matches is not None and (not isinstance(matches, dict) or
+                                      any(not isinstance(v, list) or len(v) != n for v in matches.values()))):
         return None
     return _light(state)
 
@@ -69,6 +73,10 @@ def _light(state: dict) -> list[dict]:
     if (ngram := state.get("ngram")) is not None:
         for row, share in zip(rows, ngram["share"]):
             row[NGRAM] = (ngram["n"], share)
+    if matches := state.get("matches"):
+        patterns = list(matches)
+        for row, found in zip(rows, zip(*matches.values())):
+            row[MATCHES] = dict(zip(patterns, found))
     return rows
 
 

@@ -68,6 +68,30 @@ def _ngram_share(row: dict, n: int) -> float:
     return known[1] if known is not None and known[0] == n else repeated_ngram_share(row.get("completion") or "", n)
 
 
+def user_patterns(params: FilterParams) -> list[tuple[str, UserPattern]]:
+    """The must_match then the must_not_match patterns, compiled, each named as the user names it."""
+    return [(kind, compile_pattern(pattern, f"filters.{kind}[{i}]"))
+            for kind in ("must_match", "must_not_match") for i, pattern in enumerate(getattr(params, kind))]
+
+
+def match(rx: UserPattern, text: str) -> str | None:
+    """What the pattern found first in the text, cut to 100 characters (a must_not_match verdict's value), or None."""
+    m = rx.search(text)
+    return None if m is None else m.group(0)[:100]
+
+
+_UNSEEN = object()
+
+
+def _match(row: dict, rx: UserPattern) -> str | None:
+    """A light row of a re-filter carries each match of the patterns its side file was built with (a
+    search with a time bound costs ~4 µs however short the text); else searched."""
+    known = row.get("_matches")
+    if known is not None and (found := known.get(rx.pattern, _UNSEEN)) is not _UNSEEN:
+        return found
+    return match(rx, row.get("completion") or "")
+
+
 def _tokens(row: dict) -> int:
     return int((row.get("generation") or {}).get("generated_tokens") or 0)
 
@@ -89,13 +113,11 @@ def build_filters(params: FilterParams, judge: JudgeParams | None = None, *, sch
         out.append(("min_completion_tokens", lambda r: Verdict("min_completion_tokens", n, lo) if (n := _tokens(r)) < lo else None))
     if (hi := params.max_completion_tokens) is not None:
         out.append(("max_completion_tokens", lambda r: Verdict("max_completion_tokens", n, hi) if (n := _tokens(r)) > hi else None))
-    for i, pattern in enumerate(params.must_match):
-        rx = compile_pattern(pattern, f"filters.must_match[{i}]")
-        out.append(("must_match", lambda r, rx=rx: None if rx.search(r.get("completion") or "") else Verdict("must_match", False, rx.pattern)))
-    for i, pattern in enumerate(params.must_not_match):
-        rx = compile_pattern(pattern, f"filters.must_not_match[{i}]")
-        out.append(("must_not_match", lambda r, rx=rx: Verdict("must_not_match", m.group(0)[:100], rx.pattern)
-                    if (m := rx.search(r.get("completion") or "")) else None))
+    for kind, rx in user_patterns(params):
+        if kind == "must_match":
+            out.append((kind, lambda r, rx=rx: None if _match(r, rx) is not None else Verdict("must_match", False, rx.pattern)))
+        else:
+            out.append((kind, lambda r, rx=rx: Verdict("must_not_match", m, rx.pattern) if (m := _match(r, rx)) is not None else None))
     if (share := params.max_repeated_ngram_share) is not None:
         n = params.ngram_size
         out.append(("repeated_ngrams", lambda r: Verdict("repeated_ngrams", s, share)
