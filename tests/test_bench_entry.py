@@ -42,5 +42,9 @@ def test_the_quick_suite_writes_both_files_whole(tmp_path):
     # The ratio rows come from figures of this run: the recipe ceiling row names the plain run beside it.
     plain = raw["recipes"]["plain"]["rows_per_s"]
     assert f"plain, same bench run: {plain:,.0f} rows/s" in text
+    # nemo-generate's ceiling: interleaved rounds, its row the median round's, each round named.
+    nemo = raw["engines"]["ceiling"]["nemo-generate"]
+    assert len(nemo["rounds"]) == 2 and nemo["ratio"] in [r["ratio"] for r in nemo["rounds"]]
+    assert "(the median of 2 interleaved rounds: " in text
     summary = [row for row in text.split("## Results")[1].split("\n\n")[1].splitlines() if row.startswith("| ")]
     assert len(summary) >= 8 and all(row.count(" | ") == 4 for row in summary[2:])  # figure, ours, baseline, target, verdict
