@@ -50,7 +50,9 @@ def note_invocation(store, invocation: str, allocation: dict, stages: dict[str, 
     entry = {"invocation": invocation, "noted_at": round(time.time(), 3),
              **{k: allocation.get(k, 0) for k in ("gpu_hours", "held_s", "busy_s")},
              "stages": {name: {k: s.get(k, 0) for k in SUMMED} for name, s in stages.items()},
-             "replicas": allocation.get("replicas", [])}
+             "replicas": allocation.get("replicas", []),
+             # the split by server (with_reward_servers), summed over invocations like the rest
+             **({"servers": allocation["servers"]} if allocation.get("servers") else {})}
     record = read_record(store)
     invocations = record["invocations"]
     at = next((i for i, e in enumerate(invocations) if e.get("invocation") == invocation), None)
@@ -63,8 +65,8 @@ def note_invocation(store, invocation: str, allocation: dict, stages: dict[str, 
 
 
 def summed(record: dict, allocation: dict, stages: dict[str, dict]) -> dict:
-    """This invocation's `allocation` as the whole run's: its figures summed over the record's
-    invocations, every replica listed (with its invocation), the invocations listed; each stage
+    """This invocation's `allocation` as the whole run's: its figures (and `servers`, the split by server)
+    summed over the record's invocations, every replica listed (with its invocation), the invocations listed; each stage
     entry's `busy_s`, `held_s`, `gpu_hours` summed the same way (in place)."""
     invocations = record["invocations"]
     for name, entry in stages.items():
@@ -72,6 +74,15 @@ def summed(record: dict, allocation: dict, stages: dict[str, dict]) -> dict:
             total = sum((e.get("stages", {}).get(name) or {}).get(k, 0) for e in invocations)
             entry[k] = round(total, 4 if k == "gpu_hours" else 3)
     held, busy = (sum(e.get(k, 0) for e in invocations) for k in ("held_s", "busy_s"))
+    servers: dict[str, float] = {}
+    if any(e.get("servers") for e in invocations):
+        # An invocation that swapped in no reward server (a rerun's, a resumed generation's) held generators only.
+        for e in invocations:
+            for k, v in (e.get("servers") or {"generator_gpu_hours": e.get("gpu_hours", 0)}).items():
+                servers[k] = servers.get(k, 0.0) + v
+    allocation = {k: v for k, v in allocation.items() if k != "servers"}
+    if servers:
+        allocation["servers"] = {k: round(v, 2 if k.endswith("_s") else 4) for k, v in servers.items()}
     return {**allocation, "gpu_hours": round(sum(e.get("gpu_hours", 0) for e in invocations), 4),
             "held_s": round(held, 2), "busy_s": round(busy, 3), "busy_fraction": round(busy / held, 4) if held else None,
             "replicas": [{**r, "invocation": e["invocation"]} for e in invocations for r in e.get("replicas", [])],
