@@ -4,13 +4,14 @@ reward server and a rerun that did not, instead of the rerun's manifest losing i
 
 from __future__ import annotations
 
-from infra.pipeline.allocations import note_invocation, summed
+from infra.pipeline.allocations import InvocationLedger
 from infra.storage.local import LocalOutputStore
 
 
 def _close(store, invocation: str, allocation: dict) -> dict:
+    """The invocation's end as the pipeline flow closes it: its figures noted, the run's summed."""
     stages = {"answers": {"busy_s": 1.0, "held_s": 2.0, "gpu_hours": allocation["gpu_hours"]}}
-    return summed(note_invocation(store, invocation, allocation, stages), allocation, stages)
+    return InvocationLedger(store, invocation).close(allocation, stages)
 
 
 def test_the_split_by_server_is_summed_over_invocations_and_adds_up(tmp_path):
