@@ -5,7 +5,7 @@ thresholds, same run_id) reads columns of a few fields instead of parsing and re
 sample, completion, generated_tokens and finish_reason (every field the filters, infra.recipes.filters,
 and dedup read when there is no judge), and what they derive from the completion that no threshold
 changes: the exact-dedup key, the repeated n-gram share for the pass's n-gram size, and what each of the
-pass's must_match and must_not_match patterns found (a later pass searches only patterns it names not). The first
+pass's must_match and must_not_match patterns found (a later pass searches only the patterns it lacks). The first
 pass over a part parses it once, writes the side file and filters light rows built from it; a later
 pass whose side file names the part's current sha256 reads only the side file and the part's raw
 lines. Either way the kept rows are written as the part's own lines, byte for byte (a part line is
