@@ -15,9 +15,10 @@ ceiling over both APIs (issue 16).
      steps and "while work remains" (up to the last step a waiting sequence joined at).
 2. Ceiling ratio: a zero-cost server; the flow's generation-phase records/s (manifest) / a bare
    client loop's records/s, same batches (nemo-generate: batch 32, 2 in flight) or the same
-   concurrency (openai-completions: 256 in flight), in the same run; nemo-generate's bare loop and flow
-   run in 3 interleaved rounds and its row is the median round's. nemo-generate runs 50 k records
-   (25 shards: the phase is about the steady state, not the last shard running alone), openai-completions
+   concurrency (openai-completions: 256 in flight), in the same run; each flow runs between two bare
+   loops and is read against their mean (the machine's speed drifts within minutes); nemo-generate runs
+   3 such rounds (bare, flow, bare, flow, bare, flow, bare) and its row is the median round's. nemo-generate runs
+   50 k records (25 shards: the phase is about the steady state, not the last shard running alone), openai-completions
    10 k. Both loops are the product's own clients; the stand-in must not be what limits them (its FIFO
    lock once woke all 256 waiting connections at every reply, and the openai ratio swung 0.21-0.86).
    Beside each, the CPU seconds of the loop, the stand-in, the flow's process and the Prefect API over
@@ -196,9 +197,11 @@ def ceiling(workdir: Path, log, n: int, api=None, nemo_n: int | None = None,
     """`nemo_n`: the nemo-generate leg's records (default `n`). At 10 k that API's generation phase is
     under 2 s, 5 shards of 2,000 for 2 shard tasks: the last shard runs alone, at half the requests in
     flight, and the ratio measured that tail rather than the steady state a real run spends its time in.
-    `nemo_rounds`: nemo-generate's bare loop and flow run that many times, interleaved (bare, flow, bare,
-    flow, ...), and its row is the round with the median ratio: one round of the same code measured
-    0.64-0.82 on this machine from one run to the next (issue 28), each side moving on its own."""
+    `nemo_rounds`: nemo-generate's flow runs that many times, each between two runs of the bare loop
+    (bare, flow, bare, flow, ..., bare), and a round's ratio is its flow against the mean of the two
+    bare loops around it; the row is the round with the median ratio. One round of the same code
+    measured 0.64-0.85 on this machine from one run to the next (issue 28): the machine's speed drifts
+    within minutes, and a flow read against the loop on both sides of it is not read against a drift."""
     out: dict = {"n": n}
     profiles = json.dumps({"attach-vllm": {"backend": "attach", "engine": "vllm"}})
     with (contextlib.nullcontext(api) if api else prefect_api(workdir)) as api:
@@ -213,26 +216,42 @@ def ceiling(workdir: Path, log, n: int, api=None, nemo_n: int | None = None,
                 # The quick suite's tiny run: one round of a small shard, so that the code runs.
                 per_shard = (shard_cpu(srv.url, workdir, prompts, *((7, 2000) if records >= 10_000 else (1, 100)))
                              if api_name == "nemo-generate" else None)
-                rounds = []
+                rounds, before = [], _bare_round(srv, bare, prompts)
                 for r in range(max(1, nemo_rounds) if api_name == "nemo-generate" else 1):
                     run_id = f"ceiling-{api_name}" + (f"-{r + 1}" if r else "")
-                    rounds.append(_round(workdir, api, srv, bare, prompts, src, profile, profiles, run_id))
+                    flow = _flow_round(workdir, api, srv, prompts, src, profile, profiles, run_id)
+                    after = _bare_round(srv, bare, prompts)
+                    rounds.append(_bracketed(before, flow, after))
+                    before = after
                     log(f"ceiling {api_name} ({records} records), round {r + 1}: bare loop {rounds[-1]['bare_records_per_s']:.0f} "
-                        f"rec/s, flow (generation phase) {rounds[-1]['flow_generation_records_per_s']:.0f} rec/s, ratio "
+                        f"rec/s (before {rounds[-1]['bare_around'][0]:.0f}, after {rounds[-1]['bare_around'][1]:.0f}), flow "
+                        f"(generation phase) {rounds[-1]['flow_generation_records_per_s']:.0f} rec/s, ratio "
                         f"{rounds[-1]['ratio']:.2f}; whole call {rounds[-1]['flow_whole_call_records_per_s']:.0f} rec/s")
                 median = sorted(rounds, key=lambda x: x["ratio"])[(len(rounds) - 1) // 2]  # of an even count, the lower
                 out[api_name] = {"records": records, **median, "load_average": os.getloadavg()[0],
-                                 "rounds": [{k: x[k] for k in ("bare_records_per_s", "flow_generation_records_per_s", "ratio")}
+                                 "rounds": [{k: x[k] for k in ("bare_records_per_s", "bare_around", "flow_generation_records_per_s", "ratio")}
                                             for x in rounds],
                                  **({"shard_cpu_us_per_record": per_shard} if per_shard else {})}
     return out
 
 
-def _round(workdir: Path, api, srv, bare, prompts: list[str], src: Path, profile: str, profiles: str, run_id: str) -> dict:
-    """One bare loop, then one flow (`run_id`, a run of its own) over the same prompts and stand-in."""
+def _bare_round(srv, bare, prompts: list[str]) -> dict:
+    """One bare loop over the prompts: its rate, and the CPU seconds it and the stand-in spent."""
     server_cpu, mine = _cpu(srv.proc.pid), time.process_time()
-    loop = bare(srv.url, prompts)
-    bare_cpu = {"client": time.process_time() - mine, "server": _cpu(srv.proc.pid) - server_cpu}
+    rate = bare(srv.url, prompts)
+    return {"records_per_s": rate, "cpu_s": {"client": time.process_time() - mine, "server": _cpu(srv.proc.pid) - server_cpu}}
+
+
+def _bracketed(before: dict, flow: dict, after: dict) -> dict:
+    """A flow's round, read against the mean of the bare loops just before and just after it."""
+    loop = (before["records_per_s"] + after["records_per_s"]) / 2
+    rate = flow["flow_generation_records_per_s"]
+    return {"bare_records_per_s": loop, "bare_around": [before["records_per_s"], after["records_per_s"]], **flow,
+            "ratio": rate / loop if rate else 0.0, "cpu_s": {"bare": before["cpu_s"], "flow": flow["cpu_s"]}}
+
+
+def _flow_round(workdir: Path, api, srv, prompts: list[str], src: Path, profile: str, profiles: str, run_id: str) -> dict:
+    """One flow (`run_id`, a run of its own) over the prompts the bare loop sends, against the same stand-in."""
     watch = CpuWatch(srv.proc.pid)
     env = {"NSDG_SERVER__URL": srv.url, "NSDG_WORK_DIR": str(workdir / ".nsdg"), "NSDG_EXTRA_PROFILES": profiles}
     params = {"input_uri": str(src), "output_uri": str(workdir / "out"), "run_id": run_id, "profile": profile,
@@ -244,14 +263,12 @@ def _round(workdir: Path, api, srv, bare, prompts: list[str], src: Path, profile
     manifest = json.loads(Path(run.result["manifest"]).read_text())
     parts = manifest["parts"]  # the generation phase, as the manifest's parts ran it
     flow_cpu = watch.between(min(p["started_at"] for p in parts), max(p["finished_at"] for p in parts))
-    flow = manifest["throughput"].get("records_per_s")
     # The pool's tail: from the last but one part's end the last shard runs alone, one request in flight.
     ends = sorted(p["finished_at"] for p in parts)
-    return {"bare_records_per_s": loop, "flow_generation_records_per_s": flow,
+    return {"flow_generation_records_per_s": manifest["throughput"].get("records_per_s"),
             "flow_generation_s": manifest["timings_s"].get("generation"),
-            "flow_whole_call_records_per_s": len(prompts) / run.seconds, "ratio": flow / loop if flow else 0.0,
-            "last_shard_alone_s": ends[-1] - ends[-2] if len(ends) > 1 else None,
-            "cpu_s": {"bare": bare_cpu, "flow": flow_cpu}}
+            "flow_whole_call_records_per_s": len(prompts) / run.seconds,
+            "last_shard_alone_s": ends[-1] - ends[-2] if len(ends) > 1 else None, "cpu_s": flow_cpu}
 
 
 def _cpu(pid: int) -> float:
@@ -307,10 +324,12 @@ class CpuWatch(threading.Thread):
         return {k: last[k] - first[k] for k in first} | {"seconds": end - start}
 
 
-def findings(res: dict) -> list[str]:
+def findings(res: dict, busy_section: dict | None = None) -> list[str]:
     """A ceiling below 0.8, read against the CPU each process spent (issue 28): on 2 cores the flow's
     process, the stand-in server and the Prefect API share the CPU, and the flow's process runs its
-    Python on one core at a time (the GIL)."""
+    Python on one core at a time (the GIL). With the busy section's figures of the same run (`busy_section`),
+    also what it means for a GPU: the ceiling against the record rate of the planning model's
+    shortest batches, which a ceiling must outrun for the server never to wait on the flow."""
     L = []
     for api_name in ("nemo-generate", "openai-completions"):
         r = res["ceiling"].get(api_name, {})
@@ -332,6 +351,16 @@ def findings(res: dict) -> list[str]:
                  f"the flow's process was on a core {busy:.0%} of it: {limit} (load average "
                  f"{r.get('load_average', float('nan')):.1f} at the end).")
     nemo = res["ceiling"].get("nemo-generate", {})
+    short = (busy_section or {}).get("short") or {}
+    if (nemo.get("ratio") or 1) < 0.8 and nemo.get("flow_generation_records_per_s") and short.get("ours_rps_median"):
+        flow, rps = nemo["flow_generation_records_per_s"], short["ours_rps_median"]
+        L.append(f"- **What the nemo-generate ceiling means for a GPU**: the flow's generation phase ran {flow:,.0f} rec/s "
+                 f"against a server that answers at once. The busy section of this run serves the 340B planning model's "
+                 f"short batches (≈{short['batch_latency_s']:.2f} s per batch of 32) at {rps:.1f} rec/s with the server busy "
+                 f"{short['ours_busy_median']:.4f} of the time: the flow's ceiling is ×{flow / rps:,.0f} that rate, so one "
+                 f"flow could feed {int(flow // rps)} such replicas before it became what they wait on. The ratio "
+                 "to the bare loop measures what a run does per record that a loop does not (below), on 2 cores "
+                 "the three processes share, not time a GPU waits.")
     if nemo.get("last_shard_alone_s") is not None and nemo.get("flow_generation_s"):
         L.append(f"- **nemo-generate's tail**: the last shard ran alone, one request in flight, for "
                  f"{nemo['last_shard_alone_s']:.2f} s of the {nemo['flow_generation_s']:.2f} s generation phase "
@@ -348,7 +377,7 @@ def findings(res: dict) -> list[str]:
     return L
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict, busy: dict | None = None) -> str:
     c = res["compare"]
     cost = Cost(**c["cost"])
     L = ["", "## Engines: static vs continuous batching, and the ceiling over both APIs (issue 16)", "",
@@ -370,17 +399,17 @@ def markdown(res: dict) -> str:
     L += ["", f"Continuous batching: {c['continuous']['records_per_s'] / best:.2f}x the records/s of the best static "
           f"configuration on this workload; target occupancy >= 0.95 while work remains: "
           f"{'met' if (c['continuous']['occupancy_while_work_remains'] or 0) >= 0.95 else 'NOT met'}.", "",
-          "| orchestrator ceiling, zero-cost server | bare client loop rec/s | flow rec/s (generation phase) | ratio (target >= 0.8) |",
+          "| orchestrator ceiling, zero-cost server | bare client loop rec/s (mean of the runs before and after the flow) | flow rec/s (generation phase) | ratio (target >= 0.8) |",
           "|---|---|---|---|"]
     for api_name in ("nemo-generate", "openai-completions"):
         r = res["ceiling"][api_name]
         rounds = r.get("rounds") or []
-        each = (f" (the median of {len(rounds)} interleaved rounds: "
+        each = (f" (the median of {len(rounds)} rounds: "
                 + ", ".join(f"{x['ratio']:.2f} = {x['flow_generation_records_per_s']:.0f} ÷ {x['bare_records_per_s']:.0f}"
                             for x in rounds) + ")") if len(rounds) > 1 else ""
         L.append(f"| {api_name} ({r.get('records', res['ceiling']['n'])} records) | {r['bare_records_per_s']:.0f} | "
                  f"{r['flow_generation_records_per_s']:.0f} | {r['ratio']:.2f}{each} |")
-    if notes := findings(res):
+    if notes := findings(res, busy):
         L += ["", *notes, ""]
     return "\n".join(L) + "\n"
 

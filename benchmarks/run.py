@@ -317,7 +317,7 @@ def _details(r: dict) -> list[str]:
     if r.get("replicas"):
         L += replicas.markdown(r["replicas"]["rows"]).splitlines()
     if r.get("engines"):
-        L += engines.markdown(r["engines"]).splitlines()
+        L += engines.markdown(r["engines"], busy=r.get("busy")).splitlines()
     if r.get("rollover"):
         L += rollover.markdown(r["rollover"]["rows"]).splitlines()
     if r.get("pipeline"):

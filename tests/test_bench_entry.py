@@ -42,9 +42,26 @@ def test_the_quick_suite_writes_both_files_whole(tmp_path):
     # The ratio rows come from figures of this run: the recipe ceiling row names the plain run beside it.
     plain = raw["recipes"]["plain"]["rows_per_s"]
     assert f"plain, same bench run: {plain:,.0f} rows/s" in text
-    # nemo-generate's ceiling: interleaved rounds, its row the median round's, each round named.
+    # nemo-generate's ceiling: rounds, its row the median round's, each round named, each flow read
+    # against the mean of the bare loops just before and after it (the next round's "before" is this one's "after").
     nemo = raw["engines"]["ceiling"]["nemo-generate"]
     assert len(nemo["rounds"]) == 2 and nemo["ratio"] in [r["ratio"] for r in nemo["rounds"]]
-    assert "(the median of 2 interleaved rounds: " in text
+    first, second = nemo["rounds"]
+    assert first["bare_around"][1] == second["bare_around"][0]
+    assert all(r["bare_records_per_s"] == sum(r["bare_around"]) / 2 for r in nemo["rounds"])
+    assert "(the median of 2 rounds: " in text
     summary = [row for row in text.split("## Results")[1].split("\n\n")[1].splitlines() if row.startswith("| ")]
     assert len(summary) >= 8 and all(row.count(" | ") == 4 for row in summary[2:])  # figure, ours, baseline, target, verdict
+
+
+def test_a_nemo_ceiling_below_the_line_is_read_against_the_gpu_rate_of_the_same_run():
+    """engines.findings: a ratio under 0.8 comes with the flow's rate against the busy section's
+    short-batch rate (both of this run); at or above the line, no such note."""
+    from benchmarks import engines
+
+    nemo = {"ratio": 0.7, "flow_generation_records_per_s": 5000.0, "records": 50_000}
+    busy = {"short": {"ours_rps_median": 62.5, "batch_latency_s": 0.51, "ours_busy_median": 0.996}}
+    note = [x for x in engines.findings({"ceiling": {"nemo-generate": nemo}}, busy) if "means for a GPU" in x]
+    assert len(note) == 1 and "×80 that rate" in note[0] and "feed 80 such replicas" in note[0]
+    assert not [x for x in engines.findings({"ceiling": {"nemo-generate": {**nemo, "ratio": 0.8}}}, busy)
+                if "means for a GPU" in x]

@@ -175,6 +175,33 @@ def test_the_replicas_requests_in_flight_are_bounded_whichever_shard_threads_sen
     assert most[0] == 2
 
 
+def test_a_request_is_built_before_it_waits_for_a_slot(tmp_path):
+    """Its JSON body is encoded while another request holds the slot, so when that one's reply is in,
+    the server's next request goes out at once (issue 28's ceiling: the slot covers the send and the
+    read only)."""
+    import threading
+
+    from infra.errors import ServerLost
+
+    client = NemoClient("http://127.0.0.1:9", max_in_flight=1)
+    built, prepare, lost = threading.Event(), client.prepare, []
+    client.prepare = lambda *a: (built.set(), prepare(*a))[1]
+
+    def waiting() -> None:
+        try:
+            client.generate(["Hello"], GREEDY)
+        except ServerLost as exc:
+            lost.append(exc)
+
+    with client.limit.slot(60):  # the one slot is held by a request open elsewhere
+        sender = threading.Thread(target=waiting)
+        sender.start()
+        assert built.wait(10), "the request was not built while it waited for the slot"
+        client.close()
+    sender.join(10)
+    assert lost and not sender.is_alive()
+
+
 def test_a_request_waiting_for_a_slot_of_a_released_replica_is_lost_not_sent(tmp_path):
     from infra.errors import ServerLost
 
@@ -183,3 +210,25 @@ def test_a_request_waiting_for_a_slot_of_a_released_replica_is_lost_not_sent(tmp
         client.close()  # the replica is released
         with pytest.raises(ServerLost, match="released"):
             client.generate(["Hello"], GREEDY)
+
+
+def test_a_reply_reads_as_json_reads_it_where_orjson_refuses():
+    """reply_json: orjson for speed, json where orjson refuses what json takes (a log-prob written as
+    -Infinity or NaN by Python's JSON writer, an integer past 64 bits, a BOM), ValueError for neither."""
+    import math
+
+    import requests
+
+    from infra.engines.http import reply_json
+
+    def reply(body: bytes) -> requests.Response:
+        resp = requests.Response()
+        resp._content, resp.status_code, resp.encoding = body, 200, None
+        return resp
+
+    assert reply_json(reply(b'{"sentences": ["a\\u00e9"], "offsets": [[0, 1]]}')) == {"sentences": ["a\u00e9"], "offsets": [[0, 1]]}
+    odd = reply_json(reply(b'{"logprob": [[-Infinity, NaN]], "big": 123456789012345678901234567890}'))
+    assert odd["logprob"][0][0] == -math.inf and math.isnan(odd["logprob"][0][1]) and odd["big"] == 123456789012345678901234567890
+    assert reply_json(reply('\ufeff{"a": 1}'.encode("utf-8"))) == {"a": 1}
+    with pytest.raises(ValueError):
+        reply_json(reply(b"<html>Bad Gateway</html>"))

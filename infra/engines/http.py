@@ -5,12 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
 from infra.engines.batch import OnRequest, OnResult, PromptBatch, Result
 from infra.errors import ServerHung, ServerLost, ServerThrottled, TransientServerError
 from infra.prompting.tokens import estimate_tokens
+
+
+def reply_json(resp: requests.Response) -> object:
+    """A reply's JSON body. orjson first: a NeMo /generate reply of 32 rows (~47 KB of sentences,
+    tokens, offsets and log-probs) parses in ~0.25 ms against json's ~0.7, a CPU cost the flow pays
+    per batch (issue 28's ceiling). json where orjson refuses what json takes (NaN or Infinity, which
+    Python's own JSON writers emit for a log-prob; integers past 64 bits; a BOM), so every reply reads
+    as before. ValueError when neither can read it."""
+    try:
+        return orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return resp.json()
 
 
 class HttpClient:
@@ -43,12 +56,19 @@ class HttpClient:
         self.context_length = context_length
         self.count_tokens = count_tokens
 
-    def send(self, method: str, url: str, body: dict, *, read_timeout: float | None, what: str,
+    def prepare(self, method: str, url: str, body: dict) -> requests.PreparedRequest:
+        """A request built, its JSON body encoded, before it waits for one of the replica's slots
+        (infra/engines/throttle.py): a slot then covers only the connect, the send and the reply's
+        read, so the server's next request goes out the moment one frees."""
+        return self.session.prepare_request(requests.Request(method, url, json=body))
+
+    def send(self, request: requests.PreparedRequest, *, read_timeout: float | None, what: str,
              hung: str) -> requests.Response:
         """One request; a transport failure becomes transient, no reply in the read timeout a hung server (`hung` says why)."""
+        url = request.url
         timeout = (self.connect_timeout, read_timeout if read_timeout is not None else self.read_timeout)
         try:
-            return self.session.request(method, url, json=body, timeout=timeout)
+            return self.session.send(request, timeout=timeout)
         except requests.ConnectTimeout as exc:
             raise TransientServerError(f"Connecting to {url} timed out after {timeout[0]:.0f} s.") from exc
         except requests.Timeout as exc:

@@ -34,7 +34,7 @@ from infra.errors import (
     TransientServerError,
     ValidationRejected,
 )
-from infra.engines.http import HttpClient
+from infra.engines.http import HttpClient, reply_json
 from infra.engines.throttle import InFlightLimit
 from infra.prompting.prompt_format import PromptFormat
 from infra.prompting.samples import sample_batches
@@ -128,9 +128,9 @@ class NemoClient(HttpClient):
 
     def generate_raw(self, prompts: list[str], sampling: SamplingParams, *, read_timeout: float | None = None) -> dict:
         validate_batch(prompts, sampling, self.context_length, self.count_tokens)
-        body = {"sentences": list(prompts), **sampling.request_fields()}
-        with self._slot(read_timeout):  # the reply read (requests reads it whole), not its parsing
-            resp = self.send("PUT", self.generate_url, body, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
+        request = self.prepare("PUT", self.generate_url, {"sentences": list(prompts), **sampling.request_fields()})
+        with self._slot(read_timeout):  # the send and the reply's read (requests reads it whole), not its parsing
+            resp = self.send(request, read_timeout=read_timeout, what=f"a batch of {len(prompts)}",
                              hung="the server may be hung (a hung NeMo server never answers)")
         return self._parse(resp, len(prompts))
 
@@ -143,7 +143,7 @@ class NemoClient(HttpClient):
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
         try:
-            payload = resp.json()
+            payload = reply_json(resp)
         except ValueError:
             payload = resp.text[:500]
         where = f"PUT {self.generate_url} ({n} prompts)"

@@ -51,7 +51,7 @@ import requests
 from infra.engines.completion import Completion, trim_at_end_strings
 from infra.deadline import Deadline
 from infra.engines.batch import GeneratedText, OnRequest, OnResult, PromptBatch, Result, where
-from infra.engines.http import HttpClient
+from infra.engines.http import HttpClient, reply_json
 from infra.engines.throttle import THROTTLE_STATUS, Backoff, InFlightLimit, retry_after_s
 from infra.errors import (BadRequest, ConfigError, RequestRejected, ServerLost, ServerThrottled, TransientServerError,
                           ValidationRejected)
@@ -231,9 +231,10 @@ class OpenAIClient(HttpClient):
         # No request holds a slot longer than a connect plus a read timeout: waiting longer for one is a hang.
         stall_s = self.connect_timeout + max(self.read_timeout, read_timeout or 0.0)
         seen: list[str] = []
+        request = self.prepare("POST", self.completions_url, body)  # once: each try sends the same bytes
         for attempt in range(1, self.backoff.tries + 1):
             with self.limit.slot(stall_s) as sent_in:
-                resp = self.send("POST", self.completions_url, body, read_timeout=read_timeout,
+                resp = self.send(request, read_timeout=read_timeout,
                                  what=f"one prompt (n={n})",
                                  hung="the engine may have died while its HTTP side still answers (vllm#39863)")
             if resp.status_code not in THROTTLE_STATUS:
@@ -258,7 +259,7 @@ class OpenAIClient(HttpClient):
 
     def _parse(self, resp: requests.Response, n: int) -> dict:
         try:
-            payload = resp.json()
+            payload = reply_json(resp)
         except ValueError:
             payload = resp.text[:500]
         where = f"POST {self.completions_url} (n={n})"
