@@ -2,6 +2,8 @@ import gzip
 import io
 import json
 
+from hypothesis import given, settings, strategies as st
+
 from infra.prompting.dataset import BadLine, Record, derived_id, iter_input, iter_shards, parse_line, shard_count
 from infra.run.layout import part_name
 
@@ -63,3 +65,29 @@ def test_shards_fixed_size_and_skip():
 
 def test_parse_line_blank_is_none():
     assert parse_line(b"\n", 1, "jsonl", "prompt") is None
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                            | st.text(max_size=8), lambda kids: st.lists(kids, max_size=3)
+                            | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(["id", "prompt", "topic", "x", ""]), _json_values, max_size=4),
+       prompt=st.none() | st.text(max_size=12) | st.integers(), rid=st.none() | st.text(max_size=6) | st.integers(-2**70, 2**70)
+       | st.booleans() | st.floats(), pad=st.sampled_from(["", " ", "\r", "\t "]))
+def test_the_one_call_read_of_a_usual_line_is_the_careful_read(fields, prompt, rid, pad):
+    """parse_line reads a usual line with one orjson call (_plain_record); whatever that path takes, it
+    must read as the careful json path does, and what it leaves (NaN, big ints, blank prompts, odd
+    ids) the careful path reads with its reasons."""
+    import infra.prompting.dataset as dataset
+
+    obj = {**fields, **({"prompt": prompt} if prompt is not None else {}), **({"id": rid} if rid is not None else {})}
+    raw = (pad + json.dumps(obj, ensure_ascii=bool(len(pad) % 2)) + pad + "\n").encode("utf-8", "surrogatepass")
+    fast = parse_line(raw, 7, "jsonl", "prompt")
+    original, dataset._plain_record = dataset._plain_record, lambda *a: None
+    try:
+        careful = parse_line(raw, 7, "jsonl", "prompt")
+    finally:
+        dataset._plain_record = original
+    assert repr(fast) == repr(careful)  # repr: a NaN field equals itself there, not under ==
