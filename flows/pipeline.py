@@ -230,8 +230,10 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
 
     keep = swap.keep if swap else held.keep if held else release
 
-    def give_back(backend):
-        keep(backend)
+    def give_back(backend, failed: bool = False):
+        # A failing pool releases every job: one kept for a later reward stage would start its swap
+        # (the reward model loading on its GPUs) only for the flow's `finally` to release it.
+        (release if failed else keep)(backend)
         if is_adopted(backend) and swap is None and ended is not None:
             ended(backend)  # the adopted job's record (its reward server's nodes) ends with it
 
@@ -253,6 +255,7 @@ def serve(stream: Stream, stages: list[StageRun], settings: Settings, flow_run, 
     return Pool(
         make_backend=new_backend,
         start=start, submit=stream.submit, release=give_back, shards=stream.feed(),
+        release_failed=lambda backend: give_back(backend, failed=True),
         replicas=replicas,
         max_in_flight=shard_tasks_per_replica(settings, prof, first.cfg.shard_size,
                                               max(s.plan.samples for s in stages)),

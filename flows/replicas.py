@@ -73,6 +73,9 @@ class Pool:
     launched: int = 0  # launches so far: a new backend's launch number
     report_first: bool = False  # results reported before the feed is asked again (a pipeline's stream)
     switch_interval_s: float | None = None  # the GIL switch interval while generating (None: the interpreter's)
+    # How a failing pool gives its replicas back (None: `release`): a job `release` would keep for a
+    # later stage's server (flows/pipeline.py serve) is released instead, not swapped to be dropped after.
+    release_failed: Callable[[Backend], None] | None = None
     members: list[Replica] = field(default_factory=list)
     retired: list[Replica] = field(default_factory=list)
     requeued: deque = field(default_factory=deque)
@@ -93,7 +96,7 @@ class Pool:
                     self._step()
             return self.results
         except BaseException:
-            self.release_all()
+            self.release_all(failed=True)
             raise
         finally:
             if self._pinger is not None:
@@ -239,14 +242,15 @@ class Pool:
                    and not r.lost and r.index not in busy]
         return healthy[0] if healthy else lost
 
-    def _retire(self, rep: Replica, why: str) -> None:
-        """Release it. A failed release is logged and kept, never raised: raising here would
-        abort the pool, kill the other replicas' work and lose the manifest of a finished run."""
+    def _retire(self, rep: Replica, why: str, failed: bool = False) -> None:
+        """Release it (`failed`: the pool is failing, `release_failed` if given). A failed release is
+        logged and kept, never raised: raising here would abort the pool, kill the other replicas'
+        work and lose the manifest of a finished run."""
         if rep.state == "released":
             return
         log.info("releasing replica %d: %s", rep.index, why)
         try:
-            self.release(rep.backend)
+            (self.release_failed if failed and self.release_failed is not None else self.release)(rep.backend)
         except Exception as exc:
             rep.release_error = f"{type(exc).__name__}: {exc}"
             log.error("releasing replica %d (%s) failed: %s; the run goes on", rep.index, rep.backend.status(), exc)
@@ -277,10 +281,11 @@ class Pool:
                 rep.keep_alive = self._pinger.submit(self.ping, rep.client)
                 rep.last_active = time.time()
 
-    def release_all(self) -> None:
-        """Every replica, on every exit; then wait for every shard task so none still publishes."""
+    def release_all(self, failed: bool = False) -> None:
+        """Every replica, on every exit (`failed`: the pool's run raised); then wait for every shard
+        task so none still publishes."""
         for rep in self.members:
-            self._retire(rep, "run ending")  # never raises: every replica gets its release
+            self._retire(rep, "run failing" if failed else "run ending", failed)  # never raises: every replica gets its release
         concurrent.futures.wait([f.wrapped_future for rep in self.members for f in rep.in_flight])
 
     # --- the queue ---------------------------------------------------------------------------

@@ -73,3 +73,52 @@ def test_an_error_before_the_pool_runs_leaves_the_kept_job_with_its_keeper(monke
                                 jobs=pipeline.LevelJobs(adopt_from=keeper, held=Held()), watch=lambda: None, levels=[])
     keeper.release()  # the flow's `finally` (swap.release())
     assert keeper.released == ["job-7"], f"handed back {keeper.handed} time(s) and released by no one"
+
+
+class Job:
+    """A stand-in Slurm job: what the pool asks of a backend before its first readiness wait."""
+
+    job_ids = ["job-9"]
+
+    def __init__(self):
+        self.released = 0
+
+    def start(self):
+        raise RuntimeError("sbatch: error: Batch job submission failed")
+
+    def release(self):
+        self.released += 1
+
+    def status(self):
+        return "job-9 pending"
+
+
+class SwapKeeper:
+    step = SimpleNamespace(resident=False, server="scorer", nodes=1)
+
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, backend):
+        self.kept.append(backend)
+
+
+def test_a_failing_pool_releases_its_job_instead_of_keeping_it_for_a_later_reward_stage(monkeypatch):
+    """flows/pipeline.py serve: a level's pool whose run raises gives its jobs back with a release,
+    not to the reward keeper (which would stop the generator and start the reward model loading on
+    those GPUs, only for the flow's `finally` to release the job once the error is raised)."""
+    settings = load_settings()
+    prof = settings.profile("local")
+    job = Job()
+    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: job)
+    monkeypatch.setattr(pipeline, "allocate", lambda backend: backend.start())  # the task's body, without Prefect
+    monkeypatch.setattr(pipeline, "release", lambda backend: backend.release())
+    run = SimpleNamespace(prof=prof, cfg=SimpleNamespace(counter=None, shard_size=10), params=SimpleNamespace(replicas=1),
+                          restarts_allowed=0)
+    stage = SimpleNamespace(name="answers", run=run, plan=SimpleNamespace(samples=1))
+    keeper = SwapKeeper()
+    pool = pipeline.serve(Stream([stage], settings), [stage], settings, SimpleNamespace(id="flow-1"), "run-1",
+                          pipeline.LevelJobs(keep_for=keeper))
+    with pytest.raises(RuntimeError, match="submission failed"):
+        pool.run()
+    assert (job.released, keeper.kept) == (1, [])
