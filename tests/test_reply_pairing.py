@@ -72,10 +72,10 @@ class Reordering(requests.Session):
         super().__init__()
         self.mode = mode
 
-    def request(self, method, url, **kw):  # every verb goes through here (the client sends with request())
-        reply = super().request(method, url, **kw)
-        if (method.upper() == "PUT" and url.endswith("/generate") and reply.status_code == 200
-                and len(kw["json"]["sentences"]) > 1):
+    def send(self, request, **kw):  # every request goes out here (the client prepares, then sends)
+        reply = super().send(request, **kw)
+        if (request.method == "PUT" and request.url.endswith("/generate") and reply.status_code == 200
+                and len(json.loads(request.body)["sentences"]) > 1):
             body = reply.json()
             for key in ("sentences", "offsets", "tokens", "token_ids"):
                 if key in body:
