@@ -83,7 +83,12 @@ def parse_line(raw: bytes, line: int, fmt: Format, prompt_field: str | None, id_
     rid = obj.get(id_field)
     if rid is not None and not isinstance(rid, (str, int)):
         return BadLine(line, f"id field {id_field!r} must be a string or integer", shown)
-    passthrough = {k: v for k, v in obj.items() if k not in (prompt_field, id_field)}
+    return _prompt_record(obj, prompt, rid, line, prompt_field, id_field)
+
+
+def _prompt_record(obj: dict, prompt: str, rid: str | int | None, line: int, prompt_field: str, id_field: str) -> Record:
+    """The record of a checked line: every field but the prompt and the id passes through; no id, one derived."""
+    passthrough = {k: v for k, v in obj.items() if k != prompt_field and k != id_field}
     if rid is None:
         return Record(derived_id(line, prompt), prompt, line, passthrough)
     return Record(str(rid), prompt, line, passthrough, given_id=True)
@@ -105,10 +110,7 @@ def _plain_record(raw: bytes, line: int, prompt_field: str, id_field: str) -> Re
     prompt, rid = obj.get(prompt_field), obj.get(id_field)
     if type(prompt) is not str or not prompt.strip() or not (rid is None or type(rid) is str or type(rid) is int):
         return None
-    passthrough = {k: v for k, v in obj.items() if k != prompt_field and k != id_field}
-    if rid is None:
-        return Record(derived_id(line, prompt), prompt, line, passthrough)
-    return Record(str(rid), prompt, line, passthrough, given_id=True)
+    return _prompt_record(obj, prompt, rid, line, prompt_field, id_field)
 
 
 def _templated_record(obj: dict, text: str, line: int, id_field: str, shown: str) -> Record | BadLine:
