@@ -200,6 +200,8 @@ def _summary(r: dict) -> list[str]:
         rows += recipes.summary_rows(r["recipes"], _met)
     if r.get("curation"):
         rows += curation.summary_rows(r["curation"], _met)
+    if r.get("engines"):
+        rows += engines.summary_rows(r["engines"], r.get("busy"), _met)
     L = ["## Results", "", "| figure | ours | baseline | target | |", "|---|---|---|---|---|"]
     L += [f"| {' | '.join(row)} |" for row in rows]
     L += ["", "Medians of the repeated runs listed under each section; ratios come from runs measured side by side.", ""]

@@ -52,6 +52,7 @@ def test_the_quick_suite_writes_both_files_whole(tmp_path):
     assert "(the median of 2 rounds: " in text
     summary = [row for row in text.split("## Results")[1].split("\n\n")[1].splitlines() if row.startswith("| ")]
     assert len(summary) >= 8 and all(row.count(" | ") == 4 for row in summary[2:])  # figure, ours, baseline, target, verdict
+    assert any(row.startswith("| orchestrator ceiling on nemo-generate") and f"{nemo['ratio']:.2f}" in row for row in summary)
 
 
 def test_a_nemo_ceiling_below_the_line_is_read_against_the_gpu_rate_of_the_same_run():
@@ -65,3 +66,21 @@ def test_a_nemo_ceiling_below_the_line_is_read_against_the_gpu_rate_of_the_same_
     assert len(note) == 1 and "×80 that rate" in note[0] and "feed 80 such replicas" in note[0]
     assert not [x for x in engines.findings({"ceiling": {"nemo-generate": {**nemo, "ratio": 0.8}}}, busy)
                 if "means for a GPU" in x]
+
+
+def test_the_summary_reads_the_nemo_ceiling_against_the_bare_loop_and_the_gpu_rate_of_the_same_run():
+    """engines.summary_rows: the 0.8 line against the bare loop stays (missed below it), and beside it
+    the flow's rate over the busy section's short-batch rate, against the ×20 proposed in its place."""
+    from benchmarks import engines
+    from benchmarks.run import _met
+
+    nemo = {"ratio": 0.74, "flow_generation_records_per_s": 3100.0, "bare_records_per_s": 4190.0, "records": 50_000,
+            "rounds": [{"ratio": 0.7}, {"ratio": 0.74}, {"ratio": 0.76}]}
+    busy = {"short": {"ours_rps_median": 62.0, "ours_busy_median": 0.996}}
+    rows = engines.summary_rows({"ceiling": {"nemo-generate": nemo}}, busy, _met)
+    assert len(rows) == 2 and all(len(r) == 5 for r in rows)
+    assert rows[0][1].startswith("0.74 (3,100 rec/s, median of 3 rounds: 0.70, 0.74, 0.76)") and rows[0][4] == "**missed**"
+    assert rows[1][1] == "×50" and rows[1][3].startswith("≥ ×20") and rows[1][4] == "met"
+    slow = {**nemo, "flow_generation_records_per_s": 62.0 * 19}
+    assert engines.summary_rows({"ceiling": {"nemo-generate": slow}}, busy, _met)[1][4] == "**missed**"
+    assert len(engines.summary_rows({"ceiling": {"nemo-generate": nemo}}, None, _met)) == 1  # no busy section: no GPU row
