@@ -310,7 +310,7 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
     # A fenced store's lease (infra/run/lease.py FencedStore) fences the spill's appends too.
     fence = getattr(getattr(store, "lease", None), "check_held", None)
     with Spill.open(store.staging_dir(), shard.name, header := spill_header(store, shard, job), fence,
-                    job.job_ids) as spill:
+                    job.job_ids, {"invocation": job.invocation, "replica": job.replica}) as spill:
         if not spill.kept and spill.plan != header["plan"]:
             spill.restart()  # nothing kept yet: this try's plan in its header, or its appends would be read as the old's
         elif spill.plan != header["plan"]:  # never two batch make-ups in one seeded shard
@@ -360,7 +360,9 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
                         # Every job that made its rows: an earlier try's kept results came from its jobs.
                         finished_at=time.time(), replica=job.replica,
                         job_ids=list(dict.fromkeys([*spill.kept_jobs, *job.job_ids])),
-                        invocation=job.invocation, prompt_match=dict(matches))
+                        invocation=job.invocation, prompt_match=dict(matches),
+                        kept_from=[{**(t["by"] or {"invocation": None, "replica": None}), "job_ids": t["jobs"],
+                                    "results": t["results"]} for t in spill.kept_by])
         store.write_bytes(part.state_name(), part.to_json())
         spill.remove()  # after the state: a kill in between leaves a spill of a published part, removed when seen
     if job.judge is not None:  # after the part's state: a kill here leaves a part to judge, not to regenerate

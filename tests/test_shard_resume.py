@@ -121,3 +121,10 @@ def test_kill_9_mid_shard_asks_again_only_the_unfinished_requests_and_the_part_i
     state = json.loads((run_dir / "part-00000.jsonl.state.json").read_text())
     assert state["records"] == RECORDS * SAMPLES and state["sha256"] == json.loads(
         (whole_dir / "part-00000.jsonl.state.json").read_text())["sha256"]
+    # The part names the killed invocation whose kept rows it holds, and how many, beside the one that finished it.
+    killed = kept[0]["by"]
+    assert killed["invocation"] and killed["invocation"] != state["invocation"] and killed["replica"] == 0
+    assert state["kept_from"] == [{**killed, "job_ids": [], "results": sum(len(x["results"]) for x in kept)}]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["parts"][0]["kept_from"] == state["kept_from"]
+    assert json.loads((whole_dir / "part-00000.jsonl.state.json").read_text())["kept_from"] == []  # the foreign spill: refused

@@ -67,8 +67,29 @@ def test_a_spill_names_the_jobs_of_the_tries_whose_results_it_keeps(tmp_path):
         spill.append([(2, {"a": 3})])
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
         assert spill.kept_jobs == ("7", "10") and len(spill.kept) == 3
+        assert [(t["jobs"], t["results"]) for t in spill.kept_by] == [(["7"], 2), (["10"], 1)]
         spill.restart()  # generated again from nothing: no job made what it keeps
-        assert spill.kept_jobs == () and spill.kept == {}
+        assert spill.kept_jobs == () and spill.kept == {} and spill.kept_by == ()
+
+
+def test_a_spill_names_the_invocation_and_replica_of_each_try_it_keeps_results_of(tmp_path):
+    """A part finished by a later invocation of the run (a resume after kill -9) names the one that made
+    its first rows, and how many: each try's first line names its maker, with or without Slurm jobs; a
+    try that does not know its maker still starts a try of its own, so none is counted as another's."""
+    first = {"invocation": "flow-a", "replica": 1}
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER, by=first) as spill:
+        spill.append([(0, {"a": 1}), (1, {"a": 2})])
+        spill.append([(2, {"a": 3})])
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:  # a try that names no maker
+        assert spill.kept_by == ({"by": first, "jobs": [], "results": 3},)
+        spill.append([(3, {"a": 4})])
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER, jobs=("9",), by={"invocation": "flow-b", "replica": 0}) as spill:
+        assert spill.kept_by == ({"by": first, "jobs": [], "results": 3}, {"by": None, "jobs": [], "results": 1})
+        spill.append([(4, {"a": 5})])
+    with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
+        assert [(t["by"], t["jobs"], t["results"]) for t in spill.kept_by][2] == (
+            {"invocation": "flow-b", "replica": 0}, ["9"], 1)
+        assert sum(t["results"] for t in spill.kept_by) == len(spill.kept) == 5
 
 
 def test_appends_are_synced_at_most_once_a_second_and_a_kill_loses_none(tmp_path, monkeypatch):
@@ -251,14 +272,17 @@ def test_a_shard_cut_by_a_lost_server_asks_only_for_what_its_spill_lacks_and_pub
         run_shard(make_client(api, url), shard, job, clean)
     with running_server(tmp_path / "b", *SIM, "--fault-crash-after", "3") as (url, _):
         with pytest.raises(ServerError):  # the server died on its 4th request
-            run_shard(make_client(api, url), shard, replace(job, job_ids=("101",)), cut)
+            run_shard(make_client(api, url), shard, replace(job, job_ids=("101",), invocation="flow-a", replica=0), cut)
     spill = cut.staging_dir() / spill_name(shard.name)
     kept_requests = len(spill.read_text().splitlines()) - 1
+    kept_results = sum(len(json.loads(x)["results"]) for x in spill.read_text().splitlines()[1:])
     assert kept_requests == 3 and cut.read_bytes(shard.name) is None
     with running_server(tmp_path / "c", *SIM) as (url, _):
-        run_shard(make_client(api, url), shard, replace(job, job_ids=("102",)), cut)
-    # The part names both jobs that made its rows, the one cut off first.
-    assert json.loads(cut.read_bytes(state_name(shard.name)))["job_ids"] == ["101", "102"]
+        run_shard(make_client(api, url), shard, replace(job, job_ids=("102",), invocation="flow-b", replica=1), cut)
+    # The part names both jobs that made its rows, the one cut off first, and the try (invocation, replica) whose rows it kept.
+    state = json.loads(cut.read_bytes(state_name(shard.name)))
+    assert state["job_ids"] == ["101", "102"] and state["invocation"] == "flow-b"
+    assert state["kept_from"] == [{"invocation": "flow-a", "replica": 0, "job_ids": ["101"], "results": kept_results}]
     assert requests_answered(tmp_path / "c" / "server.log", api) == requests_total - kept_requests
     assert cut.read_bytes(shard.name) == clean.read_bytes(shard.name) is not None
     assert cut.sha256(shard.name) == json.loads(cut.read_bytes(state_name(shard.name)))["sha256"]

@@ -64,6 +64,9 @@ class PartInfo:
     job_ids: list[str] = field(default_factory=list)  # the replica's Slurm job(s)
     invocation: str | None = None  # the flow run that made it
     prompt_match: dict[str, int] = field(default_factory=dict)  # records by how their echo was stripped
+    # The earlier tries whose results, kept in the shard's spill (a kill, a lost server, a task retry), are
+    # rows of this part, first first: each one's invocation, replica, Slurm jobs and results (rows or rejects).
+    kept_from: list[dict] = field(default_factory=list)
 
     def state_name(self) -> str:
         return state_name(self.name)

@@ -20,8 +20,9 @@ Read back by the next try (a task retry, or a resume after kill -9):
 - a last line without its newline, or one that does not parse, is a request torn by the kill: it
   and anything after it are cut off, and that request is asked again;
 - the positions of the lines kept are the results not asked again;
-- a try's first line also names the jobs it ran on (its Slurm job ids, when it has any), so a part
-  finished by a later job still names every job that made its rows (`spill.kept_jobs`).
+- a try's first line also names who made it: the jobs it ran on (its Slurm job ids, when it has any)
+  and its invocation and replica (`by`), so a part finished by a later job, or by a later invocation
+  of the run, still names every job and invocation that made its rows (`spill.kept_jobs`, `spill.kept_by`).
 
 A try holds an flock on its spill: a second writer (another try of the same shard still running,
 or another run whose staging path is the same) finds it held and keeps no spill rather than mix
@@ -59,28 +60,36 @@ class Spill:
 
     def __init__(self, path: Path, fd: int, kept: dict[int, object], fence: Callable[[], None] | None = None,
                  header: dict | None = None, plan: object = None, jobs: tuple[str, ...] = (),
-                 kept_jobs: tuple[str, ...] = ()):
+                 kept_by: tuple[dict, ...] = (), by: dict | None = None):
         self.path, self._fd, self.kept = path, fd, kept
-        # The jobs of the tries whose results are kept, first first; this try's go on its first line.
-        self.kept_jobs, self._jobs, self._named = kept_jobs, tuple(jobs), False
+        # The tries whose results are kept, first first ({"by", "jobs", "results"}: who made them, how many);
+        # this try's jobs and maker go on its first line.
+        self.kept_by, self._jobs, self._by, self._named = kept_by, tuple(jobs), by, False
         self._header, self.plan = header, plan  # plan: the header's "plan" as the spill holds it
         self._fence = fence  # the run's lease check: a try that lost its run writes nothing more here either
         self._lock = threading.Lock()  # appends are whole lines, whichever thread reports a request
         self._synced, self._unsynced = time.monotonic(), False
         self._fenced: float | None = None  # when the fence last passed (None: before the first append)
 
+    @property
+    def kept_jobs(self) -> tuple[str, ...]:
+        """The Slurm jobs of the tries whose results are kept, first first."""
+        return tuple(dict.fromkeys(j for t in self.kept_by for j in t["jobs"]))
+
     @classmethod
     def open(cls, staging: Path, part: str, header: dict, fence: Callable[[], None] | None = None,
-             jobs: tuple[str, ...] | list[str] = ()) -> "Spill":
+             jobs: tuple[str, ...] | list[str] = (), by: dict | None = None) -> "Spill":
+        """`jobs` and `by` name this try on its first line: its Slurm jobs, and its maker (the
+        invocation and replica, as a part's state names them)."""
         path = Path(staging) / spill_name(part)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         if not _lock(fd):
             log.warning("%s is held by another writer (another try of this shard, or a run with the same staging "
                         "directory): this try keeps no spill, so a kill now loses its whole shard", path)
-            return cls(path, -1, {}, fence, header, header.get("plan"), jobs)
+            return cls(path, -1, {}, fence, header, header.get("plan"), jobs, by=by)
         try:
-            kept, good_end, plan, kept_jobs = _read(fd, header, path)
+            kept, good_end, plan, kept_by = _read(fd, header, path)
             if good_end == 0:  # new, or another try's header: start over with this one
                 _start(fd, header)
             else:
@@ -88,12 +97,12 @@ class Spill:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, kept, fence, header, plan, jobs, kept_jobs)
+        return cls(path, fd, kept, fence, header, plan, jobs, kept_by, by)
 
     def restart(self) -> None:
         """Its results dropped and its header this try's (the shard is generated again from nothing)."""
         with self._lock:
-            self.kept, self.plan, self.kept_jobs, self._named = {}, self._header.get("plan"), (), False
+            self.kept, self.plan, self.kept_by, self._named = {}, self._header.get("plan"), (), False
             if self._fd >= 0:
                 _start(self._fd, self._header)
 
@@ -108,8 +117,10 @@ class Spill:
                 self._fence()  # LeaseLost: another run owns the shard now (its part, and this file's fate)
                 self._fenced = time.monotonic()
             line = {"results": [[p, r] for p, r in results]}
-            if self._jobs and not self._named:  # this try's first line: which jobs made the results from here on
-                line["jobs"], self._named = list(self._jobs), True
+            if not self._named:  # this try's first line: who made the results from here on ({}: not known)
+                if self._jobs:
+                    line["jobs"] = list(self._jobs)
+                line["by"], self._named = self._by or {}, True
             try:
                 _write_line(self._fd, os.lseek(self._fd, 0, os.SEEK_END), line)
                 self._unsynced = True
@@ -164,9 +175,10 @@ def _start(fd: int, header: dict) -> None:
     os.fsync(fd)
 
 
-def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, object, tuple[str, ...]]:
-    """(position -> result kept, the byte length of the lines to keep, the spill's plan, the jobs that
-    made the kept results); 0 when the header, its plan aside, is not `header` (the file is to start over)."""
+def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, object, tuple[dict, ...]]:
+    """(position -> result kept, the byte length of the lines to keep, the spill's plan, the tries that
+    made the kept results: each one's `by` (None where its lines do not say), `jobs` and `results`, the
+    count of its results kept); 0 when the header, its plan aside, is not `header` (the file is to start over)."""
     size, chunks = os.fstat(fd).st_size, []
     while (got := sum(map(len, chunks))) < size:  # one pread returns at most ~2 GiB
         chunk = os.pread(fd, size - got, got)
@@ -185,21 +197,25 @@ def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, ob
             log.info("discarding %s: it was written for %s, and this try is %s", path, _brief(found), _brief(header))
         return {}, 0, header.get("plan"), ()
     kept: dict[int, object] = {}
-    jobs: dict[str, None] = {}
+    tries: list[dict] = []
     end = len(lines[0]) + 1
     for line in lines[1:-1]:  # the last item follows the last newline: empty, or a torn line
         try:
             entry = json.loads(line)
             parsed = {int(p): r for p, r in entry["results"]}
             named = [str(j) for j in entry.get("jobs", ())]
+            first, by = "by" in entry or bool(named), entry.get("by")
+            by = {"invocation": by.get("invocation"), "replica": by.get("replica")} if isinstance(by, dict) and by else None
         except (ValueError, KeyError, TypeError, AttributeError):
             break  # torn (or damaged): this request and any after it are asked again
+        if first or not tries:  # a try's first line (or lines written before a try's first line named it)
+            tries.append({"by": by, "jobs": named, "results": 0})
         kept.update(parsed)
-        jobs.update(dict.fromkeys(named))
+        tries[-1]["results"] += len(parsed)
         end += len(line) + 1
     if end < size:
         log.info("%s: %d byte(s) of a request cut off by the kill ignored; that request is asked again", path, size - end)
-    return kept, end, found.get("plan"), tuple(jobs)
+    return kept, end, found.get("plan"), tuple(tries)
 
 
 def _brief(header: object) -> str:
