@@ -48,6 +48,13 @@ class Replica:
     def busy_seconds(self) -> float:
         return busy_s(self.intervals)
 
+    def held_since(self) -> float | None:
+        """When this replica began to hold its job's GPUs: the job's start, or, for a job that was already
+        running when this replica took it (a pipeline's kept job handed back to a later level), the
+        replica's own start. Its queue wait and load are this replica's, not the earlier level's."""
+        running = self.backend.running_at()
+        return max(running, self.started) if running else None
+
     def summary(self, gpus: int) -> dict:
         held = (self.released_at or time.time()) - self.started
         serving = (self.released_at or time.time()) - self.ready_at if self.ready_at else 0.0
@@ -57,8 +64,8 @@ class Replica:
             "busy_s": round(self.busy_seconds(), 2),
             "gpu_hours": round(gpus * held / 3600, 4), "held_s": round(held, 2),
             # From the job's start (not its submission) to its release: the GPUs it really held.
-            "allocated_s": round((self.released_at or time.time()) - running, 2) if (running := self.backend.running_at()) else 0.0,
-            "load_s": round(self.ready_at - running, 2) if running and self.ready_at else None,
+            "allocated_s": round((self.released_at or time.time()) - since, 2) if (since := self.held_since()) else 0.0,
+            "load_s": round(self.ready_at - since, 2) if since and self.ready_at else None,
             "idle_after_last_shard_s": round(self.released_at - max(b for _, b in self.intervals), 2)
             if self.intervals and self.released_at else None,
             **({"release_error": self.release_error} if self.release_error else {}),

@@ -180,9 +180,10 @@ class Pool:
             return
         rep.ready_at = rep.last_active = time.time()
         self.first_ready = self.first_ready or rep.ready_at
-        running = rep.backend.running_at()
-        self.planner.measured.allocation(running - rep.started if running else None,
-                                 rep.ready_at - (running or rep.started))
+        # What a successor's lead time plans for: a job adopted already running (a pipeline's kept job) had
+        # no queue wait here, and its load is its generator's restart, not the levels before it.
+        since = rep.held_since()
+        self.planner.measured.allocation(since - rep.started if since else None, rep.ready_at - (since or rep.started))
         if rep.handover is not None:
             old_end = rep.predecessor.end or rep.handover.old_end
             if rep.handover.ready_in_time is None:  # False already when the old job's end came first

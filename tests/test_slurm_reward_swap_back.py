@@ -75,6 +75,10 @@ def test_generator_reward_server_then_generator_again_in_one_slurm_job(slurm_clu
     assert answers["gpu_hours"] > 0 and followups["gpu_hours"] > 0 and rm["gpu_hours"] == swap["reward_gpu_hours"]
     alloc = manifest["allocation"]
     assert {r["level"] for r in alloc["replicas"]} == {0, 1} and {tuple(r["job_ids"]) for r in alloc["replicas"]} == {(job_id,)}
+    # The job handed back to the follow-ups was running long before: that pool's replica counts its own time,
+    # not the levels before it (its load, the generator's restart, is what a successor's lead time plans for).
+    [back] = [r for r in alloc["replicas"] if r["level"] == 1]
+    assert 0 < back["allocated_s"] <= back["held_s"] and 0 <= back["load_s"] <= back["held_s"], back
     assert alloc["servers"]["reward_gpu_hours"] == swap["reward_gpu_hours"]
     assert alloc["gpu_hours"] == pytest.approx(alloc["servers"]["generator_gpu_hours"] + swap["reward_gpu_hours"], abs=2e-4)
 
