@@ -361,8 +361,7 @@ def run_shard(client: HttpClient, shard: Shard, job: ShardJob, store: OutputStor
                         finished_at=time.time(), replica=job.replica,
                         job_ids=list(dict.fromkeys([*spill.kept_jobs, *job.job_ids])),
                         invocation=job.invocation, prompt_match=dict(matches),
-                        kept_from=[{**(t["by"] or {"invocation": None, "replica": None}), "job_ids": t["jobs"],
-                                    "results": t["results"]} for t in spill.kept_by])
+                        kept_from=list(spill.kept_by))
         store.write_bytes(part.state_name(), part.to_json())
         spill.remove()  # after the state: a kill in between leaves a spill of a published part, removed when seen
     if job.judge is not None:  # after the part's state: a kill here leaves a part to judge, not to regenerate

@@ -67,7 +67,7 @@ def test_a_spill_names_the_jobs_of_the_tries_whose_results_it_keeps(tmp_path):
         spill.append([(2, {"a": 3})])
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
         assert spill.kept_jobs == ("7", "10") and len(spill.kept) == 3
-        assert [(t["jobs"], t["results"]) for t in spill.kept_by] == [(["7"], 2), (["10"], 1)]
+        assert [(t["job_ids"], t["results"]) for t in spill.kept_by] == [(["7"], 2), (["10"], 1)]
         spill.restart()  # generated again from nothing: no job made what it keeps
         assert spill.kept_jobs == () and spill.kept == {} and spill.kept_by == ()
 
@@ -81,14 +81,14 @@ def test_a_spill_names_the_invocation_and_replica_of_each_try_it_keeps_results_o
         spill.append([(0, {"a": 1}), (1, {"a": 2})])
         spill.append([(2, {"a": 3})])
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:  # a try that names no maker
-        assert spill.kept_by == ({"by": first, "jobs": [], "results": 3},)
+        assert spill.kept_by == ({**first, "job_ids": [], "results": 3},)
         spill.append([(3, {"a": 4})])
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER, jobs=("9",), by={"invocation": "flow-b", "replica": 0}) as spill:
-        assert spill.kept_by == ({"by": first, "jobs": [], "results": 3}, {"by": None, "jobs": [], "results": 1})
+        assert spill.kept_by == ({**first, "job_ids": [], "results": 3},
+                                 {"invocation": None, "replica": None, "job_ids": [], "results": 1})
         spill.append([(4, {"a": 5})])
     with Spill.open(tmp_path, "part-00000.jsonl", HEADER) as spill:
-        assert [(t["by"], t["jobs"], t["results"]) for t in spill.kept_by][2] == (
-            {"invocation": "flow-b", "replica": 0}, ["9"], 1)
+        assert spill.kept_by[2] == {"invocation": "flow-b", "replica": 0, "job_ids": ["9"], "results": 1}
         assert sum(t["results"] for t in spill.kept_by) == len(spill.kept) == 5
 
 

@@ -62,8 +62,8 @@ class Spill:
                  header: dict | None = None, plan: object = None, jobs: tuple[str, ...] = (),
                  kept_by: tuple[dict, ...] = (), by: dict | None = None):
         self.path, self._fd, self.kept = path, fd, kept
-        # The tries whose results are kept, first first ({"by", "jobs", "results"}: who made them, how many);
-        # this try's jobs and maker go on its first line.
+        # The tries whose results are kept, first first, as a part's state names them (`kept_from`: each one's
+        # invocation, replica, Slurm job_ids and count of results); this try's jobs and maker go on its first line.
         self.kept_by, self._jobs, self._by, self._named = kept_by, tuple(jobs), by, False
         self._header, self.plan = header, plan  # plan: the header's "plan" as the spill holds it
         self._fence = fence  # the run's lease check: a try that lost its run writes nothing more here either
@@ -74,7 +74,7 @@ class Spill:
     @property
     def kept_jobs(self) -> tuple[str, ...]:
         """The Slurm jobs of the tries whose results are kept, first first."""
-        return tuple(dict.fromkeys(j for t in self.kept_by for j in t["jobs"]))
+        return tuple(dict.fromkeys(j for t in self.kept_by for j in t["job_ids"]))
 
     @classmethod
     def open(cls, staging: Path, part: str, header: dict, fence: Callable[[], None] | None = None,
@@ -177,8 +177,8 @@ def _start(fd: int, header: dict) -> None:
 
 def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, object, tuple[dict, ...]]:
     """(position -> result kept, the byte length of the lines to keep, the spill's plan, the tries that
-    made the kept results: each one's `by` (None where its lines do not say), `jobs` and `results`, the
-    count of its results kept); 0 when the header, its plan aside, is not `header` (the file is to start over)."""
+    made the kept results: each one's invocation and replica (None where its lines do not say), Slurm
+    `job_ids` and `results`, the count of its results kept); 0 when the header, its plan aside, is not `header` (the file is to start over)."""
     size, chunks = os.fstat(fd).st_size, []
     while (got := sum(map(len, chunks))) < size:  # one pread returns at most ~2 GiB
         chunk = os.pread(fd, size - got, got)
@@ -204,12 +204,12 @@ def _read(fd: int, header: dict, path: Path) -> tuple[dict[int, object], int, ob
             entry = json.loads(line)
             parsed = {int(p): r for p, r in entry["results"]}
             named = [str(j) for j in entry.get("jobs", ())]
-            first, by = "by" in entry or bool(named), entry.get("by")
-            by = {"invocation": by.get("invocation"), "replica": by.get("replica")} if isinstance(by, dict) and by else None
+            by = entry["by"] if isinstance(entry.get("by"), dict) else {}
+            maker = {"invocation": by.get("invocation"), "replica": by.get("replica")}
         except (ValueError, KeyError, TypeError, AttributeError):
             break  # torn (or damaged): this request and any after it are asked again
-        if first or not tries:  # a try's first line (or lines written before a try's first line named it)
-            tries.append({"by": by, "jobs": named, "results": 0})
+        if "by" in entry or named or not tries:  # a try's first line (or lines written before a try's first line named it)
+            tries.append({**maker, "job_ids": named, "results": 0})
         kept.update(parsed)
         tries[-1]["results"] += len(parsed)
         end += len(line) + 1
