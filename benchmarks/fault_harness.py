@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,6 +134,26 @@ def _wait(predicate: Callable[[], bool], seconds: float, what: str) -> None:
     from infra.deadline import Deadline, poll_until
 
     poll_until(lambda: True if predicate() else None, deadline=Deadline(seconds), interval=0.2, what=what)
+
+
+def stop_between_writes(pid: int, run_dir: Path) -> None:
+    """SIGSTOP `pid` at a moment it holds none of `run_dir`'s write locks. Stopped inside a lease
+    renewal (a lock file exists only while its write runs), it would keep another run out by the
+    lock for good, not by the lease: the case under test is a holder stopped between writes, so
+    continue it and stop it again, a few milliseconds later."""
+    from infra.deadline import Deadline, poll_until
+
+    def stopped() -> bool:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        poll_until(lambda: stopped() or None, deadline=Deadline(10), interval=0.01, what=f"process {pid} to stop")
+        if not any(run_dir.glob(".*.lock")):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} was inside a write of {run_dir} at each of 200 stops")
 
 
 @contextmanager

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.fault_harness import (Row, _wait, count_outcomes, environment, local_env, local_servers,
-                                      read_local_run, recovery_after, run_jobs, slurm_env, write_prompts)
+                                      read_local_run, recovery_after, run_jobs, slurm_env, stop_between_writes,
+                                      write_prompts)
 
 
 def _sha(path: Path) -> str:
@@ -81,7 +82,7 @@ def case_lease_lost(tmp: Path) -> Row:
     try:
         _wait(lambda: (run_dir / "part-00000.jsonl.state.json").exists() or holder.poll() is not None, 180,
               "the holder's first part")
-        os.kill(holder.pid, signal.SIGSTOP)
+        stop_between_writes(holder.pid, run_dir)
         stopped_at = time.time()
         _wait(lambda: LeaseRecord.from_json((run_dir / LEASE_NAME).read_bytes()).expires_at < time.time(), 30,
               "the stopped holder's lease to expire")

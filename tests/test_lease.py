@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fault_harness import stop_between_writes
 from infra.deadline import Deadline, poll_until
 from infra.errors import LeaseLost, RunLeaseHeld
 from infra.run.layout import LEASE_NAME
@@ -315,17 +316,7 @@ def test_a_holder_stopped_past_its_ttl_fails_instead_of_overwriting(prefect_serv
     try:
         poll_until(lambda: store.read_bytes("part-00000.jsonl.state.json") is not None or None, deadline=Deadline(180),
                    interval=0.1, what="the holder's first part", describe_last=lambda: f"exit code {holder.poll()}")
-        # Stopped inside a lease write (its lock file exists only then), the holder would keep the
-        # taker out by the lock, not by the lease: go on and stop it again between writes.
-        lock = tmp_path / "out" / "shared" / f".{LEASE_NAME}.lock"
-        for _ in range(50):
-            os.kill(holder.pid, signal.SIGSTOP)
-            poll_until(lambda: Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T" or None,
-                       deadline=Deadline(10), interval=0.01, what="the holder to stop")
-            if not lock.exists():
-                break
-            os.kill(holder.pid, signal.SIGCONT)
-            time.sleep(0.05)
+        stop_between_writes(holder.pid, tmp_path / "out" / "shared")
         taker = poll_until(lambda: _try(store, "calm-heron"), deadline=Deadline(60), interval=0.2,
                            what="the stopped holder's lease to expire")
         published = {name: store.read_bytes(name) for name in store.list_names()}
