@@ -317,6 +317,31 @@ def machine() -> dict[str, str]:
             "kernel": platform.release()}
 
 
+def cpu_probe(repeats: int = 5) -> float:
+    """Seconds a fixed pure-Python workload takes here (the median of `repeats`): 20,000 JSON lines of
+    the size of a prompt row dumped, parsed, their words counted into a dict, the lines hashed. It is
+    the kind of work the flow's process does per record, with nothing else in it, so it moves with the
+    machine and not with the code: this machine kind has run the same code 1.5x slower from one run to
+    the next, hours apart (stop 41), and the absolute figures (records/s, seconds) moved with it. Taken
+    at the start and the end of a run, it says how fast the machine was while the figures were measured."""
+    import hashlib
+
+    rows = [{"id": f"r{i}", "prompt": "Write one question a reader could ask about topic " * 6 + str(i), "n": i}
+            for i in range(20_000)]
+
+    def once() -> float:
+        t = time.perf_counter()
+        lines = [json.dumps(r) for r in rows]
+        words: dict[str, int] = {}
+        for row in map(json.loads, lines):
+            for w in row["prompt"].split():
+                words[w] = words.get(w, 0) + 1
+        hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        return time.perf_counter() - t
+
+    return statistics.median(once() for _ in range(repeats))
+
+
 def tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 

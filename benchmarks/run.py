@@ -31,7 +31,7 @@ from benchmarks import pipeline as pipeline_bench
 from benchmarks import pipeline_rss
 from benchmarks import slurm as slurm_bench
 from benchmarks import tokens as tokens_bench
-from benchmarks.common import COMMANDS, machine, prefect_api, stock_server_has_nodelay, tempdir
+from benchmarks.common import COMMANDS, cpu_probe, machine, prefect_api, stock_server_has_nodelay, tempdir
 from benchmarks.suites import OUT, SUITES, sections
 
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                  "workdir": str(workdir), "stock_nodelay": stock_server_has_nodelay(), "sections_s": {}, "not_run": {}}
     have_slurm = slurm_bench.slurm_up()
     res["slurm_up"] = have_slurm
+    res["cpu_probe_s"] = {"start": cpu_probe()}  # how fast the machine is now (and again at the end)
     log(f"suite {args.suite}, work dir {workdir}; Slurm {'up' if have_slurm else 'NOT reachable: Slurm figures skipped'}")
     try:
         with prefect_api(workdir) as api:
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["sections_s"][name] = time.monotonic() - t
     finally:
         res["total_s"] = time.monotonic() - started
+        res["cpu_probe_s"]["end"] = cpu_probe()
         res["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         res["commands"] = [(tag, env, argv) for tag, env, argv in COMMANDS]
         (workdir / "results.json").write_text(json.dumps(res, indent=1, default=str))
@@ -128,12 +130,20 @@ def render(r: dict) -> str:
           f"- total wall time of the benchmark: {r['total_s'] / 60:.1f} min "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in r['sections_s'].items())})",
           f"- Slurm: {'the local 2-node cluster (infra/cluster)' if r.get('slurm_up') else 'not reachable; Slurm rows not run'}",
-          f"- load average at the end (1, 5, 15 min): {r.get('loadavg', 'unknown')}"]
+          f"- load average at the end (1, 5, 15 min): {r.get('loadavg', 'unknown')}",
+          _probe_line(r.get("cpu_probe_s") or {})]
     L += [f"- section not run: {name} ({why})" for name, why in r.get("not_run", {}).items()] + [""]
     L += _summary(r)
     L += _details(r)
     L += _commands(r)
     return "\n".join(L) + "\n"
+
+
+def _probe_line(p: dict) -> str:
+    at = ", ".join(f"{p[k]:.3f} s at the {k}" for k in ("start", "end") if k in p) or "not taken"
+    return ("- CPU probe (`benchmarks.common.cpu_probe`: a fixed pure-Python workload, 20,000 JSON lines dumped, parsed, "
+            f"their words counted, hashed; lower is faster): {at}. Read absolute figures (records/s, seconds) of two "
+            "runs against it: the same code has run 1.5x slower on this machine kind from one run to the next, hours apart")
 
 
 def _summary(r: dict) -> list[str]:

@@ -37,6 +37,9 @@ def test_the_quick_suite_writes_both_files_whole(tmp_path):
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "## Machine" in text and f"- date: {raw['date']}" in text
     assert f"- git commit: {raw['machine']['commit']}" in text
+    probe = raw["cpu_probe_s"]  # how fast the machine ran, at both ends of this run
+    assert 0 < probe["start"] < 60 and 0 < probe["end"] < 60
+    assert f"{probe['start']:.3f} s at the start, {probe['end']:.3f} s at the end" in text
     for name, heading in HEADINGS.items():
         assert heading in text, f"{name}: {heading!r} missing from results.md"
     # The ratio rows come from figures of this run: the recipe ceiling row names the plain run beside it.
