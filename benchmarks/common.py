@@ -376,10 +376,15 @@ def in_process_api(api_url: str | None) -> Iterator[None]:
         with prefect_test_harness(server_startup_timeout=90):
             yield
         return
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        yield
+        try:
+            yield
+        finally:
+            # Send the flows' queued logs while the API still runs: the last section's were sent at exit, after it stopped.
+            APILogWorker.drain_all(timeout=5)
 
 
 def run_alone(prefix: str, section: Callable[[Path, "PrefectAPI", Callable[[str], None]], dict]) -> int:

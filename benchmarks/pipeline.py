@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import section_main
+from benchmarks.common import in_process_api, section_main
 from benchmarks.faults import environment, local_env
 from infra.backends.rollover import busy_s
 
@@ -106,11 +106,10 @@ def figures(name: str, runs: list[dict], replicas: int) -> dict:
                        for r in runs for s in r["manifest"]["stages"]}}
 
 
-def measure() -> list[dict]:
-    from prefect.testing.utilities import prefect_test_harness
-
+def measure(api_url: str | None = None) -> list[dict]:
+    """The figures' rows; the flows run in this process against `api_url` (the bench's own API), or a harness."""
     rows = []
-    with prefect_test_harness(server_startup_timeout=90), tempfile.TemporaryDirectory(prefix="nsdg-pipeline-") as t:
+    with in_process_api(api_url), tempfile.TemporaryDirectory(prefix="nsdg-pipeline-") as t:
         tmp = Path(t)
         write_files(tmp)
         rows.append(figures("pipeline", [run_pipeline(tmp, tmp / "pipeline.yaml", "one", 1)], 1))

@@ -19,7 +19,7 @@ below (1 k: two parent shards, the queue never fills). At the end, the exports i
 ~40 MB, not per row). So "flat" compares sizes of at least FLAT_FROM_SHARDS parent shards; a smaller
 size is shown, not compared.
 
-    python -m benchmarks.run --only pipeline_rss                    (`make bench`: 1 k, 2 k, 10 k; 1 k in shards of 10)
+    python -m benchmarks.run --only pipeline_rss                    (`make bench`: 1 k, 2 k, 5 k; 500 in shards of 10)
     python -m benchmarks.run --suite scale --only pipeline_rss      (`make bench-scale`: 10 k and 100 k)
 """
 
