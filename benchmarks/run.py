@@ -1,7 +1,7 @@
 """Every benchmark of a suite in one go; writes results.md and results.json from what this one run
 measured (nothing merged by hand, every ratio from figures taken side by side in the run).
 
-    python -m benchmarks.run                       (`make bench`: benchmarks/results.md, about 20 min)
+    python -m benchmarks.run                       (`make bench`: benchmarks/results.md, about 25 min)
     python -m benchmarks.run --suite scale         (`make bench-scale`: benchmarks/results-scale.md, 1 M runs)
     python -m benchmarks.run --suite quick --out /tmp/q.md     (tiny sizes, a minute: the test's run)
     python -m benchmarks.run --out /tmp/r.md --only busy,readiness

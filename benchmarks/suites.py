@@ -2,8 +2,8 @@
 `make bench-scale` and the quick test differ only in the sizes they pass.
 
 - bench: every section at the size its target names (100 k records, 100 k × 4 rows), the ratios side
-  by side in the one run; about 20 minutes on the 2-core machine when it is quiet (the section
-  times of the last run are in results.md).
+  by side in the one run; 25-27 minutes on the 2-core machine (the section times of the
+  last run are in results.md).
 - scale: the large runs (1 M records, 1 M × 4 rows, 1 M curation rows, 1 M prompts planned), the
   runs longer than a Slurm time limit and `make run` with the real model; its own results file.
 - quick: every section that needs neither Slurm nor the real model, at tiny sizes, so a test can
