@@ -142,8 +142,10 @@ def render(r: dict) -> str:
 def _probe_line(p: dict) -> str:
     at = ", ".join(f"{p[k]:.3f} s at the {k}" for k in ("start", "end") if k in p) or "not taken"
     return ("- CPU probe (`benchmarks.common.cpu_probe`: a fixed pure-Python workload, 20,000 JSON lines dumped, parsed, "
-            f"their words counted, hashed; lower is faster): {at}. Read absolute figures (records/s, seconds) of two "
-            "runs against it: the same code has run 1.5x slower on this machine kind from one run to the next, hours apart")
+            f"their words counted, hashed; lower is faster): {at}. A record of the machine, not a correction: the same "
+            "code has run 1.5x slower here from one run to the next, and the flows' figures (processes sharing the 2 "
+            "cores) have not followed the probe; compare absolute figures (records/s, seconds) only of runs measured "
+            "side by side")
 
 
 def _summary(r: dict) -> list[str]:
