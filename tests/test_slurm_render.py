@@ -656,11 +656,15 @@ def test_dead_man_switch_cancels_when_the_heartbeat_never_appears(tmp_path, job_
     pid_file = tmp_path / "server.pids"
     spec = simple_spec(job_dir, server_command=server_that_records_pids(pid_file),
                        heartbeat_timeout_s=2, heartbeat_interval_s=0.2)
+    # Timed from before the script exists, since the switch's clock starts with the job, not the server (timed
+    # from the server's pid file it failed under load: a slow server start, the cancel 0.86 s after it). The
+    # switch counts whole seconds of the node's clock (`%(%s)T`), so "missing for 2s" is more than 1 s real.
+    started = time.monotonic()
     proc = start_batch(spec, stubs, tmp_path)
     try:
         wait_for_file(pid_file, 15)
-        waited = wait_for_file(stubs / "scancel.args", 15)
-        assert waited > 1.0, "cancelled before the timeout"
+        wait_for_file(stubs / "scancel.args", 15)
+        assert time.monotonic() - started > 1.0, "cancelled before the timeout"
         assert recorded(stubs, "scancel") == [JOB_ID]
         assert "missing for" in (job_dir / "cancel-reason").read_text()
         # What Slurm does next: SIGTERM to the batch script, which must pass it down and exit.
