@@ -26,7 +26,7 @@ SUITES: dict[str, dict[str, dict]] = {
     "bench": {
         "nagle": {},
         # Sizes trimmed so the whole run stays within its 25 minutes (issue 28): each still crosses several shards
-        # (busy: 3 shards a run; its fraction moved by < 0.0003 between repeats, so 2 short repeats, 1 long).
+        # (busy: 3 shards a run; its fraction moved by ≤ 0.0005 between repeats, so 2 short repeats, 1 long).
         "busy": {"short": (768, 256, 24, 2), "long": (192, 64, 4, 1)},
         "batching": {"n": 768, "shard": 4000},
         "readiness": {"repeats": 5},

@@ -69,10 +69,16 @@ def stop_temporary_server() -> None:
     not at all after kill -9."""
     if not _ours:
         return
-    for worker in (APILogWorker, EventsWorker):  # they would otherwise find no server
-        worker.drain_all(timeout=10)
+    send_pending()
     while _ours:
         _ours.pop().stop()
+
+
+def send_pending(timeout: float = 10) -> None:
+    """Send what this process's Prefect log and event workers still hold: before their server stops,
+    or they would find no server (and print so at exit)."""
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 @contextmanager
